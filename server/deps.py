@@ -1,0 +1,46 @@
+"""Typed dependencies shared by the routers: the store, the settings and the API-key check."""
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from server.config import Settings
+from server.errors import ApiError
+from server.store import Store
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+StoreDep = Annotated[Store, Depends(get_store)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def _presented_key(request: Request) -> str | None:
+    authorization = request.headers.get("authorization", "")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() == "bearer" and token:
+        return token.strip()
+    return request.headers.get("x-api-key")
+
+
+def require_api_key(request: Request, settings: SettingsDep) -> None:
+    """Every /v1 route: with REASONREC_API_KEYS set, a known key must come with the request."""
+    if not settings.api_keys:
+        return
+    presented = _presented_key(request)
+    if presented is None or not any(
+        secrets.compare_digest(presented.encode(), key.encode()) for key in settings.api_keys
+    ):
+        raise ApiError(
+            401,
+            "unauthorized",
+            "a valid API key is required: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

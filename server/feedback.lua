@@ -1,0 +1,49 @@
+-- Append a validated batch of feedback events atomically.
+-- ARGV: prefix, history size, dedup ttl (0 = forever), event count, then per event:
+--   user_id, item_id, type, value, request_id, event_id, timestamp, positive ("1"/"0").
+-- Returns {-1, {indexes of unknown items}} and writes nothing when an item is unknown,
+-- otherwise {0, flags}: flags has one character per event, "1" stored, "0" a duplicate.
+local prefix, cap, ttl, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local width = 8
+
+local unknown = {}
+for i = 0, n - 1 do
+  if redis.call('SISMEMBER', prefix .. ':items', ARGV[4 + i * width + 2]) == 0 then
+    unknown[#unknown + 1] = i
+  end
+end
+if #unknown > 0 then
+  return {-1, unknown}
+end
+
+local flags = {}
+for i = 0, n - 1 do
+  local b = 4 + i * width
+  local user, item, kind, value = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
+  local request_id, event_id, ts, positive = ARGV[b + 5], ARGV[b + 6], ARGV[b + 7], ARGV[b + 8]
+  local fresh = true
+  if event_id ~= '' then
+    local marker = prefix .. ':evid:' .. event_id
+    if ttl > 0 then
+      fresh = redis.call('SET', marker, '1', 'NX', 'EX', ttl) ~= false
+    else
+      fresh = redis.call('SET', marker, '1', 'NX') ~= false
+    end
+  end
+  if fresh then
+    flags[#flags + 1] = '1'
+    redis.call('XADD', prefix .. ':events', '*', 'user_id', user, 'item_id', item, 'type', kind,
+      'value', value, 'request_id', request_id, 'event_id', event_id, 'ts', ts)
+    redis.call('SADD', prefix .. ':users', user)
+    if positive == '1' then
+      local hist = prefix .. ':user:' .. user .. ':hist'
+      redis.call('ZADD', hist, 'GT', ts, item)
+      redis.call('ZREMRANGEBYRANK', hist, 0, -(cap + 1))
+      redis.call('SADD', prefix .. ':user:' .. user .. ':seen', item)
+      redis.call('ZINCRBY', prefix .. ':pop', 1, item)
+    end
+  else
+    flags[#flags + 1] = '0'
+  end
+end
+return {0, table.concat(flags)}

@@ -1,0 +1,49 @@
+"""Redis key layout. Every key and channel of a deployment starts with its prefix.
+
+``item:{id}`` hash · ``items`` set of ids · ``hidden`` set of hidden ids · ``user:{id}`` hash ·
+``users`` set · ``user:{id}:hist`` sorted set (item -> event time, capped) · ``user:{id}:seen``
+set · ``pop`` sorted set (item -> positive events) · ``events`` stream (feedback) ·
+``evid:{event_id}`` de-duplication marker.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def item(self, item_id: str) -> str:
+        return self._k("item", item_id)
+
+    def user(self, user_id: str) -> str:
+        return self._k("user", user_id)
+
+    def history(self, user_id: str) -> str:
+        return self._k("user", user_id, "hist")
+
+    def seen(self, user_id: str) -> str:
+        return self._k("user", user_id, "seen")
+
+    @property
+    def items(self) -> str:
+        return self._k("items")
+
+    @property
+    def hidden(self) -> str:
+        return self._k("hidden")
+
+    @property
+    def users(self) -> str:
+        return self._k("users")
+
+    @property
+    def popularity(self) -> str:
+        return self._k("pop")
+
+    @property
+    def events(self) -> str:
+        return self._k("events")

@@ -1,0 +1,1 @@
+"""HTTP routers: thin, no logic beyond translating between HTTP and the store."""

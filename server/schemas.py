@@ -1,0 +1,138 @@
+"""Pydantic models at the HTTP boundary: what the API accepts and returns."""
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Id = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\s:]+$")]
+"""Item and user ids: non-empty, no whitespace and no ':' (it separates Redis key parts)."""
+
+AttrValue = str | int | float
+MAX_BATCH = 1000
+
+
+class ItemIn(BaseModel):
+    """An item as written by PUT /v1/items/{item_id} (and, with `item_id`, by POST /v1/items)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: str = Field(min_length=1, max_length=1000)
+    categories: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=100
+    )
+    attributes: dict[str, AttrValue] = Field(default_factory=dict, max_length=200)
+    description: str = Field("", max_length=20_000)
+    available: bool = True
+    promoted: bool = False
+    boost: float = Field(0.0, ge=0.0, le=10.0, description="Extra promotion weight, 0 = none.")
+    created_at: datetime | None = Field(
+        None, description="When the item entered the catalog. Unset: kept, or now on first write."
+    )
+
+
+class ItemUpsert(ItemIn):
+    item_id: Id
+
+
+class ItemBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[ItemUpsert] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class Item(ItemUpsert):
+    """An item as stored; `hidden` is set by DELETE /v1/items/{item_id}."""
+
+    created_at: datetime
+    hidden: bool = False
+
+
+class UpsertResult(BaseModel):
+    upserted: int
+
+
+class UserIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    attributes: dict[str, AttrValue] = Field(default_factory=dict, max_length=200)
+
+
+class UserUpsert(UserIn):
+    user_id: Id
+
+
+class HistoryEntry(BaseModel):
+    item_id: str
+    timestamp: datetime
+    title: str | None = None
+
+
+class User(BaseModel):
+    user_id: str
+    attributes: dict[str, AttrValue]
+    history: list[HistoryEntry] = Field(description="Recent positive interactions, newest first.")
+
+
+class EventType(StrEnum):
+    impression = "impression"
+    click = "click"
+    like = "like"
+    purchase = "purchase"
+    rating = "rating"
+    dislike = "dislike"
+    skip = "skip"
+
+
+POSITIVE_RATING = 4.0
+
+
+class FeedbackEvent(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Id
+    item_id: Id
+    type: EventType
+    value: float | None = Field(None, description="The rating, 0.5 to 5; only for type rating.")
+    request_id: str | None = Field(None, max_length=128)
+    event_id: str | None = Field(
+        None, min_length=1, max_length=256, description="Sent twice, the event is stored once."
+    )
+    timestamp: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @model_validator(mode="after")
+    def _check_value(self) -> "FeedbackEvent":
+        if self.type is EventType.rating:
+            if self.value is None or not 0.5 <= self.value <= 5.0:
+                raise ValueError("a rating needs a value between 0.5 and 5")
+        elif self.value is not None:
+            raise ValueError(f"value is only allowed on rating events, not on {self.type}")
+        return self
+
+    @property
+    def positive(self) -> bool:
+        if self.type is EventType.rating:
+            return self.value is not None and self.value >= POSITIVE_RATING
+        return self.type in (EventType.click, EventType.like, EventType.purchase)
+
+
+class FeedbackBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[FeedbackEvent] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class FeedbackResult(BaseModel):
+    accepted: int
+    duplicates: int
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,178 @@
+"""The catalog, users and feedback in Redis: every read and write the API and loaders make."""
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from importlib import resources
+
+from redis.asyncio import Redis
+
+from server.keys import Keys
+from server.schemas import (
+    FeedbackEvent,
+    HistoryEntry,
+    Item,
+    ItemUpsert,
+    User,
+    UserUpsert,
+)
+
+FEEDBACK_SCRIPT = resources.files("server").joinpath("feedback.lua").read_text()
+
+
+class UnknownItems(Exception):
+    """A feedback batch names items that are not in the catalog; nothing was written."""
+
+    def __init__(self, indexes: list[int]):
+        super().__init__(f"{len(indexes)} event(s) name unknown items")
+        self.indexes = indexes
+
+
+def _ts(value: datetime) -> str:
+    return repr(value.timestamp())
+
+
+def _dt(value: str | float) -> datetime:
+    return datetime.fromtimestamp(float(value), UTC)
+
+
+def _flag(value: bool) -> str:
+    return "1" if value else "0"
+
+
+def _item_fields(item: ItemUpsert) -> dict[str, str]:
+    return {
+        "title": item.title,
+        "categories": json.dumps(item.categories),
+        "attributes": json.dumps(item.attributes),
+        "description": item.description,
+        "available": _flag(item.available),
+        "promoted": _flag(item.promoted),
+        "boost": repr(item.boost),
+        "hidden": "0",
+    }
+
+
+def _item_from_hash(item_id: str, raw: dict[str, str]) -> Item:
+    return Item(
+        item_id=item_id,
+        title=raw["title"],
+        categories=json.loads(raw["categories"]),
+        attributes=json.loads(raw["attributes"]),
+        description=raw["description"],
+        available=raw["available"] == "1",
+        promoted=raw["promoted"] == "1",
+        boost=float(raw["boost"]),
+        created_at=_dt(raw["created_at"]),
+        hidden=raw["hidden"] == "1",
+    )
+
+
+class Store:
+    def __init__(self, redis: Redis, keys: Keys, history_size: int, dedup_ttl_seconds: int):
+        self.redis = redis
+        self.keys = keys
+        self.history_size = history_size
+        self.dedup_ttl_seconds = dedup_ttl_seconds
+        self._feedback = redis.register_script(FEEDBACK_SCRIPT)
+
+    async def ping(self) -> None:
+        await self.redis.ping()
+
+    # Items ---------------------------------------------------------------------------------
+
+    async def upsert_items(self, items: Sequence[ItemUpsert]) -> int:
+        """Write items; an upsert un-hides an item and keeps its first creation time."""
+        now = _ts(datetime.now(UTC))
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for item in items:
+                key = self.keys.item(item.item_id)
+                pipe.hset(key, mapping=_item_fields(item))
+                if item.created_at is None:
+                    pipe.hsetnx(key, "created_at", now)
+                else:
+                    pipe.hset(key, "created_at", _ts(item.created_at))
+            pipe.sadd(self.keys.items, *(item.item_id for item in items))
+            pipe.srem(self.keys.hidden, *(item.item_id for item in items))
+            await pipe.execute()
+        return len(items)
+
+    async def get_item(self, item_id: str) -> Item | None:
+        raw = await self.redis.hgetall(self.keys.item(item_id))
+        return _item_from_hash(item_id, raw) if raw else None
+
+    async def hide_item(self, item_id: str) -> bool:
+        """Hide an item from recommendations for good; its history and events stay."""
+        if not await self.redis.sismember(self.keys.items, item_id):
+            return False
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.item(item_id), "hidden", "1")
+            pipe.sadd(self.keys.hidden, item_id)
+            await pipe.execute()
+        return True
+
+    async def count_items(self) -> int:
+        return await self.redis.scard(self.keys.items)
+
+    # Users ---------------------------------------------------------------------------------
+
+    async def upsert_users(self, users: Sequence[UserUpsert]) -> int:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for user in users:
+                pipe.hset(self.keys.user(user.user_id), "attributes", json.dumps(user.attributes))
+            pipe.sadd(self.keys.users, *(user.user_id for user in users))
+            await pipe.execute()
+        return len(users)
+
+    async def get_user(self, user_id: str) -> User | None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.sismember(self.keys.users, user_id)
+            pipe.hget(self.keys.user(user_id), "attributes")
+            pipe.zrevrange(self.keys.history(user_id), 0, -1, withscores=True)
+            known, attributes, history = await pipe.execute()
+        if not known:
+            return None
+        titles = await self._titles([item_id for item_id, _ in history])
+        return User(
+            user_id=user_id,
+            attributes=json.loads(attributes) if attributes else {},
+            history=[
+                HistoryEntry(item_id=item_id, timestamp=_dt(ts), title=title)
+                for (item_id, ts), title in zip(history, titles, strict=True)
+            ],
+        )
+
+    async def _titles(self, item_ids: list[str]) -> list[str | None]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for item_id in item_ids:
+                pipe.hget(self.keys.item(item_id), "title")
+            return await pipe.execute()
+
+    # Feedback ------------------------------------------------------------------------------
+
+    async def add_feedback(self, events: Sequence[FeedbackEvent]) -> list[bool]:
+        """Append events atomically; True for each stored event, False for a duplicate.
+
+        Raises UnknownItems, having written nothing, if any event names an unknown item.
+        """
+        args: list[str | int] = [
+            self.keys.prefix,
+            self.history_size,
+            self.dedup_ttl_seconds,
+            len(events),
+        ]
+        for event in events:
+            args += [
+                event.user_id,
+                event.item_id,
+                event.type.value,
+                "" if event.value is None else repr(event.value),
+                event.request_id or "",
+                event.event_id or "",
+                _ts(event.timestamp),
+                _flag(event.positive),
+            ]
+        status, payload = await self._feedback(args=args)
+        if status == -1:
+            raise UnknownItems([int(i) for i in payload])
+        return [flag == "1" for flag in payload]
