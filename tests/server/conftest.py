@@ -1,0 +1,38 @@
+"""Fixtures and helpers for the HTTP API tests: an app over the test's Redis prefix."""
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.config import Settings
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def make_client(settings: Settings) -> Iterator[Callable[..., TestClient]]:
+    """Start an app on a copy of `settings` with some fields changed; closed after the test."""
+    with ExitStack() as stack:
+
+        def make(**update: Any) -> TestClient:
+            app = create_app(settings.model_copy(update=update))
+            return stack.enter_context(TestClient(app))
+
+        yield make
+
+
+@pytest.fixture
+def rdb(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain client on the test Redis, to look at the keys the API wrote."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()

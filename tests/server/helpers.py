@@ -1,0 +1,43 @@
+"""Helpers shared by the HTTP API tests."""
+
+from typing import Any
+
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def put_items(client: TestClient, *item_ids: str) -> None:
+    """Create catalog items titled 'Title <id>'."""
+    items = [{"item_id": item_id, "title": f"Title {item_id}"} for item_id in item_ids]
+    response = client.post("/v1/items", json={"items": items})
+    assert response.status_code == 200, response.text
+
+
+def post_events(client: TestClient, *events: dict[str, Any]) -> Any:
+    return client.post("/v1/feedback", json={"events": list(events)})
+
+
+def metric(client: TestClient, name: str, **labels: str) -> float:
+    """The current value of one sample on /metrics (0 when absent)."""
+    response = client.get("/metrics")
+    assert response.status_code == 200, response.text
+    total = 0.0
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
+    """The response is `status` with the one error shape and `code`; returns the error object."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"code", "message", "details"}, error
+    assert error["code"] == code, error
+    assert isinstance(error["message"], str) and error["message"], error
+    assert "Traceback" not in response.text
+    return error
