@@ -47,13 +47,21 @@ def generate(
     names = list(CATEGORIES)
     catalog = _items(rng, items, names)
     tastes = rng.dirichlet(np.full(len(names), 0.3), size=clusters)
+    old = int(len(catalog) * 0.95)
+    popularity = (1.0 / np.arange(1, old + 1) ** 1.1)[rng.permutation(old)]
     tag = f"{seed}-{users}-{items}-{events_per_user}-{clusters}"
     people, events = [], []
     for u in range(users):
         user_id = f"u{u:05d}"
         people.append(UserUpsert(user_id=user_id, attributes=_profile(rng)))
         events += _history(
-            rng, f"synthetic:{tag}:{user_id}", user_id, catalog, tastes, events_per_user
+            rng,
+            f"synthetic:{tag}:{user_id}",
+            user_id,
+            catalog[:old],
+            popularity,
+            tastes,
+            events_per_user,
         )
     events.sort(key=lambda event: event.timestamp)
     return Dataset(
@@ -104,14 +112,13 @@ def _history(
     rng: np.random.Generator,
     id_prefix: str,
     user_id: str,
-    catalog: list[tuple[ItemUpsert, int]],
+    old: list[tuple[ItemUpsert, int]],
+    popularity: np.ndarray,
     tastes: np.ndarray,
     mean_events: int,
 ) -> list[FeedbackEvent]:
-    old = catalog[: int(len(catalog) * 0.95)]
+    """One user's interactions with the catalog's old items (new items stay cold)."""
     categories = np.array([category for _, category in old])
-    popularity = 1.0 / np.arange(1, len(old) + 1) ** 0.8
-    popularity = popularity[rng.permutation(len(old))]
     start_taste, end_taste = tastes[rng.integers(len(tastes))], tastes[rng.integers(len(tastes))]
     drifts = rng.random() < 0.5
     count = max(5, int(rng.poisson(mean_events)))

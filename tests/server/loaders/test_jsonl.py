@@ -1,0 +1,54 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from server.loaders import LoadError
+from server.loaders.jsonl import read_jsonl
+
+RECORDS = [
+    {"kind": "item", "item_id": "a", "title": "Alpha", "categories": ["x"], "promoted": True},
+    {"kind": "item", "item_id": "b", "title": "Beta", "attributes": {"price": 9.5}},
+    {"kind": "user", "user_id": "u1", "attributes": {"age": 31}},
+    {"kind": "event", "user_id": "u1", "item_id": "a", "type": "like", "timestamp": 1700000000},
+    {"kind": "event", "user_id": "u1", "item_id": "b", "type": "rating", "value": 2},
+]
+
+
+def _write(path: Path, records: list) -> Path:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def test_loads_items_users_and_events(tmp_path: Path, loaded) -> None:
+    summary = loaded.write(read_jsonl(_write(tmp_path / "data.jsonl", RECORDS)))
+    assert (summary.items, summary.users, summary.events) == (2, 1, 2)
+    assert loaded.redis.hget(loaded.keys.item("a"), "promoted") == "1"
+    assert loaded.redis.zrange(loaded.keys.history("u1"), 0, -1, withscores=True) == [
+        ("a", 1700000000.0)
+    ]
+
+
+def test_events_without_ids_load_once(tmp_path: Path, loaded) -> None:
+    path = _write(tmp_path / "data.jsonl", RECORDS)
+    loaded.write(read_jsonl(path))
+    before = loaded.snapshot()
+    assert loaded.write(read_jsonl(path)).duplicates == 2
+    assert loaded.snapshot() == before
+
+
+def test_bad_lines_are_reported_with_numbers_and_nothing_loads(tmp_path: Path, loaded) -> None:
+    bad = [
+        *RECORDS,
+        "{not json",
+        {"kind": "movie", "item_id": "c"},
+        {"kind": "event", "user_id": "u1", "item_id": "a", "type": "rating", "value": 9},
+    ]
+    with pytest.raises(LoadError) as caught:
+        read_jsonl(_write(tmp_path / "bad.jsonl", bad))
+    message = str(caught.value)
+    assert "3 invalid line(s)" in message
+    assert "line 6:" in message
+    assert "line 7: 'kind' must be one of item, user, event" in message
+    assert "line 8:" in message and "between 0.5 and 5" in message
+    assert loaded.snapshot()["items"] == 0

@@ -1,0 +1,63 @@
+from collections import Counter
+
+import numpy as np
+
+from server.loaders.synthetic import generate
+
+
+def _dump(dataset) -> list:
+    return [m.model_dump() for m in (*dataset.items, *dataset.users, *dataset.events)]
+
+
+def test_same_seed_same_data_other_seed_other_data() -> None:
+    assert _dump(generate(users=20, items=100, seed=3)) == _dump(
+        generate(users=20, items=100, seed=3)
+    )
+    assert _dump(generate(users=20, items=100, seed=3)) != _dump(
+        generate(users=20, items=100, seed=4)
+    )
+
+
+def test_sizes_and_valid_references() -> None:
+    data = generate(users=50, items=200, events_per_user=30, seed=1)
+    assert len(data.items) == 200 and len(data.users) == 50
+    item_ids = {item.item_id for item in data.items}
+    assert all(event.item_id in item_ids for event in data.events)
+    assert data.event_count == len(data.events) > 50 * 10
+    timestamps = [event.timestamp for event in data.events]
+    assert timestamps == sorted(timestamps)
+
+
+def test_popularity_is_long_tailed_and_new_items_are_cold() -> None:
+    data = generate(users=300, items=500, seed=2)
+    counts = Counter(event.item_id for event in data.events)
+    ranked = sorted(counts.values(), reverse=True)
+    top_tenth = sum(ranked[: len(data.items) // 10])
+    assert top_tenth / sum(ranked) > 0.35  # a uniform catalog would give 0.10
+    newest = max(data.items, key=lambda item: item.created_at)
+    assert counts[newest.item_id] == 0
+
+
+def test_sequence_and_taste_carry_signal() -> None:
+    data = generate(users=200, items=400, seed=5)
+    category = {item.item_id: item.categories[0] for item in data.items}
+    by_user: dict[str, list] = {}
+    for event in data.events:
+        by_user.setdefault(event.user_id, []).append(event)
+    same_as_previous = [
+        category[a.item_id] == category[b.item_id]
+        for events in by_user.values()
+        for a, b in zip(events, events[1:], strict=False)
+    ]
+    shares = Counter(category[e.item_id] for e in data.events)
+    chance = sum((n / len(data.events)) ** 2 for n in shares.values())
+    assert np.mean(same_as_previous) > chance + 0.15
+    # Ratings follow taste: a user rates their most watched category above the others.
+    gaps = []
+    for events in by_user.values():
+        favourite = Counter(category[e.item_id] for e in events).most_common(1)[0][0]
+        liked = [e.value for e in events if category[e.item_id] == favourite]
+        other = [e.value for e in events if category[e.item_id] != favourite]
+        if other:
+            gaps.append(np.mean(liked) - np.mean(other))
+    assert np.mean(gaps) > 0.5

@@ -1,0 +1,158 @@
+"""Health, readiness, Redis outages, Prometheus metrics and request ids."""
+
+import re
+
+import pytest
+
+from tests.server.helpers import assert_error, metric, post_events, put_items
+
+REQUESTS = "reasonrec_http_requests_total"
+DURATION_COUNT = "reasonrec_http_request_duration_seconds_count"
+REDIS_ERRORS = "reasonrec_redis_errors_total"
+
+
+def test_healthz(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+def test_readyz(client):
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ready", "checks": {"redis": "ok"}}
+
+
+@pytest.fixture
+def outage_client(make_client, redis_process):
+    """An app on a Redis of the test's own, which the test stops and starts."""
+    return make_client(redis_url=redis_process.url)
+
+
+def test_redis_down_then_back(outage_client, redis_process):
+    client = outage_client
+    assert client.get("/readyz").status_code == 200
+    assert client.put("/v1/items/a", json={"title": "A"}).status_code == 200
+    errors_before = metric(client, REDIS_ERRORS)
+
+    redis_process.stop()
+
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "not_ready"
+    assert body["checks"]["redis"].startswith("unreachable")
+    assert len(body["checks"]["redis"]) > len("unreachable: ")
+
+    calls = [
+        client.get("/v1/items/a"),
+        client.put("/v1/items/b", json={"title": "B"}),
+        client.post("/v1/items", json={"items": [{"item_id": "c", "title": "C"}]}),
+        client.delete("/v1/items/a"),
+        client.get("/v1/users/u1"),
+        client.put("/v1/users/u1", json={}),
+        post_events(client, {"user_id": "u1", "item_id": "a", "type": "click"}),
+    ]
+    for response in calls:
+        error = assert_error(response, 503, "storage_unavailable")
+        assert response.headers["retry-after"] == "1"
+        assert "Error" not in error["message"]
+        assert str(redis_process.port) not in response.text
+    assert metric(client, REDIS_ERRORS) >= errors_before + len(calls)
+    # Health and metrics do not need Redis.
+    assert client.get("/healthz").status_code == 200
+
+    redis_process.start()
+
+    # Same app and client: it reconnects by itself. The new server is empty.
+    assert client.get("/readyz").status_code == 200
+    assert client.get("/readyz").json()["checks"] == {"redis": "ok"}
+    assert_error(client.get("/v1/items/a"), 404, "not_found")
+    assert client.put("/v1/items/a", json={"title": "A"}).status_code == 200
+    assert client.get("/v1/items/a").json()["title"] == "A"
+
+
+def test_requests_counted_by_route_template(client):
+    def count(route, method, status):
+        return metric(client, REQUESTS, route=route, method=method, status=status)
+
+    item_route = "/v1/items/{item_id}"
+    before = {
+        "put": count(item_route, "PUT", "200"),
+        "get": count(item_route, "GET", "200"),
+        "missing": count(item_route, "GET", "404"),
+        "batch": count("/v1/items", "POST", "200"),
+        "unmatched": count("unmatched", "GET", "404"),
+        "duration": metric(client, DURATION_COUNT, route=item_route),
+    }
+    client.put("/v1/items/x1", json={"title": "A"})
+    client.put("/v1/items/x2", json={"title": "B"})
+    client.get("/v1/items/x1")
+    client.get("/v1/items/nothing-here")
+    client.post("/v1/items", json={"items": [{"item_id": "x3", "title": "C"}]})
+    client.get("/no/such/route")
+    assert count(item_route, "PUT", "200") == before["put"] + 2
+    assert count(item_route, "GET", "200") == before["get"] + 1
+    assert count(item_route, "GET", "404") == before["missing"] + 1
+    assert count("/v1/items", "POST", "200") == before["batch"] + 1
+    assert count("unmatched", "GET", "404") == before["unmatched"] + 1
+    assert metric(client, DURATION_COUNT, route=item_route) == before["duration"] + 4
+    # Concrete ids never become labels.
+    assert 'route="/v1/items/x1"' not in client.get("/metrics").text
+
+
+def test_metrics_exposition(client):
+    put_items(client, "a")
+    post_events(client, {"user_id": "u", "item_id": "a", "type": "click"})
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    for name in (
+        "reasonrec_http_requests_total",
+        "reasonrec_http_request_duration_seconds_bucket",
+        "reasonrec_feedback_events_total",
+        "reasonrec_redis_errors_total",
+    ):
+        assert re.search(rf"^{name}[{{ ]", text, re.MULTILINE), name
+    assert 'reasonrec_feedback_events_total{type="click"}' in text
+    assert 'route="/v1/feedback"' in text
+
+
+def test_request_id_generated(client):
+    first = client.get("/healthz").headers["x-request-id"]
+    second = client.get("/healthz").headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", first)
+    assert first != second
+
+
+def test_request_id_echoed(client):
+    headers = {"X-Request-ID": "abc-123"}
+    assert client.get("/healthz", headers=headers).headers["x-request-id"] == "abc-123"
+    assert client.get("/v1/items/none", headers=headers).headers["x-request-id"] == "abc-123"
+    response = client.put("/v1/items/a", json={"title": ""}, headers=headers)
+    assert response.status_code == 422
+    assert response.headers["x-request-id"] == "abc-123"
+
+
+def test_request_id_on_every_kind_of_response(make_client):
+    client = make_client(api_keys=["k1"], max_body_bytes=1024)
+    responses = [
+        client.get("/metrics"),
+        client.get("/readyz"),
+        client.get("/nope"),
+        client.get("/v1/items/a"),  # 401
+        client.patch("/v1/items/a"),  # 405
+        client.post("/v1/items", content=b"x" * 2000),  # 413
+    ]
+    assert [r.status_code for r in responses] == [200, 200, 404, 401, 405, 413]
+    for response in responses:
+        assert response.headers["x-request-id"]
+        assert len(response.headers.get_list("x-request-id")) == 1
+
+
+def test_request_id_on_503(outage_client, redis_process):
+    redis_process.stop()
+    response = outage_client.get("/v1/items/a", headers={"X-Request-ID": "down-1"})
+    assert response.status_code == 503
+    assert response.headers["x-request-id"] == "down-1"
