@@ -72,10 +72,25 @@ async def _load(
 
 
 @app.command()
-def serve(host: HostOption = None, port: PortOption = None) -> None:
+def serve(
+    host: HostOption = None,
+    port: PortOption = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="[REASONREC_WORKERS]")] = None,
+) -> None:
     """Serve the HTTP API (OpenAPI docs at /docs)."""
     settings = _settings(host, port)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    workers = workers or settings.workers
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    else:
+        # Several processes need an import string; each worker reads the environment itself.
+        uvicorn.run(
+            "server.asgi:app",
+            host=settings.host,
+            port=settings.port,
+            workers=workers,
+            log_config=None,
+        )
 
 
 @app.command()
@@ -109,7 +124,8 @@ def demo(host: HostOption = None, port: PortOption = None, seed: SeedOption = 7)
     summary = asyncio.run(_load(settings, generate(seed=seed), only_if_empty=True))
     if summary:
         console.print(f"loaded the synthetic set: {summary.items} items, {summary.users} users")
-    console.print(_demo_instructions(settings))
+    # Plain stdout, no wrapping: the curl lines must paste as they are.
+    typer.echo(_demo_instructions(settings))
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
 
 

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Address `reasonrec serve` binds to.")
     port: int = Field(8000, ge=1, le=65535, description="Port `reasonrec serve` listens on.")
+    workers: int = Field(
+        1, ge=1, le=64, description="Worker processes for `reasonrec serve` (one per core)."
+    )
     log_level: str = Field("info", description="Log level: debug, info, warning or error.")
 
     @field_validator("api_keys", mode="before")

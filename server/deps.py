@@ -1,4 +1,8 @@
-"""Typed dependencies shared by the routers: the store, the settings and the API-key check."""
+"""Typed dependencies shared by the routers: the store, the settings and the API-key check.
+
+All are `async def` on purpose: FastAPI runs a plain `def` dependency in its thread pool, which
+costs more than the work these do.
+"""
 
 import secrets
 from typing import Annotated
@@ -10,11 +14,11 @@ from server.errors import ApiError
 from server.store import Store
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -30,7 +34,7 @@ def _presented_key(request: Request) -> str | None:
     return request.headers.get("x-api-key")
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> None:
+async def require_api_key(request: Request, settings: SettingsDep) -> None:
     """Every /v1 route: with REASONREC_API_KEYS set, a known key must come with the request."""
     if not settings.api_keys:
         return

@@ -38,7 +38,16 @@ def _call(client, method, path, body, headers=None):
         {"X-API-Key": ""},
         {"X-API-Key": "k1x"},
     ],
-    ids=["none", "bad-bearer", "bad-x-api-key", "basic", "empty-bearer", "no-scheme", "empty", "ext"],
+    ids=[
+        "none",
+        "bad-bearer",
+        "bad-x-api-key",
+        "basic",
+        "empty-bearer",
+        "no-scheme",
+        "empty",
+        "ext",
+    ],
 )
 def test_v1_routes_need_a_valid_key(secured, rdb, key_prefix, headers):
     for method, path, body in V1_CALLS:

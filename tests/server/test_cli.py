@@ -86,9 +86,9 @@ def _run_demo(tmp_path: Path, port: int) -> str:
         assert user["user_id"] == "u00001" and user["history"]
     finally:
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    return err
+    return out + err
 
 
 def test_demo_loads_once_and_serves_with_embedded_redis(tmp_path: Path) -> None:

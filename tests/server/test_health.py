@@ -33,6 +33,8 @@ def test_redis_down_then_back(outage_client, redis_process):
     client = outage_client
     assert client.get("/readyz").status_code == 200
     assert client.put("/v1/items/a", json={"title": "A"}).status_code == 200
+    response = post_events(client, {"user_id": "u0", "item_id": "a", "type": "click"})
+    assert response.json() == {"accepted": 1, "duplicates": 0}
     errors_before = metric(client, REDIS_ERRORS)
 
     redis_process.stop()
@@ -70,6 +72,10 @@ def test_redis_down_then_back(outage_client, redis_process):
     assert_error(client.get("/v1/items/a"), 404, "not_found")
     assert client.put("/v1/items/a", json={"title": "A"}).status_code == 200
     assert client.get("/v1/items/a").json()["title"] == "A"
+    # The new server has not cached the feedback script: it is loaded again.
+    response = post_events(client, {"user_id": "u1", "item_id": "a", "type": "click"})
+    assert response.json() == {"accepted": 1, "duplicates": 0}
+    assert [h["item_id"] for h in client.get("/v1/users/u1").json()["history"]] == ["a"]
 
 
 def test_requests_counted_by_route_template(client):

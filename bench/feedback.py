@@ -1,0 +1,177 @@
+"""Feedback ingestion benchmark: throughput and p50/p99 latency of POST /v1/feedback.
+
+Starts `reasonrec serve` on loopback against a Redis (REASONREC_REDIS_URL, else the local
+127.0.0.1:6379 when it answers, else an embedded one) under a key prefix of its own, sends
+single-event batches at concurrency 1 and 16, prints JSON, and removes its keys.
+
+The load comes from wrk when it is installed (apt-get install wrk): a Python client on the same
+two cores costs more CPU per request than the server and would measure itself. Without wrk, an
+httpx client is used and the report says so.
+
+    .venv/bin/python bench/feedback.py [--seconds 5] [--requests 3000] [--workers 2]
+
+Target: p50 under 2 ms at concurrency 16.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import redis
+
+LOCAL_REDIS = "redis://127.0.0.1:6379/0"
+
+
+def _redis_url() -> str | None:
+    url = os.environ.get("REASONREC_REDIS_URL", LOCAL_REDIS)
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
+        return url
+    except redis.RedisError:
+        return None
+
+
+def _start_server(port: int, prefix: str, redis_url: str | None, workers: int) -> subprocess.Popen:
+    env = os.environ | {"REASONREC_KEY_PREFIX": prefix, "REASONREC_LOG_LEVEL": "warning"}
+    if redis_url:
+        env["REASONREC_REDIS_URL"] = redis_url
+    else:
+        env["REASONREC_DATA_DIR"] = tempfile.mkdtemp(prefix="reasonrec-bench-")
+    command = [sys.executable, "-m", "uvicorn", "server.asgi:app", "--port", str(port)]
+    command += ["--workers", str(workers), "--log-level", "warning", "--no-access-log"]
+    return subprocess.Popen(command, env=env, cwd=Path(__file__).resolve().parents[1])
+
+
+async def _wait_ready(client: httpx.AsyncClient) -> None:
+    for _ in range(300):
+        try:
+            if (await client.get("/readyz")).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError("the server did not become ready")
+
+
+async def _run(client: httpx.AsyncClient, concurrency: int, requests: int) -> dict[str, float]:
+    latencies: list[float] = []
+    counter = iter(range(requests))
+
+    async def worker(w: int) -> None:
+        for n in counter:
+            event = {"user_id": f"bench-{w}", "item_id": "bench-item", "type": "click"}
+            event["event_id"] = f"{concurrency}-{n}"
+            start = time.perf_counter()
+            response = await client.post("/v1/feedback", json={"events": [event]})
+            latencies.append(time.perf_counter() - start)
+            response.raise_for_status()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    ms = np.array(latencies) * 1000
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "throughput_rps": round(requests / elapsed, 1),
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+    }
+
+
+WRK_SCRIPT = r"""
+counter = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  counter = counter + 1
+  local body = string.format(
+    '{"events":[{"user_id":"bench-%d","item_id":"bench-item","type":"click","event_id":"RUN-%d"}]}',
+    counter % 16, counter)
+  return wrk.format(nil, nil, nil, body)
+end
+done = function(summary, latency, requests)
+  local errors = summary.errors
+  io.write(string.format(
+    'WRK {"requests": %d, "seconds": %f, "p50_us": %d, "p99_us": %d, "errors": %d}\n',
+    summary.requests, summary.duration / 1e6, latency:percentile(50), latency:percentile(99),
+    errors.status + errors.connect + errors.read + errors.write + errors.timeout))
+end
+"""
+
+
+def _wrk(port: int, concurrency: int, seconds: int) -> dict[str, float]:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_SCRIPT.replace("RUN", uuid.uuid4().hex[:8]))
+    url = f"http://127.0.0.1:{port}/v1/feedback"
+    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "-s", script.name, url]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    stats = json.loads(output.split("WRK ", 1)[1])
+    if stats["errors"]:
+        raise RuntimeError(f"{stats['errors']} requests failed:\n{output}")
+    return {
+        "concurrency": concurrency,
+        "requests": stats["requests"],
+        "throughput_rps": round(stats["requests"] / stats["seconds"], 1),
+        "p50_ms": stats["p50_us"] / 1000,
+        "p99_ms": stats["p99_us"] / 1000,
+    }
+
+
+async def bench(port: int, requests: int, seconds: int) -> tuple[str, list[dict[str, float]]]:
+    limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits) as client:
+        await _wait_ready(client)
+        item = {"title": "Benchmark item", "categories": ["bench"]}
+        (await client.put("/v1/items/bench-item", json=item)).raise_for_status()
+        await _run(client, 4, 200)  # warm-up: connections, code paths
+        if shutil.which("wrk"):
+            return "wrk", [_wrk(port, c, seconds) for c in (1, 16)]
+        return "httpx", [await _run(client, c, requests) for c in (1, 16)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=5, help="wrk: seconds per level")
+    parser.add_argument("--requests", type=int, default=3000, help="httpx: requests per level")
+    parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args()
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    redis_url = _redis_url()
+    server = _start_server(args.port, prefix, redis_url, args.workers)
+    try:
+        load_client, results = asyncio.run(bench(args.port, args.requests, args.seconds))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        if redis_url:
+            client = redis.Redis.from_url(redis_url)
+            for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+                client.delete(key)
+    report = {
+        "benchmark": "feedback_ingestion",
+        "batch_size": 1,
+        "workers": args.workers,
+        "load_client": load_client,
+        "redis": "external" if redis_url else "embedded",
+        "cpus": os.cpu_count(),
+        "results": results,
+        "target": {"concurrency": 16, "p50_ms_below": 2.0},
+        "target_met": results[1]["p50_ms"] < 2.0,
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

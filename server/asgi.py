@@ -1,0 +1,9 @@
+"""ASGI entry point for process managers (`uvicorn server.asgi:app --workers N`, gunicorn)."""
+
+from server import logs
+from server.app import create_app
+from server.config import Settings
+
+settings = Settings()
+logs.configure(settings.log_level)
+app = create_app(settings)
