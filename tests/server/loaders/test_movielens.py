@@ -51,7 +51,7 @@ def test_ml100k_twice_changes_nothing(ml100k: Path, loaded) -> None:
 
 def test_ml100k_missing_files_are_named(tmp_path: Path) -> None:
     (tmp_path / "u.data").write_text("")
-    with pytest.raises(LoadError, match="u.item, u.user, u.genre"):
+    with pytest.raises(LoadError, match=r"u\.item, u\.user, u\.genre"):
         read_ml100k(tmp_path)
 
 

@@ -1,4 +1,5 @@
 from collections import Counter
+from itertools import pairwise
 
 import numpy as np
 
@@ -47,7 +48,7 @@ def test_sequence_and_taste_carry_signal() -> None:
     same_as_previous = [
         category[a.item_id] == category[b.item_id]
         for events in by_user.values()
-        for a, b in zip(events, events[1:], strict=False)
+        for a, b in pairwise(events)
     ]
     shares = Counter(category[e.item_id] for e in data.events)
     chance = sum((n / len(data.events)) ** 2 for n in shares.values())
