@@ -150,15 +150,19 @@ class Store:
 
     # Feedback ------------------------------------------------------------------------------
 
-    async def add_feedback(self, events: Sequence[FeedbackEvent]) -> list[bool]:
+    async def add_feedback(
+        self, events: Sequence[FeedbackEvent], dedup_ttl_seconds: int | None = None
+    ) -> list[bool]:
         """Append events atomically; True for each stored event, False for a duplicate.
 
+        `dedup_ttl_seconds` overrides how long event ids are remembered (0: forever).
         Raises UnknownItems, having written nothing, if any event names an unknown item.
         """
+        ttl = self.dedup_ttl_seconds if dedup_ttl_seconds is None else dedup_ttl_seconds
         args: list[str | int] = [
             self.keys.prefix,
             self.history_size,
-            self.dedup_ttl_seconds,
+            ttl,
             len(events),
         ]
         for event in events:

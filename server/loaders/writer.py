@@ -53,7 +53,9 @@ async def write(store: Store, dataset: Dataset, progress: Progress) -> LoadSumma
     stored = duplicates = 0
     for batch in batched(dataset.events):
         try:
-            flags = await store.add_feedback(batch)
+            # Loaded event ids are remembered for good: loading the same file again, even
+            # months later, must change nothing.
+            flags = await store.add_feedback(batch, dedup_ttl_seconds=0)
         except UnknownItems as exc:
             first = batch[exc.indexes[0]]
             raise LoadError(

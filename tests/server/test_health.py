@@ -1,6 +1,8 @@
 """Health, readiness, Redis outages, Prometheus metrics and request ids."""
 
 import re
+import signal
+import time
 
 import pytest
 
@@ -162,3 +164,34 @@ def test_request_id_on_503(outage_client, redis_process):
     response = outage_client.get("/v1/items/a", headers={"X-Request-ID": "down-1"})
     assert response.status_code == 503
     assert response.headers["x-request-id"] == "down-1"
+
+
+def test_app_starts_with_redis_down(make_client, redis_process):
+    redis_process.stop()
+    client = make_client(redis_url=redis_process.url)
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 503
+    assert_error(client.get("/v1/items/a"), 503, "storage_unavailable")
+    redis_process.start()
+    assert client.get("/readyz").status_code == 200
+    assert_error(client.get("/v1/items/a"), 404, "not_found")
+
+
+def test_redis_hanging_times_out_with_503(make_client, redis_process):
+    """A Redis that stops answering (SIGSTOP) costs a request its timeout, then 503."""
+    client = make_client(redis_url=redis_process.url, redis_timeout_seconds=0.2)
+    client.put("/v1/items/a", json={"title": "A"})
+    client.put("/v1/items/b", json={"title": "B"})
+    redis_process.proc.send_signal(signal.SIGSTOP)
+    try:
+        start = time.perf_counter()
+        assert_error(client.get("/v1/items/a"), 503, "storage_unavailable")
+        assert time.perf_counter() - start < 2
+        assert client.get("/readyz").status_code == 503
+    finally:
+        redis_process.proc.send_signal(signal.SIGCONT)
+    # No reply of the timed-out commands is read as the answer to a later one.
+    for _ in range(3):
+        assert client.get("/v1/items/b").json()["title"] == "B"
+        assert client.get("/v1/items/a").json()["title"] == "A"
+        assert client.get("/readyz").json()["checks"] == {"redis": "ok"}

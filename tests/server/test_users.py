@@ -2,6 +2,8 @@
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from tests.server.helpers import assert_error, post_events, put_items
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -146,3 +148,16 @@ def test_user_known_only_through_feedback(client):
     response = client.get("/v1/users/cold")
     assert response.status_code == 200, response.text
     assert response.json() == {"user_id": "cold", "attributes": {}, "history": []}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="schemas.Id allows '/', so feedback creates a user 'a/b' that GET/PUT "
+    "/v1/users/{user_id} can never address (404 'Not Found' for any encoding of the id)",
+)
+def test_user_ids_from_feedback_are_addressable(client):
+    put_items(client, "a")
+    response = post_events(client, {"user_id": "a/b", "item_id": "a", "type": "click"})
+    if response.status_code != 422:  # rejected up front would be fine too
+        assert response.status_code == 200, response.text
+        assert client.get("/v1/users/a%2Fb").status_code == 200
