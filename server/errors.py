@@ -1,7 +1,7 @@
 """One error model and one exception-to-response mapping for every route.
 
 Every error is JSON ``{"error": {"code", "message", "details"}}``; no traceback ever leaves the
-process.
+process. Unexpected exceptions become a 500 in `server.middleware`, where the request id is known.
 """
 
 import logging
@@ -91,14 +91,8 @@ async def _redis_error(request: Request, exc: RedisError) -> JSONResponse:
     )
 
 
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error", extra={"path": request.url.path})
-    return error_response(500, "internal_error", "an unexpected error occurred")
-
-
 def install(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RedisError, _redis_error)
-    app.add_exception_handler(Exception, _unexpected)

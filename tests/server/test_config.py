@@ -16,6 +16,7 @@ def test_every_setting_is_documented_in_readme(field: str) -> None:
 def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REASONREC_API_KEYS", " k1, k2 ,,")
     monkeypatch.setenv("REASONREC_HISTORY_SIZE", "7")
+    monkeypatch.delenv("REASONREC_REDIS_URL", raising=False)
     settings = Settings()
     assert settings.api_keys == ["k1", "k2"]
     assert settings.history_size == 7

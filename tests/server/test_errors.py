@@ -142,11 +142,6 @@ def test_unexpected_error_500_without_traceback(corrupt_item):
     assert 'File "' not in response.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the catch-all Exception handler runs in Starlette's ServerErrorMiddleware, outside "
-    "RequestMiddleware, so a 500 response never gets the X-Request-ID header",
-)
 def test_unexpected_error_500_carries_request_id(corrupt_item):
     response = corrupt_item.get("/v1/items/broken", headers={"X-Request-ID": "req-500"})
     assert response.status_code == 500

@@ -2,8 +2,6 @@
 
 from datetime import UTC, datetime, timedelta
 
-import pytest
-
 from tests.server.helpers import assert_error, post_events, put_items
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -150,11 +148,6 @@ def test_user_known_only_through_feedback(client):
     assert response.json() == {"user_id": "cold", "attributes": {}, "history": []}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="schemas.Id allows '/', so feedback creates a user 'a/b' that GET/PUT "
-    "/v1/users/{user_id} can never address (404 'Not Found' for any encoding of the id)",
-)
 def test_user_ids_from_feedback_are_addressable(client):
     put_items(client, "a")
     response = post_events(client, {"user_id": "a/b", "item_id": "a", "type": "click"})
