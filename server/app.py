@@ -1,21 +1,30 @@
-"""The FastAPI application: wiring of settings, Redis, middleware, error handlers and routers."""
+"""The FastAPI application: wiring of settings, Redis, engine, middleware, errors and routers."""
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from server import errors
+from server.active_model import open_active_engine
 from server.config import Settings
 from server.deps import require_api_key
+from server.item_index import load_current
 from server.keys import Keys
 from server.middleware import RequestMiddleware
+from server.recommend import Recommender
 from server.redis_client import connect
-from server.routes import feedback, health, items, users
+from server.registry import RegistryError
+from server.routes import feedback, health, items, recommend, users
 from server.store import Store
 
+log = logging.getLogger(__name__)
 
-def build_store(settings: Settings, redis) -> Store:
+
+def build_store(settings: Settings, redis: Redis) -> Store:
     return Store(
         redis,
         Keys(settings.key_prefix),
@@ -24,17 +33,37 @@ def build_store(settings: Settings, redis) -> Store:
     )
 
 
+async def _start_serving(app: FastAPI, settings: Settings, store: Store) -> None:
+    """Open the index and the active model; without them requests are served in fallback."""
+    app.state.index = load_current(settings.data_dir)
+    app.state.engine, app.state.engine_problem = None, None
+    try:
+        app.state.engine = await open_active_engine(settings, store)
+    except RegistryError as exc:
+        log.error("active model refused", extra={"reason": str(exc)})
+        app.state.engine_problem = str(exc)
+    except RedisError as exc:
+        log.error("cannot read the active model", extra={"reason": repr(exc)})
+        app.state.engine_problem = f"active model unknown: redis unreachable at startup ({exc})"
+    if app.state.engine is None and app.state.engine_problem is None:
+        app.state.engine_problem = "no active model: run `reasonrec bootstrap`"
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         handle = connect(settings)
-        app.state.settings = settings
-        app.state.store = build_store(settings, handle.client)
+        store = build_store(settings, handle.client)
+        app.state.settings, app.state.store = settings, store
+        app.state.recommender = Recommender(store, settings)
+        await _start_serving(app, settings, store)
         try:
             yield
         finally:
+            if app.state.engine is not None:
+                await app.state.engine.close()
             await handle.close()
 
     app = FastAPI(
@@ -46,6 +75,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes)
     app.include_router(health.router)
-    for router in (items.router, users.router, feedback.router):
+    for router in (items.router, users.router, feedback.router, recommend.router):
         app.include_router(router, dependencies=[Depends(require_api_key)])
     return app

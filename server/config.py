@@ -46,12 +46,59 @@ class Settings(BaseSettings):
     redis_timeout_seconds: float = Field(
         2.0, gt=0, description="Connect and command timeout for Redis; past it a request gets 503."
     )
+    registry_dir: Path | None = Field(
+        None, description="Model registry folder. Unset: `<data dir>/models`."
+    )
+    engine_url: str | None = Field(
+        None,
+        description="Base URL of a remote OpenAI-compatible vLLM server (e.g. http://vllm:8000). "
+        "Unset: run vLLM in-process.",
+    )
+    engine_api_key: str | None = Field(None, description="API key the remote vLLM server expects.")
+    llm_timeout_ms: int = Field(
+        3000,
+        ge=10,
+        description="Latency budget of one LLM call; past it the retrieval order is "
+        "served with `degraded: true`.",
+    )
+    max_model_len: int = Field(
+        2048,
+        ge=256,
+        description="vLLM max model length (prompt + answer tokens); at most the "
+        "model's max_position_embeddings.",
+    )
+    kv_cache_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=16 * 1024 * 1024,
+        description="In-process vLLM KV cache size in bytes.",
+    )
+    engine_cpu_threads: str = Field(
+        "auto",
+        description="CPU cores the in-process vLLM binds its threads to ('auto' or e.g. "
+        "'0-1'); sets VLLM_CPU_OMP_THREADS_BIND.",
+    )
+    candidates: int = Field(
+        50, ge=1, le=500, description="Candidates retrieved (faiss) and shown to the LLM."
+    )
+    prompt_history: int = Field(
+        20, ge=0, le=200, description="Most recent history items written into the prompt."
+    )
+    max_answer_tokens: int = Field(
+        192, ge=16, description="Token budget of one answer (rationale + ranked ids)."
+    )
+    impressions_maxlen: int = Field(
+        1_000_000, ge=0, description="Approximate cap on the impressions stream (0: no cap)."
+    )
     host: str = Field("127.0.0.1", description="Address `reasonrec serve` binds to.")
     port: int = Field(8000, ge=1, le=65535, description="Port `reasonrec serve` listens on.")
     workers: int = Field(
         1, ge=1, le=64, description="Worker processes for `reasonrec serve` (one per core)."
     )
     log_level: str = Field("info", description="Log level: debug, info, warning or error.")
+
+    @property
+    def registry_path(self) -> Path:
+        return self.registry_dir or self.data_dir / "models"
 
     @field_validator("api_keys", mode="before")
     @classmethod

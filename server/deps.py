@@ -10,7 +10,10 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from server.config import Settings
+from server.engine import Engine
 from server.errors import ApiError
+from server.item_index import ItemIndex
+from server.recommend import Recommender
 from server.store import Store
 
 
@@ -22,7 +25,22 @@ async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+async def get_engine(request: Request) -> Engine | None:
+    return request.app.state.engine
+
+
+async def get_index(request: Request) -> ItemIndex | None:
+    return request.app.state.index
+
+
+async def get_recommender(request: Request) -> Recommender:
+    return request.app.state.recommender
+
+
 StoreDep = Annotated[Store, Depends(get_store)]
+EngineDep = Annotated[Engine | None, Depends(get_engine)]
+IndexDep = Annotated[ItemIndex | None, Depends(get_index)]
+RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 

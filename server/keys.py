@@ -3,7 +3,9 @@
 ``item:{id}`` hash · ``items`` set of ids · ``hidden`` set of hidden ids · ``user:{id}`` hash ·
 ``users`` set · ``user:{id}:hist`` sorted set (item -> event time, capped) · ``user:{id}:seen``
 set · ``pop`` sorted set (item -> positive events) · ``events`` stream (feedback) ·
-``evid:{event_id}`` de-duplication marker.
+``evid:{event_id}`` de-duplication marker · ``items:created`` sorted set (item -> created time) ·
+``impressions`` stream (every served list) · ``model:active`` version string ·
+``model-updates`` pub/sub channel.
 """
 
 from dataclasses import dataclass
@@ -47,3 +49,19 @@ class Keys:
     @property
     def events(self) -> str:
         return self._k("events")
+
+    @property
+    def created(self) -> str:
+        return self._k("items", "created")
+
+    @property
+    def impressions(self) -> str:
+        return self._k("impressions")
+
+    @property
+    def active_model(self) -> str:
+        return self._k("model", "active")
+
+    @property
+    def model_updates(self) -> str:
+        return self._k("model-updates")

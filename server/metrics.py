@@ -19,3 +19,27 @@ FEEDBACK_EVENTS = Counter(
 REDIS_ERRORS = Counter(
     "reasonrec_redis_errors_total", "Requests that failed because Redis was unreachable."
 )
+ENGINE_SECONDS = Histogram(
+    "reasonrec_engine_seconds",
+    "Time spent in the LLM engine per recommendation.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10),
+)
+ENGINE_TOKENS = Counter(
+    "reasonrec_engine_tokens_total", "Tokens processed by the engine.", ["kind"]
+)
+PARSE_FAILURES = Counter(
+    "reasonrec_parse_failures_total", "LLM answers that were malformed or needed repair."
+)
+FALLBACKS = Counter(
+    "reasonrec_fallbacks_total", "Responses served from the retrieval order.", ["reason"]
+)
+CANDIDATES_SECONDS = Histogram(
+    "reasonrec_candidates_seconds",
+    "Time to load the user's context and retrieve candidates.",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+)
+RECOMMENDATIONS = Counter(
+    "reasonrec_recommendations_total",
+    "Recommendation responses by source and model version.",
+    ["source", "model_version"],
+)

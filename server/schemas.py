@@ -146,3 +146,42 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Id
+    k: int = Field(10, ge=1, le=50)
+    exclude_seen: bool = True
+    categories: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, max_length=50, description="Only recommend items in at least one of these."
+    )
+    explain: bool = Field(True, description="Return the model's rationale.")
+
+
+class Source(StrEnum):
+    llm = "llm"
+    fallback = "fallback"
+
+
+class RecommendedItem(BaseModel):
+    item_id: str
+    rank: int
+    score: float = Field(
+        description="Retrieval score: similarity to the user's history, or popularity share for "
+        "users without history. The order of the list is the LLM's ranking."
+    )
+    title: str
+    categories: list[str]
+
+
+class RecommendResponse(BaseModel):
+    request_id: str
+    user_id: str
+    model_version: str | None
+    items: list[RecommendedItem]
+    rationale: str | None
+    source: Source
+    degraded: bool
+    latency_ms: float

@@ -83,15 +83,17 @@ class Store:
 
     async def upsert_items(self, items: Sequence[ItemUpsert]) -> int:
         """Write items; an upsert un-hides an item and keeps its first creation time."""
-        now = _ts(datetime.now(UTC))
+        now = datetime.now(UTC).timestamp()
         async with self.redis.pipeline(transaction=True) as pipe:
             for item in items:
                 key = self.keys.item(item.item_id)
                 pipe.hset(key, mapping=_item_fields(item))
                 if item.created_at is None:
-                    pipe.hsetnx(key, "created_at", now)
+                    pipe.hsetnx(key, "created_at", repr(now))
+                    pipe.zadd(self.keys.created, {item.item_id: now}, nx=True)
                 else:
                     pipe.hset(key, "created_at", _ts(item.created_at))
+                    pipe.zadd(self.keys.created, {item.item_id: item.created_at.timestamp()})
             pipe.sadd(self.keys.items, *(item.item_id for item in items))
             pipe.srem(self.keys.hidden, *(item.item_id for item in items))
             await pipe.execute()
@@ -100,6 +102,21 @@ class Store:
     async def get_item(self, item_id: str) -> Item | None:
         raw = await self.redis.hgetall(self.keys.item(item_id))
         return _item_from_hash(item_id, raw) if raw else None
+
+    async def get_items(self, item_ids: Sequence[str]) -> dict[str, Item]:
+        """The items that exist among `item_ids`, in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for item_id in item_ids:
+                pipe.hgetall(self.keys.item(item_id))
+            found = await pipe.execute()
+        return {i: _item_from_hash(i, raw) for i, raw in zip(item_ids, found, strict=True) if raw}
+
+    async def popular(self, limit: int) -> list[tuple[str, float]]:
+        """Most engaged-with items and their positive-event counts, most popular first."""
+        return await self.redis.zrevrange(self.keys.popularity, 0, limit - 1, withscores=True)
+
+    async def newest(self, limit: int) -> list[str]:
+        return await self.redis.zrevrange(self.keys.created, 0, limit - 1)
 
     async def hide_item(self, item_id: str) -> bool:
         """Hide an item from recommendations for good; its history and events stay."""
@@ -147,6 +164,18 @@ class Store:
             for item_id in item_ids:
                 pipe.hget(self.keys.item(item_id), "title")
             return await pipe.execute()
+
+    # Models --------------------------------------------------------------------------------
+
+    async def active_model(self) -> str | None:
+        return await self.redis.get(self.keys.active_model)
+
+    async def set_active_model(self, version: str) -> None:
+        """Point serving at `version` and tell every gateway."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.active_model, version)
+            pipe.publish(self.keys.model_updates, version)
+            await pipe.execute()
 
     # Feedback ------------------------------------------------------------------------------
 

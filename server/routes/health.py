@@ -1,11 +1,13 @@
 """Liveness, readiness and metrics: open even when API keys are set."""
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from server.deps import StoreDep
+from server.engine import EngineError
+from server.store import Store
 
 router = APIRouter(tags=["health"])
 
@@ -17,19 +19,43 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(store: StoreDep) -> JSONResponse:
-    """Ready to serve: Redis answers. 503 with the failing checks otherwise."""
-    checks: dict[str, str] = {}
+async def readyz(request: Request, store: StoreDep) -> JSONResponse:
+    """Ready to serve: Redis answers and, when a model is loaded, its engine is healthy.
+
+    503 with the failing checks otherwise. With no model loaded the gateway still serves
+    (recommendations in the retrieval order): 200 with status "degraded" and the reason.
+    """
+    engine = request.app.state.engine
+    checks = {"redis": await _redis_check(store), "engine": await _engine_check(request.app)}
+    failed = checks["redis"] != "ok" or (engine is not None and checks["engine"] != "ok")
+    status = "not_ready" if failed else "ready" if checks["engine"] == "ok" else "degraded"
+    return JSONResponse(
+        {
+            "status": status,
+            "checks": checks,
+            "model_version": engine.model_version if engine else None,
+        },
+        status_code=503 if failed else 200,
+    )
+
+
+async def _redis_check(store: Store) -> str:
     try:
         await store.ping()
-        checks["redis"] = "ok"
     except RedisError as exc:
-        checks["redis"] = f"unreachable: {exc}"
-    ready = all(value == "ok" for value in checks.values())
-    return JSONResponse(
-        {"status": "ready" if ready else "not_ready", "checks": checks},
-        status_code=200 if ready else 503,
-    )
+        return f"unreachable: {exc}"
+    return "ok"
+
+
+async def _engine_check(app) -> str:
+    engine = app.state.engine
+    if engine is None:
+        return app.state.engine_problem
+    try:
+        await engine.check_health()
+    except EngineError as exc:
+        return str(exc)
+    return "ok"
 
 
 @router.get("/metrics")

@@ -23,7 +23,7 @@ def test_embedded_redis_persists_across_restarts(embedded_settings):
     assert not data_dir.exists()
 
     with TestClient(create_app(embedded_settings)) as client:
-        assert client.get("/readyz").json() == {"status": "ready", "checks": {"redis": "ok"}}
+        assert client.get("/readyz").json()["checks"]["redis"] == "ok"
         assert (data_dir / "redis.db").parent.is_dir()
         assert client.put("/v1/items/a", json={"title": "Kept", "boost": 1.5}).status_code == 200
         client.put("/v1/users/u1", json={"attributes": {"age": 40}})

@@ -1,0 +1,93 @@
+"""Step 2 of a request: candidates from the faiss index, filtered, or popular and new items.
+
+Hidden, unavailable, already seen (unless asked otherwise) and filtered-out items never reach
+the prompt. A user with no history the index knows (cold start) gets popular items interleaved
+with the newest ones, so that new items get exposure.
+"""
+
+from collections.abc import Iterable
+
+from pydantic import BaseModel
+
+from server.context import UserContext
+from server.item_index import ItemIndex
+from server.schemas import Item
+from server.store import Store
+
+OVERFETCH = 4  # retrieval depth per candidate wanted, to survive the filters
+
+
+class Candidate(BaseModel):
+    item: Item
+    score: float
+
+
+class Candidates(BaseModel):
+    items: list[Candidate]
+    history: list[tuple[Item, float]]
+    """The user's history as items (oldest first), for the prompt."""
+    cold_start: bool
+
+
+def _allowed(item: Item, exclude: set[str], categories: set[str] | None) -> bool:
+    if item.hidden or not item.available or item.item_id in exclude:
+        return False
+    return categories is None or bool(categories.intersection(item.categories))
+
+
+async def _cold_start(store: Store, n: int) -> list[tuple[str, float]]:
+    popular = await store.popular(n * OVERFETCH)
+    newest = await store.newest(n)
+    total = sum(count for _, count in popular) or 1.0
+    ranked = [(item_id, count / total) for item_id, count in popular]
+    # One new item after every three popular ones.
+    mixed: list[tuple[str, float]] = []
+    for i, item_id in enumerate(newest):
+        mixed += [*ranked[3 * i : 3 * i + 3], (item_id, 0.0)]
+    return mixed + ranked[3 * len(newest) :]
+
+
+def _unique(pairs: Iterable[tuple[str, float]]) -> list[tuple[str, float]]:
+    seen: set[str] = set()
+    return [(i, s) for i, s in pairs if not (i in seen or seen.add(i))]
+
+
+async def retrieve(
+    store: Store,
+    index: ItemIndex | None,
+    context: UserContext,
+    n: int,
+    exclude_seen: bool,
+    categories: list[str] | None,
+) -> Candidates:
+    history_ids = [item_id for item_id, _ in context.history]
+    exclude = set(history_ids) | (context.seen if exclude_seen else set())
+    hits = index.search(history_ids, n * OVERFETCH, exclude=exclude) if index else []
+    cold = not hits
+    ranked = _unique(hits + await _cold_start(store, n))
+    history_items = await store.get_items(history_ids)
+    chosen = await _filtered(store, ranked, n, exclude, set(categories) if categories else None)
+    history = [(history_items[i], ts) for i, ts in context.history if i in history_items]
+    return Candidates(items=chosen, history=history, cold_start=cold)
+
+
+async def _filtered(
+    store: Store,
+    ranked: list[tuple[str, float]],
+    n: int,
+    exclude: set[str],
+    categories: set[str] | None,
+) -> list[Candidate]:
+    """Read items a chunk at a time: most requests need only the first 2n of the ranking."""
+    chosen: list[Candidate] = []
+    for start in range(0, len(ranked), 2 * n):
+        chunk = ranked[start : start + 2 * n]
+        records = await store.get_items([item_id for item_id, _ in chunk])
+        chosen += [
+            Candidate(item=records[item_id], score=round(score, 6))
+            for item_id, score in chunk
+            if item_id in records and _allowed(records[item_id], exclude, categories)
+        ]
+        if len(chosen) >= n:
+            break
+    return chosen[:n]

@@ -1,0 +1,51 @@
+"""A remote OpenAI-compatible vLLM server (`vllm serve`), for scaling the engine out."""
+
+import httpx
+
+from server.engine import Engine, EngineError, Generation, GenerationRequest
+
+
+class RemoteEngine(Engine):
+    def __init__(self, base_url: str, model_version: str, api_key: str | None = None):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+        self._client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"), headers=headers, limits=limits, timeout=None
+        )
+        self.model_version = model_version
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        body = {
+            "model": self.model_version,
+            "prompt": request.prompt,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "request_id": request.request_id,
+        }
+        if request.regex:
+            # `structured_outputs` is vLLM's extension; the old `guided_regex` is ignored now.
+            body["structured_outputs"] = {"regex": request.regex}
+        try:
+            response = await self._client.post("/v1/completions", json=body)
+        except httpx.HTTPError as exc:
+            raise EngineError(f"engine unreachable: {exc!r}") from exc
+        if response.status_code != 200:
+            raise EngineError(f"engine answered {response.status_code}: {response.text[:300]}")
+        payload = response.json()
+        usage = payload.get("usage") or {}
+        return Generation(
+            text=payload["choices"][0]["text"],
+            prompt_tokens=usage.get("prompt_tokens", 0),
+            completion_tokens=usage.get("completion_tokens", 0),
+        )
+
+    async def check_health(self) -> None:
+        try:
+            response = await self._client.get("/health", timeout=2)
+        except httpx.HTTPError as exc:
+            raise EngineError(f"engine unreachable: {exc!r}") from exc
+        if response.status_code != 200:
+            raise EngineError(f"engine health check answered {response.status_code}")
+
+    async def close(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,135 @@
+"""The model contract: how prompts are written and answers are read.
+
+One module, used by the gateway, the trainer and the evaluator, so that a model is always asked
+the way it was taught. Changing anything a model can see bumps `CONTRACT_VERSION`; every model's
+manifest records the version it was trained on and the gateway refuses versions it does not speak.
+
+Layout (stable instructions first, the user-specific part last, so vLLM's prefix cache reuses
+the shared part):
+
+    instructions · output format · user profile · recent history (oldest first, grouped by time
+    before the latest interaction) · candidates (`#id | title | categories | key attributes`)
+
+Answer: ``<think>rationale</think><answer>#id, #id, …</answer>``. Items are written as ``#`` and
+their id everywhere, so that no tokenizer confuses an item with a number in a title or a profile.
+"""
+
+import re
+from collections.abc import Sequence
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+from reward_rules.answer import Answer
+
+CONTRACT_VERSION = "1"
+SUPPORTED_CONTRACTS = frozenset({CONTRACT_VERSION})
+
+ITEM_MARK = "#"
+MAX_RATIONALE_CHARS = 300
+KEY_ATTRIBUTES = ("year", "brand", "price", "series", "tags")
+_TIME_GROUPS = ((86_400, "same day as the latest"), (7 * 86_400, "the week before"))
+
+INSTRUCTIONS = (
+    "You are a recommender. Read what the user liked, think briefly about their tastes, "
+    "then rank the candidates that fit them best."
+)
+OUTPUT_FORMAT = (
+    "Answer as <think>one or two sentences about the user and your picks</think>"
+    "<answer>{k} candidate ids, best first, separated by commas</answer>."
+)
+_ANSWER = re.compile(r"^\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*$", re.DOTALL)
+
+
+class ItemView(BaseModel):
+    """What the model sees of an item."""
+
+    item_id: str
+    title: str
+    categories: list[str] = Field(default_factory=list)
+    attributes: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class HistoryView(BaseModel):
+    item: ItemView
+    timestamp: datetime
+
+
+class PromptInput(BaseModel):
+    profile: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    history: list[HistoryView] = Field(default_factory=list, description="Oldest first.")
+    candidates: list[ItemView]
+    k: int = Field(ge=1)
+
+
+def ref(item_id: str) -> str:
+    return f"{ITEM_MARK}{item_id}"
+
+
+def _item_line(item: ItemView) -> str:
+    parts = [ref(item.item_id), item.title, ", ".join(item.categories) or "no category"]
+    keys = [f"{key}: {item.attributes[key]}" for key in KEY_ATTRIBUTES if key in item.attributes]
+    return " | ".join(parts + keys)
+
+
+def _profile_line(profile: dict) -> str:
+    if not profile:
+        return "User: new user, nothing known yet."
+    return "User: " + ", ".join(f"{key} {value}" for key, value in sorted(profile.items()))
+
+
+def _history_lines(history: Sequence[HistoryView]) -> list[str]:
+    """Group by time before the latest interaction: the same at training and at serving time."""
+    if not history:
+        return ["History: none."]
+    latest = history[-1].timestamp
+    lines, current = ["History, oldest first:"], None
+    for entry in history:
+        age = (latest - entry.timestamp).total_seconds()
+        group = next((label for limit, label in _TIME_GROUPS if age < limit), "earlier")
+        if group != current:
+            lines.append(f"{group}:")
+            current = group
+        lines.append(f"- {_item_line(entry.item)}")
+    return lines
+
+
+def build_prompt(data: PromptInput) -> str:
+    k = min(data.k, len(data.candidates))
+    lines = [INSTRUCTIONS, OUTPUT_FORMAT.format(k=k), "", _profile_line(data.profile)]
+    lines += _history_lines(data.history)
+    lines.append(f"Candidates ({len(data.candidates)}):")
+    lines += [_item_line(item) for item in data.candidates]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def render_answer(rationale: str, item_ids: Sequence[str]) -> str:
+    """The text a model should produce (SFT targets are written with it)."""
+    clean = re.sub(r"[<>]", "", rationale)[:MAX_RATIONALE_CHARS]
+    return f"<think>{clean}</think><answer>{', '.join(ref(i) for i in item_ids)}</answer>"
+
+
+def answer_pattern(candidate_ids: Sequence[str], k: int) -> str:
+    """A regex that only admits well-formed answers naming exactly k candidate ids.
+
+    Given to vLLM's structured outputs, it makes an answer outside the candidates impossible.
+    Duplicates cannot be excluded by a regex of reasonable size; the parser drops them.
+    """
+    count = min(k, len(candidate_ids))
+    choice = "(" + "|".join(re.escape(ref(item_id)) for item_id in candidate_ids) + ")"
+    think = f"<think>[^<>]{{1,{MAX_RATIONALE_CHARS}}}</think>"
+    more = f"(, {choice}){{{count - 1}}}" if count > 1 else ""
+    return f"{think}<answer>{choice}{more}</answer>"
+
+
+def parse_answer(text: str) -> Answer:
+    """Read a completion; never raises. Ids are returned as written, minus the item mark."""
+    match = _ANSWER.match(text)
+    if match is None:
+        return Answer(rationale="", items=(), well_formed=False)
+    rationale = match.group(1).strip()
+    tokens = [token.strip() for token in match.group(2).split(",") if token.strip()]
+    marked = [t for t in tokens if t.startswith(ITEM_MARK) and len(t) > len(ITEM_MARK)]
+    items = tuple(token[len(ITEM_MARK) :] for token in marked)
+    return Answer(rationale=rationale, items=items, well_formed=bool(tokens) and marked == tokens)

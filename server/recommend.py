@@ -1,0 +1,201 @@
+"""The request path of POST /v1/recommend, one named step after another:
+
+context -> candidates -> prompt -> engine -> parse + repair -> response -> impression log.
+
+When the engine is missing, fails or overruns its budget, the retrieval order is served with
+`source: fallback` and `degraded: true`; the request still succeeds.
+"""
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from reward_rules.answer import Answer
+from server import metrics
+from server.candidates import Candidate, Candidates, retrieve
+from server.config import Settings
+from server.context import UserContext, load_context
+from server.engine import Engine, EngineError, GenerationRequest
+from server.item_index import ItemIndex
+from server.prompt import (
+    HistoryView,
+    ItemView,
+    PromptInput,
+    answer_pattern,
+    build_prompt,
+    parse_answer,
+)
+from server.schemas import Item, RecommendedItem, RecommendRequest, RecommendResponse, Source
+from server.store import Store
+
+log = logging.getLogger(__name__)
+
+FALLBACK_RATIONALE = (
+    "Ranked by similarity to your recent history (the language model was not used)."
+)
+
+
+@dataclass
+class Outcome:
+    """What the ranking step produced and how."""
+
+    ids: list[str]
+    rationale: str
+    source: Source
+    raw: str = ""
+    reason: str | None = None
+
+
+def item_view(item: Item) -> ItemView:
+    return ItemView(
+        item_id=item.item_id,
+        title=item.title,
+        categories=item.categories,
+        attributes=item.attributes,
+    )
+
+
+def prompt_input(context: UserContext, found: Candidates, k: int) -> PromptInput:
+    history = [
+        HistoryView(item=item_view(item), timestamp=datetime.fromtimestamp(ts, UTC))
+        for item, ts in found.history
+    ]
+    candidates = [item_view(candidate.item) for candidate in found.items]
+    return PromptInput(profile=context.profile, history=history, candidates=candidates, k=k)
+
+
+def repair(answer: Answer, retrieval_order: list[str], k: int) -> tuple[list[str], bool]:
+    """Candidate ids from the answer, duplicates dropped, backfilled in retrieval order.
+
+    Returns the ids and whether the answer needed repair.
+    """
+    allowed = set(retrieval_order)
+    picked = list(dict.fromkeys(i for i in answer.items if i in allowed))[:k]
+    repaired = not answer.well_formed or len(picked) < min(k, len(retrieval_order))
+    picked += [i for i in retrieval_order if i not in picked][: k - len(picked)]
+    return picked, repaired
+
+
+def _fallback(order: list[str], k: int, reason: str) -> Outcome:
+    metrics.FALLBACKS.labels(reason).inc()
+    return Outcome(order[:k], FALLBACK_RATIONALE, Source.fallback, reason=reason)
+
+
+def _ranked_item(candidate: Candidate, rank: int) -> RecommendedItem:
+    item = candidate.item
+    return RecommendedItem(
+        item_id=item.item_id,
+        rank=rank,
+        score=candidate.score,
+        title=item.title,
+        categories=item.categories,
+    )
+
+
+class Recommender:
+    def __init__(self, store: Store, settings: Settings):
+        self.store = store
+        self.settings = settings
+
+    async def recommend(
+        self,
+        request: RecommendRequest,
+        request_id: str,
+        engine: Engine | None,
+        index: ItemIndex | None,
+    ) -> RecommendResponse:
+        started = time.perf_counter()
+        context, found = await self._candidates(request, index)
+        by_id = {candidate.item.item_id: candidate for candidate in found.items}
+        order = list(by_id)
+        prompt = build_prompt(prompt_input(context, found, request.k)) if order else ""
+        outcome = await self._rank(prompt, order, request, request_id, engine)
+        response = RecommendResponse(
+            request_id=request_id,
+            user_id=request.user_id,
+            model_version=engine.model_version if engine else None,
+            items=[_ranked_item(by_id[i], rank) for rank, i in enumerate(outcome.ids, start=1)],
+            rationale=outcome.rationale if request.explain else None,
+            source=outcome.source,
+            degraded=outcome.source is Source.fallback,
+            latency_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+        await self._log_impression(response, prompt, order, outcome)
+        metrics.RECOMMENDATIONS.labels(response.source.value, response.model_version or "").inc()
+        return response
+
+    async def _candidates(
+        self, request: RecommendRequest, index: ItemIndex | None
+    ) -> tuple[UserContext, Candidates]:
+        with metrics.CANDIDATES_SECONDS.time():
+            context = await load_context(self.store, request.user_id, self.settings.prompt_history)
+            found = await retrieve(
+                self.store,
+                index,
+                context,
+                self.settings.candidates,
+                request.exclude_seen,
+                request.categories,
+            )
+        return context, found
+
+    async def _rank(
+        self,
+        prompt: str,
+        order: list[str],
+        request: RecommendRequest,
+        request_id: str,
+        engine: Engine | None,
+    ) -> Outcome:
+        if not order:
+            return _fallback(order, request.k, "no_candidates")
+        if engine is None:
+            return _fallback(order, request.k, "no_model")
+        generation = GenerationRequest(
+            request_id=request_id,
+            prompt=prompt,
+            regex=answer_pattern(order, request.k),
+            max_tokens=self.settings.max_answer_tokens,
+        )
+        budget = self.settings.llm_timeout_ms / 1000
+        try:
+            with metrics.ENGINE_SECONDS.time():
+                result = await asyncio.wait_for(engine.generate(generation), budget)
+        except TimeoutError:
+            log.warning("engine timed out", extra={"budget_ms": self.settings.llm_timeout_ms})
+            return _fallback(order, request.k, "timeout")
+        except EngineError as exc:
+            log.warning("engine failed", extra={"reason": str(exc)})
+            return _fallback(order, request.k, "engine_error")
+        metrics.ENGINE_TOKENS.labels("prompt").inc(result.prompt_tokens)
+        metrics.ENGINE_TOKENS.labels("completion").inc(result.completion_tokens)
+        answer = parse_answer(result.text)
+        ids, repaired = repair(answer, order, request.k)
+        if repaired:
+            metrics.PARSE_FAILURES.inc()
+        return Outcome(ids, answer.rationale, Source.llm, raw=result.text)
+
+    async def _log_impression(
+        self, response: RecommendResponse, prompt: str, order: list[str], outcome: Outcome
+    ) -> None:
+        """Everything needed to join later feedback to exactly what was shown, and to train on."""
+        entry = {
+            "request_id": response.request_id,
+            "user_id": response.user_id,
+            "model_version": response.model_version or "",
+            "ts": repr(time.time()),
+            "source": response.source.value,
+            "fallback_reason": outcome.reason or "",
+            "k": str(len(response.items)),
+            "items": json.dumps([item.item_id for item in response.items]),
+            "candidates": json.dumps(order),
+            "prompt": prompt,
+            "output": outcome.raw,
+        }
+        maxlen = self.settings.impressions_maxlen or None
+        await self.store.redis.xadd(
+            self.store.keys.impressions, entry, maxlen=maxlen, approximate=True
+        )

@@ -1,0 +1,110 @@
+"""The model registry: one folder per version, written atomically, plus the active pointer.
+
+    {registry}/{version}/          HF weights and tokenizer (or a LoRA adapter) + manifest.json
+    {registry}/.staging-*/         versions being written; renamed into place when complete
+
+A crash while writing leaves only a staging folder, never a half-written version. Which version
+serves is recorded in Redis (`model:active`) and announced on the `model-updates` channel.
+"""
+
+import shutil
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from server.prompt import CONTRACT_VERSION, SUPPORTED_CONTRACTS
+
+MANIFEST = "manifest.json"
+_STAGING = ".staging-"
+
+
+class Manifest(BaseModel):
+    version: str
+    parent: str | None = None
+    kind: Literal["full", "lora"] = "full"
+    contract_version: str = CONTRACT_VERSION
+    base_model: str | None = Field(None, description="For LoRA: the version it adapts.")
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    trained_on: str | None = Field(
+        None, description="Data the model saw, e.g. 'ml-100k:eval-train-split' (eval checks it)."
+    )
+    training: dict[str, Any] = Field(default_factory=dict)
+    data_window: dict[str, Any] = Field(default_factory=dict)
+    reward_weights: dict[str, float] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    index_version: str | None = None
+
+
+class RegistryError(Exception):
+    pass
+
+
+def new_version() -> str:
+    return datetime.now(UTC).strftime("v%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+class Registry:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def path(self, version: str) -> Path:
+        return self.root / version
+
+    def manifest(self, version: str) -> Manifest:
+        path = self.path(version) / MANIFEST
+        if not path.is_file():
+            raise RegistryError(f"model version '{version}' is not in the registry {self.root}")
+        return Manifest.model_validate_json(path.read_text())
+
+    def versions(self) -> list[Manifest]:
+        if not self.root.is_dir():
+            return []
+        found = [
+            self.manifest(child.name)
+            for child in self.root.iterdir()
+            if not child.name.startswith(".") and (child / MANIFEST).is_file()
+        ]
+        return sorted(found, key=lambda manifest: manifest.created_at)
+
+    def staging(self) -> Path:
+        """A fresh folder to write a version into; `publish` moves it into place."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / f"{_STAGING}{uuid.uuid4().hex}"
+        path.mkdir()
+        return path
+
+    def publish(self, staging: Path, manifest: Manifest) -> Path:
+        """Write the manifest last, then rename: the version appears complete or not at all."""
+        target = self.path(manifest.version)
+        if target.exists():
+            raise RegistryError(f"model version '{manifest.version}' already exists")
+        (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+        staging.rename(target)
+        return target
+
+    def register(self, source: Path, manifest: Manifest) -> Path:
+        """Copy any Hugging Face causal LM folder into the registry as a new version."""
+        if not (source / "config.json").is_file():
+            raise RegistryError(f"{source} is not a Hugging Face model folder (no config.json)")
+        staging = self.staging()
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        (staging / MANIFEST).unlink(missing_ok=True)
+        return self.publish(staging, manifest)
+
+    def discard_staging(self) -> int:
+        """Remove folders left behind by writers that crashed; returns how many."""
+        leftovers = list(self.root.glob(f"{_STAGING}*")) if self.root.is_dir() else []
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
+        return len(leftovers)
+
+
+def check_contract(manifest: Manifest) -> None:
+    if manifest.contract_version not in SUPPORTED_CONTRACTS:
+        raise RegistryError(
+            f"model {manifest.version} speaks prompt contract {manifest.contract_version}; this "
+            f"gateway speaks {', '.join(sorted(SUPPORTED_CONTRACTS))}"
+        )

@@ -1,0 +1,17 @@
+"""Recommendation route: POST /v1/recommend."""
+
+from fastapi import APIRouter
+
+from server.deps import EngineDep, IndexDep, RecommenderDep
+from server.logs import request_id_var
+from server.schemas import RecommendRequest, RecommendResponse
+
+router = APIRouter(prefix="/v1/recommend", tags=["recommend"])
+
+
+@router.post("", response_model=RecommendResponse)
+async def recommend(
+    body: RecommendRequest, recommender: RecommenderDep, engine: EngineDep, index: IndexDep
+) -> RecommendResponse:
+    """A ranked list with a rationale, for any user (an unknown user is a cold start)."""
+    return await recommender.recommend(body, request_id_var.get() or "", engine, index)

@@ -1,0 +1,86 @@
+"""A small synthetic recommendation task, its tokenizer and a model fine-tuned on it once.
+
+Users like one category; each prompt shows a few of their past items and a shuffled candidate
+list, and the positives are the candidates of the liked category. Small enough that the tiny
+preset learns it in seconds, structured enough that a right answer is not a constant.
+"""
+
+import random
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from server.prompt import HistoryView, ItemView, PromptInput
+from trainer.examples import Example, build_example
+from trainer.model import build_model
+from trainer.sft import SftSettings, run_sft
+from trainer.tokenizer import train_tokenizer
+
+CATEGORIES = ["Drama", "Comedy", "Horror", "Western"]
+WORDS = ["Road", "Night", "House", "River", "Storm", "Crown"]
+START = datetime(2024, 1, 1, tzinfo=UTC)
+K = 3
+
+
+def make_catalog() -> dict[str, ItemView]:
+    catalog = {}
+    for c, category in enumerate(CATEGORIES):
+        for w, word in enumerate(WORDS):
+            item_id = str(100 + c * len(WORDS) + w)
+            catalog[item_id] = ItemView(
+                item_id=item_id,
+                title=f"{word} {category} ({1990 + w})",
+                categories=[category],
+                attributes={"year": 1990 + w},
+            )
+    return catalog
+
+
+def make_examples(catalog: dict[str, ItemView], users: int = 8, seed: int = 0) -> list[Example]:
+    rng = random.Random(seed)
+    items = list(catalog.values())
+    popularity = {item_id: rng.randint(0, 50) for item_id in catalog}
+    examples = []
+    for u in range(users):
+        liked = CATEGORIES[u % len(CATEGORIES)]
+        mine = [item for item in items if liked in item.categories]
+        rng.shuffle(mine)
+        history = [
+            HistoryView(item=item, timestamp=START + timedelta(days=day))
+            for day, item in enumerate(mine[:2])
+        ]
+        others = rng.sample([item for item in items if liked not in item.categories], 3)
+        candidates = mine[2:5] + others
+        rng.shuffle(candidates)
+        positives = [item.item_id for item in mine[2:5]]
+        data = PromptInput(profile={"age": 20 + u}, history=history, candidates=candidates, k=K)
+        examples.append(build_example(f"u{u}", data, positives, popularity))
+    return examples
+
+
+@pytest.fixture(scope="session")
+def catalog() -> dict[str, ItemView]:
+    return make_catalog()
+
+
+@pytest.fixture(scope="session")
+def examples(catalog: dict[str, ItemView]) -> list[Example]:
+    return make_examples(catalog)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(catalog: dict[str, ItemView], examples: list[Example]) -> PreTrainedTokenizerFast:
+    texts = [item.title + " " + " ".join(item.categories) for item in catalog.values()]
+    texts += [example.prompt + example.target for example in examples]
+    return train_tokenizer(texts, list(catalog), vocab_size=400)
+
+
+SFT_SETTINGS = SftSettings(max_steps=150, learning_rate=3e-3, batch_size=8, seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def sft_model(tokenizer: PreTrainedTokenizerFast, examples: list[Example]) -> PreTrainedModel:
+    """The tiny preset after SFT on `examples`; tests that change it must copy it first."""
+    model = build_model(tokenizer, "tiny", seed=0)
+    return run_sft(model, tokenizer, examples, SFT_SETTINGS)

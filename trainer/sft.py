@@ -1,0 +1,141 @@
+"""Stage 1 of RecLLM-R1: supervised fine-tuning on prompt + target, loss on the target only.
+
+A plain torch loop rather than `Trainer`/`SFTTrainer`: the model is small, the data is a list in
+memory, and the only non-standard part (masking the prompt) is three lines here, while the
+trainers bring dataset preprocessing, accelerate state and defaults (bf16, checkpointing) that all
+need turning off on CPU.
+
+Prompt and target are tokenized separately and concatenated. That is exactly what happens at
+generation time (TRL and vLLM tokenize the prompt alone and the model continues it), so the model
+never trains on a token boundary it will not see when serving.
+"""
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
+
+from trainer.examples import Example
+
+logger = logging.getLogger(__name__)
+IGNORE = -100  # label of tokens that carry no loss (the prompt and the padding)
+
+
+class SftSettings(BaseModel):
+    epochs: int = Field(3, ge=1, description="Passes over the examples (unless max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps warming up.")
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(2048, ge=8, description="Tokens of prompt + target; prompts are cut.")
+    seed: int = 0
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+Encoded = tuple[list[int], list[int]]  # input ids, labels
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int) -> Encoded:
+    """Prompt + target + eos, labels only on target + eos (the model must learn to stop).
+
+    Too long a sequence loses the start of its prompt: the end holds the candidates, which the
+    answer copies from, while the start is boilerplate the model has seen in every other example.
+    """
+    prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+    target = tokenizer(example.target, add_special_tokens=False)["input_ids"]
+    target = [*target, tokenizer.eos_token_id][:max_length]
+    prompt = prompt[max(0, len(prompt) + len(target) - max_length) :]
+    return prompt + target, [IGNORE] * len(prompt) + target
+
+
+def collate(rows: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padding is masked from attention and from the loss."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (ids, row_labels) in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(ids)] = torch.tensor(row_labels)
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def _batches(
+    encoded: Sequence[Encoded], settings: SftSettings, generator: torch.Generator
+) -> Iterator[list[Encoded]]:
+    """Shuffled batches, epoch after epoch, forever; the caller stops after its step count."""
+    while True:
+        order = torch.randperm(len(encoded), generator=generator).tolist()
+        for start in range(0, len(order), settings.batch_size):
+            yield [encoded[i] for i in order[start : start + settings.batch_size]]
+
+
+def total_steps(n_examples: int, settings: SftSettings) -> int:
+    if settings.max_steps is not None:
+        return settings.max_steps
+    return settings.epochs * math.ceil(n_examples / settings.batch_size)
+
+
+@torch.no_grad()
+def target_loss(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    max_length: int = 2048,
+    batch_size: int = 8,
+) -> float:
+    """Mean cross-entropy per target token over `examples` (what SFT minimises)."""
+    was_training = model.training
+    model.eval()
+    encoded = [encode(tokenizer, example, max_length) for example in examples]
+    loss_sum, tokens = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        batch = collate(encoded[start : start + batch_size], tokenizer.pad_token_id)
+        count = int((batch["labels"][:, 1:] != IGNORE).sum())  # the model shifts labels by one
+        loss_sum += float(model(**batch, use_cache=False).loss) * count
+        tokens += count
+    model.train(was_training)
+    return loss_sum / max(tokens, 1)
+
+
+def run_sft(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    settings: SftSettings,
+) -> PreTrainedModel:
+    """Fine-tune `model` in place on the examples' targets; returns it in eval mode."""
+    if not examples:
+        raise ValueError("SFT needs at least one example")
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    encoded = [encode(tokenizer, example, settings.max_length) for example in examples]
+    steps = total_steps(len(encoded), settings)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
+    schedule = get_cosine_schedule_with_warmup(
+        optimizer, int(settings.warmup_ratio * steps), steps
+    )
+    model.train()
+    batches = _batches(encoded, settings, generator)
+    with tqdm(total=steps, desc="SFT", unit="step", disable=not settings.progress) as bar:
+        for _ in range(steps):
+            batch = collate(next(batches), tokenizer.pad_token_id)
+            loss = model(**batch, use_cache=False).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update()
+    logger.info("SFT done: %d steps, last batch loss %.4f", steps, loss.item())
+    return model.eval()
