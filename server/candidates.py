@@ -29,22 +29,26 @@ class Candidates(BaseModel):
     cold_start: bool
 
 
-def _allowed(item: Item, exclude: set[str], categories: set[str] | None) -> bool:
+def allowed(item: Item, exclude: set[str], categories: set[str] | None = None) -> bool:
     if item.hidden or not item.available or item.item_id in exclude:
         return False
     return categories is None or bool(categories.intersection(item.categories))
 
 
-async def _cold_start(store: Store, n: int) -> list[tuple[str, float]]:
-    popular = await store.popular(n * OVERFETCH)
-    newest = await store.newest(n)
+def candidate_order(
+    hits: list[tuple[str, float]], popular: list[tuple[str, float]], newest: list[str]
+) -> list[tuple[str, float]]:
+    """Retrieval hits first, then popular items with one new item after every three.
+
+    Scores are similarities for hits and popularity shares for the rest. Used by the gateway and
+    by training, so that a model is trained on candidate lists made the way they are served.
+    """
     total = sum(count for _, count in popular) or 1.0
     ranked = [(item_id, count / total) for item_id, count in popular]
-    # One new item after every three popular ones.
-    mixed: list[tuple[str, float]] = []
+    mixed: list[tuple[str, float]] = list(hits)
     for i, item_id in enumerate(newest):
         mixed += [*ranked[3 * i : 3 * i + 3], (item_id, 0.0)]
-    return mixed + ranked[3 * len(newest) :]
+    return _unique(mixed + ranked[3 * len(newest) :])
 
 
 def _unique(pairs: Iterable[tuple[str, float]]) -> list[tuple[str, float]]:
@@ -64,7 +68,7 @@ async def retrieve(
     exclude = set(history_ids) | (context.seen if exclude_seen else set())
     hits = index.search(history_ids, n * OVERFETCH, exclude=exclude) if index else []
     cold = not hits
-    ranked = _unique(hits + await _cold_start(store, n))
+    ranked = candidate_order(hits, await store.popular(n * OVERFETCH), await store.newest(n))
     history_items = await store.get_items(history_ids)
     chosen = await _filtered(store, ranked, n, exclude, set(categories) if categories else None)
     history = [(history_items[i], ts) for i, ts in context.history if i in history_items]
@@ -86,7 +90,7 @@ async def _filtered(
         chosen += [
             Candidate(item=records[item_id], score=round(score, 6))
             for item_id, score in chunk
-            if item_id in records and _allowed(records[item_id], exclude, categories)
+            if item_id in records and allowed(records[item_id], exclude, categories)
         ]
         if len(chosen) >= n:
             break

@@ -121,9 +121,7 @@ def run_sft(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
     )
-    schedule = get_cosine_schedule_with_warmup(
-        optimizer, int(settings.warmup_ratio * steps), steps
-    )
+    schedule = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
     model.train()
     batches = _batches(encoded, settings, generator)
     with tqdm(total=steps, desc="SFT", unit="step", disable=not settings.progress) as bar:

@@ -26,9 +26,11 @@ LOG3 = math.log2(3)
 
 ids = st.sampled_from(["a", "b", "c", "d", "e", "x", "y"])
 answers = st.builds(
-    Answer, rationale=st.text(max_size=5), items=st.lists(ids, max_size=8).map(tuple),
+    Answer,
+    rationale=st.text(max_size=5),
+    items=st.lists(ids, max_size=8).map(tuple),
     well_formed=st.booleans(),
-)  # fmt: skip
+)
 examples = st.fixed_dictionaries(
     {
         "candidates": st.lists(ids, max_size=6, unique=True),

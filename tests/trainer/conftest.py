@@ -73,7 +73,7 @@ def examples(catalog: dict[str, ItemView]) -> list[Example]:
 def tokenizer(catalog: dict[str, ItemView], examples: list[Example]) -> PreTrainedTokenizerFast:
     texts = [item.title + " " + " ".join(item.categories) for item in catalog.values()]
     texts += [example.prompt + example.target for example in examples]
-    return train_tokenizer(texts, list(catalog), vocab_size=400)
+    return train_tokenizer(texts, list(catalog), vocab_size=600)
 
 
 SFT_SETTINGS = SftSettings(max_steps=150, learning_rate=3e-3, batch_size=8, seed=0, progress=False)

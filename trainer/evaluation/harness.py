@@ -8,7 +8,8 @@ time of one `recommend` call).
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 from pydantic import BaseModel
 from rich.console import Console
@@ -56,6 +57,10 @@ def evaluate(
     """
     if not users:
         raise ValueError("no users to evaluate")
+    if unknown := [user for user in users if user not in split.test]:
+        raise ValueError(f"users without a test item in this split: {unknown[:5]}")
+    if len(set(users)) != len(users):
+        raise ValueError("users must not repeat: each would count twice")
     names = [system.name for system in systems]
     if len(set(names)) != len(names):
         raise ValueError(f"system names must be unique, got {names}")
@@ -64,7 +69,9 @@ def evaluate(
         for system in systems:
             task = bar.add_task(system.name, total=len(users))
             system.fit(split)
-            results[system.name] = _evaluate_system(split, system, users, lambda: bar.advance(task))
+            results[system.name] = _evaluate_system(
+                split, system, users, partial(bar.advance, task)
+            )
     return Report(dataset=split.dataset, protocol=PROTOCOL, users=len(users), systems=results)
 
 
@@ -79,7 +86,9 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
-def _evaluate_system(split: Split, system: System, users: Sequence[str], step) -> dict[str, float]:
+def _evaluate_system(
+    split: Split, system: System, users: Sequence[str], step: Callable[[], object]
+) -> dict[str, float]:
     repairs_before = getattr(system, "repairs", 0)
     totals = {"hit": 0.0, "ndcg": 0.0, "ild": 0.0, "novelty": 0.0}
     recommended: set[str] = set()

@@ -130,10 +130,23 @@ class TestProtocolIsEnforced:
         with pytest.raises(ProtocolViolation, match=problem):
             evaluate(split, [system], ["u1"], progress=False)
 
-    def test_no_users_and_duplicate_names_are_refused(self) -> None:
+    @pytest.mark.parametrize(
+        ("users", "problem"),
+        [
+            # nothing to average over
+            ([], "no users"),
+            # a user the split does not hold (or skipped for having < 3 interactions)
+            (["u1", "ghost"], "without a test item"),
+            # a repeated user would weigh twice
+            (["u1", "u1"], "must not repeat"),
+        ],
+    )
+    def test_bad_user_lists_are_refused(self, users: list[str], problem: str) -> None:
+        with pytest.raises(ValueError, match=problem):
+            evaluate(tiny_split(), [Scripted(ANSWERS)], users, progress=False)
+
+    def test_duplicate_system_names_are_refused(self) -> None:
         split = tiny_split()
-        with pytest.raises(ValueError, match="no users"):
-            evaluate(split, [Scripted(ANSWERS)], [], progress=False)
         with pytest.raises(ValueError, match="unique"):
             evaluate(split, [Scripted(ANSWERS), Scripted(ANSWERS)], split.users, progress=False)
 

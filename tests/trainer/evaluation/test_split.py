@@ -60,9 +60,7 @@ class TestSplitRules:
         assert split.seen("1") == {"1", "2", "3"}
         assert split.history("unknown") == () and split.seen("unknown") == frozenset()
 
-    def test_popularity_counts_training_interactions_of_evaluated_users(
-        self, split: Split
-    ) -> None:
+    def test_popularity_counts_training_interactions_of_evaluated_users(self, split: Split) -> None:
         # user 1 trains on 1 and 3, user 10 on 1; user 2 is skipped altogether
         assert split.popularity == {"1": 2, "2": 0, "3": 1, "4": 0, "5": 0, "6": 0}
         assert split.training_interactions == 3

@@ -1,0 +1,69 @@
+"""Model presets are servable by vLLM on CPU and the model matches its tokenizer."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from trainer.model import PRESETS, VLLM_CPU_HEAD_SIZES, ModelSize, build_model, parameter_count
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_fit_vllm(name: str) -> None:
+    size = PRESETS[name]
+    assert size.head_dim in VLLM_CPU_HEAD_SIZES
+    assert size.num_attention_heads % size.num_key_value_heads == 0
+    assert size.max_position_embeddings >= 2048
+
+
+def test_tiny_preset_size(tokenizer: PreTrainedTokenizerFast) -> None:
+    model = build_model(tokenizer, "tiny")
+    assert 0.2e6 <= parameter_count(model) <= 0.5e6
+    assert model.config.vocab_size == len(tokenizer)
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_default_preset_size(tokenizer: PreTrainedTokenizerFast) -> None:
+    # with this test's small vocabulary: the layers alone; MovieLens adds ~2.5M of embedding
+    assert 2e6 <= parameter_count(build_model(tokenizer, "default")) <= 8e6
+
+
+def test_generation_stops_on_the_tokenizers_eos(tokenizer: PreTrainedTokenizerFast) -> None:
+    model = build_model(tokenizer, "tiny")
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert model.generation_config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_same_seed_same_weights(tokenizer: PreTrainedTokenizerFast) -> None:
+    a, b = build_model(tokenizer, "tiny", seed=1), build_model(tokenizer, "tiny", seed=1)
+    assert torch.equal(a.model.embed_tokens.weight, b.model.embed_tokens.weight)
+
+
+def test_save_and_load(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+    model = build_model(tokenizer, "tiny").eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([tokenizer("#100 | Road Drama")["input_ids"]])
+    assert torch.allclose(model(ids).logits, loaded(ids).logits)
+
+
+@pytest.mark.parametrize(
+    ("hidden", "heads", "kv_heads", "message"),
+    [
+        (48, 2, 1, "head size 24"),  # vLLM's CPU attention has no 24
+        (64, 3, 1, "multiple of num_attention_heads"),
+        (128, 4, 3, "multiple of num_key_value_heads"),
+    ],
+)
+def test_unservable_shapes_are_refused(hidden: int, heads: int, kv_heads: int, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        ModelSize(
+            hidden_size=hidden,
+            num_hidden_layers=1,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            intermediate_size=64,
+        )

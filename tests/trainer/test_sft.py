@@ -1,0 +1,82 @@
+"""SFT learns the answer format on a small synthetic task, deterministically."""
+
+import pytest
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from server.prompt import parse_answer
+from trainer.examples import Example
+from trainer.model import build_model
+from trainer.sft import IGNORE, SftSettings, collate, encode, run_sft, target_loss
+
+
+def greedy(model: PreTrainedModel, tok: PreTrainedTokenizerFast, prompts: list[str]) -> list[str]:
+    batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=120, do_sample=False)
+    return tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+class TestEncode:
+    def test_loss_only_on_target_and_eos(
+        self, tokenizer: PreTrainedTokenizerFast, examples: list[Example]
+    ) -> None:
+        ids, labels = encode(tokenizer, examples[0], max_length=4096)
+        prompt_len = len(tokenizer(examples[0].prompt)["input_ids"])
+        assert labels[:prompt_len] == [IGNORE] * prompt_len
+        assert labels[prompt_len:] == ids[prompt_len:]
+        assert ids[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(ids[prompt_len:-1]) == examples[0].target
+
+    def test_too_long_loses_the_start_of_the_prompt(
+        self, tokenizer: PreTrainedTokenizerFast, examples: list[Example]
+    ) -> None:
+        full, _ = encode(tokenizer, examples[0], max_length=4096)
+        ids, labels = encode(tokenizer, examples[0], max_length=len(full) - 10)
+        assert ids == full[10:]
+        assert tokenizer.decode([t for t in labels if t != IGNORE][:-1]) == examples[0].target
+
+    def test_collate_pads_right_and_masks_padding(
+        self, tokenizer: PreTrainedTokenizerFast
+    ) -> None:
+        pad = tokenizer.pad_token_id
+        batch = collate([([5, 6, 7], [IGNORE, 6, 7]), ([8], [8])], pad_id=pad)
+        assert batch["input_ids"].tolist() == [[5, 6, 7], [8, pad, pad]]
+        assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+        assert batch["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
+
+
+@pytest.mark.slow
+class TestRunSft:
+    def test_lowers_the_loss(
+        self,
+        tokenizer: PreTrainedTokenizerFast,
+        examples: list[Example],
+        sft_model: PreTrainedModel,
+    ) -> None:
+        before = target_loss(build_model(tokenizer, "tiny", seed=0), tokenizer, examples)
+        after = target_loss(sft_model, tokenizer, examples)
+        assert after < 0.5 * before
+
+    def test_greedy_answers_are_well_formed_and_name_candidates(
+        self,
+        tokenizer: PreTrainedTokenizerFast,
+        examples: list[Example],
+        sft_model: PreTrainedModel,
+    ) -> None:
+        completions = greedy(sft_model, tokenizer, [example.prompt for example in examples])
+        for example, completion in zip(examples, completions, strict=True):
+            answer = parse_answer(completion)
+            assert answer.well_formed, completion
+            assert answer.items, completion
+            assert set(answer.items) <= set(example.candidates), completion
+
+    def test_same_seed_same_model(
+        self, tokenizer: PreTrainedTokenizerFast, examples: list[Example]
+    ) -> None:
+        settings = SftSettings(max_steps=3, batch_size=4, seed=3, progress=False)
+        a = run_sft(build_model(tokenizer, "tiny"), tokenizer, examples, settings)
+        b = run_sft(build_model(tokenizer, "tiny"), tokenizer, examples, settings)
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(pa, pb)
+

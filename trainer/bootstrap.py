@@ -1,0 +1,165 @@
+"""`reasonrec bootstrap`: the embedded model, from the store's data to an active registry version.
+
+Stages, as RecLLM-R1 trains: candidate index -> examples -> tokenizer -> model -> SFT -> GRPO ->
+validation -> atomic publish. Each stage logs and shows progress.
+"""
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+
+from reward_rules.metrics import ndcg_at_k
+from reward_rules.terms import Accuracy, Diversity, Format, Novelty
+from server.config import Settings
+from server.item_index import ItemIndex, publish
+from server.prompt import parse_answer
+from server.recommend import repair
+from server.registry import Manifest, Registry, new_version
+from server.store import Store
+from trainer.corpus import Corpus, read_corpus
+from trainer.dataset import ExampleBuilder, Examples, Shape
+from trainer.examples import Example
+from trainer.grpo import run_grpo
+from trainer.model import build_model, parameter_count
+from trainer.presets import PRESETS, Preset
+from trainer.sft import run_sft
+from trainer.tokenizer import train_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class BootstrapResult(BaseModel):
+    version: str
+    path: Path
+    index_version: str
+    activated: bool
+    metrics: dict[str, float]
+    seconds: float
+
+
+def reward_terms(corpus: Corpus, weights: dict[str, float]) -> list[tuple[object, float]]:
+    categories = {item_id: item.categories for item_id, item in corpus.items.items()}
+    terms = {
+        "format": Format(),
+        "accuracy": Accuracy(),
+        "diversity": Diversity(categories),
+        "novelty": Novelty(dict(corpus.popularity)),
+    }
+    return [(terms[name], weight) for name, weight in weights.items() if weight]
+
+
+def _texts(corpus: Corpus, examples: list[Example]) -> list[str]:
+    catalog = [f"{item.title} {' '.join(item.categories)}" for item in corpus.items.values()]
+    return catalog + [e.prompt + e.target for e in examples[:200]]
+
+
+@torch.no_grad()
+def validate(model, tokenizer, examples: list[Example]) -> dict[str, float]:
+    """Greedy answers on held-out last interactions: NDCG@k of the model vs the retrieval order."""
+    model.eval()
+    ours, retrieval, invalid = [], [], 0
+    for example in examples:
+        inputs = tokenizer(example.prompt, return_tensors="pt")
+        output = model.generate(
+            **inputs,
+            max_new_tokens=8 + 6 * example.k + 60,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        text = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        ranked, repaired = repair(parse_answer(text), example.candidates, example.k)
+        invalid += repaired
+        ours.append(ndcg_at_k(ranked, example.positives, example.k))
+        retrieval.append(ndcg_at_k(example.candidates, example.positives, example.k))
+    n = max(len(examples), 1)
+    return {
+        "validation_users": float(len(examples)),
+        "ndcg@10": sum(ours) / n,
+        "retrieval_ndcg@10": sum(retrieval) / n,
+        "invalid_rate": invalid / n,
+    }
+
+
+def _examples(
+    corpus: Corpus, index: ItemIndex, shape: Shape, preset: Preset, seed: int
+) -> Examples:
+    builder = ExampleBuilder(corpus, index, shape)
+    train = list(builder.sample(preset.sft_examples, seed))
+    validation = builder.validation(preset.validation_users, seed)
+    log.info("examples built", extra={"train": len(train), "validation": len(validation)})
+    if not train:
+        raise ValueError("no training examples: the store needs users with 3+ interactions")
+    return Examples(train=train, validation=validation)
+
+
+def train_model(corpus: Corpus, examples: Examples, preset: Preset, seed: int):
+    tokenizer = train_tokenizer(
+        _texts(corpus, examples.train), list(corpus.items), preset.vocab_size
+    )
+    model = build_model(tokenizer, preset.model, seed=seed)
+    log.info("model built", extra={"parameters": parameter_count(model)})
+    model = run_sft(model, tokenizer, examples.train, preset.sft)
+    grpo_examples = examples.train[: preset.grpo_examples]
+    with tempfile.TemporaryDirectory(prefix="reasonrec-grpo-") as scratch:
+        terms = reward_terms(corpus, preset.reward_weights)
+        model = run_grpo(model, tokenizer, grpo_examples, terms, preset.grpo, Path(scratch))
+    return model, tokenizer
+
+
+async def bootstrap(
+    settings: Settings,
+    store: Store,
+    preset_name: str = "default",
+    seed: int = 0,
+    trained_on: str | None = None,
+) -> BootstrapResult:
+    started = time.perf_counter()
+    preset = PRESETS[preset_name]
+    corpus = await read_corpus(store)
+    sequences = [[item for item, _ in seq] for seq in corpus.sequences.values()]
+    index = ItemIndex.build(list(corpus.items.values()), sequences, dim=preset.index_dim, seed=seed)
+    publish(index, settings.data_dir)
+    shape = Shape(candidates=settings.candidates, history=settings.prompt_history)
+    examples = _examples(corpus, index, shape, preset, seed)
+    model, tokenizer = train_model(corpus, examples, preset, seed)
+    metrics = validate(model, tokenizer, examples.validation)
+    registry = Registry(settings.registry_path)
+    staging = registry.staging()
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    manifest = Manifest(
+        version=new_version(),
+        trained_on=trained_on,
+        training={
+            "method": "sft+grpo",
+            "preset": preset_name,
+            "seed": seed,
+            "parameters": parameter_count(model),
+            "candidates": shape.candidates,
+            "prompt_history": shape.history,
+            "sft_examples": len(examples.train),
+            "grpo_examples": min(len(examples.train), preset.grpo_examples),
+            **preset.model_dump(include={"sft", "grpo"}),
+        },
+        data_window=corpus.window(),
+        reward_weights=preset.reward_weights,
+        metrics=metrics,
+        index_version=index.version,
+    )
+    path = registry.publish(staging, manifest)
+    activated = await store.active_model() is None
+    if activated:
+        await store.set_active_model(manifest.version)
+    log.info("bootstrap published", extra={"version": manifest.version, "activated": activated})
+    return BootstrapResult(
+        version=manifest.version,
+        path=path,
+        index_version=index.version,
+        activated=activated,
+        metrics=metrics,
+        seconds=round(time.perf_counter() - started, 1),
+    )

@@ -1,0 +1,68 @@
+"""What training reads from the store: the catalog, user profiles and interaction sequences.
+
+Sequences come from the feedback stream (the durable log), not from the capped recent
+histories. An interaction is an event that shows the user consumed the item: click, like,
+purchase, or a rating of any value (MovieLens users rated what they watched; EVAL.md counts every
+rating). Impressions, skips and dislikes are not interactions.
+"""
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
+
+from pydantic import BaseModel
+
+from server.schemas import EventType, Item
+from server.store import Store
+
+INTERACTIONS = {EventType.click, EventType.like, EventType.purchase, EventType.rating}
+CHUNK = 5000
+
+
+class Corpus(BaseModel):
+    items: dict[str, Item]
+    profiles: dict[str, dict]
+    sequences: dict[str, list[tuple[str, float]]]
+    """Per user, (item id, time) in time order; ties keep the order of the log."""
+
+    @property
+    def popularity(self) -> Counter[str]:
+        return Counter(item for seq in self.sequences.values() for item, _ in seq)
+
+    def window(self) -> dict[str, float | int]:
+        times = [ts for seq in self.sequences.values() for _, ts in seq]
+        return {"first": min(times, default=0), "last": max(times, default=0), "events": len(times)}
+
+
+async def _stream(store: Store) -> AsyncIterator[dict[str, str]]:
+    start = "-"
+    while True:
+        batch = await store.redis.xrange(store.keys.events, min=start, count=CHUNK)
+        for _, fields in batch:
+            yield fields
+        if len(batch) < CHUNK:
+            return
+        start = "(" + batch[-1][0]
+
+
+async def _profiles(store: Store) -> dict[str, dict]:
+    users = sorted(await store.redis.smembers(store.keys.users))
+    async with store.redis.pipeline(transaction=False) as pipe:
+        for user_id in users:
+            pipe.hget(store.keys.user(user_id), "attributes")
+        found = await pipe.execute()
+    return {u: json.loads(raw) if raw else {} for u, raw in zip(users, found, strict=True)}
+
+
+async def read_corpus(store: Store) -> Corpus:
+    item_ids = sorted(await store.redis.smembers(store.keys.items))
+    items: dict[str, Item] = {}
+    for start in range(0, len(item_ids), CHUNK):
+        items |= await store.get_items(item_ids[start : start + CHUNK])
+    sequences: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    async for event in _stream(store):
+        if event["type"] in INTERACTIONS and event["item_id"] in items:
+            sequences[event["user_id"]].append((event["item_id"], float(event["ts"])))
+    for seq in sequences.values():
+        seq.sort(key=lambda pair: pair[1])  # stable: ties keep the log's order
+    return Corpus(items=items, profiles=await _profiles(store), sequences=dict(sequences))

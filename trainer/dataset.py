@@ -1,0 +1,96 @@
+"""Turn interaction sequences into training and validation examples, the way the gateway serves.
+
+A position t in a user's sequence gives one example: the history is what came before t, the
+candidates are retrieved for that history exactly as `server.candidates` does at serving time,
+and the positives are the next k items. Each user's last interaction is held out for validation.
+"""
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import numpy as np
+from pydantic import BaseModel
+
+from server.candidates import OVERFETCH, allowed, candidate_order
+from server.item_index import ItemIndex
+from server.prompt import HistoryView, PromptInput
+from server.recommend import item_view
+from trainer.corpus import Corpus
+from trainer.examples import Example, build_example
+
+
+class Shape(BaseModel):
+    """How examples are cut: the same numbers the gateway is configured with."""
+
+    candidates: int
+    history: int
+    k: int = 10
+
+
+class Examples(BaseModel):
+    train: list[Example]
+    validation: list[Example]
+
+
+def _positions(corpus: Corpus, rng: np.random.Generator, count: int) -> list[tuple[str, int]]:
+    """Sample (user, t) with 1 <= t < len - 1: the last interaction stays held out."""
+    pool = [(u, t) for u, seq in corpus.sequences.items() for t in range(1, len(seq) - 1)]
+    if len(pool) <= count:
+        return pool
+    return [pool[i] for i in sorted(rng.choice(len(pool), size=count, replace=False))]
+
+
+class ExampleBuilder:
+    def __init__(self, corpus: Corpus, index: ItemIndex, shape: Shape):
+        self.corpus, self.index, self.shape = corpus, index, shape
+        popularity = corpus.popularity
+        self.popularity = popularity
+        self.popular = [(i, float(c)) for i, c in popularity.most_common(shape.candidates * 4)]
+        by_time = sorted(corpus.items.values(), key=lambda item: item.created_at, reverse=True)
+        self.newest = [item.item_id for item in by_time[: shape.candidates]]
+
+    def candidates(self, history: list[str]) -> list[str]:
+        exclude = set(history)
+        recent = history[-self.shape.history :] if self.shape.history else []
+        hits = self.index.search(recent, self.shape.candidates * OVERFETCH, exclude=exclude)
+        ranked = candidate_order(hits, self.popular, self.newest)
+        items = self.corpus.items
+        chosen = [i for i, _ in ranked if i in items and allowed(items[i], exclude)]
+        return chosen[: self.shape.candidates]
+
+    def example(self, user_id: str, t: int) -> Example | None:
+        """The example at position t, or None when no positive made it into the candidates."""
+        seq = self.corpus.sequences[user_id]
+        history = [item for item, _ in seq[:t]]
+        positives = [item for item, _ in seq[t : t + self.shape.k]]
+        candidates = self.candidates(history)
+        if not set(positives) & set(candidates):
+            return None
+        items = self.corpus.items
+        shown = seq[:t][-self.shape.history :] if self.shape.history else []
+        data = PromptInput(
+            profile=self.corpus.profiles.get(user_id, {}),
+            history=[
+                HistoryView(item=item_view(items[i]), timestamp=datetime.fromtimestamp(ts, UTC))
+                for i, ts in shown
+            ],
+            candidates=[item_view(items[i]) for i in candidates],
+            k=self.shape.k,
+        )
+        return build_example(user_id, data, positives, self.popularity)
+
+    def sample(self, count: int, seed: int) -> Iterator[Example]:
+        rng = np.random.default_rng(seed)
+        for user_id, t in _positions(self.corpus, rng, count):
+            if (example := self.example(user_id, t)) is not None:
+                yield example
+
+    def validation(self, users: int, seed: int) -> list[Example]:
+        """Each sampled user's last interaction, given everything before it."""
+        eligible = sorted(u for u, seq in self.corpus.sequences.items() if len(seq) >= 3)
+        rng = np.random.default_rng(seed + 1)
+        chosen = rng.choice(len(eligible), size=min(users, len(eligible)), replace=False)
+        found = (
+            self.example(eligible[i], len(self.corpus.sequences[eligible[i]]) - 1) for i in chosen
+        )
+        return [example for example in found if example is not None]

@@ -1,0 +1,183 @@
+"""Stage 2 of RecLLM-R1: GRPO with TRL's `GRPOTrainer`, rewards from `reward_rules`.
+
+Each reward term becomes its own TRL reward function and its weight goes into `reward_weights`,
+rather than one function returning `weighted_sum`: TRL then logs every term separately
+(`rewards/<name>/mean`), which is how one sees which objective moves. The total is the same: TRL
+turns a term's None ("does not apply") into NaN and sums with `nansum`, which is exactly
+`reward_rules.terms.weighted_sum`'s "a None term adds nothing".
+
+Generation runs inside the trainer with transformers' `generate` (no vLLM): the model is small
+and the trainer must work wherever the tests run.
+"""
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from pydantic import BaseModel, Field
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from trl import GRPOConfig, GRPOTrainer
+
+from reward_rules.terms import Term
+from server.prompt import parse_answer
+from trainer.examples import Example
+
+logger = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.json"
+COMPLETION_MARGIN = 16  # tokens beyond the longest SFT target: room for a longer rationale
+
+
+class GrpoSettings(BaseModel):
+    max_steps: int = Field(100, ge=1, description="Optimizer steps.")
+    learning_rate: float = Field(
+        1e-4, gt=0, description="Much higher than for pretrained LLMs: the model is tiny."
+    )
+    prompts_per_step: int = Field(2, ge=1, description="Prompts per step, each sampled G times.")
+    num_generations: int = Field(4, ge=2, description="Group size G.")
+    max_completion_length: int | None = Field(
+        None, ge=8, description="Tokens per completion; None: the longest SFT target + a margin."
+    )
+    temperature: float = Field(1.0, gt=0)
+    beta: float = Field(0.001, ge=0, description="KL coefficient to the starting model.")
+    seed: int = 0
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class TermReward:
+    """One reward term as a TRL reward function: parse each completion, score it with its row.
+
+    A class rather than a closure so that it pickles; `__name__` is what TRL logs it as.
+    """
+
+    def __init__(self, term: Term, name: str):
+        self.term = term
+        self.__name__ = name
+
+    def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list:
+        # TRL passes every dataset column as a list aligned with `completions`, plus a few
+        # extras (trainer_state, log_metric, ...) that are not lists of that length.
+        rows = {key: value for key, value in columns.items() if _aligned(value, completions)}
+        return [
+            self.term(parse_answer(completion), {key: value[i] for key, value in rows.items()})
+            for i, completion in enumerate(completions)
+        ]
+
+
+def _aligned(value: Any, completions: list[str]) -> bool:
+    return isinstance(value, list) and len(value) == len(completions)
+
+
+def _unique(name: str, seen: set[str]) -> str:
+    unique, n = name, 1
+    while unique in seen:
+        n += 1
+        unique = f"{name}_{n}"
+    seen.add(unique)
+    return unique
+
+
+def reward_functions(
+    terms_with_weights: Sequence[tuple[Term, float]],
+) -> tuple[list[TermReward], list[float]]:
+    """TRL reward functions named after the terms (made unique, e.g. two Novelty terms), and
+    their weights in the same order."""
+    functions, weights, seen = [], [], set()
+    for term, weight in terms_with_weights:
+        name = _unique(getattr(term, "name", type(term).__name__.lower()), seen)
+        functions.append(TermReward(term, name))
+        weights.append(float(weight))
+    return functions, weights
+
+
+def to_dataset(examples: Sequence[Example]) -> Dataset:
+    """The prompt and the columns rewards read; the SFT target is not needed for GRPO."""
+    return Dataset.from_list([example.model_dump(exclude={"target"}) for example in examples])
+
+
+def completion_budget(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]) -> int:
+    """Enough tokens for the longest SFT target (rationale + k ids + eos) and a margin."""
+    longest = max(len(tokenizer(e.target, add_special_tokens=False)["input_ids"]) for e in examples)
+    return longest + 1 + COMPLETION_MARGIN
+
+
+def grpo_config(
+    settings: GrpoSettings, weights: list[float], completion_length: int, output_dir: Path
+) -> GRPOConfig:
+    return GRPOConfig(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,  # GRPOConfig turns bf16 on by default
+        gradient_checkpointing=False,  # on by default; recomputing costs more than it saves here
+        use_vllm=False,
+        max_steps=settings.max_steps,
+        learning_rate=settings.learning_rate,
+        # TRL counts completions, not prompts, in its batch size.
+        per_device_train_batch_size=settings.prompts_per_step * settings.num_generations,
+        num_generations=settings.num_generations,
+        max_completion_length=completion_length,
+        temperature=settings.temperature,
+        beta=settings.beta,
+        reward_weights=weights,
+        seed=settings.seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=not settings.progress,
+    )
+
+
+def _reference_path(model: PreTrainedModel, output_dir: Path, beta: float) -> None:
+    """Give TRL a directory to load the KL reference from.
+
+    With beta > 0, GRPOTrainer builds the reference model with `from_pretrained(
+    model.config._name_or_path)`, which is empty for a model built or trained in memory. The
+    reference is the policy as it starts, so that is what is saved there.
+    """
+    if beta == 0.0:
+        return
+    path = output_dir / "reference"
+    model.save_pretrained(path)
+    model.config._name_or_path = str(path)
+
+
+def run_grpo(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    reward_terms_with_weights: Sequence[tuple[Term, float]],
+    settings: GrpoSettings,
+    output_dir: Path | str,
+) -> PreTrainedModel:
+    """Train `model` in place with GRPO on the examples' prompts; returns it in eval mode.
+
+    `output_dir` receives the KL reference (when beta > 0) and `trainer_state.json`, whose
+    `log_history` has the mean reward, each term's mean, the KL, ... per step. No checkpoints.
+    """
+    if not examples:
+        raise ValueError("GRPO needs at least one example")
+    output_dir = Path(output_dir)
+    functions, weights = reward_functions(reward_terms_with_weights)
+    length = settings.max_completion_length or completion_budget(tokenizer, examples)
+    _reference_path(model, output_dir, settings.beta)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=functions,
+        args=grpo_config(settings, weights, length, output_dir),
+        train_dataset=to_dataset(examples),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    trainer.state.save_to_json(str(output_dir / STATE_FILE))
+    _log_rewards(trainer.state.log_history)
+    return trainer.model.eval()
+
+
+def _log_rewards(history: Sequence[Mapping[str, float]]) -> None:
+    rewards = [entry["reward"] for entry in history if "reward" in entry]
+    if not all(math.isfinite(reward) for reward in rewards):
+        # All-NaN means every term returned None for every completion: nothing was learned.
+        logger.warning("GRPO logged non-finite mean rewards: %s", rewards)
+    logger.info("GRPO done: %d logged steps, last mean reward %s", len(rewards), rewards[-1:])

@@ -1,0 +1,50 @@
+"""Bootstrap presets: how big a model, how much data and how many steps.
+
+`tiny` is for tests (under two minutes on 2 cores); `default` is the embedded model of the demo
+(under fifteen minutes on 2 cores for MovieLens 100K).
+"""
+
+from pydantic import BaseModel, Field
+
+from trainer.grpo import GrpoSettings
+from trainer.sft import SftSettings
+
+
+class Preset(BaseModel):
+    model: str = Field(description="A model size from trainer.model.PRESETS.")
+    vocab_size: int = Field(description="BPE vocabulary before item tokens are added.")
+    index_dim: int = Field(description="Item vector size of the candidate index.")
+    sft_examples: int = Field(description="Prompts sampled for SFT.")
+    sft: SftSettings
+    grpo_examples: int = Field(description="Prompts sampled for GRPO.")
+    grpo: GrpoSettings
+    validation_users: int = Field(description="Users whose last interaction is held out.")
+    reward_weights: dict[str, float]
+
+
+REWARD_WEIGHTS = {"format": 1.0, "accuracy": 1.0, "diversity": 0.2, "novelty": 0.1}
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        model="tiny",
+        vocab_size=600,
+        index_dim=16,
+        sft_examples=96,
+        sft=SftSettings(epochs=12, batch_size=8, learning_rate=3e-3),
+        grpo_examples=8,
+        grpo=GrpoSettings(max_steps=2, prompts_per_step=2, num_generations=4, learning_rate=1e-4),
+        validation_users=8,
+        reward_weights=REWARD_WEIGHTS,
+    ),
+    "default": Preset(
+        model="default",
+        vocab_size=4000,
+        index_dim=64,
+        sft_examples=2400,
+        sft=SftSettings(epochs=2, batch_size=8, learning_rate=1e-3),
+        grpo_examples=64,
+        grpo=GrpoSettings(max_steps=16, prompts_per_step=2, num_generations=4, learning_rate=5e-5),
+        validation_users=100,
+        reward_weights=REWARD_WEIGHTS,
+    ),
+}
