@@ -33,6 +33,16 @@ def build_store(settings: Settings, redis: Redis) -> Store:
     )
 
 
+@asynccontextmanager
+async def open_store(settings: Settings) -> AsyncIterator[Store]:
+    """A store outside the app (CLI, trainer); closes its connection, or embedded Redis, after."""
+    handle = connect(settings)
+    try:
+        yield build_store(settings, handle.client)
+    finally:
+        await handle.close()
+
+
 async def _start_serving(app: FastAPI, settings: Settings, store: Store) -> None:
     """Open the index and the active model; without them requests are served in fallback."""
     app.state.index = load_current(settings.data_dir)

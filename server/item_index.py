@@ -23,16 +23,17 @@ How the vectors are made
   through it, so a new item lands near the warm items whose texts resemble its own.
 - With no interactions at all, every item gets a text vector reduced to `dim` (latent semantic
   analysis), so a fresh catalog still has neighbours.
-- A popularity prior per item, POPULARITY_WEIGHT * log(1 + interactions) scaled to at most
-  POPULARITY_WEIGHT (new items: the median), because cosine alone ranks a film seen twice like a
-  film seen by everyone.
+- A popularity prior per item, POPULARITY_WEIGHT * log(1 + c) / log(1 + c_max) for an item with
+  c interactions (items with none: the median), because cosine alone ranks a film seen twice like
+  a film seen by everyone.
 All vectors are L2-normalised.
 
 Querying: the user vector is a recency-weighted mean of the history's vectors (history newest
 last; weights halve every `HALF_LIFE` = 2 items: the newest weighs 1, the 3rd newest 0.5, the
 5th 0.25), normalised. An item's score is its cosine with the user vector plus its prior: faiss
 stores [vector, prior] rows and is queried with [user vector, 1], so one exact inner-product
-search ranks by both.
+search ranks by both. The flat index is exact and answers one query over 10^4 items in well
+under a millisecond on a CPU; faiss-gpu provides the same classes, and a GPU only pays for batches.
 
 On disk: `data_dir/indexes/<version>/` holds vectors.npy, priors.npy, index.faiss, item_ids.json
 and manifest.json; the version is the UTC build time plus a hash of ids, vectors and priors.
@@ -65,16 +66,16 @@ FORMAT = 1
 """Layout version of a saved index; `load` refuses others."""
 DEFAULT_N = 50
 HALF_LIFE = 2.0
-"""Recency half-life of the query, in history items. On the ML-100K validation split 2 and 3
-were best (HR@10 0.189 and 0.177; 10 items: 0.138; no decay: 0.091)."""
+"""Recency half-life of the query, in history items. ML-100K validation HR@10 with half-lives of
+1, 2, 3 and 10 items: 0.199, 0.206, 0.198, 0.174; with no decay 0.112."""
 SMOOTHING = 0.75
 """Context distribution smoothing of the PPMI marginals (the word2vec value)."""
 SHIFT = 0.0
 """log(k) subtracted from PMI before clipping at 0 (k = 1: no shift, best on ML-100K)."""
 POPULARITY_WEIGHT = 0.5
-"""Largest popularity prior added to the cosine score. Cosine alone ignores how popular items
-are; on the validation splits HR@50 rose from 0.485 to 0.513 (ML-100K) and from 0.230 to 0.297
-(synthetic) with 0.5, and stayed flat up to 1.0 on ML-100K."""
+"""Largest popularity prior added to the cosine score. Validation HR@50 with weights 0, 0.5, 1:
+ML-100K 0.485, 0.514, 0.514; synthetic 0.230, 0.283, 0.300. 0.5 takes most of the gain while
+similarity still outweighs popularity (cosines span 2)."""
 RIDGE = 3.0
 """L2 penalty of the text -> collaborative regression (text rows have norm 1). On ML-100K items
 held out of the fit, 0.3 to 10 all predict their vectors within 0.01 cosine of each other."""
@@ -571,7 +572,7 @@ class ItemIndex:
         ids = json.loads((directory / "item_ids.json").read_text(encoding="utf-8"))
         vectors = np.load(directory / "vectors.npy", allow_pickle=False)
         priors = np.load(directory / "priors.npy", allow_pickle=False)
-        if False:
+        if _digest(ids, vectors, priors) != manifest["content_sha256"]:
             raise ValueError(f"{directory}: item ids or vectors do not match the manifest")
         index = faiss.read_index(str(directory / "index.faiss"))
         return cls(ids, vectors, priors, manifest, index)

@@ -12,7 +12,8 @@ and the trainer must work wherever the tests run.
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -129,18 +130,25 @@ def grpo_config(
     )
 
 
-def _reference_path(model: PreTrainedModel, output_dir: Path, beta: float) -> None:
-    """Give TRL a directory to load the KL reference from.
+@contextmanager
+def _reference_on_disk(model: PreTrainedModel, output_dir: Path, beta: float) -> Iterator[None]:
+    """Give TRL a directory to load the KL reference from while the trainer is built.
 
     With beta > 0, GRPOTrainer builds the reference model with `from_pretrained(
     model.config._name_or_path)`, which is empty for a model built or trained in memory. The
     reference is the policy as it starts, so that is what is saved there.
     """
     if beta == 0.0:
+        yield
         return
     path = output_dir / "reference"
     model.save_pretrained(path)
+    previous = model.config._name_or_path
     model.config._name_or_path = str(path)
+    try:
+        yield
+    finally:
+        model.config._name_or_path = previous
 
 
 def run_grpo(
@@ -161,14 +169,14 @@ def run_grpo(
     output_dir = Path(output_dir)
     functions, weights = reward_functions(reward_terms_with_weights)
     length = settings.max_completion_length or completion_budget(tokenizer, examples)
-    _reference_path(model, output_dir, settings.beta)
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=functions,
-        args=grpo_config(settings, weights, length, output_dir),
-        train_dataset=to_dataset(examples),
-        processing_class=tokenizer,
-    )
+    with _reference_on_disk(model, output_dir, settings.beta):
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=functions,
+            args=grpo_config(settings, weights, length, output_dir),
+            train_dataset=to_dataset(examples),
+            processing_class=tokenizer,
+        )
     trainer.train()
     trainer.state.save_to_json(str(output_dir / STATE_FILE))
     _log_rewards(trainer.state.log_history)

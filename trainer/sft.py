@@ -29,7 +29,7 @@ class SftSettings(BaseModel):
     epochs: int = Field(3, ge=1, description="Passes over the examples (unless max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
     learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
-    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps warming up.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps warming up.")
     weight_decay: float = Field(0.01, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     batch_size: int = Field(8, ge=1)

@@ -77,8 +77,9 @@ def _ids(results: list[tuple[str, float]]) -> list[str]:
 
 
 def test_a_history_retrieves_its_own_cluster_first(index: ItemIndex) -> None:
-    results = index.search(["a1", "a2", "a3"], n=PER_CLUSTER - 3)
-    assert len(results) == PER_CLUSTER - 3
+    # Every other space film (the new one included) ranks above every love story.
+    results = index.search(["a1", "a2", "a3"], n=PER_CLUSTER - 2)
+    assert len(results) == PER_CLUSTER - 2
     assert all(item_id.startswith("a") for item_id in _ids(results)), results
     scores = [score for _, score in results]
     assert scores == sorted(scores, reverse=True)
@@ -361,4 +362,4 @@ def test_retrieval_on_movielens_beats_popularity(ml100k: Path) -> None:
     report = f"HR@50 over {users} users: retrieval {hr:.3f}, popularity {baseline:.3f}"
     print(f"{report}; build {build_seconds:.2f} s")
     assert users == 943 and len(index) == 1682
-    assert hr >= 1.5 * baseline and hr >= baseline + 0.1, report
+    assert hr >= 1.75 * baseline, report

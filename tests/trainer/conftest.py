@@ -76,7 +76,7 @@ def tokenizer(catalog: dict[str, ItemView], examples: list[Example]) -> PreTrain
     return train_tokenizer(texts, list(catalog), vocab_size=600)
 
 
-SFT_SETTINGS = SftSettings(max_steps=150, learning_rate=3e-3, batch_size=8, seed=0, progress=False)
+SFT_SETTINGS = SftSettings(max_steps=200, learning_rate=5e-3, batch_size=4, seed=0, progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -58,7 +58,9 @@ def test_save_and_load(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> No
         (128, 4, 3, "multiple of num_key_value_heads"),
     ],
 )
-def test_unservable_shapes_are_refused(hidden: int, heads: int, kv_heads: int, message: str) -> None:
+def test_unservable_shapes_are_refused(
+    hidden: int, heads: int, kv_heads: int, message: str
+) -> None:
     with pytest.raises(ValidationError, match=message):
         ModelSize(
             hidden_size=hidden,

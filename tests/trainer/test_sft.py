@@ -36,9 +36,7 @@ class TestEncode:
         assert ids == full[10:]
         assert tokenizer.decode([t for t in labels if t != IGNORE][:-1]) == examples[0].target
 
-    def test_collate_pads_right_and_masks_padding(
-        self, tokenizer: PreTrainedTokenizerFast
-    ) -> None:
+    def test_collate_pads_right_and_masks_padding(self, tokenizer: PreTrainedTokenizerFast) -> None:
         pad = tokenizer.pad_token_id
         batch = collate([([5, 6, 7], [IGNORE, 6, 7]), ([8], [8])], pad_id=pad)
         assert batch["input_ids"].tolist() == [[5, 6, 7], [8, pad, pad]]
@@ -79,4 +77,3 @@ class TestRunSft:
         b = run_sft(build_model(tokenizer, "tiny"), tokenizer, examples, settings)
         for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
             assert torch.equal(pa, pb)
-

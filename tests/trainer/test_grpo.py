@@ -1,0 +1,89 @@
+"""GRPO runs with the real GRPOTrainer, each reward term logged, rewards parsed from completions."""
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from reward_rules.terms import Accuracy, Diversity, Format, Novelty
+from server.prompt import ItemView, render_answer
+from trainer.examples import Example
+from trainer.grpo import (
+    STATE_FILE,
+    GrpoSettings,
+    TermReward,
+    completion_budget,
+    reward_functions,
+    run_grpo,
+)
+
+
+class TestTermReward:
+    def test_scores_each_completion_with_its_own_row(self) -> None:
+        reward = TermReward(Accuracy(), "accuracy")
+        scores = reward(
+            prompts=["p", "p", "q"],
+            completions=[
+                render_answer("r", ["a", "b"]),  # the positive first
+                "<think>no answer tag</think>",  # malformed: content scores 0
+                render_answer("r", ["c"]),  # no positive among q's candidates: None
+            ],
+            candidates=[["a", "b"], ["a", "b"], ["c"]],
+            positives=[["a"], ["a"], ["z"]],
+            k=[2, 2, 1],
+            trainer_state=object(),  # TRL's extras are not columns and are ignored
+        )
+        assert scores == [1.0, 0.0, None]
+
+    def test_named_after_the_term_and_unique(self) -> None:
+        functions, weights = reward_functions([(Format(), 1), (Novelty({}), 0.5), (Novelty({}), 2)])
+        assert [f.__name__ for f in functions] == ["format", "novelty", "novelty_2"]
+        assert weights == [1.0, 0.5, 2.0]
+
+
+def test_completion_budget_covers_the_targets(
+    tokenizer: PreTrainedTokenizerFast, examples: list[Example]
+) -> None:
+    longest = max(len(tokenizer(e.target)["input_ids"]) for e in examples)
+    assert completion_budget(tokenizer, examples) > longest
+
+
+@pytest.mark.slow
+def test_run_grpo_trains_and_logs_every_term(
+    tokenizer: PreTrainedTokenizerFast,
+    examples: list[Example],
+    catalog: dict[str, ItemView],
+    sft_model: PreTrainedModel,
+    tmp_path: Path,
+) -> None:
+    model = copy.deepcopy(sft_model)  # the session's SFT model is shared
+    before = [p.detach().clone() for p in model.parameters()]
+    categories = {item_id: item.categories for item_id, item in catalog.items()}
+    terms = [
+        (Format(), 1.0),
+        (Accuracy(), 2.0),
+        (Diversity(categories), 0.5),
+        (Novelty({item_id: 3 for item_id in catalog}), 0.5),
+    ]
+    settings = GrpoSettings(max_steps=3, prompts_per_step=2, num_generations=4, progress=False)
+
+    trained = run_grpo(model, tokenizer, examples, terms, settings, tmp_path)
+
+    assert isinstance(trained, PreTrainedModel)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trained.parameters(), strict=True))
+    history = json.loads((tmp_path / STATE_FILE).read_text())["log_history"]
+    steps = [entry for entry in history if "reward" in entry]
+    assert len(steps) == settings.max_steps
+    for entry in steps:
+        assert math.isfinite(entry["reward"])
+        for name in ("format", "accuracy", "diversity", "novelty"):
+            assert f"rewards/{name}/mean" in entry
+    # the SFT model already answers in format, so the format reward is not all zeros
+    assert max(entry["rewards/format/mean"] for entry in steps) > 0
+    # the KL reference is the model as it started; the policy keeps its own identity
+    assert (tmp_path / "reference" / "config.json").exists()
+    assert trained.config._name_or_path == sft_model.config._name_or_path

@@ -1,0 +1,156 @@
+"""The `reasonrec` command line (entry point): the gateway's commands plus training and the demo.
+
+Imports flow trainer -> server, so the trainer's commands are added to the gateway's app here.
+"""
+
+import asyncio
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+import uvicorn
+
+from server.app import create_app, open_store
+from server.cli import (
+    HostOption,
+    PortOption,
+    SeedOption,
+    app,
+    console,
+    load_dataset,
+    settings_from_env,
+)
+from server.config import Settings
+from server.loaders.movielens import read_ml100k
+from server.loaders.synthetic import generate
+from server.registry import Manifest, Registry, RegistryError, check_contract, new_version
+from trainer.presets import PRESETS
+
+if TYPE_CHECKING:
+    from trainer.bootstrap import BootstrapResult
+
+models = typer.Typer(help="The model registry.", no_args_is_help=True)
+app.add_typer(models, name="models")
+
+PresetOption = Annotated[str, typer.Option(help=f"Training preset: {', '.join(PRESETS)}.")]
+
+
+def _check_preset(preset: str) -> None:
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+
+
+async def _bootstrap(settings: Settings, preset: str, seed: int) -> "BootstrapResult":
+    from trainer.bootstrap import bootstrap  # torch, TRL: loaded only by commands that train
+
+    async with open_store(settings) as store:
+        return await bootstrap(settings, store, preset, seed=seed)
+
+
+@app.command("bootstrap")
+def bootstrap_command(preset: PresetOption = "default", seed: Annotated[int, typer.Option()] = 0):
+    """Train the embedded model (index, tokenizer, SFT, GRPO) on the store's data and publish it."""
+    _check_preset(preset)
+    settings = settings_from_env()
+    result = asyncio.run(_bootstrap(settings, preset, seed))
+    typer.echo(result.model_dump_json(indent=2))
+
+
+async def _activate(settings: Settings, version: str) -> None:
+    async with open_store(settings) as store:
+        await store.set_active_model(version)
+
+
+@models.command("list")
+def list_models() -> None:
+    """Versions in the registry, oldest first, and which one is active."""
+    settings = settings_from_env()
+
+    async def active() -> str | None:
+        async with open_store(settings) as store:
+            return await store.active_model()
+
+    current = asyncio.run(active())
+    for manifest in Registry(settings.registry_path).versions():
+        mark = "*" if manifest.version == current else " "
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in manifest.metrics.items())
+        typer.echo(f"{mark} {manifest.version}  {manifest.kind}  {metrics}")
+
+
+@models.command("register")
+def register_model(
+    path: Annotated[Path, typer.Argument(help="A Hugging Face causal LM folder.")],
+    activate: Annotated[bool, typer.Option(help="Serve it from now on.")] = False,
+) -> None:
+    """Copy any Hugging Face causal LM folder into the registry as a new version."""
+    settings = settings_from_env()
+    manifest = Manifest(
+        version=new_version(), training={"method": "registered", "source": str(path)}
+    )
+    try:
+        Registry(settings.registry_path).register(path, manifest)
+    except RegistryError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    if activate:
+        asyncio.run(_activate(settings, manifest.version))
+    typer.echo(manifest.version)
+
+
+@models.command("activate")
+def activate_model(version: Annotated[str, typer.Argument()]) -> None:
+    """Make VERSION the active model (gateways load it when they start)."""
+    settings = settings_from_env()
+    try:
+        check_contract(Registry(settings.registry_path).manifest(version))
+    except RegistryError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    asyncio.run(_activate(settings, version))
+
+
+async def _ensure_model(settings: Settings, preset: str) -> "BootstrapResult | None":
+    async with open_store(settings) as store:
+        version = await store.active_model()
+        if version and (Registry(settings.registry_path).path(version)).is_dir():
+            return None
+    return await _bootstrap(settings, preset, seed=0)
+
+
+@app.command()
+def demo(
+    host: HostOption = None,
+    port: PortOption = None,
+    seed: SeedOption = 7,
+    data: Annotated[
+        Path | None, typer.Option(help="Load MovieLens 100K from this folder, not synthetic data.")
+    ] = None,
+    preset: PresetOption = "default",
+) -> None:
+    """Load data if the store is empty, bootstrap a model if none is active, then serve."""
+    _check_preset(preset)
+    settings = settings_from_env(host, port)
+    dataset = read_ml100k(data) if data else generate(seed=seed)
+    summary = asyncio.run(load_dataset(settings, dataset, only_if_empty=True))
+    if summary:
+        console.print(
+            f"loaded {summary.items} items, {summary.users} users, {summary.events} events"
+        )
+    trained = asyncio.run(_ensure_model(settings, preset))
+    if trained:
+        console.print(f"bootstrapped model {trained.version} in {trained.seconds:.0f}s")
+    user = next(iter(dataset.users)).user_id
+    # Plain stdout, no wrapping: the curl lines must paste as they are.
+    typer.echo(_demo_instructions(settings, user))
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+
+
+def _demo_instructions(settings: Settings, user: str) -> str:
+    base = f"http://{settings.host}:{settings.port}"
+    auth = f" -H 'X-API-Key: {settings.api_keys[0]}'" if settings.api_keys else ""
+    json = " -H 'Content-Type: application/json'"
+    return (
+        f"\nreasonrec is starting on {base} (API docs: {base}/docs). Try:\n\n"
+        f'  curl -s{auth}{json} -X POST {base}/v1/recommend -d \'{{"user_id": "{user}"}}\'\n'
+        f"  curl -s{auth} {base}/v1/users/{user}\n"
+    )
