@@ -63,9 +63,10 @@ async def retrieve(
     n: int,
     exclude_seen: bool,
     categories: list[str] | None,
+    also_exclude: frozenset[str] = frozenset(),
 ) -> Candidates:
     history_ids = [item_id for item_id, _ in context.history]
-    exclude = set(history_ids) | (context.seen if exclude_seen else set())
+    exclude = set(history_ids) | (context.seen if exclude_seen else set()) | also_exclude
     hits = index.search(history_ids, n * OVERFETCH, exclude=exclude) if index else []
     cold = not hits
     ranked = candidate_order(hits, await store.popular(n * OVERFETCH), await store.newest(n))

@@ -27,7 +27,9 @@ SUPPORTED_CONTRACTS = frozenset({CONTRACT_VERSION})
 
 ITEM_MARK = "#"
 MAX_RATIONALE_CHARS = 300
-KEY_ATTRIBUTES = ("year", "brand", "price", "series", "tags")
+# Attributes worth their tokens (a year is usually in the title already); values are cut short.
+KEY_ATTRIBUTES = ("brand", "price", "tags")
+MAX_ATTRIBUTE_CHARS = 40
 _TIME_GROUPS = ((86_400, "same day as the latest"), (7 * 86_400, "the week before"))
 
 INSTRUCTIONS = (
@@ -68,7 +70,11 @@ def ref(item_id: str) -> str:
 
 def _item_line(item: ItemView) -> str:
     parts = [ref(item.item_id), item.title, ", ".join(item.categories) or "no category"]
-    keys = [f"{key}: {item.attributes[key]}" for key in KEY_ATTRIBUTES if key in item.attributes]
+    keys = [
+        f"{key}: {str(item.attributes[key])[:MAX_ATTRIBUTE_CHARS]}"
+        for key in KEY_ATTRIBUTES
+        if key in item.attributes
+    ]
     return " | ".join(parts + keys)
 
 

@@ -99,6 +99,7 @@ class Recommender:
     def __init__(self, store: Store, settings: Settings):
         self.store = store
         self.settings = settings
+        self.repairs = 0  # answers that needed repair, for offline evaluation
 
     async def recommend(
         self,
@@ -106,9 +107,11 @@ class Recommender:
         request_id: str,
         engine: Engine | None,
         index: ItemIndex | None,
+        exclude: frozenset[str] = frozenset(),
     ) -> RecommendResponse:
+        """`exclude`: items never to recommend beyond the usual filters (offline evaluation)."""
         started = time.perf_counter()
-        context, found = await self._candidates(request, index)
+        context, found = await self._candidates(request, index, exclude)
         by_id = {candidate.item.item_id: candidate for candidate in found.items}
         order = list(by_id)
         prompt = build_prompt(prompt_input(context, found, request.k)) if order else ""
@@ -128,7 +131,7 @@ class Recommender:
         return response
 
     async def _candidates(
-        self, request: RecommendRequest, index: ItemIndex | None
+        self, request: RecommendRequest, index: ItemIndex | None, exclude: frozenset[str]
     ) -> tuple[UserContext, Candidates]:
         with metrics.CANDIDATES_SECONDS.time():
             context = await load_context(self.store, request.user_id, self.settings.prompt_history)
@@ -139,6 +142,7 @@ class Recommender:
                 self.settings.candidates,
                 request.exclude_seen,
                 request.categories,
+                exclude,
             )
         return context, found
 
@@ -175,6 +179,7 @@ class Recommender:
         answer = parse_answer(result.text)
         ids, repaired = repair(answer, order, request.k)
         if repaired:
+            self.repairs += 1
             metrics.PARSE_FAILURES.inc()
         return Outcome(ids, answer.rationale, Source.llm, raw=result.text)
 

@@ -154,3 +154,24 @@ def _demo_instructions(settings: Settings, user: str) -> str:
         f'  curl -s{auth}{json} -X POST {base}/v1/recommend -d \'{{"user_id": "{user}"}}\'\n'
         f"  curl -s{auth} {base}/v1/users/{user}\n"
     )
+
+
+@app.command("eval")
+def eval_command(
+    path: Annotated[Path, typer.Argument(help="The MovieLens 100K folder.")],
+    fmt: Annotated[str, typer.Option("--format", help="Data set format.")] = "ml-100k",
+    users: Annotated[int | None, typer.Option(min=1, help="Evaluate N sampled users.")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling and training seed.")] = 0,
+    preset: PresetOption = "default",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+) -> None:
+    """Offline evaluation (EVAL.md protocol): reasonrec vs retrieval, popularity, item-kNN."""
+    if fmt != "ml-100k":
+        raise typer.BadParameter("only --format ml-100k is supported", param_hint="--format")
+    _check_preset(preset)
+    from trainer.evaluation.run import run_eval  # trains a model: heavy imports
+
+    report = run_eval(path, settings_from_env(), users, seed, preset)
+    typer.echo(report.table())
+    if json_out:
+        json_out.write_text(report.model_dump_json(indent=2))

@@ -19,7 +19,7 @@ from typing import Any
 
 from datasets import Dataset
 from pydantic import BaseModel, Field
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from reward_rules.terms import Term
@@ -167,6 +167,9 @@ def run_grpo(
     if not examples:
         raise ValueError("GRPO needs at least one example")
     output_dir = Path(output_dir)
+    # TRL's sampler needs a full step of distinct prompts.
+    prompts = min(settings.prompts_per_step, len(examples))
+    settings = settings.model_copy(update={"prompts_per_step": prompts})
     functions, weights = reward_functions(reward_terms_with_weights)
     length = settings.max_completion_length or completion_budget(tokenizer, examples)
     with _reference_on_disk(model, output_dir, settings.beta):
@@ -177,6 +180,9 @@ def run_grpo(
             train_dataset=to_dataset(examples),
             processing_class=tokenizer,
         )
+    if not settings.progress:
+        # With the bar disabled, transformers prints every log dict instead: silence that too.
+        trainer.remove_callback(PrinterCallback)
     trainer.train()
     trainer.state.save_to_json(str(output_dir / STATE_FILE))
     _log_rewards(trainer.state.log_history)

@@ -13,13 +13,26 @@ Three choices matter to the rest of the system:
   prompt repeats cost few tokens.
 
 The result is a plain `PreTrainedTokenizerFast` with no chat template: prompts are raw text, which
-is how the trainer, TRL and vLLM all feed this model.
+is how the trainer, TRL and vLLM all feed this model. Its normalizer, pre-tokenizer and decoder are
+exactly Qwen2's: for a folder whose config.json says `qwen2`, transformers 5's `AutoTokenizer` (and
+so vLLM) ignores the saved tokenizer class and rebuilds a `Qwen2Tokenizer` from the vocabulary and
+merges with Qwen2's pipeline. Any other pipeline would tokenize differently once served.
 """
 
 from collections.abc import Iterable, Iterator, Sequence
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
 from transformers import PreTrainedTokenizerFast
+from transformers.models.qwen2 import tokenization_qwen2
 
 from server.prompt import INSTRUCTIONS, KEY_ATTRIBUTES, OUTPUT_FORMAT, ref
 
@@ -40,7 +53,7 @@ _BOILERPLATE = (
     "earlier:",
     "Candidates (50):",
     "no category",
-    " | ".join(f"{key}: " for key in KEY_ATTRIBUTES),
+    "".join(f" | {key}: " for key in KEY_ATTRIBUTES),  # as in a candidate line
 )
 _BOILERPLATE_REPEAT = 100
 # The 256 byte symbols and the two special tokens come first; below this there is nothing to merge.
@@ -72,19 +85,31 @@ def _item_tokens(item_ids: Sequence[str]) -> list[AddedToken]:
     ]
 
 
+def _qwen2_pipeline(backend: Tokenizer) -> Tokenizer:
+    """What `transformers.Qwen2Tokenizer.__init__` sets up (transformers 5.x); see the docstring."""
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            # Qwen2's regex: words, single digits, punctuation runs, whitespace.
+            pre_tokenizers.Split(Regex(tokenization_qwen2.PRETOKENIZE_REGEX), behavior="isolated"),
+            # add_prefix_space=False: a prompt is fed as is, and a completion continues it.
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
 def train_tokenizer(
     texts: Iterable[str], item_ids: Sequence[str], vocab_size: int
 ) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE of `vocab_size` merges+bytes on `texts` and the prompt boilerplate.
+    """Train a byte-level BPE of `vocab_size` tokens on `texts` and the prompt boilerplate.
 
     The returned tokenizer is larger than `vocab_size` by the item references and answer tags.
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (bytes + specials)")
-    backend = Tokenizer(models.BPE())
-    # add_prefix_space=False: a prompt is fed as is, and a completion continues it.
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
+    backend = _qwen2_pipeline(Tokenizer(models.BPE()))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[EOS, PAD],

@@ -1,4 +1,4 @@
-"""A small synthetic recommendation task, its tokenizer and a model fine-tuned on it once.
+"""A small synthetic recommendation task, its toy_tokenizer and a model fine-tuned on it once.
 
 Users like one category; each prompt shows a few of their past items and a shuffled candidate
 list, and the positives are the candidates of the liked category. Small enough that the tiny
@@ -12,10 +12,10 @@ import pytest
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from server.prompt import HistoryView, ItemView, PromptInput
-from trainer.examples import Example, build_example
+from trainer.toy_examples import Example, build_example
 from trainer.model import build_model
 from trainer.sft import SftSettings, run_sft
-from trainer.tokenizer import train_tokenizer
+from trainer.toy_tokenizer import train_tokenizer
 
 CATEGORIES = ["Drama", "Comedy", "Horror", "Western"]
 WORDS = ["Road", "Night", "House", "River", "Storm", "Crown"]
@@ -24,24 +24,24 @@ K = 3
 
 
 def make_catalog() -> dict[str, ItemView]:
-    catalog = {}
+    toy_catalog = {}
     for c, category in enumerate(CATEGORIES):
         for w, word in enumerate(WORDS):
             item_id = str(100 + c * len(WORDS) + w)
-            catalog[item_id] = ItemView(
+            toy_catalog[item_id] = ItemView(
                 item_id=item_id,
                 title=f"{word} {category} ({1990 + w})",
                 categories=[category],
                 attributes={"year": 1990 + w},
             )
-    return catalog
+    return toy_catalog
 
 
-def make_examples(catalog: dict[str, ItemView], users: int = 8, seed: int = 0) -> list[Example]:
+def make_examples(toy_catalog: dict[str, ItemView], users: int = 8, seed: int = 0) -> list[Example]:
     rng = random.Random(seed)
-    items = list(catalog.values())
-    popularity = {item_id: rng.randint(0, 50) for item_id in catalog}
-    examples = []
+    items = list(toy_catalog.values())
+    popularity = {item_id: rng.randint(0, 50) for item_id in toy_catalog}
+    toy_examples = []
     for u in range(users):
         liked = CATEGORIES[u % len(CATEGORIES)]
         mine = [item for item in items if liked in item.categories]
@@ -55,32 +55,36 @@ def make_examples(catalog: dict[str, ItemView], users: int = 8, seed: int = 0) -
         rng.shuffle(candidates)
         positives = [item.item_id for item in mine[2:5]]
         data = PromptInput(profile={"age": 20 + u}, history=history, candidates=candidates, k=K)
-        examples.append(build_example(f"u{u}", data, positives, popularity))
-    return examples
+        toy_examples.append(build_example(f"u{u}", data, positives, popularity))
+    return toy_examples
 
 
 @pytest.fixture(scope="session")
-def catalog() -> dict[str, ItemView]:
+def toy_catalog() -> dict[str, ItemView]:
     return make_catalog()
 
 
 @pytest.fixture(scope="session")
-def examples(catalog: dict[str, ItemView]) -> list[Example]:
-    return make_examples(catalog)
+def toy_examples(toy_catalog: dict[str, ItemView]) -> list[Example]:
+    return make_examples(toy_catalog)
 
 
 @pytest.fixture(scope="session")
-def tokenizer(catalog: dict[str, ItemView], examples: list[Example]) -> PreTrainedTokenizerFast:
-    texts = [item.title + " " + " ".join(item.categories) for item in catalog.values()]
-    texts += [example.prompt + example.target for example in examples]
-    return train_tokenizer(texts, list(catalog), vocab_size=600)
+def toy_tokenizer(
+    toy_catalog: dict[str, ItemView], toy_examples: list[Example]
+) -> PreTrainedTokenizerFast:
+    texts = [item.title + " " + " ".join(item.categories) for item in toy_catalog.values()]
+    texts += [example.prompt + example.target for example in toy_examples]
+    return train_tokenizer(texts, list(toy_catalog), vocab_size=600)
 
 
-SFT_SETTINGS = SftSettings(max_steps=200, learning_rate=5e-3, batch_size=4, seed=0, progress=False)
+SFT_SETTINGS = SftSettings(max_steps=240, learning_rate=5e-3, batch_size=4, seed=0, progress=False)
 
 
 @pytest.fixture(scope="session")
-def sft_model(tokenizer: PreTrainedTokenizerFast, examples: list[Example]) -> PreTrainedModel:
-    """The tiny preset after SFT on `examples`; tests that change it must copy it first."""
-    model = build_model(tokenizer, "tiny", seed=0)
-    return run_sft(model, tokenizer, examples, SFT_SETTINGS)
+def toy_sft_model(
+    toy_tokenizer: PreTrainedTokenizerFast, toy_examples: list[Example]
+) -> PreTrainedModel:
+    """The tiny preset after SFT on `toy_examples`; tests that change it must copy it first."""
+    model = build_model(toy_tokenizer, "tiny", seed=0)
+    return run_sft(model, toy_tokenizer, toy_examples, SFT_SETTINGS)

@@ -11,7 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from reward_rules.terms import Accuracy, Diversity, Format, Novelty
 from server.prompt import ItemView, render_answer
-from trainer.examples import Example
+from trainer.toy_examples import Example
 from trainer.grpo import (
     STATE_FILE,
     GrpoSettings,
@@ -46,32 +46,32 @@ class TestTermReward:
 
 
 def test_completion_budget_covers_the_targets(
-    tokenizer: PreTrainedTokenizerFast, examples: list[Example]
+    toy_tokenizer: PreTrainedTokenizerFast, toy_examples: list[Example]
 ) -> None:
-    longest = max(len(tokenizer(e.target)["input_ids"]) for e in examples)
-    assert completion_budget(tokenizer, examples) > longest
+    longest = max(len(toy_tokenizer(e.target)["input_ids"]) for e in toy_examples)
+    assert completion_budget(toy_tokenizer, toy_examples) > longest
 
 
 @pytest.mark.slow
 def test_run_grpo_trains_and_logs_every_term(
-    tokenizer: PreTrainedTokenizerFast,
-    examples: list[Example],
-    catalog: dict[str, ItemView],
-    sft_model: PreTrainedModel,
+    toy_tokenizer: PreTrainedTokenizerFast,
+    toy_examples: list[Example],
+    toy_catalog: dict[str, ItemView],
+    toy_sft_model: PreTrainedModel,
     tmp_path: Path,
 ) -> None:
-    model = copy.deepcopy(sft_model)  # the session's SFT model is shared
+    model = copy.deepcopy(toy_sft_model)  # the session's SFT model is shared
     before = [p.detach().clone() for p in model.parameters()]
-    categories = {item_id: item.categories for item_id, item in catalog.items()}
+    categories = {item_id: item.categories for item_id, item in toy_catalog.items()}
     terms = [
         (Format(), 1.0),
         (Accuracy(), 2.0),
         (Diversity(categories), 0.5),
-        (Novelty({item_id: 3 for item_id in catalog}), 0.5),
+        (Novelty({item_id: 3 for item_id in toy_catalog}), 0.5),
     ]
     settings = GrpoSettings(max_steps=3, prompts_per_step=2, num_generations=4, progress=False)
 
-    trained = run_grpo(model, tokenizer, examples, terms, settings, tmp_path)
+    trained = run_grpo(model, toy_tokenizer, toy_examples, terms, settings, tmp_path)
 
     assert isinstance(trained, PreTrainedModel)
     assert any(not torch.equal(a, b) for a, b in zip(before, trained.parameters(), strict=True))
@@ -86,4 +86,4 @@ def test_run_grpo_trains_and_logs_every_term(
     assert max(entry["rewards/format/mean"] for entry in steps) > 0
     # the KL reference is the model as it started; the policy keeps its own identity
     assert (tmp_path / "reference" / "config.json").exists()
-    assert trained.config._name_or_path == sft_model.config._name_or_path
+    assert trained.config._name_or_path == toy_sft_model.config._name_or_path

@@ -1,4 +1,4 @@
-"""Model presets are servable by vLLM on CPU and the model matches its tokenizer."""
+"""Model presets are servable by vLLM on CPU and the model matches its toy_tokenizer."""
 
 from pathlib import Path
 
@@ -18,35 +18,35 @@ def test_presets_fit_vllm(name: str) -> None:
     assert size.max_position_embeddings >= 2048
 
 
-def test_tiny_preset_size(tokenizer: PreTrainedTokenizerFast) -> None:
-    model = build_model(tokenizer, "tiny")
+def test_tiny_preset_size(toy_tokenizer: PreTrainedTokenizerFast) -> None:
+    model = build_model(toy_tokenizer, "tiny")
     assert 0.2e6 <= parameter_count(model) <= 0.5e6
-    assert model.config.vocab_size == len(tokenizer)
+    assert model.config.vocab_size == len(toy_tokenizer)
     assert model.config.tie_word_embeddings
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
-def test_default_preset_size(tokenizer: PreTrainedTokenizerFast) -> None:
+def test_default_preset_size(toy_tokenizer: PreTrainedTokenizerFast) -> None:
     # with this test's small vocabulary: the layers alone; MovieLens adds ~2.5M of embedding
-    assert 2e6 <= parameter_count(build_model(tokenizer, "default")) <= 8e6
+    assert 2e6 <= parameter_count(build_model(toy_tokenizer, "default")) <= 8e6
 
 
-def test_generation_stops_on_the_tokenizers_eos(tokenizer: PreTrainedTokenizerFast) -> None:
-    model = build_model(tokenizer, "tiny")
-    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
-    assert model.generation_config.pad_token_id == tokenizer.pad_token_id
+def test_generation_stops_on_the_tokenizers_eos(toy_tokenizer: PreTrainedTokenizerFast) -> None:
+    model = build_model(toy_tokenizer, "tiny")
+    assert model.generation_config.eos_token_id == toy_tokenizer.eos_token_id
+    assert model.generation_config.pad_token_id == toy_tokenizer.pad_token_id
 
 
-def test_same_seed_same_weights(tokenizer: PreTrainedTokenizerFast) -> None:
-    a, b = build_model(tokenizer, "tiny", seed=1), build_model(tokenizer, "tiny", seed=1)
+def test_same_seed_same_weights(toy_tokenizer: PreTrainedTokenizerFast) -> None:
+    a, b = build_model(toy_tokenizer, "tiny", seed=1), build_model(toy_tokenizer, "tiny", seed=1)
     assert torch.equal(a.model.embed_tokens.weight, b.model.embed_tokens.weight)
 
 
-def test_save_and_load(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
-    model = build_model(tokenizer, "tiny").eval()
+def test_save_and_load(toy_tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+    model = build_model(toy_tokenizer, "tiny").eval()
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    ids = torch.tensor([tokenizer("#100 | Road Drama")["input_ids"]])
+    ids = torch.tensor([toy_tokenizer("#100 | Road Drama")["input_ids"]])
     assert torch.allclose(model(ids).logits, loaded(ids).logits)
 
 

@@ -5,7 +5,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from server.prompt import parse_answer
-from trainer.examples import Example
+from trainer.toy_examples import Example
 from trainer.model import build_model
 from trainer.sft import IGNORE, SftSettings, collate, encode, run_sft, target_loss
 
@@ -19,25 +19,29 @@ def greedy(model: PreTrainedModel, tok: PreTrainedTokenizerFast, prompts: list[s
 
 class TestEncode:
     def test_loss_only_on_target_and_eos(
-        self, tokenizer: PreTrainedTokenizerFast, examples: list[Example]
+        self, toy_tokenizer: PreTrainedTokenizerFast, toy_examples: list[Example]
     ) -> None:
-        ids, labels = encode(tokenizer, examples[0], max_length=4096)
-        prompt_len = len(tokenizer(examples[0].prompt)["input_ids"])
+        ids, labels = encode(toy_tokenizer, toy_examples[0], max_length=4096)
+        prompt_len = len(toy_tokenizer(toy_examples[0].prompt)["input_ids"])
         assert labels[:prompt_len] == [IGNORE] * prompt_len
         assert labels[prompt_len:] == ids[prompt_len:]
-        assert ids[-1] == tokenizer.eos_token_id
-        assert tokenizer.decode(ids[prompt_len:-1]) == examples[0].target
+        assert ids[-1] == toy_tokenizer.eos_token_id
+        assert toy_tokenizer.decode(ids[prompt_len:-1]) == toy_examples[0].target
 
     def test_too_long_loses_the_start_of_the_prompt(
-        self, tokenizer: PreTrainedTokenizerFast, examples: list[Example]
+        self, toy_tokenizer: PreTrainedTokenizerFast, toy_examples: list[Example]
     ) -> None:
-        full, _ = encode(tokenizer, examples[0], max_length=4096)
-        ids, labels = encode(tokenizer, examples[0], max_length=len(full) - 10)
+        full, _ = encode(toy_tokenizer, toy_examples[0], max_length=4096)
+        ids, labels = encode(toy_tokenizer, toy_examples[0], max_length=len(full) - 10)
         assert ids == full[10:]
-        assert tokenizer.decode([t for t in labels if t != IGNORE][:-1]) == examples[0].target
+        assert (
+            toy_tokenizer.decode([t for t in labels if t != IGNORE][:-1]) == toy_examples[0].target
+        )
 
-    def test_collate_pads_right_and_masks_padding(self, tokenizer: PreTrainedTokenizerFast) -> None:
-        pad = tokenizer.pad_token_id
+    def test_collate_pads_right_and_masks_padding(
+        self, toy_tokenizer: PreTrainedTokenizerFast
+    ) -> None:
+        pad = toy_tokenizer.pad_token_id
         batch = collate([([5, 6, 7], [IGNORE, 6, 7]), ([8], [8])], pad_id=pad)
         assert batch["input_ids"].tolist() == [[5, 6, 7], [8, pad, pad]]
         assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -48,32 +52,36 @@ class TestEncode:
 class TestRunSft:
     def test_lowers_the_loss(
         self,
-        tokenizer: PreTrainedTokenizerFast,
-        examples: list[Example],
-        sft_model: PreTrainedModel,
+        toy_tokenizer: PreTrainedTokenizerFast,
+        toy_examples: list[Example],
+        toy_sft_model: PreTrainedModel,
     ) -> None:
-        before = target_loss(build_model(tokenizer, "tiny", seed=0), tokenizer, examples)
-        after = target_loss(sft_model, tokenizer, examples)
+        before = target_loss(
+            build_model(toy_tokenizer, "tiny", seed=0), toy_tokenizer, toy_examples
+        )
+        after = target_loss(toy_sft_model, toy_tokenizer, toy_examples)
         assert after < 0.5 * before
 
     def test_greedy_answers_are_well_formed_and_name_candidates(
         self,
-        tokenizer: PreTrainedTokenizerFast,
-        examples: list[Example],
-        sft_model: PreTrainedModel,
+        toy_tokenizer: PreTrainedTokenizerFast,
+        toy_examples: list[Example],
+        toy_sft_model: PreTrainedModel,
     ) -> None:
-        completions = greedy(sft_model, tokenizer, [example.prompt for example in examples])
-        for example, completion in zip(examples, completions, strict=True):
+        completions = greedy(
+            toy_sft_model, toy_tokenizer, [example.prompt for example in toy_examples]
+        )
+        for example, completion in zip(toy_examples, completions, strict=True):
             answer = parse_answer(completion)
             assert answer.well_formed, completion
             assert answer.items, completion
             assert set(answer.items) <= set(example.candidates), completion
 
     def test_same_seed_same_model(
-        self, tokenizer: PreTrainedTokenizerFast, examples: list[Example]
+        self, toy_tokenizer: PreTrainedTokenizerFast, toy_examples: list[Example]
     ) -> None:
         settings = SftSettings(max_steps=3, batch_size=4, seed=3, progress=False)
-        a = run_sft(build_model(tokenizer, "tiny"), tokenizer, examples, settings)
-        b = run_sft(build_model(tokenizer, "tiny"), tokenizer, examples, settings)
+        a = run_sft(build_model(toy_tokenizer, "tiny"), toy_tokenizer, toy_examples, settings)
+        b = run_sft(build_model(toy_tokenizer, "tiny"), toy_tokenizer, toy_examples, settings)
         for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
             assert torch.equal(pa, pb)

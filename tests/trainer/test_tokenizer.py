@@ -1,4 +1,4 @@
-"""The tokenizer keeps item references whole and visible, and numbers ordinary."""
+"""The toy_tokenizer keeps item references whole and visible, and numbers ordinary."""
 
 from pathlib import Path
 
@@ -6,7 +6,8 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from server.prompt import INSTRUCTIONS, parse_answer, render_answer
-from trainer.tokenizer import EOS, PAD, TAGS, train_tokenizer
+from trainer.model import build_model
+from trainer.toy_tokenizer import EOS, PAD, TAGS, train_tokenizer
 
 ITEMS = ["1", "12", "123", "a-b", "x_y"]
 TEXTS = ["Toy Story (1995) Animation Comedy", "Twelve Monkeys (1995) Sci-Fi", "Heat 123 Crime"]
@@ -59,11 +60,18 @@ class TestRoundTrip:
         assert text == answer
         assert parse_answer(text).items == ("123", "12", "a-b")
 
-    def test_save_and_load(self, tok: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+    def test_save_and_load_beside_the_model(
+        self, tok: PreTrainedTokenizerFast, tmp_path: Path
+    ) -> None:
+        # The served layout: next to a qwen2 config.json, AutoTokenizer (and so vLLM) ignores the
+        # saved class and rebuilds a Qwen2Tokenizer from vocab and merges. It must be the same.
+        build_model(tok, "tiny").save_pretrained(tmp_path)
         tok.save_pretrained(tmp_path)
         loaded = AutoTokenizer.from_pretrained(tmp_path)
-        text = "<think>a</think><answer>#123, #x_y</answer> 123"
+        text = f"{INSTRUCTIONS}\n#1 | Heat 123 (1995) | Crime | year: 1995\n#1234 x#12 café"
+        text += render_answer("Likes Heat, 12 times", ["123", "x_y", "a-b"])
         assert loaded(text)["input_ids"] == tok(text)["input_ids"]
+        assert loaded.decode(loaded(text)["input_ids"], skip_special_tokens=True) == text
         assert (loaded.eos_token, loaded.bos_token, loaded.pad_token) == (EOS, EOS, PAD)
         assert len(loaded) == len(tok)
 

@@ -1,0 +1,68 @@
+"""Session fixtures for integration tests: a tiny model trained once, then served by real vLLM.
+
+`reasonrec bootstrap --preset tiny` runs once per session on a small synthetic catalog in a
+store prefix of the session's own; every test gets the gateway with its in-process vLLM engine.
+"""
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from server.app import create_app, open_store
+from server.config import Settings
+from server.loaders.synthetic import generate
+from server.loaders.writer import progress_bar, write
+from trainer.bootstrap import BootstrapResult, bootstrap
+
+SYNTHETIC = {"users": 60, "items": 150, "events_per_user": 30, "seed": 3}
+
+
+def drop_prefix(redis_url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    for start in range(0, len(keys), 1000):
+        client.delete(*keys[start : start + 1000])
+
+
+@pytest.fixture(scope="session")
+def served_settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    settings = Settings(
+        redis_url=redis_url,
+        key_prefix=f"it-{uuid.uuid4().hex[:8]}",
+        data_dir=tmp_path_factory.mktemp("served"),
+        candidates=20,
+        prompt_history=10,
+        llm_timeout_ms=20_000,  # generous: CI machines are slow and shared; timeouts tested apart
+        kv_cache_bytes=128 * 1024 * 1024,
+    )
+    yield settings
+    drop_prefix(redis_url, settings.key_prefix)
+
+
+async def _prepare(settings: Settings) -> BootstrapResult:
+    async with open_store(settings) as store:
+        with progress_bar() as progress:
+            await write(store, generate(**SYNTHETIC), progress)
+        return await bootstrap(settings, store, "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(served_settings: Settings) -> BootstrapResult:
+    """The tiny preset bootstrapped on the synthetic catalog: index, model, active version."""
+    return asyncio.run(_prepare(served_settings))
+
+
+@pytest.fixture(scope="session")
+def gateway(served_settings: Settings, tiny_model: BootstrapResult) -> Iterator[TestClient]:
+    """The app with the in-process vLLM engine serving the tiny model (started once)."""
+    with TestClient(create_app(served_settings)) as client:
+        yield client
+
+
+def model_dir(settings: Settings, version: str) -> Path:
+    return settings.registry_path / version

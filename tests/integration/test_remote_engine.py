@@ -1,0 +1,71 @@
+"""The same behaviour through a remote OpenAI-compatible vLLM server (`vllm serve` on loopback)."""
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.config import Settings
+from tests.conftest import free_port
+from trainer.bootstrap import BootstrapResult
+
+pytestmark = pytest.mark.slow
+VLLM = str(Path(sys.executable).parent / "vllm")
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm serve exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError("vllm serve did not become healthy")
+
+
+@pytest.fixture(scope="module")
+def vllm_server(served_settings: Settings, tiny_model: BootstrapResult) -> Iterator[str]:
+    port = free_port()
+    command = [
+        VLLM, "serve", str(tiny_model.path),
+        "--served-model-name", tiny_model.version,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--max-model-len", str(served_settings.max_model_len),
+        "--kv-cache-memory-bytes", str(served_settings.kv_cache_bytes),
+        "--enforce-eager", "--seed", "0",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_remote_engine_serves_like_the_local_one(
+    served_settings: Settings, tiny_model: BootstrapResult, vllm_server: str
+) -> None:
+    settings = served_settings.model_copy(update={"engine_url": vllm_server})
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/readyz").json()["checks"]["engine"] == "ok"
+        body = client.post("/v1/recommend", json={"user_id": "u00001", "k": 10}).json()
+        assert body["source"] == "llm" and body["model_version"] == tiny_model.version
+        ids = [item["item_id"] for item in body["items"]]
+        assert len(ids) == 10 and len(set(ids)) == 10
+        assert all(client.get(f"/v1/items/{i}").status_code == 200 for i in ids)
+        assert body["rationale"]

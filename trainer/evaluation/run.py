@@ -1,0 +1,119 @@
+"""`reasonrec eval`: the protocol of EVAL.md end to end, on a fresh store of its own.
+
+1. Split ML-100K per user by time: train / validation / test.
+2. Load the catalog, users and training interactions into a fresh store (its own key prefix on
+   the configured Redis, or an embedded Redis in a temporary folder). Interactions load as
+   `click` events: the protocol is implicit feedback, every rating counts whatever its value.
+3. Bootstrap the model and the candidate index there, on training data only.
+4. Add the validation interactions (they precede the test item; item-kNN scores from them too).
+5. Rank for each user with the systems and score against the test item.
+"""
+
+import asyncio
+import logging
+import tempfile
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+from server.active_model import open_engine
+from server.app import build_store
+from server.config import Settings
+from server.item_index import load_current
+from server.loaders import Dataset
+from server.loaders.movielens import read_ml100k
+from server.loaders.writer import progress_bar, write
+from server.recommend import Recommender
+from server.redis_client import connect
+from server.schemas import EventType, FeedbackEvent
+from server.store import Store
+from trainer.bootstrap import bootstrap
+from trainer.evaluation.harness import Report, evaluate
+from trainer.evaluation.pipeline import PipelineSystem
+from trainer.evaluation.split import Split, load_split, sample_users
+from trainer.evaluation.systems import ItemKNN, Popularity
+
+log = logging.getLogger(__name__)
+TRAINED_ON = "ml-100k:eval-train-split"
+
+
+def _timelines(path: Path) -> dict[str, list[FeedbackEvent]]:
+    """Each user's ratings sorted by time, ties in file order (the split's own order)."""
+    by_user: dict[str, list[FeedbackEvent]] = defaultdict(list)
+    for event in read_ml100k(path).events:
+        by_user[event.user_id].append(event)
+    for events in by_user.values():
+        events.sort(key=lambda event: event.timestamp)
+    return by_user
+
+
+def _as_clicks(events: list[FeedbackEvent]) -> list[FeedbackEvent]:
+    return [e.model_copy(update={"type": EventType.click, "value": None}) for e in events]
+
+
+def _phase(split: Split, timelines: dict[str, list[FeedbackEvent]], phase: str) -> list:
+    """Every user's events of one phase ('train' or 'validation'), checked against the split."""
+    chosen = []
+    for user, events in timelines.items():
+        if user not in split.test:
+            continue  # fewer than 3 interactions: not part of the protocol
+        part = events[:-2] if phase == "train" else [events[-2]]
+        expected = split.train[user] if phase == "train" else (split.validation[user],)
+        if tuple(e.item_id for e in part) != tuple(expected):
+            raise RuntimeError(f"user {user}: the store's {phase} events differ from the split")
+        chosen += part
+    return _as_clicks(sorted(chosen, key=lambda event: event.timestamp))
+
+
+async def _write(store: Store, dataset: Dataset) -> None:
+    with progress_bar() as progress:
+        await write(store, dataset, progress)
+
+
+def _events(events: list[FeedbackEvent]) -> Dataset:
+    return Dataset(items=[], users=[], events=events, event_count=len(events))
+
+
+def run_eval(path: Path, settings: Settings, users: int | None, seed: int, preset: str) -> Report:
+    split = load_split(path)
+    chosen = sample_users(split, users, seed) if users else list(split.users)
+    timelines = _timelines(path)
+    catalog = read_ml100k(path)
+    with tempfile.TemporaryDirectory(prefix="reasonrec-eval-") as scratch, asyncio.Runner() as run:
+        settings = settings.model_copy(
+            update={
+                "data_dir": Path(scratch),
+                "registry_dir": None,
+                "key_prefix": f"eval-{uuid.uuid4().hex[:8]}",
+            }
+        )
+        handle = connect(settings)
+        store = build_store(settings, handle.client)
+        engine = None
+        try:
+            train = _phase(split, timelines, "train")
+            run.run(_write(store, Dataset(items=catalog.items, users=catalog.users, events=train)))
+            trained = run.run(bootstrap(settings, store, preset, seed=seed, trained_on=TRAINED_ON))
+            run.run(_write(store, _events(_phase(split, timelines, "validation"))))
+            engine = open_engine(settings, trained.version)
+            index = load_current(settings.data_dir)
+            recommender = Recommender(store, settings)
+            systems = [
+                PipelineSystem("reasonrec", recommender, engine, index, run),
+                PipelineSystem("retrieval", recommender, None, index, run),
+                Popularity(),
+                ItemKNN(),
+            ]
+            return evaluate(split, systems, chosen)
+        finally:
+            if engine is not None:
+                run.run(engine.close())
+            run.run(_drop_prefix(store))
+            run.run(handle.close())
+
+
+async def _drop_prefix(store: Store) -> None:
+    """The eval store is throwaway: remove its keys from a shared Redis."""
+    keys = [key async for key in store.redis.scan_iter(match=f"{store.keys.prefix}:*", count=1000)]
+    for start in range(0, len(keys), 1000):
+        await store.redis.delete(*keys[start : start + 1000])
