@@ -6,16 +6,19 @@ preset learns it in seconds, structured enough that a right answer is not a cons
 """
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from server.prompt import HistoryView, ItemView, PromptInput
-from trainer.toy_examples import Example, build_example
+from trainer.examples import Example, build_example
 from trainer.model import build_model
 from trainer.sft import SftSettings, run_sft
-from trainer.toy_tokenizer import train_tokenizer
+from trainer.tokenizer import train_tokenizer
 
 CATEGORIES = ["Drama", "Comedy", "Horror", "Western"]
 WORDS = ["Road", "Night", "House", "River", "Storm", "Crown"]
@@ -78,6 +81,18 @@ def toy_tokenizer(
     return train_tokenizer(texts, list(toy_catalog), vocab_size=600)
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Train the tiny model on one thread: its matrices are too small to gain from two, and when
+    another process holds a core, two threads waiting on each other run several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 SFT_SETTINGS = SftSettings(max_steps=240, learning_rate=5e-3, batch_size=4, seed=0, progress=False)
 
 
@@ -87,4 +102,5 @@ def toy_sft_model(
 ) -> PreTrainedModel:
     """The tiny preset after SFT on `toy_examples`; tests that change it must copy it first."""
     model = build_model(toy_tokenizer, "tiny", seed=0)
-    return run_sft(model, toy_tokenizer, toy_examples, SFT_SETTINGS)
+    with one_thread():
+        return run_sft(model, toy_tokenizer, toy_examples, SFT_SETTINGS)

@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 import pytest
 
 from server.prompt import HistoryView, ItemView, PromptInput, parse_answer
-from trainer.toy_examples import (
+from trainer.examples import (
     MAX_RATIONALE_CHARS,
     Example,
     build_example,

@@ -11,7 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from reward_rules.terms import Accuracy, Diversity, Format, Novelty
 from server.prompt import ItemView, render_answer
-from trainer.toy_examples import Example
+from trainer.examples import Example
 from trainer.grpo import (
     STATE_FILE,
     GrpoSettings,
@@ -20,6 +20,8 @@ from trainer.grpo import (
     reward_functions,
     run_grpo,
 )
+
+from .conftest import one_thread
 
 
 class TestTermReward:
@@ -71,7 +73,8 @@ def test_run_grpo_trains_and_logs_every_term(
     ]
     settings = GrpoSettings(max_steps=3, prompts_per_step=2, num_generations=4, progress=False)
 
-    trained = run_grpo(model, toy_tokenizer, toy_examples, terms, settings, tmp_path)
+    with one_thread():
+        trained = run_grpo(model, toy_tokenizer, toy_examples, terms, settings, tmp_path)
 
     assert isinstance(trained, PreTrainedModel)
     assert any(not torch.equal(a, b) for a, b in zip(before, trained.parameters(), strict=True))

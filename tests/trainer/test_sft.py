@@ -5,9 +5,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from server.prompt import parse_answer
-from trainer.toy_examples import Example
+from trainer.examples import Example
 from trainer.model import build_model
 from trainer.sft import IGNORE, SftSettings, collate, encode, run_sft, target_loss
+
+from .conftest import one_thread
 
 
 def greedy(model: PreTrainedModel, tok: PreTrainedTokenizerFast, prompts: list[str]) -> list[str]:
@@ -81,7 +83,8 @@ class TestRunSft:
         self, toy_tokenizer: PreTrainedTokenizerFast, toy_examples: list[Example]
     ) -> None:
         settings = SftSettings(max_steps=3, batch_size=4, seed=3, progress=False)
-        a = run_sft(build_model(toy_tokenizer, "tiny"), toy_tokenizer, toy_examples, settings)
-        b = run_sft(build_model(toy_tokenizer, "tiny"), toy_tokenizer, toy_examples, settings)
+        with one_thread():
+            a = run_sft(build_model(toy_tokenizer, "tiny"), toy_tokenizer, toy_examples, settings)
+            b = run_sft(build_model(toy_tokenizer, "tiny"), toy_tokenizer, toy_examples, settings)
         for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
             assert torch.equal(pa, pb)

@@ -1,4 +1,4 @@
-"""The toy_tokenizer keeps item references whole and visible, and numbers ordinary."""
+"""The tokenizer keeps item references whole and visible, and numbers ordinary."""
 
 from pathlib import Path
 
@@ -7,7 +7,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from server.prompt import INSTRUCTIONS, parse_answer, render_answer
 from trainer.model import build_model
-from trainer.toy_tokenizer import EOS, PAD, TAGS, train_tokenizer
+from trainer.tokenizer import EOS, PAD, TAGS, train_tokenizer
 
 ITEMS = ["1", "12", "123", "a-b", "x_y"]
 TEXTS = ["Toy Story (1995) Animation Comedy", "Twelve Monkeys (1995) Sci-Fi", "Heat 123 Crime"]
