@@ -14,7 +14,7 @@ class LocalEngine(Engine):
         self,
         model_dir: Path,
         model_version: str,
-        max_model_len: int,
+        max_model_len: int | None,
         kv_cache_bytes: int,
         cpu_threads: str,
     ):

@@ -41,7 +41,6 @@ def vllm_server(served_settings: Settings, tiny_model: BootstrapResult) -> Itera
         VLLM, "serve", str(tiny_model.path),
         "--served-model-name", tiny_model.version,
         "--host", "127.0.0.1", "--port", str(port),
-        "--max-model-len", str(served_settings.max_model_len),
         "--kv-cache-memory-bytes", str(served_settings.kv_cache_bytes),
         "--enforce-eager", "--seed", "0",
     ]  # fmt: skip

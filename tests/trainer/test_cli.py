@@ -1,0 +1,90 @@
+"""`reasonrec demo` and `reasonrec models`, run as a user would (slow: trains the tiny model)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+REASONREC = str(Path(sys.executable).parent / "reasonrec")
+
+
+def _env(data_dir: Path, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REASONREC_")}
+    return env | {
+        "REASONREC_DATA_DIR": str(data_dir),
+        "REASONREC_PORT": str(port),
+        "REASONREC_CANDIDATES": "20",
+        "REASONREC_PROMPT_HISTORY": "10",
+        "REASONREC_KV_CACHE_BYTES": str(128 * 1024 * 1024),
+    }
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).json().get("status") == "ready":
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(1)
+    raise TimeoutError("the demo did not become ready")
+
+
+def _run_demo(data_dir: Path, port: int, log: Path) -> dict:
+    """Start `reasonrec demo`, ask it for a recommendation, stop it; returns the answer."""
+    url = f"http://127.0.0.1:{port}"
+    with log.open("w") as out:
+        # Output goes to a file: a pipe nobody reads would fill up and stall the demo.
+        proc = subprocess.Popen(
+            [REASONREC, "demo", "--preset", "tiny"],
+            env=_env(data_dir, port),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            _wait_ready(url, proc, log)
+            answer = httpx.post(f"{url}/v1/recommend", json={"user_id": "u00001"}, timeout=60)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    return answer.json()
+
+
+def test_demo_bootstraps_once_then_starts_without_training(tmp_path: Path) -> None:
+    port = free_port()
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    answer = _run_demo(tmp_path / "var", port, first_log)
+    assert answer["source"] == "llm" and len(answer["items"]) == 10
+    first = first_log.read_text()
+    assert "loaded 600 items, 300 users" in first and "bootstrapped model" in first
+    curl = (
+        f"curl -s -H 'Content-Type: application/json' -X POST http://127.0.0.1:{port}/v1/recommend"
+    )
+    assert curl in first
+    assert (tmp_path / "var" / "redis.db").exists()
+
+    again = _run_demo(tmp_path / "var", port, second_log)
+    second = second_log.read_text()
+    assert "loaded " not in second and "bootstrapped model" not in second
+    assert again["model_version"] == answer["model_version"]
+
+    listed = subprocess.run(
+        [REASONREC, "models", "list"], env=_env(tmp_path / "var", port), capture_output=True
+    )
+    assert f"* {answer['model_version']}" in listed.stdout.decode()
+    manifest = json.loads(
+        (tmp_path / "var" / "models" / answer["model_version"] / "manifest.json").read_text()
+    )
+    assert manifest["contract_version"] == "1" and manifest["training"]["preset"] == "tiny"
