@@ -24,6 +24,7 @@ def open_engine(settings: Settings, version: str) -> Engine:
         max_model_len=settings.max_model_len,
         kv_cache_bytes=settings.kv_cache_bytes,
         cpu_threads=settings.engine_cpu_threads,
+        dtype=settings.engine_dtype,
     )
 
 

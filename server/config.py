@@ -72,6 +72,12 @@ class Settings(BaseSettings):
         ge=16 * 1024 * 1024,
         description="In-process vLLM KV cache size in bytes.",
     )
+    engine_dtype: str = Field(
+        "float32",
+        description="Weights dtype for vLLM ('auto', 'float32', 'bfloat16', ...). "
+        "float32 by default: vLLM's bfloat16 CPU path crashed on the embedded model here; use "
+        "'auto' on GPUs.",
+    )
     engine_cpu_threads: str = Field(
         "auto",
         description="CPU cores the in-process vLLM binds its threads to ('auto' or e.g. "

@@ -17,6 +17,7 @@ class LocalEngine(Engine):
         max_model_len: int | None,
         kv_cache_bytes: int,
         cpu_threads: str,
+        dtype: str,
     ):
         # vLLM reads its CPU thread binding from the environment of the engine process it spawns.
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads)
@@ -28,6 +29,7 @@ class LocalEngine(Engine):
             served_model_name=model_version,
             max_model_len=max_model_len,
             kv_cache_memory_bytes=kv_cache_bytes,
+            dtype=dtype,
             enforce_eager=True,  # compilation buys nothing for a small model and costs start time
             enable_prefix_caching=True,
             seed=0,

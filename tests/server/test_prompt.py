@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from server.prompt import (
+    CONTRACT_VERSION,
     INSTRUCTIONS,
     MAX_ATTRIBUTE_CHARS,
     MAX_RATIONALE_CHARS,
@@ -62,6 +63,33 @@ def lines_between(text: str, start: str, end: str | None = None) -> list[str]:
 
 
 # Prompt layout ---------------------------------------------------------------------------------
+
+
+def test_whole_prompt_of_contract_1() -> None:
+    """Any change here changes what models see: bump CONTRACT_VERSION with it."""
+    assert CONTRACT_VERSION == "1"
+    text = prompt(
+        profile={"age": 31},
+        history=[seen("h1", timedelta(days=2)), seen("h2", timedelta(0))],
+        candidates=[item("c1", tags="noir"), item("c2")],
+        k=5,
+    )
+    assert text == (
+        "You are a recommender. Read what the user liked, think briefly about their tastes, "
+        "then rank the candidates that fit them best.\n"
+        "Answer as <think>one or two sentences about the user and your picks</think>"
+        "<answer>2 candidate ids, best first, separated by commas</answer>.\n"
+        "\n"
+        "User: age 31\n"
+        "History, oldest first:\n"
+        "the week before:\n"
+        "- #h1 | Title h1 | drama\n"
+        "same day as the latest:\n"
+        "- #h2 | Title h2 | drama\n"
+        "Candidates (2):\n"
+        "#c1 | Title c1 | drama | tags: noir\n"
+        "#c2 | Title c2 | drama\n"
+    )
 
 
 def test_sections_in_contract_order() -> None:
@@ -188,7 +216,7 @@ def test_history_groups_are_relative_to_the_latest_entry_not_now() -> None:
     ],
 )
 def test_candidate_line(view: ItemView, line: str) -> None:
-    assert lines_between(prompt([view], k=1), "Candidates (1):") == [line, ""]
+    assert lines_between(prompt([view], k=1), "Candidates (1):") == [line]
 
 
 def test_attributes_cut_to_max_chars() -> None:

@@ -1,0 +1,254 @@
+"""The model registry: atomic versions, manifests, registration, contract checks, and an app
+whose active model speaks a contract this gateway does not."""
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from server.config import Settings
+from server.prompt import CONTRACT_VERSION
+from server.registry import (
+    MANIFEST,
+    Manifest,
+    Registry,
+    RegistryError,
+    check_contract,
+    new_version,
+)
+from tests.server.helpers import metric, post_events, put_items
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    return Registry(tmp_path / "models")
+
+
+def write_model(folder: Path) -> None:
+    """What a Hugging Face model folder holds, as far as the registry cares."""
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    (folder / "model.safetensors").write_bytes(b"\x00" * 64)
+
+
+def publish_version(registry: Registry, version: str, **fields: object) -> Path:
+    staging = registry.staging()
+    write_model(staging)
+    return registry.publish(staging, Manifest(version=version, **fields))
+
+
+def names(registry: Registry) -> list[str]:
+    return [manifest.version for manifest in registry.versions()]
+
+
+# Atomic publishing -----------------------------------------------------------------------------
+
+
+def test_staging_is_invisible_until_published(registry: Registry) -> None:
+    staging = registry.staging()
+    write_model(staging)
+    # Even a manifest written early does not make a staging folder a version.
+    (staging / MANIFEST).write_text(Manifest(version="v1").model_dump_json())
+    assert registry.versions() == []
+
+    target = registry.publish(staging, Manifest(version="v1"))
+
+    assert target == registry.path("v1")
+    assert names(registry) == ["v1"]
+    assert not staging.exists()
+    assert (target / "config.json").is_file() and (target / MANIFEST).is_file()
+
+
+def test_a_writer_that_never_publishes_leaves_no_version(registry: Registry) -> None:
+    publish_version(registry, "v1")
+    for _ in range(2):  # two writers that crashed half way
+        write_model(registry.staging())
+    assert names(registry) == ["v1"]
+
+    assert registry.discard_staging() == 2
+
+    assert [path.name for path in registry.root.iterdir()] == ["v1"]
+    assert names(registry) == ["v1"]
+    assert registry.discard_staging() == 0
+
+
+def test_discard_staging_without_a_registry_folder(tmp_path: Path) -> None:
+    assert Registry(tmp_path / "absent").discard_staging() == 0
+    assert Registry(tmp_path / "absent").versions() == []
+
+
+def test_publish_refuses_an_existing_version(registry: Registry) -> None:
+    first = publish_version(registry, "v1", metrics={"ndcg": 0.3})
+    staging = registry.staging()
+    write_model(staging)
+
+    with pytest.raises(RegistryError, match="'v1' already exists"):
+        registry.publish(staging, Manifest(version="v1", metrics={"ndcg": 0.9}))
+
+    # The published version is untouched; the refused writer's folder is a leftover.
+    assert registry.manifest("v1").metrics == {"ndcg": 0.3}
+    assert sorted(path.name for path in first.iterdir()) == [
+        "config.json",
+        MANIFEST,
+        "model.safetensors",
+    ]
+    assert registry.discard_staging() == 1
+
+
+def test_manifest_round_trip(registry: Registry) -> None:
+    manifest = Manifest(
+        version="v2",
+        parent="v1",
+        kind="lora",
+        base_model="v1",
+        created_at=T0,
+        trained_on="ml-100k:eval-train-split",
+        training={"lr": 1e-5, "steps": 10, "nested": {"beta": 0.04}},
+        data_window={"from": "2024-01-01", "events": 1234},
+        reward_weights={"format": 0.2, "accuracy": 1.0},
+        metrics={"ndcg@10": 0.41},
+        index_version="20240101T000000000000Z-0123456789ab",
+    )
+    staging = registry.staging()
+    write_model(staging)
+    registry.publish(staging, manifest)
+
+    assert registry.manifest("v2") == manifest
+    assert registry.manifest("v2").created_at.tzinfo is not None
+
+
+def test_manifest_defaults_to_this_contract() -> None:
+    manifest = Manifest(version="v1")
+    assert manifest.contract_version == CONTRACT_VERSION
+    assert manifest.kind == "full"
+    assert manifest.created_at.tzinfo is not None
+
+
+def test_manifest_of_an_unknown_version(registry: Registry) -> None:
+    with pytest.raises(RegistryError, match="'nope' is not in the registry"):
+        registry.manifest("nope")
+
+
+def test_versions_sorted_by_created_at(registry: Registry) -> None:
+    # Names in the opposite order of creation: the sort must use created_at.
+    for version, days in [("a", 3), ("b", 1), ("c", 2), ("d", 0)]:
+        publish_version(registry, version, created_at=T0 + timedelta(days=days))
+    assert names(registry) == ["d", "b", "c", "a"]
+
+
+def test_versions_ignore_folders_without_a_manifest(registry: Registry) -> None:
+    publish_version(registry, "v1")
+    (registry.root / "stray").mkdir()
+    (registry.root / "notes.txt").write_text("not a version")
+    assert names(registry) == ["v1"]
+
+
+def test_new_versions_are_unique_and_named_by_time() -> None:
+    made = {new_version() for _ in range(100)}
+    assert len(made) == 100
+    assert all(version.startswith("v20") for version in made)
+
+
+# Registering an existing model folder ----------------------------------------------------------
+
+
+def test_register_copies_a_model_folder(registry: Registry, tmp_path: Path) -> None:
+    source = tmp_path / "hf-model"
+    (source / "sub").mkdir(parents=True)
+    write_model(source)
+    (source / "sub" / "tokenizer.json").write_text("{}")
+    # A manifest in the source belongs to another registry: it is replaced.
+    (source / MANIFEST).write_text(json.dumps({"version": "elsewhere"}))
+
+    target = registry.register(source, Manifest(version="v1", parent=None))
+
+    assert target == registry.path("v1")
+    assert (target / "config.json").read_text() == (source / "config.json").read_text()
+    assert (target / "sub" / "tokenizer.json").is_file()
+    assert registry.manifest("v1").version == "v1"
+    # The source is copied, not moved.
+    assert (source / "config.json").is_file()
+    assert json.loads((source / MANIFEST).read_text()) == {"version": "elsewhere"}
+    assert not list(registry.root.glob(".staging-*"))
+
+
+def test_register_refuses_a_folder_without_config(registry: Registry, tmp_path: Path) -> None:
+    source = tmp_path / "not-a-model"
+    source.mkdir()
+    (source / "weights.bin").write_bytes(b"\x00")
+
+    with pytest.raises(RegistryError, match=r"no config\.json"):
+        registry.register(source, Manifest(version="v1"))
+
+    assert registry.versions() == []
+    # Refused before anything was written: no staging folder to clean up.
+    assert not list(registry.root.glob(".staging-*"))
+
+
+# Contract versions -----------------------------------------------------------------------------
+
+
+def test_check_contract_accepts_this_gateways_contract() -> None:
+    check_contract(Manifest(version="v1", contract_version=CONTRACT_VERSION))
+
+
+def test_check_contract_refuses_an_unknown_contract() -> None:
+    with pytest.raises(RegistryError) as refused:
+        check_contract(Manifest(version="v9", contract_version="999"))
+    message = str(refused.value)
+    # It names the model, the contract it speaks and the one the gateway speaks.
+    assert "v9" in message
+    assert "999" in message
+    assert f"gateway speaks {CONTRACT_VERSION}" in message
+
+
+def test_app_with_a_model_of_another_contract_serves_in_fallback(
+    settings: Settings,
+    make_client: Callable[..., TestClient],
+    rdb: redis.Redis,
+    key_prefix: str,
+) -> None:
+    registry = Registry(settings.registry_path)
+    publish_version(registry, "v-future", contract_version="999")
+    rdb.set(f"{key_prefix}:model:active", "v-future")
+    client = make_client()
+    put_items(client, "a", "b", "c")
+    events = [{"user_id": f"u{n}", "item_id": "a", "type": "click"} for n in range(3)]
+    assert post_events(client, *events).status_code == 200
+    no_model_before = metric(client, "reasonrec_fallbacks_total", reason="no_model")
+
+    ready = client.get("/readyz")
+    response = client.post("/v1/recommend", json={"user_id": "u0", "k": 2})
+
+    assert ready.status_code == 200, ready.text
+    body = ready.json()
+    assert body["status"] == "degraded"
+    assert body["model_version"] is None
+    assert body["checks"]["redis"] == "ok"
+    assert "v-future" in body["checks"]["engine"]
+    assert "999" in body["checks"]["engine"]
+    assert response.status_code == 200, response.text
+    served = response.json()
+    assert served["source"] == "fallback" and served["degraded"] is True
+    assert served["model_version"] is None
+    # The retrieval order: popular and new items, less the one u0 has seen.
+    assert sorted(item["item_id"] for item in served["items"]) == ["b", "c"]
+    assert metric(client, "reasonrec_fallbacks_total", reason="no_model") == no_model_before + 1
+
+
+def test_app_with_an_active_version_missing_from_the_registry(
+    settings: Settings, make_client: Callable[..., TestClient], rdb: redis.Redis, key_prefix: str
+) -> None:
+    rdb.set(f"{key_prefix}:model:active", "v-gone")
+    client = make_client()
+
+    body = client.get("/readyz").json()
+
+    assert body["status"] == "degraded"
+    assert "'v-gone' is not in the registry" in body["checks"]["engine"]
+    assert str(settings.registry_path) in body["checks"]["engine"]
