@@ -18,33 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
-from pydantic import BaseModel, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from reward_rules.terms import Term
 from server.prompt import parse_answer
 from trainer.examples import Example
+from trainer.presets import GrpoSettings
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 COMPLETION_MARGIN = 16  # tokens beyond the longest SFT target: room for a longer rationale
-
-
-class GrpoSettings(BaseModel):
-    max_steps: int = Field(100, ge=1, description="Optimizer steps.")
-    learning_rate: float = Field(
-        1e-4, gt=0, description="Much higher than for pretrained LLMs: the model is tiny."
-    )
-    prompts_per_step: int = Field(2, ge=1, description="Prompts per step, each sampled G times.")
-    num_generations: int = Field(4, ge=2, description="Group size G.")
-    max_completion_length: int | None = Field(
-        None, ge=8, description="Tokens per completion; None: the longest SFT target + a margin."
-    )
-    temperature: float = Field(1.0, gt=0)
-    beta: float = Field(0.001, ge=0, description="KL coefficient to the starting model.")
-    seed: int = 0
-    progress: bool = Field(True, description="Show a progress bar.")
 
 
 class TermReward:

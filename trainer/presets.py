@@ -6,8 +6,34 @@
 
 from pydantic import BaseModel, Field
 
-from trainer.grpo import GrpoSettings
-from trainer.sft import SftSettings
+
+class SftSettings(BaseModel):
+    epochs: int = Field(3, ge=1, description="Passes over the examples (unless max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps warming up.")
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(2048, ge=8, description="Tokens of prompt + target; prompts are cut.")
+    seed: int = 0
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class GrpoSettings(BaseModel):
+    max_steps: int = Field(100, ge=1, description="Optimizer steps.")
+    learning_rate: float = Field(
+        1e-4, gt=0, description="Much higher than for pretrained LLMs: the model is tiny."
+    )
+    prompts_per_step: int = Field(2, ge=1, description="Prompts per step, each sampled G times.")
+    num_generations: int = Field(4, ge=2, description="Group size G.")
+    max_completion_length: int | None = Field(
+        None, ge=8, description="Tokens per completion; None: the longest SFT target + a margin."
+    )
+    temperature: float = Field(1.0, gt=0)
+    beta: float = Field(0.001, ge=0, description="KL coefficient to the starting model.")
+    seed: int = 0
+    progress: bool = Field(True, description="Show a progress bar.")
 
 
 class Preset(BaseModel):

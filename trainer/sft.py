@@ -15,27 +15,14 @@ import math
 from collections.abc import Iterator, Sequence
 
 import torch
-from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from trainer.examples import Example
+from trainer.presets import SftSettings
 
 logger = logging.getLogger(__name__)
 IGNORE = -100  # label of tokens that carry no loss (the prompt and the padding)
-
-
-class SftSettings(BaseModel):
-    epochs: int = Field(3, ge=1, description="Passes over the examples (unless max_steps is set).")
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
-    learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps warming up.")
-    weight_decay: float = Field(0.01, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    batch_size: int = Field(8, ge=1)
-    max_length: int = Field(2048, ge=8, description="Tokens of prompt + target; prompts are cut.")
-    seed: int = 0
-    progress: bool = Field(True, description="Show a progress bar.")
 
 
 Encoded = tuple[list[int], list[int]]  # input ids, labels

@@ -17,7 +17,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from server.prompt import HistoryView, ItemView, PromptInput
 from trainer.examples import Example, build_example
 from trainer.model import build_model
-from trainer.sft import SftSettings, run_sft
+from trainer.presets import SftSettings
+from trainer.sft import run_sft
 from trainer.tokenizer import train_tokenizer
 
 CATEGORIES = ["Drama", "Comedy", "Horror", "Western"]

@@ -14,12 +14,12 @@ from server.prompt import ItemView, render_answer
 from trainer.examples import Example
 from trainer.grpo import (
     STATE_FILE,
-    GrpoSettings,
     TermReward,
     completion_budget,
     reward_functions,
     run_grpo,
 )
+from trainer.presets import GrpoSettings
 
 from .conftest import one_thread
 

@@ -7,7 +7,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from server.prompt import parse_answer
 from trainer.examples import Example
 from trainer.model import build_model
-from trainer.sft import IGNORE, SftSettings, collate, encode, run_sft, target_loss
+from trainer.presets import SftSettings
+from trainer.sft import IGNORE, collate, encode, run_sft, target_loss
 
 from .conftest import one_thread
 
