@@ -45,9 +45,10 @@ def candidate_order(
     """
     total = sum(count for _, count in popular) or 1.0
     ranked = [(item_id, count / total) for item_id, count in popular]
+    share = dict(ranked)
     mixed: list[tuple[str, float]] = list(hits)
     for i, item_id in enumerate(newest):
-        mixed += [*ranked[3 * i : 3 * i + 3], (item_id, 0.0)]
+        mixed += [*ranked[3 * i : 3 * i + 3], (item_id, share.get(item_id, 0.0))]
     return _unique(mixed + ranked[3 * len(newest) :])
 
 

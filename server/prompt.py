@@ -40,7 +40,9 @@ OUTPUT_FORMAT = (
     "Answer as <think>one or two sentences about the user and your picks</think>"
     "<answer>{k} candidate ids, best first, separated by commas</answer>."
 )
-_ANSWER = re.compile(r"^\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*$", re.DOTALL)
+# No '<' or '>' inside either part: a stray or repeated tag makes the answer malformed.
+_ANSWER = re.compile(r"^\s*<think>([^<>]*)</think>\s*<answer>([^<>]*)</answer>\s*$")
+MAX_TEXT_CHARS = 120
 
 
 class ItemView(BaseModel):
@@ -68,10 +70,16 @@ def ref(item_id: str) -> str:
     return f"{ITEM_MARK}{item_id}"
 
 
+def _text(value: object, limit: int = MAX_TEXT_CHARS) -> str:
+    """One line, bounded: a newline or '|' in catalog text must not fake a prompt line."""
+    return " ".join(str(value).replace("|", "/").split())[:limit]
+
+
 def _item_line(item: ItemView) -> str:
-    parts = [ref(item.item_id), item.title, ", ".join(item.categories) or "no category"]
+    categories = ", ".join(_text(c) for c in item.categories) or "no category"
+    parts = [ref(item.item_id), _text(item.title), _text(categories)]
     keys = [
-        f"{key}: {str(item.attributes[key])[:MAX_ATTRIBUTE_CHARS]}"
+        f"{key}: {_text(item.attributes[key], MAX_ATTRIBUTE_CHARS)}"
         for key in KEY_ATTRIBUTES
         if key in item.attributes
     ]
@@ -124,7 +132,7 @@ def answer_pattern(candidate_ids: Sequence[str], k: int) -> str:
     """
     count = min(k, len(candidate_ids))
     choice = "(" + "|".join(re.escape(ref(item_id)) for item_id in candidate_ids) + ")"
-    think = f"<think>[^<>]{{1,{MAX_RATIONALE_CHARS}}}</think>"
+    think = f"<think>[^<>]{{0,{MAX_RATIONALE_CHARS}}}</think>"
     more = f"(, {choice}){{{count - 1}}}" if count > 1 else ""
     return f"{think}<answer>{choice}{more}</answer>"
 

@@ -6,9 +6,10 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-Id = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\s:/]+$")]
-"""Item and user ids: no whitespace, no ':' (it separates Redis key parts), no '/' (it
-separates URL path segments, so such an id could not be addressed by the routes)."""
+Id = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\s:/,<>]+$")]
+"""Item and user ids: no whitespace, no ':' (it separates Redis key parts), no '/' (it separates
+URL path segments, so such an id could not be addressed by the routes), no ',', '<' or '>' (they
+delimit ids and tags in the model's answers)."""
 
 # bool first: in a str | int | float union pydantic would store `true` as 1.
 AttrValue = bool | int | float | str

@@ -31,13 +31,16 @@ class RemoteEngine(Engine):
             raise EngineError(f"engine unreachable: {exc!r}") from exc
         if response.status_code != 200:
             raise EngineError(f"engine answered {response.status_code}: {response.text[:300]}")
-        payload = response.json()
-        usage = payload.get("usage") or {}
-        return Generation(
-            text=payload["choices"][0]["text"],
-            prompt_tokens=usage.get("prompt_tokens", 0),
-            completion_tokens=usage.get("completion_tokens", 0),
-        )
+        try:
+            payload = response.json()
+            usage = payload.get("usage") or {}
+            return Generation(
+                text=payload["choices"][0]["text"],
+                prompt_tokens=usage.get("prompt_tokens", 0),
+                completion_tokens=usage.get("completion_tokens", 0),
+            )
+        except (ValueError, LookupError, TypeError, AttributeError) as exc:
+            raise EngineError(f"engine answered an unreadable body: {response.text[:300]}") from exc
 
     async def check_health(self) -> None:
         try:

@@ -96,12 +96,6 @@ def test_candidate_order_never_repeats_an_item() -> None:
     assert len(ids) == len(set(ids)) == 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a new item that is also popular, reached first through its new-item slot, "
-    "keeps score 0.0 instead of its popularity share (RecommendedItem.score documents the "
-    "share for users without history)",
-)
 def test_a_popular_new_item_keeps_its_popularity_share() -> None:
     popular = [("a", 1.0), ("b", 1.0), ("c", 1.0), ("d", 1.0)]
     assert dict(candidate_order([], popular, ["d"]))["d"] == pytest.approx(0.25)
