@@ -1,0 +1,150 @@
+"""Recommendation benchmark: POST /v1/recommend against a running server, then the same prompts
+sent straight to the engine, to show what the gateway adds (context, candidates, prompt, parse,
+impression log) on top of the LLM.
+
+    reasonrec serve &                      # or reasonrec demo
+    .venv/bin/python bench/recommend.py [--url http://127.0.0.1:8000] [--requests 64]
+
+Reads users and the logged prompts from the same Redis as the server (REASONREC_* settings).
+The engine side is the server's kind: REASONREC_ENGINE_URL when set, else an in-process vLLM on
+the active model (started after the gateway runs, so the two never compete for the CPU).
+Prints JSON: throughput and p50/p99 latency at concurrency 1 and 16 for both, and their ratios.
+"""
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+
+import httpx
+import numpy as np
+
+from server.active_model import open_engine
+from server.app import open_store
+from server.config import Settings
+from server.engine import Engine, GenerationRequest
+from server.prompt import answer_pattern
+
+LEVELS = (1, 16)
+
+
+def _summary(latencies: list[float], elapsed: float, concurrency: int) -> dict[str, float]:
+    ms = np.array(latencies) * 1000
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "throughput_rps": round(len(latencies) / elapsed, 2),
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+    }
+
+
+async def _load(call, jobs: list, concurrency: int) -> dict[str, float]:
+    latencies: list[float] = []
+    queue = iter(jobs)
+
+    async def worker() -> None:
+        for job in queue:
+            start = time.perf_counter()
+            await call(job)
+            latencies.append(time.perf_counter() - start)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return _summary(latencies, time.perf_counter() - started, concurrency)
+
+
+async def _gateway(url: str, users: list[str], key: str | None) -> tuple[dict, list[str]]:
+    headers = {"X-API-Key": key} if key else {}
+    request_ids: list[str] = []
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as client:
+
+        async def call(user: str) -> None:
+            response = await client.post("/v1/recommend", json={"user_id": user})
+            response.raise_for_status()
+            body = response.json()
+            if body["source"] != "llm":
+                raise RuntimeError(f"the gateway answered in fallback: {body}")
+            request_ids.append(body["request_id"])
+
+        await call(users[0])  # warm-up
+        results = {f"c{c}": await _load(call, users, c) for c in LEVELS}
+    return results, request_ids
+
+
+async def _logged_prompts(
+    settings: Settings, request_ids: list[str]
+) -> tuple[list[tuple[str, list]], str | None]:
+    wanted = set(request_ids)
+    async with open_store(settings) as store:
+        entries = await store.redis.xrevrange(store.keys.impressions, count=len(wanted) * 4)
+        version = await store.active_model()
+    found = [
+        (fields["prompt"], json.loads(fields["candidates"]))
+        for _, fields in entries
+        if fields["request_id"] in wanted
+    ]
+    return found, version
+
+
+async def _engine(engine: Engine, prompts: list[tuple[str, list]], max_tokens: int) -> dict:
+    async def call(job: tuple[str, list]) -> None:
+        prompt, candidates = job
+        request = GenerationRequest(
+            request_id=uuid.uuid4().hex,
+            prompt=prompt,
+            regex=answer_pattern(candidates, 10),
+            max_tokens=max_tokens,
+        )
+        await engine.generate(request)
+
+    await call(prompts[0])
+    return {f"c{c}": await _load(call, prompts, c) for c in LEVELS}
+
+
+async def _users(settings: Settings, count: int) -> list[str]:
+    async with open_store(settings) as store:
+        users = sorted(await store.redis.smembers(store.keys.users))
+    if not users:
+        raise SystemExit("the store has no users: load data first (reasonrec load / demo)")
+    rng = np.random.default_rng(0)
+    return [users[i] for i in rng.choice(len(users), size=count, replace=len(users) < count)]
+
+
+async def main(url: str, requests: int) -> dict:
+    settings = Settings()
+    users = await _users(settings, requests)
+    key = settings.api_keys[0] if settings.api_keys else None
+    gateway, request_ids = await _gateway(url, users, key)
+    prompts, version = await _logged_prompts(settings, request_ids)
+    engine = open_engine(settings, version)
+    try:
+        direct = await _engine(engine, prompts, settings.max_answer_tokens)
+    finally:
+        await engine.close()
+    ratios = {
+        level: {
+            "p50": round(gateway[level]["p50_ms"] / direct[level]["p50_ms"], 3),
+            "throughput": round(
+                gateway[level]["throughput_rps"] / direct[level]["throughput_rps"], 3
+            ),
+        }
+        for level in gateway
+    }
+    return {
+        "benchmark": "recommend",
+        "model_version": version,
+        "engine": "remote" if settings.engine_url else "in-process",
+        "gateway": gateway,
+        "engine_direct": direct,
+        "gateway_over_engine": ratios,
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the running gateway")
+    parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(main(args.url, args.requests)), indent=2))
