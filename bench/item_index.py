@@ -13,7 +13,7 @@ the user's training and validation items), build seconds, and single-query searc
 import argparse
 import json
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,20 +22,16 @@ from server.item_index import ItemIndex
 from server.loaders import Dataset
 from server.loaders.movielens import read_ml100k
 from server.loaders.synthetic import generate
+from trainer.evaluation.split import Interaction, split_interactions
 
 ML100K = Path(__file__).resolve().parents[2] / "shared/data/ml-100k"
 
 
-def split(dataset: Dataset) -> tuple[dict[str, list[str]], dict[str, str], dict[str, str]]:
-    timelines = defaultdict(list)
-    for event in dataset.events:
-        timelines[event.user_id].append((event.timestamp, event.item_id))
-    train, validation, test = {}, {}, {}
-    for user, events in timelines.items():
-        ordered = [item for _, item in sorted(events, key=lambda event: event[0])]
-        if len(ordered) >= 3:
-            train[user], validation[user], test[user] = ordered[:-2], ordered[-2], ordered[-1]
-    return train, validation, test
+def split(dataset: Dataset) -> tuple[dict, dict, dict]:
+    interactions = [
+        Interaction(e.user_id, e.item_id, int(e.timestamp.timestamp())) for e in dataset.events
+    ]
+    return split_interactions(interactions)
 
 
 def evaluate(dataset: Dataset, dim: int, window: int, history: int) -> dict[str, object]:
@@ -49,7 +45,7 @@ def evaluate(dataset: Dataset, dim: int, window: int, history: int) -> dict[str,
     for user, items in train.items():
         exclude = {*items, validation[user]}
         started = time.perf_counter()
-        retrieved = [item for item, _ in index.search(items[-history:], 50, exclude=exclude)]
+        retrieved = [item for item, _ in index.search(list(items)[-history:], 50, exclude=exclude)]
         latencies.append(time.perf_counter() - started)
         ranked = [item for item in popular if item not in exclude][:50]
         for k in (10, 50):

@@ -8,7 +8,7 @@ The last test measures retrieval on MovieLens 100K against popularity.
 import json
 import os
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import server.item_index as item_index
 from server.item_index import ItemIndex, current_version, index_dir, load_current, publish
 from server.loaders.movielens import read_ml100k
 from server.schemas import ItemUpsert
+from trainer.evaluation.split import load_split
 
 PER_CLUSTER = 45  # 90 items + 2 new: more than dim + oversampling, so the randomized path runs
 SPACE_WORDS = ["Orbit", "Galaxy", "Nova", "Comet", "Nebula", "Rocket", "Pulsar", "Quasar", "Moon"]
@@ -328,22 +329,9 @@ def test_a_failed_save_removes_its_partial_files(
 # MovieLens 100K -------------------------------------------------------------------------------
 
 
-def _split(ml100k: Path) -> tuple[dict[str, list[str]], dict[str, str], dict[str, str]]:
-    """EVAL.md: each user's ratings in time order (ties in file order); the last is the test
-    item, the one before the validation item, the rest training."""
-    timelines = defaultdict(list)
-    for event in read_ml100k(ml100k).events:
-        timelines[event.user_id].append((event.timestamp, event.item_id))
-    train, validation, test = {}, {}, {}
-    for user, events in timelines.items():
-        ordered = [item for _, item in sorted(events, key=lambda event: event[0])]
-        if len(ordered) >= 3:
-            train[user], validation[user], test[user] = ordered[:-2], ordered[-2], ordered[-1]
-    return train, validation, test
-
-
 def test_retrieval_on_movielens_beats_popularity(ml100k: Path) -> None:
-    train, validation, test = _split(ml100k)
+    split = load_split(ml100k)
+    train, validation, test = split.train, split.validation, split.test
     started = time.perf_counter()
     index = ItemIndex.build(read_ml100k(ml100k).items, list(train.values()))
     build_seconds = time.perf_counter() - started
@@ -353,7 +341,7 @@ def test_retrieval_on_movielens_beats_popularity(ml100k: Path) -> None:
     for user, items in train.items():
         # Ranked over the catalog minus the user's training and validation items.
         exclude = {*items, validation[user]}
-        retrieved = _ids(index.search(items[-50:], n=50, exclude=exclude))
+        retrieved = _ids(index.search(list(items)[-50:], n=50, exclude=exclude))
         assert len(retrieved) == 50
         retrieval_hits += test[user] in retrieved
         popularity_hits += test[user] in [item for item in popular if item not in exclude][:50]
