@@ -125,9 +125,13 @@ def demo(
     data: Annotated[
         Path | None, typer.Option(help="Load MovieLens 100K from this folder, not synthetic data.")
     ] = None,
-    preset: PresetOption = "default",
+    preset: PresetOption = "tiny",
 ) -> None:
-    """Load data if the store is empty, bootstrap a model if none is active, then serve."""
+    """Load data if the store is empty, bootstrap a model if none is active, then serve.
+
+    The demo trains the tiny preset (about two minutes on 2 cores); `--preset default` trains
+    the larger model.
+    """
     _check_preset(preset)
     settings = settings_from_env(host, port)
     dataset = read_ml100k(data) if data else generate(seed=seed)
