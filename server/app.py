@@ -4,6 +4,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import faiss
 from fastapi import Depends, FastAPI
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -45,6 +46,9 @@ async def open_store(settings: Settings) -> AsyncIterator[Store]:
 
 async def _start_serving(app: FastAPI, settings: Settings, store: Store) -> None:
     """Open the index and the active model; without them requests are served in fallback."""
+    # One request is one small query: faiss's OpenMP threads only contend with the event loop
+    # and vLLM (a query took 16 ms p50 with the default threads, 0.2 ms with one, on 2 cores).
+    faiss.omp_set_num_threads(1)
     app.state.index = load_current(settings.data_dir)
     app.state.engine, app.state.engine_problem = None, None
     try:

@@ -7,7 +7,6 @@ store prefix of the session's own; every test gets the gateway with its in-proce
 import asyncio
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -62,7 +61,3 @@ def gateway(served_settings: Settings, tiny_model: BootstrapResult) -> Iterator[
     """The app with the in-process vLLM engine serving the tiny model (started once)."""
     with TestClient(create_app(served_settings)) as client:
         yield client
-
-
-def model_dir(settings: Settings, version: str) -> Path:
-    return settings.registry_path / version
