@@ -41,6 +41,14 @@ class BootstrapResult(BaseModel):
     seconds: float
 
 
+def build_index(corpus: Corpus, settings: Settings, dim: int, seed: int = 0) -> ItemIndex:
+    """Build the candidate index from the corpus and make it the current version."""
+    sequences = [[item for item, _ in seq] for seq in corpus.sequences.values()]
+    index = ItemIndex.build(list(corpus.items.values()), sequences, dim=dim, seed=seed)
+    publish(index, settings.data_dir)
+    return index
+
+
 def reward_terms(corpus: Corpus, weights: dict[str, float]) -> list[tuple[object, float]]:
     categories = {item_id: item.categories for item_id, item in corpus.items.items()}
     terms = {
@@ -120,9 +128,7 @@ async def bootstrap(
     started = time.perf_counter()
     preset = PRESETS[preset_name]
     corpus = await read_corpus(store)
-    sequences = [[item for item, _ in seq] for seq in corpus.sequences.values()]
-    index = ItemIndex.build(list(corpus.items.values()), sequences, dim=preset.index_dim, seed=seed)
-    publish(index, settings.data_dir)
+    index = build_index(corpus, settings, preset.index_dim, seed)
     shape = Shape(candidates=settings.candidates, history=settings.prompt_history)
     examples = _examples(corpus, index, shape, preset, seed)
     model, tokenizer = train_model(corpus, examples, preset, seed)

@@ -47,6 +47,23 @@ async def _bootstrap(settings: Settings, preset: str, seed: int) -> "BootstrapRe
         return await bootstrap(settings, store, preset, seed=seed)
 
 
+async def _rebuild_index(settings: Settings, dim: int) -> str:
+    from trainer.bootstrap import build_index
+    from trainer.corpus import read_corpus
+
+    async with open_store(settings) as store:
+        corpus = await read_corpus(store)
+    return build_index(corpus, settings, dim).version
+
+
+@app.command("index")
+def index_command(dim: Annotated[int, typer.Option(min=2, help="Item vector size.")] = 64) -> None:
+    """Rebuild the candidate index from the store's catalog and interactions (new items, new
+    feedback) and make it current; gateways load it when they start."""
+    settings = settings_from_env()
+    typer.echo(asyncio.run(_rebuild_index(settings, dim)))
+
+
 @app.command("bootstrap")
 def bootstrap_command(preset: PresetOption = "default", seed: Annotated[int, typer.Option()] = 0):
     """Train the embedded model (index, tokenizer, SFT, GRPO) on the store's data and publish it."""
