@@ -71,4 +71,8 @@ class LocalEngine(Engine):
             raise EngineError(f"engine unhealthy: {exc}") from exc
 
     async def close(self) -> None:
-        self._llm.shutdown()
+        # Drop the last reference now: AsyncLLM.__del__ shuts down again, which fails noisily if
+        # it only runs at interpreter exit.
+        llm, self._llm = self._llm, None
+        llm.shutdown()
+        del llm

@@ -77,7 +77,7 @@ def test_demo_bootstraps_once_then_starts_without_training(tmp_path: Path) -> No
 
     again = _run_demo(tmp_path / "var", port, second_log)
     second = second_log.read_text()
-    assert "loaded " not in second and "bootstrapped model" not in second
+    assert "loaded 600 items" not in second and "bootstrapped model" not in second
     assert again["model_version"] == answer["model_version"]
 
     listed = subprocess.run(
