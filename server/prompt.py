@@ -131,7 +131,8 @@ def answer_pattern(candidate_ids: Sequence[str], k: int) -> str:
     Duplicates cannot be excluded by a regex of reasonable size; the parser drops them.
     """
     count = min(k, len(candidate_ids))
-    choice = "(" + "|".join(re.escape(ref(item_id)) for item_id in candidate_ids) + ")"
+    # '#' needs no escape, and xgrammar warns on every '\#' that re.escape would write.
+    choice = "(" + "|".join(ITEM_MARK + re.escape(item_id) for item_id in candidate_ids) + ")"
     think = f"<think>[^<>]{{0,{MAX_RATIONALE_CHARS}}}</think>"
     more = f"(, {choice}){{{count - 1}}}" if count > 1 else ""
     return f"{think}<answer>{choice}{more}</answer>"
