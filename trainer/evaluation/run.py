@@ -35,6 +35,7 @@ from trainer.evaluation.systems import ItemKNN, Popularity
 
 log = logging.getLogger(__name__)
 TRAINED_ON = "ml-100k:eval-train-split"
+EVAL_TIMEOUT_MS = 600_000
 
 
 def _timelines(path: Path) -> dict[str, list[FeedbackEvent]]:
@@ -85,6 +86,9 @@ def run_eval(path: Path, settings: Settings, users: int | None, seed: int, prese
                 "data_dir": Path(scratch),
                 "registry_dir": None,
                 "key_prefix": f"eval-{uuid.uuid4().hex[:8]}",
+                # Offline: every answer must come from the model, however slow the machine;
+                # latency is reported separately (p50_ms), not enforced.
+                "llm_timeout_ms": EVAL_TIMEOUT_MS,
             }
         )
         handle = connect(settings)
