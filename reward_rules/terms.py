@@ -6,14 +6,20 @@ example". A policy file names terms through `TERMS` and weights them; `weighted_
 
 Example columns read by the terms: `candidates` (list of item ids the model may name),
 `positives` (held-out items the user engaged with) and `k` (how many items the answer should
-rank). Other columns are ignored.
+rank). Other columns are ignored. Facts about the catalog (categories, popularity, promotions,
+availability, creation times) are given to a term when it is built, not per example.
+
+Every term is "higher is better" and lies in [0, 1], so policy weights are never negative: the
+business penalties (availability, category cap) are returned as 1 - the share of offending items.
 
 Only `Format` looks at a malformed completion; the content terms score it 0.0 (when they apply),
 as RecZero scores accuracy only for a valid format: otherwise a policy could collect content
 reward without learning the contract.
 """
 
-from collections.abc import Iterable, Mapping, Sequence
+from bisect import bisect_left, bisect_right
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol
 
 from reward_rules.answer import Answer, ranked
@@ -146,7 +152,180 @@ class Novelty:
         return mean_self_information(items, self.counts, self.total) / scale
 
 
-TERMS: dict[str, type] = {term.name: term for term in (Format, Accuracy, Diversity, Novelty)}
+def _target(example: Example) -> int:
+    """How many items a complete answer ranks: k, or every candidate if there are fewer."""
+    return min(int(example["k"]), len(set(example["candidates"])))
+
+
+class Promotion:
+    """The share of the answer's k slots that hold promoted items, in [0, 1].
+
+    The share is taken of `min(k, number of candidates)` (the length of a complete answer), not of
+    the ranked items, so that a short answer naming one promoted item cannot score 1. None when no
+    candidate is promoted: every answer would score 0, the example says nothing.
+
+    >>> term = Promotion({"a", "c"})
+    >>> example = {"candidates": ["a", "b", "c", "d"], "k": 2}
+    >>> term(Answer("", ("a", "c"), True), example), term(Answer("", ("a", "b"), True), example)
+    (1.0, 0.5)
+    >>> term(Answer("", ("a",), True), example)  # one promoted item of the two slots
+    0.5
+    >>> print(term(Answer("", ("b",), True), {"candidates": ["b", "d"], "k": 2}))
+    None
+    """
+
+    name: ClassVar[str] = "promotion"
+
+    def __init__(self, promoted: Collection[str]):
+        self.promoted = frozenset(promoted)
+
+    def __call__(self, answer: Answer, example: Example) -> float | None:
+        if self.promoted.isdisjoint(example["candidates"]):
+            return None
+        items = _ranked(answer, example)
+        return sum(item in self.promoted for item in items) / _target(example)
+
+
+class Availability:
+    """1 - the share of the ranked items that are unavailable, in [0, 1] (higher is better).
+
+    The gateway never serves an unavailable item when the policy excludes them; this term teaches
+    the model not to name them in the first place. 0.0 when nothing is ranked (an empty answer
+    must not earn the best score). None when no candidate is unavailable.
+
+    >>> term = Availability({"b"})
+    >>> example = {"candidates": ["a", "b", "c", "d"], "k": 2}
+    >>> term(Answer("", ("a", "c"), True), example), term(Answer("", ("a", "b"), True), example)
+    (1.0, 0.5)
+    """
+
+    name: ClassVar[str] = "availability"
+
+    def __init__(self, unavailable: Collection[str]):
+        self.unavailable = frozenset(unavailable)
+
+    def __call__(self, answer: Answer, example: Example) -> float | None:
+        if self.unavailable.isdisjoint(example["candidates"]):
+            return None
+        items = _ranked(answer, example)
+        if not items:
+            return 0.0
+        return 1.0 - sum(item in self.unavailable for item in items) / len(items)
+
+
+def split_at_category_cap(
+    items: Sequence[str], categories: Mapping[str, Collection[str]], cap: int | None
+) -> tuple[list[str], list[str]]:
+    """(kept, skipped): walk `items` in order, skipping an item whose categories include one that
+    already has `cap` kept items. An item counts towards each of its categories; an item without
+    categories is never capped. No cap (None) keeps everything.
+
+    This is the rule the gateway enforces and `CategoryCap` rewards: one implementation for both.
+
+    >>> cats = {"a": ["Drama"], "b": ["Drama", "War"], "c": ["War"], "d": ["Comedy"]}
+    >>> split_at_category_cap(["a", "b", "c", "d"], cats, 1)
+    (['a', 'c', 'd'], ['b'])
+    """
+    if cap is None:
+        return list(items), []
+    kept: list[str] = []
+    skipped: list[str] = []
+    counts: Counter[str] = Counter()
+    for item in items:
+        cats = set(categories.get(item, ()))
+        if any(counts[category] >= cap for category in cats):
+            skipped.append(item)
+        else:
+            kept.append(item)
+            counts.update(cats)
+    return kept, skipped
+
+
+class CategoryCap:
+    """1 - the share of the ranked items that break the per-category cap, in [0, 1].
+
+    The offending items are those `split_at_category_cap` skips: walking the answer in order, an
+    item whose category already has `max_per_category` items. 0.0 when nothing is ranked. None
+    when the cap cannot be exceeded (no cap, or k <= cap).
+
+    >>> term = CategoryCap({"a": ["Drama"], "b": ["Drama"], "c": ["Comedy"]}, max_per_category=1)
+    >>> example = {"candidates": ["a", "b", "c"], "k": 2}
+    >>> term(Answer("", ("a", "c"), True), example), term(Answer("", ("a", "b"), True), example)
+    (1.0, 0.5)
+    """
+
+    name: ClassVar[str] = "category_cap"
+
+    def __init__(self, categories: Mapping[str, Collection[str]], max_per_category: int | None):
+        if max_per_category is not None and max_per_category < 1:
+            raise ValueError(f"max_per_category must be at least 1, got {max_per_category}")
+        self.categories = {item: frozenset(cats) for item, cats in categories.items()}
+        self.cap = max_per_category
+
+    def __call__(self, answer: Answer, example: Example) -> float | None:
+        if self.cap is None or int(example["k"]) <= self.cap:
+            return None
+        items = _ranked(answer, example)
+        if not items:
+            return 0.0
+        _, skipped = split_at_category_cap(items, self.categories, self.cap)
+        return 1.0 - len(skipped) / len(items)
+
+
+class Freshness:
+    """Mean freshness of the ranked items, in [0, 1]: how new each item is within the catalog.
+
+    An item's freshness is its percentile rank by creation time among the catalog's items: the
+    share of the other items that are older, ties counted as half older (so the newest item of a
+    catalog without ties scores 1, the oldest 0). A rank, not a scaled age, so that one very old
+    item does not squeeze every other score together, and so that it means the same for a catalog
+    spanning decades (films) or days (news). Items without a creation time score 0. 0.0 when
+    nothing is ranked; None when the catalog has fewer than two distinct creation times (no item
+    is newer than another).
+
+    `created_at` maps item ids to creation times in Unix seconds.
+
+    >>> term = Freshness({"old": 0.0, "mid": 100.0, "new": 200.0})
+    >>> example = {"candidates": ["old", "mid", "new"], "k": 1}
+    >>> [term(Answer("", (item,), True), example) for item in ("old", "mid", "new")]
+    [0.0, 0.5, 1.0]
+    """
+
+    name: ClassVar[str] = "freshness"
+
+    def __init__(self, created_at: Mapping[str, float]):
+        times = sorted(created_at.values())
+        self.applies = len(times) >= 2 and times[0] != times[-1]
+        self.score: dict[str, float] = {}
+        if self.applies:
+            others = len(times) - 1
+            for item, time in created_at.items():
+                older = bisect_left(times, time)
+                ties = bisect_right(times, time) - older - 1  # other items created at that time
+                self.score[item] = (older + ties / 2) / others
+
+    def __call__(self, answer: Answer, example: Example) -> float | None:
+        if not self.applies:
+            return None
+        items = _ranked(answer, example)
+        if not items:
+            return 0.0
+        return sum(self.score.get(item, 0.0) for item in items) / len(items)
+
+
+TERMS: dict[str, type] = {
+    term.name: term
+    for term in (
+        Format,
+        Accuracy,
+        Diversity,
+        Novelty,
+        Promotion,
+        Availability,
+        CategoryCap,
+        Freshness,
+    )
+}
 """Term classes by name, so that a policy file can refer to them."""
 
 

@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 models = typer.Typer(help="The model registry.", no_args_is_help=True)
 app.add_typer(models, name="models")
+policies = typer.Typer(
+    help="Business policy files: reward weights and hard constraints.", no_args_is_help=True
+)
+app.add_typer(policies, name="policy")
 
 PresetOption = Annotated[str, typer.Option(help=f"Training preset: {', '.join(PRESETS)}.")]
 
@@ -196,3 +200,23 @@ def eval_command(
     typer.echo(report.table())
     if json_out:
         json_out.write_text(report.model_dump_json(indent=2))
+
+
+@policies.command("check")
+def check_policy(
+    path: Annotated[
+        Path,
+        typer.Argument(exists=True, dir_okay=False, metavar="FILE", help="A policy file (YAML)."),
+    ],
+) -> None:
+    """Validate a policy file: prints a one-line summary, or each problem as FILE:LINE: message
+    (exit status 1)."""
+    from reward_rules.policy import PolicyError, load_policy
+
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        for line in exc.lines():
+            typer.echo(line, err=True)  # plain, unwrapped: editors jump to FILE:LINE
+        raise typer.Exit(1) from exc
+    typer.echo(f"{path}: ok: {policy.summary()}")

@@ -13,9 +13,14 @@ from reward_rules.answer import Answer, ranked
 from reward_rules.terms import (
     TERMS,
     Accuracy,
+    Availability,
+    CategoryCap,
     Diversity,
     Format,
+    Freshness,
     Novelty,
+    Promotion,
+    split_at_category_cap,
     weighted_sum,
 )
 
@@ -23,6 +28,15 @@ CANDIDATES = ["a", "b", "c", "d"]
 CATEGORIES = {"a": ["Drama"], "b": ["Drama"], "c": ["Comedy"], "d": ["Drama", "Comedy"]}
 COUNTS = {"a": 8, "b": 4, "c": 2, "d": 1, "z": 1}  # total 16: log2(16) = 4 bits at most
 LOG3 = math.log2(3)
+PROMOTED = {"b", "d", "z"}  # z is not a candidate
+UNAVAILABLE = {"c", "z"}
+CREATED = {
+    "a": 10.0,
+    "b": 30.0,
+    "c": 20.0,
+    "d": 30.0,
+    "z": 0.0,
+}  # percentiles 1/4, 7/8, 1/2, 7/8, 0
 
 ids = st.sampled_from(["a", "b", "c", "d", "e", "x", "y"])
 answers = st.builds(
@@ -244,14 +258,240 @@ class TestNovelty:
         assert 0.0 <= Novelty(counts)(answer, ex) <= 1.0 + 1e-12
 
 
+class TestPromotion:
+    @pytest.mark.parametrize(
+        ("answer", "ex", "expected"),
+        [
+            # no candidate is promoted: does not apply
+            (ok("a", "c"), {"candidates": ["a", "c"], "k": 2}, None),
+            # nothing ranked: 0
+            (ok(), example(), 0.0),
+            # both slots promoted: 1
+            (ok("b", "d"), example(), 1.0),
+            # one of two slots: 1/2, whatever its rank
+            (ok("a", "b"), example(), 0.5),
+            (ok("b", "a"), example(), 0.5),
+            # a short answer is measured against the full k slots: one of two, not one of one
+            (ok("b"), example(), 0.5),
+            # fewer candidates than k: the slots are the candidates (b of a, b)
+            (ok("a", "b"), {"candidates": ["a", "b"], "k": 5}, 0.5),
+            # malformed completion: 0
+            (bad("b", "d"), example(), 0.0),
+            # a promoted item past k, duplicated or not a candidate does not count
+            (ok("a", "c", "b"), example(), 0.0),
+            (ok("b", "b"), example(), 0.5),
+            (ok("z", "b"), example(), 0.5),
+            # extra columns are ignored
+            (ok("b", "d"), example(user="u1"), 1.0),
+        ],
+    )
+    def test_cases(self, answer: Answer, ex: dict[str, Any], expected: float | None) -> None:
+        assert Promotion(PROMOTED)(answer, ex) == pytest.approx(expected)
+
+    @given(answers, examples, st.sets(ids, max_size=4))
+    def test_lies_in_unit_interval(
+        self, answer: Answer, ex: dict[str, Any], promoted: set[str]
+    ) -> None:
+        value = Promotion(promoted)(answer, ex)
+        assert value is None or 0.0 <= value <= 1.0
+        assert (value is None) == promoted.isdisjoint(ex["candidates"])
+
+
+class TestAvailability:
+    @pytest.mark.parametrize(
+        ("answer", "ex", "expected"),
+        [
+            # every candidate available: does not apply
+            (ok("a", "b"), {"candidates": ["a", "b"], "k": 2}, None),
+            # nothing ranked: 0, an empty answer is not the best one
+            (ok(), example(), 0.0),
+            # only available items: 1
+            (ok("a", "b"), example(), 1.0),
+            # one of two unavailable: 1/2
+            (ok("c", "a"), example(), 0.5),
+            # only an unavailable item: 0
+            (ok("c"), example(), 0.0),
+            # a short answer of available items: 1 (format, not availability, asks for k)
+            (ok("a"), example(), 1.0),
+            # malformed completion: 0
+            (bad("a", "b"), example(), 0.0),
+            # an unavailable item past k does not count
+            (ok("a", "b", "c"), example(), 1.0),
+            # extra columns are ignored
+            (ok("c", "a"), example(user="u1"), 0.5),
+        ],
+    )
+    def test_cases(self, answer: Answer, ex: dict[str, Any], expected: float | None) -> None:
+        assert Availability(UNAVAILABLE)(answer, ex) == pytest.approx(expected)
+
+    @given(answers, examples, st.sets(ids, max_size=4))
+    def test_lies_in_unit_interval(
+        self, answer: Answer, ex: dict[str, Any], unavailable: set[str]
+    ) -> None:
+        value = Availability(unavailable)(answer, ex)
+        assert value is None or 0.0 <= value <= 1.0
+        assert (value is None) == unavailable.isdisjoint(ex["candidates"])
+
+
+class TestSplitAtCategoryCap:
+    @pytest.mark.parametrize(
+        ("items", "cap", "kept", "skipped"),
+        [
+            # no cap: everything kept
+            (["a", "b", "c"], None, ["a", "b", "c"], []),
+            # nothing to walk
+            ([], 1, [], []),
+            # the second drama is skipped, the comedy after it kept
+            (["a", "b", "c"], 1, ["a", "c"], ["b"]),
+            # cap 2: two dramas fit
+            (["a", "b", "c"], 2, ["a", "b", "c"], []),
+            # d (drama and comedy) counts towards both: after it neither a nor c fits
+            (["d", "a", "c"], 1, ["d"], ["a", "c"]),
+            # an item without categories is never capped
+            (["a", "x", "y", "b"], 1, ["a", "x", "y"], ["b"]),
+            # a skipped item does not count: b is skipped, so the cap on drama stays at a alone
+            (["a", "b", "d"], 1, ["a"], ["b", "d"]),
+        ],
+    )
+    def test_cases(
+        self, items: list[str], cap: int | None, kept: list[str], skipped: list[str]
+    ) -> None:
+        assert split_at_category_cap(items, CATEGORIES, cap) == (kept, skipped)
+
+    @given(st.lists(ids, unique=True), st.integers(1, 3))
+    def test_kept_respects_the_cap_and_nothing_is_lost(self, items: list[str], cap: int) -> None:
+        kept, skipped = split_at_category_cap(items, CATEGORIES, cap)
+        assert sorted(kept + skipped) == sorted(items)
+        assert kept == [item for item in items if item in kept]  # order kept
+        for category in ("Drama", "Comedy"):
+            assert sum(category in CATEGORIES.get(item, ()) for item in kept) <= cap
+
+
+class TestCategoryCap:
+    @pytest.mark.parametrize(
+        ("answer", "ex", "cap", "expected"),
+        [
+            # no cap: does not apply
+            (ok("a", "b"), example(), None, None),
+            # k <= cap: the cap cannot be exceeded, does not apply
+            (ok("a", "b"), example(), 2, None),
+            # nothing ranked: 0
+            (ok(), example(), 1, 0.0),
+            # drama and comedy, cap 1: 1
+            (ok("a", "c"), example(), 1, 1.0),
+            # two dramas, cap 1: the second is over, 1 - 1/2
+            (ok("a", "b"), example(), 1, 0.5),
+            # three dramas of three ranked, cap 1: two over, 1 - 2/3
+            (ok("a", "b", "d"), example(k=3), 1, 1 / 3),
+            # cap 2, k 3: the third drama is over
+            (ok("a", "b", "d", "c"), example(k=3), 2, 2 / 3),
+            # malformed completion: 0
+            (bad("a", "c"), example(), 1, 0.0),
+            # an item over the cap past k does not count
+            (ok("a", "c", "b"), example(), 1, 1.0),
+            # extra columns are ignored
+            (ok("a", "b"), example(user="u1"), 1, 0.5),
+        ],
+    )
+    def test_cases(
+        self, answer: Answer, ex: dict[str, Any], cap: int | None, expected: float | None
+    ) -> None:
+        assert CategoryCap(CATEGORIES, cap)(answer, ex) == pytest.approx(expected)
+
+    def test_cap_below_one_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="at least 1"):
+            CategoryCap(CATEGORIES, 0)
+
+    @given(answers, examples, st.integers(1, 3))
+    def test_lies_in_unit_interval(self, answer: Answer, ex: dict[str, Any], cap: int) -> None:
+        value = CategoryCap(CATEGORIES, cap)(answer, ex)
+        assert value is None or 0.0 <= value <= 1.0
+        assert (value is None) == (ex["k"] <= cap)
+
+
+class TestFreshness:
+    @pytest.mark.parametrize(
+        ("answer", "ex", "expected"),
+        [
+            # nothing ranked: 0
+            (ok(), example(), 0.0),
+            # the oldest candidate: one of four other items (z) is older, 1/4
+            (ok("a"), example(k=1), 0.25),
+            # b ties with d at the newest time: 3 older + half a tie of 4, 7/8
+            (ok("b"), example(k=1), 7 / 8),
+            # the mean over the ranked items: (1/4 + 1/2) / 2
+            (ok("a", "c"), example(), 0.375),
+            # an item without a creation time scores 0
+            (ok("e"), {"candidates": ["e"], "k": 1}, 0.0),
+            # malformed completion: 0
+            (bad("b"), example(k=1), 0.0),
+            # non-candidates and duplicates are not scored
+            (ok("x", "c", "c"), example(k=1), 0.5),
+            # extra columns are ignored
+            (ok("c"), example(k=1, user="u1"), 0.5),
+        ],
+    )
+    def test_cases(self, answer: Answer, ex: dict[str, Any], expected: float) -> None:
+        assert Freshness(CREATED)(answer, ex) == pytest.approx(expected)
+
+    @pytest.mark.parametrize(
+        "created",
+        [
+            # no catalog times
+            {},
+            # one item: nothing to compare with
+            {"a": 5.0},
+            # every item created at once: none is newer
+            {"a": 5.0, "b": 5.0},
+        ],
+    )
+    def test_does_not_apply_without_two_distinct_times(self, created: dict[str, float]) -> None:
+        assert Freshness(created)(ok("a"), example(k=1)) is None
+
+    def test_newest_scores_one_and_oldest_zero(self) -> None:
+        term = Freshness({"a": 1.0, "b": 1e9, "c": 2e9})  # ranks, not scaled ages
+        assert [term(ok(item), example(k=1)) for item in "acb"] == [0.0, 1.0, 0.5]
+
+    @given(answers, examples, st.dictionaries(ids, st.floats(-1e9, 1e9)))
+    def test_lies_in_unit_interval(
+        self, answer: Answer, ex: dict[str, Any], created: dict[str, float]
+    ) -> None:
+        value = Freshness(created)(answer, ex)
+        assert value is None or 0.0 <= value <= 1.0
+        assert (value is None) == (len(set(created.values())) < 2)
+
+    @given(st.dictionaries(ids, st.integers(0, 5), min_size=2))
+    def test_newer_items_score_higher(self, created: dict[str, int]) -> None:
+        term = Freshness({item: float(t) for item, t in created.items()})
+        if term(ok(), example()) is None:
+            return
+        for older in created:
+            for newer in created:
+                if created[older] < created[newer]:
+                    assert term.score[older] < term.score[newer]
+
+
 class TestRegistryAndSum:
     def test_registry_names_every_term_by_its_name(self) -> None:
         expected = {"format": Format, "accuracy": Accuracy, "diversity": Diversity}
-        assert expected | {"novelty": Novelty} == TERMS
+        business = {"promotion": Promotion, "availability": Availability}
+        business |= {"category_cap": CategoryCap, "freshness": Freshness}
+        assert expected | {"novelty": Novelty} | business == TERMS
         assert all(cls.name == name for name, cls in TERMS.items())
 
     @pytest.mark.parametrize(
-        "term", [Format(), Accuracy(), Diversity(CATEGORIES), Novelty(COUNTS)], ids=str
+        "term",
+        [
+            Format(),
+            Accuracy(),
+            Diversity(CATEGORIES),
+            Novelty(COUNTS),
+            Promotion(PROMOTED),
+            Availability(UNAVAILABLE),
+            CategoryCap(CATEGORIES, 1),
+            Freshness(CREATED),
+        ],
+        ids=lambda term: term.name,
     )
     def test_terms_survive_pickling(self, term: Any) -> None:
         # GRPO workers receive the terms pickled; the copy must score like the original

@@ -1,0 +1,60 @@
+"""`reasonrec policy check FILE`: a summary for a valid file, FILE:LINE: message per problem."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from trainer.cli import app
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "promote.yaml"])
+def test_shipped_policies_are_valid(name: str) -> None:
+    path = ROOT / "policies" / name
+    result = CliRunner().invoke(app, ["policy", "check", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("\n") == 1  # one line
+    assert result.stdout.startswith(f"{path}: ok: weights format=1 accuracy=1")
+
+
+def test_promotion_policy_summary_names_its_rules() -> None:
+    result = CliRunner().invoke(app, ["policy", "check", str(ROOT / "policies/promote.yaml")])
+    assert "promotion=0.3" in result.stdout
+    assert "max_per_category=3 boost promoted=+0.5" in result.stdout
+
+
+def test_each_problem_is_reported_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "# a policy with three mistakes\n"
+        "weights:\n"
+        "  format: 1\n"
+        "  promo: 0.3\n"
+        "constraints:\n"
+        "  max_per_category: 0\n"
+        "  boost: {promoted: -1}\n"
+    )
+    result = CliRunner().invoke(app, ["policy", "check", str(path)])
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert [line.split(": ", 1)[0] for line in lines] == [f"{path}:4", f"{path}:6", f"{path}:7"]
+    assert "unknown term 'promo'" in lines[0]
+    assert "constraints.max_per_category" in lines[1]
+    assert "constraints.boost.promoted" in lines[2]
+
+
+def test_yaml_syntax_error_is_reported_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("weights:\n  format: [1\n")
+    result = CliRunner().invoke(app, ["policy", "check", str(path)])
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"{path}:3: not valid YAML")
+
+
+def test_missing_file_is_a_usage_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["policy", "check", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
