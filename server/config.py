@@ -92,6 +92,12 @@ class Settings(BaseSettings):
     max_answer_tokens: int = Field(
         192, ge=16, description="Token budget of one answer (rationale + ranked ids)."
     )
+    policy_file: Path | None = Field(
+        None,
+        description="Business policy YAML (reward weights and hard constraints; see 'Business "
+        "policy'). The gateway enforces its constraints, the trainer rewards its terms. Unset: "
+        "the built-in default policy.",
+    )
     impressions_maxlen: int = Field(
         1_000_000, ge=0, description="Approximate cap on the impressions stream (0: no cap)."
     )

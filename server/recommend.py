@@ -1,6 +1,6 @@
 """The request path of POST /v1/recommend, one named step after another:
 
-context -> candidates -> prompt -> engine -> parse + repair -> response -> impression log.
+context -> candidates -> prompt -> engine -> parse + repair -> policy -> response -> impression log.
 
 When the engine is missing, fails or overruns its budget, the retrieval order is served with
 `source: fallback` and `degraded: true`; the request still succeeds.
@@ -20,6 +20,7 @@ from server.config import Settings
 from server.context import UserContext, load_context
 from server.engine import Engine, EngineError, GenerationRequest
 from server.item_index import ItemIndex
+from server.policy import enforce, read_policy
 from server.prompt import (
     HistoryView,
     ItemView,
@@ -33,6 +34,9 @@ from server.store import Store
 
 log = logging.getLogger(__name__)
 
+# Each item is one token, so a penalty on tokens already generated makes repeating an id costly
+# (a regex cannot forbid repeats). 2.0 is the most vLLM accepts; the parser drops what slips by.
+REPEAT_PENALTY = 2.0
 FALLBACK_RATIONALE = (
     "Ranked by similarity to your recent history (the language model was not used)."
 )
@@ -99,6 +103,7 @@ class Recommender:
     def __init__(self, store: Store, settings: Settings):
         self.store = store
         self.settings = settings
+        self.policy = read_policy(settings.policy_file)
         self.repairs = 0  # answers that needed repair, for offline evaluation
 
     async def recommend(
@@ -116,6 +121,8 @@ class Recommender:
         order = list(by_id)
         prompt = build_prompt(prompt_input(context, found, request.k)) if order else ""
         outcome = await self._rank(prompt, order, request, request_id, engine)
+        items = {item_id: candidate.item for item_id, candidate in by_id.items()}
+        outcome.ids = enforce(self.policy, outcome.ids, order, items, request.k) if order else []
         response = RecommendResponse(
             request_id=request_id,
             user_id=request.user_id,
@@ -163,6 +170,7 @@ class Recommender:
             prompt=prompt,
             regex=answer_pattern(order, request.k),
             max_tokens=self.settings.max_answer_tokens,
+            presence_penalty=REPEAT_PENALTY,
         )
         budget = self.settings.llm_timeout_ms / 1000
         try:

@@ -24,7 +24,7 @@ from trainer.corpus import Corpus, read_corpus
 from trainer.dataset import ExampleBuilder, Examples, Shape
 from trainer.examples import Example
 from trainer.grpo import run_grpo
-from trainer.model import build_model, parameter_count
+from trainer.model import build_model, parameter_count, seed_item_embeddings
 from trainer.presets import PRESETS, Preset
 from trainer.sft import run_sft
 from trainer.tokenizer import train_tokenizer
@@ -104,12 +104,14 @@ def _examples(
     return Examples(train=train, validation=validation)
 
 
-def train_model(corpus: Corpus, examples: Examples, preset: Preset, seed: int):
+def train_model(corpus: Corpus, index: ItemIndex, examples: Examples, preset: Preset, seed: int):
     tokenizer = train_tokenizer(
         _texts(corpus, examples.train), list(corpus.items), preset.vocab_size
     )
     model = build_model(tokenizer, preset.model, seed=seed)
-    log.info("model built", extra={"parameters": parameter_count(model)})
+    vectors = {item_id: index.vector(item_id) for item_id in index.item_ids}
+    seeded = seed_item_embeddings(model, tokenizer, vectors, seed=seed)
+    log.info("model built", extra={"parameters": parameter_count(model), "seeded_items": seeded})
     model = run_sft(model, tokenizer, examples.train, preset.sft)
     grpo_examples = examples.train[: preset.grpo_examples]
     with tempfile.TemporaryDirectory(prefix="reasonrec-grpo-") as scratch:
@@ -131,7 +133,7 @@ async def bootstrap(
     index = build_index(corpus, settings, preset.index_dim, seed)
     shape = Shape(candidates=settings.candidates, history=settings.prompt_history)
     examples = _examples(corpus, index, shape, preset, seed)
-    model, tokenizer = train_model(corpus, examples, preset, seed)
+    model, tokenizer = train_model(corpus, index, examples, preset, seed)
     metrics = validate(model, tokenizer, examples.validation)
     registry = Registry(settings.registry_path)
     staging = registry.staging()

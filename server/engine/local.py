@@ -46,6 +46,7 @@ class LocalEngine(Engine):
         params = SamplingParams(
             max_tokens=request.max_tokens,
             temperature=request.temperature,
+            presence_penalty=request.presence_penalty,
             structured_outputs=structured,
         )
         final = None

@@ -20,6 +20,7 @@ class RemoteEngine(Engine):
             "prompt": request.prompt,
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
+            "presence_penalty": request.presence_penalty,
             "request_id": request.request_id,
         }
         if request.regex:

@@ -472,3 +472,41 @@ def test_repair(
 
 def test_repair_with_no_candidates() -> None:
     assert repair(Answer(rationale="", items=("a",), well_formed=True), [], 3) == ([], False)
+
+
+# The business policy ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def capped_shop(make_client: Callable[..., TestClient], tmp_path: Any) -> TestClient:
+    """The shop under a policy file: one item per category, promoted items three pages up."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "constraints:\n  max_per_category: 1\n  boost:\n    promoted: 3\n", encoding="utf-8"
+    )
+    client = make_client(policy_file=policy)
+    load_shop(client)
+    return client
+
+
+def test_policy_caps_categories_and_backfills(capped_shop: TestClient) -> None:
+    use(capped_shop, FakeEngine(answer("p1", "p3")))  # two dramas: the second breaks the cap
+    body = recommend(capped_shop, k=2)
+    assert ids(body) == ["p1", "p2"]  # p3 dropped; the retrieval order's first comedy fills in
+    assert body["source"] == "llm"
+
+
+def test_policy_boosts_promoted_items_on_fallback_too(capped_shop: TestClient) -> None:
+    promoted = _item("n2", timedelta(days=2), promoted=True)
+    assert capped_shop.post("/v1/items", json={"items": [promoted]}).status_code == 200
+    use(capped_shop, None)
+    assert ids(recommend(capped_shop, k=2)) == ["n2", "p2"]  # n2 (drama) up a page, then comedy
+
+
+def test_invalid_policy_file_stops_the_gateway(
+    make_client: Callable[..., TestClient], tmp_path: Any
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("weights:\n  accuracy: -1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"policy.yaml:2:"):
+        make_client(policy_file=policy)

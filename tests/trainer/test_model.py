@@ -2,12 +2,21 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from trainer.model import PRESETS, VLLM_CPU_HEAD_SIZES, ModelSize, build_model, parameter_count
+from server.prompt import ref
+from trainer.model import (
+    PRESETS,
+    VLLM_CPU_HEAD_SIZES,
+    ModelSize,
+    build_model,
+    parameter_count,
+    seed_item_embeddings,
+)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -69,3 +78,23 @@ def test_unservable_shapes_are_refused(
             num_key_value_heads=kv_heads,
             intermediate_size=64,
         )
+
+
+def test_item_embeddings_start_at_the_index_vectors(
+    toy_tokenizer: PreTrainedTokenizerFast, toy_catalog: dict
+) -> None:
+    """The rotation keeps the vectors' geometry: similar items start with similar embeddings."""
+    model = build_model(toy_tokenizer, "tiny", seed=0)
+    fresh_norm = float(model.get_input_embeddings().weight.detach().norm(dim=1).mean())
+    rng = np.random.default_rng(0)
+    vectors = {item_id: rng.normal(size=8) for item_id in list(toy_catalog)[:5]}
+    vectors["not-a-token"] = rng.normal(size=8)
+    assert seed_item_embeddings(model, toy_tokenizer, vectors) == 5
+    weight = model.get_input_embeddings().weight.detach()
+    rows = {i: weight[toy_tokenizer.convert_tokens_to_ids(ref(i))] for i in list(vectors)[:5]}
+    for a, b in [(x, y) for x in rows for y in rows]:
+        expected = vectors[a] @ vectors[b] / np.linalg.norm(vectors[a]) / np.linalg.norm(vectors[b])
+        got = torch.nn.functional.cosine_similarity(rows[a], rows[b], dim=0)
+        assert float(got) == pytest.approx(float(expected), abs=1e-5)
+    for row in rows.values():
+        assert float(row.norm()) == pytest.approx(fresh_norm, rel=1e-4)

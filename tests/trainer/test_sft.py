@@ -8,7 +8,7 @@ from server.prompt import parse_answer
 from trainer.examples import Example
 from trainer.model import build_model
 from trainer.presets import SftSettings
-from trainer.sft import IGNORE, collate, encode, run_sft, target_loss
+from trainer.sft import IGNORE, batch_loss, collate, encode, run_sft, target_loss
 
 from .conftest import one_thread
 
@@ -41,14 +41,34 @@ class TestEncode:
             toy_tokenizer.decode([t for t in labels if t != IGNORE][:-1]) == toy_examples[0].target
         )
 
-    def test_collate_pads_right_and_masks_padding(
+    def test_collate_pads_left_and_keeps_only_the_target_tail(
         self, toy_tokenizer: PreTrainedTokenizerFast
     ) -> None:
         pad = toy_tokenizer.pad_token_id
-        batch = collate([([5, 6, 7], [IGNORE, 6, 7]), ([8], [8])], pad_id=pad)
-        assert batch["input_ids"].tolist() == [[5, 6, 7], [8, pad, pad]]
-        assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-        assert batch["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
+        batch = collate([([5, 6, 7], [IGNORE, 6, 7]), ([8, 9], [IGNORE, 9])], pad_id=pad)
+        assert batch.input_ids.tolist() == [[5, 6, 7], [pad, 8, 9]]
+        assert batch.attention_mask.tolist() == [[1, 1, 1], [0, 1, 1]]
+        assert batch.position_ids.tolist() == [[0, 1, 2], [0, 0, 1]]
+        assert batch.labels.tolist() == [[IGNORE, 6, 7], [IGNORE, IGNORE, 9]]
+        assert batch.tail == 2
+
+    def test_batch_loss_equals_the_full_sequence_loss(
+        self, toy_tokenizer: PreTrainedTokenizerFast, toy_examples: list[Example]
+    ) -> None:
+        """Left padding, explicit positions and the cut logits change nothing in the loss."""
+        model = build_model(toy_tokenizer, "tiny", seed=0).eval()
+        rows = [encode(toy_tokenizer, example, 4096) for example in toy_examples[:3]]
+        with torch.no_grad():
+            ours = batch_loss(model, collate(rows, toy_tokenizer.pad_token_id), bf16=False)
+            one_by_one = [
+                model(
+                    input_ids=torch.tensor([ids]), labels=torch.tensor([labels]), use_cache=False
+                ).loss
+                * (sum(label != IGNORE for label in labels[1:]))
+                for ids, labels in rows
+            ]
+        tokens = sum(sum(label != IGNORE for label in labels[1:]) for _, labels in rows)
+        assert float(ours) == pytest.approx(float(sum(one_by_one)) / tokens, rel=1e-4)
 
 
 @pytest.mark.slow
