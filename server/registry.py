@@ -34,6 +34,9 @@ class Manifest(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     data_window: dict[str, Any] = Field(default_factory=dict)
     reward_weights: dict[str, float] = Field(default_factory=dict)
+    policy: dict[str, Any] = Field(
+        default_factory=dict, description="The business policy it was trained under."
+    )
     metrics: dict[str, float] = Field(default_factory=dict)
     index_version: str | None = None
 

@@ -13,9 +13,10 @@ import torch
 from pydantic import BaseModel
 
 from reward_rules.metrics import ndcg_at_k
-from reward_rules.terms import Accuracy, Diversity, Format, Novelty
+from reward_rules.policy import Policy, build_terms, catalog_facts
 from server.config import Settings
 from server.item_index import ItemIndex, publish
+from server.policy import read_policy
 from server.prompt import parse_answer
 from server.recommend import repair
 from server.registry import Manifest, Registry, new_version
@@ -47,17 +48,6 @@ def build_index(corpus: Corpus, settings: Settings, dim: int, seed: int = 0) -> 
     index = ItemIndex.build(list(corpus.items.values()), sequences, dim=dim, seed=seed)
     publish(index, settings.data_dir)
     return index
-
-
-def reward_terms(corpus: Corpus, weights: dict[str, float]) -> list[tuple[object, float]]:
-    categories = {item_id: item.categories for item_id, item in corpus.items.items()}
-    terms = {
-        "format": Format(),
-        "accuracy": Accuracy(),
-        "diversity": Diversity(categories),
-        "novelty": Novelty(dict(corpus.popularity)),
-    }
-    return [(terms[name], weight) for name, weight in weights.items() if weight]
 
 
 def _texts(corpus: Corpus, examples: list[Example]) -> list[str]:
@@ -104,7 +94,14 @@ def _examples(
     return Examples(train=train, validation=validation)
 
 
-def train_model(corpus: Corpus, index: ItemIndex, examples: Examples, preset: Preset, seed: int):
+def train_model(
+    corpus: Corpus,
+    index: ItemIndex,
+    examples: Examples,
+    preset: Preset,
+    policy: Policy,
+    seed: int,
+):
     tokenizer = train_tokenizer(
         _texts(corpus, examples.train), list(corpus.items), preset.vocab_size
     )
@@ -115,7 +112,8 @@ def train_model(corpus: Corpus, index: ItemIndex, examples: Examples, preset: Pr
     model = run_sft(model, tokenizer, examples.train, preset.sft)
     grpo_examples = examples.train[: preset.grpo_examples]
     with tempfile.TemporaryDirectory(prefix="reasonrec-grpo-") as scratch:
-        terms = reward_terms(corpus, preset.reward_weights)
+        facts = catalog_facts(corpus.items.values(), policy)
+        terms = build_terms(policy, facts, corpus.popularity)
         model = run_grpo(model, tokenizer, grpo_examples, terms, preset.grpo, Path(scratch))
     return model, tokenizer
 
@@ -133,7 +131,8 @@ async def bootstrap(
     index = build_index(corpus, settings, preset.index_dim, seed)
     shape = Shape(candidates=settings.candidates, history=settings.prompt_history)
     examples = _examples(corpus, index, shape, preset, seed)
-    model, tokenizer = train_model(corpus, index, examples, preset, seed)
+    policy = read_policy(settings.policy_file)
+    model, tokenizer = train_model(corpus, index, examples, preset, policy, seed)
     metrics = validate(model, tokenizer, examples.validation)
     registry = Registry(settings.registry_path)
     staging = registry.staging()
@@ -154,7 +153,8 @@ async def bootstrap(
             **preset.model_dump(include={"sft", "grpo"}),
         },
         data_window=corpus.window(),
-        reward_weights=preset.reward_weights,
+        reward_weights=policy.weights,
+        policy=policy.model_dump(mode="json"),
         metrics=metrics,
         index_version=index.version,
     )

@@ -50,10 +50,7 @@ class Preset(BaseModel):
     grpo_examples: int = Field(description="Prompts sampled for GRPO.")
     grpo: GrpoSettings
     validation_users: int = Field(description="Users whose last interaction is held out.")
-    reward_weights: dict[str, float]
 
-
-REWARD_WEIGHTS = {"format": 1.0, "accuracy": 1.0, "diversity": 0.2, "novelty": 0.1}
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
@@ -65,7 +62,6 @@ PRESETS: dict[str, Preset] = {
         grpo_examples=8,
         grpo=GrpoSettings(max_steps=2, prompts_per_step=2, num_generations=4, learning_rate=1e-4),
         validation_users=8,
-        reward_weights=REWARD_WEIGHTS,
     ),
     "default": Preset(
         model="default",
@@ -76,6 +72,5 @@ PRESETS: dict[str, Preset] = {
         grpo_examples=32,
         grpo=GrpoSettings(max_steps=8, prompts_per_step=2, num_generations=4, learning_rate=5e-5),
         validation_users=100,
-        reward_weights=REWARD_WEIGHTS,
     ),
 }
