@@ -1,5 +1,6 @@
 """The FastAPI application: wiring of settings, Redis, engine, middleware, errors and routers."""
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -9,17 +10,18 @@ from fastapi import Depends, FastAPI
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from server import errors
+from server import errors, metrics
 from server.active_model import open_active_engine
 from server.config import Settings
 from server.deps import require_api_key
+from server.hot_swap import ModelFollower
 from server.item_index import load_current
 from server.keys import Keys
 from server.middleware import RequestMiddleware
 from server.recommend import Recommender
 from server.redis_client import connect
 from server.registry import RegistryError
-from server.routes import feedback, health, items, recommend, users
+from server.routes import feedback, health, items, models, recommend, users
 from server.store import Store
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ async def _start_serving(app: FastAPI, settings: Settings, store: Store) -> None
         app.state.engine_problem = f"active model unknown: redis unreachable at startup ({exc})"
     if app.state.engine is None and app.state.engine_problem is None:
         app.state.engine_problem = "no active model: run `reasonrec bootstrap`"
+    metrics.set_model_info(app.state.engine.model_version if app.state.engine else None)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -73,9 +76,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings, app.state.store = settings, store
         app.state.recommender = Recommender(store, settings)
         await _start_serving(app, settings, store)
+        follower = ModelFollower(app, settings, store)
+        following = asyncio.create_task(follower.run())
         try:
             yield
         finally:
+            following.cancel()
+            await asyncio.gather(following, return_exceptions=True)
+            await follower.close()
             if app.state.engine is not None:
                 await app.state.engine.close()
             await handle.close()
@@ -89,6 +97,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes)
     app.include_router(health.router)
-    for router in (items.router, users.router, feedback.router, recommend.router):
+    for router in (items.router, users.router, feedback.router, recommend.router, models.router):
         app.include_router(router, dependencies=[Depends(require_api_key)])
     return app

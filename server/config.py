@@ -32,6 +32,11 @@ class Settings(BaseSettings):
         description="Comma-separated API keys. Set: every /v1 route needs "
         "'Authorization: Bearer <key>' or 'X-API-Key: <key>'. Empty: no auth.",
     )
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated admin keys, required (as an API key is) by admin routes "
+        "such as POST /v1/models/activate. Empty: admin routes are refused.",
+    )
     history_size: int = Field(
         50, ge=1, le=10_000, description="How many recent positive items each user keeps."
     )
@@ -112,7 +117,7 @@ class Settings(BaseSettings):
     def registry_path(self) -> Path:
         return self.registry_dir or self.data_dir / "models"
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

@@ -52,17 +52,31 @@ def _presented_key(request: Request) -> str | None:
     return request.headers.get("x-api-key")
 
 
+def _known(presented: str | None, keys: list[str]) -> bool:
+    return presented is not None and any(
+        secrets.compare_digest(presented.encode(), key.encode()) for key in keys
+    )
+
+
 async def require_api_key(request: Request, settings: SettingsDep) -> None:
     """Every /v1 route: with REASONREC_API_KEYS set, a known key must come with the request."""
-    if not settings.api_keys:
-        return
-    presented = _presented_key(request)
-    if presented is None or not any(
-        secrets.compare_digest(presented.encode(), key.encode()) for key in settings.api_keys
-    ):
+    if settings.api_keys and not _known(_presented_key(request), settings.api_keys):
         raise ApiError(
             401,
             "unauthorized",
             "a valid API key is required: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+async def require_admin_key(request: Request, settings: SettingsDep) -> None:
+    """Admin routes: an admin key (REASONREC_ADMIN_KEYS) must come with the request, always."""
+    if not settings.admin_keys:
+        raise ApiError(403, "forbidden", "admin routes are disabled: REASONREC_ADMIN_KEYS is unset")
+    if not _known(_presented_key(request), settings.admin_keys):
+        raise ApiError(
+            401,
+            "unauthorized",
+            "an admin key is required: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )

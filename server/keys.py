@@ -63,5 +63,9 @@ class Keys:
         return self._k("model", "active")
 
     @property
+    def previous_model(self) -> str:
+        return self._k("model", "previous")
+
+    @property
     def model_updates(self) -> str:
         return self._k("model-updates")

@@ -1,6 +1,6 @@
 """Prometheus metrics exported at /metrics. Names follow `reasonrec_<what>_<unit>`."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 HTTP_REQUESTS = Counter(
     "reasonrec_http_requests_total",
@@ -43,3 +43,12 @@ RECOMMENDATIONS = Counter(
     "Recommendation responses by source and model version.",
     ["source", "model_version"],
 )
+MODEL_INFO = Gauge(
+    "reasonrec_model_info", "The model version this gateway serves (value 1).", ["version"]
+)
+
+
+def set_model_info(version: str | None) -> None:
+    MODEL_INFO.clear()
+    if version:
+        MODEL_INFO.labels(version).set(1)

@@ -56,6 +56,9 @@ class Registry:
     def path(self, version: str) -> Path:
         return self.root / version
 
+    def has(self, version: str) -> bool:
+        return (self.path(version) / MANIFEST).is_file()
+
     def manifest(self, version: str) -> Manifest:
         path = self.path(version) / MANIFEST
         if not path.is_file():

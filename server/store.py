@@ -18,6 +18,13 @@ from server.schemas import (
 )
 
 FEEDBACK_SCRIPT = resources.files("server").joinpath("feedback.lua").read_text()
+ACTIVATE_SCRIPT = """
+local old = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1])
+if old and old ~= ARGV[1] then redis.call('SET', KEYS[2], old) end
+redis.call('PUBLISH', KEYS[3], ARGV[1])
+return old
+"""
 
 
 class UnknownItems(Exception):
@@ -75,6 +82,7 @@ class Store:
         self.history_size = history_size
         self.dedup_ttl_seconds = dedup_ttl_seconds
         self._feedback = redis.register_script(FEEDBACK_SCRIPT)
+        self._activate = redis.register_script(ACTIVATE_SCRIPT)
 
     async def ping(self) -> None:
         await self.redis.ping()
@@ -170,12 +178,17 @@ class Store:
     async def active_model(self) -> str | None:
         return await self.redis.get(self.keys.active_model)
 
-    async def set_active_model(self, version: str) -> None:
-        """Point serving at `version` and tell every gateway."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.active_model, version)
-            pipe.publish(self.keys.model_updates, version)
-            await pipe.execute()
+    async def previous_model(self) -> str | None:
+        return await self.redis.get(self.keys.previous_model)
+
+    async def set_active_model(self, version: str) -> str | None:
+        """Point serving at `version`, remember the one it replaces, tell every gateway.
+
+        One script, so that two activations at once cannot record the wrong previous version.
+        Returns the version that was active before.
+        """
+        keys = [self.keys.active_model, self.keys.previous_model, self.keys.model_updates]
+        return await self._activate(keys=keys, args=[version])
 
     # Feedback ------------------------------------------------------------------------------
 

@@ -1,0 +1,96 @@
+"""Hot swap: follow the active model version and switch engines without dropping a request.
+
+Each gateway process subscribes to the `model-updates` channel. On an announcement it opens the
+new version beside the one serving (the registry's contract check first), then points new
+requests at it. Requests already holding the old engine finish on it: none uses an engine longer
+than `REASONREC_LLM_TIMEOUT_MS` (the budget cancels it), so the old engine is closed after that.
+If the new version cannot be opened, the old one keeps serving and the failure is logged.
+"""
+
+import asyncio
+import logging
+
+from fastapi import FastAPI
+from redis.exceptions import RedisError
+
+from server import metrics
+from server.active_model import open_engine
+from server.config import Settings
+from server.engine import Engine
+from server.item_index import current_version, load_current
+from server.store import Store
+
+log = logging.getLogger(__name__)
+RETRY_SECONDS = 1.0
+
+
+class ModelFollower:
+    def __init__(self, app: FastAPI, settings: Settings, store: Store):
+        self.app, self.settings, self.store = app, settings, store
+        self._lock = asyncio.Lock()  # one swap at a time, in announcement order
+        self._closing: set[asyncio.Task] = set()
+
+    @property
+    def serving(self) -> str | None:
+        engine = self.app.state.engine
+        return engine.model_version if engine else None
+
+    async def run(self) -> None:
+        """Follow announcements until cancelled; reconnects when Redis goes away."""
+        while True:
+            try:
+                await self._follow()
+            except RedisError as exc:
+                log.warning("model updates lost, resubscribing", extra={"reason": repr(exc)})
+                await asyncio.sleep(RETRY_SECONDS)
+
+    async def _follow(self) -> None:
+        async with self.store.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+            await pubsub.subscribe(self.store.keys.model_updates)
+            # An activation between start-up and this subscription was announced to nobody.
+            if (active := await self.store.active_model()) is not None:
+                await self.swap(active)
+            async for message in pubsub.listen():
+                if message["type"] == "message":
+                    await self.swap(message["data"])
+
+    async def swap(self, version: str) -> bool:
+        """Serve `version` from now on; False (and the old engine kept) if it cannot open."""
+        async with self._lock:
+            if version == self.serving:
+                return True
+            try:
+                engine = await asyncio.to_thread(open_engine, self.settings, version)
+            except Exception as exc:  # whatever breaks the new version, the old one keeps serving
+                log.error("model swap refused", extra={"version": version, "reason": str(exc)})
+                return False
+            self._refresh_index()
+            old, self.app.state.engine = self.app.state.engine, engine
+            self.app.state.engine_problem = None
+            metrics.set_model_info(version)
+            previous = old.model_version if old else None
+            log.info("model swapped", extra={"version": version, "previous": previous})
+            if old is not None:
+                task = asyncio.create_task(self._close_later(old))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+            return True
+
+    def _refresh_index(self) -> None:
+        """A new model usually comes with the index it was trained beside."""
+        index = self.app.state.index
+        if current_version(self.settings.data_dir) != (index.version if index else None):
+            self.app.state.index = load_current(self.settings.data_dir)
+
+    async def _close_later(self, engine: Engine) -> None:
+        try:
+            await asyncio.sleep(self.settings.llm_timeout_ms / 1000 + 1)
+        finally:  # at shutdown too
+            await engine.close()
+            log.info("previous engine released", extra={"version": engine.model_version})
+
+    async def close(self) -> None:
+        """Release at once the engines still waiting for their requests to finish (shutdown)."""
+        for task in list(self._closing):
+            task.cancel()
+        await asyncio.gather(*self._closing, return_exceptions=True)

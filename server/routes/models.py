@@ -1,0 +1,74 @@
+"""Model versions: GET /v1/models (what serves, what served before, what could) and
+POST /v1/models/activate (admin: roll forward or back; every gateway swaps within seconds)."""
+
+from datetime import datetime
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+
+from server.deps import SettingsDep, StoreDep, require_admin_key
+from server.errors import ApiError
+from server.registry import Manifest, Registry, RegistryError, check_contract
+from server.schemas import Id
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+class ModelVersion(BaseModel):
+    version: str
+    created_at: datetime
+    kind: str
+    parent: str | None
+    trained_on: str | None
+    contract_version: str
+    metrics: dict[str, float]
+
+
+class ModelsResponse(BaseModel):
+    active: str | None = Field(description="The version the store points serving at.")
+    previous: str | None = Field(description="The version active before it (for rollback).")
+    serving: str | None = Field(description="The version this gateway process answers with.")
+    versions: list[ModelVersion] = Field(description="Every version in the registry, oldest first.")
+
+
+class ActivateRequest(BaseModel):
+    version: Id
+
+
+class ActivateResponse(BaseModel):
+    active: str
+    previous: str | None
+
+
+def _summary(manifest: Manifest) -> ModelVersion:
+    return ModelVersion(**manifest.model_dump(include=set(ModelVersion.model_fields)))
+
+
+@router.get("", response_model=ModelsResponse)
+async def list_models(request: Request, store: StoreDep, settings: SettingsDep) -> ModelsResponse:
+    engine = request.app.state.engine
+    versions = Registry(settings.registry_path).versions()
+    return ModelsResponse(
+        active=await store.active_model(),
+        previous=await store.previous_model(),
+        serving=engine.model_version if engine else None,
+        versions=[_summary(manifest) for manifest in versions],
+    )
+
+
+@router.post(
+    "/activate", response_model=ActivateResponse, dependencies=[Depends(require_admin_key)]
+)
+async def activate(
+    body: ActivateRequest, store: StoreDep, settings: SettingsDep
+) -> ActivateResponse:
+    """Make `version` active; gateways subscribed to model updates swap to it without restart."""
+    registry = Registry(settings.registry_path)
+    if not registry.has(body.version):
+        raise ApiError(404, "not_found", f"model version '{body.version}' is not in the registry")
+    try:
+        check_contract(registry.manifest(body.version))
+    except RegistryError as exc:
+        raise ApiError(409, "model_refused", str(exc)) from exc
+    previous = await store.set_active_model(body.version)
+    return ActivateResponse(active=body.version, previous=previous)

@@ -1,0 +1,106 @@
+"""GET /v1/models, POST /v1/models/activate and the gateway following activations (real Redis
+pub/sub). The engine is a RemoteEngine pointed nowhere: opening one needs no model, so these tests
+exercise the swap logic without vLLM (tests/integration swaps real vLLM engines under load)."""
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.registry import Manifest, Registry
+from tests.server.helpers import metric
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+
+
+def publish(registry_dir: Path, version: str, **fields: Any) -> None:
+    registry = Registry(registry_dir)
+    registry.publish(registry.staging(), Manifest(version=version, **fields))
+
+
+@pytest.fixture
+def models_client(make_client: Callable[..., TestClient], tmp_path: Path) -> TestClient:
+    publish(tmp_path / "models", "v1", metrics={"ndcg@10": 0.2})
+    publish(tmp_path / "models", "v2", parent="v1", metrics={"ndcg@10": 0.3})
+    publish(tmp_path / "models", "v-future", contract_version="99")
+    return make_client(
+        registry_dir=tmp_path / "models",
+        admin_keys=["admin-secret"],
+        engine_url="http://127.0.0.1:9",  # never called: these tests do not recommend
+    )
+
+
+def wait_serving(client: TestClient, version: str, seconds: float = 10) -> dict[str, Any]:
+    deadline = time.monotonic() + seconds
+    while True:
+        body = client.get("/v1/models").json()
+        if body["serving"] == version or time.monotonic() > deadline:
+            return body
+        time.sleep(0.05)
+
+
+def test_lists_versions_oldest_first_with_their_metrics(models_client: TestClient) -> None:
+    body = models_client.get("/v1/models").json()
+    assert [v["version"] for v in body["versions"]] == ["v1", "v2", "v-future"]
+    assert body["versions"][1]["metrics"] == {"ndcg@10": 0.3}
+    assert body["versions"][1]["parent"] == "v1"
+    assert body["active"] is None and body["previous"] is None and body["serving"] is None
+
+
+def test_activate_swaps_the_gateway_and_remembers_the_previous(models_client: TestClient) -> None:
+    first = models_client.post("/v1/models/activate", json={"version": "v1"}, headers=ADMIN)
+    assert first.status_code == 200, first.text
+    assert first.json() == {"active": "v1", "previous": None}
+    assert wait_serving(models_client, "v1")["serving"] == "v1"
+    second = models_client.post("/v1/models/activate", json={"version": "v2"}, headers=ADMIN)
+    assert second.json() == {"active": "v2", "previous": "v1"}
+    body = wait_serving(models_client, "v2")
+    assert (body["active"], body["previous"], body["serving"]) == ("v2", "v1", "v2")
+    assert metric(models_client, "reasonrec_model_info", version="v2") == 1
+    assert metric(models_client, "reasonrec_model_info", version="v1") == 0
+    rollback = models_client.post("/v1/models/activate", json={"version": "v1"}, headers=ADMIN)
+    assert rollback.json() == {"active": "v1", "previous": "v2"}
+    assert wait_serving(models_client, "v1")["serving"] == "v1"
+
+
+@pytest.mark.parametrize(
+    ("version", "status", "code"),
+    [("v-missing", 404, "not_found"), ("v-future", 409, "model_refused")],
+)
+def test_activate_refuses_unknown_and_unspoken_versions(
+    models_client: TestClient, version: str, status: int, code: str
+) -> None:
+    response = models_client.post("/v1/models/activate", json={"version": version}, headers=ADMIN)
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+    assert models_client.get("/v1/models").json()["active"] is None
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [({}, 401), ({"Authorization": "Bearer wrong"}, 401), ({"X-API-Key": "admin-secret"}, 200)],
+)
+def test_activate_needs_an_admin_key(
+    models_client: TestClient, headers: dict[str, str], status: int
+) -> None:
+    response = models_client.post("/v1/models/activate", json={"version": "v1"}, headers=headers)
+    assert response.status_code == status
+
+
+def test_admin_routes_refused_when_no_admin_key_is_configured(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(admin_keys=[])
+    response = client.post("/v1/models/activate", json={"version": "v1"}, headers=ADMIN)
+    assert response.status_code == 403
+
+
+def test_activation_before_the_gateway_starts_is_served(
+    make_client: Callable[..., TestClient], tmp_path: Path, models_client: TestClient
+) -> None:
+    models_client.post("/v1/models/activate", json={"version": "v2"}, headers=ADMIN)
+    other = make_client(registry_dir=tmp_path / "models", engine_url="http://127.0.0.1:9")
+    assert other.get("/v1/models").json()["serving"] == "v2"
