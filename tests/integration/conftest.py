@@ -18,6 +18,7 @@ from server.loaders.synthetic import generate
 from server.loaders.writer import progress_bar, write
 from trainer.bootstrap import BootstrapResult, bootstrap
 
+ADMIN_KEY = "it-admin"
 SYNTHETIC = {"users": 60, "items": 150, "events_per_user": 30, "seed": 3}
 
 
@@ -38,6 +39,7 @@ def served_settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) ->
         prompt_history=10,
         llm_timeout_ms=20_000,  # generous: CI machines are slow and shared; timeouts tested apart
         kv_cache_bytes=128 * 1024 * 1024,
+        admin_keys=[ADMIN_KEY],
     )
     yield settings
     drop_prefix(redis_url, settings.key_prefix)
