@@ -103,6 +103,24 @@ class Settings(BaseSettings):
         "policy'). The gateway enforces its constraints, the trainer rewards its terms. Unset: "
         "the built-in default policy.",
     )
+    refresh_seconds: int = Field(
+        3600, ge=1, description="`reasonrec trainer`: refresh at least this often (seconds)."
+    )
+    refresh_min_events: int = Field(
+        1000, ge=1, description="`reasonrec trainer`: refresh sooner once this many new events."
+    )
+    refresh_grpo_steps: int = Field(20, ge=1, description="GRPO steps per refresh.")
+    gate_ndcg_tolerance: float = Field(
+        0.01,
+        description="Publish gate: the refreshed model's held-out NDCG@10 may be at most this much "
+        "below the active model's (its invalid rate may not be higher).",
+    )
+    gate_holdout: float = Field(
+        0.2, gt=0, lt=1, description="Share of the newest logged examples held out for the gate."
+    )
+    trainer_metrics_port: int = Field(
+        9101, ge=0, le=65535, description="`reasonrec trainer` serves /metrics here (0: off)."
+    )
     impressions_maxlen: int = Field(
         1_000_000, ge=0, description="Approximate cap on the impressions stream (0: no cap)."
     )

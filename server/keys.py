@@ -67,5 +67,9 @@ class Keys:
         return self._k("model", "previous")
 
     @property
+    def trainer_lock(self) -> str:
+        return self._k("trainer", "lock")
+
+    @property
     def model_updates(self) -> str:
         return self._k("model-updates")

@@ -28,6 +28,7 @@ from trainer.presets import PRESETS
 
 if TYPE_CHECKING:
     from trainer.bootstrap import BootstrapResult
+    from trainer.refresh import RefreshResult
 
 models = typer.Typer(help="The model registry.", no_args_is_help=True)
 app.add_typer(models, name="models")
@@ -75,6 +76,50 @@ def bootstrap_command(preset: PresetOption = "default", seed: Annotated[int, typ
     settings = settings_from_env()
     result = asyncio.run(_bootstrap(settings, preset, seed))
     typer.echo(result.model_dump_json(indent=2))
+
+
+EXIT_REJECTED, EXIT_SKIPPED, EXIT_BUSY = 3, 4, 5
+
+
+async def _refresh(settings: Settings) -> "RefreshResult":
+    from trainer.refresh import refresh_once  # torch, TRL: loaded only by commands that train
+
+    async with open_store(settings) as store:
+        return await refresh_once(settings, store)
+
+
+@app.command("train")
+def train_command(
+    once: Annotated[
+        bool, typer.Option("--once", help="One refresh, then exit (required).")
+    ] = False,
+) -> None:
+    """The offline retrain job: consume logged feedback, GRPO from the active version, gate, publish.
+
+    Prints a JSON summary. Exit status: 0 published, 3 rejected by the gate, 4 skipped (no active
+    model or too little logged feedback), 5 another refresh is running, 1 on error.
+    """
+    if not once:
+        raise typer.BadParameter("use --once (the scheduled loop is `reasonrec trainer`)")
+    from trainer.refresh import RefreshBusy
+
+    try:
+        result = asyncio.run(_refresh(settings_from_env()))
+    except RefreshBusy as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(EXIT_BUSY) from exc
+    typer.echo(result.model_dump_json(indent=2))
+    codes = {"published": 0, "rejected": EXIT_REJECTED, "skipped": EXIT_SKIPPED}
+    raise typer.Exit(codes[result.outcome])
+
+
+@app.command("trainer")
+def trainer_command() -> None:
+    """The trainer sidecar: refresh every REASONREC_REFRESH_SECONDS, or sooner once
+    REASONREC_REFRESH_MIN_EVENTS new events arrived; metrics on REASONREC_TRAINER_METRICS_PORT."""
+    from trainer.sidecar import run_sidecar
+
+    asyncio.run(run_sidecar(settings_from_env()))
 
 
 async def _activate(settings: Settings, version: str) -> None:

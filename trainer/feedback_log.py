@@ -1,0 +1,206 @@
+"""Consume the impression and feedback streams into durable training examples.
+
+Both streams are read through a Redis consumer group (`trainer`). Feedback carrying a
+`request_id` is joined to the impression that served it; an impression becomes a logged example:
+the prompt and candidates exactly as served (no rebuild from today's state: no train/serve skew)
+and the items the user then engaged with. Positives: click, like, purchase, rating >= 4.
+Negatives: dislike, skip, a low rating; an impression nobody engaged with counts as one
+negative. Feedback without a request id is organic history, which the corpus reads from the
+stream itself.
+
+Nothing is acknowledged before it is safe: new examples are appended to `logged.jsonl` and
+fsynced first, then the entries are acknowledged. After a crash, unacknowledged entries are
+delivered again (the group's pending list is read first) and examples already written are
+recognised by their request id, so a restart neither loses nor doubles anything. Feedback that
+arrives before its impression was consumed waits in the pending list until it can be joined.
+"""
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from server.schemas import POSITIVE_RATING, EventType
+from server.store import Store
+
+log = logging.getLogger(__name__)
+GROUP = "trainer"
+CONSUMER = "trainer-1"
+BATCH = 1000
+POSITIVE = {EventType.click, EventType.like, EventType.purchase}
+NEGATIVE = {EventType.dislike, EventType.skip}
+
+
+class LoggedExample(BaseModel):
+    """One served list and what the user did with it."""
+
+    request_id: str
+    user_id: str
+    model_version: str
+    ts: float
+    prompt: str
+    candidates: list[str]
+    shown: list[str]
+    k: int = Field(ge=1)
+    positives: list[str] = Field(default_factory=list)
+    negatives: list[str] = Field(default_factory=list)
+
+
+class ConsumeResult(BaseModel):
+    impressions: int = 0
+    events: int = 0
+    joined: int = 0
+    positives: int = 0
+    negatives: int = 0
+    organic: int = 0
+    written: int = 0
+
+
+def _is_positive(fields: dict[str, str]) -> bool:
+    kind = EventType(fields["type"])
+    if kind is EventType.rating:
+        return bool(fields.get("value")) and float(fields["value"]) >= POSITIVE_RATING
+    return kind in POSITIVE
+
+
+async def _ensure_group(redis: Redis, stream: str) -> None:
+    try:
+        await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def _read_all(redis: Redis, stream: str) -> list[tuple[str, dict[str, str]]]:
+    """Pending entries first (delivered before a crash, never acknowledged), then new ones."""
+    entries: list[tuple[str, dict[str, str]]] = []
+    for start in ("0", ">"):
+        while True:
+            found = await redis.xreadgroup(GROUP, CONSUMER, {stream: start}, count=BATCH)
+            batch = found[0][1] if found else []
+            fresh = [(entry_id, fields) for entry_id, fields in batch if fields]
+            entries += fresh
+            if len(batch) < BATCH:
+                break
+            if start == "0":
+                start = batch[-1][0]
+    return entries
+
+
+class FeedbackLog:
+    """The durable file of logged examples, and the consumer that fills it."""
+
+    def __init__(self, store: Store, folder: Path):
+        self.store, self.folder = store, folder
+        self.path = folder / "logged.jsonl"
+
+    def read(self) -> dict[str, LoggedExample]:
+        """Every logged example by request id; later records (late feedback) are merged in."""
+        merged: dict[str, LoggedExample] = {}
+        if not self.path.is_file():
+            return merged
+        with self.path.open(encoding="utf-8") as lines:
+            for line in lines:
+                if line.strip():
+                    record = LoggedExample.model_validate_json(line)
+                    known = merged.setdefault(record.request_id, record)
+                    if known is not record:
+                        _merge(known, record)
+        return merged
+
+    def _append(self, examples: list[LoggedExample]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as out:
+            for example in examples:
+                out.write(example.model_dump_json() + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+
+    async def consume(self) -> ConsumeResult:
+        """Join what arrived since the last call; persist, then acknowledge."""
+        redis, keys = self.store.redis, self.store.keys
+        for stream in (keys.impressions, keys.events):
+            await _ensure_group(redis, stream)
+        impressions = await _read_all(redis, keys.impressions)
+        events = await _read_all(redis, keys.events)
+        result = ConsumeResult(impressions=len(impressions), events=len(events))
+        done = self.read()
+        # An impression already written (consumed before a crash) is not written again.
+        served = {
+            fields["request_id"]: _example(fields)
+            for _, fields in impressions
+            if fields.get("prompt") and fields["request_id"] not in done
+        }
+        late: dict[str, LoggedExample] = {}  # feedback on examples written by an earlier call
+        joined_ids, waiting = [], []
+        for entry_id, fields in events:
+            request_id = fields.get("request_id", "")
+            if not request_id:
+                result.organic += 1
+            elif request_id in served:
+                _join(served[request_id], fields, result)
+            elif request_id in done:
+                update = late.setdefault(request_id, _update_of(done[request_id]))
+                _join(update, fields, result)
+            else:
+                waiting.append(entry_id)  # its impression has not been consumed yet
+                continue
+            joined_ids.append(entry_id)
+        for example in served.values():
+            if not example.positives and not example.negatives:
+                example.negatives = list(example.shown)  # shown, and nothing happened
+        records = [*served.values(), *late.values()]
+        self._append(records)
+        result.written = len(records)
+        await _ack(redis, keys.impressions, [entry_id for entry_id, _ in impressions])
+        await _ack(redis, keys.events, joined_ids)
+        log.info("feedback consumed", extra={**result.model_dump(), "waiting": len(waiting)})
+        return result
+
+
+def _example(fields: dict[str, str]) -> LoggedExample:
+    return LoggedExample(
+        request_id=fields["request_id"],
+        user_id=fields["user_id"],
+        model_version=fields.get("model_version", ""),
+        ts=float(fields["ts"]),
+        prompt=fields.get("prompt", ""),
+        candidates=json.loads(fields.get("candidates") or "[]"),
+        shown=json.loads(fields.get("items") or "[]"),
+        k=max(int(fields.get("k") or 1), 1),
+    )
+
+
+def _update_of(example: LoggedExample) -> LoggedExample:
+    return example.model_copy(update={"positives": [], "negatives": []})
+
+
+def _merge(known: LoggedExample, record: LoggedExample) -> None:
+    known.positives += [item for item in record.positives if item not in known.positives]
+    known.negatives = [
+        item
+        for item in dict.fromkeys([*known.negatives, *record.negatives])
+        if item not in known.positives
+    ]
+
+
+def _join(example: LoggedExample, fields: dict[str, str], result: ConsumeResult) -> None:
+    result.joined += 1
+    item = fields["item_id"]
+    if _is_positive(fields):
+        if item not in example.positives:
+            example.positives.append(item)
+        result.positives += 1
+    elif EventType(fields["type"]) in NEGATIVE or EventType(fields["type"]) is EventType.rating:
+        if item not in example.negatives:
+            example.negatives.append(item)
+        result.negatives += 1
+
+
+async def _ack(redis: Redis, stream: str, entry_ids: list[str]) -> None:
+    for start in range(0, len(entry_ids), BATCH):
+        await redis.xack(stream, GROUP, *entry_ids[start : start + BATCH])

@@ -1,0 +1,21 @@
+"""Prometheus metrics of the trainer (`reasonrec trainer` serves them; `train --once` sets them
+for the run it makes)."""
+
+from prometheus_client import Counter, Gauge
+
+RUNS = Counter(
+    "reasonrec_trainer_runs_total",
+    "Refreshes by outcome: published, rejected (gate), skipped (too little data), failed.",
+    ["outcome"],
+)
+REWARD_MEAN = Gauge("reasonrec_trainer_reward_mean", "Mean GRPO reward of the last refresh.")
+GATE_NDCG = Gauge(
+    "reasonrec_trainer_gate_ndcg", "Held-out NDCG@10 at the last gate, by model.", ["which"]
+)
+LAST_SUCCESS = Gauge(
+    "reasonrec_trainer_last_success_timestamp", "Unix time of the last published refresh."
+)
+for outcome in ("published", "rejected", "skipped", "failed"):
+    RUNS.labels(outcome)
+for which in ("active", "candidate"):
+    GATE_NDCG.labels(which)

@@ -1,0 +1,218 @@
+"""One refresh: logged feedback -> GRPO from the active version -> gate -> atomic publish.
+
+`reasonrec train --once` runs it; `reasonrec trainer` runs it on a schedule. A Redis lock makes
+sure no two refreshes run at once, whichever process starts them.
+"""
+
+import json
+import logging
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from reward_rules.policy import build_terms, catalog_facts
+from server.config import Settings
+from server.policy import read_policy
+from server.prompt import render_answer
+from server.registry import Manifest, Registry, RegistryError, new_version
+from server.store import Store
+from trainer import metrics
+from trainer.bootstrap import validate
+from trainer.corpus import read_corpus
+from trainer.examples import Example, target_items
+from trainer.feedback_log import ConsumeResult, FeedbackLog, LoggedExample
+from trainer.grpo import STATE_FILE, run_grpo
+from trainer.presets import GrpoSettings
+
+log = logging.getLogger(__name__)
+LOCK_SECONDS = 6 * 3600  # longer than any refresh; a crashed holder's lock expires
+MIN_EXAMPLES = 4  # logged lists with a positive, before the held-out part is cut
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end"
+
+Outcome = Literal["published", "rejected", "skipped"]
+
+
+class RefreshBusy(RuntimeError):
+    """Another refresh holds the lock."""
+
+
+class Gate(BaseModel):
+    active: dict[str, float]
+    candidate: dict[str, float]
+    tolerance: float
+    passed: bool
+
+
+class RefreshResult(BaseModel):
+    outcome: Outcome
+    reason: str
+    parent: str | None
+    version: str | None = None
+    consumed: ConsumeResult
+    train_examples: int = 0
+    holdout_examples: int = 0
+    reward_mean: float | None = None
+    gate: Gate | None = None
+    seconds: float = 0.0
+
+
+@asynccontextmanager
+async def refresh_lock(store: Store) -> AsyncIterator[None]:
+    token = uuid.uuid4().hex
+    if not await store.redis.set(store.keys.trainer_lock, token, nx=True, ex=LOCK_SECONDS):
+        raise RefreshBusy("another refresh is running (Redis lock held)")
+    try:
+        yield
+    finally:
+        await store.redis.eval(_RELEASE, 1, store.keys.trainer_lock, token)
+
+
+def trainer_dir(settings: Settings) -> Path:
+    return settings.data_dir / "trainer"
+
+
+def _as_example(logged: LoggedExample) -> Example:
+    target = target_items(logged.candidates, logged.positives, logged.k)
+    return Example(
+        user_id=logged.user_id,
+        prompt=logged.prompt,
+        candidates=logged.candidates,
+        positives=logged.positives,
+        k=min(logged.k, len(logged.candidates)),
+        target=render_answer("", target),
+    )
+
+
+def split_logged(
+    logged: list[LoggedExample], holdout: float
+) -> tuple[list[Example], list[Example]]:
+    """Lists with a positive among their candidates, oldest first; the newest share held out."""
+    usable = sorted((e for e in logged if set(e.positives) & set(e.candidates)), key=lambda e: e.ts)
+    cut = len(usable) - max(1, round(holdout * len(usable)))
+    examples = [_as_example(e) for e in usable]
+    return examples[:cut], examples[cut:]
+
+
+def _reward_mean(output_dir: Path) -> float | None:
+    state = output_dir / STATE_FILE
+    if not state.is_file():
+        return None
+    rewards = [e["reward"] for e in json.loads(state.read_text())["log_history"] if "reward" in e]
+    return sum(rewards) / len(rewards) if rewards else None
+
+
+async def refresh_once(settings: Settings, store: Store, progress: bool = True) -> RefreshResult:
+    started = time.perf_counter()
+    async with refresh_lock(store):
+        result = await _refresh(settings, store, progress)
+    result.seconds = round(time.perf_counter() - started, 1)
+    metrics.RUNS.labels(result.outcome).inc()
+    if result.outcome == "published":
+        metrics.LAST_SUCCESS.set(time.time())
+    log.info("refresh finished", extra={"outcome": result.outcome, "version": result.version})
+    return result
+
+
+async def _refresh(settings: Settings, store: Store, progress: bool) -> RefreshResult:
+    feedback = FeedbackLog(store, trainer_dir(settings))
+    consumed = await feedback.consume()
+    parent = await store.active_model()
+    if parent is None:
+        return RefreshResult(
+            outcome="skipped", reason="no active model", parent=None, consumed=consumed
+        )
+    train, holdout = split_logged(list(feedback.read().values()), settings.gate_holdout)
+    if len(train) + len(holdout) < MIN_EXAMPLES:
+        reason = f"{len(train) + len(holdout)} logged lists with a positive, {MIN_EXAMPLES} needed"
+        return RefreshResult(outcome="skipped", reason=reason, parent=parent, consumed=consumed)
+    registry = Registry(settings.registry_path)
+    manifest = registry.manifest(parent)
+    if manifest.kind != "full":
+        raise RegistryError(f"refreshing a '{manifest.kind}' version is not supported")
+    tokenizer = AutoTokenizer.from_pretrained(registry.path(parent))
+    active_model = AutoModelForCausalLM.from_pretrained(registry.path(parent))
+    policy = read_policy(settings.policy_file)
+    corpus = await read_corpus(store)
+    terms = build_terms(policy, catalog_facts(corpus.items.values(), policy), corpus.popularity)
+    grpo = GrpoSettings(
+        max_steps=settings.refresh_grpo_steps,
+        max_completion_length=settings.max_answer_tokens,
+        progress=progress,
+    )
+    before = validate(active_model, tokenizer, holdout)
+    candidate = AutoModelForCausalLM.from_pretrained(registry.path(parent))
+    with tempfile.TemporaryDirectory(prefix="reasonrec-refresh-") as scratch:
+        candidate = run_grpo(candidate, tokenizer, train, terms, grpo, Path(scratch))
+        reward_mean = _reward_mean(Path(scratch))
+    after = validate(candidate, tokenizer, holdout)
+    gate = _gate(before, after, settings.gate_ndcg_tolerance)
+    _record(gate, reward_mean)
+    result = RefreshResult(
+        outcome="rejected",
+        reason="gate failed",
+        parent=parent,
+        consumed=consumed,
+        train_examples=len(train),
+        holdout_examples=len(holdout),
+        reward_mean=reward_mean,
+        gate=gate,
+    )
+    if not gate.passed:
+        return result
+    version = _publish(
+        registry, manifest, candidate, tokenizer, policy.model_dump(mode="json"), result
+    )
+    await store.set_active_model(version)
+    return result.model_copy(
+        update={"outcome": "published", "reason": "gate passed", "version": version}
+    )
+
+
+def _gate(active: dict[str, float], candidate: dict[str, float], tolerance: float) -> Gate:
+    passed = (
+        candidate["ndcg@10"] >= active["ndcg@10"] - tolerance
+        and candidate["invalid_rate"] <= active["invalid_rate"]
+    )
+    return Gate(active=active, candidate=candidate, tolerance=tolerance, passed=passed)
+
+
+def _record(gate: Gate, reward_mean: float | None) -> None:
+    metrics.GATE_NDCG.labels("active").set(gate.active["ndcg@10"])
+    metrics.GATE_NDCG.labels("candidate").set(gate.candidate["ndcg@10"])
+    if reward_mean is not None:
+        metrics.REWARD_MEAN.set(reward_mean)
+
+
+def _publish(
+    registry, parent: Manifest, model, tokenizer, policy: dict, result: RefreshResult
+) -> str:
+    """Weights and manifest into a staging folder, then one rename: complete or absent."""
+    staging = registry.staging()
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    manifest = parent.model_copy(
+        update={
+            "version": new_version(),
+            "parent": parent.version,
+            "created_at": datetime.now(UTC),
+            "training": {
+                "method": "grpo-refresh",
+                "train_examples": result.train_examples,
+                "holdout_examples": result.holdout_examples,
+                "reward_mean": result.reward_mean,
+            },
+            "reward_weights": policy["weights"],
+            "policy": policy,
+            "metrics": {f"gate_{key}": value for key, value in result.gate.candidate.items()},
+        }
+    )
+    registry.publish(staging, manifest)
+    return manifest.version

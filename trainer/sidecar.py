@@ -1,0 +1,43 @@
+"""`reasonrec trainer`: refresh on a schedule, or sooner when enough feedback arrived.
+
+Checks every few seconds how many events the feedback stream has gained since the last refresh;
+refreshes when `REASONREC_REFRESH_MIN_EVENTS` were added or `REASONREC_REFRESH_SECONDS` passed.
+A failed refresh is logged and counted (`reasonrec_trainer_runs_total{outcome="failed"}`) and
+the loop goes on; the lock in `trainer.refresh` keeps two sidecars from training at once.
+"""
+
+import asyncio
+import logging
+import time
+
+from prometheus_client import start_http_server
+
+from server.app import open_store
+from server.config import Settings
+from trainer import metrics
+from trainer.refresh import RefreshBusy, refresh_once
+
+log = logging.getLogger(__name__)
+POLL_SECONDS = 10.0
+
+
+async def run_sidecar(settings: Settings) -> None:
+    if settings.trainer_metrics_port:
+        start_http_server(settings.trainer_metrics_port)
+    async with open_store(settings) as store:
+        last_run, last_length = time.monotonic(), await store.redis.xlen(store.keys.events)
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            length = await store.redis.xlen(store.keys.events)
+            due = time.monotonic() - last_run >= settings.refresh_seconds
+            if not due and length - last_length < settings.refresh_min_events:
+                continue
+            last_run, last_length = time.monotonic(), length
+            try:
+                result = await refresh_once(settings, store, progress=False)
+                log.info("refresh", extra={"outcome": result.outcome, "reason": result.reason})
+            except RefreshBusy:
+                log.info("refresh skipped: another one is running")
+            except Exception:  # the sidecar outlives a bad refresh; the next one may succeed
+                metrics.RUNS.labels("failed").inc()
+                log.exception("refresh failed")
