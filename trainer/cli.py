@@ -94,7 +94,7 @@ def train_command(
         bool, typer.Option("--once", help="One refresh, then exit (required).")
     ] = False,
 ) -> None:
-    """The offline retrain job: consume logged feedback, GRPO from the active version, gate, publish.
+    """The offline retrain job: logged feedback -> GRPO from the active model -> gate -> publish.
 
     Prints a JSON summary. Exit status: 0 published, 3 rejected by the gate, 4 skipped (no active
     model or too little logged feedback), 5 another refresh is running, 1 on error.
