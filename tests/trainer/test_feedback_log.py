@@ -1,0 +1,118 @@
+"""The trainer's consumer: joins feedback to impressions, persists before acknowledging, and
+neither loses nor doubles anything when it crashes in between (real Redis)."""
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from server.app import build_store
+from server.config import Settings
+from server.store import Store
+from trainer import feedback_log
+from trainer.feedback_log import GROUP, FeedbackLog
+
+
+async def _with_store(settings: Settings, body: Callable[[Store], Awaitable[Any]]) -> Any:
+    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+    try:
+        return await body(build_store(settings, client))
+    finally:
+        await client.aclose()
+
+
+def run(settings: Settings, body: Callable[[Store], Awaitable[Any]]) -> Any:
+    return asyncio.run(_with_store(settings, body))
+
+
+async def impression(store: Store, request_id: str, shown: list[str]) -> None:
+    await store.redis.xadd(
+        store.keys.impressions,
+        {
+            "request_id": request_id,
+            "user_id": "u1",
+            "model_version": "v1",
+            "ts": "1700000000.0",
+            "k": str(len(shown)),
+            "items": json.dumps(shown),
+            "candidates": json.dumps([*shown, "z"]),
+            "prompt": f"prompt of {request_id}",
+            "output": "",
+        },
+    )
+
+
+async def event(store: Store, kind: str, item: str, request_id: str = "", value: str = "") -> None:
+    fields = {"user_id": "u1", "item_id": item, "type": kind, "value": value, "ts": "1"}
+    await store.redis.xadd(store.keys.events, {**fields, "request_id": request_id})
+
+
+async def pending(store: Store) -> int:
+    total = 0
+    for stream in (store.keys.impressions, store.keys.events):
+        total += (await store.redis.xpending(stream, GROUP))["pending"]
+    return total
+
+
+def test_joins_feedback_to_the_list_it_answers(settings: Settings) -> None:
+    async def body(store: Store) -> None:
+        await impression(store, "r1", ["a", "b"])
+        await impression(store, "r2", ["c", "d"])
+        await event(store, "click", "b", "r1")
+        await event(store, "rating", "a", "r1", value="2")  # a low rating: negative
+        await event(store, "click", "c")  # organic: no request id
+        log = FeedbackLog(store, settings.data_dir / "trainer")
+        result = await log.consume()
+        assert (result.impressions, result.joined, result.organic) == (2, 2, 1)
+        logged = log.read()
+        assert logged["r1"].positives == ["b"] and logged["r1"].negatives == ["a"]
+        assert logged["r1"].prompt == "prompt of r1" and logged["r1"].candidates == ["a", "b", "z"]
+        assert logged["r2"].positives == [] and logged["r2"].negatives == ["c", "d"]  # ignored
+        assert await pending(store) == 0
+
+    run(settings, body)
+
+
+def test_late_feedback_and_feedback_before_its_impression(settings: Settings) -> None:
+    async def body(store: Store) -> None:
+        log = FeedbackLog(store, settings.data_dir / "trainer")
+        await impression(store, "r1", ["a", "b"])
+        await log.consume()
+        await event(store, "like", "a", "r1")  # after r1 was written: merged into it
+        await event(store, "click", "x", "r9")  # r9 not logged yet: waits, not acknowledged
+        await log.consume()
+        assert log.read()["r1"].positives == ["a"] and log.read()["r1"].negatives == ["b"]
+        assert await pending(store) == 1
+        await impression(store, "r9", ["x"])
+        await log.consume()
+        assert log.read()["r9"].positives == ["x"]
+        assert await pending(store) == 0
+
+    run(settings, body)
+
+
+def test_crash_before_acknowledging_loses_and_doubles_nothing(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def crash(*_: Any) -> None:
+        raise RuntimeError("killed")
+
+    async def body(store: Store) -> None:
+        log = FeedbackLog(store, settings.data_dir / "trainer")
+        await impression(store, "r1", ["a", "b"])
+        await event(store, "purchase", "b", "r1")
+        with monkeypatch.context() as patch:
+            patch.setattr(feedback_log, "_ack", crash)
+            with pytest.raises(RuntimeError):
+                await log.consume()
+        assert await pending(store) == 2  # written, not acknowledged: delivered again
+        result = await log.consume()
+        assert result.impressions == 1 and result.events == 1
+        assert log.read()["r1"].positives == ["b"]
+        assert log.path.read_text().count('"request_id":"r1"') == 2  # the record + a merge
+        assert await pending(store) == 0
+
+    run(settings, body)
