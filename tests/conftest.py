@@ -112,3 +112,11 @@ def redis_process(tmp_path: Path) -> Iterator[RedisProcess]:
     process.start()
     yield process
     process.stop()
+
+
+@pytest.fixture
+def rdb(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain client on the test Redis, to look at the keys the API wrote."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()

@@ -5,7 +5,6 @@ from contextlib import ExitStack
 from typing import Any
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 
 from server.app import create_app
@@ -28,11 +27,3 @@ def make_client(settings: Settings) -> Iterator[Callable[..., TestClient]]:
             return stack.enter_context(TestClient(app))
 
         yield make
-
-
-@pytest.fixture
-def rdb(redis_url: str) -> Iterator[redis.Redis]:
-    """A plain client on the test Redis, to look at the keys the API wrote."""
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()

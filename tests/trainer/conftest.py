@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from server.config import Settings
 from server.prompt import HistoryView, ItemView, PromptInput
 from trainer.examples import Example, build_example
 from trainer.model import build_model
@@ -105,3 +106,12 @@ def toy_sft_model(
     model = build_model(toy_tokenizer, "tiny", seed=0)
     with one_thread():
         return run_sft(model, toy_tokenizer, toy_examples, SFT_SETTINGS)
+
+
+@pytest.fixture
+def env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """`settings` as the environment a CLI command reads."""
+    monkeypatch.setenv("REASONREC_REDIS_URL", settings.redis_url)
+    monkeypatch.setenv("REASONREC_KEY_PREFIX", settings.key_prefix)
+    monkeypatch.setenv("REASONREC_DATA_DIR", str(settings.data_dir))
+    return settings

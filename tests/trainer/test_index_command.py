@@ -1,19 +1,10 @@
 """`reasonrec index`: rebuild the candidate index on demand from the store."""
 
-import pytest
 from typer.testing import CliRunner
 
 from server.config import Settings
 from server.item_index import current_version, load_current
 from trainer.cli import app
-
-
-@pytest.fixture
-def env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    monkeypatch.setenv("REASONREC_REDIS_URL", settings.redis_url)
-    monkeypatch.setenv("REASONREC_KEY_PREFIX", settings.key_prefix)
-    monkeypatch.setenv("REASONREC_DATA_DIR", str(settings.data_dir))
-    return settings
 
 
 def test_index_rebuilds_from_the_store_and_becomes_current(env: Settings) -> None:

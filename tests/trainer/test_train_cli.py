@@ -3,7 +3,6 @@ lock that keeps two refreshes apart (real Redis; the full refresh is in tests/in
 
 import asyncio
 import json
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -15,14 +14,6 @@ from trainer.cli import EXIT_BUSY, EXIT_SKIPPED, app
 from trainer.refresh import RefreshBusy, refresh_lock
 
 
-@pytest.fixture
-def env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    monkeypatch.setenv("REASONREC_REDIS_URL", settings.redis_url)
-    monkeypatch.setenv("REASONREC_KEY_PREFIX", settings.key_prefix)
-    monkeypatch.setenv("REASONREC_DATA_DIR", str(settings.data_dir))
-    return settings
-
-
 def test_without_an_active_model_the_refresh_is_skipped(env: Settings) -> None:
     result = CliRunner().invoke(app, ["train", "--once"])
     assert result.exit_code == EXIT_SKIPPED, result.output
@@ -32,13 +23,6 @@ def test_without_an_active_model_the_refresh_is_skipped(env: Settings) -> None:
 
 def test_once_is_required(env: Settings) -> None:
     assert CliRunner().invoke(app, ["train"]).exit_code == 2
-
-
-@pytest.fixture
-def rdb(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
 
 
 def test_a_held_lock_refuses_a_second_refresh(env: Settings, rdb: redis.Redis) -> None:
