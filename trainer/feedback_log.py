@@ -26,6 +26,7 @@ from redis.exceptions import ResponseError
 
 from server.schemas import POSITIVE_RATING, EventType
 from server.store import Store
+from trainer import metrics
 
 log = logging.getLogger(__name__)
 GROUP = "trainer"
@@ -195,6 +196,7 @@ def _join(example: LoggedExample, fields: dict[str, str], result: ConsumeResult)
         if item not in example.positives:
             example.positives.append(item)
         result.positives += 1
+        metrics.POSITIVES.labels(example.model_version).inc()
     elif EventType(fields["type"]) in NEGATIVE or EventType(fields["type"]) is EventType.rating:
         if item not in example.negatives:
             example.negatives.append(item)
