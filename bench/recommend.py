@@ -25,6 +25,7 @@ from server.app import open_store
 from server.config import Settings
 from server.engine import Engine, GenerationRequest
 from server.prompt import answer_pattern
+from server.recommend import REPEAT_PENALTY
 
 LEVELS = (1, 16)
 
@@ -96,6 +97,7 @@ async def _engine(engine: Engine, prompts: list[tuple[str, list]], max_tokens: i
             prompt=prompt,
             regex=answer_pattern(candidates, 10),
             max_tokens=max_tokens,
+            presence_penalty=REPEAT_PENALTY,
         )
         await engine.generate(request)
 
