@@ -38,7 +38,7 @@ TRAINED_ON = "ml-100k:eval-train-split"
 EVAL_TIMEOUT_MS = 600_000
 
 
-def _timelines(path: Path) -> dict[str, list[FeedbackEvent]]:
+def read_timelines(path: Path) -> dict[str, list[FeedbackEvent]]:
     """Each user's ratings sorted by time, ties in file order (the split's own order)."""
     by_user: dict[str, list[FeedbackEvent]] = defaultdict(list)
     for event in read_ml100k(path).events:
@@ -52,7 +52,7 @@ def _as_clicks(events: list[FeedbackEvent]) -> list[FeedbackEvent]:
     return [e.model_copy(update={"type": EventType.click, "value": None}) for e in events]
 
 
-def _phase(split: Split, timelines: dict[str, list[FeedbackEvent]], phase: str) -> list:
+def phase_events(split: Split, timelines: dict[str, list[FeedbackEvent]], phase: str) -> list:
     """Every user's events of one phase ('train' or 'validation'), checked against the split."""
     chosen = []
     for user, events in timelines.items():
@@ -66,19 +66,19 @@ def _phase(split: Split, timelines: dict[str, list[FeedbackEvent]], phase: str) 
     return _as_clicks(sorted(chosen, key=lambda event: event.timestamp))
 
 
-async def _write(store: Store, dataset: Dataset) -> None:
+async def write_dataset(store: Store, dataset: Dataset) -> None:
     with progress_bar() as progress:
         await write(store, dataset, progress)
 
 
-def _events(events: list[FeedbackEvent]) -> Dataset:
+def events_only(events: list[FeedbackEvent]) -> Dataset:
     return Dataset(items=[], users=[], events=events, event_count=len(events))
 
 
 def run_eval(path: Path, settings: Settings, users: int | None, seed: int, preset: str) -> Report:
     split = load_split(path)
     chosen = sample_users(split, users, seed) if users else list(split.users)
-    timelines = _timelines(path)
+    timelines = read_timelines(path)
     catalog = read_ml100k(path)
     with tempfile.TemporaryDirectory(prefix="reasonrec-eval-") as scratch, asyncio.Runner() as run:
         settings = settings.model_copy(
@@ -95,10 +95,14 @@ def run_eval(path: Path, settings: Settings, users: int | None, seed: int, prese
         store = build_store(settings, handle.client)
         engine = None
         try:
-            train = _phase(split, timelines, "train")
-            run.run(_write(store, Dataset(items=catalog.items, users=catalog.users, events=train)))
+            train = phase_events(split, timelines, "train")
+            run.run(
+                write_dataset(
+                    store, Dataset(items=catalog.items, users=catalog.users, events=train)
+                )
+            )
             trained = run.run(bootstrap(settings, store, preset, seed=seed, trained_on=TRAINED_ON))
-            run.run(_write(store, _events(_phase(split, timelines, "validation"))))
+            run.run(write_dataset(store, events_only(phase_events(split, timelines, "validation"))))
             engine = open_engine(settings, trained.version)
             index = load_current(settings.data_dir)
             recommender = Recommender(store, settings)
@@ -112,11 +116,11 @@ def run_eval(path: Path, settings: Settings, users: int | None, seed: int, prese
         finally:
             if engine is not None:
                 run.run(engine.close())
-            run.run(_drop_prefix(store))
+            run.run(drop_prefix(store))
             run.run(handle.close())
 
 
-async def _drop_prefix(store: Store) -> None:
+async def drop_prefix(store: Store) -> None:
     """The eval store is throwaway: remove its keys from a shared Redis."""
     keys = [key async for key in store.redis.scan_iter(match=f"{store.keys.prefix}:*", count=1000)]
     for start in range(0, len(keys), 1000):

@@ -1,0 +1,194 @@
+"""Does a refresh under a promotion policy raise the promoted share while NDCG@10 holds?
+
+On MovieLens 100K with EVAL.md's split, in a fresh store of its own:
+
+1. Load the training split as clicks, bootstrap the model (`--preset`), add the validation
+   interactions, and mark `--promoted` items (a seeded sample of items with 20+ training
+   interactions) `promoted: true`.
+2. Users are split in two halves. *Clickers* are served lists and click the served items that are
+   their held-out future (their test item), quoting the request id. *Measured* users never click;
+   their test items score the lists (no leakage into what the refresh trains on).
+3. For each policy (`policies/default.yaml`, `policies/promote.yaml`), starting from the same
+   bootstrapped version: measure, simulate the clicks, run one refresh (`refresh_once`, the gate
+   included) under that policy, measure again with whichever version is then active.
+
+    .venv/bin/python bench/policy_experiment.py --data ../shared/data/ml-100k [--preset tiny]
+
+Prints JSON: per policy, NDCG@10, HR@10, ILD@10, novelty@10 and promoted share of the measured
+users' lists before and after, and the refresh's outcome and gate.
+"""
+
+import argparse
+import asyncio
+import json
+import random
+import tempfile
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from reward_rules.metrics import hit_at_k, intra_list_distance, mean_self_information, ndcg_at_k
+from server.active_model import open_engine
+from server.app import build_store
+from server.config import Settings
+from server.engine import Engine
+from server.item_index import load_current
+from server.loaders import Dataset
+from server.loaders.movielens import read_ml100k
+from server.recommend import Recommender
+from server.redis_client import connect
+from server.schemas import EventType, FeedbackEvent, ItemUpsert, RecommendRequest
+from server.store import Store
+from trainer.bootstrap import bootstrap
+from trainer.evaluation.run import (
+    drop_prefix,
+    events_only,
+    phase_events,
+    read_timelines,
+    write_dataset,
+)
+from trainer.evaluation.split import Split, load_split
+from trainer.refresh import refresh_once
+
+ROOT = Path(__file__).resolve().parents[1]
+POLICIES = {"default": ROOT / "policies/default.yaml", "promote": ROOT / "policies/promote.yaml"}
+K = 10
+CONCURRENCY = 16
+
+
+async def serve(
+    recommender: Recommender, engine: Engine, store: Store, split: Split, users: Sequence[str]
+) -> dict[str, tuple[str, list[str]]]:
+    """Each user's (request id, served ids), as the API would answer them."""
+    gate, index = asyncio.Semaphore(CONCURRENCY), load_current(recommender.settings.data_dir)
+
+    async def one(user: str) -> tuple[str, tuple[str, list[str]]]:
+        async with gate:
+            request_id = uuid.uuid4().hex
+            response = await recommender.recommend(
+                RecommendRequest(user_id=user, k=K, explain=False),
+                request_id,
+                engine,
+                index,
+                exclude=split.seen(user),
+            )
+        return user, (request_id, [item.item_id for item in response.items])
+
+    return dict(await asyncio.gather(*(one(user) for user in users)))
+
+
+def scores(split: Split, lists: dict[str, list[str]], promoted: set[str]) -> dict[str, float]:
+    n = len(lists)
+    total = {"ndcg@10": 0.0, "hr@10": 0.0, "ild@10": 0.0, "novelty@10": 0.0, "promoted_share": 0.0}
+    for user, items in lists.items():
+        relevant = {split.test[user]}
+        total["ndcg@10"] += ndcg_at_k(items, relevant, K)
+        total["hr@10"] += hit_at_k(items, relevant, K)
+        total["ild@10"] += intra_list_distance([split.categories[i] for i in items])
+        total["novelty@10"] += mean_self_information(
+            items, split.popularity, split.training_interactions
+        )
+        total["promoted_share"] += sum(i in promoted for i in items) / max(len(items), 1)
+    return {key: round(value / n, 4) for key, value in total.items()}
+
+
+async def clicks(store: Store, split: Split, served: dict[str, tuple[str, list[str]]]) -> int:
+    """Clickers click what they really watched next (their test item) when it was served."""
+    events = [
+        FeedbackEvent(
+            user_id=user, item_id=split.test[user], type=EventType.click, request_id=request_id
+        )
+        for user, (request_id, items) in served.items()
+        if split.test[user] in items
+    ]
+    if events:
+        await store.add_feedback(events)
+    return len(events)
+
+
+async def run_policy(
+    name: str, settings: Settings, store: Store, split: Split, base: str, promoted: set[str]
+) -> dict:
+    settings = settings.model_copy(update={"policy_file": POLICIES[name]})
+    await store.set_active_model(base)
+    users = sorted(split.test)
+    clickers, measured = users[0::2], users[1::2]
+    recommender = Recommender(store, settings)
+    engine = open_engine(settings, base)
+    try:
+        before = await serve(recommender, engine, store, split, measured)
+        served = await serve(recommender, engine, store, split, clickers)
+        clicked = await clicks(store, split, served)
+    finally:
+        await engine.close()
+    refresh = await refresh_once(settings, store, progress=True)
+    active = await store.active_model()
+    engine = open_engine(settings, active)
+    try:
+        after = await serve(recommender, engine, store, split, measured)
+    finally:
+        await engine.close()
+    return {
+        "clicks": clicked,
+        "before": scores(split, {u: items for u, (_, items) in before.items()}, promoted),
+        "after": scores(split, {u: items for u, (_, items) in after.items()}, promoted),
+        "refresh": refresh.model_dump(include={"outcome", "reason", "version", "gate"}),
+    }
+
+
+async def promote(store: Store, split: Split, count: int, seed: int) -> set[str]:
+    eligible = sorted(i for i, n in split.popularity.items() if n >= 20)
+    chosen = set(random.Random(seed).sample(eligible, min(count, len(eligible))))
+    items = await store.get_items(sorted(chosen))
+    marked = [
+        ItemUpsert(**(item.model_dump(exclude={"hidden"}) | {"promoted": True}))
+        for item in items.values()
+    ]
+    await store.upsert_items(marked)
+    return chosen
+
+
+async def experiment(path: Path, settings: Settings, preset: str, count: int, seed: int) -> dict:
+    split = load_split(path)
+    timelines, catalog = read_timelines(path), read_ml100k(path)
+    handle = connect(settings)
+    store = build_store(settings, handle.client)
+    try:
+        train = phase_events(split, timelines, "train")
+        await write_dataset(store, Dataset(items=catalog.items, users=catalog.users, events=train))
+        base = (await bootstrap(settings, store, preset, seed=seed)).version
+        await write_dataset(store, events_only(phase_events(split, timelines, "validation")))
+        promoted = await promote(store, split, count, seed)
+        results = {"preset": preset, "promoted_items": len(promoted), "base": base}
+        for name in POLICIES:
+            results[name] = await run_policy(name, settings, store, split, base, promoted)
+        return results
+    finally:
+        await drop_prefix(store)
+        await handle.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/ml-100k")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--promoted", type=int, default=100, help="How many items to promote.")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not (args.data / "u.data").is_file():
+        raise SystemExit(f"MovieLens 100K not found at {args.data} (pass --data)")
+    with tempfile.TemporaryDirectory(prefix="reasonrec-policy-") as scratch:
+        settings = Settings().model_copy(
+            update={
+                "data_dir": Path(scratch),
+                "registry_dir": None,
+                "key_prefix": f"policy-{uuid.uuid4().hex[:8]}",
+                "llm_timeout_ms": 600_000,
+            }
+        )
+        result = asyncio.run(experiment(args.data, settings, args.preset, args.promoted, args.seed))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
