@@ -12,7 +12,7 @@ On MovieLens 100K with EVAL.md's split, in a fresh store of its own:
    bootstrapped version: measure, simulate the clicks, run one refresh (`refresh_once`, the gate
    included) under that policy, measure again with whichever version is then active.
 
-    .venv/bin/python bench/policy_experiment.py --data ../shared/data/ml-100k [--preset tiny]
+    .venv/bin/python bench/policy_experiment.py --data ../shared/data/ml-100k [--sft-steps 150]
 
 Prints JSON: per policy, NDCG@10, HR@10, ILD@10, novelty@10 and promoted share of the measured
 users' lists before and after, and the refresh's outcome and gate.
@@ -48,6 +48,7 @@ from trainer.evaluation.run import (
     write_dataset,
 )
 from trainer.evaluation.split import Split, load_split
+from trainer.presets import PRESETS
 from trainer.refresh import refresh_once
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,12 +172,19 @@ async def experiment(path: Path, settings: Settings, preset: str, count: int, se
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/ml-100k")
-    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--preset", default="default", help="Bootstrap preset of the base model.")
+    parser.add_argument("--sft-steps", type=int, help="Override the preset's SFT steps (faster).")
     parser.add_argument("--promoted", type=int, default=100, help="How many items to promote.")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not (args.data / "u.data").is_file():
         raise SystemExit(f"MovieLens 100K not found at {args.data} (pass --data)")
+    preset = args.preset
+    if args.sft_steps:  # a variant of the preset, registered for this run only
+        base = PRESETS[preset]
+        preset = f"{preset}-sft{args.sft_steps}"
+        sft = base.sft.model_copy(update={"max_steps": args.sft_steps})
+        PRESETS[preset] = base.model_copy(update={"sft": sft})
     with tempfile.TemporaryDirectory(prefix="reasonrec-policy-") as scratch:
         settings = Settings().model_copy(
             update={
@@ -186,7 +194,7 @@ def main() -> None:
                 "llm_timeout_ms": 600_000,
             }
         )
-        result = asyncio.run(experiment(args.data, settings, args.preset, args.promoted, args.seed))
+        result = asyncio.run(experiment(args.data, settings, preset, args.promoted, args.seed))
     print(json.dumps(result, indent=2))
 
 
