@@ -4,6 +4,7 @@
 sure no two refreshes run at once, whichever process starts them.
 """
 
+import asyncio
 import json
 import logging
 import tempfile
@@ -16,7 +17,12 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from reward_rules.policy import build_terms, catalog_facts
 from server.config import Settings
@@ -33,9 +39,15 @@ from trainer.grpo import STATE_FILE, run_grpo
 from trainer.presets import GrpoSettings
 
 log = logging.getLogger(__name__)
-LOCK_SECONDS = 6 * 3600  # longer than any refresh; a crashed holder's lock expires
+# The holder renews the lock while it works; a killed holder's lock lapses within LOCK_SECONDS.
+LOCK_SECONDS = 30
+RENEW_SECONDS = 10
 MIN_EXAMPLES = 4  # logged lists with a positive, before the held-out part is cut
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end"
+_RENEW = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+    "return redis.call('EXPIRE', KEYS[1], ARGV[2]) end"
+)
 
 Outcome = Literal["published", "rejected", "skipped"]
 
@@ -66,13 +78,22 @@ class RefreshResult(BaseModel):
 
 @asynccontextmanager
 async def refresh_lock(store: Store) -> AsyncIterator[None]:
-    token = uuid.uuid4().hex
-    if not await store.redis.set(store.keys.trainer_lock, token, nx=True, ex=LOCK_SECONDS):
+    key, token = store.keys.trainer_lock, uuid.uuid4().hex
+    if not await store.redis.set(key, token, nx=True, ex=LOCK_SECONDS):
         raise RefreshBusy("another refresh is running (Redis lock held)")
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(RENEW_SECONDS)
+            await store.redis.eval(_RENEW, 1, key, token, LOCK_SECONDS)
+
+    renewing = asyncio.create_task(renew())
     try:
         yield
     finally:
-        await store.redis.eval(_RELEASE, 1, store.keys.trainer_lock, token)
+        renewing.cancel()
+        await asyncio.gather(renewing, return_exceptions=True)
+        await store.redis.eval(_RELEASE, 1, key, token)
 
 
 def trainer_dir(settings: Settings) -> Path:
@@ -137,8 +158,6 @@ async def _refresh(settings: Settings, store: Store, progress: bool) -> RefreshR
     manifest = registry.manifest(parent)
     if manifest.kind != "full":
         raise RegistryError(f"refreshing a '{manifest.kind}' version is not supported")
-    tokenizer = AutoTokenizer.from_pretrained(registry.path(parent))
-    active_model = AutoModelForCausalLM.from_pretrained(registry.path(parent))
     policy = read_policy(settings.policy_file)
     corpus = await read_corpus(store)
     terms = build_terms(policy, catalog_facts(corpus.items.values(), policy), corpus.popularity)
@@ -147,13 +166,10 @@ async def _refresh(settings: Settings, store: Store, progress: bool) -> RefreshR
         max_completion_length=settings.max_answer_tokens,
         progress=progress,
     )
-    before = validate(active_model, tokenizer, holdout)
-    candidate = AutoModelForCausalLM.from_pretrained(registry.path(parent))
-    with tempfile.TemporaryDirectory(prefix="reasonrec-refresh-") as scratch:
-        candidate = run_grpo(candidate, tokenizer, train, terms, grpo, Path(scratch))
-        reward_mean = _reward_mean(Path(scratch))
-    after = validate(candidate, tokenizer, holdout)
-    gate = _gate(before, after, settings.gate_ndcg_tolerance)
+    # In a thread: the event loop must stay free to renew the lock while the model trains.
+    candidate, tokenizer, gate, reward_mean = await asyncio.to_thread(
+        _train_and_gate, registry.path(parent), train, holdout, terms, grpo, settings
+    )
     _record(gate, reward_mean)
     result = RefreshResult(
         outcome="rejected",
@@ -174,6 +190,25 @@ async def _refresh(settings: Settings, store: Store, progress: bool) -> RefreshR
     return result.model_copy(
         update={"outcome": "published", "reason": "gate passed", "version": version}
     )
+
+
+def _train_and_gate(
+    parent: Path,
+    train: list[Example],
+    holdout: list[Example],
+    terms: list,
+    grpo: GrpoSettings,
+    settings: Settings,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Gate, float | None]:
+    """GRPO from the parent's weights; both models answer the held-out lists for the gate."""
+    tokenizer = AutoTokenizer.from_pretrained(parent)
+    before = validate(AutoModelForCausalLM.from_pretrained(parent), tokenizer, holdout)
+    candidate = AutoModelForCausalLM.from_pretrained(parent)
+    with tempfile.TemporaryDirectory(prefix="reasonrec-refresh-") as scratch:
+        candidate = run_grpo(candidate, tokenizer, train, terms, grpo, Path(scratch))
+        reward_mean = _reward_mean(Path(scratch))
+    after = validate(candidate, tokenizer, holdout)
+    return candidate, tokenizer, _gate(before, after, settings.gate_ndcg_tolerance), reward_mean
 
 
 def _gate(active: dict[str, float], candidate: dict[str, float], tolerance: float) -> Gate:
