@@ -3,8 +3,13 @@
 And the gate: a refresh that fails it leaves the active version untouched."""
 
 import asyncio
+import os
+import subprocess
+import sys
+import time
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from server.app import open_store
@@ -12,14 +17,16 @@ from server.config import Settings
 from server.registry import Registry
 from tests.integration.test_hot_swap import activate, until
 from trainer.bootstrap import BootstrapResult
-from trainer.refresh import RefreshResult, refresh_once
+from trainer.feedback_log import FeedbackLog
+from trainer.refresh import RefreshResult, refresh_once, trainer_dir
 
 pytestmark = pytest.mark.slow
 USERS = [f"u{n:05d}" for n in range(10, 22)]
 
 
-def serve_and_click(gateway: TestClient) -> None:
+def serve_and_click(gateway: TestClient) -> dict[str, str]:
     """Each user gets a list and clicks its second item, quoting the request id."""
+    clicked = {}
     for user in USERS:
         body = gateway.post("/v1/recommend", json={"user_id": user, "k": 5}).json()
         event = {
@@ -29,6 +36,24 @@ def serve_and_click(gateway: TestClient) -> None:
             "request_id": body["request_id"],
         }
         assert gateway.post("/v1/feedback", json={"events": [event]}).status_code == 200
+        clicked[body["request_id"]] = event["item_id"]
+    return clicked
+
+
+def _lock_held(settings: Settings) -> bool:
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        return bool(client.exists(f"{settings.key_prefix}:trainer:lock"))
+    finally:
+        client.close()
+
+
+def logged_examples(settings: Settings) -> dict:
+    async def read() -> dict:
+        async with open_store(settings) as store:
+            return FeedbackLog(store, trainer_dir(settings)).read()
+
+    return asyncio.run(read())
 
 
 async def _refresh(settings: Settings) -> RefreshResult:
@@ -67,6 +92,53 @@ def test_feedback_refreshes_the_served_model(
         assert until(lambda: gateway.get("/v1/models").json()["serving"] == result.version, 300)
         body = gateway.post("/v1/recommend", json={"user_id": USERS[0], "k": 5}).json()
         assert body["model_version"] == result.version and body["source"] == "llm"
+    finally:
+        activate(gateway, tiny_model.version)
+        assert until(lambda: gateway.get("/v1/models").json()["serving"] == tiny_model.version, 300)
+
+
+def test_killed_refresh_publishes_nothing_and_loses_no_feedback(
+    gateway: TestClient, served_settings: Settings, tiny_model: BootstrapResult
+) -> None:
+    clicked = serve_and_click(gateway)
+    registry = Registry(served_settings.registry_path)
+    versions = {m.version for m in registry.versions()}
+    logged = trainer_dir(served_settings) / "logged.jsonl"
+    env = {
+        **os.environ,
+        "REASONREC_REDIS_URL": served_settings.redis_url,
+        "REASONREC_KEY_PREFIX": served_settings.key_prefix,
+        "REASONREC_DATA_DIR": str(served_settings.data_dir),
+        "REASONREC_REFRESH_GRPO_STEPS": "200",  # far longer than the test lets it live
+    }
+    started = time.time()
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", "from trainer.cli import app; app()", "train", "--once"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # Killed once it has consumed the feedback and is training.
+        assert until(lambda: logged.is_file() and logged.stat().st_mtime > started, 300)
+        time.sleep(5)
+        assert trainer.poll() is None, "the refresh ended before it could be killed"
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert {m.version for m in registry.versions()} == versions  # nothing half-published
+    assert gateway.get("/v1/models").json()["active"] == tiny_model.version
+    # Its lock lapses; the restarted refresh has every click and publishes.
+    assert until(lambda: not _lock_held(served_settings), 60)
+    result = refresh(served_settings, gate_ndcg_tolerance=1.0)
+    try:
+        assert result.outcome == "published", result
+        positives = {
+            request_id: example.positives
+            for request_id, example in logged_examples(served_settings).items()
+        }
+        for request_id, item in clicked.items():
+            assert item in positives[request_id]
     finally:
         activate(gateway, tiny_model.version)
         assert until(lambda: gateway.get("/v1/models").json()["serving"] == tiny_model.version, 300)
