@@ -81,7 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            following.cancel()
+            follower.stop()
             await asyncio.gather(following, return_exceptions=True)
             await follower.close()
             if app.state.engine is not None:

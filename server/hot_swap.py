@@ -22,6 +22,7 @@ from server.store import Store
 
 log = logging.getLogger(__name__)
 RETRY_SECONDS = 1.0
+POLL_SECONDS = 0.25  # one wait for an announcement; bounds how long stop() takes
 
 
 class ModelFollower:
@@ -29,6 +30,7 @@ class ModelFollower:
         self.app, self.settings, self.store = app, settings, store
         self._lock = asyncio.Lock()  # one swap at a time, in announcement order
         self._closing: set[asyncio.Task] = set()
+        self._stopping = asyncio.Event()
 
     @property
     def serving(self) -> str | None:
@@ -36,8 +38,8 @@ class ModelFollower:
         return engine.model_version if engine else None
 
     async def run(self) -> None:
-        """Follow announcements until cancelled; reconnects when Redis goes away."""
-        while True:
+        """Follow announcements until `stop()`; resubscribes when Redis goes away."""
+        while not self._stopping.is_set():
             try:
                 await self._follow()
             except RedisError as exc:
@@ -45,13 +47,17 @@ class ModelFollower:
                 await asyncio.sleep(RETRY_SECONDS)
 
     async def _follow(self) -> None:
+        # Polled with a timeout rather than `listen()`: a read is never cut off mid-way (a
+        # cancelled read can leave the connection hanging at close), and the socket timeout of
+        # the client never fires on a quiet channel.
         async with self.store.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
             await pubsub.subscribe(self.store.keys.model_updates)
             # An activation between start-up and this subscription was announced to nobody.
             if (active := await self.store.active_model()) is not None:
                 await self.swap(active)
-            async for message in pubsub.listen():
-                if message["type"] == "message":
+            while not self._stopping.is_set():
+                message = await pubsub.get_message(timeout=POLL_SECONDS)
+                if message is not None and message["type"] == "message":
                     await self.swap(message["data"])
 
     async def swap(self, version: str) -> bool:
@@ -88,6 +94,10 @@ class ModelFollower:
         finally:  # at shutdown too
             await engine.close()
             log.info("previous engine released", extra={"version": engine.model_version})
+
+    def stop(self) -> None:
+        """`run()` returns within POLL_SECONDS."""
+        self._stopping.set()
 
     async def close(self) -> None:
         """Release at once the engines still waiting for their requests to finish (shutdown)."""
