@@ -58,7 +58,7 @@ PRESETS: dict[str, Preset] = {
         vocab_size=600,
         index_dim=16,
         sft_examples=320,
-        sft=SftSettings(epochs=12, batch_size=8, learning_rate=5e-3),
+        sft=SftSettings(epochs=30, batch_size=8, learning_rate=5e-3),
         grpo_examples=8,
         grpo=GrpoSettings(max_steps=2, prompts_per_step=2, num_generations=4, learning_rate=1e-4),
         validation_users=8,
