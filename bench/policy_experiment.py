@@ -47,7 +47,7 @@ from trainer.evaluation.run import (
     read_timelines,
     write_dataset,
 )
-from trainer.evaluation.split import Split, load_split
+from trainer.evaluation.split import Split, load_split, sample_users
 from trainer.presets import PRESETS
 from trainer.refresh import refresh_once
 
@@ -108,11 +108,16 @@ async def clicks(store: Store, split: Split, served: dict[str, tuple[str, list[s
 
 
 async def run_policy(
-    name: str, settings: Settings, store: Store, split: Split, base: str, promoted: set[str]
+    name: str,
+    settings: Settings,
+    store: Store,
+    split: Split,
+    users: list[str],
+    base: str,
+    promoted: set[str],
 ) -> dict:
     settings = settings.model_copy(update={"policy_file": POLICIES[name]})
     await store.set_active_model(base)
-    users = sorted(split.test)
     clickers, measured = users[0::2], users[1::2]
     recommender = Recommender(store, settings)
     engine = open_engine(settings, base)
@@ -149,8 +154,11 @@ async def promote(store: Store, split: Split, count: int, seed: int) -> set[str]
     return chosen
 
 
-async def experiment(path: Path, settings: Settings, preset: str, count: int, seed: int) -> dict:
+async def experiment(
+    path: Path, settings: Settings, preset: str, count: int, users: int | None, seed: int
+) -> dict:
     split = load_split(path)
+    chosen = sample_users(split, users, seed) if users else list(split.users)
     timelines, catalog = read_timelines(path), read_ml100k(path)
     handle = connect(settings)
     store = build_store(settings, handle.client)
@@ -160,9 +168,14 @@ async def experiment(path: Path, settings: Settings, preset: str, count: int, se
         base = (await bootstrap(settings, store, preset, seed=seed)).version
         await write_dataset(store, events_only(phase_events(split, timelines, "validation")))
         promoted = await promote(store, split, count, seed)
-        results = {"preset": preset, "promoted_items": len(promoted), "base": base}
+        results = {
+            "preset": preset,
+            "users": len(chosen),
+            "promoted_items": len(promoted),
+            "base": base,
+        }
         for name in POLICIES:
-            results[name] = await run_policy(name, settings, store, split, base, promoted)
+            results[name] = await run_policy(name, settings, store, split, chosen, base, promoted)
         return results
     finally:
         await drop_prefix(store)
@@ -175,6 +188,7 @@ def main() -> None:
     parser.add_argument("--preset", default="default", help="Bootstrap preset of the base model.")
     parser.add_argument("--sft-steps", type=int, help="Override the preset's SFT steps (faster).")
     parser.add_argument("--promoted", type=int, default=100, help="How many items to promote.")
+    parser.add_argument("--users", type=int, help="Sample N users (half click, half measured).")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not (args.data / "u.data").is_file():
@@ -194,7 +208,9 @@ def main() -> None:
                 "llm_timeout_ms": 600_000,
             }
         )
-        result = asyncio.run(experiment(args.data, settings, preset, args.promoted, args.seed))
+        result = asyncio.run(
+            experiment(args.data, settings, preset, args.promoted, args.users, args.seed)
+        )
     print(json.dumps(result, indent=2))
 
 
