@@ -113,7 +113,12 @@ class Settings(BaseSettings):
     gate_ndcg_tolerance: float = Field(
         0.01,
         description="Publish gate: the refreshed model's held-out NDCG@10 may be at most this much "
-        "below the active model's (its invalid rate may not be higher).",
+        "below the active model's.",
+    )
+    gate_invalid_tolerance: float = Field(
+        0.0,
+        description="Publish gate: the refreshed model's held-out invalid rate (answers needing "
+        "repair) may be at most this much above the active model's.",
     )
     gate_holdout: float = Field(
         0.2, gt=0, lt=1, description="Share of the newest logged examples held out for the gate."

@@ -59,7 +59,8 @@ class RefreshBusy(RuntimeError):
 class Gate(BaseModel):
     active: dict[str, float]
     candidate: dict[str, float]
-    tolerance: float
+    ndcg_tolerance: float
+    invalid_tolerance: float
     passed: bool
 
 
@@ -208,15 +209,21 @@ def _train_and_gate(
         candidate = run_grpo(candidate, tokenizer, train, terms, grpo, Path(scratch))
         reward_mean = _reward_mean(Path(scratch))
     after = validate(candidate, tokenizer, holdout)
-    return candidate, tokenizer, _gate(before, after, settings.gate_ndcg_tolerance), reward_mean
+    return candidate, tokenizer, _gate(before, after, settings), reward_mean
 
 
-def _gate(active: dict[str, float], candidate: dict[str, float], tolerance: float) -> Gate:
+def _gate(active: dict[str, float], candidate: dict[str, float], settings: Settings) -> Gate:
     passed = (
-        candidate["ndcg@10"] >= active["ndcg@10"] - tolerance
-        and candidate["invalid_rate"] <= active["invalid_rate"]
+        candidate["ndcg@10"] >= active["ndcg@10"] - settings.gate_ndcg_tolerance
+        and candidate["invalid_rate"] <= active["invalid_rate"] + settings.gate_invalid_tolerance
     )
-    return Gate(active=active, candidate=candidate, tolerance=tolerance, passed=passed)
+    return Gate(
+        active=active,
+        candidate=candidate,
+        ndcg_tolerance=settings.gate_ndcg_tolerance,
+        invalid_tolerance=settings.gate_invalid_tolerance,
+        passed=passed,
+    )
 
 
 def _record(gate: Gate, reward_mean: float | None) -> None:
