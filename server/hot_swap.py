@@ -17,7 +17,7 @@ from server import metrics
 from server.active_model import open_engine
 from server.config import Settings
 from server.engine import Engine
-from server.item_index import current_version, load_current
+from server.item_index import ItemIndex, current_version, load_current
 from server.store import Store
 
 log = logging.getLogger(__name__)
@@ -66,11 +66,11 @@ class ModelFollower:
             if version == self.serving:
                 return True
             try:
-                engine = await asyncio.to_thread(open_engine, self.settings, version)
+                engine, index = await asyncio.to_thread(self._open, version)
             except Exception as exc:  # whatever breaks the new version, the old one keeps serving
                 log.error("model swap refused", extra={"version": version, "reason": str(exc)})
                 return False
-            self._refresh_index()
+            self.app.state.index = index
             old, self.app.state.engine = self.app.state.engine, engine
             self.app.state.engine_problem = None
             metrics.set_model_info(version)
@@ -82,11 +82,14 @@ class ModelFollower:
                 task.add_done_callback(self._closing.discard)
             return True
 
-    def _refresh_index(self) -> None:
-        """A new model usually comes with the index it was trained beside."""
+    def _open(self, version: str) -> tuple[Engine, ItemIndex | None]:
+        """The new engine, and the current index (a new model usually comes with the index it was
+        trained beside); both read from disk, so off the event loop."""
+        engine = open_engine(self.settings, version)
         index = self.app.state.index
         if current_version(self.settings.data_dir) != (index.version if index else None):
-            self.app.state.index = load_current(self.settings.data_dir)
+            index = load_current(self.settings.data_dir)
+        return engine, index
 
     async def _close_later(self, engine: Engine) -> None:
         try:

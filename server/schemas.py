@@ -97,6 +97,14 @@ class EventType(StrEnum):
 
 
 POSITIVE_RATING = 4.0
+POSITIVE_TYPES = frozenset({EventType.click, EventType.like, EventType.purchase})
+
+
+def is_positive(kind: EventType, value: float | None) -> bool:
+    """Engagement that says the user wanted the item: click, like, purchase, rating >= 4."""
+    if kind is EventType.rating:
+        return value is not None and value >= POSITIVE_RATING
+    return kind in POSITIVE_TYPES
 
 
 class FeedbackEvent(BaseModel):
@@ -123,9 +131,7 @@ class FeedbackEvent(BaseModel):
 
     @property
     def positive(self) -> bool:
-        if self.type is EventType.rating:
-            return self.value is not None and self.value >= POSITIVE_RATING
-        return self.type in (EventType.click, EventType.like, EventType.purchase)
+        return is_positive(self.type, self.value)
 
 
 class FeedbackBatch(BaseModel):

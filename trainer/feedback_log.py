@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from server.schemas import POSITIVE_RATING, EventType
+from server.schemas import EventType, is_positive
 from server.store import Store
 from trainer import metrics
 
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 GROUP = "trainer"
 CONSUMER = "trainer-1"
 BATCH = 1000
-POSITIVE = {EventType.click, EventType.like, EventType.purchase}
 NEGATIVE = {EventType.dislike, EventType.skip}
 
 
@@ -59,13 +58,6 @@ class ConsumeResult(BaseModel):
     negatives: int = 0
     organic: int = 0
     written: int = 0
-
-
-def _is_positive(fields: dict[str, str]) -> bool:
-    kind = EventType(fields["type"])
-    if kind is EventType.rating:
-        return bool(fields.get("value")) and float(fields["value"]) >= POSITIVE_RATING
-    return kind in POSITIVE
 
 
 async def _ensure_group(redis: Redis, stream: str) -> None:
@@ -192,7 +184,8 @@ def _merge(known: LoggedExample, record: LoggedExample) -> None:
 def _join(example: LoggedExample, fields: dict[str, str], result: ConsumeResult) -> None:
     result.joined += 1
     item = fields["item_id"]
-    if _is_positive(fields):
+    value = float(fields["value"]) if fields.get("value") else None
+    if is_positive(EventType(fields["type"]), value):
         if item not in example.positives:
             example.positives.append(item)
         result.positives += 1

@@ -5,6 +5,7 @@ sure no two refreshes run at once, whichever process starts them.
 """
 
 import asyncio
+import copy
 import json
 import logging
 import tempfile
@@ -203,8 +204,9 @@ def _train_and_gate(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Gate, float | None]:
     """GRPO from the parent's weights; both models answer the held-out lists for the gate."""
     tokenizer = AutoTokenizer.from_pretrained(parent)
-    before = validate(AutoModelForCausalLM.from_pretrained(parent), tokenizer, holdout)
-    candidate = AutoModelForCausalLM.from_pretrained(parent)
+    active = AutoModelForCausalLM.from_pretrained(parent)
+    candidate = copy.deepcopy(active)  # trained; `active` stays as it serves, for the gate
+    before = validate(active, tokenizer, holdout)
     with tempfile.TemporaryDirectory(prefix="reasonrec-refresh-") as scratch:
         candidate = run_grpo(candidate, tokenizer, train, terms, grpo, Path(scratch))
         reward_mean = _reward_mean(Path(scratch))
@@ -234,7 +236,12 @@ def _record(gate: Gate, reward_mean: float | None) -> None:
 
 
 def _publish(
-    registry, parent: Manifest, model, tokenizer, policy: dict, result: RefreshResult
+    registry: Registry,
+    parent: Manifest,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    policy: dict,
+    result: RefreshResult,
 ) -> str:
     """Weights and manifest into a staging folder, then one rename: complete or absent."""
     staging = registry.staging()
