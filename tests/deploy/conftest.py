@@ -1,0 +1,118 @@
+"""Running processes for the observability tests: a gateway (fake engine, real Redis) that has
+served some traffic, and a `reasonrec trainer` sidecar, each with its /metrics on loopback."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+import uvicorn
+
+from server.app import create_app
+from server.config import Settings
+from server.engine import EngineError
+from tests.conftest import free_port
+from tests.server.test_recommend_logic import FakeEngine, answer, load_shop
+
+START_SECONDS = 90  # the trainer imports torch and TRL before it serves /metrics
+
+
+@dataclass
+class Gateway:
+    url: str
+    model_version: str  # the label of every recommendation this gateway served
+    recommendations: int
+
+
+def wait_http(url: str, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + START_SECONDS
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer in {START_SECONDS} s")
+
+
+@pytest.fixture(scope="session")
+def deploy_settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    settings = Settings(
+        redis_url=redis_url,
+        key_prefix=f"deploy-{uuid.uuid4().hex[:8]}",
+        data_dir=tmp_path_factory.mktemp("deploy"),
+    )
+    yield settings
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(match=f"{settings.key_prefix}:*", count=1000):
+        client.delete(key)
+
+
+def _serve_traffic(client: httpx.Client, app, version: str) -> int:
+    """A good answer, one that needs repair, one engine failure: every recommendation metric gets
+    a series. Returns how many recommendations were served."""
+    load_shop(client)
+    engines = [
+        FakeEngine(answer("p1", "p2", "p3"), model_version=version),
+        FakeEngine(answer("p1"), model_version=version),
+        FakeEngine(error=EngineError("engine answered 503"), model_version=version),
+    ]
+    for engine in engines:
+        app.state.engine = engine
+        response = client.post("/v1/recommend", json={"user_id": "u1", "k": 3})
+        assert response.status_code == 200, response.text
+    return len(engines)
+
+
+@pytest.fixture(scope="session")
+def gateway(deploy_settings: Settings) -> Iterator[Gateway]:
+    """The gateway app served by uvicorn on loopback, after some traffic."""
+    app = create_app(deploy_settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/healthz")
+        version = f"deploy-{uuid.uuid4().hex[:8]}"
+        with httpx.Client(base_url=url) as client:
+            served = _serve_traffic(client, app, version)
+        yield Gateway(url, version, served)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def trainer(deploy_settings: Settings) -> Iterator[str]:
+    """`reasonrec trainer` in a process of its own; yields its metrics URL. It only waits here:
+    a refresh is due after REASONREC_REFRESH_SECONDS or REASONREC_REFRESH_MIN_EVENTS events."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "REASONREC_REDIS_URL": deploy_settings.redis_url,
+        "REASONREC_KEY_PREFIX": deploy_settings.key_prefix,
+        "REASONREC_DATA_DIR": str(deploy_settings.data_dir),
+        "REASONREC_TRAINER_METRICS_PORT": str(port),
+    }
+    command = [str(Path(sys.executable).parent / "reasonrec"), "trainer"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        wait_http(url, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
