@@ -21,6 +21,7 @@ from server.prompt import parse_answer
 from server.recommend import repair
 from server.registry import Manifest, Registry, new_version
 from server.store import Store
+from trainer.constrained import answer_constraint, constrained_generation
 from trainer.corpus import Corpus, read_corpus
 from trainer.dataset import ExampleBuilder, Examples, Shape
 from trainer.examples import Example
@@ -55,20 +56,28 @@ def _texts(corpus: Corpus, examples: list[Example]) -> list[str]:
     return catalog + [e.prompt + e.target for e in examples[:200]]
 
 
+def _greedy(model, tokenizer, prompt: str, budget: int) -> str:
+    inputs = tokenizer(text=prompt, return_tensors="pt")
+    output = model.generate(
+        **inputs, max_new_tokens=budget, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
 @torch.no_grad()
 def validate(model, tokenizer, examples: list[Example]) -> dict[str, float]:
-    """Greedy answers on held-out last interactions: NDCG@k of the model vs the retrieval order."""
+    """Greedy answers on held-out last interactions: NDCG@k of the model vs the retrieval order.
+
+    Decoding follows the answer grammar, as vLLM's structured outputs do when serving, so the
+    figures are what the gateway would serve; `invalid_rate` counts answers still repaired.
+    """
     model.eval()
     ours, retrieval, invalid = [], [], 0
-    for example in examples:
-        inputs = tokenizer(example.prompt, return_tensors="pt")
-        output = model.generate(
-            **inputs,
-            max_new_tokens=8 + 6 * example.k + 60,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        text = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    budget = 8 + 6 * max((e.k for e in examples), default=0) + 60
+    constraint = answer_constraint(tokenizer, examples, budget) if examples else None
+    with constrained_generation(model, constraint):
+        texts = [_greedy(model, tokenizer, example.prompt, budget) for example in examples]
+    for example, text in zip(examples, texts, strict=True):
         ranked, repaired = repair(parse_answer(text), example.candidates, example.k)
         invalid += repaired
         ours.append(ndcg_at_k(ranked, example.positives, example.k))

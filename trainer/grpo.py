@@ -7,7 +7,8 @@ turns a term's None ("does not apply") into NaN and sums with `nansum`, which is
 `reward_rules.terms.weighted_sum`'s "a None term adds nothing".
 
 Generation runs inside the trainer with transformers' `generate` (no vLLM): the model is small
-and the trainer must work wherever the tests run.
+and the trainer must work wherever the tests run. It follows the answer grammar the gateway
+serves with (`trainer.constrained`), so rewards compare the items a completion picks.
 """
 
 import logging
@@ -23,6 +24,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from reward_rules.terms import Term
 from server.prompt import parse_answer
+from trainer.constrained import answer_constraint, constrained_generation
 from trainer.examples import Example
 from trainer.presets import GrpoSettings
 
@@ -167,7 +169,8 @@ def run_grpo(
     if not settings.progress:
         # With the bar disabled, transformers prints every log dict instead: silence that too.
         trainer.remove_callback(PrinterCallback)
-    trainer.train()
+    with constrained_generation(trainer.model, answer_constraint(tokenizer, examples, length)):
+        trainer.train()
     trainer.state.save_to_json(str(output_dir / STATE_FILE))
     _log_rewards(trainer.state.log_history)
     return trainer.model.eval()

@@ -124,12 +124,20 @@ def split_logged(
     return examples[:cut], examples[cut:]
 
 
-def _reward_mean(output_dir: Path) -> float | None:
-    state = output_dir / STATE_FILE
-    if not state.is_file():
-        return None
-    rewards = [e["reward"] for e in json.loads(state.read_text())["log_history"] if "reward" in e]
-    return sum(rewards) / len(rewards) if rewards else None
+class Training(BaseModel):
+    """What GRPO's log says about a run: the mean reward, and whether any group had a spread."""
+
+    reward_mean: float | None
+    learned: bool
+
+
+def _training(output_dir: Path) -> Training:
+    history = json.loads((output_dir / STATE_FILE).read_text())["log_history"]
+    steps = [entry for entry in history if "reward" in entry]
+    rewards = [entry["reward"] for entry in steps]
+    # A group whose completions all score the same has zero advantage: no gradient but the KL.
+    learned = any(entry.get("frac_reward_zero_std", 0.0) < 1.0 for entry in steps)
+    return Training(reward_mean=sum(rewards) / len(rewards) if rewards else None, learned=learned)
 
 
 async def refresh_once(settings: Settings, store: Store, progress: bool = True) -> RefreshResult:
@@ -169,10 +177,10 @@ async def _refresh(settings: Settings, store: Store, progress: bool) -> RefreshR
         progress=progress,
     )
     # In a thread: the event loop must stay free to renew the lock while the model trains.
-    candidate, tokenizer, gate, reward_mean = await asyncio.to_thread(
+    candidate, tokenizer, training, gate = await asyncio.to_thread(
         _train_and_gate, registry.path(parent), train, holdout, terms, grpo, settings
     )
-    _record(gate, reward_mean)
+    _record(gate, training.reward_mean)
     result = RefreshResult(
         outcome="rejected",
         reason="gate failed",
@@ -180,9 +188,12 @@ async def _refresh(settings: Settings, store: Store, progress: bool) -> RefreshR
         consumed=consumed,
         train_examples=len(train),
         holdout_examples=len(holdout),
-        reward_mean=reward_mean,
+        reward_mean=training.reward_mean,
         gate=gate,
     )
+    if gate is None:
+        reason = "no reward signal: every group's completions scored the same"
+        return result.model_copy(update={"outcome": "skipped", "reason": reason})
     if not gate.passed:
         return result
     version = _publish(
@@ -201,17 +212,23 @@ def _train_and_gate(
     terms: list,
     grpo: GrpoSettings,
     settings: Settings,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Gate, float | None]:
-    """GRPO from the parent's weights; both models answer the held-out lists for the gate."""
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Training, Gate | None]:
+    """GRPO from the parent's weights; both models answer the held-out lists for the gate.
+
+    No gate (None) when GRPO had nothing to learn from: publishing would copy the parent.
+    """
     tokenizer = AutoTokenizer.from_pretrained(parent)
     active = AutoModelForCausalLM.from_pretrained(parent)
     candidate = copy.deepcopy(active)  # trained; `active` stays as it serves, for the gate
-    before = validate(active, tokenizer, holdout)
     with tempfile.TemporaryDirectory(prefix="reasonrec-refresh-") as scratch:
         candidate = run_grpo(candidate, tokenizer, train, terms, grpo, Path(scratch))
-        reward_mean = _reward_mean(Path(scratch))
-    after = validate(candidate, tokenizer, holdout)
-    return candidate, tokenizer, _gate(before, after, settings), reward_mean
+        training = _training(Path(scratch))
+    if not training.learned:
+        return candidate, tokenizer, training, None
+    gate = _gate(
+        validate(active, tokenizer, holdout), validate(candidate, tokenizer, holdout), settings
+    )
+    return candidate, tokenizer, training, gate
 
 
 def _gate(active: dict[str, float], candidate: dict[str, float], settings: Settings) -> Gate:
@@ -228,11 +245,13 @@ def _gate(active: dict[str, float], candidate: dict[str, float], settings: Setti
     )
 
 
-def _record(gate: Gate, reward_mean: float | None) -> None:
-    metrics.GATE_NDCG.labels("active").set(gate.active["ndcg@10"])
-    metrics.GATE_NDCG.labels("candidate").set(gate.candidate["ndcg@10"])
+def _record(gate: Gate | None, reward_mean: float | None) -> None:
     if reward_mean is not None:
         metrics.REWARD_MEAN.set(reward_mean)
+    if gate is None:
+        return
+    metrics.GATE_NDCG.labels("active").set(gate.active["ndcg@10"])
+    metrics.GATE_NDCG.labels("candidate").set(gate.candidate["ndcg@10"])
 
 
 def _publish(

@@ -85,8 +85,8 @@ def test_run_grpo_trains_and_logs_every_term(
         assert math.isfinite(entry["reward"])
         for name in ("format", "accuracy", "diversity", "novelty"):
             assert f"rewards/{name}/mean" in entry
-    # the SFT model already answers in format, so the format reward is not all zeros
-    assert max(entry["rewards/format/mean"] for entry in steps) > 0
+    # sampling follows the answer grammar: every completion is well formed
+    assert all(entry["rewards/format/mean"] == 1.0 for entry in steps)
     # the KL reference is the model as it started; the policy keeps its own identity
     assert (tmp_path / "reference" / "config.json").exists()
     assert trained.config._name_or_path == toy_sft_model.config._name_or_path

@@ -1,0 +1,187 @@
+"""The serving constraint, applied to the trainer's own sampling with transformers' `generate`.
+
+The gateway decodes with vLLM structured outputs (`server.prompt.answer_pattern`): an answer is
+always `<think>…</think><answer>` and k distinct candidate ids. GRPO samples with transformers,
+where nothing held a weak model to that shape: at temperature 1 it rarely closed its tags, every
+completion of a group scored 0, and with no reward variance GRPO learns nothing. So sampling here
+follows the same grammar, in token space: which completions the policy is rewarded for are the
+ones it could be served, and the reward differences are about which items it picks.
+
+This needs every tag and candidate reference to be one token, as `trainer.tokenizer` makes them.
+For any other tokenizer (a Hugging Face model registered as is) `answer_constraint` returns None
+and sampling stays free.
+"""
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
+
+from server.prompt import ref, render_answer
+from trainer.examples import Example
+
+log = logging.getLogger(__name__)
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+class Grammar:
+    """Token ids of the answer's fixed parts, read off the tokenizer."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, item_ids: Sequence[str]):
+        self.think, self.end_think, self.answer, self.end_answer = (
+            _single(tokenizer, tag) for tag in TAGS
+        )
+        self.eos = tokenizer.eos_token_id
+        a, b = item_ids[0], item_ids[1] if len(item_ids) > 1 else item_ids[0]
+        tokens = tokenizer(render_answer("", [a, b]), add_special_tokens=False)["input_ids"]
+        first, second = _single(tokenizer, ref(a)), _single(tokenizer, ref(b))
+        start = tokens.index(first)
+        # What the contract writes between two ids (", "), however the tokenizer splits it.
+        self.separator = tokens[start + 1 : start + 1 + tokens[start + 1 :].index(second)]
+        # The rationale may hold any text but a tag, an end of sequence or an angle bracket.
+        vocab = len(tokenizer)
+        self.free = torch.ones(vocab, dtype=torch.bool)
+        banned = [self.think, self.end_think, self.answer, self.end_answer, self.eos]
+        banned += [tokenizer.pad_token_id] if tokenizer.pad_token_id is not None else []
+        self.free[banned] = False
+        for token_id in range(vocab):
+            if any(c in tokenizer.decode([token_id]) for c in "<>"):
+                self.free[token_id] = False
+
+    def answer_length(self, k: int) -> int:
+        """Tokens from `</think>` to the end of sequence, both included."""
+        return 1 + 1 + k + (k - 1) * len(self.separator) + 1 + 1
+
+
+def _single(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"{text!r} is {len(ids)} tokens")
+    return ids[0]
+
+
+class Row:
+    """One prompt's candidates (as token ids) and how many it must rank."""
+
+    def __init__(self, candidates: list[int], k: int):
+        self.candidates, self.k = candidates, k
+
+
+class AnswerConstraint(LogitsProcessor):
+    """Masks every token the answer grammar does not allow next; no candidate twice.
+
+    Rows are recognised by their prompt's token ids, so one processor serves any batch of the
+    examples it was built for, left-padded or not. `start` must be called before each
+    `generate` (`constrained_generation` does): the first call after it sees the prompts.
+    """
+
+    def __init__(
+        self,
+        grammar: Grammar,
+        rows: dict[tuple[int, ...], Row],
+        max_new_tokens: int,
+        pad: int | None,
+    ):
+        self.grammar, self.rows, self.max_new_tokens, self.pad = grammar, rows, max_new_tokens, pad
+        self._batch: list[Row] = []
+        self._prompt_length = 0
+
+    def start(self) -> None:
+        self._batch = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
+        if not self._batch:
+            self._prompt_length = input_ids.shape[1]
+            self._batch = [self._row(prompt) for prompt in input_ids.tolist()]
+        allowed = torch.zeros_like(scores, dtype=torch.bool)
+        completions = input_ids[:, self._prompt_length :].tolist()
+        for i, (row, done) in enumerate(zip(self._batch, completions, strict=True)):
+            allowed[i] = self._allowed(row, done, scores.shape[1])
+        return scores.masked_fill(~allowed, float("-inf"))
+
+    def _row(self, prompt: list[int]) -> Row:
+        start = next((j for j, t in enumerate(prompt) if t != self.pad), len(prompt))
+        row = self.rows.get(tuple(prompt[start:]))
+        if row is None:
+            raise KeyError("a prompt the answer constraint was not built for")
+        return row
+
+    def _allowed(self, row: Row, done: list[int], vocab: int) -> torch.Tensor:
+        g = self.grammar
+        mask = torch.zeros(vocab, dtype=torch.bool)
+        if g.eos in done:  # finished rows are padded by generate; leave them any token
+            mask[:] = True
+            return mask
+        if not done:
+            mask[g.think] = True
+        elif g.end_think not in done:
+            left = self.max_new_tokens - len(done)
+            if left > g.answer_length(row.k):
+                mask[: len(g.free)] = g.free
+            mask[g.end_think] = True
+        else:
+            mask[self._answer_step(row, done[done.index(g.end_think) + 1 :])] = True
+        return mask
+
+    def _answer_step(self, row: Row, answer: list[int]) -> list[int]:
+        """`<answer>` id (separator id) k-1 times `</answer>` eos, ids distinct candidates."""
+        g = self.grammar
+        if not answer:
+            return [g.answer]
+        body = answer[1:]
+        chosen = [t for t in body if t in row.candidates]
+        if len(chosen) == row.k:
+            return [g.eos] if body[-1] == g.end_answer else [g.end_answer]
+        since = len(body) - (body.index(chosen[-1]) + 1) if chosen else None
+        if since is None or since == len(g.separator):
+            return [t for t in row.candidates if t not in chosen]
+        return [g.separator[since]]
+
+
+def answer_constraint(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_new_tokens: int
+) -> AnswerConstraint | None:
+    """The constraint for these examples' prompts, or None when the tokenizer cannot carry it."""
+    item_ids = [item for e in examples for item in e.candidates]
+    try:
+        grammar = Grammar(tokenizer, item_ids)
+        rows = {
+            tuple(tokenizer(text=e.prompt)["input_ids"]): Row(
+                [_single(tokenizer, ref(i)) for i in e.candidates], min(e.k, len(e.candidates))
+            )
+            for e in examples
+        }
+    except ValueError as error:
+        log.warning("sampling without the answer constraint: %s", error)
+        return None
+    k = max(row.k for row in rows.values())
+    if grammar.answer_length(k) >= max_new_tokens:
+        raise ValueError(f"{max_new_tokens} new tokens cannot hold a {k}-item answer")
+    return AnswerConstraint(grammar, rows, max_new_tokens, tokenizer.pad_token_id)
+
+
+@contextmanager
+def constrained_generation(
+    model: PreTrainedModel, constraint: AnswerConstraint | None
+) -> Iterator[None]:
+    """Make every `model.generate` call in the block apply `constraint`.
+
+    GRPOTrainer calls `generate` itself and has no argument for a logits processor (its
+    `generation_kwargs` become a GenerationConfig, which cannot hold one), so the instance's
+    `generate` is wrapped for the duration and restored after.
+    """
+    if constraint is None:
+        yield
+        return
+
+    def generate(*args, **kwargs):
+        constraint.start()
+        return type(model).generate(model, *args, logits_processor=[constraint], **kwargs)
+
+    model.generate = generate
+    try:
+        yield
+    finally:
+        del model.generate
