@@ -131,7 +131,7 @@ class Training(BaseModel):
     learned: bool
 
 
-def _training(output_dir: Path) -> Training:
+def read_training(output_dir: Path) -> Training:
     history = json.loads((output_dir / STATE_FILE).read_text())["log_history"]
     steps = [entry for entry in history if "reward" in entry]
     rewards = [entry["reward"] for entry in steps]
@@ -222,7 +222,7 @@ def _train_and_gate(
     candidate = copy.deepcopy(active)  # trained; `active` stays as it serves, for the gate
     with tempfile.TemporaryDirectory(prefix="reasonrec-refresh-") as scratch:
         candidate = run_grpo(candidate, tokenizer, train, terms, grpo, Path(scratch))
-        training = _training(Path(scratch))
+        training = read_training(Path(scratch))
     if not training.learned:
         return candidate, tokenizer, training, None
     gate = _gate(

@@ -10,8 +10,6 @@ from trainer.examples import Example
 from trainer.model import build_model
 from trainer.tokenizer import train_tokenizer
 
-from .conftest import make_examples
-
 BUDGET = 48
 
 
@@ -27,7 +25,9 @@ def sample(model, tokenizer, prompts: list[str], budget: int = BUDGET, seed: int
         temperature=1.0,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return tokenizer.batch_decode(
+        output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,9 @@ def test_every_sample_names_k_distinct_candidates(
 
 def make_examples_with_longer_prompts(examples: list[Example]) -> list[Example]:
     """Prompts of another length, so that the batch is really padded."""
-    return [e.model_copy(update={"prompt": e.prompt + "More about this user.\n"}) for e in examples[:2]]
+    return [
+        e.model_copy(update={"prompt": e.prompt + "More about this user.\n"}) for e in examples[:2]
+    ]
 
 
 def test_a_short_budget_still_closes_the_answer(untrained, toy_tokenizer, toy_examples):

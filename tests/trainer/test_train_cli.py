@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from server.app import open_store
 from server.config import Settings
 from trainer.cli import EXIT_BUSY, EXIT_SKIPPED, app
-from trainer.refresh import RefreshBusy, refresh_lock
+from trainer.grpo import STATE_FILE
+from trainer.refresh import RefreshBusy, read_training, refresh_lock
 
 
 def test_without_an_active_model_the_refresh_is_skipped(env: Settings) -> None:
@@ -36,3 +37,18 @@ def test_a_held_lock_refuses_a_second_refresh(env: Settings, rdb: redis.Redis) -
     assert rdb.get(f"{env.key_prefix}:trainer:lock") is None  # released on the way out
     rdb.set(f"{env.key_prefix}:trainer:lock", "another-refresh")
     assert CliRunner().invoke(app, ["train", "--once"]).exit_code == EXIT_BUSY
+
+
+@pytest.mark.parametrize(
+    ("zero_spread", "learned"), [([1.0, 1.0, 1.0], False), ([1.0, 0.5, 1.0], True)]
+)
+def test_a_run_learned_only_if_some_group_had_a_reward_spread(
+    tmp_path, zero_spread: list[float], learned: bool
+) -> None:
+    history = [
+        {"reward": 1.0 + i, "frac_reward_zero_std": share} for i, share in enumerate(zero_spread)
+    ]
+    (tmp_path / STATE_FILE).write_text(json.dumps({"log_history": [*history, {"loss": 0.1}]}))
+    training = read_training(tmp_path)
+    assert training.learned is learned
+    assert training.reward_mean == 2.0
