@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 # The holder renews the lock while it works; a killed holder's lock lapses within LOCK_SECONDS.
 LOCK_SECONDS = 30
 RENEW_SECONDS = 10
+REFRESH_METHOD = "grpo-refresh"  # `training.method` in a refreshed version's manifest
 MIN_EXAMPLES = 4  # logged lists with a positive, before the held-out part is cut
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end"
 _RENEW = (
@@ -272,7 +273,7 @@ def _publish(
             "parent": parent.version,
             "created_at": datetime.now(UTC),
             "training": {
-                "method": "grpo-refresh",
+                "method": REFRESH_METHOD,
                 "train_examples": result.train_examples,
                 "holdout_examples": result.holdout_examples,
                 "reward_mean": result.reward_mean,

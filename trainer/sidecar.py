@@ -14,14 +14,24 @@ from prometheus_client import start_http_server
 
 from server.app import open_store
 from server.config import Settings
+from server.registry import Registry
 from trainer import metrics
-from trainer.refresh import RefreshBusy, refresh_once
+from trainer.refresh import REFRESH_METHOD, RefreshBusy, refresh_once
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 10.0
 
 
+def last_refresh(registry: Registry) -> float | None:
+    """Unix time of the newest published refresh, so that a restarted sidecar does not report
+    "never" (0) to the staleness alert."""
+    refreshes = [m for m in registry.versions() if m.training.get("method") == REFRESH_METHOD]
+    return refreshes[-1].created_at.timestamp() if refreshes else None
+
+
 async def run_sidecar(settings: Settings) -> None:
+    if (published := last_refresh(Registry(settings.registry_path))) is not None:
+        metrics.LAST_SUCCESS.set(published)
     if settings.trainer_metrics_port:
         start_http_server(settings.trainer_metrics_port)
     async with open_store(settings) as store:

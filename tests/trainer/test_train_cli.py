@@ -3,6 +3,7 @@ lock that keeps two refreshes apart (real Redis; the full refresh is in tests/in
 
 import asyncio
 import json
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
@@ -10,9 +11,11 @@ from typer.testing import CliRunner
 
 from server.app import open_store
 from server.config import Settings
+from server.registry import Manifest, Registry
 from trainer.cli import EXIT_BUSY, EXIT_SKIPPED, app
 from trainer.grpo import STATE_FILE
-from trainer.refresh import RefreshBusy, read_training, refresh_lock
+from trainer.refresh import REFRESH_METHOD, RefreshBusy, read_training, refresh_lock
+from trainer.sidecar import last_refresh
 
 
 def test_without_an_active_model_the_refresh_is_skipped(env: Settings) -> None:
@@ -52,3 +55,19 @@ def test_a_run_learned_only_if_some_group_had_a_reward_spread(
     training = read_training(tmp_path)
     assert training.learned is learned
     assert training.reward_mean == 2.0
+
+
+def test_a_restarted_sidecar_reports_the_newest_published_refresh(tmp_path) -> None:
+    registry = Registry(tmp_path / "models")
+    assert last_refresh(registry) is None
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    versions = [
+        ("base", {"method": "sft+grpo"}, t0),
+        ("r1", {"method": REFRESH_METHOD}, t0 + timedelta(hours=1)),
+        ("r2", {"method": REFRESH_METHOD}, t0 + timedelta(hours=2)),
+        ("registered", {}, t0 + timedelta(hours=3)),
+    ]
+    for version, training, created_at in versions:
+        manifest = Manifest(version=version, training=training, created_at=created_at)
+        registry.publish(registry.staging(), manifest)
+    assert last_refresh(registry) == (t0 + timedelta(hours=2)).timestamp()
