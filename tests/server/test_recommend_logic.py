@@ -73,7 +73,8 @@ class FakeEngine(Engine):
         )
 
     async def check_health(self) -> None:
-        return None
+        if self.error is not None:
+            raise self.error
 
     async def close(self) -> None:
         return None
@@ -244,6 +245,21 @@ def test_engine_error_falls_back(shop: TestClient, rdb: redis.Redis, key_prefix:
     assert body["model_version"] == "fake-down"
     assert metric(shop, FALLBACKS, reason="engine_error") == before + 1
     assert last_impression(rdb, key_prefix)["fallback_reason"] == "engine_error"
+
+
+def test_a_down_engine_leaves_the_gateway_ready_but_degraded(shop: TestClient) -> None:
+    """Every gateway shares the engine: failing readiness would take them all out of service
+    when each can still answer in the retrieval order."""
+    use(shop, FakeEngine(error=EngineError("engine unreachable"), model_version="fake-down"))
+
+    ready = shop.get("/readyz")
+
+    assert ready.status_code == 200
+    assert ready.json() == {
+        "status": "degraded",
+        "checks": {"redis": "ok", "engine": "engine unreachable"},
+        "model_version": "fake-down",
+    }
 
 
 def test_slow_engine_times_out(
