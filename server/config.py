@@ -110,6 +110,13 @@ class Settings(BaseSettings):
         1000, ge=1, description="`reasonrec trainer`: refresh sooner once this many new events."
     )
     refresh_grpo_steps: int = Field(20, ge=1, description="GRPO steps per refresh.")
+    refresh_lora_min_params: int = Field(
+        100_000_000,
+        ge=0,
+        description="Refresh models with at least this many parameters through LoRA adapters "
+        "(peft), merged into the weights before publishing; smaller ones train all weights.",
+    )
+    refresh_lora_rank: int = Field(16, ge=1, description="LoRA rank of an adapter refresh.")
     gate_ndcg_tolerance: float = Field(
         0.01,
         description="Publish gate: the refreshed model's held-out NDCG@10 may be at most this much "

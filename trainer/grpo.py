@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
+from peft import LoraConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback
 from trl import GRPOConfig, GRPOTrainer
 
@@ -147,6 +148,9 @@ def run_grpo(
 ) -> PreTrainedModel:
     """Train `model` in place with GRPO on the examples' prompts; returns it in eval mode.
 
+    With `settings.lora_rank` only LoRA adapters train, and they are merged into the weights
+    that are returned.
+
     `output_dir` receives the KL reference (when beta > 0) and `trainer_state.json`, whose
     `log_history` has the mean reward, each term's mean, the KL, ... per step. No checkpoints.
     """
@@ -158,13 +162,16 @@ def run_grpo(
     settings = settings.model_copy(update={"prompts_per_step": prompts})
     functions, weights = reward_functions(reward_terms_with_weights)
     length = settings.max_completion_length or completion_budget(tokenizer, examples)
-    with _reference_on_disk(model, output_dir, settings.beta):
+    adapter = lora_config(settings.lora_rank) if settings.lora_rank else None
+    # With an adapter TRL takes the KL reference from the model with the adapter disabled.
+    with _reference_on_disk(model, output_dir, 0.0 if adapter else settings.beta):
         trainer = GRPOTrainer(
             model=model,
             reward_funcs=functions,
             args=grpo_config(settings, weights, length, output_dir),
             train_dataset=to_dataset(examples),
             processing_class=tokenizer,
+            peft_config=adapter,
         )
     if not settings.progress:
         # With the bar disabled, transformers prints every log dict instead: silence that too.
@@ -173,7 +180,20 @@ def run_grpo(
         trainer.train()
     trainer.state.save_to_json(str(output_dir / STATE_FILE))
     _log_rewards(trainer.state.log_history)
-    return trainer.model.eval()
+    # Merged: a version is one set of weights, served and refreshed like any other.
+    trained = trainer.model.merge_and_unload() if adapter else trainer.model
+    return trained.eval()
+
+
+def lora_config(rank: int) -> LoraConfig:
+    """Adapters on every linear layer but the output head, alpha = 2 x rank (a common default)."""
+    return LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
 
 
 def _log_rewards(history: Sequence[Mapping[str, float]]) -> None:

@@ -37,6 +37,9 @@ class GrpoSettings(BaseModel):
     )
     temperature: float = Field(1.0, gt=0)
     beta: float = Field(0.001, ge=0, description="KL coefficient to the starting model.")
+    lora_rank: int | None = Field(
+        None, ge=1, description="Train LoRA adapters of this rank instead of all weights."
+    )
     seed: int = 0
     progress: bool = Field(True, description="Show a progress bar.")
 

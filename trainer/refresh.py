@@ -37,6 +37,7 @@ from trainer.corpus import read_corpus
 from trainer.examples import Example, target_items
 from trainer.feedback_log import ConsumeResult, FeedbackLog, LoggedExample
 from trainer.grpo import STATE_FILE, run_grpo
+from trainer.model import parameter_count
 from trainer.presets import GrpoSettings
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class RefreshResult(BaseModel):
     train_examples: int = 0
     holdout_examples: int = 0
     reward_mean: float | None = None
+    lora_rank: int | None = None
     gate: Gate | None = None
     seconds: float = 0.0
 
@@ -130,6 +132,7 @@ class Training(BaseModel):
 
     reward_mean: float | None
     learned: bool
+    lora_rank: int | None = None
 
 
 def read_training(output_dir: Path) -> Training:
@@ -190,6 +193,7 @@ async def _refresh(settings: Settings, store: Store, progress: bool) -> RefreshR
         train_examples=len(train),
         holdout_examples=len(holdout),
         reward_mean=training.reward_mean,
+        lora_rank=training.lora_rank,
         gate=gate,
     )
     if gate is None:
@@ -216,14 +220,17 @@ def _train_and_gate(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Training, Gate | None]:
     """GRPO from the parent's weights; both models answer the held-out lists for the gate.
 
-    No gate (None) when GRPO had nothing to learn from: publishing would copy the parent.
+    A large parent trains LoRA adapters instead of all weights. No gate (None) when GRPO had
+    nothing to learn from: publishing would copy the parent.
     """
     tokenizer = AutoTokenizer.from_pretrained(parent)
     active = AutoModelForCausalLM.from_pretrained(parent)
+    if parameter_count(active) >= settings.refresh_lora_min_params:
+        grpo = grpo.model_copy(update={"lora_rank": settings.refresh_lora_rank})
     candidate = copy.deepcopy(active)  # trained; `active` stays as it serves, for the gate
     with tempfile.TemporaryDirectory(prefix="reasonrec-refresh-") as scratch:
         candidate = run_grpo(candidate, tokenizer, train, terms, grpo, Path(scratch))
-        training = read_training(Path(scratch))
+        training = read_training(Path(scratch)).model_copy(update={"lora_rank": grpo.lora_rank})
     if not training.learned:
         return candidate, tokenizer, training, None
     gate = _gate(
@@ -277,6 +284,7 @@ def _publish(
                 "train_examples": result.train_examples,
                 "holdout_examples": result.holdout_examples,
                 "reward_mean": result.reward_mean,
+                "lora_rank": result.lora_rank,
             },
             "reward_weights": policy["weights"],
             "policy": policy,

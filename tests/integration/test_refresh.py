@@ -83,13 +83,17 @@ def test_feedback_refreshes_the_served_model(
     gateway: TestClient, served_settings: Settings, tiny_model: BootstrapResult
 ) -> None:
     serve_and_click(gateway)
-    result = refresh(served_settings, gate_ndcg_tolerance=1.0, gate_invalid_tolerance=1.0)
+    # Every model counts as large here: the refresh trains LoRA adapters and publishes them
+    # merged (the kill-and-restart test below refreshes all weights).
+    lora = {"refresh_lora_min_params": 0, "refresh_lora_rank": 4}
+    result = refresh(served_settings, gate_ndcg_tolerance=1.0, gate_invalid_tolerance=1.0, **lora)
     try:
         assert result.outcome == "published", result
         assert result.parent == tiny_model.version and result.train_examples >= 1
         manifest = Registry(served_settings.registry_path).manifest(result.version)
-        assert manifest.parent == tiny_model.version
+        assert manifest.parent == tiny_model.version and manifest.kind == "full"
         assert manifest.policy["weights"] and manifest.training["method"] == "grpo-refresh"
+        assert manifest.training["lora_rank"] == 4
         assert until(lambda: gateway.get("/v1/models").json()["serving"] == result.version, 300)
         body = gateway.post("/v1/recommend", json={"user_id": USERS[0], "k": 5}).json()
         assert body["model_version"] == result.version and body["source"] == "llm"
@@ -134,6 +138,7 @@ def test_killed_refresh_publishes_nothing_and_loses_no_feedback(
     result = refresh(served_settings, gate_ndcg_tolerance=1.0, gate_invalid_tolerance=1.0)
     try:
         assert result.outcome == "published", result
+        assert result.lora_rank is None  # the tiny model is small: all weights trained
         positives = {
             request_id: example.positives
             for request_id, example in logged_examples(served_settings).items()

@@ -90,3 +90,29 @@ def test_run_grpo_trains_and_logs_every_term(
     # the KL reference is the model as it started; the policy keeps its own identity
     assert (tmp_path / "reference" / "config.json").exists()
     assert trained.config._name_or_path == toy_sft_model.config._name_or_path
+
+
+@pytest.mark.slow
+def test_lora_grpo_returns_merged_weights_with_only_the_linear_layers_moved(
+    toy_tokenizer: PreTrainedTokenizerFast,
+    toy_examples: list[Example],
+    toy_sft_model: PreTrainedModel,
+    tmp_path: Path,
+) -> None:
+    model = copy.deepcopy(toy_sft_model)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    settings = GrpoSettings(
+        max_steps=2, prompts_per_step=2, num_generations=4, lora_rank=4, progress=False
+    )
+
+    with one_thread():
+        trained = run_grpo(
+            model, toy_tokenizer, toy_examples, [(Accuracy(), 1.0)], settings, tmp_path
+        )
+
+    assert type(trained) is type(toy_sft_model)  # adapters merged: no peft wrapper left
+    after = dict(trained.named_parameters())
+    assert after.keys() == before.keys()
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert moved and all(name.endswith("proj.weight") for name in moved)
+    assert not (tmp_path / "reference").exists()  # the KL reference is the adapter switched off
