@@ -44,12 +44,24 @@ class RemoteEngine(Engine):
             raise EngineError(f"engine answered an unreadable body: {response.text[:300]}") from exc
 
     async def check_health(self) -> None:
+        """Healthy, and serving this version: after an activation the server may still be
+        serving the previous one (it loads versions by name), and every request would fail."""
+        health = await self._get("/health")
+        if health.status_code != 200:
+            raise EngineError(f"engine health check answered {health.status_code}")
+        models = await self._get("/v1/models")
         try:
-            response = await self._client.get("/health", timeout=2)
+            served = [model["id"] for model in models.json()["data"]]
+        except (ValueError, LookupError, TypeError) as exc:
+            raise EngineError(f"engine model list unreadable: {models.text[:300]}") from exc
+        if self.model_version not in served:
+            raise EngineError(f"engine does not serve {self.model_version} (it serves {served})")
+
+    async def _get(self, path: str) -> httpx.Response:
+        try:
+            return await self._client.get(path, timeout=2)
         except httpx.HTTPError as exc:
             raise EngineError(f"engine unreachable: {exc!r}") from exc
-        if response.status_code != 200:
-            raise EngineError(f"engine health check answered {response.status_code}")
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -12,6 +12,8 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
+from server.engine import EngineError
+from server.engine.remote import RemoteEngine
 from tests.conftest import free_port
 from trainer.bootstrap import BootstrapResult
 
@@ -70,3 +72,12 @@ def test_remote_engine_serves_like_the_local_one(
         assert len(ids) == 10 and len(set(ids)) == 10
         assert all(client.get(f"/v1/items/{i}").status_code == 200 for i in ids)
         assert body["rationale"]
+
+
+async def test_health_names_a_version_the_server_does_not_serve(vllm_server: str) -> None:
+    engine = RemoteEngine(vllm_server, "v-not-served")
+    try:
+        with pytest.raises(EngineError, match="does not serve v-not-served"):
+            await engine.check_health()
+    finally:
+        await engine.close()
