@@ -135,13 +135,12 @@ def rows() -> dict[str, list[dict[str, Any]]]:
                 "percentunit",
             ),
             panel(
-                # The trainer counts positives when it joins feedback to impressions (each
-                # refresh), so a window of several refreshes keeps the ratio steady.
-                "Online positive rate by model version (6 h window)",
+                # Feedback trails its list by minutes to hours: a 1 h window keeps it steady.
+                "Online positive rate by model version (1 h window)",
                 [
                     (
-                        "sum by (model_version) (increase(reasonrec_positives_total[6h])) "
-                        "/ sum by (model_version) (increase(reasonrec_recommendations_total[6h]))",
+                        "sum by (model_version) (increase(reasonrec_positives_total[1h])) "
+                        "/ sum by (model_version) (increase(reasonrec_recommendations_total[1h]))",
                         "{{model_version}}",
                     )
                 ],

@@ -136,6 +136,12 @@ class Settings(BaseSettings):
     impressions_maxlen: int = Field(
         1_000_000, ge=0, description="Approximate cap on the impressions stream (0: no cap)."
     )
+    attribution_seconds: int = Field(
+        7 * 24 * 3600,
+        ge=1,
+        description="How long feedback quoting a request id is credited to the model version "
+        "that served it (reasonrec_positives_total).",
+    )
     host: str = Field("127.0.0.1", description="Address `reasonrec serve` binds to.")
     port: int = Field(8000, ge=1, le=65535, description="Port `reasonrec serve` listens on.")
     workers: int = Field(

@@ -4,7 +4,8 @@
 ``users`` set · ``user:{id}:hist`` sorted set (item -> event time, capped) · ``user:{id}:seen``
 set · ``pop`` sorted set (item -> positive events) · ``events`` stream (feedback) ·
 ``evid:{event_id}`` de-duplication marker · ``items:created`` sorted set (item -> created time) ·
-``impressions`` stream (every served list) · ``model:active`` version string ·
+``impressions`` stream (every served list) · ``served:{request_id}`` the version that served
+it (expires) · ``model:active`` version string ·
 ``model-updates`` pub/sub channel.
 """
 
@@ -57,6 +58,9 @@ class Keys:
     @property
     def impressions(self) -> str:
         return self._k("impressions")
+
+    def served(self, request_id: str) -> str:
+        return self._k("served", request_id)
 
     @property
     def active_model(self) -> str:

@@ -43,6 +43,12 @@ RECOMMENDATIONS = Counter(
     "Recommendation responses by source and model version.",
     ["source", "model_version"],
 )
+POSITIVES = Counter(
+    "reasonrec_positives_total",
+    "Positive feedback quoting the request id of a served list, by the model version that served "
+    "it (with reasonrec_recommendations_total: the online positive rate by version).",
+    ["model_version"],
+)
 MODEL_INFO = Gauge(
     "reasonrec_model_info", "The model version this gateway serves (value 1).", ["version"]
 )

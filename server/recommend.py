@@ -208,7 +208,6 @@ class Recommender:
             "prompt": prompt,
             "output": outcome.raw,
         }
-        maxlen = self.settings.impressions_maxlen or None
-        await self.store.redis.xadd(
-            self.store.keys.impressions, entry, maxlen=maxlen, approximate=True
+        await self.store.log_impression(
+            entry, self.settings.impressions_maxlen or None, self.settings.attribution_seconds
         )

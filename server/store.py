@@ -190,6 +190,26 @@ class Store:
         keys = [self.keys.active_model, self.keys.previous_model, self.keys.model_updates]
         return await self._activate(keys=keys, args=[version])
 
+    # Impressions ---------------------------------------------------------------------------
+
+    async def log_impression(
+        self, entry: dict[str, str], maxlen: int | None, attribution_seconds: int
+    ) -> None:
+        """Append a served list to the impressions stream and remember, for a while, which
+        version served its request id (so feedback can be credited without reading the stream)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(self.keys.impressions, entry, maxlen=maxlen, approximate=True)
+        pipe.set(
+            self.keys.served(entry["request_id"]), entry["model_version"], ex=attribution_seconds
+        )
+        await pipe.execute()
+
+    async def served_by(self, request_ids: Sequence[str]) -> list[str | None]:
+        """The model version that served each request id ("" for none), None once forgotten."""
+        if not request_ids:
+            return []
+        return await self.redis.mget([self.keys.served(r) for r in request_ids])
+
     # Feedback ------------------------------------------------------------------------------
 
     async def add_feedback(

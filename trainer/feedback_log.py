@@ -26,7 +26,6 @@ from redis.exceptions import ResponseError
 
 from server.schemas import EventType, is_positive
 from server.store import Store
-from trainer import metrics
 
 log = logging.getLogger(__name__)
 GROUP = "trainer"
@@ -189,7 +188,6 @@ def _join(example: LoggedExample, fields: dict[str, str], result: ConsumeResult)
         if item not in example.positives:
             example.positives.append(item)
         result.positives += 1
-        metrics.POSITIVES.labels(example.model_version).inc()
     elif EventType(fields["type"]) in NEGATIVE or EventType(fields["type"]) is EventType.rating:
         if item not in example.negatives:
             example.negatives.append(item)

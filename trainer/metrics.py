@@ -15,12 +15,6 @@ GATE_NDCG = Gauge(
 LAST_SUCCESS = Gauge(
     "reasonrec_trainer_last_success_timestamp", "Unix time of the last published refresh."
 )
-POSITIVES = Counter(
-    "reasonrec_positives_total",
-    "Positive feedback joined to a served list, by the model version that served it (with "
-    "reasonrec_recommendations_total: the online positive rate by version).",
-    ["model_version"],
-)
 for outcome in ("published", "rejected", "skipped", "failed"):
     RUNS.labels(outcome)
 for which in ("active", "candidate"):

@@ -43,6 +43,7 @@ CATEGORIES = {
 FALLBACKS = "reasonrec_fallbacks_total"
 PARSE_FAILURES = "reasonrec_parse_failures_total"
 RECOMMENDATIONS = "reasonrec_recommendations_total"
+POSITIVES = "reasonrec_positives_total"
 
 
 class FakeEngine(Engine):
@@ -306,6 +307,27 @@ def test_empty_catalog(client: TestClient, rdb: redis.Redis, key_prefix: str) ->
     impression = last_impression(rdb, key_prefix)
     assert impression["fallback_reason"] == "no_candidates"
     assert json.loads(impression["candidates"]) == []
+
+
+def test_positives_are_credited_to_the_version_that_served_the_list(
+    shop: TestClient, rdb: redis.Redis, key_prefix: str
+) -> None:
+    use(shop, FakeEngine(answer("p1", "p2"), model_version="fake-credit"))
+    request_id = recommend(shop, k=2)["request_id"]
+    served = {"user_id": "u1", "item_id": "p1", "request_id": request_id}
+    before = metric(shop, POSITIVES, model_version="fake-credit")
+
+    post_events(
+        shop,
+        {**served, "type": "click", "event_id": "credit-1"},
+        {**served, "type": "click", "event_id": "credit-1"},  # a duplicate: not counted again
+        {**served, "type": "dislike"},  # not a positive
+        {**served, "type": "purchase", "request_id": "never-served"},
+        {"user_id": "u1", "item_id": "p2", "type": "like"},  # organic: no request id
+    )
+
+    assert metric(shop, POSITIVES, model_version="fake-credit") == before + 1
+    assert rdb.ttl(f"{key_prefix}:served:{request_id}") > 0  # forgotten after attribution
 
 
 # What the engine is asked ----------------------------------------------------------------------
