@@ -5,23 +5,29 @@ On MovieLens 100K with EVAL.md's split, in a fresh store of its own:
 1. Load the training split as clicks, bootstrap the model (`--preset`), add the validation
    interactions, and mark `--promoted` items (a seeded sample of items with 20+ training
    interactions) `promoted: true`.
-2. Users are split in two halves. *Clickers* are served lists and click the served items that are
-   their held-out future (their test item), quoting the request id. *Measured* users never click;
-   their test items score the lists (no leakage into what the refresh trains on).
+2. Users are split in two halves. *Measured* users never click; their test items score the lists
+   (no leakage into what the refresh trains on). The other half is split again, one group of
+   *clickers* per policy: they are served lists and click the served items that are their
+   held-out future (their test item), quoting the request id. (A click becomes history, so a user
+   who clicked under one policy could not click the same item under the next.)
 3. For each policy (`policies/default.yaml`, `policies/promote.yaml`), starting from the same
    bootstrapped version: measure, simulate the clicks, run one refresh (`refresh_once`, the gate
-   included) under that policy, measure again with whichever version is then active.
+   included) under that policy, measure again with whichever version is then active. Each
+   refresh trains on every logged list so far (the trainer's log is cumulative).
 
-    .venv/bin/python bench/policy_experiment.py --data ../shared/data/ml-100k [--sft-steps 150]
+    .venv/bin/python bench/policy_experiment.py --data ../shared/data/ml-100k [--users 400]
 
-Prints JSON: per policy, NDCG@10, HR@10, ILD@10, novelty@10 and promoted share of the measured
-users' lists before and after, and the refresh's outcome and gate.
+Progress and training logs go to stderr. Prints JSON on stdout: per policy, NDCG@10, HR@10,
+ILD@10, novelty@10 and promoted share of the measured users' lists before and after, and the
+refresh's outcome and gate.
 """
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
+import sys
 import tempfile
 import uuid
 from collections.abc import Sequence
@@ -112,13 +118,13 @@ async def run_policy(
     settings: Settings,
     store: Store,
     split: Split,
-    users: list[str],
+    measured: list[str],
+    clickers: list[str],
     base: str,
     promoted: set[str],
 ) -> dict:
     settings = settings.model_copy(update={"policy_file": POLICIES[name]})
     await store.set_active_model(base)
-    clickers, measured = users[0::2], users[1::2]
     recommender = Recommender(store, settings)
     engine = open_engine(settings, base)
     try:
@@ -138,7 +144,9 @@ async def run_policy(
         "clicks": clicked,
         "before": scores(split, {u: items for u, (_, items) in before.items()}, promoted),
         "after": scores(split, {u: items for u, (_, items) in after.items()}, promoted),
-        "refresh": refresh.model_dump(include={"outcome", "reason", "version", "gate"}),
+        "refresh": refresh.model_dump(
+            include={"outcome", "reason", "version", "train_examples", "reward_mean", "gate"}
+        ),
     }
 
 
@@ -174,8 +182,12 @@ async def experiment(
             "promoted_items": len(promoted),
             "base": base,
         }
-        for name in POLICIES:
-            results[name] = await run_policy(name, settings, store, split, chosen, base, promoted)
+        measured, others = chosen[1::2], chosen[0::2]
+        for n, name in enumerate(POLICIES):
+            clickers = others[n :: len(POLICIES)]
+            results[name] = await run_policy(
+                name, settings, store, split, measured, clickers, base, promoted
+            )
         return results
     finally:
         await drop_prefix(store)
@@ -188,7 +200,10 @@ def main() -> None:
     parser.add_argument("--preset", default="default", help="Bootstrap preset of the base model.")
     parser.add_argument("--sft-steps", type=int, help="Override the preset's SFT steps (faster).")
     parser.add_argument("--promoted", type=int, default=100, help="How many items to promote.")
-    parser.add_argument("--users", type=int, help="Sample N users (half click, half measured).")
+    parser.add_argument(
+        "--users", type=int, help="Sample N users (half measured, half clicking, split by policy)."
+    )
+    parser.add_argument("--refresh-steps", type=int, default=20, help="GRPO steps per refresh.")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not (args.data / "u.data").is_file():
@@ -206,11 +221,14 @@ def main() -> None:
                 "registry_dir": None,
                 "key_prefix": f"policy-{uuid.uuid4().hex[:8]}",
                 "llm_timeout_ms": 600_000,
+                "refresh_grpo_steps": args.refresh_steps,
             }
         )
-        result = asyncio.run(
-            experiment(args.data, settings, preset, args.promoted, args.users, args.seed)
-        )
+        # Trainers print their logs on stdout: keep it for the JSON.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = asyncio.run(
+                experiment(args.data, settings, preset, args.promoted, args.users, args.seed)
+            )
     print(json.dumps(result, indent=2))
 
 

@@ -66,7 +66,7 @@ class TestPolicyModel:
 
     def test_shipped_promotion_policy(self) -> None:
         promote = load_policy(ROOT / "policies/promote.yaml")
-        assert promote.weights["promotion"] == 0.3
+        assert promote.weights["promotion"] == 1
         assert promote.constraints.boost == {"promoted": 0.5}
         assert promote.constraints.max_per_category == 3
 

@@ -21,7 +21,7 @@ def test_shipped_policies_are_valid(name: str) -> None:
 
 def test_promotion_policy_summary_names_its_rules() -> None:
     result = CliRunner().invoke(app, ["policy", "check", str(ROOT / "policies/promote.yaml")])
-    assert "promotion=0.3" in result.stdout
+    assert "promotion=1" in result.stdout
     assert "max_per_category=3 boost promoted=+0.5" in result.stdout
 
 
