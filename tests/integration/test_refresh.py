@@ -15,7 +15,8 @@ from fastapi.testclient import TestClient
 from server.app import open_store
 from server.config import Settings
 from server.registry import Registry
-from tests.integration.test_hot_swap import activate, until
+from tests.integration.test_hot_swap import activate
+from tests.server.helpers import until
 from trainer.bootstrap import BootstrapResult
 from trainer.feedback_log import FeedbackLog
 from trainer.refresh import RefreshResult, refresh_once, trainer_dir

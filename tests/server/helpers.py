@@ -1,5 +1,7 @@
 """Helpers shared by the HTTP API tests."""
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi.testclient import TestClient
@@ -41,3 +43,13 @@ def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
     assert isinstance(error["message"], str) and error["message"], error
     assert "Traceback" not in response.text
     return error
+
+
+def until(check: Callable[[], bool], seconds: float) -> bool:
+    """Poll `check` until it holds (True) or `seconds` pass (False)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True

@@ -8,7 +8,8 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
-from tests.server.helpers import post_events
+from server.redis_client import connect
+from tests.server.helpers import post_events, until
 
 
 @pytest.fixture
@@ -50,3 +51,22 @@ def test_embedded_redis_shuts_down_promptly(embedded_settings):
     closing.start()
     closing.join(timeout=1.0)
     assert not closing.is_alive(), "lifespan shutdown took over 1 s"
+
+
+async def test_closing_a_second_user_leaves_the_shared_server_running(embedded_settings):
+    first, second = connect(embedded_settings), connect(embedded_settings)
+    assert first.embedded.socket_file == second.embedded.socket_file  # one server, shared
+    await first.client.set("k", "v")
+
+    await second.close()
+    assert await first.client.get("k") == "v"
+    # The server drops the second handle's connections when it reads their close.
+    assert until(lambda: all(c["name"] == first.name for c in first.embedded.client_list()), 5)
+
+    await first.close()
+    assert (embedded_settings.data_dir / "redis.db").is_file()  # saved by the last user
+    third = connect(embedded_settings)
+    try:
+        assert await third.client.get("k") == "v"
+    finally:
+        await third.close()
