@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
 import sys
 import tempfile
@@ -224,7 +225,8 @@ def main() -> None:
                 "refresh_grpo_steps": args.refresh_steps,
             }
         )
-        # Trainers print their logs on stdout: keep it for the JSON.
+        # Trainers and vLLM log on stdout: keep it for the JSON.
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         with contextlib.redirect_stdout(sys.stderr):
             result = asyncio.run(
                 experiment(args.data, settings, preset, args.promoted, args.users, args.seed)

@@ -14,6 +14,7 @@ Prints JSON: throughput and p50/p99 latency at concurrency 1 and 16 for both, an
 import argparse
 import asyncio
 import json
+import os
 import time
 import uuid
 
@@ -149,4 +150,6 @@ if __name__ == "__main__":
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the running gateway")
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     args = parser.parse_args()
+    # vLLM logs on stdout by default (read when it is first imported): keep stdout for the JSON.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     print(json.dumps(asyncio.run(main(args.url, args.requests)), indent=2))
