@@ -196,7 +196,7 @@ def demo(
 ) -> None:
     """Load data if the store is empty, bootstrap a model if none is active, then serve.
 
-    The demo trains the tiny preset (about two minutes on 2 cores); `--preset default` trains
+    The demo trains the tiny preset (about four minutes on 2 cores); `--preset default` trains
     the larger model.
     """
     _check_preset(preset)
