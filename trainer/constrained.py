@@ -15,6 +15,7 @@ and sampling stays free.
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
@@ -62,11 +63,12 @@ def _single(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
     return ids[0]
 
 
+@dataclass(frozen=True)
 class Row:
     """One prompt's candidates (as token ids) and how many it must rank."""
 
-    def __init__(self, candidates: list[int], k: int):
-        self.candidates, self.k = candidates, k
+    candidates: list[int]
+    k: int
 
 
 class AnswerConstraint(LogitsProcessor):
