@@ -110,6 +110,12 @@ class Settings(BaseSettings):
         1000, ge=1, description="`reasonrec trainer`: refresh sooner once this many new events."
     )
     refresh_grpo_steps: int = Field(20, ge=1, description="GRPO steps per refresh.")
+    refresh_fresh_examples: int = Field(
+        64,
+        ge=0,
+        description="Refresh: also train on the latest interaction of this many recently active "
+        "users (fresh histories, organic feedback included), prompts built from today's state.",
+    )
     refresh_lora_min_params: int = Field(
         100_000_000,
         ge=0,

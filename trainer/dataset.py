@@ -5,6 +5,7 @@ candidates are retrieved for that history exactly as `server.candidates` does at
 and the positives are the next k items. Each user's last interaction is held out for validation.
 """
 
+import heapq
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -84,6 +85,14 @@ class ExampleBuilder:
         for user_id, t in _positions(self.corpus, rng, count):
             if (example := self.example(user_id, t)) is not None:
                 yield example
+
+    def fresh(self, users: int) -> list[Example]:
+        """The latest interaction of the `users` who interacted most recently, given everything
+        before it: what users did lately, organic feedback included, which no logged list holds."""
+        active = [(seq[-1][1], u) for u, seq in self.corpus.sequences.items() if len(seq) >= 2]
+        recent = heapq.nlargest(users, active)
+        found = (self.example(user, len(self.corpus.sequences[user]) - 1) for _, user in recent)
+        return [example for example in found if example is not None]
 
     def validation(self, users: int, seed: int) -> list[Example]:
         """Each sampled user's last interaction, given everything before it."""

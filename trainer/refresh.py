@@ -27,13 +27,15 @@ from transformers import (
 
 from reward_rules.policy import build_terms, catalog_facts
 from server.config import Settings
+from server.item_index import load_current
 from server.policy import read_policy
 from server.prompt import render_answer
 from server.registry import Manifest, Registry, RegistryError, new_version
 from server.store import Store
 from trainer import metrics
 from trainer.bootstrap import validate
-from trainer.corpus import read_corpus
+from trainer.corpus import Corpus, read_corpus
+from trainer.dataset import ExampleBuilder, Shape
 from trainer.examples import Example, target_items
 from trainer.feedback_log import ConsumeResult, FeedbackLog, LoggedExample
 from trainer.grpo import STATE_FILE, run_grpo
@@ -74,6 +76,7 @@ class RefreshResult(BaseModel):
     version: str | None = None
     consumed: ConsumeResult
     train_examples: int = 0
+    fresh_examples: int = 0
     holdout_examples: int = 0
     reward_mean: float | None = None
     lora_rank: int | None = None
@@ -115,6 +118,17 @@ def _as_example(logged: LoggedExample) -> Example:
         k=min(logged.k, len(logged.candidates)),
         target=render_answer("", target),
     )
+
+
+def fresh_examples(corpus: Corpus, settings: Settings) -> list[Example]:
+    """Recent histories as the gateway would prompt them today, with the current index. They add
+    what users did without a logged list (organic feedback); logged lists keep their own
+    prompts, as served."""
+    index = load_current(settings.data_dir)
+    if index is None or not settings.refresh_fresh_examples:
+        return []
+    shape = Shape(candidates=settings.candidates, history=settings.prompt_history)
+    return ExampleBuilder(corpus, index, shape).fresh(settings.refresh_fresh_examples)
 
 
 def split_logged(
@@ -175,6 +189,7 @@ async def _refresh(settings: Settings, store: Store, progress: bool) -> RefreshR
     policy = read_policy(settings.policy_file)
     corpus = await read_corpus(store)
     terms = build_terms(policy, catalog_facts(corpus.items.values(), policy), corpus.popularity)
+    fresh = fresh_examples(corpus, settings)
     grpo = GrpoSettings(
         max_steps=settings.refresh_grpo_steps,
         max_completion_length=settings.max_answer_tokens,
@@ -182,7 +197,7 @@ async def _refresh(settings: Settings, store: Store, progress: bool) -> RefreshR
     )
     # In a thread: the event loop must stay free to renew the lock while the model trains.
     candidate, tokenizer, training, gate = await asyncio.to_thread(
-        _train_and_gate, registry.path(parent), train, holdout, terms, grpo, settings
+        _train_and_gate, registry.path(parent), train + fresh, holdout, terms, grpo, settings
     )
     _record(gate, training.reward_mean)
     result = RefreshResult(
@@ -191,6 +206,7 @@ async def _refresh(settings: Settings, store: Store, progress: bool) -> RefreshR
         parent=parent,
         consumed=consumed,
         train_examples=len(train),
+        fresh_examples=len(fresh),
         holdout_examples=len(holdout),
         reward_mean=training.reward_mean,
         lora_rank=training.lora_rank,
@@ -282,6 +298,7 @@ def _publish(
             "training": {
                 "method": REFRESH_METHOD,
                 "train_examples": result.train_examples,
+                "fresh_examples": result.fresh_examples,
                 "holdout_examples": result.holdout_examples,
                 "reward_mean": result.reward_mean,
                 "lora_rank": result.lora_rank,

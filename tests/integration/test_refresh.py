@@ -91,6 +91,7 @@ def test_feedback_refreshes_the_served_model(
     try:
         assert result.outcome == "published", result
         assert result.parent == tiny_model.version and result.train_examples >= 1
+        assert result.fresh_examples > 0  # recent histories join the logged lists
         manifest = Registry(served_settings.registry_path).manifest(result.version)
         assert manifest.parent == tiny_model.version and manifest.kind == "full"
         assert manifest.policy["weights"] and manifest.training["method"] == "grpo-refresh"

@@ -1,0 +1,47 @@
+"""Examples cut from interaction sequences: fresh histories for a refresh."""
+
+from datetime import UTC, datetime
+
+from server.item_index import ItemIndex
+from server.schemas import Item
+from trainer.corpus import Corpus
+from trainer.dataset import ExampleBuilder, Shape
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def corpus() -> Corpus:
+    items = {
+        f"i{n}": Item(item_id=f"i{n}", title=f"Film {n}", categories=["drama"], created_at=NOW)
+        for n in range(12)
+    }
+    # (user, items in time order, time of their last interaction)
+    users = {"old": (["i0", "i1", "i2"], 100), "new": (["i3", "i4", "i5"], 300)}
+    users |= {"mid": (["i6", "i7", "i8"], 200), "one": (["i9"], 400)}
+    sequences = {
+        user: [(item, last - len(seq) + 1 + t) for t, item in enumerate(seq)]
+        for user, (seq, last) in users.items()
+    }
+    return Corpus(items=items, profiles={}, sequences=sequences)
+
+
+def builder() -> ExampleBuilder:
+    data = corpus()
+    sequences = [[item for item, _ in seq] for seq in data.sequences.values()]
+    index = ItemIndex.build(list(data.items.values()), sequences, dim=4, seed=0)
+    return ExampleBuilder(data, index, Shape(candidates=11, history=5))
+
+
+def test_fresh_takes_the_latest_interaction_of_the_most_recent_users() -> None:
+    fresh = builder().fresh(2)
+
+    # "one" has a single interaction: nothing to predict it from.
+    assert [example.user_id for example in fresh] == ["new", "mid"]
+    assert [example.positives for example in fresh] == [["i5"], ["i8"]]
+    for example in fresh:
+        assert example.positives[0] in example.candidates
+        assert "Film 3" in example.prompt or "Film 6" in example.prompt  # the history before it
+
+
+def test_no_fresh_examples_asked_none_given() -> None:
+    assert builder().fresh(0) == []
