@@ -1,19 +1,32 @@
 """Prometheus metrics of the trainer (`reasonrec trainer` serves them; `train --once` sets them
 for the run it makes)."""
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+
+# A registry of its own: the trainer imports the gateway's modules, whose metrics register on the
+# default registry and would be served here too, empty.
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)
 
 RUNS = Counter(
     "reasonrec_trainer_runs_total",
     "Refreshes by outcome: published, rejected (gate), skipped (too little data), failed.",
     ["outcome"],
+    registry=REGISTRY,
 )
-REWARD_MEAN = Gauge("reasonrec_trainer_reward_mean", "Mean GRPO reward of the last refresh.")
+REWARD_MEAN = Gauge(
+    "reasonrec_trainer_reward_mean", "Mean GRPO reward of the last refresh.", registry=REGISTRY
+)
 GATE_NDCG = Gauge(
-    "reasonrec_trainer_gate_ndcg", "Held-out NDCG@10 at the last gate, by model.", ["which"]
+    "reasonrec_trainer_gate_ndcg",
+    "Held-out NDCG@10 at the last gate, by model.",
+    ["which"],
+    registry=REGISTRY,
 )
 LAST_SUCCESS = Gauge(
-    "reasonrec_trainer_last_success_timestamp", "Unix time of the last published refresh."
+    "reasonrec_trainer_last_success_timestamp",
+    "Unix time of the last published refresh.",
+    registry=REGISTRY,
 )
 for outcome in ("published", "rejected", "skipped", "failed"):
     RUNS.labels(outcome)

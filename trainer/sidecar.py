@@ -33,7 +33,7 @@ async def run_sidecar(settings: Settings) -> None:
     if (published := last_refresh(Registry(settings.registry_path))) is not None:
         metrics.LAST_SUCCESS.set(published)
     if settings.trainer_metrics_port:
-        start_http_server(settings.trainer_metrics_port)
+        start_http_server(settings.trainer_metrics_port, registry=metrics.REGISTRY)
     async with open_store(settings) as store:
         last_run, last_length = time.monotonic(), await store.redis.xlen(store.keys.events)
         while True:

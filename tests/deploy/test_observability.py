@@ -101,6 +101,9 @@ def test_each_process_exports_its_own_metrics(scraped: dict[str, set[str]]) -> N
     }
     assert gateway <= scraped["gateway"]
     assert "reasonrec_trainer_runs_total" in scraped["trainer"]
+    # The trainer does not repeat the gateway's metrics (empty) beside its own.
+    reasonrec = {name for name in scraped["trainer"] if name.startswith("reasonrec_")}
+    assert reasonrec and all(name.startswith("reasonrec_trainer_") for name in reasonrec)
 
 
 def test_vllm_metrics_come_from_the_installed_vllm() -> None:
