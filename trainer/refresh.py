@@ -189,7 +189,7 @@ async def _refresh(settings: Settings, store: Store, progress: bool) -> RefreshR
     policy = read_policy(settings.policy_file)
     corpus = await read_corpus(store)
     terms = build_terms(policy, catalog_facts(corpus.items.values(), policy), corpus.popularity)
-    fresh = fresh_examples(corpus, settings)
+    fresh = await asyncio.to_thread(fresh_examples, corpus, settings)  # index load, searches
     grpo = GrpoSettings(
         max_steps=settings.refresh_grpo_steps,
         max_completion_length=settings.max_answer_tokens,

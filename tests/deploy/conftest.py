@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,13 +12,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 import uvicorn
 
 from server.app import create_app
 from server.config import Settings
 from server.engine import EngineError
-from tests.conftest import free_port
+from tests.conftest import drop_prefix, free_port, wait_http
 from tests.server.test_recommend_logic import FakeEngine, answer, load_shop
 
 START_SECONDS = 90  # the trainer imports torch and TRL before it serves /metrics
@@ -32,20 +30,6 @@ class Gateway:
     recommendations: int
 
 
-def wait_http(url: str, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + START_SECONDS
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer in {START_SECONDS} s")
-
-
 @pytest.fixture(scope="session")
 def deploy_settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     settings = Settings(
@@ -54,9 +38,7 @@ def deploy_settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) ->
         data_dir=tmp_path_factory.mktemp("deploy"),
     )
     yield settings
-    client = redis.Redis.from_url(redis_url)
-    for key in client.scan_iter(match=f"{settings.key_prefix}:*", count=1000):
-        client.delete(key)
+    drop_prefix(redis_url, settings.key_prefix)
 
 
 def _serve_traffic(client: httpx.Client, app, version: str) -> int:
@@ -85,7 +67,7 @@ def gateway(deploy_settings: Settings) -> Iterator[Gateway]:
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{url}/healthz")
+        wait_http(f"{url}/healthz", seconds=START_SECONDS)
         version = f"deploy-{uuid.uuid4().hex[:8]}"
         with httpx.Client(base_url=url) as client:
             served = _serve_traffic(client, app, version)
@@ -111,7 +93,7 @@ def trainer(deploy_settings: Settings) -> Iterator[str]:
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/metrics"
     try:
-        wait_http(url, process)
+        wait_http(url, process, START_SECONDS)
         yield url
     finally:
         process.terminate()

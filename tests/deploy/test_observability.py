@@ -14,8 +14,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import free_port
-from tests.deploy.conftest import Gateway, wait_http
+from tests.conftest import free_port, wait_http
+from tests.deploy.conftest import START_SECONDS, Gateway
 from tests.deploy.helpers import (
     DOCKER,
     exported,
@@ -160,7 +160,7 @@ def prometheus(
         process = subprocess.Popen(command, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{url}/-/ready", process)
+        wait_http(f"{url}/-/ready", process, START_SECONDS)
         yield url
     finally:
         process.terminate()

@@ -140,13 +140,19 @@ async def test_waits_for_a_version_then_restarts_on_each_activation(settings: Se
         assert await asyncio.wait_for(following, 10) == -signal.SIGKILL
 
 
+async def follow_v1(store, vllm: "FakeVllm") -> asyncio.Task:
+    """The launcher following a store whose active version is v1, once it has started vLLM."""
+    await store.set_active_model("v1")
+    following = asyncio.create_task(serve_vllm.follow(store, vllm, poll=POLL))
+    await until(lambda: len(vllm.started) == 1)
+    return following
+
+
 async def test_stopping_the_launcher_stops_vllm(settings: Settings) -> None:
     publish(settings, "v1")
     vllm = FakeVllm()
     async with open_store(settings) as store:
-        await store.set_active_model("v1")
-        following = asyncio.create_task(serve_vllm.follow(store, vllm, poll=POLL))
-        await until(lambda: len(vllm.started) == 1)
+        following = await follow_v1(store, vllm)
         following.cancel()  # what SIGTERM does
         with pytest.raises(asyncio.CancelledError):
             await following
@@ -161,9 +167,7 @@ async def test_redis_going_away_leaves_vllm_serving(
     publish(settings, "v1")
     vllm = FakeVllm()
     async with open_store(settings) as store:
-        await store.set_active_model("v1")
-        following = asyncio.create_task(serve_vllm.follow(store, vllm, poll=POLL))
-        await until(lambda: len(vllm.started) == 1)
+        following = await follow_v1(store, vllm)
         redis_process.stop()
         await asyncio.sleep(10 * POLL)
         [(_, process)] = vllm.started

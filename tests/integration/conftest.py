@@ -9,24 +9,17 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 
 from server.app import create_app, open_store
 from server.config import Settings
 from server.loaders.synthetic import generate
 from server.loaders.writer import progress_bar, write
+from tests.conftest import drop_prefix
 from trainer.bootstrap import BootstrapResult, bootstrap
 
 ADMIN_KEY = "it-admin"
 SYNTHETIC = {"users": 60, "items": 150, "events_per_user": 30, "seed": 3}
-
-
-def drop_prefix(redis_url: str, prefix: str) -> None:
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-    for start in range(0, len(keys), 1000):
-        client.delete(*keys[start : start + 1000])
 
 
 @pytest.fixture(scope="session")

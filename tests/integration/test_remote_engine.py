@@ -3,10 +3,8 @@
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -14,24 +12,10 @@ from server.app import create_app
 from server.config import Settings
 from server.engine import EngineError
 from server.engine.remote import RemoteEngine
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_http
 from trainer.bootstrap import BootstrapResult
 
 pytestmark = pytest.mark.slow
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the vLLM server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError("the vLLM server did not become healthy")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +37,7 @@ def vllm_server(served_settings: Settings, tiny_model: BootstrapResult) -> Itera
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, proc)
+        wait_http(f"{url}/health", proc, seconds=300)
         yield url
     finally:
         proc.terminate()
