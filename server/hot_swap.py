@@ -66,7 +66,7 @@ class ModelFollower:
             if version == self.serving:
                 return True
             try:
-                engine, index = await asyncio.to_thread(self._open, version)
+                engine, index = await self._open_ready(version)
             except Exception as exc:  # whatever breaks the new version, the old one keeps serving
                 log.error("model swap refused", extra={"version": version, "reason": str(exc)})
                 return False
@@ -82,10 +82,19 @@ class ModelFollower:
                 task.add_done_callback(self._closing.discard)
             return True
 
+    async def _open_ready(self, version: str) -> tuple[Engine, ItemIndex | None]:
+        engine, index = await asyncio.to_thread(self._open, version)
+        try:
+            await engine.prepare()
+        except Exception:
+            await engine.close()
+            raise
+        return engine, index
+
     def _open(self, version: str) -> tuple[Engine, ItemIndex | None]:
         """The new engine, and the current index (a new model usually comes with the index it was
         trained beside); both read from disk, so off the event loop."""
-        engine = open_engine(self.settings, version)
+        engine = open_engine(self.settings, version, serving=self.app.state.engine)
         index = self.app.state.index
         if current_version(self.settings.data_dir) != (index.version if index else None):
             index = load_current(self.settings.data_dir)

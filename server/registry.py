@@ -7,6 +7,8 @@ A crash while writing leaves only a staging folder, never a half-written version
 serves is recorded in Redis (`model:active`) and announced on the `model-updates` channel.
 """
 
+import json
+import math
 import shutil
 import uuid
 from datetime import UTC, datetime
@@ -18,6 +20,7 @@ from pydantic import BaseModel, Field
 from server.prompt import CONTRACT_VERSION, SUPPORTED_CONTRACTS
 
 MANIFEST = "manifest.json"
+ADAPTER_CONFIG = "adapter_config.json"
 _STAGING = ".staging-"
 
 
@@ -106,6 +109,34 @@ class Registry:
         for path in leftovers:
             shutil.rmtree(path, ignore_errors=True)
         return len(leftovers)
+
+
+def base_version(manifest: Manifest) -> str:
+    """The full-weights version a version runs on: itself, or the one its adapter adapts."""
+    if manifest.kind == "full":
+        return manifest.version
+    if manifest.base_model is None:
+        raise RegistryError(f"LoRA version {manifest.version} names no base model")
+    return manifest.base_model
+
+
+def adapter_rank(path: Path) -> int:
+    """The rank of the LoRA adapter in a version folder (peft's adapter_config.json)."""
+    try:
+        return int(json.loads((path / ADAPTER_CONFIG).read_text())["r"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RegistryError(f"{path} holds no readable LoRA adapter: {exc}") from exc
+
+
+def parameter_count(path: Path) -> int:
+    """Parameters stored in a version folder's safetensors files (headers only, nothing loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in path.glob("*.safetensors"):
+        with safe_open(file, framework="numpy") as weights:
+            total += sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())  # noqa: SIM118
+    return total
 
 
 def check_contract(manifest: Manifest) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback
 from trl import GRPOConfig, GRPOTrainer
 
@@ -31,6 +31,7 @@ from trainer.presets import GrpoSettings
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
+REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of an adapter it trains on
 COMPLETION_MARGIN = 16  # tokens beyond the longest SFT target: room for a longer rationale
 
 
@@ -139,17 +140,18 @@ def _reference_on_disk(model: PreTrainedModel, output_dir: Path, beta: float) ->
 
 
 def run_grpo(
-    model: PreTrainedModel,
+    model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     reward_terms_with_weights: Sequence[tuple[Term, float]],
     settings: GrpoSettings,
     output_dir: Path | str,
-) -> PreTrainedModel:
+) -> PreTrainedModel | PeftModel:
     """Train `model` in place with GRPO on the examples' prompts; returns it in eval mode.
 
-    With `settings.lora_rank` only LoRA adapters train, and they are merged into the weights
-    that are returned.
+    With `settings.lora_rank` only new LoRA adapters train and a PeftModel is returned (the
+    adapters unmerged: a LoRA version is published and served as an adapter). A PeftModel given
+    in goes on training its own adapters (`settings.lora_rank` is then ignored).
 
     `output_dir` receives the KL reference (when beta > 0) and `trainer_state.json`, whose
     `log_history` has the mean reward, each term's mean, the KL, ... per step. No checkpoints.
@@ -162,9 +164,11 @@ def run_grpo(
     settings = settings.model_copy(update={"prompts_per_step": prompts})
     functions, weights = reward_functions(reward_terms_with_weights)
     length = settings.max_completion_length or completion_budget(tokenizer, examples)
-    adapter = lora_config(settings.lora_rank) if settings.lora_rank else None
-    # With an adapter TRL takes the KL reference from the model with the adapter disabled.
-    with _reference_on_disk(model, output_dir, 0.0 if adapter else settings.beta):
+    adapted = isinstance(model, PeftModel)
+    adapter = lora_config(settings.lora_rank) if settings.lora_rank and not adapted else None
+    # With adapters TRL keeps the KL reference in the model itself: for new adapters, the model
+    # with adapters switched off; for adapters trained on, a frozen copy of them ("ref").
+    with _reference_on_disk(model, output_dir, 0.0 if adapter or adapted else settings.beta):
         trainer = GRPOTrainer(
             model=model,
             reward_funcs=functions,
@@ -180,8 +184,9 @@ def run_grpo(
         trainer.train()
     trainer.state.save_to_json(str(output_dir / STATE_FILE))
     _log_rewards(trainer.state.log_history)
-    # Merged: a version is one set of weights, served and refreshed like any other.
-    trained = trainer.model.merge_and_unload() if adapter else trainer.model
+    trained = trainer.model
+    if isinstance(trained, PeftModel) and REFERENCE_ADAPTER in trained.peft_config:
+        trained.delete_adapter(REFERENCE_ADAPTER)  # the KL reference, not part of the result
     return trained.eval()
 
 

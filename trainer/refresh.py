@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+from peft import PeftModel
 from pydantic import BaseModel
 from transformers import (
     AutoModelForCausalLM,
@@ -30,7 +31,7 @@ from server.config import Settings
 from server.item_index import load_current
 from server.policy import read_policy
 from server.prompt import render_answer
-from server.registry import Manifest, Registry, RegistryError, new_version
+from server.registry import Manifest, Registry, base_version, new_version
 from server.store import Store
 from trainer import metrics
 from trainer.bootstrap import validate
@@ -184,8 +185,6 @@ async def _refresh(settings: Settings, store: Store, progress: bool) -> RefreshR
         return RefreshResult(outcome="skipped", reason=reason, parent=parent, consumed=consumed)
     registry = Registry(settings.registry_path)
     manifest = registry.manifest(parent)
-    if manifest.kind != "full":
-        raise RegistryError(f"refreshing a '{manifest.kind}' version is not supported")
     policy = read_policy(settings.policy_file)
     corpus = await read_corpus(store)
     terms = build_terms(policy, catalog_facts(corpus.items.values(), policy), corpus.popularity)
@@ -197,7 +196,7 @@ async def _refresh(settings: Settings, store: Store, progress: bool) -> RefreshR
     )
     # In a thread: the event loop must stay free to renew the lock while the model trains.
     candidate, tokenizer, training, gate = await asyncio.to_thread(
-        _train_and_gate, registry.path(parent), train + fresh, holdout, terms, grpo, settings
+        _train_and_gate, registry, manifest, train + fresh, holdout, terms, grpo, settings
     )
     _record(gate, training.reward_mean)
     result = RefreshResult(
@@ -226,33 +225,54 @@ async def _refresh(settings: Settings, store: Store, progress: bool) -> RefreshR
     )
 
 
+def load_version(
+    registry: Registry, manifest: Manifest, trainable: bool = False
+) -> PreTrainedModel | PeftModel:
+    """A version's model: its weights, or its base's weights with its adapters on top."""
+    if manifest.kind == "full":
+        return AutoModelForCausalLM.from_pretrained(registry.path(manifest.version))
+    base = AutoModelForCausalLM.from_pretrained(registry.path(base_version(manifest)))
+    path = registry.path(manifest.version)
+    return PeftModel.from_pretrained(base, path, is_trainable=trainable)
+
+
 def _train_and_gate(
-    parent: Path,
+    registry: Registry,
+    parent: Manifest,
     train: list[Example],
     holdout: list[Example],
     terms: list,
     grpo: GrpoSettings,
     settings: Settings,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Training, Gate | None]:
+) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase, Training, Gate | None]:
     """GRPO from the parent's weights; both models answer the held-out lists for the gate.
 
-    A large parent trains LoRA adapters instead of all weights. No gate (None) when GRPO had
-    nothing to learn from: publishing would copy the parent.
+    A large parent trains LoRA adapters instead of all weights (an adapter parent goes on
+    training its own). No gate (None) when GRPO had nothing to learn from: publishing would copy
+    the parent.
     """
-    tokenizer = AutoTokenizer.from_pretrained(parent)
-    active = AutoModelForCausalLM.from_pretrained(parent)
-    if parameter_count(active) >= settings.refresh_lora_min_params:
-        grpo = grpo.model_copy(update={"lora_rank": settings.refresh_lora_rank})
-    candidate = copy.deepcopy(active)  # trained; `active` stays as it serves, for the gate
+    tokenizer = AutoTokenizer.from_pretrained(registry.path(base_version(parent)))
+    active = load_version(registry, parent)  # stays as it serves, for the gate
+    if parent.kind == "lora":
+        candidate = load_version(registry, parent, trainable=True)
+    else:
+        candidate = copy.deepcopy(active)
+        if parameter_count(active) >= settings.refresh_lora_min_params:
+            grpo = grpo.model_copy(update={"lora_rank": settings.refresh_lora_rank})
     with tempfile.TemporaryDirectory(prefix="reasonrec-refresh-") as scratch:
         candidate = run_grpo(candidate, tokenizer, train, terms, grpo, Path(scratch))
-        training = read_training(Path(scratch)).model_copy(update={"lora_rank": grpo.lora_rank})
+        training = read_training(Path(scratch))
+    training.lora_rank = lora_rank(candidate)
     if not training.learned:
         return candidate, tokenizer, training, None
     gate = _gate(
         validate(active, tokenizer, holdout), validate(candidate, tokenizer, holdout), settings
     )
     return candidate, tokenizer, training, gate
+
+
+def lora_rank(model: PreTrainedModel | PeftModel) -> int | None:
+    return model.peft_config["default"].r if isinstance(model, PeftModel) else None
 
 
 def _gate(active: dict[str, float], candidate: dict[str, float], settings: Settings) -> Gate:
@@ -281,19 +301,27 @@ def _record(gate: Gate | None, reward_mean: float | None) -> None:
 def _publish(
     registry: Registry,
     parent: Manifest,
-    model: PreTrainedModel,
+    model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     policy: dict,
     result: RefreshResult,
 ) -> str:
-    """Weights and manifest into a staging folder, then one rename: complete or absent."""
+    """Weights and manifest into a staging folder, then one rename: complete or absent.
+
+    A LoRA candidate is published as its adapters alone (`kind: lora`), on the parent's base:
+    gateways serve it as a vLLM runtime adapter on the engine they already run.
+    """
     staging = registry.staging()
     model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    adapter = isinstance(model, PeftModel)
+    if not adapter:
+        tokenizer.save_pretrained(staging)
     manifest = parent.model_copy(
         update={
             "version": new_version(),
             "parent": parent.version,
+            "kind": "lora" if adapter else "full",
+            "base_model": base_version(parent) if adapter else None,
             "created_at": datetime.now(UTC),
             "training": {
                 "method": REFRESH_METHOD,

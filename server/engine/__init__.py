@@ -38,6 +38,11 @@ class Engine(ABC):
     async def generate(self, request: GenerationRequest) -> Generation:
         """Complete one prompt; raises EngineError. Cancelling the call aborts the request."""
 
+    async def prepare(self) -> None:
+        """Get ready to serve before the first request; raises EngineError if it cannot.
+        Nothing to do unless an engine says otherwise."""
+        return None
+
     @abstractmethod
     async def check_health(self) -> None:
         """Raise EngineError if the engine cannot serve."""

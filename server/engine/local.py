@@ -1,42 +1,127 @@
-"""In-process vLLM (`AsyncLLM`): the embedded default. The engine core runs in a child process."""
+"""In-process vLLM (`AsyncLLM`): the embedded default. The engine core runs in a child process.
+
+One `VllmProcess` holds a base model's weights. Every version that runs on those weights is a
+`LocalEngine` sharing it: the base itself, and its LoRA versions, which vLLM applies per request
+as runtime adapters. Swapping between such versions loads an adapter, not a model.
+"""
 
 import logging
 import os
+import threading
+from itertools import count
 from pathlib import Path
+
+from pydantic import BaseModel, Field
 
 from server.engine import Engine, EngineError, Generation, GenerationRequest
 
 log = logging.getLogger(__name__)
+# The ranks vLLM can reserve adapter memory for (vllm.config.lora.MaxLoRARanks).
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# During a swap the outgoing adapter finishes its requests while the incoming one starts.
+ADAPTERS_AT_ONCE = 2
 
 
-class LocalEngine(Engine):
-    def __init__(
-        self,
-        model_dir: Path,
-        model_version: str,
-        max_model_len: int | None,
-        kv_cache_bytes: int,
-        cpu_threads: str,
-        dtype: str,
-    ):
+class ProcessSettings(BaseModel):
+    max_model_len: int | None
+    kv_cache_bytes: int
+    cpu_threads: str
+    dtype: str
+    max_lora_rank: int | None = Field(
+        None, description="Reserve room for runtime LoRA adapters up to this rank; None: no LoRA."
+    )
+
+
+def lora_slot(rank: int) -> int:
+    """The smallest rank vLLM reserves that holds `rank`."""
+    fitting = [slot for slot in LORA_RANKS if slot >= rank]
+    if not fitting:
+        raise EngineError(f"LoRA rank {rank} is above vLLM's largest ({LORA_RANKS[-1]})")
+    return fitting[0]
+
+
+class VllmProcess:
+    """One AsyncLLM on a base model's weights, released when its last engine closes."""
+
+    def __init__(self, model_dir: Path, base_version: str, settings: ProcessSettings):
         # vLLM reads its CPU thread binding from the environment of the engine process it spawns.
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads)
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", settings.cpu_threads)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        lora = settings.max_lora_rank is not None
         args = AsyncEngineArgs(
             model=str(model_dir),
-            served_model_name=model_version,
-            max_model_len=max_model_len,
-            kv_cache_memory_bytes=kv_cache_bytes,
-            dtype=dtype,
+            served_model_name=base_version,
+            max_model_len=settings.max_model_len,
+            kv_cache_memory_bytes=settings.kv_cache_bytes,
+            dtype=settings.dtype,
             enforce_eager=True,  # compilation buys nothing for a small model and costs start time
             enable_prefix_caching=True,
             seed=0,
+            enable_lora=lora,
+            max_lora_rank=lora_slot(settings.max_lora_rank) if lora else 16,
+            max_loras=ADAPTERS_AT_ONCE,
         )
-        self.model_version = model_version
-        self._llm = AsyncLLM.from_engine_args(args)
-        log.info("local engine ready", extra={"model_version": model_version})
+        self.base_version, self.max_lora_rank = base_version, settings.max_lora_rank
+        self.llm = AsyncLLM.from_engine_args(args)
+        self.engines = 0  # LocalEngines on this process; swaps open them in a worker thread
+        self._count_lock = threading.Lock()
+        self._adapter_ids = count(1)  # vLLM tells adapters apart by a positive int
+        log.info("local engine ready", extra={"model_version": base_version, "lora": lora})
+
+    def can_serve(self, base_version: str, lora_rank: int | None) -> bool:
+        if base_version != self.base_version:
+            return False
+        return lora_rank is None or (self.max_lora_rank or 0) >= lora_rank
+
+    def next_adapter_id(self) -> int:
+        return next(self._adapter_ids)
+
+    def join(self) -> None:
+        with self._count_lock:
+            self.engines += 1
+
+    def release(self) -> None:
+        with self._count_lock:
+            self.engines -= 1
+            if self.engines:
+                return
+        # Drop the last reference now: AsyncLLM.__del__ shuts down again, which fails noisily if
+        # it only runs at interpreter exit.
+        llm, self.llm = self.llm, None
+        llm.shutdown()
+        del llm
+        log.info("local engine shut down", extra={"model_version": self.base_version})
+
+
+class LocalEngine(Engine):
+    """Serves `model_version` on a shared process: the base weights, or an adapter on them."""
+
+    def __init__(self, process: VllmProcess, model_version: str, adapter: Path | None = None):
+        self.model_version, self._process = model_version, process
+        self._lora = None
+        if adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            self._lora = LoRARequest(model_version, process.next_adapter_id(), str(adapter))
+        process.join()
+
+    def beside(self, model_version: str, adapter: Path | None) -> "LocalEngine":
+        """Another version on the same weights (the base, or one of its adapters)."""
+        return LocalEngine(self._process, model_version, adapter)
+
+    def can_serve(self, base_version: str, lora_rank: int | None) -> bool:
+        return self._process.can_serve(base_version, lora_rank)
+
+    async def prepare(self) -> None:
+        """Load the adapter now, so that one that cannot load is refused before any request."""
+        if self._lora is None:
+            return
+        try:
+            await self._process.llm.add_lora(self._lora)
+        except Exception as exc:
+            raise EngineError(f"adapter {self.model_version} did not load: {exc}") from exc
 
     async def generate(self, request: GenerationRequest) -> Generation:
         from vllm import SamplingParams
@@ -50,9 +135,13 @@ class LocalEngine(Engine):
             structured_outputs=structured,
         )
         final = None
+        llm = self._process.llm
         try:
             # AsyncLLM aborts the request itself when this coroutine is cancelled (timeouts).
-            async for output in self._llm.generate(request.prompt, params, request.request_id):
+            stream = llm.generate(
+                request.prompt, params, request.request_id, lora_request=self._lora
+            )
+            async for output in stream:
                 final = output
         except Exception as exc:
             raise EngineError(f"generation failed: {exc}") from exc
@@ -67,13 +156,12 @@ class LocalEngine(Engine):
 
     async def check_health(self) -> None:
         try:
-            await self._llm.check_health()
+            await self._process.llm.check_health()
         except Exception as exc:
             raise EngineError(f"engine unhealthy: {exc}") from exc
 
     async def close(self) -> None:
-        # Drop the last reference now: AsyncLLM.__del__ shuts down again, which fails noisily if
-        # it only runs at interpreter exit.
-        llm, self._llm = self._llm, None
-        llm.shutdown()
-        del llm
+        """Unload this version's adapter; the process goes with the last engine on it."""
+        if self._lora is not None and self._process.llm is not None:
+            await self._process.llm.remove_lora(self._lora.lora_int_id)
+        self._process.release()

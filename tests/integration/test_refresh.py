@@ -83,22 +83,44 @@ def test_gate_rejection_leaves_the_active_version(
 def test_feedback_refreshes_the_served_model(
     gateway: TestClient, served_settings: Settings, tiny_model: BootstrapResult
 ) -> None:
+    """Here every model counts as large, so refreshes train LoRA adapters: published as adapter
+    versions and served as vLLM runtime adapters (the kill-and-restart test below refreshes all
+    weights)."""
     serve_and_click(gateway)
-    # Every model counts as large here: the refresh trains LoRA adapters and publishes them
-    # merged (the kill-and-restart test below refreshes all weights).
     lora = {"refresh_lora_min_params": 0, "refresh_lora_rank": 4}
+    registry = Registry(served_settings.registry_path)
     result = refresh(served_settings, gate_ndcg_tolerance=1.0, gate_invalid_tolerance=1.0, **lora)
     try:
         assert result.outcome == "published", result
         assert result.parent == tiny_model.version and result.train_examples >= 1
         assert result.fresh_examples > 0  # recent histories join the logged lists
-        manifest = Registry(served_settings.registry_path).manifest(result.version)
-        assert manifest.parent == tiny_model.version and manifest.kind == "full"
+        manifest = registry.manifest(result.version)
+        assert manifest.parent == tiny_model.version and manifest.kind == "lora"
+        assert manifest.base_model == tiny_model.version
         assert manifest.policy["weights"] and manifest.training["method"] == "grpo-refresh"
         assert manifest.training["lora_rank"] == 4
+        published = {path.name for path in registry.path(result.version).iterdir()}
+        assert "adapter_config.json" in published and "model.safetensors" not in published
         assert until(lambda: gateway.get("/v1/models").json()["serving"] == result.version, 300)
         body = gateway.post("/v1/recommend", json={"user_id": USERS[0], "k": 5}).json()
         assert body["model_version"] == result.version and body["source"] == "llm"
+        process = gateway.app.state.engine._process  # the base with room for adapters
+
+        # A refresh of an adapter version trains its adapter on; the swap loads an adapter
+        # into the process already running, and the first adapter is unloaded.
+        serve_and_click(gateway)
+        second = refresh(served_settings, gate_ndcg_tolerance=1.0, gate_invalid_tolerance=1.0)
+        assert second.outcome == "published", second
+        manifest = registry.manifest(second.version)
+        assert manifest.kind == "lora" and manifest.parent == result.version
+        assert manifest.base_model == tiny_model.version and second.lora_rank == 4
+        assert until(lambda: gateway.get("/v1/models").json()["serving"] == second.version, 60)
+        body = gateway.post("/v1/recommend", json={"user_id": USERS[1], "k": 5}).json()
+        assert body["model_version"] == second.version and body["source"] == "llm"
+        assert gateway.app.state.engine._process is process
+        serving = gateway.app.state.engine._lora.lora_int_id
+        # The first adapter is unloaded once its requests are past their time budget.
+        assert until(lambda: set(gateway.portal.call(process.llm.list_loras)) == {serving}, 60)
     finally:
         activate(gateway, tiny_model.version)
         assert until(lambda: gateway.get("/v1/models").json()["serving"] == tiny_model.version, 300)

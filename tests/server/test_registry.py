@@ -6,6 +6,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -13,12 +14,16 @@ from fastapi.testclient import TestClient
 from server.config import Settings
 from server.prompt import CONTRACT_VERSION
 from server.registry import (
+    ADAPTER_CONFIG,
     MANIFEST,
     Manifest,
     Registry,
     RegistryError,
+    adapter_rank,
+    base_version,
     check_contract,
     new_version,
+    parameter_count,
 )
 from tests.server.helpers import metric, post_events, put_items
 
@@ -191,6 +196,37 @@ def test_register_refuses_a_folder_without_config(registry: Registry, tmp_path: 
 
 
 # Contract versions -----------------------------------------------------------------------------
+
+
+# LoRA versions and weights ---------------------------------------------------------------------
+
+
+def test_base_version_of_a_full_version_and_of_an_adapter() -> None:
+    assert base_version(Manifest(version="v1")) == "v1"
+    assert base_version(Manifest(version="v2", kind="lora", base_model="v1")) == "v1"
+    with pytest.raises(RegistryError, match="v3 names no base model"):
+        base_version(Manifest(version="v3", kind="lora"))
+
+
+def test_adapter_rank_reads_peft_config(tmp_path: Path) -> None:
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+    assert adapter_rank(tmp_path) == 8
+    (tmp_path / ADAPTER_CONFIG).write_text("{}")
+    with pytest.raises(RegistryError, match="no readable LoRA adapter"):
+        adapter_rank(tmp_path)
+    with pytest.raises(RegistryError, match="no readable LoRA adapter"):
+        adapter_rank(tmp_path / "missing")
+
+
+def test_parameter_count_reads_safetensors_headers(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({"a": np.zeros((3, 4), np.float32)}, tmp_path / "model-1.safetensors")
+    save_file(
+        {"b": np.zeros(5, np.float16), "c": np.zeros((2, 2, 2))}, tmp_path / "model-2.safetensors"
+    )
+    assert parameter_count(tmp_path) == 12 + 5 + 8
+    assert parameter_count(tmp_path / "empty") == 0
 
 
 def test_check_contract_accepts_this_gateways_contract() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from reward_rules.terms import Accuracy, Diversity, Format, Novelty
@@ -93,26 +94,50 @@ def test_run_grpo_trains_and_logs_every_term(
 
 
 @pytest.mark.slow
-def test_lora_grpo_returns_merged_weights_with_only_the_linear_layers_moved(
+def test_lora_grpo_trains_adapters_only_and_goes_on_training_them(
     toy_tokenizer: PreTrainedTokenizerFast,
     toy_examples: list[Example],
     toy_sft_model: PreTrainedModel,
     tmp_path: Path,
 ) -> None:
-    model = copy.deepcopy(toy_sft_model)
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    # Hot sampling, so that completions and their rewards differ within a group: a gradient.
+    terms = [(Accuracy(), 1.0)]
+    base = {name: p.detach().clone() for name, p in toy_sft_model.named_parameters()}
     settings = GrpoSettings(
-        max_steps=2, prompts_per_step=2, num_generations=4, lora_rank=4, progress=False
+        max_steps=2,
+        prompts_per_step=2,
+        num_generations=4,
+        temperature=5.0,
+        lora_rank=4,
+        progress=False,
     )
 
     with one_thread():
-        trained = run_grpo(
-            model, toy_tokenizer, toy_examples, [(Accuracy(), 1.0)], settings, tmp_path
+        adapted = run_grpo(
+            copy.deepcopy(toy_sft_model),
+            toy_tokenizer,
+            toy_examples,
+            terms,
+            settings,
+            tmp_path / "first",
+        )
+        first = {n: p.detach().clone() for n, p in adapted.named_parameters() if "lora_" in n}
+        # A PeftModel given back trains the adapters it has (the rank setting is ignored).
+        again = run_grpo(
+            adapted,
+            toy_tokenizer,
+            toy_examples,
+            terms,
+            settings.model_copy(update={"lora_rank": 8}),
+            tmp_path / "second",
         )
 
-    assert type(trained) is type(toy_sft_model)  # adapters merged: no peft wrapper left
-    after = dict(trained.named_parameters())
-    assert after.keys() == before.keys()
-    moved = {name for name in before if not torch.equal(before[name], after[name])}
-    assert moved and all(name.endswith("proj.weight") for name in moved)
-    assert not (tmp_path / "reference").exists()  # the KL reference is the adapter switched off
+    assert isinstance(adapted, PeftModel) and again is adapted
+    assert again.peft_config["default"].r == 4 and list(again.peft_config) == ["default"]
+    # Base weights untouched: the adapters are published and served as adapters.
+    unloaded = dict(copy.deepcopy(again).unload().named_parameters())
+    assert unloaded.keys() == base.keys()
+    assert all(torch.equal(base[name], unloaded[name]) for name in base)
+    weights = dict(again.named_parameters())
+    assert any(not torch.equal(first[name], weights[name]) for name in first)
+    assert not (tmp_path / "first" / "reference").exists()  # KL reference: adapters switched off
