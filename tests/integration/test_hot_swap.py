@@ -6,12 +6,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM
 
 from server.config import Settings
 from server.registry import Registry, new_version
 from tests.integration.conftest import ADMIN_KEY
 from tests.server.helpers import until
 from trainer.bootstrap import BootstrapResult
+from trainer.grpo import lora_config
 
 pytestmark = pytest.mark.slow
 CLIENTS = 4
@@ -26,13 +29,9 @@ def activate(gateway: TestClient, version: str) -> None:
     assert response.status_code == 200, response.text
 
 
-def test_swap_under_load_fails_no_request(
-    gateway: TestClient, served_settings: Settings, tiny_model: BootstrapResult
-) -> None:
-    registry = Registry(served_settings.registry_path)
-    old, new = tiny_model.version, new_version()
-    manifest = registry.manifest(old).model_copy(update={"version": new, "parent": old})
-    registry.register(registry.path(old), manifest)
+def swap_under_load(gateway: TestClient, settings: Settings, old: str, new: str) -> None:
+    """Clients keep asking while `new` is activated: every answer is 200 from the LLM, each
+    client's answers name `old` then `new`, never back."""
     seen: list[list[tuple[int, str | None, str | None]]] = [[] for _ in range(CLIENTS)]
     stop = threading.Event()
 
@@ -45,24 +44,60 @@ def test_swap_under_load_fails_no_request(
     def answered_by_new() -> bool:
         return all(any(v == new for _, v, _ in s) for s in seen)
 
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        running = [pool.submit(client, n) for n in range(CLIENTS)]
+        try:
+            assert until(lambda: all(seen), 60)
+            activate(gateway, new)
+            assert until(answered_by_new, 300), "the new version never answered"
+            time.sleep(settings.llm_timeout_ms / 1000 + 2)  # past the old engine's end
+        finally:
+            stop.set()
+            for future in running:
+                future.result()
+    for answers in seen:
+        assert all(status == 200 and source == "llm" for status, _, source in answers)
+        versions = [version for _, version, _ in answers]
+        switched = versions.index(new)
+        assert set(versions[:switched]) == {old} and set(versions[switched:]) == {new}
+    assert gateway.get("/v1/models").json()["serving"] == new
+
+
+def publish_adapter(registry: Registry, base: str) -> str:
+    """A LoRA version of `base` (untrained adapters: this is about swapping, not quality)."""
+    model = AutoModelForCausalLM.from_pretrained(registry.path(base))
+    staging = registry.staging()
+    get_peft_model(model, lora_config(4)).save_pretrained(staging)
+    update = {"version": new_version(), "parent": base, "kind": "lora", "base_model": base}
+    return registry.publish(staging, registry.manifest(base).model_copy(update=update)).name
+
+
+def test_swap_under_load_fails_no_request(
+    gateway: TestClient, served_settings: Settings, tiny_model: BootstrapResult
+) -> None:
+    registry = Registry(served_settings.registry_path)
+    old, new = tiny_model.version, new_version()
+    manifest = registry.manifest(old).model_copy(update={"version": new, "parent": old})
+    registry.register(registry.path(old), manifest)
     try:
-        with ThreadPoolExecutor(CLIENTS) as pool:
-            running = [pool.submit(client, n) for n in range(CLIENTS)]
-            try:
-                assert until(lambda: all(seen), 60)
-                activate(gateway, new)
-                assert until(answered_by_new, 300), "the new version never answered"
-                time.sleep(served_settings.llm_timeout_ms / 1000 + 2)  # past the old engine's end
-            finally:
-                stop.set()
-                for future in running:
-                    future.result()
-        for answers in seen:
-            assert all(status == 200 and source == "llm" for status, _, source in answers)
-            versions = [version for _, version, _ in answers]
-            switched = versions.index(new)
-            assert set(versions[:switched]) == {old} and set(versions[switched:]) == {new}
-        assert gateway.get("/v1/models").json()["serving"] == new
+        swap_under_load(gateway, served_settings, old, new)
     finally:
         activate(gateway, old)
         assert until(lambda: gateway.get("/v1/models").json()["serving"] == old, 300)
+
+
+def test_adapter_swap_under_load_stays_in_one_engine(
+    gateway: TestClient, served_settings: Settings, tiny_model: BootstrapResult
+) -> None:
+    registry = Registry(served_settings.registry_path)
+    base = tiny_model.version
+    first, second = publish_adapter(registry, base), publish_adapter(registry, base)
+    try:
+        activate(gateway, first)  # the tiny base has no adapter room: a LoRA engine starts
+        assert until(lambda: gateway.get("/v1/models").json()["serving"] == first, 300)
+        process = gateway.app.state.engine._process
+        swap_under_load(gateway, served_settings, first, second)
+        assert gateway.app.state.engine._process is process  # a runtime adapter swap
+    finally:
+        activate(gateway, base)
+        assert until(lambda: gateway.get("/v1/models").json()["serving"] == base, 300)
