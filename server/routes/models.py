@@ -18,6 +18,7 @@ class ModelVersion(BaseModel):
     version: str
     created_at: datetime
     kind: str
+    base_model: str | None = Field(description="For kind lora: the full version it adapts.")
     parent: str | None
     trained_on: str | None
     contract_version: str

@@ -47,7 +47,18 @@ def test_lists_versions_oldest_first_with_their_metrics(models_client: TestClien
     assert [v["version"] for v in body["versions"]] == ["v1", "v2", "v-future"]
     assert body["versions"][1]["metrics"] == {"ndcg@10": 0.3}
     assert body["versions"][1]["parent"] == "v1"
+    assert body["versions"][1]["kind"] == "full" and body["versions"][1]["base_model"] is None
     assert body["active"] is None and body["previous"] is None and body["serving"] is None
+
+
+def test_lists_an_adapter_with_the_version_it_adapts(
+    make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    publish(tmp_path / "models", "v1")
+    publish(tmp_path / "models", "v1-lora", parent="v1", kind="lora", base_model="v1")
+    client = make_client(registry_dir=tmp_path / "models", engine_url="http://127.0.0.1:9")
+    [_, adapter] = client.get("/v1/models").json()["versions"]
+    assert adapter["kind"] == "lora" and adapter["base_model"] == "v1"
 
 
 def test_activate_swaps_the_gateway_and_remembers_the_previous(models_client: TestClient) -> None:
