@@ -37,6 +37,7 @@ from server.active_model import placement
 from server.app import open_store
 from server.config import Settings
 from server.engine.local import ADAPTERS_AT_ONCE, lora_slot
+from server.engine.remote import bearer
 from server.registry import RegistryError
 from server.store import Store
 
@@ -84,19 +85,16 @@ def vllm_swapper(
     settings: Settings, extra: list[str], transport: httpx.AsyncBaseTransport | None = None
 ) -> Swap:
     """Swaps adapters on the running vLLM through its runtime LoRA endpoints."""
-    headers = (
-        {"Authorization": f"Bearer {settings.engine_api_key}"} if settings.engine_api_key else {}
-    )
     client = httpx.AsyncClient(
         base_url=f"http://127.0.0.1:{_port(extra)}",
-        headers=headers,
+        headers=bearer(settings.engine_api_key),
         timeout=60,
         transport=transport,
     )
     unloading: set[asyncio.Task] = set()
 
     async def unload_later(version: str) -> None:
-        await asyncio.sleep(settings.llm_timeout_ms / 1000 + 1)  # its requests are over by then
+        await asyncio.sleep(settings.release_seconds)
         try:
             response = await client.post("/v1/unload_lora_adapter", json={"lora_name": version})
             response.raise_for_status()

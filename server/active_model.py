@@ -48,7 +48,7 @@ def placement(settings: Settings, version: str) -> Placement:
     base = base_version(manifest)
     adapter = registry.path(version) if manifest.kind == "lora" else None
     rank = adapter_rank(adapter) if adapter else None
-    large = parameter_count(registry.path(base)) >= settings.refresh_lora_min_params
+    large = refreshed_with_lora(settings, registry.path(base))
     room = max(rank or 0, settings.refresh_lora_rank) if rank or large else None
     return Placement(
         version=version,
@@ -60,15 +60,22 @@ def placement(settings: Settings, version: str) -> Placement:
     )
 
 
+def refreshed_with_lora(settings: Settings, weights: Path) -> bool:
+    """Whether the trainer refreshes the full weights in `weights` through LoRA adapters."""
+    return parameter_count(weights) >= settings.refresh_lora_min_params
+
+
 def open_engine(settings: Settings, version: str, serving: Engine | None = None) -> Engine:
     """Raises RegistryError for an unknown version or a contract this gateway does not speak.
 
     In-process, a version on the same base weights as `serving` (the base, or a LoRA adapter of
-    it) shares its vLLM process: a runtime adapter swap, no model load.
+    it) shares its vLLM process: a runtime adapter swap, no model load. A remote server places
+    versions itself (docker/serve_vllm.py): the gateway only checks the contract.
     """
-    where = placement(settings, version)
     if settings.engine_url:
+        check_contract(Registry(settings.registry_path).manifest(version))
         return RemoteEngine(settings.engine_url, version, settings.engine_api_key)
+    where = placement(settings, version)
     if isinstance(serving, LocalEngine) and serving.can_serve(where.base, where.adapter_rank):
         return serving.beside(version, where.adapter)
     process = VllmProcess(

@@ -159,6 +159,12 @@ class Settings(BaseSettings):
     def registry_path(self) -> Path:
         return self.registry_dir or self.data_dir / "models"
 
+    @property
+    def release_seconds(self) -> float:
+        """How long after a swap the outgoing model may still have requests: the LLM budget
+        cancels every request by then."""
+        return self.llm_timeout_ms / 1000 + 1
+
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:

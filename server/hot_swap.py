@@ -102,7 +102,7 @@ class ModelFollower:
 
     async def _close_later(self, engine: Engine) -> None:
         try:
-            await asyncio.sleep(self.settings.llm_timeout_ms / 1000 + 1)
+            await asyncio.sleep(self.settings.release_seconds)
         finally:  # at shutdown too
             await engine.close()
             log.info("previous engine released", extra={"version": engine.model_version})

@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from reward_rules.policy import build_terms, catalog_facts
+from server.active_model import refreshed_with_lora
 from server.config import Settings
 from server.item_index import load_current
 from server.policy import read_policy
@@ -40,7 +41,6 @@ from trainer.dataset import ExampleBuilder, Shape
 from trainer.examples import Example, target_items
 from trainer.feedback_log import ConsumeResult, FeedbackLog, LoggedExample
 from trainer.grpo import STATE_FILE, run_grpo
-from trainer.model import parameter_count
 from trainer.presets import GrpoSettings
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ def _train_and_gate(
         candidate = load_version(registry, parent, trainable=True)
     else:
         candidate = copy.deepcopy(active)
-        if parameter_count(active) >= settings.refresh_lora_min_params:
+        if refreshed_with_lora(settings, registry.path(parent.version)):
             grpo = grpo.model_copy(update={"lora_rank": settings.refresh_lora_rank})
     with tempfile.TemporaryDirectory(prefix="reasonrec-refresh-") as scratch:
         candidate = run_grpo(candidate, tokenizer, train, terms, grpo, Path(scratch))

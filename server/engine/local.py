@@ -50,6 +50,11 @@ class VllmProcess:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         lora = settings.max_lora_rank is not None
+        adapters = (
+            {"max_lora_rank": lora_slot(settings.max_lora_rank), "max_loras": ADAPTERS_AT_ONCE}
+            if lora
+            else {}
+        )
         args = AsyncEngineArgs(
             model=str(model_dir),
             served_model_name=base_version,
@@ -60,8 +65,7 @@ class VllmProcess:
             enable_prefix_caching=True,
             seed=0,
             enable_lora=lora,
-            max_lora_rank=lora_slot(settings.max_lora_rank) if lora else 16,
-            max_loras=ADAPTERS_AT_ONCE,
+            **adapters,
         )
         self.base_version, self.max_lora_rank = base_version, settings.max_lora_rank
         self.llm = AsyncLLM.from_engine_args(args)

@@ -5,12 +5,16 @@ import httpx
 from server.engine import Engine, EngineError, Generation, GenerationRequest
 
 
+def bearer(api_key: str | None) -> dict[str, str]:
+    """The headers of a vLLM server started with an API key (none without one)."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 class RemoteEngine(Engine):
     def __init__(self, base_url: str, model_version: str, api_key: str | None = None):
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
         self._client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"), headers=headers, limits=limits, timeout=None
+            base_url=base_url.rstrip("/"), headers=bearer(api_key), limits=limits, timeout=None
         )
         self.model_version = model_version
 
