@@ -24,6 +24,7 @@ from trainer.presets import SftSettings
 
 logger = logging.getLogger(__name__)
 IGNORE = -100  # label of tokens that carry no loss (the prompt and the padding)
+BUCKET = 16  # batches sorted by length together (see _batches)
 
 
 Encoded = tuple[list[int], list[int]]  # input ids, labels
@@ -44,44 +45,38 @@ def encode(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int
 
 class Batch(NamedTuple):
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
     labels: torch.Tensor
-    tail: int  # target tokens fit in the last `tail` positions of every row
+    tail: int  # every target lies in the last `tail` columns
 
 
 def collate(rows: Sequence[Encoded], pad_id: int) -> Batch:
-    """Left-pad a batch so that every target ends at the last column.
+    """Pad a batch on the right; no attention mask.
 
-    Then the logits of the last `tail + 1` positions are all the loss needs: computing the
-    vocabulary projection for the prompt too costs as much as the rest of the model at this size.
-    Positions count from each row's first real token, as they do when the prompt is served.
+    A causal model never attends to a later column, so right padding needs no mask: real tokens
+    cannot see the padding, and padded columns carry no label. Without a mask, PyTorch's
+    attention takes its fused causal kernel, about twice as fast on a CPU as the masked one
+    (batches hold prompts of similar lengths, see `_batches`, so little is padded). The logits
+    of the last `tail + 1` columns are all the loss needs: computing the vocabulary projection
+    for the prompt too costs as much as the rest of the model at this size.
     """
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
     for row, (ids, row_labels) in enumerate(rows):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids)
-        labels[row, width - len(ids) :] = torch.tensor(row_labels)
-        mask[row, width - len(ids) :] = 1
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(ids)] = torch.tensor(row_labels)
     labelled = (labels != IGNORE).int()
     first = labelled.argmax(dim=1)[labelled.any(dim=1)]  # first labelled column of each row
     # A label in column 0 has no logit before it to predict it from (nor has it in HF's loss).
-    tail = min(int((width - first).max()) if len(first) else 1, max(width - 1, 1))
-    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    return Batch(input_ids, mask, position_ids, labels, tail)
+    tail = min(int(width - first.min()) if len(first) else 1, max(width - 1, 1))
+    return Batch(input_ids, labels, tail)
 
 
 def batch_loss(model: PreTrainedModel, batch: Batch, bf16: bool) -> torch.Tensor:
     """Mean cross-entropy of the labelled tokens; logits only where labels are."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-            logits_to_keep=batch.tail + 1,
+            input_ids=batch.input_ids, use_cache=False, logits_to_keep=batch.tail + 1
         ).logits
     # The logit at column j predicts the token at j + 1.
     predictions = logits[:, :-1].float()
@@ -96,11 +91,20 @@ def batch_loss(model: PreTrainedModel, batch: Batch, bf16: bool) -> torch.Tensor
 def _batches(
     encoded: Sequence[Encoded], settings: SftSettings, generator: torch.Generator
 ) -> Iterator[list[Encoded]]:
-    """Shuffled batches, epoch after epoch, forever; the caller stops after its step count."""
+    """Shuffled batches of similar lengths, epoch after epoch, forever; the caller stops.
+
+    Each run of BUCKET batches is sorted by length before it is cut into batches, so a batch
+    pads a few tokens rather than the spread of the whole set; the batches are then shuffled.
+    """
+    size = settings.batch_size
     while True:
         order = torch.randperm(len(encoded), generator=generator).tolist()
-        for start in range(0, len(order), settings.batch_size):
-            yield [encoded[i] for i in order[start : start + settings.batch_size]]
+        batches = []
+        for start in range(0, len(order), size * BUCKET):
+            bucket = sorted(order[start : start + size * BUCKET], key=lambda i: len(encoded[i][0]))
+            batches += [bucket[i : i + size] for i in range(0, len(bucket), size)]
+        for b in torch.randperm(len(batches), generator=generator).tolist():
+            yield [encoded[i] for i in batches[b]]
 
 
 def use_bf16(setting: bool | Literal["auto"]) -> bool:

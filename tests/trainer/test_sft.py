@@ -8,7 +8,7 @@ from server.prompt import parse_answer
 from trainer.examples import Example
 from trainer.model import build_model
 from trainer.presets import SftSettings
-from trainer.sft import IGNORE, batch_loss, collate, encode, run_sft, target_loss
+from trainer.sft import IGNORE, _batches, batch_loss, collate, encode, run_sft, target_loss
 
 from .conftest import one_thread
 
@@ -41,23 +41,22 @@ class TestEncode:
             toy_tokenizer.decode([t for t in labels if t != IGNORE][:-1]) == toy_examples[0].target
         )
 
-    def test_collate_pads_left_and_keeps_only_the_target_tail(
+    def test_collate_pads_right_and_keeps_only_the_target_tail(
         self, toy_tokenizer: PreTrainedTokenizerFast
     ) -> None:
         pad = toy_tokenizer.pad_token_id
-        batch = collate([([5, 6, 7], [IGNORE, 6, 7]), ([8, 9], [IGNORE, 9])], pad_id=pad)
-        assert batch.input_ids.tolist() == [[5, 6, 7], [pad, 8, 9]]
-        assert batch.attention_mask.tolist() == [[1, 1, 1], [0, 1, 1]]
-        assert batch.position_ids.tolist() == [[0, 1, 2], [0, 0, 1]]
-        assert batch.labels.tolist() == [[IGNORE, 6, 7], [IGNORE, IGNORE, 9]]
-        assert batch.tail == 2
+        batch = collate([([5, 6, 7, 8], [IGNORE, IGNORE, 7, 8]), ([8, 9], [IGNORE, 9])], pad)
+        assert batch.input_ids.tolist() == [[5, 6, 7, 8], [8, 9, pad, pad]]
+        assert batch.labels.tolist() == [[IGNORE, IGNORE, 7, 8], [IGNORE, 9, IGNORE, IGNORE]]
+        assert batch.tail == 3  # from the earliest target column (row 2's) to the end
 
     def test_batch_loss_equals_the_full_sequence_loss(
         self, toy_tokenizer: PreTrainedTokenizerFast, toy_examples: list[Example]
     ) -> None:
-        """Left padding, explicit positions and the cut logits change nothing in the loss."""
+        """Right padding without a mask and the cut logits change nothing in the loss."""
         model = build_model(toy_tokenizer, "tiny", seed=0).eval()
         rows = [encode(toy_tokenizer, example, 4096) for example in toy_examples[:3]]
+        assert len({len(ids) for ids, _ in rows}) > 1  # some rows are padded
         with torch.no_grad():
             ours = batch_loss(model, collate(rows, toy_tokenizer.pad_token_id), bf16=False)
             one_by_one = [
@@ -69,6 +68,18 @@ class TestEncode:
             ]
         tokens = sum(sum(label != IGNORE for label in labels[1:]) for _, labels in rows)
         assert float(ours) == pytest.approx(float(sum(one_by_one)) / tokens, rel=1e-4)
+
+
+def test_batches_cover_every_example_once_an_epoch_grouped_by_length() -> None:
+    encoded = [([0] * length, [IGNORE] * length) for length in range(1, 257)]
+    rng = torch.Generator().manual_seed(0)
+    batches = _batches(encoded, SftSettings(batch_size=4), rng)
+    epoch = [next(batches) for _ in range(64)]
+    lengths = [[len(ids) for ids, _ in batch] for batch in epoch]
+    assert sorted(n for batch in lengths for n in batch) == list(range(1, 257))
+    # a bucket sorts 64 random lengths of 256: about 4 apart; random batches would span ~150
+    assert sum(max(batch) - min(batch) for batch in lengths) / len(lengths) < 20
+    assert lengths != sorted(lengths)  # the batches themselves are shuffled
 
 
 @pytest.mark.slow
