@@ -12,12 +12,10 @@ the shared part):
 
 Answer: ``<think>rationale</think><answer>#id, #id, …</answer>``. Items are written as ``#`` and
 their id everywhere, so that no tokenizer confuses an item with a number in a title or a profile.
-A rationale may name items the same way (the embedded model does: one item token, where a title
-would be spelled out token by token); `readable` turns those into titles for people.
 """
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 
 from pydantic import BaseModel, Field
@@ -45,8 +43,6 @@ OUTPUT_FORMAT = (
 # No '<' or '>' inside either part: a stray or repeated tag makes the answer malformed.
 _ANSWER = re.compile(r"^\s*<think>([^<>]*)</think>\s*<answer>([^<>]*)</answer>\s*$")
 MAX_TEXT_CHARS = 120
-# What can follow the mark: an id has no whitespace, ',', '<' or '>' (server.schemas.Id).
-_REFERENCE = re.compile(re.escape(ITEM_MARK) + r"([^\s,<>]+)")
 
 
 class ItemView(BaseModel):
@@ -140,19 +136,6 @@ def answer_pattern(candidate_ids: Sequence[str], k: int) -> str:
     think = f"<think>[^<>]{{0,{MAX_RATIONALE_CHARS}}}</think>"
     more = f"(, {choice}){{{count - 1}}}" if count > 1 else ""
     return f"{think}<answer>{choice}{more}</answer>"
-
-
-def readable(rationale: str, titles: Mapping[str, str]) -> str:
-    """The rationale with each `#id` of a known item written as its title, for people."""
-
-    def title(match: re.Match) -> str:
-        word = match.group(1)  # the id, perhaps with punctuation after it: the longest known wins
-        for end in range(len(word), 0, -1):
-            if word[:end] in titles:
-                return titles[word[:end]] + word[end:]
-        return match.group(0)
-
-    return _REFERENCE.sub(title, rationale)
 
 
 def parse_answer(text: str) -> Answer:

@@ -28,7 +28,6 @@ from server.prompt import (
     answer_pattern,
     build_prompt,
     parse_answer,
-    readable,
 )
 from server.schemas import Item, RecommendedItem, RecommendRequest, RecommendResponse, Source
 from server.store import Store
@@ -89,12 +88,6 @@ def _fallback(order: list[str], k: int, reason: str) -> Outcome:
     return Outcome(order[:k], FALLBACK_RATIONALE, Source.fallback, reason=reason)
 
 
-def _titles(found: Candidates) -> dict[str, str]:
-    """The items a rationale can name: the user's history and the candidates."""
-    shown = [item for item, _ in found.history] + [candidate.item for candidate in found.items]
-    return {item.item_id: item.title for item in shown}
-
-
 def _ranked_item(candidate: Candidate, rank: int) -> RecommendedItem:
     item = candidate.item
     return RecommendedItem(
@@ -135,7 +128,7 @@ class Recommender:
             user_id=request.user_id,
             model_version=engine.model_version if engine else None,
             items=[_ranked_item(by_id[i], rank) for rank, i in enumerate(outcome.ids, start=1)],
-            rationale=readable(outcome.rationale, _titles(found)) if request.explain else None,
+            rationale=outcome.rationale if request.explain else None,
             source=outcome.source,
             degraded=outcome.source is Source.fallback,
             latency_ms=round((time.perf_counter() - started) * 1000, 2),

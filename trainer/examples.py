@@ -6,16 +6,18 @@ user watched recently, the categories they keep coming back to, how the picks re
 SFT teaches the format and a grounded way of talking about a user without a teacher model.
 """
 
-import statistics
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
 from pydantic import BaseModel, Field
 
-from server.prompt import ItemView, PromptInput, build_prompt, ref, render_answer
+from server.prompt import ItemView, PromptInput, build_prompt, render_answer
 
 MAX_RATIONALE_CHARS = 200
 RECENT = 5  # how much of the history the rationale talks about (newest last)
+_TITLE_CHARS = 24
+_YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
 
 
 class Example(BaseModel):
@@ -51,6 +53,15 @@ def target_items(candidates: Sequence[str], positives: Sequence[str], k: int) ->
     return chosen
 
 
+def _short(title: str) -> str:
+    """A title short enough for a rationale: no trailing year, cut at a word boundary."""
+    title = _YEAR.sub("", title).strip()
+    if len(title) <= _TITLE_CHARS:
+        return title
+    cut = title[:_TITLE_CHARS].rsplit(" ", 1)[0]
+    return cut.rstrip(" ,:;-")
+
+
 def _interests(recent: Sequence[ItemView], count: int = 2) -> list[str]:
     """The categories seen most often in the recent history; ties go to the most recent."""
     weights: Counter[str] = Counter()
@@ -63,25 +74,41 @@ def _interests(recent: Sequence[ItemView], count: int = 2) -> list[str]:
 def _history_clause(recent: Sequence[ItemView], interests: Sequence[str]) -> str:
     if not recent:
         return "New user, so popular and varied picks."
-    clause = "Recently liked " + " and ".join(ref(item.item_id) for item in reversed(recent[-2:]))
+    titles = [_short(item.title) for item in reversed(recent[-2:])]
+    clause = "Recently liked " + " and ".join(titles)
     if interests:
         clause += ", into " + " and ".join(interests)
     return clause + "."
 
 
-def _picks_clause(
+def _pick_clauses(
     picked: Sequence[ItemView], interests: Sequence[str], popularity: Mapping[str, int]
-) -> str:
-    """What the list holds as a whole: its main categories, one it adds, how well known it is."""
-    counts = Counter(category for item in picked for category in item.categories)
-    lean = [category for category, _ in counts.most_common(2)]
-    clause = "Picks lean to " + " and ".join(lean) if lean else "Picks"
-    added = [c for c, _ in counts.most_common() if c not in lean and c not in interests]
-    if added and interests:
-        clause += f", adding {added[0]}"
-    median = statistics.median(popularity.values()) if popularity else 0
-    known = sum(popularity.get(item.item_id, 0) > median for item in picked)
-    return clause + (", mostly well known." if 2 * known >= len(picked) else ", mostly niche.")
+) -> list[str]:
+    """At most one reason of each kind: a match with the interests, variety, popularity."""
+    clauses: list[str] = []
+    mentioned: set[str] = set()
+    fits = [item for item in picked if set(item.categories) & set(interests)]
+    if fits:
+        shared = next(c for c in fits[0].categories if c in interests)
+        clauses.append(f"{_short(fits[0].title)} fits {shared}")
+        mentioned.add(fits[0].item_id)
+    varied = [item for item in picked if item not in fits and item.categories]
+    if varied and interests:
+        clauses.append(f"{_short(varied[0].title)} adds {varied[0].categories[0]}")
+        mentioned.add(varied[0].item_id)
+    popular = max(picked, key=lambda item: popularity.get(item.item_id, 0), default=None)
+    if popular is not None and popular.item_id not in mentioned and popularity.get(popular.item_id):
+        clauses.append(f"{_short(popular.title)} is popular")
+    return clauses
+
+
+def _fit(head: str, clauses: list[str]) -> str:
+    """Drop the last reasons until the rationale fits MAX_RATIONALE_CHARS."""
+    while True:
+        text = head if not clauses else f"{head} " + "; ".join(clauses) + "."
+        if len(text) <= MAX_RATIONALE_CHARS or not clauses:
+            return text[:MAX_RATIONALE_CHARS]
+        clauses = clauses[:-1]
 
 
 def sft_target(
@@ -89,17 +116,14 @@ def sft_target(
 ) -> str:
     """The SFT completion: a short rationale grounded in the data, then the picked ids.
 
-    `history` is oldest first; `popularity` maps item ids to interaction counts. The rationale
-    names history items by id and the picks only as a whole (categories, how well known): a pick
-    named before the answer would be chosen there, spelled out in word pieces, instead of among
-    the item tokens whose embeddings carry what the index knows of each item.
+    `history` is oldest first; `popularity` maps item ids to interaction counts.
     """
     recent = history[-RECENT:]
     interests = _interests(recent)
-    rationale = (
-        f"{_history_clause(recent, interests)} {_picks_clause(picked, interests, popularity)}"
+    rationale = _fit(
+        _history_clause(recent, interests), _pick_clauses(picked, interests, popularity)
     )
-    return render_answer(rationale[:MAX_RATIONALE_CHARS], [item.item_id for item in picked])
+    return render_answer(rationale, [item.item_id for item in picked])
 
 
 def build_example(

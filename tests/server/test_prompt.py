@@ -17,7 +17,6 @@ from server.prompt import (
     answer_pattern,
     build_prompt,
     parse_answer,
-    readable,
     render_answer,
 )
 from server.schemas import ItemUpsert
@@ -455,19 +454,3 @@ def test_answer_pattern_accepts_what_render_answer_writes_for_an_empty_rationale
     text = render_answer("", ["1"])
     assert parse_answer(text).well_formed
     assert accepts(answer_pattern(CANDIDATES, 1), text)
-
-
-@pytest.mark.parametrize(
-    ("rationale", "expected"),
-    [
-        ("Recently liked #12 and #7.", "Recently liked Fargo (1996) and Heat (1995)."),
-        # punctuation right after an id; an id with a dot in it is matched whole
-        ("#7, then #v1.2; #12", "Heat (1995), then Dune; Fargo (1996)"),
-        # an unknown id and a lone mark stay as written
-        ("#99 and # and #", "#99 and # and #"),
-        ("no items named", "no items named"),
-    ],
-)
-def test_readable_writes_known_ids_as_titles(rationale: str, expected: str) -> None:
-    titles = {"12": "Fargo (1996)", "7": "Heat (1995)", "v1.2": "Dune", "1": "Up"}
-    assert readable(rationale, titles) == expected

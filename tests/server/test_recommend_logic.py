@@ -160,14 +160,6 @@ def last_impression(rdb: redis.Redis, key_prefix: str) -> dict[str, str]:
 # The LLM answered ------------------------------------------------------------------------------
 
 
-def test_items_named_in_the_rationale_are_shown_as_titles(
-    shop: TestClient, rdb: redis.Redis, key_prefix: str
-) -> None:
-    use(shop, FakeEngine(render_answer("#n2 fits, #nope does not", ["n2"])))
-    assert recommend(shop, k=1)["rationale"] == "Title n2 fits, #nope does not"
-    assert "#n2 fits" in last_impression(rdb, key_prefix)["output"]  # logged as written
-
-
 def test_well_formed_answer_is_served_in_its_order(shop: TestClient) -> None:
     engine = FakeEngine(answer("n2", "p3", "p1"), model_version="fake-order")
     use(shop, engine)

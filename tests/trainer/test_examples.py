@@ -59,19 +59,10 @@ class TestSftTarget:
 
     def test_rationale_talks_about_the_history_and_the_picks(self) -> None:
         rationale = parse_answer(sft_target([WAR, PLATOON], [FARGO, CLERKS], POPULARITY)).rationale
-        assert rationale == (
-            "Recently liked #2 and #1, into Drama and War. "  # newest first, then the interests
-            "Picks lean to Crime and Drama, adding Comedy, mostly well known."
-        )
-
-    def test_no_pick_is_named_before_the_answer(self) -> None:
-        """Naming one would decide it in the rationale, in word pieces, not among item tokens."""
-        rationale = parse_answer(sft_target([WAR, PLATOON], [FARGO, CLERKS], POPULARITY)).rationale
-        assert not {"#4", "#3", "Fargo", "Clerks"} & set(rationale.replace(",", " ").split())
-
-    def test_niche_picks(self) -> None:
-        rationale = parse_answer(sft_target([WAR], [ALIEN, PLATOON], POPULARITY)).rationale
-        assert rationale.endswith("mostly niche.")
+        assert "Platoon" in rationale  # the most recent history item
+        assert "Drama" in rationale  # the shared interest
+        assert "Fargo" in rationale  # the pick that fits it
+        assert "Clerks" in rationale  # the pick that adds variety
 
     def test_differs_between_users_with_different_histories(self) -> None:
         a = parse_answer(sft_target([WAR, PLATOON], [FARGO], POPULARITY)).rationale
@@ -81,8 +72,8 @@ class TestSftTarget:
     def test_new_user(self) -> None:
         answer = parse_answer(sft_target([], [FARGO, CLERKS], POPULARITY))
         assert answer.well_formed
-        assert answer.rationale.startswith("New user")
-        assert "well known" in answer.rationale
+        assert "New user" in answer.rationale
+        assert "Fargo" in answer.rationale  # the most popular pick
 
     def test_short_even_with_long_titles(self) -> None:
         long = [item(str(i), "A Very Long Title " * 8, "Drama", "War") for i in range(6)]
