@@ -71,8 +71,8 @@ PRESETS: dict[str, Preset] = {
         model="default",
         vocab_size=4000,
         index_dim=64,
-        # 2400 took the bootstrap to 928 s on a 2-core AMD EPYC with masked attention; 2800 took
-        # it to 18 min on a slower day with the mask-free SFT, for no better NDCG (0.0718).
+        # 2400 took the bootstrap to 928 s on a 2-core AMD EPYC with masked attention; 2800, with
+        # mask-free SFT on a slower day, 18 min (and NDCG@10 no better, 0.0718).
         sft_examples=2000,
         sft=SftSettings(epochs=1, batch_size=8, learning_rate=3e-3),
         grpo_examples=32,
