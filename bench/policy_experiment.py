@@ -41,20 +41,13 @@ from server.config import Settings
 from server.engine import Engine
 from server.item_index import load_current
 from server.loaders import Dataset
-from server.loaders.movielens import read_ml100k
 from server.recommend import Recommender
 from server.redis_client import connect
 from server.schemas import EventType, FeedbackEvent, ItemUpsert, RecommendRequest
 from server.store import Store
 from trainer.bootstrap import bootstrap
-from trainer.evaluation.run import (
-    drop_prefix,
-    events_only,
-    phase_events,
-    read_timelines,
-    write_dataset,
-)
-from trainer.evaluation.split import Split, load_split, sample_users
+from trainer.evaluation.run import drop_prefix, events_only, phase_events, write_dataset
+from trainer.evaluation.split import Split, read_eval_data, sample_users
 from trainer.presets import PRESETS
 from trainer.refresh import refresh_once
 
@@ -166,14 +159,14 @@ async def promote(store: Store, split: Split, count: int, seed: int) -> set[str]
 async def experiment(
     path: Path, settings: Settings, preset: str, count: int, users: int | None, seed: int
 ) -> dict:
-    split = load_split(path)
+    data = read_eval_data(path)
+    split, timelines = data.split, data.timelines
     chosen = sample_users(split, users, seed) if users else list(split.users)
-    timelines, catalog = read_timelines(path), read_ml100k(path)
     handle = connect(settings)
     store = build_store(settings, handle.client)
     try:
         train = phase_events(split, timelines, "train")
-        await write_dataset(store, Dataset(items=catalog.items, users=catalog.users, events=train))
+        await write_dataset(store, Dataset(items=data.items, users=data.users, events=train))
         base = (await bootstrap(settings, store, preset, seed=seed)).version
         await write_dataset(store, events_only(phase_events(split, timelines, "validation")))
         promoted = await promote(store, split, count, seed)

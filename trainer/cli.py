@@ -21,9 +21,13 @@ from server.cli import (
     settings_from_env,
 )
 from server.config import Settings
+from server.loaders import LoadError
 from server.loaders.movielens import read_ml100k
 from server.loaders.synthetic import generate
 from server.registry import Manifest, Registry, RegistryError, check_contract, new_version
+from server.schemas import EventType
+from trainer.corpus import INTERACTIONS
+from trainer.evaluation.split import EvalFormat, read_eval_data
 from trainer.presets import PRESETS
 
 if TYPE_CHECKING:
@@ -227,22 +231,38 @@ def _demo_instructions(settings: Settings, user: str) -> str:
     )
 
 
+def _eval_format_help() -> str:
+    counted = ", ".join(kind for kind in EventType if kind in INTERACTIONS)
+    ignored = ", ".join(kind for kind in EventType if kind not in INTERACTIONS)
+    return (
+        "ml-100k: a MovieLens 100K folder (u.data, u.item, u.user, u.genre); ml-latest: a "
+        "MovieLens folder (ratings.csv, movies.csv, optional tags.csv); jsonl: a `reasonrec load` "
+        f"file. Interactions are {counted} events (a rating of any value); {ignored} are ignored."
+    )
+
+
 @app.command("eval")
 def eval_command(
-    path: Annotated[Path, typer.Argument(help="The MovieLens 100K folder.")],
-    fmt: Annotated[str, typer.Option("--format", help="Data set format.")] = "ml-100k",
+    path: Annotated[
+        Path, typer.Argument(help="The data: a folder (ml-100k, ml-latest) or a .jsonl file.")
+    ],
+    fmt: Annotated[
+        EvalFormat, typer.Option("--format", help=_eval_format_help())
+    ] = EvalFormat.ml_100k,
     users: Annotated[int | None, typer.Option(min=1, help="Evaluate N sampled users.")] = None,
     seed: Annotated[int, typer.Option(help="Sampling and training seed.")] = 0,
     preset: PresetOption = "default",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
 ) -> None:
     """Offline evaluation (EVAL.md protocol): reasonrec vs retrieval, popularity, item-kNN."""
-    if fmt != "ml-100k":
-        raise typer.BadParameter("only --format ml-100k is supported", param_hint="--format")
     _check_preset(preset)
+    try:
+        data = read_eval_data(path, fmt)  # before the heavy imports: bad data fails fast
+    except LoadError as exc:
+        raise typer.BadParameter(str(exc), param_hint="PATH") from exc
     from trainer.evaluation.run import run_eval  # trains a model: heavy imports
 
-    report = run_eval(path, settings_from_env(), users, seed, preset)
+    report = run_eval(data, settings_from_env(), users, seed, preset)
     typer.echo(report.table())
     if json_out:
         json_out.write_text(report.model_dump_json(indent=2))

@@ -1,9 +1,11 @@
 """`reasonrec eval`: the protocol of EVAL.md end to end, on a fresh store of its own.
 
-1. Split ML-100K per user by time: train / validation / test.
+1. Read the data once (ml-100k, ml-latest or jsonl) and split it per user by time: train /
+   validation / test (`trainer.evaluation.split`).
 2. Load the catalog, users and training interactions into a fresh store (its own key prefix on
    the configured Redis, or an embedded Redis in a temporary folder). Interactions load as
-   `click` events: the protocol is implicit feedback, every rating counts whatever its value.
+   `click` events: the protocol is implicit feedback, every interaction counts whatever its
+   type or rating value.
 3. Bootstrap the model and the candidate index there, on training data only.
 4. Add the validation interactions (they precede the test item; item-kNN scores from them too).
 5. Rank for each user with the systems and score against the test item.
@@ -13,7 +15,6 @@ import asyncio
 import logging
 import tempfile
 import uuid
-from collections import defaultdict
 from pathlib import Path
 
 from server.active_model import open_engine
@@ -21,7 +22,6 @@ from server.app import build_store
 from server.config import Settings
 from server.item_index import load_current
 from server.loaders import Dataset
-from server.loaders.movielens import read_ml100k
 from server.loaders.writer import progress_bar, write
 from server.recommend import Recommender
 from server.redis_client import connect
@@ -30,22 +30,11 @@ from server.store import Store
 from trainer.bootstrap import bootstrap
 from trainer.evaluation.harness import Report, evaluate
 from trainer.evaluation.pipeline import PipelineSystem
-from trainer.evaluation.split import Split, load_split, sample_users
+from trainer.evaluation.split import EvalData, Split, sample_users
 from trainer.evaluation.systems import ItemKNN, Popularity
 
 log = logging.getLogger(__name__)
-TRAINED_ON = "ml-100k:eval-train-split"
 EVAL_TIMEOUT_MS = 600_000
-
-
-def read_timelines(path: Path) -> dict[str, list[FeedbackEvent]]:
-    """Each user's ratings sorted by time, ties in file order (the split's own order)."""
-    by_user: dict[str, list[FeedbackEvent]] = defaultdict(list)
-    for event in read_ml100k(path).events:
-        by_user[event.user_id].append(event)
-    for events in by_user.values():
-        events.sort(key=lambda event: event.timestamp)
-    return by_user
 
 
 def _as_clicks(events: list[FeedbackEvent]) -> list[FeedbackEvent]:
@@ -75,11 +64,16 @@ def events_only(events: list[FeedbackEvent]) -> Dataset:
     return Dataset(items=[], users=[], events=events, event_count=len(events))
 
 
-def run_eval(path: Path, settings: Settings, users: int | None, seed: int, preset: str) -> Report:
-    split = load_split(path)
+def trained_on(split: Split) -> str:
+    """The manifest's `trained_on`: the data read, e.g. `ml-100k:ml-100k:eval-train-split`."""
+    return f"{split.dataset}:eval-train-split"
+
+
+def run_eval(
+    data: EvalData, settings: Settings, users: int | None, seed: int, preset: str
+) -> Report:
+    split, timelines = data.split, data.timelines
     chosen = sample_users(split, users, seed) if users else list(split.users)
-    timelines = read_timelines(path)
-    catalog = read_ml100k(path)
     with tempfile.TemporaryDirectory(prefix="reasonrec-eval-") as scratch, asyncio.Runner() as run:
         settings = settings.model_copy(
             update={
@@ -96,12 +90,10 @@ def run_eval(path: Path, settings: Settings, users: int | None, seed: int, prese
         engine = None
         try:
             train = phase_events(split, timelines, "train")
-            run.run(
-                write_dataset(
-                    store, Dataset(items=catalog.items, users=catalog.users, events=train)
-                )
+            run.run(write_dataset(store, Dataset(items=data.items, users=data.users, events=train)))
+            trained = run.run(
+                bootstrap(settings, store, preset, seed=seed, trained_on=trained_on(split))
             )
-            trained = run.run(bootstrap(settings, store, preset, seed=seed, trained_on=TRAINED_ON))
             run.run(write_dataset(store, events_only(phase_events(split, timelines, "validation"))))
             engine = open_engine(settings, trained.version)
             index = load_current(settings.data_dir)

@@ -1,26 +1,53 @@
 """The offline split of `shared/docs/EVAL.md`: per user, last interaction = test, second last =
 validation, the rest = training; plus the item facts the metrics need (categories, popularity).
 
-Every rating event is an interaction, whatever its value. Each user's interactions are stably
-sorted by timestamp, so events with the same timestamp keep their order in the source file. Users
-with fewer than 3 interactions are skipped altogether: their events are not training data either
-(EVAL.md is silent; no ML-100K user has fewer than 20).
+The data is read once, by the loaders `reasonrec load` uses (`server.loaders`): the split and the
+events `reasonrec eval` writes into its store come from that one reading, so they cannot disagree.
+An interaction is a consumption event (`trainer.corpus.INTERACTIONS`: click, like, purchase, or a
+rating whatever its value); impressions, skips and dislikes are ignored. Each user's interactions
+are stably sorted by timestamp, so events with the same timestamp keep their order in the source
+file. Users with fewer than 3 interactions are skipped altogether: their events are not training
+data either (EVAL.md is silent; no ML-100K user has fewer than 20).
 """
 
+import csv
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from server.loaders import Dataset, Format, LoadError
+from server.loaders.jsonl import read_jsonl
+from server.loaders.movielens import read_ml100k, read_ml_latest
+from server.schemas import FeedbackEvent, ItemUpsert, UserUpsert
+from trainer.corpus import INTERACTIONS
+
+
+class EvalFormat(StrEnum):
+    """The `Format`s that hold recorded interactions (synthetic data has no claim to check)."""
+
+    ml_100k = Format.ml_100k.value
+    ml_latest = Format.ml_latest.value
+    jsonl = Format.jsonl.value
+
+
+READERS: dict[EvalFormat, Callable[[Path], Dataset]] = {
+    EvalFormat.ml_100k: read_ml100k,
+    EvalFormat.ml_latest: read_ml_latest,
+    EvalFormat.jsonl: read_jsonl,
+}
+
 
 class Interaction(NamedTuple):
     user: str
     item: str
-    timestamp: int
+    timestamp: float
+    """Seconds since the epoch."""
 
 
 def id_order(value: str) -> tuple[int, int, str]:
@@ -69,20 +96,6 @@ class Split:
         return frozenset(self.history(user))
 
 
-def read_interactions(path: Path) -> list[Interaction]:
-    """The rows of an ML-100K `u.data` file (user, item, rating, timestamp), in file order."""
-    rows = []
-    with path.open(encoding="latin-1") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            fields = line.split("\t")
-            if len(fields) != 4:
-                raise ValueError(f"{path}:{number}: expected 4 tab-separated fields")
-            rows.append(Interaction(fields[0], fields[1], int(fields[3])))
-    return rows
-
-
 def split_interactions(
     interactions: Iterable[Interaction],
 ) -> tuple[dict[str, tuple[str, ...]], dict[str, str], dict[str, str]]:
@@ -98,22 +111,6 @@ def split_interactions(
         items = [row.item for row in sorted(rows, key=lambda row: row.timestamp)]
         train[user], validation[user], test[user] = tuple(items[:-2]), items[-2], items[-1]
     return train, validation, test
-
-
-def read_categories(folder: Path) -> dict[str, frozenset[str]]:
-    """Genre sets per item from ML-100K `u.item` and `u.genre` (Latin-1)."""
-    genre_lines = (folder / "u.genre").read_text(encoding="latin-1").splitlines()
-    genres = [line.split("|")[0] for line in genre_lines if line.strip()]
-    categories = {}
-    for line in (folder / "u.item").read_text(encoding="latin-1").splitlines():
-        if line.strip():
-            fields = line.split("|")
-            flags = fields[5 : 5 + len(genres)]
-            # not strict: a row cut short simply lacks the genres at its end
-            categories[fields[0]] = frozenset(
-                genre for genre, flag in zip(genres, flags, strict=False) if flag == "1"
-            )
-    return categories
 
 
 def build_split(
@@ -134,9 +131,111 @@ def build_split(
     )
 
 
-def load_split(folder: Path) -> Split:
-    """The split of an ML-100K folder (`u.data`, `u.item`, `u.genre`), named after the folder."""
-    return build_split(folder.name, read_interactions(folder / "u.data"), read_categories(folder))
+@dataclass(frozen=True)
+class EvalData:
+    """One reading of a data set: its split, and what the eval's store is loaded with."""
+
+    split: Split
+    items: list[ItemUpsert]
+    users: list[UserUpsert]
+    timelines: dict[str, list[FeedbackEvent]]
+    """Per user, the interaction events in the split's order (time, ties in file order)."""
+
+
+def read_eval_data(path: Path, fmt: EvalFormat = EvalFormat.ml_100k) -> EvalData:
+    """Read `path` once; raises `LoadError` saying what is wrong with missing or unusable data.
+
+    The split is named `FORMAT:NAME` (e.g. `ml-latest:ml-latest-small`) after what was read.
+    """
+    fmt = EvalFormat(fmt)  # a plain string names the same format
+    dataset, events = _read(path, fmt)
+    interactions = interaction_events(events)
+    _check_interactions(path, dataset.items, interactions)
+    categories = {item.item_id: frozenset(item.categories) for item in dataset.items}
+    rows = [_interaction(event) for event in interactions]
+    split = build_split(f"{fmt}:{path.resolve().name}", rows, categories)
+    if not split.test:
+        raise LoadError(f"{path}: no user has 3 or more interactions, nothing to evaluate")
+    return EvalData(split, dataset.items, dataset.users, timelines(interactions))
+
+
+def load_split(path: Path, fmt: EvalFormat = EvalFormat.ml_100k) -> Split:
+    return read_eval_data(path, fmt).split
+
+
+# what a loader's parser raises on a malformed row (jsonl reports its own, as LoadError)
+PARSE_ERRORS = (OSError, ValueError, KeyError, TypeError, csv.Error)
+
+
+def _read(path: Path, fmt: EvalFormat) -> tuple[Dataset, list[FeedbackEvent]]:
+    if fmt is not EvalFormat.jsonl and not path.is_dir():
+        raise LoadError(f"{path} is not a folder (--format {fmt} reads a folder of files)")
+    try:
+        dataset = READERS[fmt](path)
+    except PARSE_ERRORS as exc:
+        raise _unreadable(path, fmt, "items and users", exc) from exc
+    events: list[FeedbackEvent] = []
+    try:
+        events.extend(dataset.events)  # the MovieLens readers parse events lazily, here
+    except PARSE_ERRORS as exc:
+        raise _unreadable(path, fmt, f"event {len(events) + 1}", exc) from exc
+    return dataset, events
+
+
+def _unreadable(path: Path, fmt: EvalFormat, where: str, exc: Exception) -> LoadError:
+    """A message instead of a traceback: the loaders let their parsers' errors through."""
+    return LoadError(f"{path}: cannot read it as {fmt}: {where}: {type(exc).__name__}: {exc}")
+
+
+def interaction_events(events: Iterable[FeedbackEvent]) -> list[FeedbackEvent]:
+    """The consumption events in file order, each event id once (the store keeps the first)."""
+    seen: set[str] = set()
+    kept = []
+    for event in events:
+        if event.type not in INTERACTIONS or event.event_id in seen:
+            continue
+        kept.append(event)
+        if event.event_id:
+            seen.add(event.event_id)
+    return kept
+
+
+def _check_interactions(
+    path: Path, items: Sequence[ItemUpsert], events: Sequence[FeedbackEvent]
+) -> None:
+    """Refuse, before any store work, what the protocol or the store cannot take."""
+    if not items:
+        raise LoadError(f"{path}: no items, so no catalog to rank")
+    # the schema fills a missing timestamp with the load time, which is no order at all
+    if untimed := [e for e in events if "timestamp" not in e.model_fields_set]:
+        raise LoadError(
+            f"{path}: {len(untimed)} interaction(s) have no timestamp, e.g. user "
+            f"{untimed[0].user_id} -> item {untimed[0].item_id}; the split orders by time"
+        )
+    known = {item.item_id for item in items}
+    if unknown := [e for e in events if e.item_id not in known]:
+        raise LoadError(
+            f"{path}: {len(unknown)} interaction(s) name items that are not in the catalog, "
+            f"e.g. user {unknown[0].user_id} -> item {unknown[0].item_id}"
+        )
+
+
+def _moment(event: FeedbackEvent) -> float:
+    return event.timestamp.timestamp()
+
+
+def _interaction(event: FeedbackEvent) -> Interaction:
+    return Interaction(event.user_id, event.item_id, _moment(event))
+
+
+def timelines(events: Iterable[FeedbackEvent]) -> dict[str, list[FeedbackEvent]]:
+    """Each user's events sorted as `split_interactions` sorts them (stable, on the same key)."""
+    by_user: dict[str, list[FeedbackEvent]] = defaultdict(list)
+    for event in events:
+        by_user[event.user_id].append(event)
+    for user_events in by_user.values():
+        user_events.sort(key=_moment)
+    return dict(by_user)
 
 
 def sample_users(split: Split, n: int, seed: int) -> list[str]:

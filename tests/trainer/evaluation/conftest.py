@@ -1,4 +1,4 @@
-"""A tiny ML-100K-shaped folder written to tmp_path, so split rules can be checked by hand."""
+"""A tiny ML-100K folder written to tmp_path, so split rules can be checked by hand."""
 
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +22,8 @@ Rows = list[tuple[str, str, int, int]]  # user, item, rating, timestamp
 def write_folder(folder: Path, rows: Rows, items: dict[str, list[str]] = ITEMS) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in rows))
+    users = sorted({row[0] for row in rows}, key=int)
+    (folder / "u.user").write_text("".join(f"{u}|30|F|writer|10001\n" for u in users))
     (folder / "u.genre").write_text("".join(f"{g}|{n}\n" for n, g in enumerate(GENRES)) + "\n")
     lines = []
     for item, genres in items.items():

@@ -1,17 +1,10 @@
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from trainer.evaluation.split import (
-    Interaction,
-    Split,
-    build_split,
-    load_split,
-    read_interactions,
-    sample_users,
-)
+from server.loaders import LoadError
+from trainer.evaluation.split import Interaction, Split, build_split, load_split, sample_users
 
 # user 1: two events share timestamp 300; the file lists item 2 before item 4
 # user 2: only two events, skipped
@@ -69,7 +62,7 @@ class TestSplitRules:
         assert split.catalog == ("1", "2", "3", "4", "5", "6")  # 6 is never rated
         assert split.categories["3"] == {"Drama", "Comedy"}
         assert split.categories["5"] == frozenset()
-        assert split.dataset == "ml-tiny"
+        assert split.dataset == "ml-100k:ml-tiny"
 
     def test_catalog_sorts_ids_as_integers_and_adds_items_missing_from_u_item(self) -> None:
         rows = [Interaction("1", item, t) for t, item in enumerate(["10", "9", "x", "2"])]
@@ -77,11 +70,11 @@ class TestSplitRules:
         assert split.catalog == ("2", "9", "10", "x")
         assert split.categories["10"] == frozenset()
 
-    def test_a_malformed_line_is_reported_with_its_number(self, tmp_path: Path) -> None:
-        path = tmp_path / "u.data"
-        path.write_text("1\t2\t3\t4\n\n1\t2\t3\n")
-        with pytest.raises(ValueError, match=r"u\.data:3"):
-            read_interactions(path)
+    def test_a_malformed_rating_is_reported_with_its_position(self, make_folder: Callable) -> None:
+        folder = make_folder(ROWS)
+        (folder / "u.data").write_text("1\t2\t3\t4\n\n1\t2\t3\n")
+        with pytest.raises(LoadError, match=r"ml-tiny: cannot read it as ml-100k: event 2: "):
+            load_split(folder)
 
 
 def many_users(n: int = 50) -> Split:
