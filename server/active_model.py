@@ -72,6 +72,13 @@ def open_engine(settings: Settings, version: str, serving: Engine | None = None)
     it) shares its vLLM process: a runtime adapter swap, no model load. A remote server places
     versions itself (docker/serve_vllm.py): the gateway only checks the contract.
     """
+    manifest = Registry(settings.registry_path).manifest(version)
+    engine = _open(settings, version, serving)
+    engine.contract = manifest.contract
+    return engine
+
+
+def _open(settings: Settings, version: str, serving: Engine | None) -> Engine:
     if settings.engine_url:
         check_contract(Registry(settings.registry_path).manifest(version))
         return RemoteEngine(settings.engine_url, version, settings.engine_api_key)

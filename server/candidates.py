@@ -7,7 +7,7 @@ with the newest ones, so that new items get exposure.
 
 from collections.abc import Iterable
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from server.context import UserContext
 from server.item_index import ItemIndex
@@ -57,22 +57,31 @@ def _unique(pairs: Iterable[tuple[str, float]]) -> list[tuple[str, float]]:
     return [(i, s) for i, s in pairs if not (i in seen or seen.add(i))]
 
 
+class Query(BaseModel):
+    """What one request asks of retrieval."""
+
+    n: int = Field(description="Candidates wanted.")
+    history: int = Field(description="Most recent history items the index is queried with.")
+    exclude_seen: bool = True
+    categories: list[str] | None = None
+    exclude: frozenset[str] = Field(
+        frozenset(), description="Never these (offline evaluation: the held-out items)."
+    )
+
+
 async def retrieve(
-    store: Store,
-    index: ItemIndex | None,
-    context: UserContext,
-    n: int,
-    exclude_seen: bool,
-    categories: list[str] | None,
-    also_exclude: frozenset[str] = frozenset(),
+    store: Store, index: ItemIndex | None, context: UserContext, query: Query
 ) -> Candidates:
-    history_ids = [item_id for item_id, _ in context.history]
-    exclude = set(history_ids) | (context.seen if exclude_seen else set()) | also_exclude
-    hits = index.search(history_ids, n * OVERFETCH, exclude=exclude) if index else []
+    """Candidates for `context`; `history` holds the whole context history for the prompt."""
+    n = query.n
+    recent = [item_id for item_id, _ in context.history][-query.history :] if query.history else []
+    exclude = set(recent) | (context.seen if query.exclude_seen else set()) | query.exclude
+    hits = index.search(recent, n * OVERFETCH, exclude=exclude) if index else []
     cold = not hits
     ranked = candidate_order(hits, await store.popular(n * OVERFETCH), await store.newest(n))
-    history_items = await store.get_items(history_ids)
-    chosen = await _filtered(store, ranked, n, exclude, set(categories) if categories else None)
+    history_items = await store.get_items([item_id for item_id, _ in context.history])
+    categories = set(query.categories) if query.categories else None
+    chosen = await _filtered(store, ranked, n, exclude, categories)
     history = [(history_items[i], ts) for i, ts in context.history if i in history_items]
     return Candidates(items=chosen, history=history, cold_start=cold)
 

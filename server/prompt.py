@@ -2,21 +2,36 @@
 
 One module, used by the gateway, the trainer and the evaluator, so that a model is always asked
 the way it was taught. Changing anything a model can see bumps `CONTRACT_VERSION`; every model's
-manifest records the version it was trained on and the gateway refuses versions it does not speak.
+manifest records the version and the `Contract` (rendering, history length) it was trained on,
+and the gateway refuses versions it does not speak.
 
-Layout (stable instructions first, the user-specific part last, so vLLM's prefix cache reuses
-the shared part):
+Two renderings of the same `PromptInput`:
 
-    instructions · output format · user profile · recent history (oldest first, grouped by time
-    before the latest interaction) · candidates (`#id | title | categories | key attributes`)
+- `rich`, for pretrained LMs that read English (stable instructions first, the user-specific part
+  last, so vLLM's prefix cache reuses the shared part):
 
-Answer: ``<think>rationale</think><answer>#id, #id, …</answer>``. Items are written as ``#`` and
-their id everywhere, so that no tokenizer confuses an item with a number in a title or a profile.
+      instructions · output format · user profile · recent history (oldest first, grouped by time
+      before the latest interaction) · candidates (`#id | title | categories | key attributes`)
+
+- `compact`, for the embedded model whose tokenizer the bootstrap trains (every item is one
+  token): a line of profile attributes, then the history as item references, oldest first:
+
+      age=24 gender=F
+      #12, #7, #301
+
+  No candidates: the serving grammar restricts the answer to them, and a model pretrained on item
+  sequences picks the next item best from the history alone (candidates in the input measured
+  worse). A history of 50 items is about 160 tokens.
+
+Answer, both renderings: ``<think>rationale</think><answer>#id, #id, …</answer>``. Items are
+written as ``#`` and their id everywhere, so that no tokenizer confuses an item with a number in a
+title or a profile, and the list separator is the same in the history and in the answer.
 """
 
 import re
 from collections.abc import Sequence
 from datetime import datetime
+from enum import StrEnum
 
 from pydantic import BaseModel, Field
 
@@ -24,6 +39,7 @@ from reward_rules.answer import Answer
 
 CONTRACT_VERSION = "1"
 SUPPORTED_CONTRACTS = frozenset({CONTRACT_VERSION})
+SEPARATOR = ", "  # between item references, in a compact history and in every answer
 
 ITEM_MARK = "#"
 MAX_RATIONALE_CHARS = 300
@@ -43,6 +59,19 @@ OUTPUT_FORMAT = (
 # No '<' or '>' inside either part: a stray or repeated tag makes the answer malformed.
 _ANSWER = re.compile(r"^\s*<think>([^<>]*)</think>\s*<answer>([^<>]*)</answer>\s*$")
 MAX_TEXT_CHARS = 120
+
+
+class Rendering(StrEnum):
+    rich = "rich"
+    compact = "compact"
+
+
+class Contract(BaseModel):
+    """How a model reads its prompts; recorded in its manifest, followed by whoever prompts it."""
+
+    version: str = CONTRACT_VERSION
+    rendering: Rendering = Rendering.rich
+    history: int = Field(20, ge=0, description="Most recent history items in the prompt.")
 
 
 class ItemView(BaseModel):
@@ -108,7 +137,43 @@ def _history_lines(history: Sequence[HistoryView]) -> list[str]:
     return lines
 
 
-def build_prompt(data: PromptInput) -> str:
+# Profile values in a compact prompt: a few short words each, so that one attribute cannot crowd
+# out the history.
+COMPACT_PROFILE_ATTRIBUTES = 6
+COMPACT_VALUE_CHARS = 16
+
+
+_NOT_A_WORD = re.compile(r"[\s#<>=]+")  # no item reference, tag or second '=' from a value
+
+
+def _word(value: object, limit: int) -> str:
+    return _NOT_A_WORD.sub("_", str(value).strip())[:limit]
+
+
+def compact_profile(profile: dict) -> str:
+    pairs = sorted(profile.items())[:COMPACT_PROFILE_ATTRIBUTES]
+    return " ".join(
+        f"{_word(key, COMPACT_VALUE_CHARS)}={_word(value, COMPACT_VALUE_CHARS)}"
+        for key, value in pairs
+    )
+
+
+def compact_history(item_ids: Sequence[str]) -> str:
+    return SEPARATOR.join(ref(item_id) for item_id in item_ids)
+
+
+def _compact_prompt(data: PromptInput) -> str:
+    history = compact_history([entry.item.item_id for entry in data.history])
+    return f"{compact_profile(data.profile)}\n{history}\n"
+
+
+def build_prompt(data: PromptInput, rendering: Rendering = Rendering.rich) -> str:
+    if rendering is Rendering.compact:
+        return _compact_prompt(data)
+    return _rich_prompt(data)
+
+
+def _rich_prompt(data: PromptInput) -> str:
     k = min(data.k, len(data.candidates))
     lines = [INSTRUCTIONS, OUTPUT_FORMAT.format(k=k), "", _profile_line(data.profile)]
     lines += _history_lines(data.history)
@@ -121,7 +186,7 @@ def build_prompt(data: PromptInput) -> str:
 def render_answer(rationale: str, item_ids: Sequence[str]) -> str:
     """The text a model should produce (SFT targets are written with it)."""
     clean = re.sub(r"[<>]", "", rationale)[:MAX_RATIONALE_CHARS]
-    return f"<think>{clean}</think><answer>{', '.join(ref(i) for i in item_ids)}</answer>"
+    return f"<think>{clean}</think><answer>{compact_history(item_ids)}</answer>"
 
 
 def answer_pattern(candidate_ids: Sequence[str], k: int) -> str:
@@ -134,7 +199,7 @@ def answer_pattern(candidate_ids: Sequence[str], k: int) -> str:
     # '#' needs no escape, and xgrammar warns on every '\#' that re.escape would write.
     choice = "(" + "|".join(ITEM_MARK + re.escape(item_id) for item_id in candidate_ids) + ")"
     think = f"<think>[^<>]{{0,{MAX_RATIONALE_CHARS}}}</think>"
-    more = f"(, {choice}){{{count - 1}}}" if count > 1 else ""
+    more = f"({SEPARATOR}{choice}){{{count - 1}}}" if count > 1 else ""
     return f"{think}<answer>{choice}{more}</answer>"
 
 

@@ -15,13 +15,14 @@ from datetime import UTC, datetime
 
 from reward_rules.answer import Answer
 from server import metrics
-from server.candidates import Candidate, Candidates, retrieve
+from server.candidates import Candidate, Candidates, Query, retrieve
 from server.config import Settings
 from server.context import UserContext, load_context
 from server.engine import Engine, EngineError, GenerationRequest
 from server.item_index import ItemIndex
 from server.policy import enforce, read_policy
 from server.prompt import (
+    Contract,
     HistoryView,
     ItemView,
     PromptInput,
@@ -62,13 +63,15 @@ def item_view(item: Item) -> ItemView:
     )
 
 
-def prompt_input(context: UserContext, found: Candidates, k: int) -> PromptInput:
-    history = [
+def prompt_input(found: Candidates, profile: dict, k: int, history: int) -> PromptInput:
+    """What the prompt shows: the profile, the last `history` items, the candidates."""
+    shown = found.history[-history:] if history else []
+    history_views = [
         HistoryView(item=item_view(item), timestamp=datetime.fromtimestamp(ts, UTC))
-        for item, ts in found.history
+        for item, ts in shown
     ]
     candidates = [item_view(candidate.item) for candidate in found.items]
-    return PromptInput(profile=context.profile, history=history, candidates=candidates, k=k)
+    return PromptInput(profile=profile, history=history_views, candidates=candidates, k=k)
 
 
 def repair(answer: Answer, retrieval_order: list[str], k: int) -> tuple[list[str], bool]:
@@ -116,10 +119,12 @@ class Recommender:
     ) -> RecommendResponse:
         """`exclude`: items never to recommend beyond the usual filters (offline evaluation)."""
         started = time.perf_counter()
-        context, found = await self._candidates(request, index, exclude)
+        contract = engine.contract if engine else Contract()
+        context, found = await self._candidates(request, index, exclude, contract.history)
         by_id = {candidate.item.item_id: candidate for candidate in found.items}
         order = list(by_id)
-        prompt = build_prompt(prompt_input(context, found, request.k)) if order else ""
+        data = prompt_input(found, context.profile, request.k, contract.history)
+        prompt = build_prompt(data, contract.rendering) if order else ""
         outcome = await self._rank(prompt, order, request, request_id, engine)
         items = {item_id: candidate.item for item_id, candidate in by_id.items()}
         outcome.ids = enforce(self.policy, outcome.ids, order, items, request.k) if order else []
@@ -133,23 +138,32 @@ class Recommender:
             degraded=outcome.source is Source.fallback,
             latency_ms=round((time.perf_counter() - started) * 1000, 2),
         )
-        await self._log_impression(response, prompt, order, outcome)
+        await self._log_impression(response, prompt, contract, order, outcome)
         metrics.RECOMMENDATIONS.labels(response.source.value, response.model_version or "").inc()
         return response
 
     async def _candidates(
-        self, request: RecommendRequest, index: ItemIndex | None, exclude: frozenset[str]
+        self,
+        request: RecommendRequest,
+        index: ItemIndex | None,
+        exclude: frozenset[str],
+        prompt_history: int,
     ) -> tuple[UserContext, Candidates]:
+        """Retrieval queries with the configured history; the prompt may show a longer one."""
+        query = self.settings.prompt_history
         with metrics.CANDIDATES_SECONDS.time():
-            context = await load_context(self.store, request.user_id, self.settings.prompt_history)
+            context = await load_context(self.store, request.user_id, max(query, prompt_history))
             found = await retrieve(
                 self.store,
                 index,
                 context,
-                self.settings.candidates,
-                request.exclude_seen,
-                request.categories,
-                exclude,
+                Query(
+                    n=self.settings.candidates,
+                    history=query,
+                    exclude_seen=request.exclude_seen,
+                    categories=request.categories,
+                    exclude=exclude,
+                ),
             )
         return context, found
 
@@ -192,7 +206,12 @@ class Recommender:
         return Outcome(ids, answer.rationale, Source.llm, raw=result.text)
 
     async def _log_impression(
-        self, response: RecommendResponse, prompt: str, order: list[str], outcome: Outcome
+        self,
+        response: RecommendResponse,
+        prompt: str,
+        contract: Contract,
+        order: list[str],
+        outcome: Outcome,
     ) -> None:
         """Everything needed to join later feedback to exactly what was shown, and to train on."""
         entry = {
@@ -206,6 +225,7 @@ class Recommender:
             "items": json.dumps([item.item_id for item in response.items]),
             "candidates": json.dumps(order),
             "prompt": prompt,
+            "rendering": contract.rendering.value,
             "output": outcome.raw,
         }
         await self.store.log_impression(

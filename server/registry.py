@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from server.prompt import CONTRACT_VERSION, SUPPORTED_CONTRACTS
+from server.prompt import CONTRACT_VERSION, SUPPORTED_CONTRACTS, Contract, Rendering
 
 MANIFEST = "manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -29,6 +29,10 @@ class Manifest(BaseModel):
     parent: str | None = None
     kind: Literal["full", "lora"] = "full"
     contract_version: str = CONTRACT_VERSION
+    rendering: Rendering = Field(
+        Rendering.rich, description="How its prompts are written (registered models: rich)."
+    )
+    prompt_history: int = Field(20, ge=0, description="History items its prompts show.")
     base_model: str | None = Field(None, description="For LoRA: the version it adapts.")
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     trained_on: str | None = Field(
@@ -42,6 +46,12 @@ class Manifest(BaseModel):
     )
     metrics: dict[str, float] = Field(default_factory=dict)
     index_version: str | None = None
+
+    @property
+    def contract(self) -> Contract:
+        return Contract(
+            version=self.contract_version, rendering=self.rendering, history=self.prompt_history
+        )
 
 
 class RegistryError(Exception):

@@ -1,7 +1,9 @@
 """`reasonrec bootstrap`: the embedded model, from the store's data to an active registry version.
 
-Stages, as RecLLM-R1 trains: candidate index -> examples -> tokenizer -> model -> SFT -> GRPO ->
-validation -> atomic publish. Each stage logs and shows progress.
+Stages: candidate index -> examples -> tokenizer -> model -> item-sequence pretraining (compact
+rendering) -> SFT -> GRPO (as RecLLM-R1 trains) -> validation -> atomic publish -> activation,
+only for a model that ranks at least as well as the retrieval order it reranks (the gate). Each
+stage logs and shows progress; the manifest records what each stage scored.
 """
 
 import logging
@@ -10,14 +12,14 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from reward_rules.metrics import ndcg_at_k
 from reward_rules.policy import Policy, build_terms, catalog_facts
 from server.config import Settings
 from server.item_index import ItemIndex, publish
 from server.policy import read_policy
-from server.prompt import parse_answer
+from server.prompt import Contract, parse_answer
 from server.recommend import repair
 from server.registry import Manifest, Registry, new_version
 from server.store import Store
@@ -28,6 +30,7 @@ from trainer.examples import Example
 from trainer.grpo import run_grpo
 from trainer.model import build_model, parameter_count, seed_item_embeddings
 from trainer.presets import PRESETS, Preset
+from trainer.pretrain import first_pick_ndcg, pretrain
 from trainer.sft import run_sft
 from trainer.tokenizer import train_tokenizer
 
@@ -39,8 +42,33 @@ class BootstrapResult(BaseModel):
     path: Path
     index_version: str
     activated: bool
+    gate: str = Field(description="Why the version was or was not activated, in a sentence.")
     metrics: dict[str, float]
     seconds: float
+
+
+def beats_retrieval(metrics: dict[str, float]) -> bool:
+    """The gate: a model must rank its validation users at least as well as the retrieval order."""
+    return metrics.get("ndcg@10", 0.0) >= metrics.get("retrieval_ndcg@10", 0.0)
+
+
+def activation(metrics: dict[str, float], other_active: bool, force: bool) -> tuple[bool, str]:
+    """Whether a new version becomes active, and why, in a sentence for the operator."""
+    ours, theirs = metrics.get("ndcg@10", 0.0), metrics.get("retrieval_ndcg@10", 0.0)
+    beats = beats_retrieval(metrics)
+    verdict = "ranks at least as well as" if beats else "ranks WORSE than"
+    said = (
+        f"the model {verdict} the retrieval order on {int(metrics.get('validation_users', 0))} "
+        f"validation users (NDCG@10 {ours:.4f} vs {theirs:.4f})"
+    )
+    if other_active:
+        return False, f"{said}; another version is active, so this one was not activated"
+    if beats or force:
+        return True, f"{said}; activated" + ("" if beats else " (forced)")
+    return (
+        False,
+        f"{said}; NOT activated: the gateway serves the retrieval order (--force overrides)",
+    )
 
 
 def build_index(corpus: Corpus, settings: Settings, dim: int, seed: int = 0) -> ItemIndex:
@@ -94,6 +122,7 @@ def validate(model, tokenizer, examples: list[Example]) -> dict[str, float]:
 def _examples(
     corpus: Corpus, index: ItemIndex, shape: Shape, preset: Preset, seed: int
 ) -> Examples:
+    """SFT examples at sampled positions, and each validation user's last interaction."""
     builder = ExampleBuilder(corpus, index, shape)
     train = list(builder.sample(preset.sft_examples, seed))
     validation = builder.validation(preset.validation_users, seed)
@@ -109,8 +138,10 @@ def train_model(
     examples: Examples,
     preset: Preset,
     policy: Policy,
+    shape: Shape,
     seed: int,
 ):
+    """Every training stage; returns the model, its tokenizer and what each stage scored."""
     tokenizer = train_tokenizer(
         _texts(corpus, examples.train), list(corpus.items), preset.vocab_size
     )
@@ -118,13 +149,24 @@ def train_model(
     vectors = {item_id: index.vector(item_id) for item_id in index.item_ids}
     seeded = seed_item_embeddings(model, tokenizer, vectors, seed=seed)
     log.info("model built", extra={"parameters": parameter_count(model), "seeded_items": seeded})
+    stages: dict[str, float] = {}
+    if preset.pretrain is not None:
+        pretrained = pretrain(model, tokenizer, corpus, preset.pretrain, shape.contract.history)
+        stages["pretrain_seconds"] = pretrained.seconds
+        stages["pretrain_ndcg@10"] = first_pick_ndcg(model, tokenizer, examples.validation)
     model = run_sft(model, tokenizer, examples.train, preset.sft)
+    stages["sft_ndcg@10"] = validate(model, tokenizer, examples.validation)["ndcg@10"]
     grpo_examples = examples.train[: preset.grpo_examples]
     with tempfile.TemporaryDirectory(prefix="reasonrec-grpo-") as scratch:
         facts = catalog_facts(corpus.items.values(), policy)
         terms = build_terms(policy, facts, corpus.popularity)
         model = run_grpo(model, tokenizer, grpo_examples, terms, preset.grpo, Path(scratch))
-    return model, tokenizer
+    return model, tokenizer, stages
+
+
+def contract(preset: Preset, settings: Settings) -> Contract:
+    history = settings.prompt_history if preset.prompt_history is None else preset.prompt_history
+    return Contract(rendering=preset.rendering, history=history)
 
 
 async def bootstrap(
@@ -133,16 +175,23 @@ async def bootstrap(
     preset_name: str = "default",
     seed: int = 0,
     trained_on: str | None = None,
+    force: bool = False,
 ) -> BootstrapResult:
+    """Train and publish a version; activate it when no version is active and it passes the gate
+    (or `force`)."""
     started = time.perf_counter()
     preset = PRESETS[preset_name]
     corpus = await read_corpus(store)
     index = build_index(corpus, settings, preset.index_dim, seed)
-    shape = Shape(candidates=settings.candidates, history=settings.prompt_history)
+    shape = Shape(
+        candidates=settings.candidates,
+        history=settings.prompt_history,
+        contract=contract(preset, settings),
+    )
     examples = _examples(corpus, index, shape, preset, seed)
     policy = read_policy(settings.policy_file)
-    model, tokenizer = train_model(corpus, index, examples, preset, policy, seed)
-    metrics = validate(model, tokenizer, examples.validation)
+    model, tokenizer, stages = train_model(corpus, index, examples, preset, policy, shape, seed)
+    metrics = stages | validate(model, tokenizer, examples.validation)
     registry = Registry(settings.registry_path)
     staging = registry.staging()
     model.save_pretrained(staging)
@@ -150,16 +199,18 @@ async def bootstrap(
     manifest = Manifest(
         version=new_version(),
         trained_on=trained_on,
+        rendering=shape.contract.rendering,
+        prompt_history=shape.contract.history,
         training={
-            "method": "sft+grpo",
+            "method": "pretrain+sft+grpo" if preset.pretrain else "sft+grpo",
             "preset": preset_name,
             "seed": seed,
             "parameters": parameter_count(model),
             "candidates": shape.candidates,
-            "prompt_history": shape.history,
+            "retrieval_history": shape.history,
             "sft_examples": len(examples.train),
             "grpo_examples": min(len(examples.train), preset.grpo_examples),
-            **preset.model_dump(include={"sft", "grpo"}),
+            **preset.model_dump(include={"pretrain", "sft", "grpo"}),
         },
         data_window=corpus.window(),
         reward_weights=policy.weights,
@@ -168,15 +219,16 @@ async def bootstrap(
         index_version=index.version,
     )
     path = registry.publish(staging, manifest)
-    activated = await store.active_model() is None
+    activated, gate = activation(metrics, await store.active_model() is not None, force)
     if activated:
         await store.set_active_model(manifest.version)
-    log.info("bootstrap published", extra={"version": manifest.version, "activated": activated})
+    log.info("bootstrap published", extra={"version": manifest.version, "gate": gate})
     return BootstrapResult(
         version=manifest.version,
         path=path,
         index_version=index.version,
         activated=activated,
+        gate=gate,
         metrics=metrics,
         seconds=round(time.perf_counter() - started, 1),
     )

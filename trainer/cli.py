@@ -49,11 +49,13 @@ def _check_preset(preset: str) -> None:
         raise typer.BadParameter(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
 
 
-async def _bootstrap(settings: Settings, preset: str, seed: int) -> "BootstrapResult":
+async def _bootstrap(
+    settings: Settings, preset: str, seed: int, force: bool = False
+) -> "BootstrapResult":
     from trainer.bootstrap import bootstrap  # torch, TRL: loaded only by commands that train
 
     async with open_store(settings) as store:
-        return await bootstrap(settings, store, preset, seed=seed)
+        return await bootstrap(settings, store, preset, seed=seed, force=force)
 
 
 async def _rebuild_index(settings: Settings, dim: int) -> str:
@@ -74,28 +76,40 @@ def index_command(dim: Annotated[int, typer.Option(min=2, help="Item vector size
 
 
 @app.command("bootstrap")
-def bootstrap_command(preset: PresetOption = "default", seed: Annotated[int, typer.Option()] = 0):
-    """Train the embedded model (index, tokenizer, SFT, GRPO) on the store's data and publish it."""
+def bootstrap_command(
+    preset: PresetOption = "default",
+    seed: Annotated[int, typer.Option()] = 0,
+    force: Annotated[
+        bool, typer.Option(help="Activate even a model that ranks worse than the retrieval order.")
+    ] = False,
+):
+    """Train the embedded model (index, tokenizer, pretraining, SFT, GRPO) on the store's data,
+    publish it, and activate it if none is active and it beats the retrieval order."""
     _check_preset(preset)
     settings = settings_from_env()
-    result = asyncio.run(_bootstrap(settings, preset, seed))
+    result = asyncio.run(_bootstrap(settings, preset, seed, force))
+    console.print(f"[bold]{result.gate}[/bold]", highlight=False)
     typer.echo(result.model_dump_json(indent=2))
 
 
 EXIT_REJECTED, EXIT_SKIPPED, EXIT_BUSY = 3, 4, 5
 
 
-async def _refresh(settings: Settings) -> "RefreshResult":
+async def _refresh(settings: Settings, force: bool) -> "RefreshResult":
     from trainer.refresh import refresh_once  # torch, TRL: loaded only by commands that train
 
     async with open_store(settings) as store:
-        return await refresh_once(settings, store)
+        return await refresh_once(settings, store, force=force)
 
 
 @app.command("train")
 def train_command(
     once: Annotated[
         bool, typer.Option("--once", help="One refresh, then exit (required).")
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(help="Publish a candidate even if it ranks worse than the retrieval order."),
     ] = False,
 ) -> None:
     """The offline retrain job: logged feedback -> GRPO from the active model -> gate -> publish.
@@ -109,7 +123,7 @@ def train_command(
     from trainer.refresh import RefreshBusy
 
     try:
-        result = asyncio.run(_refresh(settings_from_env()))
+        result = asyncio.run(_refresh(settings_from_env(), force))
     except RefreshBusy as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(EXIT_BUSY) from exc
@@ -181,10 +195,16 @@ def activate_model(version: Annotated[str, typer.Argument()]) -> None:
 
 
 async def _ensure_model(settings: Settings, preset: str) -> "BootstrapResult | None":
+    """Bootstrap unless a version is active or one was trained before (a version the gate kept
+    from activation is not retrained at every start: `reasonrec models activate` serves it)."""
+    registry = Registry(settings.registry_path)
     async with open_store(settings) as store:
         version = await store.active_model()
-        if version and (Registry(settings.registry_path).path(version)).is_dir():
+        if version and registry.path(version).is_dir():
             return None
+    if registry.versions():
+        console.print("no active model: serving the retrieval order (see `reasonrec models list`)")
+        return None
     return await _bootstrap(settings, preset, seed=0)
 
 
@@ -214,6 +234,7 @@ def demo(
     trained = asyncio.run(_ensure_model(settings, preset))
     if trained:
         console.print(f"bootstrapped model {trained.version} in {trained.seconds:.0f}s")
+        console.print(trained.gate, highlight=False)
     user = next(iter(dataset.users)).user_id
     # Plain stdout, no wrapping: the curl lines must paste as they are.
     typer.echo(_demo_instructions(settings, user))

@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from server.candidates import OVERFETCH, allowed, candidate_order
 from server.item_index import ItemIndex
-from server.prompt import HistoryView, PromptInput
+from server.prompt import Contract, HistoryView, PromptInput
 from server.recommend import item_view
 from trainer.corpus import Corpus
 from trainer.examples import Example, build_example
@@ -24,8 +24,9 @@ class Shape(BaseModel):
     """How examples are cut: the same numbers the gateway is configured with."""
 
     candidates: int
-    history: int
+    history: int = Field(description="History items retrieval is queried with.")
     k: int = 10
+    contract: Contract = Field(default_factory=Contract, description="How prompts are written.")
 
 
 class Examples(BaseModel):
@@ -68,7 +69,8 @@ class ExampleBuilder:
         if not set(positives) & set(candidates):
             return None
         items = self.corpus.items
-        shown = seq[:t][-self.shape.history :] if self.shape.history else []
+        contract = self.shape.contract
+        shown = seq[:t][-contract.history :] if contract.history else []
         data = PromptInput(
             profile=self.corpus.profiles.get(user_id, {}),
             history=[
@@ -78,7 +80,7 @@ class ExampleBuilder:
             candidates=[item_view(items[i]) for i in candidates],
             k=self.shape.k,
         )
-        return build_example(user_id, data, positives, self.popularity)
+        return build_example(user_id, data, positives, self.popularity, contract.rendering)
 
     def sample(self, count: int, seed: int) -> Iterator[Example]:
         rng = np.random.default_rng(seed)

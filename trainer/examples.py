@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 from pydantic import BaseModel, Field
 
-from server.prompt import ItemView, PromptInput, build_prompt, render_answer
+from server.prompt import ItemView, PromptInput, Rendering, build_prompt, render_answer
 
 MAX_RATIONALE_CHARS = 200
 RECENT = 5  # how much of the history the rationale talks about (newest last)
@@ -126,20 +126,47 @@ def sft_target(
     return render_answer(rationale, [item.item_id for item in picked])
 
 
+def compact_target(history: list[ItemView], positives: Sequence[str], k: int) -> str:
+    """The compact rendering's SFT completion: the history's main categories, then the user's
+    real next k items.
+
+    The rationale depends on the history alone, so the first answer token is where the model
+    chooses, exactly the next-item choice that pretraining taught.
+    """
+    shown = {item.item_id for item in history}
+    nexts = [item for item in dict.fromkeys(positives) if item not in shown][:k]
+    interests = _interests(history[-RECENT:])
+    if not history:
+        rationale = "New user: popular picks."
+    elif interests:
+        rationale = "Recently into " + " and ".join(interests) + "."
+    else:
+        rationale = "Like the recent history."
+    return render_answer(rationale, nexts)
+
+
 def build_example(
-    user_id: str, data: PromptInput, positives: Sequence[str], popularity: Mapping[str, int]
+    user_id: str,
+    data: PromptInput,
+    positives: Sequence[str],
+    popularity: Mapping[str, int],
+    rendering: Rendering = Rendering.rich,
 ) -> Example:
     """An example for one prompt: the served prompt, its reward columns and its SFT target."""
     if not data.candidates:
         raise ValueError(f"user {user_id}: an example needs at least one candidate")
     candidates = [item.item_id for item in data.candidates]
     k = min(data.k, len(candidates))  # what the prompt asks for (build_prompt caps it the same)
-    by_id = {item.item_id: item for item in data.candidates}
-    picked = [by_id[item_id] for item_id in target_items(candidates, positives, k)]
-    target = sft_target([entry.item for entry in data.history], picked, popularity)
+    history = [entry.item for entry in data.history]
+    if rendering is Rendering.compact:
+        target = compact_target(history, positives, k)
+    else:
+        by_id = {item.item_id: item for item in data.candidates}
+        picked = [by_id[item_id] for item_id in target_items(candidates, positives, k)]
+        target = sft_target(history, picked, popularity)
     return Example(
         user_id=user_id,
-        prompt=build_prompt(data),
+        prompt=build_prompt(data, rendering),
         candidates=candidates,
         positives=list(positives),
         k=k,

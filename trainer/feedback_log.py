@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from server.prompt import Rendering
 from server.schemas import EventType, is_positive
 from server.store import Store
 
@@ -42,6 +43,7 @@ class LoggedExample(BaseModel):
     model_version: str
     ts: float
     prompt: str
+    rendering: Rendering = Field(Rendering.rich, description="How `prompt` was written.")
     candidates: list[str]
     shown: list[str]
     k: int = Field(ge=1)
@@ -161,6 +163,7 @@ def _example(fields: dict[str, str]) -> LoggedExample:
         model_version=fields.get("model_version", ""),
         ts=float(fields["ts"]),
         prompt=fields.get("prompt", ""),
+        rendering=fields.get("rendering") or Rendering.rich,  # logged before renderings: rich
         candidates=json.loads(fields.get("candidates") or "[]"),
         shown=json.loads(fields.get("items") or "[]"),
         k=max(int(fields.get("k") or 1), 1),

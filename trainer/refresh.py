@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from peft import PeftModel
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -31,11 +31,11 @@ from server.active_model import refreshed_with_lora
 from server.config import Settings
 from server.item_index import load_current
 from server.policy import read_policy
-from server.prompt import render_answer
+from server.prompt import Contract, Rendering, render_answer
 from server.registry import Manifest, Registry, base_version, new_version
 from server.store import Store
 from trainer import metrics
-from trainer.bootstrap import validate
+from trainer.bootstrap import beats_retrieval, validate
 from trainer.corpus import Corpus, read_corpus
 from trainer.dataset import ExampleBuilder, Shape
 from trainer.examples import Example, target_items
@@ -67,6 +67,11 @@ class Gate(BaseModel):
     candidate: dict[str, float]
     ndcg_tolerance: float
     invalid_tolerance: float
+    beats_retrieval: bool = Field(
+        description="The candidate ranks the held-out lists at least as well as their retrieval "
+        "order; required to publish unless forced."
+    )
+    forced: bool = False
     passed: bool
 
 
@@ -121,22 +126,28 @@ def _as_example(logged: LoggedExample) -> Example:
     )
 
 
-def fresh_examples(corpus: Corpus, settings: Settings) -> list[Example]:
-    """Recent histories as the gateway would prompt them today, with the current index. They add
-    what users did without a logged list (organic feedback); logged lists keep their own
-    prompts, as served."""
+def fresh_examples(corpus: Corpus, settings: Settings, contract: Contract) -> list[Example]:
+    """Recent histories as the gateway would prompt them today for the active version, with the
+    current index. They add what users did without a logged list (organic feedback); logged
+    lists keep their own prompts, as served."""
     index = load_current(settings.data_dir)
     if index is None or not settings.refresh_fresh_examples:
         return []
-    shape = Shape(candidates=settings.candidates, history=settings.prompt_history)
+    shape = Shape(
+        candidates=settings.candidates, history=settings.prompt_history, contract=contract
+    )
     return ExampleBuilder(corpus, index, shape).fresh(settings.refresh_fresh_examples)
 
 
 def split_logged(
-    logged: list[LoggedExample], holdout: float
+    logged: list[LoggedExample], holdout: float, rendering: Rendering
 ) -> tuple[list[Example], list[Example]]:
-    """Lists with a positive among their candidates, oldest first; the newest share held out."""
-    usable = sorted((e for e in logged if set(e.positives) & set(e.candidates)), key=lambda e: e.ts)
+    """Lists with a positive among their candidates whose prompt was written in `rendering`,
+    oldest first; the newest share held out."""
+    usable = sorted(
+        (e for e in logged if set(e.positives) & set(e.candidates) and e.rendering == rendering),
+        key=lambda e: e.ts,
+    )
     cut = len(usable) - max(1, round(holdout * len(usable)))
     examples = [_as_example(e) for e in usable]
     return examples[:cut], examples[cut:]
@@ -159,10 +170,14 @@ def read_training(output_dir: Path) -> Training:
     return Training(reward_mean=sum(rewards) / len(rewards) if rewards else None, learned=learned)
 
 
-async def refresh_once(settings: Settings, store: Store, progress: bool = True) -> RefreshResult:
+async def refresh_once(
+    settings: Settings, store: Store, progress: bool = True, force: bool = False
+) -> RefreshResult:
+    """`force`: publish a candidate that ranks worse than the retrieval order (the gate against
+    the active version still applies)."""
     started = time.perf_counter()
     async with refresh_lock(store):
-        result = await _refresh(settings, store, progress)
+        result = await _refresh(settings, store, progress, force)
     result.seconds = round(time.perf_counter() - started, 1)
     metrics.RUNS.labels(result.outcome).inc()
     if result.outcome == "published":
@@ -171,7 +186,7 @@ async def refresh_once(settings: Settings, store: Store, progress: bool = True) 
     return result
 
 
-async def _refresh(settings: Settings, store: Store, progress: bool) -> RefreshResult:
+async def _refresh(settings: Settings, store: Store, progress: bool, force: bool) -> RefreshResult:
     feedback = FeedbackLog(store, trainer_dir(settings))
     consumed = await feedback.consume()
     parent = await store.active_model()
@@ -179,16 +194,21 @@ async def _refresh(settings: Settings, store: Store, progress: bool) -> RefreshR
         return RefreshResult(
             outcome="skipped", reason="no active model", parent=None, consumed=consumed
         )
-    train, holdout = split_logged(list(feedback.read().values()), settings.gate_holdout)
-    if len(train) + len(holdout) < MIN_EXAMPLES:
-        reason = f"{len(train) + len(holdout)} logged lists with a positive, {MIN_EXAMPLES} needed"
-        return RefreshResult(outcome="skipped", reason=reason, parent=parent, consumed=consumed)
     registry = Registry(settings.registry_path)
     manifest = registry.manifest(parent)
+    logged = list(feedback.read().values())
+    train, holdout = split_logged(logged, settings.gate_holdout, manifest.rendering)
+    if len(train) + len(holdout) < MIN_EXAMPLES:
+        reason = (
+            f"{len(train) + len(holdout)} logged lists with a positive and a "
+            f"{manifest.rendering.value} prompt, {MIN_EXAMPLES} needed"
+        )
+        return RefreshResult(outcome="skipped", reason=reason, parent=parent, consumed=consumed)
     policy = read_policy(settings.policy_file)
     corpus = await read_corpus(store)
     terms = build_terms(policy, catalog_facts(corpus.items.values(), policy), corpus.popularity)
-    fresh = await asyncio.to_thread(fresh_examples, corpus, settings)  # index load, searches
+    # index load, searches
+    fresh = await asyncio.to_thread(fresh_examples, corpus, settings, manifest.contract)
     grpo = GrpoSettings(
         max_steps=settings.refresh_grpo_steps,
         max_completion_length=settings.max_answer_tokens,
@@ -196,7 +216,7 @@ async def _refresh(settings: Settings, store: Store, progress: bool) -> RefreshR
     )
     # In a thread: the event loop must stay free to renew the lock while the model trains.
     candidate, tokenizer, training, gate = await asyncio.to_thread(
-        _train_and_gate, registry, manifest, train + fresh, holdout, terms, grpo, settings
+        _train_and_gate, registry, manifest, train + fresh, holdout, terms, grpo, settings, force
     )
     _record(gate, training.reward_mean)
     result = RefreshResult(
@@ -215,6 +235,9 @@ async def _refresh(settings: Settings, store: Store, progress: bool) -> RefreshR
         reason = "no reward signal: every group's completions scored the same"
         return result.model_copy(update={"outcome": "skipped", "reason": reason})
     if not gate.passed:
+        if not gate.beats_retrieval:
+            reason = "gate failed: the candidate ranks worse than the retrieval order"
+            return result.model_copy(update={"reason": reason})
         return result
     version = _publish(
         registry, manifest, candidate, tokenizer, policy.model_dump(mode="json"), result
@@ -244,6 +267,7 @@ def _train_and_gate(
     terms: list,
     grpo: GrpoSettings,
     settings: Settings,
+    force: bool = False,
 ) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase, Training, Gate | None]:
     """GRPO from the parent's weights; both models answer the held-out lists for the gate.
 
@@ -266,7 +290,10 @@ def _train_and_gate(
     if not training.learned:
         return candidate, tokenizer, training, None
     gate = _gate(
-        validate(active, tokenizer, holdout), validate(candidate, tokenizer, holdout), settings
+        validate(active, tokenizer, holdout),
+        validate(candidate, tokenizer, holdout),
+        settings,
+        force,
     )
     return candidate, tokenizer, training, gate
 
@@ -275,16 +302,24 @@ def lora_rank(model: PreTrainedModel | PeftModel) -> int | None:
     return model.peft_config["default"].r if isinstance(model, PeftModel) else None
 
 
-def _gate(active: dict[str, float], candidate: dict[str, float], settings: Settings) -> Gate:
+def _gate(
+    active: dict[str, float], candidate: dict[str, float], settings: Settings, force: bool = False
+) -> Gate:
+    """No worse than the active version (within tolerances) and, unless forced, no worse than
+    the retrieval order of the same lists."""
+    beats = beats_retrieval(candidate)
     passed = (
         candidate["ndcg@10"] >= active["ndcg@10"] - settings.gate_ndcg_tolerance
         and candidate["invalid_rate"] <= active["invalid_rate"] + settings.gate_invalid_tolerance
+        and (beats or force)
     )
     return Gate(
         active=active,
         candidate=candidate,
         ndcg_tolerance=settings.gate_ndcg_tolerance,
         invalid_tolerance=settings.gate_invalid_tolerance,
+        beats_retrieval=beats,
+        forced=force and not beats,
         passed=passed,
     )
 

@@ -7,6 +7,8 @@ from abc import ABC, abstractmethod
 
 from pydantic import BaseModel, Field
 
+from server.prompt import Contract
+
 
 class EngineError(Exception):
     """The engine could not produce an answer (down, overloaded, refused the request)."""
@@ -33,6 +35,8 @@ class Engine(ABC):
     """Generates completions for one model version."""
 
     model_version: str
+    # How the version reads prompts, from its manifest (`server.active_model.open_engine` sets it).
+    contract: Contract = Contract()
 
     @abstractmethod
     async def generate(self, request: GenerationRequest) -> Generation:

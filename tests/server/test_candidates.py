@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from server.app import open_store
-from server.candidates import allowed, candidate_order, retrieve
+from server.candidates import Query, allowed, candidate_order, retrieve
 from server.config import Settings
 from server.context import load_context
 from server.item_index import ItemIndex
@@ -209,13 +209,14 @@ async def candidates_of(
 ) -> list[tuple[str, float]]:
     """(item id, score) of the candidates for `user_id`, without an index."""
     context = await load_context(store, user_id, history_limit=20)
-    found = await retrieve(store, None, context, n, exclude_seen, categories)
+    query = Query(n=n, history=20, exclude_seen=exclude_seen, categories=categories)
+    found = await retrieve(store, None, context, query)
     return [(c.item.item_id, c.score) for c in found.items]
 
 
 async def test_cold_start_gets_popular_and_new_items(shop: Store) -> None:
     context = await load_context(shop, "never-seen", history_limit=20)
-    found = await retrieve(shop, None, context, 50, True, None)
+    found = await retrieve(shop, None, context, Query(n=50, history=20))
 
     assert found.cold_start is True
     assert found.history == []
@@ -283,7 +284,7 @@ async def test_warm_user_gets_index_hits_first(store: Store) -> None:
     index = space_and_love_index()
 
     context = await load_context(store, "astronaut0", history_limit=20)
-    found = await retrieve(store, index, context, 50, True, None)
+    found = await retrieve(store, index, context, Query(n=50, history=20))
 
     assert found.cold_start is False
     assert [(item.item_id, ts) for item, ts in found.history] == [("s1", T0.timestamp())]
@@ -300,11 +301,35 @@ async def test_exclude_seen_false_readmits_seen_items_beyond_the_history(store: 
     await engage(store, "b", 1, prefix="me")
     context = await load_context(store, "me0", history_limit=1)  # history: only the latest
 
-    excluded = await retrieve(store, None, context, 50, True, None)
-    readmitted = await retrieve(store, None, context, 50, False, None)
+    excluded = await retrieve(store, None, context, Query(n=50, history=1))
+    readmitted = await retrieve(
+        store, None, context, Query(n=50, history=1, exclude_seen=False)
+    )
 
     assert {c.item.item_id for c in excluded.items} == {"c"}
     # Both were seen; only the one outside the prompt's history comes back.
     assert len(context.history) == 1
     history_item = context.history[0][0]
     assert {c.item.item_id for c in readmitted.items} == {"a", "b", "c"} - {history_item}
+
+
+async def test_a_longer_prompt_history_does_not_change_the_candidates(store: Store) -> None:
+    # A compact-rendering model shows 50 history items; retrieval must still be queried with
+    # the configured 20, or the model would rerank another list than the fallback serves.
+    await store.upsert_items([catalog_item(i, age_days=10) for i in ["a", "b", "c", "d"]])
+    events = [
+        FeedbackEvent(
+            user_id="me", item_id=item, type=EventType.click, timestamp=T0 + timedelta(hours=n)
+        )
+        for n, item in enumerate(["a", "b", "c"])
+    ]
+    assert all(await store.add_feedback(events))
+    short = await load_context(store, "me", history_limit=1)
+    long = await load_context(store, "me", history_limit=3)
+    query = Query(n=50, history=1, exclude_seen=False)
+
+    from_short = await retrieve(store, None, short, query)
+    from_long = await retrieve(store, None, long, query)
+
+    assert [c.item.item_id for c in from_long.items] == [c.item.item_id for c in from_short.items]
+    assert [item.item_id for item, _ in from_long.history] == ["a", "b", "c"]

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from reward_rules.answer import Answer
 from server.engine import Engine, EngineError, Generation, GenerationRequest
-from server.prompt import answer_pattern, render_answer
+from server.prompt import Contract, Rendering, answer_pattern, render_answer
 from server.recommend import FALLBACK_RATIONALE, repair
 from tests.server.helpers import metric, post_events
 
@@ -359,6 +359,39 @@ def test_the_prompt_shows_the_users_history(shop: TestClient) -> None:
     assert history.index("#s1 | Title s1") < history.index("#s2 | Title s2")
     assert "Candidates (6):" in prompt
     assert "User: new user" in prompt  # u1 has events but no attributes
+
+
+def test_a_compact_model_gets_a_compact_prompt_and_the_same_regex(
+    shop: TestClient, rdb: redis.Redis, key_prefix: str
+) -> None:
+    # The rendering comes from the engine's contract (its manifest), not from a setting.
+    engine = FakeEngine(answer("p3", "p1"))
+    engine.contract = Contract(rendering=Rendering.compact, history=50)
+    use(shop, engine)
+
+    body = recommend(shop, k=2)
+
+    [request] = engine.requests
+    assert request.prompt == "\n#s1, #s2\n"  # no profile, the history as item references
+    assert request.regex == answer_pattern(ORDER, 2)  # candidates only through the grammar
+    assert ids(body) == ["p3", "p1"]
+    assert last_impression(rdb, key_prefix)["rendering"] == "compact"
+
+
+def test_a_compact_model_sees_more_history_than_retrieval_queries_with(
+    shop: TestClient, rdb: redis.Redis, key_prefix: str
+) -> None:
+    shop.app.state.settings.prompt_history = 1  # retrieval reads only the latest item, s2
+    engine = FakeEngine(answer("p1"))
+    engine.contract = Contract(rendering=Rendering.compact, history=50)
+    use(shop, engine)
+
+    recommend(shop, k=1, exclude_seen=False)
+
+    [request] = engine.requests
+    assert request.prompt == "\n#s1, #s2\n"
+    # s1 is outside retrieval's history, so it may come back as a candidate, as without a model.
+    assert "s1" in json.loads(last_impression(rdb, key_prefix)["candidates"])
 
 
 @pytest.mark.parametrize("with_engine", [True, False])
