@@ -26,7 +26,7 @@ from server.app import open_store
 from server.config import Settings
 from server.engine import Engine, GenerationRequest
 from server.prompt import answer_pattern
-from server.recommend import REPEAT_PENALTY
+from server.recommend import REPEAT_PENALTY, SPARE_IDS
 
 LEVELS = (1, 16)
 
@@ -96,7 +96,7 @@ async def _engine(engine: Engine, prompts: list[tuple[str, list]], max_tokens: i
         request = GenerationRequest(
             request_id=uuid.uuid4().hex,
             prompt=prompt,
-            regex=answer_pattern(candidates, 10),
+            regex=answer_pattern(candidates, 10, SPARE_IDS),
             max_tokens=max_tokens,
             presence_penalty=REPEAT_PENALTY,
         )

@@ -189,13 +189,15 @@ def render_answer(rationale: str, item_ids: Sequence[str]) -> str:
     return f"<think>{clean}</think><answer>{compact_history(item_ids)}</answer>"
 
 
-def answer_pattern(candidate_ids: Sequence[str], k: int) -> str:
-    """A regex that only admits well-formed answers naming exactly k candidate ids.
+def answer_pattern(candidate_ids: Sequence[str], k: int, spare: int = 0) -> str:
+    """A regex that only admits well-formed answers naming exactly k + `spare` candidate ids
+    (all of them when there are fewer).
 
     Given to vLLM's structured outputs, it makes an answer outside the candidates impossible.
-    Duplicates cannot be excluded by a regex of reasonable size; the parser drops them.
+    Duplicates cannot be excluded by a regex of reasonable size: the parser drops them, and the
+    spare ids take the place of the ones dropped.
     """
-    count = min(k, len(candidate_ids))
+    count = min(k + spare, len(candidate_ids))
     # '#' needs no escape, and xgrammar warns on every '\#' that re.escape would write.
     choice = "(" + "|".join(ITEM_MARK + re.escape(item_id) for item_id in candidate_ids) + ")"
     think = f"<think>[^<>]{{0,{MAX_RATIONALE_CHARS}}}</think>"

@@ -302,9 +302,7 @@ async def test_exclude_seen_false_readmits_seen_items_beyond_the_history(store: 
     context = await load_context(store, "me0", history_limit=1)  # history: only the latest
 
     excluded = await retrieve(store, None, context, Query(n=50, history=1))
-    readmitted = await retrieve(
-        store, None, context, Query(n=50, history=1, exclude_seen=False)
-    )
+    readmitted = await retrieve(store, None, context, Query(n=50, history=1, exclude_seen=False))
 
     assert {c.item.item_id for c in excluded.items} == {"c"}
     # Both were seen; only the one outside the prompt's history comes back.

@@ -22,6 +22,7 @@ from server.prompt import (
     parse_answer,
     render_answer,
 )
+from server.recommend import repair
 from server.schemas import ItemUpsert
 
 LATEST = datetime(2024, 3, 10, 12, 0, tzinfo=UTC)
@@ -525,3 +526,12 @@ def test_both_renderings_write_item_lists_alike() -> None:
     history = compact({}, ["12", "7"]).split("\n")[1]
 
     assert f"<answer>{history}</answer>" in render_answer("", ["12", "7"])
+
+
+def test_spare_ids_let_a_repeat_be_dropped_without_a_repair() -> None:
+    pattern = answer_pattern(CANDIDATES, 2, spare=1)
+    repeated = render_answer("ok", ["1", "1", "2"])
+
+    assert accepts(pattern, repeated)
+    assert not accepts(pattern, render_answer("ok", ["1", "2"]))  # exactly k + spare
+    assert repair(parse_answer(repeated), list(CANDIDATES), 2) == (["1", "2"], False)

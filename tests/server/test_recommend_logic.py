@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from reward_rules.answer import Answer
 from server.engine import Engine, EngineError, Generation, GenerationRequest
 from server.prompt import Contract, Rendering, answer_pattern, render_answer
-from server.recommend import FALLBACK_RATIONALE, repair
+from server.recommend import FALLBACK_RATIONALE, SPARE_IDS, repair
 from tests.server.helpers import metric, post_events
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -343,7 +343,7 @@ def test_the_regex_names_exactly_the_candidates_in_the_prompt(shop: TestClient) 
     assert request.request_id == body["request_id"]
     assert request.max_tokens == shop.app.state.settings.max_answer_tokens
     assert shown(request.prompt) == ORDER
-    assert request.regex == answer_pattern(ORDER, 2)
+    assert request.regex == answer_pattern(ORDER, 2, SPARE_IDS)
     one = answer_pattern(shown(request.prompt), 1)
     for item_id in CATEGORIES:
         accepted = re.fullmatch(one, answer(item_id)) is not None
@@ -373,7 +373,7 @@ def test_a_compact_model_gets_a_compact_prompt_and_the_same_regex(
 
     [request] = engine.requests
     assert request.prompt == "\n#s1, #s2\n"  # no profile, the history as item references
-    assert request.regex == answer_pattern(ORDER, 2)  # candidates only through the grammar
+    assert request.regex == answer_pattern(ORDER, 2, SPARE_IDS)  # candidates: grammar only
     assert ids(body) == ["p3", "p1"]
     assert last_impression(rdb, key_prefix)["rendering"] == "compact"
 

@@ -1,0 +1,99 @@
+"""The gate against the retrieval order: bootstrap does not activate, and refresh does not
+publish, a model that ranks worse than the list it reranks, unless forced."""
+
+import pytest
+
+from server.config import Settings
+from server.prompt import Rendering
+from trainer.bootstrap import activation, beats_retrieval
+from trainer.feedback_log import LoggedExample
+from trainer.refresh import _gate, split_logged
+
+
+def scores(ours: float, retrieval: float, invalid: float = 0.0) -> dict[str, float]:
+    return {
+        "ndcg@10": ours,
+        "retrieval_ndcg@10": retrieval,
+        "invalid_rate": invalid,
+        "validation_users": 100.0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("ours", "retrieval", "beats"),
+    [
+        (0.13, 0.10, True),
+        (0.10, 0.10, True),  # a tie is not worse
+        (0.07, 0.10, False),
+    ],
+)
+def test_beats_retrieval(ours: float, retrieval: float, beats: bool) -> None:
+    assert beats_retrieval(scores(ours, retrieval)) is beats
+
+
+class TestActivation:
+    def test_a_model_that_beats_retrieval_is_activated(self) -> None:
+        activated, why = activation(scores(0.13, 0.10), other_active=False, force=False)
+
+        assert activated
+        assert "0.1300 vs 0.1000" in why and why.endswith("activated")
+
+    def test_a_worse_model_is_not_activated_and_the_operator_is_told(self) -> None:
+        activated, why = activation(scores(0.07, 0.10), other_active=False, force=False)
+
+        assert not activated
+        assert "WORSE" in why and "--force" in why
+
+    def test_force_activates_a_worse_model_and_says_so(self) -> None:
+        activated, why = activation(scores(0.07, 0.10), other_active=False, force=True)
+
+        assert activated and "forced" in why
+
+    def test_another_active_version_is_never_replaced(self) -> None:
+        activated, why = activation(scores(0.2, 0.1), other_active=True, force=True)
+
+        assert not activated and "another version is active" in why
+
+
+class TestRefreshGate:
+    def test_worse_than_retrieval_fails_even_when_better_than_the_active_version(
+        self, settings: Settings
+    ) -> None:
+        gate = _gate(scores(0.05, 0.10), scores(0.08, 0.10), settings)
+
+        assert not gate.beats_retrieval and not gate.passed
+
+    def test_forced_passes_and_records_it(self, settings: Settings) -> None:
+        gate = _gate(scores(0.05, 0.10), scores(0.08, 0.10), settings, force=True)
+
+        assert gate.passed and gate.forced
+
+    def test_better_than_both_passes_unforced(self, settings: Settings) -> None:
+        gate = _gate(scores(0.11, 0.10), scores(0.12, 0.10), settings)
+
+        assert gate.passed and gate.beats_retrieval and not gate.forced
+
+
+def logged(n: int, rendering: Rendering) -> LoggedExample:
+    return LoggedExample(
+        request_id=f"r{n}",
+        user_id="u",
+        model_version="v",
+        ts=float(n),
+        prompt="p",
+        rendering=rendering,
+        candidates=["a", "b"],
+        shown=["a"],
+        k=1,
+        positives=["a"],
+    )
+
+
+def test_refresh_trains_only_on_lists_prompted_the_way_the_model_reads() -> None:
+    lists = [logged(n, Rendering.compact if n % 2 else Rendering.rich) for n in range(8)]
+
+    train, holdout = split_logged(lists, 0.25, Rendering.compact)
+
+    assert len(train) + len(holdout) == 4
+    assert {e.prompt for e in train + holdout} == {"p"}
+    assert len(holdout) == 1
