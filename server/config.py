@@ -92,7 +92,11 @@ class Settings(BaseSettings):
         50, ge=1, le=500, description="Candidates retrieved (faiss) and shown to the LLM."
     )
     prompt_history: int = Field(
-        20, ge=0, le=200, description="Most recent history items written into the prompt."
+        20,
+        ge=0,
+        le=200,
+        description="Most recent history items retrieval is queried with (and that a rich prompt "
+        "of the rich bootstrap preset shows; a model's prompts follow its manifest).",
     )
     max_answer_tokens: int = Field(
         192, ge=16, description="Token budget of one answer (rationale + ranked ids)."

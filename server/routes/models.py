@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 
 from server.deps import SettingsDep, StoreDep, require_admin_key
 from server.errors import ApiError
+from server.prompt import Rendering
 from server.registry import Manifest, Registry, RegistryError, check_contract
 from server.schemas import Id
 
@@ -22,6 +23,13 @@ class ModelVersion(BaseModel):
     parent: str | None
     trained_on: str | None
     contract_version: str
+    rendering: Rendering
+    ndcg_at_10: float | None = Field(
+        description="NDCG@10 on the validation users it was gated on (after all training)."
+    )
+    retrieval_ndcg_at_10: float | None = Field(
+        description="NDCG@10 of the retrieval order it reranks, on the same users: the fallback."
+    )
     metrics: dict[str, float]
 
 
@@ -42,7 +50,11 @@ class ActivateResponse(BaseModel):
 
 
 def _summary(manifest: Manifest) -> ModelVersion:
-    return ModelVersion(**manifest.model_dump(include=set(ModelVersion.model_fields)))
+    return ModelVersion(
+        **manifest.model_dump(include=set(ModelVersion.model_fields)),
+        ndcg_at_10=manifest.metrics.get("ndcg@10"),
+        retrieval_ndcg_at_10=manifest.metrics.get("retrieval_ndcg@10"),
+    )
 
 
 @router.get("", response_model=ModelsResponse)

@@ -94,7 +94,9 @@ def test_impression_is_logged_and_joinable(gateway, served_settings) -> None:
     assert json.loads(entry["items"]) == [item["item_id"] for item in body["items"]]
     assert set(json.loads(entry["items"])) <= set(json.loads(entry["candidates"]))
     assert entry["model_version"] == body["model_version"] and entry["source"] == "llm"
-    assert "Candidates (" in entry["prompt"] and "<answer>" in entry["output"]
+    # The tiny preset reads the compact rendering: the history as item tokens, no candidates.
+    assert entry["rendering"] == "compact" and "<answer>" in entry["output"]
+    assert "Candidates (" not in entry["prompt"] and "#" in entry["prompt"]
     clicked = body["items"][0]["item_id"]
     event = {"user_id": "u00005", "item_id": clicked, "type": "click"}
     gateway.post("/v1/feedback", json={"events": [event | {"request_id": body["request_id"]}]})

@@ -57,13 +57,16 @@ def logged_examples(settings: Settings) -> dict:
     return asyncio.run(read())
 
 
-async def _refresh(settings: Settings) -> RefreshResult:
+async def _refresh(settings: Settings, force: bool) -> RefreshResult:
     async with open_store(settings) as store:
-        return await refresh_once(settings, store, progress=False)
+        return await refresh_once(settings, store, progress=False, force=force)
 
 
-def refresh(settings: Settings, **update: object) -> RefreshResult:
-    return asyncio.run(_refresh(settings.model_copy(update={"refresh_grpo_steps": 2, **update})))
+def refresh(settings: Settings, force: bool = False, **update: object) -> RefreshResult:
+    """One refresh; `force` publishes past the gate against the retrieval order, which the tiny
+    model's noise would otherwise decide (tests/trainer/test_gate.py tests that gate)."""
+    settings = settings.model_copy(update={"refresh_grpo_steps": 2, **update})
+    return asyncio.run(_refresh(settings, force))
 
 
 def test_gate_rejection_leaves_the_active_version(
@@ -89,7 +92,9 @@ def test_feedback_refreshes_the_served_model(
     serve_and_click(gateway)
     lora = {"refresh_lora_min_params": 0, "refresh_lora_rank": 4}
     registry = Registry(served_settings.registry_path)
-    result = refresh(served_settings, gate_ndcg_tolerance=1.0, gate_invalid_tolerance=1.0, **lora)
+    result = refresh(
+        served_settings, True, gate_ndcg_tolerance=1.0, gate_invalid_tolerance=1.0, **lora
+    )
     try:
         assert result.outcome == "published", result
         assert result.parent == tiny_model.version and result.train_examples >= 1
@@ -109,7 +114,7 @@ def test_feedback_refreshes_the_served_model(
         # A refresh of an adapter version trains its adapter on; the swap loads an adapter
         # into the process already running, and the first adapter is unloaded.
         serve_and_click(gateway)
-        second = refresh(served_settings, gate_ndcg_tolerance=1.0, gate_invalid_tolerance=1.0)
+        second = refresh(served_settings, True, gate_ndcg_tolerance=1.0, gate_invalid_tolerance=1.0)
         assert second.outcome == "published", second
         manifest = registry.manifest(second.version)
         assert manifest.kind == "lora" and manifest.parent == result.version
@@ -159,7 +164,7 @@ def test_killed_refresh_publishes_nothing_and_loses_no_feedback(
     assert gateway.get("/v1/models").json()["active"] == tiny_model.version
     # Its lock lapses; the restarted refresh has every click and publishes.
     assert until(lambda: not _lock_held(served_settings), 60)
-    result = refresh(served_settings, gate_ndcg_tolerance=1.0, gate_invalid_tolerance=1.0)
+    result = refresh(served_settings, True, gate_ndcg_tolerance=1.0, gate_invalid_tolerance=1.0)
     try:
         assert result.outcome == "published", result
         assert result.lora_rank is None  # the tiny model is small: all weights trained

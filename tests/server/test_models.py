@@ -24,7 +24,13 @@ def publish(registry_dir: Path, version: str, **fields: Any) -> None:
 @pytest.fixture
 def models_client(make_client: Callable[..., TestClient], tmp_path: Path) -> TestClient:
     publish(tmp_path / "models", "v1", metrics={"ndcg@10": 0.2})
-    publish(tmp_path / "models", "v2", parent="v1", metrics={"ndcg@10": 0.3})
+    publish(
+        tmp_path / "models",
+        "v2",
+        parent="v1",
+        metrics={"ndcg@10": 0.3, "retrieval_ndcg@10": 0.25},
+        rendering="compact",
+    )
     publish(tmp_path / "models", "v-future", contract_version="99")
     return make_client(
         registry_dir=tmp_path / "models",
@@ -45,7 +51,13 @@ def wait_serving(client: TestClient, version: str, seconds: float = 10) -> dict[
 def test_lists_versions_oldest_first_with_their_metrics(models_client: TestClient) -> None:
     body = models_client.get("/v1/models").json()
     assert [v["version"] for v in body["versions"]] == ["v1", "v2", "v-future"]
-    assert body["versions"][1]["metrics"] == {"ndcg@10": 0.3}
+    assert body["versions"][1]["metrics"] == {"ndcg@10": 0.3, "retrieval_ndcg@10": 0.25}
+    # What a model scores is shown beside what its fallback, the retrieval order, scores.
+    assert body["versions"][1]["ndcg_at_10"] == 0.3
+    assert body["versions"][1]["retrieval_ndcg_at_10"] == 0.25
+    assert body["versions"][1]["rendering"] == "compact"
+    assert body["versions"][0]["retrieval_ndcg_at_10"] is None
+    assert body["versions"][0]["rendering"] == "rich"  # registered before renderings existed
     assert body["versions"][1]["parent"] == "v1"
     assert body["versions"][1]["kind"] == "full" and body["versions"][1]["base_model"] is None
     assert body["active"] is None and body["previous"] is None and body["serving"] is None

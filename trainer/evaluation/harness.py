@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from functools import partial
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -34,6 +34,11 @@ class Report(BaseModel):
     protocol: str
     users: int
     systems: dict[str, dict[str, float]]
+    model: dict[str, float] = Field(
+        default_factory=dict,
+        description="What the evaluated model's bootstrap measured on its own validation users, "
+        "stage by stage (pretraining's first pick, SFT, GRPO) and in seconds.",
+    )
 
     def table(self) -> str:
         """The report as a fixed-width text table, one row per system."""
@@ -44,6 +49,9 @@ class Report(BaseModel):
         for name, values in self.systems.items():
             cells = [f"{values[m]:.4f}".rjust(max(len(m), 8)) for m in metrics]
             lines.append("  ".join([name.ljust(width), *cells]))
+        if self.model:
+            stages = ", ".join(f"{key} {value:.4g}" for key, value in self.model.items())
+            lines.append(f"model bootstrap (validation users): {stages}")
         return "\n".join(lines)
 
 

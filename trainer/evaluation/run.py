@@ -104,7 +104,9 @@ def run_eval(
                 Popularity(),
                 ItemKNN(),
             ]
-            return evaluate(split, systems, chosen)
+            report = evaluate(split, systems, chosen)
+            report.model = trained.metrics | {"bootstrap_seconds": trained.seconds}
+            return report
         finally:
             if engine is not None:
                 run.run(engine.close())

@@ -1,0 +1,64 @@
+"""A Hugging Face model registered with `reasonrec models register` reads the rich rendering:
+served by real vLLM with titles and candidates in its prompt, and refreshed on such prompts."""
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from server.config import Settings
+from server.registry import Registry
+from tests.integration.test_hot_swap import activate
+from tests.integration.test_refresh import USERS, refresh, serve_and_click
+from tests.server.helpers import until
+from trainer.bootstrap import BootstrapResult
+from trainer.cli import app
+
+pytestmark = pytest.mark.slow
+
+
+def impression(settings: Settings, request_id: str) -> dict[str, str]:
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    entries = client.xrange(f"{settings.key_prefix}:impressions")
+    [entry] = [fields for _, fields in entries if fields["request_id"] == request_id]
+    return entry
+
+
+def register(settings: Settings, folder: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("REASONREC_REDIS_URL", settings.redis_url)
+    monkeypatch.setenv("REASONREC_KEY_PREFIX", settings.key_prefix)
+    monkeypatch.setenv("REASONREC_DATA_DIR", str(settings.data_dir))
+    result = CliRunner().invoke(app, ["models", "register", folder])
+    assert result.exit_code == 0, result.output
+    return result.output.strip().splitlines()[-1]
+
+
+def test_a_registered_model_is_prompted_and_refreshed_in_the_rich_rendering(
+    gateway: TestClient,
+    served_settings: Settings,
+    tiny_model: BootstrapResult,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Any HF causal LM folder will do; the tiny model's own weights are one at hand.
+    registry = Registry(served_settings.registry_path)
+    version = register(served_settings, str(tiny_model.path), monkeypatch)
+    assert registry.manifest(version).rendering == "rich"
+    activate(gateway, version)
+    try:
+        assert until(lambda: gateway.get("/v1/models").json()["serving"] == version, 300)
+        served = serve_and_click(gateway)
+        body = gateway.post("/v1/recommend", json={"user_id": USERS[0], "k": 5}).json()
+        assert body["source"] == "llm" and body["model_version"] == version
+        assert len({item["item_id"] for item in body["items"]}) == 5
+        entry = impression(served_settings, body["request_id"])
+        assert entry["rendering"] == "rich"
+        assert "Candidates (" in entry["prompt"] and "History" in entry["prompt"]
+
+        result = refresh(served_settings, True, gate_ndcg_tolerance=1.0, gate_invalid_tolerance=1.0)
+
+        assert result.outcome == "published", result
+        assert result.parent == version and result.train_examples >= len(served) // 2
+        assert registry.manifest(result.version).rendering == "rich"
+    finally:
+        activate(gateway, tiny_model.version)
+        assert until(lambda: gateway.get("/v1/models").json()["serving"] == tiny_model.version, 300)
