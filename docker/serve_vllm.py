@@ -36,6 +36,7 @@ from server import logs
 from server.active_model import placement
 from server.app import open_store
 from server.config import Settings
+from server.engine import LOGPROBS_MODE, MAX_LOGPROBS
 from server.engine.local import ADAPTERS_AT_ONCE, lora_slot
 from server.engine.remote import bearer
 from server.registry import RegistryError
@@ -63,6 +64,8 @@ def vllm_command(settings: Settings, version: str, extra: list[str]) -> list[str
         "--served-model-name", where.base,
         "--dtype", settings.engine_dtype,
         "--max-model-len", str(settings.max_model_len),
+        # The gateway ranks by the first pick's log-probabilities among the candidates.
+        "--max-logprobs", str(MAX_LOGPROBS), "--logprobs-mode", LOGPROBS_MODE,
     ]  # fmt: skip
     if where.lora_room:
         command += ["--enable-lora", "--max-lora-rank", str(lora_slot(where.lora_room))]

@@ -17,6 +17,7 @@ from server.registry import (
     parameter_count,
 )
 from server.store import Store
+from server.vocabulary import ItemTokens
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,11 @@ def open_engine(settings: Settings, version: str, serving: Engine | None = None)
     it) shares its vLLM process: a runtime adapter swap, no model load. A remote server places
     versions itself (docker/serve_vllm.py): the gateway only checks the contract.
     """
-    manifest = Registry(settings.registry_path).manifest(version)
+    registry = Registry(settings.registry_path)
+    manifest = registry.manifest(version)
     engine = _open(settings, version, serving)
     engine.contract = manifest.contract
+    engine.items = ItemTokens.load(registry.path(base_version(manifest)))
     return engine
 
 

@@ -40,6 +40,7 @@ from reward_rules.answer import Answer
 CONTRACT_VERSION = "1"
 SUPPORTED_CONTRACTS = frozenset({CONTRACT_VERSION})
 SEPARATOR = ", "  # between item references, in a compact history and in every answer
+ANSWER_TAG = "<answer>"
 
 ITEM_MARK = "#"
 MAX_RATIONALE_CHARS = 300

@@ -19,8 +19,8 @@ from reward_rules.policy import Policy, build_terms, catalog_facts
 from server.config import Settings
 from server.item_index import ItemIndex, publish
 from server.policy import read_policy
-from server.prompt import Contract, parse_answer
-from server.recommend import repair
+from server.prompt import ANSWER_TAG, Contract, parse_answer, ref
+from server.recommend import served_order
 from server.registry import Manifest, Registry, new_version
 from server.store import Store
 from trainer.constrained import answer_constraint, constrained_generation
@@ -84,19 +84,37 @@ def _texts(corpus: Corpus, examples: list[Example]) -> list[str]:
     return catalog + [e.prompt + e.target for e in examples[:200]]
 
 
-def _greedy(model, tokenizer, prompt: str, budget: int) -> str:
-    inputs = tokenizer(text=prompt, return_tensors="pt")
+def _answer(model, tokenizer, example: Example, budget: int) -> tuple[str, list[str]]:
+    """The greedy completion and the candidates by their score as its first answer item (the
+    scores after the answer constraint, as vLLM's processed log-probabilities are)."""
+    inputs = tokenizer(text=example.prompt, return_tensors="pt")
     output = model.generate(
-        **inputs, max_new_tokens=budget, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        **inputs,
+        max_new_tokens=budget,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        output_scores=True,
+        return_dict_in_generate=True,
     )
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    new = output.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    answer = tokenizer.convert_tokens_to_ids(ANSWER_TAG)
+    if answer not in new or new.index(answer) + 1 >= len(output.scores):
+        return text, []
+    scores = output.scores[new.index(answer) + 1][0]
+    tokens = {item: tokenizer.convert_tokens_to_ids(ref(item)) for item in example.candidates}
+    if any(token in (None, tokenizer.unk_token_id) for token in tokens.values()):
+        return text, []  # items are not single tokens: no first-pick scores to read
+    scored = [(float(scores[token]), item) for item, token in tokens.items()]
+    return text, [item for score, item in sorted(scored, key=lambda p: -p[0]) if score > -1e30]
 
 
 @torch.no_grad()
 def validate(model, tokenizer, examples: list[Example]) -> dict[str, float]:
-    """Greedy answers on held-out last interactions: NDCG@k of the model vs the retrieval order.
+    """Answers on held-out last interactions: NDCG@k of the model vs the retrieval order.
 
-    Decoding follows the answer grammar, as vLLM's structured outputs do when serving, so the
+    Decoding follows the answer grammar, as vLLM's structured outputs do when serving, and the
+    served order is chosen as the gateway chooses it (`server.recommend.served_order`), so the
     figures are what the gateway would serve; `invalid_rate` counts answers still repaired.
     """
     model.eval()
@@ -104,12 +122,13 @@ def validate(model, tokenizer, examples: list[Example]) -> dict[str, float]:
     budget = 8 + 6 * max((e.k for e in examples), default=0) + 60
     constraint = answer_constraint(tokenizer, examples, budget) if examples else None
     with constrained_generation(model, constraint):
-        texts = [_greedy(model, tokenizer, example.prompt, budget) for example in examples]
-    for example, text in zip(examples, texts, strict=True):
-        ranked, repaired = repair(parse_answer(text), example.candidates, example.k)
+        answers = [_answer(model, tokenizer, example, budget) for example in examples]
+    for example, (text, picks) in zip(examples, answers, strict=True):
+        order = example.candidates
+        ranked, repaired = served_order(parse_answer(text), picks, order, example.k)
         invalid += repaired
         ours.append(ndcg_at_k(ranked, example.positives, example.k))
-        retrieval.append(ndcg_at_k(example.candidates, example.positives, example.k))
+        retrieval.append(ndcg_at_k(order, example.positives, example.k))
     n = max(len(examples), 1)
     return {
         "validation_users": float(len(examples)),

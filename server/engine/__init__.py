@@ -8,6 +8,13 @@ from abc import ABC, abstractmethod
 from pydantic import BaseModel, Field
 
 from server.prompt import Contract
+from server.vocabulary import ItemTokens
+
+# Most log-probabilities one step may return: k (at most 50) plus the spare ids. Engines are
+# started with it (vLLM's --max-logprobs).
+MAX_LOGPROBS = 64
+# Log-probabilities after the grammar mask and the allowed tokens: what the answer chose among.
+LOGPROBS_MODE = "processed_logprobs"
 
 
 class EngineError(Exception):
@@ -23,20 +30,36 @@ class GenerationRequest(BaseModel):
     presence_penalty: float = Field(
         0.0, ge=-2.0, le=2.0, description="Subtracted from tokens already generated (vLLM's)."
     )
+    allowed_token_ids: list[int] | None = Field(
+        None, description="The only tokens it may generate (see server.vocabulary)."
+    )
+    logprobs: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_LOGPROBS,
+        description="Return this many of the likeliest tokens at each step, with their "
+        "log-probabilities after the grammar and the other constraints.",
+    )
 
 
 class Generation(BaseModel):
     text: str
     prompt_tokens: int
     completion_tokens: int
+    tokens: list[str] = Field(default_factory=list, description="Each generated token's text.")
+    top_logprobs: list[dict[str, float]] = Field(
+        default_factory=list, description="Per generated token, when asked: text -> logprob."
+    )
 
 
 class Engine(ABC):
     """Generates completions for one model version."""
 
     model_version: str
-    # How the version reads prompts, from its manifest (`server.active_model.open_engine` sets it).
+    # How the version reads prompts and its item tokens, from its manifest and tokenizer
+    # (`server.active_model.open_engine` sets both).
     contract: Contract = Contract()
+    items: ItemTokens | None = None
 
     @abstractmethod
     async def generate(self, request: GenerationRequest) -> Generation:

@@ -13,7 +13,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from server.engine import Engine, EngineError, Generation, GenerationRequest
+from server.engine import (
+    LOGPROBS_MODE,
+    MAX_LOGPROBS,
+    Engine,
+    EngineError,
+    Generation,
+    GenerationRequest,
+)
 
 log = logging.getLogger(__name__)
 # The ranks vLLM can reserve adapter memory for (vllm.config.lora.MaxLoRARanks).
@@ -65,6 +72,8 @@ class VllmProcess:
             enable_prefix_caching=True,
             seed=0,
             enable_lora=lora,
+            max_logprobs=MAX_LOGPROBS,
+            logprobs_mode=LOGPROBS_MODE,
             **adapters,
         )
         self.base_version, self.max_lora_rank = base_version, settings.max_lora_rank
@@ -137,6 +146,8 @@ class LocalEngine(Engine):
             temperature=request.temperature,
             presence_penalty=request.presence_penalty,
             structured_outputs=structured,
+            allowed_token_ids=request.allowed_token_ids,
+            logprobs=request.logprobs,
         )
         final = None
         llm = self._process.llm
@@ -152,10 +163,19 @@ class LocalEngine(Engine):
         if final is None or not final.outputs:
             raise EngineError("the engine returned no output")
         completion = final.outputs[0]
+        steps = completion.logprobs or []
         return Generation(
             text=completion.text,
             prompt_tokens=len(final.prompt_token_ids or ()),
             completion_tokens=len(completion.token_ids),
+            tokens=[
+                step[token].decoded_token or ""
+                for token, step in zip(completion.token_ids, steps, strict=False)
+            ],
+            top_logprobs=[
+                {entry.decoded_token or "": entry.logprob for entry in step.values()}
+                for step in steps
+            ],
         )
 
     async def check_health(self) -> None:

@@ -30,6 +30,10 @@ class RemoteEngine(Engine):
         if request.regex:
             # `structured_outputs` is vLLM's extension; the old `guided_regex` is ignored now.
             body["structured_outputs"] = {"regex": request.regex}
+        if request.allowed_token_ids is not None:
+            body["allowed_token_ids"] = request.allowed_token_ids  # vLLM's extension too
+        if request.logprobs:
+            body["logprobs"] = request.logprobs
         try:
             response = await self._client.post("/v1/completions", json=body)
         except httpx.HTTPError as exc:
@@ -39,10 +43,14 @@ class RemoteEngine(Engine):
         try:
             payload = response.json()
             usage = payload.get("usage") or {}
+            choice = payload["choices"][0]
+            logprobs = choice.get("logprobs") or {}
             return Generation(
-                text=payload["choices"][0]["text"],
+                text=choice["text"],
                 prompt_tokens=usage.get("prompt_tokens", 0),
                 completion_tokens=usage.get("completion_tokens", 0),
+                tokens=logprobs.get("tokens") or [],
+                top_logprobs=[step or {} for step in logprobs.get("top_logprobs") or []],
             )
         except (ValueError, LookupError, TypeError, AttributeError) as exc:
             raise EngineError(f"engine answered an unreadable body: {response.text[:300]}") from exc
