@@ -55,6 +55,8 @@ def test_vllm_serves_the_registry_folder_under_the_version_name(settings: Settin
         "--served-model-name": "v7",
         "--dtype": "auto",
         "--max-model-len": "4096",
+        "--max-logprobs": "64",  # the gateway ranks by the first pick's log-probabilities
+        "--logprobs-mode": "processed_logprobs",
         "--tensor-parallel-size": "2",
     }
 

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
-from server.engine import EngineError
+from server.engine import LOGPROBS_MODE, MAX_LOGPROBS, EngineError
 from server.engine.remote import RemoteEngine
 from tests.conftest import free_port, wait_http
 from trainer.bootstrap import BootstrapResult
@@ -31,6 +31,7 @@ def vllm_server(served_settings: Settings, tiny_model: BootstrapResult) -> Itera
         "--kv-cache-memory-bytes", str(served_settings.kv_cache_bytes),
         "--dtype", served_settings.engine_dtype,
         "--enforce-eager", "--seed", "0",
+        "--max-logprobs", str(MAX_LOGPROBS), "--logprobs-mode", LOGPROBS_MODE,
     ]  # fmt: skip
     proc = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ

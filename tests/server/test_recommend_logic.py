@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from reward_rules.answer import Answer
 from server.engine import Engine, EngineError, Generation, GenerationRequest
 from server.prompt import Contract, Rendering, answer_pattern, render_answer
-from server.recommend import FALLBACK_RATIONALE, SPARE_IDS, repair
+from server.recommend import FALLBACK_RATIONALE, SPARE_IDS, first_pick, repair, served_order
 from tests.server.helpers import metric, post_events
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -581,3 +581,93 @@ def test_invalid_policy_file_stops_the_gateway(
     policy.write_text("weights:\n  accuracy: -1\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"policy.yaml:2:"):
         make_client(policy_file=policy)
+
+
+# Ordering by the first pick's log-probabilities ---------------------------------------------
+
+
+def generation(text: str, first: dict[str, float]) -> Generation:
+    tokens = ["<think>", "x", "</think>", "<answer>", "#p1", "</answer>"]
+    steps: list[dict[str, float]] = [{}] * len(tokens)
+    steps[4] = first
+    return Generation(
+        text=text, prompt_tokens=1, completion_tokens=6, tokens=tokens, top_logprobs=steps
+    )
+
+
+def test_first_pick_ranks_candidates_by_their_log_probability() -> None:
+    result = generation("", {"#p2": -0.5, "#p1": -0.2, "#zz": -0.1, "#p3": float("-inf")})
+
+    # Not a candidate (zz) or not allowed (-inf) is never served.
+    assert first_pick(result, ["p1", "p2", "p3"]) == ["p1", "p2"]
+
+
+def test_first_pick_needs_the_answer_step() -> None:
+    result = Generation(text="", prompt_tokens=1, completion_tokens=1, tokens=["x"])
+
+    assert first_pick(result, ["p1"]) == []
+
+
+@pytest.mark.parametrize(
+    ("answer_items", "well_formed", "picks", "served", "repaired"),
+    [
+        # enough picks from a well-formed answer: they order the list
+        (("p3", "p1"), True, ["p2", "p1", "p3"], ["p2", "p1"], False),
+        # too few picks: the answer's own ids, repaired as before
+        (("p3", "p3"), True, ["p2"], ["p3", "p1"], True),
+        # a malformed answer is repaired whatever the picks
+        ((), False, ["p2", "p1"], ["p1", "p2"], True),
+    ],
+)
+def test_served_order(
+    answer_items: tuple[str, ...],
+    well_formed: bool,
+    picks: list[str],
+    served: list[str],
+    repaired: bool,
+) -> None:
+    answer = Answer(rationale="r", items=answer_items, well_formed=well_formed)
+
+    assert served_order(answer, picks, ["p1", "p2", "p3"], 2) == (served, repaired)
+
+
+class OneTokenItems:
+    """What the gateway asks of `ItemTokens`: ids 100, 101, ... for the candidates."""
+
+    def allowed(self, candidate_ids: list[str]) -> list[int]:
+        return [100 + n for n in range(len(candidate_ids))]
+
+
+class ItemTokenEngine(FakeEngine):
+    """A fake engine whose model has one token per item, answering with first-pick scores."""
+
+    def __init__(self, first: dict[str, float]):
+        super().__init__(lambda request: answer("p1", "p2", "p3"))
+        self.first = first
+        self.items = OneTokenItems()
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        result = await super().generate(request)
+        return generation(result.text, self.first)
+
+
+def test_a_single_token_model_is_constrained_and_served_by_its_first_pick(
+    shop: TestClient,
+) -> None:
+    engine = ItemTokenEngine({"#p3": -0.1, "#n1": -0.3, "#p1": -0.5})
+    use(shop, engine)
+
+    body = recommend(shop, k=3)
+
+    [request] = engine.requests
+    assert request.allowed_token_ids == [100 + n for n in range(len(ORDER))]
+    assert request.logprobs == 3 + SPARE_IDS
+    assert ids(body) == ["p3", "n1", "p1"]  # not the answer's p1, p2, p3
+
+
+def test_a_model_without_item_tokens_asks_for_no_logprobs(shop: TestClient) -> None:
+    engine = FakeEngine(answer("p2", "p1"))
+    use(shop, engine)
+
+    assert ids(recommend(shop, k=2)) == ["p2", "p1"]
+    assert engine.requests[0].allowed_token_ids is None and engine.requests[0].logprobs is None

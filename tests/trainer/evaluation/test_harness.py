@@ -76,7 +76,7 @@ class TestMetricsWiring:
 
     def test_report_shape(self, report: Report) -> None:
         data = json.loads(report.model_dump_json())
-        assert data.keys() == {"dataset", "protocol", "users", "systems"}
+        assert data.keys() == {"dataset", "protocol", "users", "systems", "model"}
         assert (data["dataset"], data["protocol"], data["users"]) == ("tiny", PROTOCOL, 3)
         assert list(data["systems"]["scripted"]) == METRICS
 
