@@ -113,3 +113,22 @@ def test_pretraining_learns_what_comes_next(tokenizer) -> None:
     assert 1 <= result.best_epoch <= result.epochs
     assert result.targets_per_epoch == 40 * 11
     assert not model.training
+
+
+def test_a_full_compact_prompt_stays_within_its_token_budget() -> None:
+    # 50 history items and a profile of ML-100K's shape: the compact rendering aims at <= 200.
+    items = [str(n) for n in range(1, 1683)]
+    tokenizer = train_tokenizer(["Toy Story (1995) Animation"], items, vocab_size=400)
+    data = PromptInput(
+        profile={"age": 24, "gender": "M", "occupation": "technician", "zip": "85711"},
+        history=[
+            HistoryView(item=ItemView(item_id=i, title="t"), timestamp=NOW + timedelta(hours=n))
+            for n, i in enumerate(items[-50:])
+        ],
+        candidates=[ItemView(item_id="1", title="t")],
+        k=10,
+    )
+
+    tokens = tokenizer(build_prompt(data, Rendering.compact), add_special_tokens=False)
+
+    assert len(tokens["input_ids"]) <= 200
