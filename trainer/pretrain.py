@@ -173,15 +173,21 @@ def held_out_ndcg(model, vocab: Vocabulary, held: list[tuple[Stream, int]], wind
     return sum(gains) / max(len(gains), 1)
 
 
-def _epoch(model, vocab: Vocabulary, windows: list[Stream], settings: PretrainSettings,
-           optimizer: torch.optim.Optimizer, bf16: bool, pad: int,
-           rng: np.random.Generator) -> float:  # fmt: skip
+def _epoch(
+    model: PreTrainedModel,
+    vocab: Vocabulary,
+    windows: list[Stream],
+    settings: PretrainSettings,
+    optimizer: torch.optim.Optimizer,
+    pad: int,
+    rng: np.random.Generator,
+) -> float:
     """One pass over the windows in random order; returns the mean batch loss."""
     order = rng.permutation(len(windows))
     losses = []
     for start in range(0, len(order), settings.batch_size):
         rows = [windows[i] for i in order[start : start + settings.batch_size]]
-        loss = batch_loss(model, vocab, _batch(vocab, rows, pad), bf16)
+        loss = batch_loss(model, vocab, _batch(vocab, rows, pad), settings.bf16)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -209,15 +215,15 @@ def pretrain(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
     )
-    bf16, pad = settings.bf16, tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id
     best, best_epoch, best_state, epoch = -1.0, 0, None, 0
     targets = sum(len(seq.items) for seq in train)
     model.train()
-    with tqdm(total=settings.max_epochs, desc="pretrain", unit="epoch",
-              disable=not settings.progress) as bar:  # fmt: skip
+    quiet = not settings.progress
+    with tqdm(total=settings.max_epochs, desc="pretrain", unit="epoch", disable=quiet) as bar:
         for epoch in range(1, settings.max_epochs + 1):
-            loss = _epoch(model, vocab, _windows(train, window, rng), settings, optimizer,
-                          bf16, pad, rng)  # fmt: skip
+            windows = _windows(train, window, rng)
+            loss = _epoch(model, vocab, windows, settings, optimizer, pad, rng)
             score = held_out_ndcg(model, vocab, held, window) if held else 0.0
             if score > best:
                 best, best_epoch = score, epoch
