@@ -94,7 +94,7 @@ PRESETS: dict[str, Preset] = {
         index_dim=64,
         pretrain=PretrainSettings(max_epochs=16, patience=3),
         sft_examples=12000,
-        sft=SftSettings(epochs=2, batch_size=32, learning_rate=5e-4, bf16=False),
+        sft=SftSettings(epochs=1, batch_size=32, learning_rate=5e-4, bf16=False),
         grpo_examples=64,
         grpo=GrpoSettings(max_steps=8, prompts_per_step=4, num_generations=4, learning_rate=1e-5),
         validation_users=200,
