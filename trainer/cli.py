@@ -205,7 +205,10 @@ async def _ensure_model(settings: Settings, preset: str) -> "BootstrapResult | N
     if registry.versions():
         console.print("no active model: serving the retrieval order (see `reasonrec models list`)")
         return None
-    return await _bootstrap(settings, preset, seed=0)
+    # The demo is there to show the model path, so its model serves even when the gate finds it
+    # worse than the retrieval order on its few validation users (the verdict is printed).
+    # `reasonrec bootstrap` activates only what passes.
+    return await _bootstrap(settings, preset, seed=0, force=True)
 
 
 @app.command()
