@@ -4,6 +4,7 @@ Imports flow trainer -> server, so the trainer's commands are added to the gatew
 """
 
 import asyncio
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -93,6 +94,7 @@ def bootstrap_command(
 
 
 EXIT_REJECTED, EXIT_SKIPPED, EXIT_BUSY = 3, 4, 5
+DEMO_LLM_TIMEOUT_MS = 15_000
 
 
 async def _refresh(settings: Settings, force: bool) -> "RefreshResult":
@@ -228,6 +230,10 @@ def demo(
     """
     _check_preset(preset)
     settings = settings_from_env(host, port)
+    if "REASONREC_LLM_TIMEOUT_MS" not in os.environ:
+        # Interactive: a first request that compiles its answer grammar on a busy laptop CPU
+        # should wait for the model rather than fall back (measured over 3 s in a test run).
+        settings = settings.model_copy(update={"llm_timeout_ms": DEMO_LLM_TIMEOUT_MS})
     dataset = read_ml100k(data) if data else generate(seed=seed)
     summary = asyncio.run(load_dataset(settings, dataset, only_if_empty=True))
     if summary:
