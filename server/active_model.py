@@ -75,6 +75,7 @@ def open_engine(settings: Settings, version: str, serving: Engine | None = None)
     """
     registry = Registry(settings.registry_path)
     manifest = registry.manifest(version)
+    check_contract(manifest)
     engine = _open(settings, version, serving)
     engine.contract = manifest.contract
     engine.items = ItemTokens.load(registry.path(base_version(manifest)))
@@ -83,7 +84,6 @@ def open_engine(settings: Settings, version: str, serving: Engine | None = None)
 
 def _open(settings: Settings, version: str, serving: Engine | None) -> Engine:
     if settings.engine_url:
-        check_contract(Registry(settings.registry_path).manifest(version))
         return RemoteEngine(settings.engine_url, version, settings.engine_api_key)
     where = placement(settings, version)
     if isinstance(serving, LocalEngine) and serving.can_serve(where.base, where.adapter_rank):
