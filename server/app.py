@@ -60,7 +60,7 @@ async def _start_serving(app: FastAPI, settings: Settings, store: Store) -> None
         app.state.engine_problem = str(exc)
     except RedisError as exc:
         log.error("cannot read the active model", extra={"reason": repr(exc)})
-        app.state.engine_problem = f"active model unknown: redis unreachable at startup ({exc})"
+        app.state.engine_problem = "active model unknown: redis unreachable at startup"
     if app.state.engine is None and app.state.engine_problem is None:
         app.state.engine_problem = "no active model: run `reasonrec bootstrap`"
     metrics.set_model_info(app.state.engine.model_version if app.state.engine else None)
@@ -93,10 +93,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Recommendations ranked by a reasoning LLM; catalog, users and feedback API.",
         version="0.1.0",
         lifespan=lifespan,
+        responses=errors.documented(414, 500),
     )
     errors.install(app)
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes)
     app.include_router(health.router)
     for router in (items.router, users.router, feedback.router, recommend.router, models.router):
-        app.include_router(router, dependencies=[Depends(require_api_key)])
+        app.include_router(
+            router, dependencies=[Depends(require_api_key)], responses=errors.documented(401, 503)
+        )
     return app

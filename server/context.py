@@ -1,10 +1,9 @@
 """Step 1 of a request: the user's context from Redis in one pipelined round trip."""
 
-import json
-
 from pydantic import BaseModel
 
-from server.store import Store
+from server.schemas import readable_time
+from server.store import Store, attributes_of
 
 
 class UserContext(BaseModel):
@@ -26,7 +25,7 @@ async def load_context(store: Store, user_id: str, history_limit: int) -> UserCo
         attributes, history, seen = await pipe.execute()
     return UserContext(
         user_id=user_id,
-        profile=json.loads(attributes) if attributes else {},
-        history=[(item_id, ts) for item_id, ts in history] if history_limit else [],
+        profile=attributes_of(user_id, attributes),
+        history=[(i, ts) for i, ts in history if readable_time(ts)] if history_limit else [],
         seen=set(seen),
     )

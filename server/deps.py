@@ -8,6 +8,7 @@ import secrets
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from server.config import Settings
 from server.engine import Engine
@@ -44,12 +45,26 @@ RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def _presented_key(request: Request) -> str | None:
-    authorization = request.headers.get("authorization", "")
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() == "bearer" and token:
-        return token.strip()
-    return request.headers.get("x-api-key")
+# Declared as security schemes so that the OpenAPI document says how to authenticate; either one
+# will do. Neither raises by itself: the checks below answer in the API's error format.
+_BEARER = HTTPBearer(
+    auto_error=False, description="An API key (admin routes: an admin key), where keys are set."
+)
+_HEADER = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="The same key, in a header of its own."
+)
+
+
+async def presented_key(
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
+    header: Annotated[str | None, Depends(_HEADER)],
+) -> str | None:
+    if bearer is not None and bearer.credentials:
+        return bearer.credentials.strip()
+    return header
+
+
+KeyDep = Annotated[str | None, Depends(presented_key)]
 
 
 def _known(presented: str | None, keys: list[str]) -> bool:
@@ -58,25 +73,34 @@ def _known(presented: str | None, keys: list[str]) -> bool:
     )
 
 
-async def require_api_key(request: Request, settings: SettingsDep) -> None:
-    """Every /v1 route: with REASONREC_API_KEYS set, a known key must come with the request."""
-    if settings.api_keys and not _known(_presented_key(request), settings.api_keys):
-        raise ApiError(
-            401,
-            "unauthorized",
-            "a valid API key is required: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+def _unauthorized(what: str) -> ApiError:
+    return ApiError(
+        401,
+        "unauthorized",
+        f"{what} is required: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
-async def require_admin_key(request: Request, settings: SettingsDep) -> None:
-    """Admin routes: an admin key (REASONREC_ADMIN_KEYS) must come with the request, always."""
+async def require_api_key(presented: KeyDep, settings: SettingsDep) -> None:
+    """Every /v1 route: with REASONREC_API_KEYS set, a known key must come with the request.
+
+    An admin key is accepted wherever an API key is: it is the stronger credential.
+    """
+    keys = settings.api_keys
+    if keys and not _known(presented, [*keys, *settings.admin_keys]):
+        raise _unauthorized("a valid API key")
+
+
+async def require_admin_key(presented: KeyDep, settings: SettingsDep) -> None:
+    """Admin routes: an admin key (REASONREC_ADMIN_KEYS) must come with the request, always.
+
+    No key or an unknown one: 401. A valid API key that is not an admin key: 403.
+    """
     if not settings.admin_keys:
         raise ApiError(403, "forbidden", "admin routes are disabled: REASONREC_ADMIN_KEYS is unset")
-    if not _known(_presented_key(request), settings.admin_keys):
-        raise ApiError(
-            401,
-            "unauthorized",
-            "an admin key is required: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+    if _known(presented, settings.admin_keys):
+        return
+    if _known(presented, settings.api_keys):
+        raise ApiError(403, "forbidden", "this route needs an admin key; an API key is not one")
+    raise _unauthorized("an admin key")

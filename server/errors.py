@@ -12,11 +12,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from server import metrics
-from server.schemas import ErrorBody, ErrorResponse
+from server.schemas import ErrorBody, ErrorResponse, EventType
 
 log = logging.getLogger(__name__)
+_EVENT_TYPES = frozenset(EventType)
 
 
 class ApiError(Exception):
@@ -44,13 +46,35 @@ def error_response(
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+class StorageUnavailable(ApiError):
+    """Redis did not answer in time. For a write the outcome is unknown: it may have been
+    applied, so a retry must be safe to apply twice (feedback: the same event ids)."""
+
+    def __init__(self, message: str = "the data store is unreachable; retry shortly", details=None):
+        super().__init__(503, "storage_unavailable", message, details, {"Retry-After": "1"})
+
+
 def not_found(kind: str, ident: str) -> ApiError:
     return ApiError(404, "not_found", f"{kind} '{ident}' does not exist")
 
 
+def _location(loc: tuple) -> list:
+    """The path of the field at fault. Pydantic puts the tag of a tagged union (an event's type)
+    in the path, as if it were a field: left out, since no such field exists in the body."""
+    return [
+        part
+        for i, part in enumerate(loc)
+        if not (part in _EVENT_TYPES and i > 0 and isinstance(loc[i - 1], int))
+    ]
+
+
 def validation_details(errors: Any) -> list[dict[str, Any]]:
     return [
-        {"loc": list(err.get("loc", ())), "message": err.get("msg", ""), "type": err.get("type")}
+        {
+            "loc": _location(err.get("loc", ())),
+            "message": err.get("msg", ""),
+            "type": err.get("type"),
+        }
         for err in errors
     ]
 
@@ -66,6 +90,26 @@ _STATUS_CODES = {
 }
 
 
+_MEANINGS = {
+    400: "The request could not be read.",
+    401: "No API key, or an unknown one (only where API keys are configured).",
+    403: "Admin route: an API key where an admin key is needed, or admin routes are disabled.",
+    404: "The item, user or model version does not exist.",
+    409: "The model version cannot be served by this gateway.",
+    413: "The request body is larger than REASONREC_MAX_BODY_BYTES.",
+    414: "The URL is longer than 8192 bytes.",
+    422: "The request breaks a rule of the schema or a limit (details name each).",
+    500: "An unexpected error; the log line carries the request id.",
+    503: "The data store did not answer; retry after Retry-After seconds. A write may or may "
+    "not have been applied (feedback: retry with the event_ids in the details).",
+}
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for error statuses a route can answer, all with the one error body."""
+    return {s: {"model": ErrorResponse, "description": _MEANINGS[s]} for s in statuses}
+
+
 async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
 
@@ -75,24 +119,41 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return error_response(422, "validation_error", "the request is invalid", details)
 
 
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = _STATUS_CODES.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+    headers = exc.headers
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+    return error_response(exc.status_code, code, str(exc.detail), headers=headers)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route of this path answers. Starlette names only the first route's,
+    and GET and PUT of one path are two routes here."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
+async def _unavailable(request: Request, exc: StorageUnavailable) -> JSONResponse:
+    metrics.REDIS_ERRORS.inc()
+    reason = repr(exc.__cause__ or exc)
+    log.warning("redis unavailable", extra={"path": request.url.path, "reason": reason})
+    return await _api_error(request, exc)
 
 
 async def _redis_error(request: Request, exc: RedisError) -> JSONResponse:
-    metrics.REDIS_ERRORS.inc()
-    log.warning("redis unavailable", extra={"path": request.url.path, "reason": repr(exc)})
-    return error_response(
-        503,
-        "storage_unavailable",
-        "the data store is unreachable; retry shortly",
-        headers={"Retry-After": "1"},
-    )
+    error = StorageUnavailable()
+    error.__cause__ = exc
+    return await _unavailable(request, error)
 
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StorageUnavailable, _unavailable)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RedisError, _redis_error)

@@ -1,14 +1,15 @@
 -- Append a validated batch of feedback events atomically.
--- ARGV: prefix, history size, dedup ttl (0 = forever), event count, then per event:
---   user_id, item_id, type, value, request_id, event_id, timestamp, positive ("1"/"0").
+-- ARGV: prefix, history size, event count, then per event:
+--   user_id, item_id, type, value, request_id, event_id, timestamp, positive ("1"/"0"),
+--   how long its event id is remembered (seconds, 0 = forever).
 -- Returns {-1, {indexes of unknown items}} and writes nothing when an item is unknown,
 -- otherwise {0, flags}: flags has one character per event, "1" stored, "0" a duplicate.
-local prefix, cap, ttl, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local width = 8
+local prefix, cap, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local width = 9
 
 local unknown = {}
 for i = 0, n - 1 do
-  if redis.call('SISMEMBER', prefix .. ':items', ARGV[4 + i * width + 2]) == 0 then
+  if redis.call('SISMEMBER', prefix .. ':items', ARGV[3 + i * width + 2]) == 0 then
     unknown[#unknown + 1] = i
   end
 end
@@ -18,9 +19,10 @@ end
 
 local flags = {}
 for i = 0, n - 1 do
-  local b = 4 + i * width
+  local b = 3 + i * width
   local user, item, kind, value = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
   local request_id, event_id, ts, positive = ARGV[b + 5], ARGV[b + 6], ARGV[b + 7], ARGV[b + 8]
+  local ttl = tonumber(ARGV[b + 9])
   local fresh = true
   if event_id ~= '' then
     local marker = prefix .. ':evid:' .. event_id

@@ -19,6 +19,12 @@ FEEDBACK_EVENTS = Counter(
 REDIS_ERRORS = Counter(
     "reasonrec_redis_errors_total", "Requests that failed because Redis was unreachable."
 )
+UNREADABLE_RECORDS = Counter(
+    "reasonrec_unreadable_records_total",
+    "Stored records skipped because they could not be decoded (written by hand, or before a "
+    "validation rule existed), by kind.",
+    ["kind"],
+)
 ENGINE_SECONDS = Histogram(
     "reasonrec_engine_seconds",
     "Time spent in the LLM engine per recommendation.",

@@ -1,10 +1,16 @@
-"""Pure ASGI middleware around every request: request id, body size limit, metrics, access log.
+"""Pure ASGI middleware around every request: request id, size limits, metrics, access log.
+
+Every request gets a request id of its own (a uuid), answered in `X-Request-ID` and in the body
+of a recommendation: feedback quotes it, so two requests must never share one. A client's own
+`X-Request-ID`, when it is a plain token of at most 128 characters, is kept as the client request
+id: logged with every line of the request and answered in `X-Client-Request-ID`.
 
 Written against raw ASGI rather than BaseHTTPMiddleware because it sits on the hot path of
 feedback ingestion, where every microsecond per request counts.
 """
 
 import logging
+import re
 import time
 import uuid
 
@@ -13,11 +19,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import metrics
 from server.errors import error_response
-from server.logs import request_id_var
+from server.logs import client_request_id_var, request_id_var
+from server.schemas import MAX_TOKEN_CHARS, TOKEN_PATTERN
 
 log = logging.getLogger("reasonrec.access")
 
 REQUEST_ID_HEADER = b"x-request-id"
+CLIENT_REQUEST_ID_HEADER = b"x-client-request-id"
+_TOKEN = re.compile(TOKEN_PATTERN)
+# Longer paths and queries get a JSON 414: no id or filter the API accepts comes near it.
+MAX_URL_BYTES = 8192
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -25,6 +36,17 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return value.decode("latin-1")
     return None
+
+
+def _client_request_id(scope: Scope) -> str | None:
+    value = _header(scope, REQUEST_ID_HEADER)
+    if value and len(value) <= MAX_TOKEN_CHARS and _TOKEN.fullmatch(value):
+        return value
+    return None
+
+
+def _url_bytes(scope: Scope) -> int:
+    return len(scope.get("raw_path") or scope["path"].encode()) + len(scope["query_string"])
 
 
 class RequestMiddleware:
@@ -36,8 +58,13 @@ class RequestMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _header(scope, REQUEST_ID_HEADER) or uuid.uuid4().hex
+        request_id = uuid.uuid4().hex
+        client_id = _client_request_id(scope)
         token = request_id_var.set(request_id)
+        client_token = client_request_id_var.set(client_id)
+        ids = [(REQUEST_ID_HEADER, request_id.encode())]
+        if client_id:
+            ids.append((CLIENT_REQUEST_ID_HEADER, client_id.encode()))
         start = time.perf_counter()
         status = 500
         started = False
@@ -46,14 +73,16 @@ class RequestMiddleware:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
-                message.setdefault("headers", []).append(
-                    (REQUEST_ID_HEADER, request_id.encode("latin-1"))
-                )
+                message.setdefault("headers", []).extend(ids)
             await send(message)
 
         try:
             length = _header(scope, b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            if _url_bytes(scope) > MAX_URL_BYTES:
+                await error_response(414, "uri_too_long", f"the URL exceeds {MAX_URL_BYTES} bytes")(
+                    scope, receive, send_with_id
+                )
+            elif length is not None and length.isdigit() and int(length) > self.max_body_bytes:
                 await self._too_large(scope, receive, send_with_id)
             else:
                 await self.app(scope, self._limited(receive), send_with_id)
@@ -67,6 +96,7 @@ class RequestMiddleware:
         finally:
             self._observe(scope, status, time.perf_counter() - start)
             request_id_var.reset(token)
+            client_request_id_var.reset(client_token)
 
     def _limited(self, receive: Receive) -> Receive:
         """Count body bytes as they arrive: a chunked body has no Content-Length to check."""
@@ -86,8 +116,9 @@ class RequestMiddleware:
         return f"the request body exceeds {self.max_body_bytes} bytes"
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(413, "payload_too_large", self._too_large_message())
-        await response(scope, receive, send)
+        await error_response(413, "payload_too_large", self._too_large_message())(
+            scope, receive, send
+        )
 
     def _observe(self, scope: Scope, status: int, seconds: float) -> None:
         route = scope.get("route")

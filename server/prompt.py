@@ -60,6 +60,14 @@ OUTPUT_FORMAT = (
 # No '<' or '>' inside either part: a stray or repeated tag makes the answer malformed.
 _ANSWER = re.compile(r"^\s*<think>([^<>]*)</think>\s*<answer>([^<>]*)</answer>\s*$")
 MAX_TEXT_CHARS = 120
+# A rich profile line shows this many attributes, so that no user can make every prompt long.
+MAX_PROFILE_ATTRIBUTES = 20
+# Controls, zero-width and bidi characters: text that shows one thing in a prompt and reads as
+# another. Whitespace is not here: it is folded into single spaces.
+_INVISIBLE = re.compile(
+    "[\x00-\x08\x0e-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb]"
+)
 
 
 class Rendering(StrEnum):
@@ -100,9 +108,14 @@ def ref(item_id: str) -> str:
     return f"{ITEM_MARK}{item_id}"
 
 
+def _visible(value: object) -> str:
+    return _INVISIBLE.sub("", str(value))
+
+
 def _text(value: object, limit: int = MAX_TEXT_CHARS) -> str:
-    """One line, bounded: a newline or '|' in catalog text must not fake a prompt line."""
-    return " ".join(str(value).replace("|", "/").split())[:limit]
+    """One visible line, bounded: a newline or '|' in user or catalog text must not fake a
+    prompt line."""
+    return " ".join(_visible(value).replace("|", "/").split())[:limit]
 
 
 def _item_line(item: ItemView) -> str:
@@ -119,7 +132,12 @@ def _item_line(item: ItemView) -> str:
 def _profile_line(profile: dict) -> str:
     if not profile:
         return "User: new user, nothing known yet."
-    return "User: " + ", ".join(f"{key} {value}" for key, value in sorted(profile.items()))
+    shown = sorted(profile.items())[:MAX_PROFILE_ATTRIBUTES]
+    pairs = (
+        f"{_text(key, MAX_ATTRIBUTE_CHARS)} {_text(value, MAX_ATTRIBUTE_CHARS)}"
+        for key, value in shown
+    )
+    return "User: " + ", ".join(pairs)
 
 
 def _history_lines(history: Sequence[HistoryView]) -> list[str]:
@@ -148,7 +166,7 @@ _NOT_A_WORD = re.compile(r"[\s#<>=]+")  # no item reference, tag or second '=' f
 
 
 def _word(value: object, limit: int) -> str:
-    return _NOT_A_WORD.sub("_", str(value).strip())[:limit]
+    return _NOT_A_WORD.sub("_", _visible(value).strip())[:limit]
 
 
 def compact_profile(profile: dict) -> str:

@@ -48,6 +48,10 @@ SPARE_IDS = 5
 FALLBACK_RATIONALE = (
     "Ranked by similarity to your recent history (the language model was not used)."
 )
+COLD_START_RATIONALE = (
+    "Popular and newly added items: there is no history to go by yet (the language model was "
+    "not used)."
+)
 
 
 @dataclass
@@ -55,8 +59,8 @@ class Outcome:
     """What the ranking step produced and how."""
 
     ids: list[str]
-    rationale: str
     source: Source
+    rationale: str = ""
     raw: str = ""
     reason: str | None = None
 
@@ -128,7 +132,7 @@ def served_order(
 
 def _fallback(order: list[str], k: int, reason: str) -> Outcome:
     metrics.FALLBACKS.labels(reason).inc()
-    return Outcome(order[:k], FALLBACK_RATIONALE, Source.fallback, reason=reason)
+    return Outcome(order[:k], Source.fallback, reason=reason)
 
 
 def _ranked_item(candidate: Candidate, rank: int) -> RecommendedItem:
@@ -166,6 +170,8 @@ class Recommender:
         data = prompt_input(found, context.profile, request.k, contract.history)
         prompt = build_prompt(data, contract.rendering) if order else ""
         outcome = await self._rank(prompt, order, request, request_id, engine)
+        if outcome.source is Source.fallback:
+            outcome.rationale = COLD_START_RATIONALE if found.cold_start else FALLBACK_RATIONALE
         items = {item_id: candidate.item for item_id, candidate in by_id.items()}
         outcome.ids = enforce(self.policy, outcome.ids, order, items, request.k) if order else []
         response = RecommendResponse(
@@ -246,7 +252,7 @@ class Recommender:
         if repaired:
             self.repairs += 1
             metrics.PARSE_FAILURES.inc()
-        return Outcome(ids, answer.rationale, Source.llm, raw=result.text)
+        return Outcome(ids, Source.llm, answer.rationale, raw=result.text)
 
     async def _log_impression(
         self,

@@ -1,27 +1,112 @@
-"""Pydantic models at the HTTP boundary: what the API accepts and returns."""
+"""Pydantic models at the HTTP boundary: what the API accepts and returns.
 
-from datetime import UTC, datetime
+The rule for every input: what the API accepts must read back and must be safe to show a model.
+So times sit in a window every reader can convert, sizes are bounded, ids are printable, and
+numbers are finite. The limits are listed in README, "Limits and errors".
+"""
+
+import math
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
 
-Id = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\s:/,<>]+$")]
-"""Item and user ids: no whitespace, no ':' (it separates Redis key parts), no '/' (it separates
-URL path segments, so such an id could not be addressed by the routes), no ',', '<' or '>' (they
-delimit ids and tags in the model's answers)."""
+# Characters that are invisible or change how text around them is laid out: C0 and C1 controls,
+# spaces, soft hyphen, Arabic letter mark, Mongolian vowel separator, zero-width characters,
+# bidi marks and overrides, word joiners, the byte order mark and the specials block. An id made
+# of them could not be told apart from another one in a log, a prompt or an answer.
+_HIDDEN = (
+    r"\x00-\x20\x7f-\xa0\u00ad\u061c\u180e\u2000-\u200f\u2028-\u202f\u205f-\u206f\u3000"
+    r"\ufeff\ufff0-\uffff"
+)
+ID_PATTERN = rf"^[^{_HIDDEN}:/,<>]+$"
+MAX_ID_CHARS = 256
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)]
+"""Item and user ids: printable, no whitespace, no ':' (it separates Redis key parts), no '/'
+(it separates URL path segments, so such an id could not be addressed by the routes), no ',',
+'<' or '>' (they delimit ids and tags in the model's answers)."""
 
+TOKEN_PATTERN = r"^[A-Za-z0-9._~:@+=-]+$"
+MAX_TOKEN_CHARS = 128
+Token = Annotated[str, Field(min_length=1, max_length=MAX_TOKEN_CHARS, pattern=TOKEN_PATTERN)]
+"""Request and event ids: short and plain, since they become Redis keys and HTTP headers."""
+
+MAX_ATTRIBUTES = 64
+MAX_ATTRIBUTE_CHARS = 256
+AttrKey = Annotated[str, Field(min_length=1, max_length=64, pattern=ID_PATTERN)]
 # bool first: in a str | int | float union pydantic would store `true` as 1.
-AttrValue = bool | int | float | str
+AttrValue = (
+    bool
+    | Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+    | Annotated[float, Field(allow_inf_nan=False)]
+    | Annotated[str, Field(max_length=MAX_ATTRIBUTE_CHARS)]
+)
+Attributes = Annotated[dict[AttrKey, AttrValue], Field(max_length=MAX_ATTRIBUTES)]
+
+# The window of times accepted: early enough for the release dates of the first films, late
+# enough for clocks a little ahead. Beyond year 1 or 9999, a time has no datetime in UTC.
+EARLIEST = datetime(1800, 1, 1, tzinfo=UTC)
+FUTURE_SLACK = timedelta(days=1)
+_READABLE = (
+    datetime(1, 1, 2, tzinfo=UTC).timestamp(),
+    datetime(9999, 1, 1, tzinfo=UTC).timestamp(),
+)
 
 
-def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+def readable_time(seconds: float) -> datetime | None:
+    """A stored Unix time as a UTC datetime; None when no datetime can hold it (a value written
+    before times were bounded): its reader skips the record instead of failing a request."""
+    if not (math.isfinite(seconds) and _READABLE[0] <= seconds < _READABLE[1]):
+        return None
+    return datetime.fromtimestamp(seconds, UTC)
 
 
-UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
-"""A time without a zone is read as UTC, never as the server's local time."""
+def _seconds(value: Any) -> Any:
+    """A number is Unix seconds (pydantic alone would read a large one as milliseconds)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if (converted := readable_time(float(value))) is None:
+            raise ValueError("a numeric timestamp must be Unix seconds within years 1800-9998")
+        return converted
+    return value
+
+
+def _in_window(value: datetime) -> datetime:
+    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    latest = datetime.now(UTC) + FUTURE_SLACK
+    if not EARLIEST <= value <= latest:
+        raise ValueError("a time must lie between 1800-01-01 and one day from now")
+    return value.astimezone(UTC)
+
+
+Timestamp = Annotated[
+    datetime,
+    BeforeValidator(_seconds),
+    AfterValidator(_in_window),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "format": "date-time"},
+                {"type": "number", "minimum": EARLIEST.timestamp(), "description": "Unix seconds"},
+            ],
+            "description": "RFC 3339 (no zone: UTC) or Unix seconds; from 1800-01-01 to one day "
+            "from now.",
+        },
+        mode="validation",
+    ),
+]
+"""A time the API accepts: a zone-less time is UTC, never the server's local time."""
 MAX_BATCH = 1000
+Category = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class ItemIn(BaseModel):
@@ -30,15 +115,13 @@ class ItemIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     title: str = Field(min_length=1, max_length=1000)
-    categories: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
-        default_factory=list, max_length=100
-    )
-    attributes: dict[str, AttrValue] = Field(default_factory=dict, max_length=200)
+    categories: list[Category] = Field(default_factory=list, max_length=100)
+    attributes: Attributes = Field(default_factory=dict)
     description: str = Field("", max_length=20_000)
     available: bool = True
     promoted: bool = False
     boost: float = Field(0.0, ge=0.0, le=10.0, description="Extra promotion weight, 0 = none.")
-    created_at: UtcDatetime | None = Field(
+    created_at: Timestamp | None = Field(
         None, description="When the item entered the catalog. Unset: kept, or now on first write."
     )
 
@@ -67,7 +150,7 @@ class UpsertResult(BaseModel):
 class UserIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    attributes: dict[str, AttrValue] = Field(default_factory=dict, max_length=200)
+    attributes: Attributes = Field(default_factory=dict)
 
 
 class UserUpsert(UserIn):
@@ -82,7 +165,9 @@ class HistoryEntry(BaseModel):
 
 class User(BaseModel):
     user_id: str
-    attributes: dict[str, AttrValue]
+    attributes: dict[str, bool | int | float | str] = Field(
+        description="As written (see PUT /v1/users/{user_id})."
+    )
     history: list[HistoryEntry] = Field(description="Recent positive interactions, newest first.")
 
 
@@ -107,18 +192,32 @@ def is_positive(kind: EventType, value: float | None) -> bool:
     return kind in POSITIVE_TYPES
 
 
+EventId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=rf"^[^{_HIDDEN}]+$")]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
 class FeedbackEvent(BaseModel):
+    """One event as stored and loaded. The API reads each one as the `RatingEvent` or the
+    `InteractionEvent` its type names, so that the schema says which events carry a value."""
+
     model_config = ConfigDict(extra="forbid")
 
     user_id: Id
     item_id: Id
     type: EventType
     value: float | None = Field(None, description="The rating, 0.5 to 5; only for type rating.")
-    request_id: str | None = Field(None, max_length=128)
-    event_id: str | None = Field(
-        None, min_length=1, max_length=256, description="Sent twice, the event is stored once."
+    request_id: Token | None = Field(
+        None, description="The request_id of the list the event is about (attribution)."
     )
-    timestamp: UtcDatetime = Field(default_factory=lambda: datetime.now(UTC))
+    event_id: EventId | None = Field(
+        None,
+        description="Idempotency key: sent again, the event is stored once. Unset: the server "
+        "assigns one and returns it, so that a retry after a 503 can send it.",
+    )
+    timestamp: Timestamp = Field(default_factory=_now)
 
     @model_validator(mode="after")
     def _check_value(self) -> "FeedbackEvent":
@@ -134,15 +233,46 @@ class FeedbackEvent(BaseModel):
         return is_positive(self.type, self.value)
 
 
+class RatingEvent(FeedbackEvent):
+    type: Literal[EventType.rating]
+    value: float = Field(ge=0.5, le=5.0, description="The rating, 0.5 to 5.")
+
+
+class InteractionEvent(FeedbackEvent):
+    type: Literal[
+        EventType.impression,
+        EventType.click,
+        EventType.like,
+        EventType.purchase,
+        EventType.dislike,
+        EventType.skip,
+    ]
+    value: None = Field(None, description="Only ratings carry a value.")
+
+
+EventIn = Annotated[
+    RatingEvent | InteractionEvent,
+    Discriminator(
+        "type",
+        custom_error_type="event_type",
+        custom_error_message="type must be one of: " + ", ".join(EventType),
+    ),
+]
+"""An event as the API reads it: the schema says which types carry a value."""
+
+
 class FeedbackBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    events: list[FeedbackEvent] = Field(min_length=1, max_length=MAX_BATCH)
+    events: list[EventIn] = Field(min_length=1, max_length=MAX_BATCH)
 
 
 class FeedbackResult(BaseModel):
     accepted: int
     duplicates: int
+    event_ids: list[str] = Field(
+        description="The idempotency key of each event, in the order sent (assigned when unset)."
+    )
 
 
 class ErrorBody(BaseModel):
@@ -161,7 +291,7 @@ class RecommendRequest(BaseModel):
     user_id: Id
     k: int = Field(10, ge=1, le=50)
     exclude_seen: bool = True
-    categories: list[Annotated[str, Field(min_length=1)]] | None = Field(
+    categories: list[Category] | None = Field(
         None, max_length=50, description="Only recommend items in at least one of these."
     )
     explain: bool = Field(True, description="Return the model's rationale.")

@@ -1,12 +1,16 @@
 """The catalog, users and feedback in Redis: every read and write the API and loaders make."""
 
 import json
+import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import resources
+from typing import Any
 
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
+from server import metrics
 from server.keys import Keys
 from server.schemas import (
     FeedbackEvent,
@@ -15,7 +19,10 @@ from server.schemas import (
     ItemUpsert,
     User,
     UserUpsert,
+    readable_time,
 )
+
+log = logging.getLogger(__name__)
 
 FEEDBACK_SCRIPT = resources.files("server").joinpath("feedback.lua").read_text()
 ACTIVATE_SCRIPT = """
@@ -25,6 +32,11 @@ if old and old ~= ARGV[1] then redis.call('SET', KEYS[2], old) end
 redis.call('PUBLISH', KEYS[3], ARGV[1])
 return old
 """
+
+
+# A day: ample for a client to retry a write that answered 503, short enough that ids nobody
+# chose do not pile up in Redis.
+ASSIGNED_ID_SECONDS = 86_400
 
 
 class UnknownItems(Exception):
@@ -40,7 +52,31 @@ def _ts(value: datetime) -> str:
 
 
 def _dt(value: str | float) -> datetime:
-    return datetime.fromtimestamp(float(value), UTC)
+    if (converted := readable_time(float(value))) is None:
+        raise ValueError(f"{value} is not a readable time")
+    return converted
+
+
+UNREADABLE = (KeyError, TypeError, ValueError, ValidationError)
+"""What decoding a record that was written by hand, or before a validation rule existed, raises."""
+
+
+def skip_unreadable(kind: str, ident: str, exc: Exception) -> None:
+    """A stored record that cannot be decoded is skipped, never raised into a request."""
+    metrics.UNREADABLE_RECORDS.labels(kind).inc()
+    log.warning("unreadable record skipped", extra={"kind": kind, "id": ident, "reason": repr(exc)})
+
+
+def attributes_of(owner: str, raw: str | None) -> dict[str, Any]:
+    """A user's stored attributes; empty when there are none or they cannot be read."""
+    try:
+        attributes = json.loads(raw) if raw else {}
+        if not isinstance(attributes, dict):
+            raise TypeError("attributes are not an object")
+    except UNREADABLE as exc:
+        skip_unreadable("user", owner, exc)
+        return {}
+    return attributes
 
 
 def _flag(value: bool) -> str:
@@ -60,7 +96,15 @@ def _item_fields(item: ItemUpsert) -> dict[str, str]:
     }
 
 
-def _item_from_hash(item_id: str, raw: dict[str, str]) -> Item:
+def _item_from_hash(item_id: str, raw: dict[str, str]) -> Item | None:
+    try:
+        return _decode_item(item_id, raw)
+    except UNREADABLE as exc:
+        skip_unreadable("item", item_id, exc)
+        return None
+
+
+def _decode_item(item_id: str, raw: dict[str, str]) -> Item:
     return Item(
         item_id=item_id,
         title=raw["title"],
@@ -108,16 +152,20 @@ class Store:
         return len(items)
 
     async def get_item(self, item_id: str) -> Item | None:
+        """The item, or None when it does not exist or its record cannot be read."""
         raw = await self.redis.hgetall(self.keys.item(item_id))
         return _item_from_hash(item_id, raw) if raw else None
 
     async def get_items(self, item_ids: Sequence[str]) -> dict[str, Item]:
-        """The items that exist among `item_ids`, in one round trip."""
+        """The readable items that exist among `item_ids`, in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for item_id in item_ids:
                 pipe.hgetall(self.keys.item(item_id))
             found = await pipe.execute()
-        return {i: _item_from_hash(i, raw) for i, raw in zip(item_ids, found, strict=True) if raw}
+        decoded = (
+            (i, _item_from_hash(i, raw)) for i, raw in zip(item_ids, found, strict=True) if raw
+        )
+        return {i: item for i, item in decoded if item is not None}
 
     async def popular(self, limit: int) -> list[tuple[str, float]]:
         """Most engaged-with items and their positive-event counts, most popular first."""
@@ -158,14 +206,13 @@ class Store:
         if not known:
             return None
         titles = await self._titles([item_id for item_id, _ in history])
-        return User(
-            user_id=user_id,
-            attributes=json.loads(attributes) if attributes else {},
-            history=[
-                HistoryEntry(item_id=item_id, timestamp=_dt(ts), title=title)
-                for (item_id, ts), title in zip(history, titles, strict=True)
-            ],
-        )
+        entries = []
+        for (item_id, ts), title in zip(history, titles, strict=True):
+            if (timestamp := readable_time(ts)) is None:
+                skip_unreadable("history", f"{user_id}/{item_id}", ValueError(f"time {ts}"))
+                continue
+            entries.append(HistoryEntry(item_id=item_id, timestamp=timestamp, title=title))
+        return User(user_id=user_id, attributes=attributes_of(user_id, attributes), history=entries)
 
     async def _titles(self, item_ids: list[str]) -> list[str | None]:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -213,21 +260,21 @@ class Store:
     # Feedback ------------------------------------------------------------------------------
 
     async def add_feedback(
-        self, events: Sequence[FeedbackEvent], dedup_ttl_seconds: int | None = None
+        self,
+        events: Sequence[FeedbackEvent],
+        dedup_ttl_seconds: int | None = None,
+        assigned: frozenset[int] = frozenset(),
     ) -> list[bool]:
         """Append events atomically; True for each stored event, False for a duplicate.
 
-        `dedup_ttl_seconds` overrides how long event ids are remembered (0: forever).
+        `dedup_ttl_seconds` overrides how long event ids are remembered (0: forever); the ids of
+        the events at the `assigned` indexes were made up by the server, and are remembered only
+        as long as a client may retry (ASSIGNED_ID_SECONDS).
         Raises UnknownItems, having written nothing, if any event names an unknown item.
         """
         ttl = self.dedup_ttl_seconds if dedup_ttl_seconds is None else dedup_ttl_seconds
-        args: list[str | int] = [
-            self.keys.prefix,
-            self.history_size,
-            ttl,
-            len(events),
-        ]
-        for event in events:
+        args: list[str | int] = [self.keys.prefix, self.history_size, len(events)]
+        for i, event in enumerate(events):
             args += [
                 event.user_id,
                 event.item_id,
@@ -237,6 +284,7 @@ class Store:
                 event.event_id or "",
                 _ts(event.timestamp),
                 _flag(event.positive),
+                ASSIGNED_ID_SECONDS if i in assigned else ttl,
             ]
         status, payload = await self._feedback(args=args)
         if status == -1:

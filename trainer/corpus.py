@@ -6,14 +6,13 @@ purchase, or a rating of any value (MovieLens users rated what they watched; EVA
 rating). Impressions, skips and dislikes are not interactions.
 """
 
-import json
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 
 from pydantic import BaseModel
 
-from server.schemas import EventType, Item
-from server.store import Store
+from server.schemas import EventType, Item, readable_time
+from server.store import Store, attributes_of, skip_unreadable
 
 INTERACTIONS = {EventType.click, EventType.like, EventType.purchase, EventType.rating}
 CHUNK = 5000
@@ -51,7 +50,7 @@ async def _profiles(store: Store) -> dict[str, dict]:
         for user_id in users:
             pipe.hget(store.keys.user(user_id), "attributes")
         found = await pipe.execute()
-    return {u: json.loads(raw) if raw else {} for u, raw in zip(users, found, strict=True)}
+    return {u: attributes_of(u, raw) for u, raw in zip(users, found, strict=True)}
 
 
 async def read_corpus(store: Store) -> Corpus:
@@ -61,8 +60,12 @@ async def read_corpus(store: Store) -> Corpus:
         items |= await store.get_items(item_ids[start : start + CHUNK])
     sequences: dict[str, list[tuple[str, float]]] = defaultdict(list)
     async for event in _stream(store):
-        if event["type"] in INTERACTIONS and event["item_id"] in items:
-            sequences[event["user_id"]].append((event["item_id"], float(event["ts"])))
+        if event["type"] not in INTERACTIONS or event["item_id"] not in items:
+            continue
+        if readable_time(ts := float(event["ts"])) is None:
+            skip_unreadable("event", event.get("event_id", ""), ValueError(f"time {ts}"))
+            continue
+        sequences[event["user_id"]].append((event["item_id"], ts))
     for seq in sequences.values():
         seq.sort(key=lambda pair: pair[1])  # stable: ties keep the log's order
     return Corpus(items=items, profiles=await _profiles(store), sequences=dict(sequences))

@@ -1,37 +1,58 @@
 """Feedback route: POST /v1/feedback."""
 
+import uuid
+
 from fastapi import APIRouter
+from redis.exceptions import RedisError
 
 from server import metrics
 from server.deps import StoreDep
-from server.errors import ApiError
+from server.errors import ApiError, StorageUnavailable, documented
 from server.schemas import FeedbackBatch, FeedbackEvent, FeedbackResult
 from server.store import Store, UnknownItems
 
 router = APIRouter(prefix="/v1/feedback", tags=["feedback"])
 
 
-@router.post("", response_model=FeedbackResult)
+@router.post("", response_model=FeedbackResult, responses=documented(413, 422))
 async def post_feedback(batch: FeedbackBatch, store: StoreDep) -> FeedbackResult:
-    """Store up to 1000 events. The batch is all or nothing: one bad event rejects it whole."""
+    """Store up to 1000 events. The batch is all or nothing: one bad event rejects it whole.
+
+    Events sent without an `event_id` get one, returned in `event_ids` (and in the details of a
+    503): sending the batch again with them stores nothing twice.
+    """
+    assigned = frozenset(i for i, event in enumerate(batch.events) if event.event_id is None)
+    for i in assigned:
+        batch.events[i].event_id = uuid.uuid4().hex
+    event_ids = [event.event_id or "" for event in batch.events]
     try:
-        stored = await store.add_feedback(batch.events)
+        stored = await store.add_feedback(batch.events, assigned=assigned)
+        new = [event for event, is_new in zip(batch.events, stored, strict=True) if is_new]
+        await _credit_positives(store, new)
+    except RedisError as exc:
+        raise StorageUnavailable(
+            "the data store did not answer: the events may or may not be stored; send them "
+            "again with these event_ids and none is counted twice",
+            {"event_ids": event_ids},
+        ) from exc
     except UnknownItems as exc:
-        details = [
-            {
-                "loc": ["body", "events", i, "item_id"],
-                "message": f"unknown item '{batch.events[i].item_id}'",
-                "type": "unknown_item",
-            }
-            for i in exc.indexes
-        ]
-        raise ApiError(422, "validation_error", "the batch names unknown items", details) from exc
-    new = [event for event, is_new in zip(batch.events, stored, strict=True) if is_new]
+        raise _unknown_items(batch, exc) from exc
     for event in new:
         metrics.FEEDBACK_EVENTS.labels(event.type.value).inc()
-    await _credit_positives(store, new)
     accepted = sum(stored)
-    return FeedbackResult(accepted=accepted, duplicates=len(stored) - accepted)
+    return FeedbackResult(accepted=accepted, duplicates=len(stored) - accepted, event_ids=event_ids)
+
+
+def _unknown_items(batch: FeedbackBatch, exc: UnknownItems) -> ApiError:
+    details = [
+        {
+            "loc": ["body", "events", i, "item_id"],
+            "message": f"unknown item '{batch.events[i].item_id}'",
+            "type": "unknown_item",
+        }
+        for i in exc.indexes
+    ]
+    return ApiError(422, "validation_error", "the batch names unknown items", details)
 
 
 async def _credit_positives(store: Store, events: list[FeedbackEvent]) -> None:

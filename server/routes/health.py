@@ -1,15 +1,26 @@
 """Liveness, readiness and metrics: open even when API keys are set."""
 
+import logging
+from typing import Literal
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from redis.exceptions import RedisError
 
 from server.deps import StoreDep
 from server.engine import EngineError
 from server.store import Store
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "degraded", "not_ready"]
+    checks: dict[str, str]
+    model_version: str | None
 
 
 @router.get("/healthz")
@@ -18,7 +29,11 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Redis does not answer."}},
+)
 async def readyz(request: Request, store: StoreDep) -> JSONResponse:
     """Ready to serve: Redis answers (503 with the failing check otherwise).
 
@@ -30,21 +45,20 @@ async def readyz(request: Request, store: StoreDep) -> JSONResponse:
     checks = {"redis": await _redis_check(store), "engine": await _engine_check(request.app)}
     failed = checks["redis"] != "ok"
     status = "not_ready" if failed else "ready" if checks["engine"] == "ok" else "degraded"
-    return JSONResponse(
-        {
-            "status": status,
-            "checks": checks,
-            "model_version": engine.model_version if engine else None,
-        },
-        status_code=503 if failed else 200,
+    body = Readiness(
+        status=status, checks=checks, model_version=engine.model_version if engine else None
     )
+    return JSONResponse(body.model_dump(), status_code=503 if failed else 200)
 
 
 async def _redis_check(store: Store) -> str:
+    """Says "ok" or "unreachable": the address and the error text go to the log, not to anyone who
+    can reach this unauthenticated route."""
     try:
         await store.ping()
     except RedisError as exc:
-        return f"unreachable: {exc}"
+        log.warning("readiness: redis unreachable", extra={"reason": repr(exc)})
+        return "unreachable"
     return "ok"
 
 
@@ -55,10 +69,15 @@ async def _engine_check(app) -> str:
     try:
         await engine.check_health()
     except EngineError as exc:
-        return str(exc)
+        log.warning("readiness: engine unhealthy", extra={"reason": str(exc)})
+        return "unreachable"
     return "ok"
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text."}},
+)
 async def prometheus_metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from server.deps import SettingsDep, StoreDep, require_admin_key
-from server.errors import ApiError
+from server.errors import ApiError, documented
 from server.prompt import Rendering
 from server.registry import Manifest, Registry, RegistryError, check_contract
 from server.schemas import Id
@@ -70,7 +70,10 @@ async def list_models(request: Request, store: StoreDep, settings: SettingsDep) 
 
 
 @router.post(
-    "/activate", response_model=ActivateResponse, dependencies=[Depends(require_admin_key)]
+    "/activate",
+    response_model=ActivateResponse,
+    dependencies=[Depends(require_admin_key)],
+    responses=documented(403, 404, 409, 413, 422),
 )
 async def activate(
     body: ActivateRequest, store: StoreDep, settings: SettingsDep

@@ -3,13 +3,14 @@
 from fastapi import APIRouter
 
 from server.deps import EngineDep, IndexDep, RecommenderDep
+from server.errors import documented
 from server.logs import request_id_var
 from server.schemas import RecommendRequest, RecommendResponse
 
 router = APIRouter(prefix="/v1/recommend", tags=["recommend"])
 
 
-@router.post("", response_model=RecommendResponse)
+@router.post("", response_model=RecommendResponse, responses=documented(413, 422))
 async def recommend(
     body: RecommendRequest, recommender: RecommenderDep, engine: EngineDep, index: IndexDep
 ) -> RecommendResponse:

@@ -29,7 +29,7 @@ def test_embedded_redis_persists_across_restarts(embedded_settings):
         assert client.put("/v1/items/a", json={"title": "Kept", "boost": 1.5}).status_code == 200
         client.put("/v1/users/u1", json={"attributes": {"age": 40}})
         response = post_events(client, {"user_id": "u1", "item_id": "a", "type": "like"})
-        assert response.json() == {"accepted": 1, "duplicates": 0}
+        assert response.json()["accepted"] == 1
         item = client.get("/v1/items/a").json()
     # Closing the client ran the lifespan shutdown: the embedded server saved and stopped.
     assert (data_dir / "redis.db").is_file()

@@ -124,25 +124,29 @@ def test_feedback_over_limit_413(small, rdb, key_prefix):
 
 
 @pytest.fixture
-def corrupt_item(settings, rdb, key_prefix):
-    """An item whose stored hash the store cannot read: an unexpected server-side failure."""
+def failing(settings):
+    """An app with a route that fails unexpectedly, with a secret in the exception."""
     app = create_app(settings)
+
+    async def fail() -> None:
+        raise RuntimeError("secret: not json")
+
+    app.add_api_route("/v1/fail", fail)
     with TestClient(app, raise_server_exceptions=False) as client:
-        put_items(client, "broken")
-        rdb.hset(f"{key_prefix}:item:broken", "categories", "{not json")
         yield client
 
 
-def test_unexpected_error_500_without_traceback(corrupt_item):
-    response = corrupt_item.get("/v1/items/broken")
+def test_unexpected_error_500_without_traceback(failing):
+    response = failing.get("/v1/fail")
     error = assert_error(response, 500, "internal_error")
     assert error["details"] is None
-    assert "JSONDecodeError" not in response.text
+    assert "RuntimeError" not in response.text
     assert "not json" not in response.text
     assert 'File "' not in response.text
 
 
-def test_unexpected_error_500_carries_request_id(corrupt_item):
-    response = corrupt_item.get("/v1/items/broken", headers={"X-Request-ID": "req-500"})
+def test_unexpected_error_500_carries_request_id(failing):
+    response = failing.get("/v1/fail", headers={"X-Request-ID": "req-500"})
     assert response.status_code == 500
-    assert response.headers.get("x-request-id") == "req-500"
+    assert response.headers.get("x-client-request-id") == "req-500"
+    assert len(response.headers["x-request-id"]) == 32

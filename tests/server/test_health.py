@@ -41,7 +41,7 @@ def test_redis_down_then_back(outage_client, redis_process):
     assert client.get("/readyz").status_code == 200
     assert client.put("/v1/items/a", json={"title": "A"}).status_code == 200
     response = post_events(client, {"user_id": "u0", "item_id": "a", "type": "click"})
-    assert response.json() == {"accepted": 1, "duplicates": 0}
+    assert response.json()["accepted"] == 1
     errors_before = metric(client, REDIS_ERRORS)
 
     redis_process.stop()
@@ -50,8 +50,7 @@ def test_redis_down_then_back(outage_client, redis_process):
     assert response.status_code == 503
     body = response.json()
     assert body["status"] == "not_ready"
-    assert body["checks"]["redis"].startswith("unreachable")
-    assert len(body["checks"]["redis"]) > len("unreachable: ")
+    assert body["checks"]["redis"] == "unreachable"  # no address or error text to strangers
 
     calls = [
         client.get("/v1/items/a"),
@@ -81,7 +80,7 @@ def test_redis_down_then_back(outage_client, redis_process):
     assert client.get("/v1/items/a").json()["title"] == "A"
     # The new server has not cached the feedback script: it is loaded again.
     response = post_events(client, {"user_id": "u1", "item_id": "a", "type": "click"})
-    assert response.json() == {"accepted": 1, "duplicates": 0}
+    assert response.json()["accepted"] == 1
     assert [h["item_id"] for h in client.get("/v1/users/u1").json()["history"]] == ["a"]
 
 
@@ -139,13 +138,25 @@ def test_request_id_generated(client):
     assert first != second
 
 
-def test_request_id_echoed(client):
+def test_client_request_id_kept_beside_a_unique_one(client):
     headers = {"X-Request-ID": "abc-123"}
-    assert client.get("/healthz", headers=headers).headers["x-request-id"] == "abc-123"
-    assert client.get("/v1/items/none", headers=headers).headers["x-request-id"] == "abc-123"
-    response = client.put("/v1/items/a", json={"title": ""}, headers=headers)
-    assert response.status_code == 422
-    assert response.headers["x-request-id"] == "abc-123"
+    responses = [
+        client.get("/healthz", headers=headers),
+        client.get("/v1/items/none", headers=headers),
+        client.put("/v1/items/a", json={"title": ""}, headers=headers),
+    ]
+    assert [r.status_code for r in responses] == [200, 404, 422]
+    assert all(r.headers["x-client-request-id"] == "abc-123" for r in responses)
+    # Two requests never share a request id, whatever the client sends.
+    assert len({r.headers["x-request-id"] for r in responses}) == 3
+
+
+@pytest.mark.parametrize("sent", ["x" * 129, "a b", "a\tb", "<script>", "id,other", "é"], ids=repr)
+def test_bad_client_request_id_ignored(client, sent):
+    response = client.get("/healthz", headers={"X-Request-ID": sent.encode("utf-8")})
+    assert response.status_code == 200
+    assert "x-client-request-id" not in response.headers
+    assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-request-id"])
 
 
 def test_request_id_on_every_kind_of_response(make_client):
@@ -168,7 +179,7 @@ def test_request_id_on_503(outage_client, redis_process):
     redis_process.stop()
     response = outage_client.get("/v1/items/a", headers={"X-Request-ID": "down-1"})
     assert response.status_code == 503
-    assert response.headers["x-request-id"] == "down-1"
+    assert response.headers["x-client-request-id"] == "down-1"
 
 
 def test_app_starts_with_redis_down(make_client, redis_process):

@@ -14,14 +14,23 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
 
 from reward_rules.answer import Answer
 from server.engine import Engine, EngineError, Generation, GenerationRequest
+from server.item_index import ItemIndex
 from server.prompt import Contract, Rendering, answer_pattern, render_answer
-from server.recommend import FALLBACK_RATIONALE, SPARE_IDS, first_pick, repair, served_order
+from server.recommend import (
+    COLD_START_RATIONALE,
+    FALLBACK_RATIONALE,
+    SPARE_IDS,
+    first_pick,
+    repair,
+    served_order,
+)
 from tests.server.helpers import metric, post_events
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -242,7 +251,7 @@ def test_engine_error_falls_back(shop: TestClient, rdb: redis.Redis, key_prefix:
 
     assert ids(body) == ORDER[:3]
     assert body["source"] == "fallback" and body["degraded"] is True
-    assert body["rationale"] == FALLBACK_RATIONALE
+    assert body["rationale"] == COLD_START_RATIONALE  # no index yet: popular and new items
     assert body["model_version"] == "fake-down"
     assert metric(shop, FALLBACKS, reason="engine_error") == before + 1
     assert last_impression(rdb, key_prefix)["fallback_reason"] == "engine_error"
@@ -258,7 +267,7 @@ def test_a_down_engine_leaves_the_gateway_ready_but_degraded(shop: TestClient) -
     assert ready.status_code == 200
     assert ready.json() == {
         "status": "degraded",
-        "checks": {"redis": "ok", "engine": "engine unreachable"},
+        "checks": {"redis": "ok", "engine": "unreachable"},
         "model_version": "fake-down",
     }
 
@@ -447,6 +456,19 @@ def test_categories_filter(shop: TestClient, categories: list[str], expected: li
 # Impressions and metrics -----------------------------------------------------------------------
 
 
+def test_fallback_rationale_says_what_the_list_is_ranked_by(shop: TestClient) -> None:
+    # An index that knows u1's history (s1, s2): u1's fallback is ranked by it, a new user's is
+    # not (issue: cold-start users were told "Ranked by similarity to your recent history").
+    item_ids = ["s1", "s2", "p1", "p2", "p3", "p4"]
+    vectors = np.eye(len(item_ids), dtype=np.float32) + 0.1
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    shop.app.state.index = ItemIndex(item_ids, vectors, np.zeros(len(item_ids), np.float32), {})
+    use(shop, None)
+
+    assert recommend(shop, user_id="u1")["rationale"] == FALLBACK_RATIONALE
+    assert recommend(shop, user_id="newcomer")["rationale"] == COLD_START_RATIONALE
+
+
 def test_impression_logged_with_the_request_id(
     shop: TestClient, rdb: redis.Redis, key_prefix: str
 ) -> None:
@@ -459,10 +481,11 @@ def test_impression_logged_with_the_request_id(
     )
 
     assert response.status_code == 200
-    assert response.headers["x-request-id"] == "req-42"
-    assert response.json()["request_id"] == "req-42"
+    request_id = response.json()["request_id"]
+    assert response.headers["x-request-id"] == request_id != "req-42"
+    assert response.headers["x-client-request-id"] == "req-42"
     entry = last_impression(rdb, key_prefix)
-    assert entry["request_id"] == "req-42"
+    assert entry["request_id"] == request_id
     assert entry["user_id"] == "u1"
     assert entry["model_version"] == "fake-imp"
     assert entry["source"] == "llm" and entry["fallback_reason"] == ""
