@@ -2,8 +2,9 @@
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import faiss
 from fastapi import Depends, FastAPI
@@ -22,6 +23,7 @@ from server.recommend import Recommender
 from server.redis_client import connect
 from server.registry import RegistryError
 from server.routes import feedback, health, items, models, recommend, users
+from server.schemas import latest_time
 from server.store import Store
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,21 @@ async def _start_serving(app: FastAPI, settings: Settings, store: Store) -> None
     metrics.set_model_info(app.state.engine.model_version if app.state.engine else None)
 
 
+def _openapi_of_the_hour(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """The OpenAPI document, made again when the hour changes: it states the latest time the API
+    accepts, which moves on each hour (server.schemas.latest_time)."""
+    made: dict[str, Any] = {}
+
+    def openapi() -> dict[str, Any]:
+        hour = latest_time()
+        if made.get("hour") != hour:
+            app.openapi_schema = None
+            made.update(hour=hour, document=FastAPI.openapi(app))
+        return made["document"]
+
+    return openapi
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -95,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         responses=errors.documented(414, 500),
     )
+    app.openapi = _openapi_of_the_hour(app)
     errors.install(app)
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes)
     app.include_router(health.router)

@@ -17,7 +17,10 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
-    WithJsonSchema,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
     model_validator,
 )
 
@@ -44,19 +47,48 @@ Token = Annotated[str, Field(min_length=1, max_length=MAX_TOKEN_CHARS, pattern=T
 MAX_ATTRIBUTES = 64
 MAX_ATTRIBUTE_CHARS = 256
 AttrKey = Annotated[str, Field(min_length=1, max_length=64, pattern=ID_PATTERN)]
-# bool first: in a str | int | float union pydantic would store `true` as 1.
+
+
+def _a_number(value: Any) -> Any:
+    if isinstance(value, bool | str):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_a_number)]
+"""An integer as JSON Schema has it: 41 or 41.0, never true or "41"."""
+
+# Strict, every one: a lax union would store `true` as 1 and a too-long "000..." as 0.
 AttrValue = (
-    bool
-    | Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
-    | Annotated[float, Field(allow_inf_nan=False)]
-    | Annotated[str, Field(max_length=MAX_ATTRIBUTE_CHARS)]
+    StrictBool
+    | Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+    | Annotated[StrictFloat, Field(allow_inf_nan=False)]
+    | Annotated[StrictStr, Field(max_length=MAX_ATTRIBUTE_CHARS)]
 )
-Attributes = Annotated[dict[AttrKey, AttrValue], Field(max_length=MAX_ATTRIBUTES)]
+# Pydantic checks the keys but leaves them out of the JSON schema: `propertyNames` says it.
+Attributes = Annotated[
+    dict[AttrKey, AttrValue],
+    Field(
+        max_length=MAX_ATTRIBUTES,
+        json_schema_extra={
+            "propertyNames": {"minLength": 1, "maxLength": 64, "pattern": ID_PATTERN}
+        },
+    ),
+]
 
 # The window of times accepted: early enough for the release dates of the first films, late
 # enough for clocks a little ahead. Beyond year 1 or 9999, a time has no datetime in UTC.
 EARLIEST = datetime(1800, 1, 1, tzinfo=UTC)
 FUTURE_SLACK = timedelta(days=1)
+
+
+def latest_time() -> datetime:
+    """The latest time accepted: a day from now, rounded up to the next hour, so that the OpenAPI
+    document (made again each hour) can state the bound exactly."""
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    return hour + FUTURE_SLACK + timedelta(hours=1)
+
+
 _READABLE = (
     datetime(1, 1, 2, tzinfo=UTC).timestamp(),
     datetime(9999, 1, 1, tzinfo=UTC).timestamp(),
@@ -82,27 +114,26 @@ def _seconds(value: Any) -> Any:
 
 def _in_window(value: datetime) -> datetime:
     value = value.replace(tzinfo=UTC) if value.tzinfo is None else value
-    latest = datetime.now(UTC) + FUTURE_SLACK
-    if not EARLIEST <= value <= latest:
+    if not EARLIEST <= value <= latest_time():
         raise ValueError("a time must lie between 1800-01-01 and one day from now")
     return value.astimezone(UTC)
 
 
-Timestamp = Annotated[
-    datetime,
-    BeforeValidator(_seconds),
-    AfterValidator(_in_window),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "string", "format": "date-time"},
-                {"type": "number", "minimum": EARLIEST.timestamp(), "description": "Unix seconds"},
-            ],
+class _TimeSchema:
+    """The JSON schema of a Timestamp: its numeric bounds are those of the hour it is made in."""
+
+    def __get_pydantic_json_schema__(self, _core: Any, _handler: Any) -> dict[str, Any]:
+        latest = latest_time().timestamp()
+        number = {"type": "number", "minimum": EARLIEST.timestamp(), "maximum": latest}
+        return {
+            "anyOf": [{"type": "string", "format": "date-time"}, number],
             "description": "RFC 3339 (no zone: UTC) or Unix seconds; from 1800-01-01 to one day "
             "from now.",
-        },
-        mode="validation",
-    ),
+        }
+
+
+Timestamp = Annotated[
+    datetime, BeforeValidator(_seconds), AfterValidator(_in_window), _TimeSchema()
 ]
 """A time the API accepts: a zone-less time is UTC, never the server's local time."""
 MAX_BATCH = 1000
@@ -118,9 +149,11 @@ class ItemIn(BaseModel):
     categories: list[Category] = Field(default_factory=list, max_length=100)
     attributes: Attributes = Field(default_factory=dict)
     description: str = Field("", max_length=20_000)
-    available: bool = True
-    promoted: bool = False
-    boost: float = Field(0.0, ge=0.0, le=10.0, description="Extra promotion weight, 0 = none.")
+    available: StrictBool = True
+    promoted: StrictBool = False
+    boost: StrictFloat = Field(
+        0.0, ge=0.0, le=10.0, description="Extra promotion weight, 0 = none."
+    )
     created_at: Timestamp | None = Field(
         None, description="When the item entered the catalog. Unset: kept, or now on first write."
     )
@@ -137,7 +170,8 @@ class ItemBatch(BaseModel):
 
 
 class Item(ItemUpsert):
-    """An item as stored; `hidden` is set by DELETE /v1/items/{item_id}."""
+    """An item as stored. `hidden` is set by DELETE /v1/items/{item_id}: a hidden item answers
+    404 and is never recommended, but stays in storage for the histories that name it."""
 
     created_at: datetime
     hidden: bool = False
@@ -208,7 +242,9 @@ class FeedbackEvent(BaseModel):
     user_id: Id
     item_id: Id
     type: EventType
-    value: float | None = Field(None, description="The rating, 0.5 to 5; only for type rating.")
+    value: StrictFloat | None = Field(
+        None, description="The rating, 0.5 to 5; only for type rating."
+    )
     request_id: Token | None = Field(
         None, description="The request_id of the list the event is about (attribution)."
     )
@@ -235,7 +271,7 @@ class FeedbackEvent(BaseModel):
 
 class RatingEvent(FeedbackEvent):
     type: Literal[EventType.rating]
-    value: float = Field(ge=0.5, le=5.0, description="The rating, 0.5 to 5.")
+    value: StrictFloat = Field(ge=0.5, le=5.0, description="The rating, 0.5 to 5.")
 
 
 class InteractionEvent(FeedbackEvent):
@@ -289,12 +325,12 @@ class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user_id: Id
-    k: int = Field(10, ge=1, le=50)
-    exclude_seen: bool = True
+    k: Integer = Field(10, ge=1, le=50)
+    exclude_seen: StrictBool = True
     categories: list[Category] | None = Field(
         None, max_length=50, description="Only recommend items in at least one of these."
     )
-    explain: bool = Field(True, description="Return the model's rationale.")
+    explain: StrictBool = Field(True, description="Return the model's rationale.")
 
 
 class Source(StrEnum):

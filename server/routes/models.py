@@ -73,7 +73,7 @@ async def list_models(request: Request, store: StoreDep, settings: SettingsDep) 
     "/activate",
     response_model=ActivateResponse,
     dependencies=[Depends(require_admin_key)],
-    responses=documented(403, 404, 409, 413, 422),
+    responses=documented(400, 403, 404, 409, 413, 422),
 )
 async def activate(
     body: ActivateRequest, store: StoreDep, settings: SettingsDep
