@@ -34,8 +34,9 @@ class Settings(BaseSettings):
     )
     admin_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Comma-separated admin keys, required (as an API key is) by admin routes "
-        "such as POST /v1/models/activate. Empty: admin routes are refused.",
+        description="Comma-separated admin keys: required by admin routes such as "
+        "POST /v1/models/activate (an API key gets 403 there), accepted wherever an API key is. "
+        "Empty: admin routes are refused.",
     )
     history_size: int = Field(
         50, ge=1, le=10_000, description="How many recent positive items each user keeps."
@@ -43,7 +44,8 @@ class Settings(BaseSettings):
     dedup_ttl_seconds: int = Field(
         30 * 24 * 3600,
         ge=0,
-        description="How long an event_id is remembered for de-duplication (0: forever).",
+        description="How long an event_id sent by a client is remembered for de-duplication "
+        "(0: forever). Ids the server assigns are remembered for a day.",
     )
     max_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
