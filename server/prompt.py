@@ -76,11 +76,18 @@ class Rendering(StrEnum):
 
 
 class Contract(BaseModel):
-    """How a model reads its prompts; recorded in its manifest, followed by whoever prompts it."""
+    """How a model reads its prompts and how its answers are read; recorded in its manifest,
+    followed by whoever prompts it."""
 
     version: str = CONTRACT_VERSION
     rendering: Rendering = Rendering.rich
     history: int = Field(20, ge=0, description="Most recent history items in the prompt.")
+    retrieval_prior: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of -log(1 + retrieval rank) added to each candidate's first-pick "
+        "log-probability when the served list is ordered (chosen on validation users).",
+    )
 
 
 class ItemView(BaseModel):

@@ -97,36 +97,43 @@ def repair(answer: Answer, retrieval_order: list[str], k: int) -> tuple[list[str
     return picked, repaired
 
 
-def first_pick(result: Generation, order: list[str]) -> list[str]:
-    """Candidates by their log-probability as the answer's first item, likeliest first.
+def first_pick(result: Generation, order: list[str]) -> dict[str, float]:
+    """Candidates and their log-probability as the answer's first item.
 
     Read at the step after `<answer>`, where the grammar and the allowed tokens left exactly the
     candidates: the model's next-item choice, which it learned in pretraining. Empty when the
     engine returned no such step.
     """
     if ANSWER_TAG not in result.tokens:
-        return []
+        return {}
     step = result.tokens.index(ANSWER_TAG) + 1
     if step >= len(result.top_logprobs):
-        return []
+        return {}
     allowed = set(order)
-    scored = sorted(result.top_logprobs[step].items(), key=lambda pair: -pair[1])
-    picks = (text.removeprefix(ITEM_MARK) for text, logprob in scored if math.isfinite(logprob))
-    return [item for item in picks if item in allowed]
+    scored = ((text.removeprefix(ITEM_MARK), lp) for text, lp in result.top_logprobs[step].items())
+    return {item: lp for item, lp in scored if item in allowed and math.isfinite(lp)}
+
+
+def blended(scores: dict[str, float], order: list[str], prior: float) -> list[str]:
+    """The scored candidates, best first by log-probability plus `prior` x -log(1 + retrieval
+    rank): the model's choice, leaning on the retrieval order as much as validation showed it
+    should (0: not at all)."""
+    rank = {item: position for position, item in enumerate(order)}
+    return sorted(scores, key=lambda item: prior * math.log1p(rank[item]) - scores[item])
 
 
 def served_order(
-    answer: Answer, picks: list[str], order: list[str], k: int
+    answer: Answer, scores: dict[str, float], order: list[str], k: int, prior: float = 0.0
 ) -> tuple[list[str], bool]:
     """The k ids served and whether the answer needed repair.
 
     With first-pick log-probabilities for k candidates (a model whose items are single tokens),
-    they order the list: measured better than the rest of the greedy answer, which continues
-    from the model's own earlier picks (README, "Results on ML-100K"). Otherwise the answer's
-    ids, repaired.
+    they order the list (see `blended`): measured better than the rest of the greedy answer,
+    which continues from the model's own earlier picks (README, "Results on ML-100K").
+    Otherwise the answer's ids, repaired.
     """
-    if answer.well_formed and len(picks) >= min(k, len(order)):
-        return picks[:k], False
+    if answer.well_formed and len(scores) >= min(k, len(order)):
+        return blended(scores, order, prior)[:k], False
     return repair(answer, order, k)
 
 
@@ -233,7 +240,8 @@ class Recommender:
             max_tokens=self.settings.max_answer_tokens,
             presence_penalty=REPEAT_PENALTY,
             allowed_token_ids=allowed,
-            logprobs=min(request.k + SPARE_IDS, MAX_LOGPROBS) if allowed else None,
+            # Every candidate's score: a retrieval prior may lift one the model ranks low.
+            logprobs=min(len(order), MAX_LOGPROBS) if allowed else None,
         )
         budget = self.settings.llm_timeout_ms / 1000
         try:
@@ -248,7 +256,9 @@ class Recommender:
         metrics.ENGINE_TOKENS.labels("prompt").inc(result.prompt_tokens)
         metrics.ENGINE_TOKENS.labels("completion").inc(result.completion_tokens)
         answer = parse_answer(result.text)
-        ids, repaired = served_order(answer, first_pick(result, order), order, request.k)
+        scores = first_pick(result, order)
+        prior = engine.contract.retrieval_prior
+        ids, repaired = served_order(answer, scores, order, request.k, prior)
         if repaired:
             self.repairs += 1
             metrics.PARSE_FAILURES.inc()

@@ -33,6 +33,9 @@ class Manifest(BaseModel):
         Rendering.rich, description="How its prompts are written (registered models: rich)."
     )
     prompt_history: int = Field(20, ge=0, description="History items its prompts show.")
+    retrieval_prior: float = Field(
+        0.0, ge=0, description="How much its served order leans on the retrieval order."
+    )
     base_model: str | None = Field(None, description="For LoRA: the version it adapts.")
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     trained_on: str | None = Field(
@@ -50,7 +53,10 @@ class Manifest(BaseModel):
     @property
     def contract(self) -> Contract:
         return Contract(
-            version=self.contract_version, rendering=self.rendering, history=self.prompt_history
+            version=self.contract_version,
+            rendering=self.rendering,
+            history=self.prompt_history,
+            retrieval_prior=self.retrieval_prior,
         )
 
 

@@ -369,6 +369,7 @@ def _publish(
             "reward_weights": policy["weights"],
             "policy": policy,
             "metrics": {f"gate_{key}": value for key, value in result.gate.candidate.items()},
+            "retrieval_prior": result.gate.candidate["retrieval_prior"],
         }
     )
     registry.publish(staging, manifest)

@@ -24,6 +24,9 @@ class ModelVersion(BaseModel):
     trained_on: str | None
     contract_version: str
     rendering: Rendering
+    retrieval_prior: float = Field(
+        description="How much its served order leans on the retrieval order (0: not at all)."
+    )
     ndcg_at_10: float | None = Field(
         description="NDCG@10 on the validation users it was gated on (after all training)."
     )

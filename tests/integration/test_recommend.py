@@ -7,6 +7,7 @@ import redis
 
 from server.engine.remote import RemoteEngine
 from tests.server.helpers import metric
+from trainer.bootstrap import RETRIEVAL_PRIORS
 
 pytestmark = pytest.mark.slow
 
@@ -132,3 +133,17 @@ def test_timeout_falls_back_to_retrieval(gateway) -> None:
     assert len(body["items"]) == 5
     # The engine is still healthy afterwards: the overrun request was aborted, not stuck.
     assert recommend(gateway, user_id="u00007", k=5).json()["source"] == "llm"
+
+
+def test_the_served_order_leans_on_retrieval_as_validation_chose(gateway, tiny_model) -> None:
+    metrics = tiny_model.metrics
+    assert metrics["retrieval_prior"] in RETRIEVAL_PRIORS
+    # The prior is chosen by the NDCG it gives: never worse than the model's first pick alone.
+    assert metrics["ndcg@10"] >= metrics["first_pick_ndcg@10"]
+    [served] = [
+        v
+        for v in gateway.get("/v1/models").json()["versions"]
+        if v["version"] == tiny_model.version
+    ]
+    assert served["retrieval_prior"] == metrics["retrieval_prior"]
+    assert gateway.app.state.engine.contract.retrieval_prior == metrics["retrieval_prior"]

@@ -622,36 +622,54 @@ def test_first_pick_ranks_candidates_by_their_log_probability() -> None:
     result = generation("", {"#p2": -0.5, "#p1": -0.2, "#zz": -0.1, "#p3": float("-inf")})
 
     # Not a candidate (zz) or not allowed (-inf) is never served.
-    assert first_pick(result, ["p1", "p2", "p3"]) == ["p1", "p2"]
+    assert first_pick(result, ["p1", "p2", "p3"]) == {"p2": -0.5, "p1": -0.2}
 
 
 def test_first_pick_needs_the_answer_step() -> None:
     result = Generation(text="", prompt_tokens=1, completion_tokens=1, tokens=["x"])
 
-    assert first_pick(result, ["p1"]) == []
+    assert first_pick(result, ["p1"]) == {}
 
 
 @pytest.mark.parametrize(
-    ("answer_items", "well_formed", "picks", "served", "repaired"),
+    ("answer_items", "well_formed", "scores", "served", "repaired"),
     [
-        # enough picks from a well-formed answer: they order the list
-        (("p3", "p1"), True, ["p2", "p1", "p3"], ["p2", "p1"], False),
-        # too few picks: the answer's own ids, repaired as before
-        (("p3", "p3"), True, ["p2"], ["p3", "p1"], True),
-        # a malformed answer is repaired whatever the picks
-        ((), False, ["p2", "p1"], ["p1", "p2"], True),
+        # enough scores from a well-formed answer: they order the list
+        (("p3", "p1"), True, {"p2": -0.1, "p1": -1.0, "p3": -2.0}, ["p2", "p1"], False),
+        # too few scores: the answer's own ids, repaired as before
+        (("p3", "p3"), True, {"p2": -0.1}, ["p3", "p1"], True),
+        # a malformed answer is repaired whatever the scores
+        ((), False, {"p2": -0.1, "p1": -1.0}, ["p1", "p2"], True),
     ],
 )
 def test_served_order(
     answer_items: tuple[str, ...],
     well_formed: bool,
-    picks: list[str],
+    scores: dict[str, float],
     served: list[str],
     repaired: bool,
 ) -> None:
     answer = Answer(rationale="r", items=answer_items, well_formed=well_formed)
 
-    assert served_order(answer, picks, ["p1", "p2", "p3"], 2) == (served, repaired)
+    assert served_order(answer, scores, ["p1", "p2", "p3"], 2) == (served, repaired)
+
+
+@pytest.mark.parametrize(
+    ("prior", "served"),
+    [
+        (0.0, ["p3", "p2", "p1"]),  # the model alone
+        # p3 loses log(3) = 1.10 to p1, p2 loses log(2) = 0.69: p2 (-0.31) > p1 (-0.5) > p3
+        (1.0, ["p2", "p1", "p3"]),
+        (100.0, ["p1", "p2", "p3"]),  # the retrieval order
+    ],
+)
+def test_a_retrieval_prior_leans_the_served_order_on_retrieval(
+    prior: float, served: list[str]
+) -> None:
+    answer = Answer(rationale="r", items=("p1",), well_formed=True)
+    scores = {"p1": -0.5, "p2": 0.38, "p3": 0.4}
+
+    assert served_order(answer, scores, ["p1", "p2", "p3"], 3, prior) == (served, False)
 
 
 class OneTokenItems:
@@ -684,7 +702,7 @@ def test_a_single_token_model_is_constrained_and_served_by_its_first_pick(
 
     [request] = engine.requests
     assert request.allowed_token_ids == [100 + n for n in range(len(ORDER))]
-    assert request.logprobs == 3 + SPARE_IDS
+    assert request.logprobs == len(ORDER)  # every candidate's first-pick score
     assert ids(body) == ["p3", "n1", "p1"]  # not the answer's p1, p2, p3
 
 
