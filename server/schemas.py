@@ -42,7 +42,7 @@ Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATT
 TOKEN_PATTERN = r"^[A-Za-z0-9._~:@+=-]+$"
 MAX_TOKEN_CHARS = 128
 Token = Annotated[str, Field(min_length=1, max_length=MAX_TOKEN_CHARS, pattern=TOKEN_PATTERN)]
-"""Request and event ids: short and plain, since they become Redis keys and HTTP headers."""
+"""Request ids: short and plain, since they become Redis keys and HTTP headers."""
 
 MAX_ATTRIBUTES = 64
 MAX_ATTRIBUTE_CHARS = 256
@@ -113,7 +113,7 @@ def _seconds(value: Any) -> Any:
     """A number is Unix seconds (pydantic alone would read a large one as milliseconds)."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         if (converted := readable_time(float(value))) is None:
-            raise ValueError("a numeric timestamp must be Unix seconds within years 1800-9998")
+            raise ValueError("a numeric timestamp is Unix seconds, and this one has no date")
         return converted
     return value
 
