@@ -93,7 +93,7 @@ PRESETS: dict[str, Preset] = {
         model="small",
         vocab_size=1000,
         index_dim=64,
-        pretrain=PretrainSettings(max_epochs=16, patience=3),
+        pretrain=PretrainSettings(max_epochs=20, patience=5),
         sft_examples=12000,
         sft=SftSettings(epochs=1, batch_size=32, learning_rate=5e-4, bf16=False),
         grpo_examples=64,
