@@ -90,6 +90,10 @@ _STATUS_CODES = {
 }
 
 
+# Longer paths and queries get a JSON 414 (server.middleware): no id or filter the API accepts
+# comes near it.
+MAX_URL_BYTES = 8192
+
 _MEANINGS = {
     400: "The request could not be read.",
     401: "No API key, or an unknown one (only where API keys are configured).",
@@ -97,7 +101,7 @@ _MEANINGS = {
     404: "The item, user or model version does not exist.",
     409: "The model version cannot be served by this gateway.",
     413: "The request body is larger than REASONREC_MAX_BODY_BYTES.",
-    414: "The URL is longer than 8192 bytes.",
+    414: f"The URL is longer than {MAX_URL_BYTES} bytes.",
     422: "The request breaks a rule of the schema or a limit (details name each).",
     500: "An unexpected error; the log line carries the request id.",
     503: "The data store did not answer; retry after Retry-After seconds. A write may or may "

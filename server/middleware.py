@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import metrics
-from server.errors import error_response
+from server.errors import MAX_URL_BYTES, error_response
 from server.logs import client_request_id_var, request_id_var
 from server.schemas import MAX_TOKEN_CHARS, TOKEN_PATTERN
 
@@ -27,8 +27,6 @@ log = logging.getLogger("reasonrec.access")
 REQUEST_ID_HEADER = b"x-request-id"
 CLIENT_REQUEST_ID_HEADER = b"x-client-request-id"
 _TOKEN = re.compile(TOKEN_PATTERN)
-# Longer paths and queries get a JSON 414: no id or filter the API accepts comes near it.
-MAX_URL_BYTES = 8192
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
