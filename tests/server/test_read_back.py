@@ -135,10 +135,12 @@ def test_any_accepted_event_reads_back(client, user_id, kind, value, when, event
     response = _send(client, "POST", "/v1/feedback", {"events": [event]})
     hypothesis_event(f"status {response.status_code}")
     assert response.status_code in (200, 422), response.text
-    if response.status_code == 200:
+    # An event id sent in an earlier example makes this one a duplicate: stored once, before.
+    if response.status_code == 200 and response.json()["accepted"] == 1:
         user = client.get(_path("users", user_id))
         assert user.status_code == 200
         positive = kind in ("click", "like", "purchase") or (kind == "rating" and value >= 4)
         if positive:
             assert "liked" in [entry["item_id"] for entry in user.json()["history"]]
+    if response.status_code == 200:
         _served(client, user_id, "anyone")
