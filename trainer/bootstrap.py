@@ -10,12 +10,13 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, Field
 
-from reward_rules.metrics import ndcg_at_k
+from reward_rules.metrics import mean_self_information, ndcg_at_k
 from reward_rules.policy import Policy, build_terms, catalog_facts
 from server.config import Settings
 from server.item_index import ItemIndex, publish
@@ -86,8 +87,14 @@ def _texts(corpus: Corpus, examples: list[Example]) -> list[str]:
 
 
 # How much the served order may lean on the retrieval order (server.recommend.blended); validation
-# picks one per model. Measured on ML-100K outside the project: 0.25 added 0.002 NDCG@10.
-RETRIEVAL_PRIORS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+# picks one per model. Measured on ML-100K outside the project: 0.25 added 0.002 NDCG@10. The
+# largest weights come close to the retrieval order itself, a choice always left to validation.
+RETRIEVAL_PRIORS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+
+# The served lists' novelty may fall at most this far below the retrieval order's: a model
+# trained on what users chose learns popularity, and a prior that trades a little accuracy for
+# the catalog's long tail is preferred to the most accurate one that recommends only hits.
+NOVELTY_FLOOR = 0.95
 
 
 def _answer(model, tokenizer, example: Example, budget: int) -> tuple[str, dict[str, float]]:
@@ -116,12 +123,15 @@ def _answer(model, tokenizer, example: Example, budget: int) -> tuple[str, dict[
 
 
 @torch.no_grad()
-def validate(model, tokenizer, examples: list[Example]) -> dict[str, float]:
-    """Answers on held-out last interactions: NDCG@k of the model vs the retrieval order.
+def validate(
+    model, tokenizer, examples: list[Example], popularity: Mapping[str, int]
+) -> dict[str, float]:
+    """Answers on held-out last interactions: NDCG@k and novelty of the model vs the retrieval
+    order (novelty from `popularity`, the training interactions per item).
 
     Decoding follows the answer grammar, as vLLM's structured outputs do when serving, and the
-    served order is chosen as the gateway chooses it (`server.recommend.served_order`), with the
-    retrieval prior among RETRIEVAL_PRIORS that scores best here: the figures are what the
+    served order is chosen as the gateway chooses it (`server.recommend.served_order`) with the
+    retrieval prior among RETRIEVAL_PRIORS that `choose_prior` picks: the figures are what the
     gateway would serve with `retrieval_prior`; `invalid_rate` counts answers still repaired.
     """
     model.eval()
@@ -129,33 +139,79 @@ def validate(model, tokenizer, examples: list[Example]) -> dict[str, float]:
     constraint = answer_constraint(tokenizer, examples, budget) if examples else None
     with constrained_generation(model, constraint):
         answers = [_answer(model, tokenizer, example, budget) for example in examples]
-    scored = {prior: _served_ndcg(examples, answers, prior) for prior in RETRIEVAL_PRIORS}
-    prior = max(RETRIEVAL_PRIORS, key=lambda p: (scored[p][0], -p))
-    ndcg, invalid = scored[prior]
-    retrieval = [ndcg_at_k(e.candidates, e.positives, e.k) for e in examples]
+    total = sum(popularity.values())
+    scored = {p: _served(examples, answers, p, popularity, total) for p in RETRIEVAL_PRIORS}
+    retrieval = _scored([e.candidates[: e.k] for e in examples], examples, popularity, total)
+    prior = choose_prior(scored, retrieval)
+    chosen = scored[prior]
     return {
         "validation_users": float(len(examples)),
-        "ndcg@10": ndcg,
-        "first_pick_ndcg@10": scored[0.0][0],
-        "retrieval_ndcg@10": sum(retrieval) / max(len(examples), 1),
+        "ndcg@10": chosen.ndcg,
+        "novelty@10": chosen.novelty,
+        "first_pick_ndcg@10": scored[0.0].ndcg,
+        "retrieval_ndcg@10": retrieval.ndcg,
+        "retrieval_novelty@10": retrieval.novelty,
         "retrieval_prior": prior,
-        "invalid_rate": invalid,
+        "invalid_rate": chosen.invalid,
     }
 
 
-def _served_ndcg(
-    examples: list[Example], answers: list[tuple[str, dict[str, float]]], prior: float
-) -> tuple[float, float]:
-    """Mean NDCG@k of the lists the gateway would serve with `prior`, and the repaired share."""
-    ndcgs, invalid = [], 0
+class Served(BaseModel):
+    """Means over validation lists."""
+
+    ndcg: float
+    novelty: float
+    invalid: float = 0.0
+
+
+def choose_prior(scored: Mapping[float, Served], retrieval: Served) -> float:
+    """The most accurate prior whose lists keep novelty within NOVELTY_FLOOR of the retrieval
+    order's; when none does, the most novel one (the largest prior, nearest retrieval).
+
+    >>> retrieval = Served(ndcg=0.10, novelty=10.0)
+    >>> choose_prior({0.0: Served(ndcg=0.13, novelty=9.0), 1.0: Served(ndcg=0.12, novelty=9.6),
+    ...               2.0: Served(ndcg=0.11, novelty=9.9)}, retrieval)
+    1.0
+    """
+    floor = NOVELTY_FLOOR * retrieval.novelty
+
+    def preference(prior: float) -> tuple[bool, float, float]:
+        served = scored[prior]
+        novel = served.novelty >= floor
+        return novel, served.ndcg if novel else served.novelty, -prior
+
+    return max(scored, key=preference)
+
+
+def _served(
+    examples: list[Example],
+    answers: list[tuple[str, dict[str, float]]],
+    prior: float,
+    popularity: Mapping[str, int],
+    total: int,
+) -> Served:
+    """The lists the gateway would serve with `prior`, scored, with the repaired share."""
+    lists, invalid = [], 0
     for example, (text, scores) in zip(examples, answers, strict=True):
         ranked, repaired = served_order(
             parse_answer(text), scores, example.candidates, example.k, prior
         )
         invalid += repaired
-        ndcgs.append(ndcg_at_k(ranked, example.positives, example.k))
+        lists.append(ranked)
+    served = _scored(lists, examples, popularity, total)
+    served.invalid = invalid / max(len(examples), 1)
+    return served
+
+
+def _scored(
+    lists: list[list[str]], examples: list[Example], popularity: Mapping[str, int], total: int
+) -> Served:
     n = max(len(examples), 1)
-    return sum(ndcgs) / n, invalid / n
+    pairs = list(zip(lists, examples, strict=True))
+    return Served(
+        ndcg=sum(ndcg_at_k(ranked, e.positives, e.k) for ranked, e in pairs) / n,
+        novelty=sum(mean_self_information(ranked, popularity, total) for ranked, _ in pairs) / n,
+    )
 
 
 def _examples(
@@ -194,7 +250,9 @@ def train_model(
         stages["pretrain_seconds"] = pretrained.seconds
         stages["pretrain_ndcg@10"] = first_pick_ndcg(model, tokenizer, examples.validation)
     model = run_sft(model, tokenizer, examples.train, preset.sft)
-    stages["sft_ndcg@10"] = validate(model, tokenizer, examples.validation)["ndcg@10"]
+    stages["sft_ndcg@10"] = validate(model, tokenizer, examples.validation, corpus.popularity)[
+        "ndcg@10"
+    ]
     grpo_examples = examples.train[: preset.grpo_examples]
     with tempfile.TemporaryDirectory(prefix="reasonrec-grpo-") as scratch:
         facts = catalog_facts(corpus.items.values(), policy)
@@ -230,7 +288,7 @@ async def bootstrap(
     examples = _examples(corpus, index, shape, preset, seed)
     policy = read_policy(settings.policy_file)
     model, tokenizer, stages = train_model(corpus, index, examples, preset, policy, shape, seed)
-    metrics = stages | validate(model, tokenizer, examples.validation)
+    metrics = stages | validate(model, tokenizer, examples.validation, corpus.popularity)
     registry = Registry(settings.registry_path)
     staging = registry.staging()
     model.save_pretrained(staging)

@@ -11,7 +11,7 @@ import logging
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -216,7 +216,16 @@ async def _refresh(settings: Settings, store: Store, progress: bool, force: bool
     )
     # In a thread: the event loop must stay free to renew the lock while the model trains.
     candidate, tokenizer, training, gate = await asyncio.to_thread(
-        _train_and_gate, registry, manifest, train + fresh, holdout, terms, grpo, settings, force
+        _train_and_gate,
+        registry,
+        manifest,
+        train + fresh,
+        holdout,
+        corpus.popularity,
+        terms,
+        grpo,
+        settings,
+        force,
     )
     _record(gate, training.reward_mean)
     result = RefreshResult(
@@ -264,12 +273,14 @@ def _train_and_gate(
     parent: Manifest,
     train: list[Example],
     holdout: list[Example],
+    popularity: Mapping[str, int],
     terms: list,
     grpo: GrpoSettings,
     settings: Settings,
     force: bool = False,
 ) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase, Training, Gate | None]:
-    """GRPO from the parent's weights; both models answer the held-out lists for the gate.
+    """GRPO from the parent's weights; both models answer the held-out lists for the gate
+    (novelty from `popularity`, the training interactions per item).
 
     A large parent trains LoRA adapters instead of all weights (an adapter parent goes on
     training its own). No gate (None) when GRPO had nothing to learn from: publishing would copy
@@ -290,8 +301,8 @@ def _train_and_gate(
     if not training.learned:
         return candidate, tokenizer, training, None
     gate = _gate(
-        validate(active, tokenizer, holdout),
-        validate(candidate, tokenizer, holdout),
+        validate(active, tokenizer, holdout, popularity),
+        validate(candidate, tokenizer, holdout, popularity),
         settings,
         force,
     )

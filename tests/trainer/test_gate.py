@@ -5,7 +5,7 @@ import pytest
 
 from server.config import Settings
 from server.prompt import Rendering
-from trainer.bootstrap import activation, beats_retrieval
+from trainer.bootstrap import NOVELTY_FLOOR, Served, activation, beats_retrieval, choose_prior
 from trainer.feedback_log import LoggedExample
 from trainer.refresh import _gate, split_logged
 
@@ -29,6 +29,34 @@ def scores(ours: float, retrieval: float, invalid: float = 0.0) -> dict[str, flo
 )
 def test_beats_retrieval(ours: float, retrieval: float, beats: bool) -> None:
     assert beats_retrieval(scores(ours, retrieval)) is beats
+
+
+class TestChoosePrior:
+    """Validation picks the retrieval prior the gateway serves with: the most accurate one whose
+    lists stay within NOVELTY_FLOOR of the retrieval order's novelty."""
+
+    retrieval = Served(ndcg=0.10, novelty=10.0)
+
+    def test_the_most_accurate_prior_when_all_are_novel_enough(self) -> None:
+        scored = {0.0: Served(ndcg=0.12, novelty=9.8), 0.5: Served(ndcg=0.13, novelty=9.7)}
+        assert choose_prior(scored, self.retrieval) == 0.5
+
+    def test_accuracy_gives_way_to_novelty_below_the_floor(self) -> None:
+        floor = NOVELTY_FLOOR * self.retrieval.novelty
+        scored = {
+            0.0: Served(ndcg=0.14, novelty=floor - 0.5),
+            1.0: Served(ndcg=0.12, novelty=floor + 0.1),
+            4.0: Served(ndcg=0.11, novelty=floor + 0.4),
+        }
+        assert choose_prior(scored, self.retrieval) == 1.0
+
+    def test_the_most_novel_prior_when_none_is_novel_enough(self) -> None:
+        scored = {0.0: Served(ndcg=0.14, novelty=7.0), 16.0: Served(ndcg=0.11, novelty=9.0)}
+        assert choose_prior(scored, self.retrieval) == 16.0
+
+    def test_a_tie_goes_to_the_smaller_prior(self) -> None:
+        scored = {2.0: Served(ndcg=0.12, novelty=9.9), 0.25: Served(ndcg=0.12, novelty=9.9)}
+        assert choose_prior(scored, self.retrieval) == 0.25
 
 
 class TestActivation:
