@@ -23,7 +23,7 @@ DOCKER = ROOT / "docker"
 K8S = ROOT / "k8s"
 COMPOSE_GPU = [DOCKER / "compose.yaml"]
 COMPOSE_CPU = [DOCKER / "compose.yaml", DOCKER / "compose.cpu.yaml"]
-# The Kubernetes version README's "Deploy" promises; manifests are validated against its schemas.
+# The Kubernetes version docs/deploy.md promises; manifests are validated against its schemas.
 KUBERNETES_VERSION = "1.32.0"
 # What a Grafana panel's $__rate_interval becomes when Prometheus is asked directly.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m"}

@@ -1,5 +1,5 @@
 """k8s/: each overlay renders (kubectl's kustomize, what `kubectl apply -k` runs), every resource
-validates offline against the schemas of the Kubernetes version README states, and the
+validates offline against the schemas of the Kubernetes version docs/deploy.md states, and the
 references between resources hold: selectors, ConfigMap/Secret/PVC names, ports, settings,
 commands. The Prometheus Operator's kinds have no schema there; their contents are checked."""
 
@@ -272,7 +272,8 @@ def test_the_managed_redis_component_removes_the_in_cluster_redis(tmp_path: Path
     assert config(resources)["REASONREC_REDIS_URL"] == url  # the Secret's value wins
 
 
-def test_readme_states_the_validated_kubernetes_version() -> None:
+def test_deploy_docs_state_the_validated_kubernetes_version() -> None:
     major_minor = KUBERNETES_VERSION.rsplit(".", 1)[0]
-    deploy = (ROOT / "README.md").read_text().partition("## Deploy")[2].partition("\n## ")[0]
-    assert f"Kubernetes {major_minor}" in deploy
+    page = (ROOT / "docs" / "deploy.md").read_text()
+    kubernetes = page.partition("\n### Kubernetes\n")[2].partition("\n### ")[0]
+    assert f"Kubernetes {major_minor}" in kubernetes

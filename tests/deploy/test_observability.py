@@ -93,7 +93,7 @@ def test_every_dashboard_and_alert_metric_is_exported(scraped: dict[str, set[str
 
 
 def test_each_process_exports_its_own_metrics(scraped: dict[str, set[str]]) -> None:
-    # What the dashboard reads from each job is there (the README's metrics table).
+    # What the dashboard reads from each job is there (the metrics table in docs/configuration.md).
     gateway = {
         "reasonrec_http_requests_total",
         "reasonrec_engine_seconds_bucket",
