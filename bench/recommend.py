@@ -21,11 +21,11 @@ import uuid
 import httpx
 import numpy as np
 
+from contract.prompt import answer_pattern
 from server.active_model import open_engine
 from server.app import open_store
 from server.config import Settings
 from server.engine import Engine, GenerationRequest
-from server.prompt import answer_pattern
 from server.recommend import REPEAT_PENALTY, SPARE_IDS
 
 LEVELS = (1, 16)

@@ -22,7 +22,8 @@ from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol
 
-from reward_rules.answer import Answer, ranked
+from contract.answer import Answer
+from contract.ranking import first_k
 from reward_rules.metrics import (
     intra_list_distance,
     max_self_information,
@@ -43,7 +44,7 @@ def _ranked(answer: Answer, example: Example) -> list[str]:
     """The ranked candidates of a well-formed answer; nothing for a malformed one."""
     if not answer.well_formed:
         return []
-    return ranked(answer, example["candidates"], int(example["k"]))
+    return first_k(answer.items, example["candidates"], int(example["k"]))
 
 
 class Format:

@@ -5,16 +5,13 @@ the prompt. A user with no history the index knows (cold start) gets popular ite
 with the newest ones, so that new items get exposure.
 """
 
-from collections.abc import Iterable
-
 from pydantic import BaseModel, Field
 
+from contract.candidates import OVERFETCH, allowed, candidate_order
 from server.context import UserContext
 from server.item_index import ItemIndex
 from server.schemas import Item
 from server.store import Store
-
-OVERFETCH = 4  # retrieval depth per candidate wanted, to survive the filters
 
 
 class Candidate(BaseModel):
@@ -27,34 +24,6 @@ class Candidates(BaseModel):
     history: list[tuple[Item, float]]
     """The user's history as items (oldest first), for the prompt."""
     cold_start: bool
-
-
-def allowed(item: Item, exclude: set[str], categories: set[str] | None = None) -> bool:
-    if item.hidden or not item.available or item.item_id in exclude:
-        return False
-    return categories is None or bool(categories.intersection(item.categories))
-
-
-def candidate_order(
-    hits: list[tuple[str, float]], popular: list[tuple[str, float]], newest: list[str]
-) -> list[tuple[str, float]]:
-    """Retrieval hits first, then popular items with one new item after every three.
-
-    Scores are similarities for hits and popularity shares for the rest. Used by the gateway and
-    by training, so that a model is trained on candidate lists made the way they are served.
-    """
-    total = sum(count for _, count in popular) or 1.0
-    ranked = [(item_id, count / total) for item_id, count in popular]
-    share = dict(ranked)
-    mixed: list[tuple[str, float]] = list(hits)
-    for i, item_id in enumerate(newest):
-        mixed += [*ranked[3 * i : 3 * i + 3], (item_id, share.get(item_id, 0.0))]
-    return _unique(mixed + ranked[3 * len(newest) :])
-
-
-def _unique(pairs: Iterable[tuple[str, float]]) -> list[tuple[str, float]]:
-    seen: set[str] = set()
-    return [(i, s) for i, s in pairs if not (i in seen or seen.add(i))]
 
 
 class Query(BaseModel):

@@ -7,14 +7,22 @@ When the engine is missing, fails or overruns its budget, the retrieval order is
 """
 
 import asyncio
-import json
 import logging
 import math
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
-from reward_rules.answer import Answer
+from contract.impression import Impression
+from contract.prompt import (
+    ANSWER_TAG,
+    ITEM_MARK,
+    Contract,
+    answer_pattern,
+    build_prompt,
+    parse_answer,
+    prompt_input,
+)
+from contract.ranking import served_order
 from server import metrics
 from server.candidates import Candidate, Candidates, Query, retrieve
 from server.config import Settings
@@ -22,18 +30,7 @@ from server.context import UserContext, load_context
 from server.engine import MAX_LOGPROBS, Engine, EngineError, Generation, GenerationRequest
 from server.item_index import ItemIndex
 from server.policy import enforce, read_policy
-from server.prompt import (
-    ANSWER_TAG,
-    ITEM_MARK,
-    Contract,
-    HistoryView,
-    ItemView,
-    PromptInput,
-    answer_pattern,
-    build_prompt,
-    parse_answer,
-)
-from server.schemas import Item, RecommendedItem, RecommendRequest, RecommendResponse, Source
+from server.schemas import RecommendedItem, RecommendRequest, RecommendResponse, Source
 from server.store import Store
 
 log = logging.getLogger(__name__)
@@ -65,38 +62,6 @@ class Outcome:
     reason: str | None = None
 
 
-def item_view(item: Item) -> ItemView:
-    return ItemView(
-        item_id=item.item_id,
-        title=item.title,
-        categories=item.categories,
-        attributes=item.attributes,
-    )
-
-
-def prompt_input(found: Candidates, profile: dict, k: int, history: int) -> PromptInput:
-    """What the prompt shows: the profile, the last `history` items, the candidates."""
-    shown = found.history[-history:] if history else []
-    history_views = [
-        HistoryView(item=item_view(item), timestamp=datetime.fromtimestamp(ts, UTC))
-        for item, ts in shown
-    ]
-    candidates = [item_view(candidate.item) for candidate in found.items]
-    return PromptInput(profile=profile, history=history_views, candidates=candidates, k=k)
-
-
-def repair(answer: Answer, retrieval_order: list[str], k: int) -> tuple[list[str], bool]:
-    """Candidate ids from the answer, duplicates dropped, backfilled in retrieval order.
-
-    Returns the ids and whether the answer needed repair.
-    """
-    allowed = set(retrieval_order)
-    picked = list(dict.fromkeys(i for i in answer.items if i in allowed))[:k]
-    repaired = not answer.well_formed or len(picked) < min(k, len(retrieval_order))
-    picked += [i for i in retrieval_order if i not in picked][: k - len(picked)]
-    return picked, repaired
-
-
 def first_pick(result: Generation, order: list[str]) -> dict[str, float]:
     """Candidates and their log-probability as the answer's first item.
 
@@ -112,29 +77,6 @@ def first_pick(result: Generation, order: list[str]) -> dict[str, float]:
     allowed = set(order)
     scored = ((text.removeprefix(ITEM_MARK), lp) for text, lp in result.top_logprobs[step].items())
     return {item: lp for item, lp in scored if item in allowed and math.isfinite(lp)}
-
-
-def blended(scores: dict[str, float], order: list[str], prior: float) -> list[str]:
-    """The scored candidates, best first by log-probability plus `prior` x -log(1 + retrieval
-    rank): the model's choice, leaning on the retrieval order as much as validation showed it
-    should (0: not at all)."""
-    rank = {item: position for position, item in enumerate(order)}
-    return sorted(scores, key=lambda item: prior * math.log1p(rank[item]) - scores[item])
-
-
-def served_order(
-    answer: Answer, scores: dict[str, float], order: list[str], k: int, prior: float = 0.0
-) -> tuple[list[str], bool]:
-    """The k ids served and whether the answer needed repair.
-
-    With first-pick log-probabilities for k candidates (a model whose items are single tokens),
-    they order the list (see `blended`): measured better than the rest of the greedy answer,
-    which continues from the model's own earlier picks (README, "Results on ML-100K").
-    Otherwise the answer's ids, repaired.
-    """
-    if answer.well_formed and len(scores) >= min(k, len(order)):
-        return blended(scores, order, prior)[:k], False
-    return repair(answer, order, k)
 
 
 def _fallback(order: list[str], k: int, reason: str) -> Outcome:
@@ -174,7 +116,8 @@ class Recommender:
         context, found = await self._candidates(request, index, exclude, contract.history)
         by_id = {candidate.item.item_id: candidate for candidate in found.items}
         order = list(by_id)
-        data = prompt_input(found, context.profile, request.k, contract.history)
+        shown = [candidate.item for candidate in found.items]
+        data = prompt_input(context.profile, found.history, shown, request.k, contract.history)
         prompt = build_prompt(data, contract.rendering) if order else ""
         outcome = await self._rank(prompt, order, request, request_id, engine)
         if outcome.source is Source.fallback:
@@ -273,20 +216,19 @@ class Recommender:
         outcome: Outcome,
     ) -> None:
         """Everything needed to join later feedback to exactly what was shown, and to train on."""
-        entry = {
-            "request_id": response.request_id,
-            "user_id": response.user_id,
-            "model_version": response.model_version or "",
-            "ts": repr(time.time()),
-            "source": response.source.value,
-            "fallback_reason": outcome.reason or "",
-            "k": str(len(response.items)),
-            "items": json.dumps([item.item_id for item in response.items]),
-            "candidates": json.dumps(order),
-            "prompt": prompt,
-            "rendering": contract.rendering.value,
-            "output": outcome.raw,
-        }
+        impression = Impression(
+            request_id=response.request_id,
+            user_id=response.user_id,
+            model_version=response.model_version or "",
+            ts=time.time(),
+            source=response.source.value,
+            fallback_reason=outcome.reason or "",
+            items=[item.item_id for item in response.items],
+            candidates=order,
+            prompt=prompt,
+            rendering=contract.rendering,
+            output=outcome.raw,
+        )
         await self.store.log_impression(
-            entry, self.settings.impressions_maxlen or None, self.settings.attribution_seconds
+            impression, self.settings.impressions_maxlen or None, self.settings.attribution_seconds
         )

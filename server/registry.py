@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from server.prompt import CONTRACT_VERSION, SUPPORTED_CONTRACTS, Contract, Rendering
+from contract.prompt import CONTRACT_VERSION, SUPPORTED_CONTRACTS, Contract, Rendering
 
 MANIFEST = "manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -32,12 +32,17 @@ _HIDDEN = (
     r"\x00-\x20\x7f-\xa0\u00ad\u061c\u180e\u2000-\u200f\u2028-\u202f\u205f-\u206f\u3000"
     r"\ufeff\ufff0-\uffff"
 )
-ID_PATTERN = rf"^[^{_HIDDEN}:/,<>]+$"
+_ID_CHAR = rf"[^{_HIDDEN}:/,<>]"
+_NOT_DOT = rf"[^{_HIDDEN}:/,<>.]"
+# Any id but "." and "..", which URLs resolve away as path segments. Written without lookahead,
+# which the Rust regex engine behind pydantic lacks.
+ID_PATTERN = rf"^({_NOT_DOT}{_ID_CHAR}*|\.{_NOT_DOT}{_ID_CHAR}*|\.\.{_ID_CHAR}+)$"
 MAX_ID_CHARS = 256
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)]
 """Item and user ids: printable, no whitespace, no ':' (it separates Redis key parts), no '/'
-(it separates URL path segments, so such an id could not be addressed by the routes), no ',',
-'<' or '>' (they delimit ids and tags in the model's answers)."""
+(it separates URL path segments, so such an id could not be addressed by the routes; for the
+same reason not "." or ".."), no ',', '<' or '>' (they delimit ids and tags in the model's
+answers)."""
 
 TOKEN_PATTERN = r"^[A-Za-z0-9._~:@+=-]+$"
 MAX_TOKEN_CHARS = 128

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
+from contract.impression import Impression
 from server import metrics
 from server.keys import Keys
 from server.schemas import (
@@ -240,15 +241,14 @@ class Store:
     # Impressions ---------------------------------------------------------------------------
 
     async def log_impression(
-        self, entry: dict[str, str], maxlen: int | None, attribution_seconds: int
+        self, impression: Impression, maxlen: int | None, attribution_seconds: int
     ) -> None:
         """Append a served list to the impressions stream and remember, for a while, which
         version served its request id (so feedback can be credited without reading the stream)."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.xadd(self.keys.impressions, entry, maxlen=maxlen, approximate=True)
-        pipe.set(
-            self.keys.served(entry["request_id"]), entry["model_version"], ex=attribution_seconds
-        )
+        pipe.xadd(self.keys.impressions, impression.fields(), maxlen=maxlen, approximate=True)
+        served = self.keys.served(impression.request_id)
+        pipe.set(served, impression.model_version, ex=attribution_seconds)
         await pipe.execute()
 
     async def served_by(self, request_ids: Sequence[str]) -> list[str | None]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from server.prompt import ITEM_MARK, ref
+from contract.prompt import ITEM_MARK, ref
 
 TOKENIZER_FILE = "tokenizer.json"
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 
+from contract.prompt import ANSWER_TAG, Contract, parse_answer, ref
+from contract.ranking import served_order
 from reward_rules.metrics import mean_self_information, ndcg_at_k
 from reward_rules.policy import Policy, build_terms, catalog_facts
 from server.config import Settings
 from server.item_index import ItemIndex, publish
 from server.policy import read_policy
-from server.prompt import ANSWER_TAG, Contract, parse_answer, ref
-from server.recommend import served_order
 from server.registry import Manifest, Registry, new_version
 from server.store import Store
 from trainer.constrained import answer_constraint, constrained_generation
@@ -130,7 +130,7 @@ def validate(
     order (novelty from `popularity`, the training interactions per item).
 
     Decoding follows the answer grammar, as vLLM's structured outputs do when serving, and the
-    served order is chosen as the gateway chooses it (`server.recommend.served_order`) with the
+    served order is chosen as the gateway chooses it (`contract.ranking.served_order`) with the
     retrieval prior among RETRIEVAL_PRIORS that `choose_prior` picks: the figures are what the
     gateway would serve with `retrieval_prior`; `invalid_rate` counts answers still repaired.
     """

@@ -1,6 +1,6 @@
 """The serving constraint, applied to the trainer's own sampling with transformers' `generate`.
 
-The gateway decodes with vLLM structured outputs (`server.prompt.answer_pattern`): an answer is
+The gateway decodes with vLLM structured outputs (`contract.prompt.answer_pattern`): an answer is
 always `<think>…</think><answer>` and k distinct candidate ids. GRPO samples with transformers,
 where nothing held a weak model to that shape: at temperature 1 it rarely closed its tags, every
 completion of a group scored 0, and with no reward variance GRPO learns nothing. So sampling here
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
-from server.prompt import ref, render_answer
+from contract.prompt import ref, render_answer
 from trainer.examples import Example
 
 log = logging.getLogger(__name__)

@@ -7,15 +7,13 @@ and the positives are the next k items. Each user's last interaction is held out
 
 import heapq
 from collections.abc import Iterator
-from datetime import UTC, datetime
 
 import numpy as np
 from pydantic import BaseModel, Field
 
-from server.candidates import OVERFETCH, allowed, candidate_order
+from contract.candidates import OVERFETCH, allowed, candidate_order
+from contract.prompt import Contract, prompt_input
 from server.item_index import ItemIndex
-from server.prompt import Contract, HistoryView, PromptInput
-from server.recommend import item_view
 from trainer.corpus import Corpus
 from trainer.examples import Example, build_example
 
@@ -47,7 +45,9 @@ class ExampleBuilder:
         self.corpus, self.index, self.shape = corpus, index, shape
         popularity = corpus.popularity
         self.popularity = popularity
-        self.popular = [(i, float(c)) for i, c in popularity.most_common(shape.candidates * 4)]
+        self.popular = [
+            (i, float(c)) for i, c in popularity.most_common(shape.candidates * OVERFETCH)
+        ]
         by_time = sorted(corpus.items.values(), key=lambda item: item.created_at, reverse=True)
         self.newest = [item.item_id for item in by_time[: shape.candidates]]
 
@@ -70,15 +70,12 @@ class ExampleBuilder:
             return None
         items = self.corpus.items
         contract = self.shape.contract
-        shown = seq[:t][-contract.history :] if contract.history else []
-        data = PromptInput(
-            profile=self.corpus.profiles.get(user_id, {}),
-            history=[
-                HistoryView(item=item_view(items[i]), timestamp=datetime.fromtimestamp(ts, UTC))
-                for i, ts in shown
-            ],
-            candidates=[item_view(items[i]) for i in candidates],
-            k=self.shape.k,
+        data = prompt_input(
+            self.corpus.profiles.get(user_id, {}),
+            [(items[i], ts) for i, ts in seq[:t]],
+            [items[i] for i in candidates],
+            self.shape.k,
+            contract.history,
         )
         return build_example(user_id, data, positives, self.popularity, contract.rendering)
 

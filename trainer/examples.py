@@ -1,7 +1,7 @@
 """Training examples for the ranker: a prompt, its columns for the rewards, and an SFT target.
 
-The prompt comes from `server.prompt.build_prompt` (the contract the gateway serves), the target
-from `server.prompt.render_answer`. The SFT rationale is composed from the data itself (what the
+The prompt comes from `contract.prompt.build_prompt` (the contract the gateway serves), the target
+from `contract.prompt.render_answer`. The SFT rationale is composed from the data itself (what the
 user watched recently, the categories they keep coming back to, how the picks relate to that), so
 SFT teaches the format and a grounded way of talking about a user without a teacher model.
 """
@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 
 from pydantic import BaseModel, Field
 
-from server.prompt import ItemView, PromptInput, Rendering, build_prompt, render_answer
+from contract.prompt import ItemView, PromptInput, Rendering, build_prompt, render_answer
+from contract.ranking import target_items
 
 MAX_RATIONALE_CHARS = 200
 RECENT = 5  # how much of the history the rationale talks about (newest last)
@@ -29,28 +30,6 @@ class Example(BaseModel):
     positives: list[str] = Field(description="Items the user engaged with next, in time order.")
     k: int = Field(ge=1, description="How many items the answer ranks.")
     target: str = Field(description="The SFT completion: rationale and ranked ids.")
-
-
-def target_items(candidates: Sequence[str], positives: Sequence[str], k: int) -> list[str]:
-    """The k ids an SFT target ranks: positives among the candidates, then the candidate order.
-
-    Positives come first, in the order they happened: they are the only label we have that the
-    user wanted these items, and the earliest one is the nearest "next item" after the history
-    the prompt shows. The rest is backfilled from the retrieval order, so the target always names
-    exactly k distinct candidates (the format the prompt asks for) and, where the data says
-    nothing, imitates the retriever's ranking, which is also what the gateway backfills with.
-
-    >>> target_items(["a", "b", "c", "d"], ["z", "c", "a"], 3)
-    ['c', 'a', 'b']
-    """
-    allowed = set(candidates)
-    chosen = list(dict.fromkeys(item for item in positives if item in allowed))[:k]
-    for item in candidates:
-        if len(chosen) >= k:
-            break
-        if item not in chosen:
-            chosen.append(item)
-    return chosen
 
 
 def _short(title: str) -> str:

@@ -15,7 +15,6 @@ recognised by their request id, so a restart neither loses nor doubles anything.
 arrives before its impression was consumed waits in the pending list until it can be joined.
 """
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -24,7 +23,8 @@ from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from server.prompt import Rendering
+from contract.impression import Impression
+from contract.prompt import Rendering
 from server.schemas import EventType, is_positive
 from server.store import Store
 
@@ -124,10 +124,11 @@ class FeedbackLog:
         result = ConsumeResult(impressions=len(impressions), events=len(events))
         done = self.read()
         # An impression already written (consumed before a crash) is not written again.
+        logged = (Impression.from_fields(fields) for _, fields in impressions)
         served = {
-            fields["request_id"]: _example(fields)
-            for _, fields in impressions
-            if fields.get("prompt") and fields["request_id"] not in done
+            impression.request_id: _example(impression)
+            for impression in logged
+            if impression.prompt and impression.request_id not in done
         }
         late: dict[str, LoggedExample] = {}  # feedback on examples written by an earlier call
         joined_ids, waiting = [], []
@@ -156,17 +157,17 @@ class FeedbackLog:
         return result
 
 
-def _example(fields: dict[str, str]) -> LoggedExample:
+def _example(impression: Impression) -> LoggedExample:
     return LoggedExample(
-        request_id=fields["request_id"],
-        user_id=fields["user_id"],
-        model_version=fields.get("model_version", ""),
-        ts=float(fields["ts"]),
-        prompt=fields.get("prompt", ""),
-        rendering=fields.get("rendering") or Rendering.rich,  # logged before renderings: rich
-        candidates=json.loads(fields.get("candidates") or "[]"),
-        shown=json.loads(fields.get("items") or "[]"),
-        k=max(int(fields.get("k") or 1), 1),
+        request_id=impression.request_id,
+        user_id=impression.user_id,
+        model_version=impression.model_version,
+        ts=impression.ts,
+        prompt=impression.prompt,
+        rendering=impression.rendering,
+        candidates=impression.candidates,
+        shown=impression.items,
+        k=impression.k,
     )
 
 

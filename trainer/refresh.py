@@ -26,19 +26,20 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from contract.prompt import Contract, Rendering, render_answer
+from contract.ranking import target_items
 from reward_rules.policy import build_terms, catalog_facts
 from server.active_model import refreshed_with_lora
 from server.config import Settings
 from server.item_index import load_current
 from server.policy import read_policy
-from server.prompt import Contract, Rendering, render_answer
 from server.registry import Manifest, Registry, base_version, new_version
 from server.store import Store
 from trainer import metrics
 from trainer.bootstrap import beats_retrieval, validate
 from trainer.corpus import Corpus, read_corpus
 from trainer.dataset import ExampleBuilder, Shape
-from trainer.examples import Example, target_items
+from trainer.examples import Example
 from trainer.feedback_log import ConsumeResult, FeedbackLog, LoggedExample
 from trainer.grpo import STATE_FILE, run_grpo
 from trainer.presets import GrpoSettings

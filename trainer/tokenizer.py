@@ -34,14 +34,15 @@ from tokenizers import (
 from transformers import PreTrainedTokenizerFast
 from transformers.models.qwen2 import tokenization_qwen2
 
-from server.prompt import INSTRUCTIONS, KEY_ATTRIBUTES, OUTPUT_FORMAT, ref
+from contract.prompt import INSTRUCTIONS, KEY_ATTRIBUTES, OUTPUT_FORMAT, ref
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
-# Lines of `server.prompt.build_prompt` that do not depend on the data. Repeated so that BPE merges
-# their words even when the catalog is large; the catalog's own words are counted once per item.
+# Lines of `contract.prompt.build_prompt` that do not depend on the data. Repeated so that BPE
+# merges their words even when the catalog is large; the catalog's own words are counted once per
+# item.
 _BOILERPLATE = (
     INSTRUCTIONS,
     *(OUTPUT_FORMAT.format(k=k) for k in (1, 5, 10, 20)),

@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 
 from pydantic import BaseModel, Field
 
-from server.prompt import Contract
+from contract.prompt import Contract
 from server.vocabulary import ItemTokens
 
 # Most log-probabilities one step may return: k (at most 50) plus the spare ids. Engines are

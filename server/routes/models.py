@@ -6,9 +6,9 @@ from datetime import datetime
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
+from contract.prompt import Rendering
 from server.deps import SettingsDep, StoreDep, require_admin_key
 from server.errors import ApiError, documented
-from server.prompt import Rendering
 from server.registry import Manifest, Registry, RegistryError, check_contract
 from server.schemas import Id
 

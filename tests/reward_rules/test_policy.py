@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from contract.answer import Answer
 from reward_rules import policy as policy_module
-from reward_rules.answer import Answer
 from reward_rules.policy import (
     DEFAULT_POLICY,
     DEFAULT_WEIGHTS,

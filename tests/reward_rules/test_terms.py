@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from contract.answer import Answer
 from reward_rules import answer as answer_module
 from reward_rules import terms as terms_module
-from reward_rules.answer import Answer, ranked
 from reward_rules.terms import (
     TERMS,
     Accuracy,
@@ -69,36 +69,6 @@ def example(k: int = 2, positives: tuple[str, ...] = ("a",), **extra: Any) -> di
 def test_docstring_examples_hold() -> None:
     assert doctest.testmod(terms_module).failed == 0
     assert doctest.testmod(answer_module).failed == 0
-
-
-class TestRanked:
-    @pytest.mark.parametrize(
-        ("items", "k", "expected"),
-        [
-            # nothing written: nothing ranked
-            ((), 3, []),
-            # the answer's order is kept, cut at k
-            (("c", "a", "b"), 2, ["c", "a"]),
-            # duplicates are dropped and do not use up a slot
-            (("a", "a", "b"), 2, ["a", "b"]),
-            # non-candidates are dropped and do not use up a slot
-            (("x", "b", "y", "c"), 2, ["b", "c"]),
-            # fewer valid ids than k: all of them
-            (("b",), 3, ["b"]),
-        ],
-    )
-    def test_cases(self, items: tuple[str, ...], k: int, expected: list[str]) -> None:
-        assert ranked(ok(*items), CANDIDATES, k) == expected
-
-    @given(answers, st.lists(ids, max_size=6), st.integers(1, 5))
-    def test_distinct_candidates_in_answer_order(
-        self, answer: Answer, candidates: list[str], k: int
-    ) -> None:
-        out = ranked(answer, candidates, k)
-        assert len(out) == len(set(out)) <= k
-        assert set(out) <= set(candidates)
-        positions = [answer.items.index(item) for item in out]
-        assert positions == sorted(positions)
 
 
 class TestFormat:

@@ -177,7 +177,19 @@ def test_non_finite_numbers_refused(client, token):
 
 @pytest.mark.parametrize(
     "bad_id",
-    ["a\x00b", "a\x1bb", "a\u202eb", "a\u200bb", "\ufeffa", "a\u2066b", "a\x85b", "a b", "a:b"],
+    [
+        "a\x00b",
+        "a\x1bb",
+        "a\u202eb",
+        "a\u200bb",
+        "\ufeffa",
+        "a\u2066b",
+        "a\x85b",
+        "a b",
+        "a:b",
+        ".",
+        "..",
+    ],
     ids=[
         "nul",
         "esc",
@@ -188,6 +200,8 @@ def test_non_finite_numbers_refused(client, token):
         "nel",
         "space",
         "colon",
+        "dot-segment",
+        "dot-dot-segment",
     ],
 )
 def test_invisible_or_reserved_characters_in_ids_refused(client, rdb, key_prefix, bad_id):
@@ -207,7 +221,7 @@ def test_invisible_or_reserved_characters_in_ids_refused(client, rdb, key_prefix
 
 
 def test_printable_unicode_ids_accepted(client):
-    for item_id in ["café", "東京", "a.b-c_d~e@f"]:
+    for item_id in ["café", "東京", "a.b-c_d~e@f", "...", ".a", "..a", "a."]:
         assert client.put(f"/v1/items/{item_id}", json={"title": "T"}).status_code == 200
         assert client.get(f"/v1/items/{item_id}").json()["item_id"] == item_id
 

@@ -19,17 +19,14 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from reward_rules.answer import Answer
+from contract.prompt import Contract, Rendering, answer_pattern, render_answer
 from server.engine import Engine, EngineError, Generation, GenerationRequest
 from server.item_index import ItemIndex
-from server.prompt import Contract, Rendering, answer_pattern, render_answer
 from server.recommend import (
     COLD_START_RATIONALE,
     FALLBACK_RATIONALE,
     SPARE_IDS,
     first_pick,
-    repair,
-    served_order,
 )
 from tests.server.helpers import metric, post_events
 
@@ -529,45 +526,6 @@ def test_recommendations_counted_by_source_and_model_version(shop: TestClient) -
     assert metric(shop, RECOMMENDATIONS, **fallback) == 1
 
 
-# repair ----------------------------------------------------------------------------------------
-
-RETRIEVAL = ["a", "b", "c", "d"]
-
-
-@pytest.mark.parametrize(
-    ("items", "well_formed", "k", "expected", "repaired"),
-    [
-        # A clean answer of k ids: kept as is.
-        (("c", "a"), True, 2, ["c", "a"], False),
-        # More than k: the first k, not a repair.
-        (("d", "c", "b"), True, 2, ["d", "c"], False),
-        # Duplicates dropped and backfilled in retrieval order.
-        (("c", "c"), True, 2, ["c", "a"], True),
-        # Non-candidates dropped and backfilled.
-        (("zz", "b"), True, 2, ["b", "a"], True),
-        # Malformed, even with usable ids: the ids are used, the answer counts as repaired.
-        (("d", "c"), False, 2, ["d", "c"], True),
-        # Nothing usable: the retrieval order.
-        ((), False, 3, ["a", "b", "c"], True),
-        # k above the candidates: every candidate once; complete, so not a repair.
-        (("b", "d", "a", "c"), True, 10, ["b", "d", "a", "c"], False),
-        # k above the candidates and too few named: backfilled with the rest.
-        (("d",), True, 10, ["d", "a", "b", "c"], True),
-        # A duplicate beyond the first k distinct ones does not matter.
-        (("a", "b", "a"), True, 2, ["a", "b"], False),
-    ],
-)
-def test_repair(
-    items: tuple[str, ...], well_formed: bool, k: int, expected: list[str], repaired: bool
-) -> None:
-    got = repair(Answer(rationale="", items=items, well_formed=well_formed), RETRIEVAL, k)
-    assert got == (expected, repaired)
-
-
-def test_repair_with_no_candidates() -> None:
-    assert repair(Answer(rationale="", items=("a",), well_formed=True), [], 3) == ([], False)
-
-
 # The business policy ---------------------------------------------------------------------------
 
 
@@ -629,47 +587,6 @@ def test_first_pick_needs_the_answer_step() -> None:
     result = Generation(text="", prompt_tokens=1, completion_tokens=1, tokens=["x"])
 
     assert first_pick(result, ["p1"]) == {}
-
-
-@pytest.mark.parametrize(
-    ("answer_items", "well_formed", "scores", "served", "repaired"),
-    [
-        # enough scores from a well-formed answer: they order the list
-        (("p3", "p1"), True, {"p2": -0.1, "p1": -1.0, "p3": -2.0}, ["p2", "p1"], False),
-        # too few scores: the answer's own ids, repaired as before
-        (("p3", "p3"), True, {"p2": -0.1}, ["p3", "p1"], True),
-        # a malformed answer is repaired whatever the scores
-        ((), False, {"p2": -0.1, "p1": -1.0}, ["p1", "p2"], True),
-    ],
-)
-def test_served_order(
-    answer_items: tuple[str, ...],
-    well_formed: bool,
-    scores: dict[str, float],
-    served: list[str],
-    repaired: bool,
-) -> None:
-    answer = Answer(rationale="r", items=answer_items, well_formed=well_formed)
-
-    assert served_order(answer, scores, ["p1", "p2", "p3"], 2) == (served, repaired)
-
-
-@pytest.mark.parametrize(
-    ("prior", "served"),
-    [
-        (0.0, ["p3", "p2", "p1"]),  # the model alone
-        # p3 loses log(3) = 1.10 to p1, p2 loses log(2) = 0.69: p2 (-0.31) > p1 (-0.5) > p3
-        (1.0, ["p2", "p1", "p3"]),
-        (100.0, ["p1", "p2", "p3"]),  # the retrieval order
-    ],
-)
-def test_a_retrieval_prior_leans_the_served_order_on_retrieval(
-    prior: float, served: list[str]
-) -> None:
-    answer = Answer(rationale="r", items=("p1",), well_formed=True)
-    scores = {"p1": -0.5, "p2": 0.38, "p3": 0.4}
-
-    assert served_order(answer, scores, ["p1", "p2", "p3"], 3, prior) == (served, False)
 
 
 class OneTokenItems:

@@ -11,8 +11,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from contract.prompt import CONTRACT_VERSION
 from server.config import Settings
-from server.prompt import CONTRACT_VERSION
 from server.registry import (
     ADAPTER_CONFIG,
     MANIFEST,

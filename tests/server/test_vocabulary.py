@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from server.prompt import ITEM_MARK
+from contract.prompt import ITEM_MARK
 from server.vocabulary import ItemTokens
 from trainer.tokenizer import train_tokenizer
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from contract.prompt import HistoryView, ItemView, PromptInput
 from server.config import Settings
-from server.prompt import HistoryView, ItemView, PromptInput
 from trainer.examples import Example, build_example
 from trainer.model import build_model
 from trainer.presets import SftSettings

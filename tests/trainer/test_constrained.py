@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from server.prompt import parse_answer
+from contract.prompt import parse_answer
 from trainer.constrained import answer_constraint, constrained_generation
 from trainer.examples import Example
 from trainer.model import build_model

@@ -4,13 +4,12 @@ from datetime import UTC, datetime
 
 import pytest
 
-from server.prompt import HistoryView, ItemView, PromptInput, parse_answer
+from contract.prompt import HistoryView, ItemView, PromptInput, parse_answer
 from trainer.examples import (
     MAX_RATIONALE_CHARS,
     Example,
     build_example,
     sft_target,
-    target_items,
 )
 
 
@@ -24,30 +23,6 @@ CLERKS = item("3", "Clerks (1994)", "Comedy")
 FARGO = item("4", "Fargo (1996)", "Crime", "Drama")
 ALIEN = item("5", "Alien (1979)", "Horror", "Sci-Fi")
 POPULARITY = {"1": 5, "2": 3, "3": 40, "4": 90, "5": 1}
-
-
-class TestTargetItems:
-    @pytest.mark.parametrize(
-        ("candidates", "positives", "k", "expected"),
-        [
-            # positives first, in the order they happened, then the retrieval order
-            (["a", "b", "c", "d"], ["c", "a"], 3, ["c", "a", "b"]),
-            # a positive that is not a candidate cannot be named
-            (["a", "b", "c"], ["z", "b"], 2, ["b", "a"]),
-            # more positives than k: the earliest ones
-            (["a", "b", "c"], ["c", "b", "a"], 2, ["c", "b"]),
-            # no positives: the retrieval order
-            (["a", "b", "c"], [], 2, ["a", "b"]),
-            # a repeated positive counts once
-            (["a", "b", "c"], ["b", "b"], 2, ["b", "a"]),
-            # k larger than the candidates: all of them, once
-            (["a", "b"], ["b"], 5, ["b", "a"]),
-        ],
-    )
-    def test_order(
-        self, candidates: list[str], positives: list[str], k: int, expected: list[str]
-    ) -> None:
-        assert target_items(candidates, positives, k) == expected
 
 
 class TestSftTarget:

@@ -3,8 +3,8 @@ publish, a model that ranks worse than the list it reranks, unless forced."""
 
 import pytest
 
+from contract.prompt import Rendering
 from server.config import Settings
-from server.prompt import Rendering
 from trainer.bootstrap import NOVELTY_FLOOR, Served, activation, beats_retrieval, choose_prior
 from trainer.feedback_log import LoggedExample
 from trainer.refresh import _gate, split_logged

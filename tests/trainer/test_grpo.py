@@ -10,8 +10,8 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from contract.prompt import ItemView, render_answer
 from reward_rules.terms import Accuracy, Diversity, Format, Novelty
-from server.prompt import ItemView, render_answer
 from trainer.examples import Example
 from trainer.grpo import (
     STATE_FILE,

@@ -8,7 +8,7 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from server.prompt import ref
+from contract.prompt import ref
 from trainer.model import (
     PRESETS,
     VLLM_CPU_HEAD_SIZES,

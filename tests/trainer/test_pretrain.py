@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from server.prompt import HistoryView, ItemView, PromptInput, Rendering, build_prompt
+from contract.prompt import HistoryView, ItemView, PromptInput, Rendering, build_prompt
 from server.schemas import Item
 from trainer.corpus import Corpus
 from trainer.model import build_model

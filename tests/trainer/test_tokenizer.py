@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from server.prompt import INSTRUCTIONS, parse_answer, render_answer
+from contract.prompt import INSTRUCTIONS, parse_answer, render_answer
 from trainer.model import build_model
 from trainer.tokenizer import EOS, PAD, TAGS, train_tokenizer
 

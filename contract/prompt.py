@@ -30,12 +30,12 @@ title or a profile, and the list separator is the same in the history and in the
 
 import re
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 
 from pydantic import BaseModel, Field
 
-from reward_rules.answer import Answer
+from contract.answer import Answer
 
 CONTRACT_VERSION = "1"
 SUPPORTED_CONTRACTS = frozenset({CONTRACT_VERSION})
@@ -109,6 +109,31 @@ class PromptInput(BaseModel):
     history: list[HistoryView] = Field(default_factory=list, description="Oldest first.")
     candidates: list[ItemView]
     k: int = Field(ge=1)
+
+
+def prompt_input(
+    profile: dict,
+    history: Sequence[tuple[object, float]],
+    candidates: Sequence[object],
+    k: int,
+    shown: int,
+) -> PromptInput:
+    """What the prompt shows: the profile, the last `shown` of `history` ((item, Unix time), oldest
+    first) and the candidates; items are anything with an ItemView's attributes."""
+    recent = history[-shown:] if shown else []
+    return PromptInput(
+        profile=profile,
+        history=[
+            HistoryView(item=_view(item), timestamp=datetime.fromtimestamp(ts, UTC))
+            for item, ts in recent
+        ],
+        candidates=[_view(item) for item in candidates],
+        k=k,
+    )
+
+
+def _view(item: object) -> ItemView:
+    return ItemView.model_validate(item, from_attributes=True)
 
 
 def ref(item_id: str) -> str:

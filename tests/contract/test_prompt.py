@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import ValidationError
 
-from server.prompt import (
+from contract.prompt import (
     COMPACT_PROFILE_ATTRIBUTES,
     COMPACT_VALUE_CHARS,
     CONTRACT_VERSION,
@@ -23,7 +23,7 @@ from server.prompt import (
     parse_answer,
     render_answer,
 )
-from server.recommend import repair
+from contract.ranking import repair
 from server.schemas import ItemUpsert
 
 LATEST = datetime(2024, 3, 10, 12, 0, tzinfo=UTC)

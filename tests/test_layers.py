@@ -1,0 +1,50 @@
+"""Imports flow one way: trainer -> server -> reward_rules -> contract, and contract does no I/O."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# What each package may not import: the layers above it, and for the pure ones, anything that
+# touches a network, a disk format or a model.
+FORBIDDEN = {
+    "contract": {
+        "server",
+        "trainer",
+        "reward_rules",
+        "redis",
+        "httpx",
+        "fastapi",
+        "torch",
+        "transformers",
+        "vllm",
+        "faiss",
+        "os",
+        "pathlib",
+        "subprocess",
+        "socket",
+    },
+    "reward_rules": {"server", "trainer", "redis", "httpx", "fastapi", "torch", "vllm"},
+    "server": {"trainer"},
+}
+
+
+def imported(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_a_package_imports_nothing_above_it(package: str) -> None:
+    offending = {
+        str(path.relative_to(ROOT)): sorted(imported(path) & FORBIDDEN[package])
+        for path in sorted((ROOT / package).rglob("*.py"))
+    }
+    assert {path: names for path, names in offending.items() if names} == {}
