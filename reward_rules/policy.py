@@ -98,8 +98,8 @@ class Constraints(BaseModel):
 
 
 class Policy(BaseModel):
-    """A business policy. Fields are checked as a policy file is read; see README "Business
-    policy" for the file format."""
+    """A business policy. Fields are checked as a policy file is read; see docs/training.md,
+    "Business policy", for the file format."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -1,7 +1,8 @@
 """Settings: one pydantic-settings class; each field's description is its documentation.
 
 Every field reads the environment variable ``REASONREC_<FIELD>`` (for example
-``REASONREC_REDIS_URL``). ``tests/server/test_config.py`` checks that README documents each one.
+``REASONREC_REDIS_URL``). ``tests/server/test_config.py`` checks that docs/configuration.md
+documents each one.
 """
 
 from pathlib import Path

@@ -2,7 +2,7 @@
 
 The rule for every input: what the API accepts must read back and must be safe to show a model.
 So times sit in a window every reader can convert, sizes are bounded, ids are printable, and
-numbers are finite. The limits are listed in README, "Limits and errors".
+numbers are finite. The limits are listed in docs/api.md, "Limits and errors".
 """
 
 import math
