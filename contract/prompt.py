@@ -36,6 +36,7 @@ from enum import StrEnum
 from pydantic import BaseModel, Field
 
 from contract.answer import Answer
+from contract.ranking import Blend
 
 CONTRACT_VERSION = "1"
 SUPPORTED_CONTRACTS = frozenset({CONTRACT_VERSION})
@@ -82,12 +83,7 @@ class Contract(BaseModel):
     version: str = CONTRACT_VERSION
     rendering: Rendering = Rendering.rich
     history: int = Field(20, ge=0, description="Most recent history items in the prompt.")
-    retrieval_prior: float = Field(
-        0.0,
-        ge=0,
-        description="Weight of -log(1 + retrieval rank) added to each candidate's first-pick "
-        "log-probability when the served list is ordered (chosen on validation users).",
-    )
+    blend: Blend = Field(default_factory=Blend, description="How the served list is ordered.")
 
 
 class ItemView(BaseModel):

@@ -7,7 +7,10 @@ terms read the answer's own first k (`first_k`, no backfill: a short answer scor
 """
 
 import math
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from types import MappingProxyType
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from contract.answer import Answer
 
@@ -41,26 +44,54 @@ def repair(answer: Answer, order: Sequence[str], k: int) -> tuple[list[str], boo
     return backfilled(picked, order, k), repaired
 
 
-def blended(scores: dict[str, float], order: Sequence[str], prior: float) -> list[str]:
-    """The scored candidates, best first by log-probability plus `prior` x -log(1 + retrieval
-    rank): the model's choice, leaning on the retrieval order as much as validation showed it
-    should (0: not at all)."""
-    rank = {item: position for position, item in enumerate(order)}
-    return sorted(scores, key=lambda item: prior * math.log1p(rank[item]) - scores[item])
+class Blend(BaseModel):
+    """How the served order weighs a model's first-pick log-probabilities against the retrieval
+    rank and the items' popularity. Validation chooses both weights for each model: a model
+    trained on what users chose ranks what many chose too high, and leaning on the retrieval
+    order or taking popularity back keeps the lists' novelty near the retrieval order's."""
+
+    model_config = ConfigDict(frozen=True)
+
+    retrieval_prior: float = Field(
+        0.0, ge=0, description="Weight of -log(1 + retrieval rank) (0: the model's order alone)."
+    )
+    popularity_penalty: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of -popularity, an item's log-popularity relative to the most "
+        "popular item's (0 to 1, `ItemIndex.popularity`).",
+    )
+
+    def order(
+        self, scores: Mapping[str, float], order: Sequence[str], popularity: Mapping[str, float]
+    ) -> list[str]:
+        """The scored candidates, best first; an item of unknown popularity counts 0."""
+        rank = {item: position for position, item in enumerate(order)}
+
+        def cost(item: str) -> float:
+            taken = self.popularity_penalty * popularity.get(item, 0.0)
+            return self.retrieval_prior * math.log1p(rank[item]) + taken - scores[item]
+
+        return sorted(scores, key=cost)
 
 
 def served_order(
-    answer: Answer, scores: dict[str, float], order: Sequence[str], k: int, prior: float = 0.0
+    answer: Answer,
+    scores: Mapping[str, float],
+    order: Sequence[str],
+    k: int,
+    blend: Blend = Blend(),
+    popularity: Mapping[str, float] = MappingProxyType({}),
 ) -> tuple[list[str], bool]:
     """The k ids served and whether the answer needed repair.
 
     With first-pick log-probabilities for k candidates (a model whose items are single tokens),
-    they order the list (see `blended`): measured better than the rest of the greedy answer,
-    which continues from the model's own earlier picks (docs/evaluation.md). Otherwise the
-    answer's ids, repaired.
+    they order the list, blended (see `Blend`): measured better than the rest of the greedy
+    answer, which continues from the model's own earlier picks (docs/evaluation.md). Otherwise
+    the answer's ids, repaired.
     """
     if answer.well_formed and len(scores) >= min(k, len(order)):
-        return blended(scores, order, prior)[:k], False
+        return blend.order(scores, order, popularity)[:k], False
     return repair(answer, order, k)
 
 

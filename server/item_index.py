@@ -495,6 +495,12 @@ class ItemIndex:
         """The item's unit vector (a copy); KeyError for an item not in the index."""
         return self._vectors[self._position[item_id]].copy()
 
+    def popularity(self, item_ids: Iterable[str]) -> dict[str, float]:
+        """Each indexed item's log-popularity relative to the most popular item's, 0 to 1 (its
+        prior without the weight; never-seen items: the median); unknown ids are left out."""
+        positions = {i: self._position[i] for i in item_ids if i in self._position}
+        return {i: float(self._priors[p]) / POPULARITY_WEIGHT for i, p in positions.items()}
+
     def _query(self, history: Sequence[str]) -> np.ndarray | None:
         """Recency-weighted mean of the known history items' vectors, normalised."""
         known = [self._position[i] for i in reversed(history) if i in self._position]

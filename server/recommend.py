@@ -119,7 +119,8 @@ class Recommender:
         shown = [candidate.item for candidate in found.items]
         data = prompt_input(context.profile, found.history, shown, request.k, contract.history)
         prompt = build_prompt(data, contract.rendering) if order else ""
-        outcome = await self._rank(prompt, order, request, request_id, engine)
+        popularity = index.popularity(order) if index else {}
+        outcome = await self._rank(prompt, order, popularity, request, request_id, engine)
         if outcome.source is Source.fallback:
             outcome.rationale = COLD_START_RATIONALE if found.cold_start else FALLBACK_RATIONALE
         items = {item_id: candidate.item for item_id, candidate in by_id.items()}
@@ -167,6 +168,7 @@ class Recommender:
         self,
         prompt: str,
         order: list[str],
+        popularity: dict[str, float],
         request: RecommendRequest,
         request_id: str,
         engine: Engine | None,
@@ -200,8 +202,8 @@ class Recommender:
         metrics.ENGINE_TOKENS.labels("completion").inc(result.completion_tokens)
         answer = parse_answer(result.text)
         scores = first_pick(result, order)
-        prior = engine.contract.retrieval_prior
-        ids, repaired = served_order(answer, scores, order, request.k, prior)
+        blend = engine.contract.blend
+        ids, repaired = served_order(answer, scores, order, request.k, blend, popularity)
         if repaired:
             self.repairs += 1
             metrics.PARSE_FAILURES.inc()

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from contract.prompt import CONTRACT_VERSION, SUPPORTED_CONTRACTS, Contract, Rendering
+from contract.ranking import Blend
 
 MANIFEST = "manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -35,6 +36,9 @@ class Manifest(BaseModel):
     prompt_history: int = Field(20, ge=0, description="History items its prompts show.")
     retrieval_prior: float = Field(
         0.0, ge=0, description="How much its served order leans on the retrieval order."
+    )
+    popularity_penalty: float = Field(
+        0.0, ge=0, description="How much popularity its served order takes back."
     )
     base_model: str | None = Field(None, description="For LoRA: the version it adapts.")
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
@@ -56,7 +60,9 @@ class Manifest(BaseModel):
             version=self.contract_version,
             rendering=self.rendering,
             history=self.prompt_history,
-            retrieval_prior=self.retrieval_prior,
+            blend=Blend(
+                retrieval_prior=self.retrieval_prior, popularity_penalty=self.popularity_penalty
+            ),
         )
 
 

@@ -11,14 +11,14 @@ import logging
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 from peft import PeftModel
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -31,16 +31,16 @@ from contract.ranking import target_items
 from reward_rules.policy import build_terms, catalog_facts
 from server.active_model import refreshed_with_lora
 from server.config import Settings
-from server.item_index import load_current
+from server.item_index import ItemIndex, load_current
 from server.policy import read_policy
 from server.registry import Manifest, Registry, base_version, new_version
 from server.store import Store
 from trainer import metrics
-from trainer.bootstrap import beats_retrieval, validate
 from trainer.corpus import Corpus, read_corpus
 from trainer.dataset import ExampleBuilder, Shape
 from trainer.examples import Example
 from trainer.feedback_log import ConsumeResult, FeedbackLog, LoggedExample
+from trainer.gate import Gate, Popularity, refresh_gate, validate
 from trainer.grpo import STATE_FILE, run_grpo
 from trainer.presets import GrpoSettings
 
@@ -61,19 +61,6 @@ Outcome = Literal["published", "rejected", "skipped"]
 
 class RefreshBusy(RuntimeError):
     """Another refresh holds the lock."""
-
-
-class Gate(BaseModel):
-    active: dict[str, float]
-    candidate: dict[str, float]
-    ndcg_tolerance: float
-    invalid_tolerance: float
-    beats_retrieval: bool = Field(
-        description="The candidate ranks the held-out lists at least as well as their retrieval "
-        "order; required to publish unless forced."
-    )
-    forced: bool = False
-    passed: bool
 
 
 class RefreshResult(BaseModel):
@@ -127,11 +114,12 @@ def _as_example(logged: LoggedExample) -> Example:
     )
 
 
-def fresh_examples(corpus: Corpus, settings: Settings, contract: Contract) -> list[Example]:
+def fresh_examples(
+    corpus: Corpus, index: ItemIndex | None, settings: Settings, contract: Contract
+) -> list[Example]:
     """Recent histories as the gateway would prompt them today for the active version, with the
     current index. They add what users did without a logged list (organic feedback); logged
     lists keep their own prompts, as served."""
-    index = load_current(settings.data_dir)
     if index is None or not settings.refresh_fresh_examples:
         return []
     shape = Shape(
@@ -208,8 +196,8 @@ async def _refresh(settings: Settings, store: Store, progress: bool, force: bool
     policy = read_policy(settings.policy_file)
     corpus = await read_corpus(store)
     terms = build_terms(policy, catalog_facts(corpus.items.values(), policy), corpus.popularity)
-    # index load, searches
-    fresh = await asyncio.to_thread(fresh_examples, corpus, settings, manifest.contract)
+    index = await asyncio.to_thread(load_current, settings.data_dir)
+    fresh = await asyncio.to_thread(fresh_examples, corpus, index, settings, manifest.contract)
     grpo = GrpoSettings(
         max_steps=settings.refresh_grpo_steps,
         max_completion_length=settings.max_answer_tokens,
@@ -222,7 +210,7 @@ async def _refresh(settings: Settings, store: Store, progress: bool, force: bool
         manifest,
         train + fresh,
         holdout,
-        corpus.popularity,
+        Popularity.of(corpus.popularity, index),
         terms,
         grpo,
         settings,
@@ -274,14 +262,13 @@ def _train_and_gate(
     parent: Manifest,
     train: list[Example],
     holdout: list[Example],
-    popularity: Mapping[str, int],
+    popularity: Popularity,
     terms: list,
     grpo: GrpoSettings,
     settings: Settings,
     force: bool = False,
 ) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase, Training, Gate | None]:
-    """GRPO from the parent's weights; both models answer the held-out lists for the gate
-    (novelty from `popularity`, the training interactions per item).
+    """GRPO from the parent's weights; both models answer the held-out lists for the gate.
 
     A large parent trains LoRA adapters instead of all weights (an adapter parent goes on
     training its own). No gate (None) when GRPO had nothing to learn from: publishing would copy
@@ -301,7 +288,7 @@ def _train_and_gate(
     training.lora_rank = lora_rank(candidate)
     if not training.learned:
         return candidate, tokenizer, training, None
-    gate = _gate(
+    gate = refresh_gate(
         validate(active, tokenizer, holdout, popularity),
         validate(candidate, tokenizer, holdout, popularity),
         settings,
@@ -312,28 +299,6 @@ def _train_and_gate(
 
 def lora_rank(model: PreTrainedModel | PeftModel) -> int | None:
     return model.peft_config["default"].r if isinstance(model, PeftModel) else None
-
-
-def _gate(
-    active: dict[str, float], candidate: dict[str, float], settings: Settings, force: bool = False
-) -> Gate:
-    """No worse than the active version (within tolerances) and, unless forced, no worse than
-    the retrieval order of the same lists."""
-    beats = beats_retrieval(candidate)
-    passed = (
-        candidate["ndcg@10"] >= active["ndcg@10"] - settings.gate_ndcg_tolerance
-        and candidate["invalid_rate"] <= active["invalid_rate"] + settings.gate_invalid_tolerance
-        and (beats or force)
-    )
-    return Gate(
-        active=active,
-        candidate=candidate,
-        ndcg_tolerance=settings.gate_ndcg_tolerance,
-        invalid_tolerance=settings.gate_invalid_tolerance,
-        beats_retrieval=beats,
-        forced=force and not beats,
-        passed=passed,
-    )
 
 
 def _record(gate: Gate | None, reward_mean: float | None) -> None:
@@ -382,6 +347,7 @@ def _publish(
             "policy": policy,
             "metrics": {f"gate_{key}": value for key, value in result.gate.candidate.items()},
             "retrieval_prior": result.gate.candidate["retrieval_prior"],
+            "popularity_penalty": result.gate.candidate["popularity_penalty"],
         }
     )
     registry.publish(staging, manifest)

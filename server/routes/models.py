@@ -27,6 +27,9 @@ class ModelVersion(BaseModel):
     retrieval_prior: float = Field(
         description="How much its served order leans on the retrieval order (0: not at all)."
     )
+    popularity_penalty: float = Field(
+        description="How much popularity its served order takes back (0: none)."
+    )
     ndcg_at_10: float | None = Field(
         description="NDCG@10 on the validation users it was gated on (after all training)."
     )

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from contract.answer import Answer
-from contract.ranking import first_k, repair, served_order, target_items
+from contract.ranking import Blend, first_k, repair, served_order, target_items
 
 CANDIDATES = ["a", "b", "c", "d"]
 ids = st.sampled_from(["a", "b", "c", "d", "e", "x", "y"])
@@ -122,7 +122,38 @@ def test_a_retrieval_prior_leans_the_served_order_on_retrieval(
     answer = Answer(rationale="r", items=("p1",), well_formed=True)
     scores = {"p1": -0.5, "p2": 0.38, "p3": 0.4}
 
-    assert served_order(answer, scores, ["p1", "p2", "p3"], 3, prior) == (served, False)
+    blend = Blend(retrieval_prior=prior)
+
+    assert served_order(answer, scores, ["p1", "p2", "p3"], 3, blend) == (served, False)
+
+
+@pytest.mark.parametrize(
+    ("penalty", "served"),
+    [
+        (0.0, ["hit", "mid", "niche"]),  # the model alone
+        # hit loses 1.0, mid 0.25, niche 0: mid (-0.45) > hit (-0.5) > niche (-0.6)
+        (1.0, ["mid", "hit", "niche"]),
+        (10.0, ["niche", "mid", "hit"]),  # popularity taken back entirely
+    ],
+)
+def test_a_popularity_penalty_takes_back_what_many_chose(penalty: float, served: list[str]) -> None:
+    answer = Answer(rationale="r", items=("hit",), well_formed=True)
+    scores = {"hit": 0.5, "mid": -0.2, "niche": -0.6}
+    popularity = {"hit": 1.0, "mid": 0.25, "niche": 0.0}
+    blend = Blend(popularity_penalty=penalty)
+
+    got = served_order(answer, scores, ["hit", "mid", "niche"], 3, blend, popularity)
+
+    assert got == (served, False)
+
+
+def test_an_item_of_unknown_popularity_counts_as_never_chosen() -> None:
+    answer = Answer(rationale="r", items=("a",), well_formed=True)
+    blend = Blend(popularity_penalty=1.0)
+
+    got = served_order(answer, {"a": 0.0, "new": -0.5}, ["a", "new"], 2, blend, {"a": 1.0})
+
+    assert got == (["new", "a"], False)
 
 
 class TestTargetItems:

@@ -5,9 +5,10 @@ import json
 import pytest
 import redis
 
+from contract.ranking import Blend
 from server.engine.remote import RemoteEngine
 from tests.server.helpers import metric
-from trainer.bootstrap import RETRIEVAL_PRIORS
+from trainer.gate import BLENDS, NOVELTY_FLOOR
 
 pytestmark = pytest.mark.slow
 
@@ -135,15 +136,21 @@ def test_timeout_falls_back_to_retrieval(gateway) -> None:
     assert recommend(gateway, user_id="u00007", k=5).json()["source"] == "llm"
 
 
-def test_the_served_order_leans_on_retrieval_as_validation_chose(gateway, tiny_model) -> None:
+def test_the_served_order_is_blended_as_validation_chose(gateway, tiny_model) -> None:
     metrics = tiny_model.metrics
-    assert metrics["retrieval_prior"] in RETRIEVAL_PRIORS
-    # The prior is chosen by the NDCG it gives: never worse than the model's first pick alone.
-    assert metrics["ndcg@10"] >= metrics["first_pick_ndcg@10"]
+    chosen = Blend(
+        retrieval_prior=metrics["retrieval_prior"], popularity_penalty=metrics["popularity_penalty"]
+    )
+    assert chosen in BLENDS
+    # Chosen by the NDCG it gives among the blends novel enough: never worse than the model's
+    # first pick alone when that one was novel enough too.
+    if metrics["first_pick_novelty@10"] >= NOVELTY_FLOOR * metrics["retrieval_novelty@10"]:
+        assert metrics["ndcg@10"] >= metrics["first_pick_ndcg@10"]
     [served] = [
         v
         for v in gateway.get("/v1/models").json()["versions"]
         if v["version"] == tiny_model.version
     ]
-    assert served["retrieval_prior"] == metrics["retrieval_prior"]
-    assert gateway.app.state.engine.contract.retrieval_prior == metrics["retrieval_prior"]
+    assert served["retrieval_prior"] == chosen.retrieval_prior
+    assert served["popularity_penalty"] == chosen.popularity_penalty
+    assert gateway.app.state.engine.contract.blend == chosen

@@ -184,6 +184,20 @@ def test_priors_grow_with_interactions_and_new_items_get_the_median() -> None:
 # Vectors --------------------------------------------------------------------------------------
 
 
+def test_popularity_is_relative_log_popularity_for_indexed_items_only() -> None:
+    items = [
+        ItemUpsert(item_id=f"p{k}", title=f"Trail shoe {k}", categories=["shoes"]) for k in range(4)
+    ]
+    index = ItemIndex.build(items, [["p0", "p1"], ["p1"], ["p1", "p2"], ["p1"]], dim=2)
+
+    popularity = index.popularity(["p0", "p1", "p2", "p3", "ghost"])
+
+    assert popularity["p1"] == pytest.approx(1.0)  # the most popular item
+    assert popularity["p0"] == pytest.approx(np.log(2) / np.log(5))  # 1 interaction of 4
+    assert 0 < popularity["p3"] < 1  # never seen: the median of the others
+    assert "ghost" not in popularity
+
+
 def test_build_is_deterministic_and_vectors_are_unit_length(index: ItemIndex) -> None:
     again = ItemIndex.build(_items(), _sequences(), dim=8, seed=0)
     for item_id in index.item_ids:

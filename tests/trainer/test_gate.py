@@ -4,10 +4,19 @@ publish, a model that ranks worse than the list it reranks, unless forced."""
 import pytest
 
 from contract.prompt import Rendering
+from contract.ranking import Blend
 from server.config import Settings
-from trainer.bootstrap import NOVELTY_FLOOR, Served, activation, beats_retrieval, choose_prior
 from trainer.feedback_log import LoggedExample
-from trainer.refresh import _gate, split_logged
+from trainer.gate import (
+    BLENDS,
+    NOVELTY_FLOOR,
+    Served,
+    activation,
+    beats_retrieval,
+    choose_blend,
+    refresh_gate,
+)
+from trainer.refresh import split_logged
 
 
 def scores(ours: float, retrieval: float, invalid: float = 0.0) -> dict[str, float]:
@@ -31,32 +40,46 @@ def test_beats_retrieval(ours: float, retrieval: float, beats: bool) -> None:
     assert beats_retrieval(scores(ours, retrieval)) is beats
 
 
-class TestChoosePrior:
-    """Validation picks the retrieval prior the gateway serves with: the most accurate one whose
-    lists stay within NOVELTY_FLOOR of the retrieval order's novelty."""
+def blend(prior: float = 0.0, penalty: float = 0.0) -> Blend:
+    return Blend(retrieval_prior=prior, popularity_penalty=penalty)
+
+
+class TestChooseBlend:
+    """Validation picks the blend the gateway serves with: the most accurate one whose lists stay
+    within NOVELTY_FLOOR of the retrieval order's novelty."""
 
     retrieval = Served(ndcg=0.10, novelty=10.0)
 
-    def test_the_most_accurate_prior_when_all_are_novel_enough(self) -> None:
-        scored = {0.0: Served(ndcg=0.12, novelty=9.8), 0.5: Served(ndcg=0.13, novelty=9.7)}
-        assert choose_prior(scored, self.retrieval) == 0.5
+    def test_the_most_accurate_blend_when_all_are_novel_enough(self) -> None:
+        scored = {
+            blend(0.0): Served(ndcg=0.12, novelty=9.8),
+            blend(0.5): Served(ndcg=0.13, novelty=9.7),
+        }
+        assert choose_blend(scored, self.retrieval) == blend(0.5)
 
     def test_accuracy_gives_way_to_novelty_below_the_floor(self) -> None:
         floor = NOVELTY_FLOOR * self.retrieval.novelty
         scored = {
-            0.0: Served(ndcg=0.14, novelty=floor - 0.5),
-            1.0: Served(ndcg=0.12, novelty=floor + 0.1),
-            4.0: Served(ndcg=0.11, novelty=floor + 0.4),
+            blend(0.0): Served(ndcg=0.14, novelty=floor - 0.5),
+            blend(0.0, 2.0): Served(ndcg=0.12, novelty=floor + 0.1),
+            blend(4.0): Served(ndcg=0.11, novelty=floor + 0.4),
         }
-        assert choose_prior(scored, self.retrieval) == 1.0
+        assert choose_blend(scored, self.retrieval) == blend(0.0, 2.0)
 
-    def test_the_most_novel_prior_when_none_is_novel_enough(self) -> None:
-        scored = {0.0: Served(ndcg=0.14, novelty=7.0), 16.0: Served(ndcg=0.11, novelty=9.0)}
-        assert choose_prior(scored, self.retrieval) == 16.0
+    def test_the_most_novel_blend_when_none_is_novel_enough(self) -> None:
+        scored = {
+            blend(0.0): Served(ndcg=0.14, novelty=7.0),
+            blend(16.0): Served(ndcg=0.11, novelty=9.0),
+        }
+        assert choose_blend(scored, self.retrieval) == blend(16.0)
 
-    def test_a_tie_goes_to_the_smaller_prior(self) -> None:
-        scored = {2.0: Served(ndcg=0.12, novelty=9.9), 0.25: Served(ndcg=0.12, novelty=9.9)}
-        assert choose_prior(scored, self.retrieval) == 0.25
+    def test_a_tie_goes_to_the_smaller_weights(self) -> None:
+        same = Served(ndcg=0.12, novelty=9.9)
+        scored = {blend(2.0): same, blend(0.25): same, blend(0.25, 1.0): same}
+        assert choose_blend(scored, self.retrieval) == blend(0.25)
+
+    def test_the_grid_holds_the_model_alone(self) -> None:
+        assert Blend() in BLENDS and len(set(BLENDS)) == len(BLENDS)
 
 
 class TestActivation:
@@ -87,17 +110,17 @@ class TestRefreshGate:
     def test_worse_than_retrieval_fails_even_when_better_than_the_active_version(
         self, settings: Settings
     ) -> None:
-        gate = _gate(scores(0.05, 0.10), scores(0.08, 0.10), settings)
+        gate = refresh_gate(scores(0.05, 0.10), scores(0.08, 0.10), settings)
 
         assert not gate.beats_retrieval and not gate.passed
 
     def test_forced_passes_and_records_it(self, settings: Settings) -> None:
-        gate = _gate(scores(0.05, 0.10), scores(0.08, 0.10), settings, force=True)
+        gate = refresh_gate(scores(0.05, 0.10), scores(0.08, 0.10), settings, force=True)
 
         assert gate.passed and gate.forced
 
     def test_better_than_both_passes_unforced(self, settings: Settings) -> None:
-        gate = _gate(scores(0.11, 0.10), scores(0.12, 0.10), settings)
+        gate = refresh_gate(scores(0.11, 0.10), scores(0.12, 0.10), settings)
 
         assert gate.passed and gate.beats_retrieval and not gate.forced
 

@@ -1,0 +1,226 @@
+"""Validation and the gate, for bootstrap and refresh alike.
+
+`validate` answers held-out lists the way the gateway would (same grammar, same served order) and
+scores them against the retrieval order of the same lists; it also chooses the served order's
+`Blend` for the model. A bootstrapped version is activated (`activation`), and a refreshed one
+is published (`refresh_gate`), only when it ranks at least as well as that retrieval order,
+unless forced.
+"""
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, Field
+
+from contract.prompt import ANSWER_TAG, parse_answer, ref
+from contract.ranking import Blend, served_order
+from reward_rules.metrics import mean_self_information, ndcg_at_k
+from server.config import Settings
+from server.item_index import ItemIndex
+from trainer.constrained import answer_constraint, constrained_generation
+from trainer.examples import Example
+
+# The weights validation may choose for each model's served order (`Blend`). The largest
+# retrieval priors come close to the retrieval order itself; a popularity penalty p takes back
+# p / log(1 + c_max) nats of log-probability per factor e of popularity (c_max: the most popular
+# item's interactions, a few hundred on ML-100K, so 8 is about one nat).
+RETRIEVAL_PRIORS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+POPULARITY_PENALTIES = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+BLENDS = tuple(
+    Blend(retrieval_prior=prior, popularity_penalty=penalty)
+    for penalty in POPULARITY_PENALTIES
+    for prior in RETRIEVAL_PRIORS
+)
+
+# The served lists' novelty may fall at most this far below the retrieval order's: a model
+# trained on what users chose learns popularity, and a blend that trades a little accuracy for the
+# catalog's long tail is preferred to the most accurate one that recommends only hits.
+NOVELTY_FLOOR = 0.95
+
+
+@dataclass(frozen=True)
+class Popularity:
+    """What validation reads of the items' popularity."""
+
+    counts: Mapping[str, int]
+    """Training interactions per item: novelty is computed from them, as `reasonrec eval` does."""
+    relative: Mapping[str, float]
+    """The index's relative log-popularity, which the gateway's popularity penalty reads."""
+
+    @classmethod
+    def of(cls, counts: Mapping[str, int], index: ItemIndex | None) -> "Popularity":
+        """No index, no relative popularity: the penalty then changes nothing."""
+        return cls(counts=counts, relative=index.popularity(index.item_ids) if index else {})
+
+
+class Served(BaseModel):
+    """Means over validation lists."""
+
+    ndcg: float
+    novelty: float
+    invalid: float = 0.0
+
+
+def _answer(model, tokenizer, example: Example, budget: int) -> tuple[str, dict[str, float]]:
+    """The greedy completion and each candidate's score as its first answer item (the scores
+    after the answer constraint, as vLLM's processed log-probabilities are)."""
+    inputs = tokenizer(text=example.prompt, return_tensors="pt")
+    output = model.generate(
+        **inputs,
+        max_new_tokens=budget,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    new = output.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    answer = tokenizer.convert_tokens_to_ids(ANSWER_TAG)
+    if answer not in new or new.index(answer) + 1 >= len(output.scores):
+        return text, {}
+    logprobs = output.scores[new.index(answer) + 1][0].log_softmax(-1)
+    tokens = {item: tokenizer.convert_tokens_to_ids(ref(item)) for item in example.candidates}
+    if any(token in (None, tokenizer.unk_token_id) for token in tokens.values()):
+        return text, {}  # items are not single tokens: no first-pick scores to read
+    scored = {item: float(logprobs[token]) for item, token in tokens.items()}
+    return text, {item: score for item, score in scored.items() if math.isfinite(score)}
+
+
+@torch.no_grad()
+def validate(model, tokenizer, examples: list[Example], popularity: Popularity) -> dict[str, float]:
+    """Answers on held-out last interactions: NDCG@k and novelty of the model vs the retrieval
+    order of the same lists.
+
+    Decoding follows the answer grammar, as vLLM's structured outputs do when serving, and the
+    served order is chosen as the gateway chooses it (`contract.ranking.served_order`) with the
+    blend among BLENDS that `choose_blend` picks: the figures are what the gateway would serve
+    with `retrieval_prior` and `popularity_penalty`; `invalid_rate` counts answers still repaired.
+    """
+    model.eval()
+    budget = 8 + 6 * max((e.k for e in examples), default=0) + 60
+    constraint = answer_constraint(tokenizer, examples, budget) if examples else None
+    with constrained_generation(model, constraint):
+        answers = [_answer(model, tokenizer, example, budget) for example in examples]
+    scored = {blend: _served(examples, answers, blend, popularity) for blend in BLENDS}
+    retrieval = _scored([e.candidates[: e.k] for e in examples], examples, popularity.counts)
+    blend = choose_blend(scored, retrieval)
+    chosen = scored[blend]
+    return {
+        "validation_users": float(len(examples)),
+        "ndcg@10": chosen.ndcg,
+        "novelty@10": chosen.novelty,
+        "first_pick_ndcg@10": scored[Blend()].ndcg,
+        "first_pick_novelty@10": scored[Blend()].novelty,
+        "retrieval_ndcg@10": retrieval.ndcg,
+        "retrieval_novelty@10": retrieval.novelty,
+        "retrieval_prior": blend.retrieval_prior,
+        "popularity_penalty": blend.popularity_penalty,
+        "invalid_rate": chosen.invalid,
+    }
+
+
+def choose_blend(scored: Mapping[Blend, Served], retrieval: Served) -> Blend:
+    """The most accurate blend whose lists keep novelty within NOVELTY_FLOOR of the retrieval
+    order's; when none does, the most novel one. Ties go to the smaller weights."""
+    floor = NOVELTY_FLOOR * retrieval.novelty
+
+    def preference(blend: Blend) -> tuple[bool, float, float, float]:
+        served = scored[blend]
+        novel = served.novelty >= floor
+        merit = served.ndcg if novel else served.novelty
+        return novel, merit, -blend.popularity_penalty, -blend.retrieval_prior
+
+    return max(scored, key=preference)
+
+
+def _served(
+    examples: list[Example],
+    answers: list[tuple[str, dict[str, float]]],
+    blend: Blend,
+    popularity: Popularity,
+) -> Served:
+    """The lists the gateway would serve with `blend`, scored, with the repaired share."""
+    lists, invalid = [], 0
+    for example, (text, scores) in zip(examples, answers, strict=True):
+        ranked, repaired = served_order(
+            parse_answer(text), scores, example.candidates, example.k, blend, popularity.relative
+        )
+        invalid += repaired
+        lists.append(ranked)
+    served = _scored(lists, examples, popularity.counts)
+    served.invalid = invalid / max(len(examples), 1)
+    return served
+
+
+def _scored(lists: list[list[str]], examples: list[Example], counts: Mapping[str, int]) -> Served:
+    n = max(len(examples), 1)
+    total = sum(counts.values())
+    pairs = list(zip(lists, examples, strict=True))
+    return Served(
+        ndcg=sum(ndcg_at_k(ranked, e.positives, e.k) for ranked, e in pairs) / n,
+        novelty=sum(mean_self_information(ranked, counts, total) for ranked, _ in pairs) / n,
+    )
+
+
+def beats_retrieval(metrics: dict[str, float]) -> bool:
+    """A model must rank its validation users at least as well as the retrieval order."""
+    return metrics.get("ndcg@10", 0.0) >= metrics.get("retrieval_ndcg@10", 0.0)
+
+
+def activation(metrics: dict[str, float], other_active: bool, force: bool) -> tuple[bool, str]:
+    """Whether a new bootstrapped version becomes active, and why, in a sentence for the
+    operator."""
+    ours, theirs = metrics.get("ndcg@10", 0.0), metrics.get("retrieval_ndcg@10", 0.0)
+    beats = beats_retrieval(metrics)
+    verdict = "ranks at least as well as" if beats else "ranks WORSE than"
+    said = (
+        f"the model {verdict} the retrieval order on {int(metrics.get('validation_users', 0))} "
+        f"validation users (NDCG@10 {ours:.4f} vs {theirs:.4f})"
+    )
+    if other_active:
+        return False, f"{said}; another version is active, so this one was not activated"
+    if beats or force:
+        return True, f"{said}; activated" + ("" if beats else " (forced)")
+    return (
+        False,
+        f"{said}; NOT activated: the gateway serves the retrieval order (--force overrides)",
+    )
+
+
+class Gate(BaseModel):
+    """A refresh's verdict: the candidate against the active version and the retrieval order."""
+
+    active: dict[str, float]
+    candidate: dict[str, float]
+    ndcg_tolerance: float
+    invalid_tolerance: float
+    beats_retrieval: bool = Field(
+        description="The candidate ranks the held-out lists at least as well as their retrieval "
+        "order; required to publish unless forced."
+    )
+    forced: bool = False
+    passed: bool
+
+
+def refresh_gate(
+    active: dict[str, float], candidate: dict[str, float], settings: Settings, force: bool = False
+) -> Gate:
+    """A refreshed version is published when no worse than the active version (within
+    tolerances) and, unless forced, no worse than the retrieval order of the same lists."""
+    beats = beats_retrieval(candidate)
+    passed = (
+        candidate["ndcg@10"] >= active["ndcg@10"] - settings.gate_ndcg_tolerance
+        and candidate["invalid_rate"] <= active["invalid_rate"] + settings.gate_invalid_tolerance
+        and (beats or force)
+    )
+    return Gate(
+        active=active,
+        candidate=candidate,
+        ndcg_tolerance=settings.gate_ndcg_tolerance,
+        invalid_tolerance=settings.gate_invalid_tolerance,
+        beats_retrieval=beats,
+        forced=force and not beats,
+        passed=passed,
+    )
