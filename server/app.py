@@ -1,29 +1,23 @@
 """The FastAPI application: wiring of settings, Redis, engine, middleware, errors and routers."""
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import faiss
 from fastapi import Depends, FastAPI
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from server import errors, metrics
-from server.active_model import open_active_engine
+from server import errors
 from server.config import Settings
 from server.deps import require_api_key
-from server.hot_swap import ModelFollower
-from server.item_index import load_current
 from server.keys import Keys
 from server.middleware import RequestMiddleware
 from server.recommend import Recommender
 from server.redis_client import connect
-from server.registry import RegistryError
 from server.routes import feedback, health, items, models, recommend, users
 from server.schemas import latest_time
+from server.serving import Serving
 from server.store import Store
 
 log = logging.getLogger(__name__)
@@ -46,26 +40,6 @@ async def open_store(settings: Settings) -> AsyncIterator[Store]:
         yield build_store(settings, handle.client)
     finally:
         await handle.close()
-
-
-async def _start_serving(app: FastAPI, settings: Settings, store: Store) -> None:
-    """Open the index and the active model; without them requests are served in fallback."""
-    # One request is one small query: faiss's OpenMP threads only contend with the event loop
-    # and vLLM (a query took 16 ms p50 with the default threads, 0.2 ms with one, on 2 cores).
-    faiss.omp_set_num_threads(1)
-    app.state.index = load_current(settings.data_dir)
-    app.state.engine, app.state.engine_problem = None, None
-    try:
-        app.state.engine = await open_active_engine(settings, store)
-    except RegistryError as exc:
-        log.error("active model refused", extra={"reason": str(exc)})
-        app.state.engine_problem = str(exc)
-    except RedisError as exc:
-        log.error("cannot read the active model", extra={"reason": repr(exc)})
-        app.state.engine_problem = "active model unknown: redis unreachable at startup"
-    if app.state.engine is None and app.state.engine_problem is None:
-        app.state.engine_problem = "no active model: run `reasonrec bootstrap`"
-    metrics.set_model_info(app.state.engine.model_version if app.state.engine else None)
 
 
 def _openapi_of_the_hour(app: FastAPI) -> Callable[[], dict[str, Any]]:
@@ -92,17 +66,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = build_store(settings, handle.client)
         app.state.settings, app.state.store = settings, store
         app.state.recommender = Recommender(store, settings)
-        await _start_serving(app, settings, store)
-        follower = ModelFollower(app, settings, store)
-        following = asyncio.create_task(follower.run())
+        app.state.serving = Serving(settings, store)
+        await app.state.serving.start()
         try:
             yield
         finally:
-            follower.stop()
-            await asyncio.gather(following, return_exceptions=True)
-            await follower.close()
-            if app.state.engine is not None:
-                await app.state.engine.close()
+            await app.state.serving.stop()
             await handle.close()
 
     app = FastAPI(

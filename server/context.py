@@ -2,8 +2,7 @@
 
 from pydantic import BaseModel
 
-from server.schemas import readable_time
-from server.store import Store, attributes_of
+from server.store import Store
 
 
 class UserContext(BaseModel):
@@ -17,15 +16,5 @@ class UserContext(BaseModel):
 
 
 async def load_context(store: Store, user_id: str, history_limit: int) -> UserContext:
-    keys = store.keys
-    async with store.redis.pipeline(transaction=False) as pipe:
-        pipe.hget(keys.user(user_id), "attributes")
-        pipe.zrange(keys.history(user_id), -history_limit, -1, withscores=True)
-        pipe.smembers(keys.seen(user_id))
-        attributes, history, seen = await pipe.execute()
-    return UserContext(
-        user_id=user_id,
-        profile=attributes_of(user_id, attributes),
-        history=[(i, ts) for i, ts in history if readable_time(ts)] if history_limit else [],
-        seen=set(seen),
-    )
+    profile, history, seen = await store.user_context(user_id, history_limit)
+    return UserContext(user_id=user_id, profile=profile, history=history, seen=seen)

@@ -11,10 +11,9 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from server.config import Settings
-from server.engine import Engine
 from server.errors import ApiError
-from server.item_index import ItemIndex
 from server.recommend import Recommender
+from server.serving import Serving
 from server.store import Store
 
 
@@ -26,12 +25,8 @@ async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-async def get_engine(request: Request) -> Engine | None:
-    return request.app.state.engine
-
-
-async def get_index(request: Request) -> ItemIndex | None:
-    return request.app.state.index
+async def get_serving(request: Request) -> Serving:
+    return request.app.state.serving
 
 
 async def get_recommender(request: Request) -> Recommender:
@@ -39,8 +34,7 @@ async def get_recommender(request: Request) -> Recommender:
 
 
 StoreDep = Annotated[Store, Depends(get_store)]
-EngineDep = Annotated[Engine | None, Depends(get_engine)]
-IndexDep = Annotated[ItemIndex | None, Depends(get_index)]
+ServingDep = Annotated[Serving, Depends(get_serving)]
 RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 

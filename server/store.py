@@ -1,14 +1,18 @@
-"""The catalog, users and feedback in Redis: every read and write the API and loaders make."""
+"""Everything in Redis goes through `Store`: catalog, users, feedback and impression streams,
+model pointers and their announcements, the trainer's lock. No other module touches Redis keys."""
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import ResponseError
 
 from contract.impression import Impression
 from server import metrics
@@ -33,6 +37,15 @@ if old and old ~= ARGV[1] then redis.call('SET', KEYS[2], old) end
 redis.call('PUBLISH', KEYS[3], ARGV[1])
 return old
 """
+RENEW_SCRIPT = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+    "return redis.call('EXPIRE', KEYS[1], ARGV[2]) end"
+)
+RELEASE_SCRIPT = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end"
+)
+CHUNK = 1000  # entries per stream read, keys per delete
+Stream = Literal["impressions", "events"]
 
 
 # A day: ample for a client to retry a write that answered 503, short enough that ids nobody
@@ -128,6 +141,8 @@ class Store:
         self.dedup_ttl_seconds = dedup_ttl_seconds
         self._feedback = redis.register_script(FEEDBACK_SCRIPT)
         self._activate = redis.register_script(ACTIVATE_SCRIPT)
+        self._renew = redis.register_script(RENEW_SCRIPT)
+        self._release = redis.register_script(RELEASE_SCRIPT)
 
     async def ping(self) -> None:
         await self.redis.ping()
@@ -185,6 +200,9 @@ class Store:
             await pipe.execute()
         return True
 
+    async def item_ids(self) -> list[str]:
+        return sorted(await self.redis.smembers(self.keys.items))
+
     async def count_items(self) -> int:
         return await self.redis.scard(self.keys.items)
 
@@ -215,6 +233,34 @@ class Store:
             entries.append(HistoryEntry(item_id=item_id, timestamp=timestamp, title=title))
         return User(user_id=user_id, attributes=attributes_of(user_id, attributes), history=entries)
 
+    async def user_context(
+        self, user_id: str, history_limit: int
+    ) -> tuple[dict[str, Any], list[tuple[str, float]], set[str]]:
+        """A user's profile, last `history_limit` history entries ((item id, time), oldest first)
+        and seen items, in one round trip; unreadable entries are skipped and counted."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self.keys.user(user_id), "attributes")
+            pipe.zrange(self.keys.history(user_id), -history_limit, -1, withscores=True)
+            pipe.smembers(self.keys.seen(user_id))
+            attributes, history, seen = await pipe.execute()
+        readable = []
+        for item_id, ts in history if history_limit else []:
+            if readable_time(ts) is None:
+                skip_unreadable("history", f"{user_id}/{item_id}", ValueError(f"time {ts}"))
+            else:
+                readable.append((item_id, ts))
+        return attributes_of(user_id, attributes), readable, set(seen)
+
+    async def user_ids(self) -> list[str]:
+        return sorted(await self.redis.smembers(self.keys.users))
+
+    async def profiles(self, user_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for user_id in user_ids:
+                pipe.hget(self.keys.user(user_id), "attributes")
+            found = await pipe.execute()
+        return {u: attributes_of(u, raw) for u, raw in zip(user_ids, found, strict=True)}
+
     async def _titles(self, item_ids: list[str]) -> list[str | None]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for item_id in item_ids:
@@ -237,6 +283,26 @@ class Store:
         """
         keys = [self.keys.active_model, self.keys.previous_model, self.keys.model_updates]
         return await self._activate(keys=keys, args=[version])
+
+    @asynccontextmanager
+    async def model_updates(self) -> AsyncIterator[PubSub]:
+        """A subscription to activations (`set_active_model` publishes each version)."""
+        async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+            await pubsub.subscribe(self.keys.model_updates)
+            yield pubsub
+
+    # The trainer's lock ---------------------------------------------------------------------
+
+    async def take_trainer_lock(self, token: str, seconds: int) -> bool:
+        """Hold the lock for `seconds` under `token`; False when someone else holds it."""
+        return bool(await self.redis.set(self.keys.trainer_lock, token, nx=True, ex=seconds))
+
+    async def renew_trainer_lock(self, token: str, seconds: int) -> None:
+        await self._renew(keys=[self.keys.trainer_lock], args=[token, seconds])
+
+    async def release_trainer_lock(self, token: str) -> None:
+        """Release the lock if `token` still holds it (a lapsed lock may have a new holder)."""
+        await self._release(keys=[self.keys.trainer_lock], args=[token])
 
     # Impressions ---------------------------------------------------------------------------
 
@@ -290,3 +356,59 @@ class Store:
         if status == -1:
             raise UnknownItems([int(i) for i in payload])
         return [flag == "1" for flag in payload]
+
+    async def events(self) -> AsyncIterator[dict[str, str]]:
+        """Every feedback event, oldest first, read a chunk at a time."""
+        start = "-"
+        while True:
+            batch = await self.redis.xrange(self.keys.events, min=start, count=CHUNK)
+            for _, fields in batch:
+                yield fields
+            if len(batch) < CHUNK:
+                return
+            start = "(" + batch[-1][0]
+
+    async def event_count(self) -> int:
+        return await self.redis.xlen(self.keys.events)
+
+    # Consumer groups on the two streams --------------------------------------------------------
+
+    def _stream(self, stream: Stream) -> str:
+        return {"impressions": self.keys.impressions, "events": self.keys.events}[stream]
+
+    async def read_group(
+        self, stream: Stream, group: str, consumer: str
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Every entry not yet acknowledged by `group`: pending ones first (delivered before a
+        crash, never acknowledged), then new ones. Creates the group on first use."""
+        key = self._stream(stream)
+        try:
+            await self.redis.xgroup_create(key, group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        entries: list[tuple[str, dict[str, str]]] = []
+        for start in ("0", ">"):
+            while True:
+                found = await self.redis.xreadgroup(group, consumer, {key: start}, count=CHUNK)
+                batch = found[0][1] if found else []
+                entries += [(entry_id, fields) for entry_id, fields in batch if fields]
+                if len(batch) < CHUNK:
+                    break
+                if start == "0":
+                    start = batch[-1][0]
+        return entries
+
+    async def ack(self, stream: Stream, group: str, entry_ids: Sequence[str]) -> None:
+        for start in range(0, len(entry_ids), CHUNK):
+            await self.redis.xack(self._stream(stream), group, *entry_ids[start : start + CHUNK])
+
+    # The whole deployment ------------------------------------------------------------------
+
+    async def drop_everything(self) -> None:
+        """Delete every key under this store's prefix (a throwaway store, as offline evaluation
+        makes on a shared Redis)."""
+        match = f"{self.keys.prefix}:*"
+        keys = [key async for key in self.redis.scan_iter(match=match, count=CHUNK)]
+        for start in range(0, len(keys), CHUNK):
+            await self.redis.delete(*keys[start : start + CHUNK])

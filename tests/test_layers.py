@@ -1,6 +1,8 @@
-"""Imports flow one way: trainer -> server -> reward_rules -> contract, and contract does no I/O."""
+"""Imports flow one way: trainer -> server -> reward_rules -> contract, contract does no I/O, and
+only `server.store.Store` touches Redis keys."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,14 @@ def test_a_package_imports_nothing_above_it(package: str) -> None:
         for path in sorted((ROOT / package).rglob("*.py"))
     }
     assert {path: names for path, names in offending.items() if names} == {}
+
+
+def test_only_the_store_touches_redis_keys() -> None:
+    reaching = re.compile(r"\bstore\.(redis|keys)\b")
+    offending = [
+        str(path.relative_to(ROOT))
+        for package in ("server", "trainer")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if reaching.search(path.read_text(encoding="utf-8"))
+    ]
+    assert offending == []

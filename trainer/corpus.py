@@ -7,12 +7,11 @@ rating). Impressions, skips and dislikes are not interactions.
 """
 
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
 
 from pydantic import BaseModel
 
 from server.schemas import EventType, Item, readable_time
-from server.store import Store, attributes_of, skip_unreadable
+from server.store import Store, skip_unreadable
 
 INTERACTIONS = {EventType.click, EventType.like, EventType.purchase, EventType.rating}
 CHUNK = 5000
@@ -33,33 +32,13 @@ class Corpus(BaseModel):
         return {"first": min(times, default=0), "last": max(times, default=0), "events": len(times)}
 
 
-async def _stream(store: Store) -> AsyncIterator[dict[str, str]]:
-    start = "-"
-    while True:
-        batch = await store.redis.xrange(store.keys.events, min=start, count=CHUNK)
-        for _, fields in batch:
-            yield fields
-        if len(batch) < CHUNK:
-            return
-        start = "(" + batch[-1][0]
-
-
-async def _profiles(store: Store) -> dict[str, dict]:
-    users = sorted(await store.redis.smembers(store.keys.users))
-    async with store.redis.pipeline(transaction=False) as pipe:
-        for user_id in users:
-            pipe.hget(store.keys.user(user_id), "attributes")
-        found = await pipe.execute()
-    return {u: attributes_of(u, raw) for u, raw in zip(users, found, strict=True)}
-
-
 async def read_corpus(store: Store) -> Corpus:
-    item_ids = sorted(await store.redis.smembers(store.keys.items))
+    item_ids = await store.item_ids()
     items: dict[str, Item] = {}
     for start in range(0, len(item_ids), CHUNK):
         items |= await store.get_items(item_ids[start : start + CHUNK])
     sequences: dict[str, list[tuple[str, float]]] = defaultdict(list)
-    async for event in _stream(store):
+    async for event in store.events():
         if event["type"] not in INTERACTIONS or event["item_id"] not in items:
             continue
         if readable_time(ts := float(event["ts"])) is None:
@@ -68,4 +47,5 @@ async def read_corpus(store: Store) -> Corpus:
         sequences[event["user_id"]].append((event["item_id"], ts))
     for seq in sequences.values():
         seq.sort(key=lambda pair: pair[1])  # stable: ties keep the log's order
-    return Corpus(items=items, profiles=await _profiles(store), sequences=dict(sequences))
+    profiles = await store.profiles(await store.user_ids())
+    return Corpus(items=items, profiles=profiles, sequences=dict(sequences))

@@ -20,8 +20,6 @@ import os
 from pathlib import Path
 
 from pydantic import BaseModel, Field
-from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from contract.impression import Impression
 from contract.prompt import Rendering
@@ -31,7 +29,6 @@ from server.store import Store
 log = logging.getLogger(__name__)
 GROUP = "trainer"
 CONSUMER = "trainer-1"
-BATCH = 1000
 NEGATIVE = {EventType.dislike, EventType.skip}
 
 
@@ -59,30 +56,6 @@ class ConsumeResult(BaseModel):
     negatives: int = 0
     organic: int = 0
     written: int = 0
-
-
-async def _ensure_group(redis: Redis, stream: str) -> None:
-    try:
-        await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
-
-
-async def _read_all(redis: Redis, stream: str) -> list[tuple[str, dict[str, str]]]:
-    """Pending entries first (delivered before a crash, never acknowledged), then new ones."""
-    entries: list[tuple[str, dict[str, str]]] = []
-    for start in ("0", ">"):
-        while True:
-            found = await redis.xreadgroup(GROUP, CONSUMER, {stream: start}, count=BATCH)
-            batch = found[0][1] if found else []
-            fresh = [(entry_id, fields) for entry_id, fields in batch if fields]
-            entries += fresh
-            if len(batch) < BATCH:
-                break
-            if start == "0":
-                start = batch[-1][0]
-    return entries
 
 
 class FeedbackLog:
@@ -116,11 +89,8 @@ class FeedbackLog:
 
     async def consume(self) -> ConsumeResult:
         """Join what arrived since the last call; persist, then acknowledge."""
-        redis, keys = self.store.redis, self.store.keys
-        for stream in (keys.impressions, keys.events):
-            await _ensure_group(redis, stream)
-        impressions = await _read_all(redis, keys.impressions)
-        events = await _read_all(redis, keys.events)
+        impressions = await self.store.read_group("impressions", GROUP, CONSUMER)
+        events = await self.store.read_group("events", GROUP, CONSUMER)
         result = ConsumeResult(impressions=len(impressions), events=len(events))
         done = self.read()
         # An impression already written (consumed before a crash) is not written again.
@@ -151,8 +121,8 @@ class FeedbackLog:
         records = [*served.values(), *late.values()]
         self._append(records)
         result.written = len(records)
-        await _ack(redis, keys.impressions, [entry_id for entry_id, _ in impressions])
-        await _ack(redis, keys.events, joined_ids)
+        await self.store.ack("impressions", GROUP, [entry_id for entry_id, _ in impressions])
+        await self.store.ack("events", GROUP, joined_ids)
         log.info("feedback consumed", extra={**result.model_dump(), "waiting": len(waiting)})
         return result
 
@@ -196,8 +166,3 @@ def _join(example: LoggedExample, fields: dict[str, str], result: ConsumeResult)
         if item not in example.negatives:
             example.negatives.append(item)
         result.negatives += 1
-
-
-async def _ack(redis: Redis, stream: str, entry_ids: list[str]) -> None:
-    for start in range(0, len(entry_ids), BATCH):
-        await redis.xack(stream, GROUP, *entry_ids[start : start + BATCH])

@@ -50,11 +50,6 @@ LOCK_SECONDS = 30
 RENEW_SECONDS = 10
 REFRESH_METHOD = "grpo-refresh"  # `training.method` in a refreshed version's manifest
 MIN_EXAMPLES = 4  # logged lists with a positive, before the held-out part is cut
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end"
-_RENEW = (
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
-    "return redis.call('EXPIRE', KEYS[1], ARGV[2]) end"
-)
 
 Outcome = Literal["published", "rejected", "skipped"]
 
@@ -80,14 +75,14 @@ class RefreshResult(BaseModel):
 
 @asynccontextmanager
 async def refresh_lock(store: Store) -> AsyncIterator[None]:
-    key, token = store.keys.trainer_lock, uuid.uuid4().hex
-    if not await store.redis.set(key, token, nx=True, ex=LOCK_SECONDS):
+    token = uuid.uuid4().hex
+    if not await store.take_trainer_lock(token, LOCK_SECONDS):
         raise RefreshBusy("another refresh is running (Redis lock held)")
 
     async def renew() -> None:
         while True:
             await asyncio.sleep(RENEW_SECONDS)
-            await store.redis.eval(_RENEW, 1, key, token, LOCK_SECONDS)
+            await store.renew_trainer_lock(token, LOCK_SECONDS)
 
     renewing = asyncio.create_task(renew())
     try:
@@ -95,7 +90,7 @@ async def refresh_lock(store: Store) -> AsyncIterator[None]:
     finally:
         renewing.cancel()
         await asyncio.gather(renewing, return_exceptions=True)
-        await store.redis.eval(_RELEASE, 1, key, token)
+        await store.release_trainer_lock(token)
 
 
 def trainer_dir(settings: Settings) -> Path:

@@ -35,10 +35,10 @@ async def run_sidecar(settings: Settings) -> None:
     if settings.trainer_metrics_port:
         start_http_server(settings.trainer_metrics_port, registry=metrics.REGISTRY)
     async with open_store(settings) as store:
-        last_run, last_length = time.monotonic(), await store.redis.xlen(store.keys.events)
+        last_run, last_length = time.monotonic(), await store.event_count()
         while True:
             await asyncio.sleep(POLL_SECONDS)
-            length = await store.redis.xlen(store.keys.events)
+            length = await store.event_count()
             due = time.monotonic() - last_run >= settings.refresh_seconds
             if not due and length - last_length < settings.refresh_min_events:
                 continue

@@ -3,14 +3,15 @@
 import logging
 from typing import Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 
-from server.deps import StoreDep
+from server.deps import ServingDep, StoreDep
 from server.engine import EngineError
+from server.serving import Serving
 from server.store import Store
 
 log = logging.getLogger(__name__)
@@ -34,15 +35,15 @@ async def healthz() -> dict[str, str]:
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "Redis does not answer."}},
 )
-async def readyz(request: Request, store: StoreDep) -> JSONResponse:
+async def readyz(store: StoreDep, serving: ServingDep) -> JSONResponse:
     """Ready to serve: Redis answers (503 with the failing check otherwise).
 
     The engine is reported, not required: without a model, or with its engine down, every
     request is still answered in the retrieval order, so the status is "degraded" (200). Gateways
     share the engine; failing them all at once would turn a degraded service into an outage.
     """
-    engine = request.app.state.engine
-    checks = {"redis": await _redis_check(store), "engine": await _engine_check(request.app)}
+    engine = serving.engine
+    checks = {"redis": await _redis_check(store), "engine": await _engine_check(serving)}
     failed = checks["redis"] != "ok"
     status = "not_ready" if failed else "ready" if checks["engine"] == "ok" else "degraded"
     body = Readiness(
@@ -62,10 +63,10 @@ async def _redis_check(store: Store) -> str:
     return "ok"
 
 
-async def _engine_check(app) -> str:
-    engine = app.state.engine
+async def _engine_check(serving: Serving) -> str:
+    engine = serving.engine
     if engine is None:
-        return app.state.engine_problem
+        return serving.problem or "no engine"
     try:
         await engine.check_health()
     except EngineError as exc:

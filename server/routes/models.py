@@ -3,11 +3,11 @@ POST /v1/models/activate (admin: roll forward or back; every gateway swaps withi
 
 from datetime import datetime
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from contract.prompt import Rendering
-from server.deps import SettingsDep, StoreDep, require_admin_key
+from server.deps import ServingDep, SettingsDep, StoreDep, require_admin_key
 from server.errors import ApiError, documented
 from server.registry import Manifest, Registry, RegistryError, check_contract
 from server.schemas import Id
@@ -64,13 +64,14 @@ def _summary(manifest: Manifest) -> ModelVersion:
 
 
 @router.get("", response_model=ModelsResponse)
-async def list_models(request: Request, store: StoreDep, settings: SettingsDep) -> ModelsResponse:
-    engine = request.app.state.engine
+async def list_models(
+    store: StoreDep, settings: SettingsDep, serving: ServingDep
+) -> ModelsResponse:
     versions = Registry(settings.registry_path).versions()
     return ModelsResponse(
         active=await store.active_model(),
         previous=await store.previous_model(),
-        serving=engine.model_version if engine else None,
+        serving=serving.serving,
         versions=[_summary(manifest) for manifest in versions],
     )
 

@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 
-from server.deps import EngineDep, IndexDep, RecommenderDep
+from server.deps import RecommenderDep, ServingDep
 from server.errors import documented
 from server.logs import request_id_var
 from server.schemas import RecommendRequest, RecommendResponse
@@ -12,7 +12,9 @@ router = APIRouter(prefix="/v1/recommend", tags=["recommend"])
 
 @router.post("", response_model=RecommendResponse, responses=documented(400, 413, 422))
 async def recommend(
-    body: RecommendRequest, recommender: RecommenderDep, engine: EngineDep, index: IndexDep
+    body: RecommendRequest, recommender: RecommenderDep, serving: ServingDep
 ) -> RecommendResponse:
     """A ranked list with a rationale, for any user (an unknown user is a cold start)."""
+    # Read together: a swap replaces both, and a request keeps the pair it started with.
+    engine, index = serving.engine, serving.index
     return await recommender.recommend(body, request_id_var.get() or "", engine, index)

@@ -51,7 +51,7 @@ def _serve_traffic(client: httpx.Client, app, version: str) -> int:
         FakeEngine(error=EngineError("engine answered 503"), model_version=version),
     ]
     for engine in engines:
-        app.state.engine = engine
+        app.state.serving.engine = engine
         response = client.post("/v1/recommend", json={"user_id": "u1", "k": 3})
         assert response.status_code == 200, response.text
     return len(engines)

@@ -95,9 +95,9 @@ def test_adapter_swap_under_load_stays_in_one_engine(
     try:
         activate(gateway, first)  # the tiny base has no adapter room: a LoRA engine starts
         assert until(lambda: gateway.get("/v1/models").json()["serving"] == first, 300)
-        process = gateway.app.state.engine._process
+        process = gateway.app.state.serving.engine._process
         swap_under_load(gateway, served_settings, first, second)
-        assert gateway.app.state.engine._process is process  # a runtime adapter swap
+        assert gateway.app.state.serving.engine._process is process  # a runtime adapter swap
     finally:
         activate(gateway, base)
         assert until(lambda: gateway.get("/v1/models").json()["serving"] == base, 300)

@@ -153,4 +153,4 @@ def test_the_served_order_is_blended_as_validation_chose(gateway, tiny_model) ->
     ]
     assert served["retrieval_prior"] == chosen.retrieval_prior
     assert served["popularity_penalty"] == chosen.popularity_penalty
-    assert gateway.app.state.engine.contract.blend == chosen
+    assert gateway.app.state.serving.engine.contract.blend == chosen

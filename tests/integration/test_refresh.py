@@ -109,7 +109,7 @@ def test_feedback_refreshes_the_served_model(
         assert until(lambda: gateway.get("/v1/models").json()["serving"] == result.version, 300)
         body = gateway.post("/v1/recommend", json={"user_id": USERS[0], "k": 5}).json()
         assert body["model_version"] == result.version and body["source"] == "llm"
-        process = gateway.app.state.engine._process  # the base with room for adapters
+        process = gateway.app.state.serving.engine._process  # the base with room for adapters
 
         # A refresh of an adapter version trains its adapter on; the swap loads an adapter
         # into the process already running, and the first adapter is unloaded.
@@ -122,8 +122,8 @@ def test_feedback_refreshes_the_served_model(
         assert until(lambda: gateway.get("/v1/models").json()["serving"] == second.version, 60)
         body = gateway.post("/v1/recommend", json={"user_id": USERS[1], "k": 5}).json()
         assert body["model_version"] == second.version and body["source"] == "llm"
-        assert gateway.app.state.engine._process is process
-        serving = gateway.app.state.engine._lora.lora_int_id
+        assert gateway.app.state.serving.engine._process is process
+        serving = gateway.app.state.serving.engine._lora.lora_int_id
         # The first adapter is unloaded once its requests are past their time budget.
         assert until(lambda: set(gateway.portal.call(process.llm.list_loras)) == {serving}, 60)
     finally:

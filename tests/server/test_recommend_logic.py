@@ -134,7 +134,7 @@ def shop(client: TestClient) -> TestClient:
 
 
 def use(client: TestClient, engine: Engine | None) -> None:
-    client.app.state.engine = engine
+    client.app.state.serving.engine = engine
 
 
 def recommend(client: TestClient, headers: dict[str, str] | None = None, **body: Any) -> Any:
@@ -459,7 +459,9 @@ def test_fallback_rationale_says_what_the_list_is_ranked_by(shop: TestClient) ->
     item_ids = ["s1", "s2", "p1", "p2", "p3", "p4"]
     vectors = np.eye(len(item_ids), dtype=np.float32) + 0.1
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    shop.app.state.index = ItemIndex(item_ids, vectors, np.zeros(len(item_ids), np.float32), {})
+    shop.app.state.serving.index = ItemIndex(
+        item_ids, vectors, np.zeros(len(item_ids), np.float32), {}
+    )
     use(shop, None)
 
     assert recommend(shop, user_id="u1")["rationale"] == FALLBACK_RATIONALE

@@ -12,7 +12,6 @@ import redis.asyncio as aioredis
 from server.app import build_store
 from server.config import Settings
 from server.store import Store
-from trainer import feedback_log
 from trainer.feedback_log import GROUP, FeedbackLog
 
 
@@ -106,7 +105,7 @@ def test_crash_before_acknowledging_loses_and_doubles_nothing(
         await impression(store, "r1", ["a", "b"])
         await event(store, "purchase", "b", "r1")
         with monkeypatch.context() as patch:
-            patch.setattr(feedback_log, "_ack", crash)
+            patch.setattr(store, "ack", crash)
             with pytest.raises(RuntimeError):
                 await log.consume()
         assert await pending(store) == 2  # written, not acknowledged: delivered again

@@ -110,12 +110,5 @@ def run_eval(
         finally:
             if engine is not None:
                 run.run(engine.close())
-            run.run(drop_prefix(store))
+            run.run(store.drop_everything())
             run.run(handle.close())
-
-
-async def drop_prefix(store: Store) -> None:
-    """The eval store is throwaway: remove its keys from a shared Redis."""
-    keys = [key async for key in store.redis.scan_iter(match=f"{store.keys.prefix}:*", count=1000)]
-    for start in range(0, len(keys), 1000):
-        await store.redis.delete(*keys[start : start + 1000])
