@@ -60,13 +60,14 @@ class ExampleBuilder:
         chosen = [i for i, _ in ranked if i in items and allowed(items[i], exclude)]
         return chosen[: self.shape.candidates]
 
-    def example(self, user_id: str, t: int) -> Example | None:
-        """The example at position t, or None when no positive made it into the candidates."""
+    def example(self, user_id: str, t: int, need_positive: bool = True) -> Example | None:
+        """The example at position t; None when no positive made it into the candidates and
+        `need_positive` (a training example without one teaches nothing)."""
         seq = self.corpus.sequences[user_id]
         history = [item for item, _ in seq[:t]]
         positives = [item for item, _ in seq[t : t + self.shape.k]]
         candidates = self.candidates(history)
-        if not set(positives) & set(candidates):
+        if need_positive and not set(positives) & set(candidates):
             return None
         items = self.corpus.items
         contract = self.shape.contract
@@ -94,11 +95,15 @@ class ExampleBuilder:
         return [example for example in found if example is not None]
 
     def validation(self, users: int, seed: int) -> list[Example]:
-        """Each sampled user's last interaction, given everything before it."""
+        """Each sampled user's last interaction, given everything before it; users whose item
+        retrieval missed are kept (they score 0 for every ranker), so that the lists' novelty is
+        measured over users as the gateway meets them."""
         eligible = sorted(u for u, seq in self.corpus.sequences.items() if len(seq) >= 3)
         rng = np.random.default_rng(seed + 1)
         chosen = rng.choice(len(eligible), size=min(users, len(eligible)), replace=False)
+        sequences = self.corpus.sequences
         found = (
-            self.example(eligible[i], len(self.corpus.sequences[eligible[i]]) - 1) for i in chosen
+            self.example(eligible[i], len(sequences[eligible[i]]) - 1, need_positive=False)
+            for i in chosen
         )
         return [example for example in found if example is not None]

@@ -27,7 +27,7 @@ from trainer.examples import Example
 # p / log(1 + c_max) nats of log-probability per factor e of popularity (c_max: the most popular
 # item's interactions, a few hundred on ML-100K, so 8 is about one nat).
 RETRIEVAL_PRIORS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
-POPULARITY_PENALTIES = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+POPULARITY_PENALTIES = (0.0, 0.5, 1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 BLENDS = tuple(
     Blend(retrieval_prior=prior, popularity_penalty=penalty)
     for penalty in POPULARITY_PENALTIES

@@ -45,3 +45,16 @@ def test_fresh_takes_the_latest_interaction_of_the_most_recent_users() -> None:
 
 def test_no_fresh_examples_asked_none_given() -> None:
     assert builder().fresh(0) == []
+
+
+def test_validation_keeps_users_whose_item_retrieval_missed() -> None:
+    small = builder()
+    small.shape = Shape(candidates=1, history=5)
+    small.corpus.sequences["odd"] = [("i0", 10), ("i1", 11), ("i7", 12)]  # not i2, as others did
+
+    validation = {example.user_id: example for example in small.validation(users=10, seed=0)}
+
+    # Every user with 3+ interactions, whether or not the candidates hold the last item.
+    assert sorted(validation) == ["mid", "new", "odd", "old"]
+    assert validation["odd"].candidates == ["i2"] and validation["odd"].positives == ["i7"]
+    assert small.example("odd", 2) is None  # a training example needs its positive
