@@ -36,7 +36,6 @@ from pathlib import Path
 
 from reward_rules.metrics import hit_at_k, intra_list_distance, mean_self_information, ndcg_at_k
 from server.active_model import open_engine
-from server.app import build_store
 from server.config import Settings
 from server.engine import Engine
 from server.item_index import load_current
@@ -44,7 +43,7 @@ from server.loaders import Dataset
 from server.recommend import Recommender
 from server.redis_client import connect
 from server.schemas import EventType, FeedbackEvent, ItemUpsert, RecommendRequest
-from server.store import Store
+from server.store import Store, build_store
 from trainer.bootstrap import bootstrap
 from trainer.evaluation.run import drop_prefix, events_only, phase_events, write_dataset
 from trainer.evaluation.split import Split, read_eval_data, sample_users

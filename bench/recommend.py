@@ -23,10 +23,10 @@ import numpy as np
 
 from contract.prompt import answer_pattern
 from server.active_model import open_engine
-from server.app import open_store
 from server.config import Settings
 from server.engine import Engine, GenerationRequest
 from server.recommend import REPEAT_PENALTY, SPARE_IDS
+from server.store import open_store
 
 LEVELS = (1, 16)
 

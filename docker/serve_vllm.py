@@ -34,13 +34,12 @@ from redis.exceptions import RedisError
 
 from server import logs
 from server.active_model import placement
-from server.app import open_store
 from server.config import Settings
 from server.engine import LOGPROBS_MODE, MAX_LOGPROBS
 from server.engine.local import ADAPTERS_AT_ONCE, lora_slot
 from server.engine.remote import bearer
 from server.registry import RegistryError
-from server.store import Store
+from server.store import Store, open_store
 
 log = logging.getLogger("reasonrec.serve_vllm")
 POLL_SECONDS = 5.0

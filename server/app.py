@@ -6,40 +6,19 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI
-from redis.asyncio import Redis
 
 from server import errors
 from server.config import Settings
 from server.deps import require_api_key
-from server.keys import Keys
 from server.middleware import RequestMiddleware
 from server.recommend import Recommender
 from server.redis_client import connect
 from server.routes import feedback, health, items, models, recommend, users
 from server.schemas import latest_time
 from server.serving import Serving
-from server.store import Store
+from server.store import build_store
 
 log = logging.getLogger(__name__)
-
-
-def build_store(settings: Settings, redis: Redis) -> Store:
-    return Store(
-        redis,
-        Keys(settings.key_prefix),
-        history_size=settings.history_size,
-        dedup_ttl_seconds=settings.dedup_ttl_seconds,
-    )
-
-
-@asynccontextmanager
-async def open_store(settings: Settings) -> AsyncIterator[Store]:
-    """A store outside the app (CLI, trainer); closes its connection, or embedded Redis, after."""
-    handle = connect(settings)
-    try:
-        yield build_store(settings, handle.client)
-    finally:
-        await handle.close()
 
 
 def _openapi_of_the_hour(app: FastAPI) -> Callable[[], dict[str, Any]]:

@@ -1,8 +1,5 @@
-"""The gateway's commands of the `reasonrec` command line: serve the API, load data.
-
-The trainer's commands (bootstrap, models, eval, demo) are added in `trainer.cli`, which is the
-entry point.
-"""
+"""The gateway's commands of the `reasonrec` command line: serve the API, load data. `cli`
+mounts them beside the trainer's."""
 
 import asyncio
 import time
@@ -14,19 +11,15 @@ import uvicorn
 from rich.console import Console
 
 from server import logs
-from server.app import create_app, open_store
 from server.config import Settings
 from server.loaders import Dataset, Format, LoadError
 from server.loaders.jsonl import read_jsonl
 from server.loaders.movielens import read_ml100k, read_ml_latest
 from server.loaders.synthetic import generate
 from server.loaders.writer import LoadSummary, progress_bar, write
+from server.store import open_store
 
-app = typer.Typer(
-    help="reasonrec: recommendations ranked by a reasoning LLM.",
-    no_args_is_help=True,
-    pretty_exceptions_show_locals=False,
-)
+app = typer.Typer(help="The gateway: serve the API, load data.", no_args_is_help=True)
 console = Console(stderr=True)
 
 HostOption = Annotated[str | None, typer.Option(help="Bind address [REASONREC_HOST].")]
@@ -70,6 +63,13 @@ async def load_dataset(
             return await write(store, dataset, progress)
 
 
+def serve_with(settings: Settings) -> None:
+    """Serve the API in this process with these settings, until interrupted."""
+    from server.app import create_app  # the web app: only for the commands that serve it
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+
+
 @app.command()
 def serve(
     host: HostOption = None,
@@ -80,7 +80,7 @@ def serve(
     settings = settings_from_env(host, port)
     workers = workers or settings.workers
     if workers == 1:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+        serve_with(settings)
     else:
         # Several processes need an import string; each worker reads the environment itself.
         uvicorn.run(

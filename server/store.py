@@ -16,7 +16,9 @@ from redis.exceptions import ResponseError
 
 from contract.impression import Impression
 from server import metrics
+from server.config import Settings
 from server.keys import Keys
+from server.redis_client import connect
 from server.schemas import (
     FeedbackEvent,
     HistoryEntry,
@@ -412,3 +414,22 @@ class Store:
         keys = [key async for key in self.redis.scan_iter(match=match, count=CHUNK)]
         for start in range(0, len(keys), CHUNK):
             await self.redis.delete(*keys[start : start + CHUNK])
+
+
+def build_store(settings: Settings, redis: Redis) -> Store:
+    return Store(
+        redis,
+        Keys(settings.key_prefix),
+        history_size=settings.history_size,
+        dedup_ttl_seconds=settings.dedup_ttl_seconds,
+    )
+
+
+@asynccontextmanager
+async def open_store(settings: Settings) -> AsyncIterator[Store]:
+    """A store outside the app (CLI, trainer); closes its connection, or embedded Redis, after."""
+    handle = connect(settings)
+    try:
+        yield build_store(settings, handle.client)
+    finally:
+        await handle.close()

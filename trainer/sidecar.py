@@ -12,9 +12,9 @@ import time
 
 from prometheus_client import start_http_server
 
-from server.app import open_store
 from server.config import Settings
 from server.registry import Registry
+from server.store import open_store
 from trainer import metrics
 from trainer.refresh import REFRESH_METHOD, RefreshBusy, refresh_once
 

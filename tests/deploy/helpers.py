@@ -79,7 +79,7 @@ def kustomize(path: Path) -> list[dict[str, Any]]:
 
 def cli_accepts(argv: list[str]) -> bool:
     """`reasonrec ARGV` names a command and options that exist (parsed, not run: --help)."""
-    from trainer.cli import app
+    from cli import app
 
     result = CliRunner().invoke(app, [*argv, "--help"])
     return result.exit_code == 0

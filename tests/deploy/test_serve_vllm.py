@@ -11,9 +11,9 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from server.app import open_store
 from server.config import Settings
 from server.registry import ADAPTER_CONFIG, Manifest, Registry, RegistryError
+from server.store import open_store
 from tests.conftest import RedisProcess
 from tests.deploy.helpers import (
     COMPOSE_CPU,

@@ -11,10 +11,11 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import create_app, open_store
+from server.app import create_app
 from server.config import Settings
 from server.loaders.synthetic import generate
 from server.loaders.writer import progress_bar, write
+from server.store import open_store
 from tests.conftest import drop_prefix
 from trainer.bootstrap import BootstrapResult, bootstrap
 

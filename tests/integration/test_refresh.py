@@ -12,9 +12,9 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from server.app import open_store
 from server.config import Settings
 from server.registry import Registry
+from server.store import open_store
 from tests.integration.test_hot_swap import activate
 from tests.server.helpers import until
 from trainer.bootstrap import BootstrapResult
@@ -147,7 +147,7 @@ def test_killed_refresh_publishes_nothing_and_loses_no_feedback(
     }
     started = time.time()
     trainer = subprocess.Popen(
-        [sys.executable, "-c", "from trainer.cli import app; app()", "train", "--once"],
+        [sys.executable, "-c", "from cli import app; app()", "train", "--once"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

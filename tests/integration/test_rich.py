@@ -6,13 +6,13 @@ import redis
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from cli import app
 from server.config import Settings
 from server.registry import Registry
 from tests.integration.test_hot_swap import activate
 from tests.integration.test_refresh import USERS, refresh, serve_and_click
 from tests.server.helpers import until
 from trainer.bootstrap import BootstrapResult
-from trainer.cli import app
 
 pytestmark = pytest.mark.slow
 

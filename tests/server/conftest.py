@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -14,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
-from tests.conftest import free_port, wait_http
+from tests.conftest import REASONREC, free_port, wait_http
 
 
 @pytest.fixture
@@ -33,9 +32,6 @@ def make_client(settings: Settings) -> Iterator[Callable[..., TestClient]]:
             return stack.enter_context(TestClient(app))
 
         yield make
-
-
-REASONREC = str(Path(sys.executable).parent / "reasonrec")
 
 
 @pytest.fixture

@@ -6,13 +6,12 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from server.app import open_store
 from server.candidates import Query, allowed, candidate_order, retrieve
 from server.config import Settings
 from server.context import load_context
 from server.item_index import ItemIndex
 from server.schemas import EventType, FeedbackEvent, Item, ItemUpsert
-from server.store import Store
+from server.store import Store, open_store
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 

@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from server.app import build_store
 from server.config import Settings
-from server.store import Store
+from server.store import Store, build_store
 from trainer.feedback_log import GROUP, FeedbackLog
 
 

@@ -2,9 +2,9 @@
 
 from typer.testing import CliRunner
 
+from cli import app
 from server.config import Settings
 from server.item_index import current_version, load_current
-from trainer.cli import app
 
 
 def test_index_rebuilds_from_the_store_and_becomes_current(env: Settings) -> None:

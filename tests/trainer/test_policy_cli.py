@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from trainer.cli import app
+from cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 

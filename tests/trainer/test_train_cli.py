@@ -9,10 +9,11 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
-from server.app import open_store
+from cli import app
 from server.config import Settings
 from server.registry import Manifest, Registry
-from trainer.cli import EXIT_BUSY, EXIT_SKIPPED, app
+from server.store import open_store
+from trainer.cli import EXIT_BUSY, EXIT_SKIPPED
 from trainer.grpo import STATE_FILE
 from trainer.refresh import REFRESH_METHOD, RefreshBusy, read_training, refresh_lock
 from trainer.sidecar import last_refresh

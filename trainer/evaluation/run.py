@@ -18,7 +18,6 @@ import uuid
 from pathlib import Path
 
 from server.active_model import open_engine
-from server.app import build_store
 from server.config import Settings
 from server.item_index import load_current
 from server.loaders import Dataset
@@ -26,7 +25,7 @@ from server.loaders.writer import progress_bar, write
 from server.recommend import Recommender
 from server.redis_client import connect
 from server.schemas import EventType, FeedbackEvent
-from server.store import Store
+from server.store import Store, build_store
 from trainer.bootstrap import bootstrap
 from trainer.evaluation.harness import Report, evaluate
 from trainer.evaluation.pipeline import PipelineSystem

@@ -5,12 +5,12 @@ import pytest
 import redis
 from rich.console import Console
 
-from server.app import build_store
 from server.config import Settings
 from server.keys import Keys
 from server.loaders import Dataset
 from server.loaders.writer import LoadSummary, progress_bar, write
 from server.redis_client import connect
+from server.store import build_store
 
 
 class Loaded:

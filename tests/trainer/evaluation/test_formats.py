@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from cli import app
 from server.loaders import LoadError
-from trainer.cli import app
 from trainer.evaluation.harness import Report
 from trainer.evaluation.split import EvalData, EvalFormat, read_eval_data
 

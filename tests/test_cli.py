@@ -4,17 +4,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import REASONREC, free_port
 
 pytestmark = pytest.mark.slow
-REASONREC = str(Path(sys.executable).parent / "reasonrec")
 
 
 def _env(data_dir: Path, port: int) -> dict[str, str]:

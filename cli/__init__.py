@@ -1,0 +1,106 @@
+"""The `reasonrec` command line: the gateway's commands (`server.cli`), the trainer's
+(`trainer.cli`) and the demo, which uses both. The top of the import graph: nothing imports it."""
+
+import asyncio
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from server import cli as gateway
+from server.cli import (
+    HostOption,
+    PortOption,
+    SeedOption,
+    console,
+    load_dataset,
+    serve_with,
+    settings_from_env,
+)
+from server.config import Settings
+from server.loaders.movielens import read_ml100k
+from server.loaders.synthetic import generate
+from server.registry import Registry
+from server.store import open_store
+from trainer import cli as training
+from trainer.cli import PresetOption, check_preset, run_bootstrap
+
+if TYPE_CHECKING:
+    from trainer.bootstrap import BootstrapResult
+
+app = typer.Typer(
+    help="reasonrec: recommendations ranked by a reasoning LLM.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+for part in (gateway.app, training.app):
+    app.registered_commands += part.registered_commands
+    app.registered_groups += part.registered_groups
+
+DEMO_LLM_TIMEOUT_MS = 15_000
+
+
+async def _ensure_model(settings: Settings, preset: str) -> "BootstrapResult | None":
+    """Bootstrap unless a version is active or one was trained before (a version the gate kept
+    from activation is not retrained at every start: `reasonrec models activate` serves it)."""
+    registry = Registry(settings.registry_path)
+    async with open_store(settings) as store:
+        version = await store.active_model()
+        if version and registry.path(version).is_dir():
+            return None
+    if registry.versions():
+        console.print("no active model: serving the retrieval order (see `reasonrec models list`)")
+        return None
+    # The demo is there to show the model path, so its model serves even when the gate finds it
+    # worse than the retrieval order on its few validation users (the verdict is printed).
+    # `reasonrec bootstrap` activates only what passes.
+    return await run_bootstrap(settings, preset, seed=0, force=True)
+
+
+@app.command()
+def demo(
+    host: HostOption = None,
+    port: PortOption = None,
+    seed: SeedOption = 7,
+    data: Annotated[
+        Path | None, typer.Option(help="Load MovieLens 100K from this folder, not synthetic data.")
+    ] = None,
+    preset: PresetOption = "tiny",
+) -> None:
+    """Load data if the store is empty, bootstrap a model if none is active, then serve.
+
+    The demo trains the tiny preset (90 s on the synthetic set, 2 cores); `--preset default` trains
+    the larger model.
+    """
+    check_preset(preset)
+    settings = settings_from_env(host, port)
+    if "REASONREC_LLM_TIMEOUT_MS" not in os.environ:
+        # Interactive: a first request that compiles its answer grammar on a busy laptop CPU
+        # should wait for the model rather than fall back (measured over 3 s in a test run).
+        settings = settings.model_copy(update={"llm_timeout_ms": DEMO_LLM_TIMEOUT_MS})
+    dataset = read_ml100k(data) if data else generate(seed=seed)
+    summary = asyncio.run(load_dataset(settings, dataset, only_if_empty=True))
+    if summary:
+        console.print(
+            f"loaded {summary.items} items, {summary.users} users, {summary.events} events"
+        )
+    trained = asyncio.run(_ensure_model(settings, preset))
+    if trained:
+        console.print(f"bootstrapped model {trained.version} in {trained.seconds:.0f}s")
+        console.print(trained.gate, highlight=False)
+    user = next(iter(dataset.users)).user_id
+    # Plain stdout, no wrapping: the curl lines must paste as they are.
+    typer.echo(_demo_instructions(settings, user))
+    serve_with(settings)
+
+
+def _demo_instructions(settings: Settings, user: str) -> str:
+    base = f"http://{settings.host}:{settings.port}"
+    auth = f" -H 'X-API-Key: {settings.api_keys[0]}'" if settings.api_keys else ""
+    json = " -H 'Content-Type: application/json'"
+    return (
+        f"\nreasonrec is starting on {base} (API docs: {base}/docs). Try:\n\n"
+        f'  curl -s{auth}{json} -X POST {base}/v1/recommend -d \'{{"user_id": "{user}"}}\'\n'
+        f"  curl -s{auth} {base}/v1/users/{user}\n"
+    )
