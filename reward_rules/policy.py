@@ -26,19 +26,7 @@ from pydantic import (
     field_validator,
 )
 
-from reward_rules.terms import (
-    TERMS,
-    Accuracy,
-    Availability,
-    CategoryCap,
-    Diversity,
-    Format,
-    Freshness,
-    Novelty,
-    Promotion,
-    Term,
-    split_at_category_cap,
-)
+from reward_rules.terms import TERMS, Catalog, Term, split_at_category_cap
 
 DEFAULT_WEIGHTS: dict[str, float] = {
     "format": 1.0,
@@ -302,21 +290,17 @@ def build_terms(
     same item facts the gateway uses. `popularity` counts training interactions per item (for
     novelty).
     """
-    builders = {
-        "format": lambda: Format(),
-        "accuracy": lambda: Accuracy(),
-        "diversity": lambda: Diversity({i: f.categories for i, f in facts.items()}),
-        "novelty": lambda: Novelty(popularity),
-        "promotion": lambda: Promotion({i for i, f in facts.items() if f.promoted}),
-        "availability": lambda: Availability({i for i, f in facts.items() if not f.available}),
-        "category_cap": lambda: CategoryCap(
-            {i: f.categories for i, f in facts.items()}, policy.constraints.max_per_category
-        ),
-        "freshness": lambda: Freshness(
-            {i: f.created_at for i, f in facts.items() if f.created_at is not None}
-        ),
-    }
-    return [(builders[name](), weight) for name, weight in policy.weights.items() if weight]
+    catalog = Catalog(
+        categories={i: f.categories for i, f in facts.items()},
+        promoted=frozenset(i for i, f in facts.items() if f.promoted),
+        unavailable=frozenset(i for i, f in facts.items() if not f.available),
+        created_at={i: f.created_at for i, f in facts.items() if f.created_at is not None},
+        popularity=popularity,
+        max_per_category=policy.constraints.max_per_category,
+    )
+    return [
+        (TERMS[name].build(catalog), weight) for name, weight in policy.weights.items() if weight
+    ]
 
 
 # --- reading policy files ----------------------------------------------------------------------

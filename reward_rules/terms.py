@@ -1,8 +1,9 @@
 """GRPO reward terms: score one parsed completion against its example's columns.
 
 Each term is a small picklable class (GRPO workers pickle them; closures would not survive) with a
-`name` and `__call__(answer, example) -> float | None`, None meaning "does not apply to this
-example". A policy file names terms through `TERMS` and weights them; `weighted_sum` combines them.
+`name`, `build(catalog)` and `__call__(answer, example) -> float | None`, None meaning "does not
+apply to this example". `@term` registers a class in `TERMS`, through which a policy file names
+terms and weights them; `weighted_sum` combines them.
 
 Example columns read by the terms: `candidates` (list of item ids the model may name),
 `positives` (held-out items the user engaged with) and `k` (how many items the answer should
@@ -20,6 +21,7 @@ reward without learning the contract.
 from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from contract.answer import Answer
@@ -34,10 +36,37 @@ from reward_rules.metrics import (
 Example = Mapping[str, Any]
 
 
+@dataclass(frozen=True)
+class Catalog:
+    """What terms know of the catalog, given once when they are built, not per example."""
+
+    categories: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    promoted: frozenset[str] = frozenset()
+    unavailable: frozenset[str] = frozenset()
+    created_at: Mapping[str, float] = field(default_factory=dict)
+    """Unix seconds, for the items whose creation time is known."""
+    popularity: Mapping[str, int] = field(default_factory=dict)
+    """Training interactions per item."""
+    max_per_category: int | None = None
+
+
 class Term(Protocol):
     name: ClassVar[str]
 
+    @classmethod
+    def build(cls, catalog: Catalog) -> "Term": ...
+
     def __call__(self, answer: Answer, example: Example) -> float | None: ...
+
+
+TERMS: dict[str, type[Term]] = {}
+"""Term classes by name, so that a policy file can refer to them; filled by `@term`."""
+
+
+def term(cls: type[Term]) -> type[Term]:
+    """Register a term class under its `name`: the one place a term is made known."""
+    TERMS[cls.name] = cls
+    return cls
 
 
 def _ranked(answer: Answer, example: Example) -> list[str]:
@@ -47,6 +76,7 @@ def _ranked(answer: Answer, example: Example) -> list[str]:
     return first_k(answer.items, example["candidates"], int(example["k"]))
 
 
+@term
 class Format:
     """How well the answer follows the contract, in [0, 1]; 0.0 if it is not well formed.
 
@@ -65,6 +95,10 @@ class Format:
 
     name: ClassVar[str] = "format"
 
+    @classmethod
+    def build(cls, catalog: Catalog) -> "Format":
+        return cls()
+
     def __call__(self, answer: Answer, example: Example) -> float:
         if not answer.well_formed:
             return 0.0
@@ -76,6 +110,7 @@ class Format:
         return 1.0 if target + extra == 0 else valid / (target + extra)
 
 
+@term
 class Accuracy:
     """NDCG@k of the ranked candidates against the positives that are candidates.
 
@@ -92,6 +127,10 @@ class Accuracy:
 
     name: ClassVar[str] = "accuracy"
 
+    @classmethod
+    def build(cls, catalog: Catalog) -> "Accuracy":
+        return cls()
+
     def __call__(self, answer: Answer, example: Example) -> float | None:
         relevant = set(example["positives"]) & set(example["candidates"])
         if not relevant:
@@ -99,6 +138,7 @@ class Accuracy:
         return ndcg_at_k(_ranked(answer, example), relevant, int(example["k"]))
 
 
+@term
 class Diversity:
     """Intra-list distance (mean pairwise 1 - Jaccard of category sets) of the ranked items.
 
@@ -113,6 +153,10 @@ class Diversity:
 
     name: ClassVar[str] = "diversity"
 
+    @classmethod
+    def build(cls, catalog: Catalog) -> "Diversity":
+        return cls(catalog.categories)
+
     def __init__(self, categories: Mapping[str, Sequence[str]]):
         self.categories = {item: frozenset(cats) for item, cats in categories.items()}
 
@@ -123,6 +167,7 @@ class Diversity:
         return intra_list_distance([self.categories.get(item, frozenset()) for item in items])
 
 
+@term
 class Novelty:
     """Mean self-information of the ranked items, divided by its maximum so it lies in [0, 1].
 
@@ -141,6 +186,10 @@ class Novelty:
 
     name: ClassVar[str] = "novelty"
 
+    @classmethod
+    def build(cls, catalog: Catalog) -> "Novelty":
+        return cls(catalog.popularity)
+
     def __init__(self, counts: Mapping[str, int]):
         self.counts = dict(counts)
         self.total = sum(self.counts.values())
@@ -158,6 +207,7 @@ def _target(example: Example) -> int:
     return min(int(example["k"]), len(set(example["candidates"])))
 
 
+@term
 class Promotion:
     """The share of the answer's k slots that hold promoted items, in [0, 1].
 
@@ -177,6 +227,10 @@ class Promotion:
 
     name: ClassVar[str] = "promotion"
 
+    @classmethod
+    def build(cls, catalog: Catalog) -> "Promotion":
+        return cls(catalog.promoted)
+
     def __init__(self, promoted: Collection[str]):
         self.promoted = frozenset(promoted)
 
@@ -187,6 +241,7 @@ class Promotion:
         return sum(item in self.promoted for item in items) / _target(example)
 
 
+@term
 class Availability:
     """1 - the share of the ranked items that are unavailable, in [0, 1] (higher is better).
 
@@ -201,6 +256,10 @@ class Availability:
     """
 
     name: ClassVar[str] = "availability"
+
+    @classmethod
+    def build(cls, catalog: Catalog) -> "Availability":
+        return cls(catalog.unavailable)
 
     def __init__(self, unavailable: Collection[str]):
         self.unavailable = frozenset(unavailable)
@@ -242,6 +301,7 @@ def split_at_category_cap(
     return kept, skipped
 
 
+@term
 class CategoryCap:
     """1 - the share of the ranked items that break the per-category cap, in [0, 1].
 
@@ -256,6 +316,10 @@ class CategoryCap:
     """
 
     name: ClassVar[str] = "category_cap"
+
+    @classmethod
+    def build(cls, catalog: Catalog) -> "CategoryCap":
+        return cls(catalog.categories, catalog.max_per_category)
 
     def __init__(self, categories: Mapping[str, Collection[str]], max_per_category: int | None):
         if max_per_category is not None and max_per_category < 1:
@@ -273,6 +337,7 @@ class CategoryCap:
         return 1.0 - len(skipped) / len(items)
 
 
+@term
 class Freshness:
     """Mean freshness of the ranked items, in [0, 1]: how new each item is within the catalog.
 
@@ -294,6 +359,10 @@ class Freshness:
 
     name: ClassVar[str] = "freshness"
 
+    @classmethod
+    def build(cls, catalog: Catalog) -> "Freshness":
+        return cls(catalog.created_at)
+
     def __init__(self, created_at: Mapping[str, float]):
         times = sorted(created_at.values())
         self.applies = len(times) >= 2 and times[0] != times[-1]
@@ -312,22 +381,6 @@ class Freshness:
         if not items:
             return 0.0
         return sum(self.score.get(item, 0.0) for item in items) / len(items)
-
-
-TERMS: dict[str, type] = {
-    term.name: term
-    for term in (
-        Format,
-        Accuracy,
-        Diversity,
-        Novelty,
-        Promotion,
-        Availability,
-        CategoryCap,
-        Freshness,
-    )
-}
-"""Term classes by name, so that a policy file can refer to them."""
 
 
 def weighted_sum(

@@ -1,9 +1,12 @@
 """The one first-k rule behind served lists, SFT targets and rewards (contract.ranking)."""
 
+import doctest
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from contract import ranking
 from contract.answer import Answer
 from contract.ranking import Blend, first_k, repair, served_order, target_items
 
@@ -15,6 +18,10 @@ answers = st.builds(
     items=st.lists(ids, max_size=8).map(tuple),
     well_formed=st.booleans(),
 )
+
+
+def test_docstring_examples_hold() -> None:
+    assert doctest.testmod(ranking).failed == 0
 
 
 class TestFirstK:
