@@ -14,7 +14,7 @@ from server.registry import (
     adapter_rank,
     base_version,
     check_contract,
-    parameter_count,
+    stored_parameters,
 )
 from server.store import Store
 from server.vocabulary import ItemTokens
@@ -63,7 +63,7 @@ def placement(settings: Settings, version: str) -> Placement:
 
 def refreshed_with_lora(settings: Settings, weights: Path) -> bool:
     """Whether the trainer refreshes the full weights in `weights` through LoRA adapters."""
-    return parameter_count(weights) >= settings.refresh_lora_min_params
+    return stored_parameters(weights) >= settings.refresh_lora_min_params
 
 
 def open_engine(settings: Settings, version: str, serving: Engine | None = None) -> Engine:

@@ -150,7 +150,7 @@ def adapter_rank(path: Path) -> int:
         raise RegistryError(f"{path} holds no readable LoRA adapter: {exc}") from exc
 
 
-def parameter_count(path: Path) -> int:
+def stored_parameters(path: Path) -> int:
     """Parameters stored in a version folder's safetensors files (headers only, nothing loaded)."""
     from safetensors import safe_open
 

@@ -34,6 +34,9 @@ BLENDS = tuple(
     for prior in RETRIEVAL_PRIORS
 )
 
+K = 10
+"""The cut-off of every validation metric (`ndcg@10`, `novelty@10`)."""
+
 # The served lists' novelty may fall at most this far below the retrieval order's: a model
 # trained on what users chose learns popularity, and a blend that trades a little accuracy for the
 # catalog's long tail is preferred to the most accurate one that recommends only hits.
@@ -155,12 +158,13 @@ def _served(
 
 
 def _scored(lists: list[list[str]], examples: list[Example], counts: Mapping[str, int]) -> Served:
+    """NDCG and novelty at K, whatever k each list was served at (logged lists vary)."""
     n = max(len(examples), 1)
     total = sum(counts.values())
     pairs = list(zip(lists, examples, strict=True))
     return Served(
-        ndcg=sum(ndcg_at_k(ranked, e.positives, e.k) for ranked, e in pairs) / n,
-        novelty=sum(mean_self_information(ranked, counts, total) for ranked, _ in pairs) / n,
+        ndcg=sum(ndcg_at_k(ranked, e.positives, K) for ranked, e in pairs) / n,
+        novelty=sum(mean_self_information(ranked[:K], counts, total) for ranked, _ in pairs) / n,
     )
 
 

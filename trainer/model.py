@@ -52,7 +52,7 @@ class ModelSize(BaseModel):
         return self
 
 
-PRESETS: dict[str, ModelSize] = {
+SIZES: dict[str, ModelSize] = {
     # ~0.3M parameters with a few hundred tokens of vocabulary: for tests.
     "tiny": ModelSize(
         hidden_size=64,
@@ -85,7 +85,7 @@ def build_model(
     tokenizer: PreTrainedTokenizerBase, size: ModelSize | str = "default", seed: int = 0
 ) -> Qwen2ForCausalLM:
     """A randomly initialised model whose vocabulary is exactly the tokenizer's."""
-    shape = PRESETS[size] if isinstance(size, str) else size
+    shape = SIZES[size] if isinstance(size, str) else size
     # No padding rows in the vocabulary: an id the tokenizer cannot decode is never sampled.
     config = Qwen2Config(
         vocab_size=len(tokenizer),

@@ -61,7 +61,7 @@ class GrpoSettings(BaseModel):
 
 
 class Preset(BaseModel):
-    model: str = Field(description="A model size from trainer.model.PRESETS.")
+    model: str = Field(description="A model size from trainer.model.SIZES.")
     rendering: Rendering = Rendering.compact
     prompt_history: int | None = Field(
         50, ge=0, description="History items in the prompt; None: REASONREC_PROMPT_HISTORY."

@@ -51,7 +51,7 @@ RENEW_SECONDS = 10
 REFRESH_METHOD = "grpo-refresh"  # `training.method` in a refreshed version's manifest
 MIN_EXAMPLES = 4  # logged lists with a positive, before the held-out part is cut
 
-Outcome = Literal["published", "rejected", "skipped"]
+RefreshOutcome = Literal["published", "rejected", "skipped"]
 
 
 class RefreshBusy(RuntimeError):
@@ -59,7 +59,7 @@ class RefreshBusy(RuntimeError):
 
 
 class RefreshResult(BaseModel):
-    outcome: Outcome
+    outcome: RefreshOutcome
     reason: str
     parent: str | None
     version: str | None = None

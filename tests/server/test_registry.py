@@ -23,7 +23,7 @@ from server.registry import (
     base_version,
     check_contract,
     new_version,
-    parameter_count,
+    stored_parameters,
 )
 from tests.server.helpers import metric, post_events, put_items
 
@@ -225,8 +225,8 @@ def test_parameter_count_reads_safetensors_headers(tmp_path: Path) -> None:
     save_file(
         {"b": np.zeros(5, np.float16), "c": np.zeros((2, 2, 2))}, tmp_path / "model-2.safetensors"
     )
-    assert parameter_count(tmp_path) == 12 + 5 + 8
-    assert parameter_count(tmp_path / "empty") == 0
+    assert stored_parameters(tmp_path) == 12 + 5 + 8
+    assert stored_parameters(tmp_path / "empty") == 0
 
 
 def test_check_contract_accepts_this_gateways_contract() -> None:

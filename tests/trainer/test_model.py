@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from contract.prompt import ref
 from trainer.model import (
-    PRESETS,
+    SIZES,
     VLLM_CPU_HEAD_SIZES,
     ModelSize,
     build_model,
@@ -19,9 +19,9 @@ from trainer.model import (
 )
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(SIZES))
 def test_presets_fit_vllm(name: str) -> None:
-    size = PRESETS[name]
+    size = SIZES[name]
     assert size.head_dim in VLLM_CPU_HEAD_SIZES
     assert size.num_attention_heads % size.num_key_value_heads == 0
     assert size.max_position_embeddings >= 2048
