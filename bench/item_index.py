@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from server.item_index import ItemIndex
 from server.loaders import Dataset
 from server.loaders.movielens import read_ml100k
 from server.loaders.synthetic import generate
 from trainer.evaluation.split import Interaction, split_interactions
+from trainer.index_build import build_index
 
 ML100K = Path(__file__).resolve().parents[2] / "shared/data/ml-100k"
 
@@ -37,7 +37,7 @@ def split(dataset: Dataset) -> tuple[dict, dict, dict]:
 def evaluate(dataset: Dataset, dim: int, window: int, history: int) -> dict[str, object]:
     train, validation, test = split(dataset)
     started = time.perf_counter()
-    index = ItemIndex.build(dataset.items, list(train.values()), dim=dim, window=window)
+    index = build_index(dataset.items, list(train.values()), dim=dim, window=window)
     build_seconds = time.perf_counter() - started
     popular = [item for item, _ in Counter(i for s in train.values() for i in s).most_common()]
     hits = {"index@10": 0, "index@50": 0, "popularity@10": 0, "popularity@50": 0}

@@ -38,7 +38,7 @@ from reward_rules.metrics import hit_at_k, intra_list_distance, mean_self_inform
 from server.active_model import open_engine
 from server.config import Settings
 from server.engine import Engine
-from server.item_index import load_current
+from server.index_files import load_current
 from server.loaders import Dataset
 from server.recommend import Recommender
 from server.redis_client import connect

@@ -20,7 +20,8 @@ from server import metrics
 from server.active_model import open_active_engine, open_engine
 from server.config import Settings
 from server.engine import Engine
-from server.item_index import ItemIndex, current_version, load_current
+from server.index_files import current_version, load_current
+from server.item_index import ItemIndex
 from server.registry import RegistryError
 from server.store import Store
 

@@ -16,7 +16,8 @@ from pydantic import BaseModel, Field
 from contract.prompt import Contract
 from reward_rules.policy import Policy, build_terms, catalog_facts
 from server.config import Settings
-from server.item_index import ItemIndex, publish
+from server.index_files import publish
+from server.item_index import ItemIndex
 from server.policy import read_policy
 from server.registry import Manifest, Registry, new_version
 from server.store import Store
@@ -25,6 +26,7 @@ from trainer.dataset import ExampleBuilder, Examples, Shape
 from trainer.examples import Example
 from trainer.gate import Popularity, activation, validate
 from trainer.grpo import run_grpo
+from trainer.index_build import build_index
 from trainer.model import build_model, parameter_count, seed_item_embeddings
 from trainer.presets import PRESETS, Preset
 from trainer.pretrain import first_pick_ndcg, pretrain
@@ -44,10 +46,10 @@ class BootstrapResult(BaseModel):
     seconds: float
 
 
-def build_index(corpus: Corpus, settings: Settings, dim: int, seed: int = 0) -> ItemIndex:
+def index_corpus(corpus: Corpus, settings: Settings, dim: int, seed: int = 0) -> ItemIndex:
     """Build the candidate index from the corpus and make it the current version."""
     sequences = [[item for item, _ in seq] for seq in corpus.sequences.values()]
-    index = ItemIndex.build(list(corpus.items.values()), sequences, dim=dim, seed=seed)
+    index = build_index(list(corpus.items.values()), sequences, dim=dim, seed=seed)
     publish(index, settings.data_dir)
     return index
 
@@ -121,7 +123,7 @@ async def bootstrap(
     started = time.perf_counter()
     preset = PRESETS[preset_name]
     corpus = await read_corpus(store)
-    index = build_index(corpus, settings, preset.index_dim, seed)
+    index = index_corpus(corpus, settings, preset.index_dim, seed)
     shape = Shape(
         candidates=settings.candidates,
         history=settings.prompt_history,

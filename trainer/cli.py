@@ -50,12 +50,12 @@ async def run_bootstrap(
 
 
 async def _rebuild_index(settings: Settings, dim: int) -> str:
-    from trainer.bootstrap import build_index
+    from trainer.bootstrap import index_corpus
     from trainer.corpus import read_corpus
 
     async with open_store(settings) as store:
         corpus = await read_corpus(store)
-    return build_index(corpus, settings, dim).version
+    return index_corpus(corpus, settings, dim).version
 
 
 @app.command("index")

@@ -31,7 +31,8 @@ from contract.ranking import target_items
 from reward_rules.policy import build_terms, catalog_facts
 from server.active_model import refreshed_with_lora
 from server.config import Settings
-from server.item_index import ItemIndex, load_current
+from server.index_files import load_current
+from server.item_index import ItemIndex
 from server.policy import read_policy
 from server.registry import Manifest, Registry, base_version, new_version
 from server.store import Store

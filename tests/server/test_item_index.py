@@ -15,11 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import server.item_index as item_index
-from server.item_index import ItemIndex, current_version, index_dir, load_current, publish
+from server import index_files, item_index
+from server.index_files import current_version, index_dir, load_current, publish
+from server.item_index import ItemIndex
 from server.loaders.movielens import read_ml100k
 from server.schemas import ItemUpsert
+from trainer import index_build
 from trainer.evaluation.split import load_split
+from trainer.index_build import build_index
 
 PER_CLUSTER = 45  # 90 items + 2 new: more than dim + oversampling, so the randomized path runs
 SPACE_WORDS = ["Orbit", "Galaxy", "Nova", "Comet", "Nebula", "Rocket", "Pulsar", "Quasar", "Moon"]
@@ -67,7 +70,7 @@ def _sequences(seed: int = 0, users: int = 200, length: int = 12) -> list[list[s
 
 @pytest.fixture(scope="module")
 def index() -> ItemIndex:
-    return ItemIndex.build(_items(), _sequences(), dim=8, seed=0)
+    return build_index(_items(), _sequences(), dim=8, seed=0)
 
 
 def _ids(results: list[tuple[str, float]]) -> list[str]:
@@ -135,7 +138,7 @@ def test_a_new_item_lands_near_the_items_its_text_resembles(index: ItemIndex) ->
 
 
 def test_without_interactions_items_are_placed_by_text_alone() -> None:
-    index = ItemIndex.build(_items(), [], dim=8)
+    index = build_index(_items(), [], dim=8)
     assert index.manifest["warm_items"] == 0
     results = _ids(index.search(["a1"], n=10))
     assert len(results) == 10
@@ -150,7 +153,7 @@ def test_any_object_with_id_title_and_categories_can_be_indexed() -> None:
         categories: list[str]
 
     products = [Product(f"p{k}", f"Trail shoe {k}", ["shoes"]) for k in range(5)]
-    index = ItemIndex.build(products, [["p0", "p1", "p2"], ["p1", "p2", "p3", "ghost"]], dim=4)
+    index = build_index(products, [["p0", "p1", "p2"], ["p1", "p2", "p3", "ghost"]], dim=4)
     assert len(index) == 5 and "p4" in index and "ghost" not in index
     assert set(_ids(index.search(["p1"], n=10))) == {"p0", "p2", "p3", "p4"}
     with pytest.raises(KeyError):
@@ -167,7 +170,7 @@ def test_popularity_breaks_ties_between_equally_similar_items() -> None:
     films = [Film(item_id, item_id, []) for item_id in ("seen", "rare", "hit")]
     # "rare" and "hit" each follow "seen" once; "hit" is also watched alone three more times.
     sequences = [["seen", "rare"], ["seen", "hit"], ["hit"], ["hit"], ["hit"]]
-    index = ItemIndex.build(films, sequences, dim=4)
+    index = build_index(films, sequences, dim=4)
     np.testing.assert_allclose(index.vector("rare"), index.vector("hit"), atol=1e-6)
     (first, first_score), (second, second_score) = index.search(["seen"], n=2)
     assert (first, second) == ("hit", "rare")
@@ -175,10 +178,10 @@ def test_popularity_breaks_ties_between_equally_similar_items() -> None:
 
 
 def test_priors_grow_with_interactions_and_new_items_get_the_median() -> None:
-    priors = item_index._priors([np.array([0, 1, 1]), np.array([2, 2, 2, 2])], 4)
+    priors = index_build._priors([np.array([0, 1, 1]), np.array([2, 2, 2, 2])], 4)
     assert priors[0] < priors[1] < priors[2] == pytest.approx(item_index.POPULARITY_WEIGHT)
     assert priors[3] == pytest.approx(priors[1])  # the median of the three others
-    assert not item_index._priors([], 3).any()
+    assert not index_build._priors([], 3).any()
 
 
 # Vectors --------------------------------------------------------------------------------------
@@ -188,7 +191,7 @@ def test_popularity_is_relative_log_popularity_for_indexed_items_only() -> None:
     items = [
         ItemUpsert(item_id=f"p{k}", title=f"Trail shoe {k}", categories=["shoes"]) for k in range(4)
     ]
-    index = ItemIndex.build(items, [["p0", "p1"], ["p1"], ["p1", "p2"], ["p1"]], dim=2)
+    index = build_index(items, [["p0", "p1"], ["p1"], ["p1", "p2"], ["p1"]], dim=2)
 
     popularity = index.popularity(["p0", "p1", "p2", "p3", "ghost"])
 
@@ -199,7 +202,7 @@ def test_popularity_is_relative_log_popularity_for_indexed_items_only() -> None:
 
 
 def test_build_is_deterministic_and_vectors_are_unit_length(index: ItemIndex) -> None:
-    again = ItemIndex.build(_items(), _sequences(), dim=8, seed=0)
+    again = build_index(_items(), _sequences(), dim=8, seed=0)
     for item_id in index.item_ids:
         np.testing.assert_array_equal(again.vector(item_id), index.vector(item_id))
         assert np.linalg.norm(index.vector(item_id)) == pytest.approx(1.0, abs=1e-5)
@@ -207,17 +210,17 @@ def test_build_is_deterministic_and_vectors_are_unit_length(index: ItemIndex) ->
 
 
 def test_version_differs_when_contents_differ(index: ItemIndex) -> None:
-    other = ItemIndex.build(_items(), _sequences(seed=1), dim=8, seed=0)
+    other = build_index(_items(), _sequences(seed=1), dim=8, seed=0)
     assert other.version != index.version
     assert other.manifest["content_sha256"] != index.manifest["content_sha256"]
-    assert item_index._VERSION.match(index.version)
+    assert index_files._VERSION.match(index.version)
 
 
 def test_sparse_products_match_dense_numpy() -> None:
     rng = np.random.default_rng(0)
     dense = rng.random((300, 200)) * (rng.random((300, 200)) < 0.05)
     rows, cols = np.nonzero(dense)
-    sparse = item_index._Sparse.from_triplets(rows, cols, dense[rows, cols], dense.shape)
+    sparse = index_build._Sparse.from_triplets(rows, cols, dense[rows, cols], dense.shape)
     block = rng.standard_normal((200, 7))
     # Both product strategies, whatever the fill threshold would pick.
     np.testing.assert_allclose(sparse._blocked_product(block), dense @ block, atol=1e-10)
@@ -230,7 +233,7 @@ def test_randomized_eigenvectors_reconstruct_a_low_rank_matrix() -> None:
     rng = np.random.default_rng(0)
     factors = rng.standard_normal((200, 6))
     matrix = factors @ factors.T  # positive semi-definite, rank 6
-    vectors = item_index._top_eigen(lambda q: matrix @ q, 200, dim=6, seed=0)
+    vectors = index_build._top_eigen(lambda q: matrix @ q, 200, dim=6, seed=0)
     np.testing.assert_allclose(vectors @ vectors.T, matrix, atol=1e-6 * np.abs(matrix).max())
 
 
@@ -238,10 +241,10 @@ def test_randomized_eigenvectors_reconstruct_a_low_rank_matrix() -> None:
 
 
 def test_save_and_load_give_the_same_index(index: ItemIndex, tmp_path: Path) -> None:
-    index.save(tmp_path / "saved")
-    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == sorted(item_index.FILES)
+    index_files.save(index, tmp_path / "saved")
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == sorted(index_files.FILES)
     assert [p.name for p in tmp_path.iterdir()] == ["saved"]  # no temporary folder left
-    loaded = ItemIndex.load(tmp_path / "saved")
+    loaded = index_files.load(tmp_path / "saved")
     assert loaded.version == index.version
     assert loaded.manifest == index.manifest
     assert loaded.item_ids == index.item_ids
@@ -255,19 +258,19 @@ def test_save_and_load_give_the_same_index(index: ItemIndex, tmp_path: Path) -> 
 
 
 def test_a_saved_index_is_never_overwritten(index: ItemIndex, tmp_path: Path) -> None:
-    index.save(tmp_path / "saved")
+    index_files.save(index, tmp_path / "saved")
     with pytest.raises(FileExistsError):
-        index.save(tmp_path / "saved")
+        index_files.save(index, tmp_path / "saved")
 
 
 def test_load_refuses_files_that_do_not_match_the_manifest(
     index: ItemIndex, tmp_path: Path
 ) -> None:
-    index.save(tmp_path / "saved")
+    index_files.save(index, tmp_path / "saved")
     vectors = np.load(tmp_path / "saved" / "vectors.npy")
     np.save(tmp_path / "saved" / "vectors.npy", vectors[::-1])
     with pytest.raises(ValueError, match="do not match"):
-        ItemIndex.load(tmp_path / "saved")
+        index_files.load(tmp_path / "saved")
 
 
 def test_publish_makes_a_version_current(index: ItemIndex, tmp_path: Path) -> None:
@@ -279,7 +282,7 @@ def test_publish_makes_a_version_current(index: ItemIndex, tmp_path: Path) -> No
     current = load_current(tmp_path)
     assert current is not None and current.version == index.version
     assert publish(index, tmp_path) == folder  # publishing the same version again is harmless
-    newer = ItemIndex.build(_items(), _sequences(seed=1), dim=8)
+    newer = build_index(_items(), _sequences(seed=1), dim=8)
     publish(newer, tmp_path)
     current = load_current(tmp_path)
     assert current is not None and current.version == newer.version
@@ -292,11 +295,11 @@ def test_publish_keeps_only_the_newest_versions(tmp_path: Path) -> None:
     stale, fresh = root / ".v1.tmp-dead", root / ".v2.tmp-busy"
     stale.mkdir()
     fresh.mkdir()
-    long_ago = time.time() - item_index.STALE_TEMP_SECONDS - 60
+    long_ago = time.time() - index_files.STALE_TEMP_SECONDS - 60
     os.utime(stale, (long_ago, long_ago))
     versions = []
     for seed in range(4):
-        built = ItemIndex.build(_items(), _sequences(seed=seed, users=10), dim=4)
+        built = build_index(_items(), _sequences(seed=seed, users=10), dim=4)
         publish(built, tmp_path, keep=2)
         versions.append(built.version)
     assert sorted(p.name for p in root.iterdir()) == sorted([*versions[-2:], "current", fresh.name])
@@ -307,14 +310,14 @@ def test_a_crash_while_saving_leaves_the_previous_version_current(
     index: ItemIndex, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     publish(index, tmp_path)
-    newer = ItemIndex.build(_items(), _sequences(seed=1), dim=8)
+    newer = build_index(_items(), _sequences(seed=1), dim=8)
 
     def disk_full(*args: object) -> None:
         raise OSError(28, "No space left on device")
 
     # The process dies after vectors.npy is written, before it can clean up.
-    monkeypatch.setattr(item_index.faiss, "write_index", disk_full)
-    monkeypatch.setattr(item_index.shutil, "rmtree", lambda *args, **kwargs: None)
+    monkeypatch.setattr(index_files.faiss, "write_index", disk_full)
+    monkeypatch.setattr(index_files.shutil, "rmtree", lambda *args, **kwargs: None)
     with pytest.raises(OSError, match="No space left"):
         publish(newer, tmp_path)
     monkeypatch.undo()
@@ -334,9 +337,9 @@ def test_a_failed_save_removes_its_partial_files(
     def disk_full(*args: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(item_index.faiss, "write_index", disk_full)
+    monkeypatch.setattr(index_files.faiss, "write_index", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        index.save(tmp_path / "saved")
+        index_files.save(index, tmp_path / "saved")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -347,7 +350,7 @@ def test_retrieval_on_movielens_beats_popularity(ml100k: Path) -> None:
     split = load_split(ml100k)
     train, validation, test = split.train, split.validation, split.test
     started = time.perf_counter()
-    index = ItemIndex.build(read_ml100k(ml100k).items, list(train.values()))
+    index = build_index(read_ml100k(ml100k).items, list(train.values()))
     build_seconds = time.perf_counter() - started
     counts = Counter(item for items in train.values() for item in items)
     popular = [item for item, _ in counts.most_common()]

@@ -2,10 +2,10 @@
 
 from datetime import UTC, datetime
 
-from server.item_index import ItemIndex
 from server.schemas import Item
 from trainer.corpus import Corpus
 from trainer.dataset import ExampleBuilder, Shape
+from trainer.index_build import build_index
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -28,7 +28,7 @@ def corpus() -> Corpus:
 def builder() -> ExampleBuilder:
     data = corpus()
     sequences = [[item for item, _ in seq] for seq in data.sequences.values()]
-    index = ItemIndex.build(list(data.items.values()), sequences, dim=4, seed=0)
+    index = build_index(list(data.items.values()), sequences, dim=4, seed=0)
     return ExampleBuilder(data, index, Shape(candidates=11, history=5))
 
 

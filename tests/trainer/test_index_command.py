@@ -4,7 +4,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from server.config import Settings
-from server.item_index import current_version, load_current
+from server.index_files import current_version, load_current
 
 
 def test_index_rebuilds_from_the_store_and_becomes_current(env: Settings) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from server.active_model import open_engine
 from server.config import Settings
-from server.item_index import load_current
+from server.index_files import load_current
 from server.loaders import Dataset
 from server.loaders.writer import progress_bar, write
 from server.recommend import Recommender

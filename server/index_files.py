@@ -1,0 +1,154 @@
+"""Saved and published versions of the item index.
+
+On disk: `data_dir/indexes/<version>/` holds vectors.npy, priors.npy, index.faiss, item_ids.json
+and manifest.json; the version is the UTC build time plus a hash of ids, vectors and priors.
+`data_dir/indexes/current` names the current version. Versions are written to a hidden temporary
+folder and renamed into place, and the pointer is replaced atomically, so a crash never leaves a
+half-written version visible.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from server.item_index import ItemIndex
+
+FORMAT = 1
+"""Layout version of a saved index; `load` refuses others."""
+STALE_TEMP_SECONDS = 3600
+FILES = ("vectors.npy", "priors.npy", "index.faiss", "item_ids.json", "manifest.json")
+_VERSION = re.compile(r"^\d{8}T\d{12}Z-[0-9a-f]{12}$")
+
+
+def digest(item_ids: Sequence[str], vectors: np.ndarray, priors: np.ndarray) -> str:
+    digest = hashlib.sha256(json.dumps(list(item_ids)).encode())
+    for array in (vectors, priors):
+        digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(index: ItemIndex, directory: Path) -> None:
+    """Write the index to `directory`, which must not exist: files go to a hidden temporary
+    folder beside it that is renamed into place, so `directory` is complete or absent."""
+    directory = Path(directory)
+    if directory.exists():
+        raise FileExistsError(f"{directory} exists; a saved index is never overwritten")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    temporary = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    temporary.mkdir()
+    try:
+        _write(index, temporary)
+        os.rename(temporary, directory)
+        _fsync(directory.parent)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def _write(index: ItemIndex, folder: Path) -> None:
+    np.save(folder / "vectors.npy", index.vectors, allow_pickle=False)
+    np.save(folder / "priors.npy", index.priors, allow_pickle=False)
+    faiss.write_index(index.faiss_index, str(folder / "index.faiss"))
+    (folder / "item_ids.json").write_text(json.dumps(index.item_ids), encoding="utf-8")
+    # The manifest last: a folder holding one is complete.
+    (folder / "manifest.json").write_text(json.dumps(index.manifest, indent=2), "utf-8")
+    for name in FILES:
+        _fsync(folder / name)
+    _fsync(folder)
+
+
+def load(directory: Path) -> ItemIndex:
+    """Read a saved index; ValueError if its files are of another format or do not agree."""
+    directory = Path(directory)
+    manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{directory}: index format {manifest.get('format')}, not {FORMAT}")
+    ids = json.loads((directory / "item_ids.json").read_text(encoding="utf-8"))
+    vectors = np.load(directory / "vectors.npy", allow_pickle=False)
+    priors = np.load(directory / "priors.npy", allow_pickle=False)
+    if digest(ids, vectors, priors) != manifest["content_sha256"]:
+        raise ValueError(f"{directory}: item ids or vectors do not match the manifest")
+    index = faiss.read_index(str(directory / "index.faiss"))
+    return ItemIndex(ids, vectors, priors, manifest, index)
+
+
+# Published versions ---------------------------------------------------------------------------
+
+
+def index_dir(data_dir: Path) -> Path:
+    """Where index versions live: one folder per version plus the `current` pointer file."""
+    return Path(data_dir) / "indexes"
+
+
+def current_version(data_dir: Path) -> str | None:
+    """The version `current` names, or None before the first publish. Cheap: gateways can poll
+    it to notice a new version."""
+    try:
+        version = (index_dir(data_dir) / "current").read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    if not _VERSION.match(version):
+        raise ValueError(f"{index_dir(data_dir) / 'current'} names no version: {version!r}")
+    return version
+
+
+def load_current(data_dir: Path) -> ItemIndex | None:
+    """The current index, or None when none was published yet (candidates then use popularity)."""
+    version = current_version(data_dir)
+    return None if version is None else load(index_dir(data_dir) / version)
+
+
+def publish(index: ItemIndex, data_dir: Path, keep: int = 3) -> Path:
+    """Save `index` as a new version, make it current, and delete all but the `keep` newest
+    versions (the current one and the one before it are always kept, so a gateway that has just
+    read the old pointer can still load it). Returns the version's folder."""
+    root = index_dir(data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / index.version
+    if not folder.exists():  # the same version means the same contents: already saved
+        save(index, folder)
+    pointer = root / f".current.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with pointer.open("w", encoding="utf-8") as handle:
+            handle.write(index.version + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(pointer, root / "current")
+        _fsync(root)
+    finally:
+        pointer.unlink(missing_ok=True)
+    _prune(root, max(keep, 2), index.version)
+    return folder
+
+
+def _prune(root: Path, keep: int, current: str) -> None:
+    """Remove old versions beyond the `keep` newest, and temporary folders left by crashes."""
+    versions = sorted(p.name for p in root.iterdir() if p.is_dir() and _VERSION.match(p.name))
+    for name in versions[:-keep]:
+        if name != current:
+            shutil.rmtree(root / name, ignore_errors=True)
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    for path in root.glob(".*.tmp-*"):
+        if path.stat().st_mtime >= cutoff:
+            continue  # may belong to a publish still running
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
