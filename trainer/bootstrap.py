@@ -30,6 +30,7 @@ from trainer.index_build import build_index
 from trainer.model import build_model, parameter_count, seed_item_embeddings
 from trainer.presets import PRESETS, Preset
 from trainer.pretrain import first_pick_ndcg, pretrain
+from trainer.publish import publish_model, validated
 from trainer.sft import run_sft
 from trainer.tokenizer import train_tokenizer
 
@@ -135,16 +136,11 @@ async def bootstrap(
     popularity = Popularity.of(corpus.popularity, index)
     metrics = stages | validate(model, tokenizer, examples.validation, popularity)
     registry = Registry(settings.registry_path)
-    staging = registry.staging()
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
     manifest = Manifest(
         version=new_version(),
         trained_on=trained_on,
         rendering=shape.contract.rendering,
         prompt_history=shape.contract.history,
-        retrieval_prior=metrics["retrieval_prior"],
-        popularity_penalty=metrics["popularity_penalty"],
         training={
             "method": "pretrain+sft+grpo" if preset.pretrain else "sft+grpo",
             "preset": preset_name,
@@ -159,10 +155,10 @@ async def bootstrap(
         data_window=corpus.window(),
         reward_weights=policy.weights,
         policy=policy.model_dump(mode="json"),
-        metrics=metrics,
         index_version=index.version,
     )
-    path = registry.publish(staging, manifest)
+    manifest = validated(manifest, metrics)
+    path = publish_model(registry, model, tokenizer, manifest)
     activated, gate = activation(metrics, await store.active_model() is not None, force)
     if activated:
         await store.set_active_model(manifest.version)

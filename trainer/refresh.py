@@ -44,6 +44,7 @@ from trainer.feedback_log import ConsumeResult, FeedbackLog, LoggedExample
 from trainer.gate import Gate, Popularity, refresh_gate, validate
 from trainer.grpo import STATE_FILE, run_grpo
 from trainer.presets import GrpoSettings
+from trainer.publish import publish_model, validated
 
 log = logging.getLogger(__name__)
 # The holder renews the lock while it works; a killed holder's lock lapses within LOCK_SECONDS.
@@ -314,17 +315,10 @@ def _publish(
     policy: dict,
     result: RefreshResult,
 ) -> str:
-    """Weights and manifest into a staging folder, then one rename: complete or absent.
-
-    A LoRA candidate is published as its adapters alone (`kind: lora`), on the parent's base:
-    gateways serve it as a vLLM runtime adapter on the engine they already run.
-    """
-    staging = registry.staging()
-    model.save_pretrained(staging)
+    """The candidate as a child of `parent`: a LoRA candidate on the parent's base (gateways serve
+    it as a vLLM runtime adapter on the engine they already run), anything else as full weights."""
     adapter = isinstance(model, PeftModel)
-    if not adapter:
-        tokenizer.save_pretrained(staging)
-    manifest = parent.model_copy(
+    manifest = validated(parent, result.gate.candidate).model_copy(
         update={
             "version": new_version(),
             "parent": parent.version,
@@ -341,10 +335,7 @@ def _publish(
             },
             "reward_weights": policy["weights"],
             "policy": policy,
-            "metrics": {f"gate_{key}": value for key, value in result.gate.candidate.items()},
-            "retrieval_prior": result.gate.candidate["retrieval_prior"],
-            "popularity_penalty": result.gate.candidate["popularity_penalty"],
         }
     )
-    registry.publish(staging, manifest)
+    publish_model(registry, model, tokenizer, manifest)
     return manifest.version
