@@ -1,8 +1,10 @@
-"""Settings: one pydantic-settings class; each field's description is its documentation.
+"""Settings, in one section per role (storage, gateway, engine, trainer); `Settings` holds them
+all. Each field's description is its documentation.
 
 Every field reads the environment variable ``REASONREC_<FIELD>`` (for example
-``REASONREC_REDIS_URL``). ``tests/server/test_config.py`` checks that docs/configuration.md
-documents each one.
+``REASONREC_REDIS_URL``): the sections group the code, not the variables, so a deployment's
+environment reads the same whichever role it runs. ``tests/server/test_config.py`` checks that
+docs/configuration.md documents each one.
 """
 
 from pathlib import Path
@@ -12,8 +14,12 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
-class Settings(BaseSettings):
+class _Section(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REASONREC_", extra="ignore")
+
+
+class StorageSettings(_Section):
+    """Where state lives: Redis, the data directory, the model registry; read by every role."""
 
     redis_url: str | None = Field(
         None,
@@ -28,6 +34,39 @@ class Settings(BaseSettings):
         "reasonrec",
         description="Prefix of every Redis key and channel, so deployments can share a Redis.",
     )
+    redis_timeout_seconds: float = Field(
+        2.0, gt=0, description="Connect and command timeout for Redis; past it a request gets 503."
+    )
+    registry_dir: Path | None = Field(
+        None, description="Model registry folder. Unset: `<data dir>/models`."
+    )
+    history_size: int = Field(
+        50, ge=1, le=10_000, description="How many recent positive items each user keeps."
+    )
+    dedup_ttl_seconds: int = Field(
+        30 * 24 * 3600,
+        ge=0,
+        description="How long an event_id sent by a client is remembered for de-duplication "
+        "(0: forever). Ids the server assigns are remembered for a day.",
+    )
+    impressions_maxlen: int = Field(
+        1_000_000, ge=0, description="Approximate cap on the impressions stream (0: no cap)."
+    )
+    attribution_seconds: int = Field(
+        7 * 24 * 3600,
+        ge=1,
+        description="How long feedback quoting a request id is credited to the model version "
+        "that served it (reasonrec_positives_total).",
+    )
+
+    @property
+    def registry_path(self) -> Path:
+        return self.registry_dir or self.data_dir / "models"
+
+
+class GatewaySettings(_Section):
+    """The HTTP API: keys, limits, what a request retrieves, the policy it enforces."""
+
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated API keys. Set: every /v1 route needs "
@@ -39,24 +78,43 @@ class Settings(BaseSettings):
         "POST /v1/models/activate (an API key gets 403 there), accepted wherever an API key is. "
         "Empty: admin routes are refused.",
     )
-    history_size: int = Field(
-        50, ge=1, le=10_000, description="How many recent positive items each user keeps."
-    )
-    dedup_ttl_seconds: int = Field(
-        30 * 24 * 3600,
-        ge=0,
-        description="How long an event_id sent by a client is remembered for de-duplication "
-        "(0: forever). Ids the server assigns are remembered for a day.",
-    )
     max_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
     )
-    redis_timeout_seconds: float = Field(
-        2.0, gt=0, description="Connect and command timeout for Redis; past it a request gets 503."
+    candidates: int = Field(
+        50, ge=1, le=500, description="Candidates retrieved (faiss) and shown to the LLM."
     )
-    registry_dir: Path | None = Field(
-        None, description="Model registry folder. Unset: `<data dir>/models`."
+    prompt_history: int = Field(
+        20,
+        ge=0,
+        le=200,
+        description="Most recent history items retrieval is queried with (and that a rich prompt "
+        "of the rich bootstrap preset shows; a model's prompts follow its manifest).",
     )
+    policy_file: Path | None = Field(
+        None,
+        description="Business policy YAML (reward weights and hard constraints; see 'Business "
+        "policy'). The gateway enforces its constraints, the trainer rewards its terms. Unset: "
+        "the built-in default policy.",
+    )
+    host: str = Field("127.0.0.1", description="Address `reasonrec serve` binds to.")
+    port: int = Field(8000, ge=1, le=65535, description="Port `reasonrec serve` listens on.")
+    workers: int = Field(
+        1, ge=1, le=64, description="Worker processes for `reasonrec serve` (one per core)."
+    )
+    log_level: str = Field("info", description="Log level: debug, info, warning or error.")
+
+    @field_validator("api_keys", "admin_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+
+class EngineSettings(_Section):
+    """The vLLM engine that ranks: in-process or remote, its budget and memory."""
+
     engine_url: str | None = Field(
         None,
         description="Base URL of a remote OpenAI-compatible vLLM server (e.g. http://vllm:8000). "
@@ -91,25 +149,20 @@ class Settings(BaseSettings):
         description="CPU cores the in-process vLLM binds its threads to ('auto' or e.g. "
         "'0-1'); sets VLLM_CPU_OMP_THREADS_BIND.",
     )
-    candidates: int = Field(
-        50, ge=1, le=500, description="Candidates retrieved (faiss) and shown to the LLM."
-    )
-    prompt_history: int = Field(
-        20,
-        ge=0,
-        le=200,
-        description="Most recent history items retrieval is queried with (and that a rich prompt "
-        "of the rich bootstrap preset shows; a model's prompts follow its manifest).",
-    )
     max_answer_tokens: int = Field(
         192, ge=16, description="Token budget of one answer (rationale + ranked ids)."
     )
-    policy_file: Path | None = Field(
-        None,
-        description="Business policy YAML (reward weights and hard constraints; see 'Business "
-        "policy'). The gateway enforces its constraints, the trainer rewards its terms. Unset: "
-        "the built-in default policy.",
-    )
+
+    @property
+    def release_seconds(self) -> float:
+        """How long after a swap the outgoing model may still have requests: the LLM budget
+        cancels every request by then."""
+        return self.llm_timeout_ms / 1000 + 1
+
+
+class TrainerSettings(_Section):
+    """The trainer sidecar and `reasonrec train`: refresh schedule, GRPO, the publish gate."""
+
     refresh_seconds: int = Field(
         3600, ge=1, description="`reasonrec trainer`: refresh at least this often (seconds)."
     )
@@ -127,7 +180,7 @@ class Settings(BaseSettings):
         100_000_000,
         ge=0,
         description="Refresh models with at least this many parameters through LoRA adapters "
-        "(peft), merged into the weights before publishing; smaller ones train all weights.",
+        "(peft), published as adapter versions; smaller ones train all weights.",
     )
     refresh_lora_rank: int = Field(16, ge=1, description="LoRA rank of an adapter refresh.")
     gate_ndcg_tolerance: float = Field(
@@ -146,35 +199,7 @@ class Settings(BaseSettings):
     trainer_metrics_port: int = Field(
         9101, ge=0, le=65535, description="`reasonrec trainer` serves /metrics here (0: off)."
     )
-    impressions_maxlen: int = Field(
-        1_000_000, ge=0, description="Approximate cap on the impressions stream (0: no cap)."
-    )
-    attribution_seconds: int = Field(
-        7 * 24 * 3600,
-        ge=1,
-        description="How long feedback quoting a request id is credited to the model version "
-        "that served it (reasonrec_positives_total).",
-    )
-    host: str = Field("127.0.0.1", description="Address `reasonrec serve` binds to.")
-    port: int = Field(8000, ge=1, le=65535, description="Port `reasonrec serve` listens on.")
-    workers: int = Field(
-        1, ge=1, le=64, description="Worker processes for `reasonrec serve` (one per core)."
-    )
-    log_level: str = Field("info", description="Log level: debug, info, warning or error.")
 
-    @property
-    def registry_path(self) -> Path:
-        return self.registry_dir or self.data_dir / "models"
 
-    @property
-    def release_seconds(self) -> float:
-        """How long after a swap the outgoing model may still have requests: the LLM budget
-        cancels every request by then."""
-        return self.llm_timeout_ms / 1000 + 1
-
-    @field_validator("api_keys", "admin_keys", mode="before")
-    @classmethod
-    def _split_keys(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [key.strip() for key in value.split(",") if key.strip()]
-        return value
+class Settings(StorageSettings, GatewaySettings, EngineSettings, TrainerSettings):
+    """Every setting; a role reads the sections it needs."""
