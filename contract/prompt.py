@@ -37,6 +37,7 @@ from pydantic import BaseModel, Field
 
 from contract.answer import Answer
 from contract.ranking import Blend
+from contract.tasks import Task
 
 CONTRACT_VERSION = "1"
 SUPPORTED_CONTRACTS = frozenset({CONTRACT_VERSION})
@@ -84,6 +85,7 @@ class Contract(BaseModel):
     rendering: Rendering = Rendering.rich
     history: int = Field(20, ge=0, description="Most recent history items in the prompt.")
     blend: Blend = Field(default_factory=Blend, description="How the served list is ordered.")
+    tasks: frozenset[Task] = Field(frozenset({Task.rank}), description="What it may be asked.")
 
 
 class ItemView(BaseModel):

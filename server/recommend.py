@@ -23,6 +23,7 @@ from contract.prompt import (
     prompt_input,
 )
 from contract.ranking import served_order
+from contract.tasks import Task
 from server import metrics
 from server.candidates import Candidate, Candidates, Query, retrieve
 from server.config import Settings
@@ -177,6 +178,8 @@ class Recommender:
             return _fallback(order, request.k, "no_candidates")
         if engine is None:
             return _fallback(order, request.k, "no_model")
+        if Task.rank not in engine.contract.tasks:
+            return _fallback(order, request.k, "task_unsupported")
         allowed = engine.items.allowed(order) if engine.items else None
         generation = GenerationRequest(
             request_id=request_id,

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 
 from contract.prompt import CONTRACT_VERSION, SUPPORTED_CONTRACTS, Contract, Rendering
 from contract.ranking import Blend
+from contract.tasks import Task
 
 MANIFEST = "manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -34,6 +35,10 @@ class Manifest(BaseModel):
         Rendering.rich, description="How its prompts are written (registered models: rich)."
     )
     prompt_history: int = Field(20, ge=0, description="History items its prompts show.")
+    tasks: list[Task] = Field(
+        default_factory=lambda: [Task.rank],
+        description="What it was trained for (versions from before tasks existed: ranking).",
+    )
     retrieval_prior: float = Field(
         0.0, ge=0, description="How much its served order leans on the retrieval order."
     )
@@ -60,6 +65,7 @@ class Manifest(BaseModel):
             version=self.contract_version,
             rendering=self.rendering,
             history=self.prompt_history,
+            tasks=frozenset(self.tasks),
             blend=Blend(
                 retrieval_prior=self.retrieval_prior, popularity_penalty=self.popularity_penalty
             ),

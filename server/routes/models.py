@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from contract.prompt import Rendering
+from contract.tasks import Task
 from server.deps import ServingDep, SettingsDep, StoreDep, require_admin_key
 from server.errors import ApiError, documented
 from server.registry import Manifest, Registry, RegistryError, check_contract
@@ -24,6 +25,7 @@ class ModelVersion(BaseModel):
     trained_on: str | None
     contract_version: str
     rendering: Rendering
+    tasks: list[Task] = Field(description="What it was trained for: `rank` (POST /v1/recommend).")
     retrieval_prior: float = Field(
         description="How much its served order leans on the retrieval order (0: not at all)."
     )

@@ -58,6 +58,7 @@ def test_lists_versions_oldest_first_with_their_metrics(models_client: TestClien
     assert body["versions"][1]["rendering"] == "compact"
     assert body["versions"][0]["retrieval_ndcg_at_10"] is None
     assert body["versions"][0]["rendering"] == "rich"  # registered before renderings existed
+    assert body["versions"][0]["tasks"] == ["rank"]  # and before tasks: every version ranks
     assert body["versions"][1]["parent"] == "v1"
     assert body["versions"][1]["kind"] == "full" and body["versions"][1]["base_model"] is None
     assert body["active"] is None and body["previous"] is None and body["serving"] is None

@@ -299,6 +299,19 @@ def test_no_engine_serves_the_retrieval_order(shop: TestClient) -> None:
     assert metric(shop, FALLBACKS, reason="no_model") == before + 1
 
 
+def test_a_model_not_trained_to_rank_is_never_asked(shop: TestClient) -> None:
+    engine = FakeEngine(answer("p3"))
+    engine.contract = Contract(tasks=frozenset())  # as a rating-only model's manifest would say
+    use(shop, engine)
+    before = metric(shop, FALLBACKS, reason="task_unsupported")
+
+    body = recommend(shop, k=10)
+
+    assert engine.requests == []
+    assert ids(body) == ORDER and body["source"] == "fallback"
+    assert metric(shop, FALLBACKS, reason="task_unsupported") == before + 1
+
+
 def test_empty_catalog(client: TestClient, rdb: redis.Redis, key_prefix: str) -> None:
     engine = FakeEngine(answer("p1"))
     use(client, engine)

@@ -12,6 +12,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from contract.prompt import CONTRACT_VERSION
+from contract.tasks import Task
 from server.config import Settings
 from server.registry import (
     ADAPTER_CONFIG,
@@ -130,6 +131,7 @@ def test_manifest_round_trip(registry: Registry) -> None:
 def test_manifest_defaults_to_this_contract() -> None:
     manifest = Manifest(version="v1")
     assert manifest.contract_version == CONTRACT_VERSION
+    assert manifest.tasks == [Task.rank] and manifest.contract.tasks == {Task.rank}
     assert manifest.kind == "full"
     assert manifest.created_at.tzinfo is not None
 
