@@ -193,6 +193,14 @@ class TrainerSettings(_Section):
         description="Publish gate: the refreshed model's held-out invalid rate (answers needing "
         "repair) may be at most this much above the active model's.",
     )
+    novelty_floor: float = Field(
+        0.95,
+        ge=0,
+        le=1,
+        description="Bootstrap and refresh validation: the served order's blend is the most "
+        "accurate whose lists' novelty@10 is at least this share of the retrieval order's "
+        "(0: the most accurate, however popular its lists).",
+    )
     gate_holdout: float = Field(
         0.2, gt=0, lt=1, description="Share of the newest logged examples held out for the gate."
     )

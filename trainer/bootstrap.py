@@ -81,8 +81,10 @@ def train_model(
     policy: Policy,
     shape: Shape,
     seed: int,
+    novelty_floor: float,
 ):
-    """Every training stage; returns the model, its tokenizer and what each stage scored."""
+    """Every training stage; returns the model, its tokenizer and what each stage scored (each
+    validated with `novelty_floor`)."""
     tokenizer = train_tokenizer(
         _texts(corpus, examples.train), list(corpus.items), preset.vocab_size
     )
@@ -97,7 +99,9 @@ def train_model(
         stages["pretrain_ndcg@10"] = first_pick_ndcg(model, tokenizer, examples.validation)
     model = run_sft(model, tokenizer, examples.train, preset.sft)
     popularity = Popularity.of(corpus.popularity, index)
-    stages["sft_ndcg@10"] = validate(model, tokenizer, examples.validation, popularity)["ndcg@10"]
+    stages["sft_ndcg@10"] = validate(
+        model, tokenizer, examples.validation, popularity, novelty_floor
+    )["ndcg@10"]
     grpo_examples = examples.train[: preset.grpo_examples]
     with tempfile.TemporaryDirectory(prefix="reasonrec-grpo-") as scratch:
         facts = catalog_facts(corpus.items.values(), policy)
@@ -132,9 +136,13 @@ async def bootstrap(
     )
     examples = _examples(corpus, index, shape, preset, seed)
     policy = read_policy(settings.policy_file)
-    model, tokenizer, stages = train_model(corpus, index, examples, preset, policy, shape, seed)
+    model, tokenizer, stages = train_model(
+        corpus, index, examples, preset, policy, shape, seed, settings.novelty_floor
+    )
     popularity = Popularity.of(corpus.popularity, index)
-    metrics = stages | validate(model, tokenizer, examples.validation, popularity)
+    metrics = stages | validate(
+        model, tokenizer, examples.validation, popularity, settings.novelty_floor
+    )
     registry = Registry(settings.registry_path)
     manifest = Manifest(
         version=new_version(),

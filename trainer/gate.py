@@ -37,9 +37,10 @@ BLENDS = tuple(
 K = 10
 """The cut-off of every validation metric (`ndcg@10`, `novelty@10`)."""
 
-# The served lists' novelty may fall at most this far below the retrieval order's: a model
-# trained on what users chose learns popularity, and a blend that trades a little accuracy for the
-# catalog's long tail is preferred to the most accurate one that recommends only hits.
+# The served lists' novelty may fall at most this far below the retrieval order's, by default
+# (REASONREC_NOVELTY_FLOOR): a model trained on what users chose learns popularity, and a blend
+# that trades a little accuracy for the catalog's long tail is preferred to the most accurate one
+# that recommends only hits.
 NOVELTY_FLOOR = 0.95
 
 
@@ -92,14 +93,21 @@ def _answer(model, tokenizer, example: Example, budget: int) -> tuple[str, dict[
 
 
 @torch.no_grad()
-def validate(model, tokenizer, examples: list[Example], popularity: Popularity) -> dict[str, float]:
+def validate(
+    model,
+    tokenizer,
+    examples: list[Example],
+    popularity: Popularity,
+    novelty_floor: float = NOVELTY_FLOOR,
+) -> dict[str, float]:
     """Answers on held-out last interactions: NDCG@k and novelty of the model vs the retrieval
     order of the same lists.
 
     Decoding follows the answer grammar, as vLLM's structured outputs do when serving, and the
     served order is chosen as the gateway chooses it (`contract.ranking.served_order`) with the
-    blend among BLENDS that `choose_blend` picks: the figures are what the gateway would serve
-    with `retrieval_prior` and `popularity_penalty`; `invalid_rate` counts answers still repaired.
+    blend among BLENDS that `choose_blend` picks under `novelty_floor`: the figures are what the
+    gateway would serve with `retrieval_prior` and `popularity_penalty`; `invalid_rate` counts
+    answers still repaired.
     """
     model.eval()
     budget = 8 + 6 * max((e.k for e in examples), default=0) + 60
@@ -108,7 +116,7 @@ def validate(model, tokenizer, examples: list[Example], popularity: Popularity) 
         answers = [_answer(model, tokenizer, example, budget) for example in examples]
     scored = {blend: _served(examples, answers, blend, popularity) for blend in BLENDS}
     retrieval = _scored([e.candidates[: e.k] for e in examples], examples, popularity.counts)
-    blend = choose_blend(scored, retrieval)
+    blend = choose_blend(scored, retrieval, novelty_floor)
     chosen = scored[blend]
     return {
         "validation_users": float(len(examples)),
@@ -120,14 +128,18 @@ def validate(model, tokenizer, examples: list[Example], popularity: Popularity) 
         "retrieval_novelty@10": retrieval.novelty,
         "retrieval_prior": blend.retrieval_prior,
         "popularity_penalty": blend.popularity_penalty,
+        "novelty_floor": novelty_floor,
         "invalid_rate": chosen.invalid,
     }
 
 
-def choose_blend(scored: Mapping[Blend, Served], retrieval: Served) -> Blend:
-    """The most accurate blend whose lists keep novelty within NOVELTY_FLOOR of the retrieval
-    order's; when none does, the most novel one. Ties go to the smaller weights."""
-    floor = NOVELTY_FLOOR * retrieval.novelty
+def choose_blend(
+    scored: Mapping[Blend, Served], retrieval: Served, novelty_floor: float = NOVELTY_FLOOR
+) -> Blend:
+    """The most accurate blend whose lists' novelty is at least `novelty_floor` times the
+    retrieval order's (0: the most accurate blend); when none is, the most novel one. Ties go to
+    the smaller weights."""
+    floor = novelty_floor * retrieval.novelty
 
     def preference(blend: Blend) -> tuple[bool, float, float, float]:
         served = scored[blend]

@@ -286,8 +286,8 @@ def _train_and_gate(
     if not training.learned:
         return candidate, tokenizer, training, None
     gate = refresh_gate(
-        validate(active, tokenizer, holdout, popularity),
-        validate(candidate, tokenizer, holdout, popularity),
+        validate(active, tokenizer, holdout, popularity, settings.novelty_floor),
+        validate(candidate, tokenizer, holdout, popularity, settings.novelty_floor),
         settings,
         force,
     )

@@ -73,6 +73,14 @@ class TestChooseBlend:
         }
         assert choose_blend(scored, self.retrieval) == blend(16.0)
 
+    def test_a_floor_of_zero_takes_the_most_accurate_blend(self) -> None:
+        scored = {
+            blend(0.0): Served(ndcg=0.14, novelty=7.0),
+            blend(16.0): Served(ndcg=0.11, novelty=9.9),
+        }
+        assert choose_blend(scored, self.retrieval, novelty_floor=0.0) == blend(0.0)
+        assert choose_blend(scored, self.retrieval, novelty_floor=0.9) == blend(16.0)
+
     def test_a_tie_goes_to_the_smaller_weights(self) -> None:
         same = Served(ndcg=0.12, novelty=9.9)
         scored = {blend(2.0): same, blend(0.25): same, blend(0.25, 1.0): same}
