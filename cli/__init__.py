@@ -34,6 +34,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+# Commands copied rather than mounted with add_typer: a mounted app becomes a named group, and
+# `reasonrec serve` would turn into `reasonrec gateway serve`.
 for part in (gateway.app, training.app):
     app.registered_commands += part.registered_commands
     app.registered_groups += part.registered_groups

@@ -31,6 +31,8 @@ POLL_SECONDS = 0.25  # one wait for an announcement; bounds how long stop() take
 
 
 class Serving:
+    """The engine and index requests use now; `swap` replaces both together."""
+
     def __init__(self, settings: Settings, store: Store):
         self.settings, self.store = settings, store
         self.engine: Engine | None = None
@@ -43,7 +45,8 @@ class Serving:
         self._following: asyncio.Task | None = None
 
     @property
-    def serving(self) -> str | None:
+    def version(self) -> str | None:
+        """The model version answering, None without one."""
         return self.engine.model_version if self.engine else None
 
     async def start(self) -> None:
@@ -62,7 +65,7 @@ class Serving:
             self.problem = "active model unknown: redis unreachable at startup"
         if self.engine is None and self.problem is None:
             self.problem = "no active model: run `reasonrec bootstrap`"
-        metrics.set_model_info(self.serving)
+        metrics.set_model_info(self.version)
         self._following = asyncio.create_task(self.run())
 
     async def stop(self) -> None:
@@ -102,7 +105,7 @@ class Serving:
     async def swap(self, version: str) -> bool:
         """Serve `version` from now on; False (and the old engine kept) if it cannot open."""
         async with self._lock:
-            if version == self.serving:
+            if version == self.version:
                 return True
             try:
                 engine, index = await self._open_ready(version)

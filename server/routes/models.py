@@ -73,7 +73,7 @@ async def list_models(
     return ModelsResponse(
         active=await store.active_model(),
         previous=await store.previous_model(),
-        serving=serving.serving,
+        serving=serving.version,
         versions=[_summary(manifest) for manifest in versions],
     )
 
