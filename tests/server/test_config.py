@@ -13,6 +13,7 @@ from server.config import (
 
 # The settings page: README links to it; its Configuration section has a table per section.
 CONFIGURATION = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 SECTIONS = {
     "Storage": StorageSettings,
     "Gateway": GatewaySettings,
@@ -34,6 +35,14 @@ def test_every_setting_is_documented_in_its_section(title: str, field: str) -> N
     configuration = CONFIGURATION.read_text().partition("\n## Configuration\n")[2]
     table = configuration.partition("\n## ")[0].partition(f"\n### {title}\n")[2]
     assert f"\n| `REASONREC_{field.upper()}` | " in table.partition("\n### ")[0]
+
+
+@pytest.mark.parametrize("title", sorted(SECTIONS))
+def test_the_readme_names_every_setting_of_a_section(title: str) -> None:
+    settings = README.read_text().partition("\n## Settings\n")[2].partition("\n## ")[0]
+    line = " ".join(settings.partition(f"- **{title}**: ")[2].partition("\n- ")[0].split())
+    named = [name.strip("`.") for name in line.split(", ")]
+    assert named == [f"REASONREC_{field.upper()}" for field in SECTIONS[title].model_fields]
 
 
 def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
