@@ -107,7 +107,7 @@ def test_impression_is_logged_and_joinable(gateway, served_settings) -> None:
 
 
 def test_engine_failure_falls_back_to_retrieval(gateway, tiny_model) -> None:
-    state = gateway.app.state
+    state = gateway.app.state.serving
     working = state.engine
     before = metric(gateway, "reasonrec_fallbacks_total", reason="engine_error")
     # A real network failure: nothing listens on port 1.
