@@ -33,9 +33,6 @@ class Query(BaseModel):
     history: int = Field(description="Most recent history items the index is queried with.")
     exclude_seen: bool = True
     categories: list[str] | None = None
-    exclude: frozenset[str] = Field(
-        frozenset(), description="Never these (offline evaluation: the held-out items)."
-    )
 
 
 async def retrieve(
@@ -44,7 +41,7 @@ async def retrieve(
     """Candidates for `context`; `history` holds the whole context history for the prompt."""
     n = query.n
     recent = [item_id for item_id, _ in context.history][-query.history :] if query.history else []
-    exclude = set(recent) | (context.seen if query.exclude_seen else set()) | query.exclude
+    exclude = set(recent) | (context.seen if query.exclude_seen else set())
     hits = index.search(recent, n * OVERFETCH, exclude=exclude) if index else []
     cold = not hits
     ranked = candidate_order(hits, await store.popular(n * OVERFETCH), await store.newest(n))

@@ -101,7 +101,6 @@ class Recommender:
         self.store = store
         self.settings = settings
         self.policy = read_policy(settings.policy_file)
-        self.repairs = 0  # answers that needed repair, for offline evaluation
 
     async def recommend(
         self,
@@ -109,12 +108,10 @@ class Recommender:
         request_id: str,
         engine: Engine | None,
         index: ItemIndex | None,
-        exclude: frozenset[str] = frozenset(),
     ) -> RecommendResponse:
-        """`exclude`: items never to recommend beyond the usual filters (offline evaluation)."""
         started = time.perf_counter()
         contract = engine.contract if engine else Contract()
-        context, found = await self._candidates(request, index, exclude, contract.history)
+        context, found = await self._candidates(request, index, contract.history)
         by_id = {candidate.item.item_id: candidate for candidate in found.items}
         order = list(by_id)
         shown = [candidate.item for candidate in found.items]
@@ -144,7 +141,6 @@ class Recommender:
         self,
         request: RecommendRequest,
         index: ItemIndex | None,
-        exclude: frozenset[str],
         prompt_history: int,
     ) -> tuple[UserContext, Candidates]:
         """Retrieval queries with the configured history; the prompt may show a longer one."""
@@ -160,7 +156,6 @@ class Recommender:
                     history=query,
                     exclude_seen=request.exclude_seen,
                     categories=request.categories,
-                    exclude=exclude,
                 ),
             )
         return context, found
@@ -208,7 +203,6 @@ class Recommender:
         blend = engine.contract.blend
         ids, repaired = served_order(answer, scores, order, request.k, blend, popularity)
         if repaired:
-            self.repairs += 1
             metrics.PARSE_FAILURES.inc()
         return Outcome(ids, Source.llm, answer.rationale, raw=result.text)
 

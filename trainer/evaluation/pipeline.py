@@ -1,11 +1,17 @@
 """The serving pipeline as an evaluation system: the same candidates, prompt, engine and repair
 the API uses, on a store that holds the training split (and, after training, the validation
 interactions, which come before the test item in time).
+
+Nothing in the request path serves evaluation: the items EVAL.md excludes (training and
+validation) are the user's seen items in that store, and answers that needed repair are read
+from the gateway's own metric, as an operator would read them.
 """
 
 import asyncio
 import uuid
 from collections.abc import Sequence
+
+from prometheus_client import REGISTRY
 
 from server.engine import Engine
 from server.item_index import ItemIndex
@@ -14,6 +20,10 @@ from server.schemas import RecommendRequest
 from trainer.evaluation.split import Split
 
 CONCURRENCY = 16
+
+
+def _repairs() -> float:
+    return REGISTRY.get_sample_value("reasonrec_parse_failures_total") or 0.0
 
 
 class PipelineSystem:
@@ -33,16 +43,14 @@ class PipelineSystem:
         self.latencies_ms: list[float] = []
         self.repairs = 0
         self._answers: dict[str, list[str]] = {}
-        self._split: Split | None = None
 
     def fit(self, split: Split) -> None:
         """Nothing to fit: the model and the index were trained on this split beforehand."""
-        self._split = split
 
     def prepare(self, users: Sequence[str], k: int) -> None:
-        before = self.recommender.repairs
+        before = _repairs()
         self.runner.run(self._answer_all(users, k))
-        self.repairs += self.recommender.repairs - before
+        self.repairs += round(_repairs() - before)
 
     async def _answer_all(self, users: Sequence[str], k: int) -> None:
         gate = asyncio.Semaphore(CONCURRENCY)
@@ -54,7 +62,6 @@ class PipelineSystem:
                     uuid.uuid4().hex,
                     self.engine,
                     self.index,
-                    exclude=self._split.seen(user),
                 )
             self._answers[user] = [item.item_id for item in response.items]
             self.latencies_ms.append(response.latency_ms)
