@@ -45,7 +45,7 @@ from server.redis_client import connect
 from server.schemas import EventType, FeedbackEvent, ItemUpsert, RecommendRequest
 from server.store import Store, build_store
 from trainer.bootstrap import bootstrap
-from trainer.evaluation.run import drop_prefix, events_only, phase_events, write_dataset
+from trainer.evaluation.run import events_only, phase_events, write_dataset
 from trainer.evaluation.split import Split, read_eval_data, sample_users
 from trainer.presets import PRESETS
 from trainer.refresh import refresh_once
@@ -57,7 +57,7 @@ CONCURRENCY = 16
 
 
 async def serve(
-    recommender: Recommender, engine: Engine, store: Store, split: Split, users: Sequence[str]
+    recommender: Recommender, engine: Engine, users: Sequence[str]
 ) -> dict[str, tuple[str, list[str]]]:
     """Each user's (request id, served ids), as the API would answer them."""
     gate, index = asyncio.Semaphore(CONCURRENCY), load_current(recommender.settings.data_dir)
@@ -70,7 +70,6 @@ async def serve(
                 request_id,
                 engine,
                 index,
-                exclude=split.seen(user),
             )
         return user, (request_id, [item.item_id for item in response.items])
 
@@ -121,8 +120,8 @@ async def run_policy(
     recommender = Recommender(store, settings)
     engine = open_engine(settings, base)
     try:
-        before = await serve(recommender, engine, store, split, measured)
-        served = await serve(recommender, engine, store, split, clickers)
+        before = await serve(recommender, engine, measured)
+        served = await serve(recommender, engine, clickers)
         clicked = await clicks(store, split, served)
     finally:
         await engine.close()
@@ -130,7 +129,7 @@ async def run_policy(
     active = await store.active_model()
     engine = open_engine(settings, active)
     try:
-        after = await serve(recommender, engine, store, split, measured)
+        after = await serve(recommender, engine, measured)
     finally:
         await engine.close()
     return {
@@ -183,7 +182,7 @@ async def experiment(
             )
         return results
     finally:
-        await drop_prefix(store)
+        await store.drop_everything()
         await handle.close()
 
 
