@@ -7,6 +7,7 @@ rating). Impressions, skips and dislikes are not interactions.
 """
 
 from collections import Counter, defaultdict
+from functools import cached_property
 
 from pydantic import BaseModel
 
@@ -23,8 +24,9 @@ class Corpus(BaseModel):
     sequences: dict[str, list[tuple[str, float]]]
     """Per user, (item id, time) in time order; ties keep the order of the log."""
 
-    @property
+    @cached_property
     def popularity(self) -> Counter[str]:
+        """Interactions per item; counted once (a corpus is read, then only read from)."""
         return Counter(item for seq in self.sequences.values() for item, _ in seq)
 
     def window(self) -> dict[str, float | int]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, Field
 
+from contract.answer import Answer
 from contract.prompt import ANSWER_TAG, parse_answer, ref
 from contract.ranking import Blend, served_order
 from reward_rules.metrics import mean_self_information, ndcg_at_k
@@ -113,7 +114,8 @@ def validate(
     budget = 8 + 6 * max((e.k for e in examples), default=0) + 60
     constraint = answer_constraint(tokenizer, examples, budget) if examples else None
     with constrained_generation(model, constraint):
-        answers = [_answer(model, tokenizer, example, budget) for example in examples]
+        generated = [_answer(model, tokenizer, example, budget) for example in examples]
+    answers = [(parse_answer(text), scores) for text, scores in generated]
     scored = {blend: _served(examples, answers, blend, popularity) for blend in BLENDS}
     retrieval = _scored([e.candidates[: e.k] for e in examples], examples, popularity.counts)
     blend = choose_blend(scored, retrieval, novelty_floor)
@@ -152,15 +154,15 @@ def choose_blend(
 
 def _served(
     examples: list[Example],
-    answers: list[tuple[str, dict[str, float]]],
+    answers: list[tuple[Answer, dict[str, float]]],
     blend: Blend,
     popularity: Popularity,
 ) -> Served:
     """The lists the gateway would serve with `blend`, scored, with the repaired share."""
     lists, invalid = [], 0
-    for example, (text, scores) in zip(examples, answers, strict=True):
+    for example, (answer, scores) in zip(examples, answers, strict=True):
         ranked, repaired = served_order(
-            parse_answer(text), scores, example.candidates, example.k, blend, popularity.relative
+            answer, scores, example.candidates, example.k, blend, popularity.relative
         )
         invalid += repaired
         lists.append(ranked)
