@@ -148,7 +148,7 @@ def _text(value: object, limit: int = MAX_TEXT_CHARS) -> str:
     return " ".join(_visible(value).replace("|", "/").split())[:limit]
 
 
-def _item_line(item: ItemView) -> str:
+def item_line(item: ItemView) -> str:
     categories = ", ".join(_text(c) for c in item.categories) or "no category"
     parts = [ref(item.item_id), _text(item.title), _text(categories)]
     keys = [
@@ -159,7 +159,7 @@ def _item_line(item: ItemView) -> str:
     return " | ".join(parts + keys)
 
 
-def _profile_line(profile: dict) -> str:
+def profile_line(profile: dict) -> str:
     if not profile:
         return "User: new user, nothing known yet."
     shown = sorted(profile.items())[:MAX_PROFILE_ATTRIBUTES]
@@ -182,7 +182,7 @@ def _history_lines(history: Sequence[HistoryView]) -> list[str]:
         if group != current:
             lines.append(f"{group}:")
             current = group
-        lines.append(f"- {_item_line(entry.item)}")
+        lines.append(f"- {item_line(entry.item)}")
     return lines
 
 
@@ -224,10 +224,10 @@ def build_prompt(data: PromptInput, rendering: Rendering = Rendering.rich) -> st
 
 def _rich_prompt(data: PromptInput) -> str:
     k = min(data.k, len(data.candidates))
-    lines = [INSTRUCTIONS, OUTPUT_FORMAT.format(k=k), "", _profile_line(data.profile)]
+    lines = [INSTRUCTIONS, OUTPUT_FORMAT.format(k=k), "", profile_line(data.profile)]
     lines += _history_lines(data.history)
     lines.append(f"Candidates ({len(data.candidates)}):")
-    lines += [_item_line(item) for item in data.candidates]
+    lines += [item_line(item) for item in data.candidates]
     lines.append("")
     return "\n".join(lines)
 

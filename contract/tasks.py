@@ -7,3 +7,5 @@ from enum import StrEnum
 class Task(StrEnum):
     rank = "rank"
     """RecLLM-R1: choose and order k of the candidates (`POST /v1/recommend`)."""
+    rate = "rate"
+    """RecZero / RecOne: predict a user's rating of each of a few items (`POST /v1/rate`)."""

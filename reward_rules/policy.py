@@ -26,6 +26,7 @@ from pydantic import (
     field_validator,
 )
 
+from contract.tasks import Task
 from reward_rules.terms import TERMS, Catalog, Term, split_at_category_cap
 
 DEFAULT_WEIGHTS: dict[str, float] = {
@@ -35,15 +36,22 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "novelty": 0.1,
 }
 """The weights used before policy files existed; `DEFAULT_POLICY` keeps them."""
+DEFAULT_RATING_WEIGHTS: dict[str, float] = {"rating_format": 1.0, "rating_accuracy": 1.0}
+"""METHODS.md §2's reward: format and accuracy summed, in [-1, 2]."""
 
 
-def _known_term(name: str) -> str:
-    if name not in TERMS:
-        raise ValueError(f"unknown term {name!r}; known terms: {', '.join(TERMS)}")
-    return name
+def _term_of(task: Task):
+    def known(name: str) -> str:
+        names = [n for n, cls in TERMS.items() if cls.task is task]
+        if name not in names:
+            raise ValueError(f"unknown {task} term {name!r}; known terms: {', '.join(names)}")
+        return name
+
+    return AfterValidator(known)
 
 
-TermName = Annotated[str, AfterValidator(_known_term)]
+TermName = Annotated[str, _term_of(Task.rank)]
+RatingTermName = Annotated[str, _term_of(Task.rate)]
 Weight = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 Boost = Annotated[float, Field(ge=0.0, le=10.0, allow_inf_nan=False)]
 Name = Annotated[str, Field(min_length=1, max_length=200)]
@@ -96,11 +104,16 @@ class Policy(BaseModel):
     attributes: FactNames = Field(default_factory=FactNames)
     weights: dict[TermName, Weight] = Field(
         default_factory=lambda: dict(DEFAULT_WEIGHTS),
-        description="Reward term -> weight (>= 0). Replaces the default weights as a whole: a term "
-        "left out has weight 0.",
+        description="Ranking reward term -> weight (>= 0). Replaces the default weights as a "
+        "whole: a term left out has weight 0.",
+    )
+    rating_weights: dict[RatingTermName, Weight] = Field(
+        default_factory=lambda: dict(DEFAULT_RATING_WEIGHTS),
+        description="Rating reward term -> weight (>= 0), for models trained to rate; replaces "
+        "the defaults as a whole.",
     )
 
-    @field_validator("weights")
+    @field_validator("weights", "rating_weights")
     @classmethod
     def _check_weights(cls, weights: dict[str, float], info: ValidationInfo) -> dict[str, float]:
         if not any(weights.values()):
@@ -284,11 +297,14 @@ def apply_constraints(
 
 
 def build_terms(
-    policy: Policy, facts: Mapping[str, ItemFacts], popularity: Mapping[str, int]
+    policy: Policy,
+    facts: Mapping[str, ItemFacts],
+    popularity: Mapping[str, int],
+    task: Task = Task.rank,
 ) -> list[tuple[Term, float]]:
-    """(term, weight) for each term with a positive weight, in the policy's order, built from the
-    same item facts the gateway uses. `popularity` counts training interactions per item (for
-    novelty).
+    """(term, weight) for each of `task`'s terms with a positive weight, in the policy's order,
+    built from the same item facts the gateway uses. `popularity` counts training interactions per
+    item (for novelty).
     """
     catalog = Catalog(
         categories={i: f.categories for i, f in facts.items()},
@@ -299,7 +315,9 @@ def build_terms(
         max_per_category=policy.constraints.max_per_category,
     )
     return [
-        (TERMS[name].build(catalog), weight) for name, weight in policy.weights.items() if weight
+        (TERMS[name].build(catalog), weight)
+        for name, weight in (policy.rating_weights if task is Task.rate else policy.weights).items()
+        if weight
     ]
 
 

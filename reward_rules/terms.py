@@ -10,8 +10,12 @@ Example columns read by the terms: `candidates` (list of item ids the model may 
 rank). Other columns are ignored. Facts about the catalog (categories, popularity, promotions,
 availability, creation times) are given to a term when it is built, not per example.
 
-Every term is "higher is better" and lies in [0, 1], so policy weights are never negative: the
-business penalties (availability, category cap) are returned as 1 - the share of offending items.
+Every term is "higher is better", so policy weights are never negative: the ranking terms lie in
+[0, 1], the business penalties (availability, category cap) returned as 1 - the share of
+offending items; the rating terms keep METHODS.md §2's scale, [-1, 1] each.
+
+Each term scores one task's answers (`task`): the ranking terms an `Answer`, the rating terms
+(`rating_format`, `rating_accuracy`, which read the example's `rating` column) a `RatingAnswer`.
 
 Only `Format` looks at a malformed completion; the content terms score it 0.0 (when they apply),
 as RecZero scores accuracy only for a valid format: otherwise a policy could collect content
@@ -26,6 +30,8 @@ from typing import Any, ClassVar, Protocol
 
 from contract.answer import Answer
 from contract.ranking import first_k
+from contract.rating import RatingAnswer
+from contract.tasks import Task
 from reward_rules.metrics import (
     intra_list_distance,
     max_self_information,
@@ -52,11 +58,12 @@ class Catalog:
 
 class Term(Protocol):
     name: ClassVar[str]
+    task: ClassVar[Task]
 
     @classmethod
     def build(cls, catalog: Catalog) -> "Term": ...
 
-    def __call__(self, answer: Answer, example: Example) -> float | None: ...
+    def __call__(self, answer: Any, example: Example) -> float | None: ...
 
 
 TERMS: dict[str, type[Term]] = {}
@@ -94,6 +101,7 @@ class Format:
     """
 
     name: ClassVar[str] = "format"
+    task: ClassVar[Task] = Task.rank
 
     @classmethod
     def build(cls, catalog: Catalog) -> "Format":
@@ -126,6 +134,7 @@ class Accuracy:
     """
 
     name: ClassVar[str] = "accuracy"
+    task: ClassVar[Task] = Task.rank
 
     @classmethod
     def build(cls, catalog: Catalog) -> "Accuracy":
@@ -152,6 +161,7 @@ class Diversity:
     """
 
     name: ClassVar[str] = "diversity"
+    task: ClassVar[Task] = Task.rank
 
     @classmethod
     def build(cls, catalog: Catalog) -> "Diversity":
@@ -185,6 +195,7 @@ class Novelty:
     """
 
     name: ClassVar[str] = "novelty"
+    task: ClassVar[Task] = Task.rank
 
     @classmethod
     def build(cls, catalog: Catalog) -> "Novelty":
@@ -226,6 +237,7 @@ class Promotion:
     """
 
     name: ClassVar[str] = "promotion"
+    task: ClassVar[Task] = Task.rank
 
     @classmethod
     def build(cls, catalog: Catalog) -> "Promotion":
@@ -256,6 +268,7 @@ class Availability:
     """
 
     name: ClassVar[str] = "availability"
+    task: ClassVar[Task] = Task.rank
 
     @classmethod
     def build(cls, catalog: Catalog) -> "Availability":
@@ -316,6 +329,7 @@ class CategoryCap:
     """
 
     name: ClassVar[str] = "category_cap"
+    task: ClassVar[Task] = Task.rank
 
     @classmethod
     def build(cls, catalog: Catalog) -> "CategoryCap":
@@ -358,6 +372,7 @@ class Freshness:
     """
 
     name: ClassVar[str] = "freshness"
+    task: ClassVar[Task] = Task.rank
 
     @classmethod
     def build(cls, catalog: Catalog) -> "Freshness":
@@ -381,6 +396,48 @@ class Freshness:
         if not items:
             return 0.0
         return sum(self.score.get(item, 0.0) for item in items) / len(items)
+
+
+@term
+class RatingFormat:
+    """+1 when every tag appears once, in order, non-empty, and the rating is a number in [1, 5];
+    -1 otherwise (METHODS.md §2).
+
+    >>> RatingFormat()(RatingAnswer(("a", "b", "c"), 4.0, True), {})
+    1.0
+    """
+
+    name: ClassVar[str] = "rating_format"
+    task: ClassVar[Task] = Task.rate
+
+    @classmethod
+    def build(cls, catalog: Catalog) -> "RatingFormat":
+        return cls()
+
+    def __call__(self, answer: RatingAnswer, example: Example) -> float:
+        return 1.0 if answer.well_formed else -1.0
+
+
+@term
+class RatingAccuracy:
+    """1 - |predicted - true| / 2 for a well-formed answer (from 1 for the exact rating down to
+    -1 four stars off), 0 for a malformed one (METHODS.md §2).
+
+    >>> RatingAccuracy()(RatingAnswer(("a", "b", "c"), 3.0, True), {"rating": 4})
+    0.5
+    """
+
+    name: ClassVar[str] = "rating_accuracy"
+    task: ClassVar[Task] = Task.rate
+
+    @classmethod
+    def build(cls, catalog: Catalog) -> "RatingAccuracy":
+        return cls()
+
+    def __call__(self, answer: RatingAnswer, example: Example) -> float:
+        if not answer.well_formed or answer.rating is None:
+            return 0.0
+        return 1.0 - abs(answer.rating - float(example["rating"])) / 2
 
 
 def weighted_sum(

@@ -12,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from contract.answer import Answer
+from contract.rating import RatingAnswer
+from contract.tasks import Task
 from reward_rules import policy as policy_module
 from reward_rules.policy import (
     DEFAULT_POLICY,
@@ -30,6 +32,7 @@ from reward_rules.policy import (
 from reward_rules.terms import TERMS, Availability, CategoryCap
 
 ROOT = Path(__file__).resolve().parents[2]
+RANK_TERMS = [name for name, cls in TERMS.items() if cls.task is Task.rank]
 # A loaded machine must not turn a slow example into a failure.
 relaxed = settings(deadline=None)
 
@@ -101,7 +104,7 @@ class TestParseErrors:
             # a list, not a mapping
             ("# policy\n- format\n", [(2, "a policy is a mapping")]),
             # an unknown term: the line of its key
-            ("weights:\n  format: 1\n  promo: 0.3\n", [(3, "unknown term 'promo'")]),
+            ("weights:\n  format: 1\n  promo: 0.3\n", [(3, "unknown rank term 'promo'")]),
             # a negative weight: the line of the term
             ("weights:\n  format: 1\n\n  accuracy: -1\n", [(4, "weights.accuracy")]),
             # a weight that is not a number
@@ -139,7 +142,7 @@ class TestParseErrors:
 
     @relaxed
     @given(
-        st.lists(st.sampled_from(list(TERMS)), min_size=1, unique=True),
+        st.lists(st.sampled_from(RANK_TERMS), min_size=1, unique=True),
         st.data(),
         st.lists(st.sampled_from(["", "# note", "   # indented note"]), max_size=3),
     )
@@ -432,17 +435,29 @@ class TestBuildTerms:
         assert [(term.name, weight) for term, weight in built] == list(DEFAULT_WEIGHTS.items())
 
     def test_every_term_can_be_built_and_pickled(self) -> None:
-        every = Policy(weights=dict.fromkeys(TERMS, 1.0), constraints={"max_per_category": 1})
+        every = Policy(weights=dict.fromkeys(RANK_TERMS, 1.0), constraints={"max_per_category": 1})
         built = build_terms(every, self.CATALOG, {"a": 3, "c": 1})
-        assert [term.name for term, _ in built] == list(TERMS)
-        example = {"candidates": ["a", "b", "c"], "positives": ["c"], "k": 2}
-        answer = Answer("", ("a", "b"), True)
-        for term, _ in built:
+        assert [term.name for term, _ in built] == RANK_TERMS
+        rating = build_terms(every, self.CATALOG, {}, Task.rate)
+        assert [term.name for term, _ in rating] == ["rating_format", "rating_accuracy"]
+        example = {"candidates": ["a", "b", "c"], "positives": ["c"], "k": 2, "rating": 2.0}
+        answers = {
+            Task.rank: Answer("", ("a", "b"), True),
+            Task.rate: RatingAnswer(("x",) * 3, 3, True),
+        }
+        for term, _ in built + rating:
             # GRPO workers receive the terms pickled; the copy must score like the original
+            answer = answers[term.task]
             assert pickle.loads(pickle.dumps(term))(answer, example) == term(answer, example)
 
+    def test_rating_terms_belong_in_rating_weights(self) -> None:
+        with pytest.raises(ValueError, match="unknown rank term 'rating_format'"):
+            Policy(weights={"rating_format": 1})
+        with pytest.raises(ValueError, match="unknown rate term 'format'"):
+            Policy(rating_weights={"format": 1})
+
     def test_terms_read_the_same_facts_as_the_gateway(self) -> None:
-        every = Policy(weights=dict.fromkeys(TERMS, 1.0), constraints={"max_per_category": 1})
+        every = Policy(weights=dict.fromkeys(RANK_TERMS, 1.0), constraints={"max_per_category": 1})
         terms = {term.name: term for term, _ in build_terms(every, self.CATALOG, {})}
         example = {"candidates": ["a", "b", "c"], "k": 2}
         answer = Answer("", ("a", "b"), True)

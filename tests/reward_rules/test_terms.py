@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from contract.answer import Answer
+from contract.rating import parse_rating, render_rating_answer
 from reward_rules import terms as terms_module
 from reward_rules.terms import (
     TERMS,
@@ -19,6 +20,8 @@ from reward_rules.terms import (
     Freshness,
     Novelty,
     Promotion,
+    RatingAccuracy,
+    RatingFormat,
     split_at_category_cap,
     weighted_sum,
 )
@@ -444,7 +447,8 @@ class TestRegistryAndSum:
         expected = {"format": Format, "accuracy": Accuracy, "diversity": Diversity}
         business = {"promotion": Promotion, "availability": Availability}
         business |= {"category_cap": CategoryCap, "freshness": Freshness}
-        assert expected | {"novelty": Novelty} | business == TERMS
+        rating = {"rating_format": RatingFormat, "rating_accuracy": RatingAccuracy}
+        assert expected | {"novelty": Novelty} | business | rating == TERMS
         assert all(cls.name == name for name, cls in TERMS.items())
 
     @pytest.mark.parametrize(
@@ -484,3 +488,61 @@ class TestRegistryAndSum:
 
     def test_weighted_sum_of_nothing_is_zero(self) -> None:
         assert weighted_sum([], ok("a"), example()) == 0.0
+
+
+class TestRatingTerms:
+    """METHODS.md §2: format +1 / -1, accuracy 1 - |predicted - true| / 2 only when well formed."""
+
+    @pytest.mark.parametrize(
+        ("text", "true", "fmt", "accuracy"),
+        [
+            ("<user>a</user><item>b</item><match>c</match><rating>4</rating>", 4, 1.0, 1.0),
+            ("<user>a</user><item>b</item><match>c</match><rating>3</rating>", 4, 1.0, 0.5),
+            ("<user>a</user><item>b</item><match>c</match><rating>1</rating>", 5, 1.0, -1.0),
+            ("<user>a</user><item>b</item><match>c</match><rating>4.5</rating>", 4, 1.0, 0.75),
+            ("<user>a</user><item>b</item><match>c</match><rating>6</rating>", 4, -1.0, 0.0),
+            ("<user>a</user><item>b</item><match>c</match><rating>0</rating>", 1, -1.0, 0.0),
+            ("<user>a</user><item>b</item><match> </match><rating>4</rating>", 4, -1.0, 0.0),
+            ("<item>b</item><user>a</user><match>c</match><rating>4</rating>", 4, -1.0, 0.0),
+            (
+                "<user>a</user><user>a</user><item>b</item><match>c</match><rating>4</rating>",
+                4,
+                -1.0,
+                0.0,
+            ),
+            ("<user>a</user><item>b</item><match>c</match><rating>four</rating>", 4, -1.0, 0.0),
+            ("<user>a</user><item>b</item><match>c</match>", 4, -1.0, 0.0),
+            ("", 3, -1.0, 0.0),
+        ],
+    )
+    def test_table(self, text: str, true: float, fmt: float, accuracy: float) -> None:
+        answer = parse_rating(text)
+        assert RatingFormat()(answer, {"rating": true}) == fmt
+        assert RatingAccuracy()(answer, {"rating": true}) == accuracy
+
+    @given(
+        st.integers(1, 5),
+        st.floats(1, 5),
+        st.lists(st.text(alphabet="abc xyz.,+-", min_size=1, max_size=12), min_size=3, max_size=3),
+    )
+    def test_well_formed_answers_score_in_range(
+        self, written: int, true: float, steps: list[str]
+    ) -> None:
+        answer = parse_rating(render_rating_answer(steps, written))
+        assert RatingFormat()(answer, {}) == 1.0
+        value = RatingAccuracy()(answer, {"rating": true})
+        assert -1.0 <= value <= 1.0
+        assert value == pytest.approx(1 - abs(written - true) / 2)
+        # the total METHODS.md gives: in [-1, 2], and more for a closer rating
+        closer = RatingAccuracy()(
+            parse_rating(render_rating_answer(steps, round(true))), {"rating": true}
+        )
+        assert closer >= value - 1e-9
+
+    @given(st.text(max_size=80))
+    def test_any_text_scores_within_bounds(self, text: str) -> None:
+        answer = parse_rating(text)
+        fmt, accuracy = RatingFormat()(answer, {}), RatingAccuracy()(answer, {"rating": 3})
+        assert fmt in (-1.0, 1.0)
+        assert -1.0 <= accuracy <= 1.0
+        assert fmt == 1.0 or accuracy == 0.0

@@ -41,7 +41,7 @@ def test_each_problem_is_reported_with_its_line(tmp_path: Path) -> None:
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert [line.split(": ", 1)[0] for line in lines] == [f"{path}:4", f"{path}:6", f"{path}:7"]
-    assert "unknown term 'promo'" in lines[0]
+    assert "unknown rank term 'promo'" in lines[0]
     assert "constraints.max_per_category" in lines[1]
     assert "constraints.boost.promoted" in lines[2]
 

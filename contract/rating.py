@@ -1,0 +1,206 @@
+"""The rating task's contract (RecZero / RecOne): how a model is asked to rate an item and how its
+think-before-recommend answer is read.
+
+Inputs, as METHODS.md §2 lists them: the user's recent rated items with their ratings, the
+user's mean rating, the item's attributes and its mean rating. Two renderings, as for ranking:
+
+- `compact`, for the embedded model (every item is one token):
+
+      age=24 gender=F
+      #12=4, #7=5, #301=3
+      user mean=3.6 n=57
+      item #55 mean=3.2 n=120
+
+- `rich`, for pretrained LMs: the same facts in English, items with their titles and categories.
+
+Answer, both renderings: four tagged steps in this order, each non-empty, the last a whole
+number from 1 to 5:
+
+    <user>what this user likes</user><item>the item's strong and weak points for them</item>
+    <match>how well they fit</match><rating>4</rating>
+
+`rating_pattern` is the grammar the gateway serves with; `parse_rating` never raises.
+"""
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pydantic import BaseModel, Field
+
+from contract.prompt import (
+    SEPARATOR,
+    ItemView,
+    Rendering,
+    compact_profile,
+    item_line,
+    profile_line,
+    ref,
+)
+
+STEPS = ("user", "item", "match")
+RATING_TAG = "<rating>"
+TAGS = tuple(f"<{name}>" for name in (*STEPS, "rating")) + tuple(
+    f"</{name}>" for name in (*STEPS, "rating")
+)
+MIN_RATING, MAX_RATING = 1, 5
+DIGITS = tuple(str(value) for value in range(MIN_RATING, MAX_RATING + 1))
+MAX_STEP_CHARS = 160
+MAX_ITEMS = 50  # per request: a product page or a short list, not a catalog
+
+RATE_INSTRUCTIONS = (
+    "You are a recommender. Predict how this user will rate the item, from 1 (hated it) to "
+    "5 (loved it). Think before you rate."
+)
+RATE_FORMAT = (
+    "Answer as <user>what this user likes</user><item>the item's strong and weak points for "
+    "them</item><match>how well they fit</match><rating>one whole number from 1 to 5</rating>."
+)
+_STEP = r"\s*<{0}>([^<>]*)</{0}>"
+_ANSWER = re.compile(
+    "^" + "".join(_STEP.format(name) for name in STEPS) + r"\s*<rating>\s*([^<>]*?)\s*</rating>\s*$"
+)
+_NUMBER = re.compile(r"^[0-9]+(\.[0-9]+)?$")
+
+
+class RatedView(BaseModel):
+    item: ItemView
+    rating: float
+
+
+class Stats(BaseModel):
+    """A mean rating and how many ratings it is over (0: none yet)."""
+
+    mean: float | None = None
+    count: int = Field(0, ge=0)
+
+
+class RatingInput(BaseModel):
+    profile: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    history: list[RatedView] = Field(default_factory=list, description="Oldest first.")
+    user: Stats = Field(default_factory=Stats)
+    item: ItemView
+    item_stats: Stats = Field(default_factory=Stats)
+
+
+@dataclass(frozen=True)
+class RatingAnswer:
+    """One rating completion, as parsed: the three reasoning steps and the rating (None when it
+    is not a number in [1, 5]). `well_formed`: every tag once, in order, each step non-empty,
+    and the rating a number in [1, 5]."""
+
+    steps: tuple[str, ...]
+    rating: float | None
+    well_formed: bool
+
+
+def rating_input(
+    profile: dict,
+    history: Sequence[tuple[object, float]],
+    user: Stats,
+    item: object,
+    item_stats: Stats,
+    shown: int,
+) -> RatingInput:
+    """What the prompt shows: the last `shown` of `history` ((item, rating), oldest first)."""
+    recent = history[-shown:] if shown else []
+    return RatingInput(
+        profile=profile,
+        history=[RatedView(item=_view(i), rating=rating) for i, rating in recent],
+        user=user,
+        item=_view(item),
+        item_stats=item_stats,
+    )
+
+
+def _view(item: object) -> ItemView:
+    return ItemView.model_validate(item, from_attributes=True)
+
+
+def number(value: float) -> str:
+    """A rating as prompts write it: a whole number as one ("4"), else one decimal ("3.5")."""
+    return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
+
+
+def _stats(stats: Stats) -> str:
+    return "mean=none n=0" if stats.mean is None else f"mean={stats.mean:.1f} n={stats.count}"
+
+
+def _compact(data: RatingInput) -> str:
+    history = SEPARATOR.join(f"{ref(e.item.item_id)}={number(e.rating)}" for e in data.history)
+    return (
+        f"{compact_profile(data.profile)}\n{history}\n"
+        f"user {_stats(data.user)}\nitem {ref(data.item.item_id)} {_stats(data.item_stats)}\n"
+    )
+
+
+def _average(stats: Stats, who: str) -> str:
+    if stats.mean is None:
+        return f"{who}: no ratings yet."
+    return f"{who}: {stats.mean:.1f} on average over {stats.count} ratings."
+
+
+def _rich(data: RatingInput) -> str:
+    lines = [RATE_INSTRUCTIONS, RATE_FORMAT, "", profile_line(data.profile)]
+    lines.append(_average(data.user, "The user rates"))
+    if data.history:
+        lines.append("Recent ratings, oldest first:")
+        lines += [f"- {item_line(e.item)} | rated {number(e.rating)}" for e in data.history]
+    else:
+        lines.append("Recent ratings: none.")
+    lines += ["Item to rate:", item_line(data.item), _average(data.item_stats, "Others rate it")]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def build_rating_prompt(data: RatingInput, rendering: Rendering = Rendering.rich) -> str:
+    return _compact(data) if rendering is Rendering.compact else _rich(data)
+
+
+def _clean(text: str) -> str:
+    return " ".join(re.sub(r"[<>]", "", text).split())[:MAX_STEP_CHARS] or "-"
+
+
+def render_rating_answer(steps: Sequence[str], rating: float) -> str:
+    """The text a model should produce (SFT targets are written with it)."""
+    parts = [f"<{name}>{_clean(text)}</{name}>" for name, text in zip(STEPS, steps, strict=True)]
+    return "".join(parts) + f"<rating>{number(rating)}</rating>"
+
+
+def rating_pattern() -> str:
+    """A regex that only admits well-formed answers with a whole-number rating; given to vLLM's
+    structured outputs. A step starts with a visible character, so none is blank."""
+    body = f"[^<>\\s][^<>]{{0,{MAX_STEP_CHARS - 1}}}"
+    steps = "".join(f"<{name}>{body}</{name}>" for name in STEPS)
+    return steps + f"<rating>[{''.join(DIGITS)}]</rating>"
+
+
+def parse_rating(text: str) -> RatingAnswer:
+    match = _ANSWER.match(text)
+    if match is None:
+        return RatingAnswer(steps=(), rating=None, well_formed=False)
+    steps = tuple(part.strip() for part in match.groups()[: len(STEPS)])
+    raw = match.group(len(STEPS) + 1)
+    rating = float(raw) if _NUMBER.match(raw) else None
+    if rating is not None and not MIN_RATING <= rating <= MAX_RATING:
+        rating = None
+    return RatingAnswer(steps=steps, rating=rating, well_formed=all(steps) and rating is not None)
+
+
+def expected_rating(logprobs: dict[str, float]) -> float | None:
+    """The mean of the model's distribution over the five ratings, from one step's
+    log-probabilities (text -> logprob); None when no rating is among them.
+
+    The served rating: a model unsure between 3 and 4 predicts about 3.5, which a written
+    whole number cannot say (and which MAE and RMSE reward).
+    """
+    weights = {
+        int(text.strip()): math.exp(lp)
+        for text, lp in logprobs.items()
+        if text.strip() in DIGITS and math.isfinite(lp)
+    }
+    total = sum(weights.values())
+    if not total:
+        return None
+    return sum(value * weight for value, weight in weights.items()) / total
