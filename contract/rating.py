@@ -75,6 +75,35 @@ class Stats(BaseModel):
     mean: float | None = None
     count: int = Field(0, ge=0)
 
+    @classmethod
+    def of(cls, total: float, count: int) -> "Stats":
+        return cls(mean=total / count, count=count) if count > 0 else cls()
+
+
+# Shrinkage of the bias baseline (Koren, "Factor in the neighbors", 2008): an item's or a user's
+# mean moves away from the global one only as its ratings add up.
+ITEM_SHRINK = 25.0
+USER_SHRINK = 10.0
+NO_RATINGS_MEAN = 3.0  # the scale's middle, for a store that holds no rating yet
+
+
+def item_bias(item: Stats, mean: float) -> float:
+    if item.mean is None:
+        return 0.0
+    return item.count * (item.mean - mean) / (item.count + ITEM_SHRINK)
+
+
+def bias_rating(everyone: Stats, item: Stats, user_ratings: Sequence[tuple[float, Stats]]) -> float:
+    """The baseline prediction, regularised user + item biases, clipped to [1, 5].
+
+    `everyone`: every rating; `item`: the rated item's; `user_ratings`: the user's ratings, each
+    with its item's stats. One pass: item biases first, the user's from what they leave.
+    """
+    mean = NO_RATINGS_MEAN if everyone.mean is None else everyone.mean
+    residual = sum(value - mean - item_bias(stats, mean) for value, stats in user_ratings)
+    user = residual / (len(user_ratings) + USER_SHRINK)
+    return min(max(mean + user + item_bias(item, mean), MIN_RATING), MAX_RATING)
+
 
 class RatingInput(BaseModel):
     profile: dict[str, str | int | float | bool] = Field(default_factory=dict)

@@ -11,9 +11,10 @@ from server import errors
 from server.config import Settings
 from server.deps import require_api_key
 from server.middleware import RequestMiddleware
+from server.rate import Rater
 from server.recommend import Recommender
 from server.redis_client import connect
-from server.routes import feedback, health, items, models, recommend, users
+from server.routes import feedback, health, items, models, rate, recommend, users
 from server.schemas import latest_time
 from server.serving import Serving
 from server.store import build_store
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = build_store(settings, handle.client)
         app.state.settings, app.state.store = settings, store
         app.state.recommender = Recommender(store, settings)
+        app.state.rater = Rater(store, settings)
         app.state.serving = Serving(settings, store)
         await app.state.serving.start()
         try:
@@ -64,7 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes)
     app.include_router(health.router)
-    for router in (items.router, users.router, feedback.router, recommend.router, models.router):
+    routers = (items, users, feedback, recommend, rate, models)
+    for router in (module.router for module in routers):
         app.include_router(
             router, dependencies=[Depends(require_api_key)], responses=errors.documented(401, 503)
         )

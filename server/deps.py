@@ -12,6 +12,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from server.config import Settings
 from server.errors import ApiError
+from server.rate import Rater
 from server.recommend import Recommender
 from server.serving import Serving
 from server.store import Store
@@ -33,9 +34,14 @@ async def get_recommender(request: Request) -> Recommender:
     return request.app.state.recommender
 
 
+async def get_rater(request: Request) -> Rater:
+    return request.app.state.rater
+
+
 StoreDep = Annotated[Store, Depends(get_store)]
 ServingDep = Annotated[Serving, Depends(get_serving)]
 RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
+RaterDep = Annotated[Rater, Depends(get_rater)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 

@@ -99,7 +99,7 @@ _MEANINGS = {
     401: "No API key, or an unknown one (only where API keys are configured).",
     403: "Admin route: an API key where an admin key is needed, or admin routes are disabled.",
     404: "The item, user or model version does not exist.",
-    409: "The model version cannot be served by this gateway.",
+    409: "The model version cannot be served by this gateway, or was not trained for the task.",
     413: "The request body is larger than REASONREC_MAX_BODY_BYTES.",
     414: f"The URL is longer than {MAX_URL_BYTES} bytes.",
     422: "The request breaks a rule of the schema or a limit (details name each).",

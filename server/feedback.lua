@@ -44,6 +44,21 @@ for i = 0, n - 1 do
       redis.call('SADD', prefix .. ':user:' .. user .. ':seen', item)
       redis.call('ZINCRBY', prefix .. ':pop', 1, item)
     end
+    if kind == 'rating' and value ~= '' then
+      -- The user's latest rating of each item (the newest `cap` in time order, for prompts) and
+      -- running sums for the means the rating task shows and its fallback predicts from.
+      local rated = prefix .. ':user:' .. user .. ':rated'
+      local last = redis.call('ZSCORE', rated, item)
+      if (not last) or tonumber(ts) >= tonumber(last) then
+        redis.call('ZADD', rated, ts, item)
+        redis.call('HSET', prefix .. ':user:' .. user .. ':ratings', item, value)
+      end
+      redis.call('ZREMRANGEBYRANK', rated, 0, -(cap + 1))
+      redis.call('HINCRBYFLOAT', prefix .. ':ratings:sum', item, value)
+      redis.call('HINCRBY', prefix .. ':ratings:count', item, 1)
+      redis.call('HINCRBYFLOAT', prefix .. ':ratings:total', 'sum', value)
+      redis.call('HINCRBY', prefix .. ':ratings:total', 'count', 1)
+    end
   else
     flags[#flags + 1] = '0'
   end

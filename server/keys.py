@@ -6,7 +6,10 @@ set · ``pop`` sorted set (item -> positive events) · ``events`` stream (feedba
 ``evid:{event_id}`` de-duplication marker · ``items:created`` sorted set (item -> created time) ·
 ``impressions`` stream (every served list) · ``served:{request_id}`` the version that served
 it (expires) · ``model:active`` version string ·
-``model-updates`` pub/sub channel.
+``model-updates`` pub/sub channel · ``user:{id}:ratings`` hash (item -> the user's latest rating)
+· ``user:{id}:rated`` sorted set (item -> rating time, capped) · ``ratings:sum`` and
+``ratings:count`` hashes (item -> sum and number of its ratings) · ``ratings:total`` hash (sum,
+count over every rating).
 """
 
 from dataclasses import dataclass
@@ -30,6 +33,24 @@ class Keys:
 
     def seen(self, user_id: str) -> str:
         return self._k("user", user_id, "seen")
+
+    def ratings(self, user_id: str) -> str:
+        return self._k("user", user_id, "ratings")
+
+    def rated(self, user_id: str) -> str:
+        return self._k("user", user_id, "rated")
+
+    @property
+    def rating_sums(self) -> str:
+        return self._k("ratings", "sum")
+
+    @property
+    def rating_counts(self) -> str:
+        return self._k("ratings", "count")
+
+    @property
+    def rating_total(self) -> str:
+        return self._k("ratings", "total")
 
     @property
     def items(self) -> str:

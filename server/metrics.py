@@ -64,3 +64,15 @@ def set_model_info(version: str | None) -> None:
     MODEL_INFO.clear()
     if version:
         MODEL_INFO.labels(version).set(1)
+
+
+RATINGS = Counter(
+    "reasonrec_ratings_total",
+    "Ratings predicted by POST /v1/rate, by source (llm or fallback) and model version.",
+    ["source", "model_version"],
+)
+RATE_FALLBACKS = Counter(
+    "reasonrec_rate_fallbacks_total",
+    "Ratings predicted by the bias baseline instead of the model, by reason.",
+    ["reason"],
+)

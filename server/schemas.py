@@ -369,3 +369,42 @@ class RecommendResponse(BaseModel):
     source: Source
     degraded: bool
     latency_ms: float
+
+
+class RateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Id
+    item_ids: list[Id] = Field(min_length=1, max_length=50, description="Items to rate, 1 to 50.")
+    explain: StrictBool = Field(False, description="Return the model's reasoning steps.")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "RateRequest":
+        if len(set(self.item_ids)) != len(self.item_ids):
+            raise ValueError("item_ids must be distinct")
+        return self
+
+
+class Reasoning(BaseModel):
+    """The model's think-before-rate steps (METHODS.md §2)."""
+
+    user: str = Field(description="What this user likes.")
+    item: str = Field(description="The item's strong and weak points for them.")
+    match: str = Field(description="How well they fit.")
+
+
+class RatedItem(BaseModel):
+    item_id: str
+    rating: float = Field(ge=1, le=5, description="Predicted rating, 1 to 5.")
+    source: Source = Field(description="llm, or fallback: the user + item bias baseline.")
+    reasoning: Reasoning | None = None
+
+
+class RateResponse(BaseModel):
+    request_id: str
+    user_id: str
+    model_version: str | None
+    items: list[RatedItem]
+    source: Source = Field(description="fallback when any item was rated by the baseline.")
+    degraded: bool
+    latency_ms: float

@@ -9,12 +9,13 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ResponseError
 
 from contract.impression import Impression
+from contract.rating import Stats
 from server import metrics
 from server.config import Settings
 from server.keys import Keys
@@ -135,6 +136,14 @@ def _decode_item(item_id: str, raw: dict[str, str]) -> Item:
     )
 
 
+class RatingContext(BaseModel):
+    profile: dict[str, Any]
+    recent: list[tuple[str, float]] = Field(description="(item, rating), oldest first.")
+    ratings: dict[str, float] = Field(description="Every item the user rated -> latest rating.")
+    items: dict[str, Stats] = Field(description="Stats of the items to rate and of those rated.")
+    everyone: Stats
+
+
 class Store:
     def __init__(self, redis: Redis, keys: Keys, history_size: int, dedup_ttl_seconds: int):
         self.redis = redis
@@ -252,6 +261,42 @@ class Store:
             else:
                 readable.append((item_id, ts))
         return attributes_of(user_id, attributes), readable, set(seen)
+
+    async def rating_context(
+        self, user_id: str, item_ids: Sequence[str], history_limit: int
+    ) -> RatingContext:
+        """What rating `item_ids` for a user needs, in two round trips: the user's profile, their
+        latest `history_limit` ratings and all their ratings, and the rating stats of those items,
+        of the items to rate and of everyone."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self.keys.user(user_id), "attributes")
+            pipe.zrange(self.keys.rated(user_id), -max(history_limit, 1), -1)
+            pipe.hgetall(self.keys.ratings(user_id))
+            pipe.hmget(self.keys.rating_total, ["sum", "count"])
+            attributes, recent, ratings, total = await pipe.execute()
+        values = {item: float(value) for item, value in ratings.items()}
+        wanted = list(dict.fromkeys([*item_ids, *values]))
+        return RatingContext(
+            profile=attributes_of(user_id, attributes),
+            recent=[(i, values[i]) for i in recent[-history_limit:] if i in values]
+            if history_limit
+            else [],
+            ratings=values,
+            items=await self._rating_stats(wanted),
+            everyone=Stats.of(float(total[0] or 0), int(total[1] or 0)),
+        )
+
+    async def _rating_stats(self, item_ids: list[str]) -> dict[str, Stats]:
+        if not item_ids:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(self.keys.rating_sums, item_ids)
+            pipe.hmget(self.keys.rating_counts, item_ids)
+            sums, counts = await pipe.execute()
+        return {
+            item: Stats.of(float(total or 0), int(count or 0))
+            for item, total, count in zip(item_ids, sums, counts, strict=True)
+        }
 
     async def user_ids(self) -> list[str]:
         return sorted(await self.redis.smembers(self.keys.users))

@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from contract.prompt import Contract
+from contract.tasks import Task
 from reward_rules.policy import Policy, build_terms, catalog_facts
 from server.config import Settings
 from server.index_files import publish
@@ -31,6 +32,13 @@ from trainer.model import build_model, parameter_count, seed_item_embeddings
 from trainer.presets import PRESETS, Preset
 from trainer.pretrain import first_pick_ndcg, pretrain
 from trainer.publish import publish_model, validated
+from trainer.rating import (
+    RatingExampleBuilder,
+    RatingExamples,
+    Recipe,
+    train_rating,
+    validate_rating,
+)
 from trainer.sft import run_sft
 from trainer.tokenizer import train_tokenizer
 
@@ -73,6 +81,14 @@ def _examples(
     return Examples(train=train, validation=validation)
 
 
+class Plan(BaseModel):
+    """What a bootstrap trains: the tasks, and the rating task's recipe and examples."""
+
+    tasks: frozenset[Task] = frozenset({Task.rank})
+    recipe: Recipe = Recipe.one
+    rating: RatingExamples | None = None
+
+
 def train_model(
     corpus: Corpus,
     index: ItemIndex,
@@ -80,13 +96,18 @@ def train_model(
     preset: Preset,
     policy: Policy,
     shape: Shape,
+    plan: Plan,
     seed: int,
     novelty_floor: float,
 ):
-    """Every training stage; returns the model, its tokenizer and what each stage scored (each
-    validated with `novelty_floor`)."""
+    """Every training stage of the plan's tasks; returns the model, its tokenizer and what each
+    stage scored (ranking validated with `novelty_floor`)."""
+    rating = plan.rating.train[:200] if plan.rating else []
     tokenizer = train_tokenizer(
-        _texts(corpus, examples.train), list(corpus.items), preset.vocab_size
+        _texts(corpus, [*examples.train, *rating]),
+        list(corpus.items),
+        preset.vocab_size,
+        plan.tasks,
     )
     model = build_model(tokenizer, preset.model, seed=seed)
     vectors = {item_id: index.vector(item_id) for item_id in index.item_ids}
@@ -97,22 +118,66 @@ def train_model(
         pretrained = pretrain(model, tokenizer, corpus, preset.pretrain, shape.contract.history)
         stages["pretrain_seconds"] = pretrained.seconds
         stages["pretrain_ndcg@10"] = first_pick_ndcg(model, tokenizer, examples.validation)
-    model = run_sft(model, tokenizer, examples.train, preset.sft)
-    popularity = Popularity.of(corpus.popularity, index)
-    stages["sft_ndcg@10"] = validate(
-        model, tokenizer, examples.validation, popularity, novelty_floor
-    )["ndcg@10"]
-    grpo_examples = examples.train[: preset.grpo_examples]
-    with tempfile.TemporaryDirectory(prefix="reasonrec-grpo-") as scratch:
-        facts = catalog_facts(corpus.items.values(), policy)
-        terms = build_terms(policy, facts, corpus.popularity)
-        model = run_grpo(model, tokenizer, grpo_examples, terms, preset.grpo, Path(scratch))
+    facts = catalog_facts(corpus.items.values(), policy)
+    if Task.rank in plan.tasks:
+        model = run_sft(model, tokenizer, examples.train, preset.sft)
+        popularity = Popularity.of(corpus.popularity, index)
+        stages["sft_ndcg@10"] = validate(
+            model, tokenizer, examples.validation, popularity, novelty_floor
+        )["ndcg@10"]
+        grpo_examples = examples.train[: preset.grpo_examples]
+        with tempfile.TemporaryDirectory(prefix="reasonrec-grpo-") as scratch:
+            terms = build_terms(policy, facts, corpus.popularity)
+            model = run_grpo(model, tokenizer, grpo_examples, terms, preset.grpo, Path(scratch))
+    if plan.rating is not None:
+        with tempfile.TemporaryDirectory(prefix="reasonrec-grpo-") as scratch:
+            terms = build_terms(policy, facts, corpus.popularity, Task.rate)
+            model, rated = train_rating(
+                model, tokenizer, plan.rating, preset.rate, plan.recipe, terms, Path(scratch)
+            )
+        stages |= rated
     return model, tokenizer, stages
 
 
-def contract(preset: Preset, settings: Settings) -> Contract:
+def validate_tasks(
+    model,
+    tokenizer,
+    examples: Examples,
+    popularity: Popularity,
+    plan: Plan,
+    preset: Preset,
+    novelty_floor: float,
+) -> dict[str, float]:
+    """Each task's validation metrics (see `trainer.gate.validate` and `validate_rating`)."""
+    metrics: dict[str, float] = {}
+    if Task.rank in plan.tasks:
+        metrics |= validate(model, tokenizer, examples.validation, popularity, novelty_floor)
+    if plan.rating is not None:
+        metrics |= validate_rating(
+            model, tokenizer, plan.rating.validation, preset.rate.step_tokens
+        )
+    return metrics
+
+
+def _rating_examples(
+    corpus: Corpus, shape: Shape, preset: Preset, seed: int
+) -> RatingExamples | None:
+    if Task.rate not in shape.contract.tasks:
+        return None
+    builder = RatingExampleBuilder(corpus, shape.contract.rendering, shape.contract.history)
+    rating = builder.build(preset.rate.sft_examples, preset.rate.validation_users, seed)
+    if not rating.train or not rating.validation:
+        raise ValueError("no rating examples: the store needs users with 2+ rating events")
+    return rating
+
+
+def _rate_fields(tasks: frozenset[Task]) -> set[str]:
+    return {"rate"} if Task.rate in tasks else set()
+
+
+def contract(preset: Preset, settings: Settings, tasks: frozenset[Task]) -> Contract:
     history = settings.prompt_history if preset.prompt_history is None else preset.prompt_history
-    return Contract(rendering=preset.rendering, history=history)
+    return Contract(rendering=preset.rendering, history=history, tasks=tasks)
 
 
 async def bootstrap(
@@ -122,9 +187,11 @@ async def bootstrap(
     seed: int = 0,
     trained_on: str | None = None,
     force: bool = False,
+    tasks: frozenset[Task] = frozenset({Task.rank}),
+    recipe: Recipe = Recipe.one,
 ) -> BootstrapResult:
-    """Train and publish a version; activate it when no version is active and it passes the gate
-    (or `force`)."""
+    """Train a version for `tasks` (the rating task with `recipe`) and publish it; activate it
+    when no version is active and it passes every task's gate (or `force`)."""
     started = time.perf_counter()
     preset = PRESETS[preset_name]
     corpus = await read_corpus(store)
@@ -132,16 +199,17 @@ async def bootstrap(
     shape = Shape(
         candidates=settings.candidates,
         history=settings.prompt_history,
-        contract=contract(preset, settings),
+        contract=contract(preset, settings, tasks),
     )
     examples = _examples(corpus, index, shape, preset, seed)
+    plan = Plan(tasks=tasks, recipe=recipe, rating=_rating_examples(corpus, shape, preset, seed))
     policy = read_policy(settings.policy_file)
     model, tokenizer, stages = train_model(
-        corpus, index, examples, preset, policy, shape, seed, settings.novelty_floor
+        corpus, index, examples, preset, policy, shape, plan, seed, settings.novelty_floor
     )
     popularity = Popularity.of(corpus.popularity, index)
-    metrics = stages | validate(
-        model, tokenizer, examples.validation, popularity, settings.novelty_floor
+    metrics = stages | validate_tasks(
+        model, tokenizer, examples, popularity, plan, preset, settings.novelty_floor
     )
     registry = Registry(settings.registry_path)
     manifest = Manifest(
@@ -151,6 +219,8 @@ async def bootstrap(
         prompt_history=shape.contract.history,
         training={
             "method": "pretrain+sft+grpo" if preset.pretrain else "sft+grpo",
+            "tasks": sorted(tasks),
+            **({"rate_recipe": recipe.value} if Task.rate in tasks else {}),
             "preset": preset_name,
             "seed": seed,
             "parameters": parameter_count(model),
@@ -158,16 +228,17 @@ async def bootstrap(
             "retrieval_history": shape.history,
             "sft_examples": len(examples.train),
             "grpo_examples": min(len(examples.train), preset.grpo_examples),
-            **preset.model_dump(include={"pretrain", "sft", "grpo"}),
+            **preset.model_dump(include={"pretrain", "sft", "grpo"} | _rate_fields(tasks)),
         },
         data_window=corpus.window(),
         reward_weights=policy.weights,
         policy=policy.model_dump(mode="json"),
         index_version=index.version,
+        tasks=sorted(tasks),
     )
     manifest = validated(manifest, metrics)
     path = publish_model(registry, model, tokenizer, manifest)
-    activated, gate = activation(metrics, await store.active_model() is not None, force)
+    activated, gate = activation(metrics, tasks, await store.active_model() is not None, force)
     if activated:
         await store.set_active_model(manifest.version)
     log.info("bootstrap published", extra={"version": manifest.version, "gate": gate})

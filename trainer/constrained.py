@@ -21,6 +21,7 @@ import torch
 from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
 from contract.prompt import ref, render_answer
+from contract.rating import DIGITS, STEPS
 from trainer.examples import Example
 
 log = logging.getLogger(__name__)
@@ -41,19 +42,23 @@ class Grammar:
         start = tokens.index(first)
         # What the contract writes between two ids (", "), however the tokenizer splits it.
         self.separator = tokens[start + 1 : start + 1 + tokens[start + 1 :].index(second)]
-        # The rationale may hold any text but a tag, an end of sequence or an angle bracket.
-        vocab = len(tokenizer)
-        self.free = torch.ones(vocab, dtype=torch.bool)
-        banned = [self.think, self.end_think, self.answer, self.end_answer, self.eos]
-        banned += [tokenizer.pad_token_id] if tokenizer.pad_token_id is not None else []
-        self.free[banned] = False
-        for token_id in range(vocab):
-            if any(c in tokenizer.decode([token_id]) for c in "<>"):
-                self.free[token_id] = False
+        self.free = free_text(tokenizer)
 
     def answer_length(self, k: int) -> int:
         """Tokens from `</think>` to the end of sequence, both included."""
         return 1 + 1 + k + (k - 1) * len(self.separator) + 1 + 1
+
+
+def free_text(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """Tokens a rationale or a reasoning step may hold: any but a tag, an end of sequence, the
+    padding or an angle bracket."""
+    free = torch.ones(len(tokenizer), dtype=torch.bool)
+    banned = [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    free[[token for token in banned if token is not None]] = False
+    for token_id in range(len(tokenizer)):
+        if any(c in tokenizer.decode([token_id]) for c in "<>"):
+            free[token_id] = False
+    return free
 
 
 def _single(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
@@ -164,9 +169,71 @@ def answer_constraint(
     return AnswerConstraint(grammar, rows, max_new_tokens, tokenizer.pad_token_id)
 
 
+class RatingConstraint(LogitsProcessor):
+    """The rating grammar (`contract.rating.rating_pattern`) in token space: each step's open
+    tag, 1 to `step_tokens` free tokens, its close tag; then `<rating>`, one of the digits 1-5,
+    `</rating>` and the end of sequence. Every prompt gets the same grammar."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, step_tokens: int):
+        self.free, self.step_tokens = free_text(tokenizer), step_tokens
+        self.eos = tokenizer.eos_token_id
+        self.steps = [(_single(tokenizer, f"<{n}>"), _single(tokenizer, f"</{n}>")) for n in STEPS]
+        self.rating = (_single(tokenizer, "<rating>"), _single(tokenizer, "</rating>"))
+        self.digits = [_single(tokenizer, digit) for digit in DIGITS]
+        self._prompt_length: int | None = None
+
+    @property
+    def length(self) -> int:
+        """The most tokens an answer takes, end of sequence included."""
+        return len(STEPS) * (self.step_tokens + 2) + 4
+
+    def start(self) -> None:
+        self._prompt_length = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
+        if self._prompt_length is None:
+            self._prompt_length = input_ids.shape[1]
+        allowed = torch.zeros_like(scores, dtype=torch.bool)
+        for i, done in enumerate(input_ids[:, self._prompt_length :].tolist()):
+            allowed[i] = self._allowed(done, scores.shape[1])
+        return scores.masked_fill(~allowed, float("-inf"))
+
+    def _allowed(self, done: list[int], vocab: int) -> torch.Tensor:
+        mask = torch.zeros(vocab, dtype=torch.bool)
+        if self.eos in done:  # finished rows are padded by generate
+            mask[:] = True
+            return mask
+        mask[self._next(done)] = True
+        if self._in_step(done):
+            mask[: len(self.free)] |= self.free
+        return mask
+
+    def _next(self, done: list[int]) -> list[int]:
+        """The fixed tokens allowed after `done` (a step's text is added by `_allowed`)."""
+        position = 0
+        for opening, closing in self.steps:
+            if len(done) == position:
+                return [opening]
+            end = done.index(closing, position) if closing in done[position:] else None
+            if end is None:
+                written = len(done) - position - 1
+                return [closing] if written >= 1 else []
+            position = end + 1
+        rest = done[position:]
+        return [[self.rating[0]], self.digits, [self.rating[1]], [self.eos]][min(len(rest), 3)]
+
+    def _in_step(self, done: list[int]) -> bool:
+        opened = sum(done.count(opening) for opening, _ in self.steps)
+        closed = sum(done.count(closing) for _, closing in self.steps)
+        if opened == closed:
+            return False
+        last_open = max(i for i, token in enumerate(done) if token in {o for o, _ in self.steps})
+        return len(done) - last_open - 1 < self.step_tokens
+
+
 @contextmanager
 def constrained_generation(
-    model: PreTrainedModel, constraint: AnswerConstraint | None
+    model: PreTrainedModel, constraint: AnswerConstraint | RatingConstraint | None
 ) -> Iterator[None]:
     """Make every `model.generate` call in the block apply `constraint`.
 

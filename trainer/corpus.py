@@ -23,6 +23,8 @@ class Corpus(BaseModel):
     profiles: dict[str, dict]
     sequences: dict[str, list[tuple[str, float]]]
     """Per user, (item id, time) in time order; ties keep the order of the log."""
+    ratings: dict[str, list[tuple[str, float]]] = {}
+    """Per user, (item id, rating) of their rating events, in the same order."""
 
     @cached_property
     def popularity(self) -> Counter[str]:
@@ -40,6 +42,7 @@ async def read_corpus(store: Store) -> Corpus:
     for start in range(0, len(item_ids), CHUNK):
         items |= await store.get_items(item_ids[start : start + CHUNK])
     sequences: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    rated: dict[str, list[tuple[str, float, float]]] = defaultdict(list)
     async for event in store.events():
         if event["type"] not in INTERACTIONS or event["item_id"] not in items:
             continue
@@ -47,7 +50,13 @@ async def read_corpus(store: Store) -> Corpus:
             skip_unreadable("event", event.get("event_id", ""), ValueError(f"time {ts}"))
             continue
         sequences[event["user_id"]].append((event["item_id"], ts))
+        if event["type"] == EventType.rating and event.get("value"):
+            rated[event["user_id"]].append((event["item_id"], float(event["value"]), ts))
     for seq in sequences.values():
         seq.sort(key=lambda pair: pair[1])  # stable: ties keep the log's order
+    ratings = {
+        user: [(item, value) for item, value, _ in sorted(seq, key=lambda row: row[2])]
+        for user, seq in rated.items()
+    }
     profiles = await store.profiles(await store.user_ids())
-    return Corpus(items=items, profiles=profiles, sequences=dict(sequences))
+    return Corpus(items=items, profiles=profiles, sequences=dict(sequences), ratings=ratings)

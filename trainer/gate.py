@@ -8,7 +8,7 @@ unless forced.
 """
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from contract.answer import Answer
 from contract.prompt import ANSWER_TAG, parse_answer, ref
 from contract.ranking import Blend, served_order
+from contract.tasks import Task
 from reward_rules.metrics import mean_self_information, ndcg_at_k
 from server.config import Settings
 from server.item_index import ItemIndex
@@ -187,23 +188,48 @@ def beats_retrieval(metrics: dict[str, float]) -> bool:
     return metrics.get("ndcg@10", 0.0) >= metrics.get("retrieval_ndcg@10", 0.0)
 
 
-def activation(metrics: dict[str, float], other_active: bool, force: bool) -> tuple[bool, str]:
-    """Whether a new bootstrapped version becomes active, and why, in a sentence for the
-    operator."""
+def beats_baseline(metrics: dict[str, float]) -> bool:
+    """A rating model must predict its validation ratings no worse than the bias baseline."""
+    return metrics.get("rate_rmse", math.inf) <= metrics.get("rate_baseline_rmse", 0.0)
+
+
+def _rank_verdict(metrics: dict[str, float]) -> tuple[bool, str]:
     ours, theirs = metrics.get("ndcg@10", 0.0), metrics.get("retrieval_ndcg@10", 0.0)
     beats = beats_retrieval(metrics)
     verdict = "ranks at least as well as" if beats else "ranks WORSE than"
-    said = (
+    return beats, (
         f"the model {verdict} the retrieval order on {int(metrics.get('validation_users', 0))} "
         f"validation users (NDCG@10 {ours:.4f} vs {theirs:.4f})"
     )
+
+
+def _rate_verdict(metrics: dict[str, float]) -> tuple[bool, str]:
+    beats = beats_baseline(metrics)
+    verdict = "rates at least as well as" if beats else "rates WORSE than"
+    ours, theirs = metrics.get("rate_rmse", math.nan), metrics.get("rate_baseline_rmse", math.nan)
+    held = int(metrics.get("rate_validation_ratings", 0))
+    return beats, (
+        f"the model {verdict} the bias baseline on {held} held-out ratings "
+        f"(RMSE {ours:.4f} vs {theirs:.4f})"
+    )
+
+
+def activation(
+    metrics: dict[str, float], tasks: Collection[Task], other_active: bool, force: bool
+) -> tuple[bool, str]:
+    """Whether a new bootstrapped version becomes active (it must pass the gate of every task it
+    was trained for), and why, in a sentence for the operator."""
+    verdicts = [_rank_verdict(metrics)] if Task.rank in tasks else []
+    verdicts += [_rate_verdict(metrics)] if Task.rate in tasks else []
+    beats = all(ok for ok, _ in verdicts)
+    said = "; ".join(sentence for _, sentence in verdicts)
     if other_active:
         return False, f"{said}; another version is active, so this one was not activated"
     if beats or force:
         return True, f"{said}; activated" + ("" if beats else " (forced)")
     return (
         False,
-        f"{said}; NOT activated: the gateway serves the retrieval order (--force overrides)",
+        f"{said}; NOT activated: the gateway serves its fallback (--force overrides)",
     )
 
 

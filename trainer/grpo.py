@@ -20,10 +20,17 @@ from typing import Any
 
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback
+from transformers import (
+    LogitsProcessor,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PrinterCallback,
+)
 from trl import GRPOConfig, GRPOTrainer
 
 from contract.prompt import parse_answer
+from contract.rating import parse_rating
+from contract.tasks import Task
 from reward_rules.terms import Term
 from trainer.constrained import answer_constraint, constrained_generation
 from trainer.examples import Example
@@ -35,6 +42,9 @@ REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of an adapter it
 COMPLETION_MARGIN = 16  # tokens beyond the longest SFT target: room for a longer rationale
 
 
+PARSERS = {Task.rank: parse_answer, Task.rate: parse_rating}
+
+
 class TermReward:
     """One reward term as a TRL reward function: parse each completion, score it with its row.
 
@@ -43,6 +53,7 @@ class TermReward:
 
     def __init__(self, term: Term, name: str):
         self.term = term
+        self.parse = PARSERS[term.task]
         self.__name__ = name
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list:
@@ -50,7 +61,7 @@ class TermReward:
         # extras (trainer_state, log_metric, ...) that are not lists of that length.
         rows = {key: value for key, value in columns.items() if _aligned(value, completions)}
         return [
-            self.term(parse_answer(completion), {key: value[i] for key, value in rows.items()})
+            self.term(self.parse(completion), {key: value[i] for key, value in rows.items()})
             for i, completion in enumerate(completions)
         ]
 
@@ -146,12 +157,16 @@ def run_grpo(
     reward_terms_with_weights: Sequence[tuple[Term, float]],
     settings: GrpoSettings,
     output_dir: Path | str,
+    constraint: LogitsProcessor | None = None,
 ) -> PreTrainedModel | PeftModel:
     """Train `model` in place with GRPO on the examples' prompts; returns it in eval mode.
 
     With `settings.lora_rank` only new LoRA adapters train and a PeftModel is returned (the
     adapters unmerged: a LoRA version is published and served as an adapter). A PeftModel given
     in goes on training its own adapters (`settings.lora_rank` is then ignored).
+
+    Sampling follows `constraint` (a `trainer.constrained` grammar), by default the ranking
+    answer's for these examples.
 
     `output_dir` receives the KL reference (when beta > 0) and `trainer_state.json`, whose
     `log_history` has the mean reward, each term's mean, the KL, ... per step. No checkpoints.
@@ -180,7 +195,9 @@ def run_grpo(
     if not settings.progress:
         # With the bar disabled, transformers prints every log dict instead: silence that too.
         trainer.remove_callback(PrinterCallback)
-    with constrained_generation(trainer.model, answer_constraint(tokenizer, examples, length)):
+    if constraint is None:
+        constraint = answer_constraint(tokenizer, examples, length)
+    with constrained_generation(trainer.model, constraint):
         trainer.train()
     trainer.state.save_to_json(str(output_dir / STATE_FILE))
     _log_rewards(trainer.state.log_history)

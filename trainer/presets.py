@@ -60,6 +60,17 @@ class GrpoSettings(BaseModel):
     progress: bool = Field(True, description="Show a progress bar.")
 
 
+class RatingPreset(BaseModel):
+    """The rating task's stages (`reasonrec bootstrap --task rate`)."""
+
+    sft_examples: int = Field(description="Ratings sampled for RecOne's SFT (and GRPO's prompts).")
+    sft: SftSettings
+    grpo_examples: int = Field(description="Prompts for GRPO.")
+    grpo: GrpoSettings
+    validation_users: int = Field(description="Users whose last rating is held out.")
+    step_tokens: int = Field(12, ge=1, description="Tokens per reasoning step at most.")
+
+
 class Preset(BaseModel):
     model: str = Field(description="A model size from trainer.model.SIZES.")
     rendering: Rendering = Rendering.compact
@@ -74,7 +85,16 @@ class Preset(BaseModel):
     grpo_examples: int = Field(description="Prompts sampled for GRPO.")
     grpo: GrpoSettings
     validation_users: int = Field(description="Users whose last interaction is held out.")
+    rate: RatingPreset = Field(description="The rating task's stages.")
 
+
+DEFAULT_RATING = RatingPreset(
+    sft_examples=20000,
+    sft=SftSettings(epochs=1, batch_size=32, learning_rate=5e-4, bf16=False),
+    grpo_examples=2000,
+    grpo=GrpoSettings(max_steps=100, prompts_per_step=8, num_generations=8, learning_rate=1e-4),
+    validation_users=200,
+)
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
@@ -88,6 +108,13 @@ PRESETS: dict[str, Preset] = {
         grpo_examples=8,
         grpo=GrpoSettings(max_steps=2, prompts_per_step=2, num_generations=4, learning_rate=1e-4),
         validation_users=64,
+        rate=RatingPreset(
+            sft_examples=600,
+            sft=SftSettings(epochs=2, batch_size=16, learning_rate=1e-3, bf16=False),
+            grpo_examples=8,
+            grpo=GrpoSettings(max_steps=2, prompts_per_step=2, num_generations=4),
+            validation_users=64,
+        ),
     ),
     "default": Preset(
         model="small",
@@ -99,6 +126,7 @@ PRESETS: dict[str, Preset] = {
         grpo_examples=64,
         grpo=GrpoSettings(max_steps=8, prompts_per_step=4, num_generations=4, learning_rate=1e-5),
         validation_users=200,
+        rate=DEFAULT_RATING,
     ),
     "rich": Preset(
         model="default",
@@ -113,5 +141,6 @@ PRESETS: dict[str, Preset] = {
         grpo_examples=32,
         grpo=GrpoSettings(max_steps=8, prompts_per_step=2, num_generations=4, learning_rate=5e-5),
         validation_users=100,
+        rate=DEFAULT_RATING,
     ),
 }

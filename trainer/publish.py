@@ -15,14 +15,12 @@ from server.registry import Manifest, Registry
 
 
 def validated(manifest: Manifest, metrics: dict[str, float]) -> Manifest:
-    """`manifest` with validation's figures and the served order's blend it chose."""
-    return manifest.model_copy(
-        update={
-            "metrics": metrics,
-            "retrieval_prior": metrics["retrieval_prior"],
-            "popularity_penalty": metrics["popularity_penalty"],
-        }
-    )
+    """`manifest` with validation's figures and the served order's blend it chose (a model not
+    trained to rank keeps the default blend)."""
+    blend = {
+        key: metrics[key] for key in ("retrieval_prior", "popularity_penalty") if key in metrics
+    }
+    return manifest.model_copy(update={"metrics": metrics, **blend})
 
 
 def publish_model(

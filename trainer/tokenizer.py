@@ -7,8 +7,9 @@ Three choices matter to the rest of the system:
   TRL and vLLM decode completions with special tokens skipped, and the ids must survive that.
   It matches only as a whole word, so "#12" is not found inside "#123" or "x#12", and a bare
   number ("123" in a title or a profile) stays ordinary text.
-- The answer tags (`<think>`, `</think>`, `<answer>`, `</answer>`) are ordinary added tokens for
-  the same reason: the parser must see them in decoded text.
+- The answer tags (`<think>`, `</think>`, `<answer>`, `</answer>`, and for a model that rates
+  `<user>`, `<item>`, `<match>`, `<rating>` and their closings) are ordinary added tokens for the
+  same reason: the parser must see them in decoded text.
 - The BPE is trained on the fixed prompt text as well as the catalog, so instructions that every
   prompt repeats cost few tokens.
 
@@ -19,7 +20,7 @@ so vLLM) ignores the saved tokenizer class and rebuilds a `Qwen2Tokenizer` from 
 merges with Qwen2's pipeline. Any other pipeline would tokenize differently once served.
 """
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 
 from tokenizers import (
     AddedToken,
@@ -35,6 +36,8 @@ from transformers import PreTrainedTokenizerFast
 from transformers.models.qwen2 import tokenization_qwen2
 
 from contract.prompt import INSTRUCTIONS, KEY_ATTRIBUTES, OUTPUT_FORMAT, ref
+from contract.rating import TAGS as RATING_TAGS
+from contract.tasks import Task
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -102,11 +105,15 @@ def _qwen2_pipeline(backend: Tokenizer) -> Tokenizer:
 
 
 def train_tokenizer(
-    texts: Iterable[str], item_ids: Sequence[str], vocab_size: int
+    texts: Iterable[str],
+    item_ids: Sequence[str],
+    vocab_size: int,
+    tasks: Collection[Task] = (Task.rank,),
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE of `vocab_size` tokens on `texts` and the prompt boilerplate.
 
-    The returned tokenizer is larger than `vocab_size` by the item references and answer tags.
+    The returned tokenizer is larger than `vocab_size` by the item references and the answer
+    tags of `tasks`.
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (bytes + specials)")
@@ -118,7 +125,8 @@ def train_tokenizer(
         show_progress=False,
     )
     backend.train_from_iterator(_corpus(texts), trainer=trainer)
-    tags = [AddedToken(tag, normalized=False, special=False) for tag in TAGS]
+    names = TAGS + (RATING_TAGS if Task.rate in tasks else ())
+    tags = [AddedToken(tag, normalized=False, special=False) for tag in names]
     backend.add_tokens(tags + _item_tokens(item_ids))
     # bos = eos as in GPT-2/Qwen; nothing adds it automatically (no post-processor), so prompts
     # tokenize the same way in the trainer, in TRL and in vLLM.

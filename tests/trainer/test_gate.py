@@ -5,6 +5,7 @@ import pytest
 
 from contract.prompt import Rendering
 from contract.ranking import Blend
+from contract.tasks import Task
 from server.config import Settings
 from trainer.feedback_log import LoggedExample
 from trainer.gate import (
@@ -92,26 +93,40 @@ class TestChooseBlend:
 
 class TestActivation:
     def test_a_model_that_beats_retrieval_is_activated(self) -> None:
-        activated, why = activation(scores(0.13, 0.10), other_active=False, force=False)
+        activated, why = activation(
+            scores(0.13, 0.10), {Task.rank}, other_active=False, force=False
+        )
 
         assert activated
         assert "0.1300 vs 0.1000" in why and why.endswith("activated")
 
     def test_a_worse_model_is_not_activated_and_the_operator_is_told(self) -> None:
-        activated, why = activation(scores(0.07, 0.10), other_active=False, force=False)
+        activated, why = activation(
+            scores(0.07, 0.10), {Task.rank}, other_active=False, force=False
+        )
 
         assert not activated
         assert "WORSE" in why and "--force" in why
 
     def test_force_activates_a_worse_model_and_says_so(self) -> None:
-        activated, why = activation(scores(0.07, 0.10), other_active=False, force=True)
+        activated, why = activation(scores(0.07, 0.10), {Task.rank}, other_active=False, force=True)
 
         assert activated and "forced" in why
 
     def test_another_active_version_is_never_replaced(self) -> None:
-        activated, why = activation(scores(0.2, 0.1), other_active=True, force=True)
+        activated, why = activation(scores(0.2, 0.1), {Task.rank}, other_active=True, force=True)
 
         assert not activated and "another version is active" in why
+
+    def test_a_model_for_both_tasks_must_pass_both_gates(self) -> None:
+        rated = {"rate_rmse": 1.1, "rate_baseline_rmse": 1.0, "rate_validation_ratings": 50}
+        both = {Task.rank, Task.rate}
+        activated, why = activation(scores(0.13, 0.1) | rated, both, False, False)
+        assert not activated
+        assert "rates WORSE than the bias baseline on 50" in why and "1.1000 vs 1.0000" in why
+        better = rated | {"rate_rmse": 0.9}
+        assert activation(scores(0.13, 0.1) | better, both, False, False)[0]
+        assert activation(better, {Task.rate}, False, False)[0]  # no ranking metrics needed
 
 
 class TestRefreshGate:

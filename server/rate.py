@@ -1,0 +1,168 @@
+"""The request path of POST /v1/rate, one named step after another:
+
+items -> rating context -> one prompt per item -> engine (rating grammar) -> rating -> response.
+
+The served rating is the mean of the model's distribution over the five ratings where its answer
+writes one (`contract.rating.expected_rating`). An item the engine fails on, or that overruns the
+budget, is rated by the bias baseline with `source: fallback`; so is every item when no model is
+active. A model that was not trained to rate is refused (409): its numbers would mean nothing.
+"""
+
+import asyncio
+import logging
+import time
+
+from contract.rating import (
+    RATING_TAG,
+    STEPS,
+    RatingInput,
+    Stats,
+    bias_rating,
+    build_rating_prompt,
+    expected_rating,
+    parse_rating,
+    rating_input,
+    rating_pattern,
+)
+from contract.tasks import Task
+from server import metrics
+from server.config import Settings
+from server.engine import Engine, EngineError, Generation, GenerationRequest
+from server.errors import ApiError
+from server.schemas import RatedItem, RateRequest, RateResponse, Reasoning, Source
+from server.store import RatingContext, Store
+
+log = logging.getLogger(__name__)
+RATING_LOGPROBS = 8  # the five ratings and a margin; the grammar leaves only the five
+
+
+def not_trained_to_rate(version: str) -> ApiError:
+    return ApiError(
+        409,
+        "task_unsupported",
+        f"the active model {version} was not trained to rate; bootstrap one with "
+        "`reasonrec bootstrap --task rate` (or --task rank --task rate) and activate it",
+    )
+
+
+def unknown_items(request: RateRequest, missing: set[str]) -> ApiError:
+    details = [
+        {
+            "loc": ["body", "item_ids", i],
+            "message": f"unknown item '{item}'",
+            "type": "unknown_item",
+        }
+        for i, item in enumerate(request.item_ids)
+        if item in missing
+    ]
+    return ApiError(422, "validation_error", "the request names unknown items", details)
+
+
+def rating_step(result: Generation) -> dict[str, float]:
+    """The log-probabilities where the answer writes its rating: the step after `<rating>`,
+    however the tokenizer splits the tag."""
+    text = ""
+    for step, token in enumerate(result.tokens):
+        text += token
+        if text.endswith(RATING_TAG) and step + 1 < len(result.top_logprobs):
+            return result.top_logprobs[step + 1]
+    return {}
+
+
+def baseline(context: RatingContext, item_id: str) -> float:
+    rated = [(value, context.items.get(i, Stats())) for i, value in context.ratings.items()]
+    return bias_rating(context.everyone, context.items.get(item_id, Stats()), rated)
+
+
+class Rater:
+    def __init__(self, store: Store, settings: Settings):
+        self.store, self.settings = store, settings
+
+    async def rate(
+        self, request: RateRequest, request_id: str, engine: Engine | None
+    ) -> RateResponse:
+        started = time.perf_counter()
+        if engine is not None and Task.rate not in engine.contract.tasks:
+            raise not_trained_to_rate(engine.model_version)
+        items = await self.store.get_items(request.item_ids)
+        if missing := set(request.item_ids) - set(items):
+            raise unknown_items(request, missing)
+        history = engine.contract.history if engine else 0
+        context = await self.store.rating_context(request.user_id, request.item_ids, history)
+        recent = await self.store.get_items([item for item, _ in context.recent])
+        shown = [(recent[i], value) for i, value in context.recent if i in recent]
+        rated = await asyncio.gather(
+            *(
+                self._rate_one(context, shown, items[item_id], request, request_id, engine)
+                for item_id in request.item_ids
+            )
+        )
+        degraded = any(item.source is Source.fallback for item in rated)
+        for item in rated:
+            metrics.RATINGS.labels(item.source.value, engine.model_version if engine else "").inc()
+        return RateResponse(
+            request_id=request_id,
+            user_id=request.user_id,
+            model_version=engine.model_version if engine else None,
+            items=rated,
+            source=Source.fallback if degraded else Source.llm,
+            degraded=degraded,
+            latency_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+
+    async def _rate_one(
+        self,
+        context: RatingContext,
+        shown: list,
+        item,
+        request: RateRequest,
+        request_id: str,
+        engine: Engine | None,
+    ) -> RatedItem:
+        item_id = item.item_id
+        if engine is None:
+            return self._fallback(context, item_id, "no_model")
+        user = Stats.of(sum(context.ratings.values()), len(context.ratings))
+        data: RatingInput = rating_input(
+            context.profile, shown, user, item, context.items.get(item_id, Stats()), len(shown)
+        )
+        generation = GenerationRequest(
+            request_id=f"{request_id}:{item_id}",
+            prompt=build_rating_prompt(data, engine.contract.rendering),
+            regex=rating_pattern(),
+            max_tokens=self.settings.max_answer_tokens,
+            logprobs=RATING_LOGPROBS,
+        )
+        try:
+            with metrics.ENGINE_SECONDS.time():
+                result = await asyncio.wait_for(
+                    engine.generate(generation), self.settings.llm_timeout_ms / 1000
+                )
+        except TimeoutError:
+            log.warning("engine timed out", extra={"item_id": item_id})
+            return self._fallback(context, item_id, "timeout")
+        except EngineError as exc:
+            log.warning("engine failed", extra={"reason": str(exc), "item_id": item_id})
+            return self._fallback(context, item_id, "engine_error")
+        metrics.ENGINE_TOKENS.labels("prompt").inc(result.prompt_tokens)
+        metrics.ENGINE_TOKENS.labels("completion").inc(result.completion_tokens)
+        answer = parse_rating(result.text)
+        rating = expected_rating(rating_step(result)) or answer.rating
+        if rating is None:
+            metrics.PARSE_FAILURES.inc()
+            return self._fallback(context, item_id, "malformed")
+        explained = request.explain and answer.well_formed
+        return RatedItem(
+            item_id=item_id,
+            rating=round(rating, 3),
+            source=Source.llm,
+            reasoning=Reasoning(**dict(zip(STEPS, answer.steps, strict=True)))
+            if explained
+            else None,
+        )
+
+    def _fallback(self, context: RatingContext, item_id: str, reason: str) -> RatedItem:
+        metrics.RATE_FALLBACKS.labels(reason).inc()
+        return RatedItem(
+            item_id=item_id, rating=round(baseline(context, item_id), 3), source=Source.fallback
+        )

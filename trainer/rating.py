@@ -1,0 +1,284 @@
+"""RecZero and RecOne (METHODS.md §2): teach a model to rate with a think-before-recommend answer.
+
+Examples come from the rating events: at position t of a user's ratings the prompt shows what
+came before (their latest ratings, their mean) and the item at t (its mean over everyone else's
+ratings), and the true rating is the target. Each user's last rating is held out for validation.
+
+Recipes, both ending in GRPO with TRL's GRPOTrainer and the policy's `rating_weights`:
+
+- `zero` (RecZero): GRPO straight from the base model; the embedded model's base is the
+  item-sequence-pretrained one, sampled under the rating grammar (`trainer.constrained`).
+- `one` (RecOne): SFT on reasoning samples composed from the data (what the user rates highly,
+  the item's strong and weak points for them, how their ratings of such items compare with their
+  mean), then the same GRPO.
+
+Validation decodes greedily under the same grammar and predicts the mean of the model's
+distribution over the five ratings, as the gateway does (`contract.rating.expected_rating`); it
+scores MAE and RMSE against the bias baseline on the same held-out ratings.
+"""
+
+import logging
+import math
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from contract.prompt import ItemView, Rendering
+from contract.rating import (
+    MAX_RATING,
+    MIN_RATING,
+    RatingInput,
+    Stats,
+    bias_rating,
+    build_rating_prompt,
+    rating_input,
+    render_rating_answer,
+)
+from reward_rules.terms import Term
+from trainer.constrained import RatingConstraint, constrained_generation
+from trainer.corpus import Corpus
+from trainer.grpo import run_grpo
+from trainer.presets import RatingPreset
+from trainer.sft import run_sft
+
+log = logging.getLogger(__name__)
+
+
+class Recipe(StrEnum):
+    zero = "zero"
+    """RecZero: GRPO only."""
+    one = "one"
+    """RecOne: an SFT cold start, then GRPO."""
+
+
+class RatingExample(BaseModel):
+    """One rating prompt, the true rating (the reward's column) and the SFT target."""
+
+    user_id: str
+    prompt: str
+    rating: float = Field(description="The true rating.")
+    baseline: float = Field(description="The bias baseline's prediction from the same data.")
+    target: str = Field(description="The SFT completion: composed reasoning, the true rating.")
+
+
+class RatingExamples(BaseModel):
+    train: list[RatingExample]
+    validation: list[RatingExample]
+
+
+Rated = Sequence[tuple[Any, float]]
+"""(item, rating), oldest first; an item is anything with `categories`."""
+
+
+def _liked(history: Rated, mean: float) -> list[str]:
+    counts = Counter(c for item, rating in history if rating > mean for c in item.categories)
+    return [category for category, _ in counts.most_common(2)]
+
+
+def _by_category(history: Rated) -> dict[str, list[float]]:
+    ratings: dict[str, list[float]] = defaultdict(list)
+    for item, rating in history:
+        for category in item.categories:
+            ratings[category].append(rating)
+    return ratings
+
+
+def compose_steps(
+    history: Rated,
+    item: ItemView,
+    item_stats: Stats,
+    rendering: Rendering,
+) -> list[str]:
+    """The three reasoning steps, grounded in the data (no teacher model): the user's mean and
+    favourite categories; which of the item's categories they rate above or below their mean;
+    how their ratings of items sharing a category compare with their mean."""
+    mean = sum(r for _, r in history) / len(history) if history else None
+    by_category = _by_category(history)
+    shared = [r for c in item.categories for r in by_category.get(c, [])]
+    fit = None if mean is None or not shared else sum(shared) / len(shared) - mean
+    if rendering is Rendering.compact:
+        return [
+            "new" if mean is None else f"{mean:.1f}",
+            "new" if item_stats.mean is None else f"{item_stats.mean:.1f}",
+            "none" if fit is None else f"{fit:+.1f}",
+        ]
+    strong = [c for c in item.categories if mean is not None and _mean(by_category.get(c)) > mean]
+    weak = [c for c in item.categories if c not in strong]
+    liked = _liked(history, mean) if mean is not None else []
+    return [
+        "New user: nothing rated yet."
+        if mean is None
+        else f"Rates {mean:.1f} on average; likes {' and '.join(liked) or 'a bit of everything'}.",
+        (f"Others rate it {item_stats.mean:.1f}. " if item_stats.mean is not None else "")
+        + f"Strong for them: {', '.join(strong) or 'nothing in particular'}. "
+        + f"Weak: {', '.join(weak) or 'nothing in particular'}.",
+        "Nothing like it rated yet."
+        if fit is None
+        else f"They rate such items {abs(fit):.1f} {'above' if fit >= 0 else 'below'} their mean.",
+    ]
+
+
+def _mean(values: list[float] | None) -> float:
+    return sum(values) / len(values) if values else -math.inf
+
+
+def _whole(rating: float) -> int:
+    return min(max(round(rating), MIN_RATING), MAX_RATING)
+
+
+class RatingExampleBuilder:
+    def __init__(self, corpus: Corpus, rendering: Rendering, history: int):
+        self.corpus, self.rendering, self.history = corpus, rendering, history
+        totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        for ratings in corpus.ratings.values():
+            for item, value in ratings:
+                totals[item][0] += value
+                totals[item][1] += 1
+        self.totals = totals
+        everything = [v for ratings in corpus.ratings.values() for _, v in ratings]
+        self.everyone = (sum(everything), len(everything))
+
+    def _without(self, item: str, value: float) -> Stats:
+        """The item's stats over everyone else's ratings (its own is the answer)."""
+        total, count = self.totals.get(item, (0.0, 0))
+        return Stats.of(total - value, count - 1)
+
+    def example(self, user_id: str, t: int) -> RatingExample:
+        ratings = self.corpus.ratings[user_id]
+        items = self.corpus.items
+        item_id, value = ratings[t]
+        before = [(items[i], r) for i, r in ratings[:t]]
+        user = Stats.of(sum(r for _, r in before), len(before))
+        item_stats = self._without(item_id, value)
+        data: RatingInput = rating_input(
+            self.corpus.profiles.get(user_id, {}),
+            before,
+            user,
+            items[item_id],
+            item_stats,
+            self.history,
+        )
+        everyone = Stats.of(self.everyone[0] - value, self.everyone[1] - 1)
+        others = [(r, Stats.of(*self.totals[i])) for i, r in ratings[:t]]
+        steps = compose_steps(before, data.item, item_stats, self.rendering)
+        return RatingExample(
+            user_id=user_id,
+            prompt=build_rating_prompt(data, self.rendering),
+            rating=value,
+            baseline=bias_rating(everyone, item_stats, others),
+            target=render_rating_answer(steps, _whole(value)),
+        )
+
+    def build(self, count: int, validation_users: int, seed: int) -> RatingExamples:
+        """`count` training positions (never a user's last rating) and the last rating of up to
+        `validation_users` users with at least two."""
+        rng = np.random.default_rng(seed)
+        ratings = self.corpus.ratings
+        eligible = sorted(user for user, rated in ratings.items() if len(rated) >= 2)
+        held = rng.choice(len(eligible), size=min(validation_users, len(eligible)), replace=False)
+        validation = [self.example(eligible[i], len(ratings[eligible[i]]) - 1) for i in held]
+        pool = [(u, t) for u, rated in ratings.items() for t in range(len(rated) - 1)]
+        picked = rng.choice(len(pool), size=min(count, len(pool)), replace=False) if pool else []
+        train = [self.example(*pool[i]) for i in sorted(picked)]
+        log.info(
+            "rating examples built", extra={"train": len(train), "validation": len(validation)}
+        )
+        return RatingExamples(train=train, validation=validation)
+
+
+@torch.no_grad()
+def predict(
+    model, tokenizer, prompt: str, constraint: RatingConstraint
+) -> tuple[str, float | None]:
+    """The greedy answer under the rating grammar and the mean of the model's distribution over
+    the five ratings where it writes one (vLLM's processed log-probabilities, as served)."""
+    inputs = tokenizer(text=prompt, return_tensors="pt")
+    with constrained_generation(model, constraint):
+        output = model.generate(
+            **inputs,
+            max_new_tokens=constraint.length,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    new = output.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    tag = constraint.rating[0]
+    if tag not in new or new.index(tag) + 1 >= len(output.scores):
+        return text, None
+    probabilities = output.scores[new.index(tag) + 1][0].softmax(-1)
+    weights = [float(probabilities[token]) for token in constraint.digits]
+    total = sum(weights)
+    if not total:
+        return text, None
+    return text, sum((MIN_RATING + i) * w for i, w in enumerate(weights)) / total
+
+
+def errors(predicted: Sequence[float], true: Sequence[float]) -> dict[str, float]:
+    diffs = [p - t for p, t in zip(predicted, true, strict=True)]
+    if not diffs:
+        return {"mae": math.nan, "rmse": math.nan}
+    return {
+        "mae": sum(abs(d) for d in diffs) / len(diffs),
+        "rmse": math.sqrt(sum(d * d for d in diffs) / len(diffs)),
+    }
+
+
+def validate_rating(
+    model, tokenizer, examples: Sequence[RatingExample], step_tokens: int
+) -> dict[str, float]:
+    """MAE and RMSE of the model (a failed answer predicts the baseline, as the gateway's
+    fallback would) and of the bias baseline on the same held-out ratings."""
+    model.eval()
+    constraint = RatingConstraint(tokenizer, step_tokens)
+    predicted, failed = [], 0
+    for example in examples:
+        _, rating = predict(model, tokenizer, example.prompt, constraint)
+        failed += rating is None
+        predicted.append(example.baseline if rating is None else rating)
+    true = [e.rating for e in examples]
+    model_errors = errors(predicted, true)
+    baseline = errors([e.baseline for e in examples], true)
+    return {
+        "rate_mae": model_errors["mae"],
+        "rate_rmse": model_errors["rmse"],
+        "rate_baseline_mae": baseline["mae"],
+        "rate_baseline_rmse": baseline["rmse"],
+        "rate_failed": failed / max(len(examples), 1),
+        "rate_validation_ratings": len(examples),
+    }
+
+
+def train_rating(
+    model,
+    tokenizer,
+    examples: RatingExamples,
+    preset: RatingPreset,
+    recipe: Recipe,
+    terms: Sequence[tuple[Term, float]],
+    scratch: Path,
+):
+    """The recipe's stages; returns the model and what each stage scored on validation."""
+    stages: dict[str, float] = {}
+    constraint = RatingConstraint(tokenizer, preset.step_tokens)
+    if recipe is Recipe.one:
+        model = run_sft(model, tokenizer, examples.train, preset.sft)
+        scores = validate_rating(model, tokenizer, examples.validation, preset.step_tokens)
+        stages["rate_sft_rmse"] = scores["rate_rmse"]
+    model = run_grpo(
+        model,
+        tokenizer,
+        examples.train[: preset.grpo_examples],
+        terms,
+        preset.grpo.model_copy(update={"max_completion_length": constraint.length}),
+        scratch,
+        constraint=constraint,
+    )
+    return model, stages
