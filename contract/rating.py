@@ -46,7 +46,9 @@ TAGS = tuple(f"<{name}>" for name in (*STEPS, "rating")) + tuple(
 )
 MIN_RATING, MAX_RATING = 1, 5
 DIGITS = tuple(str(value) for value in range(MIN_RATING, MAX_RATING + 1))
-MAX_STEP_CHARS = 160
+# A reasoning step's length at most: the compact rendering's steps are numbers, and a cap keeps a
+# weak model's greedy answer from running on until the token budget cuts its rating off.
+STEP_CHARS = {Rendering.compact: 16, Rendering.rich: 160}
 MAX_ITEMS = 50  # per request: a product page or a short list, not a catalog
 
 RATE_INSTRUCTIONS = (
@@ -187,20 +189,26 @@ def build_rating_prompt(data: RatingInput, rendering: Rendering = Rendering.rich
     return _compact(data) if rendering is Rendering.compact else _rich(data)
 
 
-def _clean(text: str) -> str:
-    return " ".join(re.sub(r"[<>]", "", text).split())[:MAX_STEP_CHARS] or "-"
+def _clean(text: str, limit: int) -> str:
+    return " ".join(re.sub(r"[<>]", "", text).split())[:limit].strip() or "-"
 
 
-def render_rating_answer(steps: Sequence[str], rating: float) -> str:
+def render_rating_answer(
+    steps: Sequence[str], rating: float, rendering: Rendering = Rendering.rich
+) -> str:
     """The text a model should produce (SFT targets are written with it)."""
-    parts = [f"<{name}>{_clean(text)}</{name}>" for name, text in zip(STEPS, steps, strict=True)]
+    limit = STEP_CHARS[rendering]
+    parts = [
+        f"<{name}>{_clean(text, limit)}</{name}>" for name, text in zip(STEPS, steps, strict=True)
+    ]
     return "".join(parts) + f"<rating>{number(rating)}</rating>"
 
 
-def rating_pattern() -> str:
-    """A regex that only admits well-formed answers with a whole-number rating; given to vLLM's
-    structured outputs. A step starts with a visible character, so none is blank."""
-    body = f"[^<>\\s][^<>]{{0,{MAX_STEP_CHARS - 1}}}"
+def rating_pattern(rendering: Rendering = Rendering.rich) -> str:
+    """A regex that only admits well-formed answers with a whole-number rating and steps of at
+    most STEP_CHARS characters; given to vLLM's structured outputs. A step starts with a visible
+    character, so none is blank."""
+    body = f"[^<>\\s][^<>]{{0,{STEP_CHARS[rendering] - 1}}}"
     steps = "".join(f"<{name}>{body}</{name}>" for name in STEPS)
     return steps + f"<rating>[{''.join(DIGITS)}]</rating>"
 

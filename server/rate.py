@@ -129,7 +129,7 @@ class Rater:
         generation = GenerationRequest(
             request_id=f"{request_id}:{item_id}",
             prompt=build_rating_prompt(data, engine.contract.rendering),
-            regex=rating_pattern(),
+            regex=rating_pattern(engine.contract.rendering),
             max_tokens=self.settings.max_answer_tokens,
             logprobs=RATING_LOGPROBS,
         )

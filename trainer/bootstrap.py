@@ -29,13 +29,12 @@ from trainer.gate import Popularity, activation, validate
 from trainer.grpo import run_grpo
 from trainer.index_build import build_index
 from trainer.model import build_model, parameter_count, seed_item_embeddings
-from trainer.presets import PRESETS, Preset
+from trainer.presets import PRESETS, Preset, Recipe
 from trainer.pretrain import first_pick_ndcg, pretrain
 from trainer.publish import publish_model, validated
 from trainer.rating import (
     RatingExampleBuilder,
     RatingExamples,
-    Recipe,
     train_rating,
     validate_rating,
 )
@@ -153,9 +152,7 @@ def validate_tasks(
     if Task.rank in plan.tasks:
         metrics |= validate(model, tokenizer, examples.validation, popularity, novelty_floor)
     if plan.rating is not None:
-        metrics |= validate_rating(
-            model, tokenizer, plan.rating.validation, preset.rate.step_tokens
-        )
+        metrics |= validate_rating(model, tokenizer, plan.rating.validation, plan.rating.rendering)
     return metrics
 
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from contract.tasks import Task
 from server.cli import (
     console,
     settings_from_env,
@@ -18,7 +19,7 @@ from server.schemas import EventType
 from server.store import open_store
 from trainer.corpus import INTERACTIONS
 from trainer.evaluation.split import EvalFormat, read_eval_data
-from trainer.presets import PRESETS
+from trainer.presets import PRESETS, Recipe
 
 if TYPE_CHECKING:
     from trainer.bootstrap import BootstrapResult
@@ -40,13 +41,36 @@ def check_preset(preset: str) -> None:
         raise typer.BadParameter(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
 
 
+TaskOption = Annotated[
+    list[Task] | None,
+    typer.Option(
+        "--task",
+        help="What the model learns: rank (POST /v1/recommend), rate (POST /v1/rate); repeat "
+        "the option for both. Default: rank.",
+    ),
+]
+RecipeOption = Annotated[
+    Recipe,
+    typer.Option(
+        help="How it learns to rate: zero (RecZero, GRPO only) or one (RecOne, SFT then GRPO)."
+    ),
+]
+
+
 async def run_bootstrap(
-    settings: Settings, preset: str, seed: int, force: bool = False
+    settings: Settings,
+    preset: str,
+    seed: int,
+    force: bool = False,
+    tasks: frozenset[Task] = frozenset({Task.rank}),
+    recipe: Recipe = Recipe.one,
 ) -> "BootstrapResult":
     from trainer.bootstrap import bootstrap  # torch, TRL: loaded only by commands that train
 
     async with open_store(settings) as store:
-        return await bootstrap(settings, store, preset, seed=seed, force=force)
+        return await bootstrap(
+            settings, store, preset, seed=seed, force=force, tasks=tasks, recipe=recipe
+        )
 
 
 async def _rebuild_index(settings: Settings, dim: int) -> str:
@@ -71,14 +95,19 @@ def bootstrap_command(
     preset: PresetOption = "default",
     seed: Annotated[int, typer.Option()] = 0,
     force: Annotated[
-        bool, typer.Option(help="Activate even a model that ranks worse than the retrieval order.")
+        bool,
+        typer.Option(help="Activate even a model that does worse than its fallback."),
     ] = False,
+    task: TaskOption = None,
+    recipe: RecipeOption = Recipe.one,
 ):
-    """Train the embedded model (index, tokenizer, pretraining, SFT, GRPO) on the store's data,
-    publish it, and activate it if none is active and it beats the retrieval order."""
+    """Train the embedded model (index, tokenizer, pretraining, then each task's SFT and GRPO) on
+    the store's data, publish it, and activate it if none is active and it beats its fallback on
+    every task (the retrieval order for ranking, the bias baseline for rating)."""
     check_preset(preset)
     settings = settings_from_env()
-    result = asyncio.run(run_bootstrap(settings, preset, seed, force))
+    tasks = frozenset(task or [Task.rank])
+    result = asyncio.run(run_bootstrap(settings, preset, seed, force, tasks, recipe))
     console.print(f"[bold]{result.gate}[/bold]", highlight=False)
     typer.echo(result.model_dump_json(indent=2))
 
@@ -207,13 +236,27 @@ def eval_command(
     seed: Annotated[int, typer.Option(help="Sampling and training seed.")] = 0,
     preset: PresetOption = "default",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+    task: Annotated[
+        Task,
+        typer.Option(help="rank: NDCG/HR/ILD/novelty of lists; rate: MAE/RMSE of ratings."),
+    ] = Task.rank,
+    recipe: RecipeOption = Recipe.one,
 ) -> None:
-    """Offline evaluation (EVAL.md protocol): reasonrec vs retrieval, popularity, item-kNN."""
+    """Offline evaluation (EVAL.md protocol). rank: reasonrec vs retrieval, popularity, item-kNN;
+    rate: reasonrec (RecZero or RecOne) vs mean, bias and matrix-factorisation baselines."""
     check_preset(preset)
     try:
         data = read_eval_data(path, fmt)  # before the heavy imports: bad data fails fast
     except LoadError as exc:
         raise typer.BadParameter(str(exc), param_hint="PATH") from exc
+    if task is Task.rate:
+        from trainer.evaluation.rating import run_rate_eval  # trains a model: heavy imports
+
+        report = run_rate_eval(data, settings_from_env(), users, seed, preset, recipe)
+        typer.echo(report.table())
+        if json_out:
+            json_out.write_text(report.model_dump_json(indent=2))
+        return
     from trainer.evaluation.run import run_eval  # trains a model: heavy imports
 
     report = run_eval(data, settings_from_env(), users, seed, preset)

@@ -171,11 +171,17 @@ def answer_constraint(
 
 class RatingConstraint(LogitsProcessor):
     """The rating grammar (`contract.rating.rating_pattern`) in token space: each step's open
-    tag, 1 to `step_tokens` free tokens, its close tag; then `<rating>`, one of the digits 1-5,
-    `</rating>` and the end of sequence. Every prompt gets the same grammar."""
+    tag, free text of 1 to `step_chars` characters (the first one visible), its close tag; then
+    `<rating>`, one of the digits 1-5, `</rating>` and the end of sequence. Every prompt gets the
+    same grammar."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, step_tokens: int):
-        self.free, self.step_tokens = free_text(tokenizer), step_tokens
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, step_chars: int):
+        self.free, self.step_chars = free_text(tokenizer), step_chars
+        texts = [tokenizer.decode([token]) for token in range(len(self.free))]
+        self.chars = torch.tensor([len(text) for text in texts])
+        # The grammar's first character of a step is not whitespace.
+        self.opening = self.free & torch.tensor([bool(t) and not t[0].isspace() for t in texts])
+        self.decoded = texts
         self.eos = tokenizer.eos_token_id
         self.steps = [(_single(tokenizer, f"<{n}>"), _single(tokenizer, f"</{n}>")) for n in STEPS]
         self.rating = (_single(tokenizer, "<rating>"), _single(tokenizer, "</rating>"))
@@ -184,8 +190,9 @@ class RatingConstraint(LogitsProcessor):
 
     @property
     def length(self) -> int:
-        """The most tokens an answer takes, end of sequence included."""
-        return len(STEPS) * (self.step_tokens + 2) + 4
+        """The most tokens an answer takes (every token at least a character), end of sequence
+        included."""
+        return len(STEPS) * (self.step_chars + 2) + 4
 
     def start(self) -> None:
         self._prompt_length = None
@@ -204,8 +211,10 @@ class RatingConstraint(LogitsProcessor):
             mask[:] = True
             return mask
         mask[self._next(done)] = True
-        if self._in_step(done):
-            mask[: len(self.free)] |= self.free
+        written = self._step_text(done)
+        if written is not None:
+            room = self.chars <= self.step_chars - len(written)
+            mask[: len(self.free)] |= (self.opening if not written else self.free) & room
         return mask
 
     def _next(self, done: list[int]) -> list[int]:
@@ -222,13 +231,16 @@ class RatingConstraint(LogitsProcessor):
         rest = done[position:]
         return [[self.rating[0]], self.digits, [self.rating[1]], [self.eos]][min(len(rest), 3)]
 
-    def _in_step(self, done: list[int]) -> bool:
-        opened = sum(done.count(opening) for opening, _ in self.steps)
-        closed = sum(done.count(closing) for _, closing in self.steps)
-        if opened == closed:
-            return False
-        last_open = max(i for i, token in enumerate(done) if token in {o for o, _ in self.steps})
-        return len(done) - last_open - 1 < self.step_tokens
+    def _step_text(self, done: list[int]) -> str | None:
+        """The text of the step being written, or None when no step is open."""
+        openings = {opening for opening, _ in self.steps}
+        closings = {closing for _, closing in self.steps}
+        last = max(
+            (i for i, token in enumerate(done) if token in openings | closings), default=None
+        )
+        if last is None or done[last] in closings:
+            return None
+        return "".join(self.decoded[token] for token in done[last + 1 :])
 
 
 @contextmanager

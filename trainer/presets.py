@@ -6,6 +6,7 @@ product shipped before (titles of history and candidates in the prompt, SFT and 
 ranks worse than the retrieval order on ML-100K and stays for comparison.
 """
 
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -60,6 +61,15 @@ class GrpoSettings(BaseModel):
     progress: bool = Field(True, description="Show a progress bar.")
 
 
+class Recipe(StrEnum):
+    """How a model learns to rate (METHODS.md §2)."""
+
+    zero = "zero"
+    """RecZero: GRPO only, from the base model."""
+    one = "one"
+    """RecOne: an SFT cold start on composed reasoning samples, then GRPO."""
+
+
 class RatingPreset(BaseModel):
     """The rating task's stages (`reasonrec bootstrap --task rate`)."""
 
@@ -68,7 +78,6 @@ class RatingPreset(BaseModel):
     grpo_examples: int = Field(description="Prompts for GRPO.")
     grpo: GrpoSettings
     validation_users: int = Field(description="Users whose last rating is held out.")
-    step_tokens: int = Field(12, ge=1, description="Tokens per reasoning step at most.")
 
 
 class Preset(BaseModel):

@@ -21,7 +21,6 @@ import logging
 import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from contract.prompt import ItemView, Rendering
 from contract.rating import (
     MAX_RATING,
     MIN_RATING,
+    STEP_CHARS,
     RatingInput,
     Stats,
     bias_rating,
@@ -44,17 +44,10 @@ from reward_rules.terms import Term
 from trainer.constrained import RatingConstraint, constrained_generation
 from trainer.corpus import Corpus
 from trainer.grpo import run_grpo
-from trainer.presets import RatingPreset
+from trainer.presets import RatingPreset, Recipe
 from trainer.sft import run_sft
 
 log = logging.getLogger(__name__)
-
-
-class Recipe(StrEnum):
-    zero = "zero"
-    """RecZero: GRPO only."""
-    one = "one"
-    """RecOne: an SFT cold start, then GRPO."""
 
 
 class RatingExample(BaseModel):
@@ -68,6 +61,7 @@ class RatingExample(BaseModel):
 
 
 class RatingExamples(BaseModel):
+    rendering: Rendering = Field(description="How their prompts and answers are written.")
     train: list[RatingExample]
     validation: list[RatingExample]
 
@@ -172,7 +166,7 @@ class RatingExampleBuilder:
             prompt=build_rating_prompt(data, self.rendering),
             rating=value,
             baseline=bias_rating(everyone, item_stats, others),
-            target=render_rating_answer(steps, _whole(value)),
+            target=render_rating_answer(steps, _whole(value), self.rendering),
         )
 
     def build(self, count: int, validation_users: int, seed: int) -> RatingExamples:
@@ -189,7 +183,7 @@ class RatingExampleBuilder:
         log.info(
             "rating examples built", extra={"train": len(train), "validation": len(validation)}
         )
-        return RatingExamples(train=train, validation=validation)
+        return RatingExamples(rendering=self.rendering, train=train, validation=validation)
 
 
 @torch.no_grad()
@@ -232,12 +226,12 @@ def errors(predicted: Sequence[float], true: Sequence[float]) -> dict[str, float
 
 
 def validate_rating(
-    model, tokenizer, examples: Sequence[RatingExample], step_tokens: int
+    model, tokenizer, examples: Sequence[RatingExample], rendering: Rendering
 ) -> dict[str, float]:
     """MAE and RMSE of the model (a failed answer predicts the baseline, as the gateway's
     fallback would) and of the bias baseline on the same held-out ratings."""
     model.eval()
-    constraint = RatingConstraint(tokenizer, step_tokens)
+    constraint = RatingConstraint(tokenizer, STEP_CHARS[rendering])
     predicted, failed = [], 0
     for example in examples:
         _, rating = predict(model, tokenizer, example.prompt, constraint)
@@ -267,10 +261,10 @@ def train_rating(
 ):
     """The recipe's stages; returns the model and what each stage scored on validation."""
     stages: dict[str, float] = {}
-    constraint = RatingConstraint(tokenizer, preset.step_tokens)
+    constraint = RatingConstraint(tokenizer, STEP_CHARS[examples.rendering])
     if recipe is Recipe.one:
         model = run_sft(model, tokenizer, examples.train, preset.sft)
-        scores = validate_rating(model, tokenizer, examples.validation, preset.step_tokens)
+        scores = validate_rating(model, tokenizer, examples.validation, examples.rendering)
         stages["rate_sft_rmse"] = scores["rate_rmse"]
     model = run_grpo(
         model,

@@ -15,6 +15,8 @@ import asyncio
 import logging
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from server.active_model import open_engine
@@ -40,8 +42,11 @@ def _as_clicks(events: list[FeedbackEvent]) -> list[FeedbackEvent]:
     return [e.model_copy(update={"type": EventType.click, "value": None}) for e in events]
 
 
-def phase_events(split: Split, timelines: dict[str, list[FeedbackEvent]], phase: str) -> list:
-    """Every user's events of one phase ('train' or 'validation'), checked against the split."""
+def phase_events(
+    split: Split, timelines: dict[str, list[FeedbackEvent]], phase: str, as_clicks: bool = True
+) -> list:
+    """Every user's events of one phase ('train' or 'validation'), checked against the split;
+    as clicks (the ranking protocol) or as they are (ratings keep their values)."""
     chosen = []
     for user, events in timelines.items():
         if user not in split.test:
@@ -51,7 +56,8 @@ def phase_events(split: Split, timelines: dict[str, list[FeedbackEvent]], phase:
         if tuple(e.item_id for e in part) != tuple(expected):
             raise RuntimeError(f"user {user}: the store's {phase} events differ from the split")
         chosen += part
-    return _as_clicks(sorted(chosen, key=lambda event: event.timestamp))
+    chosen.sort(key=lambda event: event.timestamp)
+    return _as_clicks(chosen) if as_clicks else chosen
 
 
 async def write_dataset(store: Store, dataset: Dataset) -> None:
@@ -68,11 +74,10 @@ def trained_on(split: Split) -> str:
     return f"{split.dataset}:eval-train-split"
 
 
-def run_eval(
-    data: EvalData, settings: Settings, users: int | None, seed: int, preset: str
-) -> Report:
-    split, timelines = data.split, data.timelines
-    chosen = sample_users(split, users, seed) if users else list(split.users)
+@contextmanager
+def scratch_store(settings: Settings) -> Iterator[tuple[Settings, Store, asyncio.Runner]]:
+    """A fresh store (its own key prefix, its own data folder) and an event loop to drive it;
+    everything in it is dropped on the way out."""
     with tempfile.TemporaryDirectory(prefix="reasonrec-eval-") as scratch, asyncio.Runner() as run:
         settings = settings.model_copy(
             update={
@@ -86,6 +91,19 @@ def run_eval(
         )
         handle = connect(settings)
         store = build_store(settings, handle.client)
+        try:
+            yield settings, store, run
+        finally:
+            run.run(store.drop_everything())
+            run.run(handle.close())
+
+
+def run_eval(
+    data: EvalData, settings: Settings, users: int | None, seed: int, preset: str
+) -> Report:
+    split, timelines = data.split, data.timelines
+    chosen = sample_users(split, users, seed) if users else list(split.users)
+    with scratch_store(settings) as (settings, store, run):
         engine = None
         try:
             train = phase_events(split, timelines, "train")
@@ -109,5 +127,3 @@ def run_eval(
         finally:
             if engine is not None:
                 run.run(engine.close())
-            run.run(store.drop_everything())
-            run.run(handle.close())

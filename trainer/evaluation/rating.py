@@ -1,0 +1,142 @@
+"""`reasonrec eval --task rate`: rating prediction on EVAL.md's split.
+
+Each evaluated user's last interaction is the test; what they rated it is the truth. The store is
+loaded with the training ratings (with their values, unlike the ranking protocol's clicks), the
+model is bootstrapped there for the rating task alone (RecZero or RecOne), the validation
+ratings are added, and every system predicts the test ratings:
+
+- `reasonrec`: the gateway's `POST /v1/rate` path through the vLLM engine;
+- `bias (fallback)`: the same path with no model, the one-pass bias baseline it falls back to;
+- `global mean`, `user mean`, `item mean`: means of the training and validation ratings;
+- `bias (ALS)` and `SVD`: scikit-surprise's `BaselineOnly` (regularised user + item biases fitted
+  by alternating least squares) and `SVD` (biased matrix factorisation, Funk style), with their
+  default settings, on the same ratings.
+"""
+
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+from contract.tasks import Task
+from server.active_model import open_engine
+from server.loaders import Dataset
+from server.rate import Rater
+from server.schemas import FeedbackEvent, RateRequest
+from trainer.bootstrap import bootstrap
+from trainer.evaluation.harness import Report
+from trainer.evaluation.run import (
+    events_only,
+    phase_events,
+    scratch_store,
+    trained_on,
+    write_dataset,
+)
+from trainer.evaluation.split import EvalData, sample_users
+from trainer.presets import Recipe
+from trainer.rating import errors
+
+PROTOCOL = "EVAL.md split; the test interaction's rating"
+Predict = Callable[[str, str], float]
+
+
+def _means(ratings: Sequence[FeedbackEvent]) -> dict[str, Predict]:
+    by_user, by_item = defaultdict(list), defaultdict(list)
+    for event in ratings:
+        by_user[event.user_id].append(event.value)
+        by_item[event.item_id].append(event.value)
+    everyone = statistics.fmean(event.value for event in ratings)
+
+    def mean_of(groups: dict[str, list[float]], key: str) -> float:
+        return statistics.fmean(groups[key]) if groups.get(key) else everyone
+
+    return {
+        "global mean": lambda user, item: everyone,
+        "user mean": lambda user, item: mean_of(by_user, user),
+        "item mean": lambda user, item: mean_of(by_item, item),
+    }
+
+
+def _surprise(ratings: Sequence[FeedbackEvent], seed: int) -> dict[str, Predict]:
+    import pandas as pd
+    from surprise import SVD, BaselineOnly, Dataset, Reader
+
+    rows = [(e.user_id, e.item_id, e.value) for e in ratings]
+    frame = pd.DataFrame(rows, columns=["user", "item", "rating"])
+    trainset = Dataset.load_from_df(frame, Reader(rating_scale=(1, 5))).build_full_trainset()
+    models = {"bias (ALS)": BaselineOnly(verbose=False), "SVD": SVD(random_state=seed)}
+    for model in models.values():
+        model.fit(trainset)
+    return {
+        name: (lambda user, item, model=model: float(model.predict(user, item).est))
+        for name, model in models.items()
+    }
+
+
+def _score(predict: Predict, tests: Sequence[FeedbackEvent]) -> dict[str, float]:
+    scores = errors([predict(e.user_id, e.item_id) for e in tests], [e.value for e in tests])
+    return {"mae": scores["mae"], "rmse": scores["rmse"]}
+
+
+def run_rate_eval(
+    data: EvalData,
+    settings,
+    users: int | None,
+    seed: int,
+    preset: str,
+    recipe: Recipe,
+) -> Report:
+    split, timelines = data.split, data.timelines
+    chosen = sample_users(split, users, seed) if users else list(split.users)
+    tests = [timelines[user][-1] for user in chosen]
+    if any(event.value is None for event in tests):
+        raise ValueError("rating evaluation needs rating events with values")
+    train = phase_events(split, timelines, "train", as_clicks=False)
+    validation = phase_events(split, timelines, "validation", as_clicks=False)
+    known = [e for e in train + validation if e.value is not None]
+    with scratch_store(settings) as (settings, store, run):
+        run.run(write_dataset(store, Dataset(items=data.items, users=data.users, events=train)))
+        trained = run.run(
+            bootstrap(
+                settings,
+                store,
+                preset,
+                seed=seed,
+                trained_on=trained_on(split),
+                tasks=frozenset({Task.rate}),
+                recipe=recipe,
+            )
+        )
+        run.run(write_dataset(store, events_only(validation)))
+        engine = open_engine(settings, trained.version)
+        rater = Rater(store, settings)
+        try:
+            served, latencies = [], []
+            for event in tests:
+                request = RateRequest(user_id=event.user_id, item_ids=[event.item_id])
+                started = time.perf_counter()
+                response = run.run(rater.rate(request, f"eval-{event.user_id}", engine))
+                latencies.append((time.perf_counter() - started) * 1000)
+                served.append(response.items[0])
+            fallback = [
+                run.run(rater.rate(RateRequest(user_id=e.user_id, item_ids=[e.item_id]), "", None))
+                .items[0]
+                .rating
+                for e in tests
+            ]
+        finally:
+            run.run(engine.close())
+    truth = [e.value for e in tests]
+    systems = {
+        "reasonrec": errors([item.rating for item in served], truth),
+        "bias (fallback)": errors(fallback, truth),
+    }
+    for name, predict in (_means(known) | _surprise(known, seed)).items():
+        systems[name] = _score(predict, tests)
+    report = Report(dataset=split.dataset, protocol=PROTOCOL, users=len(tests), systems=systems)
+    report.model = trained.metrics | {
+        "bootstrap_seconds": trained.seconds,
+        "p50_ms": statistics.median(latencies),
+        "fallback_rate": sum(item.source == "fallback" for item in served) / len(served),
+    }
+    return report
