@@ -152,6 +152,28 @@ def rows() -> dict[str, list[dict[str, Any]]]:
                 "{{version}}",
             ),
         ],
+        "Rating": [
+            panel(
+                "Ratings by source",
+                [(f"sum by (source) (rate(reasonrec_ratings_total[{RATE}]))", "{{source}}")],
+                "short",
+            ),
+            panel(
+                "Rating fallbacks by reason",
+                [
+                    (
+                        f"sum by (reason) (rate(reasonrec_rate_fallbacks_total[{RATE}]))",
+                        "{{reason}}",
+                    )
+                ],
+                "short",
+            ),
+            panel(
+                "Gateway: POST /v1/rate",
+                quantiles("reasonrec_http_request_duration_seconds_bucket", '{route="/v1/rate"}'),
+                "s",
+            ),
+        ],
         "Feedback": [
             panel(
                 "Feedback events by type",

@@ -1,7 +1,8 @@
 """Session fixtures for integration tests: a tiny model trained once, then served by real vLLM.
 
-`reasonrec bootstrap --preset tiny` runs once per session on a small synthetic catalog in a
-store prefix of the session's own; every test gets the gateway with its in-process vLLM engine.
+`reasonrec bootstrap --preset tiny --task rank --task rate` runs once per session on a small
+synthetic catalog in a store prefix of the session's own; every test gets the gateway with its
+in-process vLLM engine, which serves both `/v1/recommend` and `/v1/rate`.
 """
 
 import asyncio
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
+from contract.tasks import Task
 from server.app import create_app
 from server.config import Settings
 from server.loaders.synthetic import generate
@@ -20,6 +22,7 @@ from tests.conftest import drop_prefix
 from trainer.bootstrap import BootstrapResult, bootstrap
 
 ADMIN_KEY = "it-admin"
+BOTH = frozenset({Task.rank, Task.rate})
 SYNTHETIC = {"users": 60, "items": 150, "events_per_user": 30, "seed": 3}
 
 
@@ -45,7 +48,7 @@ async def _prepare(settings: Settings) -> BootstrapResult:
             await write(store, generate(**SYNTHETIC), progress)
         # Forced past the gate against retrieval: these tests are about serving; how well the
         # recipe ranks is measured by bench/stages.py and `reasonrec eval`.
-        return await bootstrap(settings, store, "tiny", force=True)
+        return await bootstrap(settings, store, "tiny", force=True, tasks=BOTH)
 
 
 @pytest.fixture(scope="session")
