@@ -176,6 +176,13 @@ class TrainerSettings(_Section):
         description="Refresh: also train on the latest interaction of this many recently active "
         "users (fresh histories, organic feedback included), prompts built from today's state.",
     )
+    refresh_rating_examples: int = Field(
+        256,
+        ge=0,
+        description="Refresh of a model trained to rate: the latest rating of this many recently "
+        "active users become rating examples (the newest REASONREC_GATE_HOLDOUT share held out "
+        "for the gate).",
+    )
     refresh_lora_min_params: int = Field(
         100_000_000,
         ge=0,
@@ -187,6 +194,12 @@ class TrainerSettings(_Section):
         0.01,
         description="Publish gate: the refreshed model's held-out NDCG@10 may be at most this much "
         "below the active model's.",
+    )
+    gate_rmse_tolerance: float = Field(
+        0.01,
+        ge=0,
+        description="Publish gate of a model trained to rate: the refreshed model's held-out "
+        "rating RMSE may be at most this much above the active model's.",
     )
     gate_invalid_tolerance: float = Field(
         0.0,

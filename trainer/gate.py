@@ -242,29 +242,45 @@ class Gate(BaseModel):
     invalid_tolerance: float
     beats_retrieval: bool = Field(
         description="The candidate ranks the held-out lists at least as well as their retrieval "
-        "order; required to publish unless forced."
+        "order (or was not trained to rank); required to publish unless forced."
+    )
+    beats_baseline: bool = Field(
+        True,
+        description="The candidate rates the held-out ratings no worse than the bias baseline "
+        "(or was not trained to rate); required to publish unless forced.",
     )
     forced: bool = False
     passed: bool
+
+
+def _no_worse(active: dict[str, float], candidate: dict[str, float], settings: Settings) -> bool:
+    """Within tolerances of the active version, on each task both were validated on."""
+    ranks = "ndcg@10" not in candidate or (
+        candidate["ndcg@10"] >= active["ndcg@10"] - settings.gate_ndcg_tolerance
+        and candidate["invalid_rate"] <= active["invalid_rate"] + settings.gate_invalid_tolerance
+    )
+    rates = "rate_rmse" not in candidate or (
+        candidate["rate_rmse"] <= active["rate_rmse"] + settings.gate_rmse_tolerance
+    )
+    return ranks and rates
 
 
 def refresh_gate(
     active: dict[str, float], candidate: dict[str, float], settings: Settings, force: bool = False
 ) -> Gate:
     """A refreshed version is published when no worse than the active version (within
-    tolerances) and, unless forced, no worse than the retrieval order of the same lists."""
-    beats = beats_retrieval(candidate)
-    passed = (
-        candidate["ndcg@10"] >= active["ndcg@10"] - settings.gate_ndcg_tolerance
-        and candidate["invalid_rate"] <= active["invalid_rate"] + settings.gate_invalid_tolerance
-        and (beats or force)
-    )
+    tolerances) and, unless forced, no worse than its fallbacks on the same held-out data: the
+    retrieval order of the lists, the bias baseline of the ratings."""
+    ranks = "ndcg@10" not in candidate or beats_retrieval(candidate)
+    rates = "rate_rmse" not in candidate or beats_baseline(candidate)
+    passed = _no_worse(active, candidate, settings) and ((ranks and rates) or force)
     return Gate(
         active=active,
         candidate=candidate,
         ndcg_tolerance=settings.gate_ndcg_tolerance,
         invalid_tolerance=settings.gate_invalid_tolerance,
-        beats_retrieval=beats,
-        forced=force and not beats,
+        beats_retrieval=ranks,
+        beats_baseline=rates,
+        forced=force and not (ranks and rates),
         passed=passed,
     )

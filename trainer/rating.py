@@ -169,6 +169,19 @@ class RatingExampleBuilder:
             target=render_rating_answer(steps, _whole(value), self.rendering),
         )
 
+    def recent(self, users: int, holdout: float) -> RatingExamples:
+        """The latest rating of the `users` who rated most recently, given everything before it
+        (what a refresh learns from: the rating feedback that arrived); the newest `holdout`
+        share is held out for the gate."""
+        stamps = {u: seq[-1][1] for u, seq in self.corpus.sequences.items()}
+        rated = [u for u, ratings in self.corpus.ratings.items() if len(ratings) >= 2]
+        newest = sorted(rated, key=lambda u: stamps.get(u, 0.0))[-users:]
+        examples = [self.example(u, len(self.corpus.ratings[u]) - 1) for u in newest]
+        cut = len(examples) - max(1, round(holdout * len(examples)))
+        return RatingExamples(
+            rendering=self.rendering, train=examples[:cut], validation=examples[cut:]
+        )
+
     def build(self, count: int, validation_users: int, seed: int) -> RatingExamples:
         """`count` training positions (never a user's last rating) and the last rating of up to
         `validation_users` users with at least two."""

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -28,6 +29,8 @@ from transformers import (
 
 from contract.prompt import Contract, Rendering, render_answer
 from contract.ranking import target_items
+from contract.rating import STEP_CHARS
+from contract.tasks import Task
 from reward_rules.policy import build_terms, catalog_facts
 from server.active_model import refreshed_with_lora
 from server.config import Settings
@@ -37,6 +40,7 @@ from server.policy import read_policy
 from server.registry import Manifest, Registry, base_version, new_version
 from server.store import Store
 from trainer import metrics
+from trainer.constrained import RatingConstraint
 from trainer.corpus import Corpus, read_corpus
 from trainer.dataset import ExampleBuilder, Shape
 from trainer.examples import Example
@@ -45,6 +49,7 @@ from trainer.gate import Gate, Popularity, refresh_gate, validate
 from trainer.grpo import STATE_FILE, run_grpo
 from trainer.presets import GrpoSettings
 from trainer.publish import publish_model, validated
+from trainer.rating import RatingExampleBuilder, RatingExamples, validate_rating
 
 log = logging.getLogger(__name__)
 # The holder renews the lock while it works; a killed holder's lock lapses within LOCK_SECONDS.
@@ -69,6 +74,8 @@ class RefreshResult(BaseModel):
     train_examples: int = 0
     fresh_examples: int = 0
     holdout_examples: int = 0
+    rating_examples: int = 0
+    rating_holdout_examples: int = 0
     reward_mean: float | None = None
     lora_rank: int | None = None
     gate: Gate | None = None
@@ -172,6 +179,24 @@ async def refresh_once(
     return result
 
 
+def _shortage(manifest: Manifest, logged: int, rating: RatingExamples | None) -> str | None:
+    """Why there is too little to learn from for one of the version's tasks, if there is."""
+    if Task.rank in manifest.tasks and logged < MIN_EXAMPLES:
+        return (
+            f"{logged} logged lists with a positive and a {manifest.rendering.value} prompt, "
+            f"{MIN_EXAMPLES} needed"
+        )
+    rated = len(rating.train) + len(rating.validation) if rating else 0
+    if Task.rate in manifest.tasks and rated < MIN_EXAMPLES:
+        return f"{rated} users with 2+ ratings to learn rating from, {MIN_EXAMPLES} needed"
+    return None
+
+
+def recent_ratings(corpus: Corpus, manifest: Manifest, settings: Settings) -> RatingExamples:
+    builder = RatingExampleBuilder(corpus, manifest.rendering, manifest.prompt_history)
+    return builder.recent(settings.refresh_rating_examples, settings.gate_holdout)
+
+
 async def _refresh(settings: Settings, store: Store, progress: bool, force: bool) -> RefreshResult:
     feedback = FeedbackLog(store, trainer_dir(settings))
     consumed = await feedback.consume()
@@ -182,19 +207,30 @@ async def _refresh(settings: Settings, store: Store, progress: bool, force: bool
         )
     registry = Registry(settings.registry_path)
     manifest = registry.manifest(parent)
-    logged = list(feedback.read().values())
+    ranks = Task.rank in manifest.tasks
+    logged = list(feedback.read().values()) if ranks else []
     train, holdout = split_logged(logged, settings.gate_holdout, manifest.rendering)
-    if len(train) + len(holdout) < MIN_EXAMPLES:
-        reason = (
-            f"{len(train) + len(holdout)} logged lists with a positive and a "
-            f"{manifest.rendering.value} prompt, {MIN_EXAMPLES} needed"
-        )
+    corpus = await read_corpus(store)
+    rates = Task.rate in manifest.tasks and settings.refresh_rating_examples > 0
+    rating = recent_ratings(corpus, manifest, settings) if rates else None
+    if reason := _shortage(manifest, len(train) + len(holdout), rating):
         return RefreshResult(outcome="skipped", reason=reason, parent=parent, consumed=consumed)
     policy = read_policy(settings.policy_file)
-    corpus = await read_corpus(store)
-    terms = build_terms(policy, catalog_facts(corpus.items.values(), policy), corpus.popularity)
+    facts = catalog_facts(corpus.items.values(), policy)
     index = await asyncio.to_thread(load_current, settings.data_dir)
-    fresh = await asyncio.to_thread(fresh_examples, corpus, index, settings, manifest.contract)
+    fresh = (
+        await asyncio.to_thread(fresh_examples, corpus, index, settings, manifest.contract)
+        if ranks
+        else []
+    )
+    lessons = Lessons(
+        ranking=train + fresh,
+        holdout=holdout,
+        popularity=Popularity.of(corpus.popularity, index),
+        terms=build_terms(policy, facts, corpus.popularity) if ranks else [],
+        rating=rating,
+        rating_terms=build_terms(policy, facts, corpus.popularity, Task.rate) if rates else [],
+    )
     grpo = GrpoSettings(
         max_steps=settings.refresh_grpo_steps,
         max_completion_length=settings.max_answer_tokens,
@@ -202,16 +238,7 @@ async def _refresh(settings: Settings, store: Store, progress: bool, force: bool
     )
     # In a thread: the event loop must stay free to renew the lock while the model trains.
     candidate, tokenizer, training, gate = await asyncio.to_thread(
-        _train_and_gate,
-        registry,
-        manifest,
-        train + fresh,
-        holdout,
-        Popularity.of(corpus.popularity, index),
-        terms,
-        grpo,
-        settings,
-        force,
+        _train_and_gate, registry, manifest, lessons, grpo, settings, force
     )
     _record(gate, training.reward_mean)
     result = RefreshResult(
@@ -222,6 +249,8 @@ async def _refresh(settings: Settings, store: Store, progress: bool, force: bool
         train_examples=len(train),
         fresh_examples=len(fresh),
         holdout_examples=len(holdout),
+        rating_examples=len(rating.train) if rating else 0,
+        rating_holdout_examples=len(rating.validation) if rating else 0,
         reward_mean=training.reward_mean,
         lora_rank=training.lora_rank,
         gate=gate,
@@ -232,6 +261,9 @@ async def _refresh(settings: Settings, store: Store, progress: bool, force: bool
     if not gate.passed:
         if not gate.beats_retrieval:
             reason = "gate failed: the candidate ranks worse than the retrieval order"
+            return result.model_copy(update={"reason": reason})
+        if not gate.beats_baseline:
+            reason = "gate failed: the candidate rates worse than the bias baseline"
             return result.model_copy(update={"reason": reason})
         return result
     version = _publish(
@@ -254,18 +286,61 @@ def load_version(
     return PeftModel.from_pretrained(base, path, is_trainable=trainable)
 
 
+@dataclass(frozen=True)
+class Lessons:
+    """What a refresh trains on and gates with, per task the version was trained for."""
+
+    ranking: list[Example]
+    holdout: list[Example]
+    popularity: Popularity
+    terms: list
+    rating: RatingExamples | None
+    rating_terms: list
+
+
+def _scores(model, tokenizer, lessons: Lessons, settings: Settings) -> dict[str, float]:
+    scores: dict[str, float] = {}
+    if lessons.holdout:
+        scores |= validate(
+            model, tokenizer, lessons.holdout, lessons.popularity, settings.novelty_floor
+        )
+    if lessons.rating is not None:
+        rating = lessons.rating
+        scores |= validate_rating(model, tokenizer, rating.validation, rating.rendering)
+    return scores
+
+
+def _train(
+    model, tokenizer, lessons: Lessons, grpo: GrpoSettings, scratch: Path
+) -> tuple[PreTrainedModel | PeftModel, Training]:
+    """GRPO on each task's examples in turn; the training read from the last run."""
+    training = Training(reward_mean=None, learned=False)
+    runs = []
+    if lessons.ranking:
+        runs.append((lessons.ranking, lessons.terms, grpo, None))
+    if lessons.rating is not None:
+        constraint = RatingConstraint(tokenizer, STEP_CHARS[lessons.rating.rendering])
+        budget = grpo.model_copy(update={"max_completion_length": constraint.length})
+        runs.append((lessons.rating.train, lessons.rating_terms, budget, constraint))
+    for n, (examples, terms, settings, constraint) in enumerate(runs):
+        output = scratch / str(n)
+        model = run_grpo(model, tokenizer, examples, terms, settings, output, constraint)
+        ran = read_training(output)
+        learned = training.learned or ran.learned
+        training = ran.model_copy(update={"learned": learned})
+    return model, training
+
+
 def _train_and_gate(
     registry: Registry,
     parent: Manifest,
-    train: list[Example],
-    holdout: list[Example],
-    popularity: Popularity,
-    terms: list,
+    lessons: Lessons,
     grpo: GrpoSettings,
     settings: Settings,
     force: bool = False,
 ) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase, Training, Gate | None]:
-    """GRPO from the parent's weights; both models answer the held-out lists for the gate.
+    """GRPO from the parent's weights, ranking then rating; both models answer the held-out
+    lists and ratings for the gate.
 
     A large parent trains LoRA adapters instead of all weights (an adapter parent goes on
     training its own). No gate (None) when GRPO had nothing to learn from: publishing would copy
@@ -280,14 +355,13 @@ def _train_and_gate(
         if refreshed_with_lora(settings, registry.path(parent.version)):
             grpo = grpo.model_copy(update={"lora_rank": settings.refresh_lora_rank})
     with tempfile.TemporaryDirectory(prefix="reasonrec-refresh-") as scratch:
-        candidate = run_grpo(candidate, tokenizer, train, terms, grpo, Path(scratch))
-        training = read_training(Path(scratch))
+        candidate, training = _train(candidate, tokenizer, lessons, grpo, Path(scratch))
     training.lora_rank = lora_rank(candidate)
     if not training.learned:
         return candidate, tokenizer, training, None
     gate = refresh_gate(
-        validate(active, tokenizer, holdout, popularity, settings.novelty_floor),
-        validate(candidate, tokenizer, holdout, popularity, settings.novelty_floor),
+        _scores(active, tokenizer, lessons, settings),
+        _scores(candidate, tokenizer, lessons, settings),
         settings,
         force,
     )
@@ -301,7 +375,7 @@ def lora_rank(model: PreTrainedModel | PeftModel) -> int | None:
 def _record(gate: Gate | None, reward_mean: float | None) -> None:
     if reward_mean is not None:
         metrics.REWARD_MEAN.set(reward_mean)
-    if gate is None:
+    if gate is None or "ndcg@10" not in gate.candidate:
         return
     metrics.GATE_NDCG.labels("active").set(gate.active["ndcg@10"])
     metrics.GATE_NDCG.labels("candidate").set(gate.candidate["ndcg@10"])
@@ -330,6 +404,8 @@ def _publish(
                 "train_examples": result.train_examples,
                 "fresh_examples": result.fresh_examples,
                 "holdout_examples": result.holdout_examples,
+                "rating_examples": result.rating_examples,
+                "rating_holdout_examples": result.rating_holdout_examples,
                 "reward_mean": result.reward_mean,
                 "lora_rank": result.lora_rank,
             },

@@ -93,12 +93,20 @@ def test_feedback_refreshes_the_served_model(
     lora = {"refresh_lora_min_params": 0, "refresh_lora_rank": 4}
     registry = Registry(served_settings.registry_path)
     result = refresh(
-        served_settings, True, gate_ndcg_tolerance=1.0, gate_invalid_tolerance=1.0, **lora
+        served_settings,
+        True,
+        gate_ndcg_tolerance=1.0,
+        gate_invalid_tolerance=1.0,
+        gate_rmse_tolerance=4.0,
+        **lora,
     )
     try:
         assert result.outcome == "published", result
         assert result.parent == tiny_model.version and result.train_examples >= 1
         assert result.fresh_examples > 0  # recent histories join the logged lists
+        # the model also rates: the latest ratings trained it, held-out ones gated it
+        assert result.rating_examples > 0 and result.rating_holdout_examples > 0
+        assert {"rate_rmse", "rate_baseline_rmse"} <= set(result.gate.candidate)
         manifest = registry.manifest(result.version)
         assert manifest.parent == tiny_model.version and manifest.kind == "lora"
         assert manifest.base_model == tiny_model.version
@@ -114,7 +122,13 @@ def test_feedback_refreshes_the_served_model(
         # A refresh of an adapter version trains its adapter on; the swap loads an adapter
         # into the process already running, and the first adapter is unloaded.
         serve_and_click(gateway)
-        second = refresh(served_settings, True, gate_ndcg_tolerance=1.0, gate_invalid_tolerance=1.0)
+        second = refresh(
+            served_settings,
+            True,
+            gate_ndcg_tolerance=1.0,
+            gate_invalid_tolerance=1.0,
+            gate_rmse_tolerance=4.0,
+        )
         assert second.outcome == "published", second
         manifest = registry.manifest(second.version)
         assert manifest.kind == "lora" and manifest.parent == result.version
@@ -164,7 +178,13 @@ def test_killed_refresh_publishes_nothing_and_loses_no_feedback(
     assert gateway.get("/v1/models").json()["active"] == tiny_model.version
     # Its lock lapses; the restarted refresh has every click and publishes.
     assert until(lambda: not _lock_held(served_settings), 60)
-    result = refresh(served_settings, True, gate_ndcg_tolerance=1.0, gate_invalid_tolerance=1.0)
+    result = refresh(
+        served_settings,
+        True,
+        gate_ndcg_tolerance=1.0,
+        gate_invalid_tolerance=1.0,
+        gate_rmse_tolerance=4.0,
+    )
     try:
         assert result.outcome == "published", result
         assert result.lora_rank is None  # the tiny model is small: all weights trained

@@ -1,6 +1,8 @@
 """The gate against the retrieval order: bootstrap does not activate, and refresh does not
 publish, a model that ranks worse than the list it reranks, unless forced."""
 
+from typing import ClassVar
+
 import pytest
 
 from contract.prompt import Rendering
@@ -171,3 +173,28 @@ def test_refresh_trains_only_on_lists_prompted_the_way_the_model_reads() -> None
     assert len(train) + len(holdout) == 4
     assert {e.prompt for e in train + holdout} == {"p"}
     assert len(holdout) == 1
+
+
+class TestRatingGate:
+    RATED: ClassVar[dict[str, float]] = {"rate_rmse": 0.95, "rate_baseline_rmse": 1.0}
+
+    def test_a_rating_model_must_beat_the_baseline(self, settings: Settings) -> None:
+        worse = {"rate_rmse": 1.05, "rate_baseline_rmse": 1.0}
+        gate = refresh_gate(
+            self.RATED, worse, settings.model_copy(update={"gate_rmse_tolerance": 1})
+        )
+        assert not gate.beats_baseline and not gate.passed
+        assert gate.beats_retrieval  # not trained to rank: nothing to say
+        assert refresh_gate(self.RATED, worse, settings, force=True).passed is False  # tolerance
+
+    def test_and_stay_within_the_tolerance_of_the_active_version(self, settings: Settings) -> None:
+        drifted = {"rate_rmse": 0.97, "rate_baseline_rmse": 1.0}
+        assert refresh_gate(self.RATED, drifted, settings).passed is False  # 0.02 > 0.01
+        loose = settings.model_copy(update={"gate_rmse_tolerance": 0.05})
+        assert refresh_gate(self.RATED, drifted, loose).passed
+
+    def test_both_tasks_gate_together(self, settings: Settings) -> None:
+        both = scores(0.12, 0.10) | self.RATED
+        assert refresh_gate(both, both, settings).passed
+        worse_ranking = scores(0.05, 0.10) | self.RATED
+        assert not refresh_gate(both, worse_ranking, settings).passed
