@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from contract.tasks import Task
 from server import cli as gateway
 from server.cli import (
     HostOption,
@@ -41,6 +42,7 @@ for part in (gateway.app, training.app):
     app.registered_groups += part.registered_groups
 
 DEMO_LLM_TIMEOUT_MS = 15_000
+DEMO_TASKS = frozenset({Task.rank, Task.rate})  # one model answers /v1/recommend and /v1/rate
 
 
 async def _ensure_model(settings: Settings, preset: str) -> "BootstrapResult | None":
@@ -57,7 +59,7 @@ async def _ensure_model(settings: Settings, preset: str) -> "BootstrapResult | N
     # The demo is there to show the model path, so its model serves even when the gate finds it
     # worse than the retrieval order on its few validation users (the verdict is printed).
     # `reasonrec bootstrap` activates only what passes.
-    return await run_bootstrap(settings, preset, seed=0, force=True)
+    return await run_bootstrap(settings, preset, seed=0, force=True, tasks=DEMO_TASKS)
 
 
 @app.command()
@@ -72,8 +74,8 @@ def demo(
 ) -> None:
     """Load data if the store is empty, bootstrap a model if none is active, then serve.
 
-    The demo trains the tiny preset (90 s on the synthetic set, 2 cores); `--preset default` trains
-    the larger model.
+    The demo trains the tiny preset to rank and to rate (about 2 minutes on the synthetic set, 2
+    cores); `--preset default` trains the larger model.
     """
     check_preset(preset)
     settings = settings_from_env(host, port)
@@ -91,18 +93,20 @@ def demo(
     if trained:
         console.print(f"bootstrapped model {trained.version} in {trained.seconds:.0f}s")
         console.print(trained.gate, highlight=False)
-    user = next(iter(dataset.users)).user_id
+    user, item = next(iter(dataset.users)).user_id, next(iter(dataset.items)).item_id
     # Plain stdout, no wrapping: the curl lines must paste as they are.
-    typer.echo(_demo_instructions(settings, user))
+    typer.echo(_demo_instructions(settings, user, item))
     serve_with(settings)
 
 
-def _demo_instructions(settings: Settings, user: str) -> str:
+def _demo_instructions(settings: Settings, user: str, item: str) -> str:
     base = f"http://{settings.host}:{settings.port}"
     auth = f" -H 'X-API-Key: {settings.api_keys[0]}'" if settings.api_keys else ""
     json = " -H 'Content-Type: application/json'"
     return (
         f"\nreasonrec is starting on {base} (API docs: {base}/docs). Try:\n\n"
         f'  curl -s{auth}{json} -X POST {base}/v1/recommend -d \'{{"user_id": "{user}"}}\'\n'
+        f"  curl -s{auth}{json} -X POST {base}/v1/rate"
+        f' -d \'{{"user_id": "{user}", "item_ids": ["{item}"], "explain": true}}\'\n'
         f"  curl -s{auth} {base}/v1/users/{user}\n"
     )

@@ -53,6 +53,10 @@ def _run_demo(data_dir: Path, port: int, log: Path) -> dict:
         try:
             _wait_ready(url, proc, log)
             answer = httpx.post(f"{url}/v1/recommend", json={"user_id": "u00001"}, timeout=60)
+            rated = httpx.post(
+                f"{url}/v1/rate", json={"user_id": "u00001", "item_ids": ["i00000"]}, timeout=60
+            )
+            assert rated.status_code == 200, rated.text  # the demo's model also rates
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=60)
@@ -71,6 +75,7 @@ def test_demo_bootstraps_once_then_starts_without_training(tmp_path: Path) -> No
         f"curl -s -H 'Content-Type: application/json' -X POST http://127.0.0.1:{port}/v1/recommend"
     )
     assert curl in first
+    assert f"-X POST http://127.0.0.1:{port}/v1/rate -d" in first
     assert (tmp_path / "var" / "redis.db").exists()
 
     again = _run_demo(tmp_path / "var", port, second_log)

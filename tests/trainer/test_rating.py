@@ -160,3 +160,22 @@ def test_both_recipes_train_and_validate_against_the_baseline(
     if recipe is Recipe.one:
         # the data is learnable: SFT on it predicts the held-out ratings better than the baseline
         assert scores["rate_rmse"] < scores["rate_baseline_rmse"]
+
+
+def test_a_refresh_learns_from_the_latest_ratings_and_holds_out_the_newest(data) -> None:
+    # u11 rated last, u0 first (each user's ratings sit at times 0..5; ties keep user order)
+    stamped = data.model_copy(
+        update={
+            "sequences": {
+                user: [(item, float(t + 10 * n)) for t, (item, _) in enumerate(seq)]
+                for n, (user, seq) in enumerate(data.sequences.items())
+            }
+        }
+    )
+    builder = RatingExampleBuilder(stamped, Rendering.compact, history=3)
+
+    recent = builder.recent(users=5, holdout=0.2)
+
+    assert [e.user_id for e in recent.train] == ["u7", "u8", "u9", "u10"]
+    assert [e.user_id for e in recent.validation] == ["u11"]
+    assert recent.validation[0].rating == data.ratings["u11"][-1][1]
