@@ -76,7 +76,10 @@ class RatingPreset(BaseModel):
     sft_examples: int = Field(description="Ratings sampled for RecOne's SFT (and GRPO's prompts).")
     sft: SftSettings
     grpo_examples: int = Field(description="Prompts for GRPO.")
-    grpo: GrpoSettings
+    grpo: GrpoSettings = Field(description="RecOne's GRPO, after SFT.")
+    zero_grpo: GrpoSettings = Field(
+        description="RecZero's GRPO: its only stage, so it gets the steps SFT would take."
+    )
     validation_users: int = Field(description="Users whose last rating is held out.")
 
 
@@ -101,8 +104,16 @@ DEFAULT_RATING = RatingPreset(
     sft_examples=20000,
     sft=SftSettings(epochs=1, batch_size=32, learning_rate=5e-4, bf16=False),
     grpo_examples=2000,
-    grpo=GrpoSettings(max_steps=100, prompts_per_step=8, num_generations=8, learning_rate=1e-4),
-    validation_users=200,
+    # 100 steps at 1e-4 after SFT measured worse on validation than SFT alone (RMSE 1.154 against
+    # 1.114 on ML-100K): rewards for the sampled rating sharpen the distribution whose mean is
+    # served. A light touch keeps SFT's calibration.
+    grpo=GrpoSettings(max_steps=30, prompts_per_step=8, num_generations=8, learning_rate=2e-5),
+    zero_grpo=GrpoSettings(
+        max_steps=150, prompts_per_step=8, num_generations=8, learning_rate=1e-4
+    ),
+    # Held-out ratings are noisy (RMSE 1.15 on 200 ML-100K users, 1.05 on 300 test users): the
+    # gate needs many, and greedy rating answers are short.
+    validation_users=400,
 )
 
 PRESETS: dict[str, Preset] = {
@@ -122,6 +133,7 @@ PRESETS: dict[str, Preset] = {
             sft=SftSettings(epochs=2, batch_size=16, learning_rate=1e-3, bf16=False),
             grpo_examples=8,
             grpo=GrpoSettings(max_steps=2, prompts_per_step=2, num_generations=4),
+            zero_grpo=GrpoSettings(max_steps=4, prompts_per_step=2, num_generations=4),
             validation_users=64,
         ),
     ),

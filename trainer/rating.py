@@ -277,14 +277,16 @@ def train_rating(
     constraint = RatingConstraint(tokenizer, STEP_CHARS[examples.rendering])
     if recipe is Recipe.one:
         model = run_sft(model, tokenizer, examples.train, preset.sft)
-        scores = validate_rating(model, tokenizer, examples.validation, examples.rendering)
-        stages["rate_sft_rmse"] = scores["rate_rmse"]
+    stage = "rate_sft_rmse" if recipe is Recipe.one else "rate_base_rmse"
+    scores = validate_rating(model, tokenizer, examples.validation, examples.rendering)
+    stages[stage] = scores["rate_rmse"]
+    grpo = preset.grpo if recipe is Recipe.one else preset.zero_grpo
     model = run_grpo(
         model,
         tokenizer,
         examples.train[: preset.grpo_examples],
         terms,
-        preset.grpo.model_copy(update={"max_completion_length": constraint.length}),
+        grpo.model_copy(update={"max_completion_length": constraint.length}),
         scratch,
         constraint=constraint,
     )

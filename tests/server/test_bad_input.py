@@ -217,6 +217,8 @@ def test_invisible_or_reserved_characters_in_ids_refused(client, rdb, key_prefix
         "validation_error",
     )
     assert_error(client.post("/v1/recommend", json={"user_id": bad_id}), 422, "validation_error")
+    for rate in ({"user_id": bad_id, "item_ids": ["a"]}, {"user_id": "u", "item_ids": [bad_id]}):
+        assert_error(client.post("/v1/rate", json=rate), 422, "validation_error")
     assert rdb.scard(f"{key_prefix}:items") == 1
 
 

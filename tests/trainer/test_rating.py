@@ -132,6 +132,7 @@ PRESET = RatingPreset(
     sft=SftSettings(epochs=20, batch_size=8, learning_rate=3e-3, progress=False),
     grpo_examples=8,
     grpo=GrpoSettings(max_steps=2, prompts_per_step=2, num_generations=4, progress=False),
+    zero_grpo=GrpoSettings(max_steps=2, prompts_per_step=2, num_generations=4, progress=False),
     validation_users=6,
 )
 
@@ -149,7 +150,8 @@ def test_both_recipes_train_and_validate_against_the_baseline(
     model, stages = train_rating(model, tokenizer, examples, PRESET, recipe, terms, tmp_path)
     scores = validate_rating(model, tokenizer, examples.validation, examples.rendering)
 
-    assert ("rate_sft_rmse" in stages) is (recipe is Recipe.one)
+    # what the model scored before GRPO: after SFT (RecOne), as the base (RecZero)
+    assert list(stages) == ["rate_sft_rmse" if recipe is Recipe.one else "rate_base_rmse"]
     assert scores["rate_failed"] == 0.0  # the grammar always yields a rating
     assert 0 <= scores["rate_mae"] <= scores["rate_rmse"] <= 4
     assert scores["rate_validation_ratings"] == 6
