@@ -29,7 +29,7 @@ from server import metrics
 from server.config import Settings
 from server.engine import Engine, EngineError, Generation, GenerationRequest
 from server.errors import ApiError
-from server.schemas import RatedItem, RateRequest, RateResponse, Reasoning, Source
+from server.schemas import Item, RatedItem, RateRequest, RateResponse, Reasoning, Source
 from server.store import RatingContext, Store
 
 log = logging.getLogger(__name__)
@@ -113,8 +113,8 @@ class Rater:
     async def _rate_one(
         self,
         context: RatingContext,
-        shown: list,
-        item,
+        shown: list[tuple[Item, float]],
+        item: Item,
         request: RateRequest,
         request_id: str,
         engine: Engine | None,

@@ -1,9 +1,11 @@
 """`reasonrec bootstrap`: the embedded model, from the store's data to an active registry version.
 
 Stages: candidate index -> examples -> tokenizer -> model -> item-sequence pretraining (compact
-rendering) -> SFT -> GRPO (as RecLLM-R1 trains) -> validation -> atomic publish -> activation,
-only for a model that ranks at least as well as the retrieval order it reranks (the gate). Each
-stage logs and shows progress; the manifest records what each stage scored.
+rendering) -> for ranking, SFT -> GRPO (as RecLLM-R1 trains) -> for rating, RecOne's SFT or
+nothing (RecZero) -> GRPO (`trainer.rating`) -> validation of each task -> atomic publish ->
+activation, only for a model that beats its fallback on every task it was trained for (the gate:
+the retrieval order it reranks, the bias baseline). Each stage logs and shows progress; the
+manifest records what each stage scored.
 """
 
 import logging

@@ -243,6 +243,28 @@ class RatingConstraint(LogitsProcessor):
         return "".join(self.decoded[token] for token in done[last + 1 :])
 
 
+def greedy_after(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, budget: int, tag: int
+) -> tuple[str, torch.Tensor | None]:
+    """The greedy completion of `prompt`, and the scores of the step right after token `tag`
+    (after the logits processors in force: what vLLM's processed log-probabilities are), or None
+    when the completion never writes `tag`."""
+    inputs = tokenizer(text=prompt, return_tensors="pt")
+    output = model.generate(
+        **inputs,
+        max_new_tokens=budget,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    new = output.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    if tag not in new or new.index(tag) + 1 >= len(output.scores):
+        return text, None
+    return text, output.scores[new.index(tag) + 1][0]
+
+
 @contextmanager
 def constrained_generation(
     model: PreTrainedModel, constraint: AnswerConstraint | RatingConstraint | None

@@ -21,7 +21,7 @@ from contract.tasks import Task
 from reward_rules.metrics import mean_self_information, ndcg_at_k
 from server.config import Settings
 from server.item_index import ItemIndex
-from trainer.constrained import answer_constraint, constrained_generation
+from trainer.constrained import answer_constraint, constrained_generation, greedy_after
 from trainer.examples import Example
 
 # The weights validation may choose for each model's served order (`Blend`). The largest
@@ -72,21 +72,11 @@ class Served(BaseModel):
 def _answer(model, tokenizer, example: Example, budget: int) -> tuple[str, dict[str, float]]:
     """The greedy completion and each candidate's score as its first answer item (the scores
     after the answer constraint, as vLLM's processed log-probabilities are)."""
-    inputs = tokenizer(text=example.prompt, return_tensors="pt")
-    output = model.generate(
-        **inputs,
-        max_new_tokens=budget,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
-    new = output.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-    text = tokenizer.decode(new, skip_special_tokens=True)
     answer = tokenizer.convert_tokens_to_ids(ANSWER_TAG)
-    if answer not in new or new.index(answer) + 1 >= len(output.scores):
+    text, scores = greedy_after(model, tokenizer, example.prompt, budget, answer)
+    if scores is None:
         return text, {}
-    logprobs = output.scores[new.index(answer) + 1][0].log_softmax(-1)
+    logprobs = scores.log_softmax(-1)
     tokens = {item: tokenizer.convert_tokens_to_ids(ref(item)) for item in example.candidates}
     if any(token in (None, tokenizer.unk_token_id) for token in tokens.values()):
         return text, {}  # items are not single tokens: no first-pick scores to read

@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 
 from contract.prompt import ItemView, Rendering
 from contract.rating import (
+    DIGITS,
     MAX_RATING,
     MIN_RATING,
     STEP_CHARS,
@@ -37,11 +38,12 @@ from contract.rating import (
     Stats,
     bias_rating,
     build_rating_prompt,
+    expected_rating,
     rating_input,
     render_rating_answer,
 )
 from reward_rules.terms import Term
-from trainer.constrained import RatingConstraint, constrained_generation
+from trainer.constrained import RatingConstraint, constrained_generation, greedy_after
 from trainer.corpus import Corpus
 from trainer.grpo import run_grpo
 from trainer.presets import RatingPreset, Recipe
@@ -205,27 +207,15 @@ def predict(
 ) -> tuple[str, float | None]:
     """The greedy answer under the rating grammar and the mean of the model's distribution over
     the five ratings where it writes one (vLLM's processed log-probabilities, as served)."""
-    inputs = tokenizer(text=prompt, return_tensors="pt")
     with constrained_generation(model, constraint):
-        output = model.generate(
-            **inputs,
-            max_new_tokens=constraint.length,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            output_scores=True,
-            return_dict_in_generate=True,
+        text, scores = greedy_after(
+            model, tokenizer, prompt, constraint.length, constraint.rating[0]
         )
-    new = output.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-    text = tokenizer.decode(new, skip_special_tokens=True)
-    tag = constraint.rating[0]
-    if tag not in new or new.index(tag) + 1 >= len(output.scores):
+    if scores is None:
         return text, None
-    probabilities = output.scores[new.index(tag) + 1][0].softmax(-1)
-    weights = [float(probabilities[token]) for token in constraint.digits]
-    total = sum(weights)
-    if not total:
-        return text, None
-    return text, sum((MIN_RATING + i) * w for i, w in enumerate(weights)) / total
+    logprobs = scores.log_softmax(-1)
+    digits = zip(DIGITS, constraint.digits, strict=True)
+    return text, expected_rating({digit: float(logprobs[token]) for digit, token in digits})
 
 
 def errors(predicted: Sequence[float], true: Sequence[float]) -> dict[str, float]:

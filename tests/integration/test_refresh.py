@@ -23,6 +23,8 @@ from trainer.refresh import RefreshResult, refresh_once, trainer_dir
 
 pytestmark = pytest.mark.slow
 USERS = [f"u{n:05d}" for n in range(10, 22)]
+# Tolerances no candidate can miss: these tests are about the loop, not the tiny model's quality.
+LOOSE = {"gate_ndcg_tolerance": 1.0, "gate_invalid_tolerance": 1.0, "gate_rmse_tolerance": 4.0}
 
 
 def serve_and_click(gateway: TestClient) -> dict[str, str]:
@@ -92,14 +94,7 @@ def test_feedback_refreshes_the_served_model(
     serve_and_click(gateway)
     lora = {"refresh_lora_min_params": 0, "refresh_lora_rank": 4}
     registry = Registry(served_settings.registry_path)
-    result = refresh(
-        served_settings,
-        True,
-        gate_ndcg_tolerance=1.0,
-        gate_invalid_tolerance=1.0,
-        gate_rmse_tolerance=4.0,
-        **lora,
-    )
+    result = refresh(served_settings, True, **LOOSE, **lora)
     try:
         assert result.outcome == "published", result
         assert result.parent == tiny_model.version and result.train_examples >= 1
@@ -122,13 +117,7 @@ def test_feedback_refreshes_the_served_model(
         # A refresh of an adapter version trains its adapter on; the swap loads an adapter
         # into the process already running, and the first adapter is unloaded.
         serve_and_click(gateway)
-        second = refresh(
-            served_settings,
-            True,
-            gate_ndcg_tolerance=1.0,
-            gate_invalid_tolerance=1.0,
-            gate_rmse_tolerance=4.0,
-        )
+        second = refresh(served_settings, True, **LOOSE)
         assert second.outcome == "published", second
         manifest = registry.manifest(second.version)
         assert manifest.kind == "lora" and manifest.parent == result.version
@@ -178,13 +167,7 @@ def test_killed_refresh_publishes_nothing_and_loses_no_feedback(
     assert gateway.get("/v1/models").json()["active"] == tiny_model.version
     # Its lock lapses; the restarted refresh has every click and publishes.
     assert until(lambda: not _lock_held(served_settings), 60)
-    result = refresh(
-        served_settings,
-        True,
-        gate_ndcg_tolerance=1.0,
-        gate_invalid_tolerance=1.0,
-        gate_rmse_tolerance=4.0,
-    )
+    result = refresh(served_settings, True, **LOOSE)
     try:
         assert result.outcome == "published", result
         assert result.lora_rank is None  # the tiny model is small: all weights trained
