@@ -253,13 +253,10 @@ def eval_command(
         from trainer.evaluation.rating import run_rate_eval  # trains a model: heavy imports
 
         report = run_rate_eval(data, settings_from_env(), users, seed, preset, recipe)
-        typer.echo(report.table())
-        if json_out:
-            json_out.write_text(report.model_dump_json(indent=2))
-        return
-    from trainer.evaluation.run import run_eval  # trains a model: heavy imports
+    else:
+        from trainer.evaluation.run import run_eval  # trains a model: heavy imports
 
-    report = run_eval(data, settings_from_env(), users, seed, preset)
+        report = run_eval(data, settings_from_env(), users, seed, preset)
     typer.echo(report.table())
     if json_out:
         json_out.write_text(report.model_dump_json(indent=2))

@@ -1,0 +1,82 @@
+"""`reasonrec eval --task rate`: the command, the stored events and the baselines, on the small
+MovieLens-latest files of test_formats (the run itself trains a model: measured, not tested)."""
+
+import statistics
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from server.schemas import EventType
+from tests.trainer.evaluation.test_formats import write_ml_latest
+from trainer.evaluation.harness import Report
+from trainer.evaluation.rating import _means, _score, _surprise
+from trainer.evaluation.run import phase_events
+from trainer.evaluation.split import EvalData, EvalFormat, read_eval_data
+from trainer.presets import Recipe
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> EvalData:
+    return read_eval_data(write_ml_latest(tmp_path / "ml"), EvalFormat.ml_latest)
+
+
+def test_the_store_gets_ratings_with_their_values(data: EvalData) -> None:
+    train = phase_events(data.split, data.timelines, "train", as_clicks=False)
+    # user 1's first two ratings (4.0 at 100, 3.5 at 200), user 10's first (4.0 at 20)
+    assert sorted((e.user_id, e.item_id, e.value) for e in train) == [
+        ("1", "1", 4.0),
+        ("1", "2", 3.5),
+        ("10", "1", 4.0),
+    ]
+    assert {e.type for e in train} == {EventType.rating}
+    clicks = phase_events(data.split, data.timelines, "train")
+    assert {e.type for e in clicks} == {EventType.click}  # the ranking protocol
+
+
+def test_mean_baselines(data: EvalData) -> None:
+    known = [e for e in data.timelines["1"][:2] + data.timelines["10"][:2]]  # 4, 3.5, 4, 0.5
+    predict = _means(known)
+    assert predict["global mean"]("1", "3") == statistics.fmean([4.0, 3.5, 4.0, 0.5])
+    assert predict["user mean"]("10", "2") == statistics.fmean([4.0, 0.5])
+    assert predict["item mean"]("x", "1") == 4.0
+    assert predict["user mean"]("nobody", "1") == predict["global mean"]("nobody", "1")
+    tests = [data.timelines["1"][-1]]  # user 1 rated movie 4 a 1.0
+    # movie 4 is unseen: its item mean is the global mean, 3.0, two above the truth
+    assert _score(predict["item mean"], tests) == {"mae": 2.0, "rmse": 2.0}
+
+
+def test_library_baselines_predict_on_the_rating_scale(data: EvalData) -> None:
+    known = [e for events in data.timelines.values() for e in events[:-1]]
+    for name, predict in _surprise(known, seed=0).items():
+        assert name in {"bias (ALS)", "SVD"}
+        assert 1.0 <= predict("1", "3") <= 5.0
+        assert 1.0 <= predict("unknown", "unknown") <= 5.0
+
+
+def test_the_command_runs_the_rating_eval_with_its_recipe(
+    data: EvalData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = []
+
+    def run_rate_eval(data: EvalData, settings, users, seed, preset, recipe) -> Report:
+        runs.append((data.split.dataset, users, recipe))
+        return Report(
+            dataset=data.split.dataset,
+            protocol="test",
+            users=2,
+            systems={"reasonrec": {"mae": 0.5, "rmse": 0.7}},
+        )
+
+    fake = types.ModuleType("trainer.evaluation.rating")
+    fake.run_rate_eval = run_rate_eval  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "trainer.evaluation.rating", fake)
+    folder = tmp_path / "ml"
+    args = ["eval", "--format", "ml-latest", str(folder), "--task", "rate", "--recipe", "zero"]
+    result = CliRunner().invoke(app, [*args, "--users", "2"])
+    assert result.exit_code == 0, result.output
+    assert runs == [(data.split.dataset, 2, Recipe.zero)]
+    assert "reasonrec    0.5000    0.7000" in result.output
