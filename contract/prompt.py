@@ -86,6 +86,12 @@ class Contract(BaseModel):
     history: int = Field(20, ge=0, description="Most recent history items in the prompt.")
     blend: Blend = Field(default_factory=Blend, description="How the served list is ordered.")
     tasks: frozenset[Task] = Field(frozenset({Task.rank}), description="What it may be asked.")
+    rating_weight: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Served rating: this much the model's, the rest the baseline's.",
+    )
 
 
 class ItemView(BaseModel):

@@ -2,10 +2,12 @@
 
 items -> rating context -> one prompt per item -> engine (rating grammar) -> rating -> response.
 
-The served rating is the mean of the model's distribution over the five ratings where its answer
-writes one (`contract.rating.expected_rating`). An item the engine fails on, or that overruns the
-budget, is rated by the bias baseline with `source: fallback`; so is every item when no model is
-active. A model that was not trained to rate is refused (409): its numbers would mean nothing.
+The model's rating is the mean of its distribution over the five ratings where its answer writes
+one (`contract.rating.expected_rating`); the served rating mixes it with the bias baseline's by
+the weight validation chose for the version (`rating_weight`; 1: the model's alone). An item the
+engine fails on, or that overruns the budget, is rated by the bias baseline with
+`source: fallback`; so is every item when no model is active. A model that was not trained to
+rate is refused (409): its numbers would mean nothing.
 """
 
 import asyncio
@@ -23,6 +25,7 @@ from contract.rating import (
     parse_rating,
     rating_input,
     rating_pattern,
+    served_rating,
 )
 from contract.tasks import Task
 from server import metrics
@@ -151,6 +154,7 @@ class Rater:
         if rating is None:
             metrics.PARSE_FAILURES.inc()
             return self._fallback(context, item_id, "malformed")
+        rating = served_rating(rating, baseline(context, item_id), engine.contract.rating_weight)
         explained = request.explain and answer.well_formed
         return RatedItem(
             item_id=item_id,

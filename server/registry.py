@@ -45,6 +45,12 @@ class Manifest(BaseModel):
     popularity_penalty: float = Field(
         0.0, ge=0, description="How much popularity its served order takes back."
     )
+    rating_weight: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Its served ratings: this much its own, the rest the baseline's.",
+    )
     base_model: str | None = Field(None, description="For LoRA: the version it adapts.")
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     trained_on: str | None = Field(
@@ -66,6 +72,7 @@ class Manifest(BaseModel):
             rendering=self.rendering,
             history=self.prompt_history,
             tasks=frozenset(self.tasks),
+            rating_weight=self.rating_weight,
             blend=Blend(
                 retrieval_prior=self.retrieval_prior, popularity_penalty=self.popularity_penalty
             ),

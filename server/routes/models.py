@@ -25,12 +25,17 @@ class ModelVersion(BaseModel):
     trained_on: str | None
     contract_version: str
     rendering: Rendering
-    tasks: list[Task] = Field(description="What it was trained for: `rank` (POST /v1/recommend).")
+    tasks: list[Task] = Field(
+        description="What it was trained for: `rank` (POST /v1/recommend), `rate` (POST /v1/rate)."
+    )
     retrieval_prior: float = Field(
         description="How much its served order leans on the retrieval order (0: not at all)."
     )
     popularity_penalty: float = Field(
         description="How much popularity its served order takes back (0: none)."
+    )
+    rating_weight: float = Field(
+        description="Its served ratings: this much its own, the rest the bias baseline's."
     )
     ndcg_at_10: float | None = Field(
         description="NDCG@10 on the validation users it was gated on (after all training)."

@@ -248,3 +248,16 @@ def test_store_keeps_each_users_latest_rating_and_every_rating_in_the_sums(
     assert lines[1] == "#b=4, #d=2, #a=1"  # the latest rating, newest last
     assert lines[2] == "user mean=2.3 n=3"
     assert lines[3] == "item #a mean=2.8 n=4"  # 5, 3, 1, 2: every rating event counts
+
+
+def test_the_served_rating_mixes_the_model_and_the_baseline_by_the_versions_weight(
+    rated: TestClient,
+) -> None:
+    engine = rating_model()  # writes 4
+    engine.contract = engine.contract.model_copy(update={"rating_weight": 0.25})
+    use(rated, engine)
+
+    [item] = rate(rated)["items"]
+
+    expected = 0.25 * 4 + 0.75 * expected_baseline("r1", "c")
+    assert item["rating"] == pytest.approx(expected, abs=1e-3) and item["source"] == "llm"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from contract.prompt import Rendering
-from contract.rating import STEP_CHARS, parse_rating, rating_pattern
+from contract.rating import RATING_WEIGHTS, STEP_CHARS, parse_rating, rating_pattern
 from contract.tasks import Task
 from reward_rules.policy import DEFAULT_POLICY, build_terms
 from server.schemas import Item
@@ -155,6 +155,9 @@ def test_both_recipes_train_and_validate_against_the_baseline(
     assert scores["rate_failed"] == 0.0  # the grammar always yields a rating
     assert 0 <= scores["rate_mae"] <= scores["rate_rmse"] <= 4
     assert scores["rate_validation_ratings"] == 6
+    # the served mix is chosen among the weights and is no worse than the model alone
+    assert scores["rating_weight"] in RATING_WEIGHTS
+    assert scores["rate_rmse"] <= scores["rate_model_rmse"]
     baseline = [e.baseline for e in examples.validation]
     assert scores["rate_baseline_rmse"] == pytest.approx(
         errors(baseline, [e.rating for e in examples.validation])["rmse"]

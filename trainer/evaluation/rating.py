@@ -5,7 +5,9 @@ loaded with the training ratings (with their values, unlike the ranking protocol
 model is bootstrapped there for the rating task alone (RecZero or RecOne), the validation
 ratings are added, and every system predicts the test ratings:
 
-- `reasonrec`: the gateway's `POST /v1/rate` path through the vLLM engine;
+- `reasonrec`: the gateway's `POST /v1/rate` path through the vLLM engine, as served (the model's
+  rating mixed with the bias baseline's by the version's `rating_weight`);
+- `reasonrec (model alone)`: the same with the model's rating alone;
 - `bias (fallback)`: the same path with no model, the one-pass bias baseline it falls back to;
 - `global mean`, `user mean`, `item mean`: means of the training and validation ratings;
 - `bias (ALS)` and `SVD`: scikit-surprise's `BaselineOnly` (regularised user + item biases fitted
@@ -13,6 +15,7 @@ ratings are added, and every system predicts the test ratings:
   default settings, on the same ratings.
 """
 
+import asyncio
 import statistics
 import time
 from collections import defaultdict
@@ -20,9 +23,11 @@ from collections.abc import Callable, Sequence
 
 from contract.tasks import Task
 from server.active_model import open_engine
+from server.config import Settings
+from server.engine import Engine
 from server.loaders import Dataset
 from server.rate import Rater
-from server.schemas import FeedbackEvent, RateRequest
+from server.schemas import FeedbackEvent, RatedItem, RateRequest
 from trainer.bootstrap import bootstrap
 from trainer.evaluation.harness import Report
 from trainer.evaluation.run import (
@@ -78,9 +83,23 @@ def _score(predict: Predict, tests: Sequence[FeedbackEvent]) -> dict[str, float]
     return {"mae": scores["mae"], "rmse": scores["rmse"]}
 
 
+def _rated(
+    rater: Rater, engine: Engine | None, tests: Sequence[FeedbackEvent], run: asyncio.Runner
+) -> tuple[list[RatedItem], list[float]]:
+    """Each test rating as `POST /v1/rate` predicts it, and each request's latency (ms)."""
+    rated, latencies = [], []
+    for event in tests:
+        request = RateRequest(user_id=event.user_id, item_ids=[event.item_id])
+        started = time.perf_counter()
+        response = run.run(rater.rate(request, f"eval-{event.user_id}", engine))
+        latencies.append((time.perf_counter() - started) * 1000)
+        rated.append(response.items[0])
+    return rated, latencies
+
+
 def run_rate_eval(
     data: EvalData,
-    settings,
+    settings: Settings,
     users: int | None,
     seed: int,
     preset: str,
@@ -111,25 +130,18 @@ def run_rate_eval(
         engine = open_engine(settings, trained.version)
         rater = Rater(store, settings)
         try:
-            served, latencies = [], []
-            for event in tests:
-                request = RateRequest(user_id=event.user_id, item_ids=[event.item_id])
-                started = time.perf_counter()
-                response = run.run(rater.rate(request, f"eval-{event.user_id}", engine))
-                latencies.append((time.perf_counter() - started) * 1000)
-                served.append(response.items[0])
-            fallback = [
-                run.run(rater.rate(RateRequest(user_id=e.user_id, item_ids=[e.item_id]), "", None))
-                .items[0]
-                .rating
-                for e in tests
-            ]
+            served, latencies = _rated(rater, engine, tests, run)
+            weight = engine.contract.rating_weight
+            engine.contract = engine.contract.model_copy(update={"rating_weight": 1.0})
+            alone = _rated(rater, engine, tests, run)[0] if weight < 1 else served
+            fallback = _rated(rater, None, tests, run)[0]
         finally:
             run.run(engine.close())
     truth = [e.value for e in tests]
     systems = {
         "reasonrec": errors([item.rating for item in served], truth),
-        "bias (fallback)": errors(fallback, truth),
+        "reasonrec (model alone)": errors([item.rating for item in alone], truth),
+        "bias (fallback)": errors([item.rating for item in fallback], truth),
     }
     for name, predict in (_means(known) | _surprise(known, seed)).items():
         systems[name] = _score(predict, tests)
