@@ -15,12 +15,12 @@ from server.registry import Manifest, Registry
 
 
 def validated(manifest: Manifest, metrics: dict[str, float]) -> Manifest:
-    """`manifest` with validation's figures and the served order's blend it chose (a model not
-    trained to rank keeps the default blend)."""
-    blend = {
-        key: metrics[key] for key in ("retrieval_prior", "popularity_penalty") if key in metrics
-    }
-    return manifest.model_copy(update={"metrics": metrics, **blend})
+    """`manifest` with validation's figures and what it chose for serving: the served order's blend
+    and the served rating's weight (a model not trained for a task keeps that task's default)."""
+    chosen = ("retrieval_prior", "popularity_penalty", "rating_weight")
+    return manifest.model_copy(
+        update={"metrics": metrics, **{key: metrics[key] for key in chosen if key in metrics}}
+    )
 
 
 def publish_model(
