@@ -120,8 +120,12 @@ def train_model(
         stages["pretrain_seconds"] = pretrained.seconds
         stages["pretrain_ndcg@10"] = first_pick_ndcg(model, tokenizer, examples.validation)
     facts = catalog_facts(corpus.items.values(), policy)
+    # RecOne's SFT runs with ranking's, not after it: SFT on ratings alone after ranking
+    # would make the model forget how to rank.
+    joint = plan.rating is not None and plan.recipe is Recipe.one and Task.rank in plan.tasks
     if Task.rank in plan.tasks:
-        model = run_sft(model, tokenizer, examples.train, preset.sft)
+        rating_sft = plan.rating.train if joint else []
+        model = run_sft(model, tokenizer, [*examples.train, *rating_sft], preset.sft)
         popularity = Popularity.of(corpus.popularity, index)
         stages["sft_ndcg@10"] = validate(
             model, tokenizer, examples.validation, popularity, novelty_floor
@@ -134,7 +138,14 @@ def train_model(
         with tempfile.TemporaryDirectory(prefix="reasonrec-grpo-") as scratch:
             terms = build_terms(policy, facts, corpus.popularity, Task.rate)
             model, rated = train_rating(
-                model, tokenizer, plan.rating, preset.rate, plan.recipe, terms, Path(scratch)
+                model,
+                tokenizer,
+                plan.rating,
+                preset.rate,
+                plan.recipe,
+                terms,
+                Path(scratch),
+                sft=not joint,
             )
         stages |= rated
     return model, tokenizer, stages

@@ -278,11 +278,15 @@ def train_rating(
     recipe: Recipe,
     terms: Sequence[tuple[Term, float]],
     scratch: Path,
+    sft: bool = True,
 ):
-    """The recipe's stages; returns the model and what each stage scored on validation."""
+    """The recipe's stages; returns the model and what each stage scored on validation.
+
+    `sft=False`: RecOne's SFT already ran (with ranking's, in one model for both tasks).
+    """
     stages: dict[str, float] = {}
     constraint = RatingConstraint(tokenizer, STEP_CHARS[examples.rendering])
-    if recipe is Recipe.one:
+    if recipe is Recipe.one and sft:
         model = run_sft(model, tokenizer, examples.train, preset.sft)
     stage = "rate_sft_rmse" if recipe is Recipe.one else "rate_base_rmse"
     scores = validate_rating(model, tokenizer, examples.validation, examples.rendering)
