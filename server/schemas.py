@@ -375,7 +375,12 @@ class RateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user_id: Id
-    item_ids: list[Id] = Field(min_length=1, max_length=50, description="Items to rate, 1 to 50.")
+    item_ids: list[Id] = Field(
+        min_length=1,
+        max_length=50,
+        description="Items to rate, 1 to 50, each once.",
+        json_schema_extra={"uniqueItems": True},
+    )
     explain: StrictBool = Field(False, description="Return the model's reasoning steps.")
 
     @model_validator(mode="after")

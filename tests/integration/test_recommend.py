@@ -48,9 +48,11 @@ def test_llm_answers_name_only_catalog_items(gateway, tiny_model, served_setting
 
 
 def test_rationale_is_about_the_user(gateway) -> None:
-    first = recommend(gateway, user_id="u00001").json()["rationale"]
-    second = recommend(gateway, user_id="u00002").json()["rationale"]
-    assert first and second and first != second
+    # Two users may share a taste: across six, the rationales are not one sentence for everyone.
+    rationales = [
+        recommend(gateway, user_id=user).json()["rationale"] for user in _known_users(gateway, 6)
+    ]
+    assert all(rationales) and len(set(rationales)) > 1, rationales
     assert recommend(gateway, user_id="u00001", explain=False).json()["rationale"] is None
 
 
