@@ -73,8 +73,7 @@ def rating_step(result: Generation) -> dict[str, float]:
 
 
 def baseline(context: RatingContext, item_id: str) -> float:
-    rated = [(value, context.items.get(i, Stats())) for i, value in context.ratings.items()]
-    return bias_rating(context.everyone, context.items.get(item_id, Stats()), rated)
+    return bias_rating(context.everyone, context.items.get(item_id, Stats()), context.rated)
 
 
 class Rater:

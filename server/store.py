@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from functools import cached_property
 from importlib import resources
 from typing import Any, Literal
 
@@ -142,6 +143,12 @@ class RatingContext(BaseModel):
     ratings: dict[str, float] = Field(description="Every item the user rated -> latest rating.")
     items: dict[str, Stats] = Field(description="Stats of the items to rate and of those rated.")
     everyone: Stats
+
+    @cached_property
+    def rated(self) -> list[tuple[float, Stats]]:
+        """The user's ratings, each with its item's stats: what the user bias is computed from,
+        once per request however many items it rates."""
+        return [(value, self.items.get(item, Stats())) for item, value in self.ratings.items()]
 
 
 class Store:
