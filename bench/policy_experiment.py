@@ -45,7 +45,7 @@ from server.redis_client import connect
 from server.schemas import EventType, FeedbackEvent, ItemUpsert, RecommendRequest
 from server.store import Store, build_store
 from trainer.bootstrap import bootstrap
-from trainer.evaluation.run import events_only, phase_events, write_dataset
+from trainer.evaluation.run import EVERY_RATING, events_only, phase_events, write_dataset
 from trainer.evaluation.split import Split, read_eval_data, sample_users
 from trainer.presets import PRESETS
 from trainer.refresh import refresh_once
@@ -161,7 +161,7 @@ async def experiment(
     split, timelines = data.split, data.timelines
     chosen = sample_users(split, users, seed) if users else list(split.users)
     handle = connect(settings)
-    store = build_store(settings, handle.client)
+    store = build_store(settings, handle.client, positive_rating=EVERY_RATING)
     try:
         train = phase_events(split, timelines, "train")
         await write_dataset(store, Dataset(items=data.items, users=data.users, events=train))

@@ -230,10 +230,12 @@ POSITIVE_RATING = 4.0
 POSITIVE_TYPES = frozenset({EventType.click, EventType.like, EventType.purchase})
 
 
-def is_positive(kind: EventType, value: float | None) -> bool:
+def is_positive(
+    kind: EventType, value: float | None, positive_rating: float = POSITIVE_RATING
+) -> bool:
     """Engagement that says the user wanted the item: click, like, purchase, rating >= 4."""
     if kind is EventType.rating:
-        return value is not None and value >= POSITIVE_RATING
+        return value is not None and value >= positive_rating
     return kind in POSITIVE_TYPES
 
 

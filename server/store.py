@@ -22,12 +22,14 @@ from server.config import Settings
 from server.keys import Keys
 from server.redis_client import connect
 from server.schemas import (
+    POSITIVE_RATING,
     FeedbackEvent,
     HistoryEntry,
     Item,
     ItemUpsert,
     User,
     UserUpsert,
+    is_positive,
     readable_time,
 )
 
@@ -152,11 +154,20 @@ class RatingContext(BaseModel):
 
 
 class Store:
-    def __init__(self, redis: Redis, keys: Keys, history_size: int, dedup_ttl_seconds: int):
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        history_size: int,
+        dedup_ttl_seconds: int,
+        positive_rating: float = POSITIVE_RATING,
+    ):
         self.redis = redis
         self.keys = keys
         self.history_size = history_size
         self.dedup_ttl_seconds = dedup_ttl_seconds
+        # The lowest rating that enters history and popularity (the offline protocol counts all).
+        self.positive_rating = positive_rating
         self._feedback = redis.register_script(FEEDBACK_SCRIPT)
         self._activate = redis.register_script(ACTIVATE_SCRIPT)
         self._renew = redis.register_script(RENEW_SCRIPT)
@@ -403,7 +414,7 @@ class Store:
                 event.request_id or "",
                 event.event_id or "",
                 _ts(event.timestamp),
-                _flag(event.positive),
+                _flag(is_positive(event.type, event.value, self.positive_rating)),
                 ASSIGNED_ID_SECONDS if i in assigned else ttl,
             ]
         status, payload = await self._feedback(args=args)
@@ -468,12 +479,15 @@ class Store:
             await self.redis.delete(*keys[start : start + CHUNK])
 
 
-def build_store(settings: Settings, redis: Redis) -> Store:
+def build_store(
+    settings: Settings, redis: Redis, positive_rating: float = POSITIVE_RATING
+) -> Store:
     return Store(
         redis,
         Keys(settings.key_prefix),
         history_size=settings.history_size,
         dedup_ttl_seconds=settings.dedup_ttl_seconds,
+        positive_rating=positive_rating,
     )
 
 

@@ -237,9 +237,13 @@ def eval_command(
     preset: PresetOption = "default",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
     task: Annotated[
-        Task,
-        typer.Option(help="rank: NDCG/HR/ILD/novelty of lists; rate: MAE/RMSE of ratings."),
-    ] = Task.rank,
+        list[Task] | None,
+        typer.Option(
+            "--task",
+            help="rank: NDCG/HR/ILD/novelty of lists; rate: MAE/RMSE of ratings; repeat the option "
+            "to train one model for both (as the demo does) and report both. Default: rank.",
+        ),
+    ] = None,
     recipe: RecipeOption = Recipe.one,
 ) -> None:
     """Offline evaluation (EVAL.md protocol). rank: reasonrec vs retrieval, popularity, item-kNN;
@@ -249,14 +253,16 @@ def eval_command(
         data = read_eval_data(path, fmt)  # before the heavy imports: bad data fails fast
     except LoadError as exc:
         raise typer.BadParameter(str(exc), param_hint="PATH") from exc
-    if task is Task.rate:
-        from trainer.evaluation.rating import run_rate_eval  # trains a model: heavy imports
+    tasks = frozenset(task or [Task.rank])
+    if Task.rate in tasks and (unrated := data.unrated_tests(data.split.users)):
+        raise typer.BadParameter(
+            f"--task rate needs ratings: the last interaction of {len(unrated)} users "
+            f"(e.g. {', '.join(unrated[:3])}) has no rating value",
+            param_hint="PATH",
+        )
+    from trainer.evaluation.run import run_eval  # trains a model: heavy imports
 
-        report = run_rate_eval(data, settings_from_env(), users, seed, preset, recipe)
-    else:
-        from trainer.evaluation.run import run_eval  # trains a model: heavy imports
-
-        report = run_eval(data, settings_from_env(), users, seed, preset)
+    report = run_eval(data, settings_from_env(), users, seed, preset, tasks, recipe)
     typer.echo(report.table())
     if json_out:
         json_out.write_text(report.model_dump_json(indent=2))

@@ -39,6 +39,9 @@ class Report(BaseModel):
         description="What the evaluated model's bootstrap measured on its own validation users, "
         "stage by stage (pretraining's first pick, SFT, GRPO) and in seconds.",
     )
+    rating: "Report | None" = Field(
+        None, description="The same model's rating report, when it was evaluated for both tasks."
+    )
 
     def table(self) -> str:
         """The report as a fixed-width text table, one row per system."""
@@ -52,6 +55,8 @@ class Report(BaseModel):
         if self.model:
             stages = ", ".join(f"{key} {value:.4g}" for key, value in self.model.items())
             lines.append(f"model bootstrap (validation users): {stages}")
+        if self.rating:
+            lines += ["", self.rating.table()]
         return "\n".join(lines)
 
 

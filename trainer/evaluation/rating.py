@@ -1,9 +1,8 @@
 """`reasonrec eval --task rate`: rating prediction on EVAL.md's split.
 
-Each evaluated user's last interaction is the test; what they rated it is the truth. The store is
-loaded with the training ratings (with their values, unlike the ranking protocol's clicks), the
-model is bootstrapped there for the rating task alone (RecZero or RecOne), the validation
-ratings are added, and every system predicts the test ratings:
+Each evaluated user's last interaction is the test; what they rated it is the truth. The model is
+bootstrapped as `trainer.evaluation.run` describes (for rating, RecZero or RecOne, or for both
+tasks), and every system predicts the test ratings:
 
 - `reasonrec`: the gateway's `POST /v1/rate` path through the vLLM engine, as served (the model's
   rating mixed with the bias baseline's by the version's `rating_weight`);
@@ -21,24 +20,11 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
-from contract.tasks import Task
-from server.active_model import open_engine
-from server.config import Settings
 from server.engine import Engine
-from server.loaders import Dataset
 from server.rate import Rater
 from server.schemas import FeedbackEvent, RatedItem, RateRequest
-from trainer.bootstrap import bootstrap
 from trainer.evaluation.harness import Report
-from trainer.evaluation.run import (
-    events_only,
-    phase_events,
-    scratch_store,
-    trained_on,
-    write_dataset,
-)
-from trainer.evaluation.split import EvalData, sample_users
-from trainer.presets import Recipe
+from trainer.evaluation.split import EvalData
 from trainer.rating import errors
 
 PROTOCOL = "EVAL.md split; the test interaction's rating"
@@ -97,57 +83,43 @@ def _rated(
     return rated, latencies
 
 
-def run_rate_eval(
+def rating_tests(data: EvalData, users: Sequence[str]) -> list[FeedbackEvent]:
+    """The evaluated users' test interactions; raises ValueError unless each is a rating."""
+    if unrated := data.unrated_tests(users):
+        raise ValueError(f"rating evaluation needs rated test interactions; users {unrated[:5]}")
+    return [data.timelines[user][-1] for user in users]
+
+
+def rate_report(
     data: EvalData,
-    settings: Settings,
-    users: int | None,
+    tests: Sequence[FeedbackEvent],
+    known: Sequence[FeedbackEvent],
+    rater: Rater,
+    engine: Engine,
+    run: asyncio.Runner,
     seed: int,
-    preset: str,
-    recipe: Recipe,
 ) -> Report:
-    split, timelines = data.split, data.timelines
-    chosen = sample_users(split, users, seed) if users else list(split.users)
-    tests = [timelines[user][-1] for user in chosen]
-    if any(event.value is None for event in tests):
-        raise ValueError("rating evaluation needs rating events with values")
-    train = phase_events(split, timelines, "train", as_clicks=False)
-    validation = phase_events(split, timelines, "validation", as_clicks=False)
-    known = [e for e in train + validation if e.value is not None]
-    with scratch_store(settings) as (settings, store, run):
-        run.run(write_dataset(store, Dataset(items=data.items, users=data.users, events=train)))
-        trained = run.run(
-            bootstrap(
-                settings,
-                store,
-                preset,
-                seed=seed,
-                trained_on=trained_on(split),
-                tasks=frozenset({Task.rate}),
-                recipe=recipe,
-            )
-        )
-        run.run(write_dataset(store, events_only(validation)))
-        engine = open_engine(settings, trained.version)
-        rater = Rater(store, settings)
-        try:
-            served, latencies = _rated(rater, engine, tests, run)
-            weight = engine.contract.rating_weight
-            engine.contract = engine.contract.model_copy(update={"rating_weight": 1.0})
-            alone = _rated(rater, engine, tests, run)[0] if weight < 1 else served
-            fallback = _rated(rater, None, tests, run)[0]
-        finally:
-            run.run(engine.close())
+    """Every system's MAE and RMSE on `tests`, the baselines fitted on the `known` ratings."""
+    served, latencies = _rated(rater, engine, tests, run)
+    weight = engine.contract.rating_weight
+    engine.contract = engine.contract.model_copy(update={"rating_weight": 1.0})
+    alone = _rated(rater, engine, tests, run)[0] if weight < 1 else served
+    engine.contract = engine.contract.model_copy(update={"rating_weight": weight})
+    fallback = _rated(rater, None, tests, run)[0]
     truth = [e.value for e in tests]
     systems = {
         "reasonrec": errors([item.rating for item in served], truth),
         "reasonrec (model alone)": errors([item.rating for item in alone], truth),
         "bias (fallback)": errors([item.rating for item in fallback], truth),
     }
-    for name, predict in (_means(known) | _surprise(known, seed)).items():
+    rated = [e for e in known if e.value is not None]
+    for name, predict in (_means(rated) | _surprise(rated, seed)).items():
         systems[name] = _score(predict, tests)
-    report = Report(dataset=split.dataset, protocol=PROTOCOL, users=len(tests), systems=systems)
-    report.model = trained.metrics | {
-        "bootstrap_seconds": trained.seconds,
+    report = Report(
+        dataset=data.split.dataset, protocol=PROTOCOL, users=len(tests), systems=systems
+    )
+    report.model = {
+        "rating_weight": weight,
         "p50_ms": statistics.median(latencies),
         "fallback_rate": sum(item.source == "fallback" for item in served) / len(served),
     }

@@ -3,12 +3,14 @@
 1. Read the data once (ml-100k, ml-latest or jsonl) and split it per user by time: train /
    validation / test (`trainer.evaluation.split`).
 2. Load the catalog, users and training interactions into a fresh store (its own key prefix on
-   the configured Redis, or an embedded Redis in a temporary folder). Interactions load as
-   `click` events: the protocol is implicit feedback, every interaction counts whatever its
-   type or rating value.
-3. Bootstrap the model and the candidate index there, on training data only.
+   the configured Redis, or an embedded Redis in a temporary folder). Interactions load as they
+   are, ratings with their values (the rating task's truth), but the store counts every one in
+   history and popularity whatever its rating: the ranking protocol is implicit feedback.
+3. Bootstrap the model and the candidate index there, on training data only, for the tasks asked
+   (`--task rank --task rate` trains one model for both, as `reasonrec demo` does).
 4. Add the validation interactions (they precede the test item; item-kNN scores from them too).
-5. Rank for each user with the systems and score against the test item.
+5. Rank for each user with the systems and score against the test item; predict each user's test
+   rating (`trainer.evaluation.rating`).
 """
 
 import asyncio
@@ -19,34 +21,36 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from contract.tasks import Task
 from server.active_model import open_engine
 from server.config import Settings
+from server.engine import Engine
 from server.index_files import load_current
 from server.loaders import Dataset
 from server.loaders.writer import progress_bar, write
+from server.rate import Rater
 from server.recommend import Recommender
 from server.redis_client import connect
-from server.schemas import EventType, FeedbackEvent
+from server.schemas import FeedbackEvent
 from server.store import Store, build_store
 from trainer.bootstrap import bootstrap
 from trainer.evaluation.harness import Report, evaluate
 from trainer.evaluation.pipeline import PipelineSystem
+from trainer.evaluation.rating import rate_report, rating_tests
 from trainer.evaluation.split import EvalData, Split, sample_users
 from trainer.evaluation.systems import ItemKNN, Popularity
+from trainer.presets import Recipe
 
 log = logging.getLogger(__name__)
 EVAL_TIMEOUT_MS = 600_000
 
 
-def _as_clicks(events: list[FeedbackEvent]) -> list[FeedbackEvent]:
-    return [e.model_copy(update={"type": EventType.click, "value": None}) for e in events]
+EVERY_RATING = 0.0
+"""The eval store's positive-rating threshold: EVAL.md counts every rating as an interaction."""
 
 
-def phase_events(
-    split: Split, timelines: dict[str, list[FeedbackEvent]], phase: str, as_clicks: bool = True
-) -> list:
-    """Every user's events of one phase ('train' or 'validation'), checked against the split;
-    as clicks (the ranking protocol) or as they are (ratings keep their values)."""
+def phase_events(split: Split, timelines: dict[str, list[FeedbackEvent]], phase: str) -> list:
+    """Every user's events of one phase ('train' or 'validation'), checked against the split."""
     chosen = []
     for user, events in timelines.items():
         if user not in split.test:
@@ -57,7 +61,7 @@ def phase_events(
             raise RuntimeError(f"user {user}: the store's {phase} events differ from the split")
         chosen += part
     chosen.sort(key=lambda event: event.timestamp)
-    return _as_clicks(chosen) if as_clicks else chosen
+    return chosen
 
 
 async def write_dataset(store: Store, dataset: Dataset) -> None:
@@ -90,7 +94,7 @@ def scratch_store(settings: Settings) -> Iterator[tuple[Settings, Store, asyncio
             }
         )
         handle = connect(settings)
-        store = build_store(settings, handle.client)
+        store = build_store(settings, handle.client, positive_rating=EVERY_RATING)
         try:
             yield settings, store, run
         finally:
@@ -99,31 +103,67 @@ def scratch_store(settings: Settings) -> Iterator[tuple[Settings, Store, asyncio
 
 
 def run_eval(
-    data: EvalData, settings: Settings, users: int | None, seed: int, preset: str
+    data: EvalData,
+    settings: Settings,
+    users: int | None,
+    seed: int,
+    preset: str,
+    tasks: frozenset[Task] = frozenset({Task.rank}),
+    recipe: Recipe = Recipe.one,
 ) -> Report:
+    """The report of the first task asked (ranking before rating), with the rating report in
+    `rating` when one model was evaluated for both."""
     split, timelines = data.split, data.timelines
     chosen = sample_users(split, users, seed) if users else list(split.users)
+    tests = rating_tests(data, chosen) if Task.rate in tasks else []  # fails before training
+    train = phase_events(split, timelines, "train")
+    validation = phase_events(split, timelines, "validation")
     with scratch_store(settings) as (settings, store, run):
-        engine = None
-        try:
-            train = phase_events(split, timelines, "train")
-            run.run(write_dataset(store, Dataset(items=data.items, users=data.users, events=train)))
-            trained = run.run(
-                bootstrap(settings, store, preset, seed=seed, trained_on=trained_on(split))
+        run.run(write_dataset(store, Dataset(items=data.items, users=data.users, events=train)))
+        trained = run.run(
+            bootstrap(
+                settings,
+                store,
+                preset,
+                seed=seed,
+                trained_on=trained_on(split),
+                tasks=tasks,
+                recipe=recipe,
             )
-            run.run(write_dataset(store, events_only(phase_events(split, timelines, "validation"))))
-            engine = open_engine(settings, trained.version)
-            index = load_current(settings.data_dir)
-            recommender = Recommender(store, settings)
-            systems = [
-                PipelineSystem("reasonrec", recommender, engine, index, run),
-                PipelineSystem("retrieval", recommender, None, index, run),
-                Popularity(),
-                ItemKNN(),
-            ]
-            report = evaluate(split, systems, chosen)
-            report.model = trained.metrics | {"bootstrap_seconds": trained.seconds}
-            return report
+        )
+        run.run(write_dataset(store, events_only(validation)))
+        engine = open_engine(settings, trained.version)
+        try:
+            reports = []
+            if Task.rank in tasks:
+                reports.append(_rank_report(split, chosen, store, settings, engine, run))
+            if Task.rate in tasks:
+                rater = Rater(store, settings)
+                known = train + validation
+                reports.append(rate_report(data, tests, known, rater, engine, run, seed))
         finally:
-            if engine is not None:
-                run.run(engine.close())
+            run.run(engine.close())
+    report = reports[0]
+    report.model = trained.metrics | {"bootstrap_seconds": trained.seconds} | report.model
+    if len(reports) == 2:
+        report.rating = reports[1]
+    return report
+
+
+def _rank_report(
+    split: Split,
+    users: list[str],
+    store: Store,
+    settings: Settings,
+    engine: Engine,
+    run: asyncio.Runner,
+) -> Report:
+    index = load_current(settings.data_dir)
+    recommender = Recommender(store, settings)
+    systems = [
+        PipelineSystem("reasonrec", recommender, engine, index, run),
+        PipelineSystem("retrieval", recommender, None, index, run),
+        Popularity(),
+        ItemKNN(),
+    ]
+    return evaluate(split, systems, users)

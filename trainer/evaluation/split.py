@@ -141,6 +141,10 @@ class EvalData:
     timelines: dict[str, list[FeedbackEvent]]
     """Per user, the interaction events in the split's order (time, ties in file order)."""
 
+    def unrated_tests(self, users: Iterable[str]) -> list[str]:
+        """Those of `users` whose test interaction has no rating value to predict."""
+        return [user for user in users if self.timelines[user][-1].value is None]
+
 
 def read_eval_data(path: Path, fmt: EvalFormat = EvalFormat.ml_100k) -> EvalData:
     """Read `path` once; raises `LoadError` saying what is wrong with missing or unusable data.

@@ -76,9 +76,23 @@ class TestMetricsWiring:
 
     def test_report_shape(self, report: Report) -> None:
         data = json.loads(report.model_dump_json())
-        assert data.keys() == {"dataset", "protocol", "users", "systems", "model"}
+        assert data.keys() == {"dataset", "protocol", "users", "systems", "model", "rating"}
         assert (data["dataset"], data["protocol"], data["users"]) == ("tiny", PROTOCOL, 3)
         assert list(data["systems"]["scripted"]) == METRICS
+        assert data["rating"] is None  # a ranking-only run
+
+    def test_a_model_for_both_tasks_reports_both(self, report: Report) -> None:
+        rating = Report(
+            dataset="tiny", protocol="ratings", users=3, systems={"bias": {"mae": 0.5, "rmse": 1}}
+        )
+        both = report.model_copy(update={"rating": rating})
+        lines = both.table().splitlines()
+        assert lines[1].split() == ["system", *METRICS]
+        assert [line.split() for line in lines[-2:]] == [
+            ["system", "mae", "rmse"],
+            ["bias", "0.5000", "1.0000"],
+        ]
+        assert Report.model_validate_json(both.model_dump_json()) == both
 
     def test_table_lists_every_system_and_metric(self) -> None:
         split = tiny_split()

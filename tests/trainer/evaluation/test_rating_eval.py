@@ -10,11 +10,21 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
+from contract.tasks import Task
+from server.config import Settings
+from server.loaders import Dataset
 from server.schemas import EventType
-from tests.trainer.evaluation.test_formats import write_ml_latest
+from tests.trainer.evaluation.test_formats import (
+    T,
+    event,
+    item,
+    plain,
+    write_jsonl,
+    write_ml_latest,
+)
 from trainer.evaluation.harness import Report
 from trainer.evaluation.rating import _means, _score, _surprise
-from trainer.evaluation.run import phase_events
+from trainer.evaluation.run import phase_events, scratch_store, write_dataset
 from trainer.evaluation.split import EvalData, EvalFormat, read_eval_data
 from trainer.presets import Recipe
 
@@ -25,7 +35,7 @@ def data(tmp_path: Path) -> EvalData:
 
 
 def test_the_store_gets_ratings_with_their_values(data: EvalData) -> None:
-    train = phase_events(data.split, data.timelines, "train", as_clicks=False)
+    train = phase_events(data.split, data.timelines, "train")
     # user 1's first two ratings (4.0 at 100, 3.5 at 200), user 10's first (4.0 at 20)
     assert sorted((e.user_id, e.item_id, e.value) for e in train) == [
         ("1", "1", 4.0),
@@ -33,8 +43,20 @@ def test_the_store_gets_ratings_with_their_values(data: EvalData) -> None:
         ("10", "1", 4.0),
     ]
     assert {e.type for e in train} == {EventType.rating}
-    clicks = phase_events(data.split, data.timelines, "train")
-    assert {e.type for e in clicks} == {EventType.click}  # the ranking protocol
+
+
+def test_the_eval_store_counts_every_rating_as_an_interaction(
+    data: EvalData, settings: Settings
+) -> None:
+    train = phase_events(data.split, data.timelines, "train")
+    dataset = Dataset(items=data.items, users=data.users, events=train)
+    with scratch_store(settings) as (_, store, run):
+        run.run(write_dataset(store, dataset))
+        _, history, seen = run.run(store.user_context("1", 10))
+        context = run.run(store.rating_context("1", ["2"], 10))
+    # 3.5 is below the serving threshold (4), but the ranking protocol counts it
+    assert [item for item, _ in history] == ["1", "2"] and seen == {"1", "2"}
+    assert context.ratings == {"1": 4.0, "2": 3.5}
 
 
 def test_mean_baselines(data: EvalData) -> None:
@@ -62,8 +84,8 @@ def test_the_command_runs_the_rating_eval_with_its_recipe(
 ) -> None:
     runs = []
 
-    def run_rate_eval(data: EvalData, settings, users, seed, preset, recipe) -> Report:
-        runs.append((data.split.dataset, users, recipe))
+    def run_eval(data: EvalData, settings, users, seed, preset, tasks, recipe) -> Report:
+        runs.append((data.split.dataset, users, tasks, recipe))
         return Report(
             dataset=data.split.dataset,
             protocol="test",
@@ -71,12 +93,24 @@ def test_the_command_runs_the_rating_eval_with_its_recipe(
             systems={"reasonrec": {"mae": 0.5, "rmse": 0.7}},
         )
 
-    fake = types.ModuleType("trainer.evaluation.rating")
-    fake.run_rate_eval = run_rate_eval  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "trainer.evaluation.rating", fake)
+    fake = types.ModuleType("trainer.evaluation.run")
+    fake.run_eval = run_eval  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "trainer.evaluation.run", fake)
     folder = tmp_path / "ml"
     args = ["eval", "--format", "ml-latest", str(folder), "--task", "rate", "--recipe", "zero"]
     result = CliRunner().invoke(app, [*args, "--users", "2"])
     assert result.exit_code == 0, result.output
-    assert runs == [(data.split.dataset, 2, Recipe.zero)]
+    assert runs == [(data.split.dataset, 2, frozenset({Task.rate}), Recipe.zero)]
     assert "reasonrec    0.5000    0.7000" in result.output
+
+
+def test_rating_needs_rated_test_interactions(tmp_path: Path) -> None:
+    clicks = [item("1"), item("2"), item("3")] + [
+        event("b", str(n), "click", T(n)) for n in (1, 2, 3)
+    ]
+    path = write_jsonl(tmp_path / "clicks.jsonl", clicks)
+    args = ["eval", "--format", "jsonl", str(path), "--task", "rank", "--task", "rate"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "--task rate needs ratings" in plain(result.output)
+    assert "Traceback" not in result.output
