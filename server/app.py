@@ -1,5 +1,6 @@
 """The FastAPI application: wiring of settings, Redis, engine, middleware, errors and routers."""
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -14,8 +15,10 @@ from server.middleware import RequestMiddleware
 from server.rate import Rater
 from server.recommend import Recommender
 from server.redis_client import connect
-from server.routes import feedback, health, items, models, rate, recommend, users
+from server.routes import feedback, health, items, models, rate, recommend, search, users
 from server.schemas import latest_time
+from server.search import Searcher
+from server.search_index import SearchIndexes
 from server.serving import Serving
 from server.store import build_store
 
@@ -47,11 +50,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings, app.state.store = settings, store
         app.state.recommender = Recommender(store, settings)
         app.state.rater = Rater(store, settings)
+        indexes = SearchIndexes(settings.search_retriever)
+        app.state.searcher = Searcher(store, settings, indexes)
         app.state.serving = Serving(settings, store)
         await app.state.serving.start()
+        stopping = asyncio.Event()
+        following = asyncio.create_task(
+            indexes.follow(store, settings.search_refresh_seconds, stopping)
+        )
         try:
             yield
         finally:
+            stopping.set()
+            await following
             await app.state.serving.stop()
             await handle.close()
 
@@ -66,7 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes)
     app.include_router(health.router)
-    routers = (items, users, feedback, recommend, rate, models)
+    routers = (items, users, feedback, recommend, rate, search, models)
     for router in (module.router for module in routers):
         app.include_router(
             router, dependencies=[Depends(require_api_key)], responses=errors.documented(401, 503)

@@ -47,19 +47,21 @@ async def retrieve(
     ranked = candidate_order(hits, await store.popular(n * OVERFETCH), await store.newest(n))
     history_items = await store.get_items([item_id for item_id, _ in context.history])
     categories = set(query.categories) if query.categories else None
-    chosen = await _filtered(store, ranked, n, exclude, categories)
+    chosen = await filtered(store, ranked, n, exclude, categories)
     history = [(history_items[i], ts) for i, ts in context.history if i in history_items]
     return Candidates(items=chosen, history=history, cold_start=cold)
 
 
-async def _filtered(
+async def filtered(
     store: Store,
     ranked: list[tuple[str, float]],
     n: int,
     exclude: set[str],
     categories: set[str] | None,
 ) -> list[Candidate]:
-    """Read items a chunk at a time: most requests need only the first 2n of the ranking."""
+    """The first n allowed items of `ranked` ((id, score), best first), hidden, unavailable,
+    excluded and filtered-out ones dropped. Items are read a chunk at a time: most requests need
+    only the first 2n of the ranking."""
     chosen: list[Candidate] = []
     for start in range(0, len(ranked), 2 * n):
         chunk = ranked[start : start + 2 * n]

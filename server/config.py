@@ -13,6 +13,8 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from contract.search import RetrieverKind
+
 
 class _Section(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REASONREC_", extra="ignore")
@@ -103,6 +105,18 @@ class GatewaySettings(_Section):
         1, ge=1, le=64, description="Worker processes for `reasonrec serve` (one per core)."
     )
     log_level: str = Field("info", description="Log level: debug, info, warning or error.")
+    search_retriever: RetrieverKind = Field(
+        RetrieverKind.bm25,
+        description="The retriever POST /v1/search ranks with: bm25 (lexical) or dense "
+        "(all-MiniLM-L6-v2 sentence vectors in faiss; about 90 MB more memory).",
+    )
+    search_refresh_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="How often the gateway checks the catalog for changes; a changed catalog is "
+        "searchable once its index is rebuilt (BM25: milliseconds for 10k items).",
+    )
 
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod

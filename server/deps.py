@@ -14,6 +14,7 @@ from server.config import Settings
 from server.errors import ApiError
 from server.rate import Rater
 from server.recommend import Recommender
+from server.search import Searcher
 from server.serving import Serving
 from server.store import Store
 
@@ -38,10 +39,15 @@ async def get_rater(request: Request) -> Rater:
     return request.app.state.rater
 
 
+async def get_searcher(request: Request) -> Searcher:
+    return request.app.state.searcher
+
+
 StoreDep = Annotated[Store, Depends(get_store)]
 ServingDep = Annotated[Serving, Depends(get_serving)]
 RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
 RaterDep = Annotated[Rater, Depends(get_rater)]
+SearcherDep = Annotated[Searcher, Depends(get_searcher)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 

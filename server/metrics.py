@@ -76,3 +76,19 @@ RATE_FALLBACKS = Counter(
     "Ratings predicted by the bias baseline instead of the model, by reason.",
     ["reason"],
 )
+SEARCHES = Counter(
+    "reasonrec_searches_total",
+    "Search responses of POST /v1/search, by source and model version.",
+    ["source", "model_version"],
+)
+SEARCH_FALLBACKS = Counter(
+    "reasonrec_search_fallbacks_total",
+    "Searches that sent the user's query to the retriever as written, by reason.",
+    ["reason"],
+)
+SEARCH_INDEX_ITEMS = Gauge("reasonrec_search_index_items", "Items in the current search index.")
+SEARCH_INDEX_BUILD_SECONDS = Histogram(
+    "reasonrec_search_index_build_seconds",
+    "Time to build the search index from the catalog.",
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300),
+)

@@ -415,3 +415,46 @@ class RateResponse(BaseModel):
     source: Source = Field(description="fallback when any item was rated by the baseline.")
     degraded: bool
     latency_ms: float
+
+
+MAX_QUERY_CHARS = 500
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(
+        min_length=1,
+        max_length=MAX_QUERY_CHARS,
+        pattern=r"\S",
+        description="What the user typed, 1 to 500 characters, not only spaces.",
+    )
+    user_id: Id | None = Field(
+        None, description="Who is searching: their seen items are left out (see exclude_seen)."
+    )
+    k: Integer = Field(10, ge=1, le=50)
+    exclude_seen: StrictBool = True
+    explain: StrictBool = Field(False, description="Return the model's reasoning.")
+
+
+class SearchedItem(BaseModel):
+    item_id: str
+    rank: int
+    score: float = Field(description="The retriever's score of the item against `query`.")
+    title: str
+    categories: list[str]
+
+
+class SearchResponse(BaseModel):
+    request_id: str
+    user_id: str | None
+    model_version: str | None
+    query: str = Field(description="The query the retriever ranked with.")
+    retriever: str = Field(description="bm25 or dense (REASONREC_SEARCH_RETRIEVER).")
+    items: list[SearchedItem]
+    reasoning: str | None = Field(None, description="Why the model wrote that query.")
+    source: Source = Field(
+        description="llm: the model rewrote the query; fallback: the query went as written."
+    )
+    degraded: bool
+    latency_ms: float

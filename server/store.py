@@ -193,8 +193,13 @@ class Store:
                     pipe.zadd(self.keys.created, {item.item_id: item.created_at.timestamp()})
             pipe.sadd(self.keys.items, *(item.item_id for item in items))
             pipe.srem(self.keys.hidden, *(item.item_id for item in items))
+            pipe.incr(self.keys.catalog_version)  # what the search index follows
             await pipe.execute()
         return len(items)
+
+    async def catalog_version(self) -> int:
+        """How many item writes the catalog has had: it changes whenever an item's text may."""
+        return int(await self.redis.get(self.keys.catalog_version) or 0)
 
     async def get_item(self, item_id: str) -> Item | None:
         """The item, or None when it does not exist or its record cannot be read."""
@@ -279,6 +284,9 @@ class Store:
             else:
                 readable.append((item_id, ts))
         return attributes_of(user_id, attributes), readable, set(seen)
+
+    async def seen_items(self, user_id: str) -> set[str]:
+        return set(await self.redis.smembers(self.keys.seen(user_id)))
 
     async def rating_context(
         self, user_id: str, item_ids: Sequence[str], history_limit: int

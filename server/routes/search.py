@@ -1,0 +1,17 @@
+"""Search route: POST /v1/search."""
+
+from fastapi import APIRouter
+
+from server.deps import SearcherDep, ServingDep
+from server.errors import documented
+from server.logs import request_id_var
+from server.schemas import SearchRequest, SearchResponse
+
+router = APIRouter(prefix="/v1/search", tags=["search"])
+
+
+@router.post("", response_model=SearchResponse, responses=documented(400, 413, 422))
+async def search(body: SearchRequest, searcher: SearcherDep, serving: ServingDep) -> SearchResponse:
+    """Catalog items matching a free-text query, ranked by the fixed retriever (BM25 or dense);
+    with a `user_id`, the items they have seen are left out."""
+    return await searcher.search(body, request_id_var.get() or "", serving.engine)

