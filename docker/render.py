@@ -174,6 +174,30 @@ def rows() -> dict[str, list[dict[str, Any]]]:
                 "s",
             ),
         ],
+        "Search": [
+            panel(
+                "Searches by source",
+                [(f"sum by (source) (rate(reasonrec_searches_total[{RATE}]))", "{{source}}")],
+                "short",
+            ),
+            panel(
+                "Search index: items, and seconds per rebuild",
+                [
+                    ("max(reasonrec_search_index_items)", "items"),
+                    (
+                        f"rate(reasonrec_search_index_build_seconds_sum[{RATE}]) "
+                        f"/ rate(reasonrec_search_index_build_seconds_count[{RATE}])",
+                        "seconds per rebuild",
+                    ),
+                ],
+                "short",
+            ),
+            panel(
+                "Gateway: POST /v1/search",
+                quantiles("reasonrec_http_request_duration_seconds_bucket", '{route="/v1/search"}'),
+                "s",
+            ),
+        ],
         "Feedback": [
             panel(
                 "Feedback events by type",

@@ -29,7 +29,7 @@ from tests.deploy.helpers import (
 
 DASHBOARD = DOCKER / "grafana/dashboards/reasonrec.json"
 ALERTS = DOCKER / "prometheus/alerts.yml"
-ROWS = ["Traffic", "Latency", "Quality", "Rating", "Feedback", "Training", "vLLM"]
+ROWS = ["Traffic", "Latency", "Quality", "Rating", "Search", "Feedback", "Training", "vLLM"]
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
