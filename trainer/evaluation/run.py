@@ -9,8 +9,9 @@
 3. Bootstrap the model and the candidate index there, on training data only, for the tasks asked
    (`--task rank --task rate` trains one model for both, as `reasonrec demo` does).
 4. Add the validation interactions (they precede the test item; item-kNN scores from them too).
-5. Rank for each user with the systems and score against the test item; predict each user's test
-   rating (`trainer.evaluation.rating`).
+5. Rank for each user with the systems (the model, the retrieval order it reranks, popularity,
+   item-kNN, and search's retrievers queried with the last item's title) and score against the
+   test item; predict each user's test rating (`trainer.evaluation.rating`).
 """
 
 import asyncio
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from contract.search import RetrieverKind
 from contract.tasks import Task
 from server.active_model import open_engine
 from server.config import Settings
@@ -32,13 +34,14 @@ from server.rate import Rater
 from server.recommend import Recommender
 from server.redis_client import connect
 from server.schemas import FeedbackEvent
+from server.search_index import Encoder, build_search_index
 from server.store import Store, build_store
 from trainer.bootstrap import bootstrap
 from trainer.evaluation.harness import Report, evaluate
 from trainer.evaluation.pipeline import PipelineSystem
 from trainer.evaluation.rating import rate_report, rating_tests
 from trainer.evaluation.split import EvalData, Split, sample_users
-from trainer.evaluation.systems import ItemKNN, Popularity
+from trainer.evaluation.systems import ItemKNN, Popularity, TitleQuery
 from trainer.presets import Recipe
 
 log = logging.getLogger(__name__)
@@ -136,7 +139,7 @@ def run_eval(
         try:
             reports = []
             if Task.rank in tasks:
-                reports.append(_rank_report(split, chosen, store, settings, engine, run))
+                reports.append(_rank_report(data, chosen, store, settings, engine, run))
             if Task.rate in tasks:
                 rater = Rater(store, settings)
                 known = train + validation
@@ -151,7 +154,7 @@ def run_eval(
 
 
 def _rank_report(
-    split: Split,
+    data: EvalData,
     users: list[str],
     store: Store,
     settings: Settings,
@@ -165,5 +168,14 @@ def _rank_report(
         PipelineSystem("retrieval", recommender, None, index, run),
         Popularity(),
         ItemKNN(),
+        *_title_queries(data),
     ]
-    return evaluate(split, systems, users)
+    return evaluate(data.split, systems, users)
+
+
+def _title_queries(data: EvalData) -> list[TitleQuery]:
+    """Search's retrievers, BM25 and dense, each queried with the user's last title."""
+    items = [(item.item_id, item) for item in data.items]
+    titles = {item.item_id: item.title for item in data.items}
+    encoder = Encoder()
+    return [TitleQuery(build_search_index(items, kind, encoder), titles) for kind in RetrieverKind]

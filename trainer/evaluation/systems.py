@@ -1,14 +1,17 @@
 """Systems the offline harness compares, and the two reference baselines of EVAL.md.
 
 A system is fitted on a `Split` (training interactions only) and then ranks the whole catalog
-minus the user's training and validation items. Baselines here: `Popularity` and `ItemKNN`;
-the retrieval stage and the reasonrec LLM pipeline implement the same protocol elsewhere.
+minus the user's training and validation items. Baselines here: `Popularity` and `ItemKNN`, and
+`TitleQuery` (search's retriever); the retrieval stage and the reasonrec LLM pipeline implement
+the same protocol elsewhere.
 """
 
+from collections.abc import Mapping
 from typing import Protocol
 
 import numpy as np
 
+from server.search_index import SearchIndex
 from trainer.evaluation.split import Split
 
 
@@ -125,3 +128,30 @@ class ItemKNN:
         # whatever order the floats were added in
         scores = np.round(self._sim[seeds].sum(axis=0), 9)
         return self._catalog.top_k(user_id, scores, self._popularity_order, k)
+
+
+class TitleQuery:
+    """Search's fixed retriever queried with the title of the user's last item (training and
+    validation): the raw-query baseline a query-writing model must beat (Rec-R1, issue 17).
+
+    Scores are the retriever's (`server.search_index`); items it does not match (BM25: no shared
+    word) are not ranked; ties follow catalog order.
+    """
+
+    def __init__(self, index: SearchIndex, titles: Mapping[str, str]):
+        self.name = f"title query ({index.kind.value})"
+        self._index, self._titles = index, titles
+
+    def fit(self, split: Split) -> None:
+        self._split = split
+        self._catalog = _Catalog(split)
+        self._at = np.array([self._index.item_ids.index(item) for item in split.catalog])
+        self._order = np.arange(len(split.catalog))
+
+    def recommend(self, user_id: str, k: int) -> list[str]:
+        history = self._split.history(user_id)
+        if not history:
+            return []
+        scores = self._index.scores(self._titles[history[-1]])[self._at]
+        scores = np.where(scores > self._index.floor, scores, -np.inf)
+        return self._catalog.top_k(user_id, scores, self._order, k)

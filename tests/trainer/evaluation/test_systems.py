@@ -4,8 +4,11 @@ import random
 import numpy as np
 import pytest
 
+from contract.search import RetrieverKind
+from server.schemas import ItemIn
+from server.search_index import build_search_index
 from trainer.evaluation.split import Interaction, Split, build_split, id_order
-from trainer.evaluation.systems import ItemKNN, Popularity, cosine_similarity
+from trainer.evaluation.systems import ItemKNN, Popularity, TitleQuery, cosine_similarity
 
 
 def split_of(sequences: dict[str, list[str]], items: int = 6) -> Split:
@@ -138,3 +141,33 @@ def reference_knn(split: Split, seeds: tuple[str, ...], seen: frozenset, k: int)
         key=lambda item: (-round(scores[item], 9), -split.popularity[item], id_order(item)),
     )
     return ranked[:k]
+
+
+class TestTitleQuery:
+    # T's last item (validation) is 2, "Star Wars": BM25 finds 4 and 6, which share a word.
+    TITLES = {
+        "1": "Fargo",
+        "2": "Star Wars",
+        "3": "Heat",
+        "4": "Return of the Star Jedi",
+        "5": "Babe",
+        "6": "Wars of the Roses",
+    }
+
+    def system(self, kind: RetrieverKind = RetrieverKind.bm25) -> TitleQuery:
+        items = [(i, ItemIn(title=title)) for i, title in self.TITLES.items()]
+        index = build_search_index(items, kind)
+        system = TitleQuery(index, self.TITLES)
+        system.fit(split_of(SEQUENCES))
+        return system
+
+    def test_ranks_what_the_last_title_matches_minus_seen_items(self) -> None:
+        system = self.system()
+        assert system.name == "title query (bm25)"
+        ranked = system.recommend("T", 10)
+        assert set(ranked) == {"4", "6"}  # 2 itself is seen; the others share no word
+        assert system.recommend("B", 10) == ["4"]  # B's last item is 2 too, and B has seen 6
+        assert system.recommend("nobody", 10) == []
+
+    def test_k_caps_the_list(self) -> None:
+        assert len(self.system().recommend("T", 1)) == 1
