@@ -15,11 +15,11 @@ import argparse
 import asyncio
 import json
 import os
-import time
 import uuid
 
 import httpx
 import numpy as np
+from _load import LEVELS, load  # bench/ is the script's folder
 
 from contract.prompt import answer_pattern
 from server.active_model import open_engine
@@ -27,34 +27,6 @@ from server.config import Settings
 from server.engine import Engine, GenerationRequest
 from server.recommend import REPEAT_PENALTY, SPARE_IDS
 from server.store import open_store
-
-LEVELS = (1, 16)
-
-
-def _summary(latencies: list[float], elapsed: float, concurrency: int) -> dict[str, float]:
-    ms = np.array(latencies) * 1000
-    return {
-        "concurrency": concurrency,
-        "requests": len(latencies),
-        "throughput_rps": round(len(latencies) / elapsed, 2),
-        "p50_ms": round(float(np.percentile(ms, 50)), 2),
-        "p99_ms": round(float(np.percentile(ms, 99)), 2),
-    }
-
-
-async def _load(call, jobs: list, concurrency: int) -> dict[str, float]:
-    latencies: list[float] = []
-    queue = iter(jobs)
-
-    async def worker() -> None:
-        for job in queue:
-            start = time.perf_counter()
-            await call(job)
-            latencies.append(time.perf_counter() - start)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return _summary(latencies, time.perf_counter() - started, concurrency)
 
 
 async def _gateway(url: str, users: list[str], key: str | None) -> tuple[dict, list[str]]:
@@ -71,7 +43,7 @@ async def _gateway(url: str, users: list[str], key: str | None) -> tuple[dict, l
             request_ids.append(body["request_id"])
 
         await call(users[0])  # warm-up
-        results = {f"c{c}": await _load(call, users, c) for c in LEVELS}
+        results = {f"c{c}": await load(call, users, c) for c in LEVELS}
     return results, request_ids
 
 
@@ -103,7 +75,7 @@ async def _engine(engine: Engine, prompts: list[tuple[str, list]], max_tokens: i
         await engine.generate(request)
 
     await call(prompts[0])
-    return {f"c{c}": await _load(call, prompts, c) for c in LEVELS}
+    return {f"c{c}": await load(call, prompts, c) for c in LEVELS}
 
 
 async def _users(settings: Settings, count: int) -> list[str]:

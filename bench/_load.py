@@ -1,0 +1,39 @@
+"""Closed-loop load for the HTTP benchmarks: N workers, each sending its next job when the last
+one is answered; latency percentiles and throughput per concurrency level."""
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+LEVELS = (1, 16)
+
+
+def _summary(latencies: list[float], elapsed: float, concurrency: int) -> dict[str, float]:
+    ms = np.array(latencies) * 1000
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "throughput_rps": round(len(latencies) / elapsed, 2),
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+    }
+
+
+async def load(
+    call: Callable[[Any], Awaitable[None]], jobs: Sequence[Any], concurrency: int
+) -> dict[str, float]:
+    latencies: list[float] = []
+    queue = iter(jobs)
+
+    async def worker() -> None:
+        for job in queue:
+            start = time.perf_counter()
+            await call(job)
+            latencies.append(time.perf_counter() - start)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return _summary(latencies, time.perf_counter() - started, concurrency)
