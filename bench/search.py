@@ -38,9 +38,8 @@ async def _jobs(settings: Settings, count: int) -> tuple[list[tuple[str, str]], 
     rng = np.random.default_rng(0)
     titles = [item.title for _, item in sorted(items.items())]
     queries = [titles[i] for i in rng.choice(len(titles), size=count)]
-    return [
-        (query, users[i]) for query, i in zip(queries, rng.choice(len(users), size=count))
-    ], indexes
+    searchers = [users[i] for i in rng.choice(len(users), size=count)]
+    return list(zip(queries, searchers, strict=True)), indexes
 
 
 async def _gateway(url: str, jobs: list[tuple[str, str]], key: str | None) -> dict:
