@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.searcher = Searcher(store, settings, indexes)
         app.state.serving = Serving(settings, store)
         await app.state.serving.start()
+        await indexes.start(store)
         stopping = asyncio.Event()
         following = asyncio.create_task(
             indexes.follow(store, settings.search_refresh_seconds, stopping)

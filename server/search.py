@@ -8,7 +8,6 @@ retriever as written, with `source: fallback` and the reason counted in
 `reasonrec_search_fallbacks_total` (`no_model`, or `task_unsupported` for the active version).
 """
 
-import logging
 import time
 
 from contract.candidates import OVERFETCH
@@ -20,8 +19,6 @@ from server.policy import enforce, read_policy
 from server.schemas import SearchedItem, SearchRequest, SearchResponse, Source
 from server.search_index import SearchIndexes
 from server.store import Store
-
-log = logging.getLogger(__name__)
 
 
 class Searcher:
@@ -59,7 +56,6 @@ class Searcher:
             latency_ms=round((time.perf_counter() - started) * 1000, 2),
         )
         metrics.SEARCHES.labels(response.source.value, response.model_version or "").inc()
-        log.info("search", extra={"reason": reason, "results": len(ids)})
         return response
 
     async def _retrieve(self, request: SearchRequest, query: str) -> tuple[list[str], dict]:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import faiss
 import numpy as np
+from redis.exceptions import RedisError
 
 from contract.search import RetrieverKind
 from server import metrics
@@ -183,7 +184,8 @@ class SearchIndexes:
         return build_search_index(items, self.kind, self._encoder)
 
     async def follow(self, store: Store, every_seconds: float, stopping: asyncio.Event) -> None:
-        """Refresh every `every_seconds` until `stopping` is set; failures are logged, retried."""
+        """Refresh now, then every `every_seconds` until `stopping` is set; a failed refresh is
+        logged and tried again at the next check, the last index serving meanwhile."""
         while not stopping.is_set():
             try:
                 await self.refresh(store)
@@ -191,3 +193,11 @@ class SearchIndexes:
                 log.error("search index not rebuilt", extra={"reason": repr(exc)})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), every_seconds)
+
+    async def start(self, store: Store) -> None:
+        """The first build, before the gateway answers: a search must not find nothing because
+        the index is not built yet. Without Redis, `follow` builds it once Redis answers."""
+        try:
+            await self.refresh(store)
+        except RedisError as exc:
+            log.error("search index not built at startup", extra={"reason": repr(exc)})

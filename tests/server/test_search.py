@@ -141,6 +141,12 @@ def test_hidden_unavailable_and_seen_items_are_left_out(searching: TestClient) -
     ]
 
 
+def test_the_catalog_is_searchable_from_the_first_request(make_client) -> None:
+    _put_catalog(make_client())
+    restarted = make_client(search_refresh_seconds=3600)  # no rebuild after the startup one
+    assert [hit["item_id"] for hit in _search(restarted, query="heist")["items"]] == ["heat"]
+
+
 def test_an_empty_catalog_finds_nothing(client: TestClient) -> None:
     assert _search(client, query="anything")["items"] == []
 
