@@ -8,6 +8,7 @@ retriever as written, with `source: fallback` and the reason counted in
 `reasonrec_search_fallbacks_total` (`no_model`, or `task_unsupported` for the active version).
 """
 
+import asyncio
 import time
 
 from contract.candidates import OVERFETCH
@@ -67,7 +68,8 @@ class Searcher:
         seen = await self.store.seen_items(request.user_id) if request.user_id else set()
         exclude = seen if request.exclude_seen else set()
         n = request.k * OVERFETCH
-        hits = index.search(query, n + len(exclude))
+        # off the event loop: a dense query is a model forward pass (milliseconds of CPU)
+        hits = await asyncio.to_thread(index.search, query, n + len(exclude))
         found = await filtered(self.store, hits, n, exclude, None)
         by_id = {candidate.item.item_id: candidate for candidate in found}
         items = {item_id: candidate.item for item_id, candidate in by_id.items()}
