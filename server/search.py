@@ -13,7 +13,7 @@ import time
 
 from contract.candidates import OVERFETCH
 from server import metrics
-from server.candidates import filtered
+from server.candidates import Candidate, filtered
 from server.config import Settings
 from server.engine import Engine
 from server.policy import enforce, read_policy
@@ -59,7 +59,9 @@ class Searcher:
         metrics.SEARCHES.labels(response.source.value, response.model_version or "").inc()
         return response
 
-    async def _retrieve(self, request: SearchRequest, query: str) -> tuple[list[str], dict]:
+    async def _retrieve(
+        self, request: SearchRequest, query: str
+    ) -> tuple[list[str], dict[str, Candidate]]:
         """The served ids and their candidates: the retriever's matches, filtered, then the
         policy's constraints (which may promote a match or drop one)."""
         index = self.indexes.current
