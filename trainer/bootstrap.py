@@ -89,12 +89,6 @@ class Plan(BaseModel):
     recipe: Recipe = Recipe.one
     rating: RatingExamples | None = None
 
-    @property
-    def joint_sft(self) -> bool:
-        """RecOne's SFT runs with ranking's, not after it: SFT on ratings alone after ranking
-        would make the model forget how to rank."""
-        return self.recipe is Recipe.one and {Task.rank, Task.rate} <= self.tasks
-
 
 def train_model(
     corpus: Corpus,
@@ -126,7 +120,9 @@ def train_model(
         stages["pretrain_seconds"] = pretrained.seconds
         stages["pretrain_ndcg@10"] = first_pick_ndcg(model, tokenizer, examples.validation)
     facts = catalog_facts(corpus.items.values(), policy)
-    joint = plan.joint_sft and plan.rating is not None
+    # RecOne's SFT runs with ranking's, not after it: SFT on ratings alone after ranking
+    # would make the model forget how to rank.
+    joint = plan.rating is not None and plan.recipe is Recipe.one and Task.rank in plan.tasks
     if Task.rank in plan.tasks:
         rating_sft = plan.rating.train if joint else []
         model = run_sft(model, tokenizer, [*examples.train, *rating_sft], preset.sft)
@@ -174,18 +170,12 @@ def validate_tasks(
 
 
 def _rating_examples(
-    corpus: Corpus, shape: Shape, preset: Preset, plan: Plan, ranking: int, seed: int
+    corpus: Corpus, shape: Shape, preset: Preset, seed: int
 ) -> RatingExamples | None:
-    """The rating task's examples. In one SFT with ranking's `ranking` examples, at most as many:
-    with twice as many (20,000 against 11,241), the ML-100K model for both tasks ranked at 1.07x
-    the retrieval order's NDCG@10 where the rank-only one reached 1.20x."""
-    if Task.rate not in plan.tasks:
+    if Task.rate not in shape.contract.tasks:
         return None
-    count = preset.rate.sft_examples
-    if plan.joint_sft:
-        count = min(count, ranking)
     builder = RatingExampleBuilder(corpus, shape.contract.rendering, shape.contract.history)
-    rating = builder.build(count, preset.rate.validation_users, seed)
+    rating = builder.build(preset.rate.sft_examples, preset.rate.validation_users, seed)
     if not rating.train or not rating.validation:
         raise ValueError("no rating examples: the store needs users with 2+ rating events")
     return rating
@@ -222,8 +212,7 @@ async def bootstrap(
         contract=contract(preset, settings, tasks),
     )
     examples = _examples(corpus, index, shape, preset, seed)
-    plan = Plan(tasks=tasks, recipe=recipe)
-    plan.rating = _rating_examples(corpus, shape, preset, plan, len(examples.train), seed)
+    plan = Plan(tasks=tasks, recipe=recipe, rating=_rating_examples(corpus, shape, preset, seed))
     policy = read_policy(settings.policy_file)
     model, tokenizer, stages = train_model(
         corpus, index, examples, preset, policy, shape, plan, seed, settings.novelty_floor
