@@ -72,7 +72,8 @@ class Searcher:
         n = request.k * OVERFETCH
         # off the event loop: a dense query is a model forward pass (milliseconds of CPU)
         hits = await asyncio.to_thread(index.search, query, n + len(exclude))
-        found = await filtered(self.store, hits, n, exclude, None)
+        unseen = [(item_id, score) for item_id, score in hits if item_id not in exclude]
+        found = await filtered(self.store, unseen, n, exclude, None)
         by_id = {candidate.item.item_id: candidate for candidate in found}
         items = {item_id: candidate.item for item_id, candidate in by_id.items()}
         order = list(by_id)
