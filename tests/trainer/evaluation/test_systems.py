@@ -143,21 +143,22 @@ def reference_knn(split: Split, seeds: tuple[str, ...], seen: frozenset, k: int)
     return ranked[:k]
 
 
-class TestTitleQuery:
-    # T's last item (validation) is 2, "Star Wars": BM25 finds 4 and 6, which share a word.
-    TITLES = {
-        "1": "Fargo",
-        "2": "Star Wars",
-        "3": "Heat",
-        "4": "Return of the Star Jedi",
-        "5": "Babe",
-        "6": "Wars of the Roses",
-    }
+# T's last item (validation) is 2, "Star Wars": BM25 finds 4 and 6, which share a word.
+TITLES = {
+    "1": "Fargo",
+    "2": "Star Wars",
+    "3": "Heat",
+    "4": "Return of the Star Jedi",
+    "5": "Babe",
+    "6": "Wars of the Roses",
+}
 
+
+class TestTitleQuery:
     def system(self, kind: RetrieverKind = RetrieverKind.bm25) -> TitleQuery:
-        items = [(i, ItemIn(title=title)) for i, title in self.TITLES.items()]
+        items = [(i, ItemIn(title=title)) for i, title in TITLES.items()]
         index = build_search_index(items, kind)
-        system = TitleQuery(index, self.TITLES)
+        system = TitleQuery(index, TITLES)
         system.fit(split_of(SEQUENCES))
         return system
 
