@@ -7,7 +7,8 @@ impression log) on top of the LLM.
 
 Reads users and the logged prompts from the same Redis as the server (REASONREC_* settings).
 The engine side is the server's kind: REASONREC_ENGINE_URL when set, else an in-process vLLM on
-the active model (started after the gateway runs, so the two never compete for the CPU).
+the active model (started after the gateway runs, so the two never compete for the CPU), asked
+exactly what the gateway asks it (`server.recommend.ranking_request`).
 Prints JSON: throughput and p50/p99 latency at concurrency 1 and 16 for both, and their ratios.
 """
 
@@ -21,12 +22,13 @@ import httpx
 import numpy as np
 from _load import LEVELS, load  # bench/ is the script's folder
 
-from contract.prompt import answer_pattern
 from server.active_model import open_engine
 from server.config import Settings
-from server.engine import Engine, GenerationRequest
-from server.recommend import REPEAT_PENALTY, SPARE_IDS
+from server.engine import Engine
+from server.recommend import ranking_request
 from server.store import open_store
+
+K = 10
 
 
 async def _gateway(url: str, users: list[str], key: str | None) -> tuple[dict, list[str]]:
@@ -35,7 +37,7 @@ async def _gateway(url: str, users: list[str], key: str | None) -> tuple[dict, l
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as client:
 
         async def call(user: str) -> None:
-            response = await client.post("/v1/recommend", json={"user_id": user})
+            response = await client.post("/v1/recommend", json={"user_id": user, "k": K})
             response.raise_for_status()
             body = response.json()
             if body["source"] != "llm":
@@ -65,13 +67,7 @@ async def _logged_prompts(
 async def _engine(engine: Engine, prompts: list[tuple[str, list]], max_tokens: int) -> dict:
     async def call(job: tuple[str, list]) -> None:
         prompt, candidates = job
-        request = GenerationRequest(
-            request_id=uuid.uuid4().hex,
-            prompt=prompt,
-            regex=answer_pattern(candidates, 10, SPARE_IDS),
-            max_tokens=max_tokens,
-            presence_penalty=REPEAT_PENALTY,
-        )
+        request = ranking_request(engine, uuid.uuid4().hex, prompt, candidates, K, max_tokens)
         await engine.generate(request)
 
     await call(prompts[0])

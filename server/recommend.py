@@ -80,6 +80,23 @@ def first_pick(result: Generation, order: list[str]) -> dict[str, float]:
     return {item: lp for item, lp in scored if item in allowed and math.isfinite(lp)}
 
 
+def ranking_request(
+    engine: Engine, request_id: str, prompt: str, order: list[str], k: int, max_tokens: int
+) -> GenerationRequest:
+    """What the engine is asked for one ranking of the candidates `order`."""
+    allowed = engine.items.allowed(order) if engine.items else None
+    return GenerationRequest(
+        request_id=request_id,
+        prompt=prompt,
+        regex=answer_pattern(order, k, SPARE_IDS),
+        max_tokens=max_tokens,
+        presence_penalty=REPEAT_PENALTY,
+        allowed_token_ids=allowed,
+        # Every candidate's score: a retrieval prior may lift one the model ranks low.
+        logprobs=min(len(order), MAX_LOGPROBS) if allowed else None,
+    )
+
+
 def _fallback(order: list[str], k: int, reason: str) -> Outcome:
     metrics.FALLBACKS.labels(reason).inc()
     return Outcome(order[:k], Source.fallback, reason=reason)
@@ -175,16 +192,8 @@ class Recommender:
             return _fallback(order, request.k, "no_model")
         if Task.rank not in engine.contract.tasks:
             return _fallback(order, request.k, "task_unsupported")
-        allowed = engine.items.allowed(order) if engine.items else None
-        generation = GenerationRequest(
-            request_id=request_id,
-            prompt=prompt,
-            regex=answer_pattern(order, request.k, SPARE_IDS),
-            max_tokens=self.settings.max_answer_tokens,
-            presence_penalty=REPEAT_PENALTY,
-            allowed_token_ids=allowed,
-            # Every candidate's score: a retrieval prior may lift one the model ranks low.
-            logprobs=min(len(order), MAX_LOGPROBS) if allowed else None,
+        generation = ranking_request(
+            engine, request_id, prompt, order, request.k, self.settings.max_answer_tokens
         )
         budget = self.settings.llm_timeout_ms / 1000
         try:
