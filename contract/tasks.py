@@ -9,3 +9,5 @@ class Task(StrEnum):
     """RecLLM-R1: choose and order k of the candidates (`POST /v1/recommend`)."""
     rate = "rate"
     """RecZero / RecOne: predict a user's rating of each of a few items (`POST /v1/rate`)."""
+    search = "search"
+    """Rec-R1: write a query for the fixed retriever (`POST /v1/search`)."""

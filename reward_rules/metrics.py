@@ -48,6 +48,17 @@ def ndcg_at_k(ranked: Sequence[str], relevant: Collection[str], k: int) -> float
     return dcg_at_k(ranked, relevant, k) / ideal
 
 
+def rank_ndcg(rank: int | None, k: int) -> float:
+    """NDCG@k of a list whose one relevant item sits at 1-based `rank` (None: not in the list);
+    what `ndcg_at_k` gives with one relevant item, from its rank alone.
+
+    >>> rank_ndcg(2, 10) == ndcg_at_k(["a", "b"], {"b"}, 10)
+    True
+    """
+    _check_k(k)
+    return 1.0 / math.log2(rank + 1) if rank is not None and rank <= k else 0.0
+
+
 def hit_at_k(ranked: Sequence[str], relevant: Collection[str], k: int) -> float:
     """1.0 if any of the top k is relevant, else 0.0.
 

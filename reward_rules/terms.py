@@ -17,6 +17,9 @@ offending items; the rating terms keep METHODS.md §2's scale, [-1, 1] each.
 Each term scores one task's answers (`task`): the ranking terms an `Answer`, the rating terms
 (`rating_format`, `rating_accuracy`, which read the example's `rating` column) a `RatingAnswer`.
 
+`SearchNdcg` (Rec-R1) scores a `SearchAnswer` with the retriever it is given: it is built in code,
+not named in a policy file, because its reward is the retriever's list, not a business rule.
+
 Only `Format` looks at a malformed completion; the content terms score it 0.0 (when they apply),
 as RecZero scores accuracy only for a valid format: otherwise a policy could collect content
 reward without learning the contract.
@@ -24,19 +27,21 @@ reward without learning the contract.
 
 from bisect import bisect_left, bisect_right
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from contract.answer import Answer
 from contract.ranking import first_k
 from contract.rating import RatingAnswer
+from contract.search import SearchAnswer, retriever_query
 from contract.tasks import Task
 from reward_rules.metrics import (
     intra_list_distance,
     max_self_information,
     mean_self_information,
     ndcg_at_k,
+    rank_ndcg,
 )
 
 Example = Mapping[str, Any]
@@ -438,6 +443,40 @@ class RatingAccuracy:
         if not answer.well_formed or answer.rating is None:
             return 0.0
         return 1.0 - abs(answer.rating - float(example["rating"])) / 2
+
+
+Retriever = Callable[[str, str, Collection[str]], int | None]
+"""(query, item id, items to leave out) -> the item's 1-based rank in the retriever's list for the
+query without those items, None when the retriever does not return it."""
+
+
+class SearchNdcg:
+    """Rec-R1's reward (METHODS.md §3): -2 for a malformed answer; otherwise 0.1 (for the format)
+    plus the NDCG@k of the held-out item in the retriever's list for the query, the user's seen
+    items left out as the gateway leaves them out.
+
+    Example columns: `item_id` (the held-out item), `typed` (what the user typed, sent before the
+    model's query), `seen`.
+
+    >>> rank = lambda query, item, seen: 1 if query == "up Toy Story" else None
+    >>> SearchNdcg(rank, 10)(SearchAnswer("", "Toy Story", True), {"item_id": "1", "typed": "up"})
+    1.1
+    """
+
+    name: ClassVar[str] = "search_ndcg"
+    task: ClassVar[Task] = Task.search
+    MALFORMED: ClassVar[float] = -2.0
+    FORMAT: ClassVar[float] = 0.1
+
+    def __init__(self, rank_of: Retriever, k: int = 1000):
+        self.rank_of, self.k = rank_of, k
+
+    def __call__(self, answer: SearchAnswer, example: Example) -> float:
+        if not answer.well_formed:
+            return self.MALFORMED
+        query = retriever_query(example.get("typed") or "", answer.query)
+        rank = self.rank_of(query, example["item_id"], example.get("seen") or ())
+        return self.FORMAT + rank_ndcg(rank, self.k)
 
 
 def weighted_sum(

@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from contract.search import MAX_QUERY_CHARS
+
 # Characters that are invisible or change how text around them is laid out: C0 and C1 controls,
 # spaces, soft hyphen, Arabic letter mark, Mongolian vowel separator, zero-width characters,
 # bidi marks and overrides, word joiners, the byte order mark and the specials block. An id made
@@ -417,24 +419,32 @@ class RateResponse(BaseModel):
     latency_ms: float
 
 
-MAX_QUERY_CHARS = 500
-
-
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    query: str = Field(
+    query: str | None = Field(
+        None,
         min_length=1,
         max_length=MAX_QUERY_CHARS,
         pattern=r"\S",
-        description="What the user typed, 1 to 500 characters, not only spaces.",
+        description="What the user typed, 1 to 500 characters, not only spaces. Omitted (with a "
+        "user_id): what the user wants next, from their history (Rec-R1's sequential "
+        "recommendation).",
     )
     user_id: Id | None = Field(
-        None, description="Who is searching: their seen items are left out (see exclude_seen)."
+        None,
+        description="Who is searching: the model reads their history, and their seen items are "
+        "left out (see exclude_seen).",
     )
     k: Integer = Field(10, ge=1, le=50)
     exclude_seen: StrictBool = True
     explain: StrictBool = Field(False, description="Return the model's reasoning.")
+
+    @model_validator(mode="after")
+    def _something_to_search(self) -> "SearchRequest":
+        if self.query is None and self.user_id is None:
+            raise ValueError("give a query, a user_id, or both")
+        return self
 
 
 class SearchedItem(BaseModel):
@@ -449,12 +459,17 @@ class SearchResponse(BaseModel):
     request_id: str
     user_id: str | None
     model_version: str | None
-    query: str = Field(description="The query the retriever ranked with.")
+    typed: str | None = Field(description="The request's query, as typed.")
+    query: str = Field(
+        description="The query the retriever ranked with: what was typed followed by the "
+        "model's query (source llm), or as typed (fallback; the last history item's title when "
+        "nothing was typed)."
+    )
     retriever: str = Field(description="bm25 or dense (REASONREC_SEARCH_RETRIEVER).")
     items: list[SearchedItem]
     reasoning: str | None = Field(None, description="Why the model wrote that query.")
     source: Source = Field(
-        description="llm: the model rewrote the query; fallback: the query went as written."
+        description="llm: the model wrote the query; fallback: it went as typed."
     )
     degraded: bool
     latency_ms: float

@@ -1,25 +1,55 @@
 """The request path of POST /v1/search (Rec-R1's personalised search), one step after another:
 
-query -> retriever -> filter (seen, hidden, unavailable) -> policy -> response.
+user context -> query (the model writes it, or the fallback) -> retriever -> filter (seen,
+hidden, unavailable) -> policy -> response.
 
-The query step is where a version trained for search rewrites what the user typed from their
-recent history (METHODS.md §3). No version is trained for it yet, so every query goes to the
-retriever as written, with `source: fallback` and the reason counted in
-`reasonrec_search_fallbacks_total` (`no_model`, or `task_unsupported` for the active version).
+A version trained for search (`reasonrec bootstrap --task search`) reads the user's recent
+history and what they typed, and writes a query under the search grammar
+(`contract.search.search_pattern`); the retriever is sent the typed text followed by the model's
+query. Without such a version, or when the engine fails, overruns the budget or writes no query,
+the typed text goes as written (`source: fallback`, the reason counted in
+`reasonrec_search_fallbacks_total`); with nothing typed, the title of the user's last item does.
 """
 
 import asyncio
+import logging
 import time
+from dataclasses import dataclass
 
 from contract.candidates import OVERFETCH
+from contract.search import (
+    build_search_prompt,
+    parse_search,
+    retriever_query,
+    search_input,
+    search_pattern,
+)
+from contract.tasks import Task
 from server import metrics
 from server.candidates import Candidate, filtered
 from server.config import Settings
-from server.engine import Engine
+from server.engine import Engine, EngineError, GenerationRequest
 from server.policy import enforce, read_policy
-from server.schemas import SearchedItem, SearchRequest, SearchResponse, Source
+from server.schemas import Item, SearchedItem, SearchRequest, SearchResponse, Source
 from server.search_index import SearchIndexes
 from server.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Context:
+    profile: dict
+    history: list[Item]
+    """Oldest first: as much as the model reads, or the last item only without a model."""
+    seen: set[str]
+
+
+@dataclass(frozen=True)
+class Query:
+    text: str
+    source: Source
+    reasoning: str | None = None
 
 
 class Searcher:
@@ -33,14 +63,16 @@ class Searcher:
         self, request: SearchRequest, request_id: str, engine: Engine | None
     ) -> SearchResponse:
         started = time.perf_counter()
-        reason = "no_model" if engine is None else "task_unsupported"
-        metrics.SEARCH_FALLBACKS.labels(reason).inc()
-        ids, by_id = await self._retrieve(request, request.query)
+        writer = engine if engine is not None and Task.search in engine.contract.tasks else None
+        context = await self._context(request, writer)
+        query = await self._query(request, request_id, context, engine, writer)
+        ids, by_id = await self._retrieve(request, query.text, context.seen)
         response = SearchResponse(
             request_id=request_id,
             user_id=request.user_id,
             model_version=engine.model_version if engine else None,
-            query=request.query,
+            typed=request.query,
+            query=query.text,
             retriever=self.indexes.kind.value,
             items=[
                 SearchedItem(
@@ -52,22 +84,75 @@ class Searcher:
                 )
                 for rank, item_id in enumerate(ids, start=1)
             ],
-            source=Source.fallback,
-            degraded=True,
+            reasoning=query.reasoning if request.explain else None,
+            source=query.source,
+            degraded=query.source is Source.fallback,
             latency_ms=round((time.perf_counter() - started) * 1000, 2),
         )
         metrics.SEARCHES.labels(response.source.value, response.model_version or "").inc()
         return response
 
+    async def _context(self, request: SearchRequest, writer: Engine | None) -> Context:
+        if request.user_id is None:
+            return Context(profile={}, history=[], seen=set())
+        shown = writer.contract.history if writer else 1
+        profile, history, seen = await self.store.user_context(request.user_id, shown)
+        items = await self.store.get_items([item_id for item_id, _ in history])
+        return Context(profile, [items[i] for i, _ in history if i in items], seen)
+
+    async def _query(
+        self,
+        request: SearchRequest,
+        request_id: str,
+        context: Context,
+        engine: Engine | None,
+        writer: Engine | None,
+    ) -> Query:
+        typed = request.query or ""
+        if writer is None:
+            return self._fallback(
+                typed, context, "no_model" if engine is None else "task_unsupported"
+            )
+        data = search_input(context.profile, context.history, typed, len(context.history))
+        generation = GenerationRequest(
+            request_id=request_id,
+            prompt=build_search_prompt(data, writer.contract.rendering),
+            regex=search_pattern(writer.contract.rendering),
+            max_tokens=self.settings.max_answer_tokens,
+        )
+        try:
+            with metrics.ENGINE_SECONDS.time():
+                result = await asyncio.wait_for(
+                    writer.generate(generation), self.settings.llm_timeout_ms / 1000
+                )
+        except TimeoutError:
+            log.warning("engine timed out")
+            return self._fallback(typed, context, "timeout")
+        except EngineError as exc:
+            log.warning("engine failed", extra={"reason": str(exc)})
+            return self._fallback(typed, context, "engine_error")
+        metrics.ENGINE_TOKENS.labels("prompt").inc(result.prompt_tokens)
+        metrics.ENGINE_TOKENS.labels("completion").inc(result.completion_tokens)
+        answer = parse_search(result.text)
+        if not answer.well_formed:
+            metrics.PARSE_FAILURES.inc()
+            return self._fallback(typed, context, "malformed")
+        text = retriever_query(data.typed, answer.query)
+        return Query(text=text, source=Source.llm, reasoning=answer.reasoning)
+
+    def _fallback(self, typed: str, context: Context, reason: str) -> Query:
+        metrics.SEARCH_FALLBACKS.labels(reason).inc()
+        last = context.history[-1].title if context.history else ""
+        return Query(text=typed or last, source=Source.fallback)
+
     async def _retrieve(
-        self, request: SearchRequest, query: str
+        self, request: SearchRequest, query: str, seen: set[str]
     ) -> tuple[list[str], dict[str, Candidate]]:
         """The served ids and their candidates: the retriever's matches, filtered, then the
         policy's constraints (which may promote a match or drop one)."""
         index = self.indexes.current
-        if index is None:
+        if index is None or not query:
             return [], {}
-        seen = await self.store.seen_items(request.user_id) if request.user_id else set()
         exclude = seen if request.exclude_seen else set()
         n = request.k * OVERFETCH
         # off the event loop: a dense query is a model forward pass (milliseconds of CPU)

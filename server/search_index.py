@@ -17,7 +17,7 @@ import hashlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import faiss
 import numpy as np
@@ -47,6 +47,8 @@ class SearchIndex(ABC):
 
     def __init__(self, item_ids: Sequence[str], texts: Sequence[str]):
         self.item_ids = list(item_ids)
+        self._at = {item_id: i for i, item_id in enumerate(self.item_ids)}
+        self._order = np.arange(len(self.item_ids))
         self.version = hashlib.sha256("\x00".join([*item_ids, *texts]).encode()).hexdigest()[:12]
 
     @property
@@ -63,14 +65,17 @@ class SearchIndex(ABC):
         top = np.argsort(-scores, kind="stable")[:k]
         return [(self.item_ids[i], float(scores[i])) for i in top if scores[i] > self.floor]
 
-    def rank_of(self, query: str, item_id: str) -> int | None:
-        """The 1-based rank `search` gives `item_id`, None when it is not a match."""
+    def rank_of(self, query: str, item_id: str, exclude: Collection[str] = ()) -> int | None:
+        """The 1-based rank `search` gives `item_id` once the `exclude`d items are dropped from
+        its list, None when it is not a match (Rec-R1's reward reads it: `SearchNdcg`)."""
         scores = self.scores(query)
-        at = self.item_ids.index(item_id)
+        at = self._at[item_id]
         if scores[at] <= self.floor:
             return None
-        ahead = np.sum(scores > scores[at]) + np.sum(scores[:at] == scores[at])
-        return int(ahead) + 1
+        ahead = (scores > scores[at]) | ((scores == scores[at]) & (self._order < at))
+        dropped = [self._at[item] for item in exclude if item in self._at]
+        ahead[dropped] = False
+        return int(ahead.sum()) + 1
 
 
 def _tokens(texts: Sequence[str]) -> list[list[str]]:

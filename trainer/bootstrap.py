@@ -2,9 +2,10 @@
 
 Stages: candidate index -> examples -> tokenizer -> model -> item-sequence pretraining (compact
 rendering) -> for ranking, SFT -> GRPO (as RecLLM-R1 trains) -> for rating, RecOne's SFT or
-nothing (RecZero) -> GRPO (`trainer.rating`) -> validation of each task -> atomic publish ->
-activation, only for a model that beats its fallback on every task it was trained for (the gate:
-the retrieval order it reranks, the bias baseline). Each stage logs and shows progress; the
+nothing (RecZero) -> GRPO (`trainer.rating`) -> for search, SFT -> GRPO with the retriever's
+reward (`trainer.search`) -> validation of each task -> atomic publish -> activation, only for a
+model that beats its fallback on every task it was trained for (the gate: the retrieval order it
+reranks, the bias baseline, the raw query). Each stage logs and shows progress; the
 manifest records what each stage scored.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from contract.prompt import Contract
+from contract.search import RetrieverKind
 from contract.tasks import Task
 from reward_rules.policy import Policy, build_terms, catalog_facts
 from server.config import Settings
@@ -23,6 +25,7 @@ from server.index_files import publish
 from server.item_index import ItemIndex
 from server.policy import read_policy
 from server.registry import Manifest, Registry, new_version
+from server.search_index import Encoder, SearchIndex, build_search_index
 from server.store import Store
 from trainer.corpus import Corpus, read_corpus
 from trainer.dataset import ExampleBuilder, Examples, Shape
@@ -40,6 +43,7 @@ from trainer.rating import (
     train_rating,
     validate_rating,
 )
+from trainer.search import SearchExampleBuilder, SearchExamples, train_search, validate_search
 from trainer.sft import run_sft
 from trainer.tokenizer import train_tokenizer
 
@@ -54,6 +58,10 @@ class BootstrapResult(BaseModel):
     gate: str = Field(description="Why the version was or was not activated, in a sentence.")
     metrics: dict[str, float]
     seconds: float
+    stages: dict[str, str] = Field(
+        default_factory=dict,
+        description="Versions published of intermediate stages (`keep_stages`): search's SFT.",
+    )
 
 
 def index_corpus(corpus: Corpus, settings: Settings, dim: int, seed: int = 0) -> ItemIndex:
@@ -82,12 +90,23 @@ def _examples(
     return Examples(train=train, validation=validation)
 
 
-class Plan(BaseModel):
-    """What a bootstrap trains: the tasks, and the rating task's recipe and examples."""
+class Plan(BaseModel, arbitrary_types_allowed=True):
+    """What a bootstrap trains: the tasks, the rating task's recipe and examples, the search
+    task's examples and the retriever its reward runs."""
 
     tasks: frozenset[Task] = frozenset({Task.rank})
     recipe: Recipe = Recipe.one
     rating: RatingExamples | None = None
+    search: SearchExamples | None = None
+    retriever: SearchIndex | None = None
+
+    def joint_sft(self) -> list:
+        """Examples of other tasks that join ranking's SFT: SFT on them after ranking's would
+        make the model forget how to rank."""
+        if Task.rank not in self.tasks:
+            return []
+        rating = self.rating.train if self.rating and self.recipe is Recipe.one else []
+        return [*rating, *(self.search.train if self.search else [])]
 
 
 def train_model(
@@ -101,11 +120,12 @@ def train_model(
     seed: int,
     novelty_floor: float,
 ):
-    """Every training stage of the plan's tasks; returns the model, its tokenizer and what each
-    stage scored (ranking validated with `novelty_floor`)."""
+    """Every training stage of the plan's tasks; returns the model, its tokenizer, what each
+    stage scored (ranking validated with `novelty_floor`) and the search SFT stage's model."""
     rating = plan.rating.train[:200] if plan.rating else []
+    search = plan.search.train[:200] if plan.search else []
     tokenizer = train_tokenizer(
-        _texts(corpus, [*examples.train, *rating]),
+        _texts(corpus, [*examples.train, *rating, *search]),
         list(corpus.items),
         preset.vocab_size,
         plan.tasks,
@@ -120,12 +140,9 @@ def train_model(
         stages["pretrain_seconds"] = pretrained.seconds
         stages["pretrain_ndcg@10"] = first_pick_ndcg(model, tokenizer, examples.validation)
     facts = catalog_facts(corpus.items.values(), policy)
-    # RecOne's SFT runs with ranking's, not after it: SFT on ratings alone after ranking
-    # would make the model forget how to rank.
-    joint = plan.rating is not None and plan.recipe is Recipe.one and Task.rank in plan.tasks
+    joint = plan.joint_sft()
     if Task.rank in plan.tasks:
-        rating_sft = plan.rating.train if joint else []
-        model = run_sft(model, tokenizer, [*examples.train, *rating_sft], preset.sft)
+        model = run_sft(model, tokenizer, [*examples.train, *joint], preset.sft)
         popularity = Popularity.of(corpus.popularity, index)
         stages["sft_ndcg@10"] = validate(
             model, tokenizer, examples.validation, popularity, novelty_floor
@@ -145,10 +162,23 @@ def train_model(
                 plan.recipe,
                 terms,
                 Path(scratch),
-                sft=not joint,
+                sft=Task.rank not in plan.tasks,
             )
         stages |= rated
-    return model, tokenizer, stages
+    after_sft = None
+    if plan.search is not None and plan.retriever is not None:
+        with tempfile.TemporaryDirectory(prefix="reasonrec-grpo-") as scratch:
+            model, after_sft, searched = train_search(
+                model,
+                tokenizer,
+                plan.search,
+                preset.search,
+                plan.retriever,
+                Path(scratch),
+                sft=Task.rank not in plan.tasks,
+            )
+        stages |= searched
+    return model, tokenizer, stages, after_sft
 
 
 def validate_tasks(
@@ -166,6 +196,11 @@ def validate_tasks(
         metrics |= validate(model, tokenizer, examples.validation, popularity, novelty_floor)
     if plan.rating is not None:
         metrics |= validate_rating(model, tokenizer, plan.rating.validation, plan.rating.rendering)
+    if plan.search is not None and plan.retriever is not None:
+        search = plan.search
+        metrics |= validate_search(
+            model, tokenizer, search.validation, search.rendering, plan.retriever
+        )
     return metrics
 
 
@@ -181,8 +216,26 @@ def _rating_examples(
     return rating
 
 
-def _rate_fields(tasks: frozenset[Task]) -> set[str]:
-    return {"rate"} if Task.rate in tasks else set()
+def _search_plan(
+    corpus: Corpus, shape: Shape, preset: Preset, seed: int, retriever: RetrieverKind
+) -> tuple[SearchExamples | None, SearchIndex | None]:
+    """The search task's examples and the retriever its reward runs (the gateway's kind)."""
+    if Task.search not in shape.contract.tasks:
+        return None, None
+    contract = shape.contract
+    builder = SearchExampleBuilder(
+        corpus, contract.rendering, contract.history, preset.search.typed_share
+    )
+    search = builder.build(preset.search.sft_examples, preset.search.validation_users, seed)
+    if not search.train or not search.validation:
+        raise ValueError("no search examples: the store needs users with 3+ interactions")
+    encoder = Encoder() if retriever is RetrieverKind.dense else None
+    index = build_search_index(sorted(corpus.items.items()), retriever, encoder)
+    return search, index
+
+
+def _task_fields(tasks: frozenset[Task]) -> set[str]:
+    return {str(task) for task in tasks & {Task.rate, Task.search}}
 
 
 def contract(preset: Preset, settings: Settings, tasks: frozenset[Task]) -> Contract:
@@ -199,9 +252,12 @@ async def bootstrap(
     force: bool = False,
     tasks: frozenset[Task] = frozenset({Task.rank}),
     recipe: Recipe = Recipe.one,
+    keep_stages: bool = False,
 ) -> BootstrapResult:
     """Train a version for `tasks` (the rating task with `recipe`) and publish it; activate it
-    when no version is active and it passes every task's gate (or `force`)."""
+    when no version is active and it passes every task's gate (or `force`). `keep_stages`: also
+    publish the search task's SFT stage as a version of its own (never activated), so that
+    `reasonrec eval` can serve it."""
     started = time.perf_counter()
     preset = PRESETS[preset_name]
     corpus = await read_corpus(store)
@@ -212,9 +268,16 @@ async def bootstrap(
         contract=contract(preset, settings, tasks),
     )
     examples = _examples(corpus, index, shape, preset, seed)
-    plan = Plan(tasks=tasks, recipe=recipe, rating=_rating_examples(corpus, shape, preset, seed))
+    search, retriever = _search_plan(corpus, shape, preset, seed, settings.search_retriever)
+    plan = Plan(
+        tasks=tasks,
+        recipe=recipe,
+        rating=_rating_examples(corpus, shape, preset, seed),
+        search=search,
+        retriever=retriever,
+    )
     policy = read_policy(settings.policy_file)
-    model, tokenizer, stages = train_model(
+    model, tokenizer, stages, after_sft = train_model(
         corpus, index, examples, preset, policy, shape, plan, seed, settings.novelty_floor
     )
     popularity = Popularity.of(corpus.popularity, index)
@@ -231,6 +294,7 @@ async def bootstrap(
             "method": "pretrain+sft+grpo" if preset.pretrain else "sft+grpo",
             "tasks": sorted(tasks),
             **({"rate_recipe": recipe.value} if Task.rate in tasks else {}),
+            **({"search_retriever": settings.search_retriever.value} if search else {}),
             "preset": preset_name,
             "seed": seed,
             "parameters": parameter_count(model),
@@ -238,7 +302,7 @@ async def bootstrap(
             "retrieval_history": shape.history,
             "sft_examples": len(examples.train),
             "grpo_examples": min(len(examples.train), preset.grpo_examples),
-            **preset.model_dump(include={"pretrain", "sft", "grpo"} | _rate_fields(tasks)),
+            **preset.model_dump(include={"pretrain", "sft", "grpo"} | _task_fields(tasks)),
         },
         data_window=corpus.window(),
         reward_weights=policy.weights,
@@ -248,6 +312,9 @@ async def bootstrap(
     )
     manifest = validated(manifest, metrics)
     path = publish_model(registry, model, tokenizer, manifest)
+    kept = {}
+    if keep_stages and after_sft is not None:
+        kept["search_sft"] = _publish_stage(registry, after_sft, tokenizer, manifest, "search sft")
     activated, gate = activation(metrics, tasks, await store.active_model() is not None, force)
     if activated:
         await store.set_active_model(manifest.version)
@@ -260,4 +327,12 @@ async def bootstrap(
         gate=gate,
         metrics=metrics,
         seconds=round(time.perf_counter() - started, 1),
+        stages=kept,
     )
+
+
+def _publish_stage(registry: Registry, model, tokenizer, manifest: Manifest, stage: str) -> str:
+    training = {**manifest.training, "stage": stage}
+    staged = manifest.model_copy(update={"version": new_version(), "training": training})
+    publish_model(registry, model, tokenizer, staged)
+    return staged.version

@@ -45,8 +45,9 @@ TaskOption = Annotated[
     list[Task] | None,
     typer.Option(
         "--task",
-        help="What the model learns: rank (POST /v1/recommend), rate (POST /v1/rate); repeat "
-        "the option for both. Default: rank.",
+        help="What the model learns: rank (POST /v1/recommend), rate (POST /v1/rate), search "
+        "(POST /v1/search, against REASONREC_SEARCH_RETRIEVER); repeat the option for several. "
+        "Default: rank.",
     ),
 ]
 RecipeOption = Annotated[
@@ -103,7 +104,8 @@ def bootstrap_command(
 ):
     """Train the embedded model (index, tokenizer, pretraining, then each task's SFT and GRPO) on
     the store's data, publish it, and activate it if none is active and it beats its fallback on
-    every task (the retrieval order for ranking, the bias baseline for rating)."""
+    every task (the retrieval order for ranking, the bias baseline for rating, the last item's
+    title as the query for search)."""
     check_preset(preset)
     settings = settings_from_env()
     tasks = frozenset(task or [Task.rank])
@@ -240,14 +242,17 @@ def eval_command(
         list[Task] | None,
         typer.Option(
             "--task",
-            help="rank: NDCG/HR/ILD/novelty of lists; rate: MAE/RMSE of ratings; repeat the option "
-            "to train one model for both (as the demo does) and report both. Default: rank.",
+            help="rank: NDCG/HR/ILD/novelty of lists; rate: MAE/RMSE of ratings; search: the same "
+            "list metrics for the model's queries (after SFT and after GRPO) sent to "
+            "REASONREC_SEARCH_RETRIEVER; repeat the option to train one model for several (as the "
+            "demo does) and report each. Default: rank.",
         ),
     ] = None,
     recipe: RecipeOption = Recipe.one,
 ) -> None:
-    """Offline evaluation (EVAL.md protocol). rank: reasonrec vs retrieval, popularity, item-kNN;
-    rate: reasonrec (RecZero or RecOne) vs mean, bias and matrix-factorisation baselines."""
+    """Offline evaluation (EVAL.md protocol). rank: reasonrec vs retrieval, popularity, item-kNN,
+    the last item's title as a search query; search: the model's queries vs that raw query; rate:
+    reasonrec (RecZero or RecOne) vs mean, bias and matrix-factorisation baselines."""
     check_preset(preset)
     try:
         data = read_eval_data(path, fmt)  # before the heavy imports: bad data fails fast

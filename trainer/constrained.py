@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
-from contract.prompt import ref, render_answer
+from contract.prompt import Rendering, ref, render_answer
 from contract.rating import DIGITS, STEPS
+from contract.search import QUERY_CHARS, THINK_CHARS
 from trainer.examples import Example
 
 log = logging.getLogger(__name__)
@@ -169,30 +170,37 @@ def answer_constraint(
     return AnswerConstraint(grammar, rows, max_new_tokens, tokenizer.pad_token_id)
 
 
-class RatingConstraint(LogitsProcessor):
-    """The rating grammar (`contract.rating.rating_pattern`) in token space: each step's open
-    tag, free text of 1 to `step_chars` characters (the first one visible), its close tag; then
-    `<rating>`, one of the digits 1-5, `</rating>` and the end of sequence. Every prompt gets the
-    same grammar."""
+class TaggedSteps(LogitsProcessor):
+    """A grammar of tagged steps in token space: each step's open tag, free text of 1 to its
+    character limit (the first character visible), its close tag; then a fixed `tail`, one set
+    of allowed tokens per position (ending with the end of sequence). Every prompt gets the same
+    grammar. The rating answer and the search answer are two such grammars."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, step_chars: int):
-        self.free, self.step_chars = free_text(tokenizer), step_chars
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        steps: Sequence[tuple[str, int]],
+        tail: Sequence[Sequence[int]],
+    ):
+        self.free = free_text(tokenizer)
         texts = [tokenizer.decode([token]) for token in range(len(self.free))]
         self.chars = torch.tensor([len(text) for text in texts])
-        # The grammar's first character of a step is not whitespace.
+        # A step's first character is not whitespace.
         self.opening = self.free & torch.tensor([bool(t) and not t[0].isspace() for t in texts])
         self.decoded = texts
         self.eos = tokenizer.eos_token_id
-        self.steps = [(_single(tokenizer, f"<{n}>"), _single(tokenizer, f"</{n}>")) for n in STEPS]
-        self.rating = (_single(tokenizer, "<rating>"), _single(tokenizer, "</rating>"))
-        self.digits = [_single(tokenizer, digit) for digit in DIGITS]
+        self.steps = [
+            (_single(tokenizer, f"<{name}>"), _single(tokenizer, f"</{name}>"), chars)
+            for name, chars in steps
+        ]
+        self.tail = [list(allowed) for allowed in tail]
         self._prompt_length: int | None = None
 
     @property
     def length(self) -> int:
         """The most tokens an answer takes (every token at least a character), end of sequence
         included."""
-        return len(STEPS) * (self.step_chars + 2) + 4
+        return sum(chars + 2 for _, _, chars in self.steps) + len(self.tail)
 
     def start(self) -> None:
         self._prompt_length = None
@@ -210,45 +218,56 @@ class RatingConstraint(LogitsProcessor):
         if self.eos in done:  # finished rows are padded by generate
             mask[:] = True
             return mask
-        mask[self._next(done)] = True
-        written = self._step_text(done)
-        if written is not None:
-            room = self.chars <= self.step_chars - len(written)
+        fixed, open_step = self._next(done)
+        mask[fixed] = True
+        if open_step is not None:
+            written, limit = open_step
+            room = self.chars <= limit - len(written)
             mask[: len(self.free)] |= (self.opening if not written else self.free) & room
         return mask
 
-    def _next(self, done: list[int]) -> list[int]:
-        """The fixed tokens allowed after `done` (a step's text is added by `_allowed`)."""
+    def _next(self, done: list[int]) -> tuple[list[int], tuple[str, int] | None]:
+        """The fixed tokens allowed after `done`, and the open step's text and character limit
+        when a step is being written."""
         position = 0
-        for opening, closing in self.steps:
+        for opening, closing, chars in self.steps:
             if len(done) == position:
-                return [opening]
+                return [opening], None
             end = done.index(closing, position) if closing in done[position:] else None
             if end is None:
-                written = len(done) - position - 1
-                return [closing] if written >= 1 else []
+                text = "".join(self.decoded[token] for token in done[position + 1 :])
+                return ([closing] if text else []), (text, chars)
             position = end + 1
-        rest = done[position:]
-        return [[self.rating[0]], self.digits, [self.rating[1]], [self.eos]][min(len(rest), 3)]
+        return self.tail[min(len(done) - position, len(self.tail) - 1)], None
 
-    def _step_text(self, done: list[int]) -> str | None:
-        """The text of the step being written, or None when no step is open."""
-        openings = {opening for opening, _ in self.steps}
-        closings = {closing for _, closing in self.steps}
-        last = max(
-            (i for i, token in enumerate(done) if token in openings | closings), default=None
-        )
-        if last is None or done[last] in closings:
-            return None
-        return "".join(self.decoded[token] for token in done[last + 1 :])
+
+class RatingConstraint(TaggedSteps):
+    """The rating grammar (`contract.rating.rating_pattern`): the three reasoning steps of
+    `step_chars` at most, then `<rating>`, one of the digits 1-5, `</rating>` and the end."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, step_chars: int):
+        self.rating = (_single(tokenizer, "<rating>"), _single(tokenizer, "</rating>"))
+        self.digits = [_single(tokenizer, digit) for digit in DIGITS]
+        tail = [[self.rating[0]], self.digits, [self.rating[1]], [tokenizer.eos_token_id]]
+        super().__init__(tokenizer, [(name, step_chars) for name in STEPS], tail)
+
+
+def search_constraint(tokenizer: PreTrainedTokenizerBase, rendering: Rendering) -> TaggedSteps:
+    """The search grammar (`contract.search.search_pattern`): reasoning, query, end."""
+    steps = [("think", THINK_CHARS[rendering]), ("answer", QUERY_CHARS[rendering])]
+    return TaggedSteps(tokenizer, steps, [[tokenizer.eos_token_id]])
 
 
 def greedy_after(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, budget: int, tag: int
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    budget: int,
+    tag: int | None = None,
 ) -> tuple[str, torch.Tensor | None]:
     """The greedy completion of `prompt`, and the scores of the step right after token `tag`
     (after the logits processors in force: what vLLM's processed log-probabilities are), or None
-    when the completion never writes `tag`."""
+    when the completion never writes `tag` (or no tag is asked for)."""
     inputs = tokenizer(text=prompt, return_tensors="pt")
     output = model.generate(
         **inputs,
@@ -260,14 +279,14 @@ def greedy_after(
     )
     new = output.sequences[0, inputs["input_ids"].shape[1] :].tolist()
     text = tokenizer.decode(new, skip_special_tokens=True)
-    if tag not in new or new.index(tag) + 1 >= len(output.scores):
+    if tag is None or tag not in new or new.index(tag) + 1 >= len(output.scores):
         return text, None
     return text, output.scores[new.index(tag) + 1][0]
 
 
 @contextmanager
 def constrained_generation(
-    model: PreTrainedModel, constraint: AnswerConstraint | RatingConstraint | None
+    model: PreTrainedModel, constraint: AnswerConstraint | TaggedSteps | None
 ) -> Iterator[None]:
     """Make every `model.generate` call in the block apply `constraint`.
 

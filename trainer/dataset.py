@@ -32,7 +32,7 @@ class Examples(BaseModel):
     validation: list[Example]
 
 
-def _positions(corpus: Corpus, rng: np.random.Generator, count: int) -> list[tuple[str, int]]:
+def sample_positions(corpus: Corpus, rng: np.random.Generator, count: int) -> list[tuple[str, int]]:
     """Sample (user, t) with 1 <= t < len - 1: the last interaction stays held out."""
     pool = [(u, t) for u, seq in corpus.sequences.items() for t in range(1, len(seq) - 1)]
     if len(pool) <= count:
@@ -82,7 +82,7 @@ class ExampleBuilder:
 
     def sample(self, count: int, seed: int) -> Iterator[Example]:
         rng = np.random.default_rng(seed)
-        for user_id, t in _positions(self.corpus, rng, count):
+        for user_id, t in sample_positions(self.corpus, rng, count):
             if (example := self.example(user_id, t)) is not None:
                 yield example
 

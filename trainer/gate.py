@@ -204,6 +204,17 @@ def _rate_verdict(metrics: dict[str, float]) -> tuple[bool, str]:
     )
 
 
+def _search_verdict(metrics: dict[str, float]) -> tuple[bool, str]:
+    ours, theirs = metrics.get("search_ndcg@10", 0.0), metrics.get("search_raw_ndcg@10", 0.0)
+    beats = ours >= theirs
+    verdict = "finds items at least as well as" if beats else "finds items WORSE than"
+    return beats, (
+        f"the model's queries {verdict} the last item's title on "
+        f"{int(metrics.get('search_validation_users', 0))} validation users "
+        f"(NDCG@10 {ours:.4f} vs {theirs:.4f})"
+    )
+
+
 def activation(
     metrics: dict[str, float], tasks: Collection[Task], other_active: bool, force: bool
 ) -> tuple[bool, str]:
@@ -211,6 +222,7 @@ def activation(
     was trained for), and why, in a sentence for the operator."""
     verdicts = [_rank_verdict(metrics)] if Task.rank in tasks else []
     verdicts += [_rate_verdict(metrics)] if Task.rate in tasks else []
+    verdicts += [_search_verdict(metrics)] if Task.search in tasks else []
     beats = all(ok for ok, _ in verdicts)
     said = "; ".join(sentence for _, sentence in verdicts)
     if other_active:

@@ -30,6 +30,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from contract.prompt import parse_answer
 from contract.rating import parse_rating
+from contract.search import parse_search
 from contract.tasks import Task
 from reward_rules.terms import Term
 from trainer.constrained import answer_constraint, constrained_generation
@@ -42,7 +43,7 @@ REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of an adapter it
 COMPLETION_MARGIN = 16  # tokens beyond the longest SFT target: room for a longer rationale
 
 
-PARSERS = {Task.rank: parse_answer, Task.rate: parse_rating}
+PARSERS = {Task.rank: parse_answer, Task.rate: parse_rating, Task.search: parse_search}
 
 
 class TermReward:

@@ -83,6 +83,19 @@ class RatingPreset(BaseModel):
     validation_users: int = Field(description="Users whose last rating is held out.")
 
 
+class SearchPreset(BaseModel):
+    """The search task's stages (`reasonrec bootstrap --task search`, Rec-R1)."""
+
+    sft_examples: int = Field(description="Positions sampled for SFT (and GRPO's prompts).")
+    typed_share: float = Field(
+        0.3, ge=0, le=1, description="Share of training prompts with a typed query (a category)."
+    )
+    sft: SftSettings
+    grpo_examples: int = Field(description="Prompts for GRPO.")
+    grpo: GrpoSettings
+    validation_users: int = Field(description="Users whose last interaction is held out.")
+
+
 class Preset(BaseModel):
     model: str = Field(description="A model size from trainer.model.SIZES.")
     rendering: Rendering = Rendering.compact
@@ -98,6 +111,7 @@ class Preset(BaseModel):
     grpo: GrpoSettings
     validation_users: int = Field(description="Users whose last interaction is held out.")
     rate: RatingPreset = Field(description="The rating task's stages.")
+    search: SearchPreset = Field(description="The search task's stages.")
 
 
 DEFAULT_RATING = RatingPreset(
@@ -114,6 +128,14 @@ DEFAULT_RATING = RatingPreset(
     # Held-out ratings are noisy (RMSE 1.15 on 200 ML-100K users, 1.05 on 300 test users): the
     # gate needs many, and greedy rating answers are short.
     validation_users=400,
+)
+
+DEFAULT_SEARCH = SearchPreset(
+    sft_examples=12000,
+    sft=SftSettings(epochs=1, batch_size=32, learning_rate=5e-4, bf16=False),
+    grpo_examples=2000,
+    grpo=GrpoSettings(max_steps=40, prompts_per_step=8, num_generations=8, learning_rate=2e-5),
+    validation_users=300,
 )
 
 PRESETS: dict[str, Preset] = {
@@ -136,6 +158,13 @@ PRESETS: dict[str, Preset] = {
             zero_grpo=GrpoSettings(max_steps=4, prompts_per_step=2, num_generations=4),
             validation_users=64,
         ),
+        search=SearchPreset(
+            sft_examples=600,
+            sft=SftSettings(epochs=2, batch_size=16, learning_rate=1e-3, bf16=False),
+            grpo_examples=8,
+            grpo=GrpoSettings(max_steps=2, prompts_per_step=2, num_generations=4),
+            validation_users=64,
+        ),
     ),
     "default": Preset(
         model="small",
@@ -148,6 +177,7 @@ PRESETS: dict[str, Preset] = {
         grpo=GrpoSettings(max_steps=8, prompts_per_step=4, num_generations=4, learning_rate=1e-5),
         validation_users=200,
         rate=DEFAULT_RATING,
+        search=DEFAULT_SEARCH,
     ),
     "rich": Preset(
         model="default",
@@ -163,5 +193,6 @@ PRESETS: dict[str, Preset] = {
         grpo=GrpoSettings(max_steps=8, prompts_per_step=2, num_generations=4, learning_rate=5e-5),
         validation_users=100,
         rate=DEFAULT_RATING,
+        search=DEFAULT_SEARCH,
     ),
 }

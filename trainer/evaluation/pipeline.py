@@ -1,6 +1,7 @@
-"""The serving pipeline as an evaluation system: the same candidates, prompt, engine and repair
-the API uses, on a store that holds the training split (and, after training, the validation
-interactions, which come before the test item in time).
+"""The serving pipelines as evaluation systems: the same candidates, prompt, engine and repair
+the API uses (`/v1/recommend`), or the same prompt, engine and retriever (`/v1/search` with no
+query: what the user wants next), on a store that holds the training split (and, after training,
+the validation interactions, which come before the test item in time).
 
 Nothing in the request path serves evaluation: the items EVAL.md excludes (training and
 validation) are the user's seen items in that store, and answers that needed repair are read
@@ -9,14 +10,15 @@ from the gateway's own metric, as an operator would read them.
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from prometheus_client import REGISTRY
 
 from server.engine import Engine
 from server.item_index import ItemIndex
 from server.recommend import Recommender
-from server.schemas import RecommendRequest
+from server.schemas import RecommendRequest, SearchRequest
+from server.search import Searcher
 from trainer.evaluation.split import Split
 
 CONCURRENCY = 16
@@ -26,20 +28,24 @@ def _repairs() -> float:
     return REGISTRY.get_sample_value("reasonrec_parse_failures_total") or 0.0
 
 
+Served = tuple[list[str], float]
+"""The ids served, best first, and the response's latency in milliseconds."""
+Serve = Callable[[Engine | None, str, int], Awaitable[Served]]
+
+
 class PipelineSystem:
-    """`reasonrec` with an engine; `retrieval` without one (the candidate order, as served in
-    fallback)."""
+    """A request path answering every user, CONCURRENCY requests at a time, with an engine it
+    opens for that and closes after (`open_engine`; None: no model, the path's fallback), so
+    that one engine at a time holds memory."""
 
     def __init__(
         self,
         name: str,
-        recommender: Recommender,
-        engine: Engine | None,
-        index: ItemIndex | None,
+        serve: Serve,
         runner: asyncio.Runner,
+        open_engine: Callable[[], Engine] | None = None,
     ):
-        self.name = name
-        self.recommender, self.engine, self.index, self.runner = recommender, engine, index, runner
+        self.name, self.serve, self.runner, self.open_engine = name, serve, runner, open_engine
         self.latencies_ms: list[float] = []
         self.repairs = 0
         self._answers: dict[str, list[str]] = {}
@@ -49,24 +55,58 @@ class PipelineSystem:
 
     def prepare(self, users: Sequence[str], k: int) -> None:
         before = _repairs()
-        self.runner.run(self._answer_all(users, k))
+        engine = self.open_engine() if self.open_engine else None
+        try:
+            self.runner.run(self._answer_all(engine, users, k))
+        finally:
+            if engine is not None:
+                self.runner.run(engine.close())
         self.repairs += round(_repairs() - before)
 
-    async def _answer_all(self, users: Sequence[str], k: int) -> None:
+    async def _answer_all(self, engine: Engine | None, users: Sequence[str], k: int) -> None:
         gate = asyncio.Semaphore(CONCURRENCY)
 
         async def answer(user: str) -> None:
             async with gate:
-                response = await self.recommender.recommend(
-                    RecommendRequest(user_id=user, k=k, explain=False),
-                    uuid.uuid4().hex,
-                    self.engine,
-                    self.index,
-                )
-            self._answers[user] = [item.item_id for item in response.items]
-            self.latencies_ms.append(response.latency_ms)
+                self._answers[user], latency = await self.serve(engine, user, k)
+            self.latencies_ms.append(latency)
 
         await asyncio.gather(*(answer(user) for user in users))
 
     def recommend(self, user_id: str, k: int) -> list[str]:
         return self._answers[user_id][:k]
+
+
+def recommending(
+    name: str,
+    recommender: Recommender,
+    index: ItemIndex | None,
+    runner: asyncio.Runner,
+    open_engine: Callable[[], Engine] | None = None,
+) -> PipelineSystem:
+    """`reasonrec` with an engine; `retrieval` without one (the candidate order, as served in
+    fallback)."""
+
+    async def serve(engine: Engine | None, user: str, k: int) -> Served:
+        request = RecommendRequest(user_id=user, k=k, explain=False)
+        response = await recommender.recommend(request, uuid.uuid4().hex, engine, index)
+        return [item.item_id for item in response.items], response.latency_ms
+
+    return PipelineSystem(name, serve, runner, open_engine)
+
+
+def searching(
+    name: str,
+    searcher: Searcher,
+    runner: asyncio.Runner,
+    open_engine: Callable[[], Engine] | None = None,
+) -> PipelineSystem:
+    """`/v1/search` with the user and no query: the model's query for what comes next (the last
+    item's title without a model)."""
+
+    async def serve(engine: Engine | None, user: str, k: int) -> Served:
+        request = SearchRequest(user_id=user, k=k)
+        response = await searcher.search(request, uuid.uuid4().hex, engine)
+        return [item.item_id for item in response.items], response.latency_ms
+
+    return PipelineSystem(name, serve, runner, open_engine)

@@ -10,8 +10,9 @@
    (`--task rank --task rate` trains one model for both, as `reasonrec demo` does).
 4. Add the validation interactions (they precede the test item; item-kNN scores from them too).
 5. Rank for each user with the systems (the model, the retrieval order it reranks, popularity,
-   item-kNN, and search's retrievers queried with the last item's title) and score against the
-   test item; predict each user's test rating (`trainer.evaluation.rating`).
+   item-kNN, search's retrievers queried with the last item's title, and for a search model its
+   queries after SFT and after GRPO) and score against the test item; predict each user's test
+   rating (`trainer.evaluation.rating`).
 """
 
 import asyncio
@@ -20,13 +21,13 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from contract.search import RetrieverKind
 from contract.tasks import Task
 from server.active_model import open_engine
 from server.config import Settings
-from server.engine import Engine
 from server.index_files import load_current
 from server.loaders import Dataset
 from server.loaders.writer import progress_bar, write
@@ -34,11 +35,12 @@ from server.rate import Rater
 from server.recommend import Recommender
 from server.redis_client import connect
 from server.schemas import FeedbackEvent
-from server.search_index import Encoder, build_search_index
+from server.search import Searcher
+from server.search_index import Encoder, SearchIndexes, build_search_index
 from server.store import Store, build_store
-from trainer.bootstrap import bootstrap
+from trainer.bootstrap import BootstrapResult, bootstrap
 from trainer.evaluation.harness import Report, evaluate
-from trainer.evaluation.pipeline import PipelineSystem
+from trainer.evaluation.pipeline import PipelineSystem, recommending, searching
 from trainer.evaluation.rating import rate_report, rating_tests
 from trainer.evaluation.split import EvalData, Split, sample_users
 from trainer.evaluation.systems import ItemKNN, Popularity, TitleQuery
@@ -114,8 +116,9 @@ def run_eval(
     tasks: frozenset[Task] = frozenset({Task.rank}),
     recipe: Recipe = Recipe.one,
 ) -> Report:
-    """The report of the first task asked (ranking before rating), with the rating report in
-    `rating` when one model was evaluated for both."""
+    """The ranking report (the model's lists when it ranks, its queries' when it searches,
+    beside the baselines), with the rating report in `rating` when the model rates; a model only
+    for rating gets the rating report alone."""
     split, timelines = data.split, data.timelines
     chosen = sample_users(split, users, seed) if users else list(split.users)
     tests = rating_tests(data, chosen) if Task.rate in tasks else []  # fails before training
@@ -132,20 +135,21 @@ def run_eval(
                 trained_on=trained_on(split),
                 tasks=tasks,
                 recipe=recipe,
+                keep_stages=Task.search in tasks,
             )
         )
         run.run(write_dataset(store, events_only(validation)))
-        engine = open_engine(settings, trained.version)
-        try:
-            reports = []
-            if Task.rank in tasks:
-                reports.append(_rank_report(data, chosen, store, settings, engine, run))
-            if Task.rate in tasks:
+        reports = []
+        if tasks & {Task.rank, Task.search}:
+            reports.append(_rank_report(data, chosen, store, settings, trained, tasks, run))
+        if Task.rate in tasks:
+            engine = open_engine(settings, trained.version)
+            try:
                 rater = Rater(store, settings)
                 known = train + validation
                 reports.append(rate_report(data, tests, known, rater, engine, run, seed))
-        finally:
-            run.run(engine.close())
+            finally:
+                run.run(engine.close())
     report = reports[0]
     report.model = trained.metrics | {"bootstrap_seconds": trained.seconds} | report.model
     if len(reports) == 2:
@@ -158,19 +162,37 @@ def _rank_report(
     users: list[str],
     store: Store,
     settings: Settings,
-    engine: Engine,
+    trained: BootstrapResult,
+    tasks: frozenset[Task],
     run: asyncio.Runner,
 ) -> Report:
     index = load_current(settings.data_dir)
     recommender = Recommender(store, settings)
-    systems = [
-        PipelineSystem("reasonrec", recommender, engine, index, run),
-        PipelineSystem("retrieval", recommender, None, index, run),
-        Popularity(),
-        ItemKNN(),
-        *_title_queries(data),
-    ]
+    systems = [recommending("retrieval", recommender, index, run)]
+    if Task.rank in tasks:
+        opened = partial(open_engine, settings, trained.version)
+        systems.insert(0, recommending("reasonrec", recommender, index, run, opened))
+    systems += [Popularity(), ItemKNN(), *_title_queries(data)]
+    if Task.search in tasks:
+        systems += _query_models(store, settings, trained, run)
     return evaluate(data.split, systems, users)
+
+
+def _query_models(
+    store: Store, settings: Settings, trained: BootstrapResult, run: asyncio.Runner
+) -> list[PipelineSystem]:
+    """The search model's queries for what each user wants next, after SFT and after GRPO, sent
+    to the retriever it was trained with."""
+    indexes = SearchIndexes(settings.search_retriever)
+    run.run(indexes.refresh(store))
+    searcher = Searcher(store, settings, indexes)
+    kind = settings.search_retriever.value
+    stages = {f"query model sft ({kind})": trained.stages["search_sft"]}
+    stages[f"query model ({kind})"] = trained.version
+    return [
+        searching(name, searcher, run, partial(open_engine, settings, version))
+        for name, version in stages.items()
+    ]
 
 
 def _title_queries(data: EvalData) -> list[TitleQuery]:
