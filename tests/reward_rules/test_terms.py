@@ -8,7 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from contract.answer import Answer
+from contract.prompt import Rendering
 from contract.rating import parse_rating, render_rating_answer
+from contract.search import parse_search, render_search_answer
 from reward_rules import terms as terms_module
 from reward_rules.terms import (
     TERMS,
@@ -22,6 +24,7 @@ from reward_rules.terms import (
     Promotion,
     RatingAccuracy,
     RatingFormat,
+    SearchNdcg,
     split_at_category_cap,
     weighted_sum,
 )
@@ -546,3 +549,70 @@ class TestRatingTerms:
         assert fmt in (-1.0, 1.0)
         assert -1.0 <= accuracy <= 1.0
         assert fmt == 1.0 or accuracy == 0.0
+
+
+class RankedList:
+    """A retriever stand-in: a fixed list per query; `calls` records what it was asked."""
+
+    def __init__(self, lists: dict[str, list[str]]):
+        self.lists, self.calls = lists, []
+
+    def __call__(self, query: str, item: str, exclude) -> int | None:
+        self.calls.append((query, item, set(exclude)))
+        ranked = [i for i in self.lists.get(query, []) if i not in exclude]
+        return ranked.index(item) + 1 if item in ranked else None
+
+
+SEARCH_LISTS = {"heat": ["heat", "toy"], "toy": ["heat", "x", "toy"], "comedy toy": ["toy"]}
+
+
+class TestSearchNdcg:
+    """METHODS.md §3: -2 malformed; else 0.1 + NDCG@k of the held-out item in the list."""
+
+    @pytest.mark.parametrize(
+        ("text", "typed", "seen", "k", "reward"),
+        [
+            ("<think>a</think><answer>toy</answer>", "", [], 10, 0.1 + 1 / math.log2(4)),
+            ("<think>a</think><answer>toy</answer>", "", ["heat"], 10, 0.1 + 1 / math.log2(3)),
+            ("<think>a</think><answer>heat</answer>", "", [], 10, 0.1 + 1 / math.log2(3)),
+            ("<think>a</think><answer>toy</answer>", "comedy", [], 10, 1.1),  # typed goes first
+            ("<think>a</think><answer>toy</answer>", "", [], 2, 0.1),  # ranked below k
+            ("<think>a</think><answer>alien</answer>", "", [], 10, 0.1),  # not retrieved
+            ("<think>a</think><answer>  </answer>", "", [], 10, -2.0),
+            ("<answer>toy</answer>", "", [], 10, -2.0),
+            ("", "", [], 10, -2.0),
+        ],
+    )
+    def test_table(self, text: str, typed: str, seen: list, k: int, reward: float) -> None:
+        term = SearchNdcg(RankedList(SEARCH_LISTS), k)
+        example = {"item_id": "toy", "typed": typed, "seen": seen}
+        assert term(parse_search(text), example) == pytest.approx(reward)
+
+    def test_the_retriever_is_asked_once_with_the_seen_items_left_out(self) -> None:
+        retriever = RankedList(SEARCH_LISTS)
+        answer = parse_search("<think>a</think><answer>toy</answer>")
+        SearchNdcg(retriever)(answer, {"item_id": "toy", "typed": "comedy", "seen": ["heat"]})
+        assert retriever.calls == [("comedy toy", "toy", {"heat"})]
+
+    @given(st.text(max_size=80), st.integers(1, 30))
+    def test_any_text_scores_minus_two_or_within_the_format_and_ndcg(
+        self, text: str, rank: int
+    ) -> None:
+        term = SearchNdcg(lambda query, item, seen: rank, k=10)
+        value = term(parse_search(text), {"item_id": "x"})
+        assert value == -2.0 or 0.1 <= value <= 1.1
+
+    @given(
+        st.from_regex(r"[a-z][a-z ]{0,30}", fullmatch=True),
+        st.integers(1, 50),
+        st.integers(1, 50),
+    )
+    def test_a_higher_rank_earns_more(self, query: str, better: int, worse: int) -> None:
+        better, worse = sorted((better, worse))
+        answer = parse_search(render_search_answer("r", query, Rendering.compact))
+
+        def reward(rank: int) -> float:
+            return SearchNdcg(lambda q, item, seen: rank, k=20)(answer, {"item_id": "x"})
+
+        assert reward(better) >= reward(worse) >= 0.1
+

@@ -1,7 +1,6 @@
-"""Search (POST /v1/search): the fixed retrievers, the catalog following, filters and bad input.
-
-Every query goes to the retriever as written until a version is trained to rewrite queries, so
-these tests hold for any active model; a real Redis backs the store."""
+"""Search (POST /v1/search): the fixed retrievers, the catalog following, filters, the model's
+query step with a fake engine (the real one: tests/integration/test_search.py) and its fallbacks,
+and bad input. A real Redis backs the store."""
 
 import time
 
@@ -9,10 +8,14 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from contract.search import RetrieverKind
+from contract.prompt import Contract, Rendering
+from contract.search import RetrieverKind, render_search_answer, search_pattern
+from contract.tasks import Task
+from server.engine import EngineError
 from server.schemas import ItemIn
 from server.search_index import Encoder, build_search_index, item_text
 from tests.server.helpers import assert_error, metric, post_events
+from tests.server.test_recommend_logic import FakeEngine, use
 
 CATALOG = {
     "toy": ItemIn(title="Toy Story (1995)", categories=["Animation", "Children's", "Comedy"]),
@@ -52,6 +55,12 @@ class TestBm25:
             for rank, (item, _) in enumerate(self.index.search(query, 10), start=1):
                 assert self.index.rank_of(query, item) == rank
         assert self.index.rank_of("horror", "toy") is None
+
+    def test_rank_of_leaves_out_what_it_is_told_to(self) -> None:
+        query = "children comedy animation"  # Toy Story, then Babe
+        assert self.index.rank_of(query, "babe") == 2
+        assert self.index.rank_of(query, "babe", exclude={"toy", "nothing"}) == 1
+        assert self.index.rank_of(query, "toy", exclude={"babe"}) == 1
 
     def test_version_names_the_texts(self) -> None:
         again = build_search_index(sorted(CATALOG.items()), RetrieverKind.bm25)
@@ -161,9 +170,91 @@ def test_an_empty_catalog_finds_nothing(client: TestClient) -> None:
         ({"query": "ok", "k": 51}, "k"),
         ({"query": "ok", "user_id": ""}, "user_id"),
         ({"query": "ok", "unknown": 1}, "unknown"),
-        ({}, "query"),
+        ({}, "body"),  # nothing to search for: neither a query nor a user
+        ({"user_id": "u1", "query": None, "k": 0}, "k"),
     ],
 )
 def test_bad_input_is_422(client: TestClient, body: dict, field: str) -> None:
     error = assert_error(client.post("/v1/search", json=body), 422, "validation_error")
     assert any(field in detail["loc"] for detail in error["details"]), error
+
+
+FALLBACKS = "reasonrec_search_fallbacks_total"
+WRITTEN = render_search_answer("#heat they like crime", "bank robbers", Rendering.compact)
+
+
+def search_model(text: str = WRITTEN, **kwargs) -> FakeEngine:
+    engine = FakeEngine(text, **kwargs)
+    engine.contract = Contract(
+        rendering=Rendering.compact, history=5, tasks=frozenset({Task.rank, Task.search})
+    )
+    return engine
+
+
+@pytest.fixture
+def watched(searching: TestClient) -> TestClient:
+    """u1 watched Alien, then Toy Story."""
+    post_events(
+        searching,
+        {"user_id": "u1", "item_id": "alien", "type": "click", "timestamp": "2026-01-01T00:00:00Z"},
+        {"user_id": "u1", "item_id": "toy", "type": "click", "timestamp": "2026-01-02T00:00:00Z"},
+    )
+    return searching
+
+
+def test_a_search_model_writes_the_query_from_the_users_history(watched: TestClient) -> None:
+    engine = search_model()
+    use(watched, engine)
+
+    body = _search(watched, query="1995", user_id="u1", explain=True)
+
+    [request] = engine.requests
+    assert request.prompt == "\n#alien, #toy\nsearch 1995\n"
+    assert request.regex == search_pattern(Rendering.compact)
+    assert body["typed"] == "1995" and body["query"] == "1995 bank robbers"
+    assert (body["source"], body["degraded"], body["model_version"]) == ("llm", False, "fake-v1")
+    assert body["reasoning"] == "#heat they like crime"
+    assert body["items"][0]["item_id"] == "heat"
+    assert "toy" not in [hit["item_id"] for hit in body["items"]]  # seen
+    assert metric(watched, "reasonrec_searches_total", source="llm", model_version="fake-v1") == 1
+    assert _search(watched, query="1995", user_id="u1")["reasoning"] is None  # not asked for
+
+
+def test_with_no_query_the_model_says_what_comes_next(watched: TestClient) -> None:
+    use(watched, search_model(render_search_answer("r", "a cartoon babe", Rendering.compact)))
+    body = _search(watched, user_id="u1")
+    assert body["typed"] is None and body["query"] == "a cartoon babe"
+    assert [hit["item_id"] for hit in body["items"]] == ["babe"]
+
+
+def test_with_no_query_and_no_model_the_last_title_is_the_query(watched: TestClient) -> None:
+    use(watched, None)
+    body = _search(watched, user_id="u1")
+    assert body["query"] == "Toy Story (1995)" and body["source"] == "fallback"
+    assert {hit["item_id"] for hit in body["items"]} == {"heat", "babe"}  # 1995; Toy Story seen
+    assert _search(watched, user_id="nobody")["items"] == []  # no history: nothing to go on
+
+
+@pytest.mark.parametrize(
+    ("engine", "reason"),
+    [
+        (lambda: search_model("<think>x</think><answer>", delay=0.0), "malformed"),
+        (lambda: search_model(error=EngineError("engine answered 503")), "engine_error"),
+        (lambda: search_model(delay=5.0), "timeout"),
+        (lambda: FakeEngine(WRITTEN), "task_unsupported"),  # a version not trained to search
+    ],
+)
+def test_the_typed_query_goes_as_written_when_the_model_cannot_help(
+    make_client, engine, reason: str
+) -> None:
+    client = make_client(search_refresh_seconds=0.05, llm_timeout_ms=200)
+    _put_catalog(client)
+    _wait_for(client, "bank heist", "heat")
+    use(client, engine())
+    before = metric(client, FALLBACKS, reason=reason)
+
+    body = _search(client, query="Bank heist", user_id="u9")
+
+    assert (body["query"], body["source"], body["degraded"]) == ("Bank heist", "fallback", True)
+    assert [hit["item_id"] for hit in body["items"]] == ["heat"]
+    assert metric(client, FALLBACKS, reason=reason) == before + 1
