@@ -145,5 +145,5 @@ def retriever_query(typed: str, written: str) -> str:
 
 def compose_query(item: ItemView) -> str:
     """A query that finds `item`, written from the data: its title and categories (SFT targets;
-    ML-100K has no logged queries)."""
+    ML-100K logs no queries)."""
     return clean(f"{item.title} {' '.join(item.categories)}", MAX_QUERY_CHARS)

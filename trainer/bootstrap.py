@@ -1,12 +1,12 @@
 """`reasonrec bootstrap`: the embedded model, from the store's data to an active registry version.
 
 Stages: candidate index -> examples -> tokenizer -> model -> item-sequence pretraining (compact
-rendering) -> for ranking, SFT -> GRPO (as RecLLM-R1 trains) -> for rating, RecOne's SFT or
-nothing (RecZero) -> GRPO (`trainer.rating`) -> for search, SFT -> GRPO with the retriever's
-reward (`trainer.search`) -> validation of each task -> atomic publish -> activation, only for a
-model that beats its fallback on every task it was trained for (the gate: the retrieval order it
-reranks, the bias baseline, the raw query). Each stage logs and shows progress; the
-manifest records what each stage scored.
+rendering) -> for search, SFT on the catalog -> for ranking, SFT -> GRPO (as RecLLM-R1 trains) ->
+for rating, RecOne's SFT or nothing (RecZero) -> GRPO (`trainer.rating`) -> for search, SFT ->
+GRPO with the retriever's reward (`trainer.search`) -> validation of each task -> atomic publish
+-> activation, only for a model that beats its fallback on every task it was trained for (the
+gate: the retrieval order it reranks, the bias baseline, the raw query). Each stage logs and shows
+progress; the manifest records what each stage scored.
 """
 
 import logging
@@ -43,7 +43,13 @@ from trainer.rating import (
     train_rating,
     validate_rating,
 )
-from trainer.search import SearchExampleBuilder, SearchExamples, train_search, validate_search
+from trainer.search import (
+    SearchExampleBuilder,
+    SearchExamples,
+    catalog_examples,
+    train_search,
+    validate_search,
+)
 from trainer.sft import run_sft
 from trainer.tokenizer import train_tokenizer
 
@@ -139,6 +145,10 @@ def train_model(
         pretrained = pretrain(model, tokenizer, corpus, preset.pretrain, shape.contract.history)
         stages["pretrain_seconds"] = pretrained.seconds
         stages["pretrain_ndcg@10"] = first_pick_ndcg(model, tokenizer, examples.validation)
+    if plan.search is not None and preset.search.catalog is not None:
+        # How to write each item before which item to write: SFT on sequences assumes it.
+        catalog = catalog_examples(corpus, plan.search.rendering)
+        model = run_sft(model, tokenizer, catalog, preset.search.catalog)
     facts = catalog_facts(corpus.items.values(), policy)
     joint = plan.joint_sft()
     if Task.rank in plan.tasks:

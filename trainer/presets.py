@@ -90,6 +90,11 @@ class SearchPreset(BaseModel):
     typed_share: float = Field(
         0.3, ge=0, le=1, description="Share of training prompts with a typed query (a category)."
     )
+    catalog: SftSettings | None = Field(
+        None,
+        description="SFT on one example per item (its reference -> its title and categories) "
+        "before the SFT on sequences, so that the model can spell what it names; None: none.",
+    )
     sft: SftSettings
     grpo_examples: int = Field(description="Prompts for GRPO.")
     grpo: GrpoSettings
@@ -132,6 +137,9 @@ DEFAULT_RATING = RatingPreset(
 
 DEFAULT_SEARCH = SearchPreset(
     sft_examples=12000,
+    # 40 passes over ML-100K's 1,682 items (70 s): greedy decoding then wrote 100 of 100 sampled
+    # titles exactly from the item's reference; 10 passes, none (a year and a made-up word).
+    catalog=SftSettings(epochs=40, batch_size=32, learning_rate=2e-3, bf16=False),
     sft=SftSettings(epochs=1, batch_size=32, learning_rate=5e-4, bf16=False),
     grpo_examples=2000,
     grpo=GrpoSettings(max_steps=40, prompts_per_step=8, num_generations=8, learning_rate=2e-5),
@@ -160,6 +168,7 @@ PRESETS: dict[str, Preset] = {
         ),
         search=SearchPreset(
             sft_examples=600,
+            catalog=SftSettings(epochs=10, batch_size=16, learning_rate=2e-3, bf16=False),
             sft=SftSettings(epochs=2, batch_size=16, learning_rate=1e-3, bf16=False),
             grpo_examples=8,
             grpo=GrpoSettings(max_steps=2, prompts_per_step=2, num_generations=4),

@@ -86,6 +86,29 @@ def compose_reasoning(history: Sequence[ItemView], item: ItemView, rendering: Re
     return f"They are into {interests}; {item.title} would fit."
 
 
+def _target(history: Sequence[ItemView], item: ItemView, rendering: Rendering) -> str:
+    reasoning = compose_reasoning(history, item, rendering)
+    return render_search_answer(reasoning, compose_query(item), rendering)
+
+
+def catalog_examples(corpus: Corpus, rendering: Rendering) -> list[SearchExample]:
+    """One example per item: a prompt with nothing known and the item's own reasoning and query
+    as the target. Trained on for many passes (`SearchPreset.catalog`) they teach the model to
+    write each item's title once it has named the item."""
+    prompt = build_search_prompt(search_input({}, [], "", 0), rendering)
+    views = [ItemView.model_validate(item, from_attributes=True) for item in corpus.items.values()]
+    return [
+        SearchExample(
+            user_id="",
+            prompt=prompt,
+            item_id=view.item_id,
+            seen=[],
+            target=_target([], view, rendering),
+        )
+        for view in views
+    ]
+
+
 class SearchExampleBuilder:
     def __init__(self, corpus: Corpus, rendering: Rendering, history: int, typed_share: float):
         self.corpus, self.rendering, self.history = corpus, rendering, history
@@ -97,7 +120,6 @@ class SearchExampleBuilder:
         history = [items[i] for i in seen]
         data = search_input(self.corpus.profiles.get(user_id, {}), history, typed, self.history)
         target = ItemView.model_validate(items[sequence[t][0]], from_attributes=True)
-        reasoning = compose_reasoning(data.history, target, self.rendering)
         return SearchExample(
             user_id=user_id,
             prompt=build_search_prompt(data, self.rendering),
@@ -105,7 +127,7 @@ class SearchExampleBuilder:
             typed=data.typed,
             seen=seen,
             last_title=history[-1].title if history else "",
-            target=render_search_answer(reasoning, compose_query(target), self.rendering),
+            target=_target(data.history, target, self.rendering),
         )
 
     def _typed(self, item_id: str, rng: np.random.Generator) -> str:

@@ -1,8 +1,8 @@
 """Session fixtures for integration tests: a tiny model trained once, then served by real vLLM.
 
-`reasonrec bootstrap --preset tiny --task rank --task rate` runs once per session on a small
-synthetic catalog in a store prefix of the session's own; every test gets the gateway with its
-in-process vLLM engine, which serves both `/v1/recommend` and `/v1/rate`.
+`reasonrec bootstrap --preset tiny --task rank --task rate --task search` runs once per session on
+a small synthetic catalog in a store prefix of the session's own; every test gets the gateway with
+its in-process vLLM engine, which serves `/v1/recommend`, `/v1/rate` and `/v1/search`.
 """
 
 import asyncio
@@ -22,7 +22,7 @@ from tests.conftest import drop_prefix
 from trainer.bootstrap import BootstrapResult, bootstrap
 
 ADMIN_KEY = "it-admin"
-BOTH = frozenset({Task.rank, Task.rate})
+EVERY_TASK = frozenset(Task)
 SYNTHETIC = {"users": 60, "items": 150, "events_per_user": 30, "seed": 3}
 
 
@@ -48,7 +48,7 @@ async def _prepare(settings: Settings) -> BootstrapResult:
             await write(store, generate(**SYNTHETIC), progress)
         # Forced past the gate against retrieval: these tests are about serving; how well the
         # recipe ranks is measured by bench/stages.py and `reasonrec eval`.
-        return await bootstrap(settings, store, "tiny", force=True, tasks=BOTH)
+        return await bootstrap(settings, store, "tiny", force=True, tasks=EVERY_TASK)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""POST /v1/rate against the real vLLM engine serving the tiny model trained for both tasks."""
+"""POST /v1/rate against the real vLLM engine serving the tiny model trained for every task."""
 
 import pytest
 
@@ -13,10 +13,10 @@ def rate(gateway, **body):
     return gateway.post("/v1/rate", json=body)
 
 
-def test_the_active_model_lists_both_tasks(gateway, tiny_model) -> None:
+def test_the_active_model_lists_every_task(gateway, tiny_model) -> None:
     versions = gateway.get("/v1/models").json()["versions"]
     [version] = [v for v in versions if v["version"] == tiny_model.version]
-    assert sorted(version["tasks"]) == ["rank", "rate"]
+    assert sorted(version["tasks"]) == ["rank", "rate", "search"]
     assert {"rate_rmse", "rate_baseline_rmse"} <= set(version["metrics"])
 
 

@@ -6,7 +6,10 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
+import traceback
+from types import FrameType
 
 import pytest
 import redis
@@ -59,16 +62,51 @@ def logged_examples(settings: Settings) -> dict:
     return asyncio.run(read())
 
 
+# A refresh of the tiny model takes about a minute; one hung for half an hour in CI once, with
+# its stack cut from the log. Past this, the test fails with where every thread and task was.
+REFRESH_DEADLINE = 900
+
+
+def _where(frame: FrameType | None, depth: int = 6) -> str:
+    lines = traceback.format_stack(frame)[-depth:] if frame else []
+    return "".join(lines).strip()
+
+
+def _stacks() -> str:
+    """The innermost frames of every thread and every pending task of the running loop."""
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    threads = [
+        f"thread {names.get(ident, ident)}:\n{_where(frame)}"
+        for ident, frame in sys._current_frames().items()
+    ]
+    tasks = [
+        f"task {task.get_name()}:\n{_where(task.get_stack()[-1] if task.get_stack() else None)}"
+        for task in asyncio.all_tasks()
+    ]
+    return "\n".join(threads + tasks)
+
+
 async def _refresh(settings: Settings, force: bool) -> RefreshResult:
     async with open_store(settings) as store:
-        return await refresh_once(settings, store, progress=False, force=force)
+        refreshing = asyncio.ensure_future(
+            refresh_once(settings, store, progress=False, force=force)
+        )
+        done, _ = await asyncio.wait({refreshing}, timeout=REFRESH_DEADLINE)
+        if not done:
+            pytest.fail(f"refresh still running after {REFRESH_DEADLINE} s:\n{_stacks()}")
+        return refreshing.result()
 
 
 def refresh(settings: Settings, force: bool = False, **update: object) -> RefreshResult:
     """One refresh; `force` publishes past the gate against the retrieval order, which the tiny
     model's noise would otherwise decide (tests/trainer/test_gate.py tests that gate)."""
     settings = settings.model_copy(update={"refresh_grpo_steps": 2, **update})
-    return asyncio.run(_refresh(settings, force))
+    # Not asyncio.run: past the deadline it would wait for the hung training thread to finish.
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(_refresh(settings, force))
+    finally:
+        loop.close()  # leaves a hung thread behind rather than waiting for it
 
 
 def test_gate_rejection_leaves_the_active_version(

@@ -615,4 +615,3 @@ class TestSearchNdcg:
             return SearchNdcg(lambda q, item, seen: rank, k=20)(answer, {"item_id": "x"})
 
         assert reward(better) >= reward(worse) >= 0.1
-
