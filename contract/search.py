@@ -143,7 +143,18 @@ def retriever_query(typed: str, written: str) -> str:
     return " ".join(part for part in (typed.strip(), written.strip()) if part)
 
 
-def compose_query(item: ItemView) -> str:
-    """A query that finds `item`, written from the data: its title and categories (SFT targets;
-    ML-100K logs no queries)."""
-    return clean(f"{item.title} {' '.join(item.categories)}", MAX_QUERY_CHARS)
+def compose_query(items: Sequence[ItemView], rendering: Rendering) -> str:
+    """A query that finds `items`, the first best, written from the data: their titles, then
+    their categories, for as many whole items as fit (SFT targets; ML-100K logs no queries)."""
+
+    def text(chosen: Sequence[ItemView]) -> str:
+        titles = ", ".join(item.title for item in chosen)
+        categories = dict.fromkeys(c for item in chosen for c in item.categories)
+        return clean(" ".join([titles, *categories]), MAX_QUERY_CHARS)
+
+    chosen = list(items[:1])
+    for item in items[1:]:
+        if len(text([*chosen, item])) > QUERY_CHARS[rendering]:
+            break
+        chosen.append(item)
+    return clean(text(chosen), QUERY_CHARS[rendering])

@@ -234,7 +234,11 @@ def _search_plan(
         return None, None
     contract = shape.contract
     builder = SearchExampleBuilder(
-        corpus, contract.rendering, contract.history, preset.search.typed_share
+        corpus,
+        contract.rendering,
+        contract.history,
+        preset.search.typed_share,
+        preset.search.titles,
     )
     search = builder.build(preset.search.sft_examples, preset.search.validation_users, seed)
     if not search.train or not search.validation:

@@ -77,18 +77,22 @@ def _interests(history: Sequence[ItemView]) -> list[str]:
     return [category for category, _ in counts.most_common(2)]
 
 
-def compose_reasoning(history: Sequence[ItemView], item: ItemView, rendering: Rendering) -> str:
-    """The compact reasoning names the item (one token the pretrained model can predict) and its
-    categories; the rich one the user's recent interests and the item's title."""
+def compose_reasoning(
+    history: Sequence[ItemView], items: Sequence[ItemView], rendering: Rendering
+) -> str:
+    """The compact reasoning names the items (one token each: what the pretrained model
+    predicts) and their categories; the rich one the user's recent interests and the first
+    item's title."""
     if rendering is Rendering.compact:
-        return " ".join([ref(item.item_id), *item.categories])
+        categories = dict.fromkeys(c for item in items for c in item.categories)
+        return " ".join([*(ref(item.item_id) for item in items), *categories])
     interests = " and ".join(_interests(history)) or "a bit of everything"
-    return f"They are into {interests}; {item.title} would fit."
+    return f"They are into {interests}; {items[0].title} would fit."
 
 
-def _target(history: Sequence[ItemView], item: ItemView, rendering: Rendering) -> str:
-    reasoning = compose_reasoning(history, item, rendering)
-    return render_search_answer(reasoning, compose_query(item), rendering)
+def _target(history: Sequence[ItemView], items: Sequence[ItemView], rendering: Rendering) -> str:
+    reasoning = compose_reasoning(history, items, rendering)
+    return render_search_answer(reasoning, compose_query(items, rendering), rendering)
 
 
 def catalog_examples(corpus: Corpus, rendering: Rendering) -> list[SearchExample]:
@@ -103,31 +107,43 @@ def catalog_examples(corpus: Corpus, rendering: Rendering) -> list[SearchExample
             prompt=prompt,
             item_id=view.item_id,
             seen=[],
-            target=_target([], view, rendering),
+            target=_target([], [view], rendering),
         )
         for view in views
     ]
 
 
 class SearchExampleBuilder:
-    def __init__(self, corpus: Corpus, rendering: Rendering, history: int, typed_share: float):
+    def __init__(
+        self,
+        corpus: Corpus,
+        rendering: Rendering,
+        history: int,
+        typed_share: float,
+        titles: int = 1,
+    ):
         self.corpus, self.rendering, self.history = corpus, rendering, history
-        self.typed_share = typed_share
+        self.typed_share, self.titles = typed_share, titles
 
     def example(self, user_id: str, t: int, typed: str = "") -> SearchExample:
         items, sequence = self.corpus.items, self.corpus.sequences[user_id]
         seen = [item for item, _ in sequence[:t]]
         history = [items[i] for i in seen]
         data = search_input(self.corpus.profiles.get(user_id, {}), history, typed, self.history)
-        target = ItemView.model_validate(items[sequence[t][0]], from_attributes=True)
+        # A training target never names the user's last item: validation holds it out.
+        end = len(sequence) if t == len(sequence) - 1 else len(sequence) - 1
+        after = [
+            ItemView.model_validate(items[i], from_attributes=True)
+            for i, _ in sequence[t : min(t + self.titles, end)]
+        ]
         return SearchExample(
             user_id=user_id,
             prompt=build_search_prompt(data, self.rendering),
-            item_id=target.item_id,
+            item_id=after[0].item_id,
             typed=data.typed,
             seen=seen,
             last_title=history[-1].title if history else "",
-            target=_target(data.history, target, self.rendering),
+            target=_target(data.history, after, self.rendering),
         )
 
     def _typed(self, item_id: str, rng: np.random.Generator) -> str:

@@ -93,4 +93,14 @@ def test_the_grammar_refuses_what_it_must(text: str) -> None:
 def test_the_retriever_gets_the_typed_words_then_the_models() -> None:
     assert retriever_query(" comedy ", "Toy Story") == "comedy Toy Story"
     assert retriever_query("", "Toy Story") == "Toy Story"
-    assert compose_query(TOY) == "Toy Story (1995) Animation Comedy"
+    assert compose_query([TOY], Rendering.compact) == "Toy Story (1995) Animation Comedy"
+    both = "Toy Story (1995), Heat (1995) Animation Comedy Action"
+    assert compose_query([TOY, HEAT], Rendering.compact) == both
+    long = ItemView(item_id="9", title="x" * 100, categories=["Drama"])
+    # whole items only, as many as fit
+    assert (
+        compose_query([TOY, long, HEAT], Rendering.compact) == "Toy Story (1995) Animation Comedy"
+    )
+    assert compose_query([TOY, long], Rendering.rich) == (
+        f"Toy Story (1995), {'x' * 100} Animation Comedy Drama"
+    )

@@ -82,6 +82,14 @@ def test_examples_hold_out_each_users_last_item_and_compose_a_query_that_finds_i
     assert example.prompt == "\n#i1, #i2, #i3\nsearch\n"
     assert example.seen == ["i0", "i1", "i2", "i3"] and example.last_title == "Echo"
     assert example.target == "<think>#i4 drama</think><answer>Golf drama</answer>"
+    three = SearchExampleBuilder(data, Rendering.compact, history=3, typed_share=0, titles=3)
+    assert (
+        three.example("u0", 4).target
+        == "<think>#i4 #i5 #i6 drama comedy</think><answer>Golf, Hotel, India drama comedy</answer>"
+    )
+    # the user's last item (held out for validation) is never in a training target
+    assert three.example("u0", 6).target == "<think>#i6 drama</think><answer>India drama</answer>"
+    assert three.example("u0", 7).target == "<think>#i7 comedy</think><answer>Kilo comedy</answer>"
     answer = parse_search(example.target)
     assert answer.well_formed and index.rank_of(answer.query, "i4", example.seen) == 1
 
@@ -95,7 +103,7 @@ def test_catalog_examples_teach_each_items_query_with_nothing_known(data: Corpus
 
 def test_rich_reasoning_speaks_of_interests_and_the_item(data: Corpus) -> None:
     history = [data.items["i0"], data.items["i2"], data.items["i1"]]
-    reasoning = compose_reasoning(history, data.items["i3"], Rendering.rich)
+    reasoning = compose_reasoning(history, [data.items["i3"], data.items["i4"]], Rendering.rich)
     assert reasoning == "They are into drama and comedy; Echo would fit."
 
 
