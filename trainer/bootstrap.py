@@ -105,6 +105,7 @@ class Plan(BaseModel, arbitrary_types_allowed=True):
     rating: RatingExamples | None = None
     search: SearchExamples | None = None
     retriever: SearchIndex | None = None
+    keep_stages: bool = Field(False, description="Keep the search SFT stage's model too.")
 
     def joint_sft(self) -> list:
         """Examples of other tasks that join ranking's SFT: SFT on them after ranking's would
@@ -186,6 +187,7 @@ def train_model(
                 plan.retriever,
                 Path(scratch),
                 sft=Task.rank not in plan.tasks,
+                keep_sft=plan.keep_stages,
             )
         stages |= searched
     return model, tokenizer, stages, after_sft
@@ -289,6 +291,7 @@ async def bootstrap(
         rating=_rating_examples(corpus, shape, preset, seed),
         search=search,
         retriever=retriever,
+        keep_stages=keep_stages,
     )
     policy = read_policy(settings.policy_file)
     model, tokenizer, stages, after_sft = train_model(

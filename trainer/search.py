@@ -208,14 +208,16 @@ def train_search(
     index: SearchIndex,
     scratch: Path,
     sft: bool = True,
+    keep_sft: bool = False,
 ):
-    """SFT (unless it already ran, joint with ranking's), then GRPO. Returns the model, the SFT
-    stage's model (a copy, for evaluation) and what each stage scored on validation."""
+    """SFT (unless it already ran, joint with ranking's), then GRPO. Returns the model, the
+    model before GRPO (a copy, with `keep_sft`, for evaluation; else None) and what each stage
+    scored on validation."""
     if sft:
         model = run_sft(model, tokenizer, examples.train, preset.sft)
     scored = validate_search(model, tokenizer, examples.validation, examples.rendering, index)
     stages = {"search_sft_ndcg@10": scored["search_ndcg@10"]}
-    after_sft = copy.deepcopy(model)
+    after_sft = copy.deepcopy(model) if keep_sft else None
     constraint = search_constraint(tokenizer, examples.rendering)
     model = run_grpo(
         model,

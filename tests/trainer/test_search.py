@@ -147,7 +147,9 @@ def test_sft_then_grpo_writes_queries_that_find_what_comes_next(
     builder = SearchExampleBuilder(data, Rendering.compact, history=3, typed_share=0.3)
     examples = builder.build(PRESET.sft_examples, PRESET.validation_users, 0)
 
-    model, after_sft, stages = train_search(model, tokenizer, examples, PRESET, index, tmp_path)
+    model, after_sft, stages = train_search(
+        model, tokenizer, examples, PRESET, index, tmp_path, keep_sft=True
+    )
     scores = validate_search(model, tokenizer, examples.validation, Rendering.compact, index)
 
     assert list(stages) == ["search_sft_ndcg@10"]
