@@ -59,7 +59,12 @@ def _run_demo(data_dir: Path, port: int, log: Path) -> dict:
             assert rated.status_code == 200, rated.text  # the demo's model also rates
         finally:
             proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=60)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # a demo left behind would hold the cores after the test
+                proc.wait()
+                raise
     assert proc.returncode == 0, log.read_text()[-3000:]
     return answer.json()
 
