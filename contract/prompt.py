@@ -32,6 +32,7 @@ import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -84,6 +85,9 @@ class Contract(BaseModel):
     version: str = CONTRACT_VERSION
     rendering: Rendering = Rendering.rich
     history: int = Field(20, ge=0, description="Most recent history items in the prompt.")
+    chat: bool = Field(
+        False, description="Prompts go to it as one user turn of its tokenizer's chat template."
+    )
     blend: Blend = Field(default_factory=Blend, description="How the served list is ordered.")
     tasks: frozenset[Task] = Field(frozenset({Task.rank}), description="What it may be asked.")
     rating_weight: float = Field(
@@ -236,6 +240,18 @@ def _rich_prompt(data: PromptInput) -> str:
     lines += [item_line(item) for item in data.candidates]
     lines.append("")
     return "\n".join(lines)
+
+
+class ChatTokenizer(Protocol):
+    def apply_chat_template(self, conversation: list[dict[str, str]], **kwargs: Any) -> Any: ...
+
+
+def chat_prompt(tokenizer: ChatTokenizer, prompt: str) -> str:
+    """A prompt as an instruction-tuned LM expects it: the user's turn in its chat template,
+    up to where the assistant's answer starts (which the answer grammar then constrains)."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def render_answer(rationale: str, item_ids: Sequence[str]) -> str:

@@ -1,10 +1,13 @@
 """Which model serves: the registry's active version, opened as an engine of the configured kind."""
 
 import logging
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from contract.prompt import chat_prompt
 from server.config import Settings
 from server.engine import Engine
 from server.engine.local import LocalEngine, ProcessSettings, VllmProcess
@@ -78,8 +81,18 @@ def open_engine(settings: Settings, version: str, serving: Engine | None = None)
     check_contract(manifest)
     engine = _open(settings, version, serving)
     engine.contract = manifest.contract
-    engine.items = ItemTokens.load(registry.path(base_version(manifest)))
+    base_dir = registry.path(base_version(manifest))
+    engine.items = ItemTokens.load(base_dir)
+    engine.template = chat_template(base_dir) if manifest.contract.chat else None
     return engine
+
+
+def chat_template(folder: Path) -> Callable[[str], str]:
+    """The version's chat template, applied by the gateway: the same text reaches an in-process
+    and a remote engine, and the impression log keeps the prompt without it."""
+    from transformers import AutoTokenizer
+
+    return partial(chat_prompt, AutoTokenizer.from_pretrained(folder))
 
 
 def _open(settings: Settings, version: str, serving: Engine | None) -> Engine:

@@ -35,6 +35,9 @@ class Manifest(BaseModel):
         Rendering.rich, description="How its prompts are written (registered models: rich)."
     )
     prompt_history: int = Field(20, ge=0, description="History items its prompts show.")
+    chat_template: bool = Field(
+        False, description="Its prompts are wrapped in its tokenizer's chat template."
+    )
     tasks: list[Task] = Field(
         default_factory=lambda: [Task.rank],
         description="What it was trained for (versions from before tasks existed: ranking).",
@@ -71,6 +74,7 @@ class Manifest(BaseModel):
             version=self.contract_version,
             rendering=self.rendering,
             history=self.prompt_history,
+            chat=self.chat_template,
             tasks=frozenset(self.tasks),
             rating_weight=self.rating_weight,
             blend=Blend(
@@ -144,6 +148,18 @@ class Registry:
         for path in leftovers:
             shutil.rmtree(path, ignore_errors=True)
         return len(leftovers)
+
+
+def has_chat_template(folder: Path) -> bool:
+    """Whether a Hugging Face folder's tokenizer has a chat template (in its own file, as
+    transformers 5 saves it, or in tokenizer_config.json, as older versions did)."""
+    if (folder / "chat_template.jinja").is_file():
+        return True
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(config, dict) and config.get("chat_template"))
 
 
 def base_version(manifest: Manifest) -> str:

@@ -14,11 +14,18 @@ from server.cli import (
 )
 from server.config import Settings
 from server.loaders import LoadError
-from server.registry import Manifest, Registry, RegistryError, check_contract, new_version
+from server.registry import (
+    Manifest,
+    Registry,
+    RegistryError,
+    check_contract,
+    has_chat_template,
+    new_version,
+)
 from server.schemas import EventType
 from server.store import open_store
 from trainer.corpus import INTERACTIONS
-from trainer.evaluation.split import EvalFormat, read_eval_data
+from trainer.evaluation.split import EvalFormat, Split, read_eval_data
 from trainer.presets import PRESETS, Recipe
 
 if TYPE_CHECKING:
@@ -192,10 +199,41 @@ def register_model(
     """Copy any Hugging Face causal LM folder into the registry as a new version."""
     settings = settings_from_env()
     manifest = Manifest(
-        version=new_version(), training={"method": "registered", "source": str(path)}
+        version=new_version(),
+        chat_template=has_chat_template(path),
+        training={"method": "registered", "source": str(path)},
     )
     try:
         Registry(settings.registry_path).register(path, manifest)
+    except RegistryError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    if activate:
+        asyncio.run(_activate(settings, manifest.version))
+    typer.echo(manifest.version)
+
+
+@models.command("import-gguf")
+def import_gguf_command(
+    source: Annotated[
+        str,
+        typer.Argument(
+            metavar="GGUF",
+            help="A .gguf file (llama.cpp's format), or `smollm2`: the SmolLM2-135M-Instruct "
+            "that the `smollm2` extra installs.",
+        ),
+    ],
+    activate: Annotated[bool, typer.Option(help="Serve it from now on.")] = False,
+) -> None:
+    """Convert a GGUF causal LM (weights dequantised to float32, its tokenizer and chat
+    template) into the registry as a new version; prints the version."""
+    from trainer.gguf_import import import_gguf, resolve_gguf  # transformers: heavy
+
+    settings = settings_from_env()
+    try:
+        path = resolve_gguf(source)
+        with console.status(f"converting {path.name}"):
+            manifest = import_gguf(Registry(settings.registry_path), path)
     except RegistryError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
@@ -226,6 +264,26 @@ def _eval_format_help() -> str:
     )
 
 
+def _check_evaluated(settings: Settings, version: str, split: Split, tasks: frozenset) -> None:
+    try:
+        manifest = Registry(settings.registry_path).manifest(version)
+        check_contract(manifest)
+        split.check_unseen(manifest)
+    except (RegistryError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--model") from exc
+    if Task.search in tasks:
+        raise typer.BadParameter(
+            "--task search compares a bootstrap's stages; it cannot evaluate a given version",
+            param_hint="--model",
+        )
+    if missing := sorted(tasks - set(manifest.tasks)):
+        raise typer.BadParameter(
+            f"model {version} was not trained for {', '.join(missing)} (its tasks: "
+            f"{', '.join(manifest.tasks)})",
+            param_hint="--model",
+        )
+
+
 @app.command("eval")
 def eval_command(
     path: Annotated[
@@ -249,6 +307,14 @@ def eval_command(
         ),
     ] = None,
     recipe: RecipeOption = Recipe.one,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Evaluate this version of the registry as it is instead of bootstrapping one: "
+            "a version trained on this data's eval split, or one brought in untrained on it "
+            "(`models register`, `models import-gguf`), e.g. a pretrained LM zero-shot.",
+        ),
+    ] = None,
 ) -> None:
     """Offline evaluation (EVAL.md protocol). rank: reasonrec vs retrieval, popularity, item-kNN,
     the last item's title as a search query; search: the model's queries vs that raw query; rate:
@@ -265,9 +331,12 @@ def eval_command(
             f"(e.g. {', '.join(unrated[:3])}) has no rating value",
             param_hint="PATH",
         )
+    settings = settings_from_env()
+    if model:
+        _check_evaluated(settings, model, data.split, tasks)
     from trainer.evaluation.run import run_eval  # trains a model: heavy imports
 
-    report = run_eval(data, settings_from_env(), users, seed, preset, tasks, recipe)
+    report = run_eval(data, settings, users, seed, preset, tasks, recipe, model)
     typer.echo(report.table())
     if json_out:
         json_out.write_text(report.model_dump_json(indent=2))

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from contract.prompt import Contract, Rendering, render_answer
+from contract.prompt import Contract, Rendering, chat_prompt, render_answer
 from contract.ranking import target_items
 from contract.rating import STEP_CHARS
 from contract.tasks import Task
@@ -297,6 +297,22 @@ class Lessons:
     rating: RatingExamples | None
     rating_terms: list
 
+    def in_chat(self, tokenizer: PreTrainedTokenizerBase) -> "Lessons":
+        """The prompts as the gateway sends them to a chat model: inside its chat template
+        (the impression log keeps them without)."""
+
+        def wrap(examples: list) -> list:
+            return [
+                e.model_copy(update={"prompt": chat_prompt(tokenizer, e.prompt)}) for e in examples
+            ]
+
+        rating = self.rating
+        if rating is not None:
+            rating = rating.model_copy(
+                update={"train": wrap(rating.train), "validation": wrap(rating.validation)}
+            )
+        return replace(self, ranking=wrap(self.ranking), holdout=wrap(self.holdout), rating=rating)
+
 
 def _scores(model, tokenizer, lessons: Lessons, settings: Settings) -> dict[str, float]:
     scores: dict[str, float] = {}
@@ -347,6 +363,8 @@ def _train_and_gate(
     the parent.
     """
     tokenizer = AutoTokenizer.from_pretrained(registry.path(base_version(parent)))
+    if parent.chat_template:
+        lessons = lessons.in_chat(tokenizer)
     active = load_version(registry, parent)  # stays as it serves, for the gate
     if parent.kind == "lora":
         candidate = load_version(registry, parent, trainable=True)

@@ -4,6 +4,7 @@ The gateway builds one at startup and never asks which it has.
 """
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from pydantic import BaseModel, Field
 
@@ -60,6 +61,12 @@ class Engine(ABC):
     # (`server.active_model.open_engine` sets both).
     contract: Contract = Contract()
     items: ItemTokens | None = None
+    # Its chat template, for a version whose contract says `chat` (prompt -> the text sent).
+    template: Callable[[str], str] | None = None
+
+    def text(self, prompt: str) -> str:
+        """The text the model reads for a prompt."""
+        return self.template(prompt) if self.template else prompt
 
     @abstractmethod
     async def generate(self, request: GenerationRequest) -> Generation:

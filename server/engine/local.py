@@ -154,7 +154,7 @@ class LocalEngine(Engine):
         try:
             # AsyncLLM aborts the request itself when this coroutine is cancelled (timeouts).
             stream = llm.generate(
-                request.prompt, params, request.request_id, lora_request=self._lora
+                self.text(request.prompt), params, request.request_id, lora_request=self._lora
             )
             async for output in stream:
                 final = output

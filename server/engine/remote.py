@@ -21,7 +21,7 @@ class RemoteEngine(Engine):
     async def generate(self, request: GenerationRequest) -> Generation:
         body = {
             "model": self.model_version,
-            "prompt": request.prompt,
+            "prompt": self.text(request.prompt),
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "presence_penalty": request.presence_penalty,

@@ -23,6 +23,7 @@ from server.registry import (
     adapter_rank,
     base_version,
     check_contract,
+    has_chat_template,
     new_version,
     stored_parameters,
 )
@@ -290,3 +291,21 @@ def test_app_with_an_active_version_missing_from_the_registry(
     assert body["status"] == "degraded"
     assert "'v-gone' is not in the registry" in body["checks"]["engine"]
     assert str(settings.registry_path) in body["checks"]["engine"]
+
+
+@pytest.mark.parametrize(
+    ("files", "chat"),
+    [
+        ({"chat_template.jinja": "{{ messages }}"}, True),  # transformers 5 writes it apart
+        ({"tokenizer_config.json": '{"chat_template": "{{ messages }}"}'}, True),
+        ({"tokenizer_config.json": '{"chat_template": null}'}, False),
+        ({"tokenizer_config.json": "not json"}, False),
+        ({}, False),
+    ],
+)
+def test_a_folder_has_a_chat_template_where_transformers_keeps_one(
+    tmp_path: Path, files: dict[str, str], chat: bool
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert has_chat_template(tmp_path) is chat

@@ -18,6 +18,7 @@
 import asyncio
 import logging
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,17 +35,19 @@ from server.loaders.writer import progress_bar, write
 from server.rate import Rater
 from server.recommend import Recommender
 from server.redis_client import connect
+from server.registry import Registry
 from server.schemas import FeedbackEvent
 from server.search import Searcher
 from server.search_index import Encoder, SearchIndexes, build_search_index
 from server.store import Store, build_store
-from trainer.bootstrap import BootstrapResult, bootstrap
+from trainer.bootstrap import BootstrapResult, bootstrap, index_corpus
+from trainer.corpus import read_corpus
 from trainer.evaluation.harness import Report, evaluate
 from trainer.evaluation.pipeline import PipelineSystem, recommending, searching
 from trainer.evaluation.rating import rate_report, rating_tests
 from trainer.evaluation.split import EvalData, Split, sample_users
 from trainer.evaluation.systems import ItemKNN, Popularity, TitleQuery
-from trainer.presets import Recipe
+from trainer.presets import PRESETS, Recipe
 
 log = logging.getLogger(__name__)
 EVAL_TIMEOUT_MS = 600_000
@@ -78,20 +81,34 @@ def events_only(events: list[FeedbackEvent]) -> Dataset:
     return Dataset(items=[], users=[], events=events, event_count=len(events))
 
 
-def trained_on(split: Split) -> str:
-    """The manifest's `trained_on`: the data read, e.g. `ml-100k:ml-100k:eval-train-split`."""
-    return f"{split.dataset}:eval-train-split"
+async def registered(
+    settings: Settings, store: Store, version: str, index_dim: int, seed: int
+) -> BootstrapResult:
+    """A version from the registry, evaluated as it is: only the candidate index is built."""
+    started = time.perf_counter()
+    index = index_corpus(await read_corpus(store), settings, index_dim, seed)
+    return BootstrapResult(
+        version=version,
+        path=Registry(settings.registry_path).path(version),
+        index_version=index.version,
+        activated=False,
+        gate="evaluated as registered: not trained by this run",
+        metrics={},
+        seconds=time.perf_counter() - started,
+    )
 
 
 @contextmanager
-def scratch_store(settings: Settings) -> Iterator[tuple[Settings, Store, asyncio.Runner]]:
-    """A fresh store (its own key prefix, its own data folder) and an event loop to drive it;
-    everything in it is dropped on the way out."""
+def scratch_store(
+    settings: Settings, registry: Path | None = None
+) -> Iterator[tuple[Settings, Store, asyncio.Runner]]:
+    """A fresh store (its own key prefix, its own data folder, its own registry unless one is
+    given) and an event loop to drive it; everything in it is dropped on the way out."""
     with tempfile.TemporaryDirectory(prefix="reasonrec-eval-") as scratch, asyncio.Runner() as run:
         settings = settings.model_copy(
             update={
                 "data_dir": Path(scratch),
-                "registry_dir": None,
+                "registry_dir": registry,
                 "key_prefix": f"eval-{uuid.uuid4().hex[:8]}",
                 # Offline: every answer must come from the model, however slow the machine;
                 # latency is reported separately (p50_ms), not enforced.
@@ -115,6 +132,7 @@ def run_eval(
     preset: str,
     tasks: frozenset[Task] = frozenset({Task.rank}),
     recipe: Recipe = Recipe.one,
+    model: str | None = None,
 ) -> Report:
     """The ranking report (the model's lists when it ranks, its queries' when it searches,
     beside the baselines), with the rating report in `rating` when the model rates; a model only
@@ -124,20 +142,24 @@ def run_eval(
     tests = rating_tests(data, chosen) if Task.rate in tasks else []  # fails before training
     train = phase_events(split, timelines, "train")
     validation = phase_events(split, timelines, "validation")
-    with scratch_store(settings) as (settings, store, run):
+    registry = settings.registry_path if model else None  # the user's, where the version is
+    with scratch_store(settings, registry) as (settings, store, run):
         run.run(write_dataset(store, Dataset(items=data.items, users=data.users, events=train)))
-        trained = run.run(
-            bootstrap(
-                settings,
-                store,
-                preset,
-                seed=seed,
-                trained_on=trained_on(split),
-                tasks=tasks,
-                recipe=recipe,
-                keep_stages=Task.search in tasks,
+        if model:
+            trained = run.run(registered(settings, store, model, PRESETS[preset].index_dim, seed))
+        else:
+            trained = run.run(
+                bootstrap(
+                    settings,
+                    store,
+                    preset,
+                    seed=seed,
+                    trained_on=split.trained_on,
+                    tasks=tasks,
+                    recipe=recipe,
+                    keep_stages=Task.search in tasks,
+                )
             )
-        )
         run.run(write_dataset(store, events_only(validation)))
         reports = []
         if tasks & {Task.rank, Task.search}:

@@ -24,8 +24,13 @@ import numpy as np
 from server.loaders import Dataset, Format, LoadError
 from server.loaders.jsonl import read_jsonl
 from server.loaders.movielens import read_ml100k, read_ml_latest
+from server.registry import Manifest
 from server.schemas import FeedbackEvent, ItemUpsert, UserUpsert
 from trainer.corpus import INTERACTIONS
+
+# Versions registered from outside (`models register`, `models import-gguf`): trained on nothing
+# of the eval's data.
+UNTRAINED_METHODS = frozenset({"registered", "imported"})
 
 
 class EvalFormat(StrEnum):
@@ -76,6 +81,25 @@ class Split:
     def users(self) -> tuple[str, ...]:
         """Evaluated users, ascending (as integers where ids are numeric)."""
         return tuple(sorted(self.train, key=id_order))
+
+    @property
+    def trained_on(self) -> str:
+        """What a manifest says of a model trained on this split (`trained_on`), e.g.
+        `ml-100k:ml-100k:eval-train-split`: a model trained on anything else may have seen the
+        tests."""
+        return f"{self.dataset}:eval-train-split"
+
+    def check_unseen(self, manifest: Manifest) -> None:
+        """Raises ValueError unless the model was trained on this split's training part or
+        brought in untrained on it (`models register`, `models import-gguf`)."""
+        brought = manifest.training.get("method") in UNTRAINED_METHODS
+        if manifest.trained_on == self.trained_on or (manifest.trained_on is None and brought):
+            return
+        seen = manifest.trained_on or "data this run cannot tell (it was not trained by eval)"
+        raise ValueError(
+            f"model {manifest.version} was trained on {seen}, not on {self.trained_on}: "
+            "its scores could count the very items it was trained on"
+        )
 
     @cached_property
     def training_interactions(self) -> int:

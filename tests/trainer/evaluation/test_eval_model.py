@@ -1,0 +1,100 @@
+"""`reasonrec eval --model VERSION`: a registered version is evaluated as it is, and only one that
+cannot have seen the test interactions (the command is checked here with the heavy run faked;
+tests/integration/test_pretrained.py runs it for real)."""
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from contract.tasks import Task
+from server.config import Settings
+from server.registry import Manifest, Registry
+from tests.trainer.evaluation.test_formats import plain, write_ml_latest
+from trainer.evaluation.harness import Report
+from trainer.evaluation.split import EvalFormat, read_eval_data
+
+SPLIT = "ml-latest:ml:eval-train-split"  # format, folder, protocol
+
+
+@pytest.mark.parametrize(
+    ("trained_on", "method", "fine"),
+    [
+        (SPLIT, "pretrain+sft+grpo", True),  # bootstrapped by eval on this split
+        (None, "imported", True),  # a GGUF: trained on none of it
+        (None, "registered", True),
+        (None, "pretrain+sft+grpo", False),  # `reasonrec bootstrap` on all the data
+        ("ml-100k:ml-100k:eval-train-split", "pretrain+sft+grpo", False),  # another dataset's split
+        (None, "refresh", False),  # trained on feedback the run cannot see
+    ],
+)
+def test_only_a_model_that_saw_none_of_the_tests_is_evaluated(
+    tmp_path: Path, trained_on: str | None, method: str, fine: bool
+) -> None:
+    split = read_eval_data(write_ml_latest(tmp_path / "ml"), EvalFormat.ml_latest).split
+    assert split.trained_on == SPLIT
+    manifest = Manifest(version="v1", trained_on=trained_on, training={"method": method})
+    if fine:
+        split.check_unseen(manifest)
+    else:
+        with pytest.raises(ValueError, match="could count the very items it was trained on"):
+            split.check_unseen(manifest)
+
+
+@pytest.fixture
+def registered(env: Settings) -> Registry:
+    registry = Registry(env.registry_path)
+    for version, tasks, method in (
+        ("zero-shot", [Task.rank], "imported"),
+        ("rater", [Task.rate], "imported"),
+        ("everything", [Task.rank], "pretrain+sft+grpo"),
+    ):
+        manifest = Manifest(version=version, tasks=tasks, training={"method": method})
+        registry.publish(registry.staging(), manifest)
+    return registry
+
+
+@pytest.fixture
+def runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    calls = []
+
+    def run_eval(data, settings, users, seed, preset, tasks, recipe, model) -> Report:
+        calls.append((tasks, model))
+        return Report(dataset=data.split.dataset, protocol="test", users=users, systems={})
+
+    fake = types.ModuleType("trainer.evaluation.run")
+    fake.run_eval = run_eval  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "trainer.evaluation.run", fake)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--model", "nothing"], "model version 'nothing' is not in the registry"),
+        (["--model", "everything"], "was trained on data this run cannot tell"),
+        (["--model", "rater"], "model rater was not trained for rank"),
+        (["--model", "zero-shot", "--task", "search"], "cannot evaluate a given version"),
+    ],
+)
+def test_a_version_eval_cannot_trust_is_refused_before_any_work(
+    registered: Registry, runs: list, tmp_path: Path, args: list[str], error: str
+) -> None:
+    folder = write_ml_latest(tmp_path / "ml")
+    result = CliRunner().invoke(app, ["eval", "--format", "ml-latest", str(folder), *args])
+    assert result.exit_code == 2, result.output
+    assert error in " ".join(plain(result.output).split())
+    assert runs == []
+
+
+def test_a_registered_version_is_evaluated_instead_of_a_bootstrap(
+    registered: Registry, runs: list, tmp_path: Path
+) -> None:
+    folder = write_ml_latest(tmp_path / "ml")
+    args = ["eval", "--format", "ml-latest", str(folder), "--model", "zero-shot", "--users", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert runs == [(frozenset({Task.rank}), "zero-shot")]
