@@ -8,7 +8,7 @@ docs/configuration.md documents each one.
 """
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -204,6 +204,11 @@ class TrainerSettings(_Section):
         "(peft), published as adapter versions; smaller ones train all weights.",
     )
     refresh_lora_rank: int = Field(16, ge=1, description="LoRA rank of an adapter refresh.")
+    train_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where bootstrap and refresh train: 'auto' uses CUDA (bf16 where supported) "
+        "when torch sees a GPU, else the CPU; 'cuda' fails rather than fall back.",
+    )
     gate_ndcg_tolerance: float = Field(
         0.01,
         description="Publish gate: the refreshed model's held-out NDCG@10 may be at most this much "

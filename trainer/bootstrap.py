@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel, Field
 
 from contract.prompt import Contract
@@ -29,6 +30,7 @@ from server.search_index import Encoder, SearchIndex, build_search_index
 from server.store import Store
 from trainer.corpus import Corpus, read_corpus
 from trainer.dataset import ExampleBuilder, Examples, Shape
+from trainer.device import select_device
 from trainer.examples import Example
 from trainer.gate import Popularity, activation, validate
 from trainer.grpo import run_grpo
@@ -126,9 +128,11 @@ def train_model(
     plan: Plan,
     seed: int,
     novelty_floor: float,
+    device: torch.device,
 ):
-    """Every training stage of the plan's tasks; returns the model, its tokenizer, what each
-    stage scored (ranking validated with `novelty_floor`) and the search SFT stage's model."""
+    """Every training stage of the plan's tasks, on `device`; returns the model, its tokenizer,
+    what each stage scored (ranking validated with `novelty_floor`) and the search SFT stage's
+    model."""
     rating = plan.rating.train[:200] if plan.rating else []
     search = plan.search.train[:200] if plan.search else []
     tokenizer = train_tokenizer(
@@ -140,6 +144,7 @@ def train_model(
     model = build_model(tokenizer, preset.model, seed=seed)
     vectors = {item_id: index.vector(item_id) for item_id in index.item_ids}
     seeded = seed_item_embeddings(model, tokenizer, vectors, seed=seed)
+    model.to(device)
     log.info("model built", extra={"parameters": parameter_count(model), "seeded_items": seeded})
     stages: dict[str, float] = {}
     if preset.pretrain is not None:
@@ -294,8 +299,9 @@ async def bootstrap(
         keep_stages=keep_stages,
     )
     policy = read_policy(settings.policy_file)
+    device = select_device(settings.train_device)
     model, tokenizer, stages, after_sft = train_model(
-        corpus, index, examples, preset, policy, shape, plan, seed, settings.novelty_floor
+        corpus, index, examples, preset, policy, shape, plan, seed, settings.novelty_floor, device
     )
     popularity = Popularity.of(corpus.popularity, index)
     metrics = stages | validate_tasks(

@@ -268,7 +268,7 @@ def greedy_after(
     """The greedy completion of `prompt`, and the scores of the step right after token `tag`
     (after the logits processors in force: what vLLM's processed log-probabilities are), or None
     when the completion never writes `tag` (or no tag is asked for)."""
-    inputs = tokenizer(text=prompt, return_tensors="pt")
+    inputs = tokenizer(text=prompt, return_tensors="pt").to(model.device)
     output = model.generate(
         **inputs,
         max_new_tokens=budget,

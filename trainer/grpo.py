@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from transformers import (
@@ -34,6 +35,7 @@ from contract.search import parse_search
 from contract.tasks import Task
 from reward_rules.terms import Term
 from trainer.constrained import answer_constraint, constrained_generation
+from trainer.device import accelerated_bf16
 from trainer.examples import Example
 from trainer.presets import GrpoSettings
 
@@ -105,12 +107,16 @@ def completion_budget(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Exa
 
 
 def grpo_config(
-    settings: GrpoSettings, weights: list[float], completion_length: int, output_dir: Path
+    settings: GrpoSettings,
+    weights: list[float],
+    completion_length: int,
+    output_dir: Path,
+    device: torch.device,
 ) -> GRPOConfig:
     return GRPOConfig(
         output_dir=str(output_dir),
-        use_cpu=True,
-        bf16=False,  # GRPOConfig turns bf16 on by default
+        use_cpu=device.type == "cpu",
+        bf16=accelerated_bf16(device),  # GRPOConfig would turn bf16 on even on a CPU
         gradient_checkpointing=False,  # on by default; recomputing costs more than it saves here
         use_vllm=False,
         max_steps=settings.max_steps,
@@ -188,7 +194,7 @@ def run_grpo(
         trainer = GRPOTrainer(
             model=model,
             reward_funcs=functions,
-            args=grpo_config(settings, weights, length, output_dir),
+            args=grpo_config(settings, weights, length, output_dir, model.device),
             train_dataset=to_dataset(examples),
             processing_class=tokenizer,
             peft_config=adapter,

@@ -134,14 +134,15 @@ def item_logits(model: PreTrainedModel, vocab: Vocabulary, hidden: torch.Tensor)
 
 
 def batch_loss(model, vocab: Vocabulary, batch, bf16: bool) -> torch.Tensor:
-    input_ids, follows, seen = batch
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    input_ids, follows, seen = (tensor.to(model.device) for tensor in batch)
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
         hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
     rows, columns = (follows != IGNORE).nonzero(as_tuple=True)
     logits = item_logits(model, vocab, hidden[rows, columns].float())
     targets = follows[rows, columns]
     others = seen[rows].clone()
-    others[torch.arange(len(targets)), targets] = False  # the window's other items, not the target
+    # The window's other items, not the target.
+    others[torch.arange(len(targets), device=targets.device), targets] = False
     logits = logits.masked_fill(others, float("-inf"))
     return torch.nn.functional.cross_entropy(logits, targets)
 
@@ -160,7 +161,7 @@ def held_out_ndcg(model, vocab: Vocabulary, held: list[tuple[Stream, int]], wind
         # a time instead (ML-100K has few distinct lengths once histories are cut to a window).
         for length in sorted({len(ids) for ids in input_ids}):
             same = [j for j, ids in enumerate(input_ids) if len(ids) == length]
-            ids = torch.tensor([input_ids[j] for j in same])
+            ids = torch.tensor([input_ids[j] for j in same], device=model.device)
             hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, -1]
             scores = item_logits(model, vocab, hidden)
             for n, j in enumerate(same):
@@ -258,7 +259,8 @@ def first_pick_ndcg(
     for example in examples:
         text = example.prompt.removesuffix("\n") + SEPARATOR
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, -1]
+        hidden = model.model(input_ids=ids.to(model.device), use_cache=False).last_hidden_state
+        hidden = hidden[:, -1]
         vocab = Vocabulary.of(tokenizer, example.candidates)
         scores = item_logits(model, vocab, hidden)[0].tolist()
         # sorted is stable: equal scores keep the retrieval order

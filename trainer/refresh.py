@@ -43,6 +43,7 @@ from trainer import metrics
 from trainer.constrained import RatingConstraint
 from trainer.corpus import Corpus, read_corpus
 from trainer.dataset import ExampleBuilder, Shape
+from trainer.device import select_device
 from trainer.examples import Example
 from trainer.feedback_log import ConsumeResult, FeedbackLog, LoggedExample
 from trainer.gate import Gate, Popularity, refresh_gate, validate
@@ -365,9 +366,10 @@ def _train_and_gate(
     tokenizer = AutoTokenizer.from_pretrained(registry.path(base_version(parent)))
     if parent.chat_template:
         lessons = lessons.in_chat(tokenizer)
-    active = load_version(registry, parent)  # stays as it serves, for the gate
+    device = select_device(settings.train_device)
+    active = load_version(registry, parent).to(device)  # stays as it serves, for the gate
     if parent.kind == "lora":
-        candidate = load_version(registry, parent, trainable=True)
+        candidate = load_version(registry, parent, trainable=True).to(device)
     else:
         candidate = copy.deepcopy(active)
         if refreshed_with_lora(settings, registry.path(parent.version)):

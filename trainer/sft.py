@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
+from trainer.device import accelerated_bf16
 from trainer.examples import Example
 from trainer.presets import SftSettings
 
@@ -74,18 +75,20 @@ def collate(rows: Sequence[Encoded], pad_id: int) -> Batch:
 
 def batch_loss(model: PreTrainedModel, batch: Batch, bf16: bool) -> torch.Tensor:
     """Mean cross-entropy of the labelled tokens; logits only where labels are."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    device = model.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(
-            input_ids=batch.input_ids, use_cache=False, logits_to_keep=batch.tail + 1
+            input_ids=batch.input_ids.to(device), use_cache=False, logits_to_keep=batch.tail + 1
         ).logits
     # The logit at column j predicts the token at j + 1.
     predictions = logits[:, :-1].float()
+    labels = batch.labels[:, -batch.tail :].to(device)
     return torch.nn.functional.cross_entropy(
         predictions.reshape(-1, predictions.shape[-1]),
-        batch.labels[:, -batch.tail :].reshape(-1),
+        labels.reshape(-1),
         ignore_index=IGNORE,
         reduction="sum",
-    ) / (batch.labels[:, -batch.tail :] != IGNORE).sum().clamp(min=1)
+    ) / (labels != IGNORE).sum().clamp(min=1)
 
 
 def _batches(
@@ -107,8 +110,11 @@ def _batches(
             yield [encoded[i] for i in batches[b]]
 
 
-def use_bf16(setting: bool | Literal["auto"]) -> bool:
-    """bf16 autocast (weights stay float32): about 2x faster where the CPU has bf16 units."""
+def use_bf16(setting: bool | Literal["auto"], device: torch.device) -> bool:
+    """bf16 autocast (weights stay float32): about 2x faster where the CPU has bf16 units; on an
+    accelerator whenever it supports bf16."""
+    if accelerated_bf16(device):
+        return True
     if setting == "auto":
         return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return setting
@@ -159,7 +165,7 @@ def run_sft(
         model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
     )
     schedule = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
-    bf16 = use_bf16(settings.bf16)
+    bf16 = use_bf16(settings.bf16, model.device)
     model.train()
     batches = _batches(encoded, settings, generator)
     with tqdm(total=steps, desc="SFT", unit="step", disable=not settings.progress) as bar:
