@@ -60,7 +60,7 @@ def tiny_model(vocab_size: int) -> LlamaForCausalLM:
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
-        max_position_embeddings=512,
+        max_position_embeddings=4096,  # rich prompts of byte-level tokens
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
     )

