@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 
 import torch
+from peft import PeftModel, get_peft_model
 from pydantic import BaseModel, Field
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from contract.prompt import Contract
+from contract.prompt import Contract, Rendering
 from contract.search import RetrieverKind
 from contract.tasks import Task
 from reward_rules.policy import Policy, build_terms, catalog_facts
@@ -25,15 +27,15 @@ from server.config import Settings
 from server.index_files import publish
 from server.item_index import ItemIndex
 from server.policy import read_policy
-from server.registry import Manifest, Registry, new_version
+from server.registry import Manifest, Registry, RegistryError, new_version
 from server.search_index import Encoder, SearchIndex, build_search_index
 from server.store import Store
 from trainer.corpus import Corpus, read_corpus
 from trainer.dataset import ExampleBuilder, Examples, Shape
 from trainer.device import select_device
-from trainer.examples import Example
+from trainer.examples import Example, in_chat
 from trainer.gate import Popularity, activation, validate
-from trainer.grpo import run_grpo
+from trainer.grpo import lora_config, run_grpo
 from trainer.index_build import build_index
 from trainer.model import build_model, parameter_count, seed_item_embeddings
 from trainer.presets import PRESETS, Preset, Recipe
@@ -118,21 +120,17 @@ class Plan(BaseModel, arbitrary_types_allowed=True):
         return [*rating, *(self.search.train if self.search else [])]
 
 
-def train_model(
+def _embedded_model(
     corpus: Corpus,
     index: ItemIndex,
     examples: Examples,
     preset: Preset,
-    policy: Policy,
-    shape: Shape,
     plan: Plan,
     seed: int,
-    novelty_floor: float,
     device: torch.device,
 ):
-    """Every training stage of the plan's tasks, on `device`; returns the model, its tokenizer,
-    what each stage scored (ranking validated with `novelty_floor`) and the search SFT stage's
-    model."""
+    """A tokenizer trained on the data (one token per item) and a fresh model whose item
+    embeddings start from the index vectors."""
     rating = plan.rating.train[:200] if plan.rating else []
     search = plan.search.train[:200] if plan.search else []
     tokenizer = train_tokenizer(
@@ -144,10 +142,33 @@ def train_model(
     model = build_model(tokenizer, preset.model, seed=seed)
     vectors = {item_id: index.vector(item_id) for item_id in index.item_ids}
     seeded = seed_item_embeddings(model, tokenizer, vectors, seed=seed)
-    model.to(device)
     log.info("model built", extra={"parameters": parameter_count(model), "seeded_items": seeded})
+    return model.to(device), tokenizer
+
+
+def train_model(
+    corpus: Corpus,
+    index: ItemIndex,
+    examples: Examples,
+    preset: Preset,
+    policy: Policy,
+    shape: Shape,
+    plan: Plan,
+    seed: int,
+    novelty_floor: float,
+    device: torch.device,
+    start: tuple[PeftModel, PreTrainedTokenizerBase] | None = None,
+):
+    """Every training stage of the plan's tasks, on `device`, from `start` (a pretrained base
+    under LoRA adapters, and its tokenizer) or from a model and tokenizer built for the data;
+    returns the model, its tokenizer, what each stage scored (ranking validated with
+    `novelty_floor`) and the search SFT stage's model."""
     stages: dict[str, float] = {}
-    if preset.pretrain is not None:
+    if start is not None:
+        model, tokenizer = start
+    else:
+        model, tokenizer = _embedded_model(corpus, index, examples, preset, plan, seed, device)
+    if preset.pretrain is not None and start is None:
         pretrained = pretrain(model, tokenizer, corpus, preset.pretrain, shape.contract.history)
         stages["pretrain_seconds"] = pretrained.seconds
         stages["pretrain_ndcg@10"] = first_pick_ndcg(model, tokenizer, examples.validation)
@@ -255,13 +276,53 @@ def _search_plan(
     return search, index
 
 
-def _task_fields(tasks: frozenset[Task]) -> set[str]:
-    return {str(task) for task in tasks & {Task.rate, Task.search}}
+def _trained_fields(tasks: frozenset[Task], base: Manifest | None) -> set[str]:
+    """The preset's settings that the training used."""
+    stages = {"sft", "grpo", "lora_rank"} if base else {"pretrain", "sft", "grpo"}
+    return stages | {str(task) for task in tasks & {Task.rate, Task.search}}
 
 
-def contract(preset: Preset, settings: Settings, tasks: frozenset[Task]) -> Contract:
+def contract(
+    preset: Preset, settings: Settings, tasks: frozenset[Task], base: Manifest | None = None
+) -> Contract:
+    """How the version's prompts are written: the preset's rendering, or for a pretrained base
+    the rich one (its tokenizer has no item tokens) in its chat template if it has one."""
+    if base is not None:
+        return Contract(
+            rendering=Rendering.rich,
+            history=settings.prompt_history,
+            chat=base.chat_template,
+            tasks=tasks,
+        )
     history = settings.prompt_history if preset.prompt_history is None else preset.prompt_history
     return Contract(rendering=preset.rendering, history=history, tasks=tasks)
+
+
+def base_manifest(registry: Registry, version: str, tasks: frozenset[Task]) -> Manifest:
+    """The pretrained base `bootstrap --base` starts from; raises RegistryError for one it
+    cannot train from."""
+    manifest = registry.manifest(version)
+    if manifest.kind != "full":
+        raise RegistryError(f"base {version} is a LoRA adapter; give the full version it adapts")
+    if tasks != {Task.rank}:
+        raise RegistryError(
+            "a pretrained base learns ranking only (rating and search start from the embedded "
+            "model for now)"
+        )
+    return manifest
+
+
+def load_base(
+    registry: Registry, base: Manifest, rank: int, device: torch.device
+) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """The base's weights, frozen, under new LoRA adapters of `rank` (the only weights that
+    train), and its own tokenizer."""
+    path = registry.path(base.version)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # batches pad; the answer ends with eos anyway
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    return get_peft_model(model, lora_config(rank)), tokenizer
 
 
 async def bootstrap(
@@ -274,21 +335,33 @@ async def bootstrap(
     tasks: frozenset[Task] = frozenset({Task.rank}),
     recipe: Recipe = Recipe.one,
     keep_stages: bool = False,
+    base: str | None = None,
 ) -> BootstrapResult:
     """Train a version for `tasks` (the rating task with `recipe`) and publish it; activate it
     when no version is active and it passes every task's gate (or `force`). `keep_stages`: also
     publish the search task's SFT stage as a version of its own (never activated), so that
-    `reasonrec eval` can serve it."""
+    `reasonrec eval` can serve it. `base`: a pretrained version of the registry to train LoRA
+    adapters on (ranking only), published as a LoRA version of it; raises RegistryError for a
+    base it cannot train from."""
     started = time.perf_counter()
     preset = PRESETS[preset_name]
+    registry = Registry(settings.registry_path)
+    parent = base_manifest(registry, base, tasks) if base else None
+    device = select_device(settings.train_device)
     corpus = await read_corpus(store)
     index = index_corpus(corpus, settings, preset.index_dim, seed)
     shape = Shape(
         candidates=settings.candidates,
         history=settings.prompt_history,
-        contract=contract(preset, settings, tasks),
+        contract=contract(preset, settings, tasks, parent),
     )
     examples = _examples(corpus, index, shape, preset, seed)
+    start = load_base(registry, parent, preset.lora_rank, device) if parent else None
+    if start is not None and parent.chat_template:
+        chat = start[1]
+        examples = Examples(
+            train=in_chat(examples.train, chat), validation=in_chat(examples.validation, chat)
+        )
     search, retriever = _search_plan(corpus, shape, preset, seed, settings.search_retriever)
     plan = Plan(
         tasks=tasks,
@@ -299,22 +372,33 @@ async def bootstrap(
         keep_stages=keep_stages,
     )
     policy = read_policy(settings.policy_file)
-    device = select_device(settings.train_device)
     model, tokenizer, stages, after_sft = train_model(
-        corpus, index, examples, preset, policy, shape, plan, seed, settings.novelty_floor, device
+        corpus,
+        index,
+        examples,
+        preset,
+        policy,
+        shape,
+        plan,
+        seed,
+        settings.novelty_floor,
+        device,
+        start,
     )
     popularity = Popularity.of(corpus.popularity, index)
     metrics = stages | validate_tasks(
         model, tokenizer, examples, popularity, plan, preset, settings.novelty_floor
     )
-    registry = Registry(settings.registry_path)
     manifest = Manifest(
         version=new_version(),
         trained_on=trained_on,
         rendering=shape.contract.rendering,
         prompt_history=shape.contract.history,
+        chat_template=shape.contract.chat,
+        kind="lora" if parent else "full",
+        base_model=parent.version if parent else None,
         training={
-            "method": "pretrain+sft+grpo" if preset.pretrain else "sft+grpo",
+            "method": _method(preset, parent),
             "tasks": sorted(tasks),
             **({"rate_recipe": recipe.value} if Task.rate in tasks else {}),
             **({"search_retriever": settings.search_retriever.value} if search else {}),
@@ -325,7 +409,7 @@ async def bootstrap(
             "retrieval_history": shape.history,
             "sft_examples": len(examples.train),
             "grpo_examples": min(len(examples.train), preset.grpo_examples),
-            **preset.model_dump(include={"pretrain", "sft", "grpo"} | _task_fields(tasks)),
+            **preset.model_dump(include=_trained_fields(tasks, parent)),
         },
         data_window=corpus.window(),
         reward_weights=policy.weights,
@@ -352,6 +436,12 @@ async def bootstrap(
         seconds=round(time.perf_counter() - started, 1),
         stages=kept,
     )
+
+
+def _method(preset: Preset, base: Manifest | None) -> str:
+    if base is not None:
+        return f"lora-sft+grpo on {base.version}"
+    return "pretrain+sft+grpo" if preset.pretrain else "sft+grpo"
 
 
 def _publish_stage(registry: Registry, model, tokenizer, manifest: Manifest, stage: str) -> str:

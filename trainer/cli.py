@@ -72,12 +72,13 @@ async def run_bootstrap(
     force: bool = False,
     tasks: frozenset[Task] = frozenset({Task.rank}),
     recipe: Recipe = Recipe.one,
+    base: str | None = None,
 ) -> "BootstrapResult":
     from trainer.bootstrap import bootstrap  # torch, TRL: loaded only by commands that train
 
     async with open_store(settings) as store:
         return await bootstrap(
-            settings, store, preset, seed=seed, force=force, tasks=tasks, recipe=recipe
+            settings, store, preset, seed=seed, force=force, tasks=tasks, recipe=recipe, base=base
         )
 
 
@@ -98,6 +99,25 @@ def index_command(dim: Annotated[int, typer.Option(min=2, help="Item vector size
     typer.echo(asyncio.run(_rebuild_index(settings, dim)))
 
 
+BaseOption = Annotated[
+    str | None,
+    typer.Option(
+        help="A pretrained version of the registry (e.g. from `models import-gguf smollm2`) to "
+        "train LoRA adapters on instead of the embedded model: rich prompts in its chat "
+        "template, ranking only; published as a LoRA version of it. Use --preset pretrained.",
+    ),
+]
+
+
+def _check_base(settings: Settings, base: str, tasks: frozenset[Task]) -> None:
+    from trainer.bootstrap import base_manifest  # heavy, but the command trains next anyway
+
+    try:
+        check_contract(base_manifest(Registry(settings.registry_path), base, tasks))
+    except RegistryError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--base") from exc
+
+
 @app.command("bootstrap")
 def bootstrap_command(
     preset: PresetOption = "default",
@@ -108,15 +128,18 @@ def bootstrap_command(
     ] = False,
     task: TaskOption = None,
     recipe: RecipeOption = Recipe.one,
+    base: BaseOption = None,
 ):
     """Train the embedded model (index, tokenizer, pretraining, then each task's SFT and GRPO) on
-    the store's data, publish it, and activate it if none is active and it beats its fallback on
-    every task (the retrieval order for ranking, the bias baseline for rating, the last item's
-    title as the query for search)."""
+    the store's data, or LoRA adapters on a pretrained base (--base), publish it, and activate it
+    if none is active and it beats its fallback on every task (the retrieval order for ranking,
+    the bias baseline for rating, the last item's title as the query for search)."""
     check_preset(preset)
     settings = settings_from_env()
     tasks = frozenset(task or [Task.rank])
-    result = asyncio.run(run_bootstrap(settings, preset, seed, force, tasks, recipe))
+    if base:
+        _check_base(settings, base, tasks)
+    result = asyncio.run(run_bootstrap(settings, preset, seed, force, tasks, recipe, base))
     console.print(f"[bold]{result.gate}[/bold]", highlight=False)
     typer.echo(result.model_dump_json(indent=2))
 
@@ -315,6 +338,7 @@ def eval_command(
             "(`models register`, `models import-gguf`), e.g. a pretrained LM zero-shot.",
         ),
     ] = None,
+    base: BaseOption = None,
 ) -> None:
     """Offline evaluation (EVAL.md protocol). rank: reasonrec vs retrieval, popularity, item-kNN,
     the last item's title as a search query; search: the model's queries vs that raw query; rate:
@@ -332,11 +356,15 @@ def eval_command(
             param_hint="PATH",
         )
     settings = settings_from_env()
+    if model and base:
+        raise typer.BadParameter("give --model (evaluate it) or --base (train on it), not both")
     if model:
         _check_evaluated(settings, model, data.split, tasks)
+    if base:
+        _check_base(settings, base, tasks)
     from trainer.evaluation.run import run_eval  # trains a model: heavy imports
 
-    report = run_eval(data, settings, users, seed, preset, tasks, recipe, model)
+    report = run_eval(data, settings, users, seed, preset, tasks, recipe, model, base)
     typer.echo(report.table())
     if json_out:
         json_out.write_text(report.model_dump_json(indent=2))

@@ -9,10 +9,19 @@ SFT teaches the format and a grounded way of talking about a user without a teac
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 from pydantic import BaseModel, Field
 
-from contract.prompt import ItemView, PromptInput, Rendering, build_prompt, render_answer
+from contract.prompt import (
+    ChatTokenizer,
+    ItemView,
+    PromptInput,
+    Rendering,
+    build_prompt,
+    chat_prompt,
+    render_answer,
+)
 from contract.ranking import target_items
 
 MAX_RATIONALE_CHARS = 200
@@ -122,6 +131,15 @@ def compact_target(history: list[ItemView], positives: Sequence[str], k: int) ->
     else:
         rationale = "Like the recent history."
     return render_answer(rationale, nexts)
+
+
+PromptT = TypeVar("PromptT", bound=BaseModel)  # an example of any task: it has a `prompt`
+
+
+def in_chat(examples: Sequence[PromptT], tokenizer: ChatTokenizer) -> list[PromptT]:
+    """Examples whose prompts are as the gateway sends them to a chat model: inside its chat
+    template (`contract.prompt.chat_prompt`); targets and reward columns unchanged."""
+    return [e.model_copy(update={"prompt": chat_prompt(tokenizer, e.prompt)}) for e in examples]
 
 
 def build_example(

@@ -4,6 +4,12 @@
 pretraining, then SFT and GRPO on compact prompts. `rich` is the natural-language recipe the
 product shipped before (titles of history and candidates in the prompt, SFT and GRPO only); it
 ranks worse than the retrieval order on ML-100K and stays for comparison.
+
+`pretrained` is for `reasonrec bootstrap --base VERSION`: a pretrained LM of the registry (e.g.
+SmolLM2 from `models import-gguf smollm2`) keeps its tokenizer and frozen weights and learns
+LoRA adapters, SFT then GRPO, on rich prompts in its chat template. Any preset works with
+`--base` (its model size, vocabulary and pretraining are then unused); this one is sized so that
+a 135M base trains in minutes on 2 CPU cores.
 """
 
 from enum import StrEnum
@@ -120,6 +126,12 @@ class Preset(BaseModel):
     validation_users: int = Field(description="Users whose last interaction is held out.")
     rate: RatingPreset = Field(description="The rating task's stages.")
     search: SearchPreset = Field(description="The search task's stages.")
+    lora_rank: int = Field(
+        16,
+        ge=1,
+        description="From a pretrained base (`bootstrap --base`): the rank of the LoRA adapters "
+        "SFT and GRPO train; the base's weights stay frozen.",
+    )
 
 
 DEFAULT_RATING = RatingPreset(
@@ -187,6 +199,20 @@ PRESETS: dict[str, Preset] = {
         grpo_examples=64,
         grpo=GrpoSettings(max_steps=8, prompts_per_step=4, num_generations=4, learning_rate=1e-5),
         validation_users=200,
+        rate=DEFAULT_RATING,
+        search=DEFAULT_SEARCH,
+    ),
+    "pretrained": Preset(
+        model="default",  # unused: the base is the model
+        rendering=Rendering.rich,
+        prompt_history=None,
+        vocab_size=4000,  # unused: the base's tokenizer
+        index_dim=64,
+        sft_examples=256,
+        sft=SftSettings(epochs=1, batch_size=4, learning_rate=2e-4, max_length=4096),
+        grpo_examples=16,
+        grpo=GrpoSettings(max_steps=4, prompts_per_step=2, num_generations=4, learning_rate=1e-5),
+        validation_users=50,
         rate=DEFAULT_RATING,
         search=DEFAULT_SEARCH,
     ),

@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from contract.prompt import Contract, Rendering, chat_prompt, render_answer
+from contract.prompt import Contract, Rendering, render_answer
 from contract.ranking import target_items
 from contract.rating import STEP_CHARS
 from contract.tasks import Task
@@ -44,7 +44,7 @@ from trainer.constrained import RatingConstraint
 from trainer.corpus import Corpus, read_corpus
 from trainer.dataset import ExampleBuilder, Shape
 from trainer.device import select_device
-from trainer.examples import Example
+from trainer.examples import Example, in_chat
 from trainer.feedback_log import ConsumeResult, FeedbackLog, LoggedExample
 from trainer.gate import Gate, Popularity, refresh_gate, validate
 from trainer.grpo import STATE_FILE, run_grpo
@@ -302,17 +302,16 @@ class Lessons:
         """The prompts as the gateway sends them to a chat model: inside its chat template
         (the impression log keeps them without)."""
 
-        def wrap(examples: list) -> list:
-            return [
-                e.model_copy(update={"prompt": chat_prompt(tokenizer, e.prompt)}) for e in examples
-            ]
-
         rating = self.rating
         if rating is not None:
             rating = rating.model_copy(
-                update={"train": wrap(rating.train), "validation": wrap(rating.validation)}
+                update={
+                    "train": in_chat(rating.train, tokenizer),
+                    "validation": in_chat(rating.validation, tokenizer),
+                }
             )
-        return replace(self, ranking=wrap(self.ranking), holdout=wrap(self.holdout), rating=rating)
+        ranking, holdout = in_chat(self.ranking, tokenizer), in_chat(self.holdout, tokenizer)
+        return replace(self, ranking=ranking, holdout=holdout, rating=rating)
 
 
 def _scores(model, tokenizer, lessons: Lessons, settings: Settings) -> dict[str, float]:

@@ -20,7 +20,7 @@ import logging
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -35,7 +35,7 @@ from server.loaders.writer import progress_bar, write
 from server.rate import Rater
 from server.recommend import Recommender
 from server.redis_client import connect
-from server.registry import Registry
+from server.registry import Registry, base_version
 from server.schemas import FeedbackEvent
 from server.search import Searcher
 from server.search_index import Encoder, SearchIndexes, build_search_index
@@ -81,6 +81,14 @@ def events_only(events: list[FeedbackEvent]) -> Dataset:
     return Dataset(items=[], users=[], events=events, event_count=len(events))
 
 
+def _link(source: Registry, target: Registry, versions: Sequence[str]) -> None:
+    target.root.mkdir(parents=True, exist_ok=True)
+    for version in versions:
+        needed = {version, base_version(source.manifest(version))}
+        for name in needed - {path.name for path in target.root.iterdir()}:
+            (target.root / name).symlink_to(source.path(name).resolve(), target_is_directory=True)
+
+
 async def registered(
     settings: Settings, store: Store, version: str, index_dim: int, seed: int
 ) -> BootstrapResult:
@@ -100,21 +108,25 @@ async def registered(
 
 @contextmanager
 def scratch_store(
-    settings: Settings, registry: Path | None = None
+    settings: Settings, linked: Sequence[str] = ()
 ) -> Iterator[tuple[Settings, Store, asyncio.Runner]]:
-    """A fresh store (its own key prefix, its own data folder, its own registry unless one is
-    given) and an event loop to drive it; everything in it is dropped on the way out."""
+    """A fresh store (its own key prefix, its own data folder and registry) and an event loop to
+    drive it; everything in it is dropped on the way out. The `linked` versions of the
+    configured registry (and the bases of LoRA ones) are linked into the scratch registry, read
+    in place."""
+    source = Registry(settings.registry_path)
     with tempfile.TemporaryDirectory(prefix="reasonrec-eval-") as scratch, asyncio.Runner() as run:
         settings = settings.model_copy(
             update={
                 "data_dir": Path(scratch),
-                "registry_dir": registry,
+                "registry_dir": None,
                 "key_prefix": f"eval-{uuid.uuid4().hex[:8]}",
                 # Offline: every answer must come from the model, however slow the machine;
                 # latency is reported separately (p50_ms), not enforced.
                 "llm_timeout_ms": EVAL_TIMEOUT_MS,
             }
         )
+        _link(source, Registry(settings.registry_path), linked)
         handle = connect(settings)
         store = build_store(settings, handle.client, positive_rating=EVERY_RATING)
         try:
@@ -133,17 +145,20 @@ def run_eval(
     tasks: frozenset[Task] = frozenset({Task.rank}),
     recipe: Recipe = Recipe.one,
     model: str | None = None,
+    base: str | None = None,
 ) -> Report:
     """The ranking report (the model's lists when it ranks, its queries' when it searches,
     beside the baselines), with the rating report in `rating` when the model rates; a model only
-    for rating gets the rating report alone."""
+    for rating gets the rating report alone. `model`: evaluate that version of the configured
+    registry instead of bootstrapping one (the caller checks it saw none of the tests); `base`:
+    bootstrap LoRA adapters on that pretrained version of it."""
     split, timelines = data.split, data.timelines
     chosen = sample_users(split, users, seed) if users else list(split.users)
     tests = rating_tests(data, chosen) if Task.rate in tasks else []  # fails before training
     train = phase_events(split, timelines, "train")
     validation = phase_events(split, timelines, "validation")
-    registry = settings.registry_path if model else None  # the user's, where the version is
-    with scratch_store(settings, registry) as (settings, store, run):
+    linked = [version for version in (model, base) if version]
+    with scratch_store(settings, linked) as (settings, store, run):
         run.run(write_dataset(store, Dataset(items=data.items, users=data.users, events=train)))
         if model:
             trained = run.run(registered(settings, store, model, PRESETS[preset].index_dim, seed))
@@ -158,6 +173,7 @@ def run_eval(
                     tasks=tasks,
                     recipe=recipe,
                     keep_stages=Task.search in tasks,
+                    base=base,
                 )
             )
         run.run(write_dataset(store, events_only(validation)))

@@ -61,7 +61,7 @@ def registered(env: Settings) -> Registry:
 def runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     calls = []
 
-    def run_eval(data, settings, users, seed, preset, tasks, recipe, model) -> Report:
+    def run_eval(data, settings, users, seed, preset, tasks, recipe, model, base) -> Report:
         calls.append((tasks, model))
         return Report(dataset=data.split.dataset, protocol="test", users=users, systems={})
 

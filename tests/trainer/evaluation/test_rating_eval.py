@@ -84,8 +84,10 @@ def test_the_command_runs_the_rating_eval_with_its_recipe(
 ) -> None:
     runs = []
 
-    def run_eval(data: EvalData, settings, users, seed, preset, tasks, recipe, model) -> Report:
-        runs.append((data.split.dataset, users, tasks, recipe, model))
+    def run_eval(
+        data: EvalData, settings, users, seed, preset, tasks, recipe, *_: object
+    ) -> Report:
+        runs.append((data.split.dataset, users, tasks, recipe))
         return Report(
             dataset=data.split.dataset,
             protocol="test",
@@ -100,7 +102,7 @@ def test_the_command_runs_the_rating_eval_with_its_recipe(
     args = ["eval", "--format", "ml-latest", str(folder), "--task", "rate", "--recipe", "zero"]
     result = CliRunner().invoke(app, [*args, "--users", "2"])
     assert result.exit_code == 0, result.output
-    assert runs == [(data.split.dataset, 2, frozenset({Task.rate}), Recipe.zero, None)]
+    assert runs == [(data.split.dataset, 2, frozenset({Task.rate}), Recipe.zero)]
     assert "reasonrec    0.5000    0.7000" in result.output
 
 
