@@ -21,7 +21,7 @@ from trainer.bootstrap import bootstrap
 from trainer.gguf_import import import_gguf
 from trainer.refresh import load_version
 
-SYNTHETIC = {"users": 24, "items": 40, "events_per_user": 12, "seed": 5}
+SYNTHETIC = {"users": 12, "items": 30, "events_per_user": 8, "seed": 5}
 
 
 async def bootstrap_on(settings: Settings, base: str, tasks=frozenset({Task.rank})):
