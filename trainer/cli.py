@@ -2,6 +2,8 @@
 models, eval, policy. `cli` mounts them beside the gateway's."""
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -226,14 +228,9 @@ def register_model(
         chat_template=has_chat_template(path),
         training={"method": "registered", "source": str(path)},
     )
-    try:
+    with registry_errors():
         Registry(settings.registry_path).register(path, manifest)
-    except RegistryError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
-    if activate:
-        asyncio.run(_activate(settings, manifest.version))
-    typer.echo(manifest.version)
+    _added(settings, manifest.version, activate)
 
 
 @models.command("import-gguf")
@@ -253,27 +250,36 @@ def import_gguf_command(
     from trainer.gguf_import import import_gguf, resolve_gguf  # transformers: heavy
 
     settings = settings_from_env()
-    try:
+    with registry_errors():
         path = resolve_gguf(source)
         with console.status(f"converting {path.name}"):
             manifest = import_gguf(Registry(settings.registry_path), path)
+    _added(settings, manifest.version, activate)
+
+
+@contextmanager
+def registry_errors() -> Iterator[None]:
+    """A RegistryError ends the command with its message and exit status 1."""
+    try:
+        yield
     except RegistryError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
+
+
+def _added(settings: Settings, version: str, activate: bool) -> None:
+    """A version is in the registry: serve it if asked, and print it."""
     if activate:
-        asyncio.run(_activate(settings, manifest.version))
-    typer.echo(manifest.version)
+        asyncio.run(_activate(settings, version))
+    typer.echo(version)
 
 
 @models.command("activate")
 def activate_model(version: Annotated[str, typer.Argument()]) -> None:
     """Make VERSION the active model (gateways load it when they start)."""
     settings = settings_from_env()
-    try:
+    with registry_errors():
         check_contract(Registry(settings.registry_path).manifest(version))
-    except RegistryError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
     asyncio.run(_activate(settings, version))
 
 

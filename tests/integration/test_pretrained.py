@@ -7,14 +7,12 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from typer.testing import CliRunner
 
-from cli import app
 from server.config import Settings
 from server.registry import Registry
 from tests.integration.test_hot_swap import activate
 from tests.integration.test_refresh import USERS
-from tests.integration.test_rich import impression
+from tests.integration.test_rich import impression, models_command
 from tests.server.helpers import until
 from tests.trainer.gguf_files import tiny_pretrained
 from trainer.bootstrap import BootstrapResult
@@ -23,12 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def import_gguf(settings: Settings, source: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("REASONREC_REDIS_URL", settings.redis_url)
-    monkeypatch.setenv("REASONREC_KEY_PREFIX", settings.key_prefix)
-    monkeypatch.setenv("REASONREC_DATA_DIR", str(settings.data_dir))
-    result = CliRunner().invoke(app, ["models", "import-gguf", source])
-    assert result.exit_code == 0, result.output
-    return result.stdout.strip().splitlines()[-1]
+    return models_command(settings, ["import-gguf", source], monkeypatch)
 
 
 def serve(gateway: TestClient, version: str, tiny_model: BootstrapResult) -> list[dict]:

@@ -24,13 +24,14 @@ def impression(settings: Settings, request_id: str) -> dict[str, str]:
     return entry
 
 
-def register(settings: Settings, folder: str, monkeypatch: pytest.MonkeyPatch) -> str:
+def models_command(settings: Settings, args: list[str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """`reasonrec models ARGS` against the served settings; the version it printed."""
     monkeypatch.setenv("REASONREC_REDIS_URL", settings.redis_url)
     monkeypatch.setenv("REASONREC_KEY_PREFIX", settings.key_prefix)
     monkeypatch.setenv("REASONREC_DATA_DIR", str(settings.data_dir))
-    result = CliRunner().invoke(app, ["models", "register", folder])
+    result = CliRunner().invoke(app, ["models", *args])
     assert result.exit_code == 0, result.output
-    return result.output.strip().splitlines()[-1]
+    return result.stdout.strip().splitlines()[-1]
 
 
 def test_a_registered_model_is_prompted_and_refreshed_in_the_rich_rendering(
@@ -41,7 +42,7 @@ def test_a_registered_model_is_prompted_and_refreshed_in_the_rich_rendering(
 ) -> None:
     # Any HF causal LM folder will do; the tiny model's own weights are one at hand.
     registry = Registry(served_settings.registry_path)
-    version = register(served_settings, str(tiny_model.path), monkeypatch)
+    version = models_command(served_settings, ["register", str(tiny_model.path)], monkeypatch)
     assert registry.manifest(version).rendering == "rich"
     activate(gateway, version)
     try:

@@ -62,8 +62,8 @@ def runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     calls = []
 
     def run_eval(data, settings, users, seed, preset, tasks, recipe, model, base) -> Report:
-        calls.append((tasks, model))
-        return Report(dataset=data.split.dataset, protocol="test", users=users, systems={})
+        calls.append((tasks, model, base))
+        return Report(dataset=data.split.dataset, protocol="test", users=users or 0, systems={})
 
     fake = types.ModuleType("trainer.evaluation.run")
     fake.run_eval = run_eval  # type: ignore[attr-defined]
@@ -78,6 +78,9 @@ def runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
         (["--model", "everything"], "was trained on data this run cannot tell"),
         (["--model", "rater"], "model rater was not trained for rank"),
         (["--model", "zero-shot", "--task", "search"], "cannot evaluate a given version"),
+        (["--model", "zero-shot", "--base", "zero-shot"], "not both"),
+        (["--base", "zero-shot", "--task", "rate"], "learns ranking only"),
+        (["--base", "nothing"], "model version 'nothing' is not in the registry"),
     ],
 )
 def test_a_version_eval_cannot_trust_is_refused_before_any_work(
@@ -97,4 +100,7 @@ def test_a_registered_version_is_evaluated_instead_of_a_bootstrap(
     args = ["eval", "--format", "ml-latest", str(folder), "--model", "zero-shot", "--users", "2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert runs == [(frozenset({Task.rank}), "zero-shot")]
+    assert runs == [(frozenset({Task.rank}), "zero-shot", None)]
+    result = CliRunner().invoke(app, [*args[:4], "--base", "zero-shot"])
+    assert result.exit_code == 0, result.output
+    assert runs[-1] == (frozenset({Task.rank}), None, "zero-shot")
