@@ -25,8 +25,10 @@ class ModelVersion(BaseModel):
     trained_on: str | None
     contract_version: str
     rendering: Rendering
+    chat_template: bool = Field(description="Its prompts go through its chat template.")
     tasks: list[Task] = Field(
-        description="What it was trained for: `rank` (POST /v1/recommend), `rate` (POST /v1/rate)."
+        description="What it was trained for: `rank` (POST /v1/recommend), `rate` (POST /v1/rate), "
+        "`search` (POST /v1/search)."
     )
     retrieval_prior: float = Field(
         description="How much its served order leans on the retrieval order (0: not at all)."
