@@ -30,9 +30,8 @@ def models_client(make_client: Callable[..., TestClient], tmp_path: Path) -> Tes
         parent="v1",
         metrics={"ndcg@10": 0.3, "retrieval_ndcg@10": 0.25},
         rendering="compact",
-        chat_template=True,
     )
-    publish(tmp_path / "models", "v-future", contract_version="99")
+    publish(tmp_path / "models", "v-future", contract_version="99", chat_template=True)
     return make_client(
         registry_dir=tmp_path / "models",
         admin_keys=["admin-secret"],
@@ -59,7 +58,7 @@ def test_lists_versions_oldest_first_with_their_metrics(models_client: TestClien
     assert body["versions"][1]["rendering"] == "compact"
     assert body["versions"][0]["retrieval_ndcg_at_10"] is None
     assert body["versions"][0]["rendering"] == "rich"  # registered before renderings existed
-    assert [v["chat_template"] for v in body["versions"]] == [False, True, False]
+    assert [v["chat_template"] for v in body["versions"]] == [False, False, True]
     assert body["versions"][0]["tasks"] == ["rank"]  # and before tasks: every version ranks
     assert body["versions"][1]["parent"] == "v1"
     assert body["versions"][1]["kind"] == "full" and body["versions"][1]["base_model"] is None
