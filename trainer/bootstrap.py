@@ -168,10 +168,11 @@ def train_model(
         model, tokenizer = start
     else:
         model, tokenizer = _embedded_model(corpus, index, examples, preset, plan, seed, device)
-    if preset.pretrain is not None and start is None:
-        pretrained = pretrain(model, tokenizer, corpus, preset.pretrain, shape.contract.history)
-        stages["pretrain_seconds"] = pretrained.seconds
-        stages["pretrain_ndcg@10"] = first_pick_ndcg(model, tokenizer, examples.validation)
+        if preset.pretrain is not None:
+            history = shape.contract.history
+            pretrained = pretrain(model, tokenizer, corpus, preset.pretrain, history)
+            stages["pretrain_seconds"] = pretrained.seconds
+            stages["pretrain_ndcg@10"] = first_pick_ndcg(model, tokenizer, examples.validation)
     if plan.search is not None and preset.search.catalog is not None:
         # How to write each item before which item to write: SFT on sequences assumes it.
         catalog = catalog_examples(corpus, plan.search.rendering)
