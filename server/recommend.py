@@ -36,8 +36,10 @@ from server.store import Store
 
 log = logging.getLogger(__name__)
 
-# Each item is one token, so a penalty on tokens already generated makes repeating an id costly
+# Where each item is one token, a penalty on tokens already generated makes repeating an id costly
 # (a regex cannot forbid repeats). 2.0 is the most vLLM accepts; the parser drops what slips by.
+# A general tokenizer writes ids as digits shared by many ids and by the rationale's words: a
+# penalty would push the answer away from every digit and word already written, so none there.
 REPEAT_PENALTY = 2.0
 # Ids the grammar asks for beyond k: a model sure of one item can name it twice despite the
 # penalty (measured: 6 answers in 40 with a repeat, tiny preset on ML-100K); the first k
@@ -90,7 +92,7 @@ def ranking_request(
         prompt=prompt,
         regex=answer_pattern(order, k, SPARE_IDS),
         max_tokens=max_tokens,
-        presence_penalty=REPEAT_PENALTY,
+        presence_penalty=REPEAT_PENALTY if allowed else 0.0,
         allowed_token_ids=allowed,
         # Every candidate's score: a retrieval prior may lift one the model ranks low.
         logprobs=min(len(order), MAX_LOGPROBS) if allowed else None,

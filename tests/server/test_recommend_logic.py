@@ -634,6 +634,7 @@ def test_a_single_token_model_is_constrained_and_served_by_its_first_pick(
 
     [request] = engine.requests
     assert request.allowed_token_ids == [100 + n for n in range(len(ORDER))]
+    assert request.presence_penalty == 2.0  # a repeated id is a repeated token
     assert request.logprobs == len(ORDER)  # every candidate's first-pick score
     assert ids(body) == ["p3", "n1", "p1"]  # not the answer's p1, p2, p3
 
@@ -643,4 +644,7 @@ def test_a_model_without_item_tokens_asks_for_no_logprobs(shop: TestClient) -> N
     use(shop, engine)
 
     assert ids(recommend(shop, k=2)) == ["p2", "p1"]
-    assert engine.requests[0].allowed_token_ids is None and engine.requests[0].logprobs is None
+    [request] = engine.requests
+    assert request.allowed_token_ids is None and request.logprobs is None
+    # Its ids are digits that other ids and the rationale share: no penalty on repeated tokens.
+    assert request.presence_penalty == 0.0
