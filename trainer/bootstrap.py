@@ -9,6 +9,7 @@ gate: the retrieval order it reranks, the bias baseline, the raw query). Each st
 progress; the manifest records what each stage scored.
 """
 
+import copy
 import logging
 import tempfile
 import time
@@ -70,7 +71,8 @@ class BootstrapResult(BaseModel):
     seconds: float
     stages: dict[str, str] = Field(
         default_factory=dict,
-        description="Versions published of intermediate stages (`keep_stages`): search's SFT.",
+        description="Versions published of intermediate stages (`keep_stages`): each kept "
+        "task's SFT stage, as `rank_sft` or `search_sft`.",
     )
 
 
@@ -109,7 +111,9 @@ class Plan(BaseModel, arbitrary_types_allowed=True):
     rating: RatingExamples | None = None
     search: SearchExamples | None = None
     retriever: SearchIndex | None = None
-    keep_stages: bool = Field(False, description="Keep the search SFT stage's model too.")
+    keep_stages: frozenset[Task] = Field(
+        frozenset(), description="Tasks whose SFT stage's model is kept too (for evaluation)."
+    )
 
     def joint_sft(self) -> list:
         """Examples of other tasks that join ranking's SFT: SFT on them after ranking's would
@@ -162,8 +166,10 @@ def train_model(
     """Every training stage of the plan's tasks, on `device`, from `start` (a pretrained base
     under LoRA adapters, and its tokenizer) or from a model and tokenizer built for the data;
     returns the model, its tokenizer, what each stage scored (ranking validated with
-    `novelty_floor`) and the search SFT stage's model."""
+    `novelty_floor`) and the SFT stage's model of each task in `plan.keep_stages` (by name:
+    `rank_sft`, `search_sft`)."""
     stages: dict[str, float] = {}
+    kept = {}
     if start is not None:
         model, tokenizer = start
     else:
@@ -185,6 +191,8 @@ def train_model(
         stages["sft_ndcg@10"] = validate(
             model, tokenizer, examples.validation, popularity, novelty_floor
         )["ndcg@10"]
+        if Task.rank in plan.keep_stages:
+            kept["rank_sft"] = copy.deepcopy(model)
         grpo_examples = examples.train[: preset.grpo_examples]
         with tempfile.TemporaryDirectory(prefix="reasonrec-grpo-") as scratch:
             terms = build_terms(policy, facts, corpus.popularity)
@@ -203,7 +211,6 @@ def train_model(
                 sft=Task.rank not in plan.tasks,
             )
         stages |= rated
-    after_sft = None
     if plan.search is not None and plan.retriever is not None:
         with tempfile.TemporaryDirectory(prefix="reasonrec-grpo-") as scratch:
             model, after_sft, searched = train_search(
@@ -214,10 +221,12 @@ def train_model(
                 plan.retriever,
                 Path(scratch),
                 sft=Task.rank not in plan.tasks,
-                keep_sft=plan.keep_stages,
+                keep_sft=Task.search in plan.keep_stages,
             )
         stages |= searched
-    return model, tokenizer, stages, after_sft
+        if after_sft is not None:
+            kept["search_sft"] = after_sft
+    return model, tokenizer, stages, kept
 
 
 def validate_tasks(
@@ -335,13 +344,13 @@ async def bootstrap(
     force: bool = False,
     tasks: frozenset[Task] = frozenset({Task.rank}),
     recipe: Recipe = Recipe.one,
-    keep_stages: bool = False,
+    keep_stages: frozenset[Task] = frozenset(),
     base: str | None = None,
 ) -> BootstrapResult:
     """Train a version for `tasks` (the rating task with `recipe`) and publish it; activate it
     when no version is active and it passes every task's gate (or `force`). `keep_stages`: also
-    publish the search task's SFT stage as a version of its own (never activated), so that
-    `reasonrec eval` can serve it. `base`: a pretrained version of the registry to train LoRA
+    publish these tasks' SFT stages as versions of their own (never activated), so that
+    `reasonrec eval` can serve them. `base`: a pretrained version of the registry to train LoRA
     adapters on (ranking only), published as a LoRA version of it; raises RegistryError for a
     base it cannot train from."""
     started = time.perf_counter()
@@ -373,7 +382,7 @@ async def bootstrap(
         keep_stages=keep_stages,
     )
     policy = read_policy(settings.policy_file)
-    model, tokenizer, stages, after_sft = train_model(
+    model, tokenizer, stages, kept = train_model(
         corpus,
         index,
         examples,
@@ -420,9 +429,10 @@ async def bootstrap(
     )
     manifest = validated(manifest, metrics)
     path = publish_model(registry, model, tokenizer, manifest)
-    kept = {}
-    if keep_stages and after_sft is not None:
-        kept["search_sft"] = _publish_stage(registry, after_sft, tokenizer, manifest, "search sft")
+    kept = {
+        name: _publish_stage(registry, stage, tokenizer, manifest, name.replace("_", " "))
+        for name, stage in kept.items()
+    }
     activated, gate = activation(metrics, tasks, await store.active_model() is not None, force)
     if activated:
         await store.set_active_model(manifest.version)

@@ -221,11 +221,13 @@ def register_model(
     path: Annotated[Path, typer.Argument(help="A Hugging Face causal LM folder.")],
     activate: Annotated[bool, typer.Option(help="Serve it from now on.")] = False,
 ) -> None:
-    """Copy any Hugging Face causal LM folder into the registry as a new version."""
+    """Copy any Hugging Face causal LM folder into the registry as a new version (its prompts
+    show REASONREC_PROMPT_HISTORY recent items)."""
     settings = settings_from_env()
     manifest = Manifest(
         version=new_version(),
         chat_template=has_chat_template(path),
+        prompt_history=settings.prompt_history,
         training={"method": "registered", "source": str(path)},
     )
     with registry_errors():
@@ -246,14 +248,16 @@ def import_gguf_command(
     activate: Annotated[bool, typer.Option(help="Serve it from now on.")] = False,
 ) -> None:
     """Convert a GGUF causal LM (weights dequantised to float32, its tokenizer and chat
-    template) into the registry as a new version; prints the version."""
+    template) into the registry as a new version; prints the version. Its prompts show
+    REASONREC_PROMPT_HISTORY recent items."""
     from trainer.gguf_import import import_gguf, resolve_gguf  # transformers: heavy
 
     settings = settings_from_env()
     with registry_errors():
         path = resolve_gguf(source)
         with console.status(f"converting {path.name}"):
-            manifest = import_gguf(Registry(settings.registry_path), path)
+            registry = Registry(settings.registry_path)
+            manifest = import_gguf(registry, path, settings.prompt_history)
     _added(settings, manifest.version, activate)
 
 

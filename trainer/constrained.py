@@ -7,9 +7,11 @@ completion of a group scored 0, and with no reward variance GRPO learns nothing.
 follows the same grammar, in token space: which completions the policy is rewarded for are the
 ones it could be served, and the reward differences are about which items it picks.
 
-This needs every tag and candidate reference to be one token, as `trainer.tokenizer` makes them.
-For any other tokenizer (a Hugging Face model registered as is) `answer_constraint` returns None
-and sampling stays free.
+This token-space grammar needs every tag and candidate reference to be one token, as
+`trainer.tokenizer` makes them. For any other tokenizer (a pretrained base, whose ids are written
+as text) `answer_constraint` gives `PatternConstraint`: the gateway's own regex
+(`contract.prompt.answer_pattern`), compiled by xgrammar, the library vLLM's structured outputs
+use, so the trainer samples exactly what vLLM would let the model serve.
 """
 
 import logging
@@ -18,9 +20,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import xgrammar
 from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
-from contract.prompt import Rendering, ref, render_answer
+from contract.prompt import MAX_RATIONALE_CHARS, Rendering, answer_pattern, ref, render_answer
 from contract.rating import DIGITS, STEPS
 from contract.search import QUERY_CHARS, THINK_CHARS
 from trainer.examples import Example
@@ -150,24 +153,97 @@ class AnswerConstraint(LogitsProcessor):
 
 def answer_constraint(
     tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_new_tokens: int
-) -> AnswerConstraint | None:
-    """The constraint for these examples' prompts, or None when the tokenizer cannot carry it."""
+) -> "AnswerConstraint | PatternConstraint":
+    """The constraint for these examples' prompts: in token space where the tokenizer can carry
+    it, else the gateway's regex (`PatternConstraint`)."""
     item_ids = [item for e in examples for item in e.candidates]
     try:
         grammar = Grammar(tokenizer, item_ids)
         rows = {
-            tuple(tokenizer(text=e.prompt)["input_ids"]): Row(
+            _prompt_ids(tokenizer, e.prompt): Row(
                 [_single(tokenizer, ref(i)) for i in e.candidates], min(e.k, len(e.candidates))
             )
             for e in examples
         }
-    except ValueError as error:
-        log.warning("sampling without the answer constraint: %s", error)
-        return None
+    except ValueError:
+        return PatternConstraint(tokenizer, examples)
     k = max(row.k for row in rows.values())
     if grammar.answer_length(k) >= max_new_tokens:
         raise ValueError(f"{max_new_tokens} new tokens cannot hold a {k}-item answer")
     return AnswerConstraint(grammar, rows, max_new_tokens, tokenizer.pad_token_id)
+
+
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[int, ...]:
+    return tuple(tokenizer(text=prompt)["input_ids"])
+
+
+def answer_budget(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]) -> int:
+    """New tokens that always hold an answer of the gateway's regex in a tokenizer that writes
+    ids as text: the longest k ids of these examples, a rationale of MAX_RATIONALE_CHARS
+    characters (a token writes one or more) and the end of sequence. A model that closes its
+    rationale sooner stops sooner."""
+    ids = max(
+        len(
+            tokenizer(render_answer("", e.candidates[: e.k]), add_special_tokens=False)["input_ids"]
+        )
+        for e in examples
+    )
+    return ids + MAX_RATIONALE_CHARS + 1
+
+
+class PatternConstraint(LogitsProcessor):
+    """The gateway's answer regex for each prompt (its candidates, k ids), compiled by xgrammar
+    and applied in transformers' `generate`: masks every token the regex does not allow next,
+    and after a complete answer allows only the end of sequence.
+
+    Unlike the token-space grammar it cannot exclude repeated ids (the gateway's regex cannot
+    either: its parser drops them), nor fit the answer to the token budget. Rows are recognised
+    by their prompt's token ids, as in `AnswerConstraint`.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]):
+        self.info = xgrammar.TokenizerInfo.from_huggingface(tokenizer)
+        compiler = xgrammar.GrammarCompiler(self.info)
+        self.grammars = {
+            _prompt_ids(tokenizer, e.prompt): compiler.compile_regex(
+                answer_pattern(e.candidates, e.k)
+            )
+            for e in examples
+        }
+        self.pad = tokenizer.pad_token_id
+        self._matchers: list[xgrammar.GrammarMatcher] = []
+        self._prompt_length = 0
+
+    def start(self) -> None:
+        self._matchers = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
+        if not self._matchers:
+            self._prompt_length = input_ids.shape[1]
+            self._matchers = [self._matcher(prompt) for prompt in input_ids.tolist()]
+        elif input_ids.shape[1] > self._prompt_length:
+            for matcher, token in zip(self._matchers, input_ids[:, -1].tolist(), strict=True):
+                if not matcher.is_terminated():
+                    matcher.accept_token(token)
+        mask = xgrammar.allocate_token_bitmask(len(self._matchers), self.info.vocab_size)
+        for i, matcher in enumerate(self._matchers):
+            if matcher.is_terminated():  # finished rows are padded by generate: any token
+                mask[i] = -1
+            else:
+                matcher.fill_next_token_bitmask(mask, i)
+        width = min(scores.shape[1], self.info.vocab_size)
+        head = scores[:, :width].contiguous()
+        xgrammar.apply_token_bitmask_inplace(head, mask.to(scores.device), vocab_size=width)
+        masked = torch.full_like(scores, float("-inf"))  # beyond the tokenizer: padding rows
+        masked[:, :width] = head
+        return masked
+
+    def _matcher(self, prompt: list[int]) -> xgrammar.GrammarMatcher:
+        start = next((j for j, t in enumerate(prompt) if t != self.pad), len(prompt))
+        grammar = self.grammars.get(tuple(prompt[start:]))
+        if grammar is None:
+            raise KeyError("a prompt the answer constraint was not built for")
+        return xgrammar.GrammarMatcher(grammar)
 
 
 class TaggedSteps(LogitsProcessor):
@@ -286,7 +362,7 @@ def greedy_after(
 
 @contextmanager
 def constrained_generation(
-    model: PreTrainedModel, constraint: AnswerConstraint | TaggedSteps | None
+    model: PreTrainedModel, constraint: AnswerConstraint | PatternConstraint | TaggedSteps | None
 ) -> Iterator[None]:
     """Make every `model.generate` call in the block apply `constraint`.
 

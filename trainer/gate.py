@@ -21,7 +21,13 @@ from contract.tasks import Task
 from reward_rules.metrics import mean_self_information, ndcg_at_k
 from server.config import Settings
 from server.item_index import ItemIndex
-from trainer.constrained import answer_constraint, constrained_generation, greedy_after
+from trainer.constrained import (
+    PatternConstraint,
+    answer_budget,
+    answer_constraint,
+    constrained_generation,
+    greedy_after,
+)
 from trainer.examples import Example
 
 # The weights validation may choose for each model's served order (`Blend`). The largest
@@ -104,6 +110,8 @@ def validate(
     model.eval()
     budget = 8 + 6 * max((e.k for e in examples), default=0) + 60
     constraint = answer_constraint(tokenizer, examples, budget) if examples else None
+    if isinstance(constraint, PatternConstraint):  # ids written as text take more tokens
+        budget = answer_budget(tokenizer, examples)
     with constrained_generation(model, constraint):
         generated = [_answer(model, tokenizer, example, budget) for example in examples]
     answers = [(parse_answer(text), scores) for text, scores in generated]

@@ -69,14 +69,16 @@ def convert_gguf(source: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def import_gguf(registry: Registry, source: Path) -> Manifest:
-    """Convert straight into the registry's staging area and publish the version."""
+def import_gguf(registry: Registry, source: Path, prompt_history: int = 20) -> Manifest:
+    """Convert straight into the registry's staging area and publish the version, whose
+    prompts will show `prompt_history` recent items."""
     staging = registry.staging()
     try:
         convert_gguf(source, staging)
         manifest = Manifest(
             version=new_version(),
             chat_template=has_chat_template(staging),
+            prompt_history=prompt_history,
             training={"method": "imported", "format": "gguf", "source": str(source)},
         )
         registry.publish(staging, manifest)

@@ -34,7 +34,12 @@ from contract.rating import parse_rating
 from contract.search import parse_search
 from contract.tasks import Task
 from reward_rules.terms import Term
-from trainer.constrained import answer_constraint, constrained_generation
+from trainer.constrained import (
+    PatternConstraint,
+    answer_budget,
+    answer_constraint,
+    constrained_generation,
+)
 from trainer.device import accelerated_bf16
 from trainer.examples import Example
 from trainer.presets import GrpoSettings
@@ -186,6 +191,10 @@ def run_grpo(
     settings = settings.model_copy(update={"prompts_per_step": prompts})
     functions, weights = reward_functions(reward_terms_with_weights)
     length = settings.max_completion_length or completion_budget(tokenizer, examples)
+    if constraint is None:
+        constraint = answer_constraint(tokenizer, examples, length)
+    if isinstance(constraint, PatternConstraint):  # ids written as text: room for any answer
+        length = max(length, answer_budget(tokenizer, examples))
     adapted = isinstance(model, PeftModel)
     adapter = lora_config(settings.lora_rank) if settings.lora_rank and not adapted else None
     # With adapters TRL keeps the KL reference in the model itself: for new adapters, the model
@@ -202,8 +211,6 @@ def run_grpo(
     if not settings.progress:
         # With the bar disabled, transformers prints every log dict instead: silence that too.
         trainer.remove_callback(PrinterCallback)
-    if constraint is None:
-        constraint = answer_constraint(tokenizer, examples, length)
     with constrained_generation(trainer.model, constraint):
         trainer.train()
     trainer.state.save_to_json(str(output_dir / STATE_FILE))

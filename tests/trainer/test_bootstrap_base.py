@@ -24,11 +24,13 @@ from trainer.refresh import load_version
 SYNTHETIC = {"users": 12, "items": 30, "events_per_user": 8, "seed": 5}
 
 
-async def bootstrap_on(settings: Settings, base: str, tasks=frozenset({Task.rank})):
+async def bootstrap_on(settings: Settings, base: str, tasks=frozenset({Task.rank}), **options):
     async with open_store(settings) as store:
         with progress_bar() as progress:
             await write(store, generate(**SYNTHETIC), progress)
-        return await bootstrap(settings, store, "tiny", force=True, tasks=tasks, base=base)
+        return await bootstrap(
+            settings, store, "tiny", force=True, tasks=tasks, base=base, **options
+        )
 
 
 @pytest.fixture
@@ -41,7 +43,7 @@ def test_lora_adapters_train_on_the_base_and_publish_as_a_version_of_it(
     settings: Settings, base: str
 ) -> None:
     settings = settings.model_copy(update={"candidates": 8, "prompt_history": 4})
-    result = asyncio.run(bootstrap_on(settings, base))
+    result = asyncio.run(bootstrap_on(settings, base, keep_stages=frozenset({Task.rank})))
 
     registry = Registry(settings.registry_path)
     manifest = registry.manifest(result.version)
@@ -54,6 +56,10 @@ def test_lora_adapters_train_on_the_base_and_publish_as_a_version_of_it(
     # Adapters only: the version folder holds no full weights, and they load on the base.
     assert not list(result.path.glob("model*.safetensors"))
     assert isinstance(load_version(registry, manifest), PeftModel)
+    # The SFT stage, kept for `reasonrec eval`: a LoRA version of the same base, never active.
+    stage = registry.manifest(result.stages["rank_sft"])
+    assert (stage.kind, stage.base_model, stage.training["stage"]) == ("lora", base, "rank sft")
+    assert isinstance(load_version(registry, stage), PeftModel)
 
 
 def test_a_base_it_cannot_train_from_is_refused_before_training(

@@ -5,10 +5,15 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from contract.prompt import parse_answer
-from trainer.constrained import answer_constraint, constrained_generation
+from tests.trainer.gguf_files import tiny_model, tiny_tokenizer
+from trainer.constrained import (
+    PatternConstraint,
+    answer_budget,
+    answer_constraint,
+    constrained_generation,
+)
 from trainer.examples import Example
 from trainer.model import build_model
-from trainer.tokenizer import train_tokenizer
 
 BUDGET = 48
 
@@ -88,7 +93,21 @@ def test_a_prompt_it_was_not_built_for_is_an_error(untrained, toy_tokenizer, toy
         sample(untrained, toy_tokenizer, [toy_examples[1].prompt])
 
 
-def test_no_constraint_when_item_ids_are_not_single_tokens(toy_catalog, toy_examples):
-    texts = [example.prompt + example.target for example in toy_examples]
-    plain = train_tokenizer(texts, [], vocab_size=600)  # no item tokens: "#100" is several
-    assert answer_constraint(plain, toy_examples, BUDGET) is None
+def test_ids_written_as_text_are_held_to_the_gateways_regex(toy_examples: list[Example]) -> None:
+    """A pretrained-shaped model (byte-level BPE, ids of several tokens, random weights) samples
+    only what vLLM would let it serve: a closed rationale, then k of its own candidates."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(len(tokenizer))
+    examples = toy_examples[:3] + make_examples_with_longer_prompts(toy_examples)
+    constraint = answer_constraint(tokenizer, examples, BUDGET)
+    assert isinstance(constraint, PatternConstraint)
+    budget = answer_budget(tokenizer, examples)
+    texts = sample(model, tokenizer, [e.prompt for e in examples])
+    assert not any(parse_answer(text).well_formed for text in texts)
+    with constrained_generation(model, constraint):
+        texts = sample(model, tokenizer, [e.prompt for e in examples], budget)
+    for example, text in zip(examples, texts, strict=True):
+        answer = parse_answer(text)
+        assert answer.well_formed, text
+        assert len(answer.items) == example.k
+        assert set(answer.items) <= set(example.candidates)

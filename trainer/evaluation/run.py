@@ -172,14 +172,14 @@ def run_eval(
                     trained_on=split.trained_on,
                     tasks=tasks,
                     recipe=recipe,
-                    keep_stages=Task.search in tasks,
+                    keep_stages=tasks & {Task.search} | ({Task.rank} if base else set()),
                     base=base,
                 )
             )
         run.run(write_dataset(store, events_only(validation)))
         reports = []
         if tasks & {Task.rank, Task.search}:
-            reports.append(_rank_report(data, chosen, store, settings, trained, tasks, run))
+            reports.append(_rank_report(data, chosen, store, settings, trained, tasks, run, base))
         if Task.rate in tasks:
             engine = open_engine(settings, trained.version)
             try:
@@ -203,13 +203,21 @@ def _rank_report(
     trained: BootstrapResult,
     tasks: frozenset[Task],
     run: asyncio.Runner,
+    base: str | None = None,
 ) -> Report:
+    """`base`: the pretrained version the model was trained from; it is served too, untrained
+    (zero-shot), and so is the model after SFT, before GRPO."""
     index = load_current(settings.data_dir)
     recommender = Recommender(store, settings)
-    systems = [recommending("retrieval", recommender, index, run)]
-    if Task.rank in tasks:
-        opened = partial(open_engine, settings, trained.version)
-        systems.insert(0, recommending("reasonrec", recommender, index, run, opened))
+    ranking = {"reasonrec": trained.version}
+    if base:
+        ranking |= {"reasonrec sft": trained.stages["rank_sft"], "base zero-shot": base}
+    systems = [
+        recommending(name, recommender, index, run, partial(open_engine, settings, version))
+        for name, version in ranking.items()
+        if Task.rank in tasks
+    ]
+    systems.append(recommending("retrieval", recommender, index, run))
     systems += [Popularity(), ItemKNN(), *_title_queries(data)]
     if Task.search in tasks:
         systems += _query_models(store, settings, trained, run)
