@@ -90,8 +90,9 @@ class GatewaySettings(_Section):
         20,
         ge=0,
         le=200,
-        description="Most recent history items retrieval is queried with (and that a rich prompt "
-        "of the rich bootstrap preset shows; a model's prompts follow its manifest).",
+        description="Most recent history items retrieval is queried with (and that the prompts "
+        "of a version trained by the rich preset or from a base, or registered or imported, "
+        "show; a model's prompts follow its manifest).",
     )
     policy_file: Path | None = Field(
         None,

@@ -15,10 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from pydantic import BaseModel, Field
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from contract.prompt import Contract, Rendering
 from contract.search import RetrieverKind
@@ -28,15 +29,16 @@ from server.config import Settings
 from server.index_files import publish
 from server.item_index import ItemIndex
 from server.policy import read_policy
-from server.registry import Manifest, Registry, RegistryError, new_version
+from server.registry import Manifest, Registry, new_version
 from server.search_index import Encoder, SearchIndex, build_search_index
 from server.store import Store
+from trainer.base import base_manifest, load_base, servable
 from trainer.corpus import Corpus, read_corpus
 from trainer.dataset import ExampleBuilder, Examples, Shape
 from trainer.device import select_device
 from trainer.examples import Example, in_chat
 from trainer.gate import Popularity, activation, validate
-from trainer.grpo import lora_config, run_grpo
+from trainer.grpo import run_grpo
 from trainer.index_build import build_index
 from trainer.model import build_model, parameter_count, seed_item_embeddings
 from trainer.presets import PRESETS, Preset, Recipe
@@ -144,10 +146,13 @@ def _embedded_model(
         plan.tasks,
     )
     model = build_model(tokenizer, preset.model, seed=seed)
-    vectors = {item_id: index.vector(item_id) for item_id in index.item_ids}
-    seeded = seed_item_embeddings(model, tokenizer, vectors, seed=seed)
+    seeded = seed_item_embeddings(model, tokenizer, _vectors(index), seed=seed)
     log.info("model built", extra={"parameters": parameter_count(model), "seeded_items": seeded})
     return model.to(device), tokenizer
+
+
+def _vectors(index: ItemIndex) -> dict[str, np.ndarray]:
+    return {item_id: index.vector(item_id) for item_id in index.item_ids}
 
 
 def train_model(
@@ -288,7 +293,7 @@ def _search_plan(
 
 def _trained_fields(tasks: frozenset[Task], base: Manifest | None) -> set[str]:
     """The preset's settings that the training used."""
-    stages = {"sft", "grpo", "lora_rank"} if base else {"pretrain", "sft", "grpo"}
+    stages = {"sft", "grpo", "lora_rank", "item_tokens"} if base else {"pretrain", "sft", "grpo"}
     return stages | {str(task) for task in tasks & {Task.rate, Task.search}}
 
 
@@ -306,33 +311,6 @@ def contract(
         )
     history = settings.prompt_history if preset.prompt_history is None else preset.prompt_history
     return Contract(rendering=preset.rendering, history=history, tasks=tasks)
-
-
-def base_manifest(registry: Registry, version: str, tasks: frozenset[Task]) -> Manifest:
-    """The pretrained base `bootstrap --base` starts from; raises RegistryError for one it
-    cannot train from."""
-    manifest = registry.manifest(version)
-    if manifest.kind != "full":
-        raise RegistryError(f"base {version} is a LoRA adapter; give the full version it adapts")
-    if tasks != {Task.rank}:
-        raise RegistryError(
-            "a pretrained base learns ranking only (rating and search start from the embedded "
-            "model for now)"
-        )
-    return manifest
-
-
-def load_base(
-    registry: Registry, base: Manifest, rank: int, device: torch.device
-) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """The base's weights, frozen, under new LoRA adapters of `rank` (the only weights that
-    train), and its own tokenizer."""
-    path = registry.path(base.version)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # batches pad; the answer ends with eos anyway
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-    return get_peft_model(model, lora_config(rank)), tokenizer
 
 
 async def bootstrap(
@@ -366,7 +344,11 @@ async def bootstrap(
         contract=contract(preset, settings, tasks, parent),
     )
     examples = _examples(corpus, index, shape, preset, seed)
-    start = load_base(registry, parent, preset.lora_rank, device) if parent else None
+    item_tokens = parent is not None and preset.item_tokens
+    start = None
+    if parent is not None:
+        vectors = _vectors(index) if item_tokens else None
+        start = load_base(registry, parent, preset.lora_rank, device, vectors, seed)
     if start is not None and parent.chat_template:
         chat = start[1]
         examples = Examples(
@@ -399,16 +381,21 @@ async def bootstrap(
     metrics = stages | validate_tasks(
         model, tokenizer, examples, popularity, plan, preset, settings.novelty_floor
     )
+    adapter = parent is not None and not item_tokens
+    if item_tokens:
+        model = servable(model, item_tokens)
+        kept = {name: servable(stage, item_tokens) for name, stage in kept.items()}
     manifest = Manifest(
         version=new_version(),
         trained_on=trained_on,
         rendering=shape.contract.rendering,
         prompt_history=shape.contract.history,
         chat_template=shape.contract.chat,
-        kind="lora" if parent else "full",
-        base_model=parent.version if parent else None,
+        kind="lora" if adapter else "full",
+        base_model=parent.version if adapter else None,
         training={
             "method": _method(preset, parent),
+            **({"base": parent.version} if parent else {}),
             "tasks": sorted(tasks),
             **({"rate_recipe": recipe.value} if Task.rate in tasks else {}),
             **({"search_retriever": settings.search_retriever.value} if search else {}),
@@ -451,7 +438,8 @@ async def bootstrap(
 
 def _method(preset: Preset, base: Manifest | None) -> str:
     if base is not None:
-        return f"lora-sft+grpo on {base.version}"
+        tokens = ", items as new tokens" if preset.item_tokens else ""
+        return f"lora-sft+grpo on {base.version}{tokens}"
     return "pretrain+sft+grpo" if preset.pretrain else "sft+grpo"
 
 

@@ -112,7 +112,7 @@ BaseOption = Annotated[
 
 
 def _check_base(settings: Settings, base: str, tasks: frozenset[Task]) -> None:
-    from trainer.bootstrap import base_manifest  # heavy, but the command trains next anyway
+    from trainer.base import base_manifest  # heavy, but the command trains next anyway
 
     try:
         check_contract(base_manifest(Registry(settings.registry_path), base, tasks))

@@ -89,6 +89,14 @@ def _item_tokens(item_ids: Sequence[str]) -> list[AddedToken]:
     ]
 
 
+def answer_tokens(item_ids: Sequence[str], tasks: Collection[Task] = (Task.rank,)) -> list:
+    """The tokens added to a vocabulary so that every answer tag of `tasks` and every item
+    reference is one token (not special: decoded completions keep them)."""
+    names = TAGS + (RATING_TAGS if Task.rate in tasks else ())
+    tags = [AddedToken(tag, normalized=False, special=False) for tag in names]
+    return tags + _item_tokens(item_ids)
+
+
 def _qwen2_pipeline(backend: Tokenizer) -> Tokenizer:
     """What `transformers.Qwen2Tokenizer.__init__` sets up (transformers 5.x); see the docstring."""
     backend.normalizer = normalizers.NFC()
@@ -125,9 +133,7 @@ def train_tokenizer(
         show_progress=False,
     )
     backend.train_from_iterator(_corpus(texts), trainer=trainer)
-    names = TAGS + (RATING_TAGS if Task.rate in tasks else ())
-    tags = [AddedToken(tag, normalized=False, special=False) for tag in names]
-    backend.add_tokens(tags + _item_tokens(item_ids))
+    backend.add_tokens(answer_tokens(item_ids, tasks))
     # bos = eos as in GPT-2/Qwen; nothing adds it automatically (no post-processor), so prompts
     # tokenize the same way in the trainer, in TRL and in vLLM.
     return PreTrainedTokenizerFast(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from cli import app
@@ -16,20 +17,24 @@ from server.loaders.synthetic import generate
 from server.loaders.writer import progress_bar, write
 from server.registry import Registry, RegistryError
 from server.store import open_store
+from server.vocabulary import ItemTokens
 from tests.trainer.gguf_files import tiny_pretrained
 from trainer.bootstrap import bootstrap
 from trainer.gguf_import import import_gguf
+from trainer.presets import PRESETS
 from trainer.refresh import load_version
 
 SYNTHETIC = {"users": 12, "items": 30, "events_per_user": 8, "seed": 5}
 
 
-async def bootstrap_on(settings: Settings, base: str, tasks=frozenset({Task.rank}), **options):
+async def bootstrap_on(
+    settings: Settings, base: str, tasks=frozenset({Task.rank}), preset="tiny", **options
+):
     async with open_store(settings) as store:
         with progress_bar() as progress:
             await write(store, generate(**SYNTHETIC), progress)
         return await bootstrap(
-            settings, store, "tiny", force=True, tasks=tasks, base=base, **options
+            settings, store, preset, force=True, tasks=tasks, base=base, **options
         )
 
 
@@ -60,6 +65,27 @@ def test_lora_adapters_train_on_the_base_and_publish_as_a_version_of_it(
     stage = registry.manifest(result.stages["rank_sft"])
     assert (stage.kind, stage.base_model, stage.training["stage"]) == ("lora", base, "rank sft")
     assert isinstance(load_version(registry, stage), PeftModel)
+
+
+def test_items_as_new_tokens_are_merged_into_a_full_version(
+    settings: Settings, base: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    items = PRESETS["tiny"].model_copy(update={"item_tokens": True})
+    monkeypatch.setitem(PRESETS, "tiny-items", items)
+    settings = settings.model_copy(update={"candidates": 8, "prompt_history": 4})
+    result = asyncio.run(bootstrap_on(settings, base, preset="tiny-items"))
+
+    manifest = Registry(settings.registry_path).manifest(result.version)
+    assert (manifest.kind, manifest.base_model, manifest.training["base"]) == ("full", None, base)
+    assert manifest.training["method"].endswith("items as new tokens")
+    # Validation sampled under the token-space grammar: k distinct candidates, nothing repaired.
+    assert result.metrics["invalid_rate"] == 0.0
+    # The gateway finds the item tokens (and so serves with first-pick scores and token masks).
+    assert ItemTokens.load(result.path) is not None
+    tokenizer = AutoTokenizer.from_pretrained(result.path)
+    model = AutoModelForCausalLM.from_pretrained(result.path)
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    assert len(tokenizer("#i00001", add_special_tokens=False)["input_ids"]) == 1
 
 
 def test_a_base_it_cannot_train_from_is_refused_before_training(
