@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
 
 from contract.answer import Answer
 from contract.prompt import ANSWER_TAG, parse_answer, ref
@@ -113,7 +114,10 @@ def validate(
     if isinstance(constraint, PatternConstraint):  # ids written as text take more tokens
         budget = answer_budget(tokenizer, examples)
     with constrained_generation(model, constraint):
-        generated = [_answer(model, tokenizer, example, budget) for example in examples]
+        generated = [
+            _answer(model, tokenizer, example, budget)
+            for example in tqdm(examples, desc="validation (ranking)", unit="list")
+        ]
     answers = [(parse_answer(text), scores) for text, scores in generated]
     scored = {blend: _served(examples, answers, blend, popularity) for blend in BLENDS}
     retrieval = _scored([e.candidates[: e.k] for e in examples], examples, popularity.counts)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
 
 from contract.prompt import ItemView, Rendering
 from contract.rating import (
@@ -244,7 +245,7 @@ def validate_rating(
     model.eval()
     constraint = RatingConstraint(tokenizer, STEP_CHARS[rendering])
     predicted, failed = [], 0
-    for example in examples:
+    for example in tqdm(examples, desc="validation (rating)", unit="rating"):
         _, rating = predict(model, tokenizer, example.prompt, constraint)
         failed += rating is None
         predicted.append(example.baseline if rating is None else rating)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
 
 from contract.prompt import ItemView, Rendering, ref
 from contract.search import (
@@ -179,7 +180,7 @@ def validate_search(
     model.eval()
     constraint = search_constraint(tokenizer, rendering)
     ndcg, hits, raw, failed = [], [], [], 0
-    for example in examples:
+    for example in tqdm(examples, desc="validation (search)", unit="query"):
         with constrained_generation(model, constraint):
             text, _ = greedy_after(model, tokenizer, example.prompt, constraint.length)
         answer = parse_search(text)
