@@ -349,6 +349,13 @@ def eval_command(
         ),
     ] = None,
     base: BaseOption = None,
+    stages: Annotated[
+        bool,
+        typer.Option(
+            help="With --base: also serve the base untrained (zero-shot) and the adapters after "
+            "SFT, before GRPO (three passes through vLLM instead of one).",
+        ),
+    ] = True,
 ) -> None:
     """Offline evaluation (EVAL.md protocol). rank: reasonrec vs retrieval, popularity, item-kNN,
     the last item's title as a search query; search: the model's queries vs that raw query; rate:
@@ -374,7 +381,7 @@ def eval_command(
         _check_base(settings, base, tasks)
     from trainer.evaluation.run import run_eval  # trains a model: heavy imports
 
-    report = run_eval(data, settings, users, seed, preset, tasks, recipe, model, base)
+    report = run_eval(data, settings, users, seed, preset, tasks, recipe, model, base, stages)
     typer.echo(report.table())
     if json_out:
         json_out.write_text(report.model_dump_json(indent=2))

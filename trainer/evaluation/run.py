@@ -146,12 +146,14 @@ def run_eval(
     recipe: Recipe = Recipe.one,
     model: str | None = None,
     base: str | None = None,
+    stages: bool = True,
 ) -> Report:
     """The ranking report (the model's lists when it ranks, its queries' when it searches,
     beside the baselines), with the rating report in `rating` when the model rates; a model only
     for rating gets the rating report alone. `model`: evaluate that version of the configured
     registry instead of bootstrapping one (the caller checks it saw none of the tests); `base`:
-    bootstrap LoRA adapters on that pretrained version of it."""
+    bootstrap LoRA adapters on that pretrained version of it, and with `stages` serve the base
+    zero-shot and the adapters after SFT too."""
     split, timelines = data.split, data.timelines
     chosen = sample_users(split, users, seed) if users else list(split.users)
     tests = rating_tests(data, chosen) if Task.rate in tasks else []  # fails before training
@@ -172,14 +174,17 @@ def run_eval(
                     trained_on=split.trained_on,
                     tasks=tasks,
                     recipe=recipe,
-                    keep_stages=tasks & {Task.search} | ({Task.rank} if base else set()),
+                    keep_stages=tasks & {Task.search} | ({Task.rank} if base and stages else set()),
                     base=base,
                 )
             )
         run.run(write_dataset(store, events_only(validation)))
         reports = []
         if tasks & {Task.rank, Task.search}:
-            reports.append(_rank_report(data, chosen, store, settings, trained, tasks, run, base))
+            compared = base if stages else None
+            reports.append(
+                _rank_report(data, chosen, store, settings, trained, tasks, run, compared)
+            )
         if Task.rate in tasks:
             engine = open_engine(settings, trained.version)
             try:

@@ -61,8 +61,8 @@ def registered(env: Settings) -> Registry:
 def runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     calls = []
 
-    def run_eval(data, settings, users, seed, preset, tasks, recipe, model, base) -> Report:
-        calls.append((tasks, model, base))
+    def run_eval(data, settings, users, seed, preset, tasks, recipe, model, base, stages):
+        calls.append((tasks, model, base, stages))
         return Report(dataset=data.split.dataset, protocol="test", users=users or 0, systems={})
 
     fake = types.ModuleType("trainer.evaluation.run")
@@ -100,7 +100,10 @@ def test_a_registered_version_is_evaluated_instead_of_a_bootstrap(
     args = ["eval", "--format", "ml-latest", str(folder), "--model", "zero-shot", "--users", "2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert runs == [(frozenset({Task.rank}), "zero-shot", None)]
+    assert runs == [(frozenset({Task.rank}), "zero-shot", None, True)]
     result = CliRunner().invoke(app, [*args[:4], "--base", "zero-shot"])
     assert result.exit_code == 0, result.output
-    assert runs[-1] == (frozenset({Task.rank}), None, "zero-shot")
+    assert runs[-1] == (frozenset({Task.rank}), None, "zero-shot", True)
+    result = CliRunner().invoke(app, [*args[:4], "--base", "zero-shot", "--no-stages"])
+    assert result.exit_code == 0, result.output
+    assert runs[-1] == (frozenset({Task.rank}), None, "zero-shot", False)
