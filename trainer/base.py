@@ -77,6 +77,14 @@ def add_item_tokens(
     return list(range(before, len(tokenizer)))
 
 
+def for_grpo(model: PeftModel):
+    """The SFT'd model with its adapters and new token rows merged in, for GRPO to train new
+    adapters on. TRL's GRPO scores completions with the output head's weight read directly,
+    which misses peft's trainable rows; with tied embeddings (SmolLM2) the head is peft's wrapper
+    and TRL fails on it."""
+    return model.merge_and_unload()
+
+
 def servable(model: PeftModel, item_tokens: bool):
     """What is published: the adapters as they are, or, for a base given item tokens, the
     model with adapters and new rows merged in (vLLM cannot serve an adapter that adds

@@ -32,7 +32,7 @@ from server.policy import read_policy
 from server.registry import Manifest, Registry, new_version
 from server.search_index import Encoder, SearchIndex, build_search_index
 from server.store import Store
-from trainer.base import base_manifest, load_base, servable
+from trainer.base import base_manifest, for_grpo, load_base, servable
 from trainer.corpus import Corpus, read_corpus
 from trainer.dataset import ExampleBuilder, Examples, Shape
 from trainer.device import select_device
@@ -199,9 +199,13 @@ def train_model(
         if Task.rank in plan.keep_stages:
             kept["rank_sft"] = copy.deepcopy(model)
         grpo_examples = examples.train[: preset.grpo_examples]
+        grpo = preset.grpo
+        if start is not None and preset.item_tokens:
+            model = for_grpo(model)
+            grpo = grpo.model_copy(update={"lora_rank": preset.lora_rank})
         with tempfile.TemporaryDirectory(prefix="reasonrec-grpo-") as scratch:
             terms = build_terms(policy, facts, corpus.popularity)
-            model = run_grpo(model, tokenizer, grpo_examples, terms, preset.grpo, Path(scratch))
+            model = run_grpo(model, tokenizer, grpo_examples, terms, grpo, Path(scratch))
     if plan.rating is not None:
         with tempfile.TemporaryDirectory(prefix="reasonrec-grpo-") as scratch:
             terms = build_terms(policy, facts, corpus.popularity, Task.rate)

@@ -50,7 +50,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_model(vocab_size: int) -> LlamaForCausalLM:
+def tiny_model(vocab_size: int, tied: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -62,7 +62,7 @@ def tiny_model(vocab_size: int) -> LlamaForCausalLM:
         num_key_value_heads=1,
         max_position_embeddings=4096,  # rich prompts of byte-level tokens
         rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     return LlamaForCausalLM(config).eval()
 
