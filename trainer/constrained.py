@@ -18,6 +18,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import xgrammar
@@ -80,6 +81,15 @@ class Row:
     k: int
 
 
+def built_for(table: dict[tuple[int, ...], Any], prompt: list[int], pad: int | None) -> Any:
+    """What `table` holds for this prompt's token ids, left padding removed; KeyError for a
+    prompt the constraint was not built for."""
+    start = next((j for j, t in enumerate(prompt) if t != pad), len(prompt))
+    if (found := table.get(tuple(prompt[start:]))) is None:
+        raise KeyError("a prompt the answer constraint was not built for")
+    return found
+
+
 class AnswerConstraint(LogitsProcessor):
     """Masks every token the answer grammar does not allow next; no candidate twice.
 
@@ -113,11 +123,7 @@ class AnswerConstraint(LogitsProcessor):
         return scores.masked_fill(~allowed, float("-inf"))
 
     def _row(self, prompt: list[int]) -> Row:
-        start = next((j for j, t in enumerate(prompt) if t != self.pad), len(prompt))
-        row = self.rows.get(tuple(prompt[start:]))
-        if row is None:
-            raise KeyError("a prompt the answer constraint was not built for")
-        return row
+        return built_for(self.rows, prompt, self.pad)
 
     def _allowed(self, row: Row, done: list[int], vocab: int) -> torch.Tensor:
         g = self.grammar
@@ -239,11 +245,7 @@ class PatternConstraint(LogitsProcessor):
         return masked
 
     def _matcher(self, prompt: list[int]) -> xgrammar.GrammarMatcher:
-        start = next((j for j, t in enumerate(prompt) if t != self.pad), len(prompt))
-        grammar = self.grammars.get(tuple(prompt[start:]))
-        if grammar is None:
-            raise KeyError("a prompt the answer constraint was not built for")
-        return xgrammar.GrammarMatcher(grammar)
+        return xgrammar.GrammarMatcher(built_for(self.grammars, prompt, self.pad))
 
 
 class TaggedSteps(LogitsProcessor):
