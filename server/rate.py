@@ -126,7 +126,13 @@ class Rater:
             return self._fallback(context, item_id, "no_model")
         user = Stats.of(sum(context.ratings.values()), len(context.ratings))
         data: RatingInput = rating_input(
-            context.profile, shown, user, item, context.items.get(item_id, Stats()), len(shown)
+            context.profile,
+            shown,
+            user,
+            item,
+            context.items.get(item_id, Stats()),
+            len(shown),
+            context.lean,
         )
         generation = GenerationRequest(
             request_id=f"{request_id}:{item_id}",

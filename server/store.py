@@ -16,7 +16,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import ResponseError
 
 from contract.impression import Impression
-from contract.rating import Stats
+from contract.rating import LEAN_WINDOW, Stats, user_lean
 from server import metrics
 from server.config import Settings
 from server.keys import Keys
@@ -142,6 +142,9 @@ def _decode_item(item_id: str, raw: dict[str, str]) -> Item:
 class RatingContext(BaseModel):
     profile: dict[str, Any]
     recent: list[tuple[str, float]] = Field(description="(item, rating), oldest first.")
+    latest: list[tuple[str, float]] = Field(
+        description="The last LEAN_WINDOW (item, rating), oldest first: what the lean is from."
+    )
     ratings: dict[str, float] = Field(description="Every item the user rated -> latest rating.")
     items: dict[str, Stats] = Field(description="Stats of the items to rate and of those rated.")
     everyone: Stats
@@ -151,6 +154,11 @@ class RatingContext(BaseModel):
         """The user's ratings, each with its item's stats: what the user bias is computed from,
         once per request however many items it rates."""
         return [(value, self.items.get(item, Stats())) for item, value in self.ratings.items()]
+
+    @cached_property
+    def lean(self) -> float | None:
+        latest = [(value, self.items.get(item, Stats())) for item, value in self.latest]
+        return user_lean(self.everyone, latest)
 
 
 class Store:
@@ -296,17 +304,17 @@ class Store:
         of the items to rate and of everyone."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hget(self.keys.user(user_id), "attributes")
-            pipe.zrange(self.keys.rated(user_id), -max(history_limit, 1), -1)
+            pipe.zrange(self.keys.rated(user_id), -max(history_limit, LEAN_WINDOW), -1)
             pipe.hgetall(self.keys.ratings(user_id))
             pipe.hmget(self.keys.rating_total, ["sum", "count"])
             attributes, recent, ratings, total = await pipe.execute()
         values = {item: float(value) for item, value in ratings.items()}
         wanted = list(dict.fromkeys([*item_ids, *values]))
+        latest = [(i, values[i]) for i in recent if i in values]
         return RatingContext(
             profile=attributes_of(user_id, attributes),
-            recent=[(i, values[i]) for i in recent[-history_limit:] if i in values]
-            if history_limit
-            else [],
+            recent=latest[-history_limit:] if history_limit else [],
+            latest=latest[-LEAN_WINDOW:],
             ratings=values,
             items=await self._rating_stats(wanted),
             everyone=Stats.of(float(total[0] or 0), int(total[1] or 0)),

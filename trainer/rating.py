@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from contract.prompt import ItemView, Rendering
 from contract.rating import (
     DIGITS,
+    LEAN_WINDOW,
     MAX_RATING,
     MIN_RATING,
     RATING_WEIGHTS,
@@ -45,6 +46,7 @@ from contract.rating import (
     rating_input,
     render_rating_answer,
     served_rating,
+    user_lean,
 )
 from reward_rules.terms import Term
 from trainer.constrained import RatingConstraint, constrained_generation, greedy_after
@@ -156,6 +158,8 @@ class RatingExampleBuilder:
         before = [(items[i], r) for i, r in ratings[:t]]
         user = Stats.of(sum(r for _, r in before), len(before))
         item_stats = self._without(item_id, value)
+        everyone = Stats.of(self.everyone[0] - value, self.everyone[1] - 1)
+        others = [(r, Stats.of(*self.totals[i])) for i, r in ratings[:t]]
         data: RatingInput = rating_input(
             self.corpus.profiles.get(user_id, {}),
             before,
@@ -163,9 +167,8 @@ class RatingExampleBuilder:
             items[item_id],
             item_stats,
             self.history,
+            user_lean(everyone, others[-LEAN_WINDOW:]),
         )
-        everyone = Stats.of(self.everyone[0] - value, self.everyone[1] - 1)
-        others = [(r, Stats.of(*self.totals[i])) for i, r in ratings[:t]]
         steps = compose_steps(before, data.item, item_stats, self.rendering)
         return RatingExample(
             user_id=user_id,

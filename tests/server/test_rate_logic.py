@@ -105,10 +105,12 @@ def test_the_model_rates_and_explains(rated: TestClient) -> None:
     assert body["model_version"] == "fake-v1"
     [request] = engine.requests
     assert request.regex == rating_pattern(Rendering.compact)
-    # the compact prompt: r1's ratings oldest first, their mean, c's mean over r2's rating
+    # the compact prompt: r1's ratings oldest first, their mean and lean, c's mean over r2's
+    # rating. The lean by hand: global mean 3.0, item biases a 2/27, b 1/26, d -1/26; residuals
+    # 1.926, 0.962, -0.962 weighted 0.5, 0.707, 1 (newest last), over their sum plus 1: +0.21.
     assert request.prompt.splitlines()[1:] == [
         "#a=5, #b=4, #d=2",
-        "user mean=3.7 n=3",
+        "user mean=3.7 n=3 lean=+0.2",
         "item #c mean=1.0 n=1",
     ]
     assert metric(rated, RATED, source="llm", model_version="fake-v1") == before + 1
@@ -154,6 +156,7 @@ def test_a_rich_model_gets_a_rich_prompt(rated: TestClient) -> None:
 
     prompt = engine.requests[0].prompt
     assert "The user rates: 3.7 on average over 3 ratings." in prompt
+    assert "Lately they rate 0.2 above what others give such items." in prompt
     assert "- #a | Title a | drama | rated 5" in prompt
     assert prompt.rstrip().endswith("Others rate it: 1.0 on average over 1 ratings.")
 
@@ -199,7 +202,7 @@ def test_a_cold_start_user_is_answered(rated: TestClient) -> None:
     body = rate(rated, user_id="nobody")
 
     assert body["items"][0]["source"] == "llm"
-    assert engine.requests[0].prompt.splitlines()[1:3] == ["", "user mean=none n=0"]
+    assert engine.requests[0].prompt.splitlines()[1:3] == ["", "user mean=none n=0 lean=none"]
 
 
 @pytest.mark.parametrize(
@@ -246,7 +249,7 @@ def test_store_keeps_each_users_latest_rating_and_every_rating_in_the_sums(
 
     lines = engine.requests[0].prompt.splitlines()
     assert lines[1] == "#b=4, #d=2, #a=1"  # the latest rating, newest last
-    assert lines[2] == "user mean=2.3 n=3"
+    assert lines[2].startswith("user mean=2.3 n=3 lean=-")  # the newest rating is a 1
     assert lines[3] == "item #a mean=2.8 n=4"  # 5, 3, 1, 2: every rating event counts
 
 

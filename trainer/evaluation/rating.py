@@ -9,6 +9,8 @@ tasks), and every system predicts the test ratings:
 - `reasonrec (model alone)`: the same with the model's rating alone;
 - `bias (fallback)`: the same path with no model, the one-pass bias baseline it falls back to;
 - `global mean`, `user mean`, `item mean`: means of the training and validation ratings;
+- `item bias + lean`: the numbers the prompt gives the model, as a predictor alone (the global
+  mean, the item's bias and the user's lean over their latest ratings, `contract.rating`);
 - `bias (ALS)` and `SVD`: scikit-surprise's `BaselineOnly` (regularised user + item biases fitted
   by alternating least squares) and `SVD` (biased matrix factorisation, Funk style), with their
   default settings, on the same ratings.
@@ -20,6 +22,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
+from contract.rating import MAX_RATING, MIN_RATING, Stats, item_bias, user_lean
 from server.engine import Engine
 from server.rate import Rater
 from server.schemas import FeedbackEvent, RatedItem, RateRequest
@@ -46,6 +49,26 @@ def _means(ratings: Sequence[FeedbackEvent]) -> dict[str, Predict]:
         "user mean": lambda user, item: mean_of(by_user, user),
         "item mean": lambda user, item: mean_of(by_item, item),
     }
+
+
+def _leaning(ratings: Sequence[FeedbackEvent]) -> dict[str, Predict]:
+    """The numbers the rating prompt gives the model, as a predictor: the global mean, the item's
+    bias and the user's lean over their latest ratings (`contract.rating.user_lean`)."""
+    items: dict[str, list[float]] = defaultdict(list)
+    for event in ratings:
+        items[event.item_id].append(event.value)
+    stats = {item: Stats.of(sum(values), len(values)) for item, values in items.items()}
+    everyone = Stats.of(sum(e.value for e in ratings), len(ratings))
+    latest: dict[str, list[tuple[float, Stats]]] = defaultdict(list)
+    for event in sorted(ratings, key=lambda e: e.timestamp):
+        latest[event.user_id].append((event.value, stats[event.item_id]))
+
+    def predict(user: str, item: str) -> float:
+        bias = item_bias(stats.get(item, Stats()), everyone.mean)
+        value = everyone.mean + (user_lean(everyone, latest[user]) or 0.0) + bias
+        return min(max(value, MIN_RATING), MAX_RATING)
+
+    return {"item bias + lean": predict}
 
 
 def _surprise(ratings: Sequence[FeedbackEvent], seed: int) -> dict[str, Predict]:
@@ -113,7 +136,7 @@ def rate_report(
         "bias (fallback)": errors([item.rating for item in fallback], truth),
     }
     rated = [e for e in known if e.value is not None]
-    for name, predict in (_means(rated) | _surprise(rated, seed)).items():
+    for name, predict in (_means(rated) | _leaning(rated) | _surprise(rated, seed)).items():
         systems[name] = _score(predict, tests)
     report = Report(
         dataset=data.split.dataset, protocol=PROTOCOL, users=len(tests), systems=systems

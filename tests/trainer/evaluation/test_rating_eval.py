@@ -13,7 +13,7 @@ from cli import app
 from contract.tasks import Task
 from server.config import Settings
 from server.loaders import Dataset
-from server.schemas import EventType
+from server.schemas import EventType, FeedbackEvent
 from tests.trainer.evaluation.test_formats import (
     T,
     event,
@@ -23,7 +23,7 @@ from tests.trainer.evaluation.test_formats import (
     write_ml_latest,
 )
 from trainer.evaluation.harness import Report
-from trainer.evaluation.rating import _means, _score, _surprise
+from trainer.evaluation.rating import _leaning, _means, _score, _surprise
 from trainer.evaluation.run import phase_events, scratch_store, write_dataset
 from trainer.evaluation.split import EvalData, EvalFormat, read_eval_data
 from trainer.presets import Recipe
@@ -69,6 +69,24 @@ def test_mean_baselines(data: EvalData) -> None:
     tests = [data.timelines["1"][-1]]  # user 1 rated movie 4 a 1.0
     # movie 4 is unseen: its item mean is the global mean, 3.0, two above the truth
     assert _score(predict["item mean"], tests) == {"mae": 2.0, "rmse": 2.0}
+
+
+def test_the_lean_baseline_follows_each_users_latest_ratings() -> None:
+    def rated(user: str, item: str, value: float, second: int) -> FeedbackEvent:
+        return FeedbackEvent(
+            user_id=user, item_id=item, type="rating", value=value, timestamp=T(second)
+        )
+
+    # "up" and "down" gave the same ratings to the same items, in opposite orders
+    known = [
+        *(rated("up", i, v, n) for n, (i, v) in enumerate([("a", 1.0), ("b", 5.0)])),
+        *(rated("down", i, v, n) for n, (i, v) in enumerate([("b", 5.0), ("a", 1.0)])),
+    ]
+    predict = _leaning(known)["item bias + lean"]
+
+    assert predict("up", "c") > 3.0 > predict("down", "c")  # global mean 3, c unrated
+    assert predict("nobody", "c") == 3.0
+    assert predict("up", "c") - 3.0 == pytest.approx(3.0 - predict("down", "c"))
 
 
 def test_library_baselines_predict_on_the_rating_scale(data: EvalData) -> None:

@@ -1,0 +1,44 @@
+"""The user's lean (`contract.rating.user_lean`): what the rating prompt says about a user's
+latest ratings against what the bias model expects of those items."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from contract.rating import LEAN_WINDOW, Stats, user_lean
+
+EVERYONE = Stats(mean=3.0, count=1000)
+PLAIN = Stats(mean=3.0, count=100)  # an item rated like everything else: no bias
+
+
+def test_no_ratings_no_lean() -> None:
+    assert user_lean(EVERYONE, []) is None
+
+
+def test_newest_ratings_weigh_most() -> None:
+    # the same four ratings, in two orders: the lean follows the newest
+    assert user_lean(EVERYONE, [(5.0, PLAIN), (5.0, PLAIN), (1.0, PLAIN), (1.0, PLAIN)]) < 0
+    assert user_lean(EVERYONE, [(1.0, PLAIN), (1.0, PLAIN), (5.0, PLAIN), (5.0, PLAIN)]) > 0
+
+
+def test_only_the_window_counts() -> None:
+    latest = [(4.0, PLAIN)] * LEAN_WINDOW
+    assert user_lean(EVERYONE, [(1.0, PLAIN)] * 5 + latest) == user_lean(EVERYONE, latest)
+
+
+def test_rating_items_as_others_do_is_no_lean() -> None:
+    # a loved film rated 4.5 by everyone and rated 4.5 here says nothing about the user
+    loved = Stats(mean=4.5, count=10_000)
+    assert user_lean(EVERYONE, [(4.5, loved)] * 3) == pytest.approx(0.0, abs=0.01)
+
+
+def test_one_rating_is_shrunk_towards_none() -> None:
+    # one 5 on a plain item: residual 2, weight 1, shrinkage 1
+    assert user_lean(EVERYONE, [(5.0, PLAIN)]) == pytest.approx(1.0)
+
+
+@given(st.lists(st.floats(1, 5), min_size=1, max_size=30))
+def test_the_lean_stays_within_the_residuals(values: list[float]) -> None:
+    lean = user_lean(EVERYONE, [(v, PLAIN) for v in values])
+    window = [v - 3.0 for v in values[-LEAN_WINDOW:]]
+    assert min(min(window), 0) - 1e-9 <= lean <= max(max(window), 0) + 1e-9
