@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
 from prometheus_client import REGISTRY
+from tqdm.auto import tqdm
 
 from server.engine import Engine
 from server.item_index import ItemIndex
@@ -65,13 +66,16 @@ class PipelineSystem:
 
     async def _answer_all(self, engine: Engine | None, users: Sequence[str], k: int) -> None:
         gate = asyncio.Semaphore(CONCURRENCY)
+        progress = tqdm(total=len(users), desc=self.name, unit="user")
 
         async def answer(user: str) -> None:
             async with gate:
                 self._answers[user], latency = await self.serve(engine, user, k)
             self.latencies_ms.append(latency)
+            progress.update()
 
-        await asyncio.gather(*(answer(user) for user in users))
+        with progress:
+            await asyncio.gather(*(answer(user) for user in users))
 
     def recommend(self, user_id: str, k: int) -> list[str]:
         return self._answers[user_id][:k]

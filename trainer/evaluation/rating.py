@@ -22,6 +22,8 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
+from tqdm.auto import tqdm
+
 from contract.rating import MAX_RATING, MIN_RATING, Stats, item_bias, user_lean
 from server.engine import Engine
 from server.rate import Rater
@@ -97,7 +99,7 @@ def _rated(
 ) -> tuple[list[RatedItem], list[float]]:
     """Each test rating as `POST /v1/rate` predicts it, and each request's latency (ms)."""
     rated, latencies = [], []
-    for event in tests:
+    for event in tqdm(tests, desc="reasonrec" if engine else "bias (fallback)", unit="rating"):
         request = RateRequest(user_id=event.user_id, item_ids=[event.item_id])
         started = time.perf_counter()
         response = run.run(rater.rate(request, f"eval-{event.user_id}", engine))
