@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
 from prometheus_client import REGISTRY
-from tqdm.auto import tqdm
 
 from server.engine import Engine
 from server.item_index import ItemIndex
@@ -66,16 +65,13 @@ class PipelineSystem:
 
     async def _answer_all(self, engine: Engine | None, users: Sequence[str], k: int) -> None:
         gate = asyncio.Semaphore(CONCURRENCY)
-        progress = tqdm(total=len(users), desc=self.name, unit="user")
 
         async def answer(user: str) -> None:
             async with gate:
                 self._answers[user], latency = await self.serve(engine, user, k)
             self.latencies_ms.append(latency)
-            progress.update()
 
-        with progress:
-            await asyncio.gather(*(answer(user) for user in users))
+        await asyncio.gather(*(answer(user) for user in users))
 
     def recommend(self, user_id: str, k: int) -> list[str]:
         return self._answers[user_id][:k]
