@@ -96,18 +96,17 @@ def compose_steps(
     item: ItemView,
     item_stats: Stats,
     rendering: Rendering,
-    lean: float | None = None,
 ) -> list[str]:
-    """The three reasoning steps, grounded in the data (no teacher model): the user's mean, lean
-    and favourite categories; which of the item's categories they rate above or below their
-    mean; how their ratings of items sharing a category compare with their mean."""
+    """The three reasoning steps, grounded in the data (no teacher model): the user's mean and
+    favourite categories; which of the item's categories they rate above or below their mean;
+    how their ratings of items sharing a category compare with their mean."""
     mean = sum(r for _, r in history) / len(history) if history else None
     by_category = _by_category(history)
     shared = [r for c in item.categories for r in by_category.get(c, [])]
     fit = None if mean is None or not shared else sum(shared) / len(shared) - mean
     if rendering is Rendering.compact:
         return [
-            "new" if mean is None else f"{mean:.1f}{_signed(lean)}",
+            "new" if mean is None else f"{mean:.1f}",
             "new" if item_stats.mean is None else f"{item_stats.mean:.1f}",
             "none" if fit is None else f"{fit:+.1f}",
         ]
@@ -117,8 +116,7 @@ def compose_steps(
     return [
         "New user: nothing rated yet."
         if mean is None
-        else f"Rates {mean:.1f} on average{_lately(lean)}; likes "
-        f"{' and '.join(liked) or 'a bit of everything'}.",
+        else f"Rates {mean:.1f} on average; likes {' and '.join(liked) or 'a bit of everything'}.",
         (f"Others rate it {item_stats.mean:.1f}. " if item_stats.mean is not None else "")
         + f"Strong for them: {', '.join(strong) or 'nothing in particular'}. "
         + f"Weak: {', '.join(weak) or 'nothing in particular'}.",
@@ -126,14 +124,6 @@ def compose_steps(
         if fit is None
         else f"They rate such items {abs(fit):.1f} {'above' if fit >= 0 else 'below'} their mean.",
     ]
-
-
-def _signed(lean: float | None) -> str:
-    return "" if lean is None else f" {lean:+.1f}"
-
-
-def _lately(lean: float | None) -> str:
-    return "" if lean is None else f", lately {abs(lean):.1f} {'above' if lean >= 0 else 'below'}"
 
 
 def _mean(values: list[float] | None) -> float:
@@ -179,7 +169,7 @@ class RatingExampleBuilder:
             self.history,
             user_lean(everyone, others[-LEAN_WINDOW:]),
         )
-        steps = compose_steps(before, data.item, item_stats, self.rendering, data.lean)
+        steps = compose_steps(before, data.item, item_stats, self.rendering)
         return RatingExample(
             user_id=user_id,
             prompt=build_rating_prompt(data, self.rendering),

@@ -97,11 +97,6 @@ def test_compact_steps_are_numbers_and_rich_steps_are_sentences(data) -> None:
     assert "Strong for them: drama" in rich[1]
     assert rich[2] == "They rate such items 1.0 above their mean."
     assert compose_steps([], drama, Stats(), Rendering.compact) == ["new", "new", "none"]
-    # with the user's lean, the first step says it too
-    leaning = compose_steps(history, drama, Stats(mean=3.5, count=4), Rendering.compact, -0.44)
-    assert leaning[0] == "4.0 -0.4"
-    rich = compose_steps(history, drama, Stats(mean=3.5, count=4), Rendering.rich, 0.3)
-    assert rich[0] == "Rates 4.0 on average, lately 0.3 above; likes drama."
 
 
 @pytest.fixture(scope="module")
