@@ -130,6 +130,14 @@ def user_lean(everyone: Stats, latest: Sequence[tuple[float, Stats]]) -> float |
     return weighted / (sum(weights) + LEAN_SHRINK)
 
 
+def lean_rating(everyone: Stats, item: Stats, latest: Sequence[tuple[float, Stats]]) -> float:
+    """The global mean, the item's bias and the user's lean (`user_lean` of `latest`), clipped
+    to [1, 5]: what the rating prompt's numbers predict with no model."""
+    mean = NO_RATINGS_MEAN if everyone.mean is None else everyone.mean
+    value = mean + (user_lean(everyone, latest) or 0.0) + item_bias(item, mean)
+    return min(max(value, MIN_RATING), MAX_RATING)
+
+
 # The weights validation may give the model's rating against the bias baseline's; never 0, so
 # the model always has a say. Ratings are noisy and two predictors err differently: measured on
 # ML-100K, the mix predicts better than either alone.

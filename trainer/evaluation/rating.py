@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from contract.rating import MAX_RATING, MIN_RATING, Stats, item_bias, user_lean
+from contract.rating import Stats, lean_rating
 from server.engine import Engine
 from server.rate import Rater
 from server.schemas import FeedbackEvent, RatedItem, RateRequest
@@ -66,9 +66,7 @@ def _leaning(ratings: Sequence[FeedbackEvent]) -> dict[str, Predict]:
         latest[event.user_id].append((event.value, stats[event.item_id]))
 
     def predict(user: str, item: str) -> float:
-        bias = item_bias(stats.get(item, Stats()), everyone.mean)
-        value = everyone.mean + (user_lean(everyone, latest[user]) or 0.0) + bias
-        return min(max(value, MIN_RATING), MAX_RATING)
+        return lean_rating(everyone, stats.get(item, Stats()), latest.get(user, []))
 
     return {"item bias + lean": predict}
 
