@@ -131,21 +131,23 @@ def user_lean(everyone: Stats, latest: Sequence[tuple[float, Stats]]) -> float |
 
 
 def lean_rating(everyone: Stats, item: Stats, latest: Sequence[tuple[float, Stats]]) -> float:
-    """The global mean, the item's bias and the user's lean (`user_lean` of `latest`), clipped
-    to [1, 5]: what the rating prompt's numbers predict with no model."""
+    """The lean baseline: the global mean, the item's bias and the user's lean (`user_lean` of
+    `latest`), clipped to [1, 5]. What the rating prompt's numbers predict with no model, and what
+    the gateway serves when the model cannot answer."""
     mean = NO_RATINGS_MEAN if everyone.mean is None else everyone.mean
     value = mean + (user_lean(everyone, latest) or 0.0) + item_bias(item, mean)
     return min(max(value, MIN_RATING), MAX_RATING)
 
 
-# The weights validation may give the model's rating against the bias baseline's; never 0, so
+# The weights validation may give the model's rating against the lean baseline's; never 0, so
 # the model always has a say. Ratings are noisy and two predictors err differently: measured on
 # ML-100K, the mix predicts better than either alone.
 RATING_WEIGHTS = (0.25, 0.5, 0.75, 1.0)
 
 
 def served_rating(model: float, baseline: float, weight: float) -> float:
-    """What the gateway serves: the model's rating mixed with the bias baseline's."""
+    """What the gateway serves: the model's rating mixed with the lean baseline's (`lean_rating`,
+    also what it serves without a model)."""
     return weight * model + (1 - weight) * baseline
 
 

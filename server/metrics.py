@@ -73,7 +73,7 @@ RATINGS = Counter(
 )
 RATE_FALLBACKS = Counter(
     "reasonrec_rate_fallbacks_total",
-    "Ratings predicted by the bias baseline instead of the model, by reason.",
+    "Ratings predicted by the lean baseline instead of the model, by reason.",
     ["reason"],
 )
 SEARCHES = Counter(

@@ -3,10 +3,11 @@
 items -> rating context -> one prompt per item -> engine (rating grammar) -> rating -> response.
 
 The model's rating is the mean of its distribution over the five ratings where its answer writes
-one (`contract.rating.expected_rating`); the served rating mixes it with the bias baseline's by
-the weight validation chose for the version (`rating_weight`; 1: the model's alone). An item the
-engine fails on, or that overruns the budget, is rated by the bias baseline with
-`source: fallback`; so is every item when no model is active. A model that was not trained to
+one (`contract.rating.expected_rating`); the served rating mixes it with the lean baseline's
+(`contract.rating.lean_rating`: the global mean, the item's bias and the user's lean over their
+latest ratings) by the weight validation chose for the version (`rating_weight`; 1: the model's
+alone). An item the engine fails on, or that overruns the budget, is rated by the lean baseline
+with `source: fallback`; so is every item when no model is active. A model that was not trained to
 rate is refused (409): its numbers would mean nothing.
 """
 
@@ -19,9 +20,9 @@ from contract.rating import (
     STEPS,
     RatingInput,
     Stats,
-    bias_rating,
     build_rating_prompt,
     expected_rating,
+    lean_rating,
     parse_rating,
     rating_input,
     rating_pattern,
@@ -73,7 +74,7 @@ def rating_step(result: Generation) -> dict[str, float]:
 
 
 def baseline(context: RatingContext, item_id: str) -> float:
-    return bias_rating(context.everyone, context.items.get(item_id, Stats()), context.rated)
+    return lean_rating(context.everyone, context.items.get(item_id, Stats()), context.leaning)
 
 
 class Rater:

@@ -150,15 +150,14 @@ class RatingContext(BaseModel):
     everyone: Stats
 
     @cached_property
-    def rated(self) -> list[tuple[float, Stats]]:
-        """The user's ratings, each with its item's stats: what the user bias is computed from,
-        once per request however many items it rates."""
-        return [(value, self.items.get(item, Stats())) for item, value in self.ratings.items()]
+    def leaning(self) -> list[tuple[float, Stats]]:
+        """The latest ratings, each with its item's stats: what the lean is computed from, once
+        per request however many items it rates."""
+        return [(value, self.items.get(item, Stats())) for item, value in self.latest]
 
     @cached_property
     def lean(self) -> float | None:
-        latest = [(value, self.items.get(item, Stats())) for item, value in self.latest]
-        return user_lean(self.everyone, latest)
+        return user_lean(self.everyone, self.leaning)
 
 
 class Store:

@@ -191,7 +191,8 @@ def beats_retrieval(metrics: dict[str, float]) -> bool:
 
 
 def beats_baseline(metrics: dict[str, float]) -> bool:
-    """A rating model must predict its validation ratings no worse than the bias baseline."""
+    """A rating model must predict its validation ratings no worse than its fallback, the lean
+    baseline (`contract.rating.lean_rating`)."""
     return metrics.get("rate_rmse", math.inf) <= metrics.get("rate_baseline_rmse", 0.0)
 
 
@@ -211,7 +212,7 @@ def _rate_verdict(metrics: dict[str, float]) -> tuple[bool, str]:
     ours, theirs = metrics.get("rate_rmse", math.nan), metrics.get("rate_baseline_rmse", math.nan)
     held = int(metrics.get("rate_validation_ratings", 0))
     return beats, (
-        f"the model {verdict} the bias baseline on {held} held-out ratings "
+        f"the model {verdict} the lean baseline on {held} held-out ratings "
         f"(RMSE {ours:.4f} vs {theirs:.4f})"
     )
 
@@ -260,7 +261,7 @@ class Gate(BaseModel):
     )
     beats_baseline: bool = Field(
         True,
-        description="The candidate rates the held-out ratings no worse than the bias baseline "
+        description="The candidate rates the held-out ratings no worse than the lean baseline "
         "(or was not trained to rate); required to publish unless forced.",
     )
     forced: bool = False
@@ -284,7 +285,7 @@ def refresh_gate(
 ) -> Gate:
     """A refreshed version is published when no worse than the active version (within
     tolerances) and, unless forced, no worse than its fallbacks on the same held-out data: the
-    retrieval order of the lists, the bias baseline of the ratings."""
+    retrieval order of the lists, the lean baseline of the ratings."""
     ranks = "ndcg@10" not in candidate or beats_retrieval(candidate)
     rates = "rate_rmse" not in candidate or beats_baseline(candidate)
     passed = _no_worse(active, candidate, settings) and ((ranks and rates) or force)

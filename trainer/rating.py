@@ -14,8 +14,9 @@ Recipes, both ending in GRPO with TRL's GRPOTrainer and the policy's `rating_wei
 
 Validation decodes greedily under the same grammar and predicts the mean of the model's
 distribution over the five ratings, as the gateway does (`contract.rating.expected_rating`); it
-chooses how much of the served rating is the model's and how much the bias baseline's
-(`rating_weight`), and scores MAE and RMSE against the baseline on the same held-out ratings.
+chooses how much of the served rating is the model's and how much the lean baseline's
+(`rating_weight`; `contract.rating.lean_rating`, the gateway's fallback), and scores MAE and RMSE
+against that baseline on the same held-out ratings.
 """
 
 import logging
@@ -40,9 +41,9 @@ from contract.rating import (
     STEP_CHARS,
     RatingInput,
     Stats,
-    bias_rating,
     build_rating_prompt,
     expected_rating,
+    lean_rating,
     rating_input,
     render_rating_answer,
     served_rating,
@@ -64,7 +65,9 @@ class RatingExample(BaseModel):
     user_id: str
     prompt: str
     rating: float = Field(description="The true rating.")
-    baseline: float = Field(description="The bias baseline's prediction from the same data.")
+    baseline: float = Field(
+        description="The lean baseline's prediction from the same data (the gateway's fallback)."
+    )
     target: str = Field(description="The SFT completion: composed reasoning, the true rating.")
 
 
@@ -174,7 +177,7 @@ class RatingExampleBuilder:
             user_id=user_id,
             prompt=build_rating_prompt(data, self.rendering),
             rating=value,
-            baseline=bias_rating(everyone, item_stats, others),
+            baseline=lean_rating(everyone, item_stats, others[-LEAN_WINDOW:]),
             target=render_rating_answer(steps, _whole(value), self.rendering),
         )
 
@@ -241,7 +244,7 @@ def validate_rating(
     """The model's ratings of held-out ratings, and the served rating's weight chosen on them.
 
     A failed answer predicts the baseline, as the gateway's fallback would. Reported: the model
-    alone (`rate_model_*`), the bias baseline (`rate_baseline_*`), and what the gateway serves
+    alone (`rate_model_*`), the lean baseline (`rate_baseline_*`), and what the gateway serves
     with the chosen `rating_weight` (`rate_mae`, `rate_rmse`; chosen and scored on the same
     ratings, so slightly optimistic when the weight is below 1).
     """

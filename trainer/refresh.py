@@ -264,7 +264,7 @@ async def _refresh(settings: Settings, store: Store, progress: bool, force: bool
             reason = "gate failed: the candidate ranks worse than the retrieval order"
             return result.model_copy(update={"reason": reason})
         if not gate.beats_baseline:
-            reason = "gate failed: the candidate rates worse than the bias baseline"
+            reason = "gate failed: the candidate rates worse than the lean baseline"
             return result.model_copy(update={"reason": reason})
         return result
     version = _publish(

@@ -37,7 +37,7 @@ class ModelVersion(BaseModel):
         description="How much popularity its served order takes back (0: none)."
     )
     rating_weight: float = Field(
-        description="Its served ratings: this much its own, the rest the bias baseline's."
+        description="Its served ratings: this much its own, the rest the lean baseline's."
     )
     ndcg_at_10: float | None = Field(
         description="NDCG@10 on the validation users it was gated on (after all training)."

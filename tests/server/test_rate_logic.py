@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from contract.prompt import Contract, Rendering
-from contract.rating import Stats, bias_rating, rating_pattern, render_rating_answer
+from contract.rating import Stats, lean_rating, rating_pattern, render_rating_answer
 from contract.tasks import Task
 from server.engine import EngineError, Generation, GenerationRequest
 from tests.server.helpers import assert_error, metric, post_events
@@ -54,7 +54,7 @@ def rate(client: TestClient, **body: Any) -> dict[str, Any]:
 
 
 def expected_baseline(user: str, item: str) -> float:
-    """The bias baseline by hand, from RATINGS."""
+    """The lean baseline by hand, from RATINGS (in time order)."""
 
     def stats(of: str) -> Stats:
         values = [v for (_, i), v in RATINGS.items() if i == of]
@@ -62,10 +62,10 @@ def expected_baseline(user: str, item: str) -> float:
 
     everyone = Stats.of(sum(RATINGS.values()), len(RATINGS))
     mine = [(v, stats(i)) for (u, i), v in RATINGS.items() if u == user]
-    return bias_rating(everyone, stats(item), mine)
+    return lean_rating(everyone, stats(item), mine)
 
 
-def test_no_model_rates_with_the_bias_baseline(rated: TestClient) -> None:
+def test_no_model_rates_with_the_lean_baseline(rated: TestClient) -> None:
     use(rated, None)
     before = metric(rated, FALLBACKS, reason="no_model")
 
@@ -85,6 +85,22 @@ def test_the_baseline_moves_with_the_users_ratings(rated: TestClient) -> None:
     use(rated, None)
     # r1 rates above the average, so their prediction for c sits above a cold-start user's
     assert rate(rated)["items"][0]["rating"] > rate(rated, user_id="new")["items"][0]["rating"]
+
+
+def test_the_baseline_follows_the_latest_ratings_most(rated: TestClient) -> None:
+    use(rated, None)
+    # "up" and "down" give a and b the same ratings in opposite orders: the newest weighs most
+    events = [
+        _rating("up", "a", 1.0, "2026-02-01T00:00:00Z"),
+        _rating("up", "b", 5.0, "2026-02-02T00:00:00Z"),
+        _rating("down", "b", 5.0, "2026-02-01T00:00:00Z"),
+        _rating("down", "a", 1.0, "2026-02-02T00:00:00Z"),
+    ]
+    assert post_events(rated, *events).status_code == 200
+
+    up, down = (rate(rated, user_id=user)["items"][0]["rating"] for user in ("up", "down"))
+
+    assert up > rate(rated, user_id="new")["items"][0]["rating"] > down
 
 
 def test_the_model_rates_and_explains(rated: TestClient) -> None:

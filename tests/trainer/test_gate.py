@@ -125,7 +125,7 @@ class TestActivation:
         both = {Task.rank, Task.rate}
         activated, why = activation(scores(0.13, 0.1) | rated, both, False, False)
         assert not activated
-        assert "rates WORSE than the bias baseline on 50" in why and "1.1000 vs 1.0000" in why
+        assert "rates WORSE than the lean baseline on 50" in why and "1.1000 vs 1.0000" in why
         better = rated | {"rate_rmse": 0.9}
         assert activation(scores(0.13, 0.1) | better, both, False, False)[0]
         assert activation(better, {Task.rate}, False, False)[0]  # no ranking metrics needed

@@ -5,12 +5,13 @@ bootstrapped as `trainer.evaluation.run` describes (for rating, RecZero or RecOn
 tasks), and every system predicts the test ratings:
 
 - `reasonrec`: the gateway's `POST /v1/rate` path through the vLLM engine, as served (the model's
-  rating mixed with the bias baseline's by the version's `rating_weight`);
+  rating mixed with the lean baseline's by the version's `rating_weight`);
 - `reasonrec (model alone)`: the same with the model's rating alone;
-- `bias (fallback)`: the same path with no model, the one-pass bias baseline it falls back to;
+- `lean baseline (fallback)`: the same path with no model, what it falls back to: the global
+  mean, the item's bias and the user's lean over their latest ratings (`contract.rating`);
 - `global mean`, `user mean`, `item mean`: means of the training and validation ratings;
-- `item bias + lean`: the numbers the prompt gives the model, as a predictor alone (the global
-  mean, the item's bias and the user's lean over their latest ratings, `contract.rating`);
+- `user + item bias`: the one-pass regularised user and item biases (`contract.rating.bias_rating`),
+  the issue's bias baseline;
 - `bias (ALS)` and `SVD`: scikit-surprise's `BaselineOnly` (regularised user + item biases fitted
   by alternating least squares) and `SVD` (biased matrix factorisation, Funk style), with their
   default settings, on the same ratings.
@@ -24,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from contract.rating import Stats, lean_rating
+from contract.rating import Stats, bias_rating
 from server.engine import Engine
 from server.rate import Rater
 from server.schemas import FeedbackEvent, RatedItem, RateRequest
@@ -53,22 +54,23 @@ def _means(ratings: Sequence[FeedbackEvent]) -> dict[str, Predict]:
     }
 
 
-def _leaning(ratings: Sequence[FeedbackEvent]) -> dict[str, Predict]:
-    """The numbers the rating prompt gives the model, as a predictor: the global mean, the item's
-    bias and the user's lean over their latest ratings (`contract.rating.user_lean`)."""
+def _bias(ratings: Sequence[FeedbackEvent]) -> dict[str, Predict]:
+    """The one-pass regularised user + item biases (`contract.rating.bias_rating`), each user's
+    latest rating of an item counting, as the gateway stores them."""
     items: dict[str, list[float]] = defaultdict(list)
     for event in ratings:
         items[event.item_id].append(event.value)
     stats = {item: Stats.of(sum(values), len(values)) for item, values in items.items()}
     everyone = Stats.of(sum(e.value for e in ratings), len(ratings))
-    latest: dict[str, list[tuple[float, Stats]]] = defaultdict(list)
+    latest: dict[str, dict[str, float]] = defaultdict(dict)
     for event in sorted(ratings, key=lambda e: e.timestamp):
-        latest[event.user_id].append((event.value, stats[event.item_id]))
+        latest[event.user_id][event.item_id] = event.value
 
     def predict(user: str, item: str) -> float:
-        return lean_rating(everyone, stats.get(item, Stats()), latest.get(user, []))
+        mine = [(value, stats[i]) for i, value in latest.get(user, {}).items()]
+        return bias_rating(everyone, stats.get(item, Stats()), mine)
 
-    return {"item bias + lean": predict}
+    return {"user + item bias": predict}
 
 
 def _surprise(ratings: Sequence[FeedbackEvent], seed: int) -> dict[str, Predict]:
@@ -97,7 +99,7 @@ def _rated(
 ) -> tuple[list[RatedItem], list[float]]:
     """Each test rating as `POST /v1/rate` predicts it, and each request's latency (ms)."""
     rated, latencies = [], []
-    for event in tqdm(tests, desc="reasonrec" if engine else "bias (fallback)", unit="rating"):
+    for event in tqdm(tests, desc="reasonrec" if engine else "lean baseline (fallback)", unit="rating"):
         request = RateRequest(user_id=event.user_id, item_ids=[event.item_id])
         started = time.perf_counter()
         response = run.run(rater.rate(request, f"eval-{event.user_id}", engine))
@@ -133,10 +135,10 @@ def rate_report(
     systems = {
         "reasonrec": errors([item.rating for item in served], truth),
         "reasonrec (model alone)": errors([item.rating for item in alone], truth),
-        "bias (fallback)": errors([item.rating for item in fallback], truth),
+        "lean baseline (fallback)": errors([item.rating for item in fallback], truth),
     }
     rated = [e for e in known if e.value is not None]
-    for name, predict in (_means(rated) | _leaning(rated) | _surprise(rated, seed)).items():
+    for name, predict in (_means(rated) | _bias(rated) | _surprise(rated, seed)).items():
         systems[name] = _score(predict, tests)
     report = Report(
         dataset=data.split.dataset, protocol=PROTOCOL, users=len(tests), systems=systems

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
+from contract.rating import ITEM_SHRINK
 from contract.tasks import Task
 from server.config import Settings
 from server.loaders import Dataset
@@ -23,7 +24,7 @@ from tests.trainer.evaluation.test_formats import (
     write_ml_latest,
 )
 from trainer.evaluation.harness import Report
-from trainer.evaluation.rating import _leaning, _means, _score, _surprise
+from trainer.evaluation.rating import _bias, _means, _score, _surprise
 from trainer.evaluation.run import phase_events, scratch_store, write_dataset
 from trainer.evaluation.split import EvalData, EvalFormat, read_eval_data
 from trainer.presets import Recipe
@@ -71,7 +72,7 @@ def test_mean_baselines(data: EvalData) -> None:
     assert _score(predict["item mean"], tests) == {"mae": 2.0, "rmse": 2.0}
 
 
-def test_the_lean_baseline_follows_each_users_latest_ratings() -> None:
+def test_the_bias_baseline_weighs_every_rating_alike() -> None:
     def rated(user: str, item: str, value: float, second: int) -> FeedbackEvent:
         return FeedbackEvent(
             user_id=user, item_id=item, type="rating", value=value, timestamp=T(second)
@@ -82,11 +83,12 @@ def test_the_lean_baseline_follows_each_users_latest_ratings() -> None:
         *(rated("up", i, v, n) for n, (i, v) in enumerate([("a", 1.0), ("b", 5.0)])),
         *(rated("down", i, v, n) for n, (i, v) in enumerate([("b", 5.0), ("a", 1.0)])),
     ]
-    predict = _leaning(known)["item bias + lean"]
+    predict = _bias(known)["user + item bias"]
 
-    assert predict("up", "c") > 3.0 > predict("down", "c")  # global mean 3, c unrated
-    assert predict("nobody", "c") == 3.0
-    assert predict("up", "c") - 3.0 == pytest.approx(3.0 - predict("down", "c"))
+    # unlike the lean baseline (the fallback, tests/server/test_rate_logic.py), order is ignored
+    assert predict("up", "c") == predict("down", "c") == 3.0  # global mean 3, c unrated
+    assert predict("up", "b") == predict("down", "b") > 3.0 > predict("up", "a")
+    assert predict("nobody", "b") == pytest.approx(3.0 + 2 * 2 / (2 + ITEM_SHRINK))
 
 
 def test_library_baselines_predict_on_the_rating_scale(data: EvalData) -> None:
