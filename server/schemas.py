@@ -405,7 +405,9 @@ class Reasoning(BaseModel):
 class RatedItem(BaseModel):
     item_id: str
     rating: float = Field(ge=1, le=5, description="Predicted rating, 1 to 5.")
-    source: Source = Field(description="llm, or fallback: the lean baseline (item bias + the user's lean).")
+    source: Source = Field(
+        description="llm, or fallback: the lean baseline (item bias + the user's lean)."
+    )
     reasoning: Reasoning | None = None
 
 

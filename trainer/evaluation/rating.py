@@ -99,7 +99,9 @@ def _rated(
 ) -> tuple[list[RatedItem], list[float]]:
     """Each test rating as `POST /v1/rate` predicts it, and each request's latency (ms)."""
     rated, latencies = [], []
-    for event in tqdm(tests, desc="reasonrec" if engine else "lean baseline (fallback)", unit="rating"):
+    for event in tqdm(
+        tests, desc="reasonrec" if engine else "lean baseline (fallback)", unit="rating"
+    ):
         request = RateRequest(user_id=event.user_id, item_ids=[event.item_id])
         started = time.perf_counter()
         response = run.run(rater.rate(request, f"eval-{event.user_id}", engine))
