@@ -31,7 +31,7 @@ from contract.rating import (
 from contract.tasks import Task
 from server import metrics
 from server.config import Settings
-from server.engine import Engine, EngineError, Generation, GenerationRequest
+from server.engine import Engine, EngineError, GenerationRequest
 from server.errors import ApiError
 from server.schemas import Item, RatedItem, RateRequest, RateResponse, Reasoning, Source
 from server.store import RatingContext, Store
@@ -60,17 +60,6 @@ def unknown_items(request: RateRequest, missing: set[str]) -> ApiError:
         if item in missing
     ]
     return ApiError(422, "validation_error", "the request names unknown items", details)
-
-
-def rating_step(result: Generation) -> dict[str, float]:
-    """The log-probabilities where the answer writes its rating: the step after `<rating>`,
-    however the tokenizer splits the tag."""
-    text = ""
-    for step, token in enumerate(result.tokens):
-        text += token
-        if text.endswith(RATING_TAG) and step + 1 < len(result.top_logprobs):
-            return result.top_logprobs[step + 1]
-    return {}
 
 
 def baseline(context: RatingContext, item_id: str) -> float:
@@ -156,7 +145,7 @@ class Rater:
         metrics.ENGINE_TOKENS.labels("prompt").inc(result.prompt_tokens)
         metrics.ENGINE_TOKENS.labels("completion").inc(result.completion_tokens)
         answer = parse_rating(result.text)
-        rating = expected_rating(rating_step(result)) or answer.rating
+        rating = expected_rating(result.after(RATING_TAG)) or answer.rating
         if rating is None:
             metrics.PARSE_FAILURES.inc()
             return self._fallback(context, item_id, "malformed")

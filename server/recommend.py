@@ -72,13 +72,8 @@ def first_pick(result: Generation, order: list[str]) -> dict[str, float]:
     candidates: the model's next-item choice, which it learned in pretraining. Empty when the
     engine returned no such step.
     """
-    if ANSWER_TAG not in result.tokens:
-        return {}
-    step = result.tokens.index(ANSWER_TAG) + 1
-    if step >= len(result.top_logprobs):
-        return {}
     allowed = set(order)
-    scored = ((text.removeprefix(ITEM_MARK), lp) for text, lp in result.top_logprobs[step].items())
+    scored = ((text.removeprefix(ITEM_MARK), lp) for text, lp in result.after(ANSWER_TAG).items())
     return {item: lp for item, lp in scored if item in allowed and math.isfinite(lp)}
 
 

@@ -52,6 +52,17 @@ class Generation(BaseModel):
         default_factory=list, description="Per generated token, when asked: text -> logprob."
     )
 
+    def after(self, tag: str) -> dict[str, float]:
+        """The log-probabilities of the step right after the text first reaches `tag`, however
+        the tokens split it (a pretrained tokenizer given the tags as new tokens may still spell
+        one in pieces); empty when it never does or the step was not returned."""
+        text = ""
+        for step, token in enumerate(self.tokens):
+            text += token
+            if text.endswith(tag):
+                return self.top_logprobs[step + 1] if step + 1 < len(self.top_logprobs) else {}
+        return {}
+
 
 class Engine(ABC):
     """Generates completions for one model version."""

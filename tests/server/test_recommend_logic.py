@@ -598,6 +598,18 @@ def test_first_pick_ranks_candidates_by_their_log_probability() -> None:
     assert first_pick(result, ["p1", "p2", "p3"]) == {"p2": -0.5, "p1": -0.2}
 
 
+def test_first_pick_reads_an_answer_tag_spelled_in_pieces() -> None:
+    # a pretrained tokenizer given `<answer>` as a token may still write it as `<`, `answer`, `>`
+    tokens = ["<think>", "x", "</think>", "<", "answer", ">", "#p1", "</answer>"]
+    steps: list[dict[str, float]] = [{}] * len(tokens)
+    steps[6] = {"#p1": -0.1, "#p2": -0.3}
+    result = Generation(
+        text="", prompt_tokens=1, completion_tokens=8, tokens=tokens, top_logprobs=steps
+    )
+
+    assert first_pick(result, ["p1", "p2"]) == {"p1": -0.1, "p2": -0.3}
+
+
 def test_first_pick_needs_the_answer_step() -> None:
     result = Generation(text="", prompt_tokens=1, completion_tokens=1, tokens=["x"])
 
