@@ -130,12 +130,12 @@ def user_lean(everyone: Stats, latest: Sequence[tuple[float, Stats]]) -> float |
     return weighted / (sum(weights) + LEAN_SHRINK)
 
 
-def lean_rating(everyone: Stats, item: Stats, latest: Sequence[tuple[float, Stats]]) -> float:
-    """The lean baseline: the global mean, the item's bias and the user's lean (`user_lean` of
-    `latest`), clipped to [1, 5]. What the rating prompt's numbers predict with no model, and what
-    the gateway serves when the model cannot answer."""
+def lean_rating(everyone: Stats, item: Stats, lean: float | None) -> float:
+    """The lean baseline: the global mean, the item's bias and the user's `lean` (`user_lean`;
+    None: no ratings), clipped to [1, 5]. What the rating prompt's numbers predict with no model,
+    and what the gateway serves when the model cannot answer."""
     mean = NO_RATINGS_MEAN if everyone.mean is None else everyone.mean
-    value = mean + (user_lean(everyone, latest) or 0.0) + item_bias(item, mean)
+    value = mean + (lean or 0.0) + item_bias(item, mean)
     return min(max(value, MIN_RATING), MAX_RATING)
 
 

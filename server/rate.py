@@ -63,7 +63,7 @@ def unknown_items(request: RateRequest, missing: set[str]) -> ApiError:
 
 
 def baseline(context: RatingContext, item_id: str) -> float:
-    return lean_rating(context.everyone, context.items.get(item_id, Stats()), context.leaning)
+    return lean_rating(context.everyone, context.items.get(item_id, Stats()), context.lean)
 
 
 class Rater:

@@ -150,14 +150,10 @@ class RatingContext(BaseModel):
     everyone: Stats
 
     @cached_property
-    def leaning(self) -> list[tuple[float, Stats]]:
-        """The latest ratings, each with its item's stats: what the lean is computed from, once
-        per request however many items it rates."""
-        return [(value, self.items.get(item, Stats())) for item, value in self.latest]
-
-    @cached_property
     def lean(self) -> float | None:
-        return user_lean(self.everyone, self.leaning)
+        """The user's lean, once per request however many items it rates."""
+        latest = [(value, self.items.get(item, Stats())) for item, value in self.latest]
+        return user_lean(self.everyone, latest)
 
 
 class Store:

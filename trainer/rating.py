@@ -162,7 +162,8 @@ class RatingExampleBuilder:
         user = Stats.of(sum(r for _, r in before), len(before))
         item_stats = self._without(item_id, value)
         everyone = Stats.of(self.everyone[0] - value, self.everyone[1] - 1)
-        others = [(r, Stats.of(*self.totals[i])) for i, r in ratings[:t]]
+        latest = [(r, Stats.of(*self.totals[i])) for i, r in ratings[max(t - LEAN_WINDOW, 0) : t]]
+        lean = user_lean(everyone, latest)
         data: RatingInput = rating_input(
             self.corpus.profiles.get(user_id, {}),
             before,
@@ -170,14 +171,14 @@ class RatingExampleBuilder:
             items[item_id],
             item_stats,
             self.history,
-            user_lean(everyone, others[-LEAN_WINDOW:]),
+            lean,
         )
         steps = compose_steps(before, data.item, item_stats, self.rendering)
         return RatingExample(
             user_id=user_id,
             prompt=build_rating_prompt(data, self.rendering),
             rating=value,
-            baseline=lean_rating(everyone, item_stats, others[-LEAN_WINDOW:]),
+            baseline=lean_rating(everyone, item_stats, lean),
             target=render_rating_answer(steps, _whole(value), self.rendering),
         )
 

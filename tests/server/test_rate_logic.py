@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from contract.prompt import Contract, Rendering
-from contract.rating import Stats, lean_rating, rating_pattern, render_rating_answer
+from contract.rating import Stats, lean_rating, rating_pattern, render_rating_answer, user_lean
 from contract.tasks import Task
 from server.engine import EngineError, Generation, GenerationRequest
 from tests.server.helpers import assert_error, metric, post_events
@@ -62,7 +62,7 @@ def expected_baseline(user: str, item: str) -> float:
 
     everyone = Stats.of(sum(RATINGS.values()), len(RATINGS))
     mine = [(v, stats(i)) for (u, i), v in RATINGS.items() if u == user]
-    return lean_rating(everyone, stats(item), mine)
+    return lean_rating(everyone, stats(item), user_lean(everyone, mine))
 
 
 def test_no_model_rates_with_the_lean_baseline(rated: TestClient) -> None:
