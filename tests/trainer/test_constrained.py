@@ -1,5 +1,7 @@
 """Sampling under the answer grammar: even an untrained model only writes servable answers."""
 
+import copy
+
 import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
@@ -91,6 +93,19 @@ def test_a_prompt_it_was_not_built_for_is_an_error(untrained, toy_tokenizer, toy
     constraint = answer_constraint(toy_tokenizer, toy_examples[:1], BUDGET)
     with constrained_generation(untrained, constraint), pytest.raises(KeyError, match="not built"):
         sample(untrained, toy_tokenizer, [toy_examples[1].prompt])
+
+
+def test_a_prompt_that_opens_with_the_pad_token_is_found(untrained, toy_tokenizer, toy_examples):
+    """A chat tokenizer may pad with the token its prompts open with: removing left padding
+    must not make those prompts unknown to the constraint."""
+    tokenizer = copy.deepcopy(toy_tokenizer)
+    first = tokenizer(text=toy_examples[0].prompt)["input_ids"][0]
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(first)
+    examples = toy_examples[:3]
+    constraint = answer_constraint(tokenizer, examples, BUDGET)
+    with constrained_generation(untrained, constraint):
+        texts = sample(untrained, tokenizer, [e.prompt for e in examples])
+    assert all(parse_answer(text).well_formed for text in texts)
 
 
 def test_ids_written_as_text_are_held_to_the_gateways_regex(toy_examples: list[Example]) -> None:

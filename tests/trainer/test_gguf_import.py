@@ -41,6 +41,10 @@ def test_an_imported_version_has_the_files_weights_tokenizer_and_chat_template(
     tokenizer = AutoTokenizer.from_pretrained(folder)
     ids = tiny.tokenizer(TEXT)["input_ids"]
     assert tokenizer(TEXT)["input_ids"] == ids
+    specials = ("bos_token", "eos_token", "pad_token")
+    assert [getattr(tokenizer, name) for name in specials] == [
+        getattr(tiny.tokenizer, name) for name in specials
+    ]
     assert tokenizer.chat_template == CHAT_TEMPLATE
     assert chat_prompt(tokenizer, "hi") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     model = AutoModelForCausalLM.from_pretrained(folder)
