@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import xgrammar
+from tqdm.auto import tqdm
 from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
 from contract.prompt import MAX_RATIONALE_CHARS, Rendering, answer_pattern, ref, render_answer
@@ -31,6 +32,7 @@ from trainer.examples import Example
 
 log = logging.getLogger(__name__)
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+GREEDY_BATCH = 8  # prompts greedy decoding answers together (validation)
 
 
 class Grammar:
@@ -346,27 +348,53 @@ def search_constraint(tokenizer: PreTrainedTokenizerBase, rendering: Rendering) 
 def greedy_after(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompt: str,
+    prompts: Sequence[str],
     budget: int,
     tag: int | None = None,
-) -> tuple[str, torch.Tensor | None]:
-    """The greedy completion of `prompt`, and the scores of the step right after token `tag`
+    desc: str = "greedy decoding",
+) -> list[tuple[str, torch.Tensor | None]]:
+    """The greedy completion of each prompt, and the scores of the step right after token `tag`
     (after the logits processors in force: what vLLM's processed log-probabilities are), or None
-    when the completion never writes `tag` (or no tag is asked for)."""
-    inputs = tokenizer(text=prompt, return_tensors="pt").to(model.device)
+    when the completion never writes `tag` (or no tag is asked for).
+
+    Prompts are decoded GREEDY_BATCH at a time, left-padded: one forward pass serves a batch,
+    where one prompt at a time left a GPU idle between the constraint's steps."""
+    results: list[tuple[str, torch.Tensor | None]] = []
+    with tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
+        for start in range(0, len(prompts), GREEDY_BATCH):
+            batch = prompts[start : start + GREEDY_BATCH]
+            results += _greedy_batch(model, tokenizer, batch, budget, tag)
+            bar.update(len(batch))
+    return results
+
+
+def _greedy_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    budget: int,
+    tag: int | None,
+) -> list[tuple[str, torch.Tensor | None]]:
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        inputs = tokenizer(text=list(prompts), return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
     output = model.generate(
-        **inputs,
+        **inputs.to(model.device),
         max_new_tokens=budget,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
         output_scores=True,
         return_dict_in_generate=True,
     )
-    new = output.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-    text = tokenizer.decode(new, skip_special_tokens=True)
-    if tag is None or tag not in new or new.index(tag) + 1 >= len(output.scores):
-        return text, None
-    return text, output.scores[new.index(tag) + 1][0]
+    results = []
+    for row, sequence in enumerate(output.sequences[:, inputs["input_ids"].shape[1] :].tolist()):
+        text = tokenizer.decode(sequence, skip_special_tokens=True)
+        step = sequence.index(tag) + 1 if tag is not None and tag in sequence else None
+        found = step is not None and step < len(output.scores)
+        results.append((text, output.scores[step][row] if found else None))
+    return results
 
 
 @contextmanager

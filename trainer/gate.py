@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel, Field
-from tqdm.auto import tqdm
 
 from contract.answer import Answer
 from contract.prompt import ANSWER_TAG, parse_answer, ref
@@ -76,19 +75,17 @@ class Served(BaseModel):
     invalid: float = 0.0
 
 
-def _answer(model, tokenizer, example: Example, budget: int) -> tuple[str, dict[str, float]]:
-    """The greedy completion and each candidate's score as its first answer item (the scores
-    after the answer constraint, as vLLM's processed log-probabilities are)."""
-    answer = tokenizer.convert_tokens_to_ids(ANSWER_TAG)
-    text, scores = greedy_after(model, tokenizer, example.prompt, budget, answer)
+def _first_picks(tokenizer, example: Example, scores: torch.Tensor | None) -> dict[str, float]:
+    """Each candidate's score as the first answer item (the scores after the answer constraint,
+    as vLLM's processed log-probabilities are)."""
     if scores is None:
-        return text, {}
+        return {}
     logprobs = scores.log_softmax(-1)
     tokens = {item: tokenizer.convert_tokens_to_ids(ref(item)) for item in example.candidates}
     if any(token in (None, tokenizer.unk_token_id) for token in tokens.values()):
-        return text, {}  # items are not single tokens: no first-pick scores to read
+        return {}  # items are not single tokens: no first-pick scores to read
     scored = {item: float(logprobs[token]) for item, token in tokens.items()}
-    return text, {item: score for item, score in scored.items() if math.isfinite(score)}
+    return {item: score for item, score in scored.items() if math.isfinite(score)}
 
 
 @torch.no_grad()
@@ -113,12 +110,14 @@ def validate(
     constraint = answer_constraint(tokenizer, examples, budget) if examples else None
     if isinstance(constraint, PatternConstraint):  # ids written as text take more tokens
         budget = answer_budget(tokenizer, examples)
+    prompts = [example.prompt for example in examples]
+    tag = tokenizer.convert_tokens_to_ids(ANSWER_TAG)
     with constrained_generation(model, constraint):
-        generated = [
-            _answer(model, tokenizer, example, budget)
-            for example in tqdm(examples, desc="validation (ranking)", unit="list")
-        ]
-    answers = [(parse_answer(text), scores) for text, scores in generated]
+        greedy = greedy_after(model, tokenizer, prompts, budget, tag, "validation (ranking)")
+    answers = [
+        (parse_answer(text), _first_picks(tokenizer, example, scores))
+        for example, (text, scores) in zip(examples, greedy, strict=True)
+    ]
     scored = {blend: _served(examples, answers, blend, popularity) for blend in BLENDS}
     retrieval = _scored([e.candidates[: e.k] for e in examples], examples, popularity.counts)
     blend = choose_blend(scored, retrieval, novelty_floor)

@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
-from tqdm.auto import tqdm
 
 from contract.prompt import ItemView, Rendering
 from contract.rating import (
@@ -212,21 +211,15 @@ class RatingExampleBuilder:
         return RatingExamples(rendering=self.rendering, train=train, validation=validation)
 
 
-@torch.no_grad()
-def predict(
-    model, tokenizer, prompt: str, constraint: RatingConstraint
-) -> tuple[str, float | None]:
-    """The greedy answer under the rating grammar and the mean of the model's distribution over
-    the five ratings where it writes one (vLLM's processed log-probabilities, as served)."""
-    with constrained_generation(model, constraint):
-        text, scores = greedy_after(
-            model, tokenizer, prompt, constraint.length, constraint.rating[0]
-        )
+def expected(constraint: RatingConstraint, scores: torch.Tensor | None) -> float | None:
+    """The mean of the model's distribution over the five ratings, from the scores of the step
+    where it writes one (vLLM's processed log-probabilities, as served); None where it wrote
+    none."""
     if scores is None:
-        return text, None
+        return None
     logprobs = scores.log_softmax(-1)
     digits = zip(DIGITS, constraint.digits, strict=True)
-    return text, expected_rating({digit: float(logprobs[token]) for digit, token in digits})
+    return expected_rating({digit: float(logprobs[token]) for digit, token in digits})
 
 
 def errors(predicted: Sequence[float], true: Sequence[float]) -> dict[str, float]:
@@ -251,11 +244,22 @@ def validate_rating(
     """
     model.eval()
     constraint = RatingConstraint(tokenizer, STEP_CHARS[rendering])
-    predicted, failed = [], 0
-    for example in tqdm(examples, desc="validation (rating)", unit="rating"):
-        _, rating = predict(model, tokenizer, example.prompt, constraint)
-        failed += rating is None
-        predicted.append(example.baseline if rating is None else rating)
+    prompts = [example.prompt for example in examples]
+    with constrained_generation(model, constraint):
+        greedy = greedy_after(
+            model,
+            tokenizer,
+            prompts,
+            constraint.length,
+            constraint.rating[0],
+            "validation (rating)",
+        )
+    ratings = [expected(constraint, scores) for _, scores in greedy]
+    failed = sum(rating is None for rating in ratings)
+    predicted = [
+        example.baseline if rating is None else rating
+        for example, rating in zip(examples, ratings, strict=True)
+    ]
     true = [e.rating for e in examples]
     baselines = [e.baseline for e in examples]
 

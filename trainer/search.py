@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, Field
-from tqdm.auto import tqdm
 
 from contract.prompt import ItemView, Rendering, ref
 from contract.search import (
@@ -180,9 +179,12 @@ def validate_search(
     model.eval()
     constraint = search_constraint(tokenizer, rendering)
     ndcg, hits, raw, failed = [], [], [], 0
-    for example in tqdm(examples, desc="validation (search)", unit="query"):
-        with constrained_generation(model, constraint):
-            text, _ = greedy_after(model, tokenizer, example.prompt, constraint.length)
+    prompts = [example.prompt for example in examples]
+    with constrained_generation(model, constraint):
+        greedy = greedy_after(
+            model, tokenizer, prompts, constraint.length, None, "validation (search)"
+        )
+    for example, (text, _) in zip(examples, greedy, strict=True):
         answer = parse_search(text)
         failed += not answer.well_formed
         query = retriever_query(example.typed, answer.query) if answer.well_formed else ""
