@@ -8,11 +8,13 @@ from transformers import PreTrainedTokenizerFast
 
 from contract.prompt import parse_answer
 from tests.trainer.gguf_files import tiny_model, tiny_tokenizer
+from trainer import constrained
 from trainer.constrained import (
     PatternConstraint,
     answer_budget,
     answer_constraint,
     constrained_generation,
+    greedy_after,
 )
 from trainer.examples import Example
 from trainer.model import build_model
@@ -126,3 +128,27 @@ def test_ids_written_as_text_are_held_to_the_gateways_regex(toy_examples: list[E
         assert answer.well_formed, text
         assert len(answer.items) == example.k
         assert set(answer.items) <= set(example.candidates)
+
+
+def test_greedy_decoding_in_batches_matches_one_prompt_at_a_time(
+    untrained, toy_tokenizer, toy_examples, monkeypatch
+):
+    """Left padding must not change what validation reads: each prompt's greedy answer and the
+    scores after its answer tag."""
+    examples = toy_examples[:3] + make_examples_with_longer_prompts(toy_examples)
+    prompts = [e.prompt for e in examples]
+    tag = toy_tokenizer.convert_tokens_to_ids("<answer>")
+    constraint = answer_constraint(toy_tokenizer, examples, BUDGET)
+
+    def greedy(batch: int) -> list:
+        monkeypatch.setattr(constrained, "GREEDY_BATCH", batch)
+        with constrained_generation(untrained, constraint):
+            return greedy_after(untrained, toy_tokenizer, prompts, BUDGET, tag)
+
+    batched, alone = greedy(4), greedy(1)
+    assert [text for text, _ in batched] == [text for text, _ in alone]
+    for (_, a), (_, b) in zip(batched, alone, strict=True):
+        assert a is not None and b is not None
+        finite = torch.isfinite(b)
+        assert torch.equal(torch.isfinite(a), finite)
+        assert torch.allclose(a[finite], b[finite], atol=1e-4)
