@@ -32,7 +32,7 @@ from trainer.examples import Example
 
 log = logging.getLogger(__name__)
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-GREEDY_BATCH = 8  # prompts greedy decoding answers together (validation)
+GREEDY_BATCH = 8  # prompts `greedy_after` decodes together (validation)
 
 
 class Grammar:
