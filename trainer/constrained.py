@@ -380,21 +380,35 @@ def _greedy_batch(
         inputs = tokenizer(text=list(prompts), return_tensors="pt", padding=True)
     finally:
         tokenizer.padding_side = side
+    width = inputs["input_ids"].shape[1]
+    after = AfterTag(tag, len(prompts), width)
     output = model.generate(
         **inputs.to(model.device),
         max_new_tokens=budget,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
-        output_scores=True,
-        return_dict_in_generate=True,
+        logits_processor=[after],
     )
-    results = []
-    for row, sequence in enumerate(output.sequences[:, inputs["input_ids"].shape[1] :].tolist()):
-        text = tokenizer.decode(sequence, skip_special_tokens=True)
-        step = sequence.index(tag) + 1 if tag is not None and tag in sequence else None
-        found = step is not None and step < len(output.scores)
-        results.append((text, output.scores[step][row] if found else None))
-    return results
+    texts = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+    return list(zip(texts, after.kept, strict=True))
+
+
+class AfterTag(LogitsProcessor):
+    """Keeps each row's scores at the step right after its first `tag` (after the processors
+    before it: the constraint's), changing nothing: what validation reads, without holding every
+    step's scores (`output_scores`: steps x batch x vocabulary)."""
+
+    def __init__(self, tag: int | None, rows: int, prompt_length: int):
+        self.tag, self.prompt_length = tag, prompt_length
+        self.kept: list[torch.Tensor | None] = [None] * rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
+        if self.tag is None or input_ids.shape[1] <= self.prompt_length:
+            return scores
+        for row, last in enumerate(input_ids[:, -1].tolist()):
+            if last == self.tag and self.kept[row] is None:
+                self.kept[row] = scores[row].clone()
+        return scores
 
 
 @contextmanager
@@ -411,9 +425,10 @@ def constrained_generation(
         yield
         return
 
-    def generate(*args, **kwargs):
+    def generate(*args, logits_processor=(), **kwargs):
         constraint.start()
-        return type(model).generate(model, *args, logits_processor=[constraint], **kwargs)
+        processors = [constraint, *logits_processor]
+        return type(model).generate(model, *args, logits_processor=processors, **kwargs)
 
     model.generate = generate
     try:
