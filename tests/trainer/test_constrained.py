@@ -10,6 +10,7 @@ from contract.prompt import parse_answer
 from tests.trainer.gguf_files import tiny_model, tiny_tokenizer
 from trainer import constrained
 from trainer.constrained import (
+    AfterTag,
     PatternConstraint,
     answer_budget,
     answer_constraint,
@@ -152,3 +153,15 @@ def test_greedy_decoding_in_batches_matches_one_prompt_at_a_time(
         finite = torch.isfinite(b)
         assert torch.equal(torch.isfinite(a), finite)
         assert torch.allclose(a[finite], b[finite], atol=1e-4)
+
+
+def test_after_tag_keeps_the_scores_of_the_step_after_each_rows_first_tag():
+    after = AfterTag(tag=7, rows=2, prompt_length=2)
+    steps = [torch.randn(2, 10) for _ in range(3)]
+    prompts = torch.tensor([[1, 7], [1, 2]])  # a tag in the prompt is not the answer's
+    after(prompts, steps[0])
+    after(torch.cat([prompts, torch.tensor([[7], [3]])], 1), steps[1])
+    returned = after(torch.cat([prompts, torch.tensor([[7, 7], [3, 4]])], 1), steps[2])
+    assert torch.equal(returned, steps[2])  # it changes nothing
+    assert torch.equal(after.kept[0], steps[1][0])
+    assert after.kept[1] is None
