@@ -12,6 +12,7 @@ from server.config import Settings
 from server.engine import Engine
 from server.engine.local import LocalEngine, ProcessSettings, VllmProcess
 from server.engine.remote import RemoteEngine
+from server.merged_adapter import merged_weights
 from server.registry import (
     Registry,
     adapter_rank,
@@ -44,16 +45,22 @@ def placement(settings: Settings, version: str) -> Placement:
 
     An engine started for a base reserves adapter room when the base is large enough for the
     trainer to refresh it with LoRA (`REASONREC_REFRESH_LORA_MIN_PARAMS`), so that its adapters
-    swap in without a restart.
+    swap in without a restart. With `REASONREC_MERGE_ADAPTERS`, a LoRA version runs on its own
+    merged weights instead, and no engine reserves adapter room.
     """
     registry = Registry(settings.registry_path)
     manifest = registry.manifest(version)
     check_contract(manifest)
     base = base_version(manifest)
+    if manifest.kind == "lora" and settings.merge_adapters:
+        merged = settings.data_dir / "merged"
+        weights = merged_weights(merged, version, registry.path(base), registry.path(version))
+        return Placement(version=version, base=version, base_dir=weights)
     adapter = registry.path(version) if manifest.kind == "lora" else None
     rank = adapter_rank(adapter) if adapter else None
     large = refreshed_with_lora(settings, registry.path(base))
-    room = max(rank or 0, settings.refresh_lora_rank) if rank or large else None
+    reserve = (rank or large) and not settings.merge_adapters
+    room = max(rank or 0, settings.refresh_lora_rank) if reserve else None
     return Placement(
         version=version,
         base=base,

@@ -159,6 +159,13 @@ class EngineSettings(_Section):
         "float32 by default: vLLM's bfloat16 CPU path crashed on the embedded model here; use "
         "'auto' on GPUs.",
     )
+    merge_adapters: bool = Field(
+        False,
+        description="Serve a LoRA version as its adapter merged into the base's weights (a full "
+        "model under <data dir>/merged, written when first opened) instead of a vLLM runtime "
+        "adapter. vLLM's CPU backend applies adapters token by token in PyTorch: several times "
+        "slower. Each activation then starts a new engine.",
+    )
     engine_cpu_threads: str = Field(
         "auto",
         description="CPU cores the in-process vLLM binds its threads to ('auto' or e.g. "

@@ -101,3 +101,27 @@ def test_adapter_swap_under_load_stays_in_one_engine(
     finally:
         activate(gateway, base)
         assert until(lambda: gateway.get("/v1/models").json()["serving"] == base, 300)
+
+
+def test_a_merged_adapter_is_swapped_in_on_its_own_weights(
+    gateway: TestClient,
+    served_settings: Settings,
+    tiny_model: BootstrapResult,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """REASONREC_MERGE_ADAPTERS: the LoRA version runs on its merged weights, a new engine of its
+    own, swapped in like any full version."""
+    serving = gateway.app.state.serving
+    merging = serving.settings.model_copy(update={"merge_adapters": True})
+    monkeypatch.setattr(serving, "settings", merging)
+    registry = Registry(served_settings.registry_path)
+    base = tiny_model.version
+    adapter = publish_adapter(registry, base)
+    try:
+        swap_under_load(gateway, served_settings, base, adapter)
+        process = serving.engine._process
+        assert process.base_version == adapter and process.max_lora_rank is None
+        assert (merging.data_dir / "merged" / adapter / "config.json").is_file()
+    finally:
+        activate(gateway, base)
+        assert until(lambda: gateway.get("/v1/models").json()["serving"] == base, 300)

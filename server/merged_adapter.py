@@ -1,0 +1,59 @@
+"""A LoRA version merged into its base's weights, for engines that run adapters slowly.
+
+vLLM's CPU backend applies a runtime adapter token by token in PyTorch, several times slower than
+the base alone (REASONREC_MERGE_ADAPTERS). Merged, the version is an ordinary model folder: one
+per version under `<data dir>/merged`, written once, atomically, and reused.
+"""
+
+import logging
+import shutil
+import uuid
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+KEEP = 2  # the serving version's folder and the one a swap replaces it with
+
+
+def merged_weights(root: Path, version: str, base_dir: Path, adapter_dir: Path) -> Path:
+    """The folder holding `version` (the adapter in `adapter_dir` on the weights in `base_dir`)
+    merged, written if missing; older merged folders beyond the last KEEP are removed."""
+    target = root / version
+    if target.is_dir():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".staging-{uuid.uuid4().hex}"
+    try:
+        _merge(base_dir, adapter_dir, staging)
+        staging.rename(target)
+    except OSError:
+        if not target.is_dir():  # another process did not win the race: a real failure
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("adapter merged for serving", extra={"model_version": version, "path": str(target)})
+    _prune(root, keep=target)
+    return target
+
+
+def _merge(base_dir: Path, adapter_dir: Path, out: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+
+
+def _prune(root: Path, keep: Path) -> None:
+    """Remove all but the newest KEEP merged folders (`keep` among them); an engine that still
+    runs on a removed one has its weights in memory already."""
+    folders = sorted(
+        (path for path in root.iterdir() if path.is_dir() and not path.name.startswith(".")),
+        key=lambda path: path.stat().st_mtime,
+        reverse=True,
+    )
+    for path in folders[KEEP:]:
+        if path != keep:
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,80 @@
+"""REASONREC_MERGE_ADAPTERS: a LoRA version runs on its adapter merged into the base's weights,
+computing what the adapter on the base computes, written once and pruned."""
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from server.active_model import placement
+from server.config import Settings
+from server.merged_adapter import KEEP
+from server.registry import Manifest, Registry
+from tests.trainer.gguf_files import tiny_model, tiny_tokenizer
+
+INPUT = torch.tensor([[5, 17, 42, 9, 3]])
+
+
+def publish_base(registry: Registry, version: str) -> None:
+    tokenizer = tiny_tokenizer()
+    staging = registry.staging()
+    tiny_model(len(tokenizer)).save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    registry.publish(staging, Manifest(version=version))
+
+
+def publish_adapter(registry: Registry, version: str, base: str, seed: int) -> None:
+    """An adapter whose weights are all random (peft starts B at zero: a no-op adapter)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(registry.path(base))
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    staging = registry.staging()
+    get_peft_model(model, config).save_pretrained(staging)
+    registry.publish(staging, Manifest(version=version, kind="lora", base_model=base))
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(INPUT).logits
+
+
+def test_a_lora_version_runs_on_merged_weights_equal_to_the_adapter(settings: Settings) -> None:
+    registry = Registry(settings.registry_path)
+    publish_base(registry, "v1")
+    publish_adapter(registry, "v2", base="v1", seed=1)
+    merging = settings.model_copy(update={"merge_adapters": True, "refresh_lora_min_params": 0})
+
+    where = placement(merging, "v2")
+
+    assert where.base == "v2" and where.base_dir == settings.data_dir / "merged" / "v2"
+    assert where.adapter is None and where.lora_room is None
+    base = AutoModelForCausalLM.from_pretrained(registry.path("v1")).eval()
+    adapted = PeftModel.from_pretrained(base, registry.path("v2")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(where.base_dir).eval()
+    assert torch.allclose(logits(merged), logits(adapted), atol=1e-5)
+    with adapted.disable_adapter():
+        assert not torch.allclose(logits(merged), logits(adapted), atol=1e-3)
+    assert (where.base_dir / "tokenizer_config.json").is_file()  # vLLM reads the folder alone
+    # The full base reserves no adapter room either: nothing runs as a runtime adapter.
+    assert placement(merging, "v1").lora_room is None
+    # Without the setting: the adapter on its base, with room for refreshes.
+    runtime = placement(settings.model_copy(update={"refresh_lora_min_params": 0}), "v2")
+    assert (runtime.base, runtime.adapter, runtime.lora_room) == ("v1", registry.path("v2"), 16)
+
+
+def test_merged_weights_are_written_once_and_old_ones_pruned(settings: Settings) -> None:
+    registry = Registry(settings.registry_path)
+    publish_base(registry, "v1")
+    versions = [f"v{n}" for n in range(2, 3 + KEEP)]
+    for seed, version in enumerate(versions):
+        publish_adapter(registry, version, base="v1", seed=seed)
+    merging = settings.model_copy(update={"merge_adapters": True})
+
+    first = placement(merging, versions[0]).base_dir
+    written = (first / "model.safetensors").stat().st_mtime_ns
+    assert placement(merging, versions[0]).base_dir == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == written
+    for version in versions[1:]:
+        placement(merging, version)
+
+    kept = sorted(path.name for path in (settings.data_dir / "merged").iterdir())
+    assert kept == versions[-KEEP:]
