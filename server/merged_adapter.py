@@ -6,6 +6,7 @@ per version under `<data dir>/merged`, written once, atomically, and reused.
 """
 
 import logging
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -16,9 +17,10 @@ KEEP = 2  # the serving version's folder and the one a swap replaces it with
 
 def merged_weights(root: Path, version: str, base_dir: Path, adapter_dir: Path) -> Path:
     """The folder holding `version` (the adapter in `adapter_dir` on the weights in `base_dir`)
-    merged, written if missing; older merged folders beyond the last KEEP are removed."""
+    merged, written if missing; all but the KEEP most recently used merged folders are removed."""
     target = root / version
     if target.is_dir():
+        os.utime(target)  # in use again: newest for `_prune`
         return target
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".staging-{uuid.uuid4().hex}"
@@ -26,7 +28,7 @@ def merged_weights(root: Path, version: str, base_dir: Path, adapter_dir: Path) 
         _merge(base_dir, adapter_dir, staging)
         staging.rename(target)
     except OSError:
-        if not target.is_dir():  # another process did not win the race: a real failure
+        if not target.is_dir():  # not a process beside this one that merged it first
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -47,8 +49,9 @@ def _merge(base_dir: Path, adapter_dir: Path, out: Path) -> None:
 
 
 def _prune(root: Path, keep: Path) -> None:
-    """Remove all but the newest KEEP merged folders (`keep` among them); an engine that still
-    runs on a removed one has its weights in memory already."""
+    """Remove all but the KEEP most recently used merged folders (`keep` among them); an engine
+    that still runs on a removed one has its weights in memory already, and a restart on it
+    merges it again."""
     folders = sorted(
         (path for path in root.iterdir() if path.is_dir() and not path.name.startswith(".")),
         key=lambda path: path.stat().st_mtime,

@@ -61,7 +61,9 @@ def test_a_lora_version_runs_on_merged_weights_equal_to_the_adapter(settings: Se
     assert (runtime.base, runtime.adapter, runtime.lora_room) == ("v1", registry.path("v2"), 16)
 
 
-def test_merged_weights_are_written_once_and_old_ones_pruned(settings: Settings) -> None:
+def test_merged_weights_are_written_once_and_the_least_recently_used_pruned(
+    settings: Settings,
+) -> None:
     registry = Registry(settings.registry_path)
     publish_base(registry, "v1")
     versions = [f"v{n}" for n in range(2, 3 + KEEP)]
@@ -71,10 +73,11 @@ def test_merged_weights_are_written_once_and_old_ones_pruned(settings: Settings)
 
     first = placement(merging, versions[0]).base_dir
     written = (first / "model.safetensors").stat().st_mtime_ns
-    assert placement(merging, versions[0]).base_dir == first
-    assert (first / "model.safetensors").stat().st_mtime_ns == written
-    for version in versions[1:]:
+    for version in versions[1:-1]:
         placement(merging, version)
+    assert placement(merging, versions[0]).base_dir == first  # served again: reused, not rewritten
+    assert (first / "model.safetensors").stat().st_mtime_ns == written
+    placement(merging, versions[-1])
 
     kept = sorted(path.name for path in (settings.data_dir / "merged").iterdir())
-    assert kept == versions[-KEEP:]
+    assert kept == sorted([versions[0], *versions[-KEEP + 1 :]])
