@@ -104,20 +104,28 @@ def index_command(dim: Annotated[int, typer.Option(min=2, help="Item vector size
 BaseOption = Annotated[
     str | None,
     typer.Option(
-        help="A pretrained version of the registry (e.g. from `models import-gguf smollm2`) to "
-        "train LoRA adapters on instead of the embedded model: rich prompts in its chat "
-        "template, ranking only; published as a LoRA version of it. Use --preset pretrained.",
+        help="A pretrained version of the registry (e.g. from `models import-gguf`), or "
+        "`smollm2` (the packaged SmolLM2, imported on first use), to train LoRA adapters on "
+        "instead of the embedded model: rich prompts in its chat template, ranking only; "
+        "published as a LoRA version of it. Use --preset pretrained.",
     ),
 ]
 
 
-def _check_base(settings: Settings, base: str, tasks: frozenset[Task]) -> None:
+def _base_version(settings: Settings, base: str, tasks: frozenset[Task]) -> str:
+    """The registry version `--base` names, a packaged model's imported when needed."""
     from trainer.base import base_manifest  # heavy, but the command trains next anyway
+    from trainer.gguf_import import PACKAGED, packaged_version
 
+    registry = Registry(settings.registry_path)
     try:
-        check_contract(base_manifest(Registry(settings.registry_path), base, tasks))
+        if base in PACKAGED and not registry.has(base):
+            with console.status(f"importing {base}"):
+                base = packaged_version(registry, base, settings.prompt_history)
+        check_contract(base_manifest(registry, base, tasks))
     except RegistryError as exc:
         raise typer.BadParameter(str(exc), param_hint="--base") from exc
+    return base
 
 
 @app.command("bootstrap")
@@ -140,7 +148,7 @@ def bootstrap_command(
     settings = settings_from_env()
     tasks = frozenset(task or [Task.rank])
     if base:
-        _check_base(settings, base, tasks)
+        base = _base_version(settings, base, tasks)
     result = asyncio.run(run_bootstrap(settings, preset, seed, force, tasks, recipe, base))
     console.print(f"[bold]{result.gate}[/bold]", highlight=False)
     typer.echo(result.model_dump_json(indent=2))
@@ -378,7 +386,7 @@ def eval_command(
     if model:
         _check_evaluated(settings, model, data.split, tasks)
     if base:
-        _check_base(settings, base, tasks)
+        base = _base_version(settings, base, tasks)
     from trainer.evaluation.run import run_eval  # trains a model: heavy imports
 
     report = run_eval(data, settings, users, seed, preset, tasks, recipe, model, base, stages)

@@ -86,6 +86,11 @@ def match_config(tokenizer: "PreTrainedTokenizerBase", config: "PretrainedConfig
             setattr(tokenizer, name, tokenizer.convert_ids_to_tokens(token_id))
 
 
+def imported_from(source: Path) -> dict[str, str]:
+    """The manifest's `training` of a version imported from `source`."""
+    return {"method": "imported", "format": "gguf", "source": str(source)}
+
+
 def import_gguf(registry: Registry, source: Path, prompt_history: int = 20) -> Manifest:
     """Convert straight into the registry's staging area and publish the version, whose
     prompts will show `prompt_history` recent items."""
@@ -96,10 +101,20 @@ def import_gguf(registry: Registry, source: Path, prompt_history: int = 20) -> M
             version=new_version(),
             chat_template=has_chat_template(staging),
             prompt_history=prompt_history,
-            training={"method": "imported", "format": "gguf", "source": str(source)},
+            training=imported_from(source),
         )
         registry.publish(staging, manifest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def packaged_version(registry: Registry, name: str, prompt_history: int) -> str:
+    """The version a packaged model (`smollm2`) was imported as with this `prompt_history`,
+    imported on first use: `bootstrap --base smollm2` needs no `models import-gguf` first."""
+    path = packaged_gguf(name)
+    for manifest in reversed(registry.versions()):
+        if manifest.training == imported_from(path) and manifest.prompt_history == prompt_history:
+            return manifest.version
+    return import_gguf(registry, path, prompt_history).version

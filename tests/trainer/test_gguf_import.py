@@ -14,7 +14,7 @@ from contract.prompt import chat_prompt
 from server.registry import Registry, RegistryError
 from tests.trainer.gguf_files import CHAT_TEMPLATE, TinyPretrained, tiny_pretrained
 from trainer import gguf_import
-from trainer.gguf_import import import_gguf, resolve_gguf
+from trainer.gguf_import import import_gguf, packaged_version, resolve_gguf
 
 TEXT = "<|im_start|>user\n#12 | Toy Story (1995) | wörds the tokenizer never saw<|im_end|>"
 
@@ -82,3 +82,18 @@ def test_the_command_prints_the_version_and_can_activate_it(
 
     missing = CliRunner().invoke(app, ["models", "import-gguf", "nothing-here"])
     assert missing.exit_code == 1 and "neither a .gguf file" in missing.output
+
+
+def test_a_packaged_model_is_imported_once_per_prompt_history(
+    tiny: TinyPretrained, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(gguf_import, "packaged_gguf", lambda name: tiny.gguf_path)
+    registry = Registry(tmp_path / "models")
+
+    first = packaged_version(registry, "smollm2", prompt_history=5)
+
+    assert registry.manifest(first).training["source"] == str(tiny.gguf_path)
+    assert packaged_version(registry, "smollm2", prompt_history=5) == first
+    other = packaged_version(registry, "smollm2", prompt_history=20)
+    assert other != first and registry.manifest(other).prompt_history == 20
+    assert len(registry.versions()) == 2
