@@ -133,6 +133,7 @@ def test_lora_grpo_trains_adapters_only_and_goes_on_training_them(
         )
 
     assert isinstance(adapted, PeftModel) and again is adapted
+    assert again.base_model.model.is_gradient_checkpointing  # activations of a large model
     assert again.peft_config["default"].r == 4 and list(again.peft_config) == ["default"]
     # Base weights untouched: the adapters are published and served as adapters.
     unloaded = dict(copy.deepcopy(again).unload().named_parameters())
