@@ -104,7 +104,9 @@ def vllm_swapper(
             log.warning("adapter not unloaded", extra={"version": version, "reason": repr(exc)})
 
     async def swap(started: str, serving: str, new: str) -> bool:
-        running, target = placement(settings, started), placement(settings, new)
+        # Off the event loop: placing a LoRA version may merge it (REASONREC_MERGE_ADAPTERS).
+        running = await asyncio.to_thread(placement, settings, started)
+        target = await asyncio.to_thread(placement, settings, new)
         if target.base != running.base or (target.adapter_rank or 0) > (running.lora_room or 0):
             return False
         if target.adapter is not None:
@@ -115,7 +117,7 @@ def vllm_swapper(
             except httpx.HTTPError as exc:
                 log.warning("adapter load failed", extra={"version": new, "reason": repr(exc)})
                 return False
-        if placement(settings, serving).adapter is not None:
+        if (await asyncio.to_thread(placement, settings, serving)).adapter is not None:
             task = asyncio.create_task(unload_later(serving))
             unloading.add(task)
             task.add_done_callback(unloading.discard)
@@ -131,7 +133,8 @@ def vllm_starter(settings: Settings, extra: list[str]) -> Start:
         env["VLLM_API_KEY"] = settings.engine_api_key
 
     async def start(version: str) -> asyncio.subprocess.Process:
-        command = vllm_command(settings, version, extra)  # a clear error for a missing version
+        # A clear error for a missing version; off the event loop, as placing may merge.
+        command = await asyncio.to_thread(vllm_command, settings, version, extra)
         log.info("starting vllm", extra={"version": version})
         return await asyncio.create_subprocess_exec(*command, env=env)
 
