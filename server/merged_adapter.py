@@ -38,13 +38,16 @@ def merged_weights(root: Path, version: str, base_dir: Path, adapter_dir: Path) 
 
 
 def _merge(base_dir: Path, adapter_dir: Path, out: Path) -> None:
+    """Merged in float32 (a low-rank update added in bfloat16 rounds most of itself away), saved
+    in the base's own dtype: a bfloat16 base's merged copy takes its size, not twice it."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    stored = AutoConfig.from_pretrained(base_dir).dtype or torch.float32
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    merged.save_pretrained(out)
+    merged.to(stored).save_pretrained(out)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
 
 

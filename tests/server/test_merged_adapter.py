@@ -3,6 +3,7 @@ computing what the adapter on the base computes, written once and pruned."""
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from server.active_model import placement
@@ -14,10 +15,10 @@ from tests.trainer.gguf_files import tiny_model, tiny_tokenizer
 INPUT = torch.tensor([[5, 17, 42, 9, 3]])
 
 
-def publish_base(registry: Registry, version: str) -> None:
+def publish_base(registry: Registry, version: str, dtype: torch.dtype = torch.float32) -> None:
     tokenizer = tiny_tokenizer()
     staging = registry.staging()
-    tiny_model(len(tokenizer)).save_pretrained(staging)
+    tiny_model(len(tokenizer)).to(dtype).save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     registry.publish(staging, Manifest(version=version))
 
@@ -59,6 +60,30 @@ def test_a_lora_version_runs_on_merged_weights_equal_to_the_adapter(settings: Se
     # Without the setting: the adapter on its base, with room for refreshes.
     runtime = placement(settings.model_copy(update={"refresh_lora_min_params": 0}), "v2")
     assert (runtime.base, runtime.adapter, runtime.lora_room) == ("v1", registry.path("v2"), 16)
+
+
+def test_a_bfloat16_base_is_merged_into_bfloat16_weights(settings: Settings) -> None:
+    registry = Registry(settings.registry_path)
+    publish_base(registry, "v1", dtype=torch.bfloat16)
+    publish_adapter(registry, "v2", base="v1", seed=1)
+    merging = settings.model_copy(update={"merge_adapters": True})
+
+    where = placement(merging, "v2")
+
+    with safe_open(where.base_dir / "model.safetensors", "pt") as weights:
+        names = weights.keys()  # a safetensors file handle is not iterable
+        assert {weights.get_tensor(name).dtype for name in names} == {torch.bfloat16}
+    merged = AutoModelForCausalLM.from_pretrained(where.base_dir).eval()
+    assert merged.dtype == torch.bfloat16
+    base = AutoModelForCausalLM.from_pretrained(registry.path("v1"), dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, registry.path("v2")).eval()
+    expected = logits(adapted)
+    with adapted.disable_adapter():
+        unadapted = logits(adapted)
+    # bfloat16 keeps about 3 significant digits: the merged copy is nearer the adapter's output
+    # than the base's, the adapter's update survives the rounding.
+    error = (logits(merged).float() - expected).abs().mean()
+    assert error < (unadapted - expected).abs().mean() / 4
 
 
 def test_merged_weights_are_written_once_and_the_least_recently_used_pruned(
