@@ -2,7 +2,7 @@
 
 import logging
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -45,21 +45,22 @@ def placement(settings: Settings, version: str) -> Placement:
 
     An engine started for a base reserves adapter room when the base is large enough for the
     trainer to refresh it with LoRA (`REASONREC_REFRESH_LORA_MIN_PARAMS`), so that its adapters
-    swap in without a restart. With `REASONREC_MERGE_ADAPTERS`, a LoRA version runs on its own
-    merged weights instead, and no engine reserves adapter room.
+    swap in without a restart. When adapters are merged (`merges_adapters`), a LoRA version runs
+    on its own merged weights instead, and no engine reserves adapter room.
     """
     registry = Registry(settings.registry_path)
     manifest = registry.manifest(version)
     check_contract(manifest)
     base = base_version(manifest)
-    if manifest.kind == "lora" and settings.merge_adapters:
+    merging = merges_adapters(settings)
+    if manifest.kind == "lora" and merging:
         merged = settings.data_dir / "merged"
         weights = merged_weights(merged, version, registry.path(base), registry.path(version))
         return Placement(version=version, base=version, base_dir=weights)
     adapter = registry.path(version) if manifest.kind == "lora" else None
     rank = adapter_rank(adapter) if adapter else None
     large = refreshed_with_lora(settings, registry.path(base))
-    reserve = (rank or large) and not settings.merge_adapters
+    reserve = (rank or large) and not merging
     room = max(rank or 0, settings.refresh_lora_rank) if reserve else None
     return Placement(
         version=version,
@@ -69,6 +70,21 @@ def placement(settings: Settings, version: str) -> Placement:
         adapter_rank=rank,
         lora_room=room,
     )
+
+
+def merges_adapters(settings: Settings) -> bool:
+    """Whether LoRA versions are served merged (`REASONREC_MERGE_ADAPTERS`; 'auto': when vLLM
+    runs on the CPU, whose runtime adapters are slow)."""
+    if settings.merge_adapters == "auto":
+        return vllm_on_cpu()
+    return settings.merge_adapters
+
+
+@cache
+def vllm_on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
 
 
 def refreshed_with_lora(settings: Settings, weights: Path) -> bool:

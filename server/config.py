@@ -159,12 +159,13 @@ class EngineSettings(_Section):
         "float32 by default: vLLM's bfloat16 CPU path crashed on the embedded model here; use "
         "'auto' on GPUs.",
     )
-    merge_adapters: bool = Field(
-        False,
+    merge_adapters: bool | Literal["auto"] = Field(
+        "auto",
         description="Serve a LoRA version as its adapter merged into the base's weights (a full "
         "model under <data dir>/merged, written when first opened) instead of a vLLM runtime "
         "adapter. vLLM's CPU backend applies adapters token by token in PyTorch: several times "
-        "slower. Each activation then starts a new engine.",
+        "slower. Each activation then starts a new engine. 'auto': merge when vLLM runs on the "
+        "CPU.",
     )
     engine_cpu_threads: str = Field(
         "auto",

@@ -80,7 +80,13 @@ def wait_http(url: str, process: subprocess.Popen | None = None, seconds: float 
 
 @pytest.fixture
 def settings(redis_url: str, key_prefix: str, tmp_path: Path) -> Settings:
-    return Settings(redis_url=redis_url, key_prefix=key_prefix, data_dir=tmp_path / "var")
+    # LoRA versions as runtime adapters unless a test merges them: 'auto' would merge on a CPU.
+    return Settings(
+        redis_url=redis_url,
+        key_prefix=key_prefix,
+        data_dir=tmp_path / "var",
+        merge_adapters=False,
+    )
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ def deploy_settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) ->
         redis_url=redis_url,
         key_prefix=f"deploy-{uuid.uuid4().hex[:8]}",
         data_dir=tmp_path_factory.mktemp("deploy"),
+        merge_adapters=False,  # runtime adapters unless a test merges them
     )
     yield settings
     drop_prefix(redis_url, settings.key_prefix)

@@ -114,7 +114,11 @@ def test_the_installed_vllm_accepts_every_deployed_command_line(settings: Settin
     argvs = []
     for env, extra in _deployed_vllm_args().values():
         deployed = Settings(**{k.removeprefix("REASONREC_").lower(): v for k, v in env.items()})
-        deployed = deployed.model_copy(update={"registry_dir": settings.registry_path})
+        # v2's adapter has no weights to merge, and its runtime flags are what vLLM must accept
+        # (a merged version is started like a full one).
+        deployed = deployed.model_copy(
+            update={"registry_dir": settings.registry_path, "merge_adapters": False}
+        )
         argvs += [serve_vllm.vllm_command(deployed, v, extra)[3:] for v in ("v1", "v2")]
     done = subprocess.run(
         [sys.executable, "-c", PARSE_VLLM_ARGS],

@@ -37,6 +37,7 @@ def served_settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) ->
         llm_timeout_ms=20_000,  # generous: CI machines are slow and shared; timeouts tested apart
         kv_cache_bytes=128 * 1024 * 1024,
         admin_keys=[ADMIN_KEY],
+        merge_adapters=False,  # runtime adapters unless a test merges them
     )
     yield settings
     drop_prefix(redis_url, settings.key_prefix)

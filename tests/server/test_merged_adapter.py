@@ -1,12 +1,15 @@
 """REASONREC_MERGE_ADAPTERS: a LoRA version runs on its adapter merged into the base's weights,
 computing what the adapter on the base computes, written once and pruned."""
 
+import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from pydantic import ValidationError
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from server.active_model import placement
+from server import active_model
+from server.active_model import placement, vllm_on_cpu
 from server.config import Settings
 from server.merged_adapter import KEEP
 from server.registry import Manifest, Registry
@@ -106,3 +109,32 @@ def test_merged_weights_are_written_once_and_the_least_recently_used_pruned(
 
     kept = sorted(path.name for path in (settings.data_dir / "merged").iterdir())
     assert kept == sorted([versions[0], *versions[-KEEP + 1 :]])
+
+
+def test_auto_merges_where_vllm_runs_on_the_cpu(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = Registry(settings.registry_path)
+    publish_base(registry, "v1")
+    publish_adapter(registry, "v2", base="v1", seed=1)
+    auto = settings.model_copy(update={"merge_adapters": "auto", "refresh_lora_min_params": 0})
+    assert vllm_on_cpu()  # the installed vLLM is the CPU build
+
+    assert placement(auto, "v2").base_dir == settings.data_dir / "merged" / "v2"
+    monkeypatch.setattr(active_model, "vllm_on_cpu", lambda: False)  # as on a GPU
+    on_gpu = placement(auto, "v2")
+    assert (on_gpu.base, on_gpu.adapter, on_gpu.lora_room) == ("v1", registry.path("v2"), 16)
+
+
+@pytest.mark.parametrize(("value", "parsed"), [("auto", "auto"), ("true", True), ("0", False)])
+def test_the_setting_reads_auto_or_a_boolean(
+    monkeypatch: pytest.MonkeyPatch, value: str, parsed: object
+) -> None:
+    monkeypatch.setenv("REASONREC_MERGE_ADAPTERS", value)
+    assert Settings().merge_adapters == parsed
+
+
+def test_a_bad_merge_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REASONREC_MERGE_ADAPTERS", "sometimes")
+    with pytest.raises(ValidationError, match="merge_adapters"):
+        Settings()
