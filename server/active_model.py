@@ -54,9 +54,10 @@ def placement(settings: Settings, version: str) -> Placement:
     base = base_version(manifest)
     merging = merges_adapters(settings)
     if manifest.kind == "lora" and merging:
-        merged = settings.data_dir / "merged"
-        weights = merged_weights(merged, version, registry.path(base), registry.path(version))
-        return Placement(version=version, base=version, base_dir=weights)
+        weights = _merged(settings, registry, version, base)
+        if weights is not None:
+            return Placement(version=version, base=version, base_dir=weights)
+        merging = False
     adapter = registry.path(version) if manifest.kind == "lora" else None
     rank = adapter_rank(adapter) if adapter else None
     large = refreshed_with_lora(settings, registry.path(base))
@@ -70,6 +71,22 @@ def placement(settings: Settings, version: str) -> Placement:
         adapter_rank=rank,
         lora_room=room,
     )
+
+
+def _merged(settings: Settings, registry: Registry, version: str, base: str) -> Path | None:
+    """The version's merged weights; None where they cannot be written and merging is only
+    'auto' (a read-only data directory): a slow adapter serves, a crashing engine would not."""
+    merged = settings.data_dir / "merged"
+    try:
+        return merged_weights(merged, version, registry.path(base), registry.path(version))
+    except OSError as exc:
+        if settings.merge_adapters is True:
+            raise
+        log.warning(
+            "cannot write merged weights: serving the adapter at runtime",
+            extra={"model_version": version, "path": str(merged), "reason": str(exc)},
+        )
+        return None
 
 
 def merges_adapters(settings: Settings) -> bool:

@@ -126,6 +126,25 @@ def test_auto_merges_where_vllm_runs_on_the_cpu(
     assert (on_gpu.base, on_gpu.adapter, on_gpu.lora_room) == ("v1", registry.path("v2"), 16)
 
 
+def test_auto_serves_the_adapter_at_runtime_where_it_cannot_write(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read-only data directory (a vLLM pod mounting the registry read-only) keeps serving."""
+    registry = Registry(settings.registry_path)
+    publish_base(registry, "v1")
+    publish_adapter(registry, "v2", base="v1", seed=1)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    (settings.data_dir / "merged").write_text("not a folder")  # where merged weights would go
+    auto = settings.model_copy(update={"merge_adapters": "auto", "refresh_lora_min_params": 0})
+
+    where = placement(auto, "v2")
+
+    assert (where.base, where.adapter, where.lora_room) == ("v1", registry.path("v2"), 16)
+    assert "cannot write merged weights" in caplog.text
+    with pytest.raises(OSError):  # asked for explicitly: an error, not a slow adapter
+        placement(auto.model_copy(update={"merge_adapters": True}), "v2")
+
+
 @pytest.mark.parametrize(("value", "parsed"), [("auto", "auto"), ("true", True), ("0", False)])
 def test_the_setting_reads_auto_or_a_boolean(
     monkeypatch: pytest.MonkeyPatch, value: str, parsed: object
