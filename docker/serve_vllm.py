@@ -7,14 +7,17 @@ it, and follows activations (a refresh published, an admin activated one):
 
 - a LoRA version on the base vLLM runs (or that base itself) is swapped in without a restart:
   the adapter is loaded at runtime (`/v1/load_lora_adapter`) and the outgoing one unloaded once
-  its requests are past the gateways' time budget;
+  its requests are past the gateways' time budget; where adapters are merged
+  (REASONREC_MERGE_ADAPTERS: by default when vLLM runs on the CPU and the data directory can be
+  written) a LoRA version is a model of its own;
 - any other version stops vLLM and starts it on the new one; gateways serve the retrieval order
   meanwhile.
 
 vLLM serves a base under its version and each adapter under its own version; it reserves room
 for adapters when the version is one, or its base is large enough for the trainer to refresh it
-with LoRA. It reads the same REASONREC_* settings as the gateway: Redis, key prefix, registry,
-dtype, max model length, engine API key, LoRA rank and size threshold, LLM timeout. Arguments
+with LoRA, unless adapters are merged. It reads the same REASONREC_* settings as the gateway:
+Redis, key prefix, data directory, registry, dtype, max model length, engine API key, LoRA rank
+and size threshold, adapter merging, LLM timeout. Arguments
 are passed on to vLLM (`--gpu-memory-utilization 0.9`, `--port`, ...).
 
     python serve_vllm.py [VLLM ARGS...]

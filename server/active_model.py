@@ -1,6 +1,7 @@
 """Which model serves: the registry's active version, opened as an engine of the configured kind."""
 
 import logging
+import os
 from collections.abc import Callable
 from functools import cache, partial
 from pathlib import Path
@@ -54,10 +55,14 @@ def placement(settings: Settings, version: str) -> Placement:
     base = base_version(manifest)
     merging = merges_adapters(settings)
     if manifest.kind == "lora" and merging:
-        weights = _merged(settings, registry, version, base)
-        if weights is not None:
-            return Placement(version=version, base=version, base_dir=weights)
-        merging = False
+        weights = merged_weights(
+            merged_folder(settings),
+            version,
+            registry.path(base),
+            registry.path(version),
+            settings.engine_dtype,
+        )
+        return Placement(version=version, base=version, base_dir=weights)
     adapter = registry.path(version) if manifest.kind == "lora" else None
     rank = adapter_rank(adapter) if adapter else None
     large = refreshed_with_lora(settings, registry.path(base))
@@ -73,28 +78,34 @@ def placement(settings: Settings, version: str) -> Placement:
     )
 
 
-def _merged(settings: Settings, registry: Registry, version: str, base: str) -> Path | None:
-    """The version's merged weights; None where they cannot be written and merging is only
-    'auto' (a read-only data directory): a slow adapter serves, a crashing engine would not."""
-    merged = settings.data_dir / "merged"
-    try:
-        return merged_weights(merged, version, registry.path(base), registry.path(version))
-    except OSError as exc:
-        if settings.merge_adapters is True:
-            raise
-        log.warning(
-            "cannot write merged weights: serving the adapter at runtime",
-            extra={"model_version": version, "path": str(merged), "reason": str(exc)},
-        )
-        return None
+def merged_folder(settings: Settings) -> Path:
+    return settings.data_dir / "merged"
 
 
 def merges_adapters(settings: Settings) -> bool:
-    """Whether LoRA versions are served merged (`REASONREC_MERGE_ADAPTERS`; 'auto': when vLLM
-    runs on the CPU, whose runtime adapters are slow)."""
-    if settings.merge_adapters == "auto":
-        return vllm_on_cpu()
-    return settings.merge_adapters
+    """Whether LoRA versions are served merged (`REASONREC_MERGE_ADAPTERS`). 'auto': where vLLM
+    runs on the CPU, whose runtime adapters are slow, and the merged folder can be written (the
+    shipped vLLM pods mount the data read-only: there adapters stay runtime ones, and an engine
+    started on a base keeps room to swap them in)."""
+    if settings.merge_adapters != "auto":
+        return settings.merge_adapters
+    if not vllm_on_cpu():
+        return False
+    if writable(merged_folder(settings)):
+        return True
+    log.warning(
+        "merged weights cannot be written: LoRA versions are served as runtime adapters",
+        extra={"path": str(merged_folder(settings))},
+    )
+    return False
+
+
+def writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
 
 
 @cache

@@ -15,9 +15,12 @@ log = logging.getLogger(__name__)
 KEEP = 2  # the serving version's folder and the one a swap replaces it with
 
 
-def merged_weights(root: Path, version: str, base_dir: Path, adapter_dir: Path) -> Path:
+def merged_weights(
+    root: Path, version: str, base_dir: Path, adapter_dir: Path, dtype: str = "auto"
+) -> Path:
     """The folder holding `version` (the adapter in `adapter_dir` on the weights in `base_dir`)
-    merged, written if missing; all but the KEEP most recently used merged folders are removed."""
+    merged, written if missing in `dtype` (the engine's, REASONREC_ENGINE_DTYPE; 'auto': the
+    base's); all but the KEEP most recently used merged folders are removed."""
     target = root / version
     if target.is_dir():
         os.utime(target)  # in use again: newest for `_prune`
@@ -25,7 +28,7 @@ def merged_weights(root: Path, version: str, base_dir: Path, adapter_dir: Path) 
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".staging-{uuid.uuid4().hex}"
     try:
-        _merge(base_dir, adapter_dir, staging)
+        _merge(base_dir, adapter_dir, staging, dtype)
         staging.rename(target)
     except OSError:
         if not target.is_dir():  # not a process beside this one that merged it first
@@ -37,14 +40,17 @@ def merged_weights(root: Path, version: str, base_dir: Path, adapter_dir: Path) 
     return target
 
 
-def _merge(base_dir: Path, adapter_dir: Path, out: Path) -> None:
-    """Merged in float32 (a low-rank update added in bfloat16 rounds most of itself away), saved
-    in the base's own dtype: a bfloat16 base's merged copy takes its size, not twice it."""
+def _merge(base_dir: Path, adapter_dir: Path, out: Path, dtype: str) -> None:
+    """Saved in the dtype the engine runs: float32 keeps all of the adapter's update (vLLM's CPU
+    default), and a bfloat16 engine's copy takes the bfloat16 base's size, not twice it."""
     import torch
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    stored = AutoConfig.from_pretrained(base_dir).dtype or torch.float32
+    if dtype == "auto":
+        stored = AutoConfig.from_pretrained(base_dir).dtype or torch.float32
+    else:
+        stored = getattr(torch, dtype)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.to(stored).save_pretrained(out)

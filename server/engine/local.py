@@ -2,7 +2,8 @@
 
 One `VllmProcess` holds a base model's weights. Every version that runs on those weights is a
 `LocalEngine` sharing it: the base itself, and its LoRA versions, which vLLM applies per request
-as runtime adapters. Swapping between such versions loads an adapter, not a model.
+as runtime adapters (unless they are merged: `server.active_model.merges_adapters`). Swapping
+between such versions loads an adapter, not a model.
 """
 
 import logging

@@ -1,6 +1,8 @@
 """REASONREC_MERGE_ADAPTERS: a LoRA version runs on its adapter merged into the base's weights,
 computing what the adapter on the base computes, written once and pruned."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -65,17 +67,26 @@ def test_a_lora_version_runs_on_merged_weights_equal_to_the_adapter(settings: Se
     assert (runtime.base, runtime.adapter, runtime.lora_room) == ("v1", registry.path("v2"), 16)
 
 
-def test_a_bfloat16_base_is_merged_into_bfloat16_weights(settings: Settings) -> None:
+def stored_dtypes(folder: Path) -> set[torch.dtype]:
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        names = weights.keys()  # a safetensors file handle is not iterable
+        return {weights.get_tensor(name).dtype for name in names}
+
+
+def test_merged_weights_are_stored_in_the_engines_dtype(settings: Settings) -> None:
+    """'auto' (vLLM's choice, the base's dtype): a bfloat16 base's copy stays its size; a float32
+    engine (the CPU default) gets float32, all of the adapter's update kept."""
     registry = Registry(settings.registry_path)
     publish_base(registry, "v1", dtype=torch.bfloat16)
     publish_adapter(registry, "v2", base="v1", seed=1)
-    merging = settings.model_copy(update={"merge_adapters": True})
+    publish_adapter(registry, "v3", base="v1", seed=2)
+    merging = settings.model_copy(update={"merge_adapters": True, "engine_dtype": "auto"})
 
     where = placement(merging, "v2")
+    on_float32 = placement(merging.model_copy(update={"engine_dtype": "float32"}), "v3")
 
-    with safe_open(where.base_dir / "model.safetensors", "pt") as weights:
-        names = weights.keys()  # a safetensors file handle is not iterable
-        assert {weights.get_tensor(name).dtype for name in names} == {torch.bfloat16}
+    assert stored_dtypes(where.base_dir) == {torch.bfloat16}
+    assert stored_dtypes(on_float32.base_dir) == {torch.float32}
     merged = AutoModelForCausalLM.from_pretrained(where.base_dir).eval()
     assert merged.dtype == torch.bfloat16
     base = AutoModelForCausalLM.from_pretrained(registry.path("v1"), dtype=torch.float32)
@@ -129,7 +140,8 @@ def test_auto_merges_where_vllm_runs_on_the_cpu(
 def test_auto_serves_the_adapter_at_runtime_where_it_cannot_write(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A read-only data directory (a vLLM pod mounting the registry read-only) keeps serving."""
+    """A read-only data directory (a vLLM pod mounting the registry read-only) keeps serving, and
+    an engine started on the base keeps room to swap the adapters in."""
     registry = Registry(settings.registry_path)
     publish_base(registry, "v1")
     publish_adapter(registry, "v2", base="v1", seed=1)
@@ -140,7 +152,8 @@ def test_auto_serves_the_adapter_at_runtime_where_it_cannot_write(
     where = placement(auto, "v2")
 
     assert (where.base, where.adapter, where.lora_room) == ("v1", registry.path("v2"), 16)
-    assert "cannot write merged weights" in caplog.text
+    assert placement(auto, "v1").lora_room == 16
+    assert "merged weights cannot be written" in caplog.text
     with pytest.raises(OSError):  # asked for explicitly: an error, not a slow adapter
         placement(auto.model_copy(update={"merge_adapters": True}), "v2")
 
