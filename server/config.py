@@ -165,7 +165,7 @@ class EngineSettings(_Section):
         "model under <data dir>/merged, written when first opened) instead of a vLLM runtime "
         "adapter. vLLM's CPU backend applies adapters token by token in PyTorch: several times "
         "slower. Each activation then starts a new engine. 'auto': merge when vLLM runs on the "
-        "CPU.",
+        "CPU and <data dir>/merged can be written.",
     )
     engine_cpu_threads: str = Field(
         "auto",

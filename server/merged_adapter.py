@@ -15,9 +15,7 @@ log = logging.getLogger(__name__)
 KEEP = 2  # the serving version's folder and the one a swap replaces it with
 
 
-def merged_weights(
-    root: Path, version: str, base_dir: Path, adapter_dir: Path, dtype: str = "auto"
-) -> Path:
+def merged_weights(root: Path, version: str, base_dir: Path, adapter_dir: Path, dtype: str) -> Path:
     """The folder holding `version` (the adapter in `adapter_dir` on the weights in `base_dir`)
     merged, written if missing in `dtype` (the engine's, REASONREC_ENGINE_DTYPE; 'auto': the
     base's); all but the KEEP most recently used merged folders are removed."""
