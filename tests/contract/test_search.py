@@ -12,6 +12,7 @@ from contract.search import (
     THINK_CHARS,
     build_search_prompt,
     compose_query,
+    expand_references,
     parse_search,
     render_search_answer,
     retriever_query,
@@ -93,14 +94,32 @@ def test_the_grammar_refuses_what_it_must(text: str) -> None:
 def test_the_retriever_gets_the_typed_words_then_the_models() -> None:
     assert retriever_query(" comedy ", "Toy Story") == "comedy Toy Story"
     assert retriever_query("", "Toy Story") == "Toy Story"
-    assert compose_query([TOY], Rendering.compact) == "Toy Story (1995) Animation Comedy"
+    # compact: the items' references, which the retriever reads as their text
+    assert compose_query([TOY], Rendering.compact) == "#1"
+    assert compose_query([TOY, HEAT], Rendering.compact) == "#1 #6"
+    # rich: titles, then categories, whole items only, as many as fit
+    assert compose_query([TOY], Rendering.rich) == "Toy Story (1995) Animation Comedy"
     both = "Toy Story (1995), Heat (1995) Animation Comedy Action"
-    assert compose_query([TOY, HEAT], Rendering.compact) == both
-    long = ItemView(item_id="9", title="x" * 100, categories=["Drama"])
-    # whole items only, as many as fit
-    assert (
-        compose_query([TOY, long, HEAT], Rendering.compact) == "Toy Story (1995) Animation Comedy"
-    )
-    assert compose_query([TOY, long], Rendering.rich) == (
+    assert compose_query([TOY, HEAT], Rendering.rich) == both
+    long = ItemView(item_id="9", title="x" * 180, categories=["Drama"])
+    assert compose_query([TOY, long, HEAT], Rendering.rich) == "Toy Story (1995) Animation Comedy"
+    fits = ItemView(item_id="9", title="x" * 100, categories=["Drama"])
+    assert compose_query([TOY, fits], Rendering.rich) == (
         f"Toy Story (1995), {'x' * 100} Animation Comedy Drama"
     )
+
+
+@pytest.mark.parametrize(
+    ("query", "expanded"),
+    [
+        ("#1", "Toy Story"),
+        ("comedy #1 #6", "comedy Toy Story Heat"),
+        ("#1,#6", "Toy Story,#6"),  # ids hold no ',': the first reference runs to it
+        ("#7 #1", "#7 Toy Story"),  # no item 7: the reference stays as written
+        ("a#1 #", "a#1 #"),  # a reference starts a word and names something
+        ("#1#6", "#1#6"),  # the id '1#6' is unknown
+    ],
+)
+def test_references_are_read_as_the_items_text(query: str, expanded: str) -> None:
+    texts = {"1": "Toy Story", "6": "Heat", "1#": "never"}
+    assert expand_references(query, texts.get) == expanded

@@ -62,6 +62,13 @@ class TestBm25:
         assert self.index.rank_of(query, "babe", exclude={"toy", "nothing"}) == 1
         assert self.index.rank_of(query, "toy", exclude={"babe"}) == 1
 
+    def test_a_reference_finds_the_item_it_names(self) -> None:
+        assert self.index.expand("comedy #heat") == f"comedy {item_text(CATALOG['heat'])}"
+        assert self.index.search("#heat", 10)[0][0] == "heat"
+        assert self.index.rank_of("#babe", "babe") == 1
+        assert self.index.rank_of("#babe", "toy", exclude={"babe"}) == 1  # its fellow comedy
+        assert self.index.search("#nothing", 10) == []  # read as the word 'nothing'
+
     def test_version_names_the_texts(self) -> None:
         again = build_search_index(sorted(CATALOG.items()), RetrieverKind.bm25)
         changed = dict(CATALOG) | {"alien": ItemIn(title="Aliens (1986)")}
@@ -75,6 +82,7 @@ def test_dense_finds_meaning_without_shared_words() -> None:
     hits = index.search("a cartoon for kids", 4)
     assert hits[0][0] == "toy" and len(hits) == 4  # every item has a dense score
     assert index.search("scary space monster", 1)[0][0] == "alien"
+    assert index.search("#babe", 1)[0][0] == "babe" and index.rank_of("#babe", "babe") == 1
     scores = [score for _, score in hits]
     assert scores == sorted(scores, reverse=True) and np.all(np.abs(scores) <= 1.0001)
     assert index.rank_of("a cartoon for kids", "toy") == 1

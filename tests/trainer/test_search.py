@@ -81,15 +81,15 @@ def test_examples_hold_out_each_users_last_item_and_compose_a_query_that_finds_i
     example = builder.example("u0", 4)
     assert example.prompt == "\n#i1, #i2, #i3\nsearch\n"
     assert example.seen == ["i0", "i1", "i2", "i3"] and example.last_title == "Echo"
-    assert example.target == "<think>#i4 drama</think><answer>Golf drama</answer>"
+    assert example.target == "<think>#i4 drama</think><answer>#i4</answer>"
     three = SearchExampleBuilder(data, Rendering.compact, history=3, typed_share=0, titles=3)
     assert (
         three.example("u0", 4).target
-        == "<think>#i4 #i5 #i6 drama comedy</think><answer>Golf, Hotel, India drama comedy</answer>"
+        == "<think>#i4 #i5 #i6 drama comedy</think><answer>#i4 #i5 #i6</answer>"
     )
     # the user's last item (held out for validation) is never in a training target
-    assert three.example("u0", 6).target == "<think>#i6 drama</think><answer>India drama</answer>"
-    assert three.example("u0", 7).target == "<think>#i7 comedy</think><answer>Kilo comedy</answer>"
+    assert three.example("u0", 6).target == "<think>#i6 drama</think><answer>#i6</answer>"
+    assert three.example("u0", 7).target == "<think>#i7 comedy</think><answer>#i7</answer>"
     answer = parse_search(example.target)
     assert answer.well_formed and index.rank_of(answer.query, "i4", example.seen) == 1
 
@@ -98,7 +98,7 @@ def test_catalog_examples_teach_each_items_query_with_nothing_known(data: Corpus
     examples = catalog_examples(data, Rendering.compact)
     assert [e.item_id for e in examples] == list(data.items)
     assert {e.prompt for e in examples} == {"\n\nsearch\n"}
-    assert examples[4].target == "<think>#i4 drama</think><answer>Golf drama</answer>"
+    assert examples[4].target == "<think>#i4 drama</think><answer>#i4</answer>"
 
 
 def test_rich_reasoning_speaks_of_interests_and_the_item(data: Corpus) -> None:
@@ -157,6 +157,6 @@ def test_sft_then_grpo_writes_queries_that_find_what_comes_next(
     assert scores["search_validation_users"] == 10 and scores["search_failed"] == 0.0
     # the raw query finds the last item, which the user has seen: nothing left to find
     assert scores["search_raw_ndcg@10"] == 0.0
-    # the circle is learnable: the model names the next film's title
+    # the circle is learnable: the model names the next film
     assert stages["search_sft_ndcg@10"] > 0.5
     assert scores["search_ndcg@10"] > 0.5 and scores["search_hr@10"] > 0.5
