@@ -53,7 +53,6 @@ from trainer.rating import (
 from trainer.search import (
     SearchExampleBuilder,
     SearchExamples,
-    catalog_examples,
     train_search,
     validate_search,
 )
@@ -184,10 +183,6 @@ def train_model(
             pretrained = pretrain(model, tokenizer, corpus, preset.pretrain, history)
             stages["pretrain_seconds"] = pretrained.seconds
             stages["pretrain_ndcg@10"] = first_pick_ndcg(model, tokenizer, examples.validation)
-    if plan.search is not None and preset.search.catalog is not None:
-        # How to write each item before which item to write: SFT on sequences assumes it.
-        catalog = catalog_examples(corpus, plan.search.rendering)
-        model = run_sft(model, tokenizer, catalog, preset.search.catalog)
     facts = catalog_facts(corpus.items.values(), policy)
     joint = plan.joint_sft()
     if Task.rank in plan.tasks:

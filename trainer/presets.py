@@ -101,11 +101,6 @@ class SearchPreset(BaseModel):
     titles: int = Field(
         1, ge=1, description="Items a composed query names: the next one and those after it."
     )
-    catalog: SftSettings | None = Field(
-        None,
-        description="SFT on one example per item (its reference -> its title and categories) "
-        "before the SFT on sequences, so that the model can spell what it names; None: none.",
-    )
     sft: SftSettings
     grpo_examples: int = Field(description="Prompts for GRPO.")
     grpo: GrpoSettings
@@ -190,7 +185,6 @@ PRESETS: dict[str, Preset] = {
         ),
         search=SearchPreset(
             sft_examples=600,
-            catalog=SftSettings(epochs=10, batch_size=16, learning_rate=2e-3, bf16=False),
             sft=SftSettings(epochs=2, batch_size=16, learning_rate=1e-3, bf16=False),
             grpo_examples=8,
             grpo=GrpoSettings(max_steps=2, prompts_per_step=2, num_generations=4),

@@ -95,24 +95,6 @@ def _target(history: Sequence[ItemView], items: Sequence[ItemView], rendering: R
     return render_search_answer(reasoning, compose_query(items, rendering), rendering)
 
 
-def catalog_examples(corpus: Corpus, rendering: Rendering) -> list[SearchExample]:
-    """One example per item: a prompt with nothing known and the item's own reasoning and query
-    as the target. Trained on for many passes (`SearchPreset.catalog`) they teach the model to
-    write each item's title once it has named the item."""
-    prompt = build_search_prompt(search_input({}, [], "", 0), rendering)
-    views = [ItemView.model_validate(item, from_attributes=True) for item in corpus.items.values()]
-    return [
-        SearchExample(
-            user_id="",
-            prompt=prompt,
-            item_id=view.item_id,
-            seen=[],
-            target=_target([], [view], rendering),
-        )
-        for view in views
-    ]
-
-
 class SearchExampleBuilder:
     def __init__(
         self,

@@ -20,7 +20,6 @@ from trainer.model import build_model
 from trainer.presets import GrpoSettings, SearchPreset, SftSettings
 from trainer.search import (
     SearchExampleBuilder,
-    catalog_examples,
     compose_reasoning,
     train_search,
     validate_search,
@@ -92,13 +91,6 @@ def test_examples_hold_out_each_users_last_item_and_compose_a_query_that_finds_i
     assert three.example("u0", 7).target == "<think>#i7 comedy</think><answer>#i7</answer>"
     answer = parse_search(example.target)
     assert answer.well_formed and index.rank_of(answer.query, "i4", example.seen) == 1
-
-
-def test_catalog_examples_teach_each_items_query_with_nothing_known(data: Corpus) -> None:
-    examples = catalog_examples(data, Rendering.compact)
-    assert [e.item_id for e in examples] == list(data.items)
-    assert {e.prompt for e in examples} == {"\n\nsearch\n"}
-    assert examples[4].target == "<think>#i4 drama</think><answer>#i4</answer>"
 
 
 def test_rich_reasoning_speaks_of_interests_and_the_item(data: Corpus) -> None:
