@@ -280,7 +280,7 @@ def _search_plan(
         contract.rendering,
         contract.history,
         preset.search.typed_share,
-        preset.search.titles,
+        preset.search.items_named,
     )
     search = builder.build(preset.search.sft_examples, preset.search.validation_users, seed)
     if not search.train or not search.validation:

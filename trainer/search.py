@@ -102,10 +102,10 @@ class SearchExampleBuilder:
         rendering: Rendering,
         history: int,
         typed_share: float,
-        titles: int = 1,
+        items_named: int = 1,
     ):
         self.corpus, self.rendering, self.history = corpus, rendering, history
-        self.typed_share, self.titles = typed_share, titles
+        self.typed_share, self.items_named = typed_share, items_named
 
     def example(self, user_id: str, t: int, typed: str = "") -> SearchExample:
         items, sequence = self.corpus.items, self.corpus.sequences[user_id]
@@ -116,7 +116,7 @@ class SearchExampleBuilder:
         end = len(sequence) if t == len(sequence) - 1 else len(sequence) - 1
         after = [
             ItemView.model_validate(items[i], from_attributes=True)
-            for i, _ in sequence[t : min(t + self.titles, end)]
+            for i, _ in sequence[t : min(t + self.items_named, end)]
         ]
         return SearchExample(
             user_id=user_id,

@@ -81,7 +81,7 @@ def test_examples_hold_out_each_users_last_item_and_compose_a_query_that_finds_i
     assert example.prompt == "\n#i1, #i2, #i3\nsearch\n"
     assert example.seen == ["i0", "i1", "i2", "i3"] and example.last_title == "Echo"
     assert example.target == "<think>#i4 drama</think><answer>#i4</answer>"
-    three = SearchExampleBuilder(data, Rendering.compact, history=3, typed_share=0, titles=3)
+    three = SearchExampleBuilder(data, Rendering.compact, history=3, typed_share=0, items_named=3)
     assert (
         three.example("u0", 4).target
         == "<think>#i4 #i5 #i6 drama comedy</think><answer>#i4 #i5 #i6</answer>"
