@@ -158,13 +158,13 @@ def expand_references(query: str, text: Callable[[str], str | None]) -> str:
 
 def compose_query(items: Sequence[ItemView], rendering: Rendering) -> str:
     """A query that finds `items`, the first best, written from the data (SFT targets; ML-100K
-    logs no queries). Compact: the items' references, which the retriever reads as their text (a
-    model trained from scratch names items well and spells their titles badly). Rich: their
-    titles, then their categories, for as many whole items as fit."""
-    if rendering is Rendering.compact:
-        return clean(" ".join(ref(item.item_id) for item in items), QUERY_CHARS[rendering])
+    logs no queries), for as many whole items as fit. Compact: the items' references, which the
+    retriever reads as their text (a model trained from scratch names items well and spells their
+    titles badly). Rich: their titles, then their categories."""
 
     def text(chosen: Sequence[ItemView]) -> str:
+        if rendering is Rendering.compact:
+            return " ".join(ref(item.item_id) for item in chosen)
         titles = ", ".join(item.title for item in chosen)
         categories = dict.fromkeys(c for item in chosen for c in item.categories)
         return clean(" ".join([titles, *categories]), MAX_QUERY_CHARS)

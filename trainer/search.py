@@ -9,10 +9,11 @@ held out, with no typed query.
 
 Stages, both with the retriever the gateway is configured with:
 
-- SFT on composed answers: as reasoning, the item's reference and categories (compact) or the
-  user's interests and the item's title (rich); as the query, the item's title and categories
-  (`contract.search.compose_query`). The embedded model has learnt, in pretraining, which item
-  comes next; SFT teaches it to say so in the retriever's words.
+- SFT on composed answers naming the next `items_named` items: as reasoning, their references and
+  categories (compact) or the user's interests and the first item's title (rich); as the query,
+  their references (compact), which the retriever reads as their text, or their titles and
+  categories (rich) (`contract.search.compose_query`). The embedded model has learnt, in
+  pretraining, which item comes next; SFT teaches it to say so in a query.
 - GRPO with the retriever's NDCG@1000 as the reward (`reward_rules.terms.SearchNdcg`), sampled
   under the search grammar (`trainer.constrained.search_constraint`).
 

@@ -97,6 +97,8 @@ def test_the_retriever_gets_the_typed_words_then_the_models() -> None:
     # compact: the items' references, which the retriever reads as their text
     assert compose_query([TOY], Rendering.compact) == "#1"
     assert compose_query([TOY, HEAT], Rendering.compact) == "#1 #6"
+    many = [ItemView(item_id=f"{n:09d}", title="t") for n in range(20)]  # 10 characters each
+    assert compose_query(many, Rendering.compact) == " ".join(f"#{n:09d}" for n in range(11))
     # rich: titles, then categories, whole items only, as many as fit
     assert compose_query([TOY], Rendering.rich) == "Toy Story (1995) Animation Comedy"
     both = "Toy Story (1995), Heat (1995) Animation Comedy Action"
