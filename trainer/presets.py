@@ -155,7 +155,8 @@ DEFAULT_RATING = RatingPreset(
 
 # Measured on ML-100K validation (docs/evaluation.md, "Search"): a query naming two items scored
 # above one (NDCG@10 0.0407 against 0.0353) and as three did (0.0404). GRPO for 150 steps at 1e-4
-# or 3e-4, or with the reward cut at 10, scored below its SFT start: its steps stay few and small.
+# or 3e-4, at temperature 0.5, or with the reward cut at 10, scored below its SFT start: its steps
+# stay few and small.
 DEFAULT_SEARCH = SearchPreset(
     sft_examples=12000,
     items_named=2,
