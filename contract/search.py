@@ -67,8 +67,12 @@ SEARCH_FORMAT = (
     "<answer>the search query: words of the titles and categories you are looking for</answer>."
 )
 _ANSWER = re.compile(r"^\s*<think>([^<>]*)</think>\s*<answer>([^<>]*)</answer>\s*$")
-# A reference starts a word; ids hold no whitespace, ',', '<' or '>' (server.schemas.Id).
-_REFERENCE = re.compile(rf"(?<!\S){re.escape(ITEM_MARK)}([^\s,<>]+)")
+# A reference starts a word and runs to whitespace or a character no id holds (server.schemas.Id).
+_REFERENCE = re.compile(rf"(?<!\S){re.escape(ITEM_MARK)}([^\s,<>:/]+)")
+# An item's text can run to tens of thousands of characters (its description, attributes): a query
+# reads at most this many references, and this much of each, so that one request stays cheap.
+MAX_REFERENCES = 20
+REFERENCE_CHARS = 1000
 
 
 class SearchInput(BaseModel):
@@ -151,19 +155,31 @@ def retriever_query(typed: str, written: str) -> str:
 
 
 def expand_references(query: str, text: Callable[[str], str | None]) -> str:
-    """`query` with each item reference replaced by `text(item_id)`, the item's text; a reference
-    `text` does not know (None) stays as written."""
-    return _REFERENCE.sub(lambda match: text(match.group(1)) or match.group(0), query)
+    """`query` with its first MAX_REFERENCES item references replaced by `text(item_id)`, the
+    item's text (its first REFERENCE_CHARS); a reference `text` does not know (None), and any
+    after those, stay as written."""
+    read = 0
+
+    def expand(match: re.Match[str]) -> str:
+        nonlocal read
+        found = text(match.group(1)) if read < MAX_REFERENCES else None
+        read += found is not None
+        return found[:REFERENCE_CHARS] if found else match.group(0)
+
+    return _REFERENCE.sub(expand, query)
 
 
 def compose_query(items: Sequence[ItemView], rendering: Rendering) -> str:
     """A query that finds `items`, the first best, written from the data (SFT targets; ML-100K
     logs no queries), for as many whole items as fit. Compact: the items' references, which the
     retriever reads as their text (a model trained from scratch names items well and spells their
-    titles badly). Rich: their titles, then their categories."""
+    titles badly; an id too long for the query is written as the rich query is). Rich: their
+    titles, then their categories."""
+    limit = QUERY_CHARS[rendering]
+    by_reference = rendering is Rendering.compact and len(ref(items[0].item_id)) <= limit
 
     def text(chosen: Sequence[ItemView]) -> str:
-        if rendering is Rendering.compact:
+        if by_reference:
             return " ".join(ref(item.item_id) for item in chosen)
         titles = ", ".join(item.title for item in chosen)
         categories = dict.fromkeys(c for item in chosen for c in item.categories)
@@ -171,7 +187,7 @@ def compose_query(items: Sequence[ItemView], rendering: Rendering) -> str:
 
     chosen = list(items[:1])
     for item in items[1:]:
-        if len(text([*chosen, item])) > QUERY_CHARS[rendering]:
+        if len(text([*chosen, item])) > limit:
             break
         chosen.append(item)
-    return clean(text(chosen), QUERY_CHARS[rendering])
+    return clean(text(chosen), limit)

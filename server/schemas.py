@@ -474,7 +474,8 @@ class SearchResponse(BaseModel):
     query: str = Field(
         description="The query the retriever ranked with: what was typed followed by the "
         "model's query (source llm), or as typed (fallback; the last history item's title when "
-        "nothing was typed)."
+        "nothing was typed). It may name items by reference (#item_id), which the retriever "
+        "reads as the item's text."
     )
     retriever: str = Field(description="bm25 or dense (REASONREC_SEARCH_RETRIEVER).")
     items: list[SearchedItem]

@@ -1,7 +1,7 @@
 """`reasonrec bootstrap`: the embedded model, from the store's data to an active registry version.
 
 Stages: candidate index -> examples -> tokenizer -> model -> item-sequence pretraining (compact
-rendering) -> for search, SFT on the catalog -> for ranking, SFT -> GRPO (as RecLLM-R1 trains) ->
+rendering) -> for ranking, SFT -> GRPO (as RecLLM-R1 trains) ->
 for rating, RecOne's SFT or nothing (RecZero) -> GRPO (`trainer.rating`) -> for search, SFT ->
 GRPO with the retriever's reward (`trainer.search`) -> validation of each task -> atomic publish
 -> activation, only for a model that beats its fallback on every task it was trained for (the

@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 
 from contract.prompt import ItemView, Rendering
 from contract.search import (
+    MAX_REFERENCES,
     QUERY_CHARS,
+    REFERENCE_CHARS,
     THINK_CHARS,
     build_search_prompt,
     compose_query,
@@ -99,6 +101,10 @@ def test_the_retriever_gets_the_typed_words_then_the_models() -> None:
     assert compose_query([TOY, HEAT], Rendering.compact) == "#1 #6"
     many = [ItemView(item_id=f"{n:09d}", title="t") for n in range(20)]  # 10 characters each
     assert compose_query(many, Rendering.compact) == " ".join(f"#{n:09d}" for n in range(11))
+    # a reference that cannot fit would be cut into another id: the title and categories instead
+    huge = ItemView(item_id="9" * 200, title="Huge (2001)", categories=["Drama"])
+    both = "Huge (2001), Toy Story (1995) Drama Animation Comedy"
+    assert compose_query([huge, TOY], Rendering.compact) == both
     # rich: titles, then categories, whole items only, as many as fit
     assert compose_query([TOY], Rendering.rich) == "Toy Story (1995) Animation Comedy"
     both = "Toy Story (1995), Heat (1995) Animation Comedy Action"
@@ -120,8 +126,18 @@ def test_the_retriever_gets_the_typed_words_then_the_models() -> None:
         ("#7 #1", "#7 Toy Story"),  # no item 7: the reference stays as written
         ("a#1 #", "a#1 #"),  # a reference starts a word and names something
         ("#1#6", "#1#6"),  # the id '1#6' is unknown
+        ("#1: #6/x", "Toy Story: Heat/x"),  # ids hold no ':' or '/'
     ],
 )
 def test_references_are_read_as_the_items_text(query: str, expanded: str) -> None:
     texts = {"1": "Toy Story", "6": "Heat", "1#": "never"}
     assert expand_references(query, texts.get) == expanded
+
+
+def test_a_query_reads_a_bounded_amount_of_item_text() -> None:
+    texts = {"1": "x" * (REFERENCE_CHARS * 5), "6": "Heat"}
+    query = " ".join(["#6", "#unknown"] + ["#1"] * MAX_REFERENCES)
+    words = expand_references(query, texts.get).split()
+    assert words[:2] == ["Heat", "#unknown"]  # an unknown reference is not counted
+    assert words[2:-1] == ["x" * REFERENCE_CHARS] * (MAX_REFERENCES - 1)
+    assert words[-1] == "#1"  # past the limit: as written
