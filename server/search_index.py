@@ -24,7 +24,7 @@ import faiss
 import numpy as np
 from redis.exceptions import RedisError
 
-from contract.search import RetrieverKind, expand_references
+from contract.search import REFERENCE_CHARS, RetrieverKind, expand_references
 from server import metrics
 from server.schemas import ItemIn
 from server.store import Store
@@ -49,7 +49,8 @@ class SearchIndex(ABC):
     def __init__(self, item_ids: Sequence[str], texts: Sequence[str]):
         self.item_ids = list(item_ids)
         self._at = {item_id: i for i, item_id in enumerate(self.item_ids)}
-        self._texts = dict(zip(self.item_ids, texts, strict=True))
+        # only what a reference reads: a catalog's descriptions need not be held twice
+        self._texts = {i: text[:REFERENCE_CHARS] for i, text in zip(item_ids, texts, strict=True)}
         self._order = np.arange(len(self.item_ids))
         self.version = hashlib.sha256("\x00".join([*item_ids, *texts]).encode()).hexdigest()[:12]
 
