@@ -144,11 +144,42 @@ def test_sft_then_grpo_writes_queries_that_find_what_comes_next(
     )
     scores = validate_search(model, tokenizer, examples.validation, Rendering.compact, index)
 
-    assert list(stages) == ["search_sft_ndcg@10"]
-    assert after_sft is not model
+    assert set(stages) == {"search_sft_ndcg@10", "search_grpo_ndcg@10", "search_grpo_kept"}
+    kept = stages["search_grpo_ndcg@10"] >= stages["search_sft_ndcg@10"]
+    assert stages["search_grpo_kept"] == float(kept)
+    served = "search_grpo_ndcg@10" if kept else "search_sft_ndcg@10"
+    assert scores["search_ndcg@10"] == stages[served]
+    assert (after_sft is not model) == kept
     assert scores["search_validation_users"] == 10 and scores["search_failed"] == 0.0
     # the raw query finds the last item, which the user has seen: nothing left to find
     assert scores["search_raw_ndcg@10"] == 0.0
     # the circle is learnable: the model names the next film
     assert stages["search_sft_ndcg@10"] > 0.5
     assert scores["search_ndcg@10"] > 0.5 and scores["search_hr@10"] > 0.5
+
+
+def test_a_grpo_stage_that_validates_below_sft_is_not_kept(
+    data: Corpus, tokenizer, index, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    model = build_model(tokenizer, "tiny", seed=0)
+    builder = SearchExampleBuilder(data, Rendering.compact, history=3, typed_share=0.3)
+    examples = builder.build(PRESET.sft_examples, PRESET.validation_users, 0)
+    # A learning rate no model survives: GRPO's steps wreck what SFT learnt.
+    wrecking = PRESET.grpo.model_copy(update={"learning_rate": 0.5, "max_steps": 2})
+
+    model, after_sft, stages = train_search(
+        model,
+        tokenizer,
+        examples,
+        PRESET.model_copy(update={"grpo": wrecking}),
+        index,
+        tmp_path,
+        keep_sft=True,
+    )
+
+    assert stages["search_grpo_ndcg@10"] < stages["search_sft_ndcg@10"]
+    assert stages["search_grpo_kept"] == 0.0
+    assert model is after_sft
+    scores = validate_search(model, tokenizer, examples.validation, Rendering.compact, index)
+    assert scores["search_ndcg@10"] == stages["search_sft_ndcg@10"] > 0.5
