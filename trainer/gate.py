@@ -219,7 +219,7 @@ def _rate_verdict(metrics: dict[str, float]) -> tuple[bool, str]:
 def _search_verdict(metrics: dict[str, float]) -> tuple[bool, str]:
     ours, theirs = metrics.get("search_ndcg@10", 0.0), metrics.get("search_raw_ndcg@10", 0.0)
     beats = ours >= theirs
-    verdict = "finds items at least as well as" if beats else "finds items WORSE than"
+    verdict = "find items at least as well as" if beats else "find items WORSE than"
     return beats, (
         f"the model's queries {verdict} the last item's title on "
         f"{int(metrics.get('search_validation_users', 0))} validation users "
