@@ -222,6 +222,6 @@ def train_search(
     # better model served.
     kept = after >= before
     if not kept:
-        log.warning("search GRPO validated below SFT: the SFT model is kept", extra=stages)
+        log.warning("search GRPO validated below its start: the model before is kept", extra=stages)
         model = after_sft
     return model, after_sft if keep_sft else None, stages | {"search_grpo_kept": float(kept)}
