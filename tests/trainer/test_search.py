@@ -131,17 +131,22 @@ PRESET = SearchPreset(
 )
 
 
-def test_sft_then_grpo_writes_queries_that_find_what_comes_next(
-    data: Corpus, tokenizer, index, tmp_path: Path
-) -> None:
+def trained(data: Corpus, tokenizer, index, scratch: Path, preset: SearchPreset = PRESET):
+    """A tiny model through `train_search` on the circle: the examples, the model, the model
+    before GRPO and the stages' scores."""
     torch.manual_seed(0)
     model = build_model(tokenizer, "tiny", seed=0)
     builder = SearchExampleBuilder(data, Rendering.compact, history=3, typed_share=0.3)
-    examples = builder.build(PRESET.sft_examples, PRESET.validation_users, 0)
-
-    model, after_sft, stages = train_search(
-        model, tokenizer, examples, PRESET, index, tmp_path, keep_sft=True
+    examples = builder.build(preset.sft_examples, preset.validation_users, 0)
+    return examples, *train_search(
+        model, tokenizer, examples, preset, index, scratch, keep_sft=True
     )
+
+
+def test_sft_then_grpo_writes_queries_that_find_what_comes_next(
+    data: Corpus, tokenizer, index, tmp_path: Path
+) -> None:
+    examples, model, after_sft, stages = trained(data, tokenizer, index, tmp_path)
     scores = validate_search(model, tokenizer, examples.validation, Rendering.compact, index)
 
     assert set(stages) == {"search_sft_ndcg@10", "search_grpo_ndcg@10", "search_grpo_kept"}
@@ -161,22 +166,11 @@ def test_sft_then_grpo_writes_queries_that_find_what_comes_next(
 def test_a_grpo_stage_that_validates_below_sft_is_not_kept(
     data: Corpus, tokenizer, index, tmp_path: Path
 ) -> None:
-    torch.manual_seed(0)
-    model = build_model(tokenizer, "tiny", seed=0)
-    builder = SearchExampleBuilder(data, Rendering.compact, history=3, typed_share=0.3)
-    examples = builder.build(PRESET.sft_examples, PRESET.validation_users, 0)
     # A learning rate no model survives: GRPO's steps wreck what SFT learnt.
     wrecking = PRESET.grpo.model_copy(update={"learning_rate": 0.5, "max_steps": 2})
+    preset = PRESET.model_copy(update={"grpo": wrecking})
 
-    model, after_sft, stages = train_search(
-        model,
-        tokenizer,
-        examples,
-        PRESET.model_copy(update={"grpo": wrecking}),
-        index,
-        tmp_path,
-        keep_sft=True,
-    )
+    examples, model, after_sft, stages = trained(data, tokenizer, index, tmp_path, preset)
 
     assert stages["search_grpo_ndcg@10"] < stages["search_sft_ndcg@10"]
     assert stages["search_grpo_kept"] == 0.0
