@@ -342,7 +342,7 @@ def eval_command(
         typer.Option(
             "--task",
             help="rank: NDCG/HR/ILD/novelty of lists; rate: MAE/RMSE of ratings; search: the same "
-            "list metrics for the model's queries (after SFT and after GRPO) sent to "
+            "list metrics for the model's queries (after SFT and as published) sent to "
             "REASONREC_SEARCH_RETRIEVER; repeat the option to train one model for several (as the "
             "demo does) and report each. Default: rank.",
         ),

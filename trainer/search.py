@@ -223,5 +223,5 @@ def train_search(
     kept = after >= before
     if not kept:
         log.warning("search GRPO validated below its start: the model before is kept", extra=stages)
-        model = after_sft
+        model = after_sft  # the same object as the SFT stage: both are only saved
     return model, after_sft if keep_sft else None, stages | {"search_grpo_kept": float(kept)}

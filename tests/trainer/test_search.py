@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import trainer.search
 from contract.prompt import Rendering
 from contract.search import RetrieverKind, parse_search, search_pattern
 from contract.tasks import Task
@@ -131,15 +132,15 @@ PRESET = SearchPreset(
 )
 
 
-def trained(data: Corpus, tokenizer, index, scratch: Path, preset: SearchPreset = PRESET):
+def trained(data: Corpus, tokenizer, index, scratch: Path):
     """A tiny model through `train_search` on the circle: the examples, the model, the model
     before GRPO and the stages' scores."""
     torch.manual_seed(0)
     model = build_model(tokenizer, "tiny", seed=0)
     builder = SearchExampleBuilder(data, Rendering.compact, history=3, typed_share=0.3)
-    examples = builder.build(preset.sft_examples, preset.validation_users, 0)
+    examples = builder.build(PRESET.sft_examples, PRESET.validation_users, 0)
     return examples, *train_search(
-        model, tokenizer, examples, preset, index, scratch, keep_sft=True
+        model, tokenizer, examples, PRESET, index, scratch, keep_sft=True
     )
 
 
@@ -164,13 +165,13 @@ def test_sft_then_grpo_writes_queries_that_find_what_comes_next(
 
 
 def test_a_grpo_stage_that_validates_below_sft_is_not_kept(
-    data: Corpus, tokenizer, index, tmp_path: Path
+    data: Corpus, tokenizer, index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A learning rate no model survives: GRPO's steps wreck what SFT learnt.
-    wrecking = PRESET.grpo.model_copy(update={"learning_rate": 0.5, "max_steps": 2})
-    preset = PRESET.model_copy(update={"grpo": wrecking})
+    # GRPO that forgets everything SFT taught: an untrained model comes out.
+    untrained = build_model(tokenizer, "tiny", seed=1).eval()
+    monkeypatch.setattr(trainer.search, "run_grpo", lambda *args, **kwargs: untrained)
 
-    examples, model, after_sft, stages = trained(data, tokenizer, index, tmp_path, preset)
+    examples, model, after_sft, stages = trained(data, tokenizer, index, tmp_path)
 
     assert stages["search_grpo_ndcg@10"] < stages["search_sft_ndcg@10"]
     assert stages["search_grpo_kept"] == 0.0

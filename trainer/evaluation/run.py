@@ -11,8 +11,8 @@
 4. Add the validation interactions (they precede the test item; item-kNN scores from them too).
 5. Rank for each user with the systems (the model, the retrieval order it reranks, popularity,
    item-kNN, search's retrievers queried with the last item's title, and for a search model its
-   queries after SFT and after GRPO) and score against the test item; predict each user's test
-   rating (`trainer.evaluation.rating`).
+   queries after SFT and as published (after GRPO, unless GRPO validated lower)) and score
+   against the test item; predict each user's test rating (`trainer.evaluation.rating`).
 """
 
 import asyncio
@@ -233,8 +233,8 @@ def _rank_report(
 def _query_models(
     store: Store, settings: Settings, trained: BootstrapResult, run: asyncio.Runner
 ) -> list[PipelineSystem]:
-    """The search model's queries for what each user wants next, after SFT and after GRPO, sent
-    to the retriever it was trained with."""
+    """The search model's queries for what each user wants next, after SFT and as published
+    (after GRPO, unless GRPO validated lower), sent to the retriever it was trained with."""
     indexes = SearchIndexes(settings.search_retriever)
     run.run(indexes.refresh(store))
     searcher = Searcher(store, settings, indexes)
