@@ -46,6 +46,8 @@ SEPARATOR = ", "  # between item references, in a compact history and in every a
 ANSWER_TAG = "<answer>"
 
 ITEM_MARK = "#"
+# Printable characters no id holds (server.schemas.Id): where a reference in free text ends.
+ID_EXCLUDED = ":/,<>"
 MAX_RATIONALE_CHARS = 300
 # Attributes worth their tokens (a year is usually in the title already); values are cut short.
 KEY_ATTRIBUTES = ("brand", "price", "tags")

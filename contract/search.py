@@ -33,6 +33,7 @@ from enum import StrEnum
 from pydantic import BaseModel, Field
 
 from contract.prompt import (
+    ID_EXCLUDED,
     ITEM_MARK,
     ItemView,
     Rendering,
@@ -67,8 +68,8 @@ SEARCH_FORMAT = (
     "<answer>the search query: words of the titles and categories you are looking for</answer>."
 )
 _ANSWER = re.compile(r"^\s*<think>([^<>]*)</think>\s*<answer>([^<>]*)</answer>\s*$")
-# A reference starts a word and runs to whitespace or a character no id holds (server.schemas.Id).
-_REFERENCE = re.compile(rf"(?<!\S){re.escape(ITEM_MARK)}([^\s,<>:/]+)")
+# A reference starts a word and runs to whitespace or a character no id holds.
+_REFERENCE = re.compile(rf"(?<!\S){re.escape(ITEM_MARK)}([^\s{re.escape(ID_EXCLUDED)}]+)")
 # An item's text can run to tens of thousands of characters (its description, attributes): a query
 # reads at most this many references, and this much of each, so that one request stays cheap.
 MAX_REFERENCES = 20

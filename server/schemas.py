@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from contract.prompt import ID_EXCLUDED
 from contract.search import MAX_QUERY_CHARS
 
 # Characters that are invisible or change how text around them is laid out: C0 and C1 controls,
@@ -34,8 +35,8 @@ _HIDDEN = (
     r"\x00-\x20\x7f-\xa0\u00ad\u061c\u180e\u2000-\u200f\u2028-\u202f\u205f-\u206f\u3000"
     r"\ufeff\ufff0-\uffff"
 )
-_ID_CHAR = rf"[^{_HIDDEN}:/,<>]"
-_NOT_DOT = rf"[^{_HIDDEN}:/,<>.]"
+_ID_CHAR = rf"[^{_HIDDEN}{ID_EXCLUDED}]"
+_NOT_DOT = rf"[^{_HIDDEN}{ID_EXCLUDED}.]"
 # Any id but "." and "..", which URLs resolve away as path segments. Written without lookahead,
 # which the Rust regex engine behind pydantic lacks.
 ID_PATTERN = rf"^({_NOT_DOT}{_ID_CHAR}*|\.{_NOT_DOT}{_ID_CHAR}*|\.\.{_ID_CHAR}+)$"
