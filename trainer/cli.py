@@ -143,7 +143,7 @@ def bootstrap_command(
     """Train the embedded model (index, tokenizer, pretraining, then each task's SFT and GRPO) on
     the store's data, or LoRA adapters on a pretrained base (--base), publish it, and activate it
     if none is active and it beats its fallback on every task (the retrieval order for ranking,
-    the bias baseline for rating, the last item's title as the query for search)."""
+    the lean baseline for rating, the last item's title as the query for search)."""
     check_preset(preset)
     settings = settings_from_env()
     tasks = frozenset(task or [Task.rank])
@@ -288,7 +288,7 @@ def _added(settings: Settings, version: str, activate: bool) -> None:
 
 @models.command("activate")
 def activate_model(version: Annotated[str, typer.Argument()]) -> None:
-    """Make VERSION the active model (gateways load it when they start)."""
+    """Make VERSION the active model; running gateways swap to it without a restart."""
     settings = settings_from_env()
     with registry_errors():
         check_contract(Registry(settings.registry_path).manifest(version))
