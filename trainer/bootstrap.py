@@ -54,7 +54,6 @@ from trainer.search import (
     SearchExampleBuilder,
     SearchExamples,
     train_search,
-    validate_search,
 )
 from trainer.sft import run_sft
 from trainer.tokenizer import train_tokenizer
@@ -215,6 +214,8 @@ def train_model(
                 sft=Task.rank not in plan.tasks,
             )
         stages |= rated
+    # Search trains last: `train_search` validates the model it returns, and nothing changes it
+    # after, so its figures are the final model's.
     if plan.search is not None and plan.retriever is not None:
         with tempfile.TemporaryDirectory(prefix="reasonrec-grpo-") as scratch:
             model, after_sft, searched = train_search(
@@ -239,20 +240,15 @@ def validate_tasks(
     examples: Examples,
     popularity: Popularity,
     plan: Plan,
-    preset: Preset,
     novelty_floor: float,
 ) -> dict[str, float]:
-    """Each task's validation metrics (see `trainer.gate.validate` and `validate_rating`)."""
+    """Ranking's and rating's validation metrics (see `trainer.gate.validate` and
+    `validate_rating`); search's come with its training (`train_search`), the last stage."""
     metrics: dict[str, float] = {}
     if Task.rank in plan.tasks:
         metrics |= validate(model, tokenizer, examples.validation, popularity, novelty_floor)
     if plan.rating is not None:
         metrics |= validate_rating(model, tokenizer, plan.rating.validation, plan.rating.rendering)
-    if plan.search is not None and plan.retriever is not None:
-        search = plan.search
-        metrics |= validate_search(
-            model, tokenizer, search.validation, search.rendering, plan.retriever
-        )
     return metrics
 
 
@@ -378,7 +374,7 @@ async def bootstrap(
     )
     popularity = Popularity.of(corpus.popularity, index)
     metrics = stages | validate_tasks(
-        model, tokenizer, examples, popularity, plan, preset, settings.novelty_floor
+        model, tokenizer, examples, popularity, plan, settings.novelty_floor
     )
     adapter = parent is not None and not item_tokens
     if item_tokens:

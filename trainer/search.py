@@ -199,11 +199,13 @@ def train_search(
 ):
     """SFT (unless it already ran, joint with ranking's), then GRPO, kept only when it validates
     at least as well as the model it started from. Returns the model, the model before GRPO
-    (with `keep_sft`, for evaluation; else None) and what each stage scored on validation."""
+    (with `keep_sft`, for evaluation; else None), and what each stage scored with the returned
+    model's validation (`validate_search`: nothing trains after search, so the bootstrap reads
+    its figures from here instead of decoding the validation users again)."""
     if sft:
         model = run_sft(model, tokenizer, examples.train, preset.sft)
     validation, rendering = examples.validation, examples.rendering
-    before = validate_search(model, tokenizer, validation, rendering, index)["search_ndcg@10"]
+    before = validate_search(model, tokenizer, validation, rendering, index)
     after_sft = copy.deepcopy(model)
     constraint = search_constraint(tokenizer, rendering)
     model = run_grpo(
@@ -215,13 +217,15 @@ def train_search(
         scratch,
         constraint=constraint,
     )
-    after = validate_search(model, tokenizer, validation, rendering, index)["search_ndcg@10"]
-    stages = {"search_sft_ndcg@10": before, "search_grpo_ndcg@10": after}
+    after = validate_search(model, tokenizer, validation, rendering, index)
+    stages = {"search_sft_ndcg@10": before["search_ndcg@10"]}
+    stages["search_grpo_ndcg@10"] = after["search_ndcg@10"]
     # GRPO's reward is a sampled query's NDCG@1000, validation the greedy query's NDCG@10: on
     # ML-100K it has scored below its start (docs/evaluation.md, "Search"), and a user wants the
     # better model served.
-    kept = after >= before
+    kept = after["search_ndcg@10"] >= before["search_ndcg@10"]
     if not kept:
         log.warning("search GRPO validated below its start: the model before is kept", extra=stages)
         model = after_sft  # the same object as the SFT stage: both are only saved
-    return model, after_sft if keep_sft else None, stages | {"search_grpo_kept": float(kept)}
+    stages["search_grpo_kept"] = float(kept)
+    return model, after_sft if keep_sft else None, stages | (after if kept else before)

@@ -48,3 +48,10 @@ def test_with_no_query_the_model_writes_what_comes_next(gateway, tiny_model) -> 
 def test_without_a_user_the_model_still_writes_from_the_query(gateway) -> None:
     body = search(gateway, query="comedy")
     assert body["source"] == "llm" and body["query"].startswith("comedy")
+
+
+def test_the_version_records_the_search_validation_of_the_published_stage(tiny_model) -> None:
+    metrics = tiny_model.metrics
+    published = "search_grpo_ndcg@10" if metrics["search_grpo_kept"] else "search_sft_ndcg@10"
+    assert metrics["search_ndcg@10"] == metrics[published]
+    assert metrics["search_validation_users"] > 0 and "search_raw_ndcg@10" in metrics

@@ -134,7 +134,7 @@ PRESET = SearchPreset(
 
 def trained(data: Corpus, tokenizer, index, scratch: Path):
     """A tiny model through `train_search` on the circle: the examples, the model, the model
-    before GRPO and the stages' scores."""
+    before GRPO and the stages' scores with the returned model's validation."""
     torch.manual_seed(0)
     model = build_model(tokenizer, "tiny", seed=0)
     builder = SearchExampleBuilder(data, Rendering.compact, history=3, typed_share=0.3)
@@ -150,11 +150,14 @@ def test_sft_then_grpo_writes_queries_that_find_what_comes_next(
     examples, model, after_sft, stages = trained(data, tokenizer, index, tmp_path)
     scores = validate_search(model, tokenizer, examples.validation, Rendering.compact, index)
 
-    assert set(stages) == {"search_sft_ndcg@10", "search_grpo_ndcg@10", "search_grpo_kept"}
+    grpo = {"search_sft_ndcg@10", "search_grpo_ndcg@10", "search_grpo_kept"}
+    assert set(stages) == grpo | set(scores)
     kept = stages["search_grpo_ndcg@10"] >= stages["search_sft_ndcg@10"]
     assert stages["search_grpo_kept"] == float(kept)
     served = "search_grpo_ndcg@10" if kept else "search_sft_ndcg@10"
     assert scores["search_ndcg@10"] == stages[served]
+    # the bootstrap reads the returned model's validation from the stages, decoding nothing again
+    assert {key: stages[key] for key in scores} == scores
     assert (after_sft is not model) == kept
     assert scores["search_validation_users"] == 10 and scores["search_failed"] == 0.0
     # the raw query finds the last item, which the user has seen: nothing left to find
@@ -178,3 +181,4 @@ def test_a_grpo_stage_that_validates_below_sft_is_not_kept(
     assert model is after_sft
     scores = validate_search(model, tokenizer, examples.validation, Rendering.compact, index)
     assert scores["search_ndcg@10"] == stages["search_sft_ndcg@10"] > 0.5
+    assert {key: stages[key] for key in scores} == scores
