@@ -3,10 +3,11 @@
 Stages: candidate index -> examples -> tokenizer -> model -> item-sequence pretraining (compact
 rendering) -> for ranking, SFT -> GRPO (as RecLLM-R1 trains) ->
 for rating, RecOne's SFT or nothing (RecZero) -> GRPO (`trainer.rating`) -> for search, SFT ->
-GRPO with the retriever's reward, kept if it validates no worse (`trainer.search`) -> validation
-of each task -> atomic publish -> activation, only for a model that beats its fallback on every
-task it was trained for (the gate: the retrieval order it reranks, the bias baseline, the raw
-query). Each stage logs and shows progress; the manifest records what each stage scored.
+GRPO with the retriever's reward, kept if it validates no worse (`trainer.search`, whose
+validation is the version's) -> validation of ranking and rating -> atomic publish -> activation,
+only for a model that beats its fallback on every task it was trained for (the gate: the retrieval
+order it reranks, the lean baseline, the raw query). Each stage logs and shows progress; the
+manifest records what each stage scored.
 """
 
 import copy

@@ -218,8 +218,10 @@ def train_search(
         constraint=constraint,
     )
     after = validate_search(model, tokenizer, validation, rendering, index)
-    stages = {"search_sft_ndcg@10": before["search_ndcg@10"]}
-    stages["search_grpo_ndcg@10"] = after["search_ndcg@10"]
+    stages = {
+        "search_sft_ndcg@10": before["search_ndcg@10"],
+        "search_grpo_ndcg@10": after["search_ndcg@10"],
+    }
     # GRPO's reward is a sampled query's NDCG@1000, validation the greedy query's NDCG@10: on
     # ML-100K it has scored below its start (docs/evaluation.md, "Search"), and a user wants the
     # better model served.
