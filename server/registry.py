@@ -84,7 +84,12 @@ class Manifest(BaseModel):
 
 
 class RegistryError(Exception):
-    pass
+    """A version that cannot be stored or served. The message may name folders, for the
+    operator's command line and log; `public` leaves them out, for open routes (`/readyz`)."""
+
+    def __init__(self, message: str, public: str | None = None):
+        super().__init__(message)
+        self.public = public or message
 
 
 def new_version() -> str:
@@ -104,7 +109,8 @@ class Registry:
     def manifest(self, version: str) -> Manifest:
         path = self.path(version) / MANIFEST
         if not path.is_file():
-            raise RegistryError(f"model version '{version}' is not in the registry {self.root}")
+            missing = f"model version '{version}' is not in the registry"
+            raise RegistryError(f"{missing} {self.root}", public=missing)
         return Manifest.model_validate_json(path.read_text())
 
     def versions(self) -> list[Manifest]:
@@ -176,7 +182,10 @@ def adapter_rank(path: Path) -> int:
     try:
         return int(json.loads((path / ADAPTER_CONFIG).read_text())["r"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise RegistryError(f"{path} holds no readable LoRA adapter: {exc}") from exc
+        raise RegistryError(
+            f"{path} holds no readable LoRA adapter: {exc}",
+            public=f"{path.name} holds no readable LoRA adapter",
+        ) from exc
 
 
 def stored_parameters(path: Path) -> int:

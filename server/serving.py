@@ -59,7 +59,7 @@ class Serving:
             self.engine = await open_active_engine(self.settings, self.store)
         except RegistryError as exc:
             log.error("active model refused", extra={"reason": str(exc)})
-            self.problem = str(exc)
+            self.problem = exc.public
         except RedisError as exc:
             log.error("cannot read the active model", extra={"reason": repr(exc)})
             self.problem = "active model unknown: redis unreachable at startup"

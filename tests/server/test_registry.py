@@ -281,7 +281,11 @@ def test_app_with_a_model_of_another_contract_serves_in_fallback(
 
 
 def test_app_with_an_active_version_missing_from_the_registry(
-    settings: Settings, make_client: Callable[..., TestClient], rdb: redis.Redis, key_prefix: str
+    settings: Settings,
+    make_client: Callable[..., TestClient],
+    rdb: redis.Redis,
+    key_prefix: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     rdb.set(f"{key_prefix}:model:active", "v-gone")
     client = make_client()
@@ -290,7 +294,18 @@ def test_app_with_an_active_version_missing_from_the_registry(
 
     assert body["status"] == "degraded"
     assert "'v-gone' is not in the registry" in body["checks"]["engine"]
-    assert str(settings.registry_path) in body["checks"]["engine"]
+    # The route is open: the folder it was looked for in goes to the log only.
+    assert str(settings.registry_path) not in body["checks"]["engine"]
+    refused = [r for r in caplog.records if r.getMessage() == "active model refused"]
+    assert refused and str(settings.registry_path) in refused[0].reason
+
+
+def test_a_registry_error_keeps_folders_out_of_its_public_text(tmp_path: Path) -> None:
+    with pytest.raises(RegistryError) as refused:
+        adapter_rank(tmp_path / "v7")
+    assert str(tmp_path) in str(refused.value)
+    assert refused.value.public == "v7 holds no readable LoRA adapter"
+    assert str(tmp_path) not in refused.value.public
 
 
 @pytest.mark.parametrize(
