@@ -102,8 +102,12 @@ class Bm25Index(SearchIndex):
         import bm25s
 
         super().__init__(item_ids, texts)
-        self._bm25 = bm25s.BM25()
-        self._bm25.index(_tokens(texts), show_progress=False)
+        tokens = _tokens(texts)
+        # bm25s cannot index a catalog without one indexable word (titles like "A", stopwords):
+        # such a catalog matches no query, and must not keep the gateway from starting.
+        self._bm25 = bm25s.BM25() if any(tokens) else None
+        if self._bm25 is not None:
+            self._bm25.index(tokens, show_progress=False)
 
     @property
     def kind(self) -> RetrieverKind:
@@ -111,7 +115,9 @@ class Bm25Index(SearchIndex):
 
     def _scores(self, text: str) -> np.ndarray:
         words = _tokens([text])[0]
-        return self._bm25.get_scores(words) if words else np.zeros(len(self.item_ids))
+        if not words or self._bm25 is None:
+            return np.zeros(len(self.item_ids))
+        return self._bm25.get_scores(words)
 
 
 class Encoder:

@@ -175,6 +175,19 @@ def test_an_empty_catalog_finds_nothing(client: TestClient) -> None:
     assert _search(client, query="anything")["items"] == []
 
 
+def test_a_catalog_without_an_indexable_word_starts_and_finds_nothing(make_client) -> None:
+    # One-letter titles and stopwords leave BM25 no vocabulary: bm25s alone raises on it.
+    index = build_search_index(
+        [("1", ItemIn(title="A")), ("2", ItemIn(title="the"))], RetrieverKind.bm25
+    )
+    assert index.search("a the", 10) == [] and index.rank_of("anything", "1") is None
+    items = [{"item_id": "1", "title": "A"}, {"item_id": "2", "title": "B"}]
+    assert make_client().post("/v1/items", json={"items": items}).status_code == 200
+    restarted = make_client()  # builds the index from that catalog before it answers
+    assert restarted.get("/healthz").status_code == 200
+    assert _search(restarted, query="A B")["items"] == []
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
