@@ -22,7 +22,6 @@ from collections.abc import Collection, Sequence
 
 import faiss
 import numpy as np
-from redis.exceptions import RedisError
 
 from contract.search import REFERENCE_CHARS, RetrieverKind, expand_references
 from server import metrics
@@ -225,8 +224,9 @@ class SearchIndexes:
 
     async def start(self, store: Store) -> None:
         """The first build, before the gateway answers: a search must not find nothing because
-        the index is not built yet. Without Redis, `follow` builds it once Redis answers."""
+        the index is not built yet. Without Redis, or when the catalog cannot be indexed, the
+        gateway starts all the same (search finds nothing) and `follow` tries again."""
         try:
             await self.refresh(store)
-        except RedisError as exc:
+        except Exception as exc:  # what the catalog holds must not keep the gateway down
             log.error("search index not built at startup", extra={"reason": repr(exc)})

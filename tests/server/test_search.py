@@ -188,6 +188,20 @@ def test_a_catalog_without_an_indexable_word_starts_and_finds_nothing(make_clien
     assert _search(restarted, query="A B")["items"] == []
 
 
+def test_a_search_index_that_cannot_be_built_leaves_the_gateway_serving(
+    make_client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _put_catalog(make_client())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("index build broke")
+
+    monkeypatch.setattr("server.search_index.build_search_index", broken)
+    restarted = make_client(search_refresh_seconds=3600)
+    assert _search(restarted, query="heist")["items"] == []
+    assert restarted.post("/v1/recommend", json={"user_id": "u1", "k": 2}).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
