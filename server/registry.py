@@ -8,6 +8,7 @@ serves is recorded in Redis (`model:active`) and announced on the `model-updates
 """
 
 import json
+import logging
 import math
 import shutil
 import uuid
@@ -15,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from contract.prompt import CONTRACT_VERSION, SUPPORTED_CONTRACTS, Contract, Rendering
 from contract.ranking import Blend
@@ -24,9 +25,13 @@ from contract.tasks import Task
 MANIFEST = "manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
 _STAGING = ".staging-"
+log = logging.getLogger(__name__)
 
 
 class Manifest(BaseModel):
+    # A metric that could not be measured is NaN; written as null it would not read back.
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+
     version: str
     parent: str | None = None
     kind: Literal["full", "lora"] = "full"
@@ -111,16 +116,24 @@ class Registry:
         if not path.is_file():
             missing = f"model version '{version}' is not in the registry"
             raise RegistryError(f"{missing} {self.root}", public=missing)
-        return Manifest.model_validate_json(path.read_text())
+        try:
+            return Manifest.model_validate_json(path.read_text())
+        except (OSError, ValidationError) as exc:
+            unreadable = f"model version '{version}' has an unreadable manifest"
+            raise RegistryError(f"{unreadable}: {path}: {exc}", public=unreadable) from exc
 
     def versions(self) -> list[Manifest]:
+        """Every readable version, oldest first; an unreadable one is logged and left out."""
         if not self.root.is_dir():
             return []
-        found = [
-            self.manifest(child.name)
-            for child in self.root.iterdir()
-            if not child.name.startswith(".") and (child / MANIFEST).is_file()
-        ]
+        found = []
+        for child in self.root.iterdir():
+            if child.name.startswith(".") or not (child / MANIFEST).is_file():
+                continue
+            try:
+                found.append(self.manifest(child.name))
+            except RegistryError as exc:
+                log.warning("model version left out", extra={"reason": str(exc)})
         return sorted(found, key=lambda manifest: manifest.created_at)
 
     def staging(self) -> Path:

@@ -2,6 +2,7 @@
 pub/sub). The engine is a RemoteEngine pointed nowhere: opening one needs no model, so these tests
 exercise the swap logic without vLLM (tests/integration swaps real vLLM engines under load)."""
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -129,3 +130,38 @@ def test_activation_before_the_gateway_starts_is_served(
     models_client.post("/v1/models/activate", json={"version": "v2"}, headers=ADMIN)
     other = make_client(registry_dir=tmp_path / "models", engine_url="http://127.0.0.1:9")
     assert other.get("/v1/models").json()["serving"] == "v2"
+
+
+def test_a_metric_that_could_not_be_measured_reads_back_and_lists_as_null(
+    make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    publish(tmp_path / "models", "v1", metrics={"rate_rmse": float("nan"), "ndcg@10": 0.2})
+    assert math.isnan(Registry(tmp_path / "models").manifest("v1").metrics["rate_rmse"])
+    client = make_client(registry_dir=tmp_path / "models", engine_url="http://127.0.0.1:9")
+    response = client.get("/v1/models")
+    assert response.status_code == 200, response.text
+    assert response.json()["versions"][0]["metrics"] == {"rate_rmse": None, "ndcg@10": 0.2}
+
+
+def test_an_unreadable_manifest_is_left_out_refused_and_explained(
+    make_client: Callable[..., TestClient], rdb, key_prefix: str, tmp_path: Path
+) -> None:
+    publish(tmp_path / "models", "v1")
+    publish(tmp_path / "models", "v-bad")
+    (tmp_path / "models" / "v-bad" / "manifest.json").write_text('{"version": "v-bad", "kind": 7')
+    rdb.set(f"{key_prefix}:model:active", "v-bad")
+    client = make_client(
+        registry_dir=tmp_path / "models",
+        admin_keys=["admin-secret"],
+        engine_url="http://127.0.0.1:9",
+    )
+
+    listed = client.get("/v1/models")
+    activated = client.post("/v1/models/activate", json={"version": "v-bad"}, headers=ADMIN)
+    ready = client.get("/readyz").json()
+
+    assert listed.status_code == 200, listed.text
+    assert [v["version"] for v in listed.json()["versions"]] == ["v1"]
+    assert activated.status_code == 409 and activated.json()["error"]["code"] == "model_refused"
+    assert ready["status"] == "degraded" and ready["model_version"] is None
+    assert ready["checks"]["engine"] == "model version 'v-bad' has an unreadable manifest"
