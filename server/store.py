@@ -3,6 +3,7 @@ model pointers and their announcements, the trainer's lock. No other module touc
 
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -85,6 +86,33 @@ def skip_unreadable(kind: str, ident: str, exc: Exception) -> None:
     """A stored record that cannot be decoded is skipped, never raised into a request."""
     metrics.UNREADABLE_RECORDS.labels(kind).inc()
     log.warning("unreadable record skipped", extra={"kind": kind, "id": ident, "reason": repr(exc)})
+
+
+def _readable_ratings(user_id: str, stored: dict[str, str]) -> dict[str, float]:
+    """A user's stored ratings by item, those that are not a rating left out."""
+    readable = {}
+    for item_id, raw in stored.items():
+        try:
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError(f"rating {raw}")
+        except UNREADABLE as exc:
+            skip_unreadable("rating", f"{user_id}/{item_id}", exc)
+            continue
+        readable[item_id] = value
+    return readable
+
+
+def _readable_stats(ident: str, total: str | None, count: str | None) -> Stats:
+    """A stored rating sum and count as a mean; none when they cannot be read."""
+    try:
+        stats = Stats.of(float(total or 0), int(count or 0))
+        if stats.mean is not None and not math.isfinite(stats.mean):
+            raise ValueError(f"sum {total}")
+    except UNREADABLE as exc:
+        skip_unreadable("rating_stats", ident, exc)
+        return Stats()
+    return stats
 
 
 def attributes_of(owner: str, raw: str | None) -> dict[str, Any]:
@@ -303,7 +331,7 @@ class Store:
             pipe.hgetall(self.keys.ratings(user_id))
             pipe.hmget(self.keys.rating_total, ["sum", "count"])
             attributes, recent, ratings, total = await pipe.execute()
-        values = {item: float(value) for item, value in ratings.items()}
+        values = _readable_ratings(user_id, ratings)
         wanted = list(dict.fromkeys([*item_ids, *values]))
         latest = [(i, values[i]) for i in recent if i in values]
         return RatingContext(
@@ -312,7 +340,7 @@ class Store:
             latest=latest[-LEAN_WINDOW:],
             ratings=values,
             items=await self._rating_stats(wanted),
-            everyone=Stats.of(float(total[0] or 0), int(total[1] or 0)),
+            everyone=_readable_stats("everyone", *total),
         )
 
     async def _rating_stats(self, item_ids: list[str]) -> dict[str, Stats]:
@@ -323,7 +351,7 @@ class Store:
             pipe.hmget(self.keys.rating_counts, item_ids)
             sums, counts = await pipe.execute()
         return {
-            item: Stats.of(float(total or 0), int(count or 0))
+            item: _readable_stats(item, total, count)
             for item, total, count in zip(item_ids, sums, counts, strict=True)
         }
 

@@ -89,6 +89,25 @@ def test_poisoned_records_are_skipped_and_counted(client, rdb, key_prefix):
     assert metric(client, UNREADABLE, kind="user") >= 1
 
 
+def test_poisoned_rating_records_are_skipped_and_counted(client, rdb, key_prefix):
+    put_items(client, "a", "b", "c")
+    ratings = [("a", 5.0), ("b", 2.0)]
+    events = [{"user_id": "w", "item_id": i, "type": "rating", "value": v} for i, v in ratings]
+    assert post_events(client, *events).status_code == 200
+    before = metric(client, UNREADABLE, kind="rating")
+    rdb.hset(f"{key_prefix}:user:w:ratings", "a", "n/a")
+    rdb.hset(f"{key_prefix}:ratings:sum", "c", "lots")
+    rdb.hset(f"{key_prefix}:ratings:count", "c", "1")
+    rdb.hset(f"{key_prefix}:ratings:total", "sum", "nan")
+
+    response = client.post("/v1/rate", json={"user_id": "w", "item_ids": ["a", "c"]})
+
+    assert response.status_code == 200, response.text
+    assert all(1 <= item["rating"] <= 5 for item in response.json()["items"])
+    assert metric(client, UNREADABLE, kind="rating") == before + 1
+    assert metric(client, UNREADABLE, kind="rating_stats") >= 2
+
+
 # 2. Admin keys work on their own -----------------------------------------------------------
 
 
