@@ -72,6 +72,13 @@ def _ts(value: datetime) -> str:
     return repr(value.timestamp())
 
 
+def _time_or_none(value: str) -> datetime | None:
+    try:
+        return _dt(value)
+    except ValueError:
+        return None
+
+
 def _dt(value: str | float) -> datetime:
     if (converted := readable_time(float(value))) is None:
         raise ValueError(f"{value} is not a readable time")
@@ -210,13 +217,18 @@ class Store:
     # Items ---------------------------------------------------------------------------------
 
     async def upsert_items(self, items: Sequence[ItemUpsert]) -> int:
-        """Write items; an upsert un-hides an item and keeps its first creation time."""
+        """Write items; an upsert un-hides an item and keeps its first creation time (unless that
+        time cannot be read: then the item is created now, so that a put repairs it)."""
         now = datetime.now(UTC).timestamp()
+        unreadable = await self._unreadable_creation(items)
         async with self.redis.pipeline(transaction=True) as pipe:
             for item in items:
                 key = self.keys.item(item.item_id)
                 pipe.hset(key, mapping=_item_fields(item))
-                if item.created_at is None:
+                if item.created_at is None and item.item_id in unreadable:
+                    pipe.hset(key, "created_at", repr(now))
+                    pipe.zadd(self.keys.created, {item.item_id: now})
+                elif item.created_at is None:
                     pipe.hsetnx(key, "created_at", repr(now))
                     pipe.zadd(self.keys.created, {item.item_id: now}, nx=True)
                 else:
@@ -227,6 +239,21 @@ class Store:
             pipe.incr(self.keys.catalog_version)  # what the search index follows
             await pipe.execute()
         return len(items)
+
+    async def _unreadable_creation(self, items: Sequence[ItemUpsert]) -> set[str]:
+        """Items to be kept at their stored creation time whose stored time cannot be read."""
+        keeping = [item.item_id for item in items if item.created_at is None]
+        if not keeping:
+            return set()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for item_id in keeping:
+                pipe.hget(self.keys.item(item_id), "created_at")
+            stored = await pipe.execute()
+        return {
+            item_id
+            for item_id, value in zip(keeping, stored, strict=True)
+            if value is not None and _time_or_none(value) is None
+        }
 
     async def catalog_version(self) -> int:
         """How many item writes the catalog has had: it changes whenever an item's text may."""

@@ -89,6 +89,25 @@ def test_poisoned_records_are_skipped_and_counted(client, rdb, key_prefix):
     assert metric(client, UNREADABLE, kind="user") >= 1
 
 
+def test_putting_an_item_again_repairs_an_unreadable_creation_time(client, rdb, key_prefix):
+    put_items(client, "b", "c")
+    first = client.get("/v1/items/c").json()["created_at"]
+    for item in ("b", "c"):
+        rdb.hset(f"{key_prefix}:item:{item}", "created_at", repr(253402343999.0 + 86400))
+    assert_error(client.get("/v1/items/b"), 404, "not_found")
+
+    put = client.put("/v1/items/b", json={"title": "B fixed"})
+    posted = client.post("/v1/items", json={"items": [{"item_id": "c", "title": "C fixed"}]})
+
+    assert put.status_code == 200, put.text
+    assert put.json()["title"] == "B fixed" and put.json()["created_at"] > first
+    assert posted.status_code == 200
+    repaired = client.get("/v1/items/c").json()
+    assert repaired["title"] == "C fixed"
+    put_items(client, "c")  # a readable creation time is kept
+    assert client.get("/v1/items/c").json()["created_at"] == repaired["created_at"]
+
+
 def test_poisoned_rating_records_are_skipped_and_counted(client, rdb, key_prefix):
     put_items(client, "a", "b", "c")
     ratings = [("a", 5.0), ("b", 2.0)]
