@@ -46,11 +46,15 @@ for i = 0, n - 1 do
     end
     if kind == 'rating' and value ~= '' then
       -- The user's latest rating of each item (the newest `cap` in time order, for prompts) and
-      -- running sums for the means the rating task shows and its fallback predicts from.
+      -- running sums for the means the rating task shows and its fallback predicts from. When
+      -- each rating was made is kept for every item (rated_at): an older rating arriving late
+      -- must not replace a newer one that `rated` has already trimmed.
       local rated = prefix .. ':user:' .. user .. ':rated'
-      local last = redis.call('ZSCORE', rated, item)
+      local rated_at = prefix .. ':user:' .. user .. ':rated_at'
+      local last = redis.call('HGET', rated_at, item) or redis.call('ZSCORE', rated, item)
       if (not last) or tonumber(ts) >= tonumber(last) then
         redis.call('ZADD', rated, ts, item)
+        redis.call('HSET', rated_at, item, ts)
         redis.call('HSET', prefix .. ':user:' .. user .. ':ratings', item, value)
       end
       redis.call('ZREMRANGEBYRANK', rated, 0, -(cap + 1))

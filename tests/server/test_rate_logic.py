@@ -4,6 +4,7 @@ tests/integration/test_rate.py). Storage is the test's real Redis.
 The shop: items a, b, c (drama) and d (comedy). Users r1 and r2 rated them; "new" rated nothing.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -267,6 +268,22 @@ def test_store_keeps_each_users_latest_rating_and_every_rating_in_the_sums(
     assert lines[1] == "#b=4, #d=2, #a=1"  # the latest rating, newest last
     assert lines[2].startswith("user mean=2.3 n=3 lean=-")  # the newest rating is a 1
     assert lines[3] == "item #a mean=2.8 n=4"  # 5, 3, 1, 2: every rating event counts
+
+
+def test_a_late_older_rating_never_replaces_a_newer_one_trimmed_from_the_prompts(
+    make_client: Callable[..., TestClient], rdb, key_prefix: str
+) -> None:
+    client = make_client(history_size=2)
+    items = [{"item_id": i, "title": f"Title {i}"} for i in "abc"]
+    assert client.post("/v1/items", json={"items": items}).status_code == 200
+    for n, (item, value) in enumerate([("a", 5.0), ("b", 3.0), ("c", 4.0)]):
+        post_events(client, _rating("w", item, value, f"2026-01-0{n + 1}T00:00:00Z"))
+    assert rdb.zrange(f"{key_prefix}:user:w:rated", 0, -1) == ["b", "c"]  # a trimmed
+
+    post_events(client, _rating("w", "a", 1.0, "2025-12-01T00:00:00Z"))
+
+    assert rdb.hget(f"{key_prefix}:user:w:ratings", "a") == "5.0"
+    assert rdb.zrange(f"{key_prefix}:user:w:rated", 0, -1) == ["b", "c"]
 
 
 def test_the_served_rating_mixes_the_model_and_the_baseline_by_the_versions_weight(
