@@ -150,14 +150,16 @@ def ref(item_id: str) -> str:
     return f"{ITEM_MARK}{item_id}"
 
 
-def _visible(value: object) -> str:
+def visible(value: object) -> str:
+    """The text without control, zero-width and bidirectional characters: what a reader of the
+    prompt cannot see must not steer the model."""
     return _INVISIBLE.sub("", str(value))
 
 
 def _text(value: object, limit: int = MAX_TEXT_CHARS) -> str:
     """One visible line, bounded: a newline or '|' in user or catalog text must not fake a
     prompt line."""
-    return " ".join(_visible(value).replace("|", "/").split())[:limit]
+    return " ".join(visible(value).replace("|", "/").split())[:limit]
 
 
 def item_line(item: ItemView) -> str:
@@ -208,7 +210,7 @@ _NOT_A_WORD = re.compile(r"[\s#<>=]+")  # no item reference, tag or second '=' f
 
 
 def _word(value: object, limit: int) -> str:
-    return _NOT_A_WORD.sub("_", _visible(value).strip())[:limit]
+    return _NOT_A_WORD.sub("_", visible(value).strip())[:limit]
 
 
 def compact_profile(profile: dict) -> str:

@@ -42,6 +42,7 @@ from contract.prompt import (
     item_line,
     profile_line,
     ref,
+    visible,
 )
 
 
@@ -103,8 +104,9 @@ def search_input(profile: dict, history: Sequence[object], typed: str, shown: in
 
 
 def clean(text: str, limit: int) -> str:
-    """One line without angle brackets (a tag inside a query would fake an answer's end)."""
-    return " ".join(re.sub(r"[<>]", " ", text).split())[:limit].strip()
+    """One visible line without angle brackets (a tag inside a query would fake an answer's
+    end)."""
+    return " ".join(re.sub(r"[<>]", " ", visible(text)).split())[:limit].strip()
 
 
 def _compact(data: SearchInput) -> str:

@@ -33,6 +33,14 @@ def test_compact_prompt_names_items_and_what_was_typed() -> None:
     assert build_search_prompt(nothing, Rendering.compact) == "\n#6\nsearch\n"
 
 
+@pytest.mark.parametrize("rendering", list(Rendering))
+def test_invisible_characters_typed_never_reach_the_prompt(rendering: Rendering) -> None:
+    typed = "comedy\u202e\u200b\x07\x00 films\u2066"
+    prompt = build_search_prompt(search_input({}, [], typed, shown=5), rendering)
+    assert "comedy films" in prompt
+    assert not any(char in prompt for char in "\u202e\u200b\x07\x00\u2066")
+
+
 def test_rich_prompt_shows_titles_and_says_when_nothing_was_typed() -> None:
     prompt = build_search_prompt(search_input({}, [TOY], "", shown=5), Rendering.rich)
     assert "- #1 | Toy Story (1995) | Animation, Comedy" in prompt
