@@ -76,8 +76,9 @@ class Rater:
         started = time.perf_counter()
         if engine is not None and Task.rate not in engine.contract.tasks:
             raise not_trained_to_rate(engine.model_version)
-        items = await self.store.get_items(request.item_ids)
-        if missing := set(request.item_ids) - set(items):
+        found = await self.store.get_items(request.item_ids)
+        items = {item_id: item for item_id, item in found.items() if not item.hidden}
+        if missing := set(request.item_ids) - set(items):  # a deleted item is gone for clients
             raise unknown_items(request, missing)
         history = engine.contract.history if engine else 0
         context = await self.store.rating_context(request.user_id, request.item_ids, history)

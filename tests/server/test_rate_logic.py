@@ -238,10 +238,11 @@ def test_bad_input_is_422(rated: TestClient, body: dict[str, Any], where: list[A
     assert any(detail["loc"][: len(where)] == where for detail in error["details"]), error
 
 
-def test_unknown_items_are_named_one_by_one(rated: TestClient) -> None:
+def test_unknown_and_deleted_items_are_named_one_by_one(rated: TestClient) -> None:
     use(rated, rating_model())
+    assert rated.delete("/v1/items/b").status_code == 204
 
-    response = rated.post("/v1/rate", json={"user_id": "r1", "item_ids": ["a", "zz", "yy"]})
+    response = rated.post("/v1/rate", json={"user_id": "r1", "item_ids": ["a", "zz", "b"]})
 
     error = assert_error(response, 422, "validation_error")
     assert [(d["loc"], d["type"]) for d in error["details"]] == [
