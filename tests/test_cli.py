@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REASONREC, free_port
+from tests.conftest import REASONREC, dies_with_pytest, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +49,7 @@ def _run_demo(data_dir: Path, port: int, log: Path) -> dict:
             env=_env(data_dir, port),
             stdout=out,
             stderr=subprocess.STDOUT,
+            preexec_fn=dies_with_pytest,
         )
         try:
             _wait_ready(url, proc, log)

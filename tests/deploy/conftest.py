@@ -17,7 +17,7 @@ import uvicorn
 from server.app import create_app
 from server.config import Settings
 from server.engine import EngineError
-from tests.conftest import drop_prefix, free_port, wait_http
+from tests.conftest import dies_with_pytest, drop_prefix, free_port, wait_http
 from tests.server.test_recommend_logic import FakeEngine, answer, load_shop
 
 START_SECONDS = 90  # the trainer imports torch and TRL before it serves /metrics
@@ -91,7 +91,9 @@ def trainer(deploy_settings: Settings) -> Iterator[str]:
         "REASONREC_TRAINER_METRICS_PORT": str(port),
     }
     command = [str(Path(sys.executable).parent / "reasonrec"), "trainer"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, preexec_fn=dies_with_pytest
+    )
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         wait_http(url, process, START_SECONDS)

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import free_port, wait_http
+from tests.conftest import dies_with_pytest, free_port, wait_http
 from tests.deploy.conftest import START_SECONDS, Gateway
 from tests.deploy.helpers import (
     DOCKER,
@@ -157,7 +157,7 @@ def prometheus(
         f"--web.listen-address=127.0.0.1:{port}",
     ]
     with (folder / "log").open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=log)
+        process = subprocess.Popen(command, stdout=log, stderr=log, preexec_fn=dies_with_pytest)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/-/ready", process, START_SECONDS)

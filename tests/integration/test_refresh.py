@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from server.config import Settings
 from server.registry import Registry
 from server.store import open_store
+from tests.conftest import dies_with_pytest
 from tests.integration.test_hot_swap import activate
 from tests.server.helpers import until
 from trainer.bootstrap import BootstrapResult
@@ -192,6 +193,7 @@ def test_killed_refresh_publishes_nothing_and_loses_no_feedback(
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=dies_with_pytest,
     )
     try:
         # Killed once it has consumed the feedback and is training.

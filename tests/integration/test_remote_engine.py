@@ -12,7 +12,7 @@ from server.app import create_app
 from server.config import Settings
 from server.engine import LOGPROBS_MODE, MAX_LOGPROBS, EngineError
 from server.engine.remote import RemoteEngine
-from tests.conftest import free_port, wait_http
+from tests.conftest import dies_with_pytest, free_port, wait_http
 from trainer.bootstrap import BootstrapResult
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,11 @@ def vllm_server(served_settings: Settings, tiny_model: BootstrapResult) -> Itera
         "--max-logprobs", str(MAX_LOGPROBS), "--logprobs-mode", LOGPROBS_MODE,
     ]  # fmt: skip
     proc = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=os.environ,
+        preexec_fn=dies_with_pytest,
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
-from tests.conftest import REASONREC, free_port, wait_http
+from tests.conftest import REASONREC, dies_with_pytest, free_port, wait_http
 
 
 @pytest.fixture
@@ -51,7 +51,11 @@ def live_server(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., st
         }
         log = (tmp_path / f"serve-{port}.log").open("w")
         process = subprocess.Popen(
-            [REASONREC, "serve"], env={**os.environ, **variables}, stdout=log, stderr=log
+            [REASONREC, "serve"],
+            env={**os.environ, **variables},
+            stdout=log,
+            stderr=log,
+            preexec_fn=dies_with_pytest,
         )
         processes.append(process)
         url = f"http://127.0.0.1:{port}"
