@@ -11,15 +11,19 @@ stream itself.
 Nothing is acknowledged before it is safe: new examples are appended to `logged.jsonl` and
 fsynced first, then the entries are acknowledged. After a crash, unacknowledged entries are
 delivered again (the group's pending list is read first) and examples already written are
-recognised by their request id, so a restart neither loses nor doubles anything. Feedback that
-arrives before its impression was consumed waits in the pending list until it can be joined.
+recognised by their request id, so a restart neither loses nor doubles anything (a record torn
+by a crash mid-write is skipped: its entries were not acknowledged, so they come again). Feedback
+that arrives before its impression was consumed waits in the pending list until it can be joined,
+for `JOIN_WAIT_SECONDS` at most: then it is acknowledged unjoined (its request id names no logged
+list: a search or a rating, an impression trimmed from its stream, or a client's mistake).
 """
 
 import logging
 import os
+import time
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from contract.impression import Impression
 from contract.prompt import Rendering
@@ -30,6 +34,7 @@ log = logging.getLogger(__name__)
 GROUP = "trainer"
 CONSUMER = "trainer-1"
 NEGATIVE = {EventType.dislike, EventType.skip}
+JOIN_WAIT_SECONDS = 3600.0
 
 
 class LoggedExample(BaseModel):
@@ -55,6 +60,7 @@ class ConsumeResult(BaseModel):
     positives: int = 0
     negatives: int = 0
     organic: int = 0
+    unjoined: int = Field(0, description="Feedback on no logged list, given up on.")
     written: int = 0
 
 
@@ -70,20 +76,32 @@ class FeedbackLog:
         merged: dict[str, LoggedExample] = {}
         if not self.path.is_file():
             return merged
-        with self.path.open(encoding="utf-8") as lines:
-            for line in lines:
-                if line.strip():
+        with self.path.open(encoding="utf-8", errors="replace") as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
                     record = LoggedExample.model_validate_json(line)
-                    known = merged.setdefault(record.request_id, record)
-                    if known is not record:
-                        _merge(known, record)
+                except ValidationError as exc:
+                    log.warning(
+                        "unreadable logged example skipped",
+                        extra={"line": number, "reason": str(exc).splitlines()[0]},
+                    )
+                    continue
+                known = merged.setdefault(record.request_id, record)
+                if known is not record:
+                    _merge(known, record)
         return merged
 
     def _append(self, examples: list[LoggedExample]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as out:
+        with self.path.open("a+b") as out:
+            if out.tell() > 0:  # appending: at the end
+                out.seek(-1, os.SEEK_END)
+                if out.read(1) != b"\n":  # torn by a crash: the next record must not continue it
+                    out.write(b"\n")
             for example in examples:
-                out.write(example.model_dump_json() + "\n")
+                out.write(example.model_dump_json().encode() + b"\n")
             out.flush()
             os.fsync(out.fileno())
 
@@ -101,7 +119,7 @@ class FeedbackLog:
             if impression.prompt and impression.request_id not in done
         }
         late: dict[str, LoggedExample] = {}  # feedback on examples written by an earlier call
-        joined_ids, waiting = [], []
+        acknowledged, waiting = [], []
         for entry_id, fields in events:
             request_id = fields.get("request_id", "")
             if not request_id:
@@ -111,10 +129,12 @@ class FeedbackLog:
             elif request_id in done:
                 update = late.setdefault(request_id, _update_of(done[request_id]))
                 _join(update, fields, result)
+            elif _age_seconds(entry_id) > JOIN_WAIT_SECONDS:
+                result.unjoined += 1
             else:
                 waiting.append(entry_id)  # its impression has not been consumed yet
                 continue
-            joined_ids.append(entry_id)
+            acknowledged.append(entry_id)
         for example in served.values():
             if not example.positives and not example.negatives:
                 example.negatives = list(example.shown)  # shown, and nothing happened
@@ -122,9 +142,14 @@ class FeedbackLog:
         self._append(records)
         result.written = len(records)
         await self.store.ack("impressions", GROUP, [entry_id for entry_id, _ in impressions])
-        await self.store.ack("events", GROUP, joined_ids)
+        await self.store.ack("events", GROUP, acknowledged)
         log.info("feedback consumed", extra={**result.model_dump(), "waiting": len(waiting)})
         return result
+
+
+def _age_seconds(entry_id: str) -> float:
+    """How long ago a stream entry was added: its id starts with Redis's clock in ms."""
+    return time.time() - int(entry_id.split("-", 1)[0]) / 1000
 
 
 def _example(impression: Impression) -> LoggedExample:

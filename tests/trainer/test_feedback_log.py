@@ -115,3 +115,43 @@ def test_crash_before_acknowledging_loses_and_doubles_nothing(
         assert await pending(store) == 0
 
     run(settings, body)
+
+
+def test_a_record_torn_by_a_crash_is_skipped_and_written_again(settings: Settings) -> None:
+    async def body(store: Store) -> None:
+        log = FeedbackLog(store, settings.data_dir / "trainer")
+        await impression(store, "r1", ["a", "b"])
+        await log.consume()
+        await impression(store, "r2", ["c"])
+        await event(store, "click", "c", "r2")
+        # Killed mid-write: half a record, no line end, nothing acknowledged.
+        with log.path.open("a") as out:
+            out.write('{"request_id":"r2","user_')
+
+        result = await log.consume()
+
+        assert result.written == 1 and result.joined == 1
+        assert set(log.read()) == {"r1", "r2"} and log.read()["r2"].positives == ["c"]
+        assert await pending(store) == 0
+
+    run(settings, body)
+
+
+def test_feedback_on_no_logged_list_is_given_up_after_the_wait(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("trainer.feedback_log.JOIN_WAIT_SECONDS", 0.5)
+
+    async def body(store: Store) -> None:
+        log = FeedbackLog(store, settings.data_dir / "trainer")
+        await event(store, "click", "x", "search-request")  # a search's id: no impression
+        assert (await log.consume()).unjoined == 0
+        assert await pending(store) == 1  # its impression may still come
+        await asyncio.sleep(0.6)
+
+        result = await log.consume()
+
+        assert result.unjoined == 1 and result.written == 0
+        assert await pending(store) == 0
+
+    run(settings, body)
