@@ -3,7 +3,8 @@
 Checks every few seconds how many events the feedback stream has gained since the last refresh;
 refreshes when `REASONREC_REFRESH_MIN_EVENTS` were added or `REASONREC_REFRESH_SECONDS` passed.
 A failed refresh is logged and counted (`reasonrec_trainer_runs_total{outcome="failed"}`) and
-the loop goes on; the lock in `trainer.refresh` keeps two sidecars from training at once.
+the loop goes on, as it does while Redis does not answer; the lock in `trainer.refresh` keeps
+two sidecars from training at once.
 """
 
 import asyncio
@@ -11,10 +12,11 @@ import logging
 import time
 
 from prometheus_client import start_http_server
+from redis.exceptions import RedisError
 
 from server.config import Settings
 from server.registry import Registry
-from server.store import open_store
+from server.store import Store, open_store
 from trainer import metrics
 from trainer.refresh import REFRESH_METHOD, RefreshBusy, refresh_once
 
@@ -29,16 +31,28 @@ def last_refresh(registry: Registry) -> float | None:
     return refreshes[-1].created_at.timestamp() if refreshes else None
 
 
+async def _event_count(store: Store) -> int | None:
+    """The feedback stream's length; None while Redis does not answer (the next poll retries)."""
+    try:
+        return await store.event_count()
+    except RedisError as exc:
+        log.warning("feedback stream unreadable", extra={"reason": repr(exc)})
+        return None
+
+
 async def run_sidecar(settings: Settings) -> None:
     if (published := last_refresh(Registry(settings.registry_path))) is not None:
         metrics.LAST_SUCCESS.set(published)
     if settings.trainer_metrics_port:
         start_http_server(settings.trainer_metrics_port, registry=metrics.REGISTRY)
     async with open_store(settings) as store:
-        last_run, last_length = time.monotonic(), await store.event_count()
+        last_run, last_length = time.monotonic(), await _event_count(store)
         while True:
             await asyncio.sleep(POLL_SECONDS)
-            length = await store.event_count()
+            if (length := await _event_count(store)) is None:
+                continue
+            if last_length is None:  # Redis was away at start: count from its first answer
+                last_length = length
             due = time.monotonic() - last_run >= settings.refresh_seconds
             if not due and length - last_length < settings.refresh_min_events:
                 continue

@@ -7,12 +7,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
+from redis.exceptions import TimeoutError as RedisTimeout
 from typer.testing import CliRunner
 
 from cli import app
 from server.config import Settings
 from server.registry import Manifest, Registry
-from server.store import open_store
+from server.store import Store, open_store
+from trainer import sidecar
 from trainer.cli import EXIT_BUSY, EXIT_SKIPPED
 from trainer.grpo import STATE_FILE
 from trainer.refresh import REFRESH_METHOD, RefreshBusy, read_training, refresh_lock
@@ -72,3 +74,25 @@ def test_a_restarted_sidecar_reports_the_newest_published_refresh(tmp_path) -> N
         manifest = Manifest(version=version, training=training, created_at=created_at)
         registry.publish(registry.staging(), manifest)
     assert last_refresh(registry) == (t0 + timedelta(hours=2)).timestamp()
+
+
+def test_the_sidecar_outlives_redis_going_away_between_polls(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answers = iter([RedisTimeout("away"), RedisTimeout("away"), 0, 0])
+    polls: list[int] = []
+
+    async def event_count(self: Store) -> int:
+        polls.append(1)
+        answer = next(answers, None)
+        if answer is None:
+            raise asyncio.CancelledError  # enough polls: stop the sidecar
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(Store, "event_count", event_count)
+    monkeypatch.setattr(sidecar, "POLL_SECONDS", 0.01)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(sidecar.run_sidecar(env.model_copy(update={"trainer_metrics_port": 0})))
+    assert len(polls) == 5  # the start and every poll after, Redis's two timeouts included
