@@ -181,14 +181,17 @@ async def refresh_once(
 
 
 def _shortage(manifest: Manifest, logged: int, rating: RatingExamples | None) -> str | None:
-    """Why there is too little to learn from for one of the version's tasks, if there is."""
+    """Why there is too little to learn from for one of the tasks refreshed, if there is
+    (`rating`: None when rating is not refreshed)."""
     if Task.rank in manifest.tasks and logged < MIN_EXAMPLES:
         return (
             f"{logged} logged lists with a positive and a {manifest.rendering.value} prompt, "
             f"{MIN_EXAMPLES} needed"
         )
-    rated = len(rating.train) + len(rating.validation) if rating else 0
-    if Task.rate in manifest.tasks and rated < MIN_EXAMPLES:
+    if rating is None:  # rating is not refreshed (REASONREC_REFRESH_RATING_EXAMPLES=0)
+        return None if Task.rank in manifest.tasks else "rating refresh is off, nothing to train"
+    rated = len(rating.train) + len(rating.validation)
+    if rated < MIN_EXAMPLES:
         return f"{rated} users with 2+ ratings to learn rating from, {MIN_EXAMPLES} needed"
     return None
 

@@ -17,7 +17,8 @@ from server.store import Store, open_store
 from trainer import sidecar
 from trainer.cli import EXIT_BUSY, EXIT_SKIPPED
 from trainer.grpo import STATE_FILE
-from trainer.refresh import REFRESH_METHOD, RefreshBusy, read_training, refresh_lock
+from trainer.rating import RatingExample, RatingExamples
+from trainer.refresh import REFRESH_METHOD, RefreshBusy, _shortage, read_training, refresh_lock
 from trainer.sidecar import last_refresh
 
 
@@ -96,3 +97,22 @@ def test_the_sidecar_outlives_redis_going_away_between_polls(
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(sidecar.run_sidecar(env.model_copy(update={"trainer_metrics_port": 0})))
     assert len(polls) == 5  # the start and every poll after, Redis's two timeouts included
+
+
+@pytest.mark.parametrize(
+    ("tasks", "rated", "reason"),
+    [
+        (["rank", "rate"], None, None),  # rating refresh off: the ranking part still trains
+        (["rate"], None, "rating refresh is off, nothing to train"),
+        (["rank", "rate"], 3, "3 users with 2+ ratings to learn rating from, 4 needed"),
+        (["rank", "rate"], 4, None),
+    ],
+)
+def test_what_a_refresh_needs_follows_what_it_refreshes(
+    tasks: list[str], rated: int | None, reason: str | None
+) -> None:
+    example = RatingExample(user_id="u", prompt="p", rating=4, baseline=3.5, target="t")
+    rating = None
+    if rated is not None:
+        rating = RatingExamples(rendering="compact", train=[], validation=[example] * rated)
+    assert _shortage(Manifest(version="v", tasks=tasks), 50, rating) == reason
