@@ -34,7 +34,7 @@ from server.registry import Manifest, Registry, new_version
 from server.search_index import Encoder, SearchIndex, build_search_index
 from server.store import Store
 from trainer.base import base_manifest, for_grpo, load_base, servable
-from trainer.corpus import Corpus, read_corpus
+from trainer.corpus import Corpus, NotEnoughData, read_corpus
 from trainer.dataset import ExampleBuilder, Examples, Shape
 from trainer.device import select_device
 from trainer.examples import Example, in_chat
@@ -77,11 +77,15 @@ class BootstrapResult(BaseModel):
     )
 
 
-def index_corpus(corpus: Corpus, settings: Settings, dim: int, seed: int = 0) -> ItemIndex:
-    """Build the candidate index from the corpus and make it the current version."""
+def index_corpus(
+    corpus: Corpus, settings: Settings, dim: int, seed: int = 0, current: bool = True
+) -> ItemIndex:
+    """Build the candidate index from the corpus and (with `current`) make it the current
+    version, the one gateways load."""
     sequences = [[item for item, _ in seq] for seq in corpus.sequences.values()]
     index = build_index(list(corpus.items.values()), sequences, dim=dim, seed=seed)
-    publish(index, settings.data_dir)
+    if current:
+        publish(index, settings.data_dir)
     return index
 
 
@@ -99,7 +103,7 @@ def _examples(
     validation = builder.validation(preset.validation_users, seed)
     log.info("examples built", extra={"train": len(train), "validation": len(validation)})
     if not train:
-        raise ValueError("no training examples: the store needs users with 3+ interactions")
+        raise NotEnoughData("no training examples: the store needs users with 3+ interactions")
     return Examples(train=train, validation=validation)
 
 
@@ -261,7 +265,7 @@ def _rating_examples(
     builder = RatingExampleBuilder(corpus, shape.contract.rendering, shape.contract.history)
     rating = builder.build(preset.rate.sft_examples, preset.rate.validation_users, seed)
     if not rating.train or not rating.validation:
-        raise ValueError("no rating examples: the store needs users with 2+ rating events")
+        raise NotEnoughData("no rating examples: the store needs users with 2+ rating events")
     return rating
 
 
@@ -281,7 +285,7 @@ def _search_plan(
     )
     search = builder.build(preset.search.sft_examples, preset.search.validation_users, seed)
     if not search.train or not search.validation:
-        raise ValueError("no search examples: the store needs users with 3+ interactions")
+        raise NotEnoughData("no search examples: the store needs users with 3+ interactions")
     encoder = Encoder() if retriever is RetrieverKind.dense else None
     index = build_search_index(sorted(corpus.items.items()), retriever, encoder)
     return search, index
@@ -332,8 +336,10 @@ async def bootstrap(
     registry = Registry(settings.registry_path)
     parent = base_manifest(registry, base, tasks) if base else None
     device = select_device(settings.train_device)
+    policy = read_policy(settings.policy_file)
     corpus = await read_corpus(store)
-    index = index_corpus(corpus, settings, preset.index_dim, seed)
+    # Current only once the version is published: a bootstrap that fails leaves serving as it was.
+    index = index_corpus(corpus, settings, preset.index_dim, seed, current=False)
     shape = Shape(
         candidates=settings.candidates,
         history=settings.prompt_history,
@@ -359,7 +365,6 @@ async def bootstrap(
         retriever=retriever,
         keep_stages=keep_stages,
     )
-    policy = read_policy(settings.policy_file)
     model, tokenizer, stages, kept = train_model(
         corpus,
         index,
@@ -412,6 +417,7 @@ async def bootstrap(
     )
     manifest = validated(manifest, metrics)
     path = publish_model(registry, model, tokenizer, manifest)
+    publish(index, settings.data_dir)
     kept = {
         name: _publish_stage(registry, stage, tokenizer, manifest, name.replace("_", " "))
         for name, stage in kept.items()

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from contract.tasks import Task
+from reward_rules.policy import PolicyError
 from server.cli import (
     console,
     settings_from_env,
@@ -26,7 +27,7 @@ from server.registry import (
 )
 from server.schemas import EventType
 from server.store import open_store
-from trainer.corpus import INTERACTIONS
+from trainer.corpus import INTERACTIONS, NotEnoughData
 from trainer.evaluation.split import EvalFormat, Split, read_eval_data
 from trainer.presets import PRESETS, Recipe
 
@@ -149,7 +150,11 @@ def bootstrap_command(
     tasks = frozenset(task or [Task.rank])
     if base:
         base = _base_version(settings, base, tasks)
-    result = asyncio.run(run_bootstrap(settings, preset, seed, force, tasks, recipe, base))
+    try:
+        result = asyncio.run(run_bootstrap(settings, preset, seed, force, tasks, recipe, base))
+    except (NotEnoughData, PolicyError) as exc:  # nothing was published, serving is unchanged
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from exc
     console.print(f"[bold]{result.gate}[/bold]", highlight=False)
     typer.echo(result.model_dump_json(indent=2))
 

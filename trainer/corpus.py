@@ -18,6 +18,10 @@ INTERACTIONS = {EventType.click, EventType.like, EventType.purchase, EventType.r
 CHUNK = 5000
 
 
+class NotEnoughData(ValueError):
+    """The store holds too little to train from (the message says what is needed)."""
+
+
 class Corpus(BaseModel):
     items: dict[str, Item]
     profiles: dict[str, dict]

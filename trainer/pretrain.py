@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from contract.prompt import SEPARATOR, compact_profile, ref
 from reward_rules.metrics import ndcg_at_k
-from trainer.corpus import Corpus
+from trainer.corpus import Corpus, NotEnoughData
 from trainer.examples import Example
 from trainer.presets import PretrainSettings
 
@@ -210,7 +210,9 @@ def pretrain(
     vocab = Vocabulary.of(tokenizer, sorted(corpus.items))
     train, held = _sequences(corpus, tokenizer, vocab)
     if not train:
-        raise ValueError("no sequences to pretrain on: the store needs users with 2+ interactions")
+        raise NotEnoughData(
+            "no sequences to pretrain on: the store needs users with 2+ interactions"
+        )
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     optimizer = torch.optim.AdamW(

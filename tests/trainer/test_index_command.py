@@ -1,5 +1,8 @@
 """`reasonrec index`: rebuild the candidate index on demand from the store."""
 
+from pathlib import Path
+
+import pytest
 from typer.testing import CliRunner
 
 from cli import app
@@ -21,3 +24,22 @@ def test_index_rebuilds_from_the_store_and_becomes_current(env: Settings) -> Non
     assert index.search(["i00001"], n=5)
     second = runner.invoke(app, ["index", "--dim", "8"])
     assert current_version(env.data_dir) == second.output.strip().splitlines()[-1] != version
+
+
+def test_a_bootstrap_that_cannot_train_fails_clearly_and_leaves_the_index_as_it_was(
+    env: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = CliRunner()
+    empty = runner.invoke(app, ["bootstrap", "--preset", "tiny"])
+    assert empty.exit_code == 1 and "no training examples" in empty.output
+    assert current_version(env.data_dir) is None  # no index of an empty store became current
+    runner.invoke(app, ["load", "--format", "synthetic", "--users", "40", "--items", "80"])
+    version = runner.invoke(app, ["index", "--dim", "8"]).output.strip().splitlines()[-1]
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("weights:\n  novelty: lots\n")
+    monkeypatch.setenv("REASONREC_POLICY_FILE", str(policy))
+
+    refused = runner.invoke(app, ["bootstrap", "--preset", "tiny"])
+
+    assert refused.exit_code == 1 and f"{policy}:2" in refused.output, refused.output
+    assert current_version(env.data_dir) == version
