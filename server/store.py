@@ -39,10 +39,11 @@ log = logging.getLogger(__name__)
 FEEDBACK_SCRIPT = resources.files("server").joinpath("feedback.lua").read_text()
 ACTIVATE_SCRIPT = """
 local old = redis.call('GET', KEYS[1])
+if ARGV[2] ~= '' and old ~= ARGV[2] then return {0, old or ''} end
 redis.call('SET', KEYS[1], ARGV[1])
 if old and old ~= ARGV[1] then redis.call('SET', KEYS[2], old) end
 redis.call('PUBLISH', KEYS[3], ARGV[1])
-return old
+return {1, old or ''}
 """
 RENEW_SCRIPT = (
     "if redis.call('GET', KEYS[1]) == ARGV[1] then "
@@ -58,6 +59,14 @@ Stream = Literal["impressions", "events"]
 # A day: ample for a client to retry a write that answered 503, short enough that ids nobody
 # chose do not pile up in Redis.
 ASSIGNED_ID_SECONDS = 86_400
+
+
+class ActiveModelChanged(Exception):
+    """Another version became active than the one an activation was to replace."""
+
+    def __init__(self, active: str | None):
+        super().__init__(f"{active or 'no version'} is active now")
+        self.active = active
 
 
 class UnknownItems(Exception):
@@ -406,14 +415,18 @@ class Store:
     async def previous_model(self) -> str | None:
         return await self.redis.get(self.keys.previous_model)
 
-    async def set_active_model(self, version: str) -> str | None:
+    async def set_active_model(self, version: str, replacing: str | None = None) -> str | None:
         """Point serving at `version`, remember the one it replaces, tell every gateway.
 
         One script, so that two activations at once cannot record the wrong previous version.
-        Returns the version that was active before.
+        Returns the version that was active before. With `replacing`, only if that version is
+        still the active one (else ActiveModelChanged, and nothing changes).
         """
         keys = [self.keys.active_model, self.keys.previous_model, self.keys.model_updates]
-        return await self._activate(keys=keys, args=[version])
+        done, old = await self._activate(keys=keys, args=[version, replacing or ""])
+        if not done:
+            raise ActiveModelChanged(old or None)
+        return old or None
 
     @asynccontextmanager
     async def model_updates(self) -> AsyncIterator[PubSub]:

@@ -38,7 +38,7 @@ from server.index_files import load_current
 from server.item_index import ItemIndex
 from server.policy import read_policy
 from server.registry import Manifest, Registry, base_version, new_version
-from server.store import Store
+from server.store import ActiveModelChanged, Store
 from trainer import metrics
 from trainer.constrained import RatingConstraint
 from trainer.corpus import Corpus, read_corpus
@@ -273,10 +273,13 @@ async def _refresh(settings: Settings, store: Store, progress: bool, force: bool
     version = _publish(
         registry, manifest, candidate, tokenizer, policy.model_dump(mode="json"), result
     )
-    await store.set_active_model(version)
-    return result.model_copy(
-        update={"outcome": "published", "reason": "gate passed", "version": version}
-    )
+    reason = "gate passed"
+    try:
+        await store.set_active_model(version, replacing=parent)
+    except ActiveModelChanged as exc:  # an operator rolled back or forward meanwhile: theirs wins
+        reason = f"gate passed; not activated: {exc.active} became active while it trained"
+        log.warning("refresh not activated", extra={"version": version, "active": exc.active})
+    return result.model_copy(update={"outcome": "published", "reason": reason, "version": version})
 
 
 def load_version(

@@ -2,6 +2,7 @@
 pub/sub). The engine is a RemoteEngine pointed nowhere: opening one needs no model, so these tests
 exercise the swap logic without vLLM (tests/integration swaps real vLLM engines under load)."""
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -11,7 +12,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from server.config import Settings
 from server.registry import Manifest, Registry
+from server.store import ActiveModelChanged, open_store
 from tests.server.helpers import metric
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -165,3 +168,20 @@ def test_an_unreadable_manifest_is_left_out_refused_and_explained(
     assert activated.status_code == 409 and activated.json()["error"]["code"] == "model_refused"
     assert ready["status"] == "degraded" and ready["model_version"] is None
     assert ready["checks"]["engine"] == "model version 'v-bad' has an unreadable manifest"
+
+
+def test_an_activation_replacing_a_version_changes_nothing_once_another_is_active(
+    settings: Settings,
+) -> None:
+    async def activations() -> None:
+        async with open_store(settings) as store:
+            await store.set_active_model("v1")
+            assert await store.set_active_model("v2", replacing="v1") == "v1"
+            await store.set_active_model("v3")  # an operator's, while a refresh trained on v2
+            with pytest.raises(ActiveModelChanged) as changed:
+                await store.set_active_model("v4", replacing="v2")
+            assert changed.value.active == "v3"
+            assert await store.active_model() == "v3"
+            assert await store.previous_model() == "v2"
+
+    asyncio.run(activations())
