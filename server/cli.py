@@ -12,7 +12,7 @@ from rich.console import Console
 
 from server import logs
 from server.config import Settings
-from server.loaders import Dataset, Format, LoadError
+from server.loaders import Dataset, Format, LoadError, read_checked
 from server.loaders.jsonl import read_jsonl
 from server.loaders.movielens import read_ml100k, read_ml_latest
 from server.loaders.synthetic import generate
@@ -50,7 +50,7 @@ def _read(
         Format.ml_latest: read_ml_latest,
         Format.jsonl: read_jsonl,
     }
-    return readers[fmt](path)
+    return read_checked(readers[fmt], path, fmt)
 
 
 async def load_dataset(

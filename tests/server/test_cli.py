@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from server.cli import app
 from server.config import Settings
+from tests.trainer.evaluation.conftest import write_folder
 
 
 @pytest.fixture
@@ -48,3 +49,19 @@ def test_load_errors_are_clear(env, args: list[str], message: str) -> None:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1
     assert message in result.output
+
+
+def test_load_of_a_malformed_rating_names_it_and_loads_again_once_fixed(
+    env, tmp_path: Path
+) -> None:
+    folder = write_folder(tmp_path / "ml-tiny", [("1", "1", 5, 100), ("1", "2", 4, 200)])
+    (folder / "u.data").write_text("1\t1\t5\t100\n1\t2\t4\n")
+
+    broken = CliRunner().invoke(app, ["load", "--format", "ml-100k", str(folder)])
+
+    assert broken.exit_code == 1
+    assert "cannot read it as ml-100k: event 2: ValueError" in broken.output, broken.output
+    (folder / "u.data").write_text("1\t1\t5\t100\n1\t2\t4\t200\n")
+    fixed = CliRunner().invoke(app, ["load", "--format", "ml-100k", str(folder)])
+    assert fixed.exit_code == 0, fixed.output
+    assert "2 new events" in fixed.output

@@ -10,7 +10,6 @@ file. Users with fewer than 3 interactions are skipped altogether: their events 
 data either (EVAL.md is silent; no ML-100K user has fewer than 20).
 """
 
-import csv
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from server.loaders import Dataset, Format, LoadError
+from server.loaders import Dataset, Format, LoadError, read_checked
 from server.loaders.jsonl import read_jsonl
 from server.loaders.movielens import read_ml100k, read_ml_latest
 from server.registry import Manifest
@@ -191,28 +190,11 @@ def load_split(path: Path, fmt: EvalFormat = EvalFormat.ml_100k) -> Split:
     return read_eval_data(path, fmt).split
 
 
-# what a loader's parser raises on a malformed row (jsonl reports its own, as LoadError)
-PARSE_ERRORS = (OSError, ValueError, KeyError, TypeError, csv.Error)
-
-
 def _read(path: Path, fmt: EvalFormat) -> tuple[Dataset, list[FeedbackEvent]]:
     if fmt is not EvalFormat.jsonl and not path.is_dir():
         raise LoadError(f"{path} is not a folder (--format {fmt} reads a folder of files)")
-    try:
-        dataset = READERS[fmt](path)
-    except PARSE_ERRORS as exc:
-        raise _unreadable(path, fmt, "items and users", exc) from exc
-    events: list[FeedbackEvent] = []
-    try:
-        events.extend(dataset.events)  # the MovieLens readers parse events lazily, here
-    except PARSE_ERRORS as exc:
-        raise _unreadable(path, fmt, f"event {len(events) + 1}", exc) from exc
-    return dataset, events
-
-
-def _unreadable(path: Path, fmt: EvalFormat, where: str, exc: Exception) -> LoadError:
-    """A message instead of a traceback: the loaders let their parsers' errors through."""
-    return LoadError(f"{path}: cannot read it as {fmt}: {where}: {type(exc).__name__}: {exc}")
+    dataset = read_checked(READERS[fmt], path, fmt)
+    return dataset, list(dataset.events)
 
 
 def interaction_events(events: Iterable[FeedbackEvent]) -> list[FeedbackEvent]:
