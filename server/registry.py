@@ -11,7 +11,10 @@ import json
 import logging
 import math
 import shutil
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +28,7 @@ from contract.tasks import Task
 MANIFEST = "manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
 _STAGING = ".staging-"
+STALE_STAGING_SECONDS = 3600.0
 log = logging.getLogger(__name__)
 
 
@@ -143,6 +147,18 @@ class Registry:
         path.mkdir()
         return path
 
+    @contextmanager
+    def staged(self) -> Iterator[Path]:
+        """A staging folder for one writer, removed if writing or publishing fails; the leftovers
+        of writers killed earlier are removed first."""
+        self.discard_staging()
+        path = self.staging()
+        try:
+            yield path
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+
     def publish(self, staging: Path, manifest: Manifest) -> Path:
         """Write the manifest last, then rename: the version appears complete or not at all."""
         target = self.path(manifest.version)
@@ -156,17 +172,29 @@ class Registry:
         """Copy any Hugging Face causal LM folder into the registry as a new version."""
         if not (source / "config.json").is_file():
             raise RegistryError(f"{source} is not a Hugging Face model folder (no config.json)")
-        staging = self.staging()
-        shutil.copytree(source, staging, dirs_exist_ok=True)
-        (staging / MANIFEST).unlink(missing_ok=True)
-        return self.publish(staging, manifest)
+        with self.staged() as staging:
+            try:
+                shutil.copytree(source, staging, dirs_exist_ok=True)
+            except OSError as exc:  # shutil.Error too: every file that could not be copied
+                raise RegistryError(f"{source} could not be copied: {exc}") from exc
+            (staging / MANIFEST).unlink(missing_ok=True)
+            return self.publish(staging, manifest)
 
-    def discard_staging(self) -> int:
-        """Remove folders left behind by writers that crashed; returns how many."""
+    def discard_staging(self, older_than: float = STALE_STAGING_SECONDS) -> int:
+        """Remove staging folders untouched for `older_than` seconds: left behind by writers
+        that were killed (a writer fills its folder within minutes). Returns how many."""
         leftovers = list(self.root.glob(f"{_STAGING}*")) if self.root.is_dir() else []
-        for path in leftovers:
+        stale = [path for path in leftovers if time.time() - _touched(path) >= older_than]
+        for path in stale:
             shutil.rmtree(path, ignore_errors=True)
-        return len(leftovers)
+        return len(stale)
+
+
+def _touched(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # published or removed meanwhile
+        return time.time()
 
 
 def has_chat_template(folder: Path) -> bool:

@@ -12,7 +12,6 @@ GGUF: a real pretrained instruction-tuned LM, available with no download at run 
 """
 
 import importlib.metadata
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -94,8 +93,7 @@ def imported_from(source: Path) -> dict[str, str]:
 def import_gguf(registry: Registry, source: Path, prompt_history: int = 20) -> Manifest:
     """Convert straight into the registry's staging area and publish the version, whose
     prompts will show `prompt_history` recent items."""
-    staging = registry.staging()
-    try:
+    with registry.staged() as staging:
         convert_gguf(source, staging)
         manifest = Manifest(
             version=new_version(),
@@ -104,9 +102,6 @@ def import_gguf(registry: Registry, source: Path, prompt_history: int = 20) -> M
             training=imported_from(source),
         )
         registry.publish(staging, manifest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return manifest
 
 

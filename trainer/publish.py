@@ -30,8 +30,8 @@ def publish_model(
     manifest: Manifest,
 ) -> Path:
     """Save and publish; complete or absent (`Registry.publish`)."""
-    staging = registry.staging()
-    model.save_pretrained(staging)
-    if not isinstance(model, PeftModel):
-        tokenizer.save_pretrained(staging)
-    return registry.publish(staging, manifest)
+    with registry.staged() as staging:
+        model.save_pretrained(staging)
+        if not isinstance(model, PeftModel):
+            tokenizer.save_pretrained(staging)
+        return registry.publish(staging, manifest)

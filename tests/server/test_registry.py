@@ -2,6 +2,8 @@
 whose active model speaks a contract this gateway does not."""
 
 import json
+import os
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -77,11 +79,12 @@ def test_a_writer_that_never_publishes_leaves_no_version(registry: Registry) -> 
         write_model(registry.staging())
     assert names(registry) == ["v1"]
 
-    assert registry.discard_staging() == 2
+    assert registry.discard_staging() == 0  # they may still be writing
+    assert registry.discard_staging(older_than=0) == 2
 
     assert [path.name for path in registry.root.iterdir()] == ["v1"]
     assert names(registry) == ["v1"]
-    assert registry.discard_staging() == 0
+    assert registry.discard_staging(older_than=0) == 0
 
 
 def test_discard_staging_without_a_registry_folder(tmp_path: Path) -> None:
@@ -104,7 +107,24 @@ def test_publish_refuses_an_existing_version(registry: Registry) -> None:
         MANIFEST,
         "model.safetensors",
     ]
-    assert registry.discard_staging() == 1
+    assert registry.discard_staging(older_than=0) == 1
+
+
+def test_a_failed_writer_leaves_no_staging_and_the_next_one_clears_old_leftovers(
+    registry: Registry, tmp_path: Path
+) -> None:
+    killed = registry.staging()  # a writer killed an hour ago
+    os.utime(killed, (time.time() - 3601, time.time() - 3601))
+    source = tmp_path / "hf"
+    source.mkdir()
+    write_model(source)
+    (source / "weights.bin").symlink_to(tmp_path / "gone")  # a dangling link: copy fails
+
+    with pytest.raises(RegistryError, match="could not be copied"):
+        registry.register(source, Manifest(version="v1"))
+
+    assert list(registry.root.iterdir()) == []
+    assert names(registry) == []
 
 
 def test_manifest_round_trip(registry: Registry) -> None:
