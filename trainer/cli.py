@@ -374,6 +374,11 @@ def eval_command(
     the last item's title as a search query; search: the model's queries vs that raw query; rate:
     reasonrec (RecZero or RecOne) vs mean, bias and matrix-factorisation baselines."""
     check_preset(preset)
+    if json_out is not None and (json_out.is_dir() or not json_out.parent.is_dir()):
+        # checked now: the report would be lost after hours of evaluation
+        raise typer.BadParameter(
+            f"{json_out} cannot be written: not a file in a folder", param_hint="--json"
+        )
     try:
         data = read_eval_data(path, fmt)  # before the heavy imports: bad data fails fast
     except LoadError as exc:

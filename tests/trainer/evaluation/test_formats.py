@@ -222,6 +222,16 @@ class TestCommand:
         assert "is missing ratings.csv, movies.csv" in plain(result.output)
         assert "Traceback" not in result.output
 
+    @pytest.mark.parametrize("where", [".", "absent/report.json"])
+    def test_a_report_path_that_cannot_be_written_is_refused_before_any_work(
+        self, tmp_path: Path, where: str
+    ) -> None:
+        path = write_jsonl(tmp_path / "events.jsonl")
+        args = ["eval", "--format", "jsonl", str(path), "--json", str(tmp_path / where)]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2
+        assert "cannot be written" in plain(result.output)
+
     def test_passes_the_data_it_read_to_the_run(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
