@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 import uvicorn
+from pydantic import ValidationError
 from rich.console import Console
 
 from server import logs
@@ -31,7 +32,14 @@ SeedOption = Annotated[int, typer.Option(help="synthetic: random seed.")]
 
 
 def settings_from_env(host: str | None = None, port: int | None = None) -> Settings:
-    settings = Settings()
+    """The settings, or the command ends (exit 2) naming each REASONREC_* variable that is wrong."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = f"REASONREC_{'_'.join(map(str, error['loc'])).upper()}"
+            console.print(f"[red]error:[/red] {name}: {error['msg']}", highlight=False)
+        raise typer.Exit(2) from exc
     updates = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
     settings = settings.model_copy(update=updates)
     logs.configure(settings.log_level)

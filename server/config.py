@@ -17,7 +17,9 @@ from contract.search import RetrieverKind
 
 
 class _Section(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="REASONREC_", extra="ignore")
+    # NaN passes every bound and fails every comparison: a NaN tolerance would reject every
+    # refresh. No setting means infinity either.
+    model_config = SettingsConfigDict(env_prefix="REASONREC_", extra="ignore", allow_inf_nan=False)
 
 
 class StorageSettings(_Section):
@@ -105,7 +107,9 @@ class GatewaySettings(_Section):
     workers: int = Field(
         1, ge=1, le=64, description="Worker processes for `reasonrec serve` (one per core)."
     )
-    log_level: str = Field("info", description="Log level: debug, info, warning or error.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level: debug, info, warning or error."
+    )
     search_retriever: RetrieverKind = Field(
         RetrieverKind.bm25,
         description="The retriever POST /v1/search ranks with: bm25 (lexical) or dense "
@@ -118,6 +122,11 @@ class GatewaySettings(_Section):
         description="How often the gateway checks the catalog for changes; a changed catalog is "
         "searchable once its index is rebuilt (BM25: milliseconds for 10k items).",
     )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod

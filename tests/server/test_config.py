@@ -2,7 +2,9 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from typer.testing import CliRunner
 
+from cli import app
 from server.config import (
     EngineSettings,
     GatewaySettings,
@@ -59,3 +61,35 @@ def test_bad_values_are_refused_with_the_field_named(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("REASONREC_PORT", "99999")
     with pytest.raises(ValidationError, match="port"):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "field"),
+    [
+        ("REASONREC_GATE_NDCG_TOLERANCE", "nan", "gate_ndcg_tolerance"),
+        ("REASONREC_REDIS_TIMEOUT_SECONDS", "inf", "redis_timeout_seconds"),
+        ("REASONREC_LOG_LEVEL", "verbose", "log_level"),
+    ],
+)
+def test_numbers_must_be_finite_and_levels_known(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, field: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError, match=field):
+        Settings()
+
+
+def test_a_level_in_capitals_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REASONREC_LOG_LEVEL", "WARNING")
+    assert Settings().log_level == "warning"
+
+
+def test_a_command_names_each_bad_variable_and_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REASONREC_REFRESH_SECONDS", "abc")
+    monkeypatch.setenv("REASONREC_LOG_LEVEL", "verbose")
+    result = CliRunner().invoke(app, ["models", "list"])
+    assert result.exit_code == 2
+    output = " ".join(result.output.split())
+    assert "REASONREC_REFRESH_SECONDS: Input should be a valid integer" in output
+    assert "REASONREC_LOG_LEVEL: Input should be 'debug', 'info', 'warning' or 'error'" in output
+    assert "Traceback" not in result.output
