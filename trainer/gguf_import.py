@@ -12,6 +12,7 @@ GGUF: a real pretrained instruction-tuned LM, available with no download at run 
 """
 
 import importlib.metadata
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,7 +64,8 @@ def convert_gguf(source: Path, out: Path) -> None:
         loaded = AutoModelForCausalLM.from_pretrained(
             source.parent, gguf_file=source.name, dtype=torch.float32
         )
-    except (ValueError, KeyError, OSError) as exc:  # unsupported architecture, not a GGUF file
+    # an unsupported architecture, not a GGUF file, one cut short (struct.error, EOFError)
+    except (ValueError, KeyError, OSError, EOFError, struct.error) as exc:
         raise RegistryError(f"{source} could not be read as a GGUF causal LM: {exc}") from exc
     config = loaded.config
     del config.quantization_config  # what makes transformers refuse to save it

@@ -53,10 +53,13 @@ def test_an_imported_version_has_the_files_weights_tokenizer_and_chat_template(
         assert torch.equal(model(torch.tensor([ids])).logits, expected)
 
 
-def test_a_file_that_is_not_gguf_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("content", [b"not a gguf file", b"GGUF\x03\x00\x00\x00"])
+def test_a_file_that_is_not_gguf_is_refused_and_leaves_nothing(
+    tmp_path: Path, content: bytes
+) -> None:
     registry = Registry(tmp_path / "models")
     bad = tmp_path / "model.gguf"
-    bad.write_bytes(b"not a gguf file")
+    bad.write_bytes(content)  # not one, or one cut short after its magic and version
     with pytest.raises(RegistryError, match="could not be read as a GGUF causal LM"):
         import_gguf(registry, bad)
     assert list(registry.root.iterdir()) == []  # the staging folder was removed
