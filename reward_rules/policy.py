@@ -370,8 +370,15 @@ def _line_of(root: yaml.Node, loc: tuple[int | str, ...]) -> int:
     return line
 
 
-def _duplicate_keys(node: yaml.Node) -> list[Problem]:
-    """YAML keeps the last of two equal keys without a word; in a policy that is a mistake."""
+_CONTAINS_ITSELF = "an alias refers to what contains it"
+
+
+def _structure_problems(node: yaml.Node, within: frozenset[int] = frozenset()) -> list[Problem]:
+    """Keys given twice (YAML keeps the last without a word; in a policy that is a mistake) and
+    aliases to a mapping or list they are inside of (a structure that contains itself)."""
+    if id(node) in within:
+        return [Problem(node.start_mark.line + 1, _CONTAINS_ITSELF)]
+    within |= {id(node)}
     problems: list[Problem] = []
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
@@ -382,10 +389,10 @@ def _duplicate_keys(node: yaml.Node) -> list[Problem]:
                         Problem(key.start_mark.line + 1, f"{key.value!r} is given twice")
                     )
                 seen.add(key.value)
-            problems += _duplicate_keys(value)
+            problems += _structure_problems(value, within)
     elif isinstance(node, yaml.SequenceNode):
         for child in node.value:
-            problems += _duplicate_keys(child)
+            problems += _structure_problems(child, within)
     return problems
 
 
@@ -417,12 +424,14 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         line = 1 if root is None else root.start_mark.line + 1
         message = "a policy is a mapping with weights, constraints and/or attributes"
         raise PolicyError(source, [Problem(line, message)])
-    problems = _duplicate_keys(root)
-    try:
-        policy = Policy.model_validate(data)
-    except ValidationError as exc:
-        problems += [Problem(_line_of(root, e["loc"]), _message(e)) for e in exc.errors()]
-    if problems:
+    problems = _structure_problems(root)
+    policy = None
+    if not any(problem.message == _CONTAINS_ITSELF for problem in problems):  # else no end
+        try:
+            policy = Policy.model_validate(data)
+        except ValidationError as exc:
+            problems += [Problem(_line_of(root, e["loc"]), _message(e)) for e in exc.errors()]
+    if problems or policy is None:
         raise PolicyError(source, sorted(problems, key=lambda p: p.line))
     return policy
 

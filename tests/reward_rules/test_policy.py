@@ -124,6 +124,9 @@ class TestParseErrors:
             ("weights:\n  format: 1\n  format: 2\n", [(3, "'format' is given twice")]),
             # an empty attribute name
             ("attributes:\n  promoted: ''\n", [(2, "attributes.promoted")]),
+            # an alias to what contains it: a structure without end
+            ("&a\nconstraints: *a\n", [(1, "an alias refers to what contains it")]),
+            ("weights: &w\n  format: 1\n  again: *w\n", [(1, "refers to what contains it")]),
             # every problem is reported, in line order
             (
                 "weights:\n  promo: 1\n  format: -1\nconstraints:\n  max_per_category: 0\n",
