@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from redis.exceptions import RedisError
 
 from contract.tasks import Task
 from server import cli as gateway
@@ -110,3 +111,12 @@ def _demo_instructions(settings: Settings, user: str, item: str) -> str:
         f' -d \'{{"user_id": "{user}", "item_ids": ["{item}"], "explain": true}}\'\n'
         f"  curl -s{auth} {base}/v1/users/{user}\n"
     )
+
+
+def main() -> None:
+    """The `reasonrec` command: a Redis that does not answer is one line, not a traceback."""
+    try:
+        app()
+    except RedisError as exc:
+        console.print(f"[red]error:[/red] Redis did not answer: {exc}", highlight=False)
+        raise SystemExit(1) from exc

@@ -34,6 +34,14 @@ class StorageSettings(_Section):
         Path("./var"),
         description="Where local state lives: the embedded Redis file, models, indexes.",
     )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("a Redis URL starts with redis://, rediss:// or unix://")
+        return value
+
     key_prefix: str = Field(
         "reasonrec",
         description="Prefix of every Redis key and channel, so deployments can share a Redis.",

@@ -97,3 +97,22 @@ def test_demo_bootstraps_once_then_starts_without_training(tmp_path: Path) -> No
         (tmp_path / "var" / "models" / answer["model_version"] / "manifest.json").read_text()
     )
     assert manifest["contract_version"] == "1" and manifest["training"]["preset"] == "tiny"
+
+
+@pytest.mark.parametrize(
+    ("url", "status", "message"),
+    [
+        ("redis://127.0.0.1:1/0", 1, "Redis did not answer"),  # nothing listens on port 1
+        ("localhost:6379", 2, "REASONREC_REDIS_URL: Value error, a Redis URL starts with"),
+    ],
+)
+def test_an_unusable_redis_is_one_line_not_a_traceback(
+    tmp_path: Path, url: str, status: int, message: str
+) -> None:
+    env = {**os.environ, "REASONREC_REDIS_URL": url, "REASONREC_DATA_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [REASONREC, "models", "list"], env=env, capture_output=True, text=True, timeout=60
+    )
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == status, output
+    assert message in output and "Traceback" not in output
