@@ -152,6 +152,8 @@ def test_our_pods_run_commands_that_exist_with_real_settings(
         # ConfigMap first, Secret second: a value in the Secret (a Redis password) wins.
         assert [next(iter(s)) for s in container["envFrom"]] == ["configMapRef", "secretRef"]
         assert template["spec"]["securityContext"]["runAsNonRoot"] is True
+        # Service links would give vLLM a VLLM_PORT=tcp://... it refuses at engine start.
+        assert template["spec"]["enableServiceLinks"] is False
         mount = next(m for m in container["volumeMounts"] if m["name"] == "data")
         assert mount["mountPath"] == config(resources)["REASONREC_DATA_DIR"]
         assert mount.get("readOnly", False) == (name in {"gateway", "vllm"})
