@@ -127,7 +127,7 @@ def rows() -> dict[str, list[dict[str, Any]]]:
                         "fallbacks / recommendations",
                     ),
                     (
-                        f"sum(rate(reasonrec_parse_failures_total[{RATE}])) "
+                        f'sum(rate(reasonrec_parse_failures_total{{task="rank"}}[{RATE}])) '
                         f'/ sum(rate(reasonrec_recommendations_total{{source="llm"}}[{RATE}]))',
                         "parse failures / LLM answers",
                     ),

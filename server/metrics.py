@@ -34,7 +34,9 @@ ENGINE_TOKENS = Counter(
     "reasonrec_engine_tokens_total", "Tokens processed by the engine.", ["kind"]
 )
 PARSE_FAILURES = Counter(
-    "reasonrec_parse_failures_total", "LLM answers that were malformed or needed repair."
+    "reasonrec_parse_failures_total",
+    "LLM answers that were malformed or needed repair, by task (rank, rate, search).",
+    ["task"],
 )
 FALLBACKS = Counter(
     "reasonrec_fallbacks_total", "Responses served from the retrieval order.", ["reason"]

@@ -148,7 +148,7 @@ class Rater:
         answer = parse_rating(result.text)
         rating = expected_rating(result.after(RATING_TAG)) or answer.rating
         if rating is None:
-            metrics.PARSE_FAILURES.inc()
+            metrics.PARSE_FAILURES.labels(Task.rate).inc()
             return self._fallback(context, item_id, "malformed")
         rating = served_rating(rating, baseline(context, item_id), engine.contract.rating_weight)
         explained = request.explain and answer.well_formed

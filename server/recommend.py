@@ -209,7 +209,7 @@ class Recommender:
         blend = engine.contract.blend
         ids, repaired = served_order(answer, scores, order, request.k, blend, popularity)
         if repaired:
-            metrics.PARSE_FAILURES.inc()
+            metrics.PARSE_FAILURES.labels(Task.rank).inc()
         return Outcome(ids, Source.llm, answer.rationale, raw=result.text)
 
     async def _log_impression(

@@ -135,7 +135,7 @@ class Searcher:
         metrics.ENGINE_TOKENS.labels("completion").inc(result.completion_tokens)
         answer = parse_search(result.text)
         if not answer.well_formed:
-            metrics.PARSE_FAILURES.inc()
+            metrics.PARSE_FAILURES.labels(Task.search).inc()
             return self._fallback(typed, context, "malformed")
         text = retriever_query(data.typed, answer.query)
         return Query(text=text, source=Source.llm, reasoning=answer.reasoning)

@@ -21,6 +21,7 @@ RATINGS = {("r1", "a"): 5.0, ("r1", "b"): 4.0, ("r1", "d"): 2.0, ("r2", "a"): 3.
 ANSWER = render_rating_answer(["likes drama", "a drama", "good fit"], 4)
 RATED = "reasonrec_ratings_total"
 FALLBACKS = "reasonrec_rate_fallbacks_total"
+PARSE_FAILURES = "reasonrec_parse_failures_total"
 
 
 def _rating(user: str, item: str, value: float, ts: str) -> dict[str, Any]:
@@ -205,11 +206,14 @@ def test_an_engine_failure_falls_back_per_item(
         client.post("/v1/items", json={"items": [{"item_id": "c", "title": "c"}]})
     use(client, make())
     before = metric(client, FALLBACKS, reason=reason)
+    failures = metric(client, PARSE_FAILURES, task="rate")
 
     body = rate(client)
 
     assert body["items"][0]["source"] == "fallback" and body["degraded"] is True
     assert metric(client, FALLBACKS, reason=reason) == before + 1
+    parsed = reason == "malformed"  # an answer came, without a rating: the model's failure
+    assert metric(client, PARSE_FAILURES, task="rate") == failures + parsed
 
 
 def test_a_cold_start_user_is_answered(rated: TestClient) -> None:

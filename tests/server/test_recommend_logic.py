@@ -169,7 +169,7 @@ def last_impression(rdb: redis.Redis, key_prefix: str) -> dict[str, str]:
 def test_well_formed_answer_is_served_in_its_order(shop: TestClient) -> None:
     engine = FakeEngine(answer("n2", "p3", "p1"), model_version="fake-order")
     use(shop, engine)
-    failures = metric(shop, PARSE_FAILURES)
+    failures = metric(shop, PARSE_FAILURES, task="rank")
 
     body = recommend(shop, k=3)
 
@@ -180,7 +180,7 @@ def test_well_formed_answer_is_served_in_its_order(shop: TestClient) -> None:
     assert body["rationale"] == "likes drama"
     assert body["items"][0]["title"] == "Title n2"
     assert body["items"][0]["categories"] == ["drama"]
-    assert metric(shop, PARSE_FAILURES) == failures
+    assert metric(shop, PARSE_FAILURES, task="rank") == failures
     assert len(engine.requests) == 1
 
 
@@ -209,12 +209,12 @@ def test_answers_are_repaired(
     shop: TestClient, text: str, k: int, expected: list[str], repaired: bool
 ) -> None:
     use(shop, FakeEngine(text))
-    failures = metric(shop, PARSE_FAILURES)
+    failures = metric(shop, PARSE_FAILURES, task="rank")
 
     body = recommend(shop, k=k)
 
     assert ids(body) == expected
-    assert metric(shop, PARSE_FAILURES) == failures + (1 if repaired else 0)
+    assert metric(shop, PARSE_FAILURES, task="rank") == failures + (1 if repaired else 0)
 
 
 def test_malformed_answer_still_serves_the_retrieval_order(
@@ -222,12 +222,12 @@ def test_malformed_answer_still_serves_the_retrieval_order(
 ) -> None:
     raw = "Sorry, I cannot help with that."
     use(shop, FakeEngine(raw))
-    failures = metric(shop, PARSE_FAILURES)
+    failures = metric(shop, PARSE_FAILURES, task="rank")
 
     body = recommend(shop, k=4)
 
     assert ids(body) == ORDER[:4]
-    assert metric(shop, PARSE_FAILURES) == failures + 1
+    assert metric(shop, PARSE_FAILURES, task="rank") == failures + 1
     # The raw output is logged, for debugging and training.
     assert last_impression(rdb, key_prefix)["output"] == raw
 

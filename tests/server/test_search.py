@@ -294,9 +294,12 @@ def test_the_typed_query_goes_as_written_when_the_model_cannot_help(
     _wait_for(client, "bank heist", "heat")
     use(client, engine())
     before = metric(client, FALLBACKS, reason=reason)
+    failures = metric(client, "reasonrec_parse_failures_total", task="search")
 
     body = _search(client, query="Bank heist", user_id="u9")
 
     assert (body["query"], body["source"], body["degraded"]) == ("Bank heist", "fallback", True)
     assert [hit["item_id"] for hit in body["items"]] == ["heat"]
     assert metric(client, FALLBACKS, reason=reason) == before + 1
+    parsed = reason == "malformed"
+    assert metric(client, "reasonrec_parse_failures_total", task="search") == failures + parsed

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from prometheus_client import REGISTRY
 
+from contract.tasks import Task
 from server.engine import Engine
 from server.item_index import ItemIndex
 from server.recommend import Recommender
@@ -25,7 +26,11 @@ CONCURRENCY = 16
 
 
 def _repairs() -> float:
-    return REGISTRY.get_sample_value("reasonrec_parse_failures_total") or 0.0
+    """Answers repaired or refused as malformed so far, of every task (a system serves one)."""
+    counts = (
+        REGISTRY.get_sample_value("reasonrec_parse_failures_total", {"task": task}) for task in Task
+    )
+    return sum(count or 0.0 for count in counts)
 
 
 Served = tuple[list[str], float]

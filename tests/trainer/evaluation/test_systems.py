@@ -1,3 +1,4 @@
+import asyncio
 import math
 import random
 
@@ -5,8 +6,10 @@ import numpy as np
 import pytest
 
 from contract.search import RetrieverKind
+from server import metrics
 from server.schemas import ItemIn
 from server.search_index import build_search_index
+from trainer.evaluation.pipeline import PipelineSystem
 from trainer.evaluation.split import Interaction, Split, build_split, id_order
 from trainer.evaluation.systems import ItemKNN, Popularity, TitleQuery, cosine_similarity
 
@@ -172,3 +175,17 @@ class TestTitleQuery:
 
     def test_k_caps_the_list(self) -> None:
         assert len(self.system().recommend("T", 1)) == 1
+
+
+@pytest.mark.parametrize("task", ["rank", "search"])
+def test_a_pipeline_counts_the_answers_its_path_repaired(task: str) -> None:
+    async def serve(engine: object, user: str, k: int) -> tuple[list[str], float]:
+        if user == "u2":  # one answer of three needed repair, on this path's task
+            metrics.PARSE_FAILURES.labels(task).inc()
+        return ["a"], 1.0
+
+    metrics.PARSE_FAILURES.labels("rate").inc()  # before this system served: not its own
+    with asyncio.Runner() as runner:
+        system = PipelineSystem("reasonrec", serve, runner)
+        system.prepare(["u1", "u2", "u3"], 10)
+    assert system.repairs == 1
