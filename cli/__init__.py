@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from contract.tasks import Task
 from server import cli as gateway
@@ -117,6 +118,6 @@ def main() -> None:
     """The `reasonrec` command: a Redis that does not answer is one line, not a traceback."""
     try:
         app()
-    except RedisError as exc:
+    except (RedisConnectionError, RedisTimeoutError) as exc:
         console.print(f"[red]error:[/red] Redis did not answer: {exc}", highlight=False)
         raise SystemExit(1) from exc

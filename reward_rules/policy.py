@@ -425,13 +425,14 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         message = "a policy is a mapping with weights, constraints and/or attributes"
         raise PolicyError(source, [Problem(line, message)])
     problems = _structure_problems(root)
-    policy = None
-    if not any(problem.message == _CONTAINS_ITSELF for problem in problems):  # else no end
-        try:
-            policy = Policy.model_validate(data)
-        except ValidationError as exc:
-            problems += [Problem(_line_of(root, e["loc"]), _message(e)) for e in exc.errors()]
-    if problems or policy is None:
+    if any(problem.message == _CONTAINS_ITSELF for problem in problems):
+        # validating a structure that contains itself would never end
+        raise PolicyError(source, sorted(problems, key=lambda p: p.line))
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as exc:
+        problems += [Problem(_line_of(root, e["loc"]), _message(e)) for e in exc.errors()]
+    if problems:
         raise PolicyError(source, sorted(problems, key=lambda p: p.line))
     return policy
 

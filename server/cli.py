@@ -36,9 +36,11 @@ def settings_from_env(host: str | None = None, port: int | None = None) -> Setti
     try:
         settings = Settings()
     except ValidationError as exc:
-        for error in exc.errors():
-            name = f"REASONREC_{'_'.join(map(str, error['loc'])).upper()}"
-            console.print(f"[red]error:[/red] {name}: {error['msg']}", highlight=False)
+        # One line per variable: a field of two types gets an error for each type it is not.
+        wrong = {str(error["loc"][0]): error["msg"] for error in reversed(exc.errors())}
+        for field, message in sorted(wrong.items()):
+            line = f"[red]error:[/red] REASONREC_{field.upper()}: {message}"
+            console.print(line, highlight=False)
         raise typer.Exit(2) from exc
     updates = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
     settings = settings.model_copy(update=updates)

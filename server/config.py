@@ -35,13 +35,6 @@ class StorageSettings(_Section):
         description="Where local state lives: the embedded Redis file, models, indexes.",
     )
 
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_scheme(cls, value: str | None) -> str | None:
-        if value and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("a Redis URL starts with redis://, rediss:// or unix://")
-        return value
-
     key_prefix: str = Field(
         "reasonrec",
         description="Prefix of every Redis key and channel, so deployments can share a Redis.",
@@ -70,6 +63,13 @@ class StorageSettings(_Section):
         description="How long feedback quoting a request id is credited to the model version "
         "that served it (reasonrec_positives_total).",
     )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("a Redis URL starts with redis://, rediss:// or unix://")
+        return value
 
     @property
     def registry_path(self) -> Path:

@@ -7,7 +7,8 @@ de-duplication marker · ``items:created`` sorted set (item -> created time) · 
 counter of item writes · ``impressions`` stream (every served list) · ``served:{request_id}`` the
 version that served it (expires) · ``model:active`` version string · ``model-updates`` pub/sub
 channel · ``user:{id}:ratings`` hash (item -> the user's latest rating) · ``user:{id}:rated``
-sorted set (item -> rating time, capped) · ``ratings:sum`` and ``ratings:count`` hashes (item ->
+sorted set (item -> rating time, capped) · ``user:{id}:rated_at`` hash (item -> rating time) ·
+``ratings:sum`` and ``ratings:count`` hashes (item ->
 sum and number of its ratings) · ``ratings:total`` hash (sum, count over every rating).
 """
 

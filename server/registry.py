@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from contract.prompt import CONTRACT_VERSION, SUPPORTED_CONTRACTS, Contract, Rendering
 from contract.ranking import Blend
@@ -28,14 +28,11 @@ from contract.tasks import Task
 MANIFEST = "manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
 _STAGING = ".staging-"
-STALE_STAGING_SECONDS = 3600.0
+STALE_STAGING_SECONDS = 86_400.0  # a writer fills its folder within minutes; a day is ample
 log = logging.getLogger(__name__)
 
 
 class Manifest(BaseModel):
-    # A metric that could not be measured is NaN; written as null it would not read back.
-    model_config = ConfigDict(ser_json_inf_nan="constants")
-
     version: str
     parent: str | None = None
     kind: Literal["full", "lora"] = "full"
@@ -76,6 +73,14 @@ class Manifest(BaseModel):
     )
     metrics: dict[str, float] = Field(default_factory=dict)
     index_version: str | None = None
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _unmeasured(cls, value: object) -> object:
+        """A metric that could not be measured is NaN, which JSON writes as null: read it back."""
+        if isinstance(value, dict):
+            return {key: math.nan if score is None else score for key, score in value.items()}
+        return value
 
     @property
     def contract(self) -> Contract:
@@ -182,7 +187,7 @@ class Registry:
 
     def discard_staging(self, older_than: float = STALE_STAGING_SECONDS) -> int:
         """Remove staging folders untouched for `older_than` seconds: left behind by writers
-        that were killed (a writer fills its folder within minutes). Returns how many."""
+        that were killed. Returns how many."""
         leftovers = list(self.root.glob(f"{_STAGING}*")) if self.root.is_dir() else []
         stale = [path for path in leftovers if time.time() - _touched(path) >= older_than]
         for path in stale:

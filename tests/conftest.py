@@ -24,13 +24,19 @@ from server.config import Settings
 
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
 PR_SET_PDEATHSIG = 1
+# Looked up here, not in the forked child, where loading a library while another thread held a
+# lock could hang it.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+_PARENT = os.getpid()
 
 
 def dies_with_pytest() -> None:
     """`preexec_fn` of every long-lived process a test starts: on Linux it is sent SIGTERM when
     pytest dies, even killed, so an interrupted run leaves no server, trainer or Redis behind."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != _PARENT:  # pytest died before the signal was asked for
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 REASONREC = str(Path(sys.executable).parent / "reasonrec")

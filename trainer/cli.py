@@ -2,6 +2,7 @@
 models, eval, policy. `cli` mounts them beside the gateway's."""
 
 import asyncio
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,6 +45,12 @@ policies = typer.Typer(
 app.add_typer(policies, name="policy")
 
 PresetOption = Annotated[str, typer.Option(help=f"Training preset: {', '.join(PRESETS)}.")]
+
+
+def _writable(path: Path) -> bool:
+    """Whether a file can be written at `path` (checked before hours of work, not after)."""
+    folder = path.parent
+    return not path.is_dir() and folder.is_dir() and os.access(folder, os.W_OK)
 
 
 def check_preset(preset: str) -> None:
@@ -374,10 +381,10 @@ def eval_command(
     the last item's title as a search query; search: the model's queries vs that raw query; rate:
     reasonrec (RecZero or RecOne) vs mean, bias and matrix-factorisation baselines."""
     check_preset(preset)
-    if json_out is not None and (json_out.is_dir() or not json_out.parent.is_dir()):
+    if json_out is not None and not _writable(json_out):
         # checked now: the report would be lost after hours of evaluation
         raise typer.BadParameter(
-            f"{json_out} cannot be written: not a file in a folder", param_hint="--json"
+            f"{json_out} cannot be written: not a file in a writable folder", param_hint="--json"
         )
     try:
         data = read_eval_data(path, fmt)  # before the heavy imports: bad data fails fast

@@ -188,8 +188,12 @@ def _shortage(manifest: Manifest, logged: int, rating: RatingExamples | None) ->
             f"{logged} logged lists with a positive and a {manifest.rendering.value} prompt, "
             f"{MIN_EXAMPLES} needed"
         )
-    if rating is None:  # rating is not refreshed (REASONREC_REFRESH_RATING_EXAMPLES=0)
-        return None if Task.rank in manifest.tasks else "rating refresh is off, nothing to train"
+    if rating is None:  # rating is not refreshed
+        if Task.rank in manifest.tasks:
+            return None
+        if Task.rate in manifest.tasks:
+            return "rating refresh is off (REASONREC_REFRESH_RATING_EXAMPLES=0), nothing to train"
+        return "refresh trains ranking and rating; this version does neither"
     rated = len(rating.train) + len(rating.validation)
     if rated < MIN_EXAMPLES:
         return f"{rated} users with 2+ ratings to learn rating from, {MIN_EXAMPLES} needed"

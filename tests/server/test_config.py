@@ -87,9 +87,11 @@ def test_a_level_in_capitals_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_command_names_each_bad_variable_and_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REASONREC_REFRESH_SECONDS", "abc")
     monkeypatch.setenv("REASONREC_LOG_LEVEL", "verbose")
+    monkeypatch.setenv("REASONREC_MERGE_ADAPTERS", "maybe")  # a bool or "auto": two errors
     result = CliRunner().invoke(app, ["models", "list"])
     assert result.exit_code == 2
     output = " ".join(result.output.split())
     assert "REASONREC_REFRESH_SECONDS: Input should be a valid integer" in output
     assert "REASONREC_LOG_LEVEL: Input should be 'debug', 'info', 'warning' or 'error'" in output
+    assert output.count("REASONREC_MERGE_ADAPTERS:") == 1 and "_BOOL" not in output
     assert "Traceback" not in result.output

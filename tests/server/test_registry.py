@@ -113,8 +113,8 @@ def test_publish_refuses_an_existing_version(registry: Registry) -> None:
 def test_a_failed_writer_leaves_no_staging_and_the_next_one_clears_old_leftovers(
     registry: Registry, tmp_path: Path
 ) -> None:
-    killed = registry.staging()  # a writer killed an hour ago
-    os.utime(killed, (time.time() - 3601, time.time() - 3601))
+    killed = registry.staging()  # a writer killed a day ago
+    os.utime(killed, (time.time() - 86_401, time.time() - 86_401))
     source = tmp_path / "hf"
     source.mkdir()
     write_model(source)

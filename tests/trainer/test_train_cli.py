@@ -103,7 +103,13 @@ def test_the_sidecar_outlives_redis_going_away_between_polls(
     ("tasks", "rated", "reason"),
     [
         (["rank", "rate"], None, None),  # rating refresh off: the ranking part still trains
-        (["rate"], None, "rating refresh is off, nothing to train"),
+        (
+            ["rate"],
+            None,
+            "rating refresh is off (REASONREC_REFRESH_RATING_EXAMPLES=0), nothing to train",
+        ),
+        (["search"], None, "refresh trains ranking and rating; this version does neither"),
+        (["rank"], None, None),
         (["rank", "rate"], 3, "3 users with 2+ ratings to learn rating from, 4 needed"),
         (["rank", "rate"], 4, None),
     ],
