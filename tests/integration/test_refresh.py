@@ -21,6 +21,7 @@ from server.store import open_store
 from tests.conftest import dies_with_pytest
 from tests.integration.test_hot_swap import activate
 from tests.server.helpers import until
+from trainer import refresh as refresh_module
 from trainer.bootstrap import BootstrapResult
 from trainer.feedback_log import FeedbackLog
 from trainer.refresh import RefreshResult, refresh_once, trainer_dir
@@ -169,6 +170,39 @@ def test_feedback_refreshes_the_served_model(
         # The first adapter is unloaded once its requests are past their time budget.
         assert until(lambda: set(gateway.portal.call(process.llm.list_loras)) == {serving}, 60)
     finally:
+        activate(gateway, tiny_model.version)
+        assert until(lambda: gateway.get("/v1/models").json()["serving"] == tiny_model.version, 300)
+
+
+def test_a_rollback_while_a_refresh_trains_is_not_undone(
+    gateway: TestClient,
+    served_settings: Settings,
+    tiny_model: BootstrapResult,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    serve_and_click(gateway)
+    client = redis.Redis.from_url(served_settings.redis_url, decode_responses=True)
+    active = f"{served_settings.key_prefix}:model:active"
+    train_and_gate = refresh_module._train_and_gate
+
+    def operator_acts_meanwhile(*args: object) -> object:
+        trained = train_and_gate(*args)
+        client.set(active, "v-operator")  # as `reasonrec models activate` would, mid-training
+        return trained
+
+    monkeypatch.setattr(refresh_module, "_train_and_gate", operator_acts_meanwhile)
+    try:
+        result = refresh(served_settings, True, **LOOSE)
+        assert result.outcome == "published" and result.version, result
+        assert result.reason == (
+            "gate passed; not activated: v-operator became active while it trained"
+        )
+        assert client.get(active) == "v-operator"
+        assert Registry(served_settings.registry_path).has(result.version)
+        # never announced: the gateway still serves what it served
+        assert gateway.get("/v1/models").json()["serving"] == tiny_model.version
+    finally:
+        client.close()
         activate(gateway, tiny_model.version)
         assert until(lambda: gateway.get("/v1/models").json()["serving"] == tiny_model.version, 300)
 
