@@ -3,6 +3,8 @@ mounts them beside the trainer's."""
 
 import asyncio
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -46,6 +48,16 @@ def settings_from_env(host: str | None = None, port: int | None = None) -> Setti
     settings = settings.model_copy(update=updates)
     logs.configure(settings.log_level)
     return settings
+
+
+@contextmanager
+def errors_end_command(*kinds: type[Exception]) -> Iterator[None]:
+    """These errors end the command with their message and exit status 1, not a traceback."""
+    try:
+        yield
+    except kinds as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
 
 
 def _read(
@@ -114,12 +126,9 @@ def load(
     """Load a catalog, users and interactions. Loading the same data twice changes nothing."""
     settings = settings_from_env()
     started = time.perf_counter()
-    try:
+    with errors_end_command(LoadError, OSError):
         dataset = _read(fmt, path, users, items, events_per_user, seed)
         summary = asyncio.run(load_dataset(settings, dataset))
-    except (LoadError, OSError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
     console.print(
         f"loaded {summary.items} items, {summary.users} users, {summary.events} new events "
         f"({summary.duplicates} already there) in {time.perf_counter() - started:.1f}s"

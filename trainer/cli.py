@@ -3,8 +3,6 @@ models, eval, policy. `cli` mounts them beside the gateway's."""
 
 import asyncio
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -14,6 +12,7 @@ from contract.tasks import Task
 from reward_rules.policy import PolicyError
 from server.cli import (
     console,
+    errors_end_command,
     settings_from_env,
 )
 from server.config import Settings
@@ -157,11 +156,8 @@ def bootstrap_command(
     tasks = frozenset(task or [Task.rank])
     if base:
         base = _base_version(settings, base, tasks)
-    try:
+    with errors_end_command(NotEnoughData, PolicyError):  # nothing published, serving unchanged
         result = asyncio.run(run_bootstrap(settings, preset, seed, force, tasks, recipe, base))
-    except (NotEnoughData, PolicyError) as exc:  # nothing was published, serving is unchanged
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from exc
     console.print(f"[bold]{result.gate}[/bold]", highlight=False)
     typer.echo(result.model_dump_json(indent=2))
 
@@ -250,7 +246,7 @@ def register_model(
         prompt_history=settings.prompt_history,
         training={"method": "registered", "source": str(path)},
     )
-    with registry_errors():
+    with errors_end_command(RegistryError):
         Registry(settings.registry_path).register(path, manifest)
     _added(settings, manifest.version, activate)
 
@@ -273,22 +269,12 @@ def import_gguf_command(
     from trainer.gguf_import import import_gguf, resolve_gguf  # transformers: heavy
 
     settings = settings_from_env()
-    with registry_errors():
+    with errors_end_command(RegistryError):
         path = resolve_gguf(source)
         with console.status(f"converting {path.name}"):
             registry = Registry(settings.registry_path)
             manifest = import_gguf(registry, path, settings.prompt_history)
     _added(settings, manifest.version, activate)
-
-
-@contextmanager
-def registry_errors() -> Iterator[None]:
-    """A RegistryError ends the command with its message and exit status 1."""
-    try:
-        yield
-    except RegistryError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
 
 
 def _added(settings: Settings, version: str, activate: bool) -> None:
@@ -302,7 +288,7 @@ def _added(settings: Settings, version: str, activate: bool) -> None:
 def activate_model(version: Annotated[str, typer.Argument()]) -> None:
     """Make VERSION the active model; running gateways swap to it without a restart."""
     settings = settings_from_env()
-    with registry_errors():
+    with errors_end_command(RegistryError):
         check_contract(Registry(settings.registry_path).manifest(version))
     asyncio.run(_activate(settings, version))
 
