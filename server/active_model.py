@@ -21,7 +21,6 @@ from server.registry import (
     check_contract,
     stored_parameters,
 )
-from server.store import Store
 from server.vocabulary import ItemTokens
 
 log = logging.getLogger(__name__)
@@ -130,11 +129,12 @@ def open_engine(settings: Settings, version: str, serving: Engine | None = None)
     registry = Registry(settings.registry_path)
     manifest = registry.manifest(version)
     check_contract(manifest)
-    engine = _open(settings, version, serving)
-    engine.contract = manifest.contract
     base_dir = registry.path(base_version(manifest))
-    engine.items = ItemTokens.load(base_dir)
-    engine.template = chat_template(base_dir) if manifest.contract.chat else None
+    items = ItemTokens.load(base_dir)
+    template = chat_template(base_dir) if manifest.contract.chat else None
+    # The engine last: one started before a failure would be left running.
+    engine = _open(settings, version, serving)
+    engine.contract, engine.items, engine.template = manifest.contract, items, template
     return engine
 
 
@@ -164,11 +164,3 @@ def _open(settings: Settings, version: str, serving: Engine | None) -> Engine:
         ),
     )
     return LocalEngine(process, version, where.adapter)
-
-
-async def open_active_engine(settings: Settings, store: Store) -> Engine | None:
-    version = await store.active_model()
-    if version is None:
-        log.warning("no active model: recommendations use the retrieval order until one exists")
-        return None
-    return open_engine(settings, version)

@@ -7,17 +7,20 @@ Without an index or a model, requests are answered in the retrieval or popularit
 new version beside the one serving (the registry's contract check first), then points new
 requests at it. Requests already holding the old engine finish on it: none uses an engine longer
 than `REASONREC_LLM_TIMEOUT_MS` (the budget cancels it), so the old engine is closed after that.
-If the new version cannot be opened, the old one keeps serving and the failure is logged.
+If the new version cannot be opened, the old one keeps serving and the failure is logged. The
+active version is also read every RECHECK_SECONDS: an announcement sent while the subscription
+was reconnecting reaches nobody.
 """
 
 import asyncio
 import logging
+import time
 
 import faiss
 from redis.exceptions import RedisError
 
 from server import metrics
-from server.active_model import open_active_engine, open_engine
+from server.active_model import open_engine
 from server.config import Settings
 from server.engine import Engine
 from server.index_files import current_version, load_current
@@ -28,6 +31,7 @@ from server.store import Store
 log = logging.getLogger(__name__)
 RETRY_SECONDS = 1.0
 POLL_SECONDS = 0.25  # one wait for an announcement; bounds how long stop() takes
+RECHECK_SECONDS = 30.0  # how long an activation whose announcement was lost can go unserved
 
 
 class Serving:
@@ -43,6 +47,7 @@ class Serving:
         self._closing: set[asyncio.Task] = set()
         self._stopping = asyncio.Event()
         self._following: asyncio.Task | None = None
+        self._wanted: str | None = None  # the version last swapped to, served or refused
 
     @property
     def version(self) -> str | None:
@@ -50,21 +55,24 @@ class Serving:
         return self.engine.model_version if self.engine else None
 
     async def start(self) -> None:
-        """Open the index and the active model, then follow activations."""
+        """Open the index and the active model, then follow activations. Nothing that fails here
+        stops the gateway: it answers in the retrieval or popularity order, and /readyz says
+        why."""
         # One request is one small query: faiss's OpenMP threads only contend with the event loop
         # and vLLM (a query took 16 ms p50 with the default threads, 0.2 ms with one, on 2 cores).
         faiss.omp_set_num_threads(1)
-        self.index = load_current(self.settings.data_dir)
+        self.index = self._current_index()
         try:
-            self.engine = await open_active_engine(self.settings, self.store)
-        except RegistryError as exc:
-            log.error("active model refused", extra={"reason": str(exc)})
-            self.problem = exc.public
+            active = await self.store.active_model()
         except RedisError as exc:
             log.error("cannot read the active model", extra={"reason": repr(exc)})
             self.problem = "active model unknown: redis unreachable at startup"
-        if self.engine is None and self.problem is None:
-            self.problem = "no active model: run `reasonrec bootstrap`"
+        else:
+            if active is None:
+                log.warning("no active model: the retrieval order answers until one exists")
+                self.problem = "no active model: run `reasonrec bootstrap`"
+            else:
+                await self.swap(active)
         metrics.set_model_info(self.version)
         self._following = asyncio.create_task(self.run())
 
@@ -77,7 +85,7 @@ class Serving:
             task.cancel()
         await asyncio.gather(*self._closing, return_exceptions=True)
         if self.engine is not None:
-            await self.engine.close()
+            await _release(self.engine)
 
     async def run(self) -> None:
         """Follow announcements until `stop()` (within POLL_SECONDS); resubscribes when Redis
@@ -95,22 +103,37 @@ class Serving:
         # the client never fires on a quiet channel.
         async with self.store.model_updates() as pubsub:
             # An activation between start-up and this subscription was announced to nobody.
-            if (active := await self.store.active_model()) is not None:
-                await self.swap(active)
+            await self._catch_up()
+            checked = time.monotonic()
             while not self._stopping.is_set():
                 message = await pubsub.get_message(timeout=POLL_SECONDS)
                 if message is not None and message["type"] == "message":
                     await self.swap(message["data"])
+                elif time.monotonic() - checked > RECHECK_SECONDS:
+                    # The client resubscribes by itself after a dropped connection, silently:
+                    # what was announced meanwhile is only found by asking.
+                    await self._catch_up()
+                    checked = time.monotonic()
+
+    async def _catch_up(self) -> None:
+        """Swap to the active version if it is neither served nor already refused (a refused
+        version is tried again when it is announced again)."""
+        active = await self.store.active_model()
+        if active is not None and active != self._wanted:
+            await self.swap(active)
 
     async def swap(self, version: str) -> bool:
         """Serve `version` from now on; False (and the old engine kept) if it cannot open."""
         async with self._lock:
+            self._wanted = version
             if version == self.version:
                 return True
             try:
                 engine, index = await self._open_ready(version)
             except Exception as exc:  # whatever breaks the new version, the old one keeps serving
                 log.error("model swap refused", extra={"version": version, "reason": str(exc)})
+                if self.engine is None:
+                    self.problem = _refusal(version, exc)
                 return False
             self.index = index
             old, self.engine = self.engine, engine
@@ -127,24 +150,55 @@ class Serving:
     async def _open_ready(self, version: str) -> tuple[Engine, ItemIndex | None]:
         engine, index = await asyncio.to_thread(self._open, version)
         try:
-            await engine.prepare()
+            await engine.prepare(handover=self.engine is not None)
         except Exception:
-            await engine.close()
+            await _release(engine)
             raise
         return engine, index
 
     def _open(self, version: str) -> tuple[Engine, ItemIndex | None]:
         """The new engine, and the current index (a new model usually comes with the index it was
-        trained beside); both read from disk, so off the event loop."""
-        engine = open_engine(self.settings, version, serving=self.engine)
-        index = self.index
-        if current_version(self.settings.data_dir) != (index.version if index else None):
-            index = load_current(self.settings.data_dir)
-        return engine, index
+        trained beside); both read from disk, so off the event loop. The index first: a failure
+        after the engine started would leave it running."""
+        index = self._current_index()
+        return open_engine(self.settings, version, serving=self.engine), index
+
+    def _current_index(self) -> ItemIndex | None:
+        """The published index: the one held unless a newer one is current, and the one held
+        when the current one cannot be read (candidates then stay as they were)."""
+        held = self.index
+        try:
+            if current_version(self.settings.data_dir) == (held.version if held else None):
+                return held
+            return load_current(self.settings.data_dir)
+        except Exception as exc:
+            log.error(
+                "candidate index unreadable, keeping the one held", extra={"reason": repr(exc)}
+            )
+            return held
 
     async def _close_later(self, engine: Engine) -> None:
         try:
             await asyncio.sleep(self.settings.release_seconds)
         finally:  # at shutdown too
-            await engine.close()
-            log.info("previous engine released", extra={"version": engine.model_version})
+            await _release(engine)
+
+
+async def _release(engine: Engine) -> None:
+    """Close an engine; a failure is logged (it happens at shutdown and in background tasks,
+    where nobody could act on it)."""
+    try:
+        await engine.close()
+    except Exception as exc:
+        log.error(
+            "engine not released", extra={"version": engine.model_version, "reason": repr(exc)}
+        )
+    else:
+        log.info("engine released", extra={"version": engine.model_version})
+
+
+def _refusal(version: str, exc: Exception) -> str:
+    """Why `version` is not served, for /readyz (an open route: no folders)."""
+    if isinstance(exc, RegistryError):
+        return exc.public
+    return f"model {version} could not be opened (the gateway's log says why)"

@@ -83,9 +83,10 @@ class Engine(ABC):
     async def generate(self, request: GenerationRequest) -> Generation:
         """Complete one prompt; raises EngineError. Cancelling the call aborts the request."""
 
-    async def prepare(self) -> None:
+    async def prepare(self, handover: bool = False) -> None:
         """Get ready to serve before the first request; raises EngineError if it cannot.
-        Nothing to do unless an engine says otherwise."""
+        `handover`: another engine serves until this one is ready, so it may wait. Nothing to
+        do unless an engine says otherwise."""
         return None
 
     @abstractmethod

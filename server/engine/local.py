@@ -128,7 +128,7 @@ class LocalEngine(Engine):
     def can_serve(self, base_version: str, lora_rank: int | None) -> bool:
         return self._process.can_serve(base_version, lora_rank)
 
-    async def prepare(self) -> None:
+    async def prepare(self, handover: bool = False) -> None:
         """Load the adapter now, so that one that cannot load is refused before any request."""
         if self._lora is None:
             return
@@ -187,6 +187,8 @@ class LocalEngine(Engine):
 
     async def close(self) -> None:
         """Unload this version's adapter; the process goes with the last engine on it."""
-        if self._lora is not None and self._process.llm is not None:
-            await self._process.llm.remove_lora(self._lora.lora_int_id)
-        self._process.release()
+        try:
+            if self._lora is not None and self._process.llm is not None:
+                await self._process.llm.remove_lora(self._lora.lora_int_id)
+        finally:  # a dead engine core cannot unload: the process must still go
+            self._process.release()

@@ -1,8 +1,18 @@
 """A remote OpenAI-compatible vLLM server (`vllm serve`), for scaling the engine out."""
 
+import asyncio
+import logging
+import time
+
 import httpx
 
 from server.engine import Engine, EngineError, Generation, GenerationRequest
+
+log = logging.getLogger(__name__)
+# docker/serve_vllm.py sees an activation within its 5 s poll and loads an adapter in seconds;
+# a version that needs a restart takes vLLM down meanwhile, which ends the wait at once.
+HANDOVER_SECONDS = 30.0
+HANDOVER_POLL_SECONDS = 0.5
 
 
 def bearer(api_key: str | None) -> dict[str, str]:
@@ -36,7 +46,7 @@ class RemoteEngine(Engine):
             body["logprobs"] = request.logprobs
         try:
             response = await self._client.post("/v1/completions", json=body)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, RuntimeError) as exc:  # RuntimeError: closed by a swap meanwhile
             raise EngineError(f"engine unreachable: {exc!r}") from exc
         if response.status_code != 200:
             raise EngineError(f"engine answered {response.status_code}: {response.text[:300]}")
@@ -55,24 +65,49 @@ class RemoteEngine(Engine):
         except (ValueError, LookupError, TypeError, AttributeError) as exc:
             raise EngineError(f"engine answered an unreadable body: {response.text[:300]}") from exc
 
+    async def prepare(self, handover: bool = False) -> None:
+        """On a handover, wait (up to HANDOVER_SECONDS) until the server lists this version, so
+        that the previous one answers meanwhile rather than the fallback. The server places
+        versions itself: one it does not list yet is never refused; a server that does not answer
+        (vLLM restarting on it) ends the wait, as the previous version is not served either."""
+        deadline = time.monotonic() + HANDOVER_SECONDS
+        while handover:
+            try:
+                served = await self._served()
+            except EngineError:
+                return
+            if self.model_version in served:
+                return
+            if time.monotonic() > deadline:
+                log.warning(
+                    "engine does not serve the new version yet",
+                    extra={"version": self.model_version},
+                )
+                return
+            await asyncio.sleep(HANDOVER_POLL_SECONDS)
+
     async def check_health(self) -> None:
         """Healthy, and serving this version: after an activation the server may still be
         serving the previous one (it loads versions by name), and every request would fail."""
         health = await self._get("/health")
         if health.status_code != 200:
             raise EngineError(f"engine health check answered {health.status_code}")
-        models = await self._get("/v1/models")
-        try:
-            served = [model["id"] for model in models.json()["data"]]
-        except (ValueError, LookupError, TypeError) as exc:
-            raise EngineError(f"engine model list unreadable: {models.text[:300]}") from exc
+        served = await self._served()
         if self.model_version not in served:
             raise EngineError(f"engine does not serve {self.model_version} (it serves {served})")
+
+    async def _served(self) -> list[str]:
+        """The versions the server serves now."""
+        models = await self._get("/v1/models")
+        try:
+            return [model["id"] for model in models.json()["data"]]
+        except (ValueError, LookupError, TypeError) as exc:
+            raise EngineError(f"engine model list unreadable: {models.text[:300]}") from exc
 
     async def _get(self, path: str) -> httpx.Response:
         try:
             return await self._client.get(path, timeout=2)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, RuntimeError) as exc:
             raise EngineError(f"engine unreachable: {exc!r}") from exc
 
     async def close(self) -> None:

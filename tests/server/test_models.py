@@ -12,10 +12,13 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+import server.active_model
+import server.serving
 from server.config import Settings
+from server.engine import EngineError
 from server.registry import Manifest, Registry
 from server.store import ActiveModelChanged, open_store
-from tests.server.helpers import metric
+from tests.server.helpers import metric, until
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
@@ -185,3 +188,99 @@ def test_an_activation_replacing_a_version_changes_nothing_once_another_is_activ
             assert await store.previous_model() == "v2"
 
     asyncio.run(activations())
+
+
+def test_a_version_that_cannot_open_leaves_no_engine_running(
+    models_client: TestClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A chat version whose folder holds no tokenizer: its template cannot load. Every engine
+    # started for it must be closed again (in-process, each would be a vLLM process).
+    publish(tmp_path / "models", "v-chat", chat_template=True)
+    started: list = []
+    opening = server.active_model._open
+
+    def counted(*args: Any) -> Any:
+        started.append(engine := opening(*args))
+        return engine
+
+    monkeypatch.setattr(server.active_model, "_open", counted)
+    serving = models_client.app.state.serving
+    for _ in range(2):
+        models_client.post("/v1/models/activate", json={"version": "v-chat"}, headers=ADMIN)
+    refused = "model v-chat could not be opened (the gateway's log says why)"
+    assert until(lambda: models_client.get("/readyz").json()["checks"]["engine"] == refused, 10)
+    assert serving.version is None
+    assert all(engine._client.is_closed for engine in started)
+
+
+def test_the_gateway_starts_when_the_active_engine_cannot_open(
+    make_client: Callable[..., TestClient],
+    rdb,
+    key_prefix: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    publish(tmp_path / "models", "v1")
+    rdb.set(f"{key_prefix}:model:active", "v1")
+
+    def failing(*_: Any) -> Any:
+        raise EngineError("LoRA rank 64 is above the engine's room")
+
+    monkeypatch.setattr(server.active_model, "_open", failing)
+    client = make_client(registry_dir=tmp_path / "models", engine_url="http://127.0.0.1:9")
+
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert (
+        ready.json()["checks"]["engine"]
+        == "model v1 could not be opened (the gateway's log says why)"
+    )
+    assert client.post("/v1/recommend", json={"user_id": "u1", "k": 3}).status_code == 200
+
+
+def test_an_unreadable_index_leaves_the_gateway_serving(
+    make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    indexes = tmp_path / "var" / "indexes"
+    indexes.mkdir(parents=True)
+    (indexes / "current").write_text("v20260101-000000-abcdef\n")  # a folder that is not there
+    client = make_client(data_dir=tmp_path / "var")
+    assert client.get("/readyz").status_code == 200
+    assert client.app.state.serving.index is None
+    assert client.post("/v1/recommend", json={"user_id": "u1", "k": 3}).status_code == 200
+
+
+def test_an_activation_whose_announcement_was_lost_is_served(
+    models_client: TestClient, rdb, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server.serving, "RECHECK_SECONDS", 0.2)
+    models_client.post("/v1/models/activate", json={"version": "v1"}, headers=ADMIN)
+    assert wait_serving(models_client, "v1")["serving"] == "v1"
+    rdb.set(f"{key_prefix}:model:active", "v2")  # set, never announced
+    assert wait_serving(models_client, "v2")["serving"] == "v2"
+
+
+def test_a_refused_version_is_not_reopened_until_announced_again(
+    models_client: TestClient,
+    tmp_path: Path,
+    rdb,
+    key_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(server.serving, "RECHECK_SECONDS", 0.1)
+    publish(tmp_path / "models", "v-chat", chat_template=True)
+    opened: list[str] = []
+    opening = server.active_model.open_engine
+
+    def counted(settings: Settings, version: str, serving: Any = None) -> Any:
+        opened.append(version)
+        return opening(settings, version, serving)
+
+    monkeypatch.setattr(server.serving, "open_engine", counted)
+    rdb.set(f"{key_prefix}:model:active", "v-chat")
+    time.sleep(1.5)  # fifteen rechecks
+    assert opened == ["v-chat"]
+    models_client.post("/v1/models/activate", json={"version": "v-chat"}, headers=ADMIN)
+    assert until(lambda: len(opened) == 2, 10)

@@ -1,0 +1,104 @@
+"""Engine behaviour around swaps, without vLLM: a remote engine's handover and its client closed
+under a request, an in-process engine's release when its core cannot unload
+(tests/integration runs both against real vLLM)."""
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+
+import server.engine.remote
+from server.engine import EngineError, GenerationRequest
+from server.engine.local import LocalEngine
+from server.engine.remote import RemoteEngine
+
+
+def remote(handler, version: str = "v2") -> RemoteEngine:
+    engine = RemoteEngine("http://vllm", version)
+    engine._client = httpx.AsyncClient(
+        base_url="http://vllm", transport=httpx.MockTransport(handler)
+    )
+    return engine
+
+
+def listing(*answers: list[str]):
+    """A server whose model list is each answer in turn, then the last one."""
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        served = answers[min(len(calls), len(answers)) - 1]
+        return httpx.Response(200, json={"data": [{"id": model} for model in served]})
+
+    return handler, calls
+
+
+@pytest.fixture(autouse=True)
+def quick_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server.engine.remote, "HANDOVER_POLL_SECONDS", 0.01)
+
+
+def test_a_handover_waits_until_the_server_lists_the_version() -> None:
+    handler, calls = listing(["v1"], ["v1"], ["v1", "v2"])
+    asyncio.run(remote(handler).prepare(handover=True))
+    assert len(calls) == 3
+
+
+def test_a_handover_gives_up_waiting_after_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server.engine.remote, "HANDOVER_SECONDS", 0.1)
+    handler, calls = listing(["v1"])
+    asyncio.run(remote(handler).prepare(handover=True))  # not refused: the server places versions
+    assert len(calls) > 3
+
+
+def test_a_handover_to_a_server_that_does_not_answer_does_not_wait() -> None:
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    asyncio.run(asyncio.wait_for(remote(down).prepare(handover=True), timeout=1))
+
+
+def test_a_first_engine_asks_nothing() -> None:
+    handler, calls = listing(["v1"])
+    asyncio.run(remote(handler).prepare())
+    assert calls == []
+
+
+def test_a_request_on_an_engine_closed_by_a_swap_is_an_engine_error() -> None:
+    async def closed_then_asked() -> None:
+        engine = RemoteEngine("http://127.0.0.1:9", "v1")
+        await engine.close()
+        with pytest.raises(EngineError):
+            await engine.generate(GenerationRequest(request_id="r1", prompt="p"))
+        with pytest.raises(EngineError):
+            await engine.check_health()
+
+    asyncio.run(closed_then_asked())
+
+
+class DeadCore:
+    async def remove_lora(self, _: int) -> None:
+        raise RuntimeError("EngineCore died")
+
+
+class Process:
+    def __init__(self) -> None:
+        self.llm, self.released = DeadCore(), 0
+
+    def next_adapter_id(self) -> int:
+        return 1
+
+    def join(self) -> None:
+        return None
+
+    def release(self) -> None:
+        self.released += 1
+
+
+def test_an_adapter_that_cannot_unload_still_releases_its_process() -> None:
+    process = Process()
+    engine = LocalEngine(process, "v1-lora", Path("/adapters/v1-lora"))
+    with pytest.raises(RuntimeError):
+        asyncio.run(engine.close())
+    assert process.released == 1
