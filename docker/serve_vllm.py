@@ -96,10 +96,13 @@ def vllm_swapper(
         timeout=60,
         transport=transport,
     )
-    unloading: set[asyncio.Task] = set()
+    # Adapters waiting to be unloaded, until their unload starts: one activated again meanwhile
+    # is still loaded, and vLLM refuses to load a name it serves.
+    unloading: dict[str, asyncio.Task] = {}
 
     async def unload_later(version: str) -> None:
         await asyncio.sleep(settings.release_seconds)
+        unloading.pop(version, None)
         try:
             response = await client.post("/v1/unload_lora_adapter", json={"lora_name": version})
             response.raise_for_status()
@@ -112,7 +115,9 @@ def vllm_swapper(
         target = await asyncio.to_thread(placement, settings, new)
         if target.base != running.base or (target.adapter_rank or 0) > (running.lora_room or 0):
             return False
-        if target.adapter is not None:
+        if (pending := unloading.pop(new, None)) is not None:
+            pending.cancel()  # still loaded: kept
+        elif target.adapter is not None:
             body = {"lora_name": new, "lora_path": str(target.adapter)}
             try:
                 response = await client.post("/v1/load_lora_adapter", json=body)
@@ -121,9 +126,7 @@ def vllm_swapper(
                 log.warning("adapter load failed", extra={"version": new, "reason": repr(exc)})
                 return False
         if (await asyncio.to_thread(placement, settings, serving)).adapter is not None:
-            task = asyncio.create_task(unload_later(serving))
-            unloading.add(task)
-            task.add_done_callback(unloading.discard)
+            unloading[serving] = asyncio.create_task(unload_later(serving))
         log.info("swapped without restart", extra={"version": new, "previous": serving})
         return True
 

@@ -278,6 +278,21 @@ async def test_the_swapper_loads_adapters_of_the_running_base_and_unloads_the_ol
     assert len(calls) == 3
 
 
+async def test_an_adapter_activated_again_before_its_unload_stays_loaded(
+    settings: Settings,
+) -> None:
+    settings = settings.model_copy(update={"llm_timeout_ms": 300_000})  # unloads far off
+    publish(settings, "v1")
+    publish_adapter(settings, "v2", base="v1")
+    publish_adapter(settings, "v3", base="v1")
+    transport, calls = recording_vllm()
+    swap = serve_vllm.vllm_swapper(settings, [], transport)
+
+    assert await swap("v2", "v2", "v3")
+    assert await swap("v2", "v3", "v2")  # a rollback: v2 was never unloaded
+    assert [(path, body["lora_name"]) for path, body in calls] == [("/v1/load_lora_adapter", "v3")]
+
+
 async def test_a_failed_adapter_load_falls_back_to_a_restart(settings: Settings) -> None:
     publish(settings, "v1")
     publish_adapter(settings, "v2", base="v1")
