@@ -16,12 +16,15 @@ from server.cli import (
     HostOption,
     PortOption,
     SeedOption,
+    check_address,
     console,
+    errors_end_command,
     load_dataset,
     serve_with,
     settings_from_env,
 )
 from server.config import Settings
+from server.loaders import Format, LoadError, read_checked
 from server.loaders.movielens import read_ml100k
 from server.loaders.synthetic import generate
 from server.registry import Registry
@@ -53,8 +56,10 @@ async def _ensure_model(settings: Settings, preset: str) -> "BootstrapResult | N
     registry = Registry(settings.registry_path)
     async with open_store(settings) as store:
         version = await store.active_model()
-        if version and registry.path(version).is_dir():
-            return None
+    if version and registry.has(version):
+        return None
+    if version:  # a registry emptied (`make clean`) under a Redis that outlived it
+        console.print(f"the active version {version} is not in the registry {registry.root}")
     if registry.versions():
         console.print("no active model: serving the retrieval order (see `reasonrec models list`)")
         return None
@@ -81,24 +86,36 @@ def demo(
     """
     check_preset(preset)
     settings = settings_from_env(host, port)
+    check_address(settings)
     if "REASONREC_LLM_TIMEOUT_MS" not in os.environ:
         # Interactive: a first request that compiles its answer grammar on a busy laptop CPU
         # should wait for the model rather than fall back (measured over 3 s in a test run).
         settings = settings.model_copy(update={"llm_timeout_ms": DEMO_LLM_TIMEOUT_MS})
-    dataset = read_ml100k(data) if data else generate(seed=seed)
-    summary = asyncio.run(load_dataset(settings, dataset, only_if_empty=True))
+    with errors_end_command(LoadError):
+        dataset = read_checked(read_ml100k, data, Format.ml_100k) if data else generate(seed=seed)
+        summary = asyncio.run(load_dataset(settings, dataset, only_if_empty=True))
     if summary:
         console.print(
             f"loaded {summary.items} items, {summary.users} users, {summary.events} events"
         )
+    elif data:
+        console.print(f"the store already holds a catalog: {data} was not loaded")
     trained = asyncio.run(_ensure_model(settings, preset))
     if trained:
         console.print(f"bootstrapped model {trained.version} in {trained.seconds:.0f}s")
         console.print(trained.gate, highlight=False)
-    user, item = next(iter(dataset.users)).user_id, next(iter(dataset.items)).item_id
+    user, item = asyncio.run(_sample_ids(settings))
     # Plain stdout, no wrapping: the curl lines must paste as they are.
     typer.echo(_demo_instructions(settings, user, item))
     serve_with(settings)
+
+
+async def _sample_ids(settings: Settings) -> tuple[str, str]:
+    """A user and an item of the store, for the sample requests (the store may hold data loaded
+    before, not the dataset of this run)."""
+    async with open_store(settings) as store:
+        users, items = await store.user_ids(), await store.item_ids()
+    return (users[0] if users else "u1"), (items[0] if items else "i1")
 
 
 def _demo_instructions(settings: Settings, user: str, item: str) -> str:

@@ -2,6 +2,7 @@
 mounts them beside the trainer's."""
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,6 +61,24 @@ def errors_end_command(*kinds: type[Exception]) -> Iterator[None]:
         raise typer.Exit(1) from exc
 
 
+def check_address(settings: Settings) -> None:
+    """End the command now, not after loading, training and starting vLLM, when the address it
+    would serve on is taken (the server binds only once it has started everything)."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(
+            settings.host, settings.port, type=socket.SOCK_STREAM
+        )[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        console.print(
+            f"[red]error:[/red] cannot serve on {settings.host}:{settings.port}: {reason}"
+        )
+        raise typer.Exit(1) from exc
+
+
 def _read(
     fmt: Format, path: Path | None, users: int, items: int, events: int, seed: int
 ) -> Dataset:
@@ -78,8 +97,10 @@ def _read(
 async def load_dataset(
     settings: Settings, dataset: Dataset, only_if_empty: bool = False
 ) -> LoadSummary | None:
+    """Write `dataset`; with `only_if_empty`, None (nothing written) when the store already holds
+    a catalog, unless a load was cut short there (it is written again)."""
     async with open_store(settings) as store:
-        if only_if_empty and await store.count_items():
+        if only_if_empty and await store.count_items() and not await store.load_unfinished():
             return None
         with progress_bar(console) as progress:
             return await write(store, dataset, progress)
@@ -100,6 +121,7 @@ def serve(
 ) -> None:
     """Serve the HTTP API (OpenAPI docs at /docs)."""
     settings = settings_from_env(host, port)
+    check_address(settings)
     workers = workers or settings.workers
     if workers == 1:
         serve_with(settings)

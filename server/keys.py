@@ -8,8 +8,9 @@ counter of item writes · ``impressions`` stream (every served list) · ``served
 version that served it (expires) · ``model:active`` version string · ``model-updates`` pub/sub
 channel · ``user:{id}:ratings`` hash (item -> the user's latest rating) · ``user:{id}:rated``
 sorted set (item -> rating time, capped) · ``user:{id}:rated_at`` hash (item -> rating time) ·
-``ratings:sum`` and ``ratings:count`` hashes (item ->
-sum and number of its ratings) · ``ratings:total`` hash (sum, count over every rating).
+``ratings:sum`` and ``ratings:count`` hashes (item -> sum and number of its ratings) ·
+``ratings:total`` hash (sum, count over every rating) · ``load:unfinished`` set while a dataset
+load runs.
 """
 
 from dataclasses import dataclass
@@ -94,6 +95,10 @@ class Keys:
     @property
     def previous_model(self) -> str:
         return self._k("model", "previous")
+
+    @property
+    def loading(self) -> str:
+        return self._k("load", "unfinished")
 
     @property
     def trainer_lock(self) -> str:

@@ -307,6 +307,16 @@ class Store:
     async def count_items(self) -> int:
         return await self.redis.scard(self.keys.items)
 
+    async def begin_load(self) -> None:
+        """Mark a dataset load as running until `end_load`, so that one cut short shows."""
+        await self.redis.set(self.keys.loading, "1")
+
+    async def end_load(self) -> None:
+        await self.redis.delete(self.keys.loading)
+
+    async def load_unfinished(self) -> bool:
+        return bool(await self.redis.exists(self.keys.loading))
+
     # Users ---------------------------------------------------------------------------------
 
     async def upsert_users(self, users: Sequence[UserUpsert]) -> int:

@@ -12,8 +12,12 @@ manifest records what each stage scored.
 
 import copy
 import logging
+import signal
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -338,91 +342,96 @@ async def bootstrap(
     device = select_device(settings.train_device)
     policy = read_policy(settings.policy_file)
     corpus = await read_corpus(store)
-    # Current only once the version is published: a bootstrap that fails leaves serving as it was.
-    index = index_corpus(corpus, settings, preset.index_dim, seed, current=False)
-    shape = Shape(
-        candidates=settings.candidates,
-        history=settings.prompt_history,
-        contract=contract(preset, settings, tasks, parent),
-    )
-    examples = _examples(corpus, index, shape, preset, seed)
-    item_tokens = parent is not None and preset.item_tokens
-    start = None
-    if parent is not None:
-        vectors = _vectors(index) if item_tokens else None
-        start = load_base(registry, parent, preset.lora_rank, device, vectors, seed)
-    if start is not None and parent.chat_template:
-        chat = start[1]
-        examples = Examples(
-            train=in_chat(examples.train, chat), validation=in_chat(examples.validation, chat)
+    with interruptible():
+        # Current only once the version is published: a bootstrap that fails leaves serving as
+        # it was.
+        index = index_corpus(corpus, settings, preset.index_dim, seed, current=False)
+        shape = Shape(
+            candidates=settings.candidates,
+            history=settings.prompt_history,
+            contract=contract(preset, settings, tasks, parent),
         )
-    search, retriever = _search_plan(corpus, shape, preset, seed, settings.search_retriever)
-    plan = Plan(
-        tasks=tasks,
-        recipe=recipe,
-        rating=_rating_examples(corpus, shape, preset, seed),
-        search=search,
-        retriever=retriever,
-        keep_stages=keep_stages,
-    )
-    model, tokenizer, stages, kept = train_model(
-        corpus,
-        index,
-        examples,
-        preset,
-        policy,
-        shape,
-        plan,
-        seed,
-        settings.novelty_floor,
-        device,
-        start,
-    )
-    popularity = Popularity.of(corpus.popularity, index)
-    metrics = stages | validate_tasks(
-        model, tokenizer, examples, popularity, plan, settings.novelty_floor
-    )
-    adapter = parent is not None and not item_tokens
-    if item_tokens:
-        model = servable(model, item_tokens)
-        kept = {name: servable(stage, item_tokens) for name, stage in kept.items()}
-    manifest = Manifest(
-        version=new_version(),
-        trained_on=trained_on,
-        rendering=shape.contract.rendering,
-        prompt_history=shape.contract.history,
-        chat_template=shape.contract.chat,
-        kind="lora" if adapter else "full",
-        base_model=parent.version if adapter else None,
-        training={
-            "method": _method(preset, parent),
-            **({"base": parent.version} if parent else {}),
-            "tasks": sorted(tasks),
-            **({"rate_recipe": recipe.value} if Task.rate in tasks else {}),
-            **({"search_retriever": settings.search_retriever.value} if search else {}),
-            "preset": preset_name,
-            "seed": seed,
-            "parameters": parameter_count(model),
-            "candidates": shape.candidates,
-            "retrieval_history": shape.history,
-            "sft_examples": len(examples.train),
-            "grpo_examples": min(len(examples.train), preset.grpo_examples),
-            **preset.model_dump(include=_trained_fields(tasks, parent)),
-        },
-        data_window=corpus.window(),
-        reward_weights=policy.weights,
-        policy=policy.model_dump(mode="json"),
-        index_version=index.version,
-        tasks=sorted(tasks),
-    )
-    manifest = validated(manifest, metrics)
-    path = publish_model(registry, model, tokenizer, manifest)
-    publish(index, settings.data_dir)
-    kept = {
-        name: _publish_stage(registry, stage, tokenizer, manifest, name.replace("_", " "))
-        for name, stage in kept.items()
-    }
-    activated, gate = activation(metrics, tasks, await store.active_model() is not None, force)
+        examples = _examples(corpus, index, shape, preset, seed)
+        item_tokens = parent is not None and preset.item_tokens
+        start = None
+        if parent is not None:
+            vectors = _vectors(index) if item_tokens else None
+            start = load_base(registry, parent, preset.lora_rank, device, vectors, seed)
+        if start is not None and parent.chat_template:
+            chat = start[1]
+            examples = Examples(
+                train=in_chat(examples.train, chat), validation=in_chat(examples.validation, chat)
+            )
+        search, retriever = _search_plan(corpus, shape, preset, seed, settings.search_retriever)
+        plan = Plan(
+            tasks=tasks,
+            recipe=recipe,
+            rating=_rating_examples(corpus, shape, preset, seed),
+            search=search,
+            retriever=retriever,
+            keep_stages=keep_stages,
+        )
+        model, tokenizer, stages, kept = train_model(
+            corpus,
+            index,
+            examples,
+            preset,
+            policy,
+            shape,
+            plan,
+            seed,
+            settings.novelty_floor,
+            device,
+            start,
+        )
+        popularity = Popularity.of(corpus.popularity, index)
+        metrics = stages | validate_tasks(
+            model, tokenizer, examples, popularity, plan, settings.novelty_floor
+        )
+        adapter = parent is not None and not item_tokens
+        if item_tokens:
+            model = servable(model, item_tokens)
+            kept = {name: servable(stage, item_tokens) for name, stage in kept.items()}
+        manifest = Manifest(
+            version=new_version(),
+            trained_on=trained_on,
+            rendering=shape.contract.rendering,
+            prompt_history=shape.contract.history,
+            chat_template=shape.contract.chat,
+            kind="lora" if adapter else "full",
+            base_model=parent.version if adapter else None,
+            training={
+                "method": _method(preset, parent),
+                **({"base": parent.version} if parent else {}),
+                "tasks": sorted(tasks),
+                **({"rate_recipe": recipe.value} if Task.rate in tasks else {}),
+                **({"search_retriever": settings.search_retriever.value} if search else {}),
+                "preset": preset_name,
+                "seed": seed,
+                "parameters": parameter_count(model),
+                "candidates": shape.candidates,
+                "retrieval_history": shape.history,
+                "sft_examples": len(examples.train),
+                "grpo_examples": min(len(examples.train), preset.grpo_examples),
+                **preset.model_dump(include=_trained_fields(tasks, parent)),
+            },
+            data_window=corpus.window(),
+            reward_weights=policy.weights,
+            policy=policy.model_dump(mode="json"),
+            index_version=index.version,
+            tasks=sorted(tasks),
+        )
+        manifest = validated(manifest, metrics)
+        path = publish_model(registry, model, tokenizer, manifest)
+        publish(index, settings.data_dir)
+        kept = {
+            name: _publish_stage(registry, stage, tokenizer, manifest, name.replace("_", " "))
+            for name, stage in kept.items()
+        }
+    active = await store.active_model()
+    # A version missing from the registry (emptied under a Redis that outlived it) serves nobody.
+    other_active = active is not None and registry.has(active)
+    activated, gate = activation(metrics, tasks, other_active, force)
     if activated:
         await store.set_active_model(manifest.version)
     log.info("bootstrap published", extra={"version": manifest.version, "gate": gate})
@@ -436,6 +445,21 @@ async def bootstrap(
         seconds=round(time.perf_counter() - started, 1),
         stages=kept,
     )
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Ctrl-C stops the work inside at once. Under `asyncio.run` the first Ctrl-C only cancels
+    the task at its next await, which a synchronous training never reaches: an interrupted
+    bootstrap went on, published its version and stopped just before activating it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _method(preset: Preset, base: Manifest | None) -> str:

@@ -47,6 +47,9 @@ def progress_bar(console: Console | None = None) -> Progress:
 
 
 async def write(store: Store, dataset: Dataset, progress: Progress) -> LoadSummary:
+    """Write everything; the store says a load is unfinished until the last event is written
+    (writing again is harmless: items and users are overwritten, events de-duplicated)."""
+    await store.begin_load()
     await _write_all(store.upsert_items, dataset.items, "items", progress)
     await _write_all(store.upsert_users, dataset.users, "users", progress)
     task = progress.add_task("events", total=dataset.event_count)
@@ -65,6 +68,7 @@ async def write(store: Store, dataset: Dataset, progress: Progress) -> LoadSumma
         stored += sum(flags)
         duplicates += len(flags) - sum(flags)
         progress.advance(task, len(batch))
+    await store.end_load()
     return LoadSummary(
         items=len(dataset.items), users=len(dataset.users), events=stored, duplicates=duplicates
     )

@@ -1,13 +1,20 @@
 """The `reasonrec` command line, run as a user runs it."""
 
+import asyncio
 import json
+import os
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from server.cli import app
+from server.cli import app, load_dataset
 from server.config import Settings
+from server.loaders.synthetic import generate
+from server.store import open_store
+from tests.conftest import REASONREC, free_port
 from tests.trainer.evaluation.conftest import write_folder
 
 
@@ -65,3 +72,55 @@ def test_load_of_a_malformed_rating_names_it_and_loads_again_once_fixed(
     fixed = CliRunner().invoke(app, ["load", "--format", "ml-100k", str(folder)])
     assert fixed.exit_code == 0, fixed.output
     assert "2 new events" in fixed.output
+
+
+def test_a_load_cut_short_is_written_again_by_the_demo_but_a_finished_one_is_not(
+    settings: Settings,
+) -> None:
+    dataset = generate(users=5, items=8, events_per_user=3, seed=1)
+
+    async def loads() -> tuple:
+        async with open_store(settings) as store:
+            await store.upsert_items(dataset.items[:3])  # a load stopped among the items
+            await store.begin_load()
+        again = await load_dataset(settings, dataset, only_if_empty=True)
+        then = await load_dataset(settings, dataset, only_if_empty=True)
+        async with open_store(settings) as store:
+            return again, then, await store.count_items(), await store.load_unfinished()
+
+    again, then, items, unfinished = asyncio.run(loads())
+    assert again is not None and again.events > 0
+    assert then is None  # finished: the demo leaves the store as it is
+    assert items == 8 and not unfinished
+
+
+@pytest.mark.parametrize("command", [["serve"], ["demo", "--preset", "tiny"]])
+def test_a_taken_address_ends_the_command_before_any_work(
+    env, tmp_path: Path, command: list[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        variables = {**os.environ, **env, "REASONREC_PORT": str(port)}
+        variables["REASONREC_DATA_DIR"] = str(tmp_path)
+        done = subprocess.run(
+            [REASONREC, *command], env=variables, capture_output=True, text=True, timeout=120
+        )
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 1, output
+    assert f"cannot serve on 127.0.0.1:{port}" in output and "Traceback" not in output
+    assert not (tmp_path / "models").exists()  # nothing loaded, nothing trained
+
+
+def test_a_demo_on_a_folder_without_movielens_says_so(env, tmp_path: Path) -> None:
+    variables = {**os.environ, **env, "REASONREC_PORT": str(free_port())}
+    done = subprocess.run(
+        [REASONREC, "demo", "--data", str(tmp_path / "nowhere")],
+        env=variables,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 1 and "is missing u.data" in output and "Traceback" not in output
