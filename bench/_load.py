@@ -6,9 +6,21 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import httpx
 import numpy as np
 
 LEVELS = (1, 16)
+
+
+def require_gateway(url: str) -> None:
+    """End the benchmark with a line, not a traceback, when no gateway answers at `url` (before
+    any work: the search benchmark builds its retriever first)."""
+    try:
+        httpx.get(f"{url}/healthz", timeout=5).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise SystemExit(
+            f"no gateway answers at {url} ({exc!r}): start one (reasonrec serve or demo)"
+        ) from exc
 
 
 def _summary(latencies: list[float], elapsed: float, concurrency: int) -> dict[str, float]:

@@ -41,12 +41,17 @@ def _redis_url() -> str | None:
         return None
 
 
-def _start_server(port: int, prefix: str, redis_url: str | None, workers: int) -> subprocess.Popen:
-    env = os.environ | {"REASONREC_KEY_PREFIX": prefix, "REASONREC_LOG_LEVEL": "warning"}
+def _start_server(
+    port: int, prefix: str, redis_url: str | None, workers: int, data_dir: str
+) -> subprocess.Popen:
+    # Its own server on loopback: API keys of the environment would refuse the load's requests.
+    env = {k: v for k, v in os.environ.items() if k != "REASONREC_API_KEYS"}
+    env |= {"REASONREC_KEY_PREFIX": prefix, "REASONREC_LOG_LEVEL": "warning"}
+    env["REASONREC_DATA_DIR"] = data_dir
     if redis_url:
         env["REASONREC_REDIS_URL"] = redis_url
-    else:
-        env["REASONREC_DATA_DIR"] = tempfile.mkdtemp(prefix="reasonrec-bench-")
+    else:  # one set but not answering must not reach the server either
+        env.pop("REASONREC_REDIS_URL", None)
     command = [sys.executable, "-m", "uvicorn", "server.asgi:app", "--port", str(port)]
     command += ["--workers", str(workers), "--log-level", "warning", "--no-access-log"]
     return subprocess.Popen(command, env=env, cwd=Path(__file__).resolve().parents[1])
@@ -111,11 +116,12 @@ end
 
 
 def _wrk(port: int, concurrency: int, seconds: int) -> dict[str, float]:
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
         script.write(WRK_SCRIPT.replace("RUN", uuid.uuid4().hex[:8]))
-    url = f"http://127.0.0.1:{port}/v1/feedback"
-    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "-s", script.name, url]
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        script.flush()
+        url = f"http://127.0.0.1:{port}/v1/feedback"
+        command = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "-s", script.name, url]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     stats = json.loads(output.split("WRK ", 1)[1])
     if stats["errors"]:
         raise RuntimeError(f"{stats['errors']} requests failed:\n{output}")
@@ -149,12 +155,14 @@ def main() -> None:
     args = parser.parse_args()
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     redis_url = _redis_url()
-    server = _start_server(args.port, prefix, redis_url, args.workers)
+    data_dir = tempfile.mkdtemp(prefix="reasonrec-bench-")  # the embedded Redis's file, if any
+    server = _start_server(args.port, prefix, redis_url, args.workers, data_dir)
     try:
         load_client, results = asyncio.run(bench(args.port, args.requests, args.seconds))
     finally:
         server.terminate()
         server.wait(timeout=30)
+        shutil.rmtree(data_dir, ignore_errors=True)
         if redis_url:
             client = redis.Redis.from_url(redis_url)
             for key in client.scan_iter(match=f"{prefix}:*", count=1000):

@@ -20,7 +20,7 @@ import uuid
 
 import httpx
 import numpy as np
-from _load import LEVELS, load  # bench/ is the script's folder
+from _load import LEVELS, load, require_gateway  # bench/ is the script's folder
 
 from server.active_model import open_engine
 from server.config import Settings
@@ -84,11 +84,13 @@ async def _users(settings: Settings, count: int) -> list[str]:
 
 
 async def main(url: str, requests: int) -> dict:
+    require_gateway(url)
     settings = Settings()
     users = await _users(settings, requests)
     key = settings.api_keys[0] if settings.api_keys else None
     gateway, request_ids = await _gateway(url, users, key)
-    prompts, version = await _logged_prompts(settings, request_ids)
+    # The last level's prompts, one per request of a level, replayed at each level.
+    prompts, version = await _logged_prompts(settings, request_ids[-len(users) :])
     engine = open_engine(settings, version)
     try:
         direct = await _engine(engine, prompts, settings.max_answer_tokens)

