@@ -189,7 +189,7 @@ class SearchIndexes:
     async def refresh(self, store: Store) -> bool:
         """Rebuild if the catalog changed since the last build; True when it did."""
         catalog = await store.catalog_version()
-        if catalog == self._catalog and self.current is not None:
+        if catalog == self._catalog:  # an empty catalog too: its index is None
             return False
         items = await store.get_items(await store.item_ids())
         started = time.perf_counter()

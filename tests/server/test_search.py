@@ -14,7 +14,7 @@ from contract.tasks import Task
 from server.engine import EngineError
 from server.schemas import ItemIn
 from server.search_index import Encoder, build_search_index, item_text
-from tests.server.helpers import assert_error, metric, post_events
+from tests.server.helpers import assert_error, metric, post_events, until
 from tests.server.test_recommend_logic import FakeEngine, use
 
 CATALOG = {
@@ -173,6 +173,15 @@ def test_the_catalog_is_searchable_from_the_first_request(make_client) -> None:
 
 def test_an_empty_catalog_finds_nothing(client: TestClient) -> None:
     assert _search(client, query="anything")["items"] == []
+
+
+def test_an_empty_catalog_is_not_rebuilt_until_it_changes(make_client) -> None:
+    client = make_client(search_refresh_seconds=0.05)
+    builds = metric(client, "reasonrec_search_index_build_seconds_count")
+    time.sleep(0.5)  # ten checks of an unchanged, empty catalog
+    assert metric(client, "reasonrec_search_index_build_seconds_count") == builds
+    _put_catalog(client)
+    assert until(lambda: _search(client, query="heist")["items"] != [], 5)
 
 
 def test_a_catalog_without_an_indexable_word_starts_and_finds_nothing(make_client) -> None:
