@@ -64,6 +64,8 @@ OUTPUT_FORMAT = (
 )
 # No '<' or '>' inside either part: a stray or repeated tag makes the answer malformed.
 _ANSWER = re.compile(r"^\s*<think>([^<>]*)</think>\s*<answer>([^<>]*)</answer>\s*$")
+# An answer cut by the token budget: its rationale and the ids before the cut.
+_CUT_ANSWER = re.compile(r"^\s*<think>([^<>]*)</think>\s*<answer>([^<>]*)$")
 MAX_TEXT_CHARS = 120
 # A rich profile line shows this many attributes, so that no user can make every prompt long.
 MAX_PROFILE_ATTRIBUTES = 20
@@ -264,6 +266,18 @@ def render_answer(rationale: str, item_ids: Sequence[str]) -> str:
     return f"<think>{clean}</think><answer>{compact_history(item_ids)}</answer>"
 
 
+def _cut_answer(text: str) -> Answer:
+    """What a completion cut inside its answer still says: the ids before the last separator
+    (the one after it may be cut short, and a cut id can spell another one: #12 -> #1)."""
+    match = _CUT_ANSWER.match(text)
+    if match is None:
+        return Answer(rationale="", items=(), well_formed=False)
+    whole = match.group(2).rpartition(",")[0]
+    tokens = [token.strip() for token in whole.split(",") if token.strip()]
+    items = tuple(t[len(ITEM_MARK) :] for t in tokens if t.startswith(ITEM_MARK) and t != ITEM_MARK)
+    return Answer(rationale=match.group(1).strip(), items=items, well_formed=False)
+
+
 def answer_pattern(candidate_ids: Sequence[str], k: int, spare: int = 0) -> str:
     """A regex that only admits well-formed answers naming exactly k + `spare` candidate ids
     (all of them when there are fewer).
@@ -284,7 +298,7 @@ def parse_answer(text: str) -> Answer:
     """Read a completion; never raises. Ids are returned as written, minus the item mark."""
     match = _ANSWER.match(text)
     if match is None:
-        return Answer(rationale="", items=(), well_formed=False)
+        return _cut_answer(text)
     rationale = match.group(1).strip()
     tokens = [token.strip() for token in match.group(2).split(",") if token.strip()]
     marked = [t for t in tokens if t.startswith(ITEM_MARK) and len(t) > len(ITEM_MARK)]

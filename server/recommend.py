@@ -94,9 +94,9 @@ def ranking_request(
     )
 
 
-def _fallback(order: list[str], k: int, reason: str) -> Outcome:
+def _fallback(order: list[str], k: int, reason: str, raw: str = "") -> Outcome:
     metrics.FALLBACKS.labels(reason).inc()
-    return Outcome(order[:k], Source.fallback, reason=reason)
+    return Outcome(order[:k], Source.fallback, raw=raw, reason=reason)
 
 
 def _ranked_item(candidate: Candidate, rank: int) -> RecommendedItem:
@@ -204,7 +204,16 @@ class Recommender:
             return _fallback(order, request.k, "engine_error")
         metrics.ENGINE_TOKENS.labels("prompt").inc(result.prompt_tokens)
         metrics.ENGINE_TOKENS.labels("completion").inc(result.completion_tokens)
+        if result.completion_tokens >= generation.max_tokens:
+            # The grammar ends every answer sooner unless the budget is too small for the model's
+            # tokenizer (ids written as text): raise REASONREC_MAX_ANSWER_TOKENS.
+            log.warning(
+                "answer cut at the token budget", extra={"max_tokens": generation.max_tokens}
+            )
         answer = parse_answer(result.text)
+        if not answer.well_formed and not answer.items:
+            metrics.PARSE_FAILURES.labels(Task.rank).inc()
+            return _fallback(order, request.k, "malformed", raw=result.text)
         scores = first_pick(result, order)
         blend = engine.contract.blend
         ids, repaired = served_order(answer, scores, order, request.k, blend, popularity)

@@ -322,8 +322,6 @@ def test_render_answer_text() -> None:
         ("<answer>#1</answer>", (), ""),
         # Missing answer.
         ("<think>ok</think>", (), ""),
-        # Unclosed answer.
-        ("<think>ok</think><answer>#1, #2", (), ""),
         # Wrong order.
         ("<answer>#1</answer><think>ok</think>", (), ""),
         # Text before the tags.
@@ -342,6 +340,11 @@ def test_render_answer_text() -> None:
         ("<think>ok</think><answer>#, #2</answer>", ("2",), "ok"),
         # No marks at all.
         ("<think>ok</think><answer>1, 2</answer>", (), "ok"),
+        # Cut by the token budget: the ids before the last separator (#12 may be cut from #123).
+        ("<think>ok</think><answer>#1, #2, #12", ("1", "2"), "ok"),
+        ("<think>ok</think><answer>#1, ", ("1",), "ok"),
+        ("<think>ok</think><answer>#1", (), "ok"),
+        ("<think>cut here", (), ""),
     ],
 )
 def test_parse_answer_flags_malformed(text: str, items: tuple[str, ...], rationale: str) -> None:

@@ -201,6 +201,8 @@ def test_well_formed_answer_is_served_in_its_order(shop: TestClient) -> None:
         ("I would pick #p4 and #p3.", 2, ORDER[:2], True),
         # Nothing at all.
         ("", 2, ORDER[:2], True),
+        # Cut by the token budget: the ids before the cut, the one cut short (#p2?) left out.
+        ("<think>x</think><answer>#p4, #p3, #p", 3, ["p4", "p3", "p1"], True),
         # k above the candidates: every candidate once, answer first.
         (answer("n2"), 50, ["n2", "p1", "p2", "p3", "n1", "p4"], True),
     ],
@@ -227,6 +229,7 @@ def test_malformed_answer_still_serves_the_retrieval_order(
     body = recommend(shop, k=4)
 
     assert ids(body) == ORDER[:4]
+    assert (body["source"], body["degraded"]) == ("fallback", True)  # nothing of it was used
     assert metric(shop, PARSE_FAILURES, task="rank") == failures + 1
     # The raw output is logged, for debugging and training.
     assert last_impression(rdb, key_prefix)["output"] == raw
