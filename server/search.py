@@ -155,10 +155,16 @@ class Searcher:
             return [], {}
         exclude = seen if request.exclude_seen else set()
         n = request.k * OVERFETCH
-        # off the event loop: a dense query is a model forward pass (milliseconds of CPU)
-        hits = await asyncio.to_thread(index.search, query, n + len(exclude))
-        unseen = [(item_id, score) for item_id, score in hits if item_id not in exclude]
-        found = await filtered(self.store, unseen, n, exclude, None)
+        asked = n + len(exclude)
+        while True:
+            # off the event loop: a dense query is a model forward pass (milliseconds of CPU)
+            hits = await asyncio.to_thread(index.search, query, asked)
+            unseen = [(item_id, score) for item_id, score in hits if item_id not in exclude]
+            found = await filtered(self.store, unseen, n, exclude, None)
+            # Hidden and unavailable matches took places: read further down while there is more.
+            if len(found) >= n or len(hits) < asked:
+                break
+            asked *= 4
         by_id = {candidate.item.item_id: candidate for candidate in found}
         items = {item_id: candidate.item for item_id, candidate in by_id.items()}
         order = list(by_id)

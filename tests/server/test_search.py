@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from contract.candidates import OVERFETCH
 from contract.prompt import Contract, Rendering
 from contract.search import RetrieverKind, render_search_answer, search_pattern
 from contract.tasks import Task
@@ -163,6 +164,20 @@ def test_hidden_unavailable_and_seen_items_are_left_out(searching: TestClient) -
     assert [hit["item_id"] for hit in _search(searching, query="heist", user_id="u2")["items"]] == [
         "heat"
     ]
+
+
+def test_unavailable_matches_ranked_first_do_not_crowd_out_an_available_one(
+    make_client,
+) -> None:
+    client = make_client()
+    items = [
+        {"item_id": f"gone{n}", "title": "heist heist heist", "available": False}
+        for n in range(OVERFETCH + 2)
+    ]
+    items.append({"item_id": "ok", "title": "heist movie"})
+    assert client.post("/v1/items", json={"items": items}).status_code == 200
+    assert [hit["item_id"] for hit in _wait_for(client, "heist", "ok")["items"]] == ["ok"]
+    assert [hit["item_id"] for hit in _search(client, query="heist", k=1)["items"]] == ["ok"]
 
 
 def test_the_catalog_is_searchable_from_the_first_request(make_client) -> None:
