@@ -71,10 +71,18 @@ MAX_TEXT_CHARS = 120
 MAX_PROFILE_ATTRIBUTES = 20
 # Controls, zero-width and bidi characters: text that shows one thing in a prompt and reads as
 # another. Whitespace is not here: it is folded into single spaces.
+# Control and format characters (Unicode categories Cc but tab and line breaks, and Cf: zero-width,
+# bidirectional, tag characters), variation selectors and the Hangul fillers, which render as
+# nothing (tests check the list against unicodedata).
 _INVISIBLE = re.compile(
-    "[\x00-\x08\x0e-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e"
-    "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb]"
+    "[\x00-\x08\x0e-\x1f\x7f-\x9f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891"
+    "\u08e2\u115f\u1160\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f"
+    "\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f"
+    "\U000e0100-\U000e01ef]"
 )
+# In rich text, what could pose as the template's tags or as a reference to another item.
+_MARKUP = re.compile(r"[<>]|(?<!\w)#")
 
 
 class Rendering(StrEnum):
@@ -160,8 +168,8 @@ def visible(value: object) -> str:
 
 def _text(value: object, limit: int = MAX_TEXT_CHARS) -> str:
     """One visible line, bounded: a newline or '|' in user or catalog text must not fake a
-    prompt line."""
-    return " ".join(visible(value).replace("|", "/").split())[:limit]
+    prompt line, nor a tag or a '#' a reference to another item."""
+    return " ".join(_MARKUP.sub(" ", visible(value)).replace("|", "/").split())[:limit]
 
 
 def item_line(item: ItemView) -> str:
