@@ -10,11 +10,13 @@ serves is recorded in Redis (`model:active`) and announced on the `model-updates
 import json
 import logging
 import math
+import os
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -82,6 +84,12 @@ class Manifest(BaseModel):
             return {key: math.nan if score is None else score for key, score in value.items()}
         return value
 
+    @field_validator("created_at")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        """A time written without a zone (an edited manifest) is UTC: versions sort by it."""
+        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
     @property
     def contract(self) -> Contract:
         return Contract(
@@ -122,6 +130,8 @@ class Registry:
 
     def manifest(self, version: str) -> Manifest:
         path = self.path(version) / MANIFEST
+        if Path(version).name != version or version in {".", ".."}:  # a path, not a name
+            raise RegistryError(f"'{version}' is not a version name (see `reasonrec models list`)")
         if not path.is_file():
             missing = f"model version '{version}' is not in the registry"
             raise RegistryError(f"{missing} {self.root}", public=missing)
@@ -147,10 +157,17 @@ class Registry:
 
     def staging(self) -> Path:
         """A fresh folder to write a version into; `publish` moves it into place."""
-        self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f"{_STAGING}{uuid.uuid4().hex}"
-        path.mkdir()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            path.mkdir()
+        except OSError as exc:
+            raise RegistryError(f"cannot write to the model registry {self.root}: {exc}") from exc
         return path
+
+    def check_writable(self) -> None:
+        """Raise RegistryError now if no version could be written (before hours of training)."""
+        shutil.rmtree(self.staging())
 
     @contextmanager
     def staged(self) -> Iterator[Path]:
@@ -161,7 +178,7 @@ class Registry:
         try:
             yield path
         except BaseException:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
             raise
 
     def publish(self, staging: Path, manifest: Manifest) -> Path:
@@ -175,13 +192,14 @@ class Registry:
 
     def register(self, source: Path, manifest: Manifest) -> Path:
         """Copy any Hugging Face causal LM folder into the registry as a new version."""
-        if not (source / "config.json").is_file():
-            raise RegistryError(f"{source} is not a Hugging Face model folder (no config.json)")
+        if (problem := _not_a_model(source)) is not None:
+            raise RegistryError(f"{source} is not a Hugging Face model folder ({problem})")
         with self.staged() as staging:
             try:
                 shutil.copytree(source, staging, dirs_exist_ok=True)
             except OSError as exc:  # shutil.Error too: every file that could not be copied
                 raise RegistryError(f"{source} could not be copied: {exc}") from exc
+            _owner_writable(staging)  # copytree copies a read-only source's folder modes too
             (staging / MANIFEST).unlink(missing_ok=True)
             return self.publish(staging, manifest)
 
@@ -191,8 +209,35 @@ class Registry:
         leftovers = list(self.root.glob(f"{_STAGING}*")) if self.root.is_dir() else []
         stale = [path for path in leftovers if time.time() - _touched(path) >= older_than]
         for path in stale:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
         return len(stale)
+
+
+def _not_a_model(source: Path) -> str | None:
+    """Why `source` is not a model folder transformers can load, or None."""
+    try:
+        config = json.loads((source / "config.json").read_text())
+    except FileNotFoundError:
+        return "no config.json"
+    except (OSError, ValueError) as exc:
+        return f"config.json cannot be read: {exc}"
+    if not isinstance(config, dict) or not config.get("model_type"):
+        return "its config.json names no model_type"
+    if not any(source.glob("*.safetensors")) and not any(source.glob("*.bin")):
+        return "no weights: no *.safetensors or *.bin file"
+    return None
+
+
+def _owner_writable(path: Path) -> None:
+    for folder, _, _ in os.walk(path):
+        with suppress(OSError):
+            os.chmod(folder, os.stat(folder).st_mode | stat.S_IRWXU)
+
+
+def _remove(path: Path) -> None:
+    """Remove a staging folder, also one holding folders copied read-only."""
+    _owner_writable(path)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _touched(path: Path) -> float:

@@ -338,6 +338,7 @@ async def bootstrap(
     started = time.perf_counter()
     preset = PRESETS[preset_name]
     registry = Registry(settings.registry_path)
+    registry.check_writable()
     parent = base_manifest(registry, base, tasks) if base else None
     device = select_device(settings.train_device)
     policy = read_policy(settings.policy_file)

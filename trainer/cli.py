@@ -156,7 +156,8 @@ def bootstrap_command(
     tasks = frozenset(task or [Task.rank])
     if base:
         base = _base_version(settings, base, tasks)
-    with errors_end_command(NotEnoughData, PolicyError):  # nothing published, serving unchanged
+    # Nothing published, serving unchanged.
+    with errors_end_command(NotEnoughData, PolicyError, RegistryError):
         result = asyncio.run(run_bootstrap(settings, preset, seed, force, tasks, recipe, base))
     console.print(f"[bold]{result.gate}[/bold]", highlight=False)
     typer.echo(result.model_dump_json(indent=2))
@@ -279,9 +280,9 @@ def import_gguf_command(
 
 def _added(settings: Settings, version: str, activate: bool) -> None:
     """A version is in the registry: serve it if asked, and print it."""
+    typer.echo(version)  # first: if activating fails, the operator still has its name
     if activate:
         asyncio.run(_activate(settings, version))
-    typer.echo(version)
 
 
 @models.command("activate")

@@ -218,6 +218,65 @@ def test_register_refuses_a_folder_without_config(registry: Registry, tmp_path: 
     assert not list(registry.root.glob(".staging-*"))
 
 
+@pytest.mark.parametrize(
+    ("config", "weights", "problem"),
+    [
+        ("{}", True, "names no model_type"),
+        ("not json", True, "config.json cannot be read"),
+        ('{"model_type": "llama"}', False, "no weights"),
+    ],
+)
+def test_register_refuses_a_folder_transformers_could_not_load(
+    registry: Registry, tmp_path: Path, config: str, weights: bool, problem: str
+) -> None:
+    source = tmp_path / "almost"
+    source.mkdir()
+    (source / "config.json").write_text(config)
+    if weights:
+        (source / "model.safetensors").write_bytes(b"\x00")
+    with pytest.raises(RegistryError, match=problem):
+        registry.register(source, Manifest(version="v1"))
+    assert registry.versions() == []
+
+
+def test_a_read_only_source_is_registered_as_a_version_that_can_be_removed(
+    registry: Registry, tmp_path: Path
+) -> None:
+    source = tmp_path / "shipped"
+    (source / "sub").mkdir(parents=True)
+    write_model(source)
+    for folder in (source / "sub", source):
+        folder.chmod(0o555)  # as a read-only mount or a package's data would be
+    try:
+        target = registry.register(source, Manifest(version="v1"))
+    finally:
+        for folder in (source, source / "sub"):
+            folder.chmod(0o755)
+    assert all(os.stat(folder).st_mode & 0o200 for folder in (target, target / "sub"))
+
+
+@pytest.mark.parametrize("typed", ["v1/", "./v1", "../models/v1"])
+def test_a_path_is_not_a_version_name(registry: Registry, typed: str) -> None:
+    publish_version(registry, "v1")
+    with pytest.raises(RegistryError, match="is not a version name"):
+        registry.manifest(typed)
+
+
+def test_an_unwritable_registry_is_a_registry_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    registry = Registry(tmp_path / "file" / "models")  # under a file: nothing can be made
+    with pytest.raises(RegistryError, match="cannot write to the model registry"):
+        registry.check_writable()
+
+
+def test_a_manifest_time_without_a_zone_is_read_as_utc(registry: Registry) -> None:
+    publish_version(registry, "v-new")
+    old = publish_version(registry, "v-old")
+    manifest = json.loads((old / MANIFEST).read_text())
+    (old / MANIFEST).write_text(json.dumps(manifest | {"created_at": "2020-01-01T00:00:00"}))
+    assert names(registry) == ["v-old", "v-new"]
+
+
 # Contract versions -----------------------------------------------------------------------------
 
 
@@ -316,7 +375,7 @@ def test_app_with_an_active_version_missing_from_the_registry(
     assert "'v-gone' is not in the registry" in body["checks"]["engine"]
     # The route is open: the folder it was looked for in goes to the log only.
     assert str(settings.registry_path) not in body["checks"]["engine"]
-    refused = [r for r in caplog.records if r.getMessage() == "active model refused"]
+    refused = [r for r in caplog.records if r.getMessage() == "model swap refused"]
     assert refused and str(settings.registry_path) in refused[0].reason
 
 
