@@ -42,6 +42,7 @@ def ndcg_at_k(ranked: Sequence[str], relevant: Collection[str], k: int) -> float
     0.6309297535714575
     """
     _check_k(k)
+    relevant = set(relevant)  # an id listed twice is one relevant item
     if not relevant:
         return 0.0
     ideal = sum(1.0 / math.log2(rank + 1) for rank in range(1, min(len(relevant), k) + 1))

@@ -19,6 +19,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -52,8 +53,17 @@ def _term_of(task: Task):
 
 TermName = Annotated[str, _term_of(Task.rank)]
 RatingTermName = Annotated[str, _term_of(Task.rate)]
-Weight = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
-Boost = Annotated[float, Field(ge=0.0, le=10.0, allow_inf_nan=False)]
+
+
+def _number(value: object) -> object:
+    """YAML reads `yes`, `on` and `true` as booleans, which pydantic would take as 1."""
+    if isinstance(value, bool):
+        raise ValueError("a number is needed here, not true or false")
+    return value
+
+
+Weight = Annotated[float, BeforeValidator(_number), Field(ge=0.0, allow_inf_nan=False)]
+Boost = Annotated[float, BeforeValidator(_number), Field(ge=0.0, le=10.0, allow_inf_nan=False)]
 Name = Annotated[str, Field(min_length=1, max_length=200)]
 
 
@@ -80,7 +90,7 @@ class Constraints(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     exclude_unavailable: bool = Field(True, description="Never serve an unavailable item.")
-    max_per_category: int | None = Field(
+    max_per_category: Annotated[int, BeforeValidator(_number)] | None = Field(
         None, ge=1, description="At most this many items of one category per list; null = no cap."
     )
     boost: dict[Name, Boost] = Field(
@@ -138,7 +148,14 @@ class Policy(BaseModel):
             rules.append("boost " + " ".join(f"{n}=+{b:g}" for n, b in c.boost.items()))
         if c.item_boost:
             rules.append(f"item_boost={c.item_boost:g}")
-        return f"weights {weights}; constraints {' '.join(rules) or 'none'}"
+        line = f"weights {weights}; constraints {' '.join(rules) or 'none'}"
+        if self.rating_weights != DEFAULT_RATING_WEIGHTS:
+            rating = " ".join(f"{n}={w:g}" for n, w in self.rating_weights.items() if w)
+            line += f"; rating weights {rating}"
+        if self.attributes != FactNames():
+            names = self.attributes
+            line += f"; attributes promoted={names.promoted} available={names.available}"
+        return line
 
 
 DEFAULT_POLICY = Policy()
@@ -443,4 +460,6 @@ def load_policy(path: str | Path) -> Policy:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise PolicyError(str(path), [Problem(1, "not UTF-8 text")]) from exc
+    except OSError as exc:  # missing, a folder, not readable
+        raise PolicyError(str(path), [Problem(1, f"cannot be read: {exc.strerror}")]) from exc
     return parse_policy(text, str(path))

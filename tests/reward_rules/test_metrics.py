@@ -31,6 +31,8 @@ class TestNdcg:
     @pytest.mark.parametrize(
         ("ranked", "relevant", "k", "expected"),
         [
+            # a relevant id listed twice is one relevant item: found first, ideal
+            (["a", "b"], ["a", "a"], 10, 1.0),
             # no relevant items: nothing to find, 0 by definition (not a division by zero)
             (["a", "b"], set(), 10, 0.0),
             # empty list: no hits

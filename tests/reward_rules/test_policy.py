@@ -94,6 +94,11 @@ class TestPolicyModel:
 
 
 class TestParseErrors:
+    @pytest.mark.parametrize("where", ["missing.yaml", "."])
+    def test_a_file_that_cannot_be_read_is_a_policy_error(self, where: str, tmp_path: Path) -> None:
+        with pytest.raises(PolicyError, match="cannot be read"):
+            load_policy(tmp_path / where)
+
     @pytest.mark.parametrize(
         ("text", "expected"),
         [
@@ -127,6 +132,9 @@ class TestParseErrors:
             # an alias to what contains it: a structure without end
             ("&a\nconstraints: *a\n", [(1, "an alias refers to what contains it")]),
             ("weights: &w\n  format: 1\n  again: *w\n", [(1, "refers to what contains it")]),
+            # YAML's booleans are not numbers: `true` would have been a cap of 1, `yes` weight 1
+            ("constraints:\n  max_per_category: true\n", [(2, "a number is needed")]),
+            ("weights:\n  format: yes\n  accuracy: 1\n", [(2, "a number is needed")]),
             # every problem is reported, in line order
             (
                 "weights:\n  promo: 1\n  format: -1\nconstraints:\n  max_per_category: 0\n",

@@ -542,6 +542,13 @@ class TestRatingTerms:
         )
         assert closer >= value - 1e-9
 
+    @given(st.floats(0, 10), st.integers(1, 5))
+    def test_a_true_rating_outside_one_to_five_keeps_the_reward_in_range(
+        self, true: float, written: int
+    ) -> None:
+        answer = parse_rating(render_rating_answer(["a", "b", "c"], written))
+        assert -1.0 <= RatingAccuracy()(answer, {"rating": true}) <= 1.0
+
     @given(st.text(max_size=80))
     def test_any_text_scores_within_bounds(self, text: str) -> None:
         answer = parse_rating(text)

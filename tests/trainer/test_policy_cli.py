@@ -25,6 +25,17 @@ def test_promotion_policy_summary_names_its_rules() -> None:
     assert "max_per_category=3 boost promoted=+0.5" in result.stdout
 
 
+def test_the_summary_names_rating_weights_and_attribute_names_that_differ(tmp_path: Path) -> None:
+    path = tmp_path / "shop.yaml"
+    path.write_text("rating_weights: {rating_accuracy: 1}\nattributes: {available: in_stock}\n")
+    result = CliRunner().invoke(app, ["policy", "check", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "rating weights rating_accuracy=1" in result.stdout
+    assert "attributes promoted=promoted available=in_stock" in result.stdout
+    default = CliRunner().invoke(app, ["policy", "check", str(ROOT / "policies/default.yaml")])
+    assert "rating weights" not in default.stdout and "attributes" not in default.stdout
+
+
 def test_each_problem_is_reported_with_its_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(
