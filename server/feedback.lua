@@ -17,6 +17,16 @@ if #unknown > 0 then
   return {-1, unknown}
 end
 
+-- The score of an event at `ts` in a time-ordered set: events at one time keep the order they
+-- arrive in (EVAL.md's tie rule, and the order training reads from the event log), each a
+-- microsecond after those already there; Redis would order them by item id. %.17g keeps the
+-- microseconds that Lua's default number format would round away.
+local function arrival(key, ts)
+  local t = tonumber(ts)
+  local same = redis.call('ZCOUNT', key, t, '(' .. string.format('%.17g', t + 0.001))
+  return string.format('%.17g', t + same * 0.000001)
+end
+
 local flags = {}
 for i = 0, n - 1 do
   local b = 3 + i * width
@@ -39,7 +49,7 @@ for i = 0, n - 1 do
     redis.call('SADD', prefix .. ':users', user)
     if positive == '1' then
       local hist = prefix .. ':user:' .. user .. ':hist'
-      redis.call('ZADD', hist, 'GT', ts, item)
+      redis.call('ZADD', hist, 'GT', arrival(hist, ts), item)
       redis.call('ZREMRANGEBYRANK', hist, 0, -(cap + 1))
       redis.call('SADD', prefix .. ':user:' .. user .. ':seen', item)
       redis.call('ZINCRBY', prefix .. ':pop', 1, item)
@@ -53,7 +63,7 @@ for i = 0, n - 1 do
       local rated_at = prefix .. ':user:' .. user .. ':rated_at'
       local last = redis.call('HGET', rated_at, item) or redis.call('ZSCORE', rated, item)
       if (not last) or tonumber(ts) >= tonumber(last) then
-        redis.call('ZADD', rated, ts, item)
+        redis.call('ZADD', rated, arrival(rated, ts), item)
         redis.call('HSET', rated_at, item, ts)
         redis.call('HSET', prefix .. ':user:' .. user .. ':ratings', item, value)
       end

@@ -291,6 +291,18 @@ def test_a_late_older_rating_never_replaces_a_newer_one_trimmed_from_the_prompts
     assert rdb.zrange(f"{key_prefix}:user:w:rated", 0, -1) == ["b", "c"]
 
 
+def test_ratings_at_one_time_keep_the_order_they_arrived_in(
+    client: TestClient, rdb, key_prefix: str
+) -> None:
+    # The lean baseline weighs the latest ratings most: "latest" among ties is arrival order, as
+    # training reads it, not the item ids' order.
+    items = [{"item_id": i, "title": f"Title {i}"} for i in "abc"]
+    assert client.post("/v1/items", json={"items": items}).status_code == 200
+    at = "2026-01-01T00:00:00Z"
+    post_events(client, *(_rating("w", item, 4.0, at) for item in "cab"))
+    assert rdb.zrange(f"{key_prefix}:user:w:rated", 0, -1) == ["c", "a", "b"]
+
+
 def test_the_served_rating_mixes_the_model_and_the_baseline_by_the_versions_weight(
     rated: TestClient,
 ) -> None:

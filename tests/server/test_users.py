@@ -78,6 +78,22 @@ def test_history_newest_first_with_titles(client):
     ]
 
 
+def test_events_at_one_time_keep_the_order_they_arrived_in(client):
+    # EVAL.md's tie rule, and the order training reads sequences in: not the item ids' order.
+    put_items(client, "a", "b", "c", "d")
+    post_events(
+        client,
+        *({"user_id": "u1", "item_id": i, "type": "click", "timestamp": _at(1)} for i in "ca"),
+        {"user_id": "u1", "item_id": "d", "type": "click", "timestamp": _at(0)},
+    )
+    post_events(client, {"user_id": "u1", "item_id": "b", "type": "click", "timestamp": _at(1)})
+    history = client.get("/v1/users/u1").json()["history"]
+    assert [h["item_id"] for h in history] == ["b", "a", "c", "d"]  # newest first
+    assert {_parse(h["timestamp"]).replace(microsecond=0) for h in history[:3]} == {
+        T0 + timedelta(minutes=1)
+    }
+
+
 def test_history_excludes_negative_events(client):
     put_items(client, "a", "b")
     post_events(
