@@ -391,6 +391,11 @@ def eval_command(
         _check_evaluated(settings, model, data.split, tasks)
     if base:
         base = _base_version(settings, base, tasks)
+        # Served zero-shot and trained on: a base that saw the tests must not be scored either.
+        try:
+            data.split.check_unseen(Registry(settings.registry_path).manifest(base))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--base") from exc
     from trainer.evaluation.run import run_eval  # trains a model: heavy imports
 
     report = run_eval(data, settings, users, seed, preset, tasks, recipe, model, base, stages)

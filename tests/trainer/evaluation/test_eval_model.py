@@ -81,6 +81,7 @@ def runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
         (["--model", "zero-shot", "--base", "zero-shot"], "not both"),
         (["--base", "zero-shot", "--task", "rate"], "learns ranking only"),
         (["--base", "nothing"], "model version 'nothing' is not in the registry"),
+        (["--base", "everything"], "was trained on data this run cannot tell"),  # saw the tests
     ],
 )
 def test_a_version_eval_cannot_trust_is_refused_before_any_work(
