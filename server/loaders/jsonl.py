@@ -28,7 +28,7 @@ def read_jsonl(path: Path) -> Dataset:
         raise LoadError(f"{path} is not a file")
     dataset = Dataset(items=[], users=[], events=[])
     errors: list[str] = []
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:  # a byte order mark, as editors write, skipped
         for number, line in enumerate(handle, start=1):
             if line.strip():
                 try:

@@ -35,6 +35,17 @@ def _rating(source: str, user: str, item: str, value: str, ts: str) -> FeedbackE
     )
 
 
+def _text(path: Path) -> str:
+    """A file of the 100K release: Latin-1 as shipped, UTF-8 where someone re-saved it (titles
+    would otherwise read 'MisÃ©rables'), without a byte order mark (which would otherwise be
+    read into the first id)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
 def _count_lines(path: Path) -> int:
     with path.open("rb") as handle:
         return sum(1 for _ in handle)
@@ -55,14 +66,14 @@ def read_ml100k(path: Path) -> Dataset:
 
 
 def _ml100k_genres(path: Path) -> list[str]:
-    lines = (path / "u.genre").read_text(encoding="latin-1").splitlines()
+    lines = _text(path / "u.genre").splitlines()
     return [line.split("|")[0] for line in lines if line.strip()]
 
 
 def _ml100k_items(path: Path) -> list[ItemUpsert]:
     genres = _ml100k_genres(path)
     items = []
-    for line in (path / "u.item").read_text(encoding="latin-1").splitlines():
+    for line in _text(path / "u.item").splitlines():
         if not line.strip():
             continue
         fields = line.split("|")
@@ -90,7 +101,7 @@ def _ml100k_items(path: Path) -> list[ItemUpsert]:
 
 def _ml100k_users(path: Path) -> list[UserUpsert]:
     users = []
-    for line in (path / "u.user").read_text(encoding="latin-1").splitlines():
+    for line in _text(path / "u.user").splitlines():
         if line.strip():
             user_id, age, gender, occupation, zip_code = line.split("|")
             attributes = {"age": int(age), "gender": gender, "occupation": occupation}
@@ -99,11 +110,10 @@ def _ml100k_users(path: Path) -> list[UserUpsert]:
 
 
 def _ml100k_ratings(data: Path) -> Iterator[FeedbackEvent]:
-    with data.open(encoding="latin-1") as handle:
-        for line in handle:
-            if line.strip():
-                user, item, value, ts = line.split("\t")
-                yield _rating("ml-100k", user, item, value, ts.strip())
+    for line in _text(data).splitlines():  # 2 MB: read at once
+        if line.strip():
+            user, item, value, ts = line.split("\t")
+            yield _rating("ml-100k", user, item, value, ts.strip())
 
 
 # ml-latest -----------------------------------------------------------------------------------
@@ -122,8 +132,15 @@ def read_ml_latest(path: Path) -> Dataset:
 
 
 def _rows(path: Path) -> Iterator[dict[str, str]]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        yield from csv.DictReader(handle)
+    """The rows of a CSV file (a byte order mark, as spreadsheets write, skipped)."""
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle)
+        for row in reader:
+            if None in row.values():
+                raise ValueError(
+                    f"{path.name} line {reader.line_num}: fewer fields than its header"
+                )
+            yield row
 
 
 def _ml_latest_tags(path: Path) -> dict[str, list[str]]:
@@ -156,13 +173,11 @@ def _ml_latest_items(path: Path, tags: dict[str, list[str]]) -> list[ItemUpsert]
 
 
 def _ml_latest_users(ratings: Path) -> list[str]:
-    with ratings.open(encoding="utf-8") as handle:
-        next(handle, None)
-        return sorted({line.split(",", 1)[0] for line in handle if line.strip()}, key=_numeric)
+    return sorted({row["userId"] for row in _rows(ratings)}, key=_numeric)
 
 
 def _numeric(value: str) -> tuple[int, str]:
-    return (int(value), "") if value.isdigit() else (0, value)
+    return (int(value), "") if value.isascii() and value.isdigit() else (0, value)
 
 
 def _ml_latest_ratings(ratings: Path) -> Iterator[FeedbackEvent]:

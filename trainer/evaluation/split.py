@@ -56,7 +56,7 @@ class Interaction(NamedTuple):
 
 def id_order(value: str) -> tuple[int, int, str]:
     """Sort key: numeric ids ascending as integers, then any other ids as strings."""
-    return (0, int(value), "") if value.isdigit() else (1, 0, value)
+    return (0, int(value), "") if value.isascii() and value.isdigit() else (1, 0, value)
 
 
 @dataclass(frozen=True)

@@ -52,3 +52,9 @@ def test_bad_lines_are_reported_with_numbers_and_nothing_loads(tmp_path: Path, l
     assert "line 7: 'kind' must be one of item, user, event" in message
     assert "line 8:" in message and "between 0.5 and 5" in message
     assert loaded.snapshot()["items"] == 0
+
+
+def test_a_file_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    path = _write(tmp_path / "data.jsonl", RECORDS)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert [item.item_id for item in read_jsonl(path).items] == ["a", "b"]

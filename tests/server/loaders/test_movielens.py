@@ -3,8 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from server.loaders import LoadError
+from server.loaders import LoadError, read_checked
 from server.loaders.movielens import read_ml100k, read_ml_latest
+from tests.trainer.evaluation.conftest import write_folder
 
 
 def test_ml100k_loads_catalog_users_and_ratings(ml100k: Path, loaded) -> None:
@@ -97,3 +98,39 @@ def test_ml_latest_rating_for_unknown_movie_is_an_error(ml_latest: Path, loaded)
         handle.write("1,999,3.0,964990001\n")
     with pytest.raises(LoadError, match="user 1 -> item 999"):
         loaded.write(read_ml_latest(ml_latest))
+
+
+def test_ml100k_files_re_saved_as_utf8_with_a_byte_order_mark_load_the_same(
+    tmp_path: Path,
+) -> None:
+    rows = [("1", "1", 5, 100), ("1", "2", 4, 200), ("2", "1", 3, 300)]
+    plain = read_ml100k(write_folder(tmp_path / "plain", rows))
+    saved = write_folder(tmp_path / "saved", rows)
+    for name in ("u.data", "u.user", "u.item"):  # as an editor re-saves them
+        text = (saved / name).read_bytes().decode("latin-1")
+        (saved / name).write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    again = read_ml100k(saved)
+    assert [u.user_id for u in again.users] == [u.user_id for u in plain.users] == ["1", "2"]
+    assert [e.user_id for e in again.events] == ["1", "1", "2"]
+    assert [i.title for i in again.items] == [i.title for i in plain.items]
+    assert again.items[0].title.startswith("Café")
+
+
+def test_ml_latest_files_with_a_byte_order_mark_and_columns_in_another_order(
+    ml_latest: Path, loaded
+) -> None:
+    for name in ("movies.csv", "ratings.csv"):
+        (ml_latest / name).write_bytes(b"\xef\xbb\xbf" + (ml_latest / name).read_bytes())
+    (ml_latest / "ratings.csv").write_text(
+        "\ufeffmovieId,userId,rating,timestamp\n1,1,4.5,964982703\n3,7,0.5,964990000\n"
+    )
+    dataset = read_ml_latest(ml_latest)
+    assert [u.user_id for u in dataset.users] == ["1", "7"]
+    assert loaded.write(dataset).events == 2
+
+
+def test_a_short_csv_row_is_a_load_error_naming_its_line(ml_latest: Path) -> None:
+    with (ml_latest / "tags.csv").open("a") as handle:
+        handle.write("7,1\n")
+    with pytest.raises(LoadError, match=r"tags\.csv line 5"):
+        read_checked(read_ml_latest, ml_latest, "ml-latest")

@@ -175,7 +175,9 @@ class TestUnusableData:
     def test_malformed_csv(self, tmp_path: Path) -> None:
         folder = write_ml_latest(tmp_path / "ml")
         (folder / "ratings.csv").write_text("user,movie,rating,timestamp\n1,1,4.0,100\n")
-        with pytest.raises(LoadError, match="cannot read it as ml-latest: event 1: KeyError"):
+        # Users are read by the header's userId too, with the catalog: refused before any event.
+        match = "cannot read it as ml-latest: items and users: KeyError: 'userId'"
+        with pytest.raises(LoadError, match=match):
             read_eval_data(folder, EvalFormat.ml_latest)
 
     def test_malformed_catalog(self, tmp_path: Path) -> None:
