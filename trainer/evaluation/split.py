@@ -10,6 +10,7 @@ file. Users with fewer than 3 interactions are skipped altogether: their events 
 data either (EVAL.md is silent; no ML-100K user has fewer than 20).
 """
 
+import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -81,12 +82,16 @@ class Split:
         """Evaluated users, ascending (as integers where ids are numeric)."""
         return tuple(sorted(self.train, key=id_order))
 
-    @property
+    @cached_property
     def trained_on(self) -> str:
         """What a manifest says of a model trained on this split (`trained_on`), e.g.
-        `ml-100k:ml-100k:eval-train-split`: a model trained on anything else may have seen the
-        tests."""
-        return f"{self.dataset}:eval-train-split"
+        `ml-100k:ml-100k:eval-train-split:3f2a9c1b0d4e`: a model trained on anything else may
+        have seen the tests. The last part is a digest of the training interactions: another
+        data set under the same folder name is another split."""
+        digest = hashlib.sha256()
+        for user in self.users:
+            digest.update("\x1f".join((user, *self.train[user])).encode() + b"\x1e")
+        return f"{self.dataset}:eval-train-split:{digest.hexdigest()[:12]}"
 
     def check_unseen(self, manifest: Manifest) -> None:
         """Raises ValueError unless the model was trained on this split's training part or

@@ -17,13 +17,14 @@ from tests.trainer.evaluation.test_formats import plain, write_ml_latest
 from trainer.evaluation.harness import Report
 from trainer.evaluation.split import EvalFormat, read_eval_data
 
-SPLIT = "ml-latest:ml:eval-train-split"  # format, folder, protocol
+SPLIT = "ml-latest:ml:eval-train-split:"  # format, folder, protocol, then the data's digest
 
 
 @pytest.mark.parametrize(
     ("trained_on", "method", "fine"),
     [
-        (SPLIT, "pretrain+sft+grpo", True),  # bootstrapped by eval on this split
+        ("this split", "pretrain+sft+grpo", True),  # bootstrapped by eval on this split
+        (SPLIT, "pretrain+sft+grpo", False),  # before splits had a digest: data unknown
         (None, "imported", True),  # a GGUF: trained on none of it
         (None, "registered", True),
         (None, "pretrain+sft+grpo", False),  # `reasonrec bootstrap` on all the data
@@ -35,13 +36,26 @@ def test_only_a_model_that_saw_none_of_the_tests_is_evaluated(
     tmp_path: Path, trained_on: str | None, method: str, fine: bool
 ) -> None:
     split = read_eval_data(write_ml_latest(tmp_path / "ml"), EvalFormat.ml_latest).split
-    assert split.trained_on == SPLIT
+    assert split.trained_on.startswith(SPLIT) and len(split.trained_on) == len(SPLIT) + 12
+    trained_on = split.trained_on if trained_on == "this split" else trained_on
     manifest = Manifest(version="v1", trained_on=trained_on, training={"method": method})
     if fine:
         split.check_unseen(manifest)
     else:
         with pytest.raises(ValueError, match="could count the very items it was trained on"):
             split.check_unseen(manifest)
+
+
+def test_other_data_under_the_same_folder_name_is_another_split(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first = read_eval_data(write_ml_latest(tmp_path / "a" / "ml"), EvalFormat.ml_latest).split
+    folder = write_ml_latest(tmp_path / "b" / "ml")
+    with (folder / "ratings.csv").open("a") as handle:
+        handle.write("1,1,4.0,999999999\n")  # one more interaction: another training part
+    second = read_eval_data(folder, EvalFormat.ml_latest).split
+    again = read_eval_data(tmp_path / "a" / "ml", EvalFormat.ml_latest).split
+    assert first.dataset == second.dataset and first.trained_on != second.trained_on
+    assert again.trained_on == first.trained_on
 
 
 @pytest.fixture
