@@ -19,12 +19,17 @@ end
 
 -- The score of an event at `ts` in a time-ordered set: events at one time keep the order they
 -- arrive in (EVAL.md's tie rule, and the order training reads from the event log), each a
--- microsecond after those already there; Redis would order them by item id. %.17g keeps the
--- microseconds that Lua's default number format would round away.
+-- microsecond after the last one there (not after as many as there are: an item that moved up
+-- or trimming leaves gaps); Redis would order them by item id. %.17g keeps the microseconds that
+-- Lua's default number format would round away.
 local function arrival(key, ts)
   local t = tonumber(ts)
-  local same = redis.call('ZCOUNT', key, t, '(' .. string.format('%.17g', t + 0.001))
-  return string.format('%.17g', t + same * 0.000001)
+  local last = redis.call('ZREVRANGEBYSCORE', key, '(' .. string.format('%.17g', t + 0.001),
+    string.format('%.17g', t), 'WITHSCORES', 'LIMIT', 0, 1)
+  if #last == 0 then
+    return ts
+  end
+  return string.format('%.17g', tonumber(last[2]) + 0.000001)
 end
 
 local flags = {}

@@ -94,6 +94,20 @@ def test_events_at_one_time_keep_the_order_they_arrived_in(client):
     }
 
 
+def test_ties_keep_arrival_order_when_an_item_comes_again_and_past_the_cap(
+    make_client, rdb, key_prefix
+):
+    client = make_client(history_size=3)
+    put_items(client, *"abcdehxyz")
+    at = _at(1)
+    for item in "zyzx":  # z again: it moves up, and x still comes after it
+        post_events(client, {"user_id": "u1", "item_id": item, "type": "click", "timestamp": at})
+    assert [h["item_id"] for h in client.get("/v1/users/u1").json()["history"]] == ["x", "z", "y"]
+    for item in "hedcba":  # more ties than the cap: the newest three are kept
+        post_events(client, {"user_id": "u2", "item_id": item, "type": "click", "timestamp": at})
+    assert rdb.zrange(f"{key_prefix}:user:u2:hist", 0, -1) == ["c", "b", "a"]
+
+
 def test_history_excludes_negative_events(client):
     put_items(client, "a", "b")
     post_events(
