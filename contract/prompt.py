@@ -64,8 +64,9 @@ OUTPUT_FORMAT = (
 )
 # No '<' or '>' inside either part: a stray or repeated tag makes the answer malformed.
 _ANSWER = re.compile(r"^\s*<think>([^<>]*)</think>\s*<answer>([^<>]*)</answer>\s*$")
-# An answer cut by the token budget: its rationale and the ids before the cut.
-_CUT_ANSWER = re.compile(r"^\s*<think>([^<>]*)</think>\s*<answer>([^<>]*)$")
+# An answer cut by the token budget: its rationale, the ids before the cut, and the start of
+# the closing tag when the cut fell inside it (then every id is whole).
+_CUT_ANSWER = re.compile(r"^\s*<think>([^<>]*)</think>\s*<answer>([^<>]*)(<[^<>]*)?$")
 MAX_TEXT_CHARS = 120
 # A rich profile line shows this many attributes, so that no user can make every prompt long.
 MAX_PROFILE_ATTRIBUTES = 20
@@ -276,14 +277,21 @@ def render_answer(rationale: str, item_ids: Sequence[str]) -> str:
 
 def _cut_answer(text: str) -> Answer:
     """What a completion cut inside its answer still says: the ids before the last separator
-    (the one after it may be cut short, and a cut id can spell another one: #12 -> #1)."""
+    (the one after it may be cut short, and a cut id can spell another one: #12 -> #1), or all
+    of them when only the closing tag was cut."""
     match = _CUT_ANSWER.match(text)
     if match is None:
         return Answer(rationale="", items=(), well_formed=False)
-    whole = match.group(2).rpartition(",")[0]
-    tokens = [token.strip() for token in whole.split(",") if token.strip()]
-    items = tuple(t[len(ITEM_MARK) :] for t in tokens if t.startswith(ITEM_MARK) and t != ITEM_MARK)
+    ids = match.group(2) if match.group(3) else match.group(2).rpartition(",")[0]
+    _, items = _marked(ids)
     return Answer(rationale=match.group(1).strip(), items=items, well_formed=False)
+
+
+def _marked(ids: str) -> tuple[list[str], tuple[str, ...]]:
+    """The comma-separated tokens of an answer, and the ids among them (item mark removed)."""
+    tokens = [token.strip() for token in ids.split(",") if token.strip()]
+    marked = [t for t in tokens if t.startswith(ITEM_MARK) and len(t) > len(ITEM_MARK)]
+    return tokens, tuple(token[len(ITEM_MARK) :] for token in marked)
 
 
 def answer_pattern(candidate_ids: Sequence[str], k: int, spare: int = 0) -> str:
@@ -307,8 +315,6 @@ def parse_answer(text: str) -> Answer:
     match = _ANSWER.match(text)
     if match is None:
         return _cut_answer(text)
-    rationale = match.group(1).strip()
-    tokens = [token.strip() for token in match.group(2).split(",") if token.strip()]
-    marked = [t for t in tokens if t.startswith(ITEM_MARK) and len(t) > len(ITEM_MARK)]
-    items = tuple(token[len(ITEM_MARK) :] for token in marked)
-    return Answer(rationale=rationale, items=items, well_formed=bool(tokens) and marked == tokens)
+    tokens, items = _marked(match.group(2))
+    well_formed = bool(tokens) and len(items) == len(tokens)
+    return Answer(rationale=match.group(1).strip(), items=items, well_formed=well_formed)

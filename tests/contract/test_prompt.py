@@ -367,6 +367,9 @@ def test_render_answer_text() -> None:
         ("<think>ok</think><answer>#1, #2, #12", ("1", "2"), "ok"),
         ("<think>ok</think><answer>#1, ", ("1",), "ok"),
         ("<think>ok</think><answer>#1", (), "ok"),
+        # Cut inside the closing tag: every id is whole.
+        ("<think>ok</think><answer>#1, #2</ans", ("1", "2"), "ok"),
+        ("<think>ok</think><answer>#1, #2<", ("1", "2"), "ok"),
         ("<think>cut here", (), ""),
     ],
 )
