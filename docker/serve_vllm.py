@@ -109,12 +109,19 @@ def vllm_swapper(
         except httpx.HTTPError as exc:  # vLLM restarted meanwhile: nothing left to unload
             log.warning("adapter not unloaded", extra={"version": version, "reason": repr(exc)})
 
+    def restarting() -> bool:
+        """vLLM restarts on the new version: no adapter of this one is loaded any more."""
+        for task in unloading.values():
+            task.cancel()
+        unloading.clear()
+        return False
+
     async def swap(started: str, serving: str, new: str) -> bool:
         # Off the event loop: placing a LoRA version may merge it (REASONREC_MERGE_ADAPTERS).
         running = await asyncio.to_thread(placement, settings, started)
         target = await asyncio.to_thread(placement, settings, new)
         if target.base != running.base or (target.adapter_rank or 0) > (running.lora_room or 0):
-            return False
+            return restarting()
         if (pending := unloading.pop(new, None)) is not None:
             pending.cancel()  # still loaded: kept
         elif target.adapter is not None:
@@ -124,7 +131,7 @@ def vllm_swapper(
                 response.raise_for_status()
             except httpx.HTTPError as exc:
                 log.warning("adapter load failed", extra={"version": new, "reason": repr(exc)})
-                return False
+                return restarting()
         if (await asyncio.to_thread(placement, settings, serving)).adapter is not None:
             unloading[serving] = asyncio.create_task(unload_later(serving))
         log.info("swapped without restart", extra={"version": new, "previous": serving})

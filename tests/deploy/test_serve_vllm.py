@@ -291,6 +291,11 @@ async def test_an_adapter_activated_again_before_its_unload_stays_loaded(
     assert await swap("v2", "v2", "v3")
     assert await swap("v2", "v3", "v2")  # a rollback: v2 was never unloaded
     assert [(path, body["lora_name"]) for path, body in calls] == [("/v1/load_lora_adapter", "v3")]
+    # A restart (another base) loses every adapter: v3, pending unload, is loaded again after it.
+    publish(settings, "other")
+    assert not await swap("v2", "v2", "other")
+    assert await swap("v2", "v2", "v3")
+    assert [body["lora_name"] for _, body in calls] == ["v3", "v3"]
 
 
 async def test_a_failed_adapter_load_falls_back_to_a_restart(settings: Settings) -> None:
