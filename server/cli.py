@@ -63,14 +63,15 @@ def errors_end_command(*kinds: type[Exception]) -> Iterator[None]:
 
 def check_address(settings: Settings) -> None:
     """End the command now, not after loading, training and starting vLLM, when the address it
-    would serve on is taken (the server binds only once it has started everything)."""
+    would serve on is taken (the server binds only once it has started everything). Every
+    address the host resolves to, as the server binds them all (localhost: ::1 and 127.0.0.1)."""
     try:
-        family, kind, _, _, address = socket.getaddrinfo(
+        for family, kind, _, _, address in socket.getaddrinfo(
             settings.host, settings.port, type=socket.SOCK_STREAM
-        )[0]
-        with socket.socket(family, kind) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            probe.bind(address)
+        ):
+            with socket.socket(family, kind) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+                probe.bind(address)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         console.print(
