@@ -3,7 +3,9 @@
 One module, used by the gateway, the trainer and the evaluator, so that a model is always asked
 the way it was taught. Changing anything a model can see bumps `CONTRACT_VERSION`; every model's
 manifest records the version and the `Contract` (rendering, history length) it was trained on,
-and the gateway refuses versions it does not speak.
+and the gateway refuses versions it does not speak. Cleaning what no training data should hold
+(markup and invisible characters in titles, attributes and queries) does not bump it: a version
+trained before reads the same prompts for all other text.
 
 Two renderings of the same `PromptInput`:
 

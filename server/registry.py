@@ -65,7 +65,9 @@ class Manifest(BaseModel):
     base_model: str | None = Field(None, description="For LoRA: the version it adapts.")
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     trained_on: str | None = Field(
-        None, description="Data the model saw, e.g. 'ml-100k:eval-train-split' (eval checks it)."
+        None,
+        description="Data the model saw, e.g. 'ml-100k:ml-100k:eval-train-split:<digest>' (eval "
+        "checks it).",
     )
     training: dict[str, Any] = Field(default_factory=dict)
     data_window: dict[str, Any] = Field(default_factory=dict)
