@@ -304,13 +304,20 @@ def _eval_format_help() -> str:
     )
 
 
-def _check_evaluated(settings: Settings, version: str, split: Split, tasks: frozenset) -> None:
+def _unseen(settings: Settings, version: str, split: Split, option: str) -> Manifest:
+    """The version's manifest, if this gateway speaks its contract and it saw none of the
+    split's tests (a bad `option` otherwise)."""
     try:
         manifest = Registry(settings.registry_path).manifest(version)
         check_contract(manifest)
         split.check_unseen(manifest)
     except (RegistryError, ValueError) as exc:
-        raise typer.BadParameter(str(exc), param_hint="--model") from exc
+        raise typer.BadParameter(str(exc), param_hint=option) from exc
+    return manifest
+
+
+def _check_evaluated(settings: Settings, version: str, split: Split, tasks: frozenset) -> None:
+    manifest = _unseen(settings, version, split, "--model")
     if Task.search in tasks:
         raise typer.BadParameter(
             "--task search compares a bootstrap's stages; it cannot evaluate a given version",
@@ -392,10 +399,7 @@ def eval_command(
     if base:
         base = _base_version(settings, base, tasks)
         # Served zero-shot and trained on: a base that saw the tests must not be scored either.
-        try:
-            data.split.check_unseen(Registry(settings.registry_path).manifest(base))
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--base") from exc
+        _unseen(settings, base, data.split, "--base")
     from trainer.evaluation.run import run_eval  # trains a model: heavy imports
 
     report = run_eval(data, settings, users, seed, preset, tasks, recipe, model, base, stages)

@@ -33,6 +33,11 @@ class LoadError(Exception):
     """The input cannot be loaded; the message says where and why."""
 
 
+def id_order(value: str) -> tuple[int, int, str]:
+    """Sort key of ids: numeric ones ascending as integers, then any others as strings."""
+    return (0, int(value), "") if value.isascii() and value.isdigit() else (1, 0, value)
+
+
 _PARSE_ERRORS = (OSError, ValueError, KeyError, TypeError, csv.Error)
 """What the readers' parsers raise on a malformed file (they let them through)."""
 

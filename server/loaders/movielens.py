@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from server.loaders import Dataset, LoadError
+from server.loaders import Dataset, LoadError, id_order
 from server.schemas import EventType, FeedbackEvent, ItemUpsert, UserUpsert
 
 _YEAR = re.compile(r"\((\d{4})\)\s*$")
@@ -173,11 +173,7 @@ def _ml_latest_items(path: Path, tags: dict[str, list[str]]) -> list[ItemUpsert]
 
 
 def _ml_latest_users(ratings: Path) -> list[str]:
-    return sorted({row["userId"] for row in _rows(ratings)}, key=_numeric)
-
-
-def _numeric(value: str) -> tuple[int, str]:
-    return (int(value), "") if value.isascii() and value.isdigit() else (0, value)
+    return sorted({row["userId"] for row in _rows(ratings)}, key=id_order)
 
 
 def _ml_latest_ratings(ratings: Path) -> Iterator[FeedbackEvent]:

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from server.loaders import Dataset, Format, LoadError, read_checked
+from server.loaders import Dataset, Format, LoadError, id_order, read_checked
 from server.loaders.jsonl import read_jsonl
 from server.loaders.movielens import read_ml100k, read_ml_latest
 from server.registry import Manifest
@@ -53,11 +53,6 @@ class Interaction(NamedTuple):
     item: str
     timestamp: float
     """Seconds since the epoch."""
-
-
-def id_order(value: str) -> tuple[int, int, str]:
-    """Sort key: numeric ids ascending as integers, then any other ids as strings."""
-    return (0, int(value), "") if value.isascii() and value.isdigit() else (1, 0, value)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from server.loaders import LoadError, read_checked
+from server.loaders import LoadError, id_order, read_checked
 from server.loaders.movielens import read_ml100k, read_ml_latest
 from tests.trainer.evaluation.conftest import write_folder
 
@@ -134,3 +134,8 @@ def test_a_short_csv_row_is_a_load_error_naming_its_line(ml_latest: Path) -> Non
         handle.write("7,1\n")
     with pytest.raises(LoadError, match=r"tags\.csv line 5"):
         read_checked(read_ml_latest, ml_latest, "ml-latest")
+
+
+def test_ids_sort_as_numbers_then_as_text() -> None:
+    # '²' is a digit to str.isdigit but not a number int() reads: eval's sort crashed on it.
+    assert sorted(["10", "2", "b", "²", "a"], key=id_order) == ["2", "10", "a", "b", "²"]

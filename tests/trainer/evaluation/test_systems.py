@@ -7,10 +7,11 @@ import pytest
 
 from contract.search import RetrieverKind
 from server import metrics
+from server.loaders import id_order
 from server.schemas import ItemIn
 from server.search_index import build_search_index
 from trainer.evaluation.pipeline import PipelineSystem
-from trainer.evaluation.split import Interaction, Split, build_split, id_order
+from trainer.evaluation.split import Interaction, Split, build_split
 from trainer.evaluation.systems import ItemKNN, Popularity, TitleQuery, cosine_similarity
 
 
