@@ -212,7 +212,7 @@ def test_a_version_that_cannot_open_leaves_no_engine_running(
     refused = "model v-chat could not be opened (the gateway's log says why)"
     assert until(lambda: models_client.get("/readyz").json()["checks"]["engine"] == refused, 10)
     assert serving.version is None
-    assert all(engine._client.is_closed for engine in started)
+    assert started == []  # the version was refused before any engine started
 
 
 def test_the_gateway_starts_when_the_active_engine_cannot_open(
