@@ -21,6 +21,7 @@ from contract.prompt import (
     build_prompt,
     parse_answer,
     prompt_input,
+    text_answer_budget,
 )
 from contract.ranking import served_order
 from contract.tasks import Task
@@ -82,6 +83,8 @@ def ranking_request(
 ) -> GenerationRequest:
     """What the engine is asked for one ranking of the candidates `order`."""
     allowed = engine.items.allowed(order) if engine.items else None
+    if allowed is None:  # ids written as text: room for the longest answer the regex admits
+        max_tokens = max(max_tokens, text_answer_budget(order, k, SPARE_IDS))
     return GenerationRequest(
         request_id=request_id,
         prompt=prompt,

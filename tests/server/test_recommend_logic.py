@@ -19,7 +19,13 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from contract.prompt import Contract, Rendering, answer_pattern, render_answer
+from contract.prompt import (
+    MAX_RATIONALE_CHARS,
+    Contract,
+    Rendering,
+    answer_pattern,
+    render_answer,
+)
 from server.engine import Engine, EngineError, Generation, GenerationRequest
 from server.item_index import ItemIndex
 from server.recommend import (
@@ -363,7 +369,9 @@ def test_the_regex_names_exactly_the_candidates_in_the_prompt(shop: TestClient) 
 
     [request] = engine.requests
     assert request.request_id == body["request_id"]
-    assert request.max_tokens == shop.app.state.settings.max_answer_tokens
+    # Ids written as text: the longest answer the regex admits fits the budget, one token a byte.
+    longest = render_answer("x" * MAX_RATIONALE_CHARS, sorted(ORDER, key=len)[-(2 + SPARE_IDS) :])
+    assert request.max_tokens > len(longest.encode()) > shop.app.state.settings.max_answer_tokens
     assert shown(request.prompt) == ORDER
     assert request.regex == answer_pattern(ORDER, 2, SPARE_IDS)
     one = answer_pattern(shown(request.prompt), 1)
