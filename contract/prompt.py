@@ -72,11 +72,10 @@ _CUT_ANSWER = re.compile(r"^\s*<think>([^<>]*)</think>\s*<answer>([^<>]*)(<[^<>]
 MAX_TEXT_CHARS = 120
 # A rich profile line shows this many attributes, so that no user can make every prompt long.
 MAX_PROFILE_ATTRIBUTES = 20
-# Controls, zero-width and bidi characters: text that shows one thing in a prompt and reads as
-# another. Whitespace is not here: it is folded into single spaces.
-# Control and format characters (Unicode categories Cc but tab and line breaks, and Cf: zero-width,
-# bidirectional, tag characters), variation selectors and the Hangul fillers, which render as
-# nothing (tests check the list against unicodedata).
+# What shows one thing in a prompt and reads as another: control and format characters (Unicode
+# categories Cc and Cf: zero-width, bidirectional, tag characters), variation selectors and the
+# Hangul fillers, which render as nothing (tests check the list against unicodedata). Whitespace
+# is not here: it is folded into single spaces.
 _INVISIBLE = re.compile(
     "[\x00-\x08\x0e-\x1f\x7f-\x9f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891"
     "\u08e2\u115f\u1160\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f"

@@ -46,6 +46,7 @@ TAGS = tuple(f"<{name}>" for name in (*STEPS, "rating")) + tuple(
 )
 MIN_RATING, MAX_RATING = 1, 5
 DIGITS = tuple(str(value) for value in range(MIN_RATING, MAX_RATING + 1))
+
 # A reasoning step's length at most: the compact rendering's steps are numbers, and a cap keeps a
 # weak model's greedy answer from running on until the token budget cuts its rating off.
 STEP_CHARS = {Rendering.compact: 16, Rendering.rich: 160}
@@ -64,6 +65,11 @@ _ANSWER = re.compile(
     "^" + "".join(_STEP.format(name) for name in STEPS) + r"\s*<rating>\s*([^<>]*?)\s*</rating>\s*$"
 )
 _NUMBER = re.compile(r"^[0-9]+(\.[0-9]+)?$")
+
+
+def on_scale(value: float) -> float:
+    """`value` clipped to the rating scale [MIN_RATING, MAX_RATING]."""
+    return min(max(value, MIN_RATING), MAX_RATING)
 
 
 class RatedView(BaseModel):
@@ -104,7 +110,7 @@ def bias_rating(everyone: Stats, item: Stats, user_ratings: Sequence[tuple[float
     mean = NO_RATINGS_MEAN if everyone.mean is None else everyone.mean
     residual = sum(value - mean - item_bias(stats, mean) for value, stats in user_ratings)
     user = residual / (len(user_ratings) + USER_SHRINK)
-    return min(max(mean + user + item_bias(item, mean), MIN_RATING), MAX_RATING)
+    return on_scale(mean + user + item_bias(item, mean))
 
 
 # The user's lean: how far their latest ratings sit above (+) or below (-) what the bias model
@@ -136,7 +142,7 @@ def lean_rating(everyone: Stats, item: Stats, lean: float | None) -> float:
     and what the gateway serves when the model cannot answer."""
     mean = NO_RATINGS_MEAN if everyone.mean is None else everyone.mean
     value = mean + (lean or 0.0) + item_bias(item, mean)
-    return min(max(value, MIN_RATING), MAX_RATING)
+    return on_scale(value)
 
 
 # The weights validation may give the model's rating against the lean baseline's; never 0, so

@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Protocol
 
 from contract.answer import Answer
 from contract.ranking import first_k
-from contract.rating import MAX_RATING, MIN_RATING, RatingAnswer
+from contract.rating import RatingAnswer, on_scale
 from contract.search import SearchAnswer, retriever_query
 from contract.tasks import Task
 from reward_rules.metrics import (
@@ -443,8 +443,7 @@ class RatingAccuracy:
         if not answer.well_formed or answer.rating is None:
             return 0.0
         # Feedback may carry half stars below 1: the reward stays in [-1, 1] as documented.
-        true = min(max(float(example["rating"]), MIN_RATING), MAX_RATING)
-        return 1.0 - abs(answer.rating - true) / 2
+        return 1.0 - abs(answer.rating - on_scale(float(example["rating"]))) / 2
 
 
 Retriever = Callable[[str, str, Collection[str]], int | None]

@@ -131,9 +131,9 @@ class Registry:
         return (self.path(version) / MANIFEST).is_file()
 
     def manifest(self, version: str) -> Manifest:
-        path = self.path(version) / MANIFEST
         if Path(version).name != version or version in {".", ".."}:  # a path, not a name
             raise RegistryError(f"'{version}' is not a version name (see `reasonrec models list`)")
+        path = self.path(version) / MANIFEST
         if not path.is_file():
             missing = f"model version '{version}' is not in the registry"
             raise RegistryError(f"{missing} {self.root}", public=missing)

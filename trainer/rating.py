@@ -34,8 +34,6 @@ from contract.prompt import ItemView, Rendering
 from contract.rating import (
     DIGITS,
     LEAN_WINDOW,
-    MAX_RATING,
-    MIN_RATING,
     RATING_WEIGHTS,
     STEP_CHARS,
     RatingInput,
@@ -43,6 +41,7 @@ from contract.rating import (
     build_rating_prompt,
     expected_rating,
     lean_rating,
+    on_scale,
     rating_input,
     render_rating_answer,
     served_rating,
@@ -133,7 +132,7 @@ def _mean(values: list[float] | None) -> float:
 
 
 def _whole(rating: float) -> int:
-    return min(max(round(rating), MIN_RATING), MAX_RATING)
+    return int(on_scale(round(rating)))
 
 
 class RatingExampleBuilder:

@@ -70,8 +70,10 @@ class RemoteEngine(Engine):
         that the previous one answers meanwhile rather than the fallback. The server places
         versions itself: one it does not list yet is never refused; a server that does not answer
         (vLLM restarting on it) ends the wait, as the previous version is not served either."""
+        if not handover:
+            return
         deadline = time.monotonic() + HANDOVER_SECONDS
-        while handover:
+        while True:
             try:
                 served = await self._served()
             except EngineError:
