@@ -25,12 +25,32 @@ QUANTILES = (0.5, 0.95, 0.99)
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 
-def quantiles(bucket: str, selector: str = "") -> list[tuple[str, str]]:
-    """p50, p95 and p99 of a histogram over every instance."""
+def fallback_share(window: str) -> str:
+    """Recommendations served in the retrieval order for the engine's or the model's want (an
+    empty catalog's are not its doing); the fallback alert reads it over 5m."""
+    return (
+        f'sum(rate(reasonrec_fallbacks_total{{reason!="no_candidates"}}[{window}]))\n'
+        f"  / sum(rate(reasonrec_recommendations_total[{window}]))"
+    )
+
+
+def parse_failure_share(window: str) -> str:
+    """Ranking answers that needed repair or named no candidate (served as the fallback, reason
+    malformed), of every answer the model gave; the parse failure alert reads it over 15m."""
+    return (
+        f'sum(rate(reasonrec_parse_failures_total{{task="rank"}}[{window}]))\n'
+        f'  / (sum(rate(reasonrec_recommendations_total{{source="llm"}}[{window}]))\n'
+        f'    + sum(rate(reasonrec_fallbacks_total{{reason="malformed"}}[{window}])))'
+    )
+
+
+def quantiles(bucket: str, selector: str = "", by: str = "") -> list[tuple[str, str]]:
+    """p50, p95 and p99 of a histogram over every instance, for each value of the label `by`."""
     return [
         (
-            f"histogram_quantile({q}, sum by (le) (rate({bucket}{selector}[{RATE}])))",
-            f"p{q * 100:g}",
+            f"histogram_quantile({q}, sum by (le{', ' + by if by else ''}) "
+            f"(rate({bucket}{selector}[{RATE}])))",
+            f"p{q * 100:g}" + (f" {{{{{by}}}}}" if by else ""),
         )
         for q in QUANTILES
     ]
@@ -110,7 +130,11 @@ def rows() -> dict[str, list[dict[str, Any]]]:
                 quantiles("reasonrec_candidates_seconds_bucket"),
                 "s",
             ),
-            panel("Engine (LLM call)", quantiles("reasonrec_engine_seconds_bucket"), "s"),
+            panel(
+                "Engine (LLM call) by task",
+                quantiles("reasonrec_engine_seconds_bucket", by="task"),
+                "s",
+            ),
         ],
         "Quality": [
             panel(
@@ -119,20 +143,21 @@ def rows() -> dict[str, list[dict[str, Any]]]:
                 "reqps",
             ),
             panel(
+                # The alerts' ratios (docker/prometheus/alerts.yml), so a panel and its alert agree.
                 "Fallback and parse failure share",
                 [
                     (
-                        f"sum(rate(reasonrec_fallbacks_total[{RATE}])) "
-                        f"/ sum(rate(reasonrec_recommendations_total[{RATE}]))",
-                        "fallbacks / recommendations",
+                        fallback_share(RATE),
+                        "fallbacks (not for want of candidates) / recommendations",
                     ),
-                    (
-                        f'sum(rate(reasonrec_parse_failures_total{{task="rank"}}[{RATE}])) '
-                        f'/ sum(rate(reasonrec_recommendations_total{{source="llm"}}[{RATE}]))',
-                        "parse failures / LLM answers",
-                    ),
+                    (parse_failure_share(RATE), "parse failures / LLM answers"),
                 ],
                 "percentunit",
+            ),
+            panel(
+                "Parse failures by task",
+                [(f"sum by (task) (rate(reasonrec_parse_failures_total[{RATE}]))", "{{task}}")],
+                "reqps",
             ),
             panel(
                 # Feedback trails its list by minutes to hours: a 1 h window keeps it steady.
@@ -181,6 +206,16 @@ def rows() -> dict[str, list[dict[str, Any]]]:
                 "short",
             ),
             panel(
+                "Search fallbacks by reason",
+                [
+                    (
+                        f"sum by (reason) (rate(reasonrec_search_fallbacks_total[{RATE}]))",
+                        "{{reason}}",
+                    )
+                ],
+                "short",
+            ),
+            panel(
                 "Search index: items, and seconds per rebuild",
                 [
                     ("max(reasonrec_search_index_items)", "items"),
@@ -202,6 +237,17 @@ def rows() -> dict[str, list[dict[str, Any]]]:
             panel(
                 "Feedback events by type",
                 [(f"sum by (type) (rate(reasonrec_feedback_events_total[{RATE}]))", "{{type}}")],
+                "short",
+            ),
+            panel(
+                "Storage: Redis errors, unreadable records by kind",
+                [
+                    (f"sum(rate(reasonrec_redis_errors_total[{RATE}]))", "redis errors"),
+                    (
+                        f"sum by (kind) (rate(reasonrec_unreadable_records_total[{RATE}]))",
+                        "unreadable {{kind}}",
+                    ),
+                ],
                 "short",
             ),
         ],

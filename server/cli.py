@@ -122,8 +122,14 @@ def serve(
 ) -> None:
     """Serve the HTTP API (OpenAPI docs at /docs)."""
     settings = settings_from_env(host, port)
-    check_address(settings)
     workers = workers or settings.workers
+    if workers > 1 and not settings.engine_url:
+        console.print(
+            f"[red]error:[/red] {workers} workers need a remote engine (REASONREC_ENGINE_URL): "
+            "each would start its own in-process vLLM, holding the model that many times"
+        )
+        raise typer.Exit(2)
+    check_address(settings)
     if workers == 1:
         serve_with(settings)
     else:

@@ -113,7 +113,11 @@ class GatewaySettings(_Section):
     host: str = Field("127.0.0.1", description="Address `reasonrec serve` binds to.")
     port: int = Field(8000, ge=1, le=65535, description="Port `reasonrec serve` listens on.")
     workers: int = Field(
-        1, ge=1, le=64, description="Worker processes for `reasonrec serve` (one per core)."
+        1,
+        ge=1,
+        le=64,
+        description="Worker processes for `reasonrec serve`; more than one needs "
+        "REASONREC_ENGINE_URL. Each worker keeps its own metrics.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level: debug, info, warning or error."

@@ -11,7 +11,8 @@ HTTP_DURATION = Histogram(
     "reasonrec_http_request_duration_seconds",
     "HTTP request duration by route template.",
     ["route"],
-    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    # 3: the default LLM budget, which the latency alert compares the p99 with.
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10),
 )
 FEEDBACK_EVENTS = Counter(
     "reasonrec_feedback_events_total", "Feedback events stored, by type.", ["type"]
@@ -27,7 +28,8 @@ UNREADABLE_RECORDS = Counter(
 )
 ENGINE_SECONDS = Histogram(
     "reasonrec_engine_seconds",
-    "Time spent in the LLM engine per recommendation.",
+    "Time spent in the LLM engine per answer (a ranking, one rated item, a search query), by task.",
+    ["task"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10),
 )
 ENGINE_TOKENS = Counter(
@@ -94,3 +96,14 @@ SEARCH_INDEX_BUILD_SECONDS = Histogram(
     "Time to build the search index from the catalog.",
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300),
 )
+
+# Every label value at 0 from the start: a series that does not exist yet is not 0 to PromQL (a
+# ratio over it is empty, so an alert on it never evaluates, and panels say "No data").
+for _reason in ("engine_error", "timeout", "no_model", "task_unsupported", "malformed"):
+    FALLBACKS.labels(_reason)
+    SEARCH_FALLBACKS.labels(_reason)
+    RATE_FALLBACKS.labels(_reason)
+FALLBACKS.labels("no_candidates")
+for _task in ("rank", "rate", "search"):
+    PARSE_FAILURES.labels(_task)
+    ENGINE_SECONDS.labels(_task)

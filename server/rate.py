@@ -133,7 +133,7 @@ class Rater:
             logprobs=RATING_LOGPROBS,
         )
         try:
-            with metrics.ENGINE_SECONDS.time():
+            with metrics.ENGINE_SECONDS.labels(Task.rate).time():
                 result = await asyncio.wait_for(
                     engine.generate(generation), self.settings.llm_timeout_ms / 1000
                 )

@@ -197,7 +197,7 @@ class Recommender:
         )
         budget = self.settings.llm_timeout_ms / 1000
         try:
-            with metrics.ENGINE_SECONDS.time():
+            with metrics.ENGINE_SECONDS.labels(Task.rank).time():
                 result = await asyncio.wait_for(engine.generate(generation), budget)
         except TimeoutError:
             log.warning("engine timed out", extra={"budget_ms": self.settings.llm_timeout_ms})

@@ -121,7 +121,7 @@ class Searcher:
             max_tokens=self.settings.max_answer_tokens,
         )
         try:
-            with metrics.ENGINE_SECONDS.time():
+            with metrics.ENGINE_SECONDS.labels(Task.search).time():
                 result = await asyncio.wait_for(
                     writer.generate(generation), self.settings.llm_timeout_ms / 1000
                 )

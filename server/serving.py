@@ -9,7 +9,8 @@ requests at it. Requests already holding the old engine finish on it: none uses 
 than `REASONREC_LLM_TIMEOUT_MS` (the budget cancels it), so the old engine is closed after that.
 If the new version cannot be opened, the old one keeps serving and the failure is logged. The
 active version is also read every RECHECK_SECONDS: an announcement sent while the subscription
-was reconnecting reaches nobody.
+was reconnecting reaches nobody. An in-process engine whose core process died (killed for
+memory, say) never answers again: it is opened anew at the same check.
 """
 
 import asyncio
@@ -110,6 +111,7 @@ class Serving:
                 if message is not None and message["type"] == "message":
                     await self.swap(message["data"])
                 elif time.monotonic() - checked > RECHECK_SECONDS:
+                    await self._revive()
                     # The client resubscribes by itself after a dropped connection, silently:
                     # what was announced meanwhile is only found by asking.
                     await self._catch_up()
@@ -122,11 +124,20 @@ class Serving:
         if active is not None and active != self._wanted:
             await self.swap(active)
 
-    async def swap(self, version: str) -> bool:
-        """Serve `version` from now on; False (and the old engine kept) if it cannot open."""
+    async def _revive(self) -> None:
+        """Open the served version again if its engine died; until then requests get the
+        fallback."""
+        engine = self.engine
+        if engine is not None and engine.dead:
+            log.error("engine dead, opening it again", extra={"version": engine.model_version})
+            await self.swap(engine.model_version, reopen=True)
+
+    async def swap(self, version: str, reopen: bool = False) -> bool:
+        """Serve `version` from now on; False (and the old engine kept) if it cannot open.
+        `reopen`: open a new engine even if `version` is the one served."""
         async with self._lock:
             self._wanted = version
-            if version == self.version:
+            if version == self.version and not reopen:
                 return True
             try:
                 engine, index = await self._open_ready(version)

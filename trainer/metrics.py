@@ -3,10 +3,14 @@ for the run it makes)."""
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 
+from server.metrics import UNREADABLE_RECORDS
+
 # A registry of its own: the trainer imports the gateway's modules, whose metrics register on the
 # default registry and would be served here too, empty.
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)
+# Except this one: the store counts the records it skips, and the trainer reads every record.
+REGISTRY.register(UNREADABLE_RECORDS)
 
 RUNS = Counter(
     "reasonrec_trainer_runs_total",

@@ -31,6 +31,19 @@ def last_refresh(registry: Registry) -> float | None:
     return refreshes[-1].created_at.timestamp() if refreshes else None
 
 
+def _report_last_refresh(registry: Registry, read_at: float | None) -> float | None:
+    """Set the staleness gauge to the newest published refresh when the registry changed since
+    `read_at` (its folder's modification time, returned): the nightly `train --once` job
+    publishes there too, not only this sidecar."""
+    try:
+        changed = registry.root.stat().st_mtime
+    except OSError:  # no registry yet
+        return read_at
+    if changed != read_at and (published := last_refresh(registry)) is not None:
+        metrics.LAST_SUCCESS.set(published)
+    return changed
+
+
 async def _event_count(store: Store) -> int | None:
     """The feedback stream's length; None while Redis does not answer (the next poll retries)."""
     try:
@@ -41,14 +54,15 @@ async def _event_count(store: Store) -> int | None:
 
 
 async def run_sidecar(settings: Settings) -> None:
-    if (published := last_refresh(Registry(settings.registry_path))) is not None:
-        metrics.LAST_SUCCESS.set(published)
+    registry = Registry(settings.registry_path)
+    read_at = _report_last_refresh(registry, None)
     if settings.trainer_metrics_port:
         start_http_server(settings.trainer_metrics_port, registry=metrics.REGISTRY)
     async with open_store(settings) as store:
         last_run, last_length = time.monotonic(), await _event_count(store)
         while True:
             await asyncio.sleep(POLL_SECONDS)
+            read_at = _report_last_refresh(registry, read_at)
             if (length := await _event_count(store)) is None:
                 continue
             if last_length is None:  # Redis was away at start: count from its first answer

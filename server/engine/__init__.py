@@ -89,6 +89,13 @@ class Engine(ABC):
         do unless an engine says otherwise."""
         return None
 
+    @property
+    def dead(self) -> bool:
+        """Whether this engine can never answer again, so the version must be opened anew (an
+        in-process engine whose core process died). A remote server is restarted by whatever
+        launched it: never."""
+        return False
+
     @abstractmethod
     async def check_health(self) -> None:
         """Raise EngineError if the engine cannot serve."""

@@ -126,7 +126,14 @@ class LocalEngine(Engine):
         return LocalEngine(self._process, model_version, adapter)
 
     def can_serve(self, base_version: str, lora_rank: int | None) -> bool:
-        return self._process.can_serve(base_version, lora_rank)
+        return not self.dead and self._process.can_serve(base_version, lora_rank)
+
+    @property
+    def dead(self) -> bool:
+        # AsyncLLM's monitor marks it errored when the engine core process exits (killed for
+        # memory, say); it never starts the core again.
+        llm = self._process.llm
+        return llm is None or llm.errored
 
     async def prepare(self, handover: bool = False) -> None:
         """Load the adapter now, so that one that cannot load is refused before any request."""

@@ -51,6 +51,17 @@ def workloads(resources: Resources) -> dict[str, dict[str, Any]]:
     return {r["metadata"]["name"]: r for r in resources if r["kind"] in WORKLOADS}
 
 
+def requested_memory_gib(resources: Resources) -> float:
+    """The memory every workload's pods request at once (one of each, times its replicas)."""
+    units = {"Mi": 1 / 1024, "Gi": 1}
+    total = 0.0
+    for workload in workloads(resources).values():
+        for container in pod_spec(workload)["spec"]["containers"]:
+            memory = container.get("resources", {}).get("requests", {}).get("memory", "0Gi")
+            total += float(memory[:-2]) * units[memory[-2:]] * workload["spec"].get("replicas", 1)
+    return total
+
+
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return selector.items() <= labels.items()
 
@@ -102,8 +113,7 @@ def test_the_overlay_has_every_part(overlay: tuple[str, Resources]) -> None:
     } <= kinds
     namespaced = [r for r in resources if r["kind"] != "Namespace"]
     assert {r["metadata"]["namespace"] for r in namespaced} == {"reasonrec"}
-    [pvc] = named(resources, "PersistentVolumeClaim").values()
-    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert list(named(resources, "PersistentVolumeClaim")) == ["reasonrec-data"]
     redis = named(resources, "StatefulSet")["redis"]
     assert redis["spec"]["volumeClaimTemplates"]
     assert "--appendonly" in redis["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -198,6 +208,11 @@ def test_the_gateway_scales_apart_and_drains_one_pod_at_a_time(
     assert selects(pdb["spec"]["selector"]["matchLabels"], pod_spec(gateway)["metadata"]["labels"])
     vllm = pod_spec(named(resources, "Deployment")["vllm"])["spec"]["containers"][0]
     assert vllm["readinessProbe"]["httpGet"]["path"] == "/health"
+    # the port opens only after start-up: liveness alone would restart a slow start for ever
+    [container] = pod_spec(gateway)["spec"]["containers"]
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/healthz"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
 
 
 def test_the_service_monitor_scrapes_gateway_trainer_and_vllm(
@@ -251,6 +266,10 @@ def test_gpu_and_dev_overlays_differ_where_they_should() -> None:
     assert gpu_vllm["spec"]["replicas"] == 2
     assert "nvidia.com/gpu" not in json.dumps(dev)
     assert "--enforce-eager" in pod_spec(dev_vllm)["spec"]["containers"][0]["args"]
+    # kind's and k3d's local-path provisioner refuses ReadWriteMany: the claim would never bind
+    claims = (named(r, "PersistentVolumeClaim")["reasonrec-data"]["spec"] for r in (gpu, dev))
+    assert [claim["accessModes"] for claim in claims] == [["ReadWriteMany"], ["ReadWriteOnce"]]
+    assert requested_memory_gib(dev) <= 10 < requested_memory_gib(gpu)
 
 
 def test_the_managed_redis_component_removes_the_in_cluster_redis(tmp_path: Path) -> None:

@@ -48,6 +48,19 @@ def test_derived_files_are_current() -> None:
     assert load_script(DOCKER / "render.py").main(["--check"]) == 0
 
 
+def test_the_dashboard_shows_the_ratios_the_alerts_fire_on() -> None:
+    render = load_script(DOCKER / "render.py")
+    rules = {
+        rule["alert"]: rule["expr"]
+        for group in yaml.safe_load(ALERTS.read_text())["groups"]
+        for rule in group["rules"]
+    }
+    assert rules["ReasonrecFallbackRateHigh"] == render.fallback_share("5m") + "\n> 0.05"
+    assert rules["ReasonrecParseFailureRateHigh"] == render.parse_failure_share("15m") + "\n> 0.25"
+    shown = {expr for _, expr in dashboard_queries()}
+    assert {render.fallback_share(render.RATE), render.parse_failure_share(render.RATE)} <= shown
+
+
 def test_the_dashboard_has_each_row_and_every_panel_queries() -> None:
     panels = json.loads(DASHBOARD.read_text())["panels"]
     assert [p["title"] for p in panels if p["type"] == "row"] == ROWS
@@ -101,9 +114,11 @@ def test_each_process_exports_its_own_metrics(scraped: dict[str, set[str]]) -> N
     }
     assert gateway <= scraped["gateway"]
     assert "reasonrec_trainer_runs_total" in scraped["trainer"]
-    # The trainer does not repeat the gateway's metrics (empty) beside its own.
+    # The trainer does not repeat the gateway's metrics (empty) beside its own, except the
+    # records its reads skip, which it counts itself.
     reasonrec = {name for name in scraped["trainer"] if name.startswith("reasonrec_")}
-    assert reasonrec and all(name.startswith("reasonrec_trainer_") for name in reasonrec)
+    theirs = {name for name in reasonrec if not name.startswith("reasonrec_trainer_")}
+    assert theirs == {"reasonrec_unreadable_records_total", "reasonrec_unreadable_records_created"}
 
 
 def test_vllm_metrics_come_from_the_installed_vllm() -> None:

@@ -113,6 +113,18 @@ def test_a_taken_address_ends_the_command_before_any_work(
     assert not (tmp_path / "models").exists()  # nothing loaded, nothing trained
 
 
+def test_several_workers_without_a_remote_engine_are_refused(env) -> None:
+    """Each worker would start an in-process vLLM of its own: the model held that many times."""
+    variables = {**os.environ, **env, "REASONREC_WORKERS": "2"}
+    variables.pop("REASONREC_ENGINE_URL", None)
+    done = subprocess.run(
+        [REASONREC, "serve"], env=variables, capture_output=True, text=True, timeout=120
+    )
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 2, output
+    assert "2 workers need a remote engine (REASONREC_ENGINE_URL)" in output
+
+
 def test_a_demo_on_a_folder_without_movielens_says_so(env, tmp_path: Path) -> None:
     variables = {**os.environ, **env, "REASONREC_PORT": str(free_port())}
     done = subprocess.run(

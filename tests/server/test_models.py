@@ -16,6 +16,7 @@ import server.active_model
 import server.serving
 from server.config import Settings
 from server.engine import EngineError
+from server.engine.remote import RemoteEngine
 from server.registry import Manifest, Registry
 from server.store import ActiveModelChanged, open_store
 from tests.server.helpers import metric, until
@@ -284,3 +285,18 @@ def test_a_refused_version_is_not_reopened_until_announced_again(
     assert opened == ["v-chat"]
     models_client.post("/v1/models/activate", json={"version": "v-chat"}, headers=ADMIN)
     assert until(lambda: len(opened) == 2, 10)
+
+
+def test_a_dead_engine_is_opened_again(
+    models_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine that can never answer again (an in-process core killed for memory) is replaced
+    by a new one on the same version; tests/integration kills a real vLLM core."""
+    models_client.post("/v1/models/activate", json={"version": "v1"}, headers=ADMIN)
+    assert wait_serving(models_client, "v1")["serving"] == "v1"
+    serving = models_client.app.state.serving
+    died = serving.engine
+    monkeypatch.setattr(RemoteEngine, "dead", property(lambda engine: engine is died))
+    monkeypatch.setattr(server.serving, "RECHECK_SECONDS", 0.1)
+    assert until(lambda: serving.engine is not died, 10)
+    assert serving.version == "v1"

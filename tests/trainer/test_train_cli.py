@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from cli import app
 from server.config import Settings
 from server.registry import Manifest, Registry
-from server.store import Store, open_store
-from trainer import sidecar
+from server.store import Store, open_store, skip_unreadable
+from trainer import metrics, sidecar
 from trainer.cli import EXIT_BUSY, EXIT_SKIPPED
 from trainer.grpo import STATE_FILE
 from trainer.rating import RatingExample, RatingExamples
@@ -97,6 +97,46 @@ def test_the_sidecar_outlives_redis_going_away_between_polls(
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(sidecar.run_sidecar(env.model_copy(update={"trainer_metrics_port": 0})))
     assert len(polls) == 5  # the start and every poll after, Redis's two timeouts included
+
+
+def test_the_sidecar_reports_refreshes_another_process_published(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The nightly `train --once` job publishes into the registry the sidecar serves the
+    staleness gauge for."""
+    registry = Registry(env.registry_path)
+    published = datetime(2026, 3, 1, tzinfo=UTC)
+    polls: list[int] = []
+
+    async def event_count(self: Store) -> int:
+        polls.append(1)
+        if len(polls) == 1:  # the job publishes while the sidecar runs
+            manifest = Manifest(
+                version="r1", training={"method": REFRESH_METHOD}, created_at=published
+            )
+            registry.publish(registry.staging(), manifest)
+        if len(polls) == 3:
+            raise asyncio.CancelledError
+        return 0
+
+    monkeypatch.setattr(Store, "event_count", event_count)
+    monkeypatch.setattr(sidecar, "POLL_SECONDS", 0.01)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(sidecar.run_sidecar(env.model_copy(update={"trainer_metrics_port": 0})))
+    gauge = metrics.REGISTRY.get_sample_value("reasonrec_trainer_last_success_timestamp")
+    assert gauge == published.timestamp()
+
+
+def test_the_trainer_serves_the_records_it_skipped() -> None:
+    def skipped() -> float:
+        found = metrics.REGISTRY.get_sample_value(
+            "reasonrec_unreadable_records_total", {"kind": "event"}
+        )
+        return found or 0.0
+
+    before = skipped()
+    skip_unreadable("event", "e1", ValueError("time nan"))
+    assert skipped() == before + 1
 
 
 @pytest.mark.parametrize(

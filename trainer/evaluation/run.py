@@ -124,6 +124,9 @@ def scratch_store(
                 # Offline: every answer must come from the model, however slow the machine;
                 # latency is reported separately (p50_ms), not enforced.
                 "llm_timeout_ms": EVAL_TIMEOUT_MS,
+                # The versions it trains live in the scratch registry, which a remote vLLM (a
+                # deployment's REASONREC_ENGINE_URL) cannot serve: every answer would fall back.
+                "engine_url": None,
             }
         )
         _link(source, Registry(settings.registry_path), linked)

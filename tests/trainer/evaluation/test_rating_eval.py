@@ -60,6 +60,14 @@ def test_the_eval_store_counts_every_rating_as_an_interaction(
     assert context.ratings == {"1": 4.0, "2": 3.5}
 
 
+def test_the_eval_serves_its_models_in_process(settings: Settings) -> None:
+    """A deployment's REASONREC_ENGINE_URL names a vLLM that cannot see the eval's scratch
+    registry: sent there, every answer would fall back and the model would score as retrieval."""
+    deployed = settings.model_copy(update={"engine_url": "http://vllm:8000"})
+    with scratch_store(deployed) as (scratch, _, _):
+        assert scratch.engine_url is None
+
+
 def test_mean_baselines(data: EvalData) -> None:
     known = [e for e in data.timelines["1"][:2] + data.timelines["10"][:2]]  # 4, 3.5, 4, 0.5
     predict = _means(known)
