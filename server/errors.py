@@ -60,12 +60,12 @@ def not_found(kind: str, ident: str) -> ApiError:
 
 def _location(loc: tuple) -> list:
     """The path of the field at fault. Pydantic puts the tag of a tagged union (an event's type)
-    in the path, as if it were a field: left out, since no such field exists in the body."""
-    return [
-        part
-        for i, part in enumerate(loc)
-        if not (part in _EVENT_TYPES and i > 0 and isinstance(loc[i - 1], int))
-    ]
+    in the path, as if it were a field: left out, since no such field exists in the body. Only
+    there: an item's field may be named like an event type ("rating")."""
+    parts = list(loc)
+    if parts[:2] == ["body", "events"] and len(parts) > 3 and parts[3] in _EVENT_TYPES:
+        del parts[3]
+    return parts
 
 
 def validation_details(errors: Any) -> list[dict[str, Any]]:

@@ -116,6 +116,15 @@ class RegistryError(Exception):
         self.public = public or message
 
 
+def _is_file(path: Path) -> bool:
+    """`Path.is_file`, False for a name the file system cannot hold (over 255 bytes), which
+    Python 3.11 raises for."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def new_version() -> str:
     return datetime.now(UTC).strftime("v%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
@@ -128,13 +137,13 @@ class Registry:
         return self.root / version
 
     def has(self, version: str) -> bool:
-        return (self.path(version) / MANIFEST).is_file()
+        return _is_file(self.path(version) / MANIFEST)
 
     def manifest(self, version: str) -> Manifest:
         if Path(version).name != version or version in {".", ".."}:  # a path, not a name
             raise RegistryError(f"'{version}' is not a version name (see `reasonrec models list`)")
         path = self.path(version) / MANIFEST
-        if not path.is_file():
+        if not _is_file(path):
             missing = f"model version '{version}' is not in the registry"
             raise RegistryError(f"{missing} {self.root}", public=missing)
         try:

@@ -6,6 +6,7 @@ numbers are finite. The limits are listed in docs/api.md, "Limits and errors".
 """
 
 import math
+import unicodedata
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -24,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from contract.prompt import ID_EXCLUDED
+from contract.prompt import ID_EXCLUDED, visible
 from contract.search import MAX_QUERY_CHARS
 
 # Characters that are invisible or change how text around them is laid out: C0 and C1 controls,
@@ -41,7 +42,26 @@ _NOT_DOT = rf"[^{_HIDDEN}{ID_EXCLUDED}.]"
 # which the Rust regex engine behind pydantic lacks.
 ID_PATTERN = rf"^({_NOT_DOT}{_ID_CHAR}*|\.{_NOT_DOT}{_ID_CHAR}*|\.\.{_ID_CHAR}+)$"
 MAX_ID_CHARS = 256
-Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)]
+# What the pattern cannot say: characters that render as nothing or as blank (format
+# characters, variation selectors, fillers, the Braille blank), unassigned, private-use and
+# surrogate code points, and a combining mark with nothing to combine with.
+_BLANK = {"\u034f", "\u115f", "\u1160", "\u2800", "\u3164", "\uffa0"}
+_UNSEEN = {"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp", "Zs"}
+
+
+def _seen(value: str) -> str:
+    if (
+        visible(value) != value
+        or any(char in _BLANK or unicodedata.category(char) in _UNSEEN for char in value)
+        or unicodedata.category(value[0]).startswith("M")
+    ):
+        raise ValueError("an id has only characters that show (see the id rule in docs/api.md)")
+    return value
+
+
+Id = Annotated[
+    str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN), AfterValidator(_seen)
+]
 """Item and user ids: printable, no whitespace, no ':' (it separates Redis key parts), no '/'
 (it separates URL path segments, so such an id could not be addressed by the routes; for the
 same reason not "." or ".."), no ',', '<' or '>' (they delimit ids and tags in the model's
@@ -54,7 +74,9 @@ Token = Annotated[str, Field(min_length=1, max_length=MAX_TOKEN_CHARS, pattern=T
 
 MAX_ATTRIBUTES = 64
 MAX_ATTRIBUTE_CHARS = 256
-AttrKey = Annotated[str, Field(min_length=1, max_length=64, pattern=ID_PATTERN)]
+AttrKey = Annotated[
+    str, Field(min_length=1, max_length=64, pattern=ID_PATTERN), AfterValidator(_seen)
+]
 
 
 def _a_number(value: Any) -> Any:
@@ -118,9 +140,20 @@ def readable_time(seconds: float) -> datetime | None:
 
 
 def _seconds(value: Any) -> Any:
-    """A number is Unix seconds (pydantic alone would read a large one as milliseconds)."""
+    """A number is Unix seconds, and a string RFC 3339 text: pydantic alone reads a large number,
+    or a string of digits, as milliseconds."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return value
+        raise ValueError("a time in a string is RFC 3339 text; Unix seconds are a JSON number")
     if isinstance(value, int | float) and not isinstance(value, bool):
-        if (converted := readable_time(float(value))) is None:
+        try:
+            converted = readable_time(float(value))
+        except OverflowError:  # an integer too large for a float
+            converted = None
+        if converted is None:
             raise ValueError("a numeric timestamp is Unix seconds, and this one has no date")
         return converted
     return value
@@ -182,6 +215,14 @@ class ItemBatch(BaseModel):
 
     items: list[ItemUpsert] = Field(min_length=1, max_length=MAX_BATCH)
 
+    @model_validator(mode="after")
+    def _distinct(self) -> "ItemBatch":
+        # One id twice: which version is stored would depend on the order, and `upserted`
+        # would count an item that is not there.
+        if len({item.item_id for item in self.items}) != len(self.items):
+            raise ValueError("item ids must be distinct within a batch")
+        return self
+
 
 class Item(ItemUpsert):
     """An item as stored. `hidden` is set by DELETE /v1/items/{item_id}: a hidden item answers
@@ -242,7 +283,11 @@ def is_positive(
     return kind in POSITIVE_TYPES
 
 
-EventId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=rf"^[^{_HIDDEN}]+$")]
+EventId = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_ID_CHARS, pattern=rf"^[^{_HIDDEN}]+$"),
+    AfterValidator(_seen),
+]
 
 
 def _now() -> datetime:

@@ -1,5 +1,8 @@
-"""Zero-downtime swap between two real vLLM engines while requests keep coming."""
+"""Zero-downtime swap between two real vLLM engines while requests keep coming, and a gateway whose
+in-process engine died serving its model again."""
 
+import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -9,6 +12,7 @@ from fastapi.testclient import TestClient
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
+import server.serving
 from server.config import Settings
 from server.registry import Registry, new_version
 from tests.integration.conftest import ADMIN_KEY
@@ -125,3 +129,21 @@ def test_a_merged_adapter_is_swapped_in_on_its_own_weights(
     finally:
         activate(gateway, base)
         assert until(lambda: gateway.get("/v1/models").json()["serving"] == base, 300)
+
+
+def test_an_engine_whose_core_was_killed_serves_again(
+    gateway: TestClient, tiny_model: BootstrapResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM never restarts a dead engine core (the kernel's OOM killer, say): the gateway opens
+    the version anew."""
+    monkeypatch.setattr(server.serving, "RECHECK_SECONDS", 1.0)
+    serving = gateway.app.state.serving
+    died = serving.engine
+    [core] = died._process.llm.engine_core.resources.engine_manager.processes
+    os.kill(core.pid, signal.SIGKILL)
+    assert until(lambda: died.dead, 60)
+    assert until(lambda: serving.engine is not died, 300), "the engine was not opened again"
+    assert serving.version == tiny_model.version
+    body = gateway.post("/v1/recommend", json={"user_id": "u00001", "k": 5}).json()
+    assert body["source"] == "llm", body
+    assert gateway.get("/readyz").json()["status"] == "ready"

@@ -11,7 +11,16 @@ import redis
 from tests.server.helpers import assert_error, metric, post_events, put_items
 
 UNREADABLE = "reasonrec_unreadable_records_total"
-FAR_TIMES = ["9999-12-31T23:59:59-12:00", "0001-01-01T00:00:00+14:00", 1e300, -1e300]
+FAR_TIMES = [
+    "9999-12-31T23:59:59-12:00",
+    "0001-01-01T00:00:00+14:00",
+    1e300,
+    -1e300,
+    10**400,  # no float holds it (was a 500)
+    -(10**400),
+    "32503680000",  # a string of digits is no RFC 3339 text (read as milliseconds: 1971)
+    "1700000000000",
+]
 
 
 def _future(**delta: float) -> str:
@@ -228,6 +237,16 @@ def test_non_finite_numbers_refused(client, token):
         "a:b",
         ".",
         "..",
+        "a\U000e0041b",
+        "\u3164",
+        "a\u034fb",
+        "a\ufe0fb",
+        "\u2800",
+        "a\u0600b",
+        "a\U0001d173b",
+        "\u0301a",
+        "a\ue000b",
+        "a\u0378b",
     ],
     ids=[
         "nul",
@@ -241,6 +260,16 @@ def test_non_finite_numbers_refused(client, token):
         "colon",
         "dot-segment",
         "dot-dot-segment",
+        "tag-character",
+        "hangul-filler",
+        "grapheme-joiner",
+        "variation-selector",
+        "braille-blank",
+        "arabic-number-sign",
+        "musical-format",
+        "lone-combining-mark",
+        "private-use",
+        "unassigned",
     ],
 )
 def test_invisible_or_reserved_characters_in_ids_refused(client, rdb, key_prefix, bad_id):
@@ -262,7 +291,7 @@ def test_invisible_or_reserved_characters_in_ids_refused(client, rdb, key_prefix
 
 
 def test_printable_unicode_ids_accepted(client):
-    for item_id in ["café", "東京", "a.b-c_d~e@f", "...", ".a", "..a", "a."]:
+    for item_id in ["café", "cafe\u0301", "東京", "a.b-c_d~e@f", "...", ".a", "..a", "a.", "😀"]:
         assert client.put(f"/v1/items/{item_id}", json={"title": "T"}).status_code == 200
         assert client.get(f"/v1/items/{item_id}").json()["item_id"] == item_id
 

@@ -53,6 +53,20 @@ def test_validation_422_details(client):
         assert detail["message"] and detail["type"]
 
 
+def test_an_item_field_named_like_an_event_type_is_named(client):
+    """The tag of a feedback event is left out of its path; an item's field is not a tag."""
+    batch = {"items": [{"item_id": "x", "title": "T", "rating": 1}]}
+    error = assert_error(client.post("/v1/items", json=batch), 422, "validation_error")
+    assert [d["loc"] for d in error["details"]] == [["body", "items", 0, "rating"]]
+
+
+def test_one_id_twice_in_an_item_batch_422(client, rdb, key_prefix):
+    batch = {"items": [{"item_id": "d", "title": "1"}, {"item_id": "d", "title": "2"}]}
+    error = assert_error(client.post("/v1/items", json=batch), 422, "validation_error")
+    assert "distinct" in error["details"][0]["message"]
+    assert not rdb.exists(f"{key_prefix}:item:d")
+
+
 def test_malformed_json_422(client):
     response = client.put(
         "/v1/items/a", content=b'{"title": "A",', headers={"Content-Type": "application/json"}

@@ -101,7 +101,11 @@ def test_activate_swaps_the_gateway_and_remembers_the_previous(models_client: Te
 
 @pytest.mark.parametrize(
     ("version", "status", "code"),
-    [("v-missing", 404, "not_found"), ("v-future", 409, "model_refused")],
+    [
+        ("v-missing", 404, "not_found"),
+        ("é" * 128, 404, "not_found"),  # 256 bytes: more than a file name holds (was a 500)
+        ("v-future", 409, "model_refused"),
+    ],
 )
 def test_activate_refuses_unknown_and_unspoken_versions(
     models_client: TestClient, version: str, status: int, code: str
