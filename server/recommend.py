@@ -78,22 +78,32 @@ def first_pick(result: Generation, order: list[str]) -> dict[str, float]:
     return {item: lp for item, lp in scored if item in allowed and math.isfinite(lp)}
 
 
+def answer_choices(engine: Engine, order: list[str]) -> list[str]:
+    """The candidates an answer may name. For a model whose items are tokens, those that have one:
+    an item added after the model was trained has none, and letting the answer spell it would
+    let it spell any item in pieces (server.vocabulary); it stays in the reserve the served list
+    is filled from (`enforce`). Every candidate when none has a token, or ids are text."""
+    named = engine.items.nameable(order) if engine.items else []
+    return named or order
+
+
 def ranking_request(
     engine: Engine, request_id: str, prompt: str, order: list[str], k: int, max_tokens: int
 ) -> GenerationRequest:
     """What the engine is asked for one ranking of the candidates `order`."""
-    allowed = engine.items.allowed(order) if engine.items else None
+    choices = answer_choices(engine, order)
+    allowed = engine.items.allowed(choices) if engine.items else None
     if allowed is None:  # ids written as text: room for the longest answer the regex admits
-        max_tokens = max(max_tokens, text_answer_budget(order, k, SPARE_IDS))
+        max_tokens = max(max_tokens, text_answer_budget(choices, k, SPARE_IDS))
     return GenerationRequest(
         request_id=request_id,
         prompt=prompt,
-        regex=answer_pattern(order, k, SPARE_IDS),
+        regex=answer_pattern(choices, k, SPARE_IDS),
         max_tokens=max_tokens,
         presence_penalty=REPEAT_PENALTY if allowed else 0.0,
         allowed_token_ids=allowed,
         # Every candidate's score: a retrieval prior may lift one the model ranks low.
-        logprobs=min(len(order), MAX_LOGPROBS) if allowed else None,
+        logprobs=min(len(choices), MAX_LOGPROBS) if allowed else None,
     )
 
 
@@ -217,9 +227,10 @@ class Recommender:
         if not answer.well_formed and not answer.items:
             metrics.PARSE_FAILURES.labels(Task.rank).inc()
             return _fallback(order, request.k, "malformed", raw=result.text)
-        scores = first_pick(result, order)
+        choices = answer_choices(engine, order)
+        scores = first_pick(result, choices)
         blend = engine.contract.blend
-        ids, repaired = served_order(answer, scores, order, request.k, blend, popularity)
+        ids, repaired = served_order(answer, scores, choices, request.k, blend, popularity)
         if repaired:
             metrics.PARSE_FAILURES.labels(Task.rank).inc()
         return Outcome(ids, Source.llm, answer.rationale, raw=result.text)

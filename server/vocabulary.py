@@ -38,6 +38,11 @@ class ItemTokens:
             return None
         return cls(tokenizer)
 
+    def nameable(self, candidate_ids: Sequence[str]) -> list[str]:
+        """The candidates that are one token, in their order (an item added after the tokenizer
+        was built is not)."""
+        return [i for i in candidate_ids if self._tokenizer.token_to_id(ref(i)) is not None]
+
     def allowed(self, candidate_ids: Sequence[str]) -> list[int] | None:
         """The token ids an answer naming these candidates may use, or None when a candidate is
         not one token (the answer is then constrained by the regex alone)."""

@@ -628,19 +628,28 @@ def test_first_pick_needs_the_answer_step() -> None:
 
 
 class OneTokenItems:
-    """What the gateway asks of `ItemTokens`: ids 100, 101, ... for the candidates."""
+    """What the gateway asks of `ItemTokens`: ids 100, 101, ... for the candidates, none for
+    the `untokenised` ones (added after the model was trained)."""
 
-    def allowed(self, candidate_ids: list[str]) -> list[int]:
+    def __init__(self, untokenised: frozenset[str] = frozenset()):
+        self.untokenised = untokenised
+
+    def nameable(self, candidate_ids: list[str]) -> list[str]:
+        return [item_id for item_id in candidate_ids if item_id not in self.untokenised]
+
+    def allowed(self, candidate_ids: list[str]) -> list[int] | None:
+        if self.untokenised & set(candidate_ids):
+            return None
         return [100 + n for n in range(len(candidate_ids))]
 
 
 class ItemTokenEngine(FakeEngine):
     """A fake engine whose model has one token per item, answering with first-pick scores."""
 
-    def __init__(self, first: dict[str, float]):
+    def __init__(self, first: dict[str, float], untokenised: frozenset[str] = frozenset()):
         super().__init__(lambda request: answer("p1", "p2", "p3"))
         self.first = first
-        self.items = OneTokenItems()
+        self.items = OneTokenItems(untokenised)
 
     async def generate(self, request: GenerationRequest) -> Generation:
         result = await super().generate(request)
@@ -660,6 +669,25 @@ def test_a_single_token_model_is_constrained_and_served_by_its_first_pick(
     assert request.presence_penalty == 2.0  # a repeated id is a repeated token
     assert request.logprobs == len(ORDER)  # every candidate's first-pick score
     assert ids(body) == ["p3", "n1", "p1"]  # not the answer's p1, p2, p3
+
+
+def test_an_item_added_after_training_leaves_the_others_constrained(shop: TestClient) -> None:
+    """n1 has no token in the model: the answer may not spell it, the other candidates keep
+    their token restriction and first-pick scores, and n1 stays in the reserve."""
+    first = {"#p3": -0.1, "#p1": -0.5, "#p2": -0.7, "#p4": -0.9, "#n2": -1.0}
+    engine = ItemTokenEngine(first, untokenised=frozenset({"n1"}))
+    use(shop, engine)
+
+    body = recommend(shop, k=len(ORDER))
+
+    [request] = engine.requests
+    named = [item_id for item_id in ORDER if item_id != "n1"]
+    assert "n1" in shown(request.prompt)
+    assert request.regex == answer_pattern(named, len(ORDER), SPARE_IDS)
+    assert request.allowed_token_ids == [100 + n for n in range(len(named))]
+    assert request.logprobs == len(named)
+    assert ids(body) == ["p3", "p1", "p2", "p4", "n2", "n1"]
+    assert body["source"] == "llm"
 
 
 def test_a_model_without_item_tokens_asks_for_no_logprobs(shop: TestClient) -> None:

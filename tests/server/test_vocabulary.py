@@ -36,10 +36,11 @@ def test_only_the_candidates_item_tokens_and_mark_free_tokens(folder: Path) -> N
     assert tokenizer.eos_token_id in allowed
 
 
-def test_a_candidate_that_is_not_one_token_leaves_the_regex_alone(folder: Path) -> None:
+def test_a_candidate_that_is_not_one_token_is_not_nameable(folder: Path) -> None:
     items = ItemTokens.load(folder)
 
     assert items is not None and items.allowed(["294", "not-in-the-vocabulary"]) is None
+    assert items.nameable(["new", "294", "not-in-the-vocabulary", "7"]) == ["294", "7"]
 
 
 def test_a_tokenizer_without_item_tokens_has_none(tmp_path: Path) -> None:
