@@ -13,6 +13,11 @@ from server.item_index import ItemIndex
 from server.schemas import Item
 from server.store import Store
 
+# How deep retrieval reads at most, in index hits and in popular items, to fill a request its
+# filters thin out: bounded, so that a category no item has cannot make every request read the
+# whole catalog.
+MAX_DEPTH = 10_000
+
 
 class Candidate(BaseModel):
     item: Item
@@ -38,18 +43,27 @@ class Query(BaseModel):
 async def retrieve(
     store: Store, index: ItemIndex | None, context: UserContext, query: Query
 ) -> Candidates:
-    """Candidates for `context`; `history` holds the whole context history for the prompt."""
+    """Candidates for `context`; `history` holds the whole context history for the prompt.
+    While the filters (a rare category, many hidden or unavailable items) leave fewer than n,
+    retrieval reads four times deeper, up to MAX_DEPTH items of each source."""
     n = query.n
     recent = [item_id for item_id, _ in context.history][-query.history :] if query.history else []
     exclude = set(recent) | (context.seen if query.exclude_seen else set())
-    hits = index.search(recent, n * OVERFETCH, exclude=exclude) if index else []
-    cold = not hits
-    ranked = candidate_order(hits, await store.popular(n * OVERFETCH), await store.newest(n))
-    history_items = await store.get_items([item_id for item_id, _ in context.history])
     categories = set(query.categories) if query.categories else None
-    chosen = await filtered(store, ranked, n, exclude, categories)
+    newest = await store.newest(n)
+    depth = n * OVERFETCH
+    while True:
+        hits = index.search(recent, depth, exclude=exclude) if index else []
+        popular = await store.popular(depth)
+        ranked = candidate_order(hits, popular, newest)
+        chosen = await filtered(store, ranked, n, exclude, categories)
+        deeper = len(hits) == depth or len(popular) == depth
+        if len(chosen) >= n or not deeper or depth >= MAX_DEPTH:
+            break
+        depth = min(depth * OVERFETCH, MAX_DEPTH)
+    history_items = await store.get_items([item_id for item_id, _ in context.history])
     history = [(history_items[i], ts) for i, ts in context.history if i in history_items]
-    return Candidates(items=chosen, history=history, cold_start=cold)
+    return Candidates(items=chosen, history=history, cold_start=not hits)
 
 
 async def filtered(

@@ -94,7 +94,10 @@ class GatewaySettings(_Section):
         8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
     )
     candidates: int = Field(
-        50, ge=1, le=500, description="Candidates retrieved (faiss) and shown to the LLM."
+        50,
+        ge=1,
+        le=500,
+        description="Candidates retrieved (faiss) and shown to the LLM; at least the request's k.",
     )
     prompt_history: int = Field(
         20,

@@ -179,7 +179,8 @@ class Recommender:
                 index,
                 context,
                 Query(
-                    n=self.settings.candidates,
+                    # at least k: a list is never short for want of candidates asked for
+                    n=max(self.settings.candidates, request.k),
                     history=query,
                     exclude_seen=request.exclude_seen,
                     categories=request.categories,

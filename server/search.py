@@ -26,7 +26,7 @@ from contract.search import (
 )
 from contract.tasks import Task
 from server import metrics
-from server.candidates import Candidate, filtered
+from server.candidates import MAX_DEPTH, Candidate, filtered
 from server.config import Settings
 from server.engine import Engine, EngineError, GenerationRequest
 from server.policy import enforce, read_policy
@@ -162,9 +162,9 @@ class Searcher:
             unseen = [(item_id, score) for item_id, score in hits if item_id not in exclude]
             found = await filtered(self.store, unseen, n, exclude, None)
             # Hidden and unavailable matches took places: read further down while there is more.
-            if len(found) >= n or len(hits) < asked:
+            if len(found) >= n or len(hits) < asked or asked >= MAX_DEPTH:
                 break
-            asked *= 4
+            asked = min(asked * OVERFETCH, MAX_DEPTH)
         by_id = {candidate.item.item_id: candidate for candidate in found}
         items = {item_id: candidate.item for item_id, candidate in by_id.items()}
         order = list(by_id)

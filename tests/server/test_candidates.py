@@ -330,3 +330,22 @@ async def test_a_longer_prompt_history_does_not_change_the_candidates(store: Sto
 
     assert [c.item.item_id for c in from_long.items] == [c.item.item_id for c in from_short.items]
     assert [item.item_id for item, _ in from_long.history] == ["a", "b", "c"]
+
+
+async def test_filters_that_thin_the_candidates_read_deeper(store: Store) -> None:
+    """Twenty popular comedies, then three older dramas fewer engaged with: with n=2 the first
+    read (8 popular items) holds no drama, yet the three exist and are found."""
+    await store.upsert_items(
+        [
+            *(catalog_item(f"c{n}", age_days=100, category="comedy") for n in range(20)),
+            *(catalog_item(f"d{n}", age_days=200) for n in range(3)),
+        ]
+    )
+    for n in range(20):
+        await engage(store, f"c{n}", 30 - n)
+    for n in range(3):
+        await engage(store, f"d{n}", 3 - n)
+
+    found = await candidates_of(store, "never-seen", n=2, categories=["drama"])
+
+    assert [item_id for item_id, _ in found] == ["d0", "d1"]

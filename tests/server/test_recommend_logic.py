@@ -474,6 +474,15 @@ def test_categories_filter(shop: TestClient, categories: list[str], expected: li
         assert shown(engine.requests[0].prompt) == expected
 
 
+def test_k_above_the_candidates_setting_is_served_in_full(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(candidates=2)
+    load_shop(client)
+
+    assert len(ids(recommend(client, k=4))) == 4
+
+
 # Impressions and metrics -----------------------------------------------------------------------
 
 
