@@ -7,6 +7,7 @@ folder and renamed into place, and the pointer is replaced atomically, so a cras
 half-written version visible.
 """
 
+import fcntl
 import hashlib
 import json
 import os
@@ -14,7 +15,8 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
@@ -116,38 +118,60 @@ def load_current(data_dir: Path) -> ItemIndex | None:
 
 
 def publish(index: ItemIndex, data_dir: Path, keep: int = 3) -> Path:
-    """Save `index` as a new version, make it current, and delete all but the `keep` newest
-    versions (the current one and the one before it are always kept, so a gateway that has just
-    read the old pointer can still load it). Returns the version's folder."""
+    """Save `index` as a new version, make it current, and delete all but the `keep` most
+    recently published versions (the current one and the one before it are always kept, so a
+    gateway that has just read the old pointer can still load it). Returns the version's folder.
+    One publish at a time (a lock file): `reasonrec index` and a bootstrap may publish at once."""
     root = index_dir(data_dir)
     root.mkdir(parents=True, exist_ok=True)
     folder = root / index.version
-    if not folder.exists():  # the same version means the same contents: already saved
-        save(index, folder)
-    pointer = root / f".current.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with pointer.open("w", encoding="utf-8") as handle:
-            handle.write(index.version + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(pointer, root / "current")
-        _fsync(root)
-    finally:
-        pointer.unlink(missing_ok=True)
-    _prune(root, max(keep, 2), index.version)
+    with _locked(root):
+        try:
+            previous = current_version(data_dir)
+        except ValueError:  # a garbage pointer: replaced below
+            previous = None
+        if not folder.exists():  # the same version means the same contents: already saved
+            save(index, folder)
+        pointer = root / f".current.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with pointer.open("w", encoding="utf-8") as handle:
+                handle.write(index.version + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(pointer, root / "current")
+            _fsync(root)
+        finally:
+            pointer.unlink(missing_ok=True)
+        _prune(root, max(keep, 2), {index.version, previous})
     return folder
 
 
-def _prune(root: Path, keep: int, current: str) -> None:
-    """Remove old versions beyond the `keep` newest, and temporary folders left by crashes."""
-    versions = sorted(p.name for p in root.iterdir() if p.is_dir() and _VERSION.match(p.name))
-    for name in versions[:-keep]:
-        if name != current:
-            shutil.rmtree(root / name, ignore_errors=True)
+@contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    with (root / ".lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _prune(root: Path, keep: int, kept: set[str | None]) -> None:
+    """Remove versions beyond the `keep` last published (by when their folder was written: a
+    version built earlier may be published later) but those in `kept`, and temporary entries
+    left by crashes."""
+    versions = [p for p in root.iterdir() if p.is_dir() and _VERSION.match(p.name)]
+    versions.sort(key=lambda path: path.stat().st_mtime)
+    for path in versions[:-keep]:
+        if path.name not in kept:
+            shutil.rmtree(path, ignore_errors=True)
     cutoff = time.time() - STALE_TEMP_SECONDS
     for path in root.glob(".*.tmp-*"):
-        if path.stat().st_mtime >= cutoff:
-            continue  # may belong to a publish still running
+        try:
+            if path.stat().st_mtime >= cutoff:
+                continue  # may belong to a save still running
+        except FileNotFoundError:  # its save finished meanwhile
+            continue
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:

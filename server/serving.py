@@ -179,7 +179,11 @@ class Serving:
         when the current one cannot be read (candidates then stay as they were)."""
         held = self.index
         try:
-            if current_version(self.settings.data_dir) == (held.version if held else None):
+            current = current_version(self.settings.data_dir)
+            if current == (held.version if held else None):
+                return held
+            if current is None:  # the pointer went away (a data folder being restored, say)
+                log.error("no current candidate index, keeping the one held")
                 return held
             return load_current(self.settings.data_dir)
         except Exception as exc:

@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 
 from server import index_files, item_index
+from server.config import Settings
 from server.index_files import current_version, index_dir, load_current, publish
 from server.item_index import ItemIndex
 from server.loaders.movielens import read_ml100k
 from server.schemas import ItemUpsert
+from server.serving import Serving
 from trainer import index_build
 from trainer.evaluation.split import load_split
 from trainer.index_build import build_index
@@ -288,6 +290,18 @@ def test_publish_makes_a_version_current(index: ItemIndex, tmp_path: Path) -> No
     assert current is not None and current.version == newer.version
 
 
+def test_a_gateway_keeps_the_index_it_holds_when_the_current_one_cannot_be_read(
+    index: ItemIndex, settings: Settings, tmp_path: Path
+) -> None:
+    """Dropping it would serve every user as a cold start."""
+    serving = Serving(settings.model_copy(update={"data_dir": tmp_path}), store=None)
+    serving.index = index
+    assert serving._current_index() is index  # no pointer at all
+    index_dir(tmp_path).mkdir(parents=True)
+    (index_dir(tmp_path) / "current").write_text("v20260101-000000-abcdef\n")
+    assert serving._current_index() is index  # a pointer to a folder that is not there
+
+
 def test_publish_keeps_only_the_newest_versions(tmp_path: Path) -> None:
     root = index_dir(tmp_path)
     root.mkdir(parents=True)
@@ -302,8 +316,24 @@ def test_publish_keeps_only_the_newest_versions(tmp_path: Path) -> None:
         built = build_index(_items(), _sequences(seed=seed, users=10), dim=4)
         publish(built, tmp_path, keep=2)
         versions.append(built.version)
-    assert sorted(p.name for p in root.iterdir()) == sorted([*versions[-2:], "current", fresh.name])
+    expected = [*versions[-2:], "current", ".lock", fresh.name]
+    assert sorted(p.name for p in root.iterdir()) == sorted(expected)
     assert current_version(tmp_path) == versions[-1]
+
+
+def test_a_version_built_earlier_but_published_later_is_kept_as_the_previous(
+    tmp_path: Path,
+) -> None:
+    """A bootstrap publishes the index it built before training, after a `reasonrec index`
+    published a newer build: the next publish must keep it, the one gateways just read."""
+    older, newer, newest = (
+        build_index(_items(), _sequences(seed=seed, users=10), dim=4) for seed in range(3)
+    )
+    publish(newer, tmp_path, keep=2)
+    publish(older, tmp_path, keep=2)
+    publish(newest, tmp_path, keep=2)
+    kept = {p.name for p in index_dir(tmp_path).iterdir() if not p.name.startswith(".")}
+    assert kept == {older.version, newest.version, "current"}
 
 
 def test_a_crash_while_saving_leaves_the_previous_version_current(
