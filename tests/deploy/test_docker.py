@@ -2,6 +2,7 @@
 Docker Compose v2 itself, no engine needed) and every image, command, setting, port and file it
 names exists. Images are not built here: there is no Docker engine on these machines."""
 
+import os
 import re
 import tomllib
 from typing import Any
@@ -17,6 +18,7 @@ from tests.deploy.helpers import (
     ROOT,
     cli_accepts,
     compose_config,
+    load_script,
     reasonrec_env,
     run,
     settings_problems,
@@ -96,6 +98,25 @@ def test_commands_exist(compose: tuple[str, dict[str, Any]]) -> None:
             assert command[:2] == ["python", "/app/serve_vllm.py"] and command[1] in copied
         healthcheck = project["services"][name].get("healthcheck", {}).get("test", [])
         assert not healthcheck or healthcheck[2] in copied
+
+
+def test_the_image_health_check_follows_what_the_container_runs(
+    compose: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`docker run` of the trainer or vLLM gets no compose health check: the image's must probe
+    what that command serves, the URL compose states."""
+    healthcheck = load_script(DOCKER / "healthcheck.py")
+    _, project = compose
+    checked = set()
+    for name in OURS:
+        service = project["services"][name]
+        monkeypatch.setattr(os, "environ", {**os.environ, **service.get("environment", {})})
+        command = [*(service.get("entrypoint") or []), *(service.get("command") or [])]
+        test = service.get("healthcheck", {}).get("test", [])
+        url = test[3] if len(test) > 3 else "http://127.0.0.1:8000/healthz"
+        assert healthcheck.default_url(command or ["reasonrec", "serve"]) == url, name
+        checked.add(urlparse(url).path)
+    assert checked == {"/healthz", "/health", "/metrics"}
 
 
 def test_settings_exist_with_valid_values(compose: tuple[str, dict[str, Any]]) -> None:
