@@ -20,16 +20,25 @@ end
 -- The score of an event at `ts` in a time-ordered set: events at one time keep the order they
 -- arrive in (EVAL.md's tie rule, and the order training reads from the event log), each a
 -- microsecond after the last one there (not after as many as there are: an item that moved up
--- or trimming leaves gaps); Redis would order them by item id. %.17g keeps the microseconds that
--- Lua's default number format would round away.
+-- or trimming leaves gaps); Redis would order them by item id. The last tie numbered is kept
+-- beside the set (`<key>:tie`): past a thousand ties at one time (a day imported with one date)
+-- they leave the millisecond looked in, and trimming removes the first ones, yet the next one
+-- must still come last. %.17g keeps the microseconds that Lua's default format would round away.
 local function arrival(key, ts)
-  local t = tonumber(ts)
-  local last = redis.call('ZREVRANGEBYSCORE', key, '(' .. string.format('%.17g', t + 0.001),
-    string.format('%.17g', t), 'WITHSCORES', 'LIMIT', 0, 1)
-  if #last == 0 then
-    return ts
+  local cursor = key .. ':tie'
+  local previous = redis.call('HMGET', cursor, 'ts', 'at')
+  local at
+  if previous[1] == ts then
+    at = tonumber(previous[2]) + 0.000001
+  else
+    local t = tonumber(ts)
+    local last = redis.call('ZREVRANGEBYSCORE', key, '(' .. string.format('%.17g', t + 0.001),
+      string.format('%.17g', t), 'WITHSCORES', 'LIMIT', 0, 1)
+    at = #last == 0 and t or tonumber(last[2]) + 0.000001
   end
-  return string.format('%.17g', tonumber(last[2]) + 0.000001)
+  local score = string.format('%.17g', at)
+  redis.call('HSET', cursor, 'ts', ts, 'at', score)
+  return score
 end
 
 local flags = {}

@@ -108,6 +108,23 @@ def test_ties_keep_arrival_order_when_an_item_comes_again_and_past_the_cap(
     assert rdb.zrange(f"{key_prefix}:user:u2:hist", 0, -1) == ["c", "b", "a"]
 
 
+def test_more_than_a_thousand_ties_keep_the_newest_last(client):
+    """A day imported with one date: past a millisecond of ties the newest was ranked oldest
+    and trimmed at once."""
+    items = [f"i{n}" for n in range(1100)]
+    put_items(client, *items[:1000])
+    put_items(client, *items[1000:])
+    at = _at(1)
+    for start in (0, 1000):
+        batch = items[start : start + 1000]
+        post_events(
+            client,
+            *({"user_id": "u1", "item_id": i, "type": "click", "timestamp": at} for i in batch),
+        )
+    history = [h["item_id"] for h in client.get("/v1/users/u1").json()["history"]]
+    assert history[:3] == ["i1099", "i1098", "i1097"]
+
+
 def test_history_excludes_negative_events(client):
     put_items(client, "a", "b")
     post_events(
