@@ -75,14 +75,16 @@ MAX_PROFILE_ATTRIBUTES = 20
 # What shows one thing in a prompt and reads as another: control and format characters (Unicode
 # categories Cc and Cf: zero-width, bidirectional, tag characters), variation selectors and the
 # Hangul fillers, which render as nothing (tests check the list against unicodedata). Whitespace
-# is not here: it is folded into single spaces.
-_INVISIBLE = re.compile(
-    "[\x00-\x08\x0e-\x1f\x7f-\x9f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891"
-    "\u08e2\u115f\u1160\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f"
-    "\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f"
-    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f"
-    "\U000e0100-\U000e01ef]"
+# is not here: it is folded into single spaces. Written as regex escapes, so that the id rule
+# (server.schemas) can put the same class in its pattern.
+INVISIBLE = (
+    r"\x00-\x08\x0e-\x1f\x7f-\x9f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891"
+    r"\u08e2\u115f\u1160\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f"
+    r"\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f"
+    r"\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f"
+    r"\U000e0100-\U000e01ef"
 )
+_INVISIBLE = re.compile(f"[{INVISIBLE}]")
 # In rich text, what could pose as the template's tags or as a reference to another item.
 _MARKUP = re.compile(r"[<>]|(?<!\w)#")
 

@@ -102,6 +102,7 @@ _MEANINGS = {
     409: "The model version cannot be served by this gateway, or was not trained for the task.",
     413: "The request body is larger than REASONREC_MAX_BODY_BYTES.",
     414: f"The URL is longer than {MAX_URL_BYTES} bytes.",
+    415: "The body is not plain JSON (another Content-Type, or a Content-Encoding).",
     422: "The request breaks a rule of the schema or a limit (details name each).",
     500: "An unexpected error; the log line carries the request id.",
     503: "The data store did not answer; retry after Retry-After seconds. A write may or may "

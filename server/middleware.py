@@ -43,6 +43,21 @@ def _client_request_id(scope: Scope) -> str | None:
     return None
 
 
+def _unsupported_body(scope: Scope) -> str | None:
+    """Why a request body cannot be read, for a 415: every route reads plain JSON. (Without a
+    Content-Type the body is read as JSON.)"""
+    if scope["method"] not in {"POST", "PUT", "PATCH"}:
+        return None
+    coding = _header(scope, b"content-encoding")
+    if coding is not None and coding.strip().lower() not in {"", "identity"}:
+        return f"a body encoded as {coding!r} is not read: send it uncompressed"
+    kind = _header(scope, b"content-type")
+    media = (kind or "").split(";", 1)[0].strip().lower()
+    if kind is not None and media != "application/json" and not media.endswith("+json"):
+        return f"the body must be JSON (Content-Type: application/json), not {kind!r}"
+    return None
+
+
 def _url_bytes(scope: Scope) -> int:
     return len(scope.get("raw_path") or scope["path"].encode()) + len(scope["query_string"])
 
@@ -82,6 +97,10 @@ class RequestMiddleware:
                 )
             elif length is not None and length.isdigit() and int(length) > self.max_body_bytes:
                 await self._too_large(scope, receive, send_with_id)
+            elif (unsupported := _unsupported_body(scope)) is not None:
+                await error_response(415, "unsupported_media_type", unsupported)(
+                    scope, receive, send_with_id
+                )
             else:
                 await self.app(scope, self._limited(receive), send_with_id)
         except Exception:

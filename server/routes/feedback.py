@@ -14,7 +14,7 @@ from server.store import Store, UnknownItems
 router = APIRouter(prefix="/v1/feedback", tags=["feedback"])
 
 
-@router.post("", response_model=FeedbackResult, responses=documented(400, 413, 422))
+@router.post("", response_model=FeedbackResult, responses=documented(400, 413, 415, 422))
 async def post_feedback(batch: FeedbackBatch, store: StoreDep) -> FeedbackResult:
     """Store up to 1000 events. The batch is all or nothing: one bad event rejects it whole.
 

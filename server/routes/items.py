@@ -9,14 +9,14 @@ from server.schemas import Id, Item, ItemBatch, ItemIn, ItemUpsert, UpsertResult
 router = APIRouter(prefix="/v1/items", tags=["items"])
 
 
-@router.put("/{item_id}", response_model=Item, responses=documented(400, 413, 422))
+@router.put("/{item_id}", response_model=Item, responses=documented(400, 413, 415, 422))
 async def put_item(item_id: Id, item: ItemIn, store: StoreDep) -> Item:
     """Create or replace one item. Re-putting a deleted item makes it recommendable again."""
     await store.upsert_items([ItemUpsert(item_id=item_id, **item.model_dump())])
     return await get_item(item_id, store)
 
 
-@router.post("", response_model=UpsertResult, responses=documented(400, 413, 422))
+@router.post("", response_model=UpsertResult, responses=documented(400, 413, 415, 422))
 async def post_items(batch: ItemBatch, store: StoreDep) -> UpsertResult:
     """Create or replace up to 1000 items in one call."""
     return UpsertResult(upserted=await store.upsert_items(batch.items))

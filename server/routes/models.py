@@ -89,7 +89,7 @@ async def list_models(
     "/activate",
     response_model=ActivateResponse,
     dependencies=[Depends(require_admin_key)],
-    responses=documented(400, 403, 404, 409, 413, 422),
+    responses=documented(400, 403, 404, 409, 413, 415, 422),
 )
 async def activate(
     body: ActivateRequest, store: StoreDep, settings: SettingsDep

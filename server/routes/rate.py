@@ -10,7 +10,7 @@ from server.schemas import RateRequest, RateResponse
 router = APIRouter(prefix="/v1/rate", tags=["rate"])
 
 
-@router.post("", response_model=RateResponse, responses=documented(400, 409, 413, 422))
+@router.post("", response_model=RateResponse, responses=documented(400, 409, 413, 415, 422))
 async def rate(body: RateRequest, rater: RaterDep, serving: ServingDep) -> RateResponse:
     """Predicted ratings (1 to 5) of up to 50 items for any user, with the model's reasoning on
     request; a cold-start user is answered from the items' stats."""

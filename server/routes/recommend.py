@@ -10,7 +10,7 @@ from server.schemas import RecommendRequest, RecommendResponse
 router = APIRouter(prefix="/v1/recommend", tags=["recommend"])
 
 
-@router.post("", response_model=RecommendResponse, responses=documented(400, 413, 422))
+@router.post("", response_model=RecommendResponse, responses=documented(400, 413, 415, 422))
 async def recommend(
     body: RecommendRequest, recommender: RecommenderDep, serving: ServingDep
 ) -> RecommendResponse:

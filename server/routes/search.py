@@ -10,7 +10,7 @@ from server.schemas import SearchRequest, SearchResponse
 router = APIRouter(prefix="/v1/search", tags=["search"])
 
 
-@router.post("", response_model=SearchResponse, responses=documented(400, 413, 422))
+@router.post("", response_model=SearchResponse, responses=documented(400, 413, 415, 422))
 async def search(body: SearchRequest, searcher: SearcherDep, serving: ServingDep) -> SearchResponse:
     """Catalog items matching a free-text query, ranked by the fixed retriever (BM25 or dense);
     with a `user_id`, the items they have seen are left out."""

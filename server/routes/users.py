@@ -9,7 +9,7 @@ from server.schemas import Id, User, UserIn, UserUpsert
 router = APIRouter(prefix="/v1/users", tags=["users"])
 
 
-@router.put("/{user_id}", response_model=User, responses=documented(400, 413, 422))
+@router.put("/{user_id}", response_model=User, responses=documented(400, 413, 415, 422))
 async def put_user(user_id: Id, user: UserIn, store: StoreDep) -> User:
     """Create or replace a user's attributes (age, gender, occupation, ...)."""
     await store.upsert_users([UserUpsert(user_id=user_id, attributes=user.attributes)])

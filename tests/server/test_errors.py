@@ -60,11 +60,26 @@ def test_an_item_field_named_like_an_event_type_is_named(client):
     assert [d["loc"] for d in error["details"]] == [["body", "items", 0, "rating"]]
 
 
-def test_one_id_twice_in_an_item_batch_422(client, rdb, key_prefix):
-    batch = {"items": [{"item_id": "d", "title": "1"}, {"item_id": "d", "title": "2"}]}
-    error = assert_error(client.post("/v1/items", json=batch), 422, "validation_error")
-    assert "distinct" in error["details"][0]["message"]
-    assert not rdb.exists(f"{key_prefix}:item:d")
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Content-Type": "text/plain"},
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    ],
+)
+def test_a_body_that_is_not_plain_json_415(client, headers):
+    response = client.put("/v1/items/a", content=b'{"title": "A"}', headers=headers)
+    error = assert_error(response, 415, "unsupported_media_type")
+    assert "JSON" in error["message"] or "uncompressed" in error["message"]
+
+
+def test_json_with_a_charset_or_a_json_suffix_is_read(client):
+    for kind in ("application/json; charset=utf-8", "application/merge-patch+json"):
+        response = client.put(
+            "/v1/items/a", content=b'{"title": "A"}', headers={"Content-Type": kind}
+        )
+        assert response.status_code == 200, (kind, response.text)
 
 
 def test_malformed_json_422(client):

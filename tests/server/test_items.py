@@ -213,3 +213,9 @@ def test_boolean_attributes_stay_booleans(client) -> None:
 def test_time_without_zone_is_utc(client) -> None:
     item = client.put("/v1/items/t1", json={"title": "A", "created_at": "2025-03-01T12:00:00"})
     assert item.json()["created_at"] == "2025-03-01T12:00:00Z"
+
+
+def test_an_id_twice_in_a_batch_is_one_item_the_last_given(client) -> None:
+    batch = {"items": [{"item_id": "d", "title": "1"}, {"item_id": "d", "title": "2"}]}
+    assert client.post("/v1/items", json=batch).json() == {"upserted": 1}
+    assert client.get("/v1/items/d").json()["title"] == "2"
