@@ -226,8 +226,11 @@ class Store:
     # Items ---------------------------------------------------------------------------------
 
     async def upsert_items(self, items: Sequence[ItemUpsert]) -> int:
-        """Write items; an upsert un-hides an item and keeps its first creation time (unless that
-        time cannot be read: then the item is created now, so that a put repairs it)."""
+        """Write items, and say how many: an id given twice is one item, the last one given (as
+        two puts one after the other). An upsert un-hides an item and keeps its first creation
+        time (unless that time cannot be read: then the item is created now, so that a put
+        repairs it)."""
+        items = list({item.item_id: item for item in items}.values())
         now = datetime.now(UTC).timestamp()
         unreadable = await self._unreadable_creation(items)
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -451,8 +454,10 @@ class Store:
         """Hold the lock for `seconds` under `token`; False when someone else holds it."""
         return bool(await self.redis.set(self.keys.trainer_lock, token, nx=True, ex=seconds))
 
-    async def renew_trainer_lock(self, token: str, seconds: int) -> None:
-        await self._renew(keys=[self.keys.trainer_lock], args=[token, seconds])
+    async def renew_trainer_lock(self, token: str, seconds: int) -> bool:
+        """Extend the lock if `token` still holds it; False when it does not (it lapsed, or
+        another refresh took it)."""
+        return bool(await self._renew(keys=[self.keys.trainer_lock], args=[token, seconds]))
 
     async def release_trainer_lock(self, token: str) -> None:
         """Release the lock if `token` still holds it (a lapsed lock may have a new holder)."""
@@ -534,7 +539,10 @@ class Store:
         self, stream: Stream, group: str, consumer: str
     ) -> list[tuple[str, dict[str, str]]]:
         """Every entry not yet acknowledged by `group`: pending ones first (delivered before a
-        crash, never acknowledged), then new ones. Creates the group on first use."""
+        crash, never acknowledged), then new ones. Creates the group on first use.
+
+        A pending entry trimmed from the stream meanwhile (MAXLEN) comes back without fields: it
+        is acknowledged here, as there is nothing left to read, so that it is not read again."""
         key = self._stream(stream)
         try:
             await self.redis.xgroup_create(key, group, id="0", mkstream=True)
@@ -547,6 +555,9 @@ class Store:
                 found = await self.redis.xreadgroup(group, consumer, {key: start}, count=CHUNK)
                 batch = found[0][1] if found else []
                 entries += [(entry_id, fields) for entry_id, fields in batch if fields]
+                if trimmed := [entry_id for entry_id, fields in batch if entry_id and not fields]:
+                    await self.redis.xack(key, group, *trimmed)
+                    log.info("trimmed pending entries acknowledged", extra={"count": len(trimmed)})
                 if len(batch) < CHUNK:
                     break
                 if start == "0":

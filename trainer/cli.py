@@ -186,8 +186,8 @@ def train_command(
     """The offline retrain job: logged feedback -> GRPO from the active model -> gate -> publish.
 
     Prints a JSON summary. Exit status: 0 published, 3 rejected by the gate, 4 skipped (no active
-    model, too little logged feedback, or no reward signal to learn from), 5 another refresh is
-    running, 1 on error.
+    model, too little logged feedback, no reward signal to learn from, or the refresh lock lost
+    before publishing), 5 another refresh is running, 1 on error.
     """
     if not once:
         raise typer.BadParameter("use --once (the scheduled loop is `reasonrec trainer`)")

@@ -3,16 +3,19 @@
 Sequences come from the feedback stream (the durable log), not from the capped recent
 histories. An interaction is an event that shows the user consumed the item: click, like,
 purchase, or a rating of any value (MovieLens users rated what they watched; EVAL.md counts every
-rating). Impressions, skips and dislikes are not interactions.
+rating). Impressions, skips and dislikes are not interactions. An interaction that cannot be
+decoded (no type, user, item or time, a time or rating that is not a number, a time no date
+holds) is skipped and counted (`reasonrec_unreadable_records_total{kind="event"}`).
 """
 
+import math
 from collections import Counter, defaultdict
 from functools import cached_property
 
 from pydantic import BaseModel
 
 from server.schemas import EventType, Item, readable_time
-from server.store import Store, skip_unreadable
+from server.store import UNREADABLE, Store, skip_unreadable
 
 INTERACTIONS = {EventType.click, EventType.like, EventType.purchase, EventType.rating}
 CHUNK = 5000
@@ -48,14 +51,17 @@ async def read_corpus(store: Store) -> Corpus:
     sequences: dict[str, list[tuple[str, float]]] = defaultdict(list)
     rated: dict[str, list[tuple[str, float, float]]] = defaultdict(list)
     async for event in store.events():
-        if event["type"] not in INTERACTIONS or event["item_id"] not in items:
+        try:
+            interaction = _interaction(event, items)
+        except UNREADABLE as exc:
+            skip_unreadable("event", event.get("event_id", ""), exc)
             continue
-        if readable_time(ts := float(event["ts"])) is None:
-            skip_unreadable("event", event.get("event_id", ""), ValueError(f"time {ts}"))
+        if interaction is None:
             continue
-        sequences[event["user_id"]].append((event["item_id"], ts))
-        if event["type"] == EventType.rating and event.get("value"):
-            rated[event["user_id"]].append((event["item_id"], float(event["value"]), ts))
+        user, item, ts, rating = interaction
+        sequences[user].append((item, ts))
+        if rating is not None:
+            rated[user].append((item, rating, ts))
     for seq in sequences.values():
         seq.sort(key=lambda pair: pair[1])  # stable: ties keep the log's order
     ratings = {
@@ -64,3 +70,20 @@ async def read_corpus(store: Store) -> Corpus:
     }
     profiles = await store.profiles(await store.user_ids())
     return Corpus(items=items, profiles=profiles, sequences=dict(sequences), ratings=ratings)
+
+
+def _interaction(
+    event: dict[str, str], items: dict[str, Item]
+) -> tuple[str, str, float, float | None] | None:
+    """(user, item, time, rating or None) of an interaction with a catalog item; None for any other
+    event. Raises one of UNREADABLE when the event cannot be decoded."""
+    if event["type"] not in INTERACTIONS or event["item_id"] not in items:
+        return None
+    if readable_time(ts := float(event["ts"])) is None:
+        raise ValueError(f"time {event['ts']}")
+    rating = None
+    if event["type"] == EventType.rating and event.get("value"):
+        rating = float(event["value"])
+    if rating is not None and not math.isfinite(rating):
+        raise ValueError(f"rating {event['value']}")
+    return event["user_id"], event["item_id"], ts, rating

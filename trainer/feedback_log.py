@@ -15,20 +15,25 @@ recognised by their request id, so a restart neither loses nor doubles anything 
 by a crash mid-write is skipped: its entries were not acknowledged, so they come again). Feedback
 that arrives before its impression was consumed waits in the pending list until it can be joined,
 for `JOIN_WAIT_SECONDS` at most: then it is acknowledged unjoined (its request id names no logged
-list: a search or a rating, an impression trimmed from its stream, or a client's mistake).
+list: a search or a rating, an impression trimmed from its stream, or a client's mistake). An entry
+that cannot be decoded (an unknown event type, no item, a value that is not a number, lists that are
+not JSON) is skipped, counted (`unreadable`, and `reasonrec_unreadable_records_total`) and
+acknowledged, so that it cannot hold back the entries after it.
 """
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from pydantic import BaseModel, Field, ValidationError
 
 from contract.impression import Impression
 from contract.prompt import Rendering
 from server.schemas import EventType, is_positive
-from server.store import Store
+from server.store import UNREADABLE, Store, skip_unreadable
 
 log = logging.getLogger(__name__)
 GROUP = "trainer"
@@ -61,6 +66,7 @@ class ConsumeResult(BaseModel):
     negatives: int = 0
     organic: int = 0
     unjoined: int = Field(0, description="Feedback on no logged list, given up on.")
+    unreadable: int = Field(0, description="Entries that could not be decoded, skipped.")
     written: int = 0
 
 
@@ -111,24 +117,31 @@ class FeedbackLog:
         events = await self.store.read_group("events", GROUP, CONSUMER)
         result = ConsumeResult(impressions=len(impressions), events=len(events))
         done = self.read()
-        # An impression already written (consumed before a crash) is not written again.
-        logged = (Impression.from_fields(fields) for _, fields in impressions)
-        served = {
-            impression.request_id: _example(impression)
-            for impression in logged
-            if impression.prompt and impression.request_id not in done
-        }
+        served: dict[str, LoggedExample] = {}
+        for entry_id, fields in impressions:
+            try:
+                impression = Impression.from_fields(fields)
+            except UNREADABLE as exc:
+                skip_unreadable("impression", entry_id, exc)
+                result.unreadable += 1
+                continue
+            # An impression already written (consumed before a crash) is not written again.
+            if impression.prompt and impression.request_id not in done:
+                served[impression.request_id] = _example(impression)
         late: dict[str, LoggedExample] = {}  # feedback on examples written by an earlier call
         acknowledged, waiting = [], []
         for entry_id, fields in events:
             request_id = fields.get("request_id", "")
+            feedback = _feedback(entry_id, fields) if request_id else None
             if not request_id:
                 result.organic += 1
+            elif feedback is None:
+                result.unreadable += 1
             elif request_id in served:
-                _join(served[request_id], fields, result)
+                _join(served[request_id], feedback, result)
             elif request_id in done:
                 update = late.setdefault(request_id, _update_of(done[request_id]))
-                _join(update, fields, result)
+                _join(update, feedback, result)
             elif _age_seconds(entry_id) > JOIN_WAIT_SECONDS:
                 result.unjoined += 1
             else:
@@ -179,15 +192,34 @@ def _merge(known: LoggedExample, record: LoggedExample) -> None:
     ]
 
 
-def _join(example: LoggedExample, fields: dict[str, str], result: ConsumeResult) -> None:
+class Feedback(NamedTuple):
+    """What a joined event says: the item, what the user did, the rating (None for others)."""
+
+    item_id: str
+    type: EventType
+    value: float | None
+
+
+def _feedback(entry_id: str, fields: dict[str, str]) -> Feedback | None:
+    """The event an events stream entry holds; None, skipped and counted, when it cannot be read."""
+    try:
+        value = float(fields["value"]) if fields.get("value") else None
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"value {fields['value']}")
+        return Feedback(item_id=fields["item_id"], type=EventType(fields["type"]), value=value)
+    except UNREADABLE as exc:
+        skip_unreadable("event", entry_id, exc)
+        return None
+
+
+def _join(example: LoggedExample, feedback: Feedback, result: ConsumeResult) -> None:
     result.joined += 1
-    item = fields["item_id"]
-    value = float(fields["value"]) if fields.get("value") else None
-    if is_positive(EventType(fields["type"]), value):
+    item = feedback.item_id
+    if is_positive(feedback.type, feedback.value):
         if item not in example.positives:
             example.positives.append(item)
         result.positives += 1
-    elif EventType(fields["type"]) in NEGATIVE or EventType(fields["type"]) is EventType.rating:
+    elif feedback.type in NEGATIVE or feedback.type is EventType.rating:
         if item not in example.negatives:
             example.negatives.append(item)
         result.negatives += 1

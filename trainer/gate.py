@@ -263,20 +263,56 @@ class Gate(BaseModel):
         description="The candidate rates the held-out ratings no worse than the lean baseline "
         "(or was not trained to rate); required to publish unless forced.",
     )
-    forced: bool = False
+    forced: bool = Field(
+        False, description="It passed only because it was forced past its fallbacks."
+    )
     passed: bool
+    failures: list[str] = Field(
+        default_factory=list, description="What it failed, one phrase each; empty when it passed."
+    )
 
 
-def _no_worse(active: dict[str, float], candidate: dict[str, float], settings: Settings) -> bool:
-    """Within tolerances of the active version, on each task both were validated on."""
-    ranks = "ndcg@10" not in candidate or (
-        candidate["ndcg@10"] >= active["ndcg@10"] - settings.gate_ndcg_tolerance
-        and candidate["invalid_rate"] <= active["invalid_rate"] + settings.gate_invalid_tolerance
-    )
-    rates = "rate_rmse" not in candidate or (
-        candidate["rate_rmse"] <= active["rate_rmse"] + settings.gate_rmse_tolerance
-    )
-    return ranks and rates
+def _worse_than_active(
+    active: dict[str, float], candidate: dict[str, float], settings: Settings
+) -> list[str]:
+    """Where the candidate is beyond a tolerance of the active version, on each task both were
+    validated on; empty when it is within all of them."""
+    worse = []
+    if "ndcg@10" in candidate:
+        ours, theirs = candidate["ndcg@10"], active["ndcg@10"]
+        if not ours >= theirs - settings.gate_ndcg_tolerance:
+            worse.append(
+                f"ranks worse than the active version (NDCG@10 {ours:.4f} against {theirs:.4f}, "
+                f"tolerance {settings.gate_ndcg_tolerance:g})"
+            )
+        ours, theirs = candidate["invalid_rate"], active["invalid_rate"]
+        if not ours <= theirs + settings.gate_invalid_tolerance:
+            worse.append(
+                f"writes more invalid answers than the active version ({ours:.4f} against "
+                f"{theirs:.4f}, tolerance {settings.gate_invalid_tolerance:g})"
+            )
+    if "rate_rmse" in candidate:
+        ours, theirs = candidate["rate_rmse"], active["rate_rmse"]
+        if not ours <= theirs + settings.gate_rmse_tolerance:
+            worse.append(
+                f"rates worse than the active version (RMSE {ours:.4f} against {theirs:.4f}, "
+                f"tolerance {settings.gate_rmse_tolerance:g})"
+            )
+    return worse
+
+
+def _worse_than_fallbacks(candidate: dict[str, float]) -> list[str]:
+    """Where the candidate is worse than what the gateway serves without it, on the same data."""
+    worse = []
+    if "ndcg@10" in candidate and not beats_retrieval(candidate):
+        ours, theirs = candidate["ndcg@10"], candidate.get("retrieval_ndcg@10", 0.0)
+        worse.append(
+            f"ranks worse than the retrieval order (NDCG@10 {ours:.4f} against {theirs:.4f})"
+        )
+    if "rate_rmse" in candidate and not beats_baseline(candidate):
+        ours, theirs = candidate["rate_rmse"], candidate.get("rate_baseline_rmse", math.nan)
+        worse.append(f"rates worse than the lean baseline (RMSE {ours:.4f} against {theirs:.4f})")
+    return worse
 
 
 def refresh_gate(
@@ -287,7 +323,10 @@ def refresh_gate(
     retrieval order of the lists, the lean baseline of the ratings."""
     ranks = "ndcg@10" not in candidate or beats_retrieval(candidate)
     rates = "rate_rmse" not in candidate or beats_baseline(candidate)
-    passed = _no_worse(active, candidate, settings) and ((ranks and rates) or force)
+    failures = _worse_than_active(active, candidate, settings)
+    fallbacks = _worse_than_fallbacks(candidate)
+    if not force:
+        failures += fallbacks
     return Gate(
         active=active,
         candidate=candidate,
@@ -295,6 +334,7 @@ def refresh_gate(
         invalid_tolerance=settings.gate_invalid_tolerance,
         beats_retrieval=ranks,
         beats_baseline=rates,
-        forced=force and not (ranks and rates),
-        passed=passed,
+        forced=bool(fallbacks) and not failures,
+        passed=not failures,
+        failures=failures,
     )

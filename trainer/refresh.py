@@ -1,7 +1,10 @@
 """One refresh: logged feedback -> GRPO from the active version -> gate -> atomic publish.
 
 `reasonrec train --once` runs it; `reasonrec trainer` runs it on a schedule. A Redis lock makes
-sure no two refreshes run at once, whichever process starts them.
+sure no two refreshes run at once, whichever process starts them. Its holder renews it every
+RENEW_SECONDS, through Redis errors; a refresh that finds its lock gone (lapsed, another holder's,
+or not renewed for LOCK_SECONDS) publishes nothing: it ends "skipped", its reason "lost the refresh
+lock: ...". Lost while the version was being written, the version is published but not activated.
 """
 
 import asyncio
@@ -20,6 +23,7 @@ from typing import Literal
 
 from peft import PeftModel
 from pydantic import BaseModel
+from redis.exceptions import RedisError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -83,24 +87,58 @@ class RefreshResult(BaseModel):
     seconds: float = 0.0
 
 
-@asynccontextmanager
-async def refresh_lock(store: Store) -> AsyncIterator[None]:
-    token = uuid.uuid4().hex
-    if not await store.take_trainer_lock(token, LOCK_SECONDS):
-        raise RefreshBusy("another refresh is running (Redis lock held)")
+class HeldLock:
+    """The refresh lock while `refresh_lock` holds it. `lost` says why it may no longer be held
+    (None while it is): renewal found it gone, or no renewal got through for LOCK_SECONDS, after
+    which it lapses."""
 
-    async def renew() -> None:
+    def __init__(self, store: Store, token: str, taken_at: float):
+        self.store, self.token = store, token
+        self.renewed_at = taken_at  # monotonic: when the last renewal that held it was sent
+        self._gone: str | None = None
+
+    @property
+    def lost(self) -> str | None:
+        if self._gone is None and time.monotonic() - self.renewed_at >= LOCK_SECONDS:
+            return f"not renewed for {LOCK_SECONDS} s"
+        return self._gone
+
+    async def keep(self) -> None:
+        """Renew every RENEW_SECONDS until cancelled, or until the lock is found gone; a Redis
+        error is logged and the next tick tries again."""
         while True:
             await asyncio.sleep(RENEW_SECONDS)
-            await store.renew_trainer_lock(token, LOCK_SECONDS)
+            sent = time.monotonic()
+            try:
+                held = await self.store.renew_trainer_lock(self.token, LOCK_SECONDS)
+            except RedisError as exc:
+                log.warning("refresh lock not renewed", extra={"reason": repr(exc)})
+                if reason := self.lost:
+                    log.error("refresh lock lost", extra={"reason": reason})
+                continue
+            if not held:
+                self._gone = "it lapsed, or another refresh took it"
+                log.error("refresh lock lost", extra={"reason": self._gone})
+                return
+            self.renewed_at = sent
 
-    renewing = asyncio.create_task(renew())
+
+@asynccontextmanager
+async def refresh_lock(store: Store) -> AsyncIterator[HeldLock]:
+    token, taken_at = uuid.uuid4().hex, time.monotonic()
+    if not await store.take_trainer_lock(token, LOCK_SECONDS):
+        raise RefreshBusy("another refresh is running (Redis lock held)")
+    lock = HeldLock(store, token, taken_at)
+    renewing = asyncio.create_task(lock.keep())
     try:
-        yield
+        yield lock
     finally:
         renewing.cancel()
         await asyncio.gather(renewing, return_exceptions=True)
-        await store.release_trainer_lock(token)
+        try:
+            await store.release_trainer_lock(token)
+        except RedisError as exc:  # it lapses within LOCK_SECONDS; the refresh itself is done
+            log.warning("refresh lock not released", extra={"reason": repr(exc)})
 
 
 def trainer_dir(settings: Settings) -> Path:
@@ -170,8 +208,8 @@ async def refresh_once(
     """`force`: publish a candidate that ranks worse than the retrieval order (the gate against
     the active version still applies)."""
     started = time.perf_counter()
-    async with refresh_lock(store):
-        result = await _refresh(settings, store, progress, force)
+    async with refresh_lock(store) as lock:
+        result = await _refresh(settings, store, progress, force, lock)
     result.seconds = round(time.perf_counter() - started, 1)
     metrics.RUNS.labels(result.outcome).inc()
     if result.outcome == "published":
@@ -205,7 +243,9 @@ def recent_ratings(corpus: Corpus, manifest: Manifest, settings: Settings) -> Ra
     return builder.recent(settings.refresh_rating_examples, settings.gate_holdout)
 
 
-async def _refresh(settings: Settings, store: Store, progress: bool, force: bool) -> RefreshResult:
+async def _refresh(
+    settings: Settings, store: Store, progress: bool, force: bool, lock: HeldLock
+) -> RefreshResult:
     feedback = FeedbackLog(store, trainer_dir(settings))
     consumed = await feedback.consume()
     parent = await store.active_model()
@@ -267,16 +307,21 @@ async def _refresh(settings: Settings, store: Store, progress: bool, force: bool
         reason = "no reward signal: every group's completions scored the same"
         return result.model_copy(update={"outcome": "skipped", "reason": reason})
     if not gate.passed:
-        if not gate.beats_retrieval:
-            reason = "gate failed: the candidate ranks worse than the retrieval order"
-            return result.model_copy(update={"reason": reason})
-        if not gate.beats_baseline:
-            reason = "gate failed: the candidate rates worse than the lean baseline"
-            return result.model_copy(update={"reason": reason})
-        return result
-    version = _publish(
-        registry, manifest, candidate, tokenizer, policy.model_dump(mode="json"), result
+        reason = "gate failed: the candidate " + "; ".join(gate.failures)
+        return result.model_copy(update={"reason": reason})
+    if lock.lost:  # another refresh may be running: it publishes, not this one
+        reason = f"lost the refresh lock: {lock.lost}; nothing published"
+        return result.model_copy(update={"outcome": "skipped", "reason": reason})
+    # In a thread too: saving the weights takes seconds, the lock must go on being renewed.
+    version = await asyncio.to_thread(
+        _publish, registry, manifest, candidate, tokenizer, policy.model_dump(mode="json"), result
     )
+    if lock.lost:
+        reason = f"gate passed; not activated: lost the refresh lock while publishing: {lock.lost}"
+        log.warning("refresh not activated", extra={"version": version, "reason": lock.lost})
+        return result.model_copy(
+            update={"outcome": "published", "reason": reason, "version": version}
+        )
     reason = "gate passed"
     try:
         await store.set_active_model(version, replacing=parent)

@@ -2,6 +2,9 @@
 
 Checks every few seconds how many events the feedback stream has gained since the last refresh;
 refreshes when `REASONREC_REFRESH_MIN_EVENTS` were added or `REASONREC_REFRESH_SECONDS` passed.
+The schedule counts from the newest refresh published in the registry (by this sidecar before a
+restart, or by `train --once`): a refresh that is overdue, or when none was ever published, starts
+at the first poll.
 A failed refresh is logged and counted (`reasonrec_trainer_runs_total{outcome="failed"}`) and
 the loop goes on, as it does while Redis does not answer; the lock in `trainer.refresh` keeps
 two sidecars from training at once.
@@ -44,6 +47,14 @@ def _report_last_refresh(registry: Registry, read_at: float | None) -> float | N
     return changed
 
 
+def _schedule_start(registry: Registry, refresh_seconds: float) -> float:
+    """The `time.monotonic()` the schedule counts from: when the newest published refresh was,
+    or a full period ago when there was none, so that the first poll refreshes."""
+    published = last_refresh(registry)
+    since = refresh_seconds if published is None else max(time.time() - published, 0.0)
+    return time.monotonic() - since
+
+
 async def _event_count(store: Store) -> int | None:
     """The feedback stream's length; None while Redis does not answer (the next poll retries)."""
     try:
@@ -59,7 +70,8 @@ async def run_sidecar(settings: Settings) -> None:
     if settings.trainer_metrics_port:
         start_http_server(settings.trainer_metrics_port, registry=metrics.REGISTRY)
     async with open_store(settings) as store:
-        last_run, last_length = time.monotonic(), await _event_count(store)
+        last_run = _schedule_start(registry, settings.refresh_seconds)
+        last_length = await _event_count(store)
         while True:
             await asyncio.sleep(POLL_SECONDS)
             read_at = _report_last_refresh(registry, read_at)

@@ -155,3 +155,50 @@ def test_feedback_on_no_logged_list_is_given_up_after_the_wait(
         assert await pending(store) == 0
 
     run(settings, body)
+
+
+def test_an_unreadable_entry_is_skipped_acknowledged_and_holds_back_nothing(
+    settings: Settings,
+) -> None:
+    async def body(store: Store) -> None:
+        log = FeedbackLog(store, settings.data_dir / "trainer")
+        await impression(store, "r1", ["a", "b"])
+        await store.redis.xadd(  # lists that are not JSON
+            store.keys.impressions,
+            {"request_id": "r2", "user_id": "u1", "ts": "1", "items": "[a", "prompt": "p"},
+        )
+        await impression(store, "r3", ["c"])
+        await event(store, "view", "a", "r1")  # a type no client may send
+        await store.redis.xadd(store.keys.events, {"type": "click", "request_id": "r1"})  # no item
+        await event(store, "rating", "a", "r1", value="five")
+        await event(store, "rating", "b", "r1", value="nan")
+        await event(store, "click", "b", "r1")
+        await event(store, "click", "c", "r3")
+
+        result = await log.consume()
+
+        assert (result.unreadable, result.joined, result.written) == (5, 2, 2)
+        logged = log.read()
+        assert set(logged) == {"r1", "r3"}
+        assert logged["r1"].positives == ["b"] and logged["r3"].positives == ["c"]
+        assert await pending(store) == 0  # acknowledged: not delivered again
+        assert (await log.consume()).unreadable == 0
+
+    run(settings, body)
+
+
+def test_a_pending_entry_trimmed_from_its_stream_is_acknowledged(settings: Settings) -> None:
+    async def body(store: Store) -> None:
+        await impression(store, "r1", ["a"])
+        await event(store, "click", "a", "r1")
+        assert len(await store.read_group("events", GROUP, "c")) == 1  # delivered, never acked
+        await store.redis.xtrim(store.keys.events, maxlen=0)  # MAXLEN trimming, meanwhile
+        await event(store, "click", "a")
+
+        entries = await store.read_group("events", GROUP, "c")
+
+        assert [fields["request_id"] for _, fields in entries] == [""]  # the trimmed one: gone
+        await store.ack("events", GROUP, [entry_id for entry_id, _ in entries])
+        assert (await store.redis.xpending(store.keys.events, GROUP))["pending"] == 0
+
+    run(settings, body)

@@ -149,6 +149,30 @@ class TestRefreshGate:
 
         assert gate.passed and gate.beats_retrieval and not gate.forced
 
+    def test_forcing_past_retrieval_does_not_force_past_the_active_version(
+        self, settings: Settings
+    ) -> None:
+        gate = refresh_gate(scores(0.12, 0.10), scores(0.05, 0.10), settings, force=True)
+
+        assert not gate.passed and not gate.forced  # force let nothing pass
+        assert gate.failures == [
+            "ranks worse than the active version (NDCG@10 0.0500 against 0.1200, tolerance 0.01)"
+        ]
+
+    def test_the_failures_say_what_failed(self, settings: Settings) -> None:
+        worse_than_active = refresh_gate(scores(0.14, 0.10), scores(0.12, 0.10, 0.2), settings)
+        assert worse_than_active.beats_retrieval and not worse_than_active.passed
+        assert worse_than_active.failures == [
+            "ranks worse than the active version (NDCG@10 0.1200 against 0.1400, tolerance 0.01)",
+            "writes more invalid answers than the active version (0.2000 against 0.0000, "
+            "tolerance 0)",
+        ]
+        worse_than_retrieval = refresh_gate(scores(0.05, 0.10), scores(0.08, 0.10), settings)
+        assert worse_than_retrieval.failures == [
+            "ranks worse than the retrieval order (NDCG@10 0.0800 against 0.1000)"
+        ]
+        assert refresh_gate(scores(0.11, 0.10), scores(0.12, 0.10), settings).failures == []
+
 
 def logged(n: int, rendering: Rendering) -> LoggedExample:
     return LoggedExample(

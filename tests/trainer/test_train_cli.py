@@ -3,10 +3,13 @@ lock that keeps two refreshes apart (real Redis; the full refresh is in tests/in
 
 import asyncio
 import json
+import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeout
 from typer.testing import CliRunner
 
@@ -15,10 +18,21 @@ from server.config import Settings
 from server.registry import Manifest, Registry
 from server.store import Store, open_store, skip_unreadable
 from trainer import metrics, sidecar
+from trainer import refresh as refresh_module
 from trainer.cli import EXIT_BUSY, EXIT_SKIPPED
+from trainer.gate import Gate, refresh_gate
 from trainer.grpo import STATE_FILE
 from trainer.rating import RatingExample, RatingExamples
-from trainer.refresh import REFRESH_METHOD, RefreshBusy, _shortage, read_training, refresh_lock
+from trainer.refresh import (
+    REFRESH_METHOD,
+    RefreshBusy,
+    RefreshResult,
+    Training,
+    _shortage,
+    read_training,
+    refresh_lock,
+    refresh_once,
+)
 from trainer.sidecar import last_refresh
 
 
@@ -162,3 +176,229 @@ def test_what_a_refresh_needs_follows_what_it_refreshes(
     if rated is not None:
         rating = RatingExamples(rendering="compact", train=[], validation=[example] * rated)
     assert _shortage(Manifest(version="v", tasks=tasks), 50, rating) == reason
+
+
+def test_the_lock_is_renewed_through_a_redis_error(
+    env: Settings, rdb: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(refresh_module, "RENEW_SECONDS", 0.02)
+    lock_key = f"{env.key_prefix}:trainer:lock"
+
+    async def body() -> None:
+        async with open_store(env) as store:
+            script, calls = store._renew, []
+
+            async def flaky(**kwargs: Any) -> Any:
+                calls.append(1)
+                if len(calls) == 1:
+                    raise RedisConnectionError("away for a moment")
+                return await script(**kwargs)
+
+            store._renew = flaky
+            async with refresh_lock(store) as lock:
+                rdb.expire(lock_key, 5)  # so that a renewal shows: back to LOCK_SECONDS
+                await asyncio.sleep(0.3)
+                assert len(calls) >= 3  # renewal went on after the error
+                assert rdb.ttl(lock_key) > 5 and lock.lost is None
+
+    asyncio.run(body())
+
+
+def test_a_lock_taken_over_is_lost(
+    env: Settings, rdb: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(refresh_module, "RENEW_SECONDS", 0.02)
+    lock_key = f"{env.key_prefix}:trainer:lock"
+
+    async def body() -> None:
+        async with open_store(env) as store, refresh_lock(store) as lock:
+            rdb.set(lock_key, "another-refresh")  # it lapsed and another refresh took it
+            await asyncio.sleep(0.2)
+            assert lock.lost == "it lapsed, or another refresh took it"
+
+    asyncio.run(body())
+    assert rdb.get(lock_key) == "another-refresh"  # not released: it is not ours
+
+
+def test_a_lock_redis_could_not_renew_for_its_lifetime_is_lost(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(refresh_module, "RENEW_SECONDS", 0.02)
+    monkeypatch.setattr(refresh_module, "LOCK_SECONDS", 1)
+
+    async def body() -> None:
+        async with open_store(env) as store:
+
+            async def away(**_: Any) -> Any:
+                raise RedisTimeout("away")
+
+            store._renew = away
+            async with refresh_lock(store) as lock:
+                await asyncio.sleep(0.2)
+                assert lock.lost is None  # errors for less than the lock lives: still held
+                await asyncio.sleep(1.0)
+                assert lock.lost == "not renewed for 1 s"
+
+    asyncio.run(body())
+
+
+async def _ready_to_refresh(settings: Settings, store: Store) -> None:
+    """An active version that ranks, and six logged lists with a click each."""
+    registry = Registry(settings.registry_path)
+    registry.publish(registry.staging(), Manifest(version="v1"))
+    await store.set_active_model("v1")
+    for n in range(6):
+        impression = {
+            "request_id": f"r{n}",
+            "user_id": f"u{n}",
+            "model_version": "v1",
+            "ts": f"{1700000000 + n}.0",
+            "items": json.dumps(["a", "b"]),
+            "candidates": json.dumps(["a", "b", "c"]),
+            "prompt": f"prompt {n}",
+        }
+        await store.redis.xadd(store.keys.impressions, impression)
+        click = {"user_id": f"u{n}", "item_id": "a", "type": "click", "ts": "1"}
+        await store.redis.xadd(store.keys.events, click | {"request_id": f"r{n}"})
+
+
+def _refresh_trained(
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    gate: Gate,
+    meanwhile: Any = None,
+    force: bool = False,
+    while_publishing: Any = None,
+) -> tuple[RefreshResult, list[str], str | None]:
+    """A refresh whose training answers `gate` after calling `meanwhile` (and whose publishing
+    calls `while_publishing`); the result, what it published, and the active version after it."""
+    published: list[str] = []
+
+    def train_and_gate(*_: Any) -> tuple:
+        if meanwhile is not None:
+            meanwhile()
+        return None, None, Training(reward_mean=0.5, learned=True), gate
+
+    def publish(*_: Any) -> str:
+        if while_publishing is not None:
+            while_publishing()
+        published.append("v2")
+        return "v2"
+
+    monkeypatch.setattr(refresh_module, "_train_and_gate", train_and_gate)
+    monkeypatch.setattr(refresh_module, "_publish", publish)
+
+    async def body() -> tuple[RefreshResult, str | None]:
+        async with open_store(settings) as store:
+            await _ready_to_refresh(settings, store)
+            result = await refresh_once(settings, store, progress=False, force=force)
+            return result, await store.active_model()
+
+    result, active = asyncio.run(body())
+    return result, published, active
+
+
+def test_a_refresh_that_lost_its_lock_publishes_nothing(
+    env: Settings, rdb: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(refresh_module, "RENEW_SECONDS", 0.02)
+    lock_key = f"{env.key_prefix}:trainer:lock"
+
+    def another_refresh_takes_the_lock() -> None:  # while this one trains, in its thread
+        rdb.set(lock_key, "another-refresh")
+        time.sleep(0.5)
+
+    passed = refresh_gate(
+        {"ndcg@10": 0.1, "invalid_rate": 0.0},
+        {"ndcg@10": 0.2, "retrieval_ndcg@10": 0.1, "invalid_rate": 0.0},
+        env,
+    )
+    result, published, active = _refresh_trained(
+        env, monkeypatch, passed, another_refresh_takes_the_lock
+    )
+
+    assert result.outcome == "skipped"
+    assert result.reason == (
+        "lost the refresh lock: it lapsed, or another refresh took it; nothing published"
+    )
+    assert published == [] and active == "v1"
+    assert rdb.get(lock_key) == "another-refresh"
+
+
+def test_a_refresh_that_lost_its_lock_while_publishing_activates_nothing(
+    env: Settings, rdb: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Publishing runs off the event loop, so the lock is renewed (and its loss seen) meanwhile."""
+    monkeypatch.setattr(refresh_module, "RENEW_SECONDS", 0.02)
+    lock_key = f"{env.key_prefix}:trainer:lock"
+
+    def another_refresh_takes_the_lock() -> None:  # while this one writes its weights
+        rdb.set(lock_key, "another-refresh")
+        time.sleep(0.5)
+
+    passed = refresh_gate(
+        {"ndcg@10": 0.1, "invalid_rate": 0.0},
+        {"ndcg@10": 0.2, "retrieval_ndcg@10": 0.1, "invalid_rate": 0.0},
+        env,
+    )
+    result, published, active = _refresh_trained(
+        env, monkeypatch, passed, while_publishing=another_refresh_takes_the_lock
+    )
+
+    assert result.outcome == "published" and published == ["v2"] and active == "v1"
+    assert result.reason == (
+        "gate passed; not activated: lost the refresh lock while publishing: "
+        "it lapsed, or another refresh took it"
+    )
+
+
+def test_a_rejected_refresh_says_what_failed(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worse = refresh_gate(  # worse than both; --force passes it only past the retrieval order
+        {"ndcg@10": 0.3, "invalid_rate": 0.0},
+        {"ndcg@10": 0.2, "retrieval_ndcg@10": 0.25, "invalid_rate": 0.0},
+        env,
+        force=True,
+    )
+
+    result, published, active = _refresh_trained(env, monkeypatch, worse, force=True)
+
+    assert result.outcome == "rejected" and published == [] and active == "v1"
+    assert result.reason == (
+        "gate failed: the candidate ranks worse than the active version "
+        "(NDCG@10 0.2000 against 0.3000, tolerance 0.01)"
+    )
+    assert result.gate is not None and not result.gate.forced
+
+
+@pytest.mark.parametrize(("hours_ago", "refreshed_at"), [(3.0, [2]), (0.5, [])])
+def test_a_restarted_sidecar_keeps_the_schedule_of_the_last_refresh(
+    env: Settings, monkeypatch: pytest.MonkeyPatch, hours_ago: float, refreshed_at: list[int]
+) -> None:
+    """Restarted more often than REASONREC_REFRESH_SECONDS, it still refreshes on schedule."""
+    registry = Registry(env.registry_path)
+    published = datetime.now(UTC) - timedelta(hours=hours_ago)
+    manifest = Manifest(version="r1", training={"method": REFRESH_METHOD}, created_at=published)
+    registry.publish(registry.staging(), manifest)
+    polls: list[int] = []
+    ran: list[int] = []
+
+    async def event_count(self: Store) -> int:
+        polls.append(1)
+        if len(polls) == 4:
+            raise asyncio.CancelledError  # enough polls: stop the sidecar
+        return 0
+
+    async def refresh_once(*_: Any, **__: Any) -> RefreshResult:
+        ran.append(len(polls))
+        raise RefreshBusy("not this time")
+
+    monkeypatch.setattr(Store, "event_count", event_count)
+    monkeypatch.setattr(sidecar, "refresh_once", refresh_once)
+    monkeypatch.setattr(sidecar, "POLL_SECONDS", 0.01)
+    hourly = env.model_copy(update={"trainer_metrics_port": 0, "refresh_seconds": 3600})
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(sidecar.run_sidecar(hourly))
+    # Overdue: at the first poll after the start's count (the stream's length, poll 1).
+    assert ran == refreshed_at
