@@ -171,6 +171,14 @@ def fresh_examples(
     return ExampleBuilder(corpus, index, shape).fresh(settings.refresh_fresh_examples)
 
 
+def apart_from(fresh: list[Example], holdout: list[Example]) -> list[Example]:
+    """The fresh examples of users with no held-out list: a held-out list's click is often its
+    user's latest interaction too, and trained on, the gate would score the candidate on what it
+    was just taught."""
+    gated = {example.user_id for example in holdout}
+    return [example for example in fresh if example.user_id not in gated]
+
+
 def split_logged(
     logged: list[LoggedExample], holdout: float, rendering: Rendering
 ) -> tuple[list[Example], list[Example]]:
@@ -267,7 +275,10 @@ async def _refresh(
     facts = catalog_facts(corpus.items.values(), policy)
     index = await asyncio.to_thread(load_current, settings.data_dir)
     fresh = (
-        await asyncio.to_thread(fresh_examples, corpus, index, settings, manifest.contract)
+        apart_from(
+            await asyncio.to_thread(fresh_examples, corpus, index, settings, manifest.contract),
+            holdout,
+        )
         if ranks
         else []
     )

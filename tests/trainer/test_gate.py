@@ -9,6 +9,7 @@ from contract.prompt import Rendering
 from contract.ranking import Blend
 from contract.tasks import Task
 from server.config import Settings
+from trainer.examples import Example
 from trainer.feedback_log import LoggedExample
 from trainer.gate import (
     BLENDS,
@@ -19,7 +20,7 @@ from trainer.gate import (
     choose_blend,
     refresh_gate,
 )
-from trainer.refresh import split_logged
+from trainer.refresh import apart_from, split_logged
 
 
 def scores(ours: float, retrieval: float, invalid: float = 0.0) -> dict[str, float]:
@@ -197,6 +198,22 @@ def test_refresh_trains_only_on_lists_prompted_the_way_the_model_reads() -> None
     assert len(train) + len(holdout) == 4
     assert {e.prompt for e in train + holdout} == {"p"}
     assert len(holdout) == 1
+
+
+def test_users_with_a_held_out_list_give_no_fresh_example() -> None:
+    """Their latest click is often the held-out list's: trained on, the gate would be scored on
+    what the candidate was just taught."""
+    lists = [logged(n, Rendering.compact).model_copy(update={"user_id": f"u{n}"}) for n in range(4)]
+    _, holdout = split_logged(lists, 0.5, Rendering.compact)
+    fresh = [
+        Example(user_id=f"u{n}", prompt="p", candidates=["a"], positives=["a"], k=1, target="t")
+        for n in range(6)
+    ]
+
+    kept = apart_from(fresh, holdout)
+
+    assert {e.user_id for e in holdout} == {"u2", "u3"}
+    assert [e.user_id for e in kept] == ["u0", "u1", "u4", "u5"]
 
 
 class TestRatingGate:
