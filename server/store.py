@@ -537,9 +537,10 @@ class Store:
 
     async def read_group(
         self, stream: Stream, group: str, consumer: str
-    ) -> list[tuple[str, dict[str, str]]]:
-        """Every entry not yet acknowledged by `group`: pending ones first (delivered before a
-        crash, never acknowledged), then new ones. Creates the group on first use.
+    ) -> AsyncIterator[list[tuple[str, dict[str, str]]]]:
+        """Every entry not yet acknowledged by `group`, CHUNK at a time: pending ones first
+        (delivered before a crash, never acknowledged), then new ones. Creates the group on first
+        use. In chunks: the first read after loading a data set meets every event it wrote.
 
         A pending entry trimmed from the stream meanwhile (MAXLEN) comes back without fields: it
         is acknowledged here, as there is nothing left to read, so that it is not read again."""
@@ -549,12 +550,12 @@ class Store:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        entries: list[tuple[str, dict[str, str]]] = []
         for start in ("0", ">"):
             while True:
                 found = await self.redis.xreadgroup(group, consumer, {key: start}, count=CHUNK)
                 batch = found[0][1] if found else []
-                entries += [(entry_id, fields) for entry_id, fields in batch if fields]
+                if entries := [(entry_id, fields) for entry_id, fields in batch if fields]:
+                    yield entries
                 if trimmed := [entry_id for entry_id, fields in batch if entry_id and not fields]:
                     await self.redis.xack(key, group, *trimmed)
                     log.info("trimmed pending entries acknowledged", extra={"count": len(trimmed)})
@@ -562,7 +563,6 @@ class Store:
                     break
                 if start == "0":
                     start = batch[-1][0]
-        return entries
 
     async def ack(self, stream: Stream, group: str, entry_ids: Sequence[str]) -> None:
         for start in range(0, len(entry_ids), CHUNK):

@@ -112,52 +112,69 @@ class FeedbackLog:
             os.fsync(out.fileno())
 
     async def consume(self) -> ConsumeResult:
-        """Join what arrived since the last call; persist, then acknowledge."""
-        impressions = await self.store.read_group("impressions", GROUP, CONSUMER)
-        events = await self.store.read_group("events", GROUP, CONSUMER)
-        result = ConsumeResult(impressions=len(impressions), events=len(events))
-        done = self.read()
-        served: dict[str, LoggedExample] = {}
-        for entry_id, fields in impressions:
-            try:
-                impression = Impression.from_fields(fields)
-            except UNREADABLE as exc:
-                skip_unreadable("impression", entry_id, exc)
-                result.unreadable += 1
-                continue
-            # An impression already written (consumed before a crash) is not written again.
-            if impression.prompt and impression.request_id not in done:
-                served[impression.request_id] = _example(impression)
+        """Join what arrived since the last call; persist, then acknowledge. Events are read a
+        chunk at a time and those without a request id (most of a loaded data set) acknowledged
+        as they go: nothing of theirs is persisted here (the corpus reads them from the stream)."""
+        result, done = ConsumeResult(), self.read()
+        served, impressions = await self._served(done, result)
         late: dict[str, LoggedExample] = {}  # feedback on examples written by an earlier call
         acknowledged, waiting = [], []
-        for entry_id, fields in events:
-            request_id = fields.get("request_id", "")
-            feedback = _feedback(entry_id, fields) if request_id else None
-            if not request_id:
-                result.organic += 1
-            elif feedback is None:
-                result.unreadable += 1
-            elif request_id in served:
-                _join(served[request_id], feedback, result)
-            elif request_id in done:
-                update = late.setdefault(request_id, _update_of(done[request_id]))
-                _join(update, feedback, result)
-            elif _age_seconds(entry_id) > JOIN_WAIT_SECONDS:
-                result.unjoined += 1
-            else:
-                waiting.append(entry_id)  # its impression has not been consumed yet
-                continue
-            acknowledged.append(entry_id)
+        async for batch in self.store.read_group("events", GROUP, CONSUMER):
+            result.events += len(batch)
+            organic = []
+            for entry_id, fields in batch:
+                request_id = fields.get("request_id", "")
+                feedback = _feedback(entry_id, fields) if request_id else None
+                if not request_id:
+                    result.organic += 1
+                    organic.append(entry_id)
+                    continue
+                if feedback is None:
+                    result.unreadable += 1
+                elif request_id in served:
+                    _join(served[request_id], feedback, result)
+                elif request_id in done:
+                    update = late.setdefault(request_id, _update_of(done[request_id]))
+                    _join(update, feedback, result)
+                elif _age_seconds(entry_id) > JOIN_WAIT_SECONDS:
+                    result.unjoined += 1
+                else:
+                    waiting.append(entry_id)  # its impression has not been consumed yet
+                    continue
+                acknowledged.append(entry_id)
+            if organic:
+                await self.store.ack("events", GROUP, organic)
         for example in served.values():
             if not example.positives and not example.negatives:
                 example.negatives = list(example.shown)  # shown, and nothing happened
         records = [*served.values(), *late.values()]
         self._append(records)
         result.written = len(records)
-        await self.store.ack("impressions", GROUP, [entry_id for entry_id, _ in impressions])
+        await self.store.ack("impressions", GROUP, impressions)
         await self.store.ack("events", GROUP, acknowledged)
         log.info("feedback consumed", extra={**result.model_dump(), "waiting": len(waiting)})
         return result
+
+    async def _served(
+        self, done: dict[str, LoggedExample], result: ConsumeResult
+    ) -> tuple[dict[str, LoggedExample], list[str]]:
+        """The lists served since the last call, by request id (an impression already written,
+        consumed before a crash, is not written again), and the entries read."""
+        served: dict[str, LoggedExample] = {}
+        read: list[str] = []
+        async for batch in self.store.read_group("impressions", GROUP, CONSUMER):
+            result.impressions += len(batch)
+            for entry_id, fields in batch:
+                read.append(entry_id)
+                try:
+                    impression = Impression.from_fields(fields)
+                except UNREADABLE as exc:
+                    skip_unreadable("impression", entry_id, exc)
+                    result.unreadable += 1
+                    continue
+                if impression.prompt and impression.request_id not in done:
+                    served[impression.request_id] = _example(impression)
+        return served, read
 
 
 def _age_seconds(entry_id: str) -> float:

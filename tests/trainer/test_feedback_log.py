@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from server import store as store_module
 from server.config import Settings
 from server.store import Store, build_store
 from trainer.feedback_log import GROUP, FeedbackLog
@@ -187,18 +188,55 @@ def test_an_unreadable_entry_is_skipped_acknowledged_and_holds_back_nothing(
     run(settings, body)
 
 
+async def read_all(store: Store) -> list[tuple[str, dict[str, str]]]:
+    return [entry async for batch in store.read_group("events", GROUP, "c") for entry in batch]
+
+
 def test_a_pending_entry_trimmed_from_its_stream_is_acknowledged(settings: Settings) -> None:
     async def body(store: Store) -> None:
         await impression(store, "r1", ["a"])
         await event(store, "click", "a", "r1")
-        assert len(await store.read_group("events", GROUP, "c")) == 1  # delivered, never acked
+        assert len(await read_all(store)) == 1  # delivered, never acked
         await store.redis.xtrim(store.keys.events, maxlen=0)  # MAXLEN trimming, meanwhile
         await event(store, "click", "a")
 
-        entries = await store.read_group("events", GROUP, "c")
+        entries = await read_all(store)
 
         assert [fields["request_id"] for _, fields in entries] == [""]  # the trimmed one: gone
         await store.ack("events", GROUP, [entry_id for entry_id, _ in entries])
         assert (await store.redis.xpending(store.keys.events, GROUP))["pending"] == 0
+
+    run(settings, body)
+
+
+def test_a_loaded_data_set_is_consumed_a_chunk_at_a_time(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events without a request id (a loaded data set: millions, for a large one) are
+    acknowledged chunk by chunk, never all held at once; joined ones still wait for the write."""
+    monkeypatch.setattr(store_module, "CHUNK", 3)
+    largest: list[int] = []
+    reading = Store.read_group
+
+    async def counted(self: Store, *args: str):
+        async for batch in reading(self, *args):
+            largest.append(len(batch))
+            yield batch
+
+    monkeypatch.setattr(Store, "read_group", counted)
+
+    async def body(store: Store) -> None:
+        log = FeedbackLog(store, settings.data_dir / "trainer")
+        await impression(store, "r1", ["a", "b"])
+        for _ in range(10):
+            await event(store, "click", "a")
+        await event(store, "click", "b", "r1")
+
+        result = await log.consume()
+
+        assert (result.events, result.organic, result.joined) == (11, 10, 1)
+        assert max(largest) == 3
+        assert log.read()["r1"].positives == ["b"]
+        assert await pending(store) == 0
 
     run(settings, body)
