@@ -217,6 +217,13 @@ class TrainerSettings(_Section):
         1000, ge=1, description="`reasonrec trainer`: refresh sooner once this many new events."
     )
     refresh_grpo_steps: int = Field(20, ge=1, description="GRPO steps per refresh.")
+    refresh_logged_examples: int = Field(
+        2000,
+        ge=4,
+        description="Refresh: the newest this many logged lists (with a positive, in the "
+        "version's rendering) are trained on, the newest REASONREC_GATE_HOLDOUT share of them held "
+        "out for the gate; older ones stay in the log.",
+    )
     refresh_fresh_examples: int = Field(
         64,
         ge=0,

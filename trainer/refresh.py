@@ -180,14 +180,15 @@ def apart_from(fresh: list[Example], holdout: list[Example]) -> list[Example]:
 
 
 def split_logged(
-    logged: list[LoggedExample], holdout: float, rendering: Rendering
+    logged: list[LoggedExample], holdout: float, rendering: Rendering, newest: int
 ) -> tuple[list[Example], list[Example]]:
-    """Lists with a positive among their candidates whose prompt was written in `rendering`,
-    oldest first; the newest share held out."""
+    """The `newest` lists with a positive among their candidates whose prompt was written in
+    `rendering`, oldest first; the newest share held out. Not all of them: the gate answers
+    every held-out list with two models, and the log only grows."""
     usable = sorted(
         (e for e in logged if set(e.positives) & set(e.candidates) and e.rendering == rendering),
         key=lambda e: e.ts,
-    )
+    )[-newest:]
     cut = len(usable) - max(1, round(holdout * len(usable)))
     examples = [_as_example(e) for e in usable]
     return examples[:cut], examples[cut:]
@@ -265,7 +266,9 @@ async def _refresh(
     manifest = registry.manifest(parent)
     ranks = Task.rank in manifest.tasks
     logged = list(feedback.read().values()) if ranks else []
-    train, holdout = split_logged(logged, settings.gate_holdout, manifest.rendering)
+    train, holdout = split_logged(
+        logged, settings.gate_holdout, manifest.rendering, settings.refresh_logged_examples
+    )
     corpus = await read_corpus(store)
     rates = Task.rate in manifest.tasks and settings.refresh_rating_examples > 0
     rating = recent_ratings(corpus, manifest, settings) if rates else None

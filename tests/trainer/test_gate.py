@@ -193,18 +193,29 @@ def logged(n: int, rendering: Rendering) -> LoggedExample:
 def test_refresh_trains_only_on_lists_prompted_the_way_the_model_reads() -> None:
     lists = [logged(n, Rendering.compact if n % 2 else Rendering.rich) for n in range(8)]
 
-    train, holdout = split_logged(lists, 0.25, Rendering.compact)
+    train, holdout = split_logged(lists, 0.25, Rendering.compact, newest=100)
 
     assert len(train) + len(holdout) == 4
     assert {e.prompt for e in train + holdout} == {"p"}
     assert len(holdout) == 1
 
 
+def test_a_refresh_reads_only_the_newest_logged_lists() -> None:
+    lists = [
+        logged(n, Rendering.compact).model_copy(update={"prompt": f"p{n}"}) for n in range(100)
+    ]
+
+    train, holdout = split_logged(lists, 0.25, Rendering.compact, newest=20)
+
+    assert [e.prompt for e in train + holdout] == [f"p{n}" for n in range(80, 100)]
+    assert len(train) == 15 and len(holdout) == 5
+
+
 def test_users_with_a_held_out_list_give_no_fresh_example() -> None:
     """Their latest click is often the held-out list's: trained on, the gate would be scored on
     what the candidate was just taught."""
     lists = [logged(n, Rendering.compact).model_copy(update={"user_id": f"u{n}"}) for n in range(4)]
-    _, holdout = split_logged(lists, 0.5, Rendering.compact)
+    _, holdout = split_logged(lists, 0.5, Rendering.compact, newest=100)
     fresh = [
         Example(user_id=f"u{n}", prompt="p", candidates=["a"], positives=["a"], k=1, target="t")
         for n in range(6)
