@@ -4,6 +4,7 @@ lock that keeps two refreshes apart (real Redis; the full refresh is in tests/in
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -178,12 +179,16 @@ def test_what_a_refresh_needs_follows_what_it_refreshes(
     assert _shortage(Manifest(version="v", tasks=tasks), 50, rating) == reason
 
 
-def test_the_lock_is_renewed_through_a_redis_error(
-    env: Settings, rdb: redis.Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def lock_key(env: Settings, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The refresh lock's key; the lock is renewed every 20 ms."""
     monkeypatch.setattr(refresh_module, "RENEW_SECONDS", 0.02)
-    lock_key = f"{env.key_prefix}:trainer:lock"
+    return f"{env.key_prefix}:trainer:lock"
 
+
+def test_the_lock_is_renewed_through_a_redis_error(
+    env: Settings, rdb: redis.Redis, lock_key: str
+) -> None:
     async def body() -> None:
         async with open_store(env) as store:
             script, calls = store._renew, []
@@ -204,12 +209,7 @@ def test_the_lock_is_renewed_through_a_redis_error(
     asyncio.run(body())
 
 
-def test_a_lock_taken_over_is_lost(
-    env: Settings, rdb: redis.Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(refresh_module, "RENEW_SECONDS", 0.02)
-    lock_key = f"{env.key_prefix}:trainer:lock"
-
+def test_a_lock_taken_over_is_lost(env: Settings, rdb: redis.Redis, lock_key: str) -> None:
     async def body() -> None:
         async with open_store(env) as store, refresh_lock(store) as lock:
             rdb.set(lock_key, "another-refresh")  # it lapsed and another refresh took it
@@ -298,13 +298,13 @@ def _refresh_trained(
     return result, published, active
 
 
-def test_a_refresh_that_lost_its_lock_publishes_nothing(
-    env: Settings, rdb: redis.Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(refresh_module, "RENEW_SECONDS", 0.02)
-    lock_key = f"{env.key_prefix}:trainer:lock"
+def _lock_taken_over(
+    env: Settings, rdb: redis.Redis, lock_key: str
+) -> tuple[Gate, Callable[[], None]]:
+    """A gate that passes, and another refresh taking the lock (renewed every 20 ms: this one
+    sees it gone within the half second it waits)."""
 
-    def another_refresh_takes_the_lock() -> None:  # while this one trains, in its thread
+    def take() -> None:
         rdb.set(lock_key, "another-refresh")
         time.sleep(0.5)
 
@@ -313,9 +313,14 @@ def test_a_refresh_that_lost_its_lock_publishes_nothing(
         {"ndcg@10": 0.2, "retrieval_ndcg@10": 0.1, "invalid_rate": 0.0},
         env,
     )
-    result, published, active = _refresh_trained(
-        env, monkeypatch, passed, another_refresh_takes_the_lock
-    )
+    return passed, take
+
+
+def test_a_refresh_that_lost_its_lock_publishes_nothing(
+    env: Settings, rdb: redis.Redis, lock_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    passed, take = _lock_taken_over(env, rdb, lock_key)
+    result, published, active = _refresh_trained(env, monkeypatch, passed, take)  # while training
 
     assert result.outcome == "skipped"
     assert result.reason == (
@@ -326,24 +331,11 @@ def test_a_refresh_that_lost_its_lock_publishes_nothing(
 
 
 def test_a_refresh_that_lost_its_lock_while_publishing_activates_nothing(
-    env: Settings, rdb: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    env: Settings, rdb: redis.Redis, lock_key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Publishing runs off the event loop, so the lock is renewed (and its loss seen) meanwhile."""
-    monkeypatch.setattr(refresh_module, "RENEW_SECONDS", 0.02)
-    lock_key = f"{env.key_prefix}:trainer:lock"
-
-    def another_refresh_takes_the_lock() -> None:  # while this one writes its weights
-        rdb.set(lock_key, "another-refresh")
-        time.sleep(0.5)
-
-    passed = refresh_gate(
-        {"ndcg@10": 0.1, "invalid_rate": 0.0},
-        {"ndcg@10": 0.2, "retrieval_ndcg@10": 0.1, "invalid_rate": 0.0},
-        env,
-    )
-    result, published, active = _refresh_trained(
-        env, monkeypatch, passed, while_publishing=another_refresh_takes_the_lock
-    )
+    passed, take = _lock_taken_over(env, rdb, lock_key)
+    result, published, active = _refresh_trained(env, monkeypatch, passed, while_publishing=take)
 
     assert result.outcome == "published" and published == ["v2"] and active == "v1"
     assert result.reason == (
