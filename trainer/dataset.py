@@ -65,7 +65,10 @@ class ExampleBuilder:
         `need_positive` (a training example without one teaches nothing)."""
         seq = self.corpus.sequences[user_id]
         history = [item for item, _ in seq[:t]]
-        positives = [item for item, _ in seq[t : t + self.shape.k]]
+        # A training position's next k items stop before the user's last one, which validation
+        # holds out (it would be taught as the answer of a prompt one item shorter than its own).
+        end = len(seq) if t == len(seq) - 1 else len(seq) - 1
+        positives = [item for item, _ in seq[t : min(t + self.shape.k, end)]]
         candidates = self.candidates(history)
         if need_positive and not set(positives) & set(candidates):
             return None

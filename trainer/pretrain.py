@@ -57,11 +57,19 @@ class Vocabulary:
 
     @classmethod
     def of(cls, tokenizer: PreTrainedTokenizerBase, item_ids: Sequence[str]) -> "Vocabulary":
-        tokens = [tokenizer.convert_tokens_to_ids(ref(item)) for item in item_ids]
-        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in tokens:
-            raise ValueError("every item must be one token to pretrain on item sequences")
+        """The items among `item_ids` that are one token, in their order: an id the byte-level
+        tokenizer spells in pieces (`trainer.tokenizer`: one with characters beyond printable
+        ASCII) cannot be a next-item target, and is left out."""
+        known = [(item, _token(tokenizer, item)) for item in item_ids]
+        items = [item for item, token in known if token is not None]
+        tokens = [token for _, token in known if token is not None]
         encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-        return cls(list(item_ids), torch.tensor(tokens), encode(SEPARATOR), encode("\n"))
+        return cls(items, torch.tensor(tokens, dtype=torch.long), encode(SEPARATOR), encode("\n"))
+
+
+def _token(tokenizer: PreTrainedTokenizerBase, item_id: str) -> int | None:
+    token = tokenizer.convert_tokens_to_ids(ref(item_id))
+    return None if token is None or token == tokenizer.unk_token_id else token
 
 
 @dataclass(frozen=True)
@@ -265,8 +273,10 @@ def first_pick_ndcg(
         hidden = hidden[:, -1]
         vocab = Vocabulary.of(tokenizer, example.candidates)
         scores = item_logits(model, vocab, hidden)[0].tolist()
-        # sorted is stable: equal scores keep the retrieval order
+        # sorted is stable: equal scores keep the retrieval order; candidates that are not one
+        # token follow in that order
         order = sorted(range(len(scores)), key=lambda j: -scores[j])
-        ranked = [example.candidates[j] for j in order]
+        ranked = [vocab.items[j] for j in order]
+        ranked += [item for item in example.candidates if item not in set(vocab.items)]
         gains.append(ndcg_at_k(ranked, example.positives, example.k))
     return sum(gains) / max(len(gains), 1)

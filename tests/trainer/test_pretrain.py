@@ -115,6 +115,23 @@ def test_pretraining_learns_what_comes_next(tokenizer) -> None:
     assert not model.training
 
 
+def test_an_item_spelled_in_pieces_is_left_out_of_the_targets() -> None:
+    """A non-ASCII id is no single token of the byte-level tokenizer (it crashed pretraining)."""
+    items = [*ITEMS, "café"]
+    tokenizer = train_tokenizer(["Film"], items, vocab_size=300)
+    corpus = cyclic_corpus()
+    corpus.items["café"] = Item(item_id="café", title="Film café", created_at=NOW)
+    corpus.sequences["u0"].insert(3, ("café", 2.5))
+
+    vocab = Vocabulary.of(tokenizer, sorted(corpus.items))
+    model = build_model(tokenizer, "tiny", seed=0)
+    settings = PretrainSettings(max_epochs=1, patience=1, learning_rate=5e-3, progress=False)
+    result = pretrain(model, tokenizer, corpus, settings, window=8)
+
+    assert vocab.items == sorted(ITEMS) and len(vocab.tokens) == len(ITEMS)
+    assert result.epochs == 1
+
+
 def test_a_full_compact_prompt_stays_within_its_token_budget() -> None:
     # 50 history items and a profile of ML-100K's shape: the compact rendering aims at <= 200.
     items = [str(n) for n in range(1, 1683)]
