@@ -43,7 +43,7 @@ from trainer.dataset import ExampleBuilder, Examples, Shape
 from trainer.device import select_device
 from trainer.examples import Example, in_chat
 from trainer.gate import Popularity, activation, validate
-from trainer.grpo import run_grpo
+from trainer.grpo import run_grpo, spread
 from trainer.index_build import build_index
 from trainer.model import build_model, parameter_count, seed_item_embeddings
 from trainer.presets import PRESETS, Preset, Recipe
@@ -201,7 +201,7 @@ def train_model(
         )["ndcg@10"]
         if Task.rank in plan.keep_stages:
             kept["rank_sft"] = copy.deepcopy(model)
-        grpo_examples = examples.train[: preset.grpo_examples]
+        grpo_examples = spread(examples.train, preset.grpo_examples, seed)
         grpo = preset.grpo
         if start is not None and preset.item_tokens:
             model = for_grpo(model)

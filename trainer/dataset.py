@@ -61,8 +61,9 @@ class ExampleBuilder:
         return chosen[: self.shape.candidates]
 
     def example(self, user_id: str, t: int, need_positive: bool = True) -> Example | None:
-        """The example at position t; None when no positive made it into the candidates and
-        `need_positive` (a training example without one teaches nothing)."""
+        """The example at position t; None when no candidate is left, or when no positive made
+        it into the candidates and `need_positive` (a training example without one teaches
+        nothing)."""
         seq = self.corpus.sequences[user_id]
         history = [item for item, _ in seq[:t]]
         # A training position's next k items stop before the user's last one, which validation
@@ -70,6 +71,8 @@ class ExampleBuilder:
         end = len(seq) if t == len(seq) - 1 else len(seq) - 1
         positives = [item for item, _ in seq[t : min(t + self.shape.k, end)]]
         candidates = self.candidates(history)
+        if not candidates:  # nothing left to recommend (a small catalog the user has seen)
+            return None
         if need_positive and not set(positives) & set(candidates):
             return None
         items = self.corpus.items

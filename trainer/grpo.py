@@ -16,8 +16,9 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
@@ -44,6 +45,7 @@ from trainer.device import accelerated_bf16
 from trainer.examples import Example
 from trainer.presets import GrpoSettings
 
+Drawn = TypeVar("Drawn")
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of an adapter it trains on
@@ -164,6 +166,16 @@ def _reference_on_disk(model: PreTrainedModel, output_dir: Path, beta: float) ->
         yield
     finally:
         model.config._name_or_path = previous
+
+
+def spread(examples: Sequence[Drawn], count: int, seed: int = 0) -> list[Drawn]:
+    """`count` of the examples, drawn across the whole set (seeded), in their order. Training sets
+    are built user after user: their first `count` were one or two users' (the default preset's
+    64 GRPO prompts came from two)."""
+    if len(examples) <= count:
+        return list(examples)
+    chosen = np.random.default_rng(seed).choice(len(examples), size=count, replace=False)
+    return [examples[i] for i in sorted(chosen)]
 
 
 def run_grpo(

@@ -50,7 +50,7 @@ from contract.rating import (
 from reward_rules.terms import Term
 from trainer.constrained import RatingConstraint, constrained_generation, greedy_after
 from trainer.corpus import Corpus
-from trainer.grpo import run_grpo
+from trainer.grpo import run_grpo, spread
 from trainer.presets import RatingPreset, Recipe
 from trainer.sft import run_sft
 
@@ -306,7 +306,7 @@ def train_rating(
     model = run_grpo(
         model,
         tokenizer,
-        examples.train[: preset.grpo_examples],
+        spread(examples.train, preset.grpo_examples),
         terms,
         grpo.model_copy(update={"max_completion_length": constraint.length}),
         scratch,

@@ -47,7 +47,7 @@ from server.search_index import SearchIndex
 from trainer.constrained import constrained_generation, greedy_after, search_constraint
 from trainer.corpus import Corpus
 from trainer.dataset import sample_positions
-from trainer.grpo import run_grpo
+from trainer.grpo import run_grpo, spread
 from trainer.presets import SearchPreset
 from trainer.sft import run_sft
 
@@ -211,7 +211,7 @@ def train_search(
     model = run_grpo(
         model,
         tokenizer,
-        examples.train[: preset.grpo_examples],
+        spread(examples.train, preset.grpo_examples),
         [(SearchNdcg(index.rank_of, TRAIN_K), 1.0)],
         preset.grpo.model_copy(update={"max_completion_length": constraint.length}),
         scratch,

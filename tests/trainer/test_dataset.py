@@ -70,3 +70,13 @@ def test_a_training_example_never_names_the_held_out_last_item() -> None:
 
     assert training is not None and training.positives == ["i1"]  # not i2
     assert held_out is not None and held_out.positives == ["i2"]
+
+
+def test_a_user_who_has_seen_the_whole_catalog_is_no_example() -> None:
+    """Nothing is left to recommend: validation skips them (a ValueError stopped bootstrap)."""
+    examples = builder()
+    again = [(f"i{n}", float(n)) for n in range(12)] + [("i0", 12.0)]  # came back to i0
+    examples.corpus.sequences["all"] = again
+
+    assert examples.example("all", 12, need_positive=False) is None
+    assert "all" not in {e.user_id for e in examples.validation(users=10, seed=0)}

@@ -19,6 +19,7 @@ from trainer.grpo import (
     completion_budget,
     reward_functions,
     run_grpo,
+    spread,
 )
 from trainer.presets import GrpoSettings
 
@@ -142,3 +143,14 @@ def test_lora_grpo_trains_adapters_only_and_goes_on_training_them(
     weights = dict(again.named_parameters())
     assert any(not torch.equal(first[name], weights[name]) for name in first)
     assert not (tmp_path / "first" / "reference").exists()  # KL reference: adapters switched off
+
+
+def test_grpo_prompts_are_drawn_across_users_not_the_first_ones() -> None:
+    """Training sets are built user after user: 64 prompts from their head were two users'."""
+    built = [(f"u{user}", position) for user in range(30) for position in range(20)]
+
+    drawn = spread(built, 64, seed=0)
+
+    assert len({user for user, _ in drawn}) > 20
+    assert drawn == sorted(drawn, key=built.index) == spread(built, 64, seed=0)
+    assert spread(built[:10], 64) == built[:10]
