@@ -13,6 +13,7 @@ import typer
 import uvicorn
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from server import logs
 from server.config import Settings
@@ -57,7 +58,8 @@ def errors_end_command(*kinds: type[Exception]) -> Iterator[None]:
     try:
         yield
     except kinds as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        # escaped: a message such as "pip install 'reasonrec[smollm2]'" is not markup
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from exc
 
 

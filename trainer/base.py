@@ -24,6 +24,11 @@ from trainer.grpo import lora_config
 from trainer.model import seed_item_embeddings
 from trainer.tokenizer import answer_tokens
 
+ONLY_RANKING = (
+    "a pretrained base learns ranking only (rating and search start from the embedded model for "
+    "now)"
+)
+
 
 def base_manifest(registry: Registry, version: str, tasks: frozenset[Task]) -> Manifest:
     """The base `bootstrap --base` starts from; raises RegistryError for one it cannot train
@@ -32,10 +37,7 @@ def base_manifest(registry: Registry, version: str, tasks: frozenset[Task]) -> M
     if manifest.kind != "full":
         raise RegistryError(f"base {version} is a LoRA adapter; give the full version it adapts")
     if tasks != {Task.rank}:
-        raise RegistryError(
-            "a pretrained base learns ranking only (rating and search start from the embedded "
-            "model for now)"
-        )
+        raise RegistryError(ONLY_RANKING)
     return manifest
 
 

@@ -95,7 +95,7 @@ def index_corpus(
 
 def _texts(corpus: Corpus, examples: list[Example]) -> list[str]:
     catalog = [f"{item.title} {' '.join(item.categories)}" for item in corpus.items.values()]
-    return catalog + [e.prompt + e.target for e in examples[:200]]
+    return catalog + [e.prompt + e.target for e in examples]
 
 
 def _examples(
@@ -144,10 +144,11 @@ def _embedded_model(
 ):
     """A tokenizer trained on the data (one token per item) and a fresh model whose item
     embeddings start from the index vectors."""
+    # 200 prompts of each task (the first 200 of them all were every one a ranking prompt)
     rating = plan.rating.train[:200] if plan.rating else []
     search = plan.search.train[:200] if plan.search else []
     tokenizer = train_tokenizer(
-        _texts(corpus, [*examples.train, *rating, *search]),
+        _texts(corpus, [*examples.train[:200], *rating, *search]),
         list(corpus.items),
         preset.vocab_size,
         plan.tasks,

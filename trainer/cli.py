@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 
 from contract.tasks import Task
 from reward_rules.policy import PolicyError
@@ -28,6 +29,7 @@ from server.registry import (
 from server.schemas import EventType
 from server.store import open_store
 from trainer.corpus import INTERACTIONS, NotEnoughData
+from trainer.device import DeviceError
 from trainer.evaluation.split import EvalFormat, Split, read_eval_data
 from trainer.presets import PRESETS, Recipe
 
@@ -97,6 +99,11 @@ async def _rebuild_index(settings: Settings, dim: int) -> str:
 
     async with open_store(settings) as store:
         corpus = await read_corpus(store)
+    if not corpus.items:  # a wrong Redis URL or prefix would replace a good index with nothing
+        raise NotEnoughData(
+            "the store holds no items: nothing indexed (is REASONREC_REDIS_URL "
+            "or REASONREC_KEY_PREFIX the deployment's?)"
+        )
     return index_corpus(corpus, settings, dim).version
 
 
@@ -105,7 +112,8 @@ def index_command(dim: Annotated[int, typer.Option(min=2, help="Item vector size
     """Rebuild the candidate index from the store's catalog and interactions (new items, new
     feedback) and make it current; gateways load it when they start."""
     settings = settings_from_env()
-    typer.echo(asyncio.run(_rebuild_index(settings, dim)))
+    with errors_end_command(NotEnoughData):
+        typer.echo(asyncio.run(_rebuild_index(settings, dim)))
 
 
 BaseOption = Annotated[
@@ -121,10 +129,12 @@ BaseOption = Annotated[
 
 def _base_version(settings: Settings, base: str, tasks: frozenset[Task]) -> str:
     """The registry version `--base` names, a packaged model's imported when needed."""
-    from trainer.base import base_manifest  # heavy, but the command trains next anyway
+    from trainer.base import ONLY_RANKING, base_manifest  # heavy; the command trains next
     from trainer.gguf_import import PACKAGED, packaged_version
 
     registry = Registry(settings.registry_path)
+    if tasks != {Task.rank}:  # before importing: minutes of work for nothing
+        raise typer.BadParameter(ONLY_RANKING, param_hint="--base")
     try:
         if base in PACKAGED and not registry.has(base):
             with console.status(f"importing {base}"):
@@ -157,7 +167,8 @@ def bootstrap_command(
     if base:
         base = _base_version(settings, base, tasks)
     # Nothing published, serving unchanged.
-    with errors_end_command(NotEnoughData, PolicyError, RegistryError):
+    # Disk full and a missing GPU are the operator's to fix: one line, not a traceback.
+    with errors_end_command(NotEnoughData, PolicyError, RegistryError, DeviceError, OSError):
         result = asyncio.run(run_bootstrap(settings, preset, seed, force, tasks, recipe, base))
     console.print(f"[bold]{result.gate}[/bold]", highlight=False)
     typer.echo(result.model_dump_json(indent=2))
@@ -196,7 +207,7 @@ def train_command(
     try:
         result = asyncio.run(_refresh(settings_from_env(), force))
     except RefreshBusy as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(EXIT_BUSY) from exc
     typer.echo(result.model_dump_json(indent=2))
     codes = {"published": 0, "rejected": EXIT_REJECTED, "skipped": EXIT_SKIPPED}

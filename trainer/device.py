@@ -9,15 +9,19 @@ import torch
 TrainDevice = Literal["auto", "cpu", "cuda"]
 
 
+class DeviceError(RuntimeError):
+    """The training device asked for is not there."""
+
+
 def select_device(choice: TrainDevice = "auto") -> torch.device:
-    """`auto`: CUDA when a device is visible, else the CPU. Raises RuntimeError for `cuda`
+    """`auto`: CUDA when a device is visible, else the CPU. Raises DeviceError for `cuda`
     without one, rather than training for hours on the CPU of a GPU node by mistake."""
     if choice == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():
         return torch.device("cuda")
     if choice == "cuda":
-        raise RuntimeError("REASONREC_TRAIN_DEVICE=cuda, but torch sees no CUDA device")
+        raise DeviceError("REASONREC_TRAIN_DEVICE=cuda, but torch sees no CUDA device")
     return torch.device("cpu")
 
 

@@ -101,3 +101,10 @@ def test_the_command_names_the_problem_with_a_base(env: Settings) -> None:
     result = CliRunner().invoke(app, ["bootstrap", "--base", "v-missing"])
     assert result.exit_code == 2
     assert "not in the registry" in result.output
+
+
+def test_a_packaged_base_for_another_task_is_refused_before_it_is_imported(env: Settings) -> None:
+    result = CliRunner().invoke(app, ["bootstrap", "--base", "smollm2", "--task", "rate"])
+    assert result.exit_code == 2
+    assert "learns ranking only" in " ".join(result.output.split())
+    assert Registry(env.registry_path).versions() == []  # minutes of importing, for nothing

@@ -43,3 +43,17 @@ def test_a_bootstrap_that_cannot_train_fails_clearly_and_leaves_the_index_as_it_
 
     assert refused.exit_code == 1 and f"{policy}:2" in refused.output, refused.output
     assert current_version(env.data_dir) == version
+
+
+def test_an_index_of_an_empty_store_is_refused_and_the_current_one_kept(env: Settings) -> None:
+    """A wrong Redis URL or key prefix published an empty index over a good one."""
+    runner = CliRunner()
+    runner.invoke(app, ["load", "--format", "synthetic", "--users", "40", "--items", "80"])
+    version = runner.invoke(app, ["index", "--dim", "8"]).output.strip().splitlines()[-1]
+    elsewhere = {"REASONREC_KEY_PREFIX": f"{env.key_prefix}-elsewhere"}
+
+    result = runner.invoke(app, ["index", "--dim", "8"], env=elsewhere)
+
+    assert result.exit_code == 1 and "holds no items" in result.output
+    assert "Traceback" not in result.output
+    assert current_version(env.data_dir) == version

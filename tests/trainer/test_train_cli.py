@@ -394,3 +394,10 @@ def test_a_restarted_sidecar_keeps_the_schedule_of_the_last_refresh(
         asyncio.run(sidecar.run_sidecar(hourly))
     # Overdue: at the first poll after the start's count (the stream's length, poll 1).
     assert ran == refreshed_at
+
+
+def test_a_message_with_brackets_is_printed_as_it_is(env: Settings) -> None:
+    """Rich read "[smollm2]" in an install hint as markup and dropped it."""
+    result = CliRunner().invoke(app, ["models", "activate", "v[smollm2]"])
+    assert result.exit_code == 1
+    assert "v[smollm2]" in result.output
