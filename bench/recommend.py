@@ -25,7 +25,7 @@ from _load import LEVELS, load, require_gateway  # bench/ is the script's folder
 from server.active_model import open_engine
 from server.config import Settings
 from server.engine import Engine
-from server.recommend import ranking_request
+from server.recommend import answer_choices, ranking_request
 from server.store import open_store
 
 K = 10
@@ -67,7 +67,8 @@ async def _logged_prompts(
 async def _engine(engine: Engine, prompts: list[tuple[str, list]], max_tokens: int) -> dict:
     async def call(job: tuple[str, list]) -> None:
         prompt, candidates = job
-        request = ranking_request(engine, uuid.uuid4().hex, prompt, candidates, K, max_tokens)
+        choices = answer_choices(engine, candidates)
+        request = ranking_request(engine, uuid.uuid4().hex, prompt, choices, K, max_tokens)
         await engine.generate(request)
 
     await call(prompts[0])

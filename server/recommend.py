@@ -88,10 +88,9 @@ def answer_choices(engine: Engine, order: list[str]) -> list[str]:
 
 
 def ranking_request(
-    engine: Engine, request_id: str, prompt: str, order: list[str], k: int, max_tokens: int
+    engine: Engine, request_id: str, prompt: str, choices: list[str], k: int, max_tokens: int
 ) -> GenerationRequest:
-    """What the engine is asked for one ranking of the candidates `order`."""
-    choices = answer_choices(engine, order)
+    """What the engine is asked for one ranking naming `choices` (`answer_choices`)."""
     allowed = engine.items.allowed(choices) if engine.items else None
     if allowed is None:  # ids written as text: room for the longest answer the regex admits
         max_tokens = max(max_tokens, text_answer_budget(choices, k, SPARE_IDS))
@@ -203,8 +202,9 @@ class Recommender:
             return _fallback(order, request.k, "no_model")
         if Task.rank not in engine.contract.tasks:
             return _fallback(order, request.k, "task_unsupported")
+        choices = answer_choices(engine, order)
         generation = ranking_request(
-            engine, request_id, prompt, order, request.k, self.settings.max_answer_tokens
+            engine, request_id, prompt, choices, request.k, self.settings.max_answer_tokens
         )
         budget = self.settings.llm_timeout_ms / 1000
         try:
@@ -228,7 +228,6 @@ class Recommender:
         if not answer.well_formed and not answer.items:
             metrics.PARSE_FAILURES.labels(Task.rank).inc()
             return _fallback(order, request.k, "malformed", raw=result.text)
-        choices = answer_choices(engine, order)
         scores = first_pick(result, choices)
         blend = engine.contract.blend
         ids, repaired = served_order(answer, scores, choices, request.k, blend, popularity)

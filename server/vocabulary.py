@@ -41,12 +41,15 @@ class ItemTokens:
     def nameable(self, candidate_ids: Sequence[str]) -> list[str]:
         """The candidates that are one token, in their order (an item added after the tokenizer
         was built is not)."""
-        return [i for i in candidate_ids if self._tokenizer.token_to_id(ref(i)) is not None]
+        return [i for i in candidate_ids if self._token(i) is not None]
 
     def allowed(self, candidate_ids: Sequence[str]) -> list[int] | None:
         """The token ids an answer naming these candidates may use, or None when a candidate is
         not one token (the answer is then constrained by the regex alone)."""
-        tokens = [self._tokenizer.token_to_id(ref(item_id)) for item_id in candidate_ids]
+        tokens = [self._token(item_id) for item_id in candidate_ids]
         if any(token is None for token in tokens):
             return None
         return self.plain + tokens
+
+    def _token(self, item_id: str) -> int | None:
+        return self._tokenizer.token_to_id(ref(item_id))

@@ -277,6 +277,7 @@ def first_pick_ndcg(
         # token follow in that order
         order = sorted(range(len(scores)), key=lambda j: -scores[j])
         ranked = [vocab.items[j] for j in order]
-        ranked += [item for item in example.candidates if item not in set(vocab.items)]
+        scored = set(ranked)
+        ranked += [item for item in example.candidates if item not in scored]
         gains.append(ndcg_at_k(ranked, example.positives, example.k))
     return sum(gains) / max(len(gains), 1)
