@@ -18,7 +18,7 @@ from server.registry import (
     Registry,
     adapter_rank,
     base_version,
-    check_contract,
+    servable,
     stored_parameters,
 )
 from server.vocabulary import ItemTokens
@@ -41,7 +41,7 @@ class Placement(BaseModel):
 
 
 def placement(settings: Settings, version: str) -> Placement:
-    """Raises RegistryError for an unknown version or a contract this gateway does not speak.
+    """Raises RegistryError for a version it cannot serve (`server.registry.servable`).
 
     An engine started for a base reserves adapter room when the base is large enough for the
     trainer to refresh it with LoRA (`REASONREC_REFRESH_LORA_MIN_PARAMS`), so that its adapters
@@ -49,8 +49,7 @@ def placement(settings: Settings, version: str) -> Placement:
     on its own merged weights instead, and no engine reserves adapter room.
     """
     registry = Registry(settings.registry_path)
-    manifest = registry.manifest(version)
-    check_contract(manifest)
+    manifest = servable(registry, version)
     base = base_version(manifest)
     merging = merges_adapters(settings)
     if manifest.kind == "lora" and merging:
@@ -120,15 +119,14 @@ def refreshed_with_lora(settings: Settings, weights: Path) -> bool:
 
 
 def open_engine(settings: Settings, version: str, serving: Engine | None = None) -> Engine:
-    """Raises RegistryError for an unknown version or a contract this gateway does not speak.
+    """Raises RegistryError for a version it cannot serve (`server.registry.servable`).
 
     In-process, a version on the same base weights as `serving` (the base, or a LoRA adapter of
     it) shares its vLLM process: a runtime adapter swap, no model load. A remote server places
     versions itself (docker/serve_vllm.py): the gateway only checks the contract.
     """
     registry = Registry(settings.registry_path)
-    manifest = registry.manifest(version)
-    check_contract(manifest)
+    manifest = servable(registry, version)
     base_dir = registry.path(base_version(manifest))
     items = ItemTokens.load(base_dir)
     template = chat_template(base_dir) if manifest.contract.chat else None

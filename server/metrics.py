@@ -102,7 +102,8 @@ SEARCH_INDEX_BUILD_SECONDS = Histogram(
 for _reason in ("engine_error", "timeout", "no_model", "task_unsupported", "malformed"):
     FALLBACKS.labels(_reason)
     SEARCH_FALLBACKS.labels(_reason)
-    RATE_FALLBACKS.labels(_reason)
+    if _reason != "task_unsupported":  # /v1/rate answers 409 instead
+        RATE_FALLBACKS.labels(_reason)
 FALLBACKS.labels("no_candidates")
 for _task in ("rank", "rate", "search"):
     PARSE_FAILURES.labels(_task)

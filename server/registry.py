@@ -279,6 +279,17 @@ def base_version(manifest: Manifest) -> str:
     return manifest.base_model
 
 
+def servable(registry: Registry, version: str) -> Manifest:
+    """The version's manifest if a gateway can serve it: a contract it speaks and, for an
+    adapter, its base in the registry. RegistryError otherwise."""
+    manifest = registry.manifest(version)
+    check_contract(manifest)
+    base = base_version(manifest)
+    if base != version and not registry.has(base):
+        raise RegistryError(f"LoRA version {version} adapts {base}, which is not in the registry")
+    return manifest
+
+
 def adapter_rank(path: Path) -> int:
     """The rank of the LoRA adapter in a version folder (peft's adapter_config.json)."""
     try:

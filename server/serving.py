@@ -10,7 +10,9 @@ than `REASONREC_LLM_TIMEOUT_MS` (the budget cancels it), so the old engine is cl
 If the new version cannot be opened, the old one keeps serving and the failure is logged. The
 active version is also read every RECHECK_SECONDS: an announcement sent while the subscription
 was reconnecting reaches nobody. An in-process engine whose core process died (killed for
-memory, say) never answers again: it is opened anew at the same check.
+memory, say) never answers again: it is opened anew at the same check. The candidate index that
+`reasonrec index` made current since is loaded at that check too, so that new items reach the
+candidates without a restart or a model swap.
 """
 
 import asyncio
@@ -111,6 +113,7 @@ class Serving:
                 if message is not None and message["type"] == "message":
                     await self.swap(message["data"])
                 elif time.monotonic() - checked > RECHECK_SECONDS:
+                    await self._reindex()
                     await self._revive()
                     # The client resubscribes by itself after a dropped connection, silently:
                     # what was announced meanwhile is only found by asking.
@@ -123,6 +126,15 @@ class Serving:
         active = await self.store.active_model()
         if active is not None and active != self._wanted:
             await self.swap(active)
+
+    async def _reindex(self) -> None:
+        """Hold the current candidate index if it is not the one held; the engine stays."""
+        async with self._lock:
+            held = self.index
+            self.index = await asyncio.to_thread(self._current_index)
+        if self.index is not held:
+            previous = held.version if held else None
+            log.info("index loaded", extra={"version": self.index.version, "previous": previous})
 
     async def _revive(self) -> None:
         """Open the served version again if its engine died; until then requests get the

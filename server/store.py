@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 FEEDBACK_SCRIPT = resources.files("server").joinpath("feedback.lua").read_text()
 ACTIVATE_SCRIPT = """
 local old = redis.call('GET', KEYS[1])
-if ARGV[2] ~= '' and old ~= ARGV[2] then return {0, old or ''} end
+if ARGV[3] == '1' and (old or '') ~= ARGV[2] then return {0, old or ''} end
 redis.call('SET', KEYS[1], ARGV[1])
 if old and old ~= ARGV[1] then redis.call('SET', KEYS[2], old) end
 redis.call('PUBLISH', KEYS[3], ARGV[1])
@@ -428,15 +428,20 @@ class Store:
     async def previous_model(self) -> str | None:
         return await self.redis.get(self.keys.previous_model)
 
-    async def set_active_model(self, version: str, replacing: str | None = None) -> str | None:
+    async def set_active_model(
+        self, version: str, replacing: str | None = None, checked: bool = False
+    ) -> str | None:
         """Point serving at `version`, remember the one it replaces, tell every gateway.
 
         One script, so that two activations at once cannot record the wrong previous version.
-        Returns the version that was active before. With `replacing`, only if that version is
-        still the active one (else ActiveModelChanged, and nothing changes).
+        Returns the version that was active before. With `replacing` or `checked`, only if
+        `replacing` (None: no version) is still the active one (else ActiveModelChanged, and
+        nothing changes).
         """
         keys = [self.keys.active_model, self.keys.previous_model, self.keys.model_updates]
-        done, old = await self._activate(keys=keys, args=[version, replacing or ""])
+        checked = checked or replacing is not None
+        args = [version, replacing or "", "1" if checked else "0"]
+        done, old = await self._activate(keys=keys, args=args)
         if not done:
             raise ActiveModelChanged(old or None)
         return old or None

@@ -36,7 +36,7 @@ from server.item_index import ItemIndex
 from server.policy import read_policy
 from server.registry import Manifest, Registry, new_version
 from server.search_index import Encoder, SearchIndex, build_search_index
-from server.store import Store
+from server.store import ActiveModelChanged, Store
 from trainer.base import base_manifest, for_grpo, load_base, servable
 from trainer.corpus import Corpus, NotEnoughData, read_corpus
 from trainer.dataset import ExampleBuilder, Examples, Shape
@@ -101,12 +101,13 @@ def _texts(corpus: Corpus, examples: list[Example]) -> list[str]:
 def _examples(
     corpus: Corpus, index: ItemIndex, shape: Shape, preset: Preset, seed: int
 ) -> Examples:
-    """SFT examples at sampled positions, and each validation user's last interaction."""
+    """SFT examples at sampled positions, and each validation user's last interaction. Without
+    the ranking task they only measure what pretraining learned, and may be none."""
     builder = ExampleBuilder(corpus, index, shape)
     train = list(builder.sample(preset.sft_examples, seed))
     validation = builder.validation(preset.validation_users, seed)
     log.info("examples built", extra={"train": len(train), "validation": len(validation)})
-    if not train:
+    if not train and Task.rank in shape.contract.tasks:
         raise NotEnoughData("no training examples: the store needs users with 3+ interactions")
     return Examples(train=train, validation=validation)
 
@@ -191,7 +192,9 @@ def train_model(
             history = shape.contract.history
             pretrained = pretrain(model, tokenizer, corpus, preset.pretrain, history)
             stages["pretrain_seconds"] = pretrained.seconds
-            stages["pretrain_ndcg@10"] = first_pick_ndcg(model, tokenizer, examples.validation)
+            if examples.validation:
+                ndcg = first_pick_ndcg(model, tokenizer, examples.validation)
+                stages["pretrain_ndcg@10"] = ndcg
     facts = catalog_facts(corpus.items.values(), policy)
     joint = plan.joint_sft()
     if Task.rank in plan.tasks:
@@ -345,14 +348,16 @@ async def bootstrap(
     policy = read_policy(settings.policy_file)
     corpus = await read_corpus(store)
     with interruptible():
-        # Current only once the version is published: a bootstrap that fails leaves serving as
-        # it was.
-        index = index_corpus(corpus, settings, preset.index_dim, seed, current=False)
         shape = Shape(
             candidates=settings.candidates,
             history=settings.prompt_history,
             contract=contract(preset, settings, tasks, parent),
         )
+        # First: a store that cannot train rating says so before the index is built.
+        rating = _rating_examples(corpus, shape, preset, seed)
+        # Current only once the version is published: a bootstrap that fails leaves serving as
+        # it was.
+        index = index_corpus(corpus, settings, preset.index_dim, seed, current=False)
         examples = _examples(corpus, index, shape, preset, seed)
         item_tokens = parent is not None and preset.item_tokens
         start = None
@@ -368,7 +373,7 @@ async def bootstrap(
         plan = Plan(
             tasks=tasks,
             recipe=recipe,
-            rating=_rating_examples(corpus, shape, preset, seed),
+            rating=rating,
             search=search,
             retriever=retriever,
             keep_stages=keep_stages,
@@ -435,7 +440,10 @@ async def bootstrap(
     other_active = active is not None and registry.has(active)
     activated, gate = activation(metrics, tasks, other_active, force)
     if activated:
-        await store.set_active_model(manifest.version)
+        try:
+            await store.set_active_model(manifest.version, replacing=active, checked=True)
+        except ActiveModelChanged:  # another bootstrap's version, activated while this trained
+            activated, gate = activation(metrics, tasks, True, force)
     log.info("bootstrap published", extra={"version": manifest.version, "gate": gate})
     return BootstrapResult(
         version=manifest.version,

@@ -25,6 +25,7 @@ from server.registry import (
     check_contract,
     has_chat_template,
     new_version,
+    servable,
 )
 from server.schemas import EventType
 from server.store import open_store
@@ -54,9 +55,25 @@ def _writable(path: Path) -> bool:
     return not path.is_dir() and folder.is_dir() and os.access(folder, os.W_OK)
 
 
-def check_preset(preset: str) -> None:
+def check_preset(preset: str, base: str | None = None) -> None:
+    """`base`: the pretrained model it trains on, if any."""
     if preset not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if PRESETS[preset].base_only and base is None:
+        raise typer.BadParameter(
+            f"preset {preset!r} trains adapters on a pretrained model: give --base "
+            "(e.g. --base smollm2), or an embedded model's preset",
+            param_hint="--preset",
+        )
+
+
+def rate_recipe(recipe: Recipe | None, tasks: frozenset[Task]) -> Recipe:
+    """The rating recipe; one given without the rating task would be ignored."""
+    if recipe is not None and Task.rate not in tasks:
+        raise typer.BadParameter(
+            "it chooses how rating is learnt: give it with --task rate", param_hint="--recipe"
+        )
+    return recipe or Recipe.one
 
 
 TaskOption = Annotated[
@@ -69,9 +86,11 @@ TaskOption = Annotated[
     ),
 ]
 RecipeOption = Annotated[
-    Recipe,
+    Recipe | None,
     typer.Option(
-        help="How it learns to rate: zero (RecZero, GRPO only) or one (RecOne, SFT then GRPO)."
+        help="How it learns to rate (with --task rate): zero (RecZero, GRPO only) or one (RecOne, "
+        "SFT then GRPO). Default: one.",
+        show_default=False,
     ),
 ]
 
@@ -154,16 +173,17 @@ def bootstrap_command(
         typer.Option(help="Activate even a model that does worse than its fallback."),
     ] = False,
     task: TaskOption = None,
-    recipe: RecipeOption = Recipe.one,
+    recipe: RecipeOption = None,
     base: BaseOption = None,
 ):
     """Train the embedded model (index, tokenizer, pretraining, then each task's SFT and GRPO) on
     the store's data, or LoRA adapters on a pretrained base (--base), publish it, and activate it
     if none is active and it beats its fallback on every task (the retrieval order for ranking,
     the lean baseline for rating, the last item's title as the query for search)."""
-    check_preset(preset)
+    check_preset(preset, base)
     settings = settings_from_env()
     tasks = frozenset(task or [Task.rank])
+    recipe = rate_recipe(recipe, tasks)
     if base:
         base = _base_version(settings, base, tasks)
     # Nothing published, serving unchanged.
@@ -301,7 +321,7 @@ def activate_model(version: Annotated[str, typer.Argument()]) -> None:
     """Make VERSION the active model; running gateways swap to it without a restart."""
     settings = settings_from_env()
     with errors_end_command(RegistryError):
-        check_contract(Registry(settings.registry_path).manifest(version))
+        servable(Registry(settings.registry_path), version)
     asyncio.run(_activate(settings, version))
 
 
@@ -364,7 +384,7 @@ def eval_command(
             "demo does) and report each. Default: rank.",
         ),
     ] = None,
-    recipe: RecipeOption = Recipe.one,
+    recipe: RecipeOption = None,
     model: Annotated[
         str | None,
         typer.Option(
@@ -385,7 +405,7 @@ def eval_command(
     """Offline evaluation (EVAL.md protocol). rank: reasonrec vs retrieval, popularity, item-kNN,
     the last item's title as a search query; search: the model's queries vs that raw query; rate:
     reasonrec (RecZero or RecOne) vs mean, bias and matrix-factorisation baselines."""
-    check_preset(preset)
+    check_preset(preset, base or model)  # a given model's preset is unused
     if json_out is not None and not _writable(json_out):
         # checked now: the report would be lost after hours of evaluation
         raise typer.BadParameter(
@@ -396,6 +416,7 @@ def eval_command(
     except LoadError as exc:
         raise typer.BadParameter(str(exc), param_hint="PATH") from exc
     tasks = frozenset(task or [Task.rank])
+    recipe = rate_recipe(recipe, tasks)
     if Task.rate in tasks and (unrated := data.unrated_tests(data.split.users)):
         raise typer.BadParameter(
             f"--task rate needs ratings: the last interaction of {len(unrated)} users "

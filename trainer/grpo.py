@@ -13,6 +13,7 @@ serves with (`trainer.constrained`), so rewards compare the items a completion p
 
 import logging
 import math
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PrinterCallback,
+    TrainerCallback,
 )
 from trl import GRPOConfig, GRPOTrainer
 
@@ -78,6 +80,23 @@ class TermReward:
 
 def _aligned(value: Any, completions: list[str]) -> bool:
     return isinstance(value, list) and len(value) == len(completions)
+
+
+class Stopped(Exception):
+    """Training was asked to stop before it finished (Ctrl-C on the process that runs it)."""
+
+
+class StopWhenSet(TrainerCallback):
+    """Raises `Stopped` at the end of the first step after `event` is set. Training runs in a
+    thread, which nothing can interrupt from outside; `should_training_stop` would end it as if
+    it had finished, and the caller would go on to gate and publish it."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.event.is_set():
+            raise Stopped(f"stopped after step {state.global_step} of {state.max_steps}")
 
 
 def _unique(name: str, seen: set[str]) -> str:
@@ -186,6 +205,7 @@ def run_grpo(
     settings: GrpoSettings,
     output_dir: Path | str,
     constraint: LogitsProcessor | None = None,
+    stop: threading.Event | None = None,
 ) -> PreTrainedModel | PeftModel:
     """Train `model` in place with GRPO on the examples' prompts; returns it in eval mode.
 
@@ -194,7 +214,8 @@ def run_grpo(
     in goes on training its own adapters (`settings.lora_rank` is then ignored).
 
     Sampling follows `constraint` (a `trainer.constrained` grammar), by default the ranking
-    answer's for these examples.
+    answer's for these examples. Once `stop` is set, `Stopped` is raised at the end of the step
+    under way.
 
     `output_dir` receives the KL reference (when beta > 0) and `trainer_state.json`, whose
     `log_history` has the mean reward, each term's mean, the KL, ... per step. No checkpoints.
@@ -229,6 +250,8 @@ def run_grpo(
     if not settings.progress:
         # With the bar disabled, transformers prints every log dict instead: silence that too.
         trainer.remove_callback(PrinterCallback)
+    if stop is not None:
+        trainer.add_callback(StopWhenSet(stop))
     with constrained_generation(trainer.model, constraint):
         trainer.train()
     trainer.state.save_to_json(str(output_dir / STATE_FILE))

@@ -135,6 +135,9 @@ class Preset(BaseModel):
         "embedding starts from the item's index vector and trains too; the result is merged "
         "into a full version. False: items are written as text and a LoRA version is published.",
     )
+    base_only: bool = Field(
+        False, description="Sized for a pretrained base only (`--base`), not the embedded model."
+    )
 
 
 DEFAULT_RATING = RatingPreset(
@@ -211,6 +214,7 @@ PRESETS: dict[str, Preset] = {
         search=DEFAULT_SEARCH,
     ),
     "pretrained": Preset(
+        base_only=True,
         model="default",  # unused: the base is the model
         rendering=Rendering.rich,
         prompt_history=None,

@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -51,7 +52,7 @@ from trainer.device import select_device
 from trainer.examples import Example, in_chat
 from trainer.feedback_log import ConsumeResult, FeedbackLog, LoggedExample
 from trainer.gate import Gate, Popularity, refresh_gate, validate
-from trainer.grpo import STATE_FILE, run_grpo
+from trainer.grpo import STATE_FILE, Stopped, run_grpo
 from trainer.presets import GrpoSettings
 from trainer.publish import publish_model, validated
 from trainer.rating import RatingExampleBuilder, RatingExamples, validate_rating
@@ -299,9 +300,15 @@ async def _refresh(
         progress=progress,
     )
     # In a thread: the event loop must stay free to renew the lock while the model trains.
-    candidate, tokenizer, training, gate = await asyncio.to_thread(
-        _train_and_gate, registry, manifest, lessons, grpo, settings, force
-    )
+    stop = threading.Event()
+    try:
+        candidate, tokenizer, training, gate = await asyncio.to_thread(
+            _train_and_gate, registry, manifest, lessons, grpo, settings, force, stop
+        )
+    except asyncio.CancelledError:
+        # Ctrl-C: `asyncio.run` waits for the thread before it exits; end it at the next step.
+        stop.set()
+        raise
     _record(gate, training.reward_mean)
     result = RefreshResult(
         outcome="rejected",
@@ -396,9 +403,10 @@ def _scores(model, tokenizer, lessons: Lessons, settings: Settings) -> dict[str,
 
 
 def _train(
-    model, tokenizer, lessons: Lessons, grpo: GrpoSettings, scratch: Path
+    model, tokenizer, lessons: Lessons, grpo: GrpoSettings, scratch: Path, stop: threading.Event
 ) -> tuple[PreTrainedModel | PeftModel, Training]:
-    """GRPO on each task's examples in turn; the training read from the last run."""
+    """GRPO on each task's examples in turn; the training read from the last run. `Stopped`
+    once `stop` is set."""
     training = Training(reward_mean=None, learned=False)
     runs = []
     if lessons.ranking:
@@ -409,7 +417,7 @@ def _train(
         runs.append((lessons.rating.train, lessons.rating_terms, budget, constraint))
     for n, (examples, terms, settings, constraint) in enumerate(runs):
         output = scratch / str(n)
-        model = run_grpo(model, tokenizer, examples, terms, settings, output, constraint)
+        model = run_grpo(model, tokenizer, examples, terms, settings, output, constraint, stop)
         ran = read_training(output)
         learned = training.learned or ran.learned
         training = ran.model_copy(update={"learned": learned})
@@ -423,9 +431,11 @@ def _train_and_gate(
     grpo: GrpoSettings,
     settings: Settings,
     force: bool = False,
+    stop: threading.Event | None = None,
 ) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase, Training, Gate | None]:
     """GRPO from the parent's weights, ranking then rating; both models answer the held-out
-    lists and ratings for the gate.
+    lists and ratings for the gate. Once `stop` is set, `Stopped` at the end of the GRPO step
+    under way, or before the gate when training is over.
 
     A large parent trains LoRA adapters instead of all weights (an adapter parent goes on
     training its own). No gate (None) when GRPO had nothing to learn from: publishing would copy
@@ -442,8 +452,11 @@ def _train_and_gate(
         candidate = copy.deepcopy(active)
         if refreshed_with_lora(settings, registry.path(parent.version)):
             grpo = grpo.model_copy(update={"lora_rank": settings.refresh_lora_rank})
+    stop = stop or threading.Event()
     with tempfile.TemporaryDirectory(prefix="reasonrec-refresh-") as scratch:
-        candidate, training = _train(candidate, tokenizer, lessons, grpo, Path(scratch))
+        candidate, training = _train(candidate, tokenizer, lessons, grpo, Path(scratch), stop)
+    if stop.is_set():
+        raise Stopped("stopped before the gate")
     training.lora_rank = lora_rank(candidate)
     if not training.learned:
         return candidate, tokenizer, training, None

@@ -10,7 +10,7 @@ from contract.prompt import Rendering
 from contract.tasks import Task
 from server.deps import ServingDep, SettingsDep, StoreDep, require_admin_key
 from server.errors import ApiError, documented
-from server.registry import Manifest, Registry, RegistryError, check_contract
+from server.registry import Manifest, Registry, RegistryError, servable
 from server.schemas import Id
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -99,7 +99,7 @@ async def activate(
     if not registry.has(body.version):
         raise ApiError(404, "not_found", f"model version '{body.version}' is not in the registry")
     try:
-        check_contract(registry.manifest(body.version))
+        servable(registry, body.version)
     except RegistryError as exc:
         raise ApiError(409, "model_refused", str(exc)) from exc
     previous = await store.set_active_model(body.version)

@@ -5,6 +5,7 @@ items only co-occur within their cluster, plus one new item per cluster with no 
 The last test measures retrieval on MovieLens 100K against popularity.
 """
 
+import asyncio
 import json
 import os
 import time
@@ -16,12 +17,14 @@ import numpy as np
 import pytest
 
 from server import index_files, item_index
+from server import serving as serving_module
 from server.config import Settings
 from server.index_files import current_version, index_dir, load_current, publish
 from server.item_index import ItemIndex
 from server.loaders.movielens import read_ml100k
 from server.schemas import ItemUpsert
 from server.serving import Serving
+from server.store import open_store
 from trainer import index_build
 from trainer.evaluation.split import load_split
 from trainer.index_build import build_index
@@ -300,6 +303,35 @@ def test_a_gateway_keeps_the_index_it_holds_when_the_current_one_cannot_be_read(
     index_dir(tmp_path).mkdir(parents=True)
     (index_dir(tmp_path) / "current").write_text("v20260101-000000-abcdef\n")
     assert serving._current_index() is index  # a pointer to a folder that is not there
+
+
+def test_a_gateway_loads_an_index_made_current_while_it_serves(
+    index: ItemIndex, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`reasonrec index` after items were added: the new items reached the candidates only
+    after a restart or a model swap."""
+    monkeypatch.setattr(serving_module, "RECHECK_SECONDS", 0.1)
+    publish(index, tmp_path)
+    newer = build_index(
+        [*_items(), ItemUpsert(item_id="fresh", title="Fresh")], _sequences(), dim=8
+    )
+
+    async def served_index() -> tuple[str, str]:
+        async with open_store(settings) as store:
+            serving = Serving(settings.model_copy(update={"data_dir": tmp_path}), store)
+            await serving.start()
+            try:
+                first = serving.index.version
+                publish(newer, tmp_path)
+                for _ in range(100):
+                    if serving.index.version != first:
+                        break
+                    await asyncio.sleep(0.05)
+                return first, serving.index.version
+            finally:
+                await serving.stop()
+
+    assert asyncio.run(served_index()) == (index.version, newer.version)
 
 
 def test_publish_keeps_only_the_newest_versions(tmp_path: Path) -> None:

@@ -105,11 +105,13 @@ def test_activate_swaps_the_gateway_and_remembers_the_previous(models_client: Te
         ("v-missing", 404, "not_found"),
         ("é" * 128, 404, "not_found"),  # 256 bytes: more than a file name holds (was a 500)
         ("v-future", 409, "model_refused"),
+        ("v-orphan", 409, "model_refused"),  # an adapter whose base is gone: no gateway opens it
     ],
 )
 def test_activate_refuses_unknown_and_unspoken_versions(
-    models_client: TestClient, version: str, status: int, code: str
+    models_client: TestClient, tmp_path: Path, version: str, status: int, code: str
 ) -> None:
+    publish(tmp_path / "models", "v-orphan", kind="lora", base_model="v-deleted")
     response = models_client.post("/v1/models/activate", json={"version": version}, headers=ADMIN)
     assert response.status_code == status
     assert response.json()["error"]["code"] == code
@@ -191,6 +193,20 @@ def test_an_activation_replacing_a_version_changes_nothing_once_another_is_activ
             assert changed.value.active == "v3"
             assert await store.active_model() == "v3"
             assert await store.previous_model() == "v2"
+
+    asyncio.run(activations())
+
+
+def test_a_first_activation_changes_nothing_once_another_is_active(settings: Settings) -> None:
+    """Two bootstraps on an empty store: each saw no version active; the first activates."""
+
+    async def activations() -> None:
+        async with open_store(settings) as store:
+            assert await store.set_active_model("v1", replacing=None, checked=True) is None
+            with pytest.raises(ActiveModelChanged) as changed:
+                await store.set_active_model("v2", replacing=None, checked=True)
+            assert changed.value.active == "v1"
+            assert await store.active_model() == "v1"
 
     asyncio.run(activations())
 

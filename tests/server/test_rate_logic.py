@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from contract.prompt import Contract, Rendering
 from contract.rating import Stats, lean_rating, rating_pattern, render_rating_answer, user_lean
 from contract.tasks import Task
+from server import metrics
 from server.engine import EngineError, Generation, GenerationRequest
 from tests.server.helpers import assert_error, metric, post_events
 from tests.server.test_recommend_logic import FakeEngine, use
@@ -314,3 +315,11 @@ def test_the_served_rating_mixes_the_model_and_the_baseline_by_the_versions_weig
 
     expected = 0.25 * 4 + 0.75 * expected_baseline("r1", "c")
     assert item["rating"] == pytest.approx(expected, abs=1e-3) and item["source"] == "llm"
+
+
+def test_the_rate_fallback_series_exist_for_the_reasons_it_falls_back_for() -> None:
+    """Each at 0 from the start, so that ratios over them evaluate; none for a reason the route
+    never falls back for (a model not trained to rate gets a 409)."""
+    (family,) = metrics.RATE_FALLBACKS.collect()
+    reasons = {sample.labels["reason"] for sample in family.samples}
+    assert reasons == {"no_model", "timeout", "engine_error", "malformed"}

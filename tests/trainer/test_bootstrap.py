@@ -1,14 +1,21 @@
 """`reasonrec bootstrap` on the embedded model: what it activates, and how it stops."""
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
 from server.config import Settings
 from server.store import open_store
 from tests.trainer.test_bootstrap_base import bootstrap_on
+from trainer import bootstrap as bootstrap_module
 
 
 def test_an_active_version_missing_from_the_registry_does_not_block_activation(
@@ -59,3 +66,60 @@ def test_one_ctrl_c_stops_synchronous_training_at_once() -> None:
     out, err = process.communicate(timeout=30)
     assert "published" not in out and "KeyboardInterrupt" in err
     assert time.monotonic() - started < 10
+
+
+def _store_of(env: Settings, tmp_path: Path, events: list[dict]) -> None:
+    """Twelve items and `events`, loaded as `reasonrec load --format jsonl` does."""
+    items = [{"kind": "item", "item_id": f"i{n}", "title": f"Item {n}"} for n in range(12)]
+    lines = [json.dumps(line) for line in [*items, *events]]
+    (tmp_path / "store.jsonl").write_text("\n".join(lines))
+    loaded = CliRunner().invoke(app, ["load", "--format", "jsonl", str(tmp_path / "store.jsonl")])
+    assert loaded.exit_code == 0, loaded.output
+
+
+def _event(user: int, item: int, kind: str, at: int) -> dict:
+    value = {"value": float(1 + (user + item) % 5)} if kind == "rating" else {}
+    return {
+        "kind": "event",
+        "user_id": f"u{user}",
+        "item_id": f"i{item}",
+        "type": kind,
+        "timestamp": 1_700_000_000 + at,
+        **value,
+    }
+
+
+class Reached(Exception):
+    """As far as a test goes."""
+
+
+def test_rating_alone_trains_on_users_with_two_ratings(
+    env: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ranking's examples need 3+ interactions a user; a bootstrap for rating alone stopped on
+    their absence ("no training examples") before it reached rating's."""
+    _store_of(env, tmp_path, [_event(u, u + n, "rating", n) for u in range(8) for n in range(2)])
+    reached: dict[str, int] = {}
+
+    def train_model(corpus, index, examples, preset, policy, shape, plan, *_: object) -> None:
+        reached.update(ranking=len(examples.train), rating=len(plan.rating.train))
+        raise Reached
+
+    monkeypatch.setattr(bootstrap_module, "train_model", train_model)
+    result = CliRunner().invoke(app, ["bootstrap", "--preset", "tiny", "--task", "rate"])
+
+    assert isinstance(result.exception, Reached), result.output
+    assert reached["ranking"] == 0 and reached["rating"] > 0
+
+
+def test_rating_without_ratings_is_refused_before_the_index_is_built(
+    env: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _store_of(env, tmp_path, [_event(u, u + n, "click", n) for u in range(8) for n in range(4)])
+    built: list[object] = []
+    monkeypatch.setattr(bootstrap_module, "index_corpus", lambda *args, **_: built.append(args))
+
+    result = CliRunner().invoke(app, ["bootstrap", "--preset", "tiny", "--task", "rate"])
+
+    assert result.exit_code == 1 and "no rating examples" in result.output, result.output
+    assert built == []

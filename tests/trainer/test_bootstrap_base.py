@@ -18,6 +18,7 @@ from server.loaders.writer import progress_bar, write
 from server.registry import Registry, RegistryError
 from server.store import open_store
 from server.vocabulary import ItemTokens
+from tests.trainer.evaluation.test_formats import plain
 from tests.trainer.gguf_files import tiny_pretrained
 from trainer.bootstrap import bootstrap
 from trainer.gguf_import import import_gguf
@@ -101,6 +102,23 @@ def test_the_command_names_the_problem_with_a_base(env: Settings) -> None:
     result = CliRunner().invoke(app, ["bootstrap", "--base", "v-missing"])
     assert result.exit_code == 2
     assert "not in the registry" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--recipe", "zero"], "how rating is learnt: give it with --task rate"),
+        (["--preset", "pretrained"], "trains adapters on a pretrained model: give --base"),
+    ],
+)
+def test_options_that_would_be_ignored_are_refused(
+    env: Settings, args: list[str], error: str
+) -> None:
+    """They were accepted and ignored: an embedded model trained for ranking alone, or on a
+    preset sized for a 135M base."""
+    result = CliRunner().invoke(app, ["bootstrap", *args])
+    assert result.exit_code == 2
+    assert error in plain(result.output)
 
 
 def test_a_packaged_base_for_another_task_is_refused_before_it_is_imported(env: Settings) -> None:

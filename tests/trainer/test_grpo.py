@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from reward_rules.terms import Accuracy, Diversity, Format, Novelty
 from trainer.examples import Example
 from trainer.grpo import (
     STATE_FILE,
+    Stopped,
     TermReward,
     completion_budget,
     reward_functions,
@@ -143,6 +145,24 @@ def test_lora_grpo_trains_adapters_only_and_goes_on_training_them(
     weights = dict(again.named_parameters())
     assert any(not torch.equal(first[name], weights[name]) for name in first)
     assert not (tmp_path / "first" / "reference").exists()  # KL reference: adapters switched off
+
+
+@pytest.mark.slow
+def test_a_stop_ends_grpo_at_the_end_of_the_step_under_way(
+    toy_tokenizer: PreTrainedTokenizerFast,
+    toy_examples: list[Example],
+    toy_sft_model: PreTrainedModel,
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C on a refresh: its training thread must end, not run all its steps."""
+    settings = GrpoSettings(max_steps=3, prompts_per_step=2, num_generations=4, progress=False)
+    stop = threading.Event()
+    stop.set()
+
+    with one_thread(), pytest.raises(Stopped, match="stopped after step 1 of 3"):
+        model = copy.deepcopy(toy_sft_model)
+        terms = [(Accuracy(), 1.0)]
+        run_grpo(model, toy_tokenizer, toy_examples, terms, settings, tmp_path, stop=stop)
 
 
 def test_grpo_prompts_are_drawn_across_users_not_the_first_ones() -> None:

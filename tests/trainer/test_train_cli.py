@@ -3,6 +3,7 @@ lock that keeps two refreshes apart (real Redis; the full refresh is in tests/in
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -22,7 +23,7 @@ from trainer import metrics, sidecar
 from trainer import refresh as refresh_module
 from trainer.cli import EXIT_BUSY, EXIT_SKIPPED
 from trainer.gate import Gate, refresh_gate
-from trainer.grpo import STATE_FILE
+from trainer.grpo import STATE_FILE, Stopped
 from trainer.rating import RatingExample, RatingExamples
 from trainer.refresh import (
     REFRESH_METHOD,
@@ -298,6 +299,36 @@ def _refresh_trained(
     return result, published, active
 
 
+def test_a_cancelled_refresh_stops_its_training(
+    env: Settings, rdb: redis.Redis, lock_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C: `asyncio.run` waits for the training thread before the process exits, so the
+    thread is told to stop instead of running all its GRPO steps."""
+    started, stopped = threading.Event(), threading.Event()
+
+    def train_and_gate(registry, manifest, lessons, grpo, settings, force, stop) -> tuple:
+        started.set()
+        if stop.wait(30):
+            stopped.set()
+        raise Stopped("stopped")
+
+    monkeypatch.setattr(refresh_module, "_train_and_gate", train_and_gate)
+
+    async def body() -> None:
+        async with open_store(env) as store:
+            await _ready_to_refresh(env, store)
+            refreshing = asyncio.create_task(refresh_once(env, store, progress=False))
+            assert await asyncio.to_thread(started.wait, 30)
+            refreshing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await refreshing
+
+    asyncio.run(body())
+
+    assert stopped.is_set()
+    assert rdb.get(lock_key) is None
+
+
 def _lock_taken_over(
     env: Settings, rdb: redis.Redis, lock_key: str
 ) -> tuple[Gate, Callable[[], None]]:
@@ -401,3 +432,16 @@ def test_a_message_with_brackets_is_printed_as_it_is(env: Settings) -> None:
     result = CliRunner().invoke(app, ["models", "activate", "v[smollm2]"])
     assert result.exit_code == 1
     assert "v[smollm2]" in result.output
+
+
+def test_an_adapter_whose_base_is_gone_is_not_activated(env: Settings, rdb: redis.Redis) -> None:
+    """Every gateway would refuse it and go on serving the version before, while the pointer
+    named it."""
+    registry = Registry(env.registry_path)
+    registry.publish(registry.staging(), Manifest(version="v-orphan", kind="lora", base_model="v0"))
+
+    result = CliRunner().invoke(app, ["models", "activate", "v-orphan"])
+
+    assert result.exit_code == 1
+    assert "LoRA version v-orphan adapts v0, which is not in the registry" in result.output
+    assert rdb.get(f"{env.key_prefix}:model:active") is None

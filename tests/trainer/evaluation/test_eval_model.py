@@ -96,6 +96,8 @@ def runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
         (["--base", "zero-shot", "--task", "rate"], "learns ranking only"),
         (["--base", "nothing"], "model version 'nothing' is not in the registry"),
         (["--base", "everything"], "was trained on data this run cannot tell"),  # saw the tests
+        (["--recipe", "zero"], "how rating is learnt: give it with --task rate"),
+        (["--preset", "pretrained-items"], "trains adapters on a pretrained model: give --base"),
     ],
 )
 def test_a_version_eval_cannot_trust_is_refused_before_any_work(
