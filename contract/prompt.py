@@ -85,6 +85,11 @@ INVISIBLE = (
     r"\U000e0100-\U000e01ef"
 )
 _INVISIBLE = re.compile(f"[{INVISIBLE}]")
+# Every character `str.isspace()` is true of, as regex escapes: a grammar's `\s` is ASCII in
+# vLLM's (xgrammar), so a step it let start with U+3000 was then read back as blank.
+SPACES = r"\s\x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# The first character of a grammar's free-text part: visible, and not the start of a tag.
+VISIBLE = f"[^<>{SPACES}]"
 # In rich text, what could pose as the template's tags or as a reference to another item.
 _MARKUP = re.compile(r"[<>]|(?<!\w)#")
 

@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 
 from contract.prompt import (
     SEPARATOR,
+    VISIBLE,
     ItemView,
     Rendering,
     compact_profile,
@@ -269,9 +270,16 @@ def rating_pattern(rendering: Rendering = Rendering.rich) -> str:
     """A regex that only admits well-formed answers with a whole-number rating and steps of at
     most STEP_CHARS characters; given to vLLM's structured outputs. A step starts with a visible
     character, so none is blank."""
-    body = f"[^<>\\s][^<>]{{0,{STEP_CHARS[rendering] - 1}}}"
+    body = f"{VISIBLE}[^<>]{{0,{STEP_CHARS[rendering] - 1}}}"
     steps = "".join(f"<{name}>{body}</{name}>" for name in STEPS)
     return steps + f"<rating>[{''.join(DIGITS)}]</rating>"
+
+
+def rating_answer_budget(rendering: Rendering) -> int:
+    """Tokens that hold any answer of `rating_pattern` (at most one a character), plus the end
+    of sequence: a rich answer's 480 characters of steps overran the ranking answer's budget."""
+    tags = sum(len(f"<{name}></{name}>") for name in (*STEPS, "rating"))
+    return tags + len(STEPS) * STEP_CHARS[rendering] + 1 + 1
 
 
 def parse_rating(text: str) -> RatingAnswer:

@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field
 from contract.prompt import (
     ID_EXCLUDED,
     ITEM_MARK,
+    VISIBLE,
     ItemView,
     Rendering,
     compact_history,
@@ -139,9 +140,16 @@ def render_search_answer(reasoning: str, query: str, rendering: Rendering) -> st
 def search_pattern(rendering: Rendering = Rendering.rich) -> str:
     """A regex that only admits well-formed answers, each part within its length; given to
     vLLM's structured outputs. Both parts start with a visible character."""
-    think = f"[^<>\\s][^<>]{{0,{THINK_CHARS[rendering] - 1}}}"
-    query = f"[^<>\\s][^<>]{{0,{QUERY_CHARS[rendering] - 1}}}"
+    think = f"{VISIBLE}[^<>]{{0,{THINK_CHARS[rendering] - 1}}}"
+    query = f"{VISIBLE}[^<>]{{0,{QUERY_CHARS[rendering] - 1}}}"
     return f"<think>{think}</think><answer>{query}</answer>"
+
+
+def search_answer_budget(rendering: Rendering) -> int:
+    """Tokens that hold any answer of `search_pattern` (at most one a character), plus the end
+    of sequence: a rich answer (500 characters) overran the ranking answer's budget."""
+    tags = len("<think></think><answer></answer>")
+    return tags + THINK_CHARS[rendering] + QUERY_CHARS[rendering] + 1
 
 
 def parse_search(text: str) -> SearchAnswer:

@@ -24,6 +24,7 @@ from contract.rating import (
     expected_rating,
     lean_rating,
     parse_rating,
+    rating_answer_budget,
     rating_input,
     rating_pattern,
     served_rating,
@@ -129,7 +130,9 @@ class Rater:
             request_id=f"{request_id}:{item_id}",
             prompt=build_rating_prompt(data, engine.contract.rendering),
             regex=rating_pattern(engine.contract.rendering),
-            max_tokens=self.settings.max_answer_tokens,
+            max_tokens=max(
+                self.settings.max_answer_tokens, rating_answer_budget(engine.contract.rendering)
+            ),
             logprobs=RATING_LOGPROBS,
         )
         try:

@@ -21,6 +21,7 @@ from contract.search import (
     build_search_prompt,
     parse_search,
     retriever_query,
+    search_answer_budget,
     search_input,
     search_pattern,
 )
@@ -118,7 +119,9 @@ class Searcher:
             request_id=request_id,
             prompt=build_search_prompt(data, writer.contract.rendering),
             regex=search_pattern(writer.contract.rendering),
-            max_tokens=self.settings.max_answer_tokens,
+            max_tokens=max(
+                self.settings.max_answer_tokens, search_answer_budget(writer.contract.rendering)
+            ),
         )
         try:
             with metrics.ENGINE_SECONDS.labels(Task.search).time():

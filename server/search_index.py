@@ -77,7 +77,10 @@ class SearchIndex(ABC):
 
     def rank_of(self, query: str, item_id: str, exclude: Collection[str] = ()) -> int | None:
         """The 1-based rank `search` gives `item_id` once the `exclude`d items are dropped from
-        its list, None when it is not a match (Rec-R1's reward reads it: `SearchNdcg`)."""
+        its list, None when it is not a match or is dropped itself (the gateway would not show
+        it; Rec-R1's reward reads it: `SearchNdcg`)."""
+        if item_id in exclude:
+            return None
         scores = self.scores(query)
         at = self._at[item_id]
         if scores[at] <= self.floor:
@@ -161,7 +164,10 @@ class DenseIndex(SearchIndex):
     def search(self, query: str, k: int) -> list[tuple[str, float]]:
         vector = self._encoder.encode([self.expand(query)])
         found, at = self._faiss.search(vector, min(k, len(self.item_ids)))
-        return [(self.item_ids[i], float(s)) for s, i in zip(found[0], at[0], strict=True)]
+        hits = [(self.item_ids[i], float(s)) for s, i in zip(found[0], at[0], strict=True)]
+        # faiss leaves the order of equal scores (items with the same text) open: catalog order,
+        # as `rank_of` counts them and the reward and validation read it
+        return sorted(hits, key=lambda hit: (-hit[1], self._at[hit[0]]))
 
 
 def build_search_index(

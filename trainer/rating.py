@@ -131,8 +131,21 @@ def _mean(values: list[float] | None) -> float:
     return sum(values) / len(values) if values else -math.inf
 
 
-def _whole(rating: float) -> int:
-    return int(on_scale(round(rating)))
+def _whole(rating: float, up: bool) -> int:
+    """The rating in whole stars, as the answer writes it. A half star goes up or down by `up`,
+    which alternates between examples: the model's expected rating, which is served, then
+    learns the half (`round` sent 2.5 and 4.5 down, 1.5 and 3.5 up)."""
+    return int(on_scale(math.floor(rating + 0.5) if up else math.ceil(rating - 0.5)))
+
+
+def _latest_per_item(ratings: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """Each item's latest rating, in the order they were made: what the gateway keeps of a user
+    who rated an item again."""
+    latest: dict[str, float] = {}
+    for item, value in ratings:
+        latest.pop(item, None)
+        latest[item] = value
+    return list(latest.items())
 
 
 class RatingExampleBuilder:
@@ -156,11 +169,12 @@ class RatingExampleBuilder:
         ratings = self.corpus.ratings[user_id]
         items = self.corpus.items
         item_id, value = ratings[t]
-        before = [(items[i], r) for i, r in ratings[:t]]
+        rated = _latest_per_item(ratings[:t])
+        before = [(items[i], r) for i, r in rated]
         user = Stats.of(sum(r for _, r in before), len(before))
         item_stats = self._without(item_id, value)
         everyone = Stats.of(self.everyone[0] - value, self.everyone[1] - 1)
-        latest = [(r, Stats.of(*self.totals[i])) for i, r in ratings[max(t - LEAN_WINDOW, 0) : t]]
+        latest = [(r, Stats.of(*self.totals[i])) for i, r in rated[-LEAN_WINDOW:]]
         lean = user_lean(everyone, latest)
         data: RatingInput = rating_input(
             self.corpus.profiles.get(user_id, {}),
@@ -177,7 +191,7 @@ class RatingExampleBuilder:
             prompt=build_rating_prompt(data, self.rendering),
             rating=value,
             baseline=lean_rating(everyone, item_stats, lean),
-            target=render_rating_answer(steps, _whole(value), self.rendering),
+            target=render_rating_answer(steps, _whole(value, up=t % 2 == 1), self.rendering),
         )
 
     def recent(self, users: int, holdout: float) -> RatingExamples:

@@ -27,6 +27,8 @@ from contract.prompt import (
     visible,
 )
 from contract.ranking import repair
+from contract.rating import rating_pattern
+from contract.search import search_pattern
 from server.schemas import ItemUpsert
 
 LATEST = datetime(2024, 3, 10, 12, 0, tzinfo=UTC)
@@ -593,3 +595,24 @@ def test_spare_ids_let_a_repeat_be_dropped_without_a_repair() -> None:
     assert accepts(pattern, repeated)
     assert not accepts(pattern, render_answer("ok", ["1", "2"]))  # exactly k + spare
     assert repair(parse_answer(repeated), list(CANDIDATES), 2) == (["1", "2"], False)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "answer"),
+    [
+        (search_pattern(Rendering.rich), "<think>{}x</think><answer>q</answer>"),
+        (
+            rating_pattern(Rendering.rich),
+            "<user>{}x</user><item>a</item><match>b</match><rating>4</rating>",
+        ),
+    ],
+)
+def test_no_free_text_starts_blank_where_the_grammar_reads_backslash_s_as_ascii(
+    pattern: str, answer: str
+) -> None:
+    """vLLM's grammar engine (xgrammar) reads `\\s` as ASCII whitespace: a step it let start with
+    U+3000 was read back as blank, and the answer as malformed."""
+    as_served = pattern.replace(r"\s", " \t\n\r\f\v")
+    assert re.fullmatch(as_served, answer.format(""))
+    blanks = [chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()]
+    assert [b for b in blanks if re.fullmatch(as_served, answer.format(b))] == []

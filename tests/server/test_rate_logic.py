@@ -11,7 +11,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from contract.prompt import Contract, Rendering
-from contract.rating import Stats, lean_rating, rating_pattern, render_rating_answer, user_lean
+from contract.rating import (
+    STEP_CHARS,
+    STEPS,
+    Stats,
+    lean_rating,
+    rating_pattern,
+    render_rating_answer,
+    user_lean,
+)
 from contract.tasks import Task
 from server import metrics
 from server.engine import EngineError, Generation, GenerationRequest
@@ -174,6 +182,9 @@ def test_a_rich_model_gets_a_rich_prompt(rated: TestClient) -> None:
     rate(rated)
 
     prompt = engine.requests[0].prompt
+    # room for the longest answer the grammar admits (the ranking budget, 192, cut it short)
+    longest = "".join(f"<{step}>{'x' * STEP_CHARS[Rendering.rich]}</{step}>" for step in STEPS)
+    assert engine.requests[0].max_tokens > len(longest + "<rating>4</rating>")
     assert "The user rates: 3.7 on average over 3 ratings." in prompt
     assert "Lately they rate 0.2 above what others give such items." in prompt
     assert "- #a | Title a | drama | rated 5" in prompt

@@ -10,7 +10,12 @@ from fastapi.testclient import TestClient
 
 from contract.candidates import OVERFETCH
 from contract.prompt import Contract, Rendering
-from contract.search import RetrieverKind, render_search_answer, search_pattern
+from contract.search import (
+    RetrieverKind,
+    render_search_answer,
+    search_answer_budget,
+    search_pattern,
+)
 from contract.tasks import Task
 from server.engine import EngineError
 from server.schemas import ItemIn
@@ -65,6 +70,8 @@ class TestBm25:
         assert self.index.rank_of(query, "babe") == 2
         assert self.index.rank_of(query, "babe", exclude={"toy", "nothing"}) == 1
         assert self.index.rank_of(query, "toy", exclude={"babe"}) == 1
+        # a target the gateway would leave out earns no reward (it was credited rank 1)
+        assert self.index.rank_of(query, "toy", exclude={"toy"}) is None
 
     def test_a_reference_finds_the_item_it_names(self) -> None:
         # ids that share no word with their items' text: only the reference's reading finds them
@@ -94,6 +101,12 @@ def test_dense_finds_meaning_without_shared_words() -> None:
     scores = [score for _, score in hits]
     assert scores == sorted(scores, reverse=True) and np.all(np.abs(scores) <= 1.0001)
     assert index.rank_of("a cartoon for kids", "toy") == 1
+    # items of the same text tie: catalog order, as rank_of counts (faiss gave them reversed)
+    twins = build_search_index(
+        [(f"d{n}", ItemIn(title="Heat")) for n in range(5)], RetrieverKind.dense, encoder
+    )
+    assert [item for item, _ in twins.search("heat", 5)] == ["d0", "d1", "d2", "d3", "d4"]
+    assert [twins.rank_of("heat", f"d{n}") for n in range(5)] == [1, 2, 3, 4, 5]
 
 
 def _put_catalog(client: TestClient) -> None:
@@ -277,6 +290,7 @@ def test_a_search_model_writes_the_query_from_the_users_history(watched: TestCli
     [request] = engine.requests
     assert request.prompt == "\n#alien, #toy\nsearch 1995\n"
     assert request.regex == search_pattern(Rendering.compact)
+    assert request.max_tokens >= search_answer_budget(Rendering.compact)  # above the 192 default
     assert body["typed"] == "1995" and body["query"] == "1995 bank robbers"
     assert (body["source"], body["degraded"], body["model_version"]) == ("llm", False, "fake-v1")
     assert body["reasoning"] == "#heat they like crime"

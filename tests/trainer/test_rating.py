@@ -83,6 +83,32 @@ def test_examples_hold_out_each_users_last_rating_and_never_see_their_answer(dat
     assert parse_rating(example.target).well_formed
 
 
+def test_half_stars_are_taught_half_up_and_half_down() -> None:
+    """The served rating is the model's expected one: targets that all rounded 4.5 to 4 (and
+    3.5 to 4) taught it to serve 4 for both."""
+    halves = corpus()
+    halves.ratings = {user: [(i, 4.5) for i, _ in rated] for user, rated in halves.ratings.items()}
+    builder = RatingExampleBuilder(halves, Rendering.compact, history=3)
+
+    written = [parse_rating(e.target).rating for e in builder.build(1000, 1, seed=0).train]
+
+    assert sorted(set(written)) == [4, 5]
+    assert abs(sum(written) / len(written) - 4.5) < 0.1
+
+
+def test_an_item_rated_again_shows_its_latest_rating_once() -> None:
+    """As the gateway keeps it: a prompt that listed both ratings was one it never serves."""
+    again = corpus()
+    first, second, *rest = again.ratings["u0"]
+    again.ratings["u0"] = [first, second, (first[0], 1.0), *rest]
+    builder = RatingExampleBuilder(again, Rendering.compact, history=3)
+
+    lines = builder.example("u0", 3).prompt.splitlines()
+
+    assert lines[1] == f"#{second[0]}=2, #{first[0]}=1"
+    assert lines[2].startswith("user mean=1.5 n=2 ")
+
+
 def test_compact_steps_are_numbers_and_rich_steps_are_sentences(data) -> None:
     history = [(data.items["i0"], 5.0), (data.items["i2"], 5.0), (data.items["i1"], 2.0)]
     from contract.prompt import ItemView
