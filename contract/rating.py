@@ -301,11 +301,11 @@ def expected_rating(logprobs: dict[str, float]) -> float | None:
     The served rating: a model unsure between 3 and 4 predicts about 3.5, which a written
     whole number cannot say (and which MAE and RMSE reward).
     """
-    weights = {
-        int(text.strip()): math.exp(lp)
-        for text, lp in logprobs.items()
-        if text.strip() in DIGITS and math.isfinite(lp)
-    }
+    weights = dict.fromkeys(range(MIN_RATING, MAX_RATING + 1), 0.0)
+    for text, lp in logprobs.items():
+        # Summed: "4" and " 4" are two tokens of one rating (one overwrote the other).
+        if text.strip() in DIGITS and math.isfinite(lp):
+            weights[int(text.strip())] += math.exp(lp)
     total = sum(weights.values())
     if not total:
         return None

@@ -15,6 +15,7 @@ from server.engine.local import LocalEngine, ProcessSettings, VllmProcess
 from server.engine.remote import RemoteEngine
 from server.merged_adapter import merged_weights
 from server.registry import (
+    Manifest,
     Registry,
     adapter_rank,
     base_version,
@@ -127,6 +128,7 @@ def open_engine(settings: Settings, version: str, serving: Engine | None = None)
     """
     registry = Registry(settings.registry_path)
     manifest = servable(registry, version)
+    _check_retriever(manifest, settings)
     base_dir = registry.path(base_version(manifest))
     items = ItemTokens.load(base_dir)
     template = chat_template(base_dir) if manifest.contract.chat else None
@@ -134,6 +136,21 @@ def open_engine(settings: Settings, version: str, serving: Engine | None = None)
     engine = _open(settings, version, serving)
     engine.contract, engine.items, engine.template = manifest.contract, items, template
     return engine
+
+
+def _check_retriever(manifest: Manifest, settings: Settings) -> None:
+    """A query model learnt what its retriever finds: served against the other one, its queries
+    still work, but worse; the operator should know."""
+    trained = manifest.training.get("search_retriever")
+    if trained is not None and trained != settings.search_retriever.value:
+        log.warning(
+            "search model trained against another retriever",
+            extra={
+                "version": manifest.version,
+                "trained_against": trained,
+                "serving": settings.search_retriever.value,
+            },
+        )
 
 
 def chat_template(folder: Path) -> Callable[[str], str]:

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 from contract.candidates import OVERFETCH
 from contract.search import (
+    MAX_QUERY_CHARS,
     build_search_prompt,
+    clean,
     parse_search,
     retriever_query,
     search_answer_budget,
@@ -109,7 +111,8 @@ class Searcher:
         engine: Engine | None,
         writer: Engine | None,
     ) -> Query:
-        typed = request.query or ""
+        # Cleaned for both paths: "<>" counted as typed without a model, as nothing with one.
+        typed = clean(request.query or "", MAX_QUERY_CHARS)
         if writer is None:
             return self._fallback(
                 typed, context, "no_model" if engine is None else "task_unsupported"

@@ -1,11 +1,13 @@
 """The user's lean (`contract.rating.user_lean`): what the rating prompt says about a user's
-latest ratings against what the bias model expects of those items."""
+latest ratings against what the bias model expects of those items; the expected rating served."""
+
+import math
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from contract.rating import LEAN_WINDOW, Stats, user_lean
+from contract.rating import LEAN_WINDOW, Stats, expected_rating, user_lean
 
 EVERYONE = Stats(mean=3.0, count=1000)
 PLAIN = Stats(mean=3.0, count=100)  # an item rated like everything else: no bias
@@ -42,3 +44,10 @@ def test_the_lean_stays_within_the_residuals(values: list[float]) -> None:
     lean = user_lean(EVERYONE, [(v, PLAIN) for v in values])
     window = [v - 3.0 for v in values[-LEAN_WINDOW:]]
     assert min(min(window), 0) - 1e-9 <= lean <= max(max(window), 0) + 1e-9
+
+
+def test_tokens_that_read_as_one_rating_add_up() -> None:
+    """A tokenizer may hold "4" and " 4"; the second overwrote the first."""
+    both = expected_rating({"4": math.log(0.25), " 4": math.log(0.25), "2": math.log(0.5)})
+    assert both == pytest.approx(3.0)
+    assert expected_rating({"x": 0.0, "6": 0.0}) is None

@@ -320,3 +320,21 @@ def test_a_dead_engine_is_opened_again(
     monkeypatch.setattr(server.serving, "RECHECK_SECONDS", 0.1)
     assert until(lambda: serving.engine is not died, 10)
     assert serving.version == "v1"
+
+
+def test_a_query_model_served_against_another_retriever_is_logged(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    publish(tmp_path / "models", "v-dense", training={"search_retriever": "dense"})
+    publish(tmp_path / "models", "v-bm25", training={"search_retriever": "bm25"})
+    remote = settings.model_copy(
+        update={"registry_dir": tmp_path / "models", "engine_url": "http://127.0.0.1:9"}
+    )
+
+    for version in ("v-bm25", "v-dense"):
+        asyncio.run(server.active_model.open_engine(remote, version).close())
+
+    warned = [r for r in caplog.records if r.message.startswith("search model trained against")]
+    assert [(r.version, r.trained_against, r.serving) for r in warned] == [
+        ("v-dense", "dense", "bm25")
+    ]

@@ -313,6 +313,8 @@ def test_with_no_query_and_no_model_the_last_title_is_the_query(watched: TestCli
     assert body["query"] == "Toy Story (1995)" and body["source"] == "fallback"
     assert {hit["item_id"] for hit in body["items"]} == {"heat", "babe"}  # 1995; Toy Story seen
     assert _search(watched, user_id="nobody")["items"] == []  # no history: nothing to go on
+    # typed text that cleans to nothing is nothing typed, as the model's path reads it
+    assert _search(watched, query="<​>", user_id="u1")["query"] == "Toy Story (1995)"
 
 
 @pytest.mark.parametrize(
