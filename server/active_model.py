@@ -9,6 +9,8 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from contract.prompt import chat_prompt
+from contract.rating import LEAN_WINDOW
+from contract.tasks import Task
 from server.config import Settings
 from server.engine import Engine
 from server.engine.local import LocalEngine, ProcessSettings, VllmProcess
@@ -128,7 +130,7 @@ def open_engine(settings: Settings, version: str, serving: Engine | None = None)
     """
     registry = Registry(settings.registry_path)
     manifest = servable(registry, version)
-    _check_retriever(manifest, settings)
+    _warn_mismatches(manifest, settings)
     base_dir = registry.path(base_version(manifest))
     items = ItemTokens.load(base_dir)
     template = chat_template(base_dir) if manifest.contract.chat else None
@@ -138,9 +140,10 @@ def open_engine(settings: Settings, version: str, serving: Engine | None = None)
     return engine
 
 
-def _check_retriever(manifest: Manifest, settings: Settings) -> None:
-    """A query model learnt what its retriever finds: served against the other one, its queries
-    still work, but worse; the operator should know."""
+def _warn_mismatches(manifest: Manifest, settings: Settings) -> None:
+    """Settings under which a version still answers, but worse than it was trained to: the
+    operator should know. A query model learnt what its retriever finds; prompts show at most
+    REASONREC_HISTORY_SIZE items (and ratings: the rating lean reads LEAN_WINDOW of them)."""
     trained = manifest.training.get("search_retriever")
     if trained is not None and trained != settings.search_retriever.value:
         log.warning(
@@ -149,6 +152,17 @@ def _check_retriever(manifest: Manifest, settings: Settings) -> None:
                 "version": manifest.version,
                 "trained_against": trained,
                 "serving": settings.search_retriever.value,
+            },
+        )
+    contract = manifest.contract
+    shown = max(contract.history, LEAN_WINDOW if Task.rate in contract.tasks else 0)
+    if shown > settings.history_size:
+        log.warning(
+            "prompts shortened by REASONREC_HISTORY_SIZE",
+            extra={
+                "version": manifest.version,
+                "trained_with": shown,
+                "history_size": settings.history_size,
             },
         )
 

@@ -338,3 +338,25 @@ def test_a_query_model_served_against_another_retriever_is_logged(
     assert [(r.version, r.trained_against, r.serving) for r in warned] == [
         ("v-dense", "dense", "bm25")
     ]
+
+
+def test_a_version_whose_prompts_the_history_size_shortens_is_logged(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    publish(tmp_path / "models", "v-ranks", prompt_history=8, tasks=["rank"])
+    publish(tmp_path / "models", "v-rates", prompt_history=4, tasks=["rate"])  # lean: 10 ratings
+    remote = settings.model_copy(
+        update={
+            "registry_dir": tmp_path / "models",
+            "engine_url": "http://127.0.0.1:9",
+            "history_size": 8,
+        }
+    )
+
+    for version in ("v-ranks", "v-rates"):
+        asyncio.run(server.active_model.open_engine(remote, version).close())
+
+    warned = [
+        r for r in caplog.records if r.message == "prompts shortened by REASONREC_HISTORY_SIZE"
+    ]
+    assert [(r.version, r.trained_with) for r in warned] == [("v-rates", 10)]
