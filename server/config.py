@@ -235,7 +235,7 @@ class TrainerSettings(_Section):
         ge=0,
         description="Refresh of a model trained to rate: the latest rating of this many recently "
         "active users become rating examples (the newest REASONREC_GATE_HOLDOUT share held out "
-        "for the gate).",
+        "for the gate); 0: rating is not trained, only gated.",
     )
     refresh_lora_min_params: int = Field(
         100_000_000,

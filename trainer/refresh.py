@@ -63,6 +63,7 @@ LOCK_SECONDS = 30
 RENEW_SECONDS = 10
 REFRESH_METHOD = "grpo-refresh"  # `training.method` in a refreshed version's manifest
 MIN_EXAMPLES = 4  # logged lists with a positive, before the held-out part is cut
+RATING_GATE_USERS = 64  # held-out ratings of a version whose rating a refresh does not train
 
 RefreshOutcome = Literal["published", "rejected", "skipped"]
 
@@ -253,6 +254,14 @@ def recent_ratings(corpus: Corpus, manifest: Manifest, settings: Settings) -> Ra
     return builder.recent(settings.refresh_rating_examples, settings.gate_holdout)
 
 
+def gate_ratings(corpus: Corpus, manifest: Manifest) -> RatingExamples:
+    """For a version that rates but whose rating is not refreshed: the latest rating of
+    RATING_GATE_USERS users, every one held out. Ranking's GRPO changes the weights that rate
+    too; without them the gate would pass a version that rates worse, unseen."""
+    builder = RatingExampleBuilder(corpus, manifest.rendering, manifest.prompt_history)
+    return builder.recent(RATING_GATE_USERS, holdout=1.0)
+
+
 async def _refresh(
     settings: Settings, store: Store, progress: bool, force: bool, lock: HeldLock
 ) -> RefreshResult:
@@ -286,6 +295,8 @@ async def _refresh(
         if ranks
         else []
     )
+    if rating is None and Task.rate in manifest.tasks:
+        rating = gate_ratings(corpus, manifest)
     lessons = Lessons(
         ranking=train + fresh,
         holdout=holdout,
@@ -396,7 +407,7 @@ def _scores(model, tokenizer, lessons: Lessons, settings: Settings) -> dict[str,
         scores |= validate(
             model, tokenizer, lessons.holdout, lessons.popularity, settings.novelty_floor
         )
-    if lessons.rating is not None:
+    if lessons.rating is not None and lessons.rating.validation:
         rating = lessons.rating
         scores |= validate_rating(model, tokenizer, rating.validation, rating.rendering)
     return scores
@@ -411,7 +422,7 @@ def _train(
     runs = []
     if lessons.ranking:
         runs.append((lessons.ranking, lessons.terms, grpo, None))
-    if lessons.rating is not None:
+    if lessons.rating is not None and lessons.rating.train:
         constraint = RatingConstraint(tokenizer, STEP_CHARS[lessons.rating.rendering])
         budget = grpo.model_copy(update={"max_completion_length": constraint.length})
         runs.append((lessons.rating.train, lessons.rating_terms, budget, constraint))

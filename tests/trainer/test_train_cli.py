@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from cli import app
 from server.config import Settings
 from server.registry import Manifest, Registry
+from server.schemas import ItemUpsert
 from server.store import Store, open_store, skip_unreadable
 from trainer import metrics, sidecar
 from trainer import refresh as refresh_module
@@ -27,6 +28,7 @@ from trainer.grpo import STATE_FILE, Stopped
 from trainer.rating import RatingExample, RatingExamples
 from trainer.refresh import (
     REFRESH_METHOD,
+    Lessons,
     RefreshBusy,
     RefreshResult,
     Training,
@@ -327,6 +329,40 @@ def test_a_cancelled_refresh_stops_its_training(
 
     assert stopped.is_set()
     assert rdb.get(lock_key) is None
+
+
+def test_a_refresh_that_does_not_train_rating_still_gates_it(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """REASONREC_REFRESH_RATING_EXAMPLES=0 on a version that ranks and rates: ranking's GRPO
+    changes the weights that rate too, and the gate saw no rating."""
+    given: list[Lessons] = []
+
+    def train_and_gate(registry, manifest, lessons: Lessons, *_: Any) -> tuple:
+        given.append(lessons)
+        return None, None, Training(reward_mean=0.5, learned=False), None
+
+    monkeypatch.setattr(refresh_module, "_train_and_gate", train_and_gate)
+
+    async def body() -> None:
+        async with open_store(env) as store:
+            await _ready_to_refresh(env, store)
+            registry = Registry(env.registry_path)
+            registry.publish(registry.staging(), Manifest(version="v2", tasks=["rank", "rate"]))
+            await store.set_active_model("v2")
+            await store.upsert_items([ItemUpsert(item_id=i, title=i) for i in "abc"])
+            for n, item in enumerate("abc"):
+                rating = {"user_id": "r", "item_id": item, "type": "rating", "value": "4"}
+                await store.redis.xadd(store.keys.events, rating | {"ts": str(1700000000 + n)})
+            unrefreshed = env.model_copy(update={"refresh_rating_examples": 0})
+            await refresh_once(unrefreshed, store, progress=False)
+
+    asyncio.run(body())
+
+    [lessons] = given
+    assert lessons.rating is not None and lessons.rating.train == []
+    assert [example.user_id for example in lessons.rating.validation] == ["r"]
+    assert lessons.rating_terms == []
 
 
 def _lock_taken_over(
