@@ -6,9 +6,12 @@ methods the API uses, so loaded data and live data are indistinguishable.
 
 import csv
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from server.schemas import FeedbackEvent, ItemUpsert, UserUpsert
 
@@ -25,8 +28,20 @@ class Dataset:
     items: list[ItemUpsert]
     users: list[UserUpsert]
     events: Iterable[FeedbackEvent]
+    """Walked twice by the writer (checked in full, then written): a list, or a `Replay`."""
     event_count: int | None = None
     """How many events `events` yields, when known up front (for the progress bar)."""
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Events read again from their source each time they are walked: a file too large to hold
+    in memory can still be checked in full before anything of it is written."""
+
+    read: Callable[[], Iterator[FeedbackEvent]]
+
+    def __iter__(self) -> Iterator[FeedbackEvent]:
+        return self.read()
 
 
 class LoadError(Exception):
@@ -38,29 +53,49 @@ def id_order(value: str) -> tuple[int, int, str]:
     return (0, int(value), "") if value.isascii() and value.isdigit() else (1, 0, value)
 
 
-_PARSE_ERRORS = (OSError, ValueError, KeyError, TypeError, csv.Error)
-"""What the readers' parsers raise on a malformed file (they let them through)."""
+_PARSE_ERRORS = (OSError, ValueError, KeyError, TypeError, OverflowError, csv.Error)
+"""What parsing a malformed file raises (pydantic's ValidationError is a ValueError)."""
+
+
+def describe(exc: Exception) -> str:
+    """An error on one line: pydantic's list of errors without its echo of the input and its
+    help links, which would bury the reason under lines of text."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(part) for part in err['loc']) or 'record'}: {err['msg']}"
+            for err in exc.errors()
+        )
+    return str(exc)
+
+
+@contextmanager
+def at_line(path: Path, number: int) -> Iterator[None]:
+    """What goes wrong parsing line `number` of `path`, raised as a LoadError naming both."""
+    try:
+        yield
+    except _PARSE_ERRORS as exc:
+        raise LoadError(f"{path} line {number}: {describe(exc)}") from exc
 
 
 def read_checked(reader: Callable[[Path], Dataset], path: Path, fmt: str) -> Dataset:
-    """`reader(path)` with its parsers' errors, also those of events parsed lazily as they are
-    read, raised as a LoadError that names the file and the event: a message, not a traceback."""
+    """`reader(path)` with the errors its parsers let through, also those of events read lazily,
+    raised as a LoadError that names the file: a message, not a traceback."""
     try:
         dataset = reader(path)
     except _PARSE_ERRORS as exc:
         raise _unreadable(path, fmt, "items and users", exc) from exc
-    return replace(dataset, events=_checked(dataset.events, path, fmt))
+    events = dataset.events
+    return replace(dataset, events=Replay(lambda: _checked(events, path, fmt)))
 
 
 def _checked(events: Iterable[FeedbackEvent], path: Path, fmt: str) -> Iterator[FeedbackEvent]:
-    read = 0
     try:
-        for event in events:
-            read += 1
-            yield event
+        yield from events
     except _PARSE_ERRORS as exc:
-        raise _unreadable(path, fmt, f"event {read + 1}", exc) from exc
+        raise _unreadable(path, fmt, "events", exc) from exc
 
 
 def _unreadable(path: Path, fmt: str, where: str, exc: Exception) -> LoadError:
-    return LoadError(f"{path}: cannot read it as {fmt}: {where}: {type(exc).__name__}: {exc}")
+    return LoadError(
+        f"{path}: cannot read it as {fmt}: {where}: {type(exc).__name__}: {describe(exc)}"
+    )

@@ -10,9 +10,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from server.loaders import Dataset, LoadError
+from server.loaders import Dataset, LoadError, describe
 from server.schemas import FeedbackEvent, ItemUpsert, UserUpsert
 
 KINDS: dict[str, type[BaseModel]] = {
@@ -28,13 +28,16 @@ def read_jsonl(path: Path) -> Dataset:
         raise LoadError(f"{path} is not a file")
     dataset = Dataset(items=[], users=[], events=[])
     errors: list[str] = []
-    with path.open(encoding="utf-8-sig") as handle:  # a byte order mark, as editors write, skipped
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                # Decoded line by line, so that a byte that is not UTF-8 is reported with its
+                # line; a byte order mark, as editors write, skipped.
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                if line.strip():
                     _add(dataset, json.loads(line))
-                except (ValueError, ValidationError) as exc:
-                    errors.append(f"line {number}: {_describe(exc)}")
+            except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+                errors.append(f"line {number}: {describe(exc)}")
     if errors:
         shown = "\n".join(errors[:MAX_REPORTED])
         more = f"\n... and {len(errors) - MAX_REPORTED} more" if len(errors) > MAX_REPORTED else ""
@@ -47,19 +50,10 @@ def _add(dataset: Dataset, record: object) -> None:
     if not isinstance(record, dict):
         raise ValueError("expected a JSON object")
     kind = record.pop("kind", None)
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"'kind' must be one of {', '.join(KINDS)}, got {kind!r}")
     if kind == "event" and not record.get("event_id"):
         digest = hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()
         record["event_id"] = f"jsonl:{digest}"
     model = KINDS[kind].model_validate(record)
     {"item": dataset.items, "user": dataset.users, "event": dataset.events}[kind].append(model)
-
-
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        return "; ".join(
-            f"{'.'.join(str(part) for part in err['loc']) or 'record'}: {err['msg']}"
-            for err in exc.errors()
-        )
-    return str(exc)

@@ -1,5 +1,6 @@
 """Write a `Dataset` into the store in batches, with a progress bar per kind of record."""
 
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from typing import TypeVar
@@ -16,6 +17,7 @@ from rich.progress import (
 )
 
 from server.loaders import Dataset, LoadError
+from server.schemas import FeedbackEvent
 from server.store import Store, UnknownItems
 
 BATCH = 1000
@@ -47,8 +49,10 @@ def progress_bar(console: Console | None = None) -> Progress:
 
 
 async def write(store: Store, dataset: Dataset, progress: Progress) -> LoadSummary:
-    """Write everything; the store says a load is unfinished until the last event is written
-    (writing again is harmless: items and users are overwritten, events de-duplicated)."""
+    """Check every event, then write everything; the store says a load is unfinished until the
+    last event is written (writing again is harmless: items and users are overwritten, events
+    de-duplicated)."""
+    await _check_events(store, dataset, progress)
     await store.begin_load()
     await _write_all(store.upsert_items, dataset.items, "items", progress)
     await _write_all(store.upsert_users, dataset.users, "users", progress)
@@ -59,11 +63,12 @@ async def write(store: Store, dataset: Dataset, progress: Progress) -> LoadSumma
             # Loaded event ids are remembered for good: loading the same file again, even
             # months later, must change nothing.
             flags = await store.add_feedback(batch, dedup_ttl_seconds=0)
-        except UnknownItems as exc:
+        except UnknownItems as exc:  # an item gone from the store since the check
             first = batch[exc.indexes[0]]
             raise LoadError(
-                f"{len(exc.indexes)} event(s) name items that are not in the catalog, "
-                f"e.g. user {first.user_id} -> item {first.item_id}; that batch was not written"
+                f"user {first.user_id} -> item {first.item_id}: the item is no longer in the "
+                f"catalog; {stored + duplicates} event(s) were written and the load is unfinished: "
+                "fix the data and run the load again"
             ) from exc
         stored += sum(flags)
         duplicates += len(flags) - sum(flags)
@@ -72,6 +77,32 @@ async def write(store: Store, dataset: Dataset, progress: Progress) -> LoadSumma
     return LoadSummary(
         items=len(dataset.items), users=len(dataset.users), events=stored, duplicates=duplicates
     )
+
+
+async def _check_events(store: Store, dataset: Dataset, progress: Progress) -> None:
+    """Read every event before writing anything, so that a bad value (the readers raise it) or
+    an item in neither the data set nor the store's catalog fails the load with nothing
+    written, rather than after part of it."""
+    task = progress.add_task("checking", total=dataset.event_count)
+    listed = {item.item_id for item in dataset.items}
+    elsewhere: Counter[str] = Counter()  # events per item the data set does not list
+    first: dict[str, FeedbackEvent] = {}
+    for batch in batched(dataset.events):
+        for event in batch:
+            if event.item_id not in listed:
+                elsewhere[event.item_id] += 1
+                first.setdefault(event.item_id, event)
+        progress.advance(task, len(batch))
+    if not elsewhere:
+        return
+    catalog = set(await store.item_ids())
+    if unknown := [item for item in elsewhere if item not in catalog]:
+        example = first[unknown[0]]
+        raise LoadError(
+            f"{sum(elsewhere[item] for item in unknown)} event(s) name items that are not in "
+            f"the catalog, e.g. user {example.user_id} -> item {example.item_id}; nothing was "
+            "written"
+        )
 
 
 async def _write_all(write_batch, records: Sequence, label: str, progress: Progress) -> None:

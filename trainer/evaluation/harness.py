@@ -34,6 +34,11 @@ class Report(BaseModel):
     protocol: str
     users: int
     systems: dict[str, dict[str, float]]
+    repeated_tests: int = Field(
+        0,
+        description="Evaluated users whose test item is one they had before: it is excluded "
+        "from ranking as seen, so every system scores 0 for them.",
+    )
     model: dict[str, float] = Field(
         default_factory=dict,
         description="What the evaluated model's bootstrap measured on its own validation users, "
@@ -52,6 +57,11 @@ class Report(BaseModel):
         for name, values in self.systems.items():
             cells = [f"{values[m]:.4f}".rjust(max(len(m), 8)) for m in metrics]
             lines.append("  ".join([name.ljust(width), *cells]))
+        if self.repeated_tests:
+            lines.append(
+                f"{self.repeated_tests} users' test item is one they had before: "
+                "every system scores 0 for them"
+            )
         if self.model:
             stages = ", ".join(f"{key} {value:.4g}" for key, value in self.model.items())
             lines.append(f"model bootstrap (validation users): {stages}")
@@ -85,7 +95,13 @@ def evaluate(
             results[system.name] = _evaluate_system(
                 split, system, users, partial(bar.advance, task)
             )
-    return Report(dataset=split.dataset, protocol=PROTOCOL, users=len(users), systems=results)
+    return Report(
+        dataset=split.dataset,
+        protocol=PROTOCOL,
+        users=len(users),
+        systems=results,
+        repeated_tests=sum(split.repeated_test(user) for user in users),
+    )
 
 
 def _progress(enabled: bool) -> Progress:

@@ -79,7 +79,10 @@ def _surprise(ratings: Sequence[FeedbackEvent], seed: int) -> dict[str, Predict]
 
     rows = [(e.user_id, e.item_id, e.value) for e in ratings]
     frame = pd.DataFrame(rows, columns=["user", "item", "rating"])
-    trainset = Dataset.load_from_df(frame, Reader(rating_scale=(1, 5))).build_full_trainset()
+    # Predictions are clipped to the scale: the training ratings' own (ML-100K 1 to 5,
+    # ml-latest 0.5 to 5), so that no rating the data holds is out of reach.
+    scale = (frame["rating"].min(), frame["rating"].max())
+    trainset = Dataset.load_from_df(frame, Reader(rating_scale=scale)).build_full_trainset()
     models = {"bias (ALS)": BaselineOnly(verbose=False), "SVD": SVD(random_state=seed)}
     for model in models.values():
         model.fit(trainset)

@@ -127,6 +127,9 @@ def scratch_store(
                 # The versions it trains live in the scratch registry, which a remote vLLM (a
                 # deployment's REASONREC_ENGINE_URL) cannot serve: every answer would fall back.
                 "engine_url": None,
+                # A deployment's policy (category cap, boosts, availability) would shape the
+                # pipeline's lists and not the baselines': the built-in default it is.
+                "policy_file": None,
             }
         )
         _link(source, Registry(settings.registry_path), linked)

@@ -118,6 +118,11 @@ class Split:
         """The items a system must not rank for this user (training and validation items)."""
         return frozenset(self.history(user))
 
+    def repeated_test(self, user: str) -> bool:
+        """Whether the user's test item is also one of their earlier ones (a re-watch, a click
+        then a purchase): ranking excludes seen items, so every system scores 0 for them."""
+        return self.test[user] in self.seen(user)
+
 
 def split_interactions(
     interactions: Iterable[Interaction],

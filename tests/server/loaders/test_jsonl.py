@@ -58,3 +58,22 @@ def test_a_file_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
     path = _write(tmp_path / "data.jsonl", RECORDS)
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
     assert [item.item_id for item in read_jsonl(path).items] == ["a", "b"]
+
+
+def test_lines_that_cannot_be_read_are_reported_with_their_numbers(tmp_path: Path, loaded) -> None:
+    path = _write(tmp_path / "bad.jsonl", [*RECORDS, "[" * 100_000, {"kind": ["event"]}])
+    with path.open("ab") as handle:
+        handle.write(b'{"kind": "item", "item_id": "c", "title": "Caf\xe9"}\n')
+    with pytest.raises(LoadError) as caught:
+        read_jsonl(path)
+    lines = str(caught.value).splitlines()
+    assert lines[0].endswith("3 invalid line(s), nothing loaded")
+    assert [line.split(":")[0] for line in lines[1:]] == ["line 6", "line 7", "line 8"]
+    assert "'kind' must be one of item, user, event, got ['event']" in lines[2]
+    assert "can't decode byte 0xe9" in lines[3]
+
+
+def test_events_may_name_items_already_in_the_store(tmp_path: Path, loaded) -> None:
+    loaded.write(read_jsonl(_write(tmp_path / "catalog.jsonl", RECORDS[:2])))
+    events = read_jsonl(_write(tmp_path / "events.jsonl", RECORDS[3:]))
+    assert loaded.write(events).events == 2

@@ -139,3 +139,106 @@ def test_a_short_csv_row_is_a_load_error_naming_its_line(ml_latest: Path) -> Non
 def test_ids_sort_as_numbers_then_as_text() -> None:
     # '²' is a digit to str.isdigit but not a number int() reads: eval's sort crashed on it.
     assert sorted(["10", "2", "b", "²", "a"], key=id_order) == ["2", "10", "a", "b", "²"]
+
+
+def test_ml_latest_tags_are_cut_to_fit_an_attribute_value(ml_latest: Path, loaded) -> None:
+    # Twenty 40-character tags, tag 0 the most used: joined they would take 838 characters.
+    tags = [f"tag {n:02d} ".ljust(40, "x") for n in range(20)]
+    rows = [f"{u},1,{tag},{u}\n" for n, tag in enumerate(tags) for u in range(20 - n)]
+    (ml_latest / "tags.csv").write_text("userId,movieId,tag,timestamp\n" + "".join(rows))
+    loaded.write(read_ml_latest(ml_latest))
+    stored = json.loads(loaded.redis.hget(loaded.keys.item("1"), "attributes"))["tags"]
+    assert stored == ", ".join(tags[:6])  # 6 x 40 + 5 x 2 = 250; a seventh would pass 256
+
+
+def test_ml_latest_title_with_an_unquoted_comma_is_an_error(ml_latest: Path) -> None:
+    with (ml_latest / "movies.csv").open("a") as handle:
+        handle.write("4,American President, The (1995),Comedy|Drama\n")
+    with pytest.raises(LoadError, match=r"movies\.csv line 5: more fields than its header$"):
+        read_checked(read_ml_latest, ml_latest, "ml-latest")
+
+
+def _ml100k_with(tmp_path: Path, name: str, line: str) -> Path:
+    """A valid 100K folder (3 ratings, 2 users, 6 items) with `line` appended to file `name`."""
+    folder = write_folder(tmp_path, [("1", "1", 5, 100), ("1", "2", 4, 200), ("2", "1", 3, 300)])
+    with (folder / name).open("a", encoding="latin-1") as handle:
+        handle.write(line)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("name", "line", "message"),
+    [
+        ("u.item", "7|Short|01-Jan-1995||http://x|0|1\n", "u.item line 7: expected 9 fields"),
+        (
+            "u.item",
+            "7|Dated|1995-01-01||http://x|0|1|0|0\n",
+            "u.item line 7: release date '1995-01-01' is not a day like 01-Jan-1995",
+        ),
+        ("u.user", "3|thirty|F|writer|10001\n", "u.user line 3: invalid literal for int"),
+        (
+            "u.data",
+            "2\t2\t0\t400\n",
+            "u.data line 4: record: Value error, a rating needs a value between 0.5 and 5",
+        ),
+        ("u.data", "2\t2\t4\t4.5\n", "u.data line 4: timestamp '4.5' is not whole seconds"),
+    ],
+)
+def test_ml100k_bad_lines_are_one_line_errors_naming_file_and_line(
+    tmp_path: Path, name: str, line: str, message: str
+) -> None:
+    folder = _ml100k_with(tmp_path, name, line)
+    with pytest.raises(LoadError) as caught:
+        list(read_checked(read_ml100k, folder, "ml-100k").events)
+    assert str(caught.value).startswith(f"{folder / message}")
+    assert "\n" not in str(caught.value) and "pydantic.dev" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "line", "message"),
+    [
+        ("ratings.csv", "7,1,0,964990001\n", "ratings.csv line 5: record: Value error, a rating"),
+        ("ratings.csv", "7,1,4.0,1700000000000\n", "ratings.csv line 5: timestamp"),
+        ("ratings.csv", "7 7,1,4.0,964990001\n", "ratings.csv line 5: user_id: String should"),
+        ("movies.csv", "4,Caf\xe9 (1995),Drama\n", "movies.csv line 5: 'utf-8' codec"),
+    ],
+)
+def test_ml_latest_bad_lines_are_one_line_errors_naming_file_and_line(
+    ml_latest: Path, name: str, line: str, message: str
+) -> None:
+    with (ml_latest / name).open("a", encoding="latin-1") as handle:
+        handle.write(line)
+    with pytest.raises(LoadError) as caught:
+        list(read_checked(read_ml_latest, ml_latest, "ml-latest").events)
+    assert str(caught.value).startswith(f"{ml_latest / message}")
+    assert "\n" not in str(caught.value) and "pydantic.dev" not in str(caught.value)
+
+
+def test_ml100k_lines_are_decoded_one_by_one(tmp_path: Path) -> None:
+    # Re-saved as UTF-8 but for one title left in Latin-1: each title reads as written.
+    folder = write_folder(tmp_path, [("1", "1", 5, 100)])
+    lines = (folder / "u.item").read_bytes().decode("latin-1").splitlines(keepends=True)
+    utf8 = "".join(lines[1:]).encode("utf-8")
+    (folder / "u.item").write_bytes(lines[0].encode("latin-1") + utf8)
+    titles = [item.title for item in read_ml100k(folder).items]
+    assert titles[:2] == ["Café 1 (1995)", "Café 2 (1995)"]
+
+
+def test_a_bad_rating_after_the_first_batch_writes_nothing(tmp_path: Path, loaded) -> None:
+    rows = [(str(u), str(i), 4, u * 10 + i) for u in range(1, 301) for i in range(1, 6)]
+    rows[1203] = (*rows[1203][:2], 0, rows[1203][3])  # line 1204, after the first 1000 events
+    folder = write_folder(tmp_path, rows)
+    with pytest.raises(LoadError, match=r"u\.data line 1204: "):
+        loaded.write(read_checked(read_ml100k, folder, "ml-100k"))
+    assert loaded.snapshot() == {"items": 0, "users": 0, "events": 0, "pop": []}
+    assert not loaded.redis.exists(loaded.keys.loading)
+
+
+def test_an_unknown_item_after_the_first_batch_writes_nothing(tmp_path: Path, loaded) -> None:
+    rows = [(str(u), str(i), 4, u * 10 + i) for u in range(1, 301) for i in range(1, 6)]
+    rows.append(("1", "999", 4, 5000))
+    folder = write_folder(tmp_path, rows)
+    with pytest.raises(LoadError, match=r"1 event\(s\) .* user 1 -> item 999; nothing was written"):
+        loaded.write(read_checked(read_ml100k, folder, "ml-100k"))
+    assert loaded.snapshot() == {"items": 0, "users": 0, "events": 0, "pop": []}
+    assert not loaded.redis.exists(loaded.keys.loading)

@@ -176,14 +176,14 @@ class TestUnusableData:
         folder = write_ml_latest(tmp_path / "ml")
         (folder / "ratings.csv").write_text("user,movie,rating,timestamp\n1,1,4.0,100\n")
         # Users are read by the header's userId too, with the catalog: refused before any event.
-        match = "cannot read it as ml-latest: items and users: KeyError: 'userId'"
+        match = r"ratings\.csv line 1: the header has no column userId, movieId$"
         with pytest.raises(LoadError, match=match):
             read_eval_data(folder, EvalFormat.ml_latest)
 
     def test_malformed_catalog(self, tmp_path: Path) -> None:
         folder = write_ml_latest(tmp_path / "ml")
         (folder / "movies.csv").write_text("movieId,title\n1,Toy Story (1995)\n")
-        match = "cannot read it as ml-latest: items and users: KeyError: 'genres'"
+        match = r"movies\.csv line 1: the header has no column genres$"
         with pytest.raises(LoadError, match=match):
             read_eval_data(folder, EvalFormat.ml_latest)
 

@@ -76,8 +76,10 @@ class TestMetricsWiring:
 
     def test_report_shape(self, report: Report) -> None:
         data = json.loads(report.model_dump_json())
-        assert data.keys() == {"dataset", "protocol", "users", "systems", "model", "rating"}
+        keys = {"dataset", "protocol", "users", "systems", "repeated_tests", "model", "rating"}
+        assert data.keys() == keys
         assert (data["dataset"], data["protocol"], data["users"]) == ("tiny", PROTOCOL, 3)
+        assert data["repeated_tests"] == 0
         assert list(data["systems"]["scripted"]) == METRICS
         assert data["rating"] is None  # a ranking-only run
 
@@ -103,6 +105,21 @@ class TestMetricsWiring:
         assert lines[1].split() == ["system", *METRICS]
         assert lines[2].split()[:3] == ["scripted", "0.6667", "0.5000"]
         assert lines[3].startswith("another-system")
+
+    def test_users_whose_test_item_they_had_before_are_counted(self) -> None:
+        # u1 watches 1 again last, u2 clicks then buys 6; u3's test item 5 is new to them
+        sequences = {"u1": ["1", "2", "1"], "u2": ["6", "2", "6"], "u3": ["1", "2", "5"]}
+        rows = [Interaction(u, i, t) for u, seq in sequences.items() for t, i in enumerate(seq)]
+        split = build_split("repeats", rows, {})
+        answers = {"u1": ["5"], "u2": ["5"], "u3": ["5"]}
+        report = evaluate(split, [Scripted(answers)], split.users, progress=False)
+        assert report.repeated_tests == 2
+        assert report.systems["scripted"]["hr@10"] == pytest.approx(1 / 3)
+        assert report.table().splitlines()[-1] == (
+            "2 users' test item is one they had before: every system scores 0 for them"
+        )
+        sampled = evaluate(split, [Scripted(answers)], ["u1", "u3"], progress=False)
+        assert sampled.repeated_tests == 1
 
     def test_latency_is_the_median_recommend_time(self) -> None:
         split = tiny_split()

@@ -107,6 +107,26 @@ def test_library_baselines_predict_on_the_rating_scale(data: EvalData) -> None:
         assert 1.0 <= predict("unknown", "unknown") <= 5.0
 
 
+def test_library_baselines_predict_below_one_on_a_half_star_scale() -> None:
+    # ml-latest's ratings go down to 0.5: where nearly every rating is 0.5, so are predictions
+    # (on a scale of 1 to 5 every one was raised to 1).
+    rows = [(f"u{n}", i, 0.5) for n in range(20) for i in "abcde"] + [("u1", "f", 5.0)]
+    known = [
+        FeedbackEvent(user_id=u, item_id=i, type="rating", value=v, timestamp=T(0))
+        for u, i, v in rows
+    ]
+    for predict in _surprise(known, seed=0).values():
+        assert 0.5 <= predict("u0", "a") < 0.6
+
+
+def test_the_eval_scores_every_system_without_the_deployment_policy(settings: Settings) -> None:
+    """A deployment's REASONREC_POLICY_FILE would shape only the pipeline's lists (the gateway
+    applies it), not the baselines': the systems would not be compared on the same terms."""
+    deployed = settings.model_copy(update={"policy_file": Path("/etc/reasonrec/policy.yaml")})
+    with scratch_store(deployed) as (scratch, _, _):
+        assert scratch.policy_file is None
+
+
 def test_the_command_runs_the_rating_eval_with_its_recipe(
     data: EvalData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -70,10 +70,12 @@ class TestSplitRules:
         assert split.catalog == ("2", "9", "10", "x")
         assert split.categories["10"] == frozenset()
 
-    def test_a_malformed_rating_is_reported_with_its_position(self, make_folder: Callable) -> None:
+    def test_a_malformed_rating_is_reported_with_its_file_and_line(
+        self, make_folder: Callable
+    ) -> None:
         folder = make_folder(ROWS)
-        (folder / "u.data").write_text("1\t2\t3\t4\n\n1\t2\t3\n")
-        with pytest.raises(LoadError, match=r"ml-tiny: cannot read it as ml-100k: event 2: "):
+        (folder / "u.data").write_text("1\t2\t3\t4\n\n1\t2\t3\n")  # the blank line counts
+        with pytest.raises(LoadError, match=r"ml-tiny/u\.data line 3: expected 4 fields"):
             load_split(folder)
 
 
