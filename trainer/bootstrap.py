@@ -108,7 +108,7 @@ def _examples(
     validation = builder.validation(preset.validation_users, seed)
     log.info("examples built", extra={"train": len(train), "validation": len(validation)})
     if not train and Task.rank in shape.contract.tasks:
-        raise NotEnoughData("no training examples: the store needs users with 3+ interactions")
+        raise NotEnoughData("no training examples: the store needs users with 3+ positive events")
     return Examples(train=train, validation=validation)
 
 
@@ -293,7 +293,7 @@ def _search_plan(
     )
     search = builder.build(preset.search.sft_examples, preset.search.validation_users, seed)
     if not search.train or not search.validation:
-        raise NotEnoughData("no search examples: the store needs users with 3+ interactions")
+        raise NotEnoughData("no search examples: the store needs users with 3+ positive events")
     encoder = Encoder() if retriever is RetrieverKind.dense else None
     index = build_search_index(sorted(corpus.items.items()), retriever, encoder)
     return search, index

@@ -1,24 +1,44 @@
-"""What training reads from the store: the catalog, user profiles and interaction sequences.
+"""What training reads from the store: the catalog, user profiles, interaction sequences and
+ratings.
 
 Sequences come from the feedback stream (the durable log), not from the capped recent
-histories. An interaction is an event that shows the user consumed the item: click, like,
-purchase, or a rating of any value (MovieLens users rated what they watched; EVAL.md counts every
-rating). Impressions, skips and dislikes are not interactions. An interaction that cannot be
-decoded (no type, user, item or time, a time or rating that is not a number, a time no date
-holds) is skipped and counted (`reasonrec_unreadable_records_total{kind="event"}`).
+histories, and hold what the gateway's histories hold: the positive events as the store counts
+them (`server.schemas.is_positive`: click, like, purchase, a rating of 4 or more). Trained on
+every rating, a model learnt from prompts the gateway never writes (a history with the films a
+user rated 1) and to recommend what users rated low. `reasonrec eval`'s store counts every rating
+as positive, as EVAL.md counts every rating as an interaction. Ratings of any value are the
+rating task's. Impressions, skips and dislikes are neither. An event that cannot be decoded (no
+type, user, item or time, a time or rating that is not a number, a time no date holds) is skipped
+and counted (`reasonrec_unreadable_records_total{kind="event"}`).
 """
 
 import math
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from functools import cached_property
+from typing import TypeVar
 
 from pydantic import BaseModel
 
-from server.schemas import EventType, Item, readable_time
+from server.schemas import EventType, Item, is_positive, readable_time
 from server.store import UNREADABLE, Store, skip_unreadable
 
 INTERACTIONS = {EventType.click, EventType.like, EventType.purchase, EventType.rating}
 CHUNK = 5000
+
+
+Pair = TypeVar("Pair", bound=tuple[str, float])
+
+
+def latest_per_item(pairs: Sequence[Pair]) -> list[Pair]:
+    """Each item's last (item, time or rating) pair, in the order of those: what the gateway's
+    histories and rated sets keep of a user who came back to an item (a click, then a purchase;
+    a rating, then another)."""
+    latest: dict[str, Pair] = {}
+    for pair in pairs:
+        latest.pop(pair[0], None)
+        latest[pair[0]] = pair
+    return list(latest.values())
 
 
 class NotEnoughData(ValueError):
@@ -29,7 +49,8 @@ class Corpus(BaseModel):
     items: dict[str, Item]
     profiles: dict[str, dict]
     sequences: dict[str, list[tuple[str, float]]]
-    """Per user, (item id, time) in time order; ties keep the order of the log."""
+    """Per user, (item id, time) of their positive events in time order; ties keep the order of
+    the log."""
     ratings: dict[str, list[tuple[str, float]]] = {}
     """Per user, (item id, rating) of their rating events, in the same order."""
 
@@ -59,7 +80,8 @@ async def read_corpus(store: Store) -> Corpus:
         if interaction is None:
             continue
         user, item, ts, rating = interaction
-        sequences[user].append((item, ts))
+        if is_positive(EventType(event["type"]), rating, store.positive_rating):
+            sequences[user].append((item, ts))
         if rating is not None:
             rated[user].append((item, rating, ts))
     for seq in sequences.values():

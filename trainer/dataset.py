@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from contract.candidates import OVERFETCH, allowed, candidate_order
 from contract.prompt import Contract, prompt_input
 from server.item_index import ItemIndex
-from trainer.corpus import Corpus
+from trainer.corpus import Corpus, latest_per_item
 from trainer.examples import Example, build_example
 
 
@@ -65,7 +65,8 @@ class ExampleBuilder:
         it into the candidates and `need_positive` (a training example without one teaches
         nothing)."""
         seq = self.corpus.sequences[user_id]
-        history = [item for item, _ in seq[:t]]
+        before = latest_per_item(seq[:t])
+        history = [item for item, _ in before]
         # A training position's next k items stop before the user's last one, which validation
         # holds out (it would be taught as the answer of a prompt one item shorter than its own).
         end = len(seq) if t == len(seq) - 1 else len(seq) - 1
@@ -79,7 +80,7 @@ class ExampleBuilder:
         contract = self.shape.contract
         data = prompt_input(
             self.corpus.profiles.get(user_id, {}),
-            [(items[i], ts) for i, ts in seq[:t]],
+            [(items[i], ts) for i, ts in before],
             [items[i] for i in candidates],
             self.shape.k,
             contract.history,

@@ -49,7 +49,7 @@ from contract.rating import (
 )
 from reward_rules.terms import Term
 from trainer.constrained import RatingConstraint, constrained_generation, greedy_after
-from trainer.corpus import Corpus
+from trainer.corpus import Corpus, latest_per_item
 from trainer.grpo import run_grpo, spread
 from trainer.presets import RatingPreset, Recipe
 from trainer.sft import run_sft
@@ -138,16 +138,6 @@ def _whole(rating: float, up: bool) -> int:
     return int(on_scale(math.floor(rating + 0.5) if up else math.ceil(rating - 0.5)))
 
 
-def _latest_per_item(ratings: list[tuple[str, float]]) -> list[tuple[str, float]]:
-    """Each item's latest rating, in the order they were made: what the gateway keeps of a user
-    who rated an item again."""
-    latest: dict[str, float] = {}
-    for item, value in ratings:
-        latest.pop(item, None)
-        latest[item] = value
-    return list(latest.items())
-
-
 class RatingExampleBuilder:
     def __init__(self, corpus: Corpus, rendering: Rendering, history: int):
         self.corpus, self.rendering, self.history = corpus, rendering, history
@@ -169,7 +159,7 @@ class RatingExampleBuilder:
         ratings = self.corpus.ratings[user_id]
         items = self.corpus.items
         item_id, value = ratings[t]
-        rated = _latest_per_item(ratings[:t])
+        rated = latest_per_item(ratings[:t])
         before = [(items[i], r) for i, r in rated]
         user = Stats.of(sum(r for _, r in before), len(before))
         item_stats = self._without(item_id, value)

@@ -45,7 +45,7 @@ from reward_rules.metrics import rank_ndcg
 from reward_rules.terms import SearchNdcg
 from server.search_index import SearchIndex
 from trainer.constrained import constrained_generation, greedy_after, search_constraint
-from trainer.corpus import Corpus
+from trainer.corpus import Corpus, latest_per_item
 from trainer.dataset import sample_positions
 from trainer.grpo import run_grpo, spread
 from trainer.presets import SearchPreset
@@ -111,7 +111,7 @@ class SearchExampleBuilder:
 
     def example(self, user_id: str, t: int, typed: str = "") -> SearchExample:
         items, sequence = self.corpus.items, self.corpus.sequences[user_id]
-        seen = [item for item, _ in sequence[:t]]
+        seen = [item for item, _ in latest_per_item(sequence[:t])]
         history = [items[i] for i in seen]
         data = search_input(self.corpus.profiles.get(user_id, {}), history, typed, self.history)
         # A training target never names the user's last item: validation holds it out.

@@ -80,3 +80,16 @@ def test_a_user_who_has_seen_the_whole_catalog_is_no_example() -> None:
 
     assert examples.example("all", 12, need_positive=False) is None
     assert "all" not in {e.user_id for e in examples.validation(users=10, seed=0)}
+
+
+def test_an_item_come_back_to_shows_once_where_the_user_last_had_it() -> None:
+    """As the gateway's history keeps it (a click, then a purchase of the same item): the
+    prompt listed it twice."""
+    again = builder()
+    again.corpus.sequences["back"] = [("i0", 1), ("i1", 2), ("i0", 3), ("i2", 4), ("i3", 5)]
+
+    example = again.example("back", 3, need_positive=False)
+
+    assert example is not None
+    assert example.prompt.count("Film 0") == 1
+    assert example.prompt.index("Film 1") < example.prompt.index("Film 0")
