@@ -91,6 +91,10 @@ SEARCH_FALLBACKS = Counter(
     ["reason"],
 )
 SEARCH_INDEX_ITEMS = Gauge("reasonrec_search_index_items", "Items in the current search index.")
+SEARCH_INDEX_FAILURES = Counter(
+    "reasonrec_search_index_failures_total",
+    "Search index builds that failed (search answers from the last one built, or finds nothing).",
+)
 SEARCH_INDEX_BUILD_SECONDS = Histogram(
     "reasonrec_search_index_build_seconds",
     "Time to build the search index from the catalog.",

@@ -224,6 +224,7 @@ class SearchIndexes:
             try:
                 await self.refresh(store)
             except Exception as exc:  # a bad build must not stop later ones
+                metrics.SEARCH_INDEX_FAILURES.inc()
                 log.error("search index not rebuilt", extra={"reason": repr(exc)})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), every_seconds)
@@ -235,4 +236,5 @@ class SearchIndexes:
         try:
             await self.refresh(store)
         except Exception as exc:  # what the catalog holds must not keep the gateway down
+            metrics.SEARCH_INDEX_FAILURES.inc()
             log.error("search index not built at startup", extra={"reason": repr(exc)})

@@ -234,8 +234,10 @@ def test_a_search_index_that_cannot_be_built_leaves_the_gateway_serving(
         raise RuntimeError("index build broke")
 
     monkeypatch.setattr("server.search_index.build_search_index", broken)
+    before = metric(make_client(), "reasonrec_search_index_failures_total")
     restarted = make_client(search_refresh_seconds=3600)
     assert _search(restarted, query="heist")["items"] == []
+    assert metric(restarted, "reasonrec_search_index_failures_total") > before  # seen
     assert restarted.post("/v1/recommend", json={"user_id": "u1", "k": 2}).status_code == 200
 
 

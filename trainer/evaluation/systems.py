@@ -145,7 +145,8 @@ class TitleQuery:
     def fit(self, split: Split) -> None:
         self._split = split
         self._catalog = _Catalog(split)
-        self._at = np.array([self._index.item_ids.index(item) for item in split.catalog])
+        position = {item: i for i, item in enumerate(self._index.item_ids)}  # list.index: n²
+        self._at = np.array([position[item] for item in split.catalog])
         self._order = np.arange(len(split.catalog))
 
     def recommend(self, user_id: str, k: int) -> list[str]:
