@@ -23,7 +23,7 @@ from contract.prompt import (
     prompt_input,
     text_answer_budget,
 )
-from contract.ranking import served_order
+from contract.ranking import first_k, served_order
 from contract.tasks import Task
 from server import metrics
 from server.candidates import Candidate, Candidates, Query, retrieve
@@ -225,7 +225,7 @@ class Recommender:
                 "answer cut at the token budget", extra={"max_tokens": generation.max_tokens}
             )
         answer = parse_answer(result.text)
-        if not answer.well_formed and not answer.items:
+        if not first_k(answer.items, choices, 1):  # nothing of it could be served
             metrics.PARSE_FAILURES.labels(Task.rank).inc()
             return _fallback(order, request.k, "malformed", raw=result.text)
         scores = first_pick(result, choices)

@@ -191,30 +191,30 @@ def test_well_formed_answer_is_served_in_its_order(shop: TestClient) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "k", "expected", "repaired"),
+    ("text", "k", "expected", "repaired", "source"),
     [
         # Duplicates dropped, backfilled from the retrieval order.
-        (answer("p3", "p3", "n2"), 3, ["p3", "n2", "p1"], True),
+        (answer("p3", "p3", "n2"), 3, ["p3", "n2", "p1"], True, "llm"),
         # Non-candidates ignored: seen, hidden, unavailable and unknown ids.
-        (answer("s1", "gone", "p2", "sold-out", "zz"), 3, ["p2", "p1", "p3"], True),
-        # Every id invalid: the retrieval order.
-        (answer("zz", "yy", "xx"), 3, ORDER[:3], True),
+        (answer("s1", "gone", "p2", "sold-out", "zz"), 3, ["p2", "p1", "p3"], True, "llm"),
+        # Every id invalid: the retrieval order, as the fallback (it was served as the model's).
+        (answer("zz", "yy", "xx"), 3, ORDER[:3], True, "fallback"),
         # More ids than asked: the first k, nothing to repair.
-        (answer("p4", "p3", "p2", "p1"), 3, ["p4", "p3", "p2"], False),
+        (answer("p4", "p3", "p2", "p1"), 3, ["p4", "p3", "p2"], False, "llm"),
         # Ids without the mark are not read.
-        ("<think>x</think><answer>p4, #p3</answer>", 2, ["p3", "p1"], True),
+        ("<think>x</think><answer>p4, #p3</answer>", 2, ["p3", "p1"], True, "llm"),
         # Free text naming items: the retrieval order.
-        ("I would pick #p4 and #p3.", 2, ORDER[:2], True),
+        ("I would pick #p4 and #p3.", 2, ORDER[:2], True, "fallback"),
         # Nothing at all.
-        ("", 2, ORDER[:2], True),
+        ("", 2, ORDER[:2], True, "fallback"),
         # Cut by the token budget: the ids before the cut, the one cut short (#p2?) left out.
-        ("<think>x</think><answer>#p4, #p3, #p", 3, ["p4", "p3", "p1"], True),
+        ("<think>x</think><answer>#p4, #p3, #p", 3, ["p4", "p3", "p1"], True, "llm"),
         # k above the candidates: every candidate once, answer first.
-        (answer("n2"), 50, ["n2", "p1", "p2", "p3", "n1", "p4"], True),
+        (answer("n2"), 50, ["n2", "p1", "p2", "p3", "n1", "p4"], True, "llm"),
     ],
 )
 def test_answers_are_repaired(
-    shop: TestClient, text: str, k: int, expected: list[str], repaired: bool
+    shop: TestClient, text: str, k: int, expected: list[str], repaired: bool, source: str
 ) -> None:
     use(shop, FakeEngine(text))
     failures = metric(shop, PARSE_FAILURES, task="rank")
@@ -222,6 +222,7 @@ def test_answers_are_repaired(
     body = recommend(shop, k=k)
 
     assert ids(body) == expected
+    assert body["source"] == source
     assert metric(shop, PARSE_FAILURES, task="rank") == failures + (1 if repaired else 0)
 
 
