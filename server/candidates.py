@@ -8,8 +8,10 @@ with the newest ones, so that new items get exposure.
 from pydantic import BaseModel, Field
 
 from contract.candidates import OVERFETCH, allowed, candidate_order
+from reward_rules.policy import DEFAULT_POLICY, Policy
 from server.context import UserContext
 from server.item_index import ItemIndex
+from server.policy import servable
 from server.schemas import Item
 from server.store import Store
 
@@ -36,19 +38,26 @@ class Query(BaseModel):
 
     n: int = Field(description="Candidates wanted.")
     history: int = Field(description="Most recent history items the index is queried with.")
+    shown: int = Field(0, description="Most recent history items the prompt shows.")
     exclude_seen: bool = True
     categories: list[str] | None = None
 
 
 async def retrieve(
-    store: Store, index: ItemIndex | None, context: UserContext, query: Query
+    store: Store,
+    index: ItemIndex | None,
+    context: UserContext,
+    query: Query,
+    policy: Policy = DEFAULT_POLICY,
 ) -> Candidates:
-    """Candidates for `context`; `history` holds the whole context history for the prompt.
+    """Candidates for `context`, none that `policy` would not serve; `history` holds the whole
+    context history for the prompt. The items the prompt shows as history are never candidates.
     While the filters (a rare category, many hidden or unavailable items) leave fewer than n,
     retrieval reads four times deeper, up to MAX_DEPTH items of each source."""
     n = query.n
-    recent = [item_id for item_id, _ in context.history][-query.history :] if query.history else []
-    exclude = set(recent) | (context.seen if query.exclude_seen else set())
+    recent = _last([item_id for item_id, _ in context.history], query.history)
+    shown = _last([item_id for item_id, _ in context.history], max(query.history, query.shown))
+    exclude = set(shown) | (context.seen if query.exclude_seen else set())
     categories = set(query.categories) if query.categories else None
     newest = await store.newest(n)
     depth = n * OVERFETCH
@@ -56,7 +65,7 @@ async def retrieve(
         hits = index.search(recent, depth, exclude=exclude) if index else []
         popular = await store.popular(depth)
         ranked = candidate_order(hits, popular, newest)
-        chosen = await filtered(store, ranked, n, exclude, categories)
+        chosen = await filtered(store, ranked, n, exclude, categories, policy)
         deeper = len(hits) == depth or len(popular) == depth
         if len(chosen) >= n or not deeper or depth >= MAX_DEPTH:
             break
@@ -66,16 +75,22 @@ async def retrieve(
     return Candidates(items=chosen, history=history, cold_start=not hits)
 
 
+def _last(items: list[str], count: int) -> list[str]:
+    return items[-count:] if count else []
+
+
 async def filtered(
     store: Store,
     ranked: list[tuple[str, float]],
     n: int,
     exclude: set[str],
     categories: set[str] | None,
+    policy: Policy = DEFAULT_POLICY,
 ) -> list[Candidate]:
-    """The first n allowed items of `ranked` ((id, score), best first), hidden, unavailable,
-    excluded and filtered-out ones dropped. Items are read a chunk at a time: most requests need
-    only the first 2n of the ranking."""
+    """The first n allowed items of `ranked` ((id, score), best first), hidden, unavailable (by
+    the item or by `policy`), excluded and filtered-out ones dropped: an item the policy drops
+    later took a candidate's place, and lists came back short. Items are read a chunk at a time:
+    most requests need only the first 2n of the ranking."""
     chosen: list[Candidate] = []
     for start in range(0, len(ranked), 2 * n):
         chunk = ranked[start : start + 2 * n]
@@ -83,7 +98,9 @@ async def filtered(
         chosen += [
             Candidate(item=records[item_id], score=round(score, 6))
             for item_id, score in chunk
-            if item_id in records and allowed(records[item_id], exclude, categories)
+            if item_id in records
+            and allowed(records[item_id], exclude, categories)
+            and servable(policy, records[item_id])
         ]
         if len(chosen) >= n:
             break

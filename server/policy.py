@@ -20,6 +20,12 @@ def read_policy(path: Path | None) -> Policy:
     return DEFAULT_POLICY if path is None else load_policy(path)
 
 
+def servable(policy: Policy, item: Item) -> bool:
+    """Whether the policy would serve the item at all: with `exclude_unavailable`, not an item
+    whose facts say unavailable (its `available` field, or the policy's availability attribute)."""
+    return not policy.constraints.exclude_unavailable or item_facts(item, policy).available
+
+
 def enforce(
     policy: Policy, picked: Sequence[str], order: Sequence[str], items: Mapping[str, Item], k: int
 ) -> list[str]:

@@ -137,7 +137,9 @@ class Recommender:
     ) -> RecommendResponse:
         started = time.perf_counter()
         contract = engine.contract if engine else Contract()
-        context, found = await self._candidates(request, index, contract.history)
+        # Without a model no prompt shows a history: only retrieval's is left out.
+        shown = contract.history if engine else 0
+        context, found = await self._candidates(request, index, shown)
         by_id = {candidate.item.item_id: candidate for candidate in found.items}
         order = list(by_id)
         shown = [candidate.item for candidate in found.items]
@@ -181,9 +183,11 @@ class Recommender:
                     # at least k: a list is never short for want of candidates asked for
                     n=max(self.settings.candidates, request.k),
                     history=query,
+                    shown=prompt_history,
                     exclude_seen=request.exclude_seen,
                     categories=request.categories,
                 ),
+                self.policy,
             )
         return context, found
 

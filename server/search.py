@@ -166,7 +166,7 @@ class Searcher:
             # off the event loop: a dense query is a model forward pass (milliseconds of CPU)
             hits = await asyncio.to_thread(index.search, query, asked)
             unseen = [(item_id, score) for item_id, score in hits if item_id not in exclude]
-            found = await filtered(self.store, unseen, n, exclude, None)
+            found = await filtered(self.store, unseen, n, exclude, None, self.policy)
             # Hidden and unavailable matches took places: read further down while there is more.
             if len(found) >= n or len(hits) < asked or asked >= MAX_DEPTH:
                 break

@@ -349,3 +349,42 @@ async def test_filters_that_thin_the_candidates_read_deeper(store: Store) -> Non
     found = await candidates_of(store, "never-seen", n=2, categories=["drama"])
 
     assert [item_id for item_id, _ in found] == ["d0", "d1"]
+
+
+async def test_items_the_policy_would_not_serve_take_no_candidates_place(store: Store) -> None:
+    """Unavailable by an attribute (the policy's `available`, default on): they filled the
+    candidates, the policy dropped them after, and lists came back short or empty."""
+    await store.upsert_items(
+        [
+            *(catalog_item(f"out{n}", 100, attributes={"available": "no"}) for n in range(12)),
+            *(catalog_item(f"ok{n}", 100) for n in range(3)),
+        ]
+    )
+    for n in range(12):
+        await engage(store, f"out{n}", 20 - n)
+    for n in range(3):
+        await engage(store, f"ok{n}", 3 - n)
+
+    found = await candidates_of(store, "never-seen", n=3)
+
+    assert [item_id for item_id, _ in found] == ["ok0", "ok1", "ok2"]
+
+
+async def test_exclude_seen_false_never_offers_what_the_prompt_shows(store: Store) -> None:
+    """A compact model's prompt shows 50 history items, retrieval reads 20: items 21 to 50 were
+    both history and candidates."""
+    await store.upsert_items([catalog_item(i, age_days=10) for i in ["a", "b", "c", "d"]])
+    events = [
+        FeedbackEvent(
+            user_id="me", item_id=item, type=EventType.click, timestamp=T0 + timedelta(hours=n)
+        )
+        for n, item in enumerate(["a", "b", "c"])
+    ]
+    assert all(await store.add_feedback(events))
+    context = await load_context(store, "me", history_limit=3)
+
+    found = await retrieve(
+        store, None, context, Query(n=50, history=1, shown=3, exclude_seen=False)
+    )
+
+    assert [c.item.item_id for c in found.items] == ["d"]
