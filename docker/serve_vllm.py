@@ -11,7 +11,9 @@ it, and follows activations (a refresh published, an admin activated one):
   (REASONREC_MERGE_ADAPTERS: by default when vLLM runs on the CPU and the data directory can be
   written) a LoRA version is a model of its own;
 - any other version stops vLLM and starts it on the new one; gateways serve the retrieval order
-  meanwhile.
+  meanwhile;
+- a version it cannot place (an adapter without its adapter files, say) is refused and logged:
+  vLLM goes on serving the version before, until another one is activated.
 
 vLLM serves a base under its version and each adapter under its own version; it reserves room
 for adapters when the version is one, or its base is large enough for the trainer to refresh it
@@ -163,9 +165,9 @@ async def _active(store: Store) -> str | None:
 
 
 async def _next_version(
-    store: Store, serving: str | None, process: asyncio.subprocess.Process | None, poll: float
+    store: Store, skip: set[str], process: asyncio.subprocess.Process | None, poll: float
 ) -> str | None:
-    """Wait until a version other than `serving` is active (returned) or vLLM exits (None)."""
+    """Wait until a version not in `skip` is active (returned) or vLLM exits (None)."""
     while True:
         if process is None:
             await asyncio.sleep(poll)
@@ -176,7 +178,7 @@ async def _next_version(
             except TimeoutError:
                 pass
         version = await _active(store)
-        if version is not None and version != serving:
+        if version is not None and version not in skip:
             return version
 
 
@@ -195,24 +197,50 @@ async def _never(started: str, serving: str, new: str) -> bool:
     return False
 
 
+def _refused(version: str, exc: RegistryError) -> None:
+    log.error("version refused", extra={"version": version, "reason": str(exc)})
+
+
+async def _serve(
+    store: Store, process: asyncio.subprocess.Process, started: str, swap: Swap, poll: float
+) -> str | None:
+    """Serve from `process` (vLLM started on `started`), swapping in place what `swap` can; the
+    version to restart on, once `process` is stopped, or None when vLLM exited. A version that
+    cannot be placed is refused and the one serving goes on: stopping a vLLM that serves for
+    one that cannot start left every gateway on its fallback, and the launcher crash-looping."""
+    serving, skip = started, {started}
+    while (new := await _next_version(store, skip, process, poll)) is not None:
+        try:
+            swapped = await swap(started, serving, new)
+        except RegistryError as exc:
+            _refused(new, exc)
+            skip = {serving, new}
+            continue
+        if not swapped:
+            log.info("active version changed", extra={"version": new, "previous": serving})
+            await _stop(process)
+            return new
+        serving, skip = new, {new}
+    return None
+
+
 async def follow(
     store: Store, start: Start, swap: Swap = _never, poll: float = POLL_SECONDS
 ) -> int:
     """Serve the active version, swapping in place where `swap` can and restarting otherwise;
-    vLLM's status when it exits."""
-    version = await _next_version(store, None, None, poll)
+    vLLM's status when it exits. A version that cannot start is refused until another one is
+    activated."""
+    version = await _next_version(store, set(), None, poll)
     process = None
     try:
         while version is not None:
-            process, started = await start(version), version
-            new = await _next_version(store, version, process, poll)
-            while new is not None and await swap(started, version, new):
-                version = new
-                new = await _next_version(store, version, process, poll)
-            if new is not None:
-                log.info("active version changed", extra={"version": new, "previous": version})
-                await _stop(process)
-            version = new
+            try:
+                process = await start(version)
+            except RegistryError as exc:
+                _refused(version, exc)
+                process, version = None, await _next_version(store, {version}, None, poll)
+                continue
+            version = await _serve(store, process, version, swap, poll)
         return process.returncode
     finally:  # cancelled (SIGTERM) or failed: never leave vLLM running without its launcher
         if process is not None:
@@ -225,9 +253,6 @@ async def _main(extra: list[str]) -> int:
     async with open_store(settings) as store:
         try:
             return await follow(store, vllm_starter(settings, extra), vllm_swapper(settings, extra))
-        except RegistryError as exc:  # the volume is not the registry the trainer writes to
-            log.error("cannot serve the active version", extra={"reason": str(exc)})
-            return 1
         except asyncio.CancelledError:
             return 0
 

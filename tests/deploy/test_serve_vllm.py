@@ -240,6 +240,60 @@ async def test_swaps_in_place_what_it_can_and_restarts_for_the_rest(settings: Se
         await asyncio.gather(following, return_exceptions=True)
 
 
+class RefusingSwap(FakeSwap):
+    """Refuses what `refused` names, as placing a version that cannot be placed does."""
+
+    def __init__(self, *refused: str) -> None:
+        super().__init__()
+        self.refused = set(refused)
+
+    async def __call__(self, started: str, serving: str, new: str) -> bool:
+        if new in self.refused:
+            self.calls.append((started, serving, new))
+            raise RegistryError(f"{new} holds no readable LoRA adapter")
+        return await super().__call__(started, serving, new)
+
+
+async def test_a_version_that_cannot_be_placed_leaves_vllm_serving(settings: Settings) -> None:
+    """It stopped the vLLM that served, then failed, and failed again at every restart."""
+    publish(settings, "v1", "v2", "v3")
+    vllm, swap = FakeVllm(), RefusingSwap("v2")
+    async with open_store(settings) as store:
+        following = await follow_v1(store, vllm, swap)
+        await store.set_active_model("v2")
+        await until(lambda: len(swap.calls) == 1)
+        await asyncio.sleep(5 * POLL)  # refused once, not again at every poll
+        [(_, serving)] = vllm.started
+        assert serving.returncode is None and not following.done()
+        assert swap.calls == [("v1", "v1", "v2")]
+        await store.set_active_model("v3")  # the next activation is served
+        await until(lambda: vllm.versions == ["v1", "v3"])
+        following.cancel()
+        await asyncio.gather(following, return_exceptions=True)
+
+
+async def test_an_active_version_that_cannot_start_waits_for_another(settings: Settings) -> None:
+    publish(settings, "v1")
+    started: list[str] = []
+    vllm = FakeVllm()
+
+    async def start(version: str) -> asyncio.subprocess.Process:
+        started.append(version)
+        if version == "v-broken":
+            raise RegistryError("model version 'v-broken' is not in the registry")
+        return await vllm(version)
+
+    async with open_store(settings) as store:
+        await store.set_active_model("v-broken")
+        following = asyncio.create_task(serve_vllm.follow(store, start, poll=POLL))
+        await asyncio.sleep(5 * POLL)
+        assert started == ["v-broken"] and not following.done()
+        await store.set_active_model("v1")
+        await until(lambda: vllm.versions == ["v1"])
+        following.cancel()
+        await asyncio.gather(following, return_exceptions=True)
+
+
 def recording_vllm(status: int = 200) -> tuple[httpx.MockTransport, list[tuple[str, dict]]]:
     calls: list[tuple[str, dict]] = []
 
