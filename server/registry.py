@@ -147,10 +147,13 @@ class Registry:
             missing = f"model version '{version}' is not in the registry"
             raise RegistryError(f"{missing} {self.root}", public=missing)
         try:
-            return Manifest.model_validate_json(path.read_text())
+            manifest = Manifest.model_validate_json(path.read_text())
         except (OSError, ValidationError) as exc:
             unreadable = f"model version '{version}' has an unreadable manifest"
             raise RegistryError(f"{unreadable}: {path}: {exc}", public=unreadable) from exc
+        if manifest.version != version:  # a folder copied by hand: it would serve the other's
+            raise RegistryError(f"folder {version} holds the manifest of {manifest.version}")
+        return manifest
 
     def versions(self) -> list[Manifest]:
         """Every readable version, oldest first; an unreadable one is logged and left out."""
@@ -281,12 +284,18 @@ def base_version(manifest: Manifest) -> str:
 
 def servable(registry: Registry, version: str) -> Manifest:
     """The version's manifest if a gateway can serve it: a contract it speaks and, for an
-    adapter, its base in the registry. RegistryError otherwise."""
+    adapter, its adapter files and a full-weights base in the registry. RegistryError otherwise
+    (an activation refused, not a gateway or launcher failing to open it)."""
     manifest = registry.manifest(version)
     check_contract(manifest)
+    if manifest.kind == "full":
+        return manifest
     base = base_version(manifest)
-    if base != version and not registry.has(base):
+    if base == version or not registry.has(base):
         raise RegistryError(f"LoRA version {version} adapts {base}, which is not in the registry")
+    if registry.manifest(base).kind != "full":
+        raise RegistryError(f"LoRA version {version} adapts {base}, itself an adapter")
+    adapter_rank(registry.path(version))
     return manifest
 
 

@@ -3,6 +3,7 @@ whose active model speaks a contract this gateway does not."""
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -27,6 +28,7 @@ from server.registry import (
     check_contract,
     has_chat_template,
     new_version,
+    servable,
     stored_parameters,
 )
 from tests.server.helpers import metric, post_events, put_items
@@ -288,6 +290,37 @@ def test_base_version_of_a_full_version_and_of_an_adapter() -> None:
     assert base_version(Manifest(version="v2", kind="lora", base_model="v1")) == "v1"
     with pytest.raises(RegistryError, match="v3 names no base model"):
         base_version(Manifest(version="v3", kind="lora"))
+
+
+def test_a_version_is_servable_only_with_what_serving_it_needs(registry: Registry) -> None:
+    """Each passed the activation and broke later: the gateway refused it while the pointer named
+    it, and the vLLM launcher stopped the vLLM that served and crash-looped."""
+    publish_version(registry, "v1")
+    adapter = publish_version(registry, "a1", kind="lora", base_model="v1")
+    (adapter / ADAPTER_CONFIG).write_text(json.dumps({"r": 8}))
+    publish_version(registry, "a2", kind="lora", base_model="a1")
+    publish_version(registry, "a3", kind="lora", base_model="a3")
+    publish_version(registry, "a4", kind="lora", base_model="v1")
+
+    assert servable(registry, "a1").base_model == "v1"
+    for version, problem in [
+        ("a2", "LoRA version a2 adapts a1, itself an adapter"),
+        ("a3", "LoRA version a3 adapts a3, which is not in the registry"),
+        ("a4", "a4 holds no readable LoRA adapter"),
+    ]:
+        with pytest.raises(RegistryError, match=problem):
+            servable(registry, version)
+
+
+def test_a_folder_copied_by_hand_is_not_read_as_the_version_it_names(
+    registry: Registry,
+) -> None:
+    """It was served with the other version's weights and listed twice."""
+    shutil.copytree(publish_version(registry, "v1"), registry.path("v9"))
+
+    with pytest.raises(RegistryError, match="folder v9 holds the manifest of v1"):
+        registry.manifest("v9")
+    assert names(registry) == ["v1"]
 
 
 def test_adapter_rank_reads_peft_config(tmp_path: Path) -> None:
