@@ -19,6 +19,7 @@ from server.merged_adapter import merged_weights
 from server.registry import (
     Manifest,
     Registry,
+    RegistryError,
     adapter_rank,
     base_version,
     servable,
@@ -172,7 +173,12 @@ def chat_template(folder: Path) -> Callable[[str], str]:
     and a remote engine, and the impression log keeps the prompt without it."""
     from transformers import AutoTokenizer
 
-    return partial(chat_prompt, AutoTokenizer.from_pretrained(folder))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:  # what the folder holds: no later try would differ
+        unreadable = f"the chat template of {folder.name} cannot load"
+        raise RegistryError(f"{unreadable}: {exc}", public=unreadable) from exc
+    return partial(chat_prompt, tokenizer)
 
 
 def _open(settings: Settings, version: str, serving: Engine | None) -> Engine:

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 RETRY_SECONDS = 1.0
 POLL_SECONDS = 0.25  # one wait for an announcement; bounds how long stop() takes
 RECHECK_SECONDS = 30.0  # how long an activation whose announcement was lost can go unserved
+MAX_BACKOFF_SECONDS = 900.0  # between tries of a version whose opening failed for a reason
+PREPARE_SECONDS = 300.0  # an adapter load whose engine core died never answers
+NO_ACTIVE = "no active model: run `reasonrec bootstrap`"
 
 
 class Serving:
@@ -51,6 +54,8 @@ class Serving:
         self._stopping = asyncio.Event()
         self._following: asyncio.Task | None = None
         self._wanted: str | None = None  # the version last swapped to, served or refused
+        self._retry_at = 0.0  # monotonic time before which a failed version is not tried again
+        self._backoff = RECHECK_SECONDS
 
     @property
     def version(self) -> str | None:
@@ -73,7 +78,7 @@ class Serving:
         else:
             if active is None:
                 log.warning("no active model: the retrieval order answers until one exists")
-                self.problem = "no active model: run `reasonrec bootstrap`"
+                self.problem = NO_ACTIVE
             else:
                 await self.swap(active)
         metrics.set_model_info(self.version)
@@ -122,9 +127,12 @@ class Serving:
 
     async def _catch_up(self) -> None:
         """Swap to the active version if it is neither served nor already refused (a refused
-        version is tried again when it is announced again)."""
+        version is tried again when it is announced again; one whose opening failed otherwise,
+        at a later check)."""
         active = await self.store.active_model()
-        if active is not None and active != self._wanted:
+        if active is None and self.engine is None:
+            self.problem = NO_ACTIVE  # not "redis unreachable" once it answers
+        if active is not None and active != self._wanted and time.monotonic() >= self._retry_at:
             await self.swap(active)
 
     async def _reindex(self) -> None:
@@ -155,9 +163,12 @@ class Serving:
                 engine, index = await self._open_ready(version)
             except Exception as exc:  # whatever breaks the new version, the old one keeps serving
                 log.error("model swap refused", extra={"version": version, "reason": str(exc)})
+                if not isinstance(exc, RegistryError):
+                    self._try_later()
                 if self.engine is None:
                     self.problem = _refusal(version, exc)
                 return False
+            self._backoff = RECHECK_SECONDS
             self.index = index
             old, self.engine = self.engine, engine
             self.problem = None
@@ -170,10 +181,20 @@ class Serving:
                 task.add_done_callback(self._closing.discard)
             return True
 
+    def _try_later(self) -> None:
+        """Not refused for good: memory still held by an engine on its way out, a file being
+        written. Tried again at a later check, each wait twice the one before."""
+        self._wanted = self.version
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, MAX_BACKOFF_SECONDS)
+
     async def _open_ready(self, version: str) -> tuple[Engine, ItemIndex | None]:
         engine, index = await asyncio.to_thread(self._open, version)
         try:
-            await engine.prepare(handover=self.engine is not None)
+            # Bounded: a swap holds the lock, and one that never returns stops every later one.
+            await asyncio.wait_for(
+                engine.prepare(handover=self.engine is not None), PREPARE_SECONDS
+            )
         except Exception:
             await _release(engine)
             raise

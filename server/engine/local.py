@@ -6,6 +6,7 @@ as runtime adapters (unless they are merged: `server.active_model.merges_adapter
 between such versions loads an adapter, not a model.
 """
 
+import asyncio
 import logging
 import os
 import threading
@@ -198,4 +199,5 @@ class LocalEngine(Engine):
             if self._lora is not None and self._process.llm is not None:
                 await self._process.llm.remove_lora(self._lora.lora_int_id)
         finally:  # a dead engine core cannot unload: the process must still go
-            self._process.release()
+            # Off the event loop: shutting vLLM down waits for its core process (up to 5 s).
+            await asyncio.to_thread(self._process.release)

@@ -3,6 +3,7 @@ under a request, an in-process engine's release when its core cannot unload
 (tests/integration runs both against real vLLM)."""
 
 import asyncio
+import time
 from pathlib import Path
 
 import httpx
@@ -101,4 +102,32 @@ def test_an_adapter_that_cannot_unload_still_releases_its_process() -> None:
     engine = LocalEngine(process, "v1-lora", Path("/adapters/v1-lora"))
     with pytest.raises(RuntimeError):
         asyncio.run(engine.close())
+    assert process.released == 1
+
+
+class SlowToShutDown(Process):
+    """vLLM's shutdown waits for its engine core process to exit (up to 5 s)."""
+
+    def release(self) -> None:
+        time.sleep(2.0)
+        super().release()
+
+
+def test_releasing_an_engine_leaves_the_event_loop_serving() -> None:
+    """An engine is released a second after every swap that replaces the weights: the gateway
+    answered nothing, not even /healthz, while vLLM shut down."""
+    process = SlowToShutDown()
+    engine = LocalEngine(process, "v1")
+
+    async def longest_stall() -> float:
+        closing = asyncio.create_task(engine.close())
+        longest, last = 0.0, time.monotonic()
+        while not closing.done():
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            longest, last = max(longest, now - last), now
+        await closing
+        return longest
+
+    assert asyncio.run(longest_stall()) < 1.0
     assert process.released == 1

@@ -230,7 +230,7 @@ def test_a_version_that_cannot_open_leaves_no_engine_running(
     serving = models_client.app.state.serving
     for _ in range(2):
         models_client.post("/v1/models/activate", json={"version": "v-chat"}, headers=ADMIN)
-    refused = "model v-chat could not be opened (the gateway's log says why)"
+    refused = "the chat template of v-chat cannot load"
     assert until(lambda: models_client.get("/readyz").json()["checks"]["engine"] == refused, 10)
     assert serving.version is None
     assert started == []  # the version was refused before any engine started
@@ -360,3 +360,58 @@ def test_a_version_whose_prompts_the_history_size_shortens_is_logged(
         r for r in caplog.records if r.message == "prompts shortened by REASONREC_HISTORY_SIZE"
     ]
     assert [(r.version, r.trained_with) for r in warned] == [("v-rates", 10)]
+
+
+def test_a_version_whose_opening_failed_for_a_passing_reason_is_tried_again(
+    models_client: TestClient, rdb, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory still held by an engine on its way out: the gateway served its fallback for good."""
+    monkeypatch.setattr(server.serving, "RECHECK_SECONDS", 0.1)
+    serving = models_client.app.state.serving
+    serving._backoff = 0.1
+    opened: list[str] = []
+    opening = server.active_model.open_engine
+
+    def failing_once(settings: Settings, version: str, serving: Any = None) -> Any:
+        opened.append(version)
+        if len(opened) == 1:
+            raise EngineError("engine core failed to start: not enough memory")
+        return opening(settings, version, serving)
+
+    monkeypatch.setattr(server.serving, "open_engine", failing_once)
+    rdb.set(f"{key_prefix}:model:active", "v1")
+
+    assert wait_serving(models_client, "v1")["serving"] == "v1"
+    assert opened == ["v1", "v1"]
+
+
+def test_an_adapter_load_that_never_answers_does_not_stop_later_swaps(
+    models_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A swap holds the lock: one whose engine core died mid-load held it for ever."""
+    monkeypatch.setattr(server.serving, "PREPARE_SECONDS", 0.2)
+    hanging = RemoteEngine.prepare
+
+    async def never(engine: RemoteEngine, handover: bool = False) -> None:
+        if engine.model_version == "v1":
+            await asyncio.Event().wait()
+        await hanging(engine, handover)
+
+    monkeypatch.setattr(RemoteEngine, "prepare", never)
+    models_client.post("/v1/models/activate", json={"version": "v1"}, headers=ADMIN)
+    models_client.post("/v1/models/activate", json={"version": "v2"}, headers=ADMIN)
+
+    assert wait_serving(models_client, "v2")["serving"] == "v2"
+
+
+def test_the_reason_for_no_engine_follows_what_redis_says_once_it_answers(
+    settings: Settings,
+) -> None:
+    async def reason() -> str | None:
+        async with open_store(settings) as store:
+            serving = server.serving.Serving(settings, store)
+            serving.problem = "active model unknown: redis unreachable at startup"
+            await serving._catch_up()  # Redis answers now: no version is active
+            return serving.problem
+
+    assert asyncio.run(reason()) == "no active model: run `reasonrec bootstrap`"
