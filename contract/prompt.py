@@ -318,12 +318,18 @@ def answer_pattern(candidate_ids: Sequence[str], k: int, spare: int = 0) -> str:
     return f"{think}<answer>{choice}{more}</answer>"
 
 
+# The most tokens a byte-level tokenizer spends on one character: its UTF-8 bytes. Free text
+# budgeted a token a character was cut short when written in another script.
+MAX_CHAR_BYTES = 4
+
+
 def text_answer_budget(candidate_ids: Sequence[str], k: int, spare: int = 0) -> int:
     """Tokens that hold any answer of `answer_pattern` written as text (a tokenizer without item
     tokens): at most one token per byte of the longest such answer, plus the end of sequence."""
     longest = sorted((len(ref(i).encode()) for i in candidate_ids), reverse=True)[: k + spare]
     tags = len("<think></think><answer></answer>")
-    return tags + MAX_RATIONALE_CHARS + sum(longest) + len(SEPARATOR) * len(longest) + 1
+    rationale = MAX_CHAR_BYTES * MAX_RATIONALE_CHARS
+    return tags + rationale + sum(longest) + len(SEPARATOR) * len(longest) + 1
 
 
 def parse_answer(text: str) -> Answer:

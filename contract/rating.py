@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, Field
 
 from contract.prompt import (
+    MAX_CHAR_BYTES,
     SEPARATOR,
     VISIBLE,
     ItemView,
@@ -276,10 +277,10 @@ def rating_pattern(rendering: Rendering = Rendering.rich) -> str:
 
 
 def rating_answer_budget(rendering: Rendering) -> int:
-    """Tokens that hold any answer of `rating_pattern` (at most one a character), plus the end
-    of sequence: a rich answer's 480 characters of steps overran the ranking answer's budget."""
+    """Tokens that hold any answer of `rating_pattern` (at most one a byte), plus the end of
+    sequence: a rich answer's 480 characters of steps overran the ranking answer's budget."""
     tags = sum(len(f"<{name}></{name}>") for name in (*STEPS, "rating"))
-    return tags + len(STEPS) * STEP_CHARS[rendering] + 1 + 1
+    return tags + len(STEPS) * STEP_CHARS[rendering] * MAX_CHAR_BYTES + 1 + 1
 
 
 def parse_rating(text: str) -> RatingAnswer:

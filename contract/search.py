@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field
 from contract.prompt import (
     ID_EXCLUDED,
     ITEM_MARK,
+    MAX_CHAR_BYTES,
     VISIBLE,
     ItemView,
     Rendering,
@@ -146,10 +147,10 @@ def search_pattern(rendering: Rendering = Rendering.rich) -> str:
 
 
 def search_answer_budget(rendering: Rendering) -> int:
-    """Tokens that hold any answer of `search_pattern` (at most one a character), plus the end
-    of sequence: a rich answer (500 characters) overran the ranking answer's budget."""
+    """Tokens that hold any answer of `search_pattern` (at most one a byte), plus the end of
+    sequence: a rich answer (500 characters) overran the ranking answer's budget."""
     tags = len("<think></think><answer></answer>")
-    return tags + THINK_CHARS[rendering] + QUERY_CHARS[rendering] + 1
+    return tags + (THINK_CHARS[rendering] + QUERY_CHARS[rendering]) * MAX_CHAR_BYTES + 1
 
 
 def parse_search(text: str) -> SearchAnswer:

@@ -59,14 +59,16 @@ async def retrieve(
     shown = _last([item_id for item_id, _ in context.history], max(query.history, query.shown))
     exclude = set(shown) | (context.seen if query.exclude_seen else set())
     categories = set(query.categories) if query.categories else None
-    newest = await store.newest(n)
     depth = n * OVERFETCH
     while True:
         hits = index.search(recent, depth, exclude=exclude) if index else []
         popular = await store.popular(depth)
+        # New items deepen too: an item of a wanted category that nobody engaged with and that
+        # is not among the newest n was never reached for a user without indexed history.
+        newest = await store.newest(depth)
         ranked = candidate_order(hits, popular, newest)
         chosen = await filtered(store, ranked, n, exclude, categories, policy)
-        deeper = len(hits) == depth or len(popular) == depth
+        deeper = any(len(source) == depth for source in (hits, popular, newest))
         if len(chosen) >= n or not deeper or depth >= MAX_DEPTH:
             break
         depth = min(depth * OVERFETCH, MAX_DEPTH)

@@ -50,8 +50,8 @@ FALLBACK_RATIONALE = (
     "Ranked by similarity to your recent history (the language model was not used)."
 )
 COLD_START_RATIONALE = (
-    "Popular and newly added items: there is no history to go by yet (the language model was "
-    "not used)."
+    "Popular and newly added items: no history to go by yet that the item index knows (the "
+    "language model was not used)."
 )
 
 

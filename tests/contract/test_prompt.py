@@ -24,11 +24,13 @@ from contract.prompt import (
     build_prompt,
     parse_answer,
     render_answer,
+    text_answer_budget,
     visible,
 )
 from contract.ranking import repair
-from contract.rating import rating_pattern
-from contract.search import search_pattern
+from contract.rating import STEP_CHARS, rating_answer_budget, rating_pattern
+from contract.rating import STEPS as RATING_STEPS
+from contract.search import QUERY_CHARS, THINK_CHARS, search_answer_budget, search_pattern
 from server.schemas import ItemUpsert
 
 LATEST = datetime(2024, 3, 10, 12, 0, tzinfo=UTC)
@@ -616,3 +618,28 @@ def test_no_free_text_starts_blank_where_the_grammar_reads_backslash_s_as_ascii(
     assert re.fullmatch(as_served, answer.format(""))
     blanks = [chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()]
     assert [b for b in blanks if re.fullmatch(as_served, answer.format(b))] == []
+
+
+@pytest.mark.parametrize(
+    ("budget", "longest"),
+    [
+        (
+            rating_answer_budget(Rendering.rich),
+            "".join(f"<{s}>{'😀' * STEP_CHARS[Rendering.rich]}</{s}>" for s in RATING_STEPS)
+            + "<rating>4</rating>",
+        ),
+        (
+            search_answer_budget(Rendering.rich),
+            f"<think>{'😀' * THINK_CHARS[Rendering.rich]}</think>"
+            f"<answer>{'😀' * QUERY_CHARS[Rendering.rich]}</answer>",
+        ),
+        (
+            text_answer_budget(["a"], 1),
+            f"<think>{'😀' * MAX_RATIONALE_CHARS}</think><answer>#a</answer>",
+        ),
+    ],
+)
+def test_a_budget_holds_the_longest_answer_in_any_script(budget: int, longest: str) -> None:
+    """A byte-level tokenizer may spend a token on each byte: an answer budgeted a token a
+    character, written in another script, was cut short and served as malformed."""
+    assert len(longest.encode()) + 1 <= budget

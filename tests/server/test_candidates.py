@@ -388,3 +388,22 @@ async def test_exclude_seen_false_never_offers_what_the_prompt_shows(store: Stor
     )
 
     assert [c.item.item_id for c in found.items] == ["d"]
+
+
+async def test_a_category_nobody_engaged_with_is_found_for_a_user_without_history(
+    store: Store,
+) -> None:
+    """Old items of a rare category, never clicked, behind newer ones: only the newest n were
+    read, so the filter found none of them."""
+    await store.upsert_items(
+        [
+            *(catalog_item(f"r{n}", age_days=200 + n, category="rare") for n in range(20)),
+            *(catalog_item(f"c{n}", age_days=n) for n in range(10)),
+        ]
+    )
+    for n in range(3):
+        await engage(store, f"c{n}", 3 - n)
+
+    found = await candidates_of(store, "never-seen", n=5, categories=["rare"])
+
+    assert [item_id for item_id, _ in found] == ["r0", "r1", "r2", "r3", "r4"]
