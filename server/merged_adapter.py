@@ -8,11 +8,13 @@ per version under `<data dir>/merged`, written once, atomically, and reused.
 import logging
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 KEEP = 2  # the serving version's folder and the one a swap replaces it with
+STALE_STAGING_SECONDS = 3600.0  # a merge takes minutes; an older staging folder was abandoned
 
 
 def merged_weights(root: Path, version: str, base_dir: Path, adapter_dir: Path, dtype: str) -> Path:
@@ -56,9 +58,14 @@ def _merge(base_dir: Path, adapter_dir: Path, out: Path, dtype: str) -> None:
 
 
 def _prune(root: Path, keep: Path) -> None:
-    """Remove all but the KEEP most recently used merged folders (`keep` among them); an engine
-    that still runs on a removed one has its weights in memory already, and a restart on it
-    merges it again."""
+    """Remove all but the KEEP most recently used merged folders (`keep` among them), and the
+    staging folders of merges killed half-way (for memory, say: gigabytes each, for good); an
+    engine that still runs on a removed one has its weights in memory already, and a restart on
+    it merges it again."""
+    now = time.time()
+    for path in root.glob(".staging-*"):
+        if now - path.stat().st_mtime > STALE_STAGING_SECONDS:
+            shutil.rmtree(path, ignore_errors=True)
     folders = sorted(
         (path for path in root.iterdir() if path.is_dir() and not path.name.startswith(".")),
         key=lambda path: path.stat().st_mtime,

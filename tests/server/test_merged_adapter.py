@@ -1,6 +1,8 @@
 """REASONREC_MERGE_ADAPTERS: a LoRA version runs on its adapter merged into the base's weights,
 computing what the adapter on the base computes, written once and pruned."""
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -110,6 +112,11 @@ def test_merged_weights_are_written_once_and_the_least_recently_used_pruned(
         publish_adapter(registry, version, base="v1", seed=seed)
     merging = settings.model_copy(update={"merge_adapters": True})
 
+    merged = settings.data_dir / "merged"
+    for name, age in [(".staging-killed", 2 * 3600), (".staging-merging", 60)]:
+        (merged / name).mkdir(parents=True)  # a merge killed half-way, and one under way
+        os.utime(merged / name, (time.time() - age, time.time() - age))
+
     first = placement(merging, versions[0]).base_dir
     written = (first / "model.safetensors").stat().st_mtime_ns
     for version in versions[1:-1]:
@@ -118,8 +125,8 @@ def test_merged_weights_are_written_once_and_the_least_recently_used_pruned(
     assert (first / "model.safetensors").stat().st_mtime_ns == written
     placement(merging, versions[-1])
 
-    kept = sorted(path.name for path in (settings.data_dir / "merged").iterdir())
-    assert kept == sorted([versions[0], *versions[-KEEP + 1 :]])
+    kept = sorted(path.name for path in merged.iterdir())
+    assert kept == sorted([".staging-merging", versions[0], *versions[-KEEP + 1 :]])
 
 
 def test_auto_merges_where_vllm_runs_on_the_cpu(
