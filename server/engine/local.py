@@ -119,7 +119,10 @@ class LocalEngine(Engine):
         if adapter is not None:
             from vllm.lora.request import LoRARequest
 
-            self._lora = LoRARequest(model_version, process.next_adapter_id(), str(adapter))
+            # Named per engine: vLLM tells adapters apart by name in a batch, and a version
+            # activated again while its previous engine drains would be two adapters of one name.
+            number = process.next_adapter_id()
+            self._lora = LoRARequest(f"{model_version}#{number}", number, str(adapter))
         process.join()
 
     def beside(self, model_version: str, adapter: Path | None) -> "LocalEngine":

@@ -131,3 +131,14 @@ def test_releasing_an_engine_leaves_the_event_loop_serving() -> None:
 
     assert asyncio.run(longest_stall()) < 1.0
     assert process.released == 1
+
+
+def test_a_version_opened_again_beside_its_draining_engine_is_another_adapter() -> None:
+    """vLLM tells adapters apart by name in a batch: two engines of one version (activated
+    again while the first drains) must not share one."""
+    process = Process()
+    process.next_adapter_id = iter([1, 2]).__next__  # type: ignore[method-assign]
+    draining = LocalEngine(process, "v1-lora", Path("/adapters/v1-lora"))
+    again = LocalEngine(process, "v1-lora", Path("/adapters/v1-lora"))
+
+    assert len({draining._lora, again._lora}) == 2  # the set vLLM builds of a batch's adapters
