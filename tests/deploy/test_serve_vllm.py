@@ -224,14 +224,19 @@ class FakeSwap:
         return new in self.allowed
 
 
+async def v2_asked_of(store, swap: FakeSwap) -> None:
+    """v2 activated, the launcher asked to swap to it, and a few polls after."""
+    await store.set_active_model("v2")
+    await until(lambda: len(swap.calls) == 1)
+    await asyncio.sleep(5 * POLL)
+
+
 async def test_swaps_in_place_what_it_can_and_restarts_for_the_rest(settings: Settings) -> None:
     publish(settings, "v1", "v2", "v3")
     vllm, swap = FakeVllm(), FakeSwap("v2")
     async with open_store(settings) as store:
         following = await follow_v1(store, vllm, swap)
-        await store.set_active_model("v2")
-        await until(lambda: len(swap.calls) == 1)
-        await asyncio.sleep(5 * POLL)
+        await v2_asked_of(store, swap)
         assert vllm.versions == ["v1"]  # swapped in place: no restart
         await store.set_active_model("v3")
         await until(lambda: vllm.versions == ["v1", "v3"])
@@ -260,9 +265,7 @@ async def test_a_version_that_cannot_be_placed_leaves_vllm_serving(settings: Set
     vllm, swap = FakeVllm(), RefusingSwap("v2")
     async with open_store(settings) as store:
         following = await follow_v1(store, vllm, swap)
-        await store.set_active_model("v2")
-        await until(lambda: len(swap.calls) == 1)
-        await asyncio.sleep(5 * POLL)  # refused once, not again at every poll
+        await v2_asked_of(store, swap)  # refused once, not again at every poll
         [(_, serving)] = vllm.started
         assert serving.returncode is None and not following.done()
         assert swap.calls == [("v1", "v1", "v2")]

@@ -310,9 +310,8 @@ async def test_exclude_seen_false_readmits_seen_items_beyond_the_history(store: 
     assert {c.item.item_id for c in readmitted.items} == {"a", "b", "c"} - {history_item}
 
 
-async def test_a_longer_prompt_history_does_not_change_the_candidates(store: Store) -> None:
-    # A compact-rendering model shows 50 history items; retrieval must still be queried with
-    # the configured 20, or the model would rerank another list than the fallback serves.
+async def clicked_a_b_c(store: Store) -> None:
+    """Items a to d; user "me" clicked a, b and c, an hour apart."""
     await store.upsert_items([catalog_item(i, age_days=10) for i in ["a", "b", "c", "d"]])
     events = [
         FeedbackEvent(
@@ -321,6 +320,12 @@ async def test_a_longer_prompt_history_does_not_change_the_candidates(store: Sto
         for n, item in enumerate(["a", "b", "c"])
     ]
     assert all(await store.add_feedback(events))
+
+
+async def test_a_longer_prompt_history_does_not_change_the_candidates(store: Store) -> None:
+    # A compact-rendering model shows 50 history items; retrieval must still be queried with
+    # the configured 20, or the model would rerank another list than the fallback serves.
+    await clicked_a_b_c(store)
     short = await load_context(store, "me", history_limit=1)
     long = await load_context(store, "me", history_limit=3)
     query = Query(n=50, history=1, exclude_seen=False)
@@ -373,14 +378,7 @@ async def test_items_the_policy_would_not_serve_take_no_candidates_place(store: 
 async def test_exclude_seen_false_never_offers_what_the_prompt_shows(store: Store) -> None:
     """A compact model's prompt shows 50 history items, retrieval reads 20: items 21 to 50 were
     both history and candidates."""
-    await store.upsert_items([catalog_item(i, age_days=10) for i in ["a", "b", "c", "d"]])
-    events = [
-        FeedbackEvent(
-            user_id="me", item_id=item, type=EventType.click, timestamp=T0 + timedelta(hours=n)
-        )
-        for n, item in enumerate(["a", "b", "c"])
-    ]
-    assert all(await store.add_feedback(events))
+    await clicked_a_b_c(store)
     context = await load_context(store, "me", history_limit=3)
 
     found = await retrieve(
