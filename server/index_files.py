@@ -22,6 +22,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from server.durable import fsync
 from server.item_index import ItemIndex
 
 FORMAT = 1
@@ -38,14 +39,6 @@ def digest(item_ids: Sequence[str], vectors: np.ndarray, priors: np.ndarray) -> 
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(index: ItemIndex, directory: Path) -> None:
     """Write the index to `directory`, which must not exist: files go to a hidden temporary
     folder beside it that is renamed into place, so `directory` is complete or absent."""
@@ -58,7 +51,7 @@ def save(index: ItemIndex, directory: Path) -> None:
     try:
         _write(index, temporary)
         os.rename(temporary, directory)
-        _fsync(directory.parent)
+        fsync(directory.parent)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
@@ -72,8 +65,8 @@ def _write(index: ItemIndex, folder: Path) -> None:
     # The manifest last: a folder holding one is complete.
     (folder / "manifest.json").write_text(json.dumps(index.manifest, indent=2), "utf-8")
     for name in FILES:
-        _fsync(folder / name)
-    _fsync(folder)
+        fsync(folder / name)
+    fsync(folder)
 
 
 def load(directory: Path) -> ItemIndex:
@@ -139,7 +132,7 @@ def publish(index: ItemIndex, data_dir: Path, keep: int = 3) -> Path:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(pointer, root / "current")
-            _fsync(root)
+            fsync(root)
         finally:
             pointer.unlink(missing_ok=True)
         _prune(root, max(keep, 2), {index.version, previous})

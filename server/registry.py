@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from contract.prompt import CONTRACT_VERSION, SUPPORTED_CONTRACTS, Contract, Rendering
 from contract.ranking import Blend
 from contract.tasks import Task
+from server.durable import fsync, fsync_tree
 
 MANIFEST = "manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -196,12 +197,15 @@ class Registry:
             raise
 
     def publish(self, staging: Path, manifest: Manifest) -> Path:
-        """Write the manifest last, then rename: the version appears complete or not at all."""
+        """Write the manifest last, flush everything to disk, then rename: the version appears
+        complete or not at all, a machine crash included."""
         target = self.path(manifest.version)
         if target.exists():
             raise RegistryError(f"model version '{manifest.version}' already exists")
         (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+        fsync_tree(staging)
         staging.rename(target)
+        fsync(self.root)
         return target
 
     def register(self, source: Path, manifest: Manifest) -> Path:

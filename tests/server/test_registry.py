@@ -436,3 +436,24 @@ def test_a_folder_has_a_chat_template_where_transformers_keeps_one(
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     assert has_chat_template(tmp_path) is chat
+
+
+def test_a_version_is_on_disk_before_it_is_visible(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rename alone can show a complete-looking version of truncated files after a power
+    loss: every file and folder is flushed before the rename, the registry's entry after."""
+    flushed: list[str] = []
+    flush = os.fsync
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: flushed.append(os.readlink(f"/proc/self/fd/{fd}")) or flush(fd)
+    )
+    staging = registry.staging()
+    write_model(staging)
+
+    target = registry.publish(staging, Manifest(version="v1"))
+
+    written = {str(staging / name) for name in ("config.json", "model.safetensors", MANIFEST)}
+    assert written <= set(flushed[:-2])
+    assert flushed[-2:] == [str(staging), str(registry.root)]
+    assert (target / MANIFEST).is_file()

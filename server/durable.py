@@ -1,0 +1,23 @@
+"""Writes that outlive a machine crash, not only a process crash: a file's contents, and the
+folder entry naming it, are on disk before a rename makes them visible (an atomic rename alone
+can show a complete-looking folder of truncated files after a power loss)."""
+
+import os
+from pathlib import Path
+
+
+def fsync(path: Path) -> None:
+    """Flush one file, or the entries of one folder, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, then every folder, itself last."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            fsync(Path(root) / name)
+        fsync(Path(root))
