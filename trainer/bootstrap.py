@@ -82,11 +82,20 @@ class BootstrapResult(BaseModel):
 
 
 def index_corpus(
-    corpus: Corpus, settings: Settings, dim: int, seed: int = 0, current: bool = True
+    corpus: Corpus,
+    settings: Settings,
+    dim: int,
+    seed: int = 0,
+    current: bool = True,
+    held_out: bool = False,
 ) -> ItemIndex:
     """Build the candidate index from the corpus and (with `current`) make it the current
-    version, the one gateways load."""
-    sequences = [[item for item, _ in seq] for seq in corpus.sequences.values()]
+    version, the one gateways load. `held_out`: without each user's last interaction, which
+    bootstrap's validation holds out; an index that learnt it retrieved the held-out item
+    (on synthetic data the retrieval order's validation NDCG@10 read 0.207 against 0.164),
+    flattering the retrieval baseline the gate compares with and the blend's retrieval prior."""
+    end = -1 if held_out else None
+    sequences = [[item for item, _ in seq][:end] for seq in corpus.sequences.values()]
     index = build_index(list(corpus.items.values()), sequences, dim=dim, seed=seed)
     if current:
         publish(index, settings.data_dir)
@@ -355,9 +364,11 @@ async def bootstrap(
         )
         # First: a store that cannot train rating says so before the index is built.
         rating = _rating_examples(corpus, shape, preset, seed)
-        # Current only once the version is published: a bootstrap that fails leaves serving as
-        # it was.
-        index = index_corpus(corpus, settings, preset.index_dim, seed, current=False)
+        # Training and validation read an index without the held-out items; gateways get one
+        # of everything, current only once the version is published: a bootstrap that fails
+        # leaves serving as it was.
+        index = index_corpus(corpus, settings, preset.index_dim, seed, False, held_out=True)
+        served = index_corpus(corpus, settings, preset.index_dim, seed, current=False)
         examples = _examples(corpus, index, shape, preset, seed)
         item_tokens = parent is not None and preset.item_tokens
         start = None
@@ -425,12 +436,12 @@ async def bootstrap(
             data_window=corpus.window(),
             reward_weights=policy.weights,
             policy=policy.model_dump(mode="json"),
-            index_version=index.version,
+            index_version=served.version,
             tasks=sorted(tasks),
         )
         manifest = validated(manifest, metrics)
         path = publish_model(registry, model, tokenizer, manifest)
-        publish(index, settings.data_dir)
+        publish(served, settings.data_dir)
         kept = {
             name: _publish_stage(registry, stage, tokenizer, manifest, name.replace("_", " "))
             for name, stage in kept.items()
@@ -448,7 +459,7 @@ async def bootstrap(
     return BootstrapResult(
         version=manifest.version,
         path=path,
-        index_version=index.version,
+        index_version=served.version,
         activated=activated,
         gate=gate,
         metrics=metrics,

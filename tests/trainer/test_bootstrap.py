@@ -16,6 +16,7 @@ from server.config import Settings
 from server.store import open_store
 from tests.trainer.test_bootstrap_base import bootstrap_on
 from trainer import bootstrap as bootstrap_module
+from trainer.corpus import Corpus
 
 
 def test_an_active_version_missing_from_the_registry_does_not_block_activation(
@@ -123,3 +124,18 @@ def test_rating_without_ratings_is_refused_before_the_index_is_built(
 
     assert result.exit_code == 1 and "no rating examples" in result.output, result.output
     assert built == []
+
+
+def test_training_reads_an_index_that_never_saw_the_held_out_items(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation holds out each user's last interaction: an index that learnt it retrieved the
+    held-out item, flattering the retrieval baseline the gate compares with."""
+    built: list[list[list[str]]] = []
+    monkeypatch.setattr(bootstrap_module, "build_index", lambda _, seqs, **__: built.append(seqs))
+    corpus = Corpus(items={}, profiles={}, sequences={"u": [("a", 1.0), ("b", 2.0), ("z", 3.0)]})
+
+    bootstrap_module.index_corpus(corpus, settings, 4, current=False, held_out=True)
+    bootstrap_module.index_corpus(corpus, settings, 4, current=False)
+
+    assert built == [[["a", "b"]], [["a", "b", "z"]]]

@@ -25,7 +25,9 @@ from trainer.gguf_import import import_gguf
 from trainer.presets import PRESETS
 from trainer.refresh import load_version
 
-SYNTHETIC = {"users": 12, "items": 30, "events_per_user": 8, "seed": 5}
+# Events of which about a third are positive (a rating below 4 is not): 16 a user leave enough
+# users with 3+ positive events to cut examples from.
+SYNTHETIC = {"users": 12, "items": 30, "events_per_user": 16, "seed": 5}
 
 
 async def bootstrap_on(
