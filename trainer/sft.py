@@ -37,7 +37,9 @@ def encode(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int
     Too long a sequence loses the start of its prompt: the end holds the candidates, which the
     answer copies from, while the start is boilerplate the model has seen in every other example.
     """
-    prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+    # The prompt as vLLM and GRPO encode it: with a tokenizer's BOS, where it adds one (a model
+    # trained without the BOS it is served with reads every prompt as out of place).
+    prompt = tokenizer(example.prompt)["input_ids"]
     target = tokenizer(example.target, add_special_tokens=False)["input_ids"]
     target = [*target, tokenizer.eos_token_id][:max_length]
     prompt = prompt[max(0, len(prompt) + len(target) - max_length) :]

@@ -1,7 +1,10 @@
 """SFT learns the answer format on a small synthetic task, deterministically."""
 
+import copy
+
 import pytest
 import torch
+from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from contract.prompt import parse_answer
@@ -30,6 +33,25 @@ class TestEncode:
         assert labels[prompt_len:] == ids[prompt_len:]
         assert ids[-1] == toy_tokenizer.eos_token_id
         assert toy_tokenizer.decode(ids[prompt_len:-1]) == toy_examples[0].target
+
+    def test_a_tokenizer_that_starts_with_bos_gets_it_as_when_served(
+        self, toy_tokenizer: PreTrainedTokenizerFast, toy_examples: list[Example]
+    ) -> None:
+        """vLLM encodes a prompt with the tokenizer's special tokens: a Llama base was trained
+        without the BOS it is served with."""
+        bos = copy.deepcopy(toy_tokenizer)
+        first = toy_tokenizer.eos_token  # any special token stands in for a BOS here
+        bos.backend_tokenizer.post_processor = TemplateProcessing(
+            single=f"{first} $A", special_tokens=[(first, toy_tokenizer.eos_token_id)]
+        )
+
+        ids, labels = encode(bos, toy_examples[0], max_length=4096)
+
+        assert ids[0] == bos.eos_token_id and labels[0] == IGNORE
+        assert (
+            ids[: len(bos(toy_examples[0].prompt)["input_ids"])]
+            == bos(toy_examples[0].prompt)["input_ids"]
+        )
 
     def test_too_long_loses_the_start_of_the_prompt(
         self, toy_tokenizer: PreTrainedTokenizerFast, toy_examples: list[Example]
