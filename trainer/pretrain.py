@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from contract.prompt import SEPARATOR, compact_profile, ref
 from reward_rules.metrics import ndcg_at_k
-from trainer.corpus import Corpus, NotEnoughData
+from trainer.corpus import Corpus, NotEnoughData, latest_per_item
 from trainer.examples import Example
 from trainer.presets import PretrainSettings
 
@@ -87,7 +87,8 @@ def _sequences(
     column = {item: j for j, item in enumerate(vocab.items)}
     train, held = [], []
     for user, seq in corpus.sequences.items():
-        items = [column[item] for item, _ in seq if item in column]
+        # As the gateway's histories (and training prompts) hold them: an item come back to once.
+        items = [column[item] for item, _ in latest_per_item(seq) if item in column]
         if len(items) < 2:
             continue
         profile = compact_profile(corpus.profiles.get(user, {}))

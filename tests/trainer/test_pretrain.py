@@ -17,6 +17,7 @@ from trainer.pretrain import (
     Stream,
     Vocabulary,
     _batch,
+    _sequences,
     _windows,
     batch_loss,
     pretrain,
@@ -149,3 +150,16 @@ def test_a_full_compact_prompt_stays_within_its_token_budget() -> None:
     tokens = tokenizer(build_prompt(data, Rendering.compact), add_special_tokens=False)
 
     assert len(tokens["input_ids"]) <= 200
+
+
+def test_an_item_come_back_to_is_in_the_stream_once_where_it_was_last(tokenizer) -> None:
+    """The gateway's history keeps it once (a click, then a purchase): pretraining taught the
+    model to name an item it had just seen, on histories the gateway never writes."""
+    corpus = cyclic_corpus(users=1)
+    corpus.sequences["u0"] = [("3", 1.0), ("4", 2.0), ("3", 3.0), ("5", 4.0), ("6", 5.0)]
+    vocab = Vocabulary.of(tokenizer, ITEMS)
+
+    [train], [(_, item)] = _sequences(corpus, tokenizer, vocab)
+
+    assert [ITEMS[i] for i in train.items] == ["4", "3", "5"]
+    assert ITEMS[item] == "6"
