@@ -75,6 +75,19 @@ def _single(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
     return ids[0]
 
 
+def answer_choices(tokenizer: PreTrainedTokenizerBase, candidates: Sequence[str]) -> list[str]:
+    """The candidates an answer may name, as the gateway chooses them
+    (`server.recommend.answer_choices`): those that are one token, every candidate when none is.
+    One id that is not a token (an item the tokenizer left out) put every prompt under the regex,
+    where ids are spelled in pieces and repeated."""
+    named = [
+        item
+        for item in candidates
+        if len(tokenizer(ref(item), add_special_tokens=False)["input_ids"]) == 1
+    ]
+    return named or list(candidates)
+
+
 @dataclass(frozen=True)
 class Row:
     """One prompt's candidates (as token ids) and how many it must rank."""
@@ -170,15 +183,15 @@ def answer_constraint(
     tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_new_tokens: int
 ) -> "AnswerConstraint | PatternConstraint":
     """The constraint for these examples' prompts: in token space where the tokenizer can carry
-    it, else the gateway's regex (`PatternConstraint`)."""
-    item_ids = [item for e in examples for item in e.candidates]
+    it (each prompt's `answer_choices`), else the gateway's regex (`PatternConstraint`)."""
+    choices = [answer_choices(tokenizer, e.candidates) for e in examples]
     try:
-        grammar = Grammar(tokenizer, item_ids)
+        grammar = Grammar(tokenizer, [item for named in choices for item in named])
         rows = {
             _prompt_ids(tokenizer, e.prompt): Row(
-                [_single(tokenizer, ref(i)) for i in e.candidates], min(e.k, len(e.candidates))
+                [_single(tokenizer, ref(i)) for i in named], min(e.k, len(named))
             )
-            for e in examples
+            for e, named in zip(examples, choices, strict=True)
         }
     except ValueError:
         return PatternConstraint(tokenizer, examples)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from contract.answer import Answer
 from contract.prompt import ANSWER_TAG, parse_answer, ref
-from contract.ranking import Blend, served_order
+from contract.ranking import Blend, backfilled, served_order
 from contract.tasks import Task
 from reward_rules.metrics import mean_self_information, ndcg_at_k
 from server.config import Settings
@@ -24,6 +24,7 @@ from server.item_index import ItemIndex
 from trainer.constrained import (
     PatternConstraint,
     answer_budget,
+    answer_choices,
     answer_constraint,
     constrained_generation,
     greedy_after,
@@ -75,13 +76,13 @@ class Served(BaseModel):
     invalid: float = 0.0
 
 
-def _first_picks(tokenizer, example: Example, scores: torch.Tensor | None) -> dict[str, float]:
-    """Each candidate's score as the first answer item (the scores after the answer constraint,
+def _first_picks(tokenizer, choices: list[str], scores: torch.Tensor | None) -> dict[str, float]:
+    """Each choice's score as the first answer item (the scores after the answer constraint,
     as vLLM's processed log-probabilities are)."""
     if scores is None:
         return {}
     logprobs = scores.log_softmax(-1)
-    tokens = {item: tokenizer.convert_tokens_to_ids(ref(item)) for item in example.candidates}
+    tokens = {item: tokenizer.convert_tokens_to_ids(ref(item)) for item in choices}
     if any(token in (None, tokenizer.unk_token_id) for token in tokens.values()):
         return {}  # items are not single tokens: no first-pick scores to read
     scored = {item: float(logprobs[token]) for item, token in tokens.items()}
@@ -114,9 +115,10 @@ def validate(
     tag = tokenizer.convert_tokens_to_ids(ANSWER_TAG)
     with constrained_generation(model, constraint):
         greedy = greedy_after(model, tokenizer, prompts, budget, tag, "validation (ranking)")
+    choices = [answer_choices(tokenizer, example.candidates) for example in examples]
     answers = [
-        (parse_answer(text), _first_picks(tokenizer, example, scores))
-        for example, (text, scores) in zip(examples, greedy, strict=True)
+        (parse_answer(text), named, _first_picks(tokenizer, named, scores))
+        for named, (text, scores) in zip(choices, greedy, strict=True)
     ]
     scored = {blend: _served(examples, answers, blend, popularity) for blend in BLENDS}
     retrieval = _scored([e.candidates[: e.k] for e in examples], examples, popularity.counts)
@@ -156,18 +158,19 @@ def choose_blend(
 
 def _served(
     examples: list[Example],
-    answers: list[tuple[Answer, dict[str, float]]],
+    answers: list[tuple[Answer, list[str], dict[str, float]]],
     blend: Blend,
     popularity: Popularity,
 ) -> Served:
-    """The lists the gateway would serve with `blend`, scored, with the repaired share."""
+    """The lists the gateway would serve with `blend`, scored, with the repaired share: the
+    answer's order of the choices it may name, then the candidates it may not, as reserve."""
     lists, invalid = [], 0
-    for example, (answer, scores) in zip(examples, answers, strict=True):
+    for example, (answer, choices, scores) in zip(examples, answers, strict=True):
         ranked, repaired = served_order(
-            answer, scores, example.candidates, example.k, blend, popularity.relative
+            answer, scores, choices, example.k, blend, popularity.relative
         )
         invalid += repaired
-        lists.append(ranked)
+        lists.append(backfilled(ranked, example.candidates, example.k))
     served = _scored(lists, examples, popularity.counts)
     served.invalid = invalid / max(len(examples), 1)
     return served

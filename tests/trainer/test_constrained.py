@@ -165,3 +165,23 @@ def test_after_tag_keeps_the_scores_of_the_step_after_each_rows_first_tag():
     assert torch.equal(returned, steps[2])  # it changes nothing
     assert torch.equal(after.kept[0], steps[1][0])
     assert after.kept[1] is None
+
+
+def test_an_id_that_is_no_token_is_left_out_not_the_token_grammar(
+    untrained, toy_tokenizer: PreTrainedTokenizerFast, toy_examples: list[Example]
+) -> None:
+    """One candidate the tokenizer has no token for (an id it left out, "café") put every
+    prompt under the regex, where ids are spelled in pieces and repeated; the gateway lets an
+    answer name only the candidates that are tokens."""
+    odd = toy_examples[0]
+    odd = odd.model_copy(update={"candidates": [*odd.candidates, "café"]})
+    examples = [odd, *toy_examples[1:4]]
+
+    constraint = answer_constraint(toy_tokenizer, examples, BUDGET)
+
+    assert not isinstance(constraint, PatternConstraint)
+    with constrained_generation(untrained, constraint):
+        texts = sample(untrained, toy_tokenizer, [e.prompt for e in examples])
+    answer = parse_answer(texts[0])
+    assert answer.well_formed and "café" not in answer.items
+    assert set(answer.items) <= set(odd.candidates)
