@@ -73,6 +73,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         responses=errors.documented(414, 500),
+        # A path id holding an encoded slash ("0%2F") arrives decoded ("/v1/users/0/"): the
+        # redirect to "/v1/users/0" wrote and read another user's record.
+        redirect_slashes=False,
     )
     app.openapi = _openapi_of_the_hour(app)
     errors.install(app)

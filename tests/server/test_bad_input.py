@@ -373,3 +373,12 @@ def test_error_details_are_json_everywhere(client):
     )
     assert response.status_code in (400, 422)
     assert json.loads(response.text)["error"]["code"]
+
+
+def test_an_id_holding_an_encoded_slash_is_not_another_ids_record(client) -> None:
+    """An id of "0/" arrives decoded, "/v1/users/0/": it was redirected to "/v1/users/0" and
+    wrote user 0 (a property test found it)."""
+    written = client.put("/v1/users/0%2F", json={"attributes": {"plan": "gold"}})
+
+    assert written.status_code == 404
+    assert client.get("/v1/users/0").status_code == 404
