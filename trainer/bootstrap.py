@@ -369,7 +369,7 @@ async def bootstrap(
         # Training and validation read an index without the held-out items; gateways get one
         # of everything, current only once the version is published: a bootstrap that fails
         # leaves serving as it was.
-        index = index_corpus(corpus, settings, preset.index_dim, seed, False, held_out=True)
+        index = index_corpus(corpus, settings, preset.index_dim, seed, current=False, held_out=True)
         served = index_corpus(corpus, settings, preset.index_dim, seed, current=False)
         examples = _examples(corpus, index, shape, preset, seed)
         item_tokens = parent is not None and preset.item_tokens
