@@ -55,8 +55,9 @@ async def retrieve(
     While the filters (a rare category, many hidden or unavailable items) leave fewer than n,
     retrieval reads four times deeper, up to MAX_DEPTH items of each source."""
     n = query.n
-    recent = _last([item_id for item_id, _ in context.history], query.history)
-    shown = _last([item_id for item_id, _ in context.history], max(query.history, query.shown))
+    ids = [item_id for item_id, _ in context.history]
+    recent = _last(ids, query.history)
+    shown = _last(ids, max(query.history, query.shown))
     exclude = set(shown) | (context.seen if query.exclude_seen else set())
     categories = set(query.categories) if query.categories else None
     depth = n * OVERFETCH

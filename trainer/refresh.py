@@ -249,17 +249,13 @@ def _shortage(manifest: Manifest, logged: int, rating: RatingExamples | None) ->
     return None
 
 
-def recent_ratings(corpus: Corpus, manifest: Manifest, settings: Settings) -> RatingExamples:
+def recent_ratings(
+    corpus: Corpus, manifest: Manifest, users: int, holdout: float
+) -> RatingExamples:
+    """The latest rating of the `users` most recently active raters, the newest `holdout` share
+    held out, prompted as the version prompts."""
     builder = RatingExampleBuilder(corpus, manifest.rendering, manifest.prompt_history)
-    return builder.recent(settings.refresh_rating_examples, settings.gate_holdout)
-
-
-def gate_ratings(corpus: Corpus, manifest: Manifest) -> RatingExamples:
-    """For a version that rates but whose rating is not refreshed: the latest rating of
-    RATING_GATE_USERS users, every one held out. Ranking's GRPO changes the weights that rate
-    too; without them the gate would pass a version that rates worse, unseen."""
-    builder = RatingExampleBuilder(corpus, manifest.rendering, manifest.prompt_history)
-    return builder.recent(RATING_GATE_USERS, holdout=1.0)
+    return builder.recent(users, holdout)
 
 
 async def _refresh(
@@ -281,7 +277,11 @@ async def _refresh(
     )
     corpus = await read_corpus(store)
     rates = Task.rate in manifest.tasks and settings.refresh_rating_examples > 0
-    rating = recent_ratings(corpus, manifest, settings) if rates else None
+    rating = (
+        recent_ratings(corpus, manifest, settings.refresh_rating_examples, settings.gate_holdout)
+        if rates
+        else None
+    )
     if reason := _shortage(manifest, len(train) + len(holdout), rating):
         return RefreshResult(outcome="skipped", reason=reason, parent=parent, consumed=consumed)
     policy = read_policy(settings.policy_file)
@@ -296,7 +296,9 @@ async def _refresh(
         else []
     )
     if rating is None and Task.rate in manifest.tasks:
-        rating = gate_ratings(corpus, manifest)
+        # Rating not refreshed, still gated, every example held out: ranking's GRPO changes the
+        # weights that rate too, and a version that rated worse would pass unseen.
+        rating = recent_ratings(corpus, manifest, RATING_GATE_USERS, holdout=1.0)
     lessons = Lessons(
         ranking=train + fresh,
         holdout=holdout,
