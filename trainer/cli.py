@@ -3,8 +3,10 @@ models, eval, policy. `cli` mounts them beside the gateway's."""
 
 import asyncio
 import os
+import signal
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.markup import escape
@@ -47,6 +49,27 @@ policies = typer.Typer(
 app.add_typer(policies, name="policy")
 
 PresetOption = Annotated[str, typer.Option(help=f"Training preset: {', '.join(PRESETS)}.")]
+EXIT_TERMINATED = 128 + signal.SIGTERM
+T = TypeVar("T")
+
+
+def run_stoppable(main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run`, where SIGTERM (`docker stop`, a pod deleted) stops as Ctrl-C does: the main
+    task is cancelled, so a refresh stops its training at the next step and gives the lock back.
+    Left to its default, SIGTERM kills the process at once (or, as a container's PID 1, is ignored
+    until the SIGKILL after the grace period), mid-refresh, with the lock held."""
+
+    async def guarded() -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await main
+
+    try:
+        return asyncio.run(guarded())
+    except asyncio.CancelledError:
+        console.print("[yellow]stopped (SIGTERM)[/yellow]")
+        raise typer.Exit(EXIT_TERMINATED) from None
 
 
 def _writable(path: Path) -> bool:
@@ -218,14 +241,14 @@ def train_command(
 
     Prints a JSON summary. Exit status: 0 published, 3 rejected by the gate, 4 skipped (no active
     model, too little logged feedback, no reward signal to learn from, or the refresh lock lost
-    before publishing), 5 another refresh is running, 1 on error.
+    before publishing), 5 another refresh is running, 143 stopped by SIGTERM, 1 on error.
     """
     if not once:
         raise typer.BadParameter("use --once (the scheduled loop is `reasonrec trainer`)")
     from trainer.refresh import RefreshBusy
 
     try:
-        result = asyncio.run(_refresh(settings_from_env(), force))
+        result = run_stoppable(_refresh(settings_from_env(), force))
     except RefreshBusy as exc:
         console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(EXIT_BUSY) from exc
@@ -240,7 +263,7 @@ def trainer_command() -> None:
     REASONREC_REFRESH_MIN_EVENTS new events arrived; metrics on REASONREC_TRAINER_METRICS_PORT."""
     from trainer.sidecar import run_sidecar
 
-    asyncio.run(run_sidecar(settings_from_env()))
+    run_stoppable(run_sidecar(settings_from_env()))
 
 
 async def _activate(settings: Settings, version: str) -> None:

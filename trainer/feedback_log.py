@@ -21,6 +21,7 @@ not JSON) is skipped, counted (`unreadable`, and `reasonrec_unreadable_records_t
 acknowledged, so that it cannot hold back the entries after it.
 """
 
+import asyncio
 import logging
 import math
 import os
@@ -32,6 +33,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from contract.impression import Impression
 from contract.prompt import Rendering
+from server.durable import fsync
 from server.schemas import EventType, is_positive
 from server.store import UNREADABLE, Store, skip_unreadable
 
@@ -40,6 +42,7 @@ GROUP = "trainer"
 CONSUMER = "trainer-1"
 NEGATIVE = {EventType.dislike, EventType.skip}
 JOIN_WAIT_SECONDS = 3600.0
+KEEP_FACTOR = 5  # lists of each kind the log keeps, in multiples of what a refresh trains on
 
 
 class LoggedExample(BaseModel):
@@ -73,8 +76,11 @@ class ConsumeResult(BaseModel):
 class FeedbackLog:
     """The durable file of logged examples, and the consumer that fills it."""
 
-    def __init__(self, store: Store, folder: Path):
-        self.store, self.folder = store, folder
+    def __init__(self, store: Store, folder: Path, keep: int = KEEP_FACTOR * 2000):
+        """`keep`: how many lists with a positive the log keeps (the newest), and as many
+        without (late feedback may still join them); it is rewritten down to those when it
+        holds half as many again."""
+        self.store, self.folder, self.keep = store, folder, keep
         self.path = folder / "logged.jsonl"
 
     def read(self) -> dict[str, LoggedExample]:
@@ -100,6 +106,7 @@ class FeedbackLog:
         return merged
 
     def _append(self, examples: list[LoggedExample]) -> None:
+        new = not self.path.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         with self.path.open("a+b") as out:
             if out.tell() > 0:  # appending: at the end
@@ -110,12 +117,35 @@ class FeedbackLog:
                 out.write(example.model_dump_json().encode() + b"\n")
             out.flush()
             os.fsync(out.fileno())
+        if new:  # its name too: the entries are acknowledged next, and a lost name loses them
+            fsync(self.folder)
+            fsync(self.folder.parent)
+
+    def _compact(self) -> None:
+        """Rewrite the log down to the newest `keep` lists with a positive and as many without:
+        a refresh trains on the newest lists only, and every list served adds a record (a few
+        kilobytes: its prompt). Atomic: a crash leaves the old log or the new one."""
+        merged = sorted(self.read().values(), key=lambda example: example.ts)
+        engaged = [example for example in merged if example.positives]
+        idle = [example for example in merged if not example.positives]
+        kept = sorted([*engaged[-self.keep :], *idle[-self.keep :]], key=lambda e: e.ts)
+        staging = self.path.with_name(f".{self.path.name}.compacting")
+        with staging.open("wb") as out:
+            for example in kept:
+                out.write(example.model_dump_json().encode() + b"\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(staging, self.path)
+        fsync(self.folder)
+        dropped = len(merged) - len(kept)
+        log.info("feedback log compacted", extra={"kept": len(kept), "dropped": dropped})
 
     async def consume(self) -> ConsumeResult:
         """Join what arrived since the last call; persist, then acknowledge. Events are read a
         chunk at a time and those without a request id (most of a loaded data set) acknowledged
         as they go: nothing of theirs is persisted here (the corpus reads them from the stream)."""
-        result, done = ConsumeResult(), self.read()
+        # Off the event loop: it renews the refresh lock meanwhile, and the log can be large.
+        result, done = ConsumeResult(), await asyncio.to_thread(self.read)
         served, impressions = await self._served(done, result)
         late: dict[str, LoggedExample] = {}  # feedback on examples written by an earlier call
         acknowledged, waiting = [], []
@@ -148,8 +178,10 @@ class FeedbackLog:
             if not example.positives and not example.negatives:
                 example.negatives = list(example.shown)  # shown, and nothing happened
         records = [*served.values(), *late.values()]
-        self._append(records)
+        await asyncio.to_thread(self._append, records)
         result.written = len(records)
+        if len(done) + len(served) > 3 * self.keep:
+            await asyncio.to_thread(self._compact)
         await self.store.ack("impressions", GROUP, impressions)
         await self.store.ack("events", GROUP, acknowledged)
         log.info("feedback consumed", extra={**result.model_dump(), "waiting": len(waiting)})

@@ -50,7 +50,7 @@ from trainer.corpus import Corpus, read_corpus
 from trainer.dataset import ExampleBuilder, Shape
 from trainer.device import select_device
 from trainer.examples import Example, in_chat
-from trainer.feedback_log import ConsumeResult, FeedbackLog, LoggedExample
+from trainer.feedback_log import KEEP_FACTOR, ConsumeResult, FeedbackLog, LoggedExample
 from trainer.gate import Gate, Popularity, refresh_gate, validate
 from trainer.grpo import STATE_FILE, Stopped, run_grpo
 from trainer.presets import GrpoSettings
@@ -261,7 +261,9 @@ def recent_ratings(
 async def _refresh(
     settings: Settings, store: Store, progress: bool, force: bool, lock: HeldLock
 ) -> RefreshResult:
-    feedback = FeedbackLog(store, trainer_dir(settings))
+    feedback = FeedbackLog(
+        store, trainer_dir(settings), keep=KEEP_FACTOR * settings.refresh_logged_examples
+    )
     consumed = await feedback.consume()
     parent = await store.active_model()
     if parent is None:
@@ -271,7 +273,7 @@ async def _refresh(
     registry = Registry(settings.registry_path)
     manifest = registry.manifest(parent)
     ranks = Task.rank in manifest.tasks
-    logged = list(feedback.read().values()) if ranks else []
+    logged = list((await asyncio.to_thread(feedback.read)).values()) if ranks else []
     train, holdout = split_logged(
         logged, settings.gate_holdout, manifest.rendering, settings.refresh_logged_examples
     )

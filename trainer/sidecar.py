@@ -42,7 +42,14 @@ def _report_last_refresh(registry: Registry, read_at: float | None) -> float | N
         changed = registry.root.stat().st_mtime
     except OSError:  # no registry yet
         return read_at
-    if changed != read_at and (published := last_refresh(registry)) is not None:
+    if changed == read_at:
+        return changed
+    try:
+        published = last_refresh(registry)
+    except OSError as exc:  # a shared volume's hiccup (a stale NFS handle) must not end the loop
+        log.warning("registry unreadable, read again at the next poll", extra={"reason": repr(exc)})
+        return read_at
+    if published is not None:
         metrics.LAST_SUCCESS.set(published)
     return changed
 
@@ -50,7 +57,11 @@ def _report_last_refresh(registry: Registry, read_at: float | None) -> float | N
 def _schedule_start(registry: Registry, refresh_seconds: float) -> float:
     """The `time.monotonic()` the schedule counts from: when the newest published refresh was,
     or a full period ago when there was none, so that the first poll refreshes."""
-    published = last_refresh(registry)
+    try:
+        published = last_refresh(registry)
+    except OSError as exc:  # as if none was published: the first poll refreshes
+        log.warning("registry unreadable", extra={"reason": repr(exc)})
+        published = None
     since = refresh_seconds if published is None else max(time.time() - published, 0.0)
     return time.monotonic() - since
 

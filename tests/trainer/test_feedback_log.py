@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from server import store as store_module
 from server.config import Settings
 from server.store import Store, build_store
+from trainer import feedback_log
 from trainer.feedback_log import GROUP, FeedbackLog
 
 
@@ -27,14 +28,16 @@ def run(settings: Settings, body: Callable[[Store], Awaitable[Any]]) -> Any:
     return asyncio.run(_with_store(settings, body))
 
 
-async def impression(store: Store, request_id: str, shown: list[str]) -> None:
+async def impression(
+    store: Store, request_id: str, shown: list[str], ts: float = 1700000000.0
+) -> None:
     await store.redis.xadd(
         store.keys.impressions,
         {
             "request_id": request_id,
             "user_id": "u1",
             "model_version": "v1",
-            "ts": "1700000000.0",
+            "ts": str(ts),
             "k": str(len(shown)),
             "items": json.dumps(shown),
             "candidates": json.dumps([*shown, "z"]),
@@ -71,6 +74,31 @@ def test_joins_feedback_to_the_list_it_answers(settings: Settings) -> None:
         assert logged["r1"].positives == ["b"] and logged["r1"].negatives == ["a"]
         assert logged["r1"].prompt == "prompt of r1" and logged["r1"].candidates == ["a", "b", "z"]
         assert logged["r2"].positives == [] and logged["r2"].negatives == ["c", "d"]  # ignored
+        assert await pending(store) == 0
+
+    run(settings, body)
+
+
+def test_the_log_keeps_the_newest_lists_with_a_positive_and_as_many_without(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[str] = []
+    monkeypatch.setattr(feedback_log, "fsync", lambda path: synced.append(path.name))
+
+    async def body(store: Store) -> None:
+        log = FeedbackLog(store, settings.data_dir / "trainer", keep=2)
+        for n in range(8):  # every other list clicked; one more than 3 * keep lists
+            await impression(store, f"r{n}", [f"i{n}"], ts=1700000000.0 + n)
+            if n % 2 == 0:
+                await event(store, "click", f"i{n}", f"r{n}")
+        await log.consume()
+        assert synced[:2] == ["trainer", settings.data_dir.name]  # the new file's name, on disk
+        assert list(log.read()) == ["r4", "r5", "r6", "r7"]
+        assert log.read()["r6"].positives == ["i6"]
+        assert len(log.path.read_text().splitlines()) == 4  # rewritten, not only read so
+        await event(store, "like", "i5", "r5")  # late feedback still joins a kept idle list
+        await log.consume()
+        assert log.read()["r5"].positives == ["i5"]
         assert await pending(store) == 0
 
     run(settings, body)

@@ -3,6 +3,8 @@ lock that keeps two refreshes apart (real Redis; the full refresh is in tests/in
 
 import asyncio
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -11,6 +13,7 @@ from typing import Any
 
 import pytest
 import redis
+import typer
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeout
 from typer.testing import CliRunner
@@ -22,7 +25,7 @@ from server.schemas import ItemUpsert
 from server.store import Store, open_store, skip_unreadable
 from trainer import metrics, sidecar
 from trainer import refresh as refresh_module
-from trainer.cli import EXIT_BUSY, EXIT_SKIPPED
+from trainer.cli import EXIT_BUSY, EXIT_SKIPPED, EXIT_TERMINATED, run_stoppable
 from trainer.gate import Gate, refresh_gate
 from trainer.grpo import STATE_FILE, Stopped
 from trainer.rating import RatingExample, RatingExamples
@@ -143,6 +146,61 @@ def test_the_sidecar_reports_refreshes_another_process_published(
         asyncio.run(sidecar.run_sidecar(env.model_copy(update={"trainer_metrics_port": 0})))
     gauge = metrics.REGISTRY.get_sample_value("reasonrec_trainer_last_success_timestamp")
     assert gauge == published.timestamp()
+
+
+def test_a_registry_that_cannot_be_read_at_one_poll_does_not_end_the_sidecar(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shared volume's hiccup (a stale NFS handle) at one poll: read again at the next."""
+    registry = Registry(env.registry_path)
+    published = datetime(2026, 4, 1, tzinfo=UTC)
+    polls: list[int] = []
+    versions = Registry.versions
+
+    def stale(self: Registry) -> list[Manifest]:
+        if len(polls) == 1:
+            raise OSError(116, "Stale file handle")
+        return versions(self)
+
+    async def event_count(self: Store) -> int:
+        polls.append(1)
+        if len(polls) == 1:
+            manifest = Manifest(
+                version="r1", training={"method": REFRESH_METHOD}, created_at=published
+            )
+            registry.publish(registry.staging(), manifest)
+        if len(polls) == 4:
+            raise asyncio.CancelledError
+        return 0
+
+    monkeypatch.setattr(Registry, "versions", stale)
+    monkeypatch.setattr(Store, "event_count", event_count)
+    monkeypatch.setattr(sidecar, "POLL_SECONDS", 0.01)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(sidecar.run_sidecar(env.model_copy(update={"trainer_metrics_port": 0})))
+    assert len(polls) == 4  # it went on polling
+    gauge = metrics.REGISTRY.get_sample_value("reasonrec_trainer_last_success_timestamp")
+    assert gauge == published.timestamp()  # read at the poll after the failed one
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does() -> None:
+    """`docker stop` sends SIGTERM: the main task is cancelled (a refresh then stops training
+    and gives its lock back) and the command exits 143."""
+    cancelled = threading.Event()
+
+    async def main() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    with pytest.raises(typer.Exit) as stopped:
+        run_stoppable(main())
+    assert stopped.value.exit_code == EXIT_TERMINATED == 143
+    assert cancelled.is_set()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # nothing left installed
 
 
 def test_the_trainer_serves_the_records_it_skipped() -> None:
