@@ -35,7 +35,7 @@ from server.index_files import publish
 from server.item_index import ItemIndex
 from server.policy import read_policy
 from server.registry import Manifest, Registry, new_version
-from server.search_index import Encoder, SearchIndex, build_search_index
+from server.search_index import SearchIndex
 from server.store import ActiveModelChanged, Store
 from trainer.base import base_manifest, for_grpo, load_base, servable
 from trainer.corpus import Corpus, NotEnoughData, latest_per_item, read_corpus
@@ -58,6 +58,7 @@ from trainer.rating import (
 from trainer.search import (
     SearchExampleBuilder,
     SearchExamples,
+    catalog_retriever,
     train_search,
 )
 from trainer.sft import run_sft
@@ -305,9 +306,7 @@ def _search_plan(
     search = builder.build(preset.search.sft_examples, preset.search.validation_users, seed)
     if not search.train or not search.validation:
         raise NotEnoughData("no search examples: the store needs users with 3+ positive events")
-    encoder = Encoder() if retriever is RetrieverKind.dense else None
-    index = build_search_index(sorted(corpus.items.items()), retriever, encoder)
-    return search, index
+    return search, catalog_retriever(corpus, retriever)
 
 
 def _trained_fields(tasks: frozenset[Task], base: Manifest | None) -> set[str]:

@@ -43,6 +43,7 @@ from server.index_files import load_current
 from server.item_index import ItemIndex
 from server.policy import read_policy
 from server.registry import Manifest, Registry, base_version, new_version
+from server.search_index import SearchIndex
 from server.store import ActiveModelChanged, Store
 from trainer import metrics
 from trainer.constrained import RatingConstraint
@@ -56,6 +57,12 @@ from trainer.grpo import STATE_FILE, Stopped, run_grpo
 from trainer.presets import GrpoSettings
 from trainer.publish import publish_model, validated
 from trainer.rating import RatingExampleBuilder, RatingExamples, validate_rating
+from trainer.search import (
+    SearchExampleBuilder,
+    SearchExamples,
+    catalog_retriever,
+    validate_search,
+)
 
 log = logging.getLogger(__name__)
 # The holder renews the lock while it works; a killed holder's lock lapses within LOCK_SECONDS.
@@ -64,6 +71,7 @@ RENEW_SECONDS = 10
 REFRESH_METHOD = "grpo-refresh"  # `training.method` in a refreshed version's manifest
 MIN_EXAMPLES = 4  # logged lists with a positive, before the held-out part is cut
 RATING_GATE_USERS = 64  # held-out ratings of a version whose rating a refresh does not train
+SEARCH_GATE_USERS = 64  # held-out last interactions a search version's queries are gated on
 
 RefreshOutcome = Literal["published", "rejected", "skipped"]
 
@@ -301,6 +309,7 @@ async def _refresh(
         # Rating not refreshed, still gated, every example held out: ranking's GRPO changes the
         # weights that rate too, and a version that rated worse would pass unseen.
         rating = recent_ratings(corpus, manifest, RATING_GATE_USERS, holdout=1.0)
+    searches = Task.search in manifest.tasks
     lessons = Lessons(
         ranking=train + fresh,
         holdout=holdout,
@@ -308,6 +317,14 @@ async def _refresh(
         terms=build_terms(policy, facts, corpus.popularity) if ranks else [],
         rating=rating,
         rating_terms=build_terms(policy, facts, corpus.popularity, Task.rate) if rates else [],
+        # Search is not trained by a refresh, but gated: ranking's GRPO changes the weights that
+        # write the queries too, and a version that searched worse would pass unseen.
+        search=held_out_searches(corpus, manifest, SEARCH_GATE_USERS) if searches else None,
+        retriever=(
+            await asyncio.to_thread(catalog_retriever, corpus, settings.search_retriever)
+            if searches
+            else None
+        ),
     )
     grpo = GrpoSettings(
         max_steps=settings.refresh_grpo_steps,
@@ -388,6 +405,8 @@ class Lessons:
     terms: list
     rating: RatingExamples | None
     rating_terms: list
+    search: SearchExamples | None = None
+    retriever: SearchIndex | None = None
 
     def in_chat(self, tokenizer: PreTrainedTokenizerBase) -> "Lessons":
         """The prompts as the gateway sends them to a chat model: inside its chat template
@@ -401,8 +420,17 @@ class Lessons:
                     "validation": in_chat(rating.validation, tokenizer),
                 }
             )
+        search = self.search
+        if search is not None:
+            search = search.model_copy(update={"validation": in_chat(search.validation, tokenizer)})
         ranking, holdout = in_chat(self.ranking, tokenizer), in_chat(self.holdout, tokenizer)
-        return replace(self, ranking=ranking, holdout=holdout, rating=rating)
+        return replace(self, ranking=ranking, holdout=holdout, rating=rating, search=search)
+
+
+def held_out_searches(corpus: Corpus, manifest: Manifest, users: int) -> SearchExamples:
+    """The last interaction of up to `users` users, prompted as the version prompts searches."""
+    builder = SearchExampleBuilder(corpus, manifest.rendering, manifest.prompt_history, 0.0)
+    return builder.build(0, users, seed=0)
 
 
 def _scores(model, tokenizer, lessons: Lessons, settings: Settings) -> dict[str, float]:
@@ -414,6 +442,11 @@ def _scores(model, tokenizer, lessons: Lessons, settings: Settings) -> dict[str,
     if lessons.rating is not None and lessons.rating.validation:
         rating = lessons.rating
         scores |= validate_rating(model, tokenizer, rating.validation, rating.rendering)
+    if lessons.search is not None and lessons.search.validation and lessons.retriever is not None:
+        search = lessons.search
+        scores |= validate_search(
+            model, tokenizer, search.validation, search.rendering, lessons.retriever
+        )
     return scores
 
 

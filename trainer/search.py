@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field
 
 from contract.prompt import ItemView, Rendering, ref
 from contract.search import (
+    RetrieverKind,
     build_search_prompt,
     compose_query,
     parse_search,
@@ -43,7 +44,7 @@ from contract.search import (
 )
 from reward_rules.metrics import rank_ndcg
 from reward_rules.terms import SearchNdcg
-from server.search_index import SearchIndex
+from server.search_index import Encoder, SearchIndex, build_search_index
 from trainer.constrained import constrained_generation, greedy_after, search_constraint
 from trainer.corpus import Corpus, latest_per_item
 from trainer.dataset import sample_positions
@@ -153,6 +154,12 @@ class SearchExampleBuilder:
             "search examples built", extra={"train": len(train), "validation": len(validation)}
         )
         return SearchExamples(rendering=self.rendering, train=train, validation=validation)
+
+
+def catalog_retriever(corpus: Corpus, kind: RetrieverKind) -> SearchIndex:
+    """The retriever of `kind` over the corpus's catalog, as the gateway builds it."""
+    encoder = Encoder() if kind is RetrieverKind.dense else None
+    return build_search_index(sorted(corpus.items.items()), kind, encoder)
 
 
 def validate_search(

@@ -174,6 +174,24 @@ class TestRefreshGate:
         ]
         assert refresh_gate(scores(0.11, 0.10), scores(0.12, 0.10), settings).failures == []
 
+    def test_a_version_that_searches_is_gated_on_its_queries(self, settings: Settings) -> None:
+        """A refresh trains ranking, whose GRPO changes the weights that write queries too."""
+
+        def searched(ndcg: float) -> dict[str, float]:
+            return scores(0.12, 0.10) | {"search_ndcg@10": ndcg, "search_raw_ndcg@10": 0.02}
+
+        assert refresh_gate(searched(0.05), searched(0.05), settings).passed
+        worse = refresh_gate(searched(0.05), searched(0.01), settings, force=True)
+        assert not worse.passed
+        assert worse.failures == [
+            "searches worse than the active version (NDCG@10 0.0100 against 0.0500, tolerance 0.01)"
+        ]
+        below_raw = refresh_gate(searched(0.015), searched(0.015), settings)
+        assert below_raw.failures == [
+            "searches worse than the last item's title (NDCG@10 0.0150 against 0.0200)"
+        ]
+        assert refresh_gate(searched(0.015), searched(0.015), settings, force=True).passed
+
 
 def logged(n: int, rendering: Rendering) -> LoggedExample:
     return LoggedExample(

@@ -423,6 +423,39 @@ def test_a_refresh_that_does_not_train_rating_still_gates_it(
     assert lessons.rating_terms == []
 
 
+def test_a_refresh_of_a_version_that_searches_gates_its_queries(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    given: list[Lessons] = []
+
+    def train_and_gate(registry, manifest, lessons: Lessons, *_: Any) -> tuple:
+        given.append(lessons)
+        return None, None, Training(reward_mean=0.5, learned=False), None
+
+    monkeypatch.setattr(refresh_module, "_train_and_gate", train_and_gate)
+
+    async def body() -> None:
+        async with open_store(env) as store:
+            await _ready_to_refresh(env, store)
+            registry = Registry(env.registry_path)
+            registry.publish(registry.staging(), Manifest(version="v2", tasks=["rank", "search"]))
+            await store.set_active_model("v2")
+            titles = {"a": "Alien", "b": "Brazil", "c": "Casablanca", "d": "Dune"}
+            await store.upsert_items([ItemUpsert(item_id=i, title=t) for i, t in titles.items()])
+            for n, item in enumerate("abcd"):
+                click = {"user_id": "s", "item_id": item, "type": "click"}
+                await store.redis.xadd(store.keys.events, click | {"ts": str(1700000000 + n)})
+            await refresh_once(env, store, progress=False)
+
+    asyncio.run(body())
+
+    [lessons] = given
+    assert lessons.search is not None and lessons.search.train == []
+    assert [(e.user_id, e.item_id) for e in lessons.search.validation] == [("s", "d")]
+    assert lessons.retriever is not None
+    assert lessons.retriever.rank_of("dune", "d", []) == 1  # the catalog's retriever
+
+
 def _lock_taken_over(
     env: Settings, rdb: redis.Redis, lock_key: str
 ) -> tuple[Gate, Callable[[], None]]:
