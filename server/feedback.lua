@@ -1,15 +1,15 @@
 -- Append a validated batch of feedback events atomically.
--- ARGV: prefix, history size, event count, then per event:
+-- ARGV: prefix, history size, this call's token, event count, then per event:
 --   user_id, item_id, type, value, request_id, event_id, timestamp, positive ("1"/"0"),
 --   how long its event id is remembered (seconds, 0 = forever).
 -- Returns {-1, {indexes of unknown items}} and writes nothing when an item is unknown,
 -- otherwise {0, flags}: flags has one character per event, "1" stored, "0" a duplicate.
-local prefix, cap, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local width = 9
+local prefix, cap, token, n = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local head, width = 4, 9
 
 local unknown = {}
 for i = 0, n - 1 do
-  if redis.call('SISMEMBER', prefix .. ':items', ARGV[3 + i * width + 2]) == 0 then
+  if redis.call('SISMEMBER', prefix .. ':items', ARGV[head + i * width + 2]) == 0 then
     unknown[#unknown + 1] = i
   end
 end
@@ -17,54 +17,90 @@ if #unknown > 0 then
   return {-1, unknown}
 end
 
--- The score of an event at `ts` in a time-ordered set: events at one time keep the order they
--- arrive in (EVAL.md's tie rule, and the order training reads from the event log), each a
--- microsecond after the last one there (not after as many as there are: an item that moved up
--- or trimming leaves gaps); Redis would order them by item id. The last tie numbered is kept
--- beside the set (`<key>:tie`): past a thousand ties at one time (a day imported with one date)
--- they leave the millisecond looked in, and trimming removes the first ones, yet the next one
--- must still come last. %.17g keeps the microseconds that Lua's default format would round away.
-local function arrival(key, ts)
-  local cursor = key .. ':tie'
-  local previous = redis.call('HMGET', cursor, 'ts', 'at')
-  local at
-  if previous[1] == ts then
-    at = tonumber(previous[2]) + 0.000001
+-- Whether an event id is 'new' to its user, a 'duplicate', or already 'stored' by this very call:
+-- a client whose reply was lost (the connection dropped) sends the same call, token and all, again.
+-- The marker holds the event's place in the call too, so that an id twice in one batch stays a
+-- duplicate.
+local function claim(marker, mine, ttl)
+  local taken
+  if ttl > 0 then
+    taken = redis.call('SET', marker, mine, 'NX', 'EX', ttl)
   else
-    local t = tonumber(ts)
-    local last = redis.call('ZREVRANGEBYSCORE', key, '(' .. string.format('%.17g', t + 0.001),
-      string.format('%.17g', t), 'WITHSCORES', 'LIMIT', 0, 1)
-    at = #last == 0 and t or tonumber(last[2]) + 0.000001
+    taken = redis.call('SET', marker, mine, 'NX')
   end
-  local score = string.format('%.17g', at)
-  redis.call('HSET', cursor, 'ts', ts, 'at', score)
-  return score
+  if taken then
+    return 'new'
+  end
+  return redis.call('GET', marker) == mine and 'stored' or 'duplicate'
+end
+
+-- Time-ordered sets: events at one time keep the order they arrive in (EVAL.md's tie rule, and
+-- the order training reads from the event log), where Redis would order them by item id. The
+-- first event at a time is scored with the time as sent, so that it reads back as sent; each
+-- later one at exactly that time a microsecond after the last one numbered there (not after as
+-- many as there are: an item that moved up or trimming leaves gaps). Events a moment apart are no
+-- ties. `<key>:ties` keeps, per time as sent, the last score numbered there: past a thousand ties
+-- at one time (a day imported with one date) they run past the millisecond, trimming removes the
+-- first ones, and other times come in between, yet the next one must still come last.
+-- %.17g keeps the microseconds that Lua's default format would round away.
+--
+-- A time leaves `:ties` once none of the scores it numbered is left in the set, so that `:ties`
+-- stays about as large as the set: `forget` when an item moved up from `score`, `trim` when the
+-- oldest items went.
+local function forget(key, score)
+  local ties = key .. ':ties'
+  local tie = redis.call('ZRANGEBYSCORE', ties, score, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  if #tie > 0 and redis.call('ZCOUNT', key, tie[1], tie[2]) == 0 then
+    redis.call('ZREM', ties, tie[1])
+  end
+end
+
+local function place(key, ts, item)
+  local ties = key .. ':ties'
+  local last = redis.call('ZSCORE', ties, ts)
+  local score = last and string.format('%.17g', tonumber(last) + 0.000001) or ts
+  local old = redis.call('ZSCORE', key, item)
+  if redis.call('ZADD', key, 'GT', 'CH', score, item) == 1 then
+    redis.call('ZADD', ties, score, ts)
+    if old then
+      forget(key, old)
+    end
+  end
+end
+
+local function trim(key)
+  redis.call('ZREMRANGEBYRANK', key, 0, -(cap + 1))
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if #first > 0 then
+    redis.call('ZREMRANGEBYSCORE', key .. ':ties', '-inf', '(' .. first[2])
+  end
 end
 
 local flags = {}
 for i = 0, n - 1 do
-  local b = 3 + i * width
+  local b = head + i * width
   local user, item, kind, value = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
   local request_id, event_id, ts, positive = ARGV[b + 5], ARGV[b + 6], ARGV[b + 7], ARGV[b + 8]
   local ttl = tonumber(ARGV[b + 9])
-  local fresh = true
+  local state = 'new'
   if event_id ~= '' then
-    local marker = prefix .. ':evid:' .. event_id
-    if ttl > 0 then
-      fresh = redis.call('SET', marker, '1', 'NX', 'EX', ttl) ~= false
-    else
-      fresh = redis.call('SET', marker, '1', 'NX') ~= false
+    -- Per user: user ids hold no ':', so that two users' ids never share a marker.
+    state = claim(prefix .. ':evid:' .. user .. ':' .. event_id, token .. ':' .. i, ttl)
+    -- A data set loaded before markers were per user (`evid:{event_id}`, a loader's kept forever)
+    -- and loaded again is not stored twice.
+    if state == 'new' and ttl == 0 and redis.call('EXISTS', prefix .. ':evid:' .. event_id) == 1 then
+      state = 'duplicate'
     end
   end
-  if fresh then
-    flags[#flags + 1] = '1'
+  flags[#flags + 1] = state == 'duplicate' and '0' or '1'
+  if state == 'new' then
     redis.call('XADD', prefix .. ':events', '*', 'user_id', user, 'item_id', item, 'type', kind,
       'value', value, 'request_id', request_id, 'event_id', event_id, 'ts', ts)
     redis.call('SADD', prefix .. ':users', user)
     if positive == '1' then
       local hist = prefix .. ':user:' .. user .. ':hist'
-      redis.call('ZADD', hist, 'GT', arrival(hist, ts), item)
-      redis.call('ZREMRANGEBYRANK', hist, 0, -(cap + 1))
+      place(hist, ts, item)
+      trim(hist)
       redis.call('SADD', prefix .. ':user:' .. user .. ':seen', item)
       redis.call('ZINCRBY', prefix .. ':pop', 1, item)
     end
@@ -77,18 +113,16 @@ for i = 0, n - 1 do
       local rated_at = prefix .. ':user:' .. user .. ':rated_at'
       local last = redis.call('HGET', rated_at, item) or redis.call('ZSCORE', rated, item)
       if (not last) or tonumber(ts) >= tonumber(last) then
-        redis.call('ZADD', rated, arrival(rated, ts), item)
+        place(rated, ts, item)
         redis.call('HSET', rated_at, item, ts)
         redis.call('HSET', prefix .. ':user:' .. user .. ':ratings', item, value)
       end
-      redis.call('ZREMRANGEBYRANK', rated, 0, -(cap + 1))
+      trim(rated)
       redis.call('HINCRBYFLOAT', prefix .. ':ratings:sum', item, value)
       redis.call('HINCRBY', prefix .. ':ratings:count', item, 1)
       redis.call('HINCRBYFLOAT', prefix .. ':ratings:total', 'sum', value)
       redis.call('HINCRBY', prefix .. ':ratings:total', 'count', 1)
     end
-  else
-    flags[#flags + 1] = '0'
   end
 end
 return {0, table.concat(flags)}

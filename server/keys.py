@@ -1,15 +1,17 @@
 """Redis key layout. Every key and channel of a deployment starts with its prefix.
 
 ``item:{id}`` hash · ``items`` set of ids · ``hidden`` set of hidden ids · ``user:{id}`` hash ·
-``users`` set · ``user:{id}:hist`` sorted set (item -> event time, capped;
-events at one time a microsecond apart in arrival order; ``user:{id}:hist:tie`` hash: the last
-time numbered so and its score) · ``user:{id}:seen`` set
-· ``pop`` sorted set (item -> positive events) · ``events`` stream (feedback) · ``evid:{event_id}``
-de-duplication marker · ``items:created`` sorted set (item -> created time) · ``items:version``
+``users`` set · ``user:{id}:hist`` sorted set (item -> event time, capped; events at exactly one
+time a microsecond apart in arrival order; ``user:{id}:hist:ties`` sorted set: each time still in
+it -> the score of the last event numbered there) · ``user:{id}:seen`` set
+· ``pop`` sorted set (item -> positive events) · ``events`` stream (feedback) ·
+``evid:{user_id}:{event_id}`` de-duplication marker (event ids are per user; it holds the token
+of the call that stored the event) ·
+``items:created`` sorted set (item -> created time) · ``items:version``
 counter of item writes · ``impressions`` stream (every served list) · ``served:{request_id}`` the
 version that served it (expires) · ``model:active`` version string · ``model-updates`` pub/sub
 channel · ``user:{id}:ratings`` hash (item -> the user's latest rating) · ``user:{id}:rated``
-sorted set (item -> rating time, capped, ties as in hist, with ``user:{id}:rated:tie``) ·
+sorted set (item -> rating time, capped, ties as in hist, with ``user:{id}:rated:ties``) ·
 ``user:{id}:rated_at`` hash (item -> rating time) · ``ratings:sum`` and ``ratings:count``
 hashes (item -> sum and number of its ratings) · ``ratings:total`` hash (sum, count over every
 rating) · ``load:unfinished`` set while a dataset load runs.

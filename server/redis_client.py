@@ -12,6 +12,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as ConnectionLost
 from redis.retry import Retry
 
 from server.config import Settings
@@ -52,12 +53,15 @@ class RedisHandle:
 
 def connect(settings: Settings) -> RedisHandle:
     # One quick retry only: a request must fail fast with 503 when Redis is down, and the
-    # next request reconnects by itself.
+    # next request reconnects by itself. Only when the connection is lost, never after a
+    # timeout: a slow Redis still runs the command it was sent, and would run a retry too. A
+    # lost connection may also have lost the reply of a command that ran: the feedback script,
+    # activation and the trainer's lock know their own retry (store.py).
     options: dict[str, Any] = {
         "decode_responses": True,
         "socket_timeout": settings.redis_timeout_seconds,
         "socket_connect_timeout": settings.redis_timeout_seconds,
-        "retry": AsyncRetry(NoBackoff(), 1),
+        "retry": AsyncRetry(NoBackoff(), 1, supported_errors=(ConnectionLost,)),
         "health_check_interval": 15,
     }
     if settings.redis_url:

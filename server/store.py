@@ -4,6 +4,7 @@ model pointers and their announcements, the trainer's lock. No other module touc
 import json
 import logging
 import math
+import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -11,7 +12,7 @@ from functools import cached_property
 from importlib import resources
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ResponseError
@@ -24,6 +25,7 @@ from server.keys import Keys
 from server.redis_client import connect
 from server.schemas import (
     POSITIVE_RATING,
+    Attributes,
     FeedbackEvent,
     HistoryEntry,
     Item,
@@ -37,9 +39,14 @@ from server.schemas import (
 log = logging.getLogger(__name__)
 
 FEEDBACK_SCRIPT = resources.files("server").joinpath("feedback.lua").read_text()
+# A checked activation that finds its own version active is done: it is a retry of one whose reply
+# was lost (the connection dropped), and answers as that one did.
 ACTIVATE_SCRIPT = """
 local old = redis.call('GET', KEYS[1])
-if ARGV[3] == '1' and (old or '') ~= ARGV[2] then return {0, old or ''} end
+if ARGV[3] == '1' and (old or '') ~= ARGV[2] then
+  if old == ARGV[1] then return {1, redis.call('GET', KEYS[2]) or ''} end
+  return {0, old or ''}
+end
 redis.call('SET', KEYS[1], ARGV[1])
 if old and old ~= ARGV[1] then redis.call('SET', KEYS[2], old) end
 redis.call('PUBLISH', KEYS[3], ARGV[1])
@@ -131,16 +138,17 @@ def _readable_stats(ident: str, total: str | None, count: str | None) -> Stats:
     return stats
 
 
+STORED_ATTRIBUTES = TypeAdapter(Attributes)
+
+
 def attributes_of(owner: str, raw: str | None) -> dict[str, Any]:
-    """A user's stored attributes; empty when there are none or they cannot be read."""
+    """A user's stored attributes; empty when there are none, or they cannot be read or are not
+    what the API accepts (a list, null or object, written by hand or by another program)."""
     try:
-        attributes = json.loads(raw) if raw else {}
-        if not isinstance(attributes, dict):
-            raise TypeError("attributes are not an object")
+        return STORED_ATTRIBUTES.validate_python(json.loads(raw)) if raw else {}
     except UNREADABLE as exc:
         skip_unreadable("user", owner, exc)
         return {}
-    return attributes
 
 
 def _flag(value: bool) -> str:
@@ -436,7 +444,8 @@ class Store:
         One script, so that two activations at once cannot record the wrong previous version.
         Returns the version that was active before. With `replacing` or `checked`, only if
         `replacing` (None: no version) is still the active one (else ActiveModelChanged, and
-        nothing changes).
+        nothing changes), or `version` already is: then it returns the version recorded as
+        previous, as the first try of a retried activation did.
         """
         keys = [self.keys.active_model, self.keys.previous_model, self.keys.model_updates]
         checked = checked or replacing is not None
@@ -457,7 +466,10 @@ class Store:
 
     async def take_trainer_lock(self, token: str, seconds: int) -> bool:
         """Hold the lock for `seconds` under `token`; False when someone else holds it."""
-        return bool(await self.redis.set(self.keys.trainer_lock, token, nx=True, ex=seconds))
+        if await self.redis.set(self.keys.trainer_lock, token, nx=True, ex=seconds):
+            return True
+        # A retry of a SET whose reply was lost (the connection dropped) finds the lock its own.
+        return await self.redis.get(self.keys.trainer_lock) == token
 
     async def renew_trainer_lock(self, token: str, seconds: int) -> bool:
         """Extend the lock if `token` still holds it; False when it does not (it lapsed, or
@@ -503,7 +515,9 @@ class Store:
         Raises UnknownItems, having written nothing, if any event names an unknown item.
         """
         ttl = self.dedup_ttl_seconds if dedup_ttl_seconds is None else dedup_ttl_seconds
-        args: list[str | int] = [self.keys.prefix, self.history_size, len(events)]
+        # The call's own token: run again after a lost reply, the script knows what it stored.
+        token = secrets.token_urlsafe(9)
+        args: list[str | int] = [self.keys.prefix, self.history_size, token, len(events)]
         for i, event in enumerate(events):
             args += [
                 event.user_id,
