@@ -203,15 +203,17 @@ def _read(path: Path, fmt: EvalFormat) -> tuple[Dataset, list[FeedbackEvent]]:
 
 
 def interaction_events(events: Iterable[FeedbackEvent]) -> list[FeedbackEvent]:
-    """The consumption events in file order, each event id once (the store keeps the first)."""
-    seen: set[str] = set()
+    """The consumption events in file order, each user's event id once (the store keeps the
+    first: event ids are each user's own)."""
+    seen: set[tuple[str, str]] = set()
     kept = []
     for event in events:
-        if event.type not in INTERACTIONS or event.event_id in seen:
+        key = (event.user_id, event.event_id or "")
+        if event.type not in INTERACTIONS or key in seen:
             continue
         kept.append(event)
         if event.event_id:
-            seen.add(event.event_id)
+            seen.add(key)
     return kept
 
 

@@ -155,6 +155,24 @@ class TestJsonl:
         assert kinds == {"click", "like", "purchase", "rating"}
 
 
+def test_event_ids_are_each_users_own_as_in_the_store(tmp_path: Path) -> None:
+    """Two users' events under one id are both interactions; one user's id twice is one."""
+    same_id = [
+        {**event(u, i, "click", T(n)), "event_id": "e1"}
+        for n, (u, i) in enumerate(
+            [("a", "1"), ("b", "1"), ("b", "2"), ("b", "3"), ("b", "4")], start=1
+        )
+    ]
+    records = [
+        *JSONL[:5],
+        *same_id,
+        *(event("a", i, "click", T(n)) for n, i in [(6, "2"), (7, "3")]),
+    ]
+    data = read_eval_data(write_jsonl(tmp_path / "ids.jsonl", records), EvalFormat.jsonl)
+    assert [e.item_id for e in data.timelines["a"]] == ["1", "2", "3"]
+    assert [e.item_id for e in data.timelines["b"]] == ["1"]  # b's own "e1" again: a duplicate
+
+
 def jsonl_with(tmp_path: Path, *records: dict) -> Path:
     return write_jsonl(tmp_path / "bad.jsonl", [*JSONL[:5], *records])
 
