@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from server import metrics
+from server.logs import describe
 from server.schemas import ErrorBody, ErrorResponse, EventType
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def _allowed_methods(request: Request) -> str:
 
 async def _unavailable(request: Request, exc: StorageUnavailable) -> JSONResponse:
     metrics.REDIS_ERRORS.inc()
-    reason = repr(exc.__cause__ or exc)
+    reason = describe(exc.__cause__ or exc)
     log.warning("redis unavailable", extra={"path": request.url.path, "reason": reason})
     return await _api_error(request, exc)
 

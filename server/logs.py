@@ -14,6 +14,13 @@ _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "ta
 _STANDARD.add("color_message")  # uvicorn's ANSI-coloured copy of the message
 
 
+def describe(exc: BaseException) -> str:
+    """An exception for a log line: its type and message. Not `repr`: redis-py's errors repr as
+    `network:ConnectionError` alone, with no host, no "Connection refused", no WRONGTYPE."""
+    message = str(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {

@@ -25,6 +25,7 @@ import numpy as np
 
 from contract.search import REFERENCE_CHARS, RetrieverKind, expand_references
 from server import metrics
+from server.logs import describe
 from server.schemas import ItemIn
 from server.store import Store
 
@@ -225,7 +226,7 @@ class SearchIndexes:
                 await self.refresh(store)
             except Exception as exc:  # a bad build must not stop later ones
                 metrics.SEARCH_INDEX_FAILURES.inc()
-                log.error("search index not rebuilt", extra={"reason": repr(exc)})
+                log.error("search index not rebuilt", extra={"reason": describe(exc)})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), every_seconds)
 
@@ -237,4 +238,4 @@ class SearchIndexes:
             await self.refresh(store)
         except Exception as exc:  # what the catalog holds must not keep the gateway down
             metrics.SEARCH_INDEX_FAILURES.inc()
-            log.error("search index not built at startup", extra={"reason": repr(exc)})
+            log.error("search index not built at startup", extra={"reason": describe(exc)})

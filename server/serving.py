@@ -28,6 +28,7 @@ from server.config import Settings
 from server.engine import Engine
 from server.index_files import current_version, load_current
 from server.item_index import ItemIndex
+from server.logs import describe
 from server.registry import RegistryError
 from server.store import Store
 
@@ -73,7 +74,7 @@ class Serving:
         try:
             active = await self.store.active_model()
         except RedisError as exc:
-            log.error("cannot read the active model", extra={"reason": repr(exc)})
+            log.error("cannot read the active model", extra={"reason": describe(exc)})
             self.problem = "active model unknown: redis unreachable at startup"
         else:
             if active is None:
@@ -102,7 +103,7 @@ class Serving:
             try:
                 await self._follow()
             except RedisError as exc:
-                log.warning("model updates lost, resubscribing", extra={"reason": repr(exc)})
+                log.warning("model updates lost, resubscribing", extra={"reason": describe(exc)})
                 await asyncio.sleep(RETRY_SECONDS)
 
     async def _follow(self) -> None:
@@ -221,7 +222,7 @@ class Serving:
             return load_current(self.settings.data_dir)
         except Exception as exc:
             log.error(
-                "candidate index unreadable, keeping the one held", extra={"reason": repr(exc)}
+                "candidate index unreadable, keeping the one held", extra={"reason": describe(exc)}
             )
             return held
 
@@ -239,7 +240,7 @@ async def _release(engine: Engine) -> None:
         await engine.close()
     except Exception as exc:
         log.error(
-            "engine not released", extra={"version": engine.model_version, "reason": repr(exc)}
+            "engine not released", extra={"version": engine.model_version, "reason": describe(exc)}
         )
     else:
         log.info("engine released", extra={"version": engine.model_version})

@@ -22,6 +22,7 @@ from contract.rating import LEAN_WINDOW, Stats, user_lean
 from server import metrics
 from server.config import Settings
 from server.keys import Keys
+from server.logs import describe
 from server.redis_client import connect
 from server.schemas import (
     POSITIVE_RATING,
@@ -108,7 +109,9 @@ UNREADABLE = (KeyError, TypeError, ValueError, ValidationError)
 def skip_unreadable(kind: str, ident: str, exc: Exception) -> None:
     """A stored record that cannot be decoded is skipped, never raised into a request."""
     metrics.UNREADABLE_RECORDS.labels(kind).inc()
-    log.warning("unreadable record skipped", extra={"kind": kind, "id": ident, "reason": repr(exc)})
+    log.warning(
+        "unreadable record skipped", extra={"kind": kind, "id": ident, "reason": describe(exc)}
+    )
 
 
 def _readable_ratings(user_id: str, stored: dict[str, str]) -> dict[str, float]:

@@ -41,6 +41,7 @@ from server.active_model import refreshed_with_lora
 from server.config import Settings
 from server.index_files import load_current
 from server.item_index import ItemIndex
+from server.logs import describe
 from server.policy import read_policy
 from server.registry import Manifest, Registry, base_version, new_version
 from server.search_index import SearchIndex
@@ -122,7 +123,7 @@ class HeldLock:
             try:
                 held = await self.store.renew_trainer_lock(self.token, LOCK_SECONDS)
             except RedisError as exc:
-                log.warning("refresh lock not renewed", extra={"reason": repr(exc)})
+                log.warning("refresh lock not renewed", extra={"reason": describe(exc)})
                 if reason := self.lost:
                     log.error("refresh lock lost", extra={"reason": reason})
                 continue
@@ -148,7 +149,7 @@ async def refresh_lock(store: Store) -> AsyncIterator[HeldLock]:
         try:
             await store.release_trainer_lock(token)
         except RedisError as exc:  # it lapses within LOCK_SECONDS; the refresh itself is done
-            log.warning("refresh lock not released", extra={"reason": repr(exc)})
+            log.warning("refresh lock not released", extra={"reason": describe(exc)})
 
 
 def trainer_dir(settings: Settings) -> Path:

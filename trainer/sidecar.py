@@ -18,6 +18,7 @@ from prometheus_client import start_http_server
 from redis.exceptions import RedisError
 
 from server.config import Settings
+from server.logs import describe
 from server.registry import Registry
 from server.store import Store, open_store
 from trainer import metrics
@@ -47,7 +48,9 @@ def _report_last_refresh(registry: Registry, read_at: float | None) -> float | N
     try:
         published = last_refresh(registry)
     except OSError as exc:  # a shared volume's hiccup (a stale NFS handle) must not end the loop
-        log.warning("registry unreadable, read again at the next poll", extra={"reason": repr(exc)})
+        log.warning(
+            "registry unreadable, read again at the next poll", extra={"reason": describe(exc)}
+        )
         return read_at
     if published is not None:
         metrics.LAST_SUCCESS.set(published)
@@ -60,7 +63,7 @@ def _schedule_start(registry: Registry, refresh_seconds: float) -> float:
     try:
         published = last_refresh(registry)
     except OSError as exc:  # as if none was published: the first poll refreshes
-        log.warning("registry unreadable", extra={"reason": repr(exc)})
+        log.warning("registry unreadable", extra={"reason": describe(exc)})
         published = None
     since = refresh_seconds if published is None else max(time.time() - published, 0.0)
     return time.monotonic() - since
@@ -71,7 +74,7 @@ async def _event_count(store: Store) -> int | None:
     try:
         return await store.event_count()
     except RedisError as exc:
-        log.warning("feedback stream unreadable", extra={"reason": repr(exc)})
+        log.warning("feedback stream unreadable", extra={"reason": describe(exc)})
         return None
 
 

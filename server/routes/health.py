@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 
 from server.deps import ServingDep, StoreDep
 from server.engine import EngineError
+from server.logs import describe
 from server.serving import Serving
 from server.store import Store
 
@@ -58,7 +59,7 @@ async def _redis_check(store: Store) -> str:
     try:
         await store.ping()
     except RedisError as exc:
-        log.warning("readiness: redis unreachable", extra={"reason": repr(exc)})
+        log.warning("readiness: redis unreachable", extra={"reason": describe(exc)})
         return "unreachable"
     return "ok"
 

@@ -40,7 +40,7 @@ def outage_client(make_client, redis_process):
     return make_client(redis_url=redis_process.url)
 
 
-def test_redis_down_then_back(outage_client, redis_process):
+def test_redis_down_then_back(outage_client, redis_process, caplog):
     client = outage_client
     assert client.get("/readyz").status_code == 200
     assert client.put("/v1/items/a", json={"title": "A"}).status_code == 200
@@ -71,6 +71,10 @@ def test_redis_down_then_back(outage_client, redis_process):
         assert "Error" not in error["message"]
         assert str(redis_process.port) not in response.text
     assert metric(client, REDIS_ERRORS) >= errors_before + len(calls)
+    # What strangers are not told, the log says: which server, and what went wrong with it.
+    reasons = [r.reason for r in caplog.records if r.getMessage() == "redis unavailable"]
+    assert reasons and all(str(redis_process.port) in reason for reason in reasons)
+    assert reasons[0].startswith("ConnectionError: ")
     # Health and metrics do not need Redis.
     assert client.get("/healthz").status_code == 200
 
