@@ -7,6 +7,9 @@ environment reads the same whichever role it runs. ``tests/server/test_config.py
 docs/configuration.md documents each one.
 """
 
+import difflib
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -15,11 +18,13 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from contract.search import RetrieverKind
 
+PREFIX = "REASONREC_"
+
 
 class _Section(BaseSettings):
     # NaN passes every bound and fails every comparison: a NaN tolerance would reject every
     # refresh. No setting means infinity either.
-    model_config = SettingsConfigDict(env_prefix="REASONREC_", extra="ignore", allow_inf_nan=False)
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", allow_inf_nan=False)
 
 
 class StorageSettings(_Section):
@@ -283,3 +288,22 @@ class TrainerSettings(_Section):
 
 class Settings(StorageSettings, GatewaySettings, EngineSettings, TrainerSettings):
     """Every setting; a role reads the sections it needs."""
+
+
+def unknown_variables(environ: Mapping[str, str] = os.environ) -> dict[str, str | None]:
+    """`REASONREC_*` variables no setting reads, each with the setting it likely meant: a
+    misspelled `REASONREC_API_KEY` would start a service that asks no key. `REASONREC_TEST_*`
+    are the test suite's own."""
+    known = [name.upper() for name in Settings.model_fields]
+
+    def meant(name: str) -> str | None:
+        close = difflib.get_close_matches(name.removeprefix(PREFIX), known, n=1)
+        return f"{PREFIX}{close[0]}" if close else None
+
+    return {
+        name: meant(name)
+        for name in sorted(environ)
+        if name.startswith(PREFIX)
+        and not name.startswith(f"{PREFIX}TEST_")
+        and name.removeprefix(PREFIX) not in known
+    }

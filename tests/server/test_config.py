@@ -11,6 +11,7 @@ from server.config import (
     Settings,
     StorageSettings,
     TrainerSettings,
+    unknown_variables,
 )
 
 # The settings page: README links to it; its Configuration section has a table per section.
@@ -95,3 +96,22 @@ def test_a_command_names_each_bad_variable_and_exits_2(monkeypatch: pytest.Monke
     assert "REASONREC_LOG_LEVEL: Input should be 'debug', 'info', 'warning' or 'error'" in output
     assert output.count("REASONREC_MERGE_ADAPTERS:") == 1 and "_BOOL" not in output
     assert "Traceback" not in result.output
+
+
+def test_a_variable_no_setting_reads_is_refused_with_what_was_meant(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A misspelled REASONREC_API_KEYS would start a service that asks no key."""
+    monkeypatch.setenv("REASONREC_API_KEY", "secret")
+    monkeypatch.setenv("REASONREC_NO_SUCH_THING", "1")
+    result = CliRunner().invoke(app, ["models", "list"])
+    assert result.exit_code == 2
+    output = " ".join(result.output.split())
+    assert "REASONREC_API_KEY: no such setting (did you mean REASONREC_API_KEYS?)" in output
+    assert "REASONREC_NO_SUCH_THING: no such setting" in output
+    assert "did you mean" not in output.partition("REASONREC_NO_SUCH_THING")[2]
+
+
+def test_the_test_suites_own_variables_are_no_settings_and_allowed() -> None:
+    environ = {"REASONREC_TEST_ML100K": "x", "REASONREC_API_KEYS": "k", "PATH": "/bin"}
+    assert unknown_variables(environ) == {}
