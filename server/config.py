@@ -165,6 +165,18 @@ class EngineSettings(_Section):
         "Unset: run vLLM in-process.",
     )
     engine_api_key: str | None = Field(None, description="API key the remote vLLM server expects.")
+
+    @field_validator("engine_url")
+    @classmethod
+    def _engine_base(cls, value: str | None) -> str | None:
+        """Checked here: a URL the client cannot use started a gateway that answered every
+        request from the fallback, green on /healthz."""
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("a vLLM server's URL starts with http:// or https://")
+        if value and value.rstrip("/").endswith("/v1"):
+            raise ValueError("give the server's base URL, without /v1 (e.g. http://vllm:8000)")
+        return value
+
     llm_timeout_ms: int = Field(
         3000,
         ge=10,

@@ -27,6 +27,7 @@ log = logging.getLogger("reasonrec.access")
 REQUEST_ID_HEADER = b"x-request-id"
 CLIENT_REQUEST_ID_HEADER = b"x-client-request-id"
 _TOKEN = re.compile(TOKEN_PATTERN)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -140,7 +141,8 @@ class RequestMiddleware:
     def _observe(self, scope: Scope, status: int, seconds: float) -> None:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
-        metrics.HTTP_REQUESTS.labels(template, scope["method"], str(status)).inc()
+        method = scope["method"] if scope["method"] in METHODS else "OTHER"  # a bounded label
+        metrics.HTTP_REQUESTS.labels(template, method, str(status)).inc()
         metrics.HTTP_DURATION.labels(template).observe(seconds)
         log.info(
             "request",

@@ -25,14 +25,16 @@ class Readiness(BaseModel):
     model_version: str | None
 
 
-@router.get("/healthz")
+# HEAD too, as uptime checkers send it: FastAPI's GET routes refuse it (405).
+@router.api_route("/healthz", methods=["GET", "HEAD"])
 async def healthz() -> dict[str, str]:
     """The process is alive (it says nothing of its dependencies)."""
     return {"status": "ok"}
 
 
-@router.get(
+@router.api_route(
     "/readyz",
+    methods=["GET", "HEAD"],
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "Redis does not answer."}},
 )
@@ -76,8 +78,9 @@ async def _engine_check(serving: Serving) -> str:
     return "ok"
 
 
-@router.get(
+@router.api_route(
     "/metrics",
+    methods=["GET", "HEAD"],
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text."}},
 )

@@ -115,3 +115,22 @@ def test_a_variable_no_setting_reads_is_refused_with_what_was_meant(
 def test_the_test_suites_own_variables_are_no_settings_and_allowed() -> None:
     environ = {"REASONREC_TEST_ML100K": "x", "REASONREC_API_KEYS": "k", "PATH": "/bin"}
     assert unknown_variables(environ) == {}
+
+
+@pytest.mark.parametrize(
+    ("url", "refused"),
+    [
+        ("vllm:8000", "starts with http:// or https://"),
+        ("http://vllm:8000/v1", "without /v1"),
+        ("http://vllm:8000/v1/", "without /v1"),
+        ("http://vllm:8000", None),
+        ("https://vllm.example/engine", None),
+    ],
+)
+def test_an_engine_url_the_client_cannot_use_is_refused(url: str, refused: str | None) -> None:
+    """Accepted, it left every answer to the fallback while /healthz stayed green."""
+    if refused is None:
+        assert Settings(engine_url=url).engine_url == url
+        return
+    with pytest.raises(ValidationError, match=refused):
+        Settings(engine_url=url)

@@ -117,8 +117,20 @@ def test_requests_counted_by_route_template(client):
     assert count("/v1/items", "POST", "200") == before["batch"] + 1
     assert count("unmatched", "GET", "404") == before["unmatched"] + 1
     assert metric(client, DURATION_COUNT, route=item_route) == before["duration"] + 4
-    # Concrete ids never become labels.
-    assert 'route="/v1/items/x1"' not in client.get("/metrics").text
+    # Concrete ids never become labels, nor methods a client makes up.
+    client.request("PROPFIND", "/v1/items/x1")
+    client.request("FOO1", "/healthz")
+    text = client.get("/metrics").text
+    assert 'route="/v1/items/x1"' not in text
+    assert 'method="PROPFIND"' not in text and 'method="FOO1"' not in text
+    assert count(item_route, "OTHER", "405") >= 1
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics"])
+def test_health_answers_head_as_uptime_checkers_send_it(client, path):
+    head, get = client.head(path), client.get(path)
+    assert (head.status_code, head.content) == (get.status_code, b"")
+    assert head.headers["content-type"] == get.headers["content-type"]
 
 
 def test_metrics_exposition(client):
