@@ -79,7 +79,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.openapi = _openapi_of_the_hour(app)
     errors.install(app)
-    app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        RequestMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        api_keys=settings.api_keys,
+        admin_keys=settings.admin_keys,
+    )
     app.include_router(health.router)
     routers = (items, users, feedback, recommend, rate, search, models)
     for router in (module.router for module in routers):

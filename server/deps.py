@@ -4,12 +4,12 @@ All are `async def` on purpose: FastAPI runs a plain `def` dependency in its thr
 costs more than the work these do.
 """
 
-import secrets
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from server.auth import api_key_refusal, known, presented, unauthorized
 from server.config import Settings
 from server.errors import ApiError
 from server.rate import Rater
@@ -62,40 +62,22 @@ _HEADER = APIKeyHeader(
 
 
 async def presented_key(
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
-    header: Annotated[str | None, Depends(_HEADER)],
+    request: Request,
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
+    _header: Annotated[str | None, Depends(_HEADER)],
 ) -> str | None:
-    if bearer is not None and bearer.credentials:
-        return bearer.credentials.strip()
-    return header
+    headers = request.headers
+    return presented(headers.get("authorization"), headers.get("x-api-key"))
 
 
 KeyDep = Annotated[str | None, Depends(presented_key)]
 
 
-def _known(presented: str | None, keys: list[str]) -> bool:
-    return presented is not None and any(
-        secrets.compare_digest(presented.encode(), key.encode()) for key in keys
-    )
-
-
-def _unauthorized(what: str) -> ApiError:
-    return ApiError(
-        401,
-        "unauthorized",
-        f"{what} is required: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
-        headers={"WWW-Authenticate": "Bearer"},
-    )
-
-
 async def require_api_key(presented: KeyDep, settings: SettingsDep) -> None:
-    """Every /v1 route: with REASONREC_API_KEYS set, a known key must come with the request.
-
-    An admin key is accepted wherever an API key is: it is the stronger credential.
-    """
-    keys = settings.api_keys
-    if keys and not _known(presented, [*keys, *settings.admin_keys]):
-        raise _unauthorized("a valid API key")
+    """Every /v1 route: with REASONREC_API_KEYS set, a known key must come with the request
+    (`RequestMiddleware` refuses it before the body is read; this documents it)."""
+    if refusal := api_key_refusal(presented, settings.api_keys, settings.admin_keys):
+        raise refusal
 
 
 async def require_admin_key(presented: KeyDep, settings: SettingsDep) -> None:
@@ -105,8 +87,8 @@ async def require_admin_key(presented: KeyDep, settings: SettingsDep) -> None:
     """
     if not settings.admin_keys:
         raise ApiError(403, "forbidden", "admin routes are disabled: REASONREC_ADMIN_KEYS is unset")
-    if _known(presented, settings.admin_keys):
+    if known(presented, settings.admin_keys):
         return
-    if _known(presented, settings.api_keys):
+    if known(presented, settings.api_keys):
         raise ApiError(403, "forbidden", "this route needs an admin key; an API key is not one")
-    raise _unauthorized("an admin key")
+    raise unauthorized("an admin key")

@@ -18,7 +18,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import metrics
-from server.errors import MAX_URL_BYTES, error_response
+from server.auth import api_key_refusal, presented
+from server.errors import MAX_URL_BYTES, ApiError, error_response
 from server.logs import client_request_id_var, request_id_var
 from server.schemas import MAX_TOKEN_CHARS, TOKEN_PATTERN
 
@@ -64,9 +65,24 @@ def _url_bytes(scope: Scope) -> int:
 
 
 class RequestMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int):
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        api_keys: list[str] | None = None,
+        admin_keys: list[str] | None = None,
+    ):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.api_keys, self.admin_keys = api_keys or [], admin_keys or []
+
+    def _refusal(self, scope: Scope) -> ApiError | None:
+        """A /v1 request without a known key, refused before its body is read: FastAPI reads
+        and parses the whole body (up to the size limit) before any dependency runs."""
+        if not scope["path"].startswith("/v1/"):
+            return None
+        key = presented(_header(scope, b"authorization"), _header(scope, b"x-api-key"))
+        return api_key_refusal(key, self.api_keys, self.admin_keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -96,6 +112,11 @@ class RequestMiddleware:
                 await error_response(414, "uri_too_long", f"the URL exceeds {MAX_URL_BYTES} bytes")(
                     scope, receive, send_with_id
                 )
+            elif refusal := self._refusal(scope):
+                response = error_response(
+                    refusal.status, refusal.code, refusal.message, headers=refusal.headers
+                )
+                await response(scope, receive, send_with_id)
             elif length is not None and length.isdigit() and int(length) > self.max_body_bytes:
                 await self._too_large(scope, receive, send_with_id)
             elif (unsupported := _unsupported_body(scope)) is not None:

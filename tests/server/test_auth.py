@@ -90,3 +90,21 @@ def test_no_keys_means_no_auth(client):
 def test_auth_checked_before_body_validation(secured):
     response = secured.post("/v1/feedback", json={"events": []})
     assert_error(response, 401, "unauthorized")
+
+
+def test_a_request_without_a_key_is_refused_before_its_body_is_read(secured):
+    """FastAPI reads and parses the whole body before any dependency runs: a client with no key
+    made the gateway parse up to 8 MiB, and was answered 422 or 400, not 401."""
+    for body in (b"{not json", b"[" * 100_000):
+        response = secured.post(
+            "/v1/feedback", content=body, headers={"Content-Type": "application/json"}
+        )
+        assert_error(response, 401, "unauthorized")
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert response.headers["x-request-id"]
+    with_key = secured.post(
+        "/v1/feedback",
+        content=b"{not json",
+        headers={"Content-Type": "application/json", "X-API-Key": KEYS[0]},
+    )
+    assert_error(with_key, 422, "validation_error")  # a known key: the body is read
