@@ -152,6 +152,11 @@ async def _unavailable(request: Request, exc: StorageUnavailable) -> JSONRespons
 
 
 async def _redis_error(request: Request, exc: RedisError) -> JSONResponse:
+    if str(exc).startswith("WRONGTYPE"):
+        # A key of the wrong type (written by hand or by another program): bad data, not an
+        # outage. A 503 would send clients retrying, and alerts to a Redis that is up.
+        log.error("redis data unreadable", extra={"path": request.url.path, "reason": str(exc)})
+        return error_response(500, "internal_error", "stored data could not be read")
     error = StorageUnavailable()
     error.__cause__ = exc
     return await _unavailable(request, error)

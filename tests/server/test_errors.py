@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from server.app import create_app
@@ -179,3 +180,13 @@ def test_unexpected_error_500_carries_request_id(failing):
     assert response.status_code == 500
     assert response.headers.get("x-client-request-id") == "req-500"
     assert len(response.headers["x-request-id"]) == 32
+
+
+def test_a_key_of_the_wrong_type_is_bad_data_not_an_outage(client, settings):
+    """Written by hand or by another program: a 503 would have clients retry for good and point
+    alerts at a Redis that answers."""
+    redis.Redis.from_url(settings.redis_url).set(f"{settings.key_prefix}:item:zz", "a string")
+    response = client.get("/v1/items/zz")
+    assert_error(response, 500, "internal_error")
+    assert "retry-after" not in response.headers
+    assert client.get("/readyz").status_code == 200  # Redis itself is fine
