@@ -275,38 +275,30 @@ class Gate(BaseModel):
     )
 
 
+# Each figure a refresh is held to against the active version: whether higher is better, what
+# a candidate beyond its tolerance does, how the figures are named, the tolerance's setting.
+AGAINST_ACTIVE = (
+    ("ndcg@10", True, "ranks worse than", "NDCG@10 ", "gate_ndcg_tolerance"),
+    ("invalid_rate", False, "writes more invalid answers than", "", "gate_invalid_tolerance"),
+    ("rate_rmse", False, "rates worse than", "RMSE ", "gate_rmse_tolerance"),
+    ("search_ndcg@10", True, "searches worse than", "NDCG@10 ", "gate_ndcg_tolerance"),
+)
+
+
 def _worse_than_active(
     active: dict[str, float], candidate: dict[str, float], settings: Settings
 ) -> list[str]:
     """Where the candidate is beyond a tolerance of the active version, on each task both were
     validated on; empty when it is within all of them."""
     worse = []
-    if "ndcg@10" in candidate:
-        ours, theirs = candidate["ndcg@10"], active["ndcg@10"]
-        if not ours >= theirs - settings.gate_ndcg_tolerance:
+    for metric, higher, does, named, setting in AGAINST_ACTIVE:
+        if metric not in candidate:
+            continue
+        ours, theirs, tolerance = candidate[metric], active[metric], getattr(settings, setting)
+        if not (ours >= theirs - tolerance if higher else ours <= theirs + tolerance):
             worse.append(
-                f"ranks worse than the active version (NDCG@10 {ours:.4f} against {theirs:.4f}, "
-                f"tolerance {settings.gate_ndcg_tolerance:g})"
-            )
-        ours, theirs = candidate["invalid_rate"], active["invalid_rate"]
-        if not ours <= theirs + settings.gate_invalid_tolerance:
-            worse.append(
-                f"writes more invalid answers than the active version ({ours:.4f} against "
-                f"{theirs:.4f}, tolerance {settings.gate_invalid_tolerance:g})"
-            )
-    if "rate_rmse" in candidate:
-        ours, theirs = candidate["rate_rmse"], active["rate_rmse"]
-        if not ours <= theirs + settings.gate_rmse_tolerance:
-            worse.append(
-                f"rates worse than the active version (RMSE {ours:.4f} against {theirs:.4f}, "
-                f"tolerance {settings.gate_rmse_tolerance:g})"
-            )
-    if "search_ndcg@10" in candidate:
-        ours, theirs = candidate["search_ndcg@10"], active["search_ndcg@10"]
-        if not ours >= theirs - settings.gate_ndcg_tolerance:
-            worse.append(
-                f"searches worse than the active version (NDCG@10 {ours:.4f} against "
-                f"{theirs:.4f}, tolerance {settings.gate_ndcg_tolerance:g})"
+                f"{does} the active version ({named}{ours:.4f} against {theirs:.4f}, "
+                f"tolerance {tolerance:g})"
             )
     return worse
 

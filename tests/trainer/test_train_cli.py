@@ -389,11 +389,15 @@ def test_a_cancelled_refresh_stops_its_training(
     assert rdb.get(lock_key) is None
 
 
-def test_a_refresh_that_does_not_train_rating_still_gates_it(
-    env: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """REASONREC_REFRESH_RATING_EXAMPLES=0 on a version that ranks and rates: ranking's GRPO
-    changes the weights that rate too, and the gate saw no rating."""
+def _lessons_of_a_refresh(
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    tasks: list[str],
+    titles: dict[str, str],
+    event: dict[str, str],
+) -> Lessons:
+    """What a refresh of an active version trained for `tasks` trains and gates on, with one
+    user's `event` on each of the `titles`' items (a second apart)."""
     given: list[Lessons] = []
 
     def train_and_gate(registry, manifest, lessons: Lessons, *_: Any) -> tuple:
@@ -403,21 +407,32 @@ def test_a_refresh_that_does_not_train_rating_still_gates_it(
     monkeypatch.setattr(refresh_module, "_train_and_gate", train_and_gate)
 
     async def body() -> None:
-        async with open_store(env) as store:
-            await _ready_to_refresh(env, store)
-            registry = Registry(env.registry_path)
-            registry.publish(registry.staging(), Manifest(version="v2", tasks=["rank", "rate"]))
+        async with open_store(settings) as store:
+            await _ready_to_refresh(settings, store)
+            registry = Registry(settings.registry_path)
+            registry.publish(registry.staging(), Manifest(version="v2", tasks=tasks))
             await store.set_active_model("v2")
-            await store.upsert_items([ItemUpsert(item_id=i, title=i) for i in "abc"])
-            for n, item in enumerate("abc"):
-                rating = {"user_id": "r", "item_id": item, "type": "rating", "value": "4"}
-                await store.redis.xadd(store.keys.events, rating | {"ts": str(1700000000 + n)})
-            unrefreshed = env.model_copy(update={"refresh_rating_examples": 0})
-            await refresh_once(unrefreshed, store, progress=False)
+            await store.upsert_items([ItemUpsert(item_id=i, title=t) for i, t in titles.items()])
+            for n, item in enumerate(titles):
+                fields = event | {"item_id": item, "ts": str(1700000000 + n)}
+                await store.redis.xadd(store.keys.events, fields)
+            await refresh_once(settings, store, progress=False)
 
     asyncio.run(body())
-
     [lessons] = given
+    return lessons
+
+
+def test_a_refresh_that_does_not_train_rating_still_gates_it(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """REASONREC_REFRESH_RATING_EXAMPLES=0 on a version that ranks and rates: ranking's GRPO
+    changes the weights that rate too, and the gate saw no rating."""
+    unrefreshed = env.model_copy(update={"refresh_rating_examples": 0})
+    rating = {"user_id": "r", "type": "rating", "value": "4"}
+    titles = {i: i for i in "abc"}
+    lessons = _lessons_of_a_refresh(unrefreshed, monkeypatch, ["rank", "rate"], titles, rating)
+
     assert lessons.rating is not None and lessons.rating.train == []
     assert [example.user_id for example in lessons.rating.validation] == ["r"]
     assert lessons.rating_terms == []
@@ -426,30 +441,10 @@ def test_a_refresh_that_does_not_train_rating_still_gates_it(
 def test_a_refresh_of_a_version_that_searches_gates_its_queries(
     env: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    given: list[Lessons] = []
+    titles = {"a": "Alien", "b": "Brazil", "c": "Casablanca", "d": "Dune"}
+    click = {"user_id": "s", "type": "click"}
+    lessons = _lessons_of_a_refresh(env, monkeypatch, ["rank", "search"], titles, click)
 
-    def train_and_gate(registry, manifest, lessons: Lessons, *_: Any) -> tuple:
-        given.append(lessons)
-        return None, None, Training(reward_mean=0.5, learned=False), None
-
-    monkeypatch.setattr(refresh_module, "_train_and_gate", train_and_gate)
-
-    async def body() -> None:
-        async with open_store(env) as store:
-            await _ready_to_refresh(env, store)
-            registry = Registry(env.registry_path)
-            registry.publish(registry.staging(), Manifest(version="v2", tasks=["rank", "search"]))
-            await store.set_active_model("v2")
-            titles = {"a": "Alien", "b": "Brazil", "c": "Casablanca", "d": "Dune"}
-            await store.upsert_items([ItemUpsert(item_id=i, title=t) for i, t in titles.items()])
-            for n, item in enumerate("abcd"):
-                click = {"user_id": "s", "item_id": item, "type": "click"}
-                await store.redis.xadd(store.keys.events, click | {"ts": str(1700000000 + n)})
-            await refresh_once(env, store, progress=False)
-
-    asyncio.run(body())
-
-    [lessons] = given
     assert lessons.search is not None and lessons.search.train == []
     assert [(e.user_id, e.item_id) for e in lessons.search.validation] == [("s", "d")]
     assert lessons.retriever is not None
