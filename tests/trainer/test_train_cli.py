@@ -120,47 +120,12 @@ def test_the_sidecar_outlives_redis_going_away_between_polls(
     assert len(polls) == 5  # the start and every poll after, Redis's two timeouts included
 
 
-def test_the_sidecar_reports_refreshes_another_process_published(
-    env: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The nightly `train --once` job publishes into the registry the sidecar serves the
-    staleness gauge for."""
-    registry = Registry(env.registry_path)
-    published = datetime(2026, 3, 1, tzinfo=UTC)
-    polls: list[int] = []
-
-    async def event_count(self: Store) -> int:
-        polls.append(1)
-        if len(polls) == 1:  # the job publishes while the sidecar runs
-            manifest = Manifest(
-                version="r1", training={"method": REFRESH_METHOD}, created_at=published
-            )
-            registry.publish(registry.staging(), manifest)
-        if len(polls) == 3:
-            raise asyncio.CancelledError
-        return 0
-
-    monkeypatch.setattr(Store, "event_count", event_count)
-    monkeypatch.setattr(sidecar, "POLL_SECONDS", 0.01)
-    with pytest.raises(asyncio.CancelledError):
-        asyncio.run(sidecar.run_sidecar(env.model_copy(update={"trainer_metrics_port": 0})))
-    gauge = metrics.REGISTRY.get_sample_value("reasonrec_trainer_last_success_timestamp")
-    assert gauge == published.timestamp()
-
-
-def test_a_registry_that_cannot_be_read_at_one_poll_does_not_end_the_sidecar(
-    env: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A shared volume's hiccup (a stale NFS handle) at one poll: read again at the next."""
-    registry = Registry(env.registry_path)
-    published = datetime(2026, 4, 1, tzinfo=UTC)
-    polls: list[int] = []
-    versions = Registry.versions
-
-    def stale(self: Registry) -> list[Manifest]:
-        if len(polls) == 1:
-            raise OSError(116, "Stale file handle")
-        return versions(self)
+def _sidecar_while_a_refresh_is_published(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, published: datetime, polls: list[int]
+) -> float | None:
+    """Run the sidecar while another process publishes a refresh at its first poll; it stops at
+    the fourth. The staleness gauge it serves after."""
+    registry = Registry(settings.registry_path)
 
     async def event_count(self: Store) -> int:
         polls.append(1)
@@ -173,13 +138,40 @@ def test_a_registry_that_cannot_be_read_at_one_poll_does_not_end_the_sidecar(
             raise asyncio.CancelledError
         return 0
 
-    monkeypatch.setattr(Registry, "versions", stale)
     monkeypatch.setattr(Store, "event_count", event_count)
     monkeypatch.setattr(sidecar, "POLL_SECONDS", 0.01)
     with pytest.raises(asyncio.CancelledError):
-        asyncio.run(sidecar.run_sidecar(env.model_copy(update={"trainer_metrics_port": 0})))
+        asyncio.run(sidecar.run_sidecar(settings.model_copy(update={"trainer_metrics_port": 0})))
+    return metrics.REGISTRY.get_sample_value("reasonrec_trainer_last_success_timestamp")
+
+
+def test_the_sidecar_reports_refreshes_another_process_published(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The nightly `train --once` job publishes into the registry the sidecar serves the
+    staleness gauge for."""
+    published = datetime(2026, 3, 1, tzinfo=UTC)
+    assert _sidecar_while_a_refresh_is_published(env, monkeypatch, published, []) == (
+        published.timestamp()
+    )
+
+
+def test_a_registry_that_cannot_be_read_at_one_poll_does_not_end_the_sidecar(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shared volume's hiccup (a stale NFS handle) at one poll: read again at the next."""
+    published = datetime(2026, 4, 1, tzinfo=UTC)
+    polls: list[int] = []
+    versions = Registry.versions
+
+    def stale(self: Registry) -> list[Manifest]:
+        if len(polls) == 1:
+            raise OSError(116, "Stale file handle")
+        return versions(self)
+
+    monkeypatch.setattr(Registry, "versions", stale)
+    gauge = _sidecar_while_a_refresh_is_published(env, monkeypatch, published, polls)
     assert len(polls) == 4  # it went on polling
-    gauge = metrics.REGISTRY.get_sample_value("reasonrec_trainer_last_success_timestamp")
     assert gauge == published.timestamp()  # read at the poll after the failed one
 
 
