@@ -5,12 +5,13 @@ process. Unexpected exceptions become a 500 in `server.middleware`, where the re
 """
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -20,6 +21,7 @@ from server.schemas import ErrorBody, ErrorResponse, EventType
 
 log = logging.getLogger(__name__)
 _EVENT_TYPES = frozenset(EventType)
+_WRONGTYPE = re.compile(r"(^|: )WRONGTYPE ")
 
 
 class ApiError(Exception):
@@ -151,11 +153,17 @@ async def _unavailable(request: Request, exc: StorageUnavailable) -> JSONRespons
     return await _api_error(request, exc)
 
 
+def bad_data(exc: RedisError) -> bool:
+    """A key of the wrong type (written by hand or by another program): bad data, not an outage.
+    Redis's WRONGTYPE, alone, inside a pipeline's or a script's message."""
+    return isinstance(exc, ResponseError) and _WRONGTYPE.search(str(exc)) is not None
+
+
 async def _redis_error(request: Request, exc: RedisError) -> JSONResponse:
-    if str(exc).startswith("WRONGTYPE"):
-        # A key of the wrong type (written by hand or by another program): bad data, not an
-        # outage. A 503 would send clients retrying, and alerts to a Redis that is up.
-        log.error("redis data unreadable", extra={"path": request.url.path, "reason": str(exc)})
+    if bad_data(exc):
+        # A 503 would send clients retrying, and alerts to a Redis that is up.
+        reason = describe(exc)
+        log.error("redis data unreadable", extra={"path": request.url.path, "reason": reason})
         return error_response(500, "internal_error", "stored data could not be read")
     error = StorageUnavailable()
     error.__cause__ = exc

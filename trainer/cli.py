@@ -59,17 +59,32 @@ def run_stoppable(main: Coroutine[Any, Any, T]) -> T:
     Left to its default, SIGTERM kills the process at once (or, as a container's PID 1, is ignored
     until the SIGKILL after the grace period), mid-refresh, with the lock held."""
 
+    terminated = False
+
     async def guarded() -> T:
-        task = asyncio.current_task()
-        assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+
+        def stop() -> None:
+            nonlocal terminated
+            terminated = True
+            # A second SIGTERM kills at once, as a second Ctrl-C does.
+            loop.remove_signal_handler(signal.SIGTERM)
+            if task is not None:
+                task.cancel()
+
+        loop.add_signal_handler(signal.SIGTERM, stop)
         return await main
 
     try:
-        return asyncio.run(guarded())
+        result = asyncio.run(guarded())
     except asyncio.CancelledError:
-        console.print("[yellow]stopped (SIGTERM)[/yellow]")
-        raise typer.Exit(EXIT_TERMINATED) from None
+        if not terminated:
+            raise
+    else:
+        if not terminated:
+            return result
+    console.print("[yellow]stopped (SIGTERM)[/yellow]")
+    raise typer.Exit(EXIT_TERMINATED)
 
 
 def _writable(path: Path) -> bool:

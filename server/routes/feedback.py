@@ -7,7 +7,7 @@ from redis.exceptions import RedisError
 
 from server import metrics
 from server.deps import StoreDep
-from server.errors import ApiError, StorageUnavailable, documented
+from server.errors import ApiError, StorageUnavailable, bad_data, documented
 from server.schemas import FeedbackBatch, FeedbackEvent, FeedbackResult
 from server.store import Store, UnknownItems
 
@@ -30,6 +30,14 @@ async def post_feedback(batch: FeedbackBatch, store: StoreDep) -> FeedbackResult
         new = [event for event, is_new in zip(batch.events, stored, strict=True) if is_new]
         await _credit_positives(store, new)
     except RedisError as exc:
+        if bad_data(exc):  # retrying cannot help; a script's writes before the error stay
+            raise ApiError(
+                500,
+                "internal_error",
+                "stored data could not be read: some of the events may be stored; these "
+                "event_ids let a later retry count none twice",
+                {"event_ids": event_ids},
+            ) from exc
         raise StorageUnavailable(
             "the data store did not answer: the events may or may not be stored; send them "
             "again with these event_ids and none is counted twice",

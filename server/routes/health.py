@@ -25,16 +25,18 @@ class Readiness(BaseModel):
     model_version: str | None
 
 
-# HEAD too, as uptime checkers send it: FastAPI's GET routes refuse it (405).
-@router.api_route("/healthz", methods=["GET", "HEAD"])
+# HEAD too, as uptime checkers send it (FastAPI's GET routes refuse it: 405), left out of the
+# OpenAPI document, where one operation for two methods would be a duplicate operation id.
+@router.head("/healthz", include_in_schema=False)
+@router.get("/healthz")
 async def healthz() -> dict[str, str]:
     """The process is alive (it says nothing of its dependencies)."""
     return {"status": "ok"}
 
 
-@router.api_route(
+@router.head("/readyz", include_in_schema=False)
+@router.get(
     "/readyz",
-    methods=["GET", "HEAD"],
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "Redis does not answer."}},
 )
@@ -78,9 +80,9 @@ async def _engine_check(serving: Serving) -> str:
     return "ok"
 
 
-@router.api_route(
+@router.head("/metrics", include_in_schema=False)
+@router.get(
     "/metrics",
-    methods=["GET", "HEAD"],
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text."}},
 )

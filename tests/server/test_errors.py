@@ -190,3 +190,17 @@ def test_a_key_of_the_wrong_type_is_bad_data_not_an_outage(client, settings):
     assert_error(response, 500, "internal_error")
     assert "retry-after" not in response.headers
     assert client.get("/readyz").status_code == 200  # Redis itself is fine
+
+
+def test_a_key_of_the_wrong_type_read_in_a_pipeline_or_a_script_is_bad_data(client, settings):
+    """Redis words it `Command # 1 (HGET ...) of pipeline caused error: WRONGTYPE ...` there."""
+    put_items(client, "a")
+    rdb = redis.Redis.from_url(settings.redis_url)
+    rdb.set(f"{settings.key_prefix}:user:uu", "a string")  # read in a pipeline
+    assert_error(client.get("/v1/users/uu"), 500, "internal_error")
+    rdb.set(f"{settings.key_prefix}:user:uu:seen", "a string")  # written by the feedback script
+    response = client.post(
+        "/v1/feedback", json={"events": [{"user_id": "uu", "item_id": "a", "type": "click"}]}
+    )
+    error = assert_error(response, 500, "internal_error")
+    assert len(error["details"]["event_ids"]) == 1

@@ -1,6 +1,7 @@
 """Health, readiness, Redis outages, Prometheus metrics and request ids."""
 
 import re
+import warnings
 import signal
 import threading
 import time
@@ -131,6 +132,11 @@ def test_health_answers_head_as_uptime_checkers_send_it(client, path):
     head, get = client.head(path), client.get(path)
     assert (head.status_code, head.content) == (get.status_code, b"")
     assert head.headers["content-type"] == get.headers["content-type"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        operations = client.get("/openapi.json").json()["paths"][path]
+    assert list(operations) == ["get"]  # one operation: no duplicate operation id
+    assert not [w for w in caught if "Duplicate Operation ID" in str(w.message)]
 
 
 def test_metrics_exposition(client):

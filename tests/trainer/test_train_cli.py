@@ -185,6 +185,8 @@ def test_sigterm_stops_a_command_as_ctrl_c_does() -> None:
         try:
             await asyncio.sleep(30)
         except asyncio.CancelledError:
+            # A second SIGTERM would kill at once: the handler is gone.
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
             cancelled.set()
             raise
 
@@ -193,6 +195,14 @@ def test_sigterm_stops_a_command_as_ctrl_c_does() -> None:
     assert stopped.value.exit_code == EXIT_TERMINATED == 143
     assert cancelled.is_set()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # nothing left installed
+
+
+def test_a_cancellation_that_is_no_sigterm_is_not_reported_as_one() -> None:
+    async def main() -> None:
+        raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        run_stoppable(main())
 
 
 def test_the_trainer_serves_the_records_it_skipped() -> None:
