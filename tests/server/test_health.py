@@ -1,10 +1,10 @@
 """Health, readiness, Redis outages, Prometheus metrics and request ids."""
 
 import re
-import warnings
 import signal
 import threading
 import time
+import warnings
 
 import httpx
 import pytest
