@@ -84,12 +84,14 @@ for i = 0, n - 1 do
   local ttl = tonumber(ARGV[b + 9])
   local state = 'new'
   if event_id ~= '' then
-    -- Per user: user ids hold no ':', so that two users' ids never share a marker.
-    state = claim(prefix .. ':evid:' .. user .. ':' .. event_id, token .. ':' .. i, ttl)
-    -- A data set loaded before markers were per user (`evid:{event_id}`, a loader's kept forever)
-    -- and loaded again is not stored twice.
-    if state == 'new' and ttl == 0 and redis.call('EXISTS', prefix .. ':evid:' .. event_id) == 1 then
+    -- Ids remembered forever (a load) may have markers of the form before ids were per user,
+    -- `evid:{event_id}`: a data set loaded then and loaded again is not stored twice. Looked at
+    -- first, so that a retried call answers as its first try did.
+    if ttl == 0 and redis.call('EXISTS', prefix .. ':evid:' .. event_id) == 1 then
       state = 'duplicate'
+    else
+      -- Per user (user ids hold no ':'), under a name of its own: `evid:` keys are the old form.
+      state = claim(prefix .. ':eventid:' .. user .. ':' .. event_id, token .. ':' .. i, ttl)
     end
   end
   flags[#flags + 1] = state == 'duplicate' and '0' or '1'

@@ -5,7 +5,7 @@
 time a microsecond apart in arrival order; ``user:{id}:hist:ties`` sorted set: each time still in
 it -> the score of the last event numbered there) · ``user:{id}:seen`` set
 · ``pop`` sorted set (item -> positive events) · ``events`` stream (feedback) ·
-``evid:{user_id}:{event_id}`` de-duplication marker (event ids are per user; it holds the token
+``eventid:{user_id}:{event_id}`` de-duplication marker (event ids are per user; it holds the token
 of the call that stored the event) ·
 ``items:created`` sorted set (item -> created time) · ``items:version``
 counter of item writes · ``impressions`` stream (every served list) · ``served:{request_id}`` the

@@ -332,8 +332,8 @@ def test_assigned_event_ids_are_returned_and_forgotten_after_a_day(client, rdb, 
     body = post_events(client, *sent).json()
     assigned, mine = body["event_ids"]
     assert mine == "mine" and len(assigned) == 32
-    assert 0 < rdb.ttl(f"{key_prefix}:evid:u1:{assigned}") <= 86_400
-    assert rdb.ttl(f"{key_prefix}:evid:u1:mine") > 86_400  # REASONREC_DEDUP_TTL_SECONDS: 30 days
+    assert 0 < rdb.ttl(f"{key_prefix}:eventid:u1:{assigned}") <= 86_400
+    assert rdb.ttl(f"{key_prefix}:eventid:u1:mine") > 86_400  # REASONREC_DEDUP_TTL_SECONDS: 30 days
     again = post_events(client, {**sent[0], "event_id": assigned}, sent[1]).json()
     assert (again["accepted"], again["duplicates"]) == (0, 2)
 

@@ -229,7 +229,7 @@ def test_every_bad_event_reported(client, catalog, rdb, keys):
 
 def test_event_id_remembered_for_dedup_ttl(client, catalog, rdb, key_prefix, settings):
     post_events(client, ev("a", event_id="t1"))
-    ttl = rdb.ttl(f"{key_prefix}:evid:u1:t1")
+    ttl = rdb.ttl(f"{key_prefix}:eventid:u1:t1")
     assert settings.dedup_ttl_seconds - 60 < ttl <= settings.dedup_ttl_seconds
 
 
@@ -237,5 +237,5 @@ def test_event_id_remembered_forever_with_ttl_zero(make_client, rdb, key_prefix)
     client = make_client(dedup_ttl_seconds=0)
     put_items(client, "a")
     post_events(client, ev("a", event_id="t1"))
-    assert rdb.ttl(f"{key_prefix}:evid:u1:t1") == -1
+    assert rdb.ttl(f"{key_prefix}:eventid:u1:t1") == -1
     assert tally(post_events(client, ev("a", event_id="t1"))) == {"accepted": 0, "duplicates": 1}

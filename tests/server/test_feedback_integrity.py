@@ -331,11 +331,13 @@ async def test_a_data_set_loaded_before_ids_were_per_user_is_not_stored_twice(
     store_of: StoreOf,
 ) -> None:
     """Loaders remember their event ids forever (ttl 0) under the marker of the time:
-    `evid:{event_id}`. An API event's marker expires: only a load checks the old form."""
+    `evid:{event_id}`. An API event's marker expires: only a load checks the old form. The new
+    form has a name of its own: the old marker of id `ml:1` is no marker of user `ml`'s id `1`."""
     async with store_of(50) as store:
         await store.upsert_items([ItemUpsert(item_id="a", title="A")])
         await store.redis.set(f"{store.keys.prefix}:evid:ml:1", "1")  # a load before the upgrade
         event = _click("u1", "a", T0, "ml:1")
         loaded_again = await store.add_feedback([event], dedup_ttl_seconds=0)
         from_the_api = await store.add_feedback([_click("u2", "a", T0, "ml:1")])
-        assert (loaded_again, from_the_api) == ([False], [True])
+        users_own = await store.add_feedback([_click("ml", "a", T0, "1")])
+        assert (loaded_again, from_the_api, users_own) == ([False], [True], [True])
