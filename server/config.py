@@ -9,6 +9,7 @@ docs/configuration.md documents each one.
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
@@ -19,6 +20,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from contract.search import RetrieverKind
 
 PREFIX = "REASONREC_"
+# After the prefix: the test suite's variables, and Kubernetes' service links
+# (REASONREC_GATEWAY_SERVICE_HOST, REASONREC_GATEWAY_PORT_8000_TCP_ADDR, ...).
+_NOT_OURS = re.compile(r"TEST_|\w+_SERVICE_(HOST|PORT\w*)$|\w+_PORT(_\d+_(TCP|UDP|SCTP)\w*)?$")
 
 
 class _Section(BaseSettings):
@@ -304,18 +308,18 @@ class Settings(StorageSettings, GatewaySettings, EngineSettings, TrainerSettings
 
 def unknown_variables(environ: Mapping[str, str] = os.environ) -> dict[str, str | None]:
     """`REASONREC_*` variables no setting reads, each with the setting it likely meant: a
-    misspelled `REASONREC_API_KEY` would start a service that asks no key. `REASONREC_TEST_*`
-    are the test suite's own."""
+    misspelled `REASONREC_API_KEY` would start a service that asks no key. Names are read as
+    pydantic-settings reads them, in any case. Not counted: `REASONREC_TEST_*`, the test suite's
+    own, and the variables Kubernetes writes for a Service whose name starts `reasonrec`."""
     known = [name.upper() for name in Settings.model_fields]
 
     def meant(name: str) -> str | None:
-        close = difflib.get_close_matches(name.removeprefix(PREFIX), known, n=1)
+        close = difflib.get_close_matches(name, known, n=1)
         return f"{PREFIX}{close[0]}" if close else None
 
-    return {
-        name: meant(name)
-        for name in sorted(environ)
-        if name.startswith(PREFIX)
-        and not name.startswith(f"{PREFIX}TEST_")
-        and name.removeprefix(PREFIX) not in known
-    }
+    unknown = {}
+    for variable in sorted(environ):
+        name = variable.upper().removeprefix(PREFIX)
+        if variable.upper().startswith(PREFIX) and name not in known and not _NOT_OURS.match(name):
+            unknown[variable] = meant(name)
+    return unknown

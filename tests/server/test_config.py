@@ -112,8 +112,18 @@ def test_a_variable_no_setting_reads_is_refused_with_what_was_meant(
     assert "did you mean" not in output.partition("REASONREC_NO_SUCH_THING")[2]
 
 
-def test_the_test_suites_own_variables_are_no_settings_and_allowed() -> None:
-    environ = {"REASONREC_TEST_ML100K": "x", "REASONREC_API_KEYS": "k", "PATH": "/bin"}
+def test_variables_a_setting_reads_or_that_are_not_ours_are_allowed() -> None:
+    environ = {
+        "REASONREC_TEST_ML100K": "x",  # the test suite's own
+        "REASONREC_API_KEYS": "k",
+        "REASONREC_log_level": "info",  # pydantic-settings reads names in any case
+        "PATH": "/bin",
+        # Kubernetes' service links for a Service named reasonrec-gateway
+        "REASONREC_GATEWAY_SERVICE_HOST": "10.0.0.1",
+        "REASONREC_GATEWAY_SERVICE_PORT_HTTP": "8000",
+        "REASONREC_GATEWAY_PORT": "tcp://10.0.0.1:8000",
+        "REASONREC_GATEWAY_PORT_8000_TCP_ADDR": "10.0.0.1",
+    }
     assert unknown_variables(environ) == {}
 
 
