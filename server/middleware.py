@@ -14,6 +14,7 @@ import re
 import time
 import uuid
 
+from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -79,7 +80,7 @@ class RequestMiddleware:
     def _refusal(self, scope: Scope) -> ApiError | None:
         """A /v1 request without a known key, refused before its body is read: FastAPI reads
         and parses the whole body (up to the size limit) before any dependency runs."""
-        if not scope["path"].startswith("/v1/"):
+        if not get_route_path(scope).startswith("/v1/"):  # behind a --root-path too
             return None
         key = presented(_header(scope, b"authorization"), _header(scope, b"x-api-key"))
         return api_key_refusal(key, self.api_keys, self.admin_keys)

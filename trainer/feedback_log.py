@@ -78,8 +78,8 @@ class FeedbackLog:
 
     def __init__(self, store: Store, folder: Path, keep: int = KEEP_FACTOR * 2000):
         """`keep`: how many lists with a positive the log keeps (the newest), and as many
-        without (late feedback may still join them); it is rewritten down to those when it
-        holds half as many again."""
+        without, or more if served in the last JOIN_WAIT_SECONDS (late feedback may still join
+        them); it is rewritten down to those when it holds half as many again."""
         self.store, self.folder, self.keep = store, folder, keep
         self.path = folder / "logged.jsonl"
 
@@ -128,7 +128,11 @@ class FeedbackLog:
         merged = sorted(self.read().values(), key=lambda example: example.ts)
         engaged = [example for example in merged if example.positives]
         idle = [example for example in merged if not example.positives]
-        kept = sorted([*engaged[-self.keep :], *idle[-self.keep :]], key=lambda e: e.ts)
+        # And every list of the last JOIN_WAIT_SECONDS, however many: a click comes minutes
+        # after the list, and one on a list no longer here is lost as a lesson.
+        recent = merged[-1].ts - JOIN_WAIT_SECONDS if merged else 0.0
+        idle = [e for n, e in enumerate(idle) if n >= len(idle) - self.keep or e.ts >= recent]
+        kept = sorted([*engaged[-self.keep :], *idle], key=lambda e: e.ts)
         staging = self.path.with_name(f".{self.path.name}.compacting")
         with staging.open("wb") as out:
             for example in kept:

@@ -195,7 +195,7 @@ def split_logged(
 ) -> tuple[list[Example], list[Example]]:
     """The `newest` lists with a positive among their candidates whose prompt was written in
     `rendering`, oldest first; the newest share held out. Not all of them: the gate answers
-    every held-out list with two models, and the log only grows."""
+    every held-out list with two models, and the log holds many more."""
     usable = sorted(
         (e for e in logged if set(e.positives) & set(e.candidates) and e.rendering == rendering),
         key=lambda e: e.ts,

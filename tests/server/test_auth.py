@@ -1,6 +1,7 @@
 """API keys: with REASONREC_API_KEYS set, every /v1 route needs one; health routes stay open."""
 
 import pytest
+from fastapi.testclient import TestClient
 
 from tests.server.helpers import assert_error
 
@@ -108,3 +109,12 @@ def test_a_request_without_a_key_is_refused_before_its_body_is_read(secured):
         headers={"Content-Type": "application/json", "X-API-Key": KEYS[0]},
     )
     assert_error(with_key, 422, "validation_error")  # a known key: the body is read
+
+
+def test_behind_a_root_path_too(secured):
+    """uvicorn --root-path /api: the path arrives as /api/v1/..., the route is still /v1/..."""
+    behind = TestClient(secured.app, root_path="/api")
+    response = behind.post(
+        "/api/v1/feedback", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert_error(response, 401, "unauthorized")

@@ -87,8 +87,8 @@ def test_the_log_keeps_the_newest_lists_with_a_positive_and_as_many_without(
 
     async def body(store: Store) -> None:
         log = FeedbackLog(store, settings.data_dir / "trainer", keep=2)
-        for n in range(8):  # every other list clicked; one more than 3 * keep lists
-            await impression(store, f"r{n}", [f"i{n}"], ts=1700000000.0 + n)
+        for n in range(8):  # every other list clicked, an hour apart; more than 3 * keep lists
+            await impression(store, f"r{n}", [f"i{n}"], ts=1700000000.0 + n * 3600)
             if n % 2 == 0:
                 await event(store, "click", f"i{n}", f"r{n}")
         await log.consume()
@@ -100,6 +100,19 @@ def test_the_log_keeps_the_newest_lists_with_a_positive_and_as_many_without(
         await log.consume()
         assert log.read()["r5"].positives == ["i5"]
         assert await pending(store) == 0
+
+    run(settings, body)
+
+
+def test_the_log_keeps_every_list_of_the_last_hour(settings: Settings) -> None:
+    """A click comes minutes after its list: a busy hour's lists all stay, past `keep`."""
+
+    async def body(store: Store) -> None:
+        log = FeedbackLog(store, settings.data_dir / "trainer", keep=1)
+        for n in range(4):  # four lists nobody engaged with (yet), a minute apart
+            await impression(store, f"r{n}", [f"i{n}"], ts=1700000000.0 + n * 60)
+        await log.consume()
+        assert list(log.read()) == ["r0", "r1", "r2", "r3"]
 
     run(settings, body)
 
