@@ -314,11 +314,6 @@ def _worse_than_fallbacks(candidate: dict[str, float]) -> list[str]:
     if "rate_rmse" in candidate and not beats_baseline(candidate):
         ours, theirs = candidate["rate_rmse"], candidate.get("rate_baseline_rmse", math.nan)
         worse.append(f"rates worse than the lean baseline (RMSE {ours:.4f} against {theirs:.4f})")
-    if "search_ndcg@10" in candidate and not _search_verdict(candidate)[0]:
-        ours, theirs = candidate["search_ndcg@10"], candidate["search_raw_ndcg@10"]
-        worse.append(
-            f"searches worse than the last item's title (NDCG@10 {ours:.4f} against {theirs:.4f})"
-        )
     return worse
 
 
@@ -327,7 +322,9 @@ def refresh_gate(
 ) -> Gate:
     """A refreshed version is published when no worse than the active version (within
     tolerances) and, unless forced, no worse than its fallbacks on the same held-out data: the
-    retrieval order of the lists, the lean baseline of the ratings, the raw query of searches."""
+    retrieval order of the lists, the lean baseline of the ratings. Search, which a refresh does
+    not train, is held to the active version alone: one the bootstrap let search below the raw
+    query would otherwise fail every refresh."""
     ranks = "ndcg@10" not in candidate or beats_retrieval(candidate)
     rates = "rate_rmse" not in candidate or beats_baseline(candidate)
     failures = _worse_than_active(active, candidate, settings)

@@ -72,7 +72,9 @@ RENEW_SECONDS = 10
 REFRESH_METHOD = "grpo-refresh"  # `training.method` in a refreshed version's manifest
 MIN_EXAMPLES = 4  # logged lists with a positive, before the held-out part is cut
 RATING_GATE_USERS = 64  # held-out ratings of a version whose rating a refresh does not train
-SEARCH_GATE_USERS = 64  # held-out last interactions a search version's queries are gated on
+# Held-out last interactions a search version's queries are gated on: enough that one user's
+# hit turning into a miss (1/256 of NDCG@10) is inside the tolerance (0.01).
+SEARCH_GATE_USERS = 256
 
 RefreshOutcome = Literal["published", "rejected", "skipped"]
 

@@ -186,11 +186,8 @@ class TestRefreshGate:
         assert worse.failures == [
             "searches worse than the active version (NDCG@10 0.0100 against 0.0500, tolerance 0.01)"
         ]
-        below_raw = refresh_gate(searched(0.015), searched(0.015), settings)
-        assert below_raw.failures == [
-            "searches worse than the last item's title (NDCG@10 0.0150 against 0.0200)"
-        ]
-        assert refresh_gate(searched(0.015), searched(0.015), settings, force=True).passed
+        # Below the raw query, as the active version is: a refresh does not train search.
+        assert refresh_gate(searched(0.015), searched(0.015), settings).passed
 
 
 def logged(n: int, rendering: Rendering) -> LoggedExample:
