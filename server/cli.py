@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from server import logs
-from server.config import Settings, unknown_variables
+from server.config import Settings, unknown_lines
 from server.loaders import Dataset, Format, LoadError, read_checked
 from server.loaders.jsonl import read_jsonl
 from server.loaders.movielens import read_ml100k, read_ml_latest
@@ -38,10 +38,9 @@ SeedOption = Annotated[int, typer.Option(help="synthetic: random seed.")]
 def settings_from_env(host: str | None = None, port: int | None = None) -> Settings:
     """The settings, or the command ends (exit 2) naming each REASONREC_* variable that is wrong,
     or that no setting reads."""
-    if unknown := unknown_variables():
-        for name, meant in unknown.items():
-            hint = f" (did you mean {meant}?)" if meant else ""
-            console.print(f"[red]error:[/red] {name}: no such setting{hint}", highlight=False)
+    if unknown := unknown_lines():
+        for line in unknown:
+            console.print(f"[red]error:[/red] {line}", highlight=False)
         raise typer.Exit(2)
     try:
         settings = Settings()

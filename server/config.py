@@ -323,3 +323,11 @@ def unknown_variables(environ: Mapping[str, str] = os.environ) -> dict[str, str 
         if variable.upper().startswith(PREFIX) and name not in known and not _NOT_OURS.match(name):
             unknown[variable] = meant(name)
     return unknown
+
+
+def unknown_lines(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """One line per `REASONREC_*` variable no setting reads, with the setting it likely meant."""
+    return [
+        f"{name}: no such setting" + (f" (did you mean {meant}?)" if meant else "")
+        for name, meant in unknown_variables(environ).items()
+    ]
