@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,3 +147,13 @@ def test_an_engine_url_the_client_cannot_use_is_refused(url: str, refused: str |
         return
     with pytest.raises(ValidationError, match=refused):
         Settings(engine_url=url)
+
+
+def test_the_asgi_entry_point_refuses_an_unknown_variable_too() -> None:
+    """`uvicorn server.asgi:app` starts without the CLI's check."""
+    env = {**os.environ, "REASONREC_API_KEY": "secret"}
+    run = subprocess.run(
+        [sys.executable, "-c", "import server.asgi"], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 1
+    assert "REASONREC_API_KEY: no such setting (did you mean REASONREC_API_KEYS?)" in run.stderr
