@@ -20,8 +20,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from contract.search import RetrieverKind
 
 PREFIX = "REASONREC_"
-# After the prefix: the test suite's variables, and Kubernetes' service links
-# (REASONREC_GATEWAY_SERVICE_HOST, REASONREC_GATEWAY_PORT_8000_TCP_ADDR, ...).
+# After the prefix: the test suite's variables, and the service links Kubernetes writes for a
+# Service named reasonrec-<name> (<NAME>_SERVICE_HOST, <NAME>_PORT_8000_TCP_ADDR, ...): no settings.
 _NOT_OURS = re.compile(r"TEST_|\w+_SERVICE_(HOST|PORT\w*)$|\w+_PORT(_\d+_(TCP|UDP|SCTP)\w*)?$")
 
 
