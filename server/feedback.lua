@@ -69,7 +69,10 @@ local function place(key, ts, item)
 end
 
 local function trim(key)
-  redis.call('ZREMRANGEBYRANK', key, 0, -(cap + 1))
+  -- Times below the oldest item left can only come from items just trimmed: looked for then.
+  if redis.call('ZREMRANGEBYRANK', key, 0, -(cap + 1)) == 0 then
+    return
+  end
   local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
   if #first > 0 then
     redis.call('ZREMRANGEBYSCORE', key .. ':ties', '-inf', '(' .. first[2])
