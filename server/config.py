@@ -270,6 +270,13 @@ class TrainerSettings(_Section):
         description="Where bootstrap and refresh train: 'auto' uses CUDA (bf16 where supported) "
         "when torch sees a GPU, else the CPU; 'cuda' fails rather than fall back.",
     )
+    keep_versions: int = Field(
+        20,
+        ge=0,
+        description="After each published refresh (and `reasonrec models prune`), remove all but "
+        "the newest this many versions from the registry; the active and the previous version "
+        "and the bases of kept adapters are always kept (0: remove none).",
+    )
     gate_ndcg_tolerance: float = Field(
         0.01,
         description="Publish gate: the refreshed model's held-out NDCG@10 may be at most this much "

@@ -1,10 +1,12 @@
 """The model registry: one folder per version, written atomically, plus the active pointer.
 
     {registry}/{version}/          HF weights and tokenizer (or a LoRA adapter) + manifest.json
-    {registry}/.staging-*/         versions being written; renamed into place when complete
+    {registry}/.staging-*/         versions being written (renamed into place when complete) or
+                                   being removed (renamed out of place first)
 
-A crash while writing leaves only a staging folder, never a half-written version. Which version
-serves is recorded in Redis (`model:active`) and announced on the `model-updates` channel.
+A crash while writing or pruning leaves only a staging folder, never a half-written version.
+Which version serves is recorded in Redis (`model:active`) and announced on the `model-updates`
+channel; `prune` keeps it and the one before it.
 """
 
 import json
@@ -220,6 +222,25 @@ class Registry:
             _owner_writable(staging)  # copytree copies a read-only source's folder modes too
             (staging / MANIFEST).unlink(missing_ok=True)
             return self.publish(staging, manifest)
+
+    def prune(self, keep: int, serving: set[str]) -> list[str]:
+        """Remove all but the newest `keep` versions (0: none), never one in `serving` (the active
+        and the previous version: a rollback needs it) or the base a kept adapter runs on.
+        Returns the removed versions, oldest first."""
+        if keep == 0:
+            return []
+        versions = self.versions()
+        kept = {manifest.version for manifest in versions[-keep:]} | serving
+        kept |= {m.base_model for m in versions if m.version in kept and m.base_model}
+        removed = [m.version for m in versions if m.version not in kept]
+        for version in removed:
+            # Out of sight in one rename, so that no reader sees a half-deleted version.
+            hidden = self.root / f"{_STAGING}{uuid.uuid4().hex}"
+            self.path(version).rename(hidden)
+            _remove(hidden)
+        if removed:
+            fsync(self.root)
+        return removed
 
     def discard_staging(self, older_than: float = STALE_STAGING_SECONDS) -> int:
         """Remove staging folders untouched for `older_than` seconds: left behind by writers

@@ -439,6 +439,11 @@ class Store:
     async def previous_model(self) -> str | None:
         return await self.redis.get(self.keys.previous_model)
 
+    async def serving_models(self) -> set[str]:
+        """The active version and the one it replaced: what gateways serve or roll back to."""
+        versions = await self.redis.mget(self.keys.active_model, self.keys.previous_model)
+        return {version for version in versions if version}
+
     async def set_active_model(
         self, version: str, replacing: str | None = None, checked: bool = False
     ) -> str | None:

@@ -363,6 +363,27 @@ def activate_model(version: Annotated[str, typer.Argument()]) -> None:
     asyncio.run(_activate(settings, version))
 
 
+@models.command("prune")
+def prune_models(
+    keep: Annotated[
+        int | None,
+        typer.Option(min=1, help="Versions to keep. Default: REASONREC_KEEP_VERSIONS."),
+    ] = None,
+) -> None:
+    """Remove all but the newest versions (a refresh does this after each publish); the active
+    and the previous version and the bases of kept adapters stay. Prints each removed version."""
+    settings = settings_from_env()
+
+    async def serving() -> set[str]:
+        async with open_store(settings) as store:
+            return await store.serving_models()
+
+    keep = settings.keep_versions if keep is None else keep
+    with errors_end_command(OSError):
+        for version in Registry(settings.registry_path).prune(keep, asyncio.run(serving())):
+            typer.echo(version)
+
+
 def _eval_format_help() -> str:
     counted = ", ".join(kind for kind in EventType if kind in INTERACTIONS)
     ignored = ", ".join(kind for kind in EventType if kind not in INTERACTIONS)

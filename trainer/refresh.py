@@ -232,12 +232,28 @@ async def refresh_once(
     started = time.perf_counter()
     async with refresh_lock(store) as lock:
         result = await _refresh(settings, store, progress, force, lock)
+        if result.outcome == "published" and not lock.lost:
+            await _prune(settings, store)
     result.seconds = round(time.perf_counter() - started, 1)
     metrics.RUNS.labels(result.outcome).inc()
     if result.outcome == "published":
         metrics.LAST_SUCCESS.set(time.time())
     log.info("refresh finished", extra={"outcome": result.outcome, "version": result.version})
     return result
+
+
+async def _prune(settings: Settings, store: Store) -> None:
+    """Keep the newest REASONREC_KEEP_VERSIONS versions (`Registry.prune`). A failure is logged,
+    not raised: the refresh it follows is published."""
+    registry = Registry(settings.registry_path)
+    try:
+        serving = await store.serving_models()
+        removed = await asyncio.to_thread(registry.prune, settings.keep_versions, serving)
+    except (OSError, RedisError) as exc:
+        log.warning("registry not pruned", extra={"reason": describe(exc)})
+        return
+    if removed:
+        log.info("registry pruned", extra={"removed": removed})
 
 
 def _shortage(manifest: Manifest, logged: int, rating: RatingExamples | None) -> str | None:

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import traceback
+from datetime import UTC, datetime
 from types import FrameType
 
 import pytest
@@ -16,7 +17,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from server.config import Settings
-from server.registry import Registry
+from server.registry import Manifest, Registry
 from server.store import open_store
 from tests.conftest import dies_with_pytest
 from tests.integration.test_hot_swap import activate
@@ -157,8 +158,13 @@ def test_feedback_refreshes_the_served_model(
         # A refresh of an adapter version trains its adapter on; the swap loads an adapter
         # into the process already running, and the first adapter is unloaded.
         serve_and_click(gateway)
-        second = refresh(served_settings, True, **LOOSE)
+        # The oldest version is pruned once this refresh publishes one more than it keeps.
+        old = Manifest(version="v-old", created_at=datetime(2000, 1, 1, tzinfo=UTC))
+        registry.register(tiny_model.path, old)
+        kept = len(registry.versions())
+        second = refresh(served_settings, True, keep_versions=kept, **LOOSE)
         assert second.outcome == "published", second
+        assert not registry.has("v-old") and len(registry.versions()) == kept
         manifest = registry.manifest(second.version)
         assert manifest.kind == "lora" and manifest.parent == result.version
         assert manifest.base_model == tiny_model.version and second.lora_rank == 4

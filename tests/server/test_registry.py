@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
+from cli import app
 from contract.prompt import CONTRACT_VERSION
 from contract.tasks import Task
 from server.config import Settings
@@ -277,6 +279,52 @@ def test_a_manifest_time_without_a_zone_is_read_as_utc(registry: Registry) -> No
     manifest = json.loads((old / MANIFEST).read_text())
     (old / MANIFEST).write_text(json.dumps(manifest | {"created_at": "2020-01-01T00:00:00"}))
     assert names(registry) == ["v-old", "v-new"]
+
+
+# Pruning ---------------------------------------------------------------------------------------
+
+
+def test_prune_keeps_the_newest_the_serving_and_the_bases_of_kept_adapters(
+    registry: Registry,
+) -> None:
+    for age, version in enumerate(["v0", "v1", "v2", "v3", "v4", "v5"]):
+        created = T0 + timedelta(hours=age)
+        fields = {"kind": "lora", "base_model": "v1"} if version == "v5" else {}
+        publish_version(registry, version, created_at=created, **fields)
+
+    assert registry.prune(keep=1, serving={"v2", "v3"}) == ["v0", "v4"]
+    assert names(registry) == ["v1", "v2", "v3", "v5"]  # v1: the base the kept adapter needs
+    assert not list(registry.root.glob(".*"))  # nothing left behind
+    assert registry.prune(keep=1, serving={"v2", "v3"}) == []
+
+
+def test_prune_keep_zero_removes_nothing(registry: Registry) -> None:
+    publish_version(registry, "v1")
+    assert registry.prune(keep=0, serving=set()) == []
+    assert registry.prune(keep=1, serving=set()) == []
+    assert names(registry) == ["v1"]
+
+
+def test_models_prune_keeps_what_redis_says_is_served(
+    settings: Settings, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = Registry(settings.registry_path)
+    for age, version in enumerate(["v0", "v1", "v2", "v3"]):
+        publish_version(registry, version, created_at=T0 + timedelta(hours=age))
+    client = redis.Redis.from_url(redis_url)
+    client.set(f"{settings.key_prefix}:model:active", "v0")
+    client.set(f"{settings.key_prefix}:model:previous", "v1")
+    for name, value in {"REDIS_URL": redis_url, "KEY_PREFIX": settings.key_prefix}.items():
+        monkeypatch.setenv(f"REASONREC_{name}", value)
+    monkeypatch.setenv("REASONREC_DATA_DIR", str(settings.data_dir))
+
+    result = CliRunner().invoke(app, ["models", "prune", "--keep", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.output.split() == ["v2"]
+    assert names(registry) == ["v0", "v1", "v3"]
+    monkeypatch.setenv("REASONREC_KEEP_VERSIONS", "0")
+    assert CliRunner().invoke(app, ["models", "prune"]).output == ""
+    assert CliRunner().invoke(app, ["models", "prune", "--keep", "0"]).exit_code == 2
 
 
 # Contract versions -----------------------------------------------------------------------------
