@@ -9,7 +9,7 @@ every problem with the line it is on. How facts are read from an item (what "pro
 `load_policy` reading the one file it is given.
 """
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -390,26 +390,36 @@ def _line_of(root: yaml.Node, loc: tuple[int | str, ...]) -> int:
 _CONTAINS_ITSELF = "an alias refers to what contains it"
 
 
-def _structure_problems(node: yaml.Node, within: frozenset[int] = frozenset()) -> list[Problem]:
+def _structure_problems(root: yaml.Node) -> list[Problem]:
     """Keys given twice (YAML keeps the last without a word; in a policy that is a mistake) and
-    aliases to a mapping or list they are inside of (a structure that contains itself)."""
-    if id(node) in within:
-        return [Problem(node.start_mark.line + 1, _CONTAINS_ITSELF)]
-    within |= {id(node)}
+    aliases to a mapping or list they are inside of (a structure that contains itself). Each node
+    is walked once: aliases nested in aliases would otherwise multiply the walk by every level."""
     problems: list[Problem] = []
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key, value in node.value:
-            if isinstance(key, yaml.ScalarNode):
-                if key.value in seen:
-                    problems.append(
-                        Problem(key.start_mark.line + 1, f"{key.value!r} is given twice")
-                    )
-                seen.add(key.value)
-            problems += _structure_problems(value, within)
-    elif isinstance(node, yaml.SequenceNode):
-        for child in node.value:
-            problems += _structure_problems(child, within)
+    done: set[int] = set()
+
+    def walk(node: yaml.Node, within: frozenset[int]) -> None:
+        if id(node) in within:
+            problems.append(Problem(node.start_mark.line + 1, _CONTAINS_ITSELF))
+            return
+        if id(node) in done:
+            return
+        done.add(id(node))
+        within |= {id(node)}
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    if key.value in seen:
+                        problems.append(
+                            Problem(key.start_mark.line + 1, f"{key.value!r} is given twice")
+                        )
+                    seen.add(key.value)
+                walk(value, within)
+        elif isinstance(node, yaml.SequenceNode):
+            for child in node.value:
+                walk(child, within)
+
+    walk(root, frozenset())
     return problems
 
 
@@ -422,21 +432,66 @@ def _message(error: Mapping[str, Any]) -> str:
     return f"{where}: {text}" if where else text
 
 
+class _UnreadableTag(Exception):
+    def __init__(self, node: yaml.ScalarNode):
+        super().__init__(f"{node.value!r} cannot be read as {node.tag.rsplit(':', 1)[-1]}")
+        self.line = node.start_mark.line + 1
+
+
+def _read_yaml(text: str) -> tuple[yaml.Node | None, Any]:
+    """The document's node tree (for lines) and its value. Raises what PyYAML raises, and
+    _UnreadableTag for a scalar whose explicit tag does not fit it (`!!float abc`), which PyYAML
+    reports as a bare ValueError or KeyError with no line."""
+    loader = yaml.SafeLoader(text)  # checks the characters already
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        for node in _scalars(root):
+            if node.tag != loader.resolve(yaml.ScalarNode, node.value, (True, False)):
+                try:
+                    loader.construct_object(node)
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    raise _UnreadableTag(node) from exc
+        return root, loader.construct_document(root)
+    finally:
+        loader.dispose()
+
+
+def _scalars(root: yaml.Node) -> Iterator[yaml.ScalarNode]:
+    """Every scalar node once (aliases share nodes)."""
+    stack, seen = [root], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            yield node
+        elif isinstance(node, yaml.MappingNode):
+            stack += [part for pair in node.value for part in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += node.value
+
+
 def parse_policy(text: str, source: str = "<policy>") -> Policy:
     """Parse and validate a policy given as YAML text; `source` names it in error messages.
 
     Raises `PolicyError` listing every problem with its line (from 1).
     """
-    loader = yaml.SafeLoader(text)
     try:
-        root = loader.get_single_node()
-        data = None if root is None else loader.construct_document(root)
+        root, data = _read_yaml(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
         raise PolicyError(source, [Problem(line, f"not valid YAML: {exc.problem}")]) from exc
-    finally:
-        loader.dispose()
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow
+        line = text.count("\n", 0, exc.position) + 1
+        raise PolicyError(source, [Problem(line, f"not valid YAML: {exc.reason}")]) from exc
+    except RecursionError as exc:
+        raise PolicyError(source, [Problem(1, "not valid YAML: nested too deeply")]) from exc
+    except _UnreadableTag as exc:
+        raise PolicyError(source, [Problem(exc.line, f"not valid YAML: {exc}")]) from exc
     if root is None or not isinstance(data, dict):
         line = 1 if root is None else root.start_mark.line + 1
         message = "a policy is a mapping with weights, constraints and/or attributes"

@@ -132,6 +132,15 @@ class TestParseErrors:
             # an alias to what contains it: a structure without end
             ("&a\nconstraints: *a\n", [(1, "an alias refers to what contains it")]),
             ("weights: &w\n  format: 1\n  again: *w\n", [(1, "refers to what contains it")]),
+            # a character YAML does not allow: the line it is on
+            ("weights:\n  format: 1\x01\n", [(2, "special characters are not allowed")]),
+            ("# \x0c\nweights: {format: 1}\n", [(1, "special characters are not allowed")]),
+            # an explicit tag that does not fit its value: the line of the value
+            ("weights:\n  format: !!float abc\n", [(2, "'abc' cannot be read as float")]),
+            ("weights:\n  format: !!int abc\n", [(2, "cannot be read as int")]),
+            ("weights:\n  format: !!bool abc\n", [(2, "cannot be read as bool")]),
+            ("weights:\n\n  format: !!timestamp abc\n", [(3, "cannot be read as timestamp")]),
+            ("weights: " + "[" * 3000 + "]" * 3000 + "\n", [(1, "nested too deeply")]),
             # YAML's booleans are not numbers: `true` would have been a cap of 1, `yes` weight 1
             ("constraints:\n  max_per_category: true\n", [(2, "a number is needed")]),
             ("weights:\n  format: yes\n  accuracy: 1\n", [(2, "a number is needed")]),
@@ -150,6 +159,15 @@ class TestParseErrors:
         for problem, (_, fragment) in zip(problems, expected, strict=True):
             assert fragment in problem.message
         assert str(caught.value).splitlines()[0].startswith(f"p.yaml:{expected[0][0]}: ")
+
+    @pytest.mark.timeout(60)
+    def test_aliases_nested_in_aliases_are_read_once(self) -> None:
+        """Ten references at each of nine levels is 10^9 values expanded: read as a tree, such a
+        file of 500 bytes would hold the gateway's start for hours."""
+        levels = ["weights:", "  l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+        levels += [f"  l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * 10)}]" for n in range(1, 10)]
+        with pytest.raises(PolicyError, match="unknown rank term 'l0'"):
+            parse_policy("\n".join(levels))
 
     @relaxed
     @given(
