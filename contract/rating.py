@@ -306,7 +306,7 @@ def expected_rating(logprobs: dict[str, float]) -> float | None:
     for text, lp in logprobs.items():
         # Summed: "4" and " 4" are two tokens of one rating (one overwrote the other).
         if text.strip() in DIGITS and math.isfinite(lp):
-            weights[int(text.strip())] += math.exp(lp)
+            weights[int(text.strip())] += math.exp(min(lp, 0.0))  # above 0 is no probability
     total = sum(weights.values())
     if not total:
         return None

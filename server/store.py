@@ -102,7 +102,7 @@ def _dt(value: str | float) -> datetime:
     return converted
 
 
-UNREADABLE = (KeyError, TypeError, ValueError, ValidationError)
+UNREADABLE = (KeyError, TypeError, ValueError, OverflowError, ValidationError)
 """What decoding a record that was written by hand, or before a validation rule existed, raises."""
 
 

@@ -51,3 +51,8 @@ def test_tokens_that_read_as_one_rating_add_up() -> None:
     both = expected_rating({"4": math.log(0.25), " 4": math.log(0.25), "2": math.log(0.5)})
     assert both == pytest.approx(3.0)
     assert expected_rating({"x": 0.0, "6": 0.0}) is None
+
+
+def test_a_log_probability_above_zero_counts_as_certain() -> None:
+    """A remote engine's answer is not trusted: exp(1000) would overflow."""
+    assert expected_rating({"5": 1000.0, "1": math.log(1e-9)}) == pytest.approx(5.0, abs=1e-6)

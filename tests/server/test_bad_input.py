@@ -128,13 +128,15 @@ def test_poisoned_rating_records_are_skipped_and_counted(client, rdb, key_prefix
     rdb.hset(f"{key_prefix}:ratings:sum", "c", "lots")
     rdb.hset(f"{key_prefix}:ratings:count", "c", "1")
     rdb.hset(f"{key_prefix}:ratings:total", "sum", "nan")
+    rdb.hset(f"{key_prefix}:ratings:sum", "a", "1")
+    rdb.hset(f"{key_prefix}:ratings:count", "a", "9" * 400)  # a mean too large for a float
 
     response = client.post("/v1/rate", json={"user_id": "w", "item_ids": ["a", "c"]})
 
     assert response.status_code == 200, response.text
     assert all(1 <= item["rating"] <= 5 for item in response.json()["items"])
     assert metric(client, UNREADABLE, kind="rating") == before + 1
-    assert metric(client, UNREADABLE, kind="rating_stats") == stats_before + 2  # c's, everyone's
+    assert metric(client, UNREADABLE, kind="rating_stats") == stats_before + 3  # a's, c's, all
 
 
 # 2. Admin keys work on their own -----------------------------------------------------------
