@@ -36,6 +36,7 @@ from contract.prompt import Rendering
 from server.durable import fsync
 from server.schemas import EventType, is_positive
 from server.store import UNREADABLE, Store, skip_unreadable
+from trainer.threads import finish_in_thread
 
 log = logging.getLogger(__name__)
 GROUP = "trainer"
@@ -182,10 +183,11 @@ class FeedbackLog:
             if not example.positives and not example.negatives:
                 example.negatives = list(example.shown)  # shown, and nothing happened
         records = [*served.values(), *late.values()]
-        await asyncio.to_thread(self._append, records)
+        # Finished even when cancelled: the next refresh must not write the log beside them.
+        await finish_in_thread(self._append, records)
         result.written = len(records)
         if len(done) + len(served) > 3 * self.keep:
-            await asyncio.to_thread(self._compact)
+            await finish_in_thread(self._compact)
         await self.store.ack("impressions", GROUP, impressions)
         await self.store.ack("events", GROUP, acknowledged)
         log.info("feedback consumed", extra={**result.model_dump(), "waiting": len(waiting)})

@@ -64,6 +64,7 @@ from trainer.search import (
     catalog_retriever,
     validate_search,
 )
+from trainer.threads import finish_in_thread
 
 log = logging.getLogger(__name__)
 # The holder renews the lock while it works; a killed holder's lock lapses within LOCK_SECONDS.
@@ -351,15 +352,19 @@ async def _refresh(
         progress=progress,
     )
     # In a thread: the event loop must stay free to renew the lock while the model trains.
+    # Ctrl-C or SIGTERM ends the training at its next step, the lock held until it has ended.
     stop = threading.Event()
-    try:
-        candidate, tokenizer, training, gate = await asyncio.to_thread(
-            _train_and_gate, registry, manifest, lessons, grpo, settings, force, stop
-        )
-    except asyncio.CancelledError:
-        # Ctrl-C: `asyncio.run` waits for the thread before it exits; end it at the next step.
-        stop.set()
-        raise
+    candidate, tokenizer, training, gate = await finish_in_thread(
+        _train_and_gate,
+        registry,
+        manifest,
+        lessons,
+        grpo,
+        settings,
+        force,
+        stop,
+        on_cancel=stop.set,
+    )
     _record(gate, training.reward_mean)
     result = RefreshResult(
         outcome="rejected",
@@ -385,7 +390,7 @@ async def _refresh(
         reason = f"lost the refresh lock: {lock.lost}; nothing published"
         return result.model_copy(update={"outcome": "skipped", "reason": reason})
     # In a thread too: saving the weights takes seconds, the lock must go on being renewed.
-    version = await asyncio.to_thread(
+    version = await finish_in_thread(
         _publish, registry, manifest, candidate, tokenizer, policy.model_dump(mode="json"), result
     )
     if lock.lost:
