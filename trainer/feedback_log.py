@@ -83,6 +83,8 @@ class FeedbackLog:
         them); it is rewritten down to those when it holds half as many again."""
         self.store, self.folder, self.keep = store, folder, keep
         self.path = folder / "logged.jsonl"
+        self.logged: dict[str, LoggedExample] = {}
+        """What the log holds after the last `consume`, as `read` would return it (read once)."""
 
     def read(self) -> dict[str, LoggedExample]:
         """Every logged example by request id; later records (late feedback) are merged in."""
@@ -122,11 +124,12 @@ class FeedbackLog:
             fsync(self.folder)
             fsync(self.folder.parent)
 
-    def _compact(self) -> None:
-        """Rewrite the log down to the newest `keep` lists with a positive and as many without:
-        a refresh trains on the newest lists only, and every list served adds a record (a few
-        kilobytes: its prompt). Atomic: a crash leaves the old log or the new one."""
-        merged = sorted(self.read().values(), key=lambda example: example.ts)
+    def _compact(self, logged: dict[str, LoggedExample]) -> dict[str, LoggedExample]:
+        """Rewrite the log (`logged`: what it holds) down to the newest `keep` lists with a
+        positive and as many without, and return what it then holds: a refresh trains on the
+        newest lists only, and every list served adds a record (a few kilobytes: its prompt).
+        Atomic: a crash leaves the old log or the new one."""
+        merged = sorted(logged.values(), key=lambda example: example.ts)
         engaged = [example for example in merged if example.positives]
         idle = [example for example in merged if not example.positives]
         # And every list of the last JOIN_WAIT_SECONDS, however many: a click comes minutes
@@ -144,6 +147,7 @@ class FeedbackLog:
         fsync(self.folder)
         dropped = len(merged) - len(kept)
         log.info("feedback log compacted", extra={"kept": len(kept), "dropped": dropped})
+        return {example.request_id: example for example in kept}
 
     async def consume(self) -> ConsumeResult:
         """Join what arrived since the last call; persist, then acknowledge. Events are read a
@@ -186,8 +190,12 @@ class FeedbackLog:
         # Finished even when cancelled: the next refresh must not write the log beside them.
         await finish_in_thread(self._append, records)
         result.written = len(records)
-        if len(done) + len(served) > 3 * self.keep:
-            await finish_in_thread(self._compact)
+        for request_id, update in late.items():
+            _merge(done[request_id], update)
+        logged = {**done, **served}
+        if len(logged) > 3 * self.keep:
+            logged = await finish_in_thread(self._compact, logged)
+        self.logged = logged
         await self.store.ack("impressions", GROUP, impressions)
         await self.store.ack("events", GROUP, acknowledged)
         log.info("feedback consumed", extra={**result.model_dump(), "waiting": len(waiting)})

@@ -301,7 +301,7 @@ async def _refresh(
     registry = Registry(settings.registry_path)
     manifest = registry.manifest(parent)
     ranks = Task.rank in manifest.tasks
-    logged = list((await asyncio.to_thread(feedback.read)).values()) if ranks else []
+    logged = list(feedback.logged.values()) if ranks else []
     train, holdout = split_logged(
         logged, settings.gate_holdout, manifest.rendering, settings.refresh_logged_examples
     )

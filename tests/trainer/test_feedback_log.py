@@ -13,7 +13,7 @@ from server import store as store_module
 from server.config import Settings
 from server.store import Store, build_store
 from trainer import feedback_log
-from trainer.feedback_log import GROUP, FeedbackLog
+from trainer.feedback_log import GROUP, FeedbackLog, LoggedExample
 
 
 async def _with_store(settings: Settings, body: Callable[[Store], Awaitable[Any]]) -> Any:
@@ -59,6 +59,13 @@ async def pending(store: Store) -> int:
     return total
 
 
+def on_disk(log: FeedbackLog) -> dict[str, LoggedExample]:
+    """What the log file holds; what `consume` kept of it in memory must be the same."""
+    read = log.read()
+    assert list(log.logged.items()) == list(read.items())
+    return read
+
+
 def test_joins_feedback_to_the_list_it_answers(settings: Settings) -> None:
     async def body(store: Store) -> None:
         await impression(store, "r1", ["a", "b"])
@@ -70,7 +77,7 @@ def test_joins_feedback_to_the_list_it_answers(settings: Settings) -> None:
         result = await log.consume()
         assert (result.impressions, result.joined, result.organic) == (2, 2, 1)
         assert result.positives == 1  # the click, not the low rating
-        logged = log.read()
+        logged = on_disk(log)
         assert logged["r1"].positives == ["b"] and logged["r1"].negatives == ["a"]
         assert logged["r1"].prompt == "prompt of r1" and logged["r1"].candidates == ["a", "b", "z"]
         assert logged["r2"].positives == [] and logged["r2"].negatives == ["c", "d"]  # ignored
@@ -93,12 +100,12 @@ def test_the_log_keeps_the_newest_lists_with_a_positive_and_as_many_without(
                 await event(store, "click", f"i{n}", f"r{n}")
         await log.consume()
         assert synced[:2] == ["trainer", settings.data_dir.name]  # the new file's name, on disk
-        assert list(log.read()) == ["r4", "r5", "r6", "r7"]
-        assert log.read()["r6"].positives == ["i6"]
+        assert list(on_disk(log)) == ["r4", "r5", "r6", "r7"]
+        assert on_disk(log)["r6"].positives == ["i6"]
         assert len(log.path.read_text().splitlines()) == 4  # rewritten, not only read so
         await event(store, "like", "i5", "r5")  # late feedback still joins a kept idle list
         await log.consume()
-        assert log.read()["r5"].positives == ["i5"]
+        assert on_disk(log)["r5"].positives == ["i5"]
         assert await pending(store) == 0
 
     run(settings, body)
@@ -112,7 +119,7 @@ def test_the_log_keeps_every_list_of_the_last_hour(settings: Settings) -> None:
         for n in range(4):  # four lists nobody engaged with (yet), a minute apart
             await impression(store, f"r{n}", [f"i{n}"], ts=1700000000.0 + n * 60)
         await log.consume()
-        assert list(log.read()) == ["r0", "r1", "r2", "r3"]
+        assert list(on_disk(log)) == ["r0", "r1", "r2", "r3"]
 
     run(settings, body)
 
@@ -125,11 +132,11 @@ def test_late_feedback_and_feedback_before_its_impression(settings: Settings) ->
         await event(store, "like", "a", "r1")  # after r1 was written: merged into it
         await event(store, "click", "x", "r9")  # r9 not logged yet: waits, not acknowledged
         await log.consume()
-        assert log.read()["r1"].positives == ["a"] and log.read()["r1"].negatives == ["b"]
+        assert on_disk(log)["r1"].positives == ["a"] and on_disk(log)["r1"].negatives == ["b"]
         assert await pending(store) == 1
         await impression(store, "r9", ["x"])
         await log.consume()
-        assert log.read()["r9"].positives == ["x"]
+        assert on_disk(log)["r9"].positives == ["x"]
         assert await pending(store) == 0
 
     run(settings, body)
@@ -152,7 +159,7 @@ def test_crash_before_acknowledging_loses_and_doubles_nothing(
         assert await pending(store) == 2  # written, not acknowledged: delivered again
         result = await log.consume()
         assert result.impressions == 1 and result.events == 1
-        assert log.read()["r1"].positives == ["b"]
+        assert on_disk(log)["r1"].positives == ["b"]
         assert log.path.read_text().count('"request_id":"r1"') == 2  # the record + a merge
         assert await pending(store) == 0
 
@@ -173,7 +180,7 @@ def test_a_record_torn_by_a_crash_is_skipped_and_written_again(settings: Setting
         result = await log.consume()
 
         assert result.written == 1 and result.joined == 1
-        assert set(log.read()) == {"r1", "r2"} and log.read()["r2"].positives == ["c"]
+        assert set(on_disk(log)) == {"r1", "r2"} and on_disk(log)["r2"].positives == ["c"]
         assert await pending(store) == 0
 
     run(settings, body)
@@ -220,7 +227,7 @@ def test_an_unreadable_entry_is_skipped_acknowledged_and_holds_back_nothing(
         result = await log.consume()
 
         assert (result.unreadable, result.joined, result.written) == (5, 2, 2)
-        logged = log.read()
+        logged = on_disk(log)
         assert set(logged) == {"r1", "r3"}
         assert logged["r1"].positives == ["b"] and logged["r3"].positives == ["c"]
         assert await pending(store) == 0  # acknowledged: not delivered again
@@ -277,7 +284,7 @@ def test_a_loaded_data_set_is_consumed_a_chunk_at_a_time(
 
         assert (result.events, result.organic, result.joined) == (11, 10, 1)
         assert max(largest) == 3
-        assert log.read()["r1"].positives == ["b"]
+        assert on_disk(log)["r1"].positives == ["b"]
         assert await pending(store) == 0
 
     run(settings, body)
