@@ -22,7 +22,9 @@ from contract.search import RetrieverKind
 PREFIX = "REASONREC_"
 # After the prefix: the test suite's variables, and the service links Kubernetes writes for a
 # Service named reasonrec-<name> (<NAME>_SERVICE_HOST, <NAME>_PORT_8000_TCP_ADDR, ...): no settings.
-_NOT_OURS = re.compile(r"TEST_|\w+_SERVICE_(HOST|PORT\w*)$|\w+_PORT(_\d+_(TCP|UDP|SCTP)\w*)?$")
+_NOT_OURS = re.compile(r"TEST_|\w+_SERVICE_(HOST|PORT\w*)$|\w+_PORT_\d+_(TCP|UDP|SCTP)\w*$")
+# <NAME>_PORT alone only with the address Kubernetes writes: a misspelled port setting is ours.
+_PORT_LINK = re.compile(r"\w+_PORT$"), re.compile(r"(tcp|udp|sctp)://", re.IGNORECASE)
 
 
 class _Section(BaseSettings):
@@ -327,8 +329,11 @@ def unknown_variables(environ: Mapping[str, str] = os.environ) -> dict[str, str 
     unknown = {}
     for variable in sorted(environ):
         name = variable.upper().removeprefix(PREFIX)
-        if variable.upper().startswith(PREFIX) and name not in known and not _NOT_OURS.match(name):
-            unknown[variable] = meant(name)
+        if not variable.upper().startswith(PREFIX) or name in known or _NOT_OURS.match(name):
+            continue
+        if _PORT_LINK[0].match(name) and _PORT_LINK[1].match(environ[variable]):
+            continue
+        unknown[variable] = meant(name)
     return unknown
 
 

@@ -130,6 +130,14 @@ def test_variables_a_setting_reads_or_that_are_not_ours_are_allowed() -> None:
     assert unknown_variables(environ) == {}
 
 
+def test_a_misspelled_port_setting_is_not_taken_for_a_service_link() -> None:
+    """Kubernetes' <NAME>_PORT holds an address; a port setting a number."""
+    environ = {"REASONREC_TRAINER_METRIC_PORT": "9200", "REASONREC_METRICS_PORT": "tcp://x:1"}
+    assert unknown_variables(environ) == {
+        "REASONREC_TRAINER_METRIC_PORT": "REASONREC_TRAINER_METRICS_PORT"
+    }
+
+
 @pytest.mark.parametrize(
     ("url", "refused"),
     [
