@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from rich.markup import escape
 
 from contract.tasks import Task
+from reward_rules.policy import PolicyError
 from server import cli as gateway
 from server.cli import (
     HostOption,
@@ -27,10 +29,12 @@ from server.config import Settings
 from server.loaders import Format, LoadError, read_checked
 from server.loaders.movielens import read_ml100k
 from server.loaders.synthetic import generate
-from server.registry import Registry
+from server.registry import Registry, RegistryError
 from server.store import open_store
 from trainer import cli as training
 from trainer.cli import PresetOption, check_preset, run_bootstrap
+from trainer.corpus import NotEnoughData
+from trainer.device import DeviceError
 
 if TYPE_CHECKING:
     from trainer.bootstrap import BootstrapResult
@@ -100,7 +104,9 @@ def demo(
         )
     elif data:
         console.print(f"the store already holds a catalog: {data} was not loaded")
-    trained = asyncio.run(_ensure_model(settings, preset))
+    # As `reasonrec bootstrap`: a missing GPU or policy file is the operator's to fix.
+    with errors_end_command(NotEnoughData, PolicyError, RegistryError, DeviceError, OSError):
+        trained = asyncio.run(_ensure_model(settings, preset))
     if trained:
         console.print(f"bootstrapped model {trained.version} in {trained.seconds:.0f}s")
         console.print(trained.gate, highlight=False)
@@ -131,10 +137,22 @@ def _demo_instructions(settings: Settings, user: str, item: str) -> str:
     )
 
 
+def _describe(exc: OSError) -> str:
+    """A line such as `/srv/var/indexes: Permission denied`, without Python's `[Errno 13]`."""
+    if exc.strerror and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    return exc.strerror or str(exc)
+
+
 def main() -> None:
-    """The `reasonrec` command: a Redis that does not answer is one line, not a traceback."""
+    """The `reasonrec` command: a Redis that does not answer, or a file or folder that cannot be
+    written (a data directory that is a file, a read-only disk), is one line, not a traceback.
+    Commands that expect an OSError end with their own message before it gets here."""
     try:
         app()
     except (RedisConnectionError, RedisTimeoutError) as exc:
         console.print(f"[red]error:[/red] Redis did not answer: {exc}", highlight=False)
+        raise SystemExit(1) from exc
+    except OSError as exc:
+        console.print(f"[red]error:[/red] {escape(_describe(exc))}", highlight=False)
         raise SystemExit(1) from exc

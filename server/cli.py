@@ -28,11 +28,22 @@ app = typer.Typer(help="The gateway: serve the API, load data.", no_args_is_help
 console = Console(stderr=True)
 
 HostOption = Annotated[str | None, typer.Option(help="Bind address [REASONREC_HOST].")]
-PortOption = Annotated[int | None, typer.Option(help="Port [REASONREC_PORT].")]
-UsersOption = Annotated[int, typer.Option(min=1, help="synthetic: number of users.")]
-ItemsOption = Annotated[int, typer.Option(min=10, help="synthetic: number of items.")]
-EventsOption = Annotated[int, typer.Option(min=1, help="synthetic: mean events per user.")]
+# Bounded here too: the settings' own bounds are not checked on an option's value (model_copy),
+# and getaddrinfo wraps 70000 round to 4464, so the address check would pass.
+PortOption = Annotated[int | None, typer.Option(min=1, max=65535, help="Port [REASONREC_PORT].")]
 SeedOption = Annotated[int, typer.Option(help="synthetic: random seed.")]
+# `load`'s generator options: None when not given, so that one given to another format is
+# refused rather than ignored (defaults: those of `generate`).
+UsersOption = Annotated[
+    int | None, typer.Option(min=1, help="synthetic: number of users (default 300).")
+]
+ItemsOption = Annotated[
+    int | None, typer.Option(min=10, help="synthetic: number of items (default 600).")
+]
+EventsOption = Annotated[
+    int | None, typer.Option(min=1, help="synthetic: mean events per user (default 40).")
+]
+LoadSeedOption = Annotated[int | None, typer.Option(help="synthetic: random seed (default 7).")]
 
 
 def settings_from_env(host: str | None = None, port: int | None = None) -> Settings:
@@ -81,17 +92,29 @@ def check_address(settings: Settings) -> None:
                 probe.bind(address)
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        console.print(
-            f"[red]error:[/red] cannot serve on {settings.host}:{settings.port}: {reason}"
-        )
+        # An address is neither markup nor emoji codes (":-1:" was printed as one).
+        address = escape(f"{settings.host}:{settings.port}: {reason}")
+        console.print(f"[red]error:[/red] cannot serve on {address}", emoji=False)
         raise typer.Exit(1) from exc
 
 
-def _read(
-    fmt: Format, path: Path | None, users: int, items: int, events: int, seed: int
-) -> Dataset:
+def _check_inputs(fmt: Format, path: Path | None, synthetic: dict[str, int]) -> None:
+    """Refuse what the format would ignore: a load of other data than the operator named would
+    otherwise pass unnoticed. `synthetic`: the generator's options given."""
+    if fmt is Format.synthetic and path is not None:
+        raise typer.BadParameter(
+            "--format synthetic generates its data and reads no PATH", param_hint="PATH"
+        )
+    if synthetic and fmt is not Format.synthetic:
+        given = ", ".join("--" + name.replace("_", "-") for name in synthetic)
+        raise typer.BadParameter(
+            f"{given} only apply to --format synthetic, not {fmt}", param_hint="--format"
+        )
+
+
+def _read(fmt: Format, path: Path | None, synthetic: dict[str, int]) -> Dataset:
     if fmt is Format.synthetic:
-        return generate(users=users, items=items, events_per_user=events, seed=seed)
+        return generate(**synthetic)
     if path is None:
         raise LoadError(f"--format {fmt} needs a PATH")
     readers = {
@@ -154,16 +177,19 @@ def serve(
 def load(
     path: Annotated[Path | None, typer.Argument(help="File or folder to load.")] = None,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="Input format.")] = Format.jsonl,
-    users: UsersOption = 300,
-    items: ItemsOption = 600,
-    events_per_user: EventsOption = 40,
-    seed: SeedOption = 7,
+    users: UsersOption = None,
+    items: ItemsOption = None,
+    events_per_user: EventsOption = None,
+    seed: LoadSeedOption = None,
 ) -> None:
     """Load a catalog, users and interactions. Loading the same data twice changes nothing."""
+    options = {"users": users, "items": items, "events_per_user": events_per_user, "seed": seed}
+    synthetic = {name: value for name, value in options.items() if value is not None}
+    _check_inputs(fmt, path, synthetic)
     settings = settings_from_env()
     started = time.perf_counter()
     with errors_end_command(LoadError, OSError):
-        dataset = _read(fmt, path, users, items, events_per_user, seed)
+        dataset = _read(fmt, path, synthetic)
         summary = asyncio.run(load_dataset(settings, dataset))
     console.print(
         f"loaded {summary.items} items, {summary.users} users, {summary.events} new events "

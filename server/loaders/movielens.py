@@ -94,7 +94,10 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _ml100k_genres(path: Path) -> list[str]:
-    return [line.split("|")[0] for _, line in _lines(path)]
+    genres = [line.split("|")[0] for _, line in _lines(path)]
+    if not genres:  # else every u.item line would be blamed for its genre flags
+        raise LoadError(f"{path} lists no genres")
+    return genres
 
 
 def _ml100k_items(path: Path) -> list[ItemUpsert]:

@@ -74,8 +74,12 @@ async def write(store: Store, dataset: Dataset, progress: Progress) -> LoadSumma
         duplicates += len(flags) - sum(flags)
         progress.advance(task, len(batch))
     await store.end_load()
+    # Distinct ids: a record given twice is stored once (the later one wins).
     return LoadSummary(
-        items=len(dataset.items), users=len(dataset.users), events=stored, duplicates=duplicates
+        items=len({item.item_id for item in dataset.items}),
+        users=len({user.user_id for user in dataset.users}),
+        events=stored,
+        duplicates=duplicates,
     )
 
 

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -10,12 +11,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import cli as reasonrec
+from server import cli as cli_module
 from server.cli import app, load_dataset
 from server.config import Settings
 from server.loaders.synthetic import generate
 from server.store import open_store
 from tests.conftest import REASONREC, free_port
 from tests.trainer.evaluation.conftest import write_folder
+from trainer import bootstrap as bootstrap_module
 
 
 @pytest.fixture
@@ -136,3 +140,135 @@ def test_a_demo_on_a_folder_without_movielens_says_so(env, tmp_path: Path) -> No
     )
     output = " ".join((done.stdout + done.stderr).split())
     assert done.returncode == 1 and "is missing u.data" in output and "Traceback" not in output
+
+
+def plain(output: str) -> str:
+    """CLI output without the error panel's frame and line breaks."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", output).split())
+
+
+def _never_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    def serve_with(settings: Settings) -> None:
+        raise AssertionError(f"served on port {settings.port}")
+
+    monkeypatch.setattr(cli_module, "serve_with", serve_with)
+
+
+@pytest.mark.parametrize("port", ["0", "-1", "65536", "70000"])
+def test_a_port_out_of_range_is_a_usage_error(
+    env, monkeypatch: pytest.MonkeyPatch, port: str
+) -> None:
+    """The settings' bounds do not apply to an option's value, and getaddrinfo takes 70000 for
+    4464: the address check passed and the server failed to bind, or bound elsewhere."""
+    _never_served(monkeypatch)
+    result = CliRunner().invoke(app, ["serve", "--port", port])
+    assert result.exit_code == 2, result.output
+    assert "--port" in plain(result.output)
+
+
+def test_an_address_that_cannot_be_served_is_printed_as_it_is(
+    env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not read as markup: ":-1:" was printed as an emoji, "[b]" vanished."""
+    _never_served(monkeypatch)
+
+    def getaddrinfo(*_: object, **__: object) -> list:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(cli_module.socket, "getaddrinfo", getaddrinfo)
+    result = CliRunner().invoke(app, ["serve", "--host", "[b]x:-1:", "--port", "8000"])
+    assert result.exit_code == 1, result.output
+    assert "cannot serve on [b]x:-1::8000: Name or service not known" in plain(result.output)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["-f", "synthetic", "--users", "2", "--items", "10", "data.jsonl"],
+            "Invalid value for PATH: --format synthetic generates its data and reads no PATH",
+        ),
+        (["data.jsonl", "--users", "5"], "--users only apply to --format synthetic, not jsonl"),
+        (
+            ["-f", "ml-100k", "ml", "--seed", "1", "--events-per-user", "3"],
+            "--events-per-user, --seed only apply to --format synthetic, not ml-100k",
+        ),
+    ],
+)
+def test_load_refuses_what_its_format_would_ignore(
+    env, settings: Settings, args: list[str], message: str
+) -> None:
+    result = CliRunner().invoke(app, ["load", *args])
+    assert result.exit_code == 2, result.output
+    assert message in plain(result.output)
+
+    async def items() -> int:
+        async with open_store(settings) as store:
+            return await store.count_items()
+
+    assert asyncio.run(items()) == 0
+
+
+def _without_redis_url(data_dir: Path) -> dict[str, str]:
+    variables = {k: v for k, v in os.environ.items() if not k.startswith("REASONREC_")}
+    return variables | {"REASONREC_DATA_DIR": str(data_dir)}
+
+
+def test_a_data_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    """The embedded Redis keeps its file there: `mkdir` failed with a traceback."""
+    not_a_folder = tmp_path / "var"
+    not_a_folder.write_text("")
+    done = subprocess.run(
+        [REASONREC, "models", "list"],
+        env=_without_redis_url(not_a_folder),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 1, output
+    assert "Traceback" not in output
+    assert f"the data directory {not_a_folder} (REASONREC_DATA_DIR) cannot be created" in output
+
+
+def test_an_index_that_cannot_be_written_is_one_line(
+    env, settings: Settings, tmp_path: Path
+) -> None:
+    asyncio.run(load_dataset(settings, generate(users=5, items=10, events_per_user=3, seed=1)))
+    not_a_folder = tmp_path / "var"
+    not_a_folder.write_text("")
+    variables = {**os.environ, **env, "REASONREC_DATA_DIR": str(not_a_folder)}
+    done = subprocess.run(
+        [REASONREC, "index", "--dim", "4"],
+        env=variables,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 1, output
+    assert "Traceback" not in output
+    assert f"error: {not_a_folder / 'indexes'}: Not a directory" in output
+
+
+def test_a_demo_whose_bootstrap_cannot_start_says_why(
+    env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A policy file that is not there: read before any training, as a missing GPU is."""
+
+    def train_model(*_: object, **__: object) -> None:
+        raise AssertionError("the test reached training")
+
+    monkeypatch.setattr(bootstrap_module, "train_model", train_model)
+    monkeypatch.setattr(reasonrec, "serve_with", train_model)
+    missing = tmp_path / "policy.yaml"
+    monkeypatch.setenv("REASONREC_POLICY_FILE", str(missing))
+    monkeypatch.setenv("REASONREC_DATA_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("REASONREC_PORT", str(free_port()))
+    folder = write_folder(tmp_path / "ml", [("1", "1", 5, 100), ("1", "2", 4, 200)])
+
+    result = CliRunner().invoke(reasonrec.app, ["demo", "--preset", "tiny", "--data", str(folder)])
+
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
+    assert f"{missing}:1: cannot be read" in plain(result.output)

@@ -569,3 +569,16 @@ def test_an_adapter_whose_base_is_gone_is_not_activated(env: Settings, rdb: redi
     assert result.exit_code == 1
     assert "LoRA version v-orphan adapts v0, which is not in the registry" in result.output
     assert rdb.get(f"{env.key_prefix}:model:active") is None
+
+
+def test_an_active_version_missing_from_the_registry_is_one_line(
+    env: Settings, rdb: redis.Redis
+) -> None:
+    """A registry emptied under a Redis that outlived it: an error (exit status 1), said once."""
+    rdb.set(f"{env.key_prefix}:model:active", "v-gone")
+
+    result = CliRunner().invoke(app, ["train", "--once"])
+
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
+    assert "model version 'v-gone' is not in the registry" in " ".join(result.output.split())

@@ -77,3 +77,12 @@ def test_events_may_name_items_already_in_the_store(tmp_path: Path, loaded) -> N
     loaded.write(read_jsonl(_write(tmp_path / "catalog.jsonl", RECORDS[:2])))
     events = read_jsonl(_write(tmp_path / "events.jsonl", RECORDS[3:]))
     assert loaded.write(events).events == 2
+
+
+def test_an_item_or_user_given_twice_counts_once(tmp_path: Path, loaded) -> None:
+    """Stored once (the later record wins), so reported once."""
+    twice = [*RECORDS[:3], {**RECORDS[0], "title": "Alpha 2"}, {**RECORDS[2], "attributes": {}}]
+    summary = loaded.write(read_jsonl(_write(tmp_path / "data.jsonl", twice)))
+    assert (summary.items, summary.users) == (2, 1)
+    assert loaded.snapshot()["items"] == 2
+    assert loaded.redis.hget(loaded.keys.item("a"), "title") == "Alpha 2"

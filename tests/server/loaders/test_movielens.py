@@ -242,3 +242,11 @@ def test_an_unknown_item_after_the_first_batch_writes_nothing(tmp_path: Path, lo
         loaded.write(read_checked(read_ml100k, folder, "ml-100k"))
     assert loaded.snapshot() == {"items": 0, "users": 0, "events": 0, "pop": []}
     assert not loaded.redis.exists(loaded.keys.loading)
+
+
+def test_ml100k_without_genres_names_u_genre(tmp_path: Path) -> None:
+    """Not u.item's line 1, whose genre flags would all be 'extra fields'."""
+    folder = write_folder(tmp_path, [("1", "1", 5, 100)])
+    (folder / "u.genre").write_text("\n")
+    with pytest.raises(LoadError, match=r"u\.genre lists no genres$"):
+        read_ml100k(folder)
