@@ -329,7 +329,11 @@ async def _refresh(
         # Rating not refreshed, still gated, every example held out: ranking's GRPO changes the
         # weights that rate too, and a version that rated worse would pass unseen.
         rating = recent_ratings(corpus, manifest, RATING_GATE_USERS, holdout=1.0)
-    searches = Task.search in manifest.tasks
+    search = (
+        held_out_searches(corpus, manifest, SEARCH_GATE_USERS)
+        if Task.search in manifest.tasks
+        else None
+    )
     lessons = Lessons(
         ranking=train + fresh,
         holdout=holdout,
@@ -339,11 +343,11 @@ async def _refresh(
         rating_terms=build_terms(policy, facts, corpus.popularity, Task.rate) if rates else [],
         # Search is not trained by a refresh, but gated: ranking's GRPO changes the weights that
         # write the queries too, and a version that searched worse would pass unseen.
-        search=held_out_searches(corpus, manifest, SEARCH_GATE_USERS) if searches else None,
+        search=search,
         retriever=(
             await asyncio.to_thread(catalog_retriever, corpus, settings.search_retriever)
-            if searches
-            else None
+            if search is not None and search.validation
+            else None  # nothing to gate on: the dense retriever would embed the catalog for none
         ),
     )
     grpo = GrpoSettings(
@@ -507,7 +511,7 @@ def _train_and_gate(
 ) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase, Training, Gate | None]:
     """GRPO from the parent's weights, ranking then rating; both models answer the held-out
     lists and ratings for the gate. Once `stop` is set, `Stopped` at the end of the GRPO step
-    under way, or before the gate when training is over.
+    under way, before the gate when training is over, or between the gate's two models.
 
     A large parent trains LoRA adapters instead of all weights (an adapter parent goes on
     training its own). No gate (None) when GRPO had nothing to learn from: publishing would copy
@@ -532,11 +536,11 @@ def _train_and_gate(
     training.lora_rank = lora_rank(candidate)
     if not training.learned:
         return candidate, tokenizer, training, None
+    active_scores = _scores(active, tokenizer, lessons, settings)
+    if stop.is_set():  # scoring both models may take minutes: a pod's grace period is shorter
+        raise Stopped("stopped at the gate")
     gate = refresh_gate(
-        _scores(active, tokenizer, lessons, settings),
-        _scores(candidate, tokenizer, lessons, settings),
-        settings,
-        force,
+        active_scores, _scores(candidate, tokenizer, lessons, settings), settings, force
     )
     return candidate, tokenizer, training, gate
 

@@ -28,6 +28,7 @@ from trainer import refresh as refresh_module
 from trainer.cli import EXIT_BUSY, EXIT_SKIPPED, EXIT_TERMINATED, run_stoppable
 from trainer.gate import Gate, refresh_gate
 from trainer.grpo import STATE_FILE, Stopped
+from trainer.presets import GrpoSettings
 from trainer.rating import RatingExample, RatingExamples
 from trainer.refresh import (
     REFRESH_METHOD,
@@ -365,13 +366,17 @@ def test_a_cancelled_refresh_stops_its_training(
     env: Settings, rdb: redis.Redis, lock_key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ctrl-C: `asyncio.run` waits for the training thread before the process exits, so the
-    thread is told to stop instead of running all its GRPO steps."""
+    thread is told to stop instead of running all its GRPO steps, and the lock is held until it
+    has stopped: no other refresh trains beside it."""
     started, stopped = threading.Event(), threading.Event()
+    held_to_the_end: list[bool] = []
 
     def train_and_gate(registry, manifest, lessons, grpo, settings, force, stop) -> tuple:
         started.set()
         if stop.wait(30):
             stopped.set()
+        time.sleep(0.5)  # the rest of the GRPO step
+        held_to_the_end.append(rdb.get(lock_key) is not None)
         raise Stopped("stopped")
 
     monkeypatch.setattr(refresh_module, "_train_and_gate", train_and_gate)
@@ -387,8 +392,42 @@ def test_a_cancelled_refresh_stops_its_training(
 
     asyncio.run(body())
 
-    assert stopped.is_set()
+    assert stopped.is_set() and held_to_the_end == [True]
     assert rdb.get(lock_key) is None
+
+
+class _Model:
+    def to(self, device: object) -> "_Model":
+        return self
+
+
+def test_a_stop_while_the_gate_scores_skips_the_candidate(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate answers every held-out list with both models, minutes on a CPU: a stop asked
+    during the first is not held until the second is done too."""
+    registry = Registry(env.registry_path)
+    registry.publish(registry.staging(), Manifest(version="v1"))
+    stop, scored = threading.Event(), []
+
+    def scores(model, *_: Any) -> dict[str, float]:
+        scored.append(model)
+        stop.set()  # SIGTERM arrives while the active model answers
+        return {"ndcg@10": 0.1}
+
+    monkeypatch.setattr(refresh_module.AutoTokenizer, "from_pretrained", lambda path: None)
+    monkeypatch.setattr(refresh_module, "load_version", lambda *a, **k: _Model())
+    monkeypatch.setattr(refresh_module, "refreshed_with_lora", lambda *a: False)
+    learned = Training(reward_mean=0.5, learned=True)
+    monkeypatch.setattr(refresh_module, "_train", lambda model, *a: (model, learned))
+    monkeypatch.setattr(refresh_module, "_scores", scores)
+    grpo = GrpoSettings(max_steps=1)
+
+    with pytest.raises(Stopped, match="at the gate"):
+        refresh_module._train_and_gate(
+            registry, registry.manifest("v1"), None, grpo, env, stop=stop
+        )
+    assert len(scored) == 1
 
 
 def _lessons_of_a_refresh(
@@ -451,6 +490,20 @@ def test_a_refresh_of_a_version_that_searches_gates_its_queries(
     assert [(e.user_id, e.item_id) for e in lessons.search.validation] == [("s", "d")]
     assert lessons.retriever is not None
     assert lessons.retriever.rank_of("dune", "d", []) == 1  # the catalog's retriever
+
+
+def test_no_retriever_is_built_with_no_search_to_gate(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One interaction: no history to write a query from. The dense retriever would embed the
+    whole catalog for nothing."""
+    built: list[object] = []
+    monkeypatch.setattr(refresh_module, "catalog_retriever", lambda *a: built.append(a))
+    click = {"user_id": "s", "type": "click"}
+    lessons = _lessons_of_a_refresh(env, monkeypatch, ["rank", "search"], {"a": "Alien"}, click)
+
+    assert lessons.search is not None and lessons.search.validation == []
+    assert lessons.retriever is None and built == []
 
 
 def _lock_taken_over(
