@@ -31,7 +31,7 @@ from contract.search import RetrieverKind
 from contract.tasks import Task
 from reward_rules.policy import Policy, build_terms, catalog_facts
 from server.config import Settings
-from server.index_files import publish
+from server.index_files import load_current, publish
 from server.item_index import ItemIndex
 from server.policy import read_policy
 from server.registry import Manifest, Registry, new_version
@@ -44,7 +44,7 @@ from trainer.device import select_device
 from trainer.examples import Example, in_chat
 from trainer.gate import Popularity, activation, validate
 from trainer.grpo import run_grpo, spread
-from trainer.index_build import build_index
+from trainer.index_build import build_index, inputs_digest
 from trainer.model import build_model, parameter_count, seed_item_embeddings
 from trainer.presets import PRESETS, Preset, Recipe
 from trainer.pretrain import first_pick_ndcg, pretrain
@@ -82,6 +82,26 @@ class BootstrapResult(BaseModel):
     )
 
 
+def _sequences(corpus: Corpus, held_out: bool = False) -> list[list[str]]:
+    end = -1 if held_out else None
+    return [[item for item, _ in latest_per_item(seq)][:end] for seq in corpus.sequences.values()]
+
+
+def current_index(corpus: Corpus, settings: Settings) -> ItemIndex | None:
+    """The current candidate index, rebuilt first (at its size and seed) and made current when
+    the catalog or the interactions changed since it was built: items added through the API
+    reach the candidates with the next refresh, not only with `reasonrec index`. None when there
+    is none."""
+    index = load_current(settings.data_dir)
+    if index is None:
+        return None
+    seed = index.manifest.get("params", {}).get("seed", 0)
+    inputs = inputs_digest(corpus.items.values(), _sequences(corpus), index.dim, seed=seed)
+    if index.manifest.get("inputs_sha256") == inputs:
+        return index
+    return index_corpus(corpus, settings, index.dim, seed)
+
+
 def index_corpus(
     corpus: Corpus,
     settings: Settings,
@@ -95,11 +115,7 @@ def index_corpus(
     bootstrap's validation holds out; an index that learnt it retrieved the held-out item
     (on synthetic data the retrieval order's validation NDCG@10 read 0.207 against 0.164),
     flattering the retrieval baseline the gate compares with and the blend's retrieval prior."""
-    end = -1 if held_out else None
-    sequences = [
-        [item for item, _ in latest_per_item(seq)][:end] for seq in corpus.sequences.values()
-    ]
-    index = build_index(list(corpus.items.values()), sequences, dim=dim, seed=seed)
+    index = build_index(list(corpus.items.values()), _sequences(corpus, held_out), dim, seed=seed)
     if current:
         publish(index, settings.data_dir)
     return index

@@ -27,7 +27,9 @@ How the vectors are made
 All vectors are L2-normalised.
 """
 
+import hashlib
 import itertools
+import json
 import logging
 import re
 import time
@@ -352,6 +354,25 @@ def _build(
     return _Built(vectors, _priors(sequences, len(items)), len(items) - mapped_count, mapped_count)
 
 
+def inputs_digest(
+    items: Iterable[ItemText],
+    sequences: Iterable[Sequence[str]],
+    dim: int = 64,
+    window: int = 5,
+    seed: int = 0,
+) -> str:
+    """A hash of what `build_index` reads: equal inputs, equal index. A refresh compares it with
+    the current index's to rebuild only when the catalog or the interactions changed."""
+    catalog = list({item.item_id: item for item in items}.values())
+    position = {item.item_id: i for i, item in enumerate(catalog)}
+    digest = hashlib.sha256(json.dumps([dim, window, seed]).encode())
+    for item in catalog:
+        digest.update(json.dumps([item.item_id, _features(item)]).encode())
+    for sequence in _encode(sequences, position):
+        digest.update(sequence.tobytes() + b";")
+    return digest.hexdigest()
+
+
 def build_index(
     items: Iterable[ItemText],
     sequences: Iterable[Sequence[str]],
@@ -365,6 +386,7 @@ def build_index(
         raise ValueError("dim and window must be at least 1")
     started = time.perf_counter()
     catalog = list({item.item_id: item for item in items}.values())
+    sequences = list(sequences)
     position = {item.item_id: i for i, item in enumerate(catalog)}
     encoded = _encode(sequences, position)
     built = _build(catalog, encoded, dim, window, seed)
@@ -376,6 +398,7 @@ def build_index(
         "version": f"{created:%Y%m%dT%H%M%S%fZ}-{digest[:12]}",
         "created_at": created.isoformat(),
         "content_sha256": digest,
+        "inputs_sha256": inputs_digest(catalog, sequences, dim, window, seed),
         "dim": dim,
         "items": len(ids),
         "warm_items": built.warm,

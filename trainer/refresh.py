@@ -39,7 +39,6 @@ from contract.tasks import Task
 from reward_rules.policy import build_terms, catalog_facts
 from server.active_model import refreshed_with_lora
 from server.config import Settings
-from server.index_files import load_current
 from server.item_index import ItemIndex
 from server.logs import describe
 from server.policy import read_policy
@@ -47,6 +46,7 @@ from server.registry import Manifest, Registry, base_version, new_version
 from server.search_index import SearchIndex
 from server.store import ActiveModelChanged, Store
 from trainer import metrics
+from trainer.bootstrap import current_index
 from trainer.constrained import RatingConstraint
 from trainer.corpus import Corpus, read_corpus
 from trainer.dataset import ExampleBuilder, Shape
@@ -316,7 +316,7 @@ async def _refresh(
         return RefreshResult(outcome="skipped", reason=reason, parent=parent, consumed=consumed)
     policy = read_policy(settings.policy_file)
     facts = catalog_facts(corpus.items.values(), policy)
-    index = await asyncio.to_thread(load_current, settings.data_dir)
+    index = await finish_in_thread(current_index, corpus, settings)
     fresh = (
         apart_from(
             await asyncio.to_thread(fresh_examples, corpus, index, settings, manifest.contract),

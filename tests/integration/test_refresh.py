@@ -17,6 +17,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from server.config import Settings
+from server.index_files import current_version
 from server.registry import Manifest, Registry
 from server.store import open_store
 from tests.conftest import dies_with_pytest
@@ -139,6 +140,8 @@ def test_feedback_refreshes_the_served_model(
     try:
         assert result.outcome == "published", result
         assert result.parent == tiny_model.version and result.train_examples >= 1
+        # the clicks are interactions the bootstrap's index did not have: rebuilt, made current
+        assert current_version(served_settings.data_dir) != tiny_model.index_version
         assert result.fresh_examples > 0  # recent histories join the logged lists
         # the model also rates: the latest ratings trained it, held-out ones gated it
         assert result.rating_examples > 0 and result.rating_holdout_examples > 0
