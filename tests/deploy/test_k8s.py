@@ -19,6 +19,7 @@ from tests.deploy.helpers import (
     ROOT,
     cli_accepts,
     kustomize,
+    load_script,
     run,
     settings_problems,
     tool,
@@ -27,6 +28,7 @@ from tests.deploy.helpers import (
 OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
 WORKLOADS = {"Deployment", "StatefulSet", "CronJob"}
 OURS = {"gateway", "vllm", "trainer", "retrain"}  # workloads running the reasonrec image
+STOP_SECONDS = load_script(DOCKER / "serve_vllm.py").STOP_SECONDS
 
 Resources = list[dict[str, Any]]
 
@@ -175,6 +177,23 @@ def _container_ports(resources: Resources, selector: dict[str, str]) -> set[str]
     matched = [p for p in pods if selects(selector, p["metadata"].get("labels", {}))]
     assert matched, f"no pod has labels {selector}"
     return {port["name"] for p in matched for c in p["spec"]["containers"] for port in c["ports"]}
+
+
+def test_pods_are_given_the_time_their_stop_takes(overlay: tuple[str, Resources]) -> None:
+    """The kubelet kills at the end of the grace period (default 30 s): vLLM's launcher waits 30 s
+    for vLLM, a refresh for its GRPO step; a gateway keeps listening while endpoints update."""
+    _, resources = overlay
+    grace = {
+        name: pod_spec(workload)["spec"].get("terminationGracePeriodSeconds", 30)
+        for name, workload in workloads(resources).items()
+        if name in OURS
+    }
+    assert grace["vllm"] > STOP_SECONDS
+    assert grace["trainer"] >= 300 and grace["retrain"] >= 300
+    [gateway] = pod_spec(workloads(resources)["gateway"])["spec"]["containers"]
+    pause = gateway["lifecycle"]["preStop"]["exec"]["command"]
+    budget = int(config(resources)["REASONREC_LLM_TIMEOUT_MS"]) / 1000
+    assert pause[0] == "sleep" and 0 < int(pause[1]) < grace["gateway"] - budget
 
 
 def test_services_reach_pods_and_settings_reach_services(overlay: tuple[str, Resources]) -> None:
