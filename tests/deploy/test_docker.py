@@ -192,6 +192,24 @@ def test_mounted_files_exist_where_their_configs_point(
     assert binds["/etc/prometheus"] == str(DOCKER / "prometheus")
 
 
+def test_containers_are_given_the_time_their_stop_takes(
+    compose: tuple[str, dict[str, Any]],
+) -> None:
+    """Compose kills 10 s after SIGTERM unless told otherwise: vLLM's launcher waits 30 s for
+    vLLM, a refresh for its GRPO step."""
+    _, config = compose
+    services = config["services"]
+    stop_seconds = load_script(DOCKER / "serve_vllm.py").STOP_SECONDS
+    assert _seconds(services["vllm"]["stop_grace_period"]) > stop_seconds
+    assert _seconds(services["trainer"]["stop_grace_period"]) >= 300
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration as `docker compose config` writes it (`5m0s`, `45s`)."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    return sum(float(n) * units[u] for n, u in re.findall(r"([\d.]+)(h|m|s)", duration))
+
+
 def test_only_the_gpu_stack_reserves_a_gpu(compose: tuple[str, dict[str, Any]]) -> None:
     variant, project = compose
     devices = project["services"]["vllm"].get("deploy", {}).get("resources", {})
