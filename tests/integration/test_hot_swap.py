@@ -60,7 +60,7 @@ def swap_under_load(gateway: TestClient, settings: Settings, old: str, new: str)
             for future in running:
                 future.result()
     for answers in seen:
-        assert all(status == 200 and source == "llm" for status, _, source in answers)
+        assert all(status == 200 and source == "llm" for status, _, source in answers), answers
         versions = [version for _, version, _ in answers]
         switched = versions.index(new)
         assert set(versions[:switched]) == {old} and set(versions[switched:]) == {new}

@@ -71,7 +71,9 @@ def test_load_of_a_malformed_rating_names_it_and_loads_again_once_fixed(
     broken = CliRunner().invoke(app, ["load", "--format", "ml-100k", str(folder)])
 
     assert broken.exit_code == 1
-    assert "u.data line 2: expected 4 fields" in broken.output.replace("\n", ""), broken.output
+    # rich wraps the line where the path's length puts it: compared without any spacing
+    unwrapped = "".join(broken.output.split())
+    assert "u.dataline2:expected4fields" in unwrapped, broken.output
     (folder / "u.data").write_text("1\t1\t5\t100\n1\t2\t4\t200\n")
     fixed = CliRunner().invoke(app, ["load", "--format", "ml-100k", str(folder)])
     assert fixed.exit_code == 0, fixed.output
