@@ -110,11 +110,17 @@ def load_current(data_dir: Path) -> ItemIndex | None:
     return None if version is None else load(index_dir(data_dir) / version)
 
 
-def publish(index: ItemIndex, data_dir: Path, keep: int = 3) -> Path:
+class IndexChanged(Exception):
+    """Another index became current while this one was built from what it replaces."""
+
+
+def publish(index: ItemIndex, data_dir: Path, keep: int = 3, replacing: str | None = None) -> Path:
     """Save `index` as a new version, make it current, and delete all but the `keep` most
     recently published versions (the current one and the one before it are always kept, so a
     gateway that has just read the old pointer can still load it). Returns the version's folder.
-    One publish at a time (a lock file): `reasonrec index` and a bootstrap may publish at once."""
+    One publish at a time (a lock file): `reasonrec index` and a bootstrap may publish at once.
+    With `replacing`, only while that version is still the current one, else IndexChanged: a
+    rebuild of the index it read must not undo a newer publish."""
     root = index_dir(data_dir)
     root.mkdir(parents=True, exist_ok=True)
     folder = root / index.version
@@ -123,6 +129,8 @@ def publish(index: ItemIndex, data_dir: Path, keep: int = 3) -> Path:
             previous = current_version(data_dir)
         except ValueError:  # a garbage pointer: replaced below
             previous = None
+        if replacing is not None and previous != replacing:
+            raise IndexChanged(f"index {previous} became current meanwhile")
         if not folder.exists():  # the same version means the same contents: already saved
             save(index, folder)
         pointer = root / f".current.tmp-{uuid.uuid4().hex[:8]}"

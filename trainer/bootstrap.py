@@ -31,7 +31,7 @@ from contract.search import RetrieverKind
 from contract.tasks import Task
 from reward_rules.policy import Policy, build_terms, catalog_facts
 from server.config import Settings
-from server.index_files import load_current, publish
+from server.index_files import IndexChanged, load_current, publish
 from server.item_index import ItemIndex
 from server.policy import read_policy
 from server.registry import Manifest, Registry, new_version
@@ -96,10 +96,17 @@ def current_index(corpus: Corpus, settings: Settings) -> ItemIndex | None:
     if index is None:
         return None
     seed = index.manifest.get("params", {}).get("seed", 0)
-    inputs = inputs_digest(corpus.items.values(), _sequences(corpus), index.dim, seed=seed)
-    if index.manifest.get("inputs_sha256") == inputs:
+    sequences = _sequences(corpus)
+    if index.manifest.get("inputs_sha256") == inputs_digest(
+        corpus.items.values(), sequences, index.dim, seed=seed
+    ):
         return index
-    return index_corpus(corpus, settings, index.dim, seed)
+    rebuilt = build_index(list(corpus.items.values()), sequences, index.dim, seed=seed)
+    try:
+        publish(rebuilt, settings.data_dir, replacing=index.version)
+    except IndexChanged:  # `reasonrec index` or a bootstrap published meanwhile: theirs stays
+        return load_current(settings.data_dir)
+    return rebuilt
 
 
 def index_corpus(

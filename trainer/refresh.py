@@ -293,6 +293,10 @@ async def _refresh(
         store, trainer_dir(settings), keep=KEEP_FACTOR * settings.refresh_logged_examples
     )
     consumed = await feedback.consume()
+    # Before anything can skip: items added through the API reach the candidates even while a
+    # refresh has too little feedback to train on.
+    corpus = await read_corpus(store)
+    index = await finish_in_thread(current_index, corpus, settings)
     parent = await store.active_model()
     if parent is None:
         return RefreshResult(
@@ -305,7 +309,6 @@ async def _refresh(
     train, holdout = split_logged(
         logged, settings.gate_holdout, manifest.rendering, settings.refresh_logged_examples
     )
-    corpus = await read_corpus(store)
     rates = Task.rate in manifest.tasks and settings.refresh_rating_examples > 0
     rating = (
         recent_ratings(corpus, manifest, settings.refresh_rating_examples, settings.gate_holdout)
@@ -316,7 +319,6 @@ async def _refresh(
         return RefreshResult(outcome="skipped", reason=reason, parent=parent, consumed=consumed)
     policy = read_policy(settings.policy_file)
     facts = catalog_facts(corpus.items.values(), policy)
-    index = await finish_in_thread(current_index, corpus, settings)
     fresh = (
         apart_from(
             await asyncio.to_thread(fresh_examples, corpus, index, settings, manifest.contract),

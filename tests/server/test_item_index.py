@@ -293,6 +293,22 @@ def test_publish_makes_a_version_current(index: ItemIndex, tmp_path: Path) -> No
     assert current is not None and current.version == newer.version
 
 
+def test_publish_replacing_a_version_refuses_when_another_became_current(
+    index: ItemIndex, tmp_path: Path
+) -> None:
+    """A refresh rebuilds the index it read: one published meanwhile (`reasonrec index`, a
+    bootstrap) is newer and stays."""
+    publish(index, tmp_path)
+    theirs = build_index(_items(), _sequences(seed=1), dim=8)
+    publish(theirs, tmp_path)
+    ours = build_index(_items(), _sequences(seed=2), dim=8)
+    with pytest.raises(index_files.IndexChanged):
+        publish(ours, tmp_path, replacing=index.version)
+    assert current_version(tmp_path) == theirs.version
+    publish(ours, tmp_path, replacing=theirs.version)
+    assert current_version(tmp_path) == ours.version
+
+
 def test_a_gateway_keeps_the_index_it_holds_when_the_current_one_cannot_be_read(
     index: ItemIndex, settings: Settings, tmp_path: Path
 ) -> None:
