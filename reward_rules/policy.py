@@ -440,15 +440,15 @@ class _UnreadableTag(Exception):
 
 def _read_yaml(text: str) -> tuple[yaml.Node | None, Any]:
     """The document's node tree (for lines) and its value. Raises what PyYAML raises, and
-    _UnreadableTag for a scalar whose explicit tag does not fit it (`!!float abc`), which PyYAML
-    reports as a bare ValueError or KeyError with no line."""
+    _UnreadableTag for a scalar its tag does not fit (`!!float abc`, a date `2024-02-30`), which
+    PyYAML reports as a bare ValueError or KeyError with no line."""
     loader = yaml.SafeLoader(text)  # checks the characters already
     try:
         root = loader.get_single_node()
         if root is None:
             return None, None
         for node in _scalars(root):
-            if node.tag != loader.resolve(yaml.ScalarNode, node.value, (True, False)):
+            if node.tag != "tag:yaml.org,2002:str":  # `2024-02-30` resolves as a date, and fails
                 try:
                     loader.construct_object(node)
                 except (ValueError, KeyError, TypeError, AttributeError) as exc:

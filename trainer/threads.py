@@ -8,6 +8,7 @@ only once the thread has ended.
 
 import asyncio
 from collections.abc import Callable
+from contextlib import suppress
 from typing import ParamSpec, TypeVar
 
 P = ParamSpec("P")
@@ -21,12 +22,16 @@ async def finish_in_thread(
     **kwargs: P.kwargs,
 ) -> T:
     """`asyncio.to_thread(func, *args, **kwargs)`; when cancelled, call `on_cancel` (to ask the
-    thread to end sooner) and wait for the thread to end before the cancellation goes on."""
+    thread to end sooner) and wait for the thread to end before the cancellation goes on, however
+    often it is cancelled meanwhile (a second Ctrl-C raises KeyboardInterrupt, a second SIGTERM
+    kills: neither is a cancellation)."""
     work = asyncio.ensure_future(asyncio.to_thread(func, *args, **kwargs))
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:
         if on_cancel is not None:
             on_cancel()
-        await asyncio.wait({work})
+        while not work.done():  # a second cancellation (Ctrl-C, then SIGTERM) waits as well
+            with suppress(asyncio.CancelledError):
+                await asyncio.wait({work})
         raise

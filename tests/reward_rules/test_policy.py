@@ -140,6 +140,7 @@ class TestParseErrors:
             ("weights:\n  format: !!int abc\n", [(2, "cannot be read as int")]),
             ("weights:\n  format: !!bool abc\n", [(2, "cannot be read as bool")]),
             ("weights:\n\n  format: !!timestamp abc\n", [(3, "cannot be read as timestamp")]),
+            ("weights:\n  format: 2024-02-30\n", [(2, "cannot be read as timestamp")]),
             ("weights: " + "[" * 3000 + "]" * 3000 + "\n", [(1, "nested too deeply")]),
             # YAML's booleans are not numbers: `true` would have been a cap of 1, `yes` weight 1
             ("constraints:\n  max_per_category: true\n", [(2, "a number is needed")]),

@@ -36,3 +36,26 @@ def test_the_result_and_the_error_of_the_thread_come_back() -> None:
     assert asyncio.run(finish_in_thread(sorted, [3, 1, 2], reverse=True)) == [3, 2, 1]
     with pytest.raises(ZeroDivisionError):
         asyncio.run(finish_in_thread(lambda: 1 / 0))
+
+
+def test_a_second_cancellation_waits_as_well() -> None:
+    started = threading.Event()
+    ended: list[float] = []
+
+    def work() -> None:
+        started.set()
+        time.sleep(0.5)
+        ended.append(time.monotonic())
+
+    async def body() -> float:
+        task = asyncio.create_task(finish_in_thread(work))
+        assert await asyncio.to_thread(started.wait, 30)
+        task.cancel()
+        await asyncio.sleep(0.1)
+        task.cancel()  # Ctrl-C, then SIGTERM
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return time.monotonic()
+
+    unwound = asyncio.run(body())
+    assert ended and ended[0] <= unwound
