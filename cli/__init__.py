@@ -22,6 +22,7 @@ from server.cli import (
     console,
     errors_end_command,
     load_dataset,
+    os_reason,
     serve_with,
     settings_from_env,
 )
@@ -138,10 +139,10 @@ def _demo_instructions(settings: Settings, user: str, item: str) -> str:
 
 
 def _describe(exc: OSError) -> str:
-    """A line such as `/srv/var/indexes: Permission denied`, without Python's `[Errno 13]`."""
+    """A line such as `/srv/var/indexes: Permission denied`."""
     if exc.strerror and exc.filename is not None:
         return f"{exc.filename}: {exc.strerror}"
-    return exc.strerror or str(exc)
+    return os_reason(exc)
 
 
 def main() -> None:

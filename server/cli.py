@@ -79,6 +79,11 @@ def errors_end_command(*kinds: type[Exception]) -> Iterator[None]:
         raise typer.Exit(1) from exc
 
 
+def os_reason(exc: OSError) -> str:
+    """An OSError as a person reads it: "Permission denied", without Python's "[Errno 13]"."""
+    return exc.strerror or str(exc)
+
+
 def check_address(settings: Settings) -> None:
     """End the command now, not after loading, training and starting vLLM, when the address it
     would serve on is taken (the server binds only once it has started everything). Every
@@ -91,7 +96,7 @@ def check_address(settings: Settings) -> None:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
                 probe.bind(address)
     except OSError as exc:
-        reason = exc.strerror or str(exc)
+        reason = os_reason(exc)
         # An address is neither markup nor emoji codes (":-1:" was printed as one).
         address = escape(f"{settings.host}:{settings.port}: {reason}")
         console.print(f"[red]error:[/red] cannot serve on {address}", emoji=False)

@@ -16,6 +16,7 @@ from reward_rules.policy import PolicyError
 from server.cli import (
     console,
     errors_end_command,
+    os_reason,
     settings_from_env,
 )
 from server.config import Settings
@@ -91,12 +92,15 @@ def _unwritable(path: Path) -> str | None:
     """Why no file can be written at `path`, if none can (checked before hours of work, not
     after). Opened for real: the folder's permission bits pass for root and say nothing of the
     file itself (read-only, a /proc entry); a file the probe creates is removed again."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        # A FIFO or a device: opened for writing, a FIFO would block until a reader came.
+        return None if os.access(path, os.W_OK) else "not writable"
     existed = os.path.lexists(path)  # a dangling link: its target is created, not removed
     try:
         with path.open("a"):
             pass
     except OSError as exc:
-        return exc.strerror or str(exc)
+        return os_reason(exc)
     if not existed:
         path.unlink(missing_ok=True)
     return None

@@ -2,6 +2,7 @@
 write is refused before the run (nothing here trains a model)."""
 
 import json
+import os
 import shutil
 import sys
 import types
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 from cli import app
 from server.config import Settings
 from trainer import bootstrap as bootstrap_module
+from trainer.cli import _unwritable
 from trainer.evaluation.harness import Report
 from trainer.evaluation.split import EvalData
 
@@ -86,6 +88,15 @@ def test_a_report_file_that_cannot_be_opened_is_refused_before_the_run(
     assert result.exit_code == 2, result.output
     assert "cannot be written" in " ".join(result.output.split())
     assert not runs
+
+
+@pytest.mark.timeout(30)
+def test_a_report_to_a_pipe_is_not_opened_by_the_probe(tmp_path: Path) -> None:
+    """Opened for writing, a FIFO blocks until a reader comes: the probe would hang the command."""
+    fifo = tmp_path / "report.fifo"
+    os.mkfifo(fifo)
+    assert _unwritable(fifo) is None
+    assert _unwritable(tmp_path) == "Is a directory"
 
 
 def test_the_report_probe_leaves_no_file_behind(
