@@ -24,7 +24,8 @@ PREFIX = "REASONREC_"
 # Service named reasonrec-<name> (<NAME>_SERVICE_HOST, <NAME>_PORT_8000_TCP_ADDR, ...): no settings.
 _NOT_OURS = re.compile(r"TEST_|\w+_SERVICE_(HOST|PORT\w*)$|\w+_PORT_\d+_(TCP|UDP|SCTP)\w*$")
 # <NAME>_PORT alone only with the address Kubernetes writes: a misspelled port setting is ours.
-_PORT_LINK = re.compile(r"\w+_PORT$"), re.compile(r"(tcp|udp|sctp)://", re.IGNORECASE)
+_PORT_LINK_NAME = re.compile(r"\w+_PORT$")
+_PORT_LINK_VALUE = re.compile(r"(tcp|udp|sctp)://", re.IGNORECASE)
 
 
 class _Section(BaseSettings):
@@ -276,8 +277,9 @@ class TrainerSettings(_Section):
         20,
         ge=0,
         description="After each published refresh (and `reasonrec models prune`), remove all but "
-        "the newest this many versions from the registry; the active and the previous version "
-        "and the bases of kept adapters are always kept (0: remove none).",
+        "the newest this many trained versions from the registry; the active and the previous "
+        "version, the bases of kept adapters and versions brought in (register, import-gguf) "
+        "are always kept (0: remove none).",
     )
     gate_ndcg_tolerance: float = Field(
         0.01,
@@ -331,7 +333,7 @@ def unknown_variables(environ: Mapping[str, str] = os.environ) -> dict[str, str 
         name = variable.upper().removeprefix(PREFIX)
         if not variable.upper().startswith(PREFIX) or name in known or _NOT_OURS.match(name):
             continue
-        if _PORT_LINK[0].match(name) and _PORT_LINK[1].match(environ[variable]):
+        if _PORT_LINK_NAME.match(name) and _PORT_LINK_VALUE.match(environ[variable]):
             continue
         unknown[variable] = meant(name)
     return unknown

@@ -33,6 +33,8 @@ from server.durable import fsync, fsync_tree
 MANIFEST = "manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
 _STAGING = ".staging-"
+REGISTERED, IMPORTED = "registered", "imported"  # `training.method` of versions brought in
+BROUGHT_IN = {REGISTERED, IMPORTED}
 STALE_STAGING_SECONDS = 86_400.0  # a writer fills its folder within minutes; a day is ample
 log = logging.getLogger(__name__)
 
@@ -224,13 +226,15 @@ class Registry:
             return self.publish(staging, manifest)
 
     def prune(self, keep: int, serving: set[str]) -> list[str]:
-        """Remove all but the newest `keep` versions (0: none), never one in `serving` (the active
-        and the previous version: a rollback needs it) or the base a kept adapter runs on.
-        Returns the removed versions, oldest first."""
+        """Remove all but the newest `keep` trained versions (0: none), never one in `serving`
+        (the active and the previous version: a rollback needs it), a version brought in (`models
+        register`, `models import-gguf`: a base to train on, not a product of training) or the
+        base a kept adapter runs on. Returns the removed versions, oldest first."""
         if keep == 0:
             return []
         versions = self.versions()
-        kept = {manifest.version for manifest in versions[-keep:]} | serving
+        trained = [m.version for m in versions if m.training.get("method") not in BROUGHT_IN]
+        kept = {m.version for m in versions} - set(trained[:-keep]) | serving
         kept |= {m.base_model for m in versions if m.version in kept and m.base_model}
         removed = [m.version for m in versions if m.version not in kept]
         for version in removed:

@@ -22,6 +22,7 @@ from server.cli import (
 from server.config import Settings
 from server.loaders import LoadError
 from server.registry import (
+    REGISTERED,
     Manifest,
     Registry,
     RegistryError,
@@ -331,7 +332,7 @@ def register_model(
         version=new_version(),
         chat_template=has_chat_template(path),
         prompt_history=settings.prompt_history,
-        training={"method": "registered", "source": str(path)},
+        training={"method": REGISTERED, "source": str(path)},
     )
     with errors_end_command(RegistryError):
         Registry(settings.registry_path).register(path, manifest)
@@ -384,11 +385,12 @@ def activate_model(version: Annotated[str, typer.Argument()]) -> None:
 def prune_models(
     keep: Annotated[
         int | None,
-        typer.Option(min=1, help="Versions to keep. Default: REASONREC_KEEP_VERSIONS."),
+        typer.Option(min=1, help="Trained versions to keep. Default: REASONREC_KEEP_VERSIONS."),
     ] = None,
 ) -> None:
-    """Remove all but the newest versions (a refresh does this after each publish); the active
-    and the previous version and the bases of kept adapters stay. Prints each removed version."""
+    """Remove all but the newest trained versions (a refresh does this after each publish); the
+    active and the previous version, the bases of kept adapters and versions brought in
+    (register, import-gguf) stay. Prints each removed version."""
     settings = settings_from_env()
 
     async def serving() -> set[str]:

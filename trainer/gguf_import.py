@@ -16,7 +16,14 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from server.registry import Manifest, Registry, RegistryError, has_chat_template, new_version
+from server.registry import (
+    IMPORTED,
+    Manifest,
+    Registry,
+    RegistryError,
+    has_chat_template,
+    new_version,
+)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -89,7 +96,7 @@ def match_config(tokenizer: "PreTrainedTokenizerBase", config: "PretrainedConfig
 
 def imported_from(source: Path) -> dict[str, str]:
     """The manifest's `training` of a version imported from `source`."""
-    return {"method": "imported", "format": "gguf", "source": str(source)}
+    return {"method": IMPORTED, "format": "gguf", "source": str(source)}
 
 
 def import_gguf(registry: Registry, source: Path, prompt_history: int = 20) -> Manifest:

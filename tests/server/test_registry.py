@@ -291,9 +291,12 @@ def test_prune_keeps_the_newest_the_serving_and_the_bases_of_kept_adapters(
         created = T0 + timedelta(hours=age)
         fields = {"kind": "lora", "base_model": "v1"} if version == "v5" else {}
         publish_version(registry, version, created_at=created, **fields)
+    imported = {"method": "imported", "format": "gguf"}  # a base to train on, not a product
+    publish_version(registry, "v-gguf", created_at=T0 - timedelta(hours=1), training=imported)
 
     assert registry.prune(keep=1, serving={"v2", "v3"}) == ["v0", "v4"]
-    assert names(registry) == ["v1", "v2", "v3", "v5"]  # v1: the base the kept adapter needs
+    # v1: the base the kept adapter needs; the imported model is no version training made
+    assert names(registry) == ["v-gguf", "v1", "v2", "v3", "v5"]
     assert not list(registry.root.glob(".*"))  # nothing left behind
     assert registry.prune(keep=1, serving={"v2", "v3"}) == []
 
