@@ -354,6 +354,12 @@ def _build(
     return _Built(vectors, _priors(sequences, len(items)), len(items) - mapped_count, mapped_count)
 
 
+def _catalog(items: Iterable[ItemText]) -> tuple[list[ItemText], dict[str, int]]:
+    """Each item once (the last of equal ids), and each id's row."""
+    catalog = list({item.item_id: item for item in items}.values())
+    return catalog, {item.item_id: i for i, item in enumerate(catalog)}
+
+
 def inputs_digest(
     items: Iterable[ItemText],
     sequences: Iterable[Sequence[str]],
@@ -363,8 +369,7 @@ def inputs_digest(
 ) -> str:
     """A hash of what `build_index` reads: equal inputs, equal index. A refresh compares it with
     the current index's to rebuild only when the catalog or the interactions changed."""
-    catalog = list({item.item_id: item for item in items}.values())
-    position = {item.item_id: i for i, item in enumerate(catalog)}
+    catalog, position = _catalog(items)
     digest = hashlib.sha256(json.dumps([dim, window, seed]).encode())
     for item in catalog:
         digest.update(json.dumps([item.item_id, _features(item)]).encode())
@@ -385,9 +390,8 @@ def build_index(
     if dim < 1 or window < 1:
         raise ValueError("dim and window must be at least 1")
     started = time.perf_counter()
-    catalog = list({item.item_id: item for item in items}.values())
+    catalog, position = _catalog(items)
     sequences = list(sequences)
-    position = {item.item_id: i for i, item in enumerate(catalog)}
     encoded = _encode(sequences, position)
     built = _build(catalog, encoded, dim, window, seed)
     ids = [item.item_id for item in catalog]

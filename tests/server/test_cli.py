@@ -220,16 +220,7 @@ def test_a_data_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     """The embedded Redis keeps its file there: `mkdir` failed with a traceback."""
     not_a_folder = tmp_path / "var"
     not_a_folder.write_text("")
-    done = subprocess.run(
-        [REASONREC, "models", "list"],
-        env=_without_redis_url(not_a_folder),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    output = " ".join((done.stdout + done.stderr).split())
-    assert done.returncode == 1, output
-    assert "Traceback" not in output
+    output = _one_line_error(["models", "list"], _without_redis_url(not_a_folder))
     assert f"the data directory {not_a_folder} (REASONREC_DATA_DIR) cannot be created" in output
 
 
@@ -240,17 +231,19 @@ def test_an_index_that_cannot_be_written_is_one_line(
     not_a_folder = tmp_path / "var"
     not_a_folder.write_text("")
     variables = {**os.environ, **env, "REASONREC_DATA_DIR": str(not_a_folder)}
+    output = _one_line_error(["index", "--dim", "4"], variables)
+    assert f"error: {not_a_folder / 'indexes'}: Not a directory" in output
+
+
+def _one_line_error(args: list[str], variables: dict[str, str]) -> str:
+    """The installed command's output, spacing folded, after checking it ended with an error
+    (exit status 1) and no traceback."""
     done = subprocess.run(
-        [REASONREC, "index", "--dim", "4"],
-        env=variables,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [REASONREC, *args], env=variables, capture_output=True, text=True, timeout=120
     )
     output = " ".join((done.stdout + done.stderr).split())
-    assert done.returncode == 1, output
-    assert "Traceback" not in output
-    assert f"error: {not_a_folder / 'indexes'}: Not a directory" in output
+    assert done.returncode == 1 and "Traceback" not in output, output
+    return output
 
 
 def test_a_demo_whose_bootstrap_cannot_start_says_why(
