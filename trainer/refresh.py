@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -110,6 +110,7 @@ class HeldLock:
         self.store, self.token = store, token
         self.renewed_at = taken_at  # monotonic: when the last renewal that held it was sent
         self._gone: str | None = None
+        self._done = asyncio.Event()
 
     @property
     def lost(self) -> str | None:
@@ -117,11 +118,19 @@ class HeldLock:
             return f"not renewed for {LOCK_SECONDS} s"
         return self._gone
 
+    def done(self) -> None:
+        """Ask `keep` to end at its next tick."""
+        self._done.set()
+
     async def keep(self) -> None:
-        """Renew every RENEW_SECONDS until cancelled, or until the lock is found gone; a Redis
-        error is logged and the next tick tries again."""
+        """Renew every RENEW_SECONDS until `done`, or until the lock is found gone; a Redis error
+        is logged and the next tick tries again. It ends between renewals, never cancelled in
+        one: the release that follows runs on connections no cancellation cut off."""
         while True:
-            await asyncio.sleep(RENEW_SECONDS)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._done.wait(), RENEW_SECONDS)
+            if self._done.is_set():
+                return
             sent = time.monotonic()
             try:
                 held = await self.store.renew_trainer_lock(self.token, LOCK_SECONDS)
@@ -147,7 +156,7 @@ async def refresh_lock(store: Store) -> AsyncIterator[HeldLock]:
     try:
         yield lock
     finally:
-        renewing.cancel()
+        lock.done()
         await asyncio.gather(renewing, return_exceptions=True)
         try:
             await store.release_trainer_lock(token)

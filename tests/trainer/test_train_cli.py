@@ -284,6 +284,32 @@ def test_a_lock_taken_over_is_lost(env: Settings, rdb: redis.Redis, lock_key: st
     assert rdb.get(lock_key) == "another-refresh"  # not released: it is not ours
 
 
+def test_a_renewal_under_way_ends_before_the_lock_is_released(
+    env: Settings, rdb: redis.Redis, lock_key: str
+) -> None:
+    """The renewal is not cancelled in the middle of a Redis call: the release runs after it."""
+    calls: list[str] = []
+
+    async def body() -> None:
+        async with open_store(env) as store:
+            renew = store.renew_trainer_lock
+
+            async def slow_renew(token: str, seconds: int) -> bool:
+                calls.append("renewing")
+                await asyncio.sleep(0.3)
+                calls.append("renewed")
+                return await renew(token, seconds)
+
+            store.renew_trainer_lock = slow_renew
+            async with refresh_lock(store):
+                await asyncio.sleep(0.05)  # renewed every 20 ms: one is under way
+            calls.append("released")
+
+    asyncio.run(body())
+    assert calls[:3] == ["renewing", "renewed", "released"]
+    assert rdb.get(lock_key) is None
+
+
 def test_a_lock_redis_could_not_renew_for_its_lifetime_is_lost(
     env: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
