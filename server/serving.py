@@ -29,7 +29,7 @@ from server.engine import Engine
 from server.index_files import current_version, load_current
 from server.item_index import ItemIndex
 from server.logs import describe
-from server.registry import RegistryError
+from server.registry import Registry, RegistryError
 from server.store import Store
 
 log = logging.getLogger(__name__)
@@ -231,6 +231,20 @@ class Serving:
             await asyncio.sleep(self.settings.release_seconds)
         finally:  # at shutdown too
             await _release(engine)
+        await asyncio.to_thread(self._forget_pruned)
+
+    def _forget_pruned(self) -> None:
+        """Drop the metrics of versions pruned from the registry (the previous version stays
+        there, so its series do too); a registry that cannot be read now is read at the next
+        swap."""
+        try:
+            kept = {
+                manifest.version for manifest in Registry(self.settings.registry_path).versions()
+            }
+        except OSError as exc:
+            log.warning("registry unreadable", extra={"reason": describe(exc)})
+            return
+        metrics.forget_versions(kept | {self.version} if self.version else kept)
 
 
 async def _release(engine: Engine) -> None:

@@ -415,3 +415,32 @@ def test_the_reason_for_no_engine_follows_what_redis_says_once_it_answers(
             return serving.problem
 
     assert asyncio.run(reason()) == "no active model: run `reasonrec bootstrap`"
+
+
+def test_the_metrics_of_versions_pruned_from_the_registry_are_dropped(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """One set of series per version served: with hourly refreshes they grew without end."""
+    publish(tmp_path / "models", "v1")
+    metrics = server.serving.metrics
+    metrics.RECOMMENDATIONS.labels("llm", "v-pruned").inc()
+    metrics.RECOMMENDATIONS.labels("llm", "v1").inc()
+    metrics.RECOMMENDATIONS.labels("fallback", "").inc()  # no model: not a version
+    metrics.POSITIVES.labels("v-pruned").inc()
+    update = {"registry_dir": tmp_path / "models", "llm_timeout_ms": 10}
+    serving = server.serving.Serving(settings.model_copy(update=update), None)
+    closed: list[bool] = []
+
+    class Outgoing:
+        model_version = "v-pruned"
+
+        async def close(self) -> None:
+            closed.append(True)
+
+    asyncio.run(serving._close_later(Outgoing()))  # once the outgoing engine is released
+
+    def versions(counter: Any) -> set[str]:
+        return {s.labels["model_version"] for m in counter.collect() for s in m.samples}
+
+    assert "v-pruned" not in versions(metrics.RECOMMENDATIONS) | versions(metrics.POSITIVES)
+    assert {"v1", ""} <= versions(metrics.RECOMMENDATIONS) and closed == [True]
