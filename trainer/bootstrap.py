@@ -101,7 +101,7 @@ def current_index(corpus: Corpus, settings: Settings) -> ItemIndex | None:
         corpus.items.values(), sequences, index.dim, seed=seed
     ):
         return index
-    rebuilt = build_index(list(corpus.items.values()), sequences, index.dim, seed=seed)
+    rebuilt = build_index(list(corpus.items.values()), sequences, dim=index.dim, seed=seed)
     try:
         publish(rebuilt, settings.data_dir, replacing=index.version)
     except IndexChanged:  # `reasonrec index` or a bootstrap published meanwhile: theirs stays
@@ -122,7 +122,8 @@ def index_corpus(
     bootstrap's validation holds out; an index that learnt it retrieved the held-out item
     (on synthetic data the retrieval order's validation NDCG@10 read 0.207 against 0.164),
     flattering the retrieval baseline the gate compares with and the blend's retrieval prior."""
-    index = build_index(list(corpus.items.values()), _sequences(corpus, held_out), dim, seed=seed)
+    sequences = _sequences(corpus, held_out)
+    index = build_index(list(corpus.items.values()), sequences, dim=dim, seed=seed)
     if current:
         publish(index, settings.data_dir)
     return index

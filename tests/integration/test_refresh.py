@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from server.config import Settings
 from server.index_files import current_version
-from server.registry import Manifest, Registry
+from server.registry import BROUGHT_IN, Manifest, Registry
 from server.store import open_store
 from tests.conftest import dies_with_pytest
 from tests.integration.test_hot_swap import activate
@@ -113,6 +113,10 @@ def refresh(settings: Settings, force: bool = False, **update: object) -> Refres
         loop.close()  # leaves a hung thread behind rather than waiting for it
 
 
+def trained(registry: Registry) -> list[str]:
+    return [m.version for m in registry.versions() if m.training.get("method") not in BROUGHT_IN]
+
+
 def test_gate_rejection_leaves_the_active_version(
     gateway: TestClient, served_settings: Settings, tiny_model: BootstrapResult
 ) -> None:
@@ -161,13 +165,14 @@ def test_feedback_refreshes_the_served_model(
         # A refresh of an adapter version trains its adapter on; the swap loads an adapter
         # into the process already running, and the first adapter is unloaded.
         serve_and_click(gateway)
-        # The oldest version is pruned once this refresh publishes one more than it keeps.
+        # The oldest trained version is pruned once this refresh publishes one more than it
+        # keeps (versions other tests imported are bases, never pruned).
         old = Manifest(version="v-old", created_at=datetime(2000, 1, 1, tzinfo=UTC))
         registry.register(tiny_model.path, old)
-        kept = len(registry.versions())
+        kept = len(trained(registry))
         second = refresh(served_settings, True, keep_versions=kept, **LOOSE)
         assert second.outcome == "published", second
-        assert not registry.has("v-old") and len(registry.versions()) == kept
+        assert not registry.has("v-old") and len(trained(registry)) == kept
         manifest = registry.manifest(second.version)
         assert manifest.kind == "lora" and manifest.parent == result.version
         assert manifest.base_model == tiny_model.version and second.lora_rank == 4

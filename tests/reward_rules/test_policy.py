@@ -139,8 +139,6 @@ class TestParseErrors:
             ("weights:\n  format: !!float abc\n", [(2, "'abc' cannot be read as float")]),
             ("weights:\n  format: !!int abc\n", [(2, "cannot be read as int")]),
             ("weights:\n  format: !!bool abc\n", [(2, "cannot be read as bool")]),
-            ("weights:\n\n  format: !!timestamp abc\n", [(3, "cannot be read as timestamp")]),
-            ("weights:\n  format: 2024-02-30\n", [(2, "cannot be read as timestamp")]),
             ("weights: " + "[" * 3000 + "]" * 3000 + "\n", [(1, "nested too deeply")]),
             # YAML's booleans are not numbers: `true` would have been a cap of 1, `yes` weight 1
             ("constraints:\n  max_per_category: true\n", [(2, "a number is needed")]),
@@ -160,6 +158,19 @@ class TestParseErrors:
         for problem, (_, fragment) in zip(problems, expected, strict=True):
             assert fragment in problem.message
         assert str(caught.value).splitlines()[0].startswith(f"p.yaml:{expected[0][0]}: ")
+
+    @pytest.mark.parametrize(
+        ("text", "line"),
+        [("weights:\n\n  format: !!timestamp abc\n", 3), ("weights:\n  format: 2024-02-30\n", 2)],
+    )
+    def test_a_timestamp_that_is_none_is_an_error_at_its_line(self, text: str, line: int) -> None:
+        """Imported with vLLM, lm-format-enforcer makes PyYAML read every timestamp as text (the
+        gateway's case): the value then fails as a number. Either way an error at its line."""
+        with pytest.raises(PolicyError) as caught:
+            parse_policy(text)
+        [problem] = caught.value.problems
+        assert problem.line == line
+        assert "cannot be read as timestamp" in problem.message or "number" in problem.message
 
     @pytest.mark.timeout(60)
     def test_aliases_nested_in_aliases_are_read_once(self) -> None:
