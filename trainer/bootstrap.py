@@ -96,17 +96,13 @@ def current_index(corpus: Corpus, settings: Settings) -> ItemIndex | None:
     if index is None:
         return None
     seed = index.manifest.get("params", {}).get("seed", 0)
-    sequences = _sequences(corpus)
-    if index.manifest.get("inputs_sha256") == inputs_digest(
-        corpus.items.values(), sequences, index.dim, seed=seed
-    ):
+    inputs = inputs_digest(corpus.items.values(), _sequences(corpus), index.dim, seed=seed)
+    if index.manifest.get("inputs_sha256") == inputs:
         return index
-    rebuilt = build_index(list(corpus.items.values()), sequences, dim=index.dim, seed=seed)
     try:
-        publish(rebuilt, settings.data_dir, replacing=index.version)
+        return index_corpus(corpus, settings, index.dim, seed, replacing=index.version)
     except IndexChanged:  # `reasonrec index` or a bootstrap published meanwhile: theirs stays
         return load_current(settings.data_dir)
-    return rebuilt
 
 
 def index_corpus(
@@ -116,16 +112,18 @@ def index_corpus(
     seed: int = 0,
     current: bool = True,
     held_out: bool = False,
+    replacing: str | None = None,
 ) -> ItemIndex:
     """Build the candidate index from the corpus and (with `current`) make it the current
     version, the one gateways load. `held_out`: without each user's last interaction, which
     bootstrap's validation holds out; an index that learnt it retrieved the held-out item
     (on synthetic data the retrieval order's validation NDCG@10 read 0.207 against 0.164),
-    flattering the retrieval baseline the gate compares with and the blend's retrieval prior."""
+    flattering the retrieval baseline the gate compares with and the blend's retrieval prior.
+    `replacing`: publish only while that version is current (`IndexChanged` otherwise)."""
     sequences = _sequences(corpus, held_out)
     index = build_index(list(corpus.items.values()), sequences, dim=dim, seed=seed)
     if current:
-        publish(index, settings.data_dir)
+        publish(index, settings.data_dir, replacing=replacing)
     return index
 
 
