@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 from server import logs
 from server.active_model import placement
 from server.config import Settings
-from server.engine import LOGPROBS_MODE, MAX_LOGPROBS
+from server.engine import LOGPROBS_MODE, MAX_LOGPROBS, RELEASE_LIMIT_SECONDS
 from server.engine.local import ADAPTERS_AT_ONCE, lora_slot
 from server.engine.remote import bearer
 from server.registry import RegistryError
@@ -103,7 +103,8 @@ def vllm_swapper(
     unloading: dict[str, asyncio.Task] = {}
 
     async def unload_later(version: str) -> None:
-        await asyncio.sleep(settings.release_seconds)
+        # A gateway's requests may hold the outgoing version this long (server.serving.hold).
+        await asyncio.sleep(RELEASE_LIMIT_SECONDS)
         unloading.pop(version, None)
         try:
             response = await client.post("/v1/unload_lora_adapter", json={"lora_name": version})

@@ -224,12 +224,6 @@ class EngineSettings(_Section):
         192, ge=16, description="Token budget of one answer (rationale + ranked ids)."
     )
 
-    @property
-    def release_seconds(self) -> float:
-        """How long after a swap the outgoing model may still have requests: the LLM budget
-        cancels every request by then."""
-        return self.llm_timeout_ms / 1000 + 1
-
 
 class TrainerSettings(_Section):
     """The trainer sidecar and `reasonrec train`: refresh schedule, GRPO, the publish gate."""

@@ -18,6 +18,9 @@ candidates without a restart or a model swap.
 import asyncio
 import logging
 import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import faiss
 from redis.exceptions import RedisError
@@ -25,7 +28,7 @@ from redis.exceptions import RedisError
 from server import metrics
 from server.active_model import open_engine
 from server.config import Settings
-from server.engine import Engine
+from server.engine import RELEASE_LIMIT_SECONDS, Engine
 from server.index_files import current_version, load_current
 from server.item_index import ItemIndex
 from server.logs import describe
@@ -52,6 +55,8 @@ class Serving:
         """Why there is no engine, for /readyz."""
         self._lock = asyncio.Lock()  # one swap at a time, in announcement order
         self._closing: set[asyncio.Task] = set()
+        self._holders: Counter[int] = Counter()  # requests holding each engine, by its id()
+        self._let_go = asyncio.Condition()  # notified when a request lets an engine go
         self._stopping = asyncio.Event()
         self._following: asyncio.Task | None = None
         self._wanted: str | None = None  # the version last swapped to, served or refused
@@ -62,6 +67,21 @@ class Serving:
     def version(self) -> str | None:
         """The model version answering, None without one."""
         return self.engine.model_version if self.engine else None
+
+    @asynccontextmanager
+    async def hold(self) -> AsyncIterator[tuple[Engine | None, ItemIndex | None]]:
+        """The engine and index one request uses, read together (a swap replaces both); a swap
+        does not close the engine while a request holds it."""
+        engine, index = self.engine, self.index
+        self._holders[id(engine)] += 1
+        try:
+            yield engine, index
+        finally:
+            self._holders[id(engine)] -= 1
+            if self._holders[id(engine)] <= 0:  # the id of a released engine may come back
+                del self._holders[id(engine)]
+            async with self._let_go:
+                self._let_go.notify_all()
 
     async def start(self) -> None:
         """Open the index and the active model, then follow activations. Nothing that fails here
@@ -228,7 +248,16 @@ class Serving:
 
     async def _close_later(self, engine: Engine) -> None:
         try:
-            await asyncio.sleep(self.settings.release_seconds)
+            async with self._let_go:
+                await asyncio.wait_for(
+                    self._let_go.wait_for(lambda: self._holders[id(engine)] <= 0),
+                    RELEASE_LIMIT_SECONDS,
+                )
+        except TimeoutError:
+            log.warning(
+                "outgoing engine closed under requests still holding it",
+                extra={"version": engine.model_version, "requests": self._holders[id(engine)]},
+            )
         finally:  # at shutdown too
             await _release(engine)
         await asyncio.to_thread(self._forget_pruned)

@@ -16,6 +16,10 @@ from server.vocabulary import ItemTokens
 MAX_LOGPROBS = 64
 # Log-probabilities after the grammar mask and the allowed tokens: what the answer chose among.
 LOGPROBS_MODE = "processed_logprobs"
+# How long after a swap a request may still use the outgoing version: its engine call ends within
+# the LLM budget and each of its Redis reads within Redis's timeout, so one holding it longer is
+# stuck, and the outgoing version's memory is needed back.
+RELEASE_LIMIT_SECONDS = 60.0
 
 
 class EngineError(Exception):

@@ -15,6 +15,5 @@ async def recommend(
     body: RecommendRequest, recommender: RecommenderDep, serving: ServingDep
 ) -> RecommendResponse:
     """A ranked list with a rationale, for any user (an unknown user is a cold start)."""
-    # Read together: a swap replaces both, and a request keeps the pair it started with.
-    engine, index = serving.engine, serving.index
-    return await recommender.recommend(body, request_id_var.get() or "", engine, index)
+    async with serving.hold() as (engine, index):
+        return await recommender.recommend(body, request_id_var.get() or "", engine, index)

@@ -308,9 +308,9 @@ def recording_vllm(status: int = 200) -> tuple[httpx.MockTransport, list[tuple[s
 
 
 async def test_the_swapper_loads_adapters_of_the_running_base_and_unloads_the_old(
-    settings: Settings,
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = settings.model_copy(update={"llm_timeout_ms": 10})
+    monkeypatch.setattr(serve_vllm, "RELEASE_LIMIT_SECONDS", 0.01)
     publish(settings, "v1", "other")
     publish_adapter(settings, "v2", base="v1")
     publish_adapter(settings, "v3", base="v1")
@@ -336,9 +336,9 @@ async def test_the_swapper_loads_adapters_of_the_running_base_and_unloads_the_ol
 
 
 async def test_an_adapter_activated_again_before_its_unload_stays_loaded(
-    settings: Settings,
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = settings.model_copy(update={"llm_timeout_ms": 300_000})  # unloads far off
+    monkeypatch.setattr(serve_vllm, "RELEASE_LIMIT_SECONDS", 300)  # unloads far off
     publish(settings, "v1")
     publish_adapter(settings, "v2", base="v1")
     publish_adapter(settings, "v3", base="v1")

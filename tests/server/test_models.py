@@ -417,6 +417,16 @@ def test_the_reason_for_no_engine_follows_what_redis_says_once_it_answers(
     assert asyncio.run(reason()) == "no active model: run `reasonrec bootstrap`"
 
 
+class Outgoing:
+    """An engine a swap has replaced: only its release is watched."""
+
+    def __init__(self, model_version: str = "v-old") -> None:
+        self.model_version, self.closed = model_version, False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
 def test_the_metrics_of_versions_pruned_from_the_registry_are_dropped(
     settings: Settings, tmp_path: Path
 ) -> None:
@@ -427,20 +437,50 @@ def test_the_metrics_of_versions_pruned_from_the_registry_are_dropped(
     metrics.RECOMMENDATIONS.labels("llm", "v1").inc()
     metrics.RECOMMENDATIONS.labels("fallback", "").inc()  # no model: not a version
     metrics.POSITIVES.labels("v-pruned").inc()
-    update = {"registry_dir": tmp_path / "models", "llm_timeout_ms": 10}
+    update = {"registry_dir": tmp_path / "models"}
     serving = server.serving.Serving(settings.model_copy(update=update), None)
-    closed: list[bool] = []
-
-    class Outgoing:
-        model_version = "v-pruned"
-
-        async def close(self) -> None:
-            closed.append(True)
-
-    asyncio.run(serving._close_later(Outgoing()))  # once the outgoing engine is released
+    outgoing = Outgoing("v-pruned")
+    asyncio.run(serving._close_later(outgoing))  # once the outgoing engine is released
 
     def versions(counter: Any) -> set[str]:
         return {s.labels["model_version"] for m in counter.collect() for s in m.samples}
 
     assert "v-pruned" not in versions(metrics.RECOMMENDATIONS) | versions(metrics.POSITIVES)
-    assert {"v1", ""} <= versions(metrics.RECOMMENDATIONS) and closed == [True]
+    assert {"v1", ""} <= versions(metrics.RECOMMENDATIONS) and outgoing.closed
+
+
+def test_an_outgoing_engine_is_released_once_the_last_request_holding_it_ends(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A request whose Redis reads took longer than the LLM budget used to reach an engine the
+    swap had closed after that budget, and got the fallback."""
+    update = {"registry_dir": tmp_path / "models", "llm_timeout_ms": 10}
+    serving = server.serving.Serving(settings.model_copy(update=update), None)
+    old = serving.engine = Outgoing()
+
+    async def scenario() -> tuple[bool, bool]:
+        async with serving.hold() as (engine, _):
+            serving.engine = None  # what a swap does, before it releases the old engine
+            release = asyncio.create_task(serving._close_later(old))
+            await asyncio.sleep(1.5)  # past the LLM budget + 1 s
+            closed_while_held = engine.closed
+        await asyncio.wait_for(release, 1)
+        return closed_while_held, old.closed
+
+    assert asyncio.run(scenario()) == (False, True)
+
+
+def test_an_outgoing_engine_held_by_a_stuck_request_is_released_at_the_limit(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server.serving, "RELEASE_LIMIT_SECONDS", 0.2)
+    serving = server.serving.Serving(settings.model_copy(update={"registry_dir": tmp_path}), None)
+    old = serving.engine = Outgoing()
+
+    async def scenario() -> bool:
+        async with serving.hold():
+            serving.engine = None
+            await asyncio.wait_for(serving._close_later(old), 2)
+            return old.closed
+
+    assert asyncio.run(scenario()) is True
