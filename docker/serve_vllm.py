@@ -7,7 +7,7 @@ it, and follows activations (a refresh published, an admin activated one):
 
 - a LoRA version on the base vLLM runs (or that base itself) is swapped in without a restart:
   the adapter is loaded at runtime (`/v1/load_lora_adapter`) and the outgoing one unloaded once
-  its requests are past the gateways' time budget; where adapters are merged
+  no gateway's request may still hold it (RELEASE_LIMIT_SECONDS); where adapters are merged
   (REASONREC_MERGE_ADAPTERS: by default when vLLM runs on the CPU and the data directory can be
   written) a LoRA version is a model of its own;
 - any other version stops vLLM and starts it on the new one; gateways serve the retrieval order
@@ -38,7 +38,7 @@ import httpx
 from redis.exceptions import RedisError
 
 from server import logs
-from server.active_model import placement
+from server.active_model import Placement, placement
 from server.config import Settings
 from server.engine import LOGPROBS_MODE, MAX_LOGPROBS, RELEASE_LIMIT_SECONDS
 from server.engine.local import ADAPTERS_AT_ONCE, lora_slot
@@ -101,6 +101,15 @@ def vllm_swapper(
     # Adapters waiting to be unloaded, until their unload starts: one activated again meanwhile
     # is still loaded, and vLLM refuses to load a name it serves.
     unloading: dict[str, asyncio.Task] = {}
+    # What the versions vLLM runs were placed as, read once: the registry may prune the version
+    # vLLM started on (after a refresh's adapters swapped in on it) while vLLM still runs it.
+    placed: dict[str, Placement] = {}
+
+    async def place(version: str) -> Placement:
+        if version not in placed:
+            # Off the event loop: placing a LoRA version may merge it (REASONREC_MERGE_ADAPTERS).
+            placed[version] = await asyncio.to_thread(placement, settings, version)
+        return placed[version]
 
     async def unload_later(version: str) -> None:
         # A gateway's requests may hold the outgoing version this long (server.serving.hold).
@@ -120,9 +129,10 @@ def vllm_swapper(
         return False
 
     async def swap(started: str, serving: str, new: str) -> bool:
-        # Off the event loop: placing a LoRA version may merge it (REASONREC_MERGE_ADAPTERS).
-        running = await asyncio.to_thread(placement, settings, started)
-        target = await asyncio.to_thread(placement, settings, new)
+        running, target = await place(started), await place(new)
+        outgoing = await place(serving)
+        for version in set(placed) - {started, new}:
+            del placed[version]
         if target.base != running.base or (target.adapter_rank or 0) > (running.lora_room or 0):
             return restarting()
         if (pending := unloading.pop(new, None)) is not None:
@@ -135,7 +145,7 @@ def vllm_swapper(
             except httpx.HTTPError as exc:
                 log.warning("adapter load failed", extra={"version": new, "reason": repr(exc)})
                 return restarting()
-        if (await asyncio.to_thread(placement, settings, serving)).adapter is not None:
+        if outgoing.adapter is not None:
             unloading[serving] = asyncio.create_task(unload_later(serving))
         log.info("swapped without restart", extra={"version": new, "previous": serving})
         return True

@@ -335,6 +335,30 @@ async def test_the_swapper_loads_adapters_of_the_running_base_and_unloads_the_ol
     assert len(calls) == 3
 
 
+async def test_adapters_swap_in_after_the_version_vllm_started_on_was_pruned(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM started on an adapter runs its base for as long as it runs; once the registry pruned
+    that version, every later activation was refused as 'not in the registry'."""
+    monkeypatch.setattr(serve_vllm, "RELEASE_LIMIT_SECONDS", 0.01)
+    publish(settings, "v1")
+    for version in ("v2", "v3", "v4"):
+        publish_adapter(settings, version, base="v1")
+    transport, calls = recording_vllm()
+    swap = serve_vllm.vllm_swapper(settings, [], transport)
+
+    assert await swap("v2", "v2", "v3")
+    Registry(settings.registry_path).prune(1, serving={"v3"})  # v2 removed, v1 a kept base
+    assert await swap("v2", "v3", "v4")
+    await until(lambda: len(calls) == 4)
+    assert sorted((path.rsplit("_", 2)[0], body["lora_name"]) for path, body in calls) == [
+        ("/v1/load", "v3"),
+        ("/v1/load", "v4"),
+        ("/v1/unload", "v2"),
+        ("/v1/unload", "v3"),
+    ]
+
+
 async def test_an_adapter_activated_again_before_its_unload_stays_loaded(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
