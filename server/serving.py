@@ -60,7 +60,8 @@ class Serving:
         self._stopping = asyncio.Event()
         self._following: asyncio.Task | None = None
         self._wanted: str | None = None  # the version last swapped to, served or refused
-        self._retry_at = 0.0  # monotonic time before which a failed version is not tried again
+        self._failed: str | None = None  # the version whose opening failed last
+        self._retry_at = 0.0  # monotonic time before which `_failed` is not tried again
         self._backoff = RECHECK_SECONDS
 
     @property
@@ -153,7 +154,8 @@ class Serving:
         active = await self.store.active_model()
         if active is None and self.engine is None:
             self.problem = NO_ACTIVE  # not "redis unreachable" once it answers
-        if active is not None and active != self._wanted and time.monotonic() >= self._retry_at:
+        waiting = active == self._failed and time.monotonic() < self._retry_at
+        if active is not None and active != self._wanted and not waiting:
             await self.swap(active)
 
     async def _reindex(self) -> None:
@@ -185,7 +187,7 @@ class Serving:
             except Exception as exc:  # whatever breaks the new version, the old one keeps serving
                 log.error("model swap refused", extra={"version": version, "reason": str(exc)})
                 if not isinstance(exc, RegistryError):
-                    self._try_later()
+                    self._try_later(version)
                 if self.engine is None:
                     self.problem = _refusal(version, exc)
                 return False
@@ -202,10 +204,13 @@ class Serving:
                 task.add_done_callback(self._closing.discard)
             return True
 
-    def _try_later(self) -> None:
+    def _try_later(self, version: str) -> None:
         """Not refused for good: memory still held by an engine on its way out, a file being
-        written. Tried again at a later check, each wait twice the one before."""
-        self._wanted = self.version
+        written. Tried again at a later check, each wait twice the one before; another version
+        activated meanwhile is served at the next check."""
+        if version != self._failed:
+            self._backoff = RECHECK_SECONDS
+        self._failed, self._wanted = version, self.version
         self._retry_at = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, MAX_BACKOFF_SECONDS)
 

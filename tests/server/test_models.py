@@ -385,6 +385,34 @@ def test_a_version_whose_opening_failed_for_a_passing_reason_is_tried_again(
     assert opened == ["v1", "v1"]
 
 
+def test_a_version_waiting_to_be_tried_again_does_not_hold_back_another(
+    models_client: TestClient,
+    tmp_path: Path,
+    rdb,
+    key_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One wait for the gateway, not per version: a version activated while another's retry was
+    far off went unserved until then (up to 15 minutes)."""
+    monkeypatch.setattr(server.serving, "RECHECK_SECONDS", 0.1)
+    publish(tmp_path / "models", "v3")
+    opening = server.active_model.open_engine
+
+    def failing_v2(settings: Settings, version: str, serving: Any = None) -> Any:
+        if version == "v2":
+            raise EngineError("engine core failed to start: not enough memory")
+        return opening(settings, version, serving)
+
+    monkeypatch.setattr(server.serving, "open_engine", failing_v2)
+    serving = models_client.app.state.serving
+    rdb.set(f"{key_prefix}:model:active", "v2")
+    assert until(lambda: serving._failed == "v2", 10)
+    serving._retry_at = time.monotonic() + 100  # v2 failed many times: its next try is far off
+    rdb.set(f"{key_prefix}:model:active", "v3")  # set, never announced
+
+    assert wait_serving(models_client, "v3")["serving"] == "v3"
+
+
 def test_an_adapter_load_that_never_answers_does_not_stop_later_swaps(
     models_client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
