@@ -12,6 +12,8 @@ import time
 import uuid
 from pathlib import Path
 
+from server.durable import fsync, fsync_tree
+
 log = logging.getLogger(__name__)
 KEEP = 2  # the serving version's folder and the one a swap replaces it with
 STALE_STAGING_SECONDS = 3600.0  # a merge takes minutes; an older staging folder was abandoned
@@ -29,7 +31,11 @@ def merged_weights(root: Path, version: str, base_dir: Path, adapter_dir: Path, 
     staging = root / f".staging-{uuid.uuid4().hex}"
     try:
         _merge(base_dir, adapter_dir, staging, dtype)
+        # On disk before it is named: a folder found under its name is reused for good, and one
+        # a power cut left with truncated files would never open again.
+        fsync_tree(staging)
         staging.rename(target)
+        fsync(root)
     except OSError:
         if not target.is_dir():  # not a process beside this one that merged it first
             raise

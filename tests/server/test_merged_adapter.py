@@ -177,3 +177,25 @@ def test_a_bad_merge_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("REASONREC_MERGE_ADAPTERS", "sometimes")
     with pytest.raises(ValidationError, match="merge_adapters"):
         Settings()
+
+
+def test_merged_weights_are_on_disk_before_they_are_named(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder found under its version's name is reused for good: one a power cut left with
+    truncated files would never open again."""
+    registry = Registry(settings.registry_path)
+    publish_base(registry, "v1")
+    publish_adapter(registry, "v2", base="v1", seed=0)
+    flushed: list[str] = []
+    flush = os.fsync
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: flushed.append(os.readlink(f"/proc/self/fd/{fd}")) or flush(fd)
+    )
+
+    target = placement(settings.model_copy(update={"merge_adapters": True}), "v2").base_dir
+
+    staging = Path(flushed[-2])
+    assert staging.parent == target.parent and staging.name.startswith(".staging-")
+    assert {str(staging / "model.safetensors"), str(staging / "config.json")} <= set(flushed)
+    assert flushed[-1] == str(target.parent) and (target / "model.safetensors").is_file()
