@@ -326,6 +326,7 @@ async def _refresh(
     )
     if reason := _shortage(manifest, len(train) + len(holdout), rating):
         return RefreshResult(outcome="skipped", reason=reason, parent=parent, consumed=consumed)
+    registry.check_writable()  # a read-only registry fails now, not after the training
     policy = read_policy(settings.policy_file)
     facts = catalog_facts(corpus.items.values(), policy)
     fresh = (

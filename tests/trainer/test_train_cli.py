@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from server.config import Settings
-from server.registry import Manifest, Registry
+from server.registry import Manifest, Registry, RegistryError
 from server.schemas import ItemUpsert
 from server.store import Store, open_store, skip_unreadable
 from trainer import metrics, sidecar
@@ -386,6 +387,27 @@ def _refresh_trained(
 
     result, active = asyncio.run(body())
     return result, published, active
+
+
+def test_a_registry_that_cannot_be_written_fails_the_refresh_before_it_trains(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It trained for minutes, every period, to fail at publishing."""
+    trained: list[bool] = []
+    monkeypatch.setattr(refresh_module, "_train_and_gate", lambda *_: trained.append(True))
+
+    def read_only(registry: Registry) -> Path:
+        raise RegistryError(f"cannot write to the model registry {registry.root}: read-only")
+
+    async def body() -> None:
+        async with open_store(env) as store:
+            await _ready_to_refresh(env, store)
+            monkeypatch.setattr(Registry, "staging", read_only)
+            await refresh_once(env, store, progress=False)
+
+    with pytest.raises(RegistryError, match="cannot write to the model registry"):
+        asyncio.run(body())
+    assert trained == []
 
 
 def test_a_cancelled_refresh_stops_its_training(
