@@ -2,9 +2,10 @@
 
 Checks every few seconds how many events the feedback stream has gained since the last refresh;
 refreshes when `REASONREC_REFRESH_MIN_EVENTS` were added or `REASONREC_REFRESH_SECONDS` passed.
-The schedule counts from the newest refresh published in the registry (by this sidecar before a
-restart, or by `train --once`): a refresh that is overdue, or when none was ever published, starts
-at the first poll.
+The schedule counts from the newest refresh published in the registry (by this sidecar, before a
+restart too, or by `train --once`): a refresh that is overdue, or when none was ever published,
+starts at the first poll. One that finds another refresh running (its lock held) is tried again
+LOCK_SECONDS later: a trainer killed mid-refresh leaves its lock that long.
 A failed refresh is logged and counted (`reasonrec_trainer_runs_total{outcome="failed"}`) and
 the loop goes on, as it does while Redis does not answer; the lock in `trainer.refresh` keeps
 two sidecars from training at once.
@@ -22,7 +23,7 @@ from server.logs import describe
 from server.registry import Registry
 from server.store import Store, open_store
 from trainer import metrics
-from trainer.refresh import REFRESH_METHOD, RefreshBusy, refresh_once
+from trainer.refresh import LOCK_SECONDS, REFRESH_METHOD, RefreshBusy, refresh_once
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 10.0
@@ -35,26 +36,28 @@ def last_refresh(registry: Registry) -> float | None:
     return refreshes[-1].created_at.timestamp() if refreshes else None
 
 
-def _report_last_refresh(registry: Registry, read_at: float | None) -> float | None:
+def _report_last_refresh(
+    registry: Registry, read_at: float | None
+) -> tuple[float | None, float | None]:
     """Set the staleness gauge to the newest published refresh when the registry changed since
-    `read_at` (its folder's modification time, returned): the nightly `train --once` job
-    publishes there too, not only this sidecar."""
+    `read_at` (its folder's modification time): the nightly `train --once` job publishes there
+    too, not only this sidecar. The modification time, and the refresh's Unix time if read."""
     try:
         changed = registry.root.stat().st_mtime
     except OSError:  # no registry yet
-        return read_at
+        return read_at, None
     if changed == read_at:
-        return changed
+        return changed, None
     try:
         published = last_refresh(registry)
     except OSError as exc:  # a shared volume's hiccup (a stale NFS handle) must not end the loop
         log.warning(
             "registry unreadable, read again at the next poll", extra={"reason": describe(exc)}
         )
-        return read_at
+        return read_at, None
     if published is not None:
         metrics.LAST_SUCCESS.set(published)
-    return changed
+    return changed, published
 
 
 def _schedule_start(registry: Registry, refresh_seconds: float) -> float:
@@ -65,8 +68,12 @@ def _schedule_start(registry: Registry, refresh_seconds: float) -> float:
     except OSError as exc:  # as if none was published: the first poll refreshes
         log.warning("registry unreadable", extra={"reason": describe(exc)})
         published = None
-    since = refresh_seconds if published is None else max(time.time() - published, 0.0)
-    return time.monotonic() - since
+    return time.monotonic() - refresh_seconds if published is None else _monotonic(published)
+
+
+def _monotonic(unix_time: float) -> float:
+    """The `time.monotonic()` of a past Unix time."""
+    return time.monotonic() - max(time.time() - unix_time, 0.0)
 
 
 async def _event_count(store: Store) -> int | None:
@@ -80,15 +87,18 @@ async def _event_count(store: Store) -> int | None:
 
 async def run_sidecar(settings: Settings) -> None:
     registry = Registry(settings.registry_path)
-    read_at = _report_last_refresh(registry, None)
+    read_at, _ = _report_last_refresh(registry, None)
     if settings.trainer_metrics_port:
         start_http_server(settings.trainer_metrics_port, registry=metrics.REGISTRY)
     async with open_store(settings) as store:
         last_run = _schedule_start(registry, settings.refresh_seconds)
         last_length = await _event_count(store)
+        busy_until = 0.0  # monotonic: no try before, after one found another refresh running
         while True:
             await asyncio.sleep(POLL_SECONDS)
-            read_at = _report_last_refresh(registry, read_at)
+            read_at, published = _report_last_refresh(registry, read_at)
+            if published is not None:  # a refresh published elsewhere restarts the schedule
+                last_run = max(last_run, _monotonic(published))
             if (length := await _event_count(store)) is None:
                 continue
             if last_length is None:  # Redis was away at start: count from its first answer
@@ -96,12 +106,19 @@ async def run_sidecar(settings: Settings) -> None:
             due = time.monotonic() - last_run >= settings.refresh_seconds
             if not due and length - last_length < settings.refresh_min_events:
                 continue
+            if time.monotonic() < busy_until:
+                continue
+            counted_from = last_run, last_length
             last_run, last_length = time.monotonic(), length
             try:
                 result = await refresh_once(settings, store, progress=False)
                 log.info("refresh", extra={"outcome": result.outcome, "reason": result.reason})
             except RefreshBusy:
+                # Not refreshed: tried again once the lock of a trainer killed mid-refresh has
+                # lapsed; a live one that publishes meanwhile restarts the schedule instead.
                 log.info("refresh skipped: another one is running")
+                last_run, last_length = counted_from
+                busy_until = time.monotonic() + LOCK_SECONDS
             except Exception:  # the sidecar outlives a bad refresh; the next one may succeed
                 metrics.RUNS.labels("failed").inc()
                 log.exception("refresh failed")

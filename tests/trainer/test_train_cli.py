@@ -683,3 +683,55 @@ def test_an_active_version_missing_from_the_registry_is_one_line(
     assert result.exit_code == 1, result.output
     assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
     assert "model version 'v-gone' is not in the registry" in " ".join(result.output.split())
+
+
+def _sidecar_finding_the_lock_held(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, meanwhile: Callable[[], None]
+) -> list[int]:
+    """An hourly sidecar with nothing published, whose refreshes find the lock held (a trainer
+    killed mid-refresh, or one running); `meanwhile` runs after the first such refresh. The polls
+    at which it tried to refresh, over 30 polls (0.6 s at least; the lock lapses in 0.1 s)."""
+    polls: list[int] = []
+    ran: list[int] = []
+
+    async def event_count(self: Store) -> int:
+        polls.append(1)
+        if len(polls) == 30:
+            raise asyncio.CancelledError
+        await asyncio.sleep(0.01)
+        return 0
+
+    async def refresh_once(*_: Any, **__: Any) -> RefreshResult:
+        ran.append(len(polls))
+        if len(ran) == 1:
+            meanwhile()
+        raise RefreshBusy("the lock is held")
+
+    monkeypatch.setattr(Store, "event_count", event_count)
+    monkeypatch.setattr(sidecar, "refresh_once", refresh_once)
+    monkeypatch.setattr(sidecar, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(sidecar, "LOCK_SECONDS", 0.1)
+    hourly = settings.model_copy(update={"trainer_metrics_port": 0, "refresh_seconds": 3600})
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(sidecar.run_sidecar(hourly))
+    return ran
+
+
+def test_a_refresh_that_found_the_lock_held_is_tried_again_once_it_lapses(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trainer killed mid-refresh and restarted found its own lock and waited an hour."""
+    ran = _sidecar_finding_the_lock_held(env, monkeypatch, lambda: None)
+    assert ran[0] == 2 and len(ran) >= 2
+
+
+def test_a_refresh_another_process_published_meanwhile_restarts_the_schedule(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = Registry(env.registry_path)
+
+    def published() -> None:
+        manifest = Manifest(version="r1", training={"method": REFRESH_METHOD})
+        registry.publish(registry.staging(), manifest)
+
+    assert _sidecar_finding_the_lock_held(env, monkeypatch, published) == [2]
