@@ -242,6 +242,13 @@ class TrainerSettings(_Section):
         "version's rendering) are trained on, the newest REASONREC_GATE_HOLDOUT share of them held "
         "out for the gate; older ones stay in the log.",
     )
+    refresh_min_lists: int = Field(
+        100,
+        ge=2,
+        description="Refresh of a model trained to rank: skipped with fewer logged lists (with a "
+        "positive, in the version's rendering) than this; the gate decides on the newest "
+        "REASONREC_GATE_HOLDOUT share of them (20 of 100), and on a handful it decides by chance.",
+    )
     refresh_fresh_examples: int = Field(
         64,
         ge=0,

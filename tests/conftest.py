@@ -40,6 +40,9 @@ def dies_with_pytest() -> None:
 
 
 REASONREC = str(Path(sys.executable).parent / "reasonrec")
+# Refreshes in tests train on a dozen logged lists: too few for a gate to be sure of anything,
+# enough to exercise the loop (the minimum is tested apart).
+TEST_MIN_LISTS = 4
 """The installed command line, run as a user would."""
 ML100K = Path(
     os.environ.get(
@@ -104,6 +107,7 @@ def settings(redis_url: str, key_prefix: str, tmp_path: Path) -> Settings:
         key_prefix=key_prefix,
         data_dir=tmp_path / "var",
         merge_adapters=False,
+        refresh_min_lists=TEST_MIN_LISTS,
     )
 
 

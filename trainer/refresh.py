@@ -71,7 +71,7 @@ log = logging.getLogger(__name__)
 LOCK_SECONDS = 30
 RENEW_SECONDS = 10
 REFRESH_METHOD = "grpo-refresh"  # `training.method` in a refreshed version's manifest
-MIN_EXAMPLES = 4  # logged lists with a positive, before the held-out part is cut
+MIN_RATED_USERS = 4  # users with 2+ ratings, before the held-out part is cut
 RATING_GATE_USERS = 64  # held-out ratings of a version whose rating a refresh does not train
 # Held-out last interactions a search version's queries are gated on: enough that one user's
 # hit turning into a miss (1/256 of NDCG@10) is inside the tolerance (0.01).
@@ -266,13 +266,15 @@ async def _prune(settings: Settings, store: Store) -> None:
         log.info("registry pruned", extra={"removed": removed})
 
 
-def _shortage(manifest: Manifest, logged: int, rating: RatingExamples | None) -> str | None:
+def _shortage(
+    manifest: Manifest, logged: int, rating: RatingExamples | None, min_lists: int
+) -> str | None:
     """Why there is too little to learn from for one of the tasks refreshed, if there is
     (`rating`: None when rating is not refreshed)."""
-    if Task.rank in manifest.tasks and logged < MIN_EXAMPLES:
+    if Task.rank in manifest.tasks and logged < min_lists:
         return (
             f"{logged} logged lists with a positive and a {manifest.rendering.value} prompt, "
-            f"{MIN_EXAMPLES} needed"
+            f"{min_lists} needed (REASONREC_REFRESH_MIN_LISTS)"
         )
     if rating is None:  # rating is not refreshed
         if Task.rank in manifest.tasks:
@@ -281,8 +283,8 @@ def _shortage(manifest: Manifest, logged: int, rating: RatingExamples | None) ->
             return "rating refresh is off (REASONREC_REFRESH_RATING_EXAMPLES=0), nothing to train"
         return "refresh trains ranking and rating; this version does neither"
     rated = len(rating.train) + len(rating.validation)
-    if rated < MIN_EXAMPLES:
-        return f"{rated} users with 2+ ratings to learn rating from, {MIN_EXAMPLES} needed"
+    if rated < MIN_RATED_USERS:
+        return f"{rated} users with 2+ ratings to learn rating from, {MIN_RATED_USERS} needed"
     return None
 
 
@@ -324,7 +326,7 @@ async def _refresh(
         if rates
         else None
     )
-    if reason := _shortage(manifest, len(train) + len(holdout), rating):
+    if reason := _shortage(manifest, len(train) + len(holdout), rating, settings.refresh_min_lists):
         return RefreshResult(outcome="skipped", reason=reason, parent=parent, consumed=consumed)
     registry.check_writable()  # a read-only registry fails now, not after the training
     policy = read_policy(settings.policy_file)

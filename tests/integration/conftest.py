@@ -18,7 +18,7 @@ from server.config import Settings
 from server.loaders.synthetic import generate
 from server.loaders.writer import progress_bar, write
 from server.store import open_store
-from tests.conftest import drop_prefix
+from tests.conftest import TEST_MIN_LISTS, drop_prefix
 from trainer.bootstrap import BootstrapResult, bootstrap
 
 ADMIN_KEY = "it-admin"
@@ -38,6 +38,7 @@ def served_settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) ->
         kv_cache_bytes=128 * 1024 * 1024,
         admin_keys=[ADMIN_KEY],
         merge_adapters=False,  # runtime adapters unless a test merges them
+        refresh_min_lists=TEST_MIN_LISTS,
     )
     yield settings
     drop_prefix(redis_url, settings.key_prefix)

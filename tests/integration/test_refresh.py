@@ -234,6 +234,7 @@ def test_killed_refresh_publishes_nothing_and_loses_no_feedback(
         "REASONREC_KEY_PREFIX": served_settings.key_prefix,
         "REASONREC_DATA_DIR": str(served_settings.data_dir),
         "REASONREC_REFRESH_GRPO_STEPS": "200",  # far longer than the test lets it live
+        "REASONREC_REFRESH_MIN_LISTS": str(served_settings.refresh_min_lists),
     }
     started = time.time()
     trainer = subprocess.Popen(

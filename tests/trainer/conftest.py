@@ -114,4 +114,5 @@ def env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
     monkeypatch.setenv("REASONREC_REDIS_URL", settings.redis_url)
     monkeypatch.setenv("REASONREC_KEY_PREFIX", settings.key_prefix)
     monkeypatch.setenv("REASONREC_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("REASONREC_REFRESH_MIN_LISTS", str(settings.refresh_min_lists))
     return settings

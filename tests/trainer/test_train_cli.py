@@ -241,7 +241,23 @@ def test_what_a_refresh_needs_follows_what_it_refreshes(
     rating = None
     if rated is not None:
         rating = RatingExamples(rendering="compact", train=[], validation=[example] * rated)
-    assert _shortage(Manifest(version="v", tasks=tasks), 50, rating) == reason
+    assert _shortage(Manifest(version="v", tasks=tasks), 50, rating, min_lists=50) == reason
+
+
+def test_a_refresh_with_too_few_logged_lists_for_the_gate_is_skipped(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four lists were enough: the gate then decided on one held-out list, by chance."""
+    passed = refresh_gate({"ndcg@10": 0.3}, {"ndcg@10": 0.3, "retrieval_ndcg@10": 0.2}, env)
+    few = env.model_copy(update={"refresh_min_lists": 7})  # six lists are logged
+
+    result, published, active = _refresh_trained(few, monkeypatch, passed)
+
+    assert result.outcome == "skipped" and published == [] and active == "v1"
+    assert result.reason == (
+        "6 logged lists with a positive and a rich prompt, 7 needed "
+        "(REASONREC_REFRESH_MIN_LISTS)"
+    )
 
 
 @pytest.fixture
