@@ -18,10 +18,20 @@ from starlette.routing import Match
 from server import metrics
 from server.logs import describe
 from server.schemas import ErrorBody, ErrorResponse, EventType
+from server.store import UnreadableStoredData
 
 log = logging.getLogger(__name__)
 _EVENT_TYPES = frozenset(EventType)
-_WRONGTYPE = re.compile(r"(^|: )WRONGTYPE ")
+# Stored data no command can use, alone or inside a pipeline's or a script's message: a key of
+# another type, a hash value HINCRBY(FLOAT) cannot add to, or a Lua error of a script of ours
+# (`user_script:1: attempt to compare nil with number`), which comes of a value it read. redis-py
+# drops a leading "ERR "; Redis 6 keeps it inside a script's message. Not every error that names a
+# script: OOM and READONLY inside one end "on @user_script:1." (Redis 7) or follow
+# "@user_script: 1: -" (Redis 6), and those are no bad data.
+_BAD_DATA = re.compile(
+    r"(^|: )(ERR )?(WRONGTYPE |hash value is not (a float|an integer)"
+    r"|increment would produce NaN or Infinity|user_script:\d+: )"
+)
 
 
 class ApiError(Exception):
@@ -154,9 +164,11 @@ async def _unavailable(request: Request, exc: StorageUnavailable) -> JSONRespons
 
 
 def bad_data(exc: RedisError) -> bool:
-    """A key of the wrong type (written by hand or by another program): bad data, not an outage.
-    Redis's WRONGTYPE, alone, inside a pipeline's or a script's message."""
-    return isinstance(exc, ResponseError) and _WRONGTYPE.search(str(exc)) is not None
+    """Stored data that cannot be used (written by hand or by another program): bad data, not an
+    outage. Retrying cannot help, and a Redis that answers must not count as down."""
+    if isinstance(exc, UnreadableStoredData):
+        return True
+    return isinstance(exc, ResponseError) and _BAD_DATA.search(str(exc)) is not None
 
 
 async def _redis_error(request: Request, exc: RedisError) -> JSONResponse:

@@ -3,6 +3,8 @@
 --   user_id, item_id, type, value, request_id, event_id, timestamp, positive ("1"/"0"),
 --   how long its event id is remembered (seconds, 0 = forever).
 -- Returns {-1, {indexes of unknown items}} and writes nothing when an item is unknown,
+-- {-2, {index of an event, what is wrong}} and writes nothing when stored data that event writes
+-- to or compares with cannot be (a key of another type, a rating sum that is no number),
 -- otherwise {0, flags}: flags has one character per event, "1" stored, "0" a duplicate.
 local prefix, cap, token, n = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local head, width = 4, 9
@@ -15,6 +17,112 @@ for i = 0, n - 1 do
 end
 if #unknown > 0 then
   return {-1, unknown}
+end
+
+-- Stored data the events write to or compare with is checked before anything is written: a key
+-- of another type, or a rating sum that is no number (written by hand or by another program),
+-- would stop the script half way, the event in the log and its id claimed but the rest never
+-- written, and a retry with that id then a duplicate. Reads only, so there is nothing to undo.
+local function finite(x)
+  return x == x and x ~= math.huge and x ~= -math.huge
+end
+
+-- As HINCRBYFLOAT reads a stored value (no spaces, no NaN), and still finite once `by` is added.
+local function addable(stored, by)
+  local number = not stored:find('%s') and tonumber(stored)
+  return number and finite(number + by)
+end
+
+-- As HINCRBY reads a stored value: digits after an optional '-', no leading zero, far from
+-- overflowing.
+local function integral(stored)
+  return stored == '0' or (#stored <= 18 and stored:match('^%-?[1-9]%d*$') ~= nil)
+end
+
+local function comparable(stored)
+  return tonumber(stored) ~= nil
+end
+
+-- The keys an event writes below, each with the type it must have (a missing key is created so).
+local function written(user, event_id, kind, value, positive)
+  local own, keys = prefix .. ':user:' .. user, {}
+  local function add(key, want)
+    keys[#keys + 1] = {key, want}
+  end
+  add(prefix .. ':events', 'stream')
+  add(prefix .. ':users', 'set')
+  if event_id ~= '' then
+    add(prefix .. ':eventid:' .. user .. ':' .. event_id, 'string')
+  end
+  if positive == '1' then
+    add(own .. ':hist', 'zset')
+    add(own .. ':hist:ties', 'zset')
+    add(own .. ':seen', 'set')
+    add(prefix .. ':pop', 'zset')
+  end
+  if kind == 'rating' and value ~= '' then
+    add(own .. ':rated', 'zset')
+    add(own .. ':rated:ties', 'zset')
+    add(own .. ':rated_at', 'hash')
+    add(own .. ':ratings', 'hash')
+    add(prefix .. ':ratings:sum', 'hash')
+    add(prefix .. ':ratings:count', 'hash')
+    add(prefix .. ':ratings:total', 'hash')
+  end
+  return keys
+end
+
+-- Keys shared by many events (the log, popularity) are looked at once.
+local typed = {}
+local function mistyped(key, want)
+  if typed[key] then
+    return nil
+  end
+  local found = redis.call('TYPE', key)['ok']
+  if found ~= 'none' and found ~= want then
+    return key .. ' is a ' .. found .. ', not a ' .. want
+  end
+  typed[key] = true
+end
+
+-- The stored numbers a rating adds to (HINCRBYFLOAT, HINCRBY) and the time it is compared with.
+local function unreadable_stats(user, item, value)
+  local by, total = tonumber(value), prefix .. ':ratings:total'
+  local fields = {
+    {prefix .. ':ratings:sum', item, addable, 'a sum'},
+    {prefix .. ':ratings:count', item, integral, 'a count'},
+    {total, 'sum', addable, 'a sum'},
+    {total, 'count', integral, 'a count'},
+    {prefix .. ':user:' .. user .. ':rated_at', item, comparable, 'a time'},
+  }
+  for _, f in ipairs(fields) do
+    local stored = redis.call('HGET', f[1], f[2])
+    if stored and not f[3](stored, by) then
+      return f[1] .. ' field ' .. f[2] .. ' is not ' .. f[4]
+    end
+  end
+end
+
+-- What is wrong with the stored data event `b` (its first argument's index) needs, or nil.
+-- Types first: a hash of another type cannot be read for its numbers.
+local function unreadable(b)
+  local user, item, kind, value = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
+  for _, key in ipairs(written(user, ARGV[b + 6], kind, value, ARGV[b + 8])) do
+    local wrong = mistyped(key[1], key[2])
+    if wrong then
+      return wrong
+    end
+  end
+  if kind == 'rating' and value ~= '' then
+    return unreadable_stats(user, item, value)
+  end
+end
+
+for i = 0, n - 1 do
+  local wrong = unreadable(head + i * width)
+  if wrong then
+    return {-2, {i, wrong}}
+  end
 end
 
 -- Whether an event id is 'new' to its user, a 'duplicate', or already 'stored' by this very call:

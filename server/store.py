@@ -85,6 +85,17 @@ class UnknownItems(Exception):
         self.indexes = indexes
 
 
+class UnreadableStoredData(ResponseError):
+    """Stored data a feedback batch writes to or compares with cannot be read: a key of another
+    type, or a rating sum, count or time that is no number (written by hand or by another
+    program); nothing was written. A ResponseError, as Redis's own WRONGTYPE is: whoever handles
+    that handles this alike (bad data, not an outage)."""
+
+    def __init__(self, index: int, problem: str):
+        super().__init__(f"event {index}: {problem}")
+        self.index = index
+
+
 def _ts(value: datetime) -> str:
     return repr(value.timestamp())
 
@@ -299,8 +310,20 @@ class Store:
         return {i: item for i, item in decoded if item is not None}
 
     async def popular(self, limit: int) -> list[tuple[str, float]]:
-        """Most engaged-with items and their positive-event counts, most popular first."""
-        return await self.redis.zrevrange(self.keys.popularity, 0, limit - 1, withscores=True)
+        """Most engaged-with items and their positive-event counts, most popular first.
+
+        An infinite count (written by hand) is skipped and counted: it would make every item's
+        share NaN. Left out by Redis, so that `limit` readable items still come back when there
+        are as many (retrieval reads deeper only when a source came back full)."""
+        key = self.keys.popularity
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrevrangebyscore(key, "(+inf", "(-inf", start=0, num=limit, withscores=True)
+            pipe.zrangebyscore(key, "+inf", "+inf", start=0, num=limit)
+            pipe.zrangebyscore(key, "-inf", "-inf", start=0, num=limit)
+            readable, above, below = await pipe.execute()
+        for item_id in [*above, *below]:
+            skip_unreadable("popularity", item_id, ValueError("an infinite count"))
+        return readable
 
     async def newest(self, limit: int) -> list[str]:
         return await self.redis.zrevrange(self.keys.created, 0, limit - 1)
@@ -520,7 +543,8 @@ class Store:
         `dedup_ttl_seconds` overrides how long event ids are remembered (0: forever); the ids of
         the events at the `assigned` indexes were made up by the server, and are remembered only
         as long as a client may retry (ASSIGNED_ID_SECONDS).
-        Raises UnknownItems, having written nothing, if any event names an unknown item.
+        Raises UnknownItems, having written nothing, if any event names an unknown item, and
+        UnreadableStoredData, having written nothing, if stored data an event needs cannot be read.
         """
         ttl = self.dedup_ttl_seconds if dedup_ttl_seconds is None else dedup_ttl_seconds
         # The call's own token: run again after a lost reply, the script knows what it stored.
@@ -541,6 +565,8 @@ class Store:
         status, payload = await self._feedback(args=args)
         if status == -1:
             raise UnknownItems([int(i) for i in payload])
+        if status == -2:
+            raise UnreadableStoredData(int(payload[0]), payload[1])
         return [flag == "1" for flag in payload]
 
     async def events(self) -> AsyncIterator[dict[str, str]]:

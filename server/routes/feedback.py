@@ -1,5 +1,6 @@
 """Feedback route: POST /v1/feedback."""
 
+import logging
 import uuid
 
 from fastapi import APIRouter
@@ -8,9 +9,11 @@ from redis.exceptions import RedisError
 from server import metrics
 from server.deps import StoreDep
 from server.errors import ApiError, StorageUnavailable, bad_data, documented
+from server.logs import describe
 from server.schemas import FeedbackBatch, FeedbackEvent, FeedbackResult
-from server.store import Store, UnknownItems
+from server.store import Store, UnknownItems, UnreadableStoredData
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/feedback", tags=["feedback"])
 
 
@@ -30,14 +33,8 @@ async def post_feedback(batch: FeedbackBatch, store: StoreDep) -> FeedbackResult
         new = [event for event, is_new in zip(batch.events, stored, strict=True) if is_new]
         await _credit_positives(store, new)
     except RedisError as exc:
-        if bad_data(exc):  # retrying cannot help; a script's writes before the error stay
-            raise ApiError(
-                500,
-                "internal_error",
-                "stored data could not be read: some of the events may be stored; these "
-                "event_ids let a later retry count none twice",
-                {"event_ids": event_ids},
-            ) from exc
+        if bad_data(exc):  # retrying cannot help until the data is repaired
+            raise _unreadable(exc, event_ids) from exc
         raise StorageUnavailable(
             "the data store did not answer: the events may or may not be stored; send them "
             "again with these event_ids and none is counted twice",
@@ -49,6 +46,24 @@ async def post_feedback(batch: FeedbackBatch, store: StoreDep) -> FeedbackResult
         metrics.FEEDBACK_EVENTS.labels(event.type.value).inc()
     accepted = sum(stored)
     return FeedbackResult(accepted=accepted, duplicates=len(stored) - accepted, event_ids=event_ids)
+
+
+def _unreadable(exc: RedisError, event_ids: list[str]) -> ApiError:
+    """The 500 of stored data that cannot be read, as on any route, with the event ids to send
+    again once it is repaired. The script checks what it needs before it writes: only an error
+    it did not foresee (no UnreadableStoredData) can leave some of the events stored."""
+    log.error("redis data unreadable", extra={"path": router.prefix, "reason": describe(exc)})
+    if isinstance(exc, UnreadableStoredData):
+        stored = "none of the events was stored"
+    else:
+        stored = "some of the events may be stored"
+    return ApiError(
+        500,
+        "internal_error",
+        f"stored data could not be read: {stored}; once it is repaired, send them again with "
+        "these event_ids and none is counted twice",
+        {"event_ids": event_ids},
+    )
 
 
 def _unknown_items(batch: FeedbackBatch, exc: UnknownItems) -> ApiError:

@@ -139,6 +139,21 @@ def test_poisoned_rating_records_are_skipped_and_counted(client, rdb, key_prefix
     assert metric(client, UNREADABLE, kind="rating_stats") == stats_before + 3  # a's, c's, all
 
 
+def test_an_infinite_popularity_is_skipped_and_counted(client, rdb, key_prefix):
+    """Written by hand: every popular item's share was inf/inf or n/inf, one of them NaN, served
+    as a null score."""
+    put_items(client, "a", "b", "c")
+    rdb.zadd(f"{key_prefix}:pop", {"a": float("inf"), "b": 2, "c": 1, "d": float("-inf")})
+    before = metric(client, UNREADABLE, kind="popularity")
+
+    response = client.post("/v1/recommend", json={"user_id": "newcomer"})
+
+    assert response.status_code == 200, response.text
+    scores = {item["item_id"]: item["score"] for item in response.json()["items"]}
+    assert scores == {"b": pytest.approx(2 / 3), "c": pytest.approx(1 / 3), "a": 0.0}
+    assert metric(client, UNREADABLE, kind="popularity") == before + 2  # a's and d's
+
+
 # 2. Admin keys work on their own -----------------------------------------------------------
 
 

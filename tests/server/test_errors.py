@@ -5,9 +5,11 @@ import json
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from redis.exceptions import ResponseError
 
 from server.app import create_app
-from tests.server.helpers import assert_error, put_items
+from server.errors import bad_data
+from tests.server.helpers import assert_error, metric, post_events, put_items
 
 MAX = 2048  # settings.max_body_bytes in these tests
 
@@ -204,3 +206,42 @@ def test_a_key_of_the_wrong_type_read_in_a_pipeline_or_a_script_is_bad_data(clie
     )
     error = assert_error(response, 500, "internal_error")
     assert len(error["details"]["event_ids"]) == 1
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "return redis.call('HINCRBYFLOAT', KEYS[1], 'f', 1)",
+        "return redis.call('HINCRBY', KEYS[1], 'f', 1)",
+        "return tonumber(redis.call('HGET', KEYS[1], 'f')) + 1",  # a Lua error of the script
+        "return redis.call('SADD', KEYS[1], 'a')",  # WRONGTYPE, as before
+    ],
+)
+def test_a_script_failing_on_a_stored_value_is_bad_data(rdb, key_prefix, script):
+    """Alone or in a pipeline, as Redis words it (6 and 7 word it apart): it was a 503, which
+    sends clients retrying for good and counts an outage of a Redis that answers."""
+    key = f"{key_prefix}:h"
+    rdb.hset(key, "f", "lots")
+    with pytest.raises(ResponseError) as alone:
+        rdb.eval(script, 1, key)
+    with rdb.pipeline(transaction=False) as pipe, pytest.raises(ResponseError) as piped:
+        pipe.eval(script, 1, key)
+        pipe.execute()
+    assert bad_data(alone.value), alone.value
+    assert bad_data(piped.value), piped.value
+
+
+def test_a_script_refused_for_want_of_memory_is_no_bad_data(make_client, redis_process):
+    """Redis names the script in that error too: it is Redis's state, not the data's, a 503."""
+    client = make_client(redis_url=redis_process.url)
+    put_items(client, "a")
+    outages = metric(client, "reasonrec_redis_errors_total")
+    with redis.Redis.from_url(redis_process.url) as own:
+        own.config_set("maxmemory", 1)
+        with pytest.raises(ResponseError) as caught:
+            own.eval("return redis.call('SET', KEYS[1], 'v')", 1, "k")
+        assert not bad_data(caught.value), caught.value
+        response = post_events(client, {"user_id": "u", "item_id": "a", "type": "click"})
+        own.config_set("maxmemory", 0)
+    assert_error(response, 503, "storage_unavailable")
+    assert metric(client, "reasonrec_redis_errors_total") == outages + 1
