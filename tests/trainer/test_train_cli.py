@@ -255,8 +255,7 @@ def test_a_refresh_with_too_few_logged_lists_for_the_gate_is_skipped(
 
     assert result.outcome == "skipped" and published == [] and active == "v1"
     assert result.reason == (
-        "6 logged lists with a positive and a rich prompt, 7 needed "
-        "(REASONREC_REFRESH_MIN_LISTS)"
+        "6 logged lists with a positive and a rich prompt, 7 needed (REASONREC_REFRESH_MIN_LISTS)"
     )
 
 
