@@ -7,9 +7,9 @@ it, and follows activations (a refresh published, an admin activated one):
 
 - a LoRA version on the base vLLM runs (or that base itself) is swapped in without a restart:
   the adapter is loaded at runtime (`/v1/load_lora_adapter`) and the outgoing one unloaded once
-  no gateway's request may still hold it (RELEASE_LIMIT_SECONDS); where adapters are merged
-  (REASONREC_MERGE_ADAPTERS: by default when vLLM runs on the CPU and the data directory can be
-  written) a LoRA version is a model of its own;
+  no gateway's request may still hold it (`server.engine.release_seconds`, after a gateway's
+  catch-up); where adapters are merged (REASONREC_MERGE_ADAPTERS: by default when vLLM runs on the
+  CPU and the data directory can be written) a LoRA version is a model of its own;
 - any other version stops vLLM and starts it on the new one; gateways serve the retrieval order
   meanwhile;
 - a version it cannot place (an adapter without its adapter files, say) is refused and logged:
@@ -40,10 +40,11 @@ from redis.exceptions import RedisError
 from server import logs
 from server.active_model import Placement, placement
 from server.config import Settings
-from server.engine import LOGPROBS_MODE, MAX_LOGPROBS, RELEASE_LIMIT_SECONDS
+from server.engine import LOGPROBS_MODE, MAX_LOGPROBS, release_seconds
 from server.engine.local import ADAPTERS_AT_ONCE, lora_slot
 from server.engine.remote import bearer
 from server.registry import RegistryError
+from server.serving import RECHECK_SECONDS
 from server.store import Store, open_store
 
 log = logging.getLogger("reasonrec.serve_vllm")
@@ -112,8 +113,9 @@ def vllm_swapper(
         return placed[version]
 
     async def unload_later(version: str) -> None:
-        # A gateway's requests may hold the outgoing version this long (server.serving.hold).
-        await asyncio.sleep(RELEASE_LIMIT_SECONDS)
+        # A gateway swaps once vLLM lists the new version, or at its next check after a lost
+        # announcement; its requests may hold the outgoing version this long after that.
+        await asyncio.sleep(RECHECK_SECONDS + release_seconds(settings.llm_timeout_ms))
         unloading.pop(version, None)
         try:
             response = await client.post("/v1/unload_lora_adapter", json={"lora_name": version})

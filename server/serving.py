@@ -5,8 +5,8 @@ Without an index or a model, requests are answered in the retrieval or popularit
 (fallback); `problem` says why there is no engine. Each gateway process subscribes to the
 `model-updates` channel. On an announcement it opens the
 new version beside the one serving (the registry's contract check first), then points new
-requests at it. Requests already holding the old engine finish on it: none uses an engine longer
-than `REASONREC_LLM_TIMEOUT_MS` (the budget cancels it), so the old engine is closed after that.
+requests at it. Requests already holding the old engine (`hold`) finish on it: it is closed once
+the last of them has answered, or when one is stuck (`server.engine.release_seconds`).
 If the new version cannot be opened, the old one keeps serving and the failure is logged. The
 active version is also read every RECHECK_SECONDS: an announcement sent while the subscription
 was reconnecting reaches nobody. An in-process engine whose core process died (killed for
@@ -19,8 +19,8 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import faiss
 from redis.exceptions import RedisError
@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 from server import metrics
 from server.active_model import open_engine
 from server.config import Settings
-from server.engine import RELEASE_LIMIT_SECONDS, Engine
+from server.engine import Engine, release_seconds
 from server.index_files import current_version, load_current
 from server.item_index import ItemIndex
 from server.logs import describe
@@ -55,8 +55,8 @@ class Serving:
         """Why there is no engine, for /readyz."""
         self._lock = asyncio.Lock()  # one swap at a time, in announcement order
         self._closing: set[asyncio.Task] = set()
-        self._holders: Counter[int] = Counter()  # requests holding each engine, by its id()
-        self._let_go = asyncio.Condition()  # notified when a request lets an engine go
+        self._holders: Counter[Engine] = Counter()  # requests holding each engine
+        self._idle: dict[Engine, asyncio.Event] = {}  # set once no request holds an outgoing one
         self._stopping = asyncio.Event()
         self._following: asyncio.Task | None = None
         self._wanted: str | None = None  # the version last swapped to, served or refused
@@ -69,20 +69,22 @@ class Serving:
         """The model version answering, None without one."""
         return self.engine.model_version if self.engine else None
 
-    @asynccontextmanager
-    async def hold(self) -> AsyncIterator[tuple[Engine | None, ItemIndex | None]]:
+    @contextmanager
+    def hold(self) -> Iterator[tuple[Engine | None, ItemIndex | None]]:
         """The engine and index one request uses, read together (a swap replaces both); a swap
         does not close the engine while a request holds it."""
         engine, index = self.engine, self.index
-        self._holders[id(engine)] += 1
+        if engine is not None:
+            self._holders[engine] += 1
         try:
             yield engine, index
         finally:
-            self._holders[id(engine)] -= 1
-            if self._holders[id(engine)] <= 0:  # the id of a released engine may come back
-                del self._holders[id(engine)]
-            async with self._let_go:
-                self._let_go.notify_all()
+            if engine is not None:
+                self._holders[engine] -= 1
+                if self._holders[engine] == 0:
+                    del self._holders[engine]
+                    if engine in self._idle:
+                        self._idle[engine].set()
 
     async def start(self) -> None:
         """Open the index and the active model, then follow activations. Nothing that fails here
@@ -252,18 +254,18 @@ class Serving:
             return held
 
     async def _close_later(self, engine: Engine) -> None:
+        idle = self._idle[engine] = asyncio.Event()
+        if not self._holders[engine]:
+            idle.set()
         try:
-            async with self._let_go:
-                await asyncio.wait_for(
-                    self._let_go.wait_for(lambda: self._holders[id(engine)] <= 0),
-                    RELEASE_LIMIT_SECONDS,
-                )
+            await asyncio.wait_for(idle.wait(), release_seconds(self.settings.llm_timeout_ms))
         except TimeoutError:
             log.warning(
                 "outgoing engine closed under requests still holding it",
-                extra={"version": engine.model_version, "requests": self._holders[id(engine)]},
+                extra={"version": engine.model_version, "requests": self._holders[engine]},
             )
         finally:  # at shutdown too
+            del self._idle[engine]
             await _release(engine)
         await asyncio.to_thread(self._forget_pruned)
 

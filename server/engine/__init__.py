@@ -16,10 +16,15 @@ from server.vocabulary import ItemTokens
 MAX_LOGPROBS = 64
 # Log-probabilities after the grammar mask and the allowed tokens: what the answer chose among.
 LOGPROBS_MODE = "processed_logprobs"
-# How long after a swap a request may still use the outgoing version: its engine call ends within
-# the LLM budget and each of its Redis reads within Redis's timeout, so one holding it longer is
-# stuck, and the outgoing version's memory is needed back.
-RELEASE_LIMIT_SECONDS = 60.0
+# A request's engine call ends within the LLM budget and each of its Redis reads within Redis's
+# timeout: one holding an outgoing version past this (or past the budget, when that is longer) is
+# stuck, and the version's memory is needed back.
+MIN_RELEASE_SECONDS = 60.0
+
+
+def release_seconds(llm_timeout_ms: int) -> float:
+    """How long after a swap a request may still use the outgoing version."""
+    return max(MIN_RELEASE_SECONDS, llm_timeout_ms / 1000 + 1)
 
 
 class EngineError(Exception):

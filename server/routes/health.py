@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from redis.exceptions import RedisError
 
 from server.deps import ServingDep, StoreDep
-from server.engine import EngineError
+from server.engine import Engine, EngineError
 from server.logs import describe
 from server.serving import Serving
 from server.store import Store
@@ -47,8 +47,11 @@ async def readyz(store: StoreDep, serving: ServingDep) -> JSONResponse:
     request is still answered in the retrieval order, so the status is "degraded" (200). Gateways
     share the engine; failing them all at once would turn a degraded service into an outage.
     """
-    engine = serving.engine
-    checks = {"redis": await _redis_check(store), "engine": await _engine_check(serving)}
+    with serving.hold() as (engine, _):  # not closed by a swap while it is asked
+        checks = {
+            "redis": await _redis_check(store),
+            "engine": await _engine_check(serving, engine),
+        }
     failed = checks["redis"] != "ok"
     status = "not_ready" if failed else "ready" if checks["engine"] == "ok" else "degraded"
     body = Readiness(
@@ -68,8 +71,7 @@ async def _redis_check(store: Store) -> str:
     return "ok"
 
 
-async def _engine_check(serving: Serving) -> str:
-    engine = serving.engine
+async def _engine_check(serving: Serving, engine: Engine | None) -> str:
     if engine is None:
         return serving.problem or "no engine"
     try:

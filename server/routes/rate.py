@@ -14,5 +14,5 @@ router = APIRouter(prefix="/v1/rate", tags=["rate"])
 async def rate(body: RateRequest, rater: RaterDep, serving: ServingDep) -> RateResponse:
     """Predicted ratings (1 to 5) of up to 50 items for any user, with the model's reasoning on
     request; a cold-start user is answered from the items' stats."""
-    async with serving.hold() as (engine, _):
+    with serving.hold() as (engine, _):
         return await rater.rate(body, request_id_var.get() or "", engine)

@@ -15,5 +15,5 @@ async def recommend(
     body: RecommendRequest, recommender: RecommenderDep, serving: ServingDep
 ) -> RecommendResponse:
     """A ranked list with a rationale, for any user (an unknown user is a cold start)."""
-    async with serving.hold() as (engine, index):
+    with serving.hold() as (engine, index):
         return await recommender.recommend(body, request_id_var.get() or "", engine, index)

@@ -14,5 +14,5 @@ router = APIRouter(prefix="/v1/search", tags=["search"])
 async def search(body: SearchRequest, searcher: SearcherDep, serving: ServingDep) -> SearchResponse:
     """Catalog items matching a free-text query, ranked by the fixed retriever (BM25 or dense);
     with a `user_id`, the items they have seen are left out."""
-    async with serving.hold() as (engine, _):
+    with serving.hold() as (engine, _):
         return await searcher.search(body, request_id_var.get() or "", engine)

@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import server.active_model
+import server.engine
 import server.serving
 from server.config import Settings
 from server.engine import EngineError
@@ -403,11 +404,17 @@ def test_a_version_waiting_to_be_tried_again_does_not_hold_back_another(
             raise EngineError("engine core failed to start: not enough memory")
         return opening(settings, version, serving)
 
+    trying_later = server.serving.Serving._try_later
+
+    def far_off(serving: server.serving.Serving, version: str) -> None:
+        trying_later(serving, version)
+        serving._retry_at = time.monotonic() + 100  # as after many failures
+
     monkeypatch.setattr(server.serving, "open_engine", failing_v2)
+    monkeypatch.setattr(server.serving.Serving, "_try_later", far_off)
     serving = models_client.app.state.serving
     rdb.set(f"{key_prefix}:model:active", "v2")
     assert until(lambda: serving._failed == "v2", 10)
-    serving._retry_at = time.monotonic() + 100  # v2 failed many times: its next try is far off
     rdb.set(f"{key_prefix}:model:active", "v3")  # set, never announced
 
     assert wait_serving(models_client, "v3")["serving"] == "v3"
@@ -487,7 +494,7 @@ def test_an_outgoing_engine_is_released_once_the_last_request_holding_it_ends(
     old = serving.engine = Outgoing()
 
     async def scenario() -> tuple[bool, bool]:
-        async with serving.hold() as (engine, _):
+        with serving.hold() as (engine, _):
             serving.engine = None  # what a swap does, before it releases the old engine
             release = asyncio.create_task(serving._close_later(old))
             await asyncio.sleep(1.5)  # past the LLM budget + 1 s
@@ -501,14 +508,15 @@ def test_an_outgoing_engine_is_released_once_the_last_request_holding_it_ends(
 def test_an_outgoing_engine_held_by_a_stuck_request_is_released_at_the_limit(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(server.serving, "RELEASE_LIMIT_SECONDS", 0.2)
-    serving = server.serving.Serving(settings.model_copy(update={"registry_dir": tmp_path}), None)
+    monkeypatch.setattr(server.engine, "MIN_RELEASE_SECONDS", 0.2)
+    update = {"registry_dir": tmp_path, "llm_timeout_ms": 10}  # stuck past 1.01 s
+    serving = server.serving.Serving(settings.model_copy(update=update), None)
     old = serving.engine = Outgoing()
 
     async def scenario() -> bool:
-        async with serving.hold():
+        with serving.hold():
             serving.engine = None
-            await asyncio.wait_for(serving._close_later(old), 2)
+            await asyncio.wait_for(serving._close_later(old), 3)
             return old.closed
 
     assert asyncio.run(scenario()) is True
