@@ -97,11 +97,13 @@ async def run_sidecar(settings: Settings) -> None:
         while True:
             await asyncio.sleep(POLL_SECONDS)
             read_at, published = _report_last_refresh(registry, read_at)
-            if published is not None:  # a refresh published elsewhere restarts the schedule
-                last_run = max(last_run, _monotonic(published))
+            # A refresh published since (by `train --once`, say) restarts the schedule and the
+            # count of new events: it trained on them.
+            if published is not None and _monotonic(published) > last_run:
+                last_run, last_length = _monotonic(published), None
             if (length := await _event_count(store)) is None:
                 continue
-            if last_length is None:  # Redis was away at start: count from its first answer
+            if last_length is None:  # counted from here: Redis was away, or a refresh published
                 last_length = length
             due = time.monotonic() - last_run >= settings.refresh_seconds
             if not due and length - last_length < settings.refresh_min_events:
