@@ -214,6 +214,9 @@ def main() -> None:
                 "key_prefix": f"policy-{uuid.uuid4().hex[:8]}",
                 "llm_timeout_ms": 600_000,
                 "refresh_grpo_steps": args.refresh_steps,
+                # A few hundred clickers log a dozen or two lists: each refresh trains on them
+                # (the gate's verdict on so few is reported, not trusted).
+                "refresh_min_lists": 2,
             }
         )
         # Trainers and vLLM log on stdout: keep it for the JSON.

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from contract.search import RetrieverKind
@@ -247,7 +247,8 @@ class TrainerSettings(_Section):
         ge=2,
         description="Refresh of a model trained to rank: skipped with fewer logged lists (with a "
         "positive, in the version's rendering) than this; the gate decides on the newest "
-        "REASONREC_GATE_HOLDOUT share of them (20 of 100), and on a handful it decides by chance.",
+        "REASONREC_GATE_HOLDOUT share of them (20 of 100), and on a handful it decides by chance. "
+        "At most REASONREC_REFRESH_LOGGED_EXAMPLES.",
     )
     refresh_fresh_examples: int = Field(
         64,
@@ -312,6 +313,16 @@ class TrainerSettings(_Section):
     trainer_metrics_port: int = Field(
         9101, ge=0, le=65535, description="`reasonrec trainer` serves /metrics here (0: off)."
     )
+
+    @field_validator("refresh_min_lists")
+    @classmethod
+    def _no_more_than_trained_on(cls, value: int, info: ValidationInfo) -> int:
+        logged = info.data.get("refresh_logged_examples")
+        if logged is not None and value > logged:
+            raise ValueError(
+                f"above REASONREC_REFRESH_LOGGED_EXAMPLES ({logged}): no refresh would ever rank"
+            )
+        return value
 
 
 class Settings(StorageSettings, GatewaySettings, EngineSettings, TrainerSettings):

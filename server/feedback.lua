@@ -27,9 +27,10 @@ local function finite(x)
   return x == x and x ~= math.huge and x ~= -math.huge
 end
 
--- As HINCRBYFLOAT reads a stored value (no spaces, no NaN), and still finite once `by` is added.
+-- As HINCRBYFLOAT reads a stored value (shorter than 5120 characters, no spaces, no NaN), and
+-- still finite once `by` is added.
 local function addable(stored, by)
-  local number = not stored:find('%s') and tonumber(stored)
+  local number = #stored < 5120 and not stored:find('%s') and tonumber(stored)
   return number and finite(number + by)
 end
 

@@ -40,10 +40,10 @@ def dies_with_pytest() -> None:
 
 
 REASONREC = str(Path(sys.executable).parent / "reasonrec")
+"""The installed command line, run as a user would."""
 # Refreshes in tests train on a dozen logged lists: too few for a gate to be sure of anything,
 # enough to exercise the loop (the minimum is tested apart).
 TEST_MIN_LISTS = 4
-"""The installed command line, run as a user would."""
 ML100K = Path(
     os.environ.get(
         "REASONREC_TEST_ML100K", Path(__file__).resolve().parents[2] / "shared/data/ml-100k"

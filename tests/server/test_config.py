@@ -83,6 +83,18 @@ def test_numbers_must_be_finite_and_levels_known(
         Settings()
 
 
+def test_a_refresh_minimum_above_what_a_refresh_trains_on_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every ranking refresh would be skipped, for good."""
+    monkeypatch.setenv("REASONREC_REFRESH_LOGGED_EXAMPLES", "50")
+    monkeypatch.setenv("REASONREC_REFRESH_MIN_LISTS", "51")
+    with pytest.raises(ValidationError, match="refresh_min_lists"):
+        Settings()
+    monkeypatch.setenv("REASONREC_REFRESH_MIN_LISTS", "50")
+    assert Settings().refresh_min_lists == 50
+
+
 def test_a_level_in_capitals_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REASONREC_LOG_LEVEL", "WARNING")
     assert Settings().log_level == "warning"

@@ -74,6 +74,7 @@ def _rating_written(rdb: redis.Redis, prefix: str) -> None:
     [
         ("ratings:sum", "a", "lots"),
         ("ratings:sum", "a", "inf"),  # HINCRBYFLOAT refuses to make it infinite
+        ("ratings:sum", "a", "0" * 5200 + "1"),  # 1 to Lua, too long for HINCRBYFLOAT
         ("ratings:count", "a", "1.5"),
         ("ratings:count", "a", " 1"),  # Lua reads it, HINCRBY does not
         ("ratings:total", "sum", "lots"),
