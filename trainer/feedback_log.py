@@ -170,6 +170,8 @@ class FeedbackLog:
                     continue
                 if feedback is None:
                     result.unreadable += 1
+                elif _another_users(feedback, served.get(request_id) or done.get(request_id)):
+                    result.unjoined += 1
                 elif request_id in served:
                     _join(served[request_id], feedback, result)
                 elif request_id in done:
@@ -256,8 +258,9 @@ def _merge(known: LoggedExample, record: LoggedExample) -> None:
 
 
 class Feedback(NamedTuple):
-    """What a joined event says: the item, what the user did, the rating (None for others)."""
+    """What a joined event says: who, the item, what they did, the rating (None for others)."""
 
+    user_id: str
     item_id: str
     type: EventType
     value: float | None
@@ -269,10 +272,21 @@ def _feedback(entry_id: str, fields: dict[str, str]) -> Feedback | None:
         value = float(fields["value"]) if fields.get("value") else None
         if value is not None and not math.isfinite(value):
             raise ValueError(f"value {fields['value']}")
-        return Feedback(item_id=fields["item_id"], type=EventType(fields["type"]), value=value)
+        return Feedback(
+            user_id=fields["user_id"],
+            item_id=fields["item_id"],
+            type=EventType(fields["type"]),
+            value=value,
+        )
     except UNREADABLE as exc:
         skip_unreadable("event", entry_id, exc)
         return None
+
+
+def _another_users(feedback: Feedback, example: LoggedExample | None) -> bool:
+    """Whether `feedback` quotes a list served to another user: a client's mistake, which says
+    nothing about that list."""
+    return example is not None and example.user_id != feedback.user_id
 
 
 def _join(example: LoggedExample, feedback: Feedback, result: ConsumeResult) -> None:

@@ -47,8 +47,10 @@ async def impression(
     )
 
 
-async def event(store: Store, kind: str, item: str, request_id: str = "", value: str = "") -> None:
-    fields = {"user_id": "u1", "item_id": item, "type": kind, "value": value, "ts": "1"}
+async def event(
+    store: Store, kind: str, item: str, request_id: str = "", value: str = "", user: str = "u1"
+) -> None:
+    fields = {"user_id": user, "item_id": item, "type": kind, "value": value, "ts": "1"}
     await store.redis.xadd(store.keys.events, {**fields, "request_id": request_id})
 
 
@@ -201,6 +203,25 @@ def test_feedback_on_no_logged_list_is_given_up_after_the_wait(
         result = await log.consume()
 
         assert result.unjoined == 1 and result.written == 0
+        assert await pending(store) == 0
+
+    run(settings, body)
+
+
+def test_feedback_quoting_another_users_list_is_not_joined_to_it(settings: Settings) -> None:
+    """A client's mistake: u2's click said u1 clicked, and was trained on as u1's."""
+
+    async def body(store: Store) -> None:
+        log = FeedbackLog(store, settings.data_dir / "trainer")
+        await impression(store, "r1", ["a", "b"])  # served to u1
+        await event(store, "click", "a", "r1", user="u2")
+        first = await log.consume()
+        await event(store, "click", "b", "r1", user="u2")  # late, on a list already logged
+
+        late = await log.consume()
+
+        assert (first.unjoined, first.joined, late.unjoined, late.joined) == (1, 0, 1, 0)
+        assert on_disk(log)["r1"].positives == []
         assert await pending(store) == 0
 
     run(settings, body)
