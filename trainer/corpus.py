@@ -53,6 +53,8 @@ class Corpus(BaseModel):
     the log."""
     ratings: dict[str, list[tuple[str, float]]] = {}
     """Per user, (item id, rating) of their rating events, in the same order."""
+    rated_at: dict[str, float] = {}
+    """Per user, the time of their latest rating event (a low rating is no positive event)."""
 
     @cached_property
     def popularity(self) -> Counter[str]:
@@ -90,8 +92,15 @@ async def read_corpus(store: Store) -> Corpus:
         user: [(item, value) for item, value, _ in sorted(seq, key=lambda row: row[2])]
         for user, seq in rated.items()
     }
+    rated_at = {user: max(ts for _, _, ts in seq) for user, seq in rated.items()}
     profiles = await store.profiles(await store.user_ids())
-    return Corpus(items=items, profiles=profiles, sequences=dict(sequences), ratings=ratings)
+    return Corpus(
+        items=items,
+        profiles=profiles,
+        sequences=dict(sequences),
+        ratings=ratings,
+        rated_at=rated_at,
+    )
 
 
 def _interaction(

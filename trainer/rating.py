@@ -188,9 +188,8 @@ class RatingExampleBuilder:
         """The latest rating of the `users` who rated most recently, given everything before it
         (what a refresh learns from: the rating feedback that arrived); the newest `holdout`
         share is held out for the gate."""
-        stamps = {u: seq[-1][1] for u, seq in self.corpus.sequences.items()}
         rated = [u for u, ratings in self.corpus.ratings.items() if len(ratings) >= 2]
-        newest = sorted(rated, key=lambda u: stamps.get(u, 0.0))[-users:]
+        newest = sorted(rated, key=lambda u: self.corpus.rated_at.get(u, 0.0))[-users:]
         examples = [self.example(u, len(self.corpus.ratings[u]) - 1) for u in newest]
         cut = len(examples) - max(1, round(holdout * len(examples)))
         return RatingExamples(

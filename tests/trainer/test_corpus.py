@@ -78,5 +78,6 @@ def test_sequences_hold_what_the_gateways_histories_hold(settings: Settings) -> 
     served = asyncio.run(body(every_rating=False))
     assert [item for item, _ in served.sequences["u"]] == ["a", "c", "d"]
     assert served.ratings == {"u": [("b", 1.0), ("c", 4.0)]}  # the rating task reads them all
+    assert served.rated_at == {"u": 2.0}  # the latest rating, not the latest positive event (3)
     evaluated = asyncio.run(body(every_rating=True))
     assert [item for item, _ in evaluated.sequences["u"]] == ["a", "b", "c", "d"]

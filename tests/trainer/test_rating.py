@@ -196,13 +196,18 @@ def test_both_recipes_train_and_validate_against_the_baseline(
 
 
 def test_a_refresh_learns_from_the_latest_ratings_and_holds_out_the_newest(data) -> None:
-    # u11 rated last, u0 first (each user's ratings sit at times 0..5; ties keep user order)
+    """Who rated last, not whose last positive event came last: a rating below 4 is no positive
+    event, and the raters were picked by their positives."""
+    users = list(data.sequences)
     stamped = data.model_copy(
         update={
-            "sequences": {
-                user: [(item, float(t + 10 * n)) for t, (item, _) in enumerate(seq)]
-                for n, (user, seq) in enumerate(data.sequences.items())
-            }
+            "rated_at": {user: 10.0 * n for n, user in enumerate(users)},  # u11 rated last
+            "sequences": {  # u0's positives came last
+                user: [
+                    (item, float(t - 10 * n)) for t, (item, _) in enumerate(data.sequences[user])
+                ]
+                for n, user in enumerate(users)
+            },
         }
     )
     builder = RatingExampleBuilder(stamped, Rendering.compact, history=3)
