@@ -133,11 +133,12 @@ def _texts(corpus: Corpus, examples: list[Example]) -> list[str]:
 
 
 def _examples(
-    corpus: Corpus, index: ItemIndex, shape: Shape, preset: Preset, seed: int
+    corpus: Corpus, index: ItemIndex, shape: Shape, policy: Policy, preset: Preset, seed: int
 ) -> Examples:
-    """SFT examples at sampled positions, and each validation user's last interaction. Without
-    the ranking task they only measure what pretraining learned, and may be none."""
-    builder = ExampleBuilder(corpus, index, shape)
+    """SFT examples at sampled positions, and each validation user's last interaction, their
+    candidates what the policy would serve. Without the ranking task they only measure what
+    pretraining learned, and may be none."""
+    builder = ExampleBuilder(corpus, index, shape, policy)
     train = list(builder.sample(preset.sft_examples, seed))
     validation = builder.validation(preset.validation_users, seed)
     log.info("examples built", extra={"train": len(train), "validation": len(validation)})
@@ -392,7 +393,7 @@ async def bootstrap(
         # leaves serving as it was.
         index = index_corpus(corpus, settings, preset.index_dim, seed, current=False, held_out=True)
         served = index_corpus(corpus, settings, preset.index_dim, seed, current=False)
-        examples = _examples(corpus, index, shape, preset, seed)
+        examples = _examples(corpus, index, shape, policy, preset, seed)
         item_tokens = parent is not None and preset.item_tokens
         start = None
         if parent is not None:

@@ -13,7 +13,10 @@ from pydantic import BaseModel, Field
 
 from contract.candidates import OVERFETCH, allowed, candidate_order
 from contract.prompt import Contract, prompt_input
+from reward_rules.policy import Policy
 from server.item_index import ItemIndex
+from server.policy import servable
+from server.schemas import Item
 from trainer.corpus import Corpus, latest_per_item
 from trainer.examples import Example, build_example
 
@@ -41,8 +44,12 @@ def sample_positions(corpus: Corpus, rng: np.random.Generator, count: int) -> li
 
 
 class ExampleBuilder:
-    def __init__(self, corpus: Corpus, index: ItemIndex, shape: Shape):
-        self.corpus, self.index, self.shape = corpus, index, shape
+    def __init__(
+        self, corpus: Corpus, index: ItemIndex, shape: Shape, policy: Policy | None = None
+    ):
+        """`policy`: candidates are what it would serve, as the gateway's are (None: every
+        item)."""
+        self.corpus, self.index, self.shape, self.policy = corpus, index, shape, policy
         popularity = corpus.popularity
         self.popularity = popularity
         self.popular = [
@@ -57,8 +64,11 @@ class ExampleBuilder:
         hits = self.index.search(recent, self.shape.candidates * OVERFETCH, exclude=exclude)
         ranked = candidate_order(hits, self.popular, self.newest)
         items = self.corpus.items
-        chosen = [i for i, _ in ranked if i in items and allowed(items[i], exclude)]
+        chosen = [i for i, _ in ranked if i in items and self._offered(items[i], exclude)]
         return chosen[: self.shape.candidates]
+
+    def _offered(self, item: Item, exclude: set[str]) -> bool:
+        return allowed(item, exclude) and (self.policy is None or servable(self.policy, item))
 
     def example(self, user_id: str, t: int, need_positive: bool = True) -> Example | None:
         """The example at position t; None when no candidate is left, or when no positive made

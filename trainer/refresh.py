@@ -36,7 +36,7 @@ from contract.prompt import Contract, Rendering, render_answer
 from contract.ranking import target_items
 from contract.rating import STEP_CHARS
 from contract.tasks import Task
-from reward_rules.policy import build_terms, catalog_facts
+from reward_rules.policy import Policy, build_terms, catalog_facts
 from server.active_model import refreshed_with_lora
 from server.config import Settings
 from server.item_index import ItemIndex
@@ -181,24 +181,26 @@ def _as_example(logged: LoggedExample) -> Example:
 
 
 def fresh_examples(
-    corpus: Corpus, index: ItemIndex | None, settings: Settings, contract: Contract
+    corpus: Corpus, index: ItemIndex | None, settings: Settings, contract: Contract, policy: Policy
 ) -> list[Example]:
     """Recent histories as the gateway would prompt them today for the active version, with the
-    current index. They add what users did without a logged list (organic feedback); logged
-    lists keep their own prompts, as served."""
+    current index and the business policy. They add what users did without a logged list
+    (organic feedback); logged lists keep their own prompts, as served."""
     if index is None or not settings.refresh_fresh_examples:
         return []
     shape = Shape(
         candidates=settings.candidates, history=settings.prompt_history, contract=contract
     )
-    return ExampleBuilder(corpus, index, shape).fresh(settings.refresh_fresh_examples)
+    return ExampleBuilder(corpus, index, shape, policy).fresh(settings.refresh_fresh_examples)
 
 
-def apart_from(fresh: list[Example], holdout: list[Example]) -> list[Example]:
-    """The fresh examples of users with no held-out list: a held-out list's click is often its
-    user's latest interaction too, and trained on, the gate would score the candidate on what it
-    was just taught."""
-    gated = {example.user_id for example in holdout}
+def apart_from(
+    fresh: list[Example], holdout: list[Example], rating: RatingExamples | None
+) -> list[Example]:
+    """The fresh examples of users with nothing held out for the gate: a held-out list's click,
+    or a held-out rating of 4 or more, is often its user's latest interaction too, and trained
+    on, the gate would score the candidate on what it was just taught."""
+    gated = {example.user_id for example in [*holdout, *(rating.validation if rating else [])]}
     return [example for example in fresh if example.user_id not in gated]
 
 
@@ -331,18 +333,21 @@ async def _refresh(
     registry.check_writable()  # a read-only registry fails now, not after the training
     policy = read_policy(settings.policy_file)
     facts = catalog_facts(corpus.items.values(), policy)
-    fresh = (
-        apart_from(
-            await asyncio.to_thread(fresh_examples, corpus, index, settings, manifest.contract),
-            holdout,
-        )
-        if ranks
-        else []
-    )
     if rating is None and Task.rate in manifest.tasks:
         # Rating not refreshed, still gated, every example held out: ranking's GRPO changes the
         # weights that rate too, and a version that rated worse would pass unseen.
         rating = recent_ratings(corpus, manifest, RATING_GATE_USERS, holdout=1.0)
+    fresh = (
+        apart_from(
+            await asyncio.to_thread(
+                fresh_examples, corpus, index, settings, manifest.contract, policy
+            ),
+            holdout,
+            rating,
+        )
+        if ranks
+        else []
+    )
     search = (
         held_out_searches(corpus, manifest, SEARCH_GATE_USERS)
         if Task.search in manifest.tasks

@@ -2,6 +2,7 @@
 
 from datetime import UTC, datetime
 
+from reward_rules.policy import Policy
 from server.schemas import Item
 from trainer.corpus import Corpus
 from trainer.dataset import ExampleBuilder, Shape
@@ -93,3 +94,17 @@ def test_an_item_come_back_to_shows_once_where_the_user_last_had_it() -> None:
     assert example is not None
     assert example.prompt.count("Film 0") == 1
     assert example.prompt.index("Film 1") < example.prompt.index("Film 0")
+
+
+def test_candidates_are_what_the_policy_would_serve() -> None:
+    """The gateway never offers an item the policy finds unavailable (out of stock, here);
+    training taught the model to pick it."""
+    taught = builder()
+    gone = taught.candidates(["i3"])[0]
+    stock = taught.corpus.items[gone].model_copy(update={"attributes": {"in_stock": 0}})
+    taught.corpus.items[gone] = stock
+    policy = Policy(attributes={"available": "in_stock"})
+    offered = ExampleBuilder(taught.corpus, taught.index, taught.shape, policy)
+
+    assert gone in taught.candidates(["i3"]) and gone not in offered.candidates(["i3"])
+    assert all(gone not in example.candidates for example in offered.fresh(3))

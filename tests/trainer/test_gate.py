@@ -20,6 +20,7 @@ from trainer.gate import (
     choose_blend,
     refresh_gate,
 )
+from trainer.rating import RatingExample, RatingExamples
 from trainer.refresh import apart_from, split_logged
 
 
@@ -236,10 +237,13 @@ def test_users_with_a_held_out_list_give_no_fresh_example() -> None:
         for n in range(6)
     ]
 
-    kept = apart_from(fresh, holdout)
+    rated = RatingExample(user_id="u5", prompt="p", rating=4, baseline=3.5, target="t")
+    rating = RatingExamples(rendering="compact", train=[], validation=[rated])
 
     assert {e.user_id for e in holdout} == {"u2", "u3"}
-    assert [e.user_id for e in kept] == ["u0", "u1", "u4", "u5"]
+    assert [e.user_id for e in apart_from(fresh, holdout, None)] == ["u0", "u1", "u4", "u5"]
+    # The rating gate's held-out rating (4: a positive event) is often the latest too.
+    assert [e.user_id for e in apart_from(fresh, holdout, rating)] == ["u0", "u1", "u4"]
 
 
 class TestRatingGate:
