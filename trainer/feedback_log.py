@@ -163,7 +163,9 @@ class FeedbackLog:
             organic = []
             for entry_id, fields in batch:
                 request_id = fields.get("request_id", "")
-                feedback = _feedback(entry_id, fields) if request_id else None
+                feedback = (
+                    _feedback(entry_id, fields, self.store.positive_rating) if request_id else None
+                )
                 if not request_id:
                     result.organic += 1
                     organic.append(entry_id)
@@ -258,25 +260,27 @@ def _merge(known: LoggedExample, record: LoggedExample) -> None:
 
 
 class Feedback(NamedTuple):
-    """What a joined event says: who, the item, what they did, the rating (None for others)."""
+    """What a joined event says: who, the item, what they did, whether they wanted it."""
 
     user_id: str
     item_id: str
     type: EventType
-    value: float | None
+    positive: bool
 
 
-def _feedback(entry_id: str, fields: dict[str, str]) -> Feedback | None:
-    """The event an events stream entry holds; None, skipped and counted, when it cannot be read."""
+def _feedback(entry_id: str, fields: dict[str, str], positive_rating: float) -> Feedback | None:
+    """The event an events stream entry holds, a rating positive from `positive_rating` (the
+    store's, as its histories count it); None, skipped and counted, when it cannot be read."""
     try:
         value = float(fields["value"]) if fields.get("value") else None
         if value is not None and not math.isfinite(value):
             raise ValueError(f"value {fields['value']}")
+        kind = EventType(fields["type"])
         return Feedback(
             user_id=fields["user_id"],
             item_id=fields["item_id"],
-            type=EventType(fields["type"]),
-            value=value,
+            type=kind,
+            positive=is_positive(kind, value, positive_rating),
         )
     except UNREADABLE as exc:
         skip_unreadable("event", entry_id, exc)
@@ -292,7 +296,7 @@ def _another_users(feedback: Feedback, example: LoggedExample | None) -> bool:
 def _join(example: LoggedExample, feedback: Feedback, result: ConsumeResult) -> None:
     result.joined += 1
     item = feedback.item_id
-    if is_positive(feedback.type, feedback.value):
+    if feedback.positive:
         if item not in example.positives:
             example.positives.append(item)
         result.positives += 1

@@ -16,10 +16,12 @@ from trainer import feedback_log
 from trainer.feedback_log import GROUP, FeedbackLog, LoggedExample
 
 
-async def _with_store(settings: Settings, body: Callable[[Store], Awaitable[Any]]) -> Any:
+async def _with_store(
+    settings: Settings, body: Callable[[Store], Awaitable[Any]], **store: float
+) -> Any:
     client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
     try:
-        return await body(build_store(settings, client))
+        return await body(build_store(settings, client, **store))
     finally:
         await client.aclose()
 
@@ -225,6 +227,22 @@ def test_feedback_quoting_another_users_list_is_not_joined_to_it(settings: Setti
         assert await pending(store) == 0
 
     run(settings, body)
+
+
+def test_a_rating_is_positive_from_the_stores_threshold(settings: Settings) -> None:
+    """As the store counts it in histories (eval's store counts every rating): a rating of 2
+    was a negative of the list and a positive of the history."""
+
+    async def body(store: Store) -> None:
+        log = FeedbackLog(store, settings.data_dir / "trainer")
+        await impression(store, "r1", ["a", "b"])
+        await event(store, "rating", "a", "r1", value="2")
+
+        await log.consume()
+
+        assert (on_disk(log)["r1"].positives, on_disk(log)["r1"].negatives) == (["a"], [])
+
+    asyncio.run(_with_store(settings, body, positive_rating=0.0))
 
 
 def test_an_unreadable_entry_is_skipped_acknowledged_and_holds_back_nothing(
