@@ -30,8 +30,6 @@ async def post_feedback(batch: FeedbackBatch, store: StoreDep) -> FeedbackResult
     event_ids = [event.event_id or "" for event in batch.events]
     try:
         stored = await store.add_feedback(batch.events, assigned=assigned)
-        new = [event for event, is_new in zip(batch.events, stored, strict=True) if is_new]
-        await _credit_positives(store, new)
     except RedisError as exc:
         if bad_data(exc):  # retrying cannot help until the data is repaired
             raise _unreadable(exc, event_ids) from exc
@@ -42,8 +40,10 @@ async def post_feedback(batch: FeedbackBatch, store: StoreDep) -> FeedbackResult
         ) from exc
     except UnknownItems as exc:
         raise _unknown_items(batch, exc) from exc
+    new = [event for event, is_new in zip(batch.events, stored, strict=True) if is_new]
     for event in new:
         metrics.FEEDBACK_EVENTS.labels(event.type.value).inc()
+    await _credit_positives(store, new)
     accepted = sum(stored)
     return FeedbackResult(accepted=accepted, duplicates=len(stored) - accepted, event_ids=event_ids)
 
@@ -82,6 +82,15 @@ async def _credit_positives(store: Store, events: list[FeedbackEvent]) -> None:
     """Count positives by the version that served the list they quote (the online positive
     rate's numerator). Events without a request id, or past attribution, are organic."""
     quoted = [event.request_id for event in events if event.request_id and event.positive]
-    for version in await store.served_by(quoted):
+    try:
+        versions = await store.served_by(quoted)
+    except RedisError as exc:
+        # The events are stored: a 503 now would have their retry counted as duplicates, and
+        # counted nowhere. Only the attribution of this batch's positives is lost.
+        log.warning(
+            "positives not attributed", extra={"positives": len(quoted), "reason": describe(exc)}
+        )
+        return
+    for version in versions:
         if version is not None:
             metrics.POSITIVES.labels(version).inc()

@@ -1,7 +1,9 @@
 """Feedback: POST /v1/feedback, atomic batches, de-duplication and what each event updates."""
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
+from server.store import Store
 from tests.server.helpers import assert_error, metric, post_events, put_items
 
 
@@ -239,3 +241,23 @@ def test_event_id_remembered_forever_with_ttl_zero(make_client, rdb, key_prefix)
     post_events(client, ev("a", event_id="t1"))
     assert rdb.ttl(f"{key_prefix}:eventid:u1:t1") == -1
     assert tally(post_events(client, ev("a", event_id="t1"))) == {"accepted": 0, "duplicates": 1}
+
+
+def test_stored_events_are_answered_when_their_attribution_cannot_be_read(
+    client, catalog, rdb, keys, monkeypatch
+):
+    """The events were stored, then a 503: the client's retry was all duplicates, and the
+    events were counted nowhere."""
+
+    async def unreachable(self, request_ids):
+        raise RedisConnectionError("gone")
+
+    monkeypatch.setattr(Store, "served_by", unreachable)
+    before = metric(client, "reasonrec_feedback_events_total", type="click")
+
+    response = post_events(client, ev("a", request_id="req-1"))
+
+    assert response.status_code == 200, response.text
+    assert tally(response) == {"accepted": 1, "duplicates": 0}
+    assert rdb.xlen(keys.events) == 1
+    assert metric(client, "reasonrec_feedback_events_total", type="click") == before + 1
