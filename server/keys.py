@@ -101,6 +101,10 @@ class Keys:
         return self._k("model", "previous")
 
     @property
+    def pruning(self) -> str:
+        return self._k("model", "pruning")
+
+    @property
     def loading(self) -> str:
         return self._k("load", "unfinished")
 

@@ -225,18 +225,21 @@ class Registry:
             (staging / MANIFEST).unlink(missing_ok=True)
             return self.publish(staging, manifest)
 
-    def prune(self, keep: int, serving: set[str]) -> list[str]:
-        """Remove all but the newest `keep` trained versions (0: none), never one in `serving`
-        (the active and the previous version: a rollback needs it), a version brought in (`models
-        register`, `models import-gguf`: a base to train on, not a product of training) or the
-        base a kept adapter runs on. Returns the removed versions, oldest first."""
+    def prunable(self, keep: int, serving: set[str]) -> list[str]:
+        """All but the newest `keep` trained versions (0: none), oldest first; never one in
+        `serving` (the active and the previous version: a rollback needs it), a version brought
+        in (`models register`, `models import-gguf`: a base to train on, not a product of
+        training) or the base a kept adapter runs on."""
         if keep == 0:
             return []
         versions = self.versions()
         trained = [m.version for m in versions if m.training.get("method") not in BROUGHT_IN]
         kept = {m.version for m in versions} - set(trained[:-keep]) | serving
         kept |= {m.base_model for m in versions if m.version in kept and m.base_model}
-        removed = [m.version for m in versions if m.version not in kept]
+        return [m.version for m in versions if m.version not in kept]
+
+    def remove(self, removed: list[str]) -> None:
+        """Remove versions (`trainer.refresh.prune` chooses them)."""
         for version in removed:
             # Out of sight in one rename, so that no reader sees a half-deleted version.
             hidden = self.root / f"{_STAGING}{uuid.uuid4().hex}"
@@ -244,7 +247,6 @@ class Registry:
             _remove(hidden)
         if removed:
             fsync(self.root)
-        return removed
 
     def discard_staging(self, older_than: float = STALE_STAGING_SECONDS) -> int:
         """Remove staging folders untouched for `older_than` seconds: left behind by writers

@@ -42,7 +42,10 @@ log = logging.getLogger(__name__)
 FEEDBACK_SCRIPT = resources.files("server").joinpath("feedback.lua").read_text()
 # A checked activation that finds its own version active is done: it is a retry of one whose reply
 # was lost (the connection dropped), and answers as that one did.
+# A version the registry is removing is refused: its folder may be gone by the time gateways
+# open it (`mark_pruning`).
 ACTIVATE_SCRIPT = """
+if redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1 then return {2, ''} end
 local old = redis.call('GET', KEYS[1])
 if ARGV[3] == '1' and (old or '') ~= ARGV[2] then
   if old == ARGV[1] then return {1, redis.call('GET', KEYS[2]) or ''} end
@@ -67,6 +70,17 @@ Stream = Literal["impressions", "events"]
 # A day: ample for a client to retry a write that answered 503, short enough that ids nobody
 # chose do not pile up in Redis.
 ASSIGNED_ID_SECONDS = 86_400
+
+
+# Longer than any removal of versions takes; a pruner killed half-way frees its versions then.
+PRUNING_SECONDS = 300
+
+
+class BeingRemoved(Exception):
+    """The version to activate is being removed from the registry (pruned)."""
+
+    def __init__(self, version: str):
+        super().__init__(f"model version '{version}' is being removed from the registry")
 
 
 class ActiveModelChanged(Exception):
@@ -481,10 +495,27 @@ class Store:
         keys = [self.keys.active_model, self.keys.previous_model, self.keys.model_updates]
         checked = checked or replacing is not None
         args = [version, replacing or "", "1" if checked else "0"]
-        done, old = await self._activate(keys=keys, args=args)
+        done, old = await self._activate(keys=[*keys, self.keys.pruning], args=args)
+        if done == 2:
+            raise BeingRemoved(version)
         if not done:
             raise ActiveModelChanged(old or None)
         return old or None
+
+    async def mark_pruning(self, versions: list[str]) -> set[str]:
+        """Have activation refuse `versions` (for PRUNING_SECONDS at most), then read the active
+        and the previous version: an activation either came first, and is read, or is refused."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if versions:
+                pipe.sadd(self.keys.pruning, *versions)
+                pipe.expire(self.keys.pruning, PRUNING_SECONDS)
+            pipe.mget(self.keys.active_model, self.keys.previous_model)
+            *_, serving = await pipe.execute()
+        return {version for version in serving if version}
+
+    async def unmark_pruning(self, versions: list[str]) -> None:
+        if versions:
+            await self.redis.srem(self.keys.pruning, *versions)
 
     @asynccontextmanager
     async def model_updates(self) -> AsyncIterator[PubSub]:

@@ -32,11 +32,12 @@ from server.registry import (
     servable,
 )
 from server.schemas import EventType
-from server.store import open_store
+from server.store import BeingRemoved, open_store
 from trainer.corpus import INTERACTIONS, NotEnoughData
 from trainer.device import DeviceError
 from trainer.evaluation.split import EvalFormat, Split, read_eval_data
 from trainer.presets import PRESETS, Recipe
+from trainer.prune import prune
 
 if TYPE_CHECKING:
     from trainer.bootstrap import BootstrapResult
@@ -301,7 +302,8 @@ def trainer_command() -> None:
 
 async def _activate(settings: Settings, version: str) -> None:
     async with open_store(settings) as store:
-        await store.set_active_model(version)
+        with errors_end_command(BeingRemoved):
+            await store.set_active_model(version)
 
 
 @models.command("list")
@@ -392,14 +394,14 @@ def prune_models(
     active and the previous version, the bases of kept adapters and versions brought in
     (register, import-gguf) stay. Prints each removed version."""
     settings = settings_from_env()
-
-    async def serving() -> set[str]:
-        async with open_store(settings) as store:
-            return await store.serving_models()
-
     keep = settings.keep_versions if keep is None else keep
+
+    async def pruned() -> list[str]:
+        async with open_store(settings) as store:
+            return await prune(Registry(settings.registry_path), store, keep)
+
     with errors_end_command(OSError):
-        for version in Registry(settings.registry_path).prune(keep, asyncio.run(serving())):
+        for version in asyncio.run(pruned()):
             typer.echo(version)
 
 

@@ -56,6 +56,7 @@ from trainer.feedback_log import KEEP_FACTOR, ConsumeResult, FeedbackLog, Logged
 from trainer.gate import Gate, Popularity, refresh_gate, validate
 from trainer.grpo import STATE_FILE, Stopped, run_grpo
 from trainer.presets import GrpoSettings
+from trainer.prune import prune
 from trainer.publish import publish_model, validated
 from trainer.rating import RatingExampleBuilder, RatingExamples, validate_rating
 from trainer.search import (
@@ -255,12 +256,10 @@ async def refresh_once(
 
 
 async def _prune(settings: Settings, store: Store) -> None:
-    """Keep the newest REASONREC_KEEP_VERSIONS versions (`Registry.prune`). A failure is logged,
-    not raised: the refresh it follows is published."""
-    registry = Registry(settings.registry_path)
+    """Keep the newest REASONREC_KEEP_VERSIONS versions. A failure is logged, not raised: the
+    refresh it follows is published."""
     try:
-        serving = await store.serving_models()
-        removed = await asyncio.to_thread(registry.prune, settings.keep_versions, serving)
+        removed = await prune(Registry(settings.registry_path), store, settings.keep_versions)
     except (OSError, RedisError) as exc:
         log.warning("registry not pruned", extra={"reason": describe(exc)})
         return

@@ -12,6 +12,7 @@ from server.deps import ServingDep, SettingsDep, StoreDep, require_admin_key
 from server.errors import ApiError, documented
 from server.registry import Manifest, Registry, RegistryError, servable
 from server.schemas import Id
+from server.store import BeingRemoved
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -102,5 +103,8 @@ async def activate(
         servable(registry, body.version)
     except RegistryError as exc:
         raise ApiError(409, "model_refused", str(exc)) from exc
-    previous = await store.set_active_model(body.version)
+    try:
+        previous = await store.set_active_model(body.version)
+    except BeingRemoved as exc:
+        raise ApiError(404, "not_found", str(exc)) from exc
     return ActivateResponse(active=body.version, previous=previous)

@@ -354,7 +354,8 @@ async def test_adapters_swap_in_after_the_version_vllm_started_on_was_pruned(
     swap = serve_vllm.vllm_swapper(settings, [], transport)
 
     assert await swap("v2", "v2", "v3")
-    Registry(settings.registry_path).prune(1, serving={"v3"})  # v2 removed, v1 a kept base
+    registry = Registry(settings.registry_path)
+    registry.remove(registry.prunable(1, serving={"v3"}))  # v2 removed, v1 a kept base
     assert await swap("v2", "v3", "v4")
     await until(lambda: len(calls) == 4)
     assert sorted((path.rsplit("_", 2)[0], body["lora_name"]) for path, body in calls) == [

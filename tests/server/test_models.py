@@ -119,6 +119,18 @@ def test_activate_refuses_unknown_and_unspoken_versions(
     assert models_client.get("/v1/models").json()["active"] is None
 
 
+def test_activate_refuses_a_version_being_pruned(
+    models_client: TestClient, rdb, key_prefix: str
+) -> None:
+    rdb.sadd(f"{key_prefix}:model:pruning", "v1")  # a prune removing it now
+    response = models_client.post("/v1/models/activate", json={"version": "v1"}, headers=ADMIN)
+    assert response.status_code == 404
+    assert response.json()["error"]["message"] == (
+        "model version 'v1' is being removed from the registry"
+    )
+    assert models_client.get("/v1/models").json()["active"] is None
+
+
 @pytest.mark.parametrize(
     ("headers", "status"),
     [({}, 401), ({"Authorization": "Bearer wrong"}, 401), ({"X-API-Key": "admin-secret"}, 200)],

@@ -1,6 +1,7 @@
 """The model registry: atomic versions, manifests, registration, contract checks, and an app
 whose active model speaks a contract this gateway does not."""
 
+import asyncio
 import json
 import os
 import shutil
@@ -33,7 +34,9 @@ from server.registry import (
     servable,
     stored_parameters,
 )
+from server.store import BeingRemoved, Store, open_store
 from tests.server.helpers import metric, post_events, put_items
+from trainer.prune import prune
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -294,17 +297,19 @@ def test_prune_keeps_the_newest_the_serving_and_the_bases_of_kept_adapters(
     imported = {"method": "imported", "format": "gguf"}  # a base to train on, not a product
     publish_version(registry, "v-gguf", created_at=T0 - timedelta(hours=1), training=imported)
 
-    assert registry.prune(keep=1, serving={"v2", "v3"}) == ["v0", "v4"]
+    chosen = registry.prunable(keep=1, serving={"v2", "v3"})
+    assert chosen == ["v0", "v4"]
+    registry.remove(chosen)
     # v1: the base the kept adapter needs; the imported model is no version training made
     assert names(registry) == ["v-gguf", "v1", "v2", "v3", "v5"]
     assert not list(registry.root.glob(".*"))  # nothing left behind
-    assert registry.prune(keep=1, serving={"v2", "v3"}) == []
+    assert registry.prunable(keep=1, serving={"v2", "v3"}) == []
 
 
 def test_prune_keep_zero_removes_nothing(registry: Registry) -> None:
     publish_version(registry, "v1")
-    assert registry.prune(keep=0, serving=set()) == []
-    assert registry.prune(keep=1, serving=set()) == []
+    assert registry.prunable(keep=0, serving=set()) == []
+    assert registry.prunable(keep=1, serving=set()) == []
     assert names(registry) == ["v1"]
 
 
@@ -328,6 +333,48 @@ def test_models_prune_keeps_what_redis_says_is_served(
     monkeypatch.setenv("REASONREC_KEEP_VERSIONS", "0")
     assert CliRunner().invoke(app, ["models", "prune"]).output == ""
     assert CliRunner().invoke(app, ["models", "prune", "--keep", "0"]).exit_code == 2
+
+
+def test_a_version_being_pruned_cannot_be_activated(settings: Settings) -> None:
+    async def body() -> tuple[BaseException | None, str | None]:
+        async with open_store(settings) as store:
+            await store.mark_pruning(["v0"])
+            try:
+                await store.set_active_model("v0")
+            except BeingRemoved as exc:
+                refused = exc
+            await store.unmark_pruning(["v0"])
+            await store.set_active_model("v0")  # once removed, or kept, it may be again
+            return refused, await store.active_model()
+
+    refused, active = asyncio.run(body())
+    assert str(refused) == "model version 'v0' is being removed from the registry"
+    assert active == "v0"
+
+
+def test_a_version_activated_as_it_is_chosen_for_pruning_is_kept(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator's activation between the choice and the removal had its folder removed
+    under the gateways."""
+    registry = Registry(settings.registry_path)
+    for age, version in enumerate(["v0", "v1", "v2", "v3"]):
+        publish_version(registry, version, created_at=T0 + timedelta(hours=age))
+    marking = Store.mark_pruning
+
+    async def activated_first(store: Store, versions: list[str]) -> set[str]:
+        await store.set_active_model("v0")  # the operator, just before
+        return await marking(store, versions)
+
+    monkeypatch.setattr(Store, "mark_pruning", activated_first)
+
+    async def body() -> list[str]:
+        async with open_store(settings) as store:
+            await store.set_active_model("v3")
+            return await prune(registry, store, keep=1)
+
+    assert asyncio.run(body()) == ["v1", "v2"]
+    assert names(registry) == ["v0", "v3"]  # v0 active, v3 the previous
 
 
 # Contract versions -----------------------------------------------------------------------------
