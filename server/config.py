@@ -259,8 +259,8 @@ class TrainerSettings(_Section):
     refresh_rating_examples: int = Field(
         256,
         ge=0,
-        description="Refresh of a model trained to rate: the latest rating of this many recently "
-        "active users become rating examples (the newest REASONREC_GATE_HOLDOUT share held out "
+        description="Refresh of a model trained to rate: the latest rating of this many users "
+        "who rated last become rating examples (the newest REASONREC_GATE_HOLDOUT share held out "
         "for the gate); 0: rating is not trained, only gated.",
     )
     refresh_lora_min_params: int = Field(

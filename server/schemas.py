@@ -293,10 +293,6 @@ class FeedbackEvent(BaseModel):
             raise ValueError(f"value is only allowed on rating events, not on {self.type}")
         return self
 
-    @property
-    def positive(self) -> bool:
-        return is_positive(self.type, self.value)
-
 
 class RatingEvent(FeedbackEvent):
     type: Literal[EventType.rating]

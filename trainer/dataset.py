@@ -6,7 +6,7 @@ and the positives are the next k items. Each user's last interaction is held out
 """
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -103,12 +103,16 @@ class ExampleBuilder:
             if (example := self.example(user_id, t)) is not None:
                 yield example
 
-    def fresh(self, users: int) -> list[Example]:
+    def fresh(self, users: int, exclude: Collection[str] = ()) -> list[Example]:
         """The latest interaction of the `users` who interacted most recently, given everything
-        before it: what users did lately, organic feedback included, which no logged list holds."""
-        active = [(seq[-1][1], u) for u, seq in self.corpus.sequences.items() if len(seq) >= 2]
+        before it: what users did lately, organic feedback included, which no logged list holds.
+        Users in `exclude` are passed over (the next most recent take their place)."""
+        sequences = self.corpus.sequences
+        active = [
+            (seq[-1][1], u) for u, seq in sequences.items() if len(seq) >= 2 and u not in exclude
+        ]
         recent = heapq.nlargest(users, active)
-        found = (self.example(user, len(self.corpus.sequences[user]) - 1) for _, user in recent)
+        found = (self.example(user, len(sequences[user]) - 1) for _, user in recent)
         return [example for example in found if example is not None]
 
     def validation(self, users: int, seed: int) -> list[Example]:

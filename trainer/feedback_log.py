@@ -3,7 +3,8 @@
 Both streams are read through a Redis consumer group (`trainer`). Feedback carrying a
 `request_id` is joined to the impression that served it; an impression becomes a logged example:
 the prompt and candidates exactly as served (no rebuild from today's state: no train/serve skew)
-and the items the user then engaged with. Positives: click, like, purchase, rating >= 4.
+and the items the user then engaged with. Positives: click, like, purchase, a rating from the
+store's threshold (4).
 Negatives: dislike, skip, a low rating; an impression nobody engaged with counts as one
 negative. Feedback without a request id is organic history, which the corpus reads from the
 stream itself.
@@ -15,7 +16,8 @@ recognised by their request id, so a restart neither loses nor doubles anything 
 by a crash mid-write is skipped: its entries were not acknowledged, so they come again). Feedback
 that arrives before its impression was consumed waits in the pending list until it can be joined,
 for `JOIN_WAIT_SECONDS` at most: then it is acknowledged unjoined (its request id names no logged
-list: a search or a rating, an impression trimmed from its stream, or a client's mistake). An entry
+list: a search or a rating, an impression trimmed from its stream, or a client's mistake), as is
+feedback from another user than the one the list was served to. An entry
 that cannot be decoded (an unknown event type, no item, a value that is not a number, lists that are
 not JSON) is skipped, counted (`unreadable`, and `reasonrec_unreadable_records_total`) and
 acknowledged, so that it cannot hold back the entries after it.

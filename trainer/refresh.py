@@ -182,27 +182,38 @@ def _as_example(logged: LoggedExample) -> Example:
 
 
 def fresh_examples(
-    corpus: Corpus, index: ItemIndex | None, settings: Settings, contract: Contract, policy: Policy
+    corpus: Corpus,
+    index: ItemIndex | None,
+    settings: Settings,
+    contract: Contract,
+    policy: Policy,
+    gated: set[str],
 ) -> list[Example]:
     """Recent histories as the gateway would prompt them today for the active version, with the
     current index and the business policy. They add what users did without a logged list
-    (organic feedback); logged lists keep their own prompts, as served."""
+    (organic feedback); logged lists keep their own prompts, as served. None of a user in
+    `gated`, whose latest interaction the gate holds out: trained on, the gate would score the
+    candidate on what it was just taught."""
     if index is None or not settings.refresh_fresh_examples:
         return []
     shape = Shape(
         candidates=settings.candidates, history=settings.prompt_history, contract=contract
     )
-    return ExampleBuilder(corpus, index, shape, policy).fresh(settings.refresh_fresh_examples)
+    builder = ExampleBuilder(corpus, index, shape, policy)
+    return builder.fresh(settings.refresh_fresh_examples, exclude=gated)
 
 
-def apart_from(
-    fresh: list[Example], holdout: list[Example], rating: RatingExamples | None
-) -> list[Example]:
-    """The fresh examples of users with nothing held out for the gate: a held-out list's click,
-    or a held-out rating of 4 or more, is often its user's latest interaction too, and trained
-    on, the gate would score the candidate on what it was just taught."""
-    gated = {example.user_id for example in [*holdout, *(rating.validation if rating else [])]}
-    return [example for example in fresh if example.user_id not in gated]
+def gated_users(
+    holdout: list[Example], rating: RatingExamples | None, search: SearchExamples | None
+) -> set[str]:
+    """The users the gate scores: a held-out list's click, a held-out rating and a held-out
+    search's target are often their user's latest interaction."""
+    held = [
+        *holdout,
+        *(rating.validation if rating else []),
+        *(search.validation if search else []),
+    ]
+    return {example.user_id for example in held}
 
 
 def split_logged(
@@ -336,21 +347,18 @@ async def _refresh(
         # Rating not refreshed, still gated, every example held out: ranking's GRPO changes the
         # weights that rate too, and a version that rated worse would pass unseen.
         rating = recent_ratings(corpus, manifest, RATING_GATE_USERS, holdout=1.0)
-    fresh = (
-        apart_from(
-            await asyncio.to_thread(
-                fresh_examples, corpus, index, settings, manifest.contract, policy
-            ),
-            holdout,
-            rating,
-        )
-        if ranks
-        else []
-    )
     search = (
         held_out_searches(corpus, manifest, SEARCH_GATE_USERS)
         if Task.search in manifest.tasks
         else None
+    )
+    gated = gated_users(holdout, rating, search)
+    fresh = (
+        await asyncio.to_thread(
+            fresh_examples, corpus, index, settings, manifest.contract, policy, gated
+        )
+        if ranks
+        else []
     )
     lessons = Lessons(
         ranking=train + fresh,

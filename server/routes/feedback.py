@@ -10,7 +10,7 @@ from server import metrics
 from server.deps import StoreDep
 from server.errors import ApiError, StorageUnavailable, bad_data, documented
 from server.logs import describe
-from server.schemas import FeedbackBatch, FeedbackEvent, FeedbackResult
+from server.schemas import FeedbackBatch, FeedbackEvent, FeedbackResult, is_positive
 from server.store import Store, UnknownItems, UnreadableStoredData
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,11 @@ def _unknown_items(batch: FeedbackBatch, exc: UnknownItems) -> ApiError:
 async def _credit_positives(store: Store, events: list[FeedbackEvent]) -> None:
     """Count positives by the version that served the list they quote (the online positive
     rate's numerator). Events without a request id, or past attribution, are organic."""
-    quoted = [event.request_id for event in events if event.request_id and event.positive]
+    quoted = [
+        event.request_id
+        for event in events
+        if event.request_id and is_positive(event.type, event.value, store.positive_rating)
+    ]
     try:
         versions = await store.served_by(quoted)
     except RedisError as exc:

@@ -44,6 +44,12 @@ def test_fresh_takes_the_latest_interaction_of_the_most_recent_users() -> None:
         assert "Film 3" in example.prompt or "Film 6" in example.prompt  # the history before it
 
 
+def test_users_the_gate_scores_give_no_fresh_example_and_others_take_their_place() -> None:
+    """Passed over after the newest were taken, they left as few fresh examples as the gate has
+    users among the most recent (most of them, where feedback is mostly ratings)."""
+    assert [example.user_id for example in builder().fresh(2, exclude={"new"})] == ["mid", "old"]
+
+
 def test_no_fresh_examples_asked_none_given() -> None:
     assert builder().fresh(0) == []
 

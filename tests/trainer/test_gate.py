@@ -9,7 +9,6 @@ from contract.prompt import Rendering
 from contract.ranking import Blend
 from contract.tasks import Task
 from server.config import Settings
-from trainer.examples import Example
 from trainer.feedback_log import LoggedExample
 from trainer.gate import (
     BLENDS,
@@ -21,7 +20,8 @@ from trainer.gate import (
     refresh_gate,
 )
 from trainer.rating import RatingExample, RatingExamples
-from trainer.refresh import apart_from, split_logged
+from trainer.refresh import gated_users, split_logged
+from trainer.search import SearchExample, SearchExamples
 
 
 def scores(ours: float, retrieval: float, invalid: float = 0.0) -> dict[str, float]:
@@ -227,23 +227,18 @@ def test_a_refresh_reads_only_the_newest_logged_lists() -> None:
     assert len(train) == 15 and len(holdout) == 5
 
 
-def test_users_with_a_held_out_list_give_no_fresh_example() -> None:
-    """Their latest click is often the held-out list's: trained on, the gate would be scored on
-    what the candidate was just taught."""
+def test_the_gate_scores_its_held_out_lists_ratings_and_searches_users() -> None:
+    """Their latest interaction is often what the gate holds out: a fresh example of theirs
+    would teach the candidate what it is then scored on."""
     lists = [logged(n, Rendering.compact).model_copy(update={"user_id": f"u{n}"}) for n in range(4)]
     _, holdout = split_logged(lists, 0.5, Rendering.compact, newest=100)
-    fresh = [
-        Example(user_id=f"u{n}", prompt="p", candidates=["a"], positives=["a"], k=1, target="t")
-        for n in range(6)
-    ]
-
-    rated = RatingExample(user_id="u5", prompt="p", rating=4, baseline=3.5, target="t")
+    rated = RatingExample(user_id="u5", prompt="p", rating=2, baseline=3.5, target="t")
     rating = RatingExamples(rendering="compact", train=[], validation=[rated])
+    searched = SearchExample(user_id="u7", prompt="p", item_id="a", seen=[], target="t")
+    search = SearchExamples(rendering="compact", train=[], validation=[searched])
 
-    assert {e.user_id for e in holdout} == {"u2", "u3"}
-    assert [e.user_id for e in apart_from(fresh, holdout, None)] == ["u0", "u1", "u4", "u5"]
-    # The rating gate's held-out rating (4: a positive event) is often the latest too.
-    assert [e.user_id for e in apart_from(fresh, holdout, rating)] == ["u0", "u1", "u4"]
+    assert gated_users(holdout, None, None) == {"u2", "u3"}
+    assert gated_users(holdout, rating, search) == {"u2", "u3", "u5", "u7"}
 
 
 class TestRatingGate:
