@@ -4,7 +4,10 @@ The answer regex works on characters, not tokens, so it accepts an item written 
 `#29` and `#294` both single tokens, vLLM took the token `#29` (an item that was not a candidate)
 and completed it with `4` to spell the candidate `#294` (seen with the compact tiny model: most
 answers were made that way). Restricting the tokens to the candidates' own item tokens and to
-tokens that hold no item mark at all leaves exactly one way to write an item: its token.
+tokens that hold no item mark at all leaves one way to write an item: its token. Except where one
+candidate's id begins another's (`29` and `294` both candidates): `#29` then `4` still spells
+`#294`. The served order reads the scores of the answer's first step, where only item tokens
+count, and the answer's text only when that step is missing or the answer was cut.
 """
 
 from collections.abc import Sequence
