@@ -239,7 +239,7 @@ class Registry:
         return [m.version for m in versions if m.version not in kept]
 
     def remove(self, removed: list[str]) -> None:
-        """Remove versions (`trainer.refresh.prune` chooses them)."""
+        """Remove versions (`trainer.prune.prune` chooses them)."""
         for version in removed:
             # Out of sight in one rename, so that no reader sees a half-deleted version.
             hidden = self.root / f"{_STAGING}{uuid.uuid4().hex}"
