@@ -203,17 +203,11 @@ def fresh_examples(
     return builder.fresh(settings.refresh_fresh_examples, exclude=gated)
 
 
-def gated_users(
-    holdout: list[Example], rating: RatingExamples | None, search: SearchExamples | None
-) -> set[str]:
-    """The users the gate scores: a held-out list's click, a held-out rating and a held-out
-    search's target are often their user's latest interaction."""
-    held = [
-        *holdout,
-        *(rating.validation if rating else []),
-        *(search.validation if search else []),
-    ]
-    return {example.user_id for example in held}
+def gated_users(holdout: list[Example], rating: RatingExamples | None) -> set[str]:
+    """The users whose ranking or rating the gate scores: a held-out list's click and a held-out
+    rating are often their user's latest interaction."""
+    rated = rating.validation if rating else []
+    return {example.user_id for example in [*holdout, *rated]}
 
 
 def split_logged(
@@ -347,18 +341,25 @@ async def _refresh(
         # Rating not refreshed, still gated, every example held out: ranking's GRPO changes the
         # weights that rate too, and a version that rated worse would pass unseen.
         rating = recent_ratings(corpus, manifest, RATING_GATE_USERS, holdout=1.0)
-    search = (
-        held_out_searches(corpus, manifest, SEARCH_GATE_USERS)
-        if Task.search in manifest.tasks
-        else None
-    )
-    gated = gated_users(holdout, rating, search)
     fresh = (
         await asyncio.to_thread(
-            fresh_examples, corpus, index, settings, manifest.contract, policy, gated
+            fresh_examples,
+            corpus,
+            index,
+            settings,
+            manifest.contract,
+            policy,
+            gated_users(holdout, rating),
         )
         if ranks
         else []
+    )
+    # Its held-out targets are users' latest interactions, which fresh examples teach: the gate
+    # scores searches of other users (a small store may leave it few).
+    search = (
+        held_out_searches(corpus, manifest, SEARCH_GATE_USERS, {e.user_id for e in fresh})
+        if Task.search in manifest.tasks
+        else None
     )
     lessons = Lessons(
         ranking=train + fresh,
@@ -481,10 +482,13 @@ class Lessons:
         return replace(self, ranking=ranking, holdout=holdout, rating=rating, search=search)
 
 
-def held_out_searches(corpus: Corpus, manifest: Manifest, users: int) -> SearchExamples:
-    """The last interaction of up to `users` users, prompted as the version prompts searches."""
+def held_out_searches(
+    corpus: Corpus, manifest: Manifest, users: int, apart: set[str]
+) -> SearchExamples:
+    """The last interaction of up to `users` users not in `apart`, prompted as the version prompts
+    searches."""
     builder = SearchExampleBuilder(corpus, manifest.rendering, manifest.prompt_history, 0.0)
-    return builder.build(0, users, seed=0)
+    return builder.build(0, users, seed=0, apart=apart)
 
 
 def _scores(model, tokenizer, lessons: Lessons, settings: Settings) -> dict[str, float]:

@@ -26,7 +26,7 @@ title as the query.
 import copy
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -138,16 +138,18 @@ class SearchExampleBuilder:
             return ""
         return str(rng.choice(categories)).lower()
 
-    def build(self, count: int, validation_users: int, seed: int) -> SearchExamples:
+    def build(
+        self, count: int, validation_users: int, seed: int, apart: Collection[str] = ()
+    ) -> SearchExamples:
         """`count` training positions (never a user's last interaction) and the last interaction
-        of up to `validation_users` users with at least three."""
+        of up to `validation_users` users with at least three, none of them in `apart`."""
         rng = np.random.default_rng(seed + 2)
         sequences = self.corpus.sequences
         train = [
             self.example(u, t, self._typed(sequences[u][t][0], rng))
             for u, t in sample_positions(self.corpus, rng, count)
         ]
-        eligible = sorted(u for u, seq in sequences.items() if len(seq) >= 3)
+        eligible = sorted(u for u, seq in sequences.items() if len(seq) >= 3 and u not in apart)
         held = rng.choice(len(eligible), size=min(validation_users, len(eligible)), replace=False)
         validation = [self.example(eligible[i], len(sequences[eligible[i]]) - 1) for i in held]
         log.info(

@@ -21,7 +21,6 @@ from trainer.gate import (
 )
 from trainer.rating import RatingExample, RatingExamples
 from trainer.refresh import gated_users, split_logged
-from trainer.search import SearchExample, SearchExamples
 
 
 def scores(ours: float, retrieval: float, invalid: float = 0.0) -> dict[str, float]:
@@ -227,18 +226,16 @@ def test_a_refresh_reads_only_the_newest_logged_lists() -> None:
     assert len(train) == 15 and len(holdout) == 5
 
 
-def test_the_gate_scores_its_held_out_lists_ratings_and_searches_users() -> None:
+def test_the_gate_scores_its_held_out_lists_and_ratings_users() -> None:
     """Their latest interaction is often what the gate holds out: a fresh example of theirs
     would teach the candidate what it is then scored on."""
     lists = [logged(n, Rendering.compact).model_copy(update={"user_id": f"u{n}"}) for n in range(4)]
     _, holdout = split_logged(lists, 0.5, Rendering.compact, newest=100)
     rated = RatingExample(user_id="u5", prompt="p", rating=2, baseline=3.5, target="t")
     rating = RatingExamples(rendering="compact", train=[], validation=[rated])
-    searched = SearchExample(user_id="u7", prompt="p", item_id="a", seen=[], target="t")
-    search = SearchExamples(rendering="compact", train=[], validation=[searched])
 
-    assert gated_users(holdout, None, None) == {"u2", "u3"}
-    assert gated_users(holdout, rating, search) == {"u2", "u3", "u5", "u7"}
+    assert gated_users(holdout, None) == {"u2", "u3"}
+    assert gated_users(holdout, rating) == {"u2", "u3", "u5"}
 
 
 class TestRatingGate:

@@ -58,6 +58,17 @@ def index(data: Corpus):
     return build_search_index(sorted(data.items.items()), RetrieverKind.bm25)
 
 
+def test_held_out_searches_can_leave_users_out(data: Corpus) -> None:
+    """A refresh's search gate leaves out the users it trains fresh examples of: their last item
+    would be taught, then searched for."""
+    builder = SearchExampleBuilder(data, Rendering.compact, history=3, typed_share=0)
+    apart = {f"u{n}" for n in range(15)}
+
+    held = builder.build(0, validation_users=10, seed=0, apart=apart).validation
+
+    assert sorted(e.user_id for e in held) == [f"u{n}" for n in range(15, 20)]
+
+
 def test_examples_hold_out_each_users_last_item_and_compose_a_query_that_finds_it(
     data: Corpus, index
 ) -> None:
