@@ -87,23 +87,6 @@ SEARCHES = Counter(
     "Search responses of POST /v1/search, by source and model version.",
     ["source", "model_version"],
 )
-BY_VERSION = (RECOMMENDATIONS, POSITIVES, RATINGS, SEARCHES)
-
-
-def forget_versions(kept: Collection[str]) -> None:
-    """Remove the series of model versions not in `kept` (no model's "" aside): a gateway adds a
-    set for every version it serves, and refreshes publish one an hour."""
-    for counter in BY_VERSION:
-        series = {
-            tuple(sample.labels.values()): sample.labels["model_version"]
-            for metric in counter.collect()
-            for sample in metric.samples
-        }
-        for labels, version in series.items():
-            if version and version not in kept:
-                counter.remove(*labels)
-
-
 SEARCH_FALLBACKS = Counter(
     "reasonrec_search_fallbacks_total",
     "Searches that sent the user's query to the retriever as written, by reason.",
@@ -131,3 +114,19 @@ FALLBACKS.labels("no_candidates")
 for _task in ("rank", "rate", "search"):
     PARSE_FAILURES.labels(_task)
     ENGINE_SECONDS.labels(_task)
+
+BY_VERSION = (RECOMMENDATIONS, POSITIVES, RATINGS, SEARCHES)
+
+
+def forget_versions(kept: Collection[str]) -> None:
+    """Remove the series of model versions not in `kept` (no model's "" aside): a gateway adds a
+    set for every version it serves, and refreshes publish one an hour."""
+    for counter in BY_VERSION:
+        series = {
+            tuple(sample.labels.values()): sample.labels["model_version"]
+            for metric in counter.collect()
+            for sample in metric.samples
+        }
+        for labels, version in series.items():
+            if version and version not in kept:
+                counter.remove(*labels)

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from contract.candidates import OVERFETCH, allowed, candidate_order
 from contract.prompt import Contract, prompt_input
-from reward_rules.policy import Policy
+from reward_rules.policy import DEFAULT_POLICY, Policy
 from server.item_index import ItemIndex
 from server.policy import servable
 from server.schemas import Item
@@ -45,10 +45,9 @@ def sample_positions(corpus: Corpus, rng: np.random.Generator, count: int) -> li
 
 class ExampleBuilder:
     def __init__(
-        self, corpus: Corpus, index: ItemIndex, shape: Shape, policy: Policy | None = None
+        self, corpus: Corpus, index: ItemIndex, shape: Shape, policy: Policy = DEFAULT_POLICY
     ):
-        """`policy`: candidates are what it would serve, as the gateway's are (None: every
-        item)."""
+        """`policy`: candidates are what it would serve, as the gateway's are."""
         self.corpus, self.index, self.shape, self.policy = corpus, index, shape, policy
         popularity = corpus.popularity
         self.popularity = popularity
@@ -68,7 +67,7 @@ class ExampleBuilder:
         return chosen[: self.shape.candidates]
 
     def _offered(self, item: Item, exclude: set[str]) -> bool:
-        return allowed(item, exclude) and (self.policy is None or servable(self.policy, item))
+        return allowed(item, exclude) and servable(self.policy, item)
 
     def example(self, user_id: str, t: int, need_positive: bool = True) -> Example | None:
         """The example at position t; None when no candidate is left, or when no positive made

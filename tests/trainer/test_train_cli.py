@@ -123,20 +123,24 @@ def test_the_sidecar_outlives_redis_going_away_between_polls(
     assert len(polls) == 5  # the start and every poll after, Redis's two timeouts included
 
 
+def _publish_refresh(settings: Settings, version: str, at: datetime | None = None) -> None:
+    """A refresh published into the registry, as another process (`train --once`) does."""
+    registry = Registry(settings.registry_path)
+    created = {"created_at": at} if at else {}
+    manifest = Manifest(version=version, training={"method": REFRESH_METHOD}, **created)
+    registry.publish(registry.staging(), manifest)
+
+
 def _sidecar_while_a_refresh_is_published(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, published: datetime, polls: list[int]
 ) -> float | None:
     """Run the sidecar while another process publishes a refresh at its first poll; it stops at
     the fourth. The staleness gauge it serves after."""
-    registry = Registry(settings.registry_path)
 
     async def event_count(self: Store) -> int:
         polls.append(1)
         if len(polls) == 1:
-            manifest = Manifest(
-                version="r1", training={"method": REFRESH_METHOD}, created_at=published
-            )
-            registry.publish(registry.staging(), manifest)
+            _publish_refresh(settings, "r1", published)
         if len(polls) == 4:
             raise asyncio.CancelledError
         return 0
@@ -641,10 +645,7 @@ def test_a_restarted_sidecar_keeps_the_schedule_of_the_last_refresh(
     env: Settings, monkeypatch: pytest.MonkeyPatch, hours_ago: float, refreshed_at: list[int]
 ) -> None:
     """Restarted more often than REASONREC_REFRESH_SECONDS, it still refreshes on schedule."""
-    registry = Registry(env.registry_path)
-    published = datetime.now(UTC) - timedelta(hours=hours_ago)
-    manifest = Manifest(version="r1", training={"method": REFRESH_METHOD}, created_at=published)
-    registry.publish(registry.staging(), manifest)
+    _publish_refresh(env, "r1", datetime.now(UTC) - timedelta(hours=hours_ago))
     polls: list[int] = []
     ran: list[int] = []
 
@@ -735,12 +736,6 @@ def _sidecar_finding_the_lock_held(
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(sidecar.run_sidecar(settings.model_copy(update=update)))
     return ran
-
-
-def _publish_refresh(settings: Settings, version: str) -> None:
-    registry = Registry(settings.registry_path)
-    manifest = Manifest(version=version, training={"method": REFRESH_METHOD})
-    registry.publish(registry.staging(), manifest)
 
 
 def test_a_refresh_that_found_the_lock_held_is_tried_again_once_it_lapses(
