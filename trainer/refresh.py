@@ -598,14 +598,25 @@ def _publish(
 ) -> str:
     """The candidate as a child of `parent`: a LoRA candidate on the parent's base (gateways serve
     it as a vLLM runtime adapter on the engine they already run), anything else as full weights."""
-    adapter = isinstance(model, PeftModel)
-    manifest = validated(parent, result.gate.candidate).model_copy(
+    manifest = child_manifest(parent, isinstance(model, PeftModel), policy, result)
+    publish_model(registry, model, tokenizer, manifest)
+    return manifest.version
+
+
+def child_manifest(
+    parent: Manifest, adapter: bool, policy: dict, result: RefreshResult
+) -> Manifest:
+    """What a refresh publishes of its candidate (`result`, gated) trained from `parent`."""
+    return validated(parent, result.gate.candidate).model_copy(
         update={
             "version": new_version(),
             "parent": parent.version,
             "kind": "lora" if adapter else "full",
             "base_model": base_version(parent) if adapter else None,
             "created_at": datetime.now(UTC),
+            # Live feedback, which may hold an eval split's test interactions: the parent's
+            # `trained_on` would let `reasonrec eval --model` score it on them.
+            "trained_on": None,
             "training": {
                 "method": REFRESH_METHOD,
                 "train_examples": result.train_examples,
@@ -620,5 +631,3 @@ def _publish(
             "policy": policy,
         }
     )
-    publish_model(registry, model, tokenizer, manifest)
-    return manifest.version

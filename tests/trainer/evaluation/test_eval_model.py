@@ -16,6 +16,9 @@ from server.registry import Manifest, Registry
 from tests.trainer.evaluation.test_formats import plain, write_ml_latest
 from trainer.evaluation.harness import Report
 from trainer.evaluation.split import EvalFormat, read_eval_data
+from trainer.feedback_log import ConsumeResult
+from trainer.gate import Gate
+from trainer.refresh import RefreshResult, child_manifest
 
 SPLIT = "ml-latest:ml:eval-train-split:"  # format, folder, protocol, then the data's digest
 
@@ -44,6 +47,28 @@ def test_only_a_model_that_saw_none_of_the_tests_is_evaluated(
     else:
         with pytest.raises(ValueError, match="could count the very items it was trained on"):
             split.check_unseen(manifest)
+
+
+def test_a_refresh_of_a_model_trained_on_the_split_is_not_evaluated(tmp_path: Path) -> None:
+    split = read_eval_data(write_ml_latest(tmp_path / "ml"), EvalFormat.ml_latest).split
+    parent = Manifest(
+        version="v1", trained_on=split.trained_on, training={"method": "pretrain+sft+grpo"}
+    )
+    split.check_unseen(parent)
+    gate = Gate(
+        active={},
+        candidate={},
+        ndcg_tolerance=0,
+        invalid_tolerance=0,
+        beats_retrieval=True,
+        passed=True,
+    )
+    result = RefreshResult(
+        outcome="published", reason="", parent="v1", consumed=ConsumeResult(), gate=gate
+    )
+    child = child_manifest(parent, True, {"weights": {}}, result)  # trained on live feedback
+    with pytest.raises(ValueError, match="could count the very items it was trained on"):
+        split.check_unseen(child)
 
 
 def test_other_data_under_the_same_folder_name_is_another_split(tmp_path: Path) -> None:
