@@ -2,8 +2,9 @@
 
 Metrics follow `shared/docs/EVAL.md` at k = 10, averaged over the evaluated users, and come from
 `reward_rules.metrics` (the same code the GRPO rewards use). Besides EVAL.md's five metrics the
-report carries `invalid_rate` (answers a system had to repair, per user) and `p50_ms` (median wall
-time of one `recommend` call).
+report carries `invalid_rate` (answers a system had to repair, per user), `fallback_rate` (answers
+a serving pipeline gave without its model, per user: 1 for the model-less paths, and for a model
+path what its figures owe the fallback) and `p50_ms` (median wall time of one `recommend` call).
 """
 
 import statistics
@@ -119,6 +120,7 @@ def _evaluate_system(
     split: Split, system: System, users: Sequence[str], step: Callable[[], object]
 ) -> dict[str, float]:
     repairs_before = getattr(system, "repairs", 0)
+    fallbacks_before = getattr(system, "fallbacks", 0)
     if prepare := getattr(system, "prepare", None):
         # A serving pipeline answers many users at once, as it does under load; it then
         # reports each request's own latency in `latencies_ms`.
@@ -144,6 +146,7 @@ def _evaluate_system(
         f"novelty@{K}": totals["novelty"] / n,
         f"coverage@{K}": len(recommended) / len(split.catalog),
         "invalid_rate": (getattr(system, "repairs", 0) - repairs_before) / n,
+        "fallback_rate": (getattr(system, "fallbacks", 0) - fallbacks_before) / n,
         "p50_ms": statistics.median(getattr(system, "latencies_ms", None) or times_ms),
     }
 

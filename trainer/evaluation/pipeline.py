@@ -18,7 +18,7 @@ from contract.tasks import Task
 from server.engine import Engine
 from server.item_index import ItemIndex
 from server.recommend import Recommender
-from server.schemas import RecommendRequest, SearchRequest
+from server.schemas import RecommendRequest, SearchRequest, Source
 from server.search import Searcher
 from trainer.evaluation.split import Split
 
@@ -33,8 +33,9 @@ def _repairs() -> float:
     return sum(count or 0.0 for count in counts)
 
 
-Served = tuple[list[str], float]
-"""The ids served, best first, and the response's latency in milliseconds."""
+Served = tuple[list[str], float, bool]
+"""The ids served, best first, the response's latency in milliseconds, and whether the path fell
+back (no engine, or the engine failed, timed out or could not serve the task)."""
 Serve = Callable[[Engine | None, str, int], Awaitable[Served]]
 
 
@@ -53,6 +54,7 @@ class PipelineSystem:
         self.name, self.serve, self.runner, self.open_engine = name, serve, runner, open_engine
         self.latencies_ms: list[float] = []
         self.repairs = 0
+        self.fallbacks = 0
         self._answers: dict[str, list[str]] = {}
 
     def fit(self, split: Split) -> None:
@@ -73,8 +75,9 @@ class PipelineSystem:
 
         async def answer(user: str) -> None:
             async with gate:
-                self._answers[user], latency = await self.serve(engine, user, k)
+                self._answers[user], latency, fell_back = await self.serve(engine, user, k)
             self.latencies_ms.append(latency)
+            self.fallbacks += fell_back
 
         await asyncio.gather(*(answer(user) for user in users))
 
@@ -95,7 +98,8 @@ def recommending(
     async def serve(engine: Engine | None, user: str, k: int) -> Served:
         request = RecommendRequest(user_id=user, k=k, explain=False)
         response = await recommender.recommend(request, uuid.uuid4().hex, engine, index)
-        return [item.item_id for item in response.items], response.latency_ms
+        ids = [item.item_id for item in response.items]
+        return ids, response.latency_ms, response.source is Source.fallback
 
     return PipelineSystem(name, serve, runner, open_engine)
 
@@ -112,6 +116,7 @@ def searching(
     async def serve(engine: Engine | None, user: str, k: int) -> Served:
         request = SearchRequest(user_id=user, k=k)
         response = await searcher.search(request, uuid.uuid4().hex, engine)
-        return [item.item_id for item in response.items], response.latency_ms
+        ids = [item.item_id for item in response.items]
+        return ids, response.latency_ms, response.source is Source.fallback
 
     return PipelineSystem(name, serve, runner, open_engine)

@@ -10,7 +10,16 @@ from trainer.evaluation.harness import PROTOCOL, ProtocolViolation, Report, eval
 from trainer.evaluation.split import Interaction, Split, build_split, load_split, sample_users
 from trainer.evaluation.systems import ItemKNN, Popularity
 
-METRICS = ["hr@10", "ndcg@10", "ild@10", "novelty@10", "coverage@10", "invalid_rate", "p50_ms"]
+METRICS = [
+    "hr@10",
+    "ndcg@10",
+    "ild@10",
+    "novelty@10",
+    "coverage@10",
+    "invalid_rate",
+    "fallback_rate",
+    "p50_ms",
+]
 
 
 def tiny_split() -> Split:

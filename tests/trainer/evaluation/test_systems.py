@@ -8,9 +8,10 @@ import pytest
 from contract.search import RetrieverKind
 from server import metrics
 from server.loaders import id_order
-from server.schemas import ItemIn
+from server.schemas import ItemIn, RecommendedItem, RecommendRequest, RecommendResponse, Source
 from server.search_index import build_search_index
-from trainer.evaluation.pipeline import PipelineSystem
+from trainer.evaluation.harness import evaluate
+from trainer.evaluation.pipeline import PipelineSystem, recommending
 from trainer.evaluation.split import Interaction, Split, build_split
 from trainer.evaluation.systems import ItemKNN, Popularity, TitleQuery, cosine_similarity
 
@@ -180,13 +181,43 @@ class TestTitleQuery:
 
 @pytest.mark.parametrize("task", ["rank", "search"])
 def test_a_pipeline_counts_the_answers_its_path_repaired(task: str) -> None:
-    async def serve(engine: object, user: str, k: int) -> tuple[list[str], float]:
+    async def serve(engine: object, user: str, k: int) -> tuple[list[str], float, bool]:
         if user == "u2":  # one answer of three needed repair, on this path's task
             metrics.PARSE_FAILURES.labels(task).inc()
-        return ["a"], 1.0
+        return ["a"], 1.0, False
 
     metrics.PARSE_FAILURES.labels("rate").inc()  # before this system served: not its own
     with asyncio.Runner() as runner:
         system = PipelineSystem("reasonrec", serve, runner)
         system.prepare(["u1", "u2", "u3"], 10)
     assert system.repairs == 1
+
+
+class Answering:
+    """A recommender that answers `u2` in fallback (its engine failed) and the others with it."""
+
+    async def recommend(
+        self, request: RecommendRequest, request_id: str, engine: object, index: object
+    ) -> RecommendResponse:
+        return RecommendResponse(
+            request_id=request_id,
+            user_id=request.user_id,
+            model_version="v1",
+            items=[RecommendedItem(item_id="a", rank=1, score=1.0, title="A", categories=[])],
+            rationale=None,
+            source=Source.fallback if request.user_id == "u2" else Source.llm,
+            degraded=request.user_id == "u2",
+            latency_ms=1.0,
+        )
+
+
+def test_the_report_says_how_many_answers_fell_back() -> None:
+    split = build_split(
+        "tiny",
+        [Interaction(u, item, t) for u in ("u1", "u2") for t, item in enumerate("bca")],
+        {item: frozenset() for item in "abc"},
+    )
+    with asyncio.Runner() as runner:
+        system = recommending("reasonrec", Answering(), None, runner)  # type: ignore[arg-type]
+        report = evaluate(split, [system], split.users, progress=False)
+    assert report.systems["reasonrec"]["fallback_rate"] == 0.5
