@@ -46,6 +46,10 @@ CONSUMER = "trainer-1"
 NEGATIVE = {EventType.dislike, EventType.skip}
 JOIN_WAIT_SECONDS = 3600.0
 KEEP_FACTOR = 5  # lists of each kind the log keeps, in multiples of what a refresh trains on
+# Lists without a positive kept at most, in multiples of `keep`, however many the last
+# JOIN_WAIT_SECONDS served: at 100 lists a second an hour is 360,000 lists (about 1 GB in memory,
+# where the log is read whole).
+RECENT_FACTOR = 5
 
 
 class LoggedExample(BaseModel):
@@ -82,7 +86,8 @@ class FeedbackLog:
     def __init__(self, store: Store, folder: Path, keep: int = KEEP_FACTOR * 2000):
         """`keep`: how many lists with a positive the log keeps (the newest), and as many
         without, or more if served in the last JOIN_WAIT_SECONDS (late feedback may still join
-        them); it is rewritten down to those when it holds half as many again."""
+        them), up to RECENT_FACTOR times as many; it is rewritten down to those when it holds
+        more than three times `keep`."""
         self.store, self.folder, self.keep = store, folder, keep
         self.path = folder / "logged.jsonl"
         self.logged: dict[str, LoggedExample] = {}
@@ -134,10 +139,11 @@ class FeedbackLog:
         merged = sorted(logged.values(), key=lambda example: example.ts)
         engaged = [example for example in merged if example.positives]
         idle = [example for example in merged if not example.positives]
-        # And every list of the last JOIN_WAIT_SECONDS, however many: a click comes minutes
-        # after the list, and one on a list no longer here is lost as a lesson.
+        # And the lists of the last JOIN_WAIT_SECONDS, up to RECENT_FACTOR * keep: a click
+        # comes minutes after the list, and one on a list no longer here is lost as a lesson.
         recent = merged[-1].ts - JOIN_WAIT_SECONDS if merged else 0.0
         idle = [e for n, e in enumerate(idle) if n >= len(idle) - self.keep or e.ts >= recent]
+        idle = idle[-RECENT_FACTOR * self.keep :]
         kept = sorted([*engaged[-self.keep :], *idle], key=lambda e: e.ts)
         staging = self.path.with_name(f".{self.path.name}.compacting")
         with staging.open("wb") as out:

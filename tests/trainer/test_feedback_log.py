@@ -115,15 +115,19 @@ def test_the_log_keeps_the_newest_lists_with_a_positive_and_as_many_without(
     run(settings, body)
 
 
-def test_the_log_keeps_every_list_of_the_last_hour(settings: Settings) -> None:
-    """A click comes minutes after its list: a busy hour's lists all stay, past `keep`."""
+def test_the_log_keeps_the_lists_of_the_last_hour_up_to_a_bound(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A click comes minutes after its list: a busy hour's lists stay, past `keep`, up to
+    RECENT_FACTOR * keep (an hour of heavy traffic would not fit in memory)."""
+    monkeypatch.setattr(feedback_log, "RECENT_FACTOR", 3)
 
     async def body(store: Store) -> None:
         log = FeedbackLog(store, settings.data_dir / "trainer", keep=1)
-        for n in range(4):  # four lists nobody engaged with (yet), a minute apart
+        for n in range(7):  # lists nobody engaged with (yet), a minute apart
             await impression(store, f"r{n}", [f"i{n}"], ts=1700000000.0 + n * 60)
         await log.consume()
-        assert list(on_disk(log)) == ["r0", "r1", "r2", "r3"]
+        assert list(on_disk(log)) == ["r4", "r5", "r6"]
 
     run(settings, body)
 
