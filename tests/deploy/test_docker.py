@@ -215,3 +215,11 @@ def test_only_the_gpu_stack_reserves_a_gpu(compose: tuple[str, dict[str, Any]]) 
     devices = project["services"]["vllm"].get("deploy", {}).get("resources", {})
     reserved = devices.get("reservations", {}).get("devices", [])
     assert [d["capabilities"] for d in reserved] == ([["gpu"]] if variant == "gpu" else [])
+
+
+def test_our_services_rotate_their_logs(compose: tuple[str, dict[str, Any]]) -> None:
+    """A JSON line a request: Docker's default driver would keep every one of them."""
+    _, project = compose
+    for name in OURS:
+        logging = project["services"][name]["logging"]
+        assert logging["driver"] == "json-file" and logging["options"]["max-size"], name
