@@ -250,6 +250,14 @@ def rows() -> dict[str, list[dict[str, Any]]]:
                 ],
                 "short",
             ),
+            panel(
+                "Redis memory and its cap (read by the trainer)",
+                [
+                    ("max(reasonrec_trainer_redis_used_bytes)", "used"),
+                    ("max(reasonrec_trainer_redis_max_bytes)", "cap (0: none)"),
+                ],
+                "bytes",
+            ),
         ],
         "Training": [
             panel(

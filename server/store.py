@@ -236,6 +236,11 @@ class RatingContext(BaseModel):
         return user_lean(self.everyone, latest)
 
 
+class RedisMemory(BaseModel):
+    used_bytes: int
+    max_bytes: int = Field(description="Its cap (`maxmemory`); 0: none.")
+
+
 class Store:
     def __init__(
         self,
@@ -613,6 +618,11 @@ class Store:
 
     async def event_count(self) -> int:
         return await self.redis.xlen(self.keys.events)
+
+    async def memory(self) -> RedisMemory:
+        """What Redis holds against its cap (the whole server's: every prefix counts)."""
+        info = await self.redis.info("memory")
+        return RedisMemory(used_bytes=info["used_memory"], max_bytes=info["maxmemory"])
 
     # Consumer groups on the two streams --------------------------------------------------------
 

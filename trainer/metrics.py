@@ -32,6 +32,18 @@ LAST_SUCCESS = Gauge(
     "Unix time of the last published refresh.",
     registry=REGISTRY,
 )
+# Read by the trainer (one process, where every gateway replica would repeat it): a capped Redis
+# evicts feedback attribution and event-id markers first and refuses writes once none are left.
+REDIS_USED = Gauge(
+    "reasonrec_trainer_redis_used_bytes",
+    "Memory Redis uses (INFO used_memory), read every poll of the sidecar.",
+    registry=REGISTRY,
+)
+REDIS_MAX = Gauge(
+    "reasonrec_trainer_redis_max_bytes",
+    "Redis's memory cap (maxmemory); 0: none.",
+    registry=REGISTRY,
+)
 for outcome in ("published", "rejected", "skipped", "failed"):
     RUNS.labels(outcome)
 for which in ("active", "candidate"):

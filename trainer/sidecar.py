@@ -8,7 +8,9 @@ starts at the first poll. One that finds another refresh running (its lock held)
 LOCK_SECONDS later: a trainer killed mid-refresh leaves its lock that long.
 A failed refresh is logged and counted (`reasonrec_trainer_runs_total{outcome="failed"}`) and
 the loop goes on, as it does while Redis does not answer; the lock in `trainer.refresh` keeps
-two sidecars from training at once.
+two sidecars from training at once. Each poll also reads Redis's memory against its cap
+(`reasonrec_trainer_redis_used_bytes`, `reasonrec_trainer_redis_max_bytes`; an alert fires near
+the cap).
 """
 
 import asyncio
@@ -85,6 +87,17 @@ async def _event_count(store: Store) -> int | None:
         return None
 
 
+async def report_memory(store: Store) -> None:
+    """Redis's memory against its cap, as gauges; kept as they were while Redis does not say."""
+    try:
+        memory = await store.memory()
+    except RedisError as exc:
+        log.warning("redis memory unreadable", extra={"reason": describe(exc)})
+        return
+    metrics.REDIS_USED.set(memory.used_bytes)
+    metrics.REDIS_MAX.set(memory.max_bytes)
+
+
 async def run_sidecar(settings: Settings) -> None:
     registry = Registry(settings.registry_path)
     read_at, _ = _report_last_refresh(registry, None)
@@ -103,6 +116,7 @@ async def run_sidecar(settings: Settings) -> None:
                 last_run, last_length = _monotonic(published), None
             if (length := await _event_count(store)) is None:
                 continue
+            await report_memory(store)
             if last_length is None:  # counted from here: Redis was away, or a refresh published
                 last_length = length
             due = time.monotonic() - last_run >= settings.refresh_seconds

@@ -25,6 +25,7 @@ from server.config import Settings
 from server.registry import Manifest, Registry, RegistryError
 from server.schemas import ItemUpsert
 from server.store import Store, open_store, skip_unreadable
+from tests.conftest import RedisProcess
 from trainer import metrics, sidecar
 from trainer import refresh as refresh_module
 from trainer.cli import EXIT_BUSY, EXIT_SKIPPED, EXIT_TERMINATED, run_stoppable
@@ -758,3 +759,27 @@ def test_a_refresh_another_process_published_meanwhile_restarts_the_schedule(
         env, monkeypatch, lambda: _publish_refresh(env, "r1"), burst
     )
     assert len(ran) == 1
+
+
+def test_the_sidecar_reports_redis_memory_against_its_cap(
+    redis_process: RedisProcess, tmp_path: Path
+) -> None:
+    client = redis.Redis.from_url(redis_process.url)
+    client.config_set("maxmemory", 300_000_000)
+    used = client.info("memory")["used_memory"]
+    client.close()
+    settings = Settings(redis_url=redis_process.url, data_dir=tmp_path, redis_timeout_seconds=0.5)
+
+    async def report() -> None:
+        async with open_store(settings) as store:
+            await sidecar.report_memory(store)
+
+    def gauge(name: str) -> float | None:
+        return metrics.REGISTRY.get_sample_value(f"reasonrec_trainer_redis_{name}_bytes")
+
+    asyncio.run(report())
+    assert gauge("max") == 300_000_000
+    assert used / 2 < gauge("used") < used * 2  # type: ignore[operator]
+    redis_process.stop()
+    asyncio.run(report())  # Redis gone: the last reading stays, nothing raises
+    assert gauge("max") == 300_000_000
