@@ -178,6 +178,17 @@ def serve(
         )
 
 
+def _check_fits(dataset: Dataset, maxlen: int) -> None:
+    """Refuse a data set the events stream would trim: training would read only its newest
+    events, and a later load could not add the others (loaded event ids are remembered)."""
+    if maxlen and dataset.event_count > maxlen:
+        raise LoadError(
+            f"the data set holds {dataset.event_count} events, more than the events stream keeps "
+            f"(REASONREC_EVENTS_MAXLEN={maxlen}): set it to 0 (keep all) or higher; nothing was "
+            "written"
+        )
+
+
 @app.command()
 def load(
     path: Annotated[Path | None, typer.Argument(help="File or folder to load.")] = None,
@@ -195,6 +206,7 @@ def load(
     started = time.perf_counter()
     with errors_end_command(LoadError, OSError):
         dataset = _read(fmt, path, synthetic)
+        _check_fits(dataset, settings.events_maxlen)
         summary = asyncio.run(load_dataset(settings, dataset))
     console.print(
         f"loaded {summary.items} items, {summary.users} users, {summary.events} new events "

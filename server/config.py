@@ -73,6 +73,12 @@ class StorageSettings(_Section):
         "what it holds at each refresh. An entry takes about 1.3 kB (compact prompts) to 5.5 kB "
         "(rich): within the deployments' 3 GB Redis either way.",
     )
+    events_maxlen: int = Field(
+        5_000_000,
+        ge=0,
+        description="About how many feedback events the events stream keeps, the newest (0: "
+        "all). Training reads its history from there; an event takes about 0.1 kB.",
+    )
     attribution_seconds: int = Field(
         7 * 24 * 3600,
         ge=1,

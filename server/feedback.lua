@@ -1,5 +1,6 @@
 -- Append a validated batch of feedback events atomically.
--- ARGV: prefix, history size, this call's token, event count, then per event:
+-- ARGV: prefix, history size, this call's token, event count, about how many events the stream
+-- keeps (0: all), then per event:
 --   user_id, item_id, type, value, request_id, event_id, timestamp, positive ("1"/"0"),
 --   how long its event id is remembered (seconds, 0 = forever).
 -- Returns {-1, {indexes of unknown items}} and writes nothing when an item is unknown,
@@ -7,7 +8,8 @@
 -- to or compares with cannot be (a key of another type, a rating sum that is no number),
 -- otherwise {0, flags}: flags has one character per event, "1" stored, "0" a duplicate.
 local prefix, cap, token, n = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-local head, width = 4, 9
+local maxlen = tonumber(ARGV[5])
+local head, width = 5, 9
 
 local unknown = {}
 for i = 0, n - 1 do
@@ -208,8 +210,13 @@ for i = 0, n - 1 do
   end
   flags[#flags + 1] = state == 'duplicate' and '0' or '1'
   if state == 'new' then
-    redis.call('XADD', prefix .. ':events', '*', 'user_id', user, 'item_id', item, 'type', kind,
-      'value', value, 'request_id', request_id, 'event_id', event_id, 'ts', ts)
+    local entry = {'*', 'user_id', user, 'item_id', item, 'type', kind, 'value', value,
+      'request_id', request_id, 'event_id', event_id, 'ts', ts}
+    if maxlen > 0 then  -- '~': only whole nodes are trimmed, which is cheap
+      redis.call('XADD', prefix .. ':events', 'MAXLEN', '~', maxlen, unpack(entry))
+    else
+      redis.call('XADD', prefix .. ':events', unpack(entry))
+    end
     redis.call('SADD', prefix .. ':users', user)
     if positive == '1' then
       local hist = prefix .. ':user:' .. user .. ':hist'

@@ -249,11 +249,13 @@ class Store:
         history_size: int,
         dedup_ttl_seconds: int,
         positive_rating: float = POSITIVE_RATING,
+        events_maxlen: int = 0,
     ):
         self.redis = redis
         self.keys = keys
         self.history_size = history_size
         self.dedup_ttl_seconds = dedup_ttl_seconds
+        self.events_maxlen = events_maxlen  # about how many events the stream keeps; 0: all
         # The lowest rating that enters history and popularity (the offline protocol counts all).
         self.positive_rating = positive_rating
         self._feedback = redis.register_script(FEEDBACK_SCRIPT)
@@ -585,7 +587,13 @@ class Store:
         ttl = self.dedup_ttl_seconds if dedup_ttl_seconds is None else dedup_ttl_seconds
         # The call's own token: run again after a lost reply, the script knows what it stored.
         token = secrets.token_urlsafe(9)
-        args: list[str | int] = [self.keys.prefix, self.history_size, token, len(events)]
+        args: list[str | int] = [
+            self.keys.prefix,
+            self.history_size,
+            token,
+            len(events),
+            self.events_maxlen,
+        ]
         for i, event in enumerate(events):
             args += [
                 event.user_id,
@@ -617,7 +625,15 @@ class Store:
             start = "(" + batch[-1][0]
 
     async def event_count(self) -> int:
-        return await self.redis.xlen(self.keys.events)
+        """Events ever added to the stream, those trimmed since included (Redis 7; before it, the
+        events it holds): a count that only grows, for the trainer's schedule."""
+        try:
+            info = await self.redis.xinfo_stream(self.keys.events)
+        except ResponseError as exc:
+            if "no such key" not in str(exc).lower():
+                raise
+            return 0
+        return int(info.get("entries-added", info["length"]))
 
     async def memory(self) -> RedisMemory:
         """What Redis holds against its cap (the whole server's: every prefix counts)."""
@@ -682,6 +698,7 @@ def build_store(
         history_size=settings.history_size,
         dedup_ttl_seconds=settings.dedup_ttl_seconds,
         positive_rating=positive_rating,
+        events_maxlen=settings.events_maxlen,
     )
 
 

@@ -267,3 +267,21 @@ def test_a_demo_whose_bootstrap_cannot_start_says_why(
     assert result.exit_code == 1, result.output
     assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
     assert f"{missing}:1: cannot be read" in plain(result.output)
+
+
+def test_a_load_larger_than_the_events_stream_keeps_is_refused(
+    env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rdb
+) -> None:
+    monkeypatch.setenv("REASONREC_EVENTS_MAXLEN", "10")
+    data = tmp_path / "data.jsonl"
+    records = [{"kind": "item", "item_id": "a", "title": "A"}] + [
+        {"kind": "event", "user_id": f"u{n}", "item_id": "a", "type": "click"} for n in range(11)
+    ]
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+    result = CliRunner().invoke(app, ["load", str(data)])
+
+    said = " ".join(result.output.split())  # as wrapped to the terminal's width
+    assert result.exit_code != 0 and "REASONREC_EVENTS_MAXLEN=10" in said
+    prefix = env["REASONREC_KEY_PREFIX"]
+    assert "nothing was written" in said and not rdb.keys(f"{prefix}:*")

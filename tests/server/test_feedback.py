@@ -46,6 +46,20 @@ def test_accepts_batch(client, catalog, rdb, keys):
     assert rdb.xlen(keys.events) == 3
 
 
+def test_the_stream_keeps_about_the_newest_events_maxlen(make_client, rdb, keys):
+    client = make_client(events_maxlen=100)
+    put_items(client, "a", "b", "c")
+    for batch in range(6):
+        events = [ev("abc"[n % 3], user=f"u{batch}-{n}") for n in range(100)]
+        assert post_events(client, *events).status_code == 200
+    # Trimmed a whole node (100 entries) at a time: between the cap and a node more.
+    assert 100 <= rdb.xlen(keys.events) <= 200
+    assert rdb.xrange(keys.events, count=1)[0][1]["user_id"].startswith(("u4-", "u5-"))
+    # What the trainer's schedule counts: every event added, those trimmed too (Redis 7).
+    store = client.app.state.store
+    assert client.portal.call(store.event_count) == 600
+
+
 def test_stream_entry_fields(client, catalog, rdb, keys):
     event = ev(
         "b",

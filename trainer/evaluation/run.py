@@ -130,6 +130,8 @@ def scratch_store(
                 # A deployment's policy (category cap, boosts, availability) would shape the
                 # pipeline's lists and not the baselines': the built-in default it is.
                 "policy_file": None,
+                # The protocol trains on every training interaction: none may be trimmed.
+                "events_maxlen": 0,
             }
         )
         _link(source, Registry(settings.registry_path), linked)
