@@ -31,7 +31,8 @@ HostOption = Annotated[str | None, typer.Option(help="Bind address [REASONREC_HO
 # Bounded here too: the settings' own bounds are not checked on an option's value (model_copy),
 # and getaddrinfo wraps 70000 round to 4464, so the address check would pass.
 PortOption = Annotated[int | None, typer.Option(min=1, max=65535, help="Port [REASONREC_PORT].")]
-SeedOption = Annotated[int, typer.Option(help="synthetic: random seed.")]
+MAX_SEED = 2**32 - 1  # what numpy's and torch's generators take
+SeedOption = Annotated[int, typer.Option(min=0, max=MAX_SEED, help="synthetic: random seed.")]
 # `load`'s generator options: None when not given, so that one given to another format is
 # refused rather than ignored (defaults: those of `generate`).
 UsersOption = Annotated[
@@ -40,10 +41,14 @@ UsersOption = Annotated[
 ItemsOption = Annotated[
     int | None, typer.Option(min=10, help="synthetic: number of items (default 600).")
 ]
+# At most 500: a user's events come about a day apart from 2024, and none may lie in the future.
 EventsOption = Annotated[
-    int | None, typer.Option(min=1, help="synthetic: mean events per user (default 40).")
+    int | None,
+    typer.Option(min=1, max=500, help="synthetic: mean events per user (default 40)."),
 ]
-LoadSeedOption = Annotated[int | None, typer.Option(help="synthetic: random seed (default 7).")]
+LoadSeedOption = Annotated[
+    int | None, typer.Option(min=0, max=MAX_SEED, help="synthetic: random seed (default 7).")
+]
 
 
 def settings_from_env(host: str | None = None, port: int | None = None) -> Settings:

@@ -13,9 +13,11 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from redis.connection import parse_url
 
 from contract.search import RetrieverKind
 
@@ -91,6 +93,13 @@ class StorageSettings(_Section):
     def _redis_scheme(cls, value: str | None) -> str | None:
         if value and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("a Redis URL starts with redis://, rediss:// or unix://")
+        if value and not value.startswith("unix://"):
+            parse_url(value)  # a port that is no number: ValueError, as pydantic wants it
+            # redis-py reads a database it cannot parse ("/x", "/9/extra") as none, database 0:
+            # a typo would write into another deployment's data.
+            path = urlsplit(value).path.strip("/")
+            if path and not path.isdigit():
+                raise ValueError(f"the database in a Redis URL is a number, not {path!r}")
         return value
 
     @property

@@ -104,6 +104,10 @@ def test_demo_bootstraps_once_then_starts_without_training(tmp_path: Path) -> No
     [
         ("redis://127.0.0.1:1/0", 1, "Redis did not answer"),  # nothing listens on port 1
         ("localhost:6379", 2, "REASONREC_REDIS_URL: Value error, a Redis URL starts with"),
+        ("redis://127.0.0.1:6379/99", 1, "Redis refused: DB index is out of range"),
+        ("redis://127.0.0.1:abc/0", 2, "Port could not be cast to integer value as 'abc'"),
+        # redis-py reads a database it cannot parse as database 0: another deployment's data
+        ("redis://127.0.0.1:6379/x", 2, "the database in a Redis URL is a number, not 'x'"),
     ],
 )
 def test_an_unusable_redis_is_one_line_not_a_traceback(

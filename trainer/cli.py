@@ -14,6 +14,7 @@ from rich.markup import escape
 from contract.tasks import Task
 from reward_rules.policy import PolicyError
 from server.cli import (
+    MAX_SEED,
     console,
     errors_end_command,
     os_reason,
@@ -220,7 +221,7 @@ def _base_version(settings: Settings, base: str, tasks: frozenset[Task]) -> str:
 @app.command("bootstrap")
 def bootstrap_command(
     preset: PresetOption = "default",
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED)] = 0,
     force: Annotated[
         bool,
         typer.Option(help="Activate even a model that does worse than its fallback."),
@@ -451,7 +452,7 @@ def eval_command(
         EvalFormat, typer.Option("--format", help=_eval_format_help())
     ] = EvalFormat.ml_100k,
     users: Annotated[int | None, typer.Option(min=1, help="Evaluate N sampled users.")] = None,
-    seed: Annotated[int, typer.Option(help="Sampling and training seed.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Sampling and training seed.")] = 0,
     preset: PresetOption = "default",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
     task: Annotated[

@@ -285,3 +285,19 @@ def test_a_load_larger_than_the_events_stream_keeps_is_refused(
     assert result.exit_code != 0 and "REASONREC_EVENTS_MAXLEN=10" in said
     prefix = env["REASONREC_KEY_PREFIX"]
     assert "nothing was written" in said and not rdb.keys(f"{prefix}:*")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["load", "-f", "synthetic", "--seed", "-1"],  # numpy refuses it after the catalog is made
+        ["load", "-f", "synthetic", "--seed", str(2**64)],
+        # A day apart from 2024: events past the present, which no event may be
+        ["load", "-f", "synthetic", "--users", "2", "--events-per-user", "1500"],
+    ],
+)
+def test_synthetic_options_out_of_range_are_refused_before_anything_is_made(
+    env, args: list[str]
+) -> None:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "Invalid value" in result.output, result.output
