@@ -73,7 +73,7 @@ class StorageSettings(_Section):
         ge=0,
         description="Approximate cap on the impressions stream (0: no cap); the trainer reads "
         "what it holds at each refresh. An entry takes about 1.3 kB (compact prompts) to 5.5 kB "
-        "(rich): within the deployments' 3 GB Redis either way.",
+        "(rich): 0.4 to 1.7 GB of the deployments' 2.5 GiB Redis (docs/deploy.md).",
     )
     events_maxlen: int = Field(
         5_000_000,

@@ -34,6 +34,7 @@ MANIFEST = "manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
 _STAGING = ".staging-"
 REGISTERED, IMPORTED = "registered", "imported"  # `training.method` of versions brought in
+REFRESH_METHOD = "grpo-refresh"  # `training.method` in a refreshed version's manifest
 BROUGHT_IN = {REGISTERED, IMPORTED}
 STALE_STAGING_SECONDS = 86_400.0  # a writer fills its folder within minutes; a day is ample
 log = logging.getLogger(__name__)

@@ -638,7 +638,10 @@ class Store:
     async def memory(self) -> RedisMemory:
         """What Redis holds against its cap (the whole server's: every prefix counts)."""
         info = await self.redis.info("memory")
-        return RedisMemory(used_bytes=info["used_memory"], max_bytes=info["maxmemory"])
+        # A managed Redis or a proxy may leave fields out.
+        return RedisMemory(
+            used_bytes=info.get("used_memory", 0), max_bytes=info.get("maxmemory", 0)
+        )
 
     # Consumer groups on the two streams --------------------------------------------------------
 

@@ -47,8 +47,9 @@ NEGATIVE = {EventType.dislike, EventType.skip}
 JOIN_WAIT_SECONDS = 3600.0
 KEEP_FACTOR = 5  # lists of each kind the log keeps, in multiples of what a refresh trains on
 # Lists without a positive kept at most, in multiples of `keep`, however many the last
-# JOIN_WAIT_SECONDS served: at 100 lists a second an hour is 360,000 lists (about 1 GB in memory,
-# where the log is read whole).
+# JOIN_WAIT_SECONDS served: at 100 lists a second an hour is 360,000 lists, about 1 GB of a log
+# that every refresh reads whole (it also holds the lists served since the last one, up to
+# REASONREC_IMPRESSIONS_MAXLEN, while it consumes them).
 RECENT_FACTOR = 5
 
 
@@ -87,7 +88,7 @@ class FeedbackLog:
         """`keep`: how many lists with a positive the log keeps (the newest), and as many
         without, or more if served in the last JOIN_WAIT_SECONDS (late feedback may still join
         them), up to RECENT_FACTOR times as many; it is rewritten down to those when it holds
-        more than three times `keep`."""
+        more than three times `keep` and that drops a third of it."""
         self.store, self.folder, self.keep = store, folder, keep
         self.path = folder / "logged.jsonl"
         self.logged: dict[str, LoggedExample] = {}
@@ -135,7 +136,9 @@ class FeedbackLog:
         """Rewrite the log (`logged`: what it holds) down to the newest `keep` lists with a
         positive and as many without, and return what it then holds: a refresh trains on the
         newest lists only, and every list served adds a record (a few kilobytes: its prompt).
-        Atomic: a crash leaves the old log or the new one."""
+        Atomic: a crash leaves the old log or the new one. Not rewritten when that would drop
+        less than a third (a busy hour's lists, kept, hold it above the trigger): every refresh
+        would rewrite it all."""
         merged = sorted(logged.values(), key=lambda example: example.ts)
         engaged = [example for example in merged if example.positives]
         idle = [example for example in merged if not example.positives]
@@ -145,6 +148,8 @@ class FeedbackLog:
         idle = [e for n, e in enumerate(idle) if n >= len(idle) - self.keep or e.ts >= recent]
         idle = idle[-RECENT_FACTOR * self.keep :]
         kept = sorted([*engaged[-self.keep :], *idle], key=lambda e: e.ts)
+        if len(kept) > 2 * len(merged) / 3:
+            return logged
         staging = self.path.with_name(f".{self.path.name}.compacting")
         with staging.open("wb") as out:
             for example in kept:

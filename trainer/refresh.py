@@ -42,7 +42,7 @@ from server.config import Settings
 from server.item_index import ItemIndex
 from server.logs import describe
 from server.policy import read_policy
-from server.registry import Manifest, Registry, base_version, new_version
+from server.registry import REFRESH_METHOD, Manifest, Registry, base_version, new_version
 from server.search_index import SearchIndex
 from server.store import ActiveModelChanged, Store
 from trainer import metrics
@@ -71,7 +71,6 @@ log = logging.getLogger(__name__)
 # The holder renews the lock while it works; a killed holder's lock lapses within LOCK_SECONDS.
 LOCK_SECONDS = 30
 RENEW_SECONDS = 10
-REFRESH_METHOD = "grpo-refresh"  # `training.method` in a refreshed version's manifest
 MIN_RATED_USERS = 4  # users with 2+ ratings, before the held-out part is cut
 RATING_GATE_USERS = 64  # held-out ratings of a version whose rating a refresh does not train
 # Held-out last interactions a search version's queries are gated on: enough that one user's

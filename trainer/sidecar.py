@@ -22,10 +22,10 @@ from redis.exceptions import RedisError
 
 from server.config import Settings
 from server.logs import describe
-from server.registry import Registry
+from server.registry import REFRESH_METHOD, Registry
 from server.store import Store, open_store
 from trainer import metrics
-from trainer.refresh import LOCK_SECONDS, REFRESH_METHOD, RefreshBusy, refresh_once
+from trainer.refresh import LOCK_SECONDS, RefreshBusy, refresh_once
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 10.0

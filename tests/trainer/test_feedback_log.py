@@ -132,6 +132,24 @@ def test_the_log_keeps_the_lists_of_the_last_hour_up_to_a_bound(
     run(settings, body)
 
 
+def test_the_log_is_not_rewritten_to_drop_little(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past the trigger (3 x keep) but all of it kept (the last hour's lists): rewriting it at
+    every refresh would gain nothing."""
+
+    async def body(store: Store) -> None:
+        log = FeedbackLog(store, settings.data_dir / "trainer", keep=1)
+        for n in range(4):
+            await impression(store, f"r{n}", [f"i{n}"], ts=1700000000.0 + n * 60)
+        with caplog.at_level("INFO", logger=feedback_log.__name__):
+            await log.consume()
+        assert list(on_disk(log)) == ["r0", "r1", "r2", "r3"]
+        assert "feedback log compacted" not in caplog.messages
+
+    run(settings, body)
+
+
 def test_late_feedback_and_feedback_before_its_impression(settings: Settings) -> None:
     async def body(store: Store) -> None:
         log = FeedbackLog(store, settings.data_dir / "trainer")

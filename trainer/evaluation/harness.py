@@ -4,7 +4,8 @@ Metrics follow `shared/docs/EVAL.md` at k = 10, averaged over the evaluated user
 `reward_rules.metrics` (the same code the GRPO rewards use). Besides EVAL.md's five metrics the
 report carries `invalid_rate` (answers a system had to repair, per user), `fallback_rate` (answers
 a serving pipeline gave without its model, per user: 1 for the model-less paths, and for a model
-path what its figures owe the fallback) and `p50_ms` (median wall time of one `recommend` call).
+path what its figures owe the fallback, unusable answers, also in `invalid_rate`, included) and
+`p50_ms` (median wall time of one `recommend` call).
 """
 
 import statistics

@@ -24,7 +24,7 @@ import numpy as np
 from server.loaders import Dataset, Format, LoadError, id_order, read_checked
 from server.loaders.jsonl import read_jsonl
 from server.loaders.movielens import read_ml100k, read_ml_latest
-from server.registry import Manifest
+from server.registry import REFRESH_METHOD, Manifest
 from server.schemas import FeedbackEvent, ItemUpsert, UserUpsert
 from trainer.corpus import INTERACTIONS
 
@@ -91,8 +91,11 @@ class Split:
     def check_unseen(self, manifest: Manifest) -> None:
         """Raises ValueError unless the model was trained on this split's training part or
         brought in untrained on it (`models register`, `models import-gguf`)."""
-        brought = manifest.training.get("method") in UNTRAINED_METHODS
-        if manifest.trained_on == self.trained_on or (manifest.trained_on is None and brought):
+        method = manifest.training.get("method")
+        # A refresh trained on live feedback; those published before 2026-12-06 still name
+        # their parent's split.
+        same = manifest.trained_on == self.trained_on and method != REFRESH_METHOD
+        if same or (manifest.trained_on is None and method in UNTRAINED_METHODS):
             return
         seen = manifest.trained_on or "data this run cannot tell (it was not trained by eval)"
         raise ValueError(

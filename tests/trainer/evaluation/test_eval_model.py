@@ -33,6 +33,7 @@ SPLIT = "ml-latest:ml:eval-train-split:"  # format, folder, protocol, then the d
         (None, "pretrain+sft+grpo", False),  # `reasonrec bootstrap` on all the data
         ("ml-100k:ml-100k:eval-train-split", "pretrain+sft+grpo", False),  # another dataset's split
         (None, "refresh", False),  # trained on feedback the run cannot see
+        ("this split", "grpo-refresh", False),  # a refresh published before child_manifest
     ],
 )
 def test_only_a_model_that_saw_none_of_the_tests_is_evaluated(
