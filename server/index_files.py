@@ -92,6 +92,15 @@ def index_dir(data_dir: Path) -> Path:
     return Path(data_dir) / "indexes"
 
 
+def check_writable(data_dir: Path) -> None:
+    """Raise OSError now if no index could be published (before hours of training)."""
+    root = index_dir(data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    probe = root / f".writable.tmp-{uuid.uuid4().hex[:8]}"  # swept by `_prune` if left
+    probe.touch()
+    probe.unlink()
+
+
 def current_version(data_dir: Path) -> str | None:
     """The version `current` names, or None before the first publish. Cheap: gateways can poll
     it to notice a new version."""

@@ -31,7 +31,7 @@ from contract.search import RetrieverKind
 from contract.tasks import Task
 from reward_rules.policy import Policy, build_terms, catalog_facts
 from server.config import Settings
-from server.index_files import IndexChanged, load_current, publish
+from server.index_files import IndexChanged, check_writable, load_current, publish
 from server.item_index import ItemIndex
 from server.policy import read_policy
 from server.registry import Manifest, Registry, new_version
@@ -376,6 +376,7 @@ async def bootstrap(
     preset = PRESETS[preset_name]
     registry = Registry(settings.registry_path)
     registry.check_writable()
+    check_writable(settings.data_dir)  # the index is published beside the model
     parent = base_manifest(registry, base, tasks) if base else None
     device = select_device(settings.train_device)
     policy = read_policy(settings.policy_file)

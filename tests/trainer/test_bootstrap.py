@@ -126,6 +126,22 @@ def test_rating_without_ratings_is_refused_before_the_index_is_built(
     assert built == []
 
 
+def test_an_index_folder_that_cannot_be_written_is_refused_before_training(
+    env: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _store_of(env, tmp_path, [_event(u, u + n, "click", n) for u in range(8) for n in range(4)])
+    monkeypatch.setenv("REASONREC_REGISTRY_DIR", str(tmp_path / "registry"))
+    env.data_dir.mkdir(parents=True, exist_ok=True)
+    (env.data_dir / "indexes").write_text("")  # a file where the index folder should be
+    built: list[object] = []
+    monkeypatch.setattr(bootstrap_module, "index_corpus", lambda *args, **_: built.append(args))
+
+    result = CliRunner().invoke(app, ["bootstrap", "--preset", "tiny"])
+
+    assert result.exit_code == 1 and "indexes" in result.output, result.output
+    assert built == [] and not any((tmp_path / "registry").glob("v*"))
+
+
 def test_training_reads_an_index_that_never_saw_the_held_out_items(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
