@@ -28,6 +28,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PrinterCallback,
+    ProgressCallback,
     TrainerCallback,
 )
 from trl import GRPOConfig, GRPOTrainer
@@ -197,6 +198,15 @@ def spread(examples: Sequence[Drawn], count: int, seed: int = 0) -> list[Drawn]:
     return [examples[i] for i in sorted(chosen)]
 
 
+class BarOnly(ProgressCallback):
+    """The progress bar (stderr) without the log dicts transformers writes under it: those go to
+    stdout, where `bootstrap` and `train --once` print their JSON summary. `_log_rewards` logs
+    what they held."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
 def run_grpo(
     model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -247,7 +257,10 @@ def run_grpo(
             processing_class=tokenizer,
             peft_config=adapter,
         )
-    if not settings.progress:
+    if settings.progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(BarOnly)
+    else:
         # With the bar disabled, transformers prints every log dict instead: silence that too.
         trainer.remove_callback(PrinterCallback)
     if stop is not None:

@@ -96,6 +96,29 @@ def test_run_grpo_trains_and_logs_every_term(
     assert trained.config._name_or_path == toy_sft_model.config._name_or_path
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_grpo_writes_nothing_to_stdout(
+    toy_tokenizer: PreTrainedTokenizerFast,
+    toy_examples: list[Example],
+    toy_sft_model: PreTrainedModel,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    progress: bool,
+) -> None:
+    """`bootstrap` and `train --once` print their JSON summary there; the bar is on stderr."""
+    settings = GrpoSettings(max_steps=1, prompts_per_step=2, num_generations=4, progress=progress)
+    with one_thread():
+        run_grpo(
+            copy.deepcopy(toy_sft_model),
+            toy_tokenizer,
+            toy_examples,
+            [(Format(), 1.0)],
+            settings,
+            tmp_path,
+        )
+    assert capfd.readouterr().out == ""
+
+
 @pytest.mark.slow
 def test_lora_grpo_trains_adapters_only_and_goes_on_training_them(
     toy_tokenizer: PreTrainedTokenizerFast,
