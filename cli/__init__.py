@@ -20,6 +20,7 @@ from server.cli import (
     PortOption,
     SeedOption,
     check_address,
+    check_policy_file,
     console,
     errors_end_command,
     load_dataset,
@@ -93,6 +94,7 @@ def demo(
     check_preset(preset)
     settings = settings_from_env(host, port)
     check_address(settings)
+    check_policy_file(settings)
     if "REASONREC_LLM_TIMEOUT_MS" not in os.environ:
         # Interactive: a first request that compiles its answer grammar on a busy laptop CPU
         # should wait for the model rather than fall back (measured over 3 s in a test run).

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
+from reward_rules.policy import PolicyError
 from server import logs
 from server.config import Settings, unknown_lines
 from server.loaders import Dataset, Format, LoadError, read_checked
@@ -22,6 +23,7 @@ from server.loaders.jsonl import read_jsonl
 from server.loaders.movielens import read_ml100k, read_ml_latest
 from server.loaders.synthetic import generate
 from server.loaders.writer import LoadSummary, progress_bar, write
+from server.policy import read_policy
 from server.store import open_store
 
 app = typer.Typer(help="The gateway: serve the API, load data.", no_args_is_help=True)
@@ -108,6 +110,14 @@ def check_address(settings: Settings) -> None:
         raise typer.Exit(1) from exc
 
 
+def check_policy_file(settings: Settings) -> None:
+    """End the command now on a policy file that is missing or invalid: read when the server
+    starts or a refresh trains, its problems were a traceback in the startup log or came after
+    a refresh had been skipped for other reasons."""
+    with errors_end_command(PolicyError, OSError):
+        read_policy(settings.policy_file)
+
+
 def _check_inputs(fmt: Format, path: Path | None, synthetic: dict[str, int]) -> None:
     """Refuse what the format would ignore: a load of other data than the operator named would
     otherwise pass unnoticed. `synthetic`: the generator's options given."""
@@ -170,6 +180,7 @@ def serve(
         )
         raise typer.Exit(2)
     check_address(settings)
+    check_policy_file(settings)
     if workers == 1:
         serve_with(settings)
     else:

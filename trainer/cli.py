@@ -15,6 +15,7 @@ from contract.tasks import Task
 from reward_rules.policy import PolicyError
 from server.cli import (
     MAX_SEED,
+    check_policy_file,
     console,
     errors_end_command,
     os_reason,
@@ -279,6 +280,7 @@ def train_command(
     from trainer.refresh import RefreshBusy
 
     settings = settings_from_env()
+    check_policy_file(settings)
     try:
         # exit status 1, as documented for an error: the active version gone from the registry,
         # a missing GPU or policy file, a full disk
@@ -298,7 +300,9 @@ def trainer_command() -> None:
     REASONREC_REFRESH_MIN_EVENTS new events arrived; metrics on REASONREC_TRAINER_METRICS_PORT."""
     from trainer.sidecar import run_sidecar
 
-    run_stoppable(run_sidecar(settings_from_env()))
+    settings = settings_from_env()
+    check_policy_file(settings)
+    run_stoppable(run_sidecar(settings))
 
 
 async def _activate(settings: Settings, version: str) -> None:

@@ -301,3 +301,20 @@ def test_synthetic_options_out_of_range_are_refused_before_anything_is_made(
 ) -> None:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "Invalid value" in result.output, result.output
+
+
+@pytest.mark.parametrize("command", [["serve"], ["demo"], ["trainer"], ["train", "--once"]])
+def test_a_policy_file_that_cannot_be_read_ends_the_command_before_it_starts(
+    env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("weights: [\n")
+    monkeypatch.setenv("REASONREC_POLICY_FILE", str(policy))
+    monkeypatch.setenv("REASONREC_PORT", str(free_port()))
+    monkeypatch.setenv("REASONREC_DATA_DIR", str(tmp_path / "var"))
+
+    result = CliRunner().invoke(reasonrec.app, command)
+
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and f"{policy}:2: not valid YAML" in said, result.output
+    assert not (tmp_path / "var").exists()  # nothing loaded, trained or served
