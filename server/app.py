@@ -1,6 +1,7 @@
 """The FastAPI application: wiring of settings, Redis, engine, middleware, errors and routers."""
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -40,6 +41,13 @@ def _openapi_of_the_hour(app: FastAPI) -> Callable[[], dict[str, Any]]:
     return openapi
 
 
+def _reachable_from_outside(host: str) -> bool:
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name
+        return host != "localhost"
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -53,6 +61,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         indexes = SearchIndexes(settings.search_retriever)
         app.state.searcher = Searcher(store, settings, indexes)
         app.state.serving = Serving(settings, store)
+        if not settings.api_keys and _reachable_from_outside(settings.host):
+            # No keys is the embedded default's convenience; on an open address it is anyone's
+            # catalog, users and feedback to read and rewrite.
+            log.warning(
+                "no API keys (REASONREC_API_KEYS): every /v1 route but the admin ones is open to "
+                "whoever reaches this address",
+                extra={"host": settings.host, "port": settings.port},
+            )
         await app.state.serving.start()
         await indexes.start(store)
         stopping = asyncio.Event()

@@ -118,3 +118,23 @@ def test_behind_a_root_path_too(secured):
         "/api/v1/feedback", content=b"{not json", headers={"Content-Type": "application/json"}
     )
     assert_error(response, 401, "unauthorized")
+
+
+@pytest.mark.parametrize(
+    ("host", "keys", "warned"),
+    [
+        ("0.0.0.0", [], True),
+        ("10.1.2.3", [], True),
+        ("gateway.internal", [], True),
+        ("0.0.0.0", KEYS, False),
+        ("127.0.0.1", [], False),  # the embedded default: this machine only
+        ("::1", [], False),
+        ("localhost", [], False),
+    ],
+)
+def test_an_open_address_without_keys_is_warned_of_at_startup(
+    make_client, caplog: pytest.LogCaptureFixture, host: str, keys: list[str], warned: bool
+) -> None:
+    with caplog.at_level("WARNING", logger="server.app"):
+        make_client(host=host, api_keys=keys)
+    assert any("no API keys" in message for message in caplog.messages) == warned
