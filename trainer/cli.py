@@ -321,10 +321,17 @@ def list_models() -> None:
             return await store.active_model()
 
     current = asyncio.run(active())
-    for manifest in Registry(settings.registry_path).versions():
+    registry = Registry(settings.registry_path)
+    for manifest in registry.versions():
         mark = "*" if manifest.version == current else " "
         metrics = ", ".join(f"{k}={v:.4f}" for k, v in manifest.metrics.items())
         typer.echo(f"{mark} {manifest.version}  {manifest.kind}  {metrics}")
+    if current is not None and not registry.has(current):
+        # Gateways then serve the retrieval order, and refreshes fail: say why.
+        console.print(
+            f"[yellow]warning:[/yellow] the active version {current} is not in the registry "
+            f"{registry.root}: activate one that is (`reasonrec models activate VERSION`)"
+        )
 
 
 @models.command("register")
@@ -341,6 +348,7 @@ def register_model(
         prompt_history=settings.prompt_history,
         training={"method": REGISTERED, "source": str(path)},
     )
+    _ping_if(activate, settings)
     with errors_end_command(RegistryError):
         Registry(settings.registry_path).register(path, manifest)
     _added(settings, manifest.version, activate)
@@ -364,12 +372,25 @@ def import_gguf_command(
     from trainer.gguf_import import import_gguf, resolve_gguf  # transformers: heavy
 
     settings = settings_from_env()
+    _ping_if(activate, settings)
     with errors_end_command(RegistryError):
         path = resolve_gguf(source)
         with console.status(f"converting {path.name}"):
             registry = Registry(settings.registry_path)
             manifest = import_gguf(registry, path, settings.prompt_history)
     _added(settings, manifest.version, activate)
+
+
+def _ping_if(activate: bool, settings: Settings) -> None:
+    """Before a copy that can take minutes: a Redis that does not answer would leave the
+    version registered and not activated."""
+    if activate:
+
+        async def ping() -> None:
+            async with open_store(settings) as store:
+                await store.ping()
+
+        asyncio.run(ping())
 
 
 def _added(settings: Settings, version: str, activate: bool) -> None:

@@ -783,3 +783,31 @@ def test_the_sidecar_reports_redis_memory_against_its_cap(
     redis_process.stop()
     asyncio.run(report())  # Redis gone: the last reading stays, nothing raises
     assert gauge("max") == 300_000_000
+
+
+def test_models_list_says_when_the_active_version_is_not_in_the_registry(env: Settings) -> None:
+    async def activate() -> None:
+        async with open_store(env) as store:
+            await store.set_active_model("v20250101-000000-abcdef")  # a registry emptied since
+
+    asyncio.run(activate())
+    result = CliRunner().invoke(app, ["models", "list"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "the active version v20250101-000000-abcdef is not in the registry" in said
+
+
+def test_register_and_activate_without_redis_copies_nothing(
+    env: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REASONREC_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing listens there
+    monkeypatch.setenv("REASONREC_REDIS_TIMEOUT_SECONDS", "0.5")
+    monkeypatch.setenv("REASONREC_REGISTRY_DIR", str(tmp_path / "registry"))
+    source = tmp_path / "model"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+
+    result = CliRunner().invoke(app, ["models", "register", str(source), "--activate"])
+
+    assert isinstance(result.exception, RedisConnectionError), result.output
+    assert not any((tmp_path / "registry").glob("v*"))
