@@ -9,9 +9,10 @@ it -> the score of the last event numbered there) · ``user:{id}:seen`` set
 of the call that stored the event) ·
 ``items:created`` sorted set (item -> created time) · ``items:version``
 counter of item writes · ``impressions`` stream (every served list) · ``served:{request_id}`` the
-version that served it (expires) · ``model:active`` version string · ``model-updates`` pub/sub
-channel · ``user:{id}:ratings`` hash (item -> the user's latest rating) · ``user:{id}:rated``
-sorted set (item -> rating time, capped, ties as in hist, with ``user:{id}:rated:ties``) ·
+user and the version it served (expires) · ``model:active`` version string ·
+``model-updates`` pub/sub channel · ``user:{id}:ratings`` hash (item -> the user's latest
+rating) · ``user:{id}:rated`` sorted set (item -> rating time, capped, ties as in hist, with
+``user:{id}:rated:ties``) ·
 ``user:{id}:rated_at`` hash (item -> rating time) · ``ratings:sum`` and ``ratings:count``
 hashes (item -> sum and number of its ratings) · ``ratings:total`` hash (sum, count over every
 rating) · ``load:unfinished`` set while a dataset load runs.

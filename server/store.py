@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from functools import cached_property
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from redis.asyncio import Redis
@@ -234,6 +234,16 @@ class RatingContext(BaseModel):
         """The user's lean, once per request however many items it rates."""
         latest = [(value, self.items.get(item, Stats())) for item, value in self.latest]
         return user_lean(self.everyone, latest)
+
+
+class Served(NamedTuple):
+    user_id: str | None  # None: written before users were (a key of an older gateway)
+    version: str
+
+
+def _served(value: str) -> Served:
+    user, space, version = value.partition(" ")
+    return Served(user, version) if space else Served(None, value)
 
 
 class RedisMemory(BaseModel):
@@ -555,18 +565,22 @@ class Store:
         self, impression: Impression, maxlen: int | None, attribution_seconds: int
     ) -> None:
         """Append a served list to the impressions stream and remember, for a while, which
-        version served its request id (so feedback can be credited without reading the stream)."""
+        version served its request id, to whom (so feedback can be credited without reading the
+        stream)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.xadd(self.keys.impressions, impression.fields(), maxlen=maxlen, approximate=True)
         served = self.keys.served(impression.request_id)
-        pipe.set(served, impression.model_version, ex=attribution_seconds)
+        # Ids hold no whitespace; a version is a name the server gives.
+        pipe.set(served, f"{impression.user_id} {impression.model_version}", ex=attribution_seconds)
         await pipe.execute()
 
-    async def served_by(self, request_ids: Sequence[str]) -> list[str | None]:
-        """The model version that served each request id ("" for none), None once forgotten."""
+    async def served_by(self, request_ids: Sequence[str]) -> list[Served | None]:
+        """Who was served each request id and by which version ("" for none), None once
+        forgotten."""
         if not request_ids:
             return []
-        return await self.redis.mget([self.keys.served(r) for r in request_ids])
+        found = await self.redis.mget([self.keys.served(r) for r in request_ids])
+        return [None if value is None else _served(value) for value in found]
 
     # Feedback ------------------------------------------------------------------------------
 

@@ -80,14 +80,15 @@ def _unknown_items(batch: FeedbackBatch, exc: UnknownItems) -> ApiError:
 
 async def _credit_positives(store: Store, events: list[FeedbackEvent]) -> None:
     """Count positives by the version that served the list they quote (the online positive
-    rate's numerator). Events without a request id, or past attribution, are organic."""
+    rate's numerator). Events without a request id, or past attribution, are organic; those of
+    another user than the list's are not counted (anyone could credit any list)."""
     quoted = [
-        event.request_id
+        event
         for event in events
         if event.request_id and is_positive(event.type, event.value, store.positive_rating)
     ]
     try:
-        versions = await store.served_by(quoted)
+        served = await store.served_by([event.request_id or "" for event in quoted])
     except RedisError as exc:
         # The events are stored: a 503 now would have their retry counted as duplicates, and
         # counted nowhere. Only the attribution of this batch's positives is lost.
@@ -95,6 +96,6 @@ async def _credit_positives(store: Store, events: list[FeedbackEvent]) -> None:
             "positives not attributed", extra={"positives": len(quoted), "reason": describe(exc)}
         )
         return
-    for version in versions:
-        if version is not None:
-            metrics.POSITIVES.labels(version).inc()
+    for event, shown in zip(quoted, served, strict=True):
+        if shown is not None and shown.user_id in (None, event.user_id):
+            metrics.POSITIVES.labels(shown.version).inc()

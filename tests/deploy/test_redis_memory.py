@@ -84,7 +84,7 @@ async def _read(settings: Settings, earlier: range, later: range) -> dict[str, o
             "active": await store.active_model(),
             "impressions": await store.redis.xlen(store.keys.impressions),
             "earlier forgotten": sum(v is None for v in before) / len(before) > 0.1,
-            "later kept": all(v == "v1" for v in after),
+            "later kept": all(v is not None and v.version == "v1" for v in after),
         }
 
 

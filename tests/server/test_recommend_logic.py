@@ -353,6 +353,7 @@ def test_positives_are_credited_to_the_version_that_served_the_list(
         {**served, "type": "dislike"},  # not a positive
         {**served, "type": "purchase", "request_id": "never-served"},
         {"user_id": "u1", "item_id": "p2", "type": "like"},  # organic: no request id
+        {**served, "user_id": "mallory", "type": "click"},  # another user's: never this list's
     )
 
     assert metric(shop, POSITIVES, model_version="fake-credit") == before + 1
