@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.markup import escape
 
@@ -157,7 +157,7 @@ def main() -> None:
     except (RedisConnectionError, RedisTimeoutError) as exc:
         console.print(f"[red]error:[/red] Redis did not answer: {exc}", highlight=False)
         raise SystemExit(1) from exc
-    except RedisError as exc:  # a database the server does not have, a port that is no Redis
+    except (ResponseError, InvalidResponse) as exc:  # no such database; a port that is no Redis
         console.print(f"[red]error:[/red] Redis refused: {escape(str(exc))}", highlight=False)
         raise SystemExit(1) from exc
     except OSError as exc:

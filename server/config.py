@@ -78,8 +78,10 @@ class StorageSettings(_Section):
     events_maxlen: int = Field(
         5_000_000,
         ge=0,
+        le=10**12,  # Lua writes 1e17 as "1e+17", which XADD refuses
         description="About how many feedback events the events stream keeps, the newest (0: "
-        "all). Training reads its history from there; an event takes about 0.1 kB.",
+        "all). Training reads its history from there; an event takes about 0.13 kB. Set alike for "
+        "the gateways, the trainer and `reasonrec load`: each trims the stream as it adds.",
     )
     attribution_seconds: int = Field(
         7 * 24 * 3600,
@@ -94,7 +96,13 @@ class StorageSettings(_Section):
         if value and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("a Redis URL starts with redis://, rediss:// or unix://")
         if value and not value.startswith("unix://"):
-            parse_url(value)  # a port that is no number: ValueError, as pydantic wants it
+            try:
+                parse_url(value)
+            except ValueError:  # redis-py's message quotes the "port": a password's part, often
+                raise ValueError(
+                    "the port in a Redis URL is a number (a password holding / # ? or @ must be "
+                    "percent-encoded)"
+                ) from None
             # redis-py reads a database it cannot parse ("/x", "/9/extra") as none, database 0:
             # a typo would write into another deployment's data.
             path = urlsplit(value).path.strip("/")

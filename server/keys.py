@@ -8,11 +8,11 @@ it -> the score of the last event numbered there) · ``user:{id}:seen`` set
 ``eventid:{user_id}:{event_id}`` de-duplication marker (event ids are per user; it holds the token
 of the call that stored the event) ·
 ``items:created`` sorted set (item -> created time) · ``items:version``
-counter of item writes · ``impressions`` stream (every served list) · ``served:{request_id}`` the
-user and the version it served (expires) · ``model:active`` version string ·
-``model-updates`` pub/sub channel · ``user:{id}:ratings`` hash (item -> the user's latest
-rating) · ``user:{id}:rated`` sorted set (item -> rating time, capped, ties as in hist, with
-``user:{id}:rated:ties``) ·
+counter of item writes · ``impressions`` stream (every served list) · ``shown:{request_id}`` the
+user and the version it served (expires; ``served:`` held the version alone, before) ·
+``model:active`` version string · ``model-updates`` pub/sub channel · ``user:{id}:ratings``
+hash (item -> the user's latest rating) · ``user:{id}:rated`` sorted set (item -> rating time,
+capped, ties as in hist, with ``user:{id}:rated:ties``) ·
 ``user:{id}:rated_at`` hash (item -> rating time) · ``ratings:sum`` and ``ratings:count``
 hashes (item -> sum and number of its ratings) · ``ratings:total`` hash (sum, count over every
 rating) · ``load:unfinished`` set while a dataset load runs.
@@ -91,7 +91,11 @@ class Keys:
         return self._k("impressions")
 
     def served(self, request_id: str) -> str:
+        """Before 2026-12-06: the version alone; read until those keys expire."""
         return self._k("served", request_id)
+
+    def shown(self, request_id: str) -> str:
+        return self._k("shown", request_id)
 
     @property
     def active_model(self) -> str:

@@ -241,9 +241,12 @@ class Served(NamedTuple):
     version: str
 
 
-def _served(value: str) -> Served:
-    user, space, version = value.partition(" ")
-    return Served(user, version) if space else Served(None, value)
+def _served(shown: str | None, served: str | None) -> Served | None:
+    """From a `shown:` key ("user version"), else from a `served:` key (the version)."""
+    if shown:
+        user, version = shown.split(" ", 1)
+        return Served(user, version)
+    return None if served is None else Served(None, served)
 
 
 class RedisMemory(BaseModel):
@@ -569,9 +572,11 @@ class Store:
         stream)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.xadd(self.keys.impressions, impression.fields(), maxlen=maxlen, approximate=True)
-        served = self.keys.served(impression.request_id)
-        # Ids hold no whitespace; a version is a name the server gives.
-        pipe.set(served, f"{impression.user_id} {impression.model_version}", ex=attribution_seconds)
+        # Ids hold no whitespace; a version is a name the server gives. Under a key of its own
+        # (`served:` held the version alone): a gateway of the release before, beside this one
+        # in a rollout, would count "user version" as a version, a metric series per user.
+        shown = self.keys.shown(impression.request_id)
+        pipe.set(shown, f"{impression.user_id} {impression.model_version}", ex=attribution_seconds)
         await pipe.execute()
 
     async def served_by(self, request_ids: Sequence[str]) -> list[Served | None]:
@@ -579,8 +584,12 @@ class Store:
         forgotten."""
         if not request_ids:
             return []
-        found = await self.redis.mget([self.keys.served(r) for r in request_ids])
-        return [None if value is None else _served(value) for value in found]
+        keys = [self.keys.shown(r) for r in request_ids] + [
+            self.keys.served(r) for r in request_ids
+        ]
+        found = await self.redis.mget(keys)
+        shown, served = found[: len(request_ids)], found[len(request_ids) :]
+        return [_served(value, old) for value, old in zip(shown, served, strict=True)]
 
     # Feedback ------------------------------------------------------------------------------
 
@@ -649,13 +658,13 @@ class Store:
             return 0
         return int(info.get("entries-added", info["length"]))
 
-    async def memory(self) -> RedisMemory:
-        """What Redis holds against its cap (the whole server's: every prefix counts)."""
+    async def memory(self) -> RedisMemory | None:
+        """What Redis holds against its cap (the whole server's: every prefix counts); None when
+        it does not say (a managed Redis or a proxy may leave the fields out)."""
         info = await self.redis.info("memory")
-        # A managed Redis or a proxy may leave fields out.
-        return RedisMemory(
-            used_bytes=info.get("used_memory", 0), max_bytes=info.get("maxmemory", 0)
-        )
+        if "used_memory" not in info:
+            return None
+        return RedisMemory(used_bytes=info["used_memory"], max_bytes=info.get("maxmemory", 0))
 
     # Consumer groups on the two streams --------------------------------------------------------
 

@@ -328,9 +328,10 @@ def list_models() -> None:
         typer.echo(f"{mark} {manifest.version}  {manifest.kind}  {metrics}")
     if current is not None and not registry.has(current):
         # Gateways then serve the retrieval order, and refreshes fail: say why.
+        where = escape(f"{current} is not in the registry {registry.root}")
         console.print(
-            f"[yellow]warning:[/yellow] the active version {current} is not in the registry "
-            f"{registry.root}: activate one that is (`reasonrec models activate VERSION`)"
+            f"[yellow]warning:[/yellow] the active version {where}: activate one that is "
+            "(`reasonrec models activate VERSION`)"
         )
 
 

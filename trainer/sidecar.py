@@ -79,7 +79,8 @@ def _monotonic(unix_time: float) -> float:
 
 
 async def _event_count(store: Store) -> int | None:
-    """The feedback stream's length; None while Redis does not answer (the next poll retries)."""
+    """Events ever added to the feedback stream (`Store.event_count`); None while Redis does not
+    answer (the next poll retries)."""
     try:
         return await store.event_count()
     except RedisError as exc:
@@ -93,6 +94,8 @@ async def report_memory(store: Store) -> None:
         memory = await store.memory()
     except RedisError as exc:
         log.warning("redis memory unreadable", extra={"reason": describe(exc)})
+        return
+    if memory is None:
         return
     metrics.REDIS_USED.set(memory.used_bytes)
     metrics.REDIS_MAX.set(memory.max_bytes)
@@ -117,7 +120,9 @@ async def run_sidecar(settings: Settings) -> None:
             if (length := await _event_count(store)) is None:
                 continue
             await report_memory(store)
-            if last_length is None:  # counted from here: Redis was away, or a refresh published
+            # Counted from here: Redis was away, a refresh published, or the count went down (a
+            # stream deleted and made again).
+            if last_length is None or length < last_length:
                 last_length = length
             due = time.monotonic() - last_run >= settings.refresh_seconds
             if not due and length - last_length < settings.refresh_min_events:

@@ -357,7 +357,21 @@ def test_positives_are_credited_to_the_version_that_served_the_list(
     )
 
     assert metric(shop, POSITIVES, model_version="fake-credit") == before + 1
-    assert rdb.ttl(f"{key_prefix}:served:{request_id}") > 0  # forgotten after attribution
+    assert rdb.ttl(f"{key_prefix}:shown:{request_id}") > 0  # forgotten after attribution
+
+
+def test_lists_served_before_users_were_kept_are_still_credited(
+    shop: TestClient, rdb: redis.Redis, key_prefix: str
+) -> None:
+    """An attribution key of the release before holds the version alone, under `served:`."""
+    rdb.set(f"{key_prefix}:served:old-request", "fake-old", ex=3600)
+    before = metric(shop, POSITIVES, model_version="fake-old")
+
+    post_events(
+        shop, {"user_id": "u1", "item_id": "p1", "type": "click", "request_id": "old-request"}
+    )
+
+    assert metric(shop, POSITIVES, model_version="fake-old") == before + 1
 
 
 # What the engine is asked ----------------------------------------------------------------------

@@ -106,7 +106,7 @@ def test_grpo_writes_nothing_to_stdout(
     progress: bool,
 ) -> None:
     """`bootstrap` and `train --once` print their JSON summary there; the bar is on stderr."""
-    settings = GrpoSettings(max_steps=1, prompts_per_step=2, num_generations=4, progress=progress)
+    settings = GrpoSettings(max_steps=2, prompts_per_step=2, num_generations=4, progress=progress)
     with one_thread():
         run_grpo(
             copy.deepcopy(toy_sft_model),
@@ -116,7 +116,9 @@ def test_grpo_writes_nothing_to_stdout(
             settings,
             tmp_path,
         )
-    assert capfd.readouterr().out == ""
+    captured = capfd.readouterr()
+    assert captured.out == ""
+    assert (" 2/2 [" in captured.err) == progress  # the training bar, when asked for
 
 
 @pytest.mark.slow

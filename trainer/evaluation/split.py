@@ -24,13 +24,9 @@ import numpy as np
 from server.loaders import Dataset, Format, LoadError, id_order, read_checked
 from server.loaders.jsonl import read_jsonl
 from server.loaders.movielens import read_ml100k, read_ml_latest
-from server.registry import REFRESH_METHOD, Manifest
+from server.registry import BROUGHT_IN, REFRESH_METHOD, Manifest
 from server.schemas import FeedbackEvent, ItemUpsert, UserUpsert
 from trainer.corpus import INTERACTIONS
-
-# Versions registered from outside (`models register`, `models import-gguf`): trained on nothing
-# of the eval's data.
-UNTRAINED_METHODS = frozenset({"registered", "imported"})
 
 
 class EvalFormat(StrEnum):
@@ -95,7 +91,9 @@ class Split:
         # A refresh trained on live feedback; those published before 2026-12-06 still name
         # their parent's split.
         same = manifest.trained_on == self.trained_on and method != REFRESH_METHOD
-        if same or (manifest.trained_on is None and method in UNTRAINED_METHODS):
+        # Brought in from outside (`models register`, `models import-gguf`): trained on nothing
+        # of the eval's data.
+        if same or (manifest.trained_on is None and method in BROUGHT_IN):
             return
         seen = manifest.trained_on or "data this run cannot tell (it was not trained by eval)"
         raise ValueError(
