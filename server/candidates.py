@@ -94,17 +94,22 @@ async def filtered(
     the item or by `policy`), excluded and filtered-out ones dropped: an item the policy drops
     later took a candidate's place, and lists came back short. Items are read a chunk at a time:
     most requests need only the first 2n of the ranking."""
-    chosen: list[Candidate] = []
+    picked: list[tuple[str, float]] = []
     for start in range(0, len(ranked), 2 * n):
         chunk = ranked[start : start + 2 * n]
-        records = await store.get_items([item_id for item_id, _ in chunk])
-        chosen += [
-            Candidate(item=records[item_id], score=round(score, 6))
+        listed = await store.listings([item_id for item_id, _ in chunk])
+        picked += [
+            (item_id, score)
             for item_id, score in chunk
-            if item_id in records
-            and allowed(records[item_id], exclude, categories)
-            and servable(policy, records[item_id])
+            if item_id in listed
+            and allowed(listed[item_id], exclude, categories)
+            and servable(policy, listed[item_id])
         ]
-        if len(chosen) >= n:
+        if len(picked) >= n:
             break
-    return chosen[:n]
+    records = await store.get_items([item_id for item_id, _ in picked[:n]])
+    return [
+        Candidate(item=records[item_id], score=round(score, 6))
+        for item_id, score in picked[:n]
+        if item_id in records  # deleted meanwhile
+    ]

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from reward_rules.policy import DEFAULT_POLICY, Policy, apply_constraints, item_facts, load_policy
-from server.schemas import Item
+from server.schemas import Item, Listed
 
 
 def read_policy(path: Path | None) -> Policy:
@@ -20,7 +20,7 @@ def read_policy(path: Path | None) -> Policy:
     return DEFAULT_POLICY if path is None else load_policy(path)
 
 
-def servable(policy: Policy, item: Item) -> bool:
+def servable(policy: Policy, item: Item | Listed) -> bool:
     """Whether the policy would serve the item at all: with `exclude_unavailable`, not an item
     whose facts say unavailable (its `available` field, or the policy's availability attribute)."""
     return not policy.constraints.exclude_unavailable or item_facts(item, policy).available

@@ -204,6 +204,16 @@ class Item(ItemUpsert):
     hidden: bool = False
 
 
+class Listed(BaseModel):
+    """What retrieval's filters read of a stored item (`Store.listings`): all but its text."""
+
+    item_id: str
+    categories: list[str]
+    attributes: dict[str, Any]
+    available: bool
+    hidden: bool
+
+
 class UpsertResult(BaseModel):
     upserted: int
 

@@ -356,6 +356,37 @@ async def test_filters_that_thin_the_candidates_read_deeper(store: Store) -> Non
     assert [item_id for item_id, _ in found] == ["d0", "d1"]
 
 
+async def test_a_filter_few_items_pass_reads_no_item_text_but_the_candidates(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A category no item has read every item deep enough whole, 20,000-character descriptions
+    and all, at every deepening: 150 times a request's usual bytes (a denial of service)."""
+    long = "x" * 5000
+    await store.upsert_items(
+        [
+            *(
+                catalog_item(f"c{n}", age_days=100, category="comedy", description=long)
+                for n in range(300)
+            ),
+            catalog_item("d0", age_days=200, description=long),
+        ]
+    )
+    read: list[str] = []
+    get_items = Store.get_items
+
+    async def counted(self: Store, item_ids):
+        read.extend(item_ids)
+        return await get_items(self, item_ids)
+
+    monkeypatch.setattr(Store, "get_items", counted)
+
+    assert await candidates_of(store, "never-seen", n=2, categories=["nope"]) == []
+    found = await candidates_of(store, "never-seen", n=2, categories=["drama"])
+
+    assert [item_id for item_id, _ in found] == ["d0"]
+    assert sorted(read) == ["d0"]  # the one candidate; the rest were filtered without text
+
+
 async def test_items_the_policy_would_not_serve_take_no_candidates_place(store: Store) -> None:
     """Unavailable by an attribute (the policy's `available`, default on): they filled the
     candidates, the policy dropped them after, and lists came back short or empty."""
