@@ -265,7 +265,7 @@ class Served(NamedTuple):
 def _served(shown: str | None, served: str | None) -> Served | None:
     """From a `shown:` key ("user version"), else from a `served:` key (the version)."""
     if shown:
-        user, version = shown.split(" ", 1)
+        user, _, version = shown.partition(" ")  # written by hand without one: no version
         return Served(user, version)
     return None if served is None else Served(None, served)
 
