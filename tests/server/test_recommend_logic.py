@@ -372,6 +372,10 @@ def test_lists_served_before_users_were_kept_are_still_credited(
     )
 
     assert metric(shop, POSITIVES, model_version="fake-old") == before + 1
+    # A value written by hand without its space: the events are stored all the same.
+    rdb.set(f"{key_prefix}:shown:hand-made", "garbage", ex=3600)
+    click = {"user_id": "garbage", "item_id": "p1", "type": "click", "request_id": "hand-made"}
+    assert post_events(shop, click).status_code == 200
 
 
 # What the engine is asked ----------------------------------------------------------------------
