@@ -86,12 +86,12 @@ def demo(
     ] = None,
     preset: PresetOption = "tiny",
 ) -> None:
-    """Load data if the store is empty, bootstrap a model if none is active, then serve.
+    """Load data if the store is empty, bootstrap a model if the registry holds none, then serve.
 
     The demo trains the tiny preset to rank and to rate (about 2 minutes on the synthetic set, 2
     cores); `--preset default` trains the larger model.
     """
-    check_preset(preset)
+    check_preset(preset, takes_base=False)
     settings = settings_from_env(host, port)
     check_address(settings)
     check_policy_file(settings)

@@ -27,7 +27,8 @@ from server.policy import read_policy
 from server.store import open_store
 
 app = typer.Typer(help="The gateway: serve the API, load data.", no_args_is_help=True)
-console = Console(stderr=True)
+# Errors are one line in a log too (80 columns when stderr is no terminal wrapped them).
+console = Console(stderr=True, soft_wrap=True)
 
 HostOption = Annotated[str | None, typer.Option(help="Bind address [REASONREC_HOST].")]
 # Bounded here too: the settings' own bounds are not checked on an option's value (model_copy),

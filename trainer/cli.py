@@ -110,14 +110,16 @@ def _unwritable(path: Path) -> str | None:
     return None
 
 
-def check_preset(preset: str, base: str | None = None) -> None:
-    """`base`: the pretrained model it trains on, if any."""
+def check_preset(preset: str, base: str | None = None, takes_base: bool = True) -> None:
+    """`base`: the pretrained model it trains on, if any; `takes_base`: whether the command has
+    a --base option to name one."""
     if preset not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if PRESETS[preset].base_only and base is None:
+        instead = "give --base (e.g. --base smollm2), or" if takes_base else "choose"
         raise typer.BadParameter(
-            f"preset {preset!r} trains adapters on a pretrained model: give --base "
-            "(e.g. --base smollm2), or an embedded model's preset",
+            f"preset {preset!r} trains adapters on a pretrained model: {instead} an embedded "
+            "model's preset",
             param_hint="--preset",
         )
 

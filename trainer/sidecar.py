@@ -104,8 +104,12 @@ async def report_memory(store: Store) -> None:
 async def run_sidecar(settings: Settings) -> None:
     registry = Registry(settings.registry_path)
     read_at, _ = _report_last_refresh(registry, None)
-    if settings.trainer_metrics_port:
-        start_http_server(settings.trainer_metrics_port, registry=metrics.REGISTRY)
+    if port := settings.trainer_metrics_port:
+        try:
+            start_http_server(port, registry=metrics.REGISTRY)
+        except OSError as exc:  # `reasonrec` prints the reason alone: say which port, and why
+            reason = f"metrics port {port} (REASONREC_TRAINER_METRICS_PORT): {exc.strerror}"
+            raise OSError(exc.errno, reason) from exc
     async with open_store(settings) as store:
         last_run = _schedule_start(registry, settings.refresh_seconds)
         last_length = await _event_count(store)

@@ -317,4 +317,12 @@ def test_a_policy_file_that_cannot_be_read_ends_the_command_before_it_starts(
 
     said = " ".join(result.output.split())
     assert result.exit_code == 1 and f"{policy}:2: not valid YAML" in said, result.output
+    assert len(result.output.strip().splitlines()) == 1  # unwrapped: one line in a log too
     assert not (tmp_path / "var").exists()  # nothing loaded, trained or served
+
+
+def test_demo_offers_no_base_for_a_preset_that_needs_one(env) -> None:
+    result = CliRunner().invoke(reasonrec.app, ["demo", "--preset", "pretrained"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "choose an embedded model's preset" in said, result.output
+    assert "--base" not in said  # demo has no such option

@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -811,3 +812,16 @@ def test_register_and_activate_without_redis_copies_nothing(
 
     assert isinstance(result.exception, RedisConnectionError), result.output
     assert not any((tmp_path / "registry").glob("v*"))
+
+
+def test_a_taken_metrics_port_is_named_with_its_setting(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("REASONREC_TRAINER_METRICS_PORT", str(port))
+        result = CliRunner().invoke(app, ["trainer"])
+    assert isinstance(result.exception, OSError), result.output
+    assert f"metrics port {port} (REASONREC_TRAINER_METRICS_PORT)" in str(result.exception)
