@@ -18,6 +18,7 @@ from rich.markup import escape
 from reward_rules.policy import PolicyError
 from server import logs
 from server.config import Settings, unknown_lines
+from server.interrupts import interruptible
 from server.loaders import Dataset, Format, LoadError, read_checked
 from server.loaders.jsonl import read_jsonl
 from server.loaders.movielens import read_ml100k, read_ml_latest
@@ -154,7 +155,8 @@ async def load_dataset(
     async with open_store(settings) as store:
         if only_if_empty and await store.count_items() and not await store.load_unfinished():
             return None
-        with progress_bar(console) as progress:
+        # Inside the loop: `asyncio.run` puts its own Ctrl-C handler in place as it starts.
+        with progress_bar(console) as progress, interruptible():
             return await write(store, dataset, progress)
 
 
@@ -221,10 +223,17 @@ def load(
     _check_inputs(fmt, path, synthetic)
     settings = settings_from_env()
     started = time.perf_counter()
-    with errors_end_command(LoadError, OSError):
-        dataset = _read(fmt, path, synthetic)
-        _check_fits(dataset, settings.events_maxlen)
-        summary = asyncio.run(load_dataset(settings, dataset))
+    try:
+        with errors_end_command(LoadError, OSError):
+            dataset = _read(fmt, path, synthetic)
+            _check_fits(dataset, settings.events_maxlen)
+            summary = asyncio.run(load_dataset(settings, dataset))
+    except KeyboardInterrupt:
+        console.print(
+            "[yellow]interrupted:[/yellow] the store holds part of this load; run the same load "
+            "again to finish it (what was written is not written twice)"
+        )
+        raise typer.Exit(130) from None
     console.print(
         f"loaded {summary.items} items, {summary.users} users, {summary.events} new events "
         f"({summary.duplicates} already there) in {time.perf_counter() - started:.1f}s"

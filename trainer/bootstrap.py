@@ -12,12 +12,8 @@ manifest records what each stage scored.
 
 import copy
 import logging
-import signal
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +28,7 @@ from contract.tasks import Task
 from reward_rules.policy import Policy, build_terms, catalog_facts
 from server.config import Settings
 from server.index_files import IndexChanged, check_writable, load_current, publish
+from server.interrupts import interruptible
 from server.item_index import ItemIndex
 from server.policy import read_policy
 from server.registry import Manifest, Registry, new_version
@@ -491,21 +488,6 @@ async def bootstrap(
         seconds=round(time.perf_counter() - started, 1),
         stages=kept,
     )
-
-
-@contextmanager
-def interruptible() -> Iterator[None]:
-    """Ctrl-C stops the work inside at once. Under `asyncio.run` the first Ctrl-C only cancels
-    the task at its next await, which a synchronous training never reaches: an interrupted
-    bootstrap went on, published its version and stopped just before activating it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _method(preset: Preset, base: Manifest | None) -> str:

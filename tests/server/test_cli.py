@@ -4,8 +4,10 @@ import asyncio
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -326,3 +328,38 @@ def test_demo_offers_no_base_for_a_preset_that_needs_one(env) -> None:
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and "choose an embedded model's preset" in said, result.output
     assert "--base" not in said  # demo has no such option
+
+
+def test_one_ctrl_c_stops_a_load_and_says_how_to_finish_it(
+    env, tmp_path: Path, rdb, settings: Settings
+) -> None:
+    """redis-py's timeouts swallowed the cancellation asyncio makes of Ctrl-C: five loads of
+    six went on to the end."""
+    data = tmp_path / "big.jsonl"
+    records = [{"kind": "item", "item_id": "a", "title": "A"}] + [
+        {
+            "kind": "event",
+            "user_id": f"u{n % 5000}",
+            "item_id": "a",
+            "type": "click",
+            "timestamp": 1_700_000_000 + n,
+        }
+        for n in range(200_000)
+    ]
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    events = f"{settings.key_prefix}:events"
+    process = subprocess.Popen(
+        [REASONREC, "load", str(data)], env=os.environ.copy(), stderr=subprocess.PIPE, text=True
+    )
+    try:
+        while not rdb.xlen(events):  # writing events: mid-load
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    said = " ".join(err.split())
+    assert process.returncode == 130, said
+    assert "interrupted: the store holds part of this load" in said and "Traceback" not in said
+    assert rdb.xlen(events) < 200_000

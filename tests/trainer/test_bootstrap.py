@@ -42,7 +42,7 @@ def test_an_active_version_missing_from_the_registry_does_not_block_activation(
 
 INTERRUPTED = """
 import asyncio, time
-from trainer.bootstrap import interruptible
+from server.interrupts import interruptible
 
 async def main():
     with interruptible():
