@@ -94,22 +94,25 @@ async def filtered(
     the item or by `policy`), excluded and filtered-out ones dropped: an item the policy drops
     later took a candidate's place, and lists came back short. Items are read a chunk at a time:
     most requests need only the first 2n of the ranking."""
-    picked: list[tuple[str, float]] = []
+    chosen: list[Candidate] = []
     for start in range(0, len(ranked), 2 * n):
         chunk = ranked[start : start + 2 * n]
         listed = await store.listings([item_id for item_id, _ in chunk])
-        picked += [
+        passed = [
             (item_id, score)
             for item_id, score in chunk
             if item_id in listed
             and allowed(listed[item_id], exclude, categories)
             and servable(policy, listed[item_id])
         ]
-        if len(picked) >= n:
+        # Whole only what passed: one deleted meanwhile, or unreadable beyond what the filters
+        # read, is skipped as before, and the next one takes its place.
+        records = await store.get_items([item_id for item_id, _ in passed])
+        chosen += [
+            Candidate(item=records[item_id], score=round(score, 6))
+            for item_id, score in passed
+            if item_id in records
+        ]
+        if len(chosen) >= n:
             break
-    records = await store.get_items([item_id for item_id, _ in picked[:n]])
-    return [
-        Candidate(item=records[item_id], score=round(score, 6))
-        for item_id, score in picked[:n]
-        if item_id in records  # deleted meanwhile
-    ]
+    return chosen[:n]

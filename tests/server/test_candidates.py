@@ -387,6 +387,17 @@ async def test_a_filter_few_items_pass_reads_no_item_text_but_the_candidates(
     assert sorted(read) == ["d0"]  # the one candidate; the rest were filtered without text
 
 
+async def test_an_item_unreadable_beyond_what_filters_read_gives_its_place_to_the_next(
+    store: Store,
+) -> None:
+    await store.upsert_items([catalog_item(f"d{n}", age_days=200 + n) for n in range(3)])
+    await store.redis.hdel(store.keys.item("d0"), "title")  # written by hand, say
+
+    found = await candidates_of(store, "never-seen", n=2, categories=["drama"])
+
+    assert [item_id for item_id, _ in found] == ["d1", "d2"]
+
+
 async def test_items_the_policy_would_not_serve_take_no_candidates_place(store: Store) -> None:
     """Unavailable by an attribute (the policy's `available`, default on): they filled the
     candidates, the policy dropped them after, and lists came back short or empty."""
