@@ -204,7 +204,7 @@ def _check_fits(dataset: Dataset, maxlen: int) -> None:
         raise LoadError(
             f"the data set holds {dataset.event_count} events, more than the events stream keeps "
             f"(REASONREC_EVENTS_MAXLEN={maxlen}): set it to 0 (keep all) or higher, for the "
-            "gateways and the trainer too (each event they add trims it); nothing was written"
+            "gateways too (each event they add trims it); nothing was written"
         )
 
 

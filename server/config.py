@@ -33,7 +33,10 @@ _PORT_LINK_VALUE = re.compile(r"(tcp|udp|sctp)://", re.IGNORECASE)
 class _Section(BaseSettings):
     # NaN passes every bound and fails every comparison: a NaN tolerance would reject every
     # refresh. No setting means infinity either.
-    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", allow_inf_nan=False)
+    # Inputs are left out of errors: a Redis URL holds its password.
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX, extra="ignore", allow_inf_nan=False, hide_input_in_errors=True
+    )
 
 
 class StorageSettings(_Section):
@@ -81,7 +84,7 @@ class StorageSettings(_Section):
         le=10**12,  # Lua writes 1e17 as "1e+17", which XADD refuses
         description="About how many feedback events the events stream keeps, the newest (0: "
         "all). Training reads its history from there; an event takes about 0.13 kB. Set alike for "
-        "the gateways, the trainer and `reasonrec load`: each trims the stream as it adds.",
+        "the gateways and `reasonrec load`: each trims the stream as it adds.",
     )
     attribution_seconds: int = Field(
         7 * 24 * 3600,
@@ -98,10 +101,13 @@ class StorageSettings(_Section):
         if value and not value.startswith("unix://"):
             try:
                 parse_url(value)
-            except ValueError:  # redis-py's message quotes the "port": a password's part, often
+            except ValueError as exc:
+                if not str(exc).startswith("Port"):
+                    raise  # an option's value, an IPv6 address: named, not quoted
+                # redis-py's message quotes the "port": often a part of a password
                 raise ValueError(
-                    "the port in a Redis URL is a number (a password holding / # ? or @ must be "
-                    "percent-encoded)"
+                    "the port in a Redis URL is a number from 0 to 65535 (a password holding "
+                    "/ # ? or @ must be percent-encoded)"
                 ) from None
             # redis-py reads a database it cannot parse ("/x", "/9/extra") as none, database 0:
             # a typo would write into another deployment's data.

@@ -205,7 +205,7 @@ class Item(ItemUpsert):
 
 
 class Listed(BaseModel):
-    """What retrieval's filters read of a stored item (`Store.listings`): all but its text."""
+    """What retrieval's filters read of a stored item (`Store.listings`), without its text."""
 
     item_id: str
     categories: list[str]

@@ -177,3 +177,17 @@ def test_the_asgi_entry_point_refuses_an_unknown_variable_too() -> None:
     )
     assert run.returncode == 1
     assert "REASONREC_API_KEY: no such setting (did you mean REASONREC_API_KEYS?)" in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("redis://:se/cret@redis:6379/0", "the port in a Redis URL is a number"),  # "/": unencoded
+        ("redis://:secret@redis:99999/0", "the port in a Redis URL is a number"),
+        ("redis://:secret@redis:6379/0?socket_timeout=abc", "Invalid value for 'socket_timeout'"),
+    ],
+)
+def test_a_bad_redis_url_is_refused_without_quoting_its_password(url: str, said: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(redis_url=url)
+    assert said in str(refused.value) and "cret" not in str(refused.value)
