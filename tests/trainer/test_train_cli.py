@@ -825,3 +825,32 @@ def test_a_taken_metrics_port_is_named_with_its_setting(
         result = CliRunner().invoke(app, ["trainer"])
     assert isinstance(result.exception, OSError), result.output
     assert f"metrics port {port} (REASONREC_TRAINER_METRICS_PORT)" in str(result.exception)
+
+
+def test_a_stream_made_again_restarts_the_count_of_new_events(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleted and made again, the stream counts from 1: new events up to the old count did not
+    count, and a busy hour went without the refresh its events asked for."""
+    _publish_refresh(env, "r0")  # not due by time
+    counts = iter([5000, 10, 10, 500, 1010, 1010])
+    ran: list[int] = []
+
+    async def event_count(self: Store) -> int:
+        await asyncio.sleep(0.01)
+        try:
+            return next(counts)
+        except StopIteration:
+            raise asyncio.CancelledError from None
+
+    async def refresh_once(*_: Any, **__: Any) -> RefreshResult:
+        ran.append(1)
+        raise RefreshBusy("counted")
+
+    monkeypatch.setattr(Store, "event_count", event_count)
+    monkeypatch.setattr(sidecar, "refresh_once", refresh_once)
+    monkeypatch.setattr(sidecar, "POLL_SECONDS", 0.01)
+    update = {"trainer_metrics_port": 0, "refresh_seconds": 3600, "refresh_min_events": 1000}
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(sidecar.run_sidecar(env.model_copy(update=update)))
+    assert ran == [1]  # at 1010: 1,000 events after the stream was made again
