@@ -97,7 +97,8 @@ async def filtered(
     chosen: list[Candidate] = []
     for start in range(0, len(ranked), 2 * n):
         chunk = ranked[start : start + 2 * n]
-        listed = await store.listings([item_id for item_id, _ in chunk])
+        # Those excluded (seen, in the history) are never read: `allowed` needs nothing of them.
+        listed = await store.listings([item_id for item_id, _ in chunk if item_id not in exclude])
         passed = [
             (item_id, score)
             for item_id, score in chunk

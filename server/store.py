@@ -207,34 +207,33 @@ def _item_from_hash(item_id: str, raw: dict[str, str]) -> Item | None:
 
 def _decode_item(item_id: str, raw: dict[str, str]) -> Item:
     return Item(
-        item_id=item_id,
         title=raw["title"],
-        categories=json.loads(raw["categories"]),
-        attributes=json.loads(raw["attributes"]),
         description=raw["description"],
-        available=raw["available"] == "1",
         promoted=raw["promoted"] == "1",
         boost=float(raw["boost"]),
         created_at=_dt(raw["created_at"]),
-        hidden=raw["hidden"] == "1",
+        **_listing(item_id, raw),
     )
 
 
 LISTED = ("categories", "attributes", "available", "hidden")
 
 
+def _listing(item_id: str, raw: dict[str, str]) -> dict[str, Any]:
+    """The fields of an item the filters read (LISTED), decoded."""
+    return {
+        "item_id": item_id,
+        "categories": json.loads(raw["categories"]),
+        "attributes": json.loads(raw["attributes"]),
+        "available": raw["available"] == "1",
+        "hidden": raw["hidden"] == "1",
+    }
+
+
 def _listed(item_id: str, values: list[str | None]) -> Listed | None:
+    raw = {field: value for field, value in zip(LISTED, values, strict=True) if value is not None}
     try:
-        if None in values:  # as `get_items` reads a hash without a field: unreadable
-            raise KeyError(LISTED[values.index(None)])
-        categories, attributes, available, hidden = values
-        return Listed(
-            item_id=item_id,
-            categories=json.loads(categories),
-            attributes=json.loads(attributes),
-            available=available == "1",
-            hidden=hidden == "1",
-        )
+        return Listed(**_listing(item_id, raw))
     except UNREADABLE as exc:
         skip_unreadable("item", item_id, exc)
         return None

@@ -48,7 +48,9 @@ class ExampleBuilder:
         self, corpus: Corpus, index: ItemIndex, shape: Shape, policy: Policy = DEFAULT_POLICY
     ):
         """`policy`: candidates are what it would serve, as the gateway's are."""
-        self.corpus, self.index, self.shape, self.policy = corpus, index, shape, policy
+        self.corpus, self.index, self.shape = corpus, index, shape
+        # Judged once: every example's candidates ask again of the same items.
+        self.unservable = {i for i, item in corpus.items.items() if not servable(policy, item)}
         popularity = corpus.popularity
         self.popularity = popularity
         self.popular = [
@@ -67,7 +69,7 @@ class ExampleBuilder:
         return chosen[: self.shape.candidates]
 
     def _offered(self, item: Item, exclude: set[str]) -> bool:
-        return allowed(item, exclude) and servable(self.policy, item)
+        return allowed(item, exclude) and item.item_id not in self.unservable
 
     def example(self, user_id: str, t: int, need_positive: bool = True) -> Example | None:
         """The example at position t; None when no candidate is left, or when no positive made
