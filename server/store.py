@@ -27,6 +27,7 @@ from server.redis_client import connect
 from server.schemas import (
     POSITIVE_RATING,
     Attributes,
+    EventType,
     FeedbackEvent,
     HistoryEntry,
     Item,
@@ -295,6 +296,11 @@ class Store:
         self._activate = redis.register_script(ACTIVATE_SCRIPT)
         self._renew = redis.register_script(RENEW_SCRIPT)
         self._release = redis.register_script(RELEASE_SCRIPT)
+
+    def is_positive(self, kind: EventType, value: float | None) -> bool:
+        """Whether an event enters history and popularity, at this store's lowest positive
+        rating."""
+        return is_positive(kind, value, self.positive_rating)
 
     async def ping(self) -> None:
         await self.redis.ping()
@@ -661,7 +667,7 @@ class Store:
                 event.request_id or "",
                 event.event_id or "",
                 _ts(event.timestamp),
-                _flag(is_positive(event.type, event.value, self.positive_rating)),
+                _flag(self.is_positive(event.type, event.value)),
                 ASSIGNED_ID_SECONDS if i in assigned else ttl,
             ]
         status, payload = await self._feedback(args=args)

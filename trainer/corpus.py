@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from server.schemas import EventType, Item, is_positive, readable_time
+from server.schemas import EventType, Item, readable_time
 from server.store import UNREADABLE, Store, skip_unreadable
 
 INTERACTIONS = {EventType.click, EventType.like, EventType.purchase, EventType.rating}
@@ -82,7 +82,7 @@ async def read_corpus(store: Store) -> Corpus:
         if interaction is None:
             continue
         user, item, ts, rating = interaction
-        if is_positive(EventType(event["type"]), rating, store.positive_rating):
+        if store.is_positive(EventType(event["type"]), rating):
             sequences[user].append((item, ts))
         if rating is not None:
             rated[user].append((item, rating, ts))

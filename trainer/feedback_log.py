@@ -36,7 +36,7 @@ from pydantic import BaseModel, Field, ValidationError
 from contract.impression import Impression
 from contract.prompt import Rendering
 from server.durable import fsync
-from server.schemas import EventType, is_positive
+from server.schemas import EventType
 from server.store import UNREADABLE, Store, skip_unreadable
 from trainer.threads import finish_in_thread
 
@@ -176,9 +176,7 @@ class FeedbackLog:
             organic = []
             for entry_id, fields in batch:
                 request_id = fields.get("request_id", "")
-                feedback = (
-                    _feedback(entry_id, fields, self.store.positive_rating) if request_id else None
-                )
+                feedback = _feedback(entry_id, fields, self.store) if request_id else None
                 if not request_id:
                     result.organic += 1
                     organic.append(entry_id)
@@ -281,9 +279,9 @@ class Feedback(NamedTuple):
     positive: bool
 
 
-def _feedback(entry_id: str, fields: dict[str, str], positive_rating: float) -> Feedback | None:
-    """The event an events stream entry holds, a rating positive from `positive_rating` (the
-    store's, as its histories count it); None, skipped and counted, when it cannot be read."""
+def _feedback(entry_id: str, fields: dict[str, str], store: Store) -> Feedback | None:
+    """The event an events stream entry holds, positive as the store's histories count it; None,
+    skipped and counted, when it cannot be read."""
     try:
         value = float(fields["value"]) if fields.get("value") else None
         if value is not None and not math.isfinite(value):
@@ -293,7 +291,7 @@ def _feedback(entry_id: str, fields: dict[str, str], positive_rating: float) -> 
             user_id=fields["user_id"],
             item_id=fields["item_id"],
             type=kind,
-            positive=is_positive(kind, value, positive_rating),
+            positive=store.is_positive(kind, value),
         )
     except UNREADABLE as exc:
         skip_unreadable("event", entry_id, exc)

@@ -10,7 +10,7 @@ from server import metrics
 from server.deps import StoreDep
 from server.errors import ApiError, StorageUnavailable, bad_data, documented
 from server.logs import describe
-from server.schemas import FeedbackBatch, FeedbackEvent, FeedbackResult, is_positive
+from server.schemas import FeedbackBatch, FeedbackEvent, FeedbackResult
 from server.store import Store, UnknownItems, UnreadableStoredData
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,7 @@ async def _credit_positives(store: Store, events: list[FeedbackEvent]) -> None:
     rate's numerator). Events without a request id, or past attribution, are organic; those of
     another user than the list's are not counted (anyone could credit any list)."""
     quoted = [
-        event
-        for event in events
-        if event.request_id and is_positive(event.type, event.value, store.positive_rating)
+        event for event in events if event.request_id and store.is_positive(event.type, event.value)
     ]
     try:
         served = await store.served_by([event.request_id or "" for event in quoted])
