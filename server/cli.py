@@ -147,11 +147,23 @@ def _read(fmt: Format, path: Path | None, synthetic: dict[str, int]) -> Dataset:
     return read_checked(readers[fmt], path, fmt)
 
 
+def _check_fits(dataset: Dataset, maxlen: int) -> None:
+    """Refuse a data set the events stream would trim: training would read only its newest
+    events, and a later load could not add the others (loaded event ids are remembered)."""
+    if maxlen and dataset.event_count > maxlen:
+        raise LoadError(
+            f"the data set holds {dataset.event_count} events, more than the events stream keeps "
+            f"(REASONREC_EVENTS_MAXLEN={maxlen}): set it to 0 (keep all) or higher, for the "
+            "gateways too (each event they add trims it); nothing was written"
+        )
+
+
 async def load_dataset(
     settings: Settings, dataset: Dataset, only_if_empty: bool = False
 ) -> LoadSummary | None:
     """Write `dataset`; with `only_if_empty`, None (nothing written) when the store already holds
     a catalog, unless a load was cut short there (it is written again)."""
+    _check_fits(dataset, settings.events_maxlen)
     async with open_store(settings) as store:
         if only_if_empty and await store.count_items() and not await store.load_unfinished():
             return None
@@ -197,17 +209,6 @@ def serve(
         )
 
 
-def _check_fits(dataset: Dataset, maxlen: int) -> None:
-    """Refuse a data set the events stream would trim: training would read only its newest
-    events, and a later load could not add the others (loaded event ids are remembered)."""
-    if maxlen and dataset.event_count > maxlen:
-        raise LoadError(
-            f"the data set holds {dataset.event_count} events, more than the events stream keeps "
-            f"(REASONREC_EVENTS_MAXLEN={maxlen}): set it to 0 (keep all) or higher, for the "
-            "gateways too (each event they add trims it); nothing was written"
-        )
-
-
 @app.command()
 def load(
     path: Annotated[Path | None, typer.Argument(help="File or folder to load.")] = None,
@@ -226,7 +227,6 @@ def load(
     try:
         with errors_end_command(LoadError, OSError):
             dataset = _read(fmt, path, synthetic)
-            _check_fits(dataset, settings.events_maxlen)
             summary = asyncio.run(load_dataset(settings, dataset))
     except KeyboardInterrupt:
         console.print(

@@ -271,20 +271,25 @@ def test_a_demo_whose_bootstrap_cannot_start_says_why(
     assert f"{missing}:1: cannot be read" in plain(result.output)
 
 
+@pytest.mark.parametrize("command", ["load", "demo"])
 def test_a_load_larger_than_the_events_stream_keeps_is_refused(
-    env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rdb
+    command: str, env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rdb
 ) -> None:
-    monkeypatch.setenv("REASONREC_EVENTS_MAXLEN", "10")
-    data = tmp_path / "data.jsonl"
-    records = [{"kind": "item", "item_id": "a", "title": "A"}] + [
-        {"kind": "event", "user_id": f"u{n}", "item_id": "a", "type": "click"} for n in range(11)
-    ]
-    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    def train_model(*_: object, **__: object) -> None:
+        raise AssertionError("the test reached training")
 
-    result = CliRunner().invoke(app, ["load", str(data)])
+    monkeypatch.setattr(bootstrap_module, "train_model", train_model)
+    monkeypatch.setenv("REASONREC_EVENTS_MAXLEN", "10")
+    monkeypatch.setenv("REASONREC_DATA_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("REASONREC_PORT", str(free_port()))
+    ratings = [("1", str(item), 4, 100 + item) for item in range(1, 12)]
+    folder = str(write_folder(tmp_path / "ml", ratings, {str(n): ["Drama"] for n in range(1, 12)}))
+    args = {"load": ["load", "-f", "ml-100k", folder], "demo": ["demo", "--data", folder]}[command]
+
+    result = CliRunner().invoke(reasonrec.app, args)
 
     said = " ".join(result.output.split())  # as wrapped to the terminal's width
-    assert result.exit_code != 0 and "REASONREC_EVENTS_MAXLEN=10" in said
+    assert result.exit_code == 1 and "REASONREC_EVENTS_MAXLEN=10" in said, result.output
     prefix = env["REASONREC_KEY_PREFIX"]
     assert "nothing was written" in said and not rdb.keys(f"{prefix}:*")
 
