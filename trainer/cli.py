@@ -554,7 +554,7 @@ def eval_command(
 def check_policy(
     path: Annotated[
         Path,
-        typer.Argument(exists=True, dir_okay=False, metavar="FILE", help="A policy file (YAML)."),
+        typer.Argument(metavar="FILE", help="A policy file (YAML)."),
     ],
 ) -> None:
     """Validate a policy file: prints a one-line summary, or each problem as FILE:LINE: message

@@ -54,7 +54,7 @@ class VllmProcess:
 
     def __init__(self, model_dir: Path, base_version: str, settings: ProcessSettings):
         # vLLM reads its CPU thread binding from the environment of the engine process it spawns.
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", settings.cpu_threads)
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 

@@ -65,7 +65,9 @@ def test_yaml_syntax_error_is_reported_with_its_line(tmp_path: Path) -> None:
     assert result.stderr.startswith(f"{path}:3: not valid YAML")
 
 
-def test_missing_file_is_a_usage_error(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["policy", "check", str(tmp_path / "nope.yaml")])
-    assert result.exit_code == 2
-    assert "does not exist" in result.output
+@pytest.mark.parametrize("name", ["nope.yaml", "."])
+def test_a_file_that_cannot_be_read_is_a_problem_with_its_name(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name  # missing, or a folder: what serve would refuse, said the same way
+    result = CliRunner().invoke(app, ["policy", "check", str(path)])
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"{path}:1: cannot be read")
