@@ -2,9 +2,13 @@
 
 import json
 import logging
+import os
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from pathlib import Path
+
+VLLM_LOGGING = Path(__file__).with_name("vllm_logging.json")
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 client_request_id_var: ContextVar[str | None] = ContextVar("client_request_id", default=None)
@@ -12,6 +16,10 @@ client_request_id_var: ContextVar[str | None] = ContextVar("client_request_id", 
 # Attributes every LogRecord has; anything else was passed through `extra=` and is logged.
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 _STANDARD.add("color_message")  # uvicorn's ANSI-coloured copy of the message
+# vLLM's record factory tags every record of a process that runs it with that process's name.
+_STANDARD.add("vllm_process_name")
+# The loggers of libraries whose INFO lines come once per call: per engine call, per request.
+_CHATTY = ("httpx", "httpcore")
 
 
 def describe(exc: BaseException) -> str:
@@ -29,18 +37,24 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        request_id = request_id_var.get()
-        if request_id:
-            entry["request_id"] = request_id
-        if client_request_id := client_request_id_var.get():
-            entry["client_request_id"] = client_request_id
+        if record.name.startswith("vllm"):
+            # Not about a request of ours: vLLM's output task keeps the context of the request
+            # that started it, and would tag all its lines with that request's id.
+            entry["process"] = getattr(record, "vllm_process_name", record.processName)
+        else:
+            entry.update(_request_ids())
         entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
 
-class _StderrHandler(logging.StreamHandler):
+def _request_ids() -> dict[str, str]:
+    ids = {"request_id": request_id_var.get(), "client_request_id": client_request_id_var.get()}
+    return {name: value for name, value in ids.items() if value}
+
+
+class StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is at the time of the call (it may be replaced)."""
 
     @property
@@ -52,11 +66,29 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def vllm_handler() -> logging.Handler:
+    """vLLM's handler (vllm_logging.json), at our level in the engine processes vLLM starts too:
+    with a file of ours, vLLM reads no level of its own."""
+    handler = StderrHandler()
+    handler.setLevel(os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper())
+    return handler
+
+
 def configure(level: str = "info") -> None:
-    handler = _StderrHandler()
+    handler = StderrHandler()
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # uvicorn's own access log duplicates ours (which carries the request id and route).
     logging.getLogger("uvicorn.access").disabled = True
+    # `uvicorn server.asgi:app` gives uvicorn's loggers plain-text handlers of their own.
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(max(root.level, logging.WARNING))
+    # vLLM logs in plain text to stdout unless told otherwise, in this process and the engine
+    # processes it starts: this file gives both our JSON lines on stderr.
+    os.environ.setdefault("VLLM_LOGGING_CONFIG_PATH", str(VLLM_LOGGING))
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", level.upper())

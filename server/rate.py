@@ -14,6 +14,8 @@ rate is refused (409): its numbers would mean nothing.
 import asyncio
 import logging
 import time
+from collections import Counter
+from typing import NamedTuple
 
 from contract.rating import (
     RATING_TAG,
@@ -67,6 +69,14 @@ def baseline(context: RatingContext, item_id: str) -> float:
     return lean_rating(context.everyone, context.items.get(item_id, Stats()), context.lean)
 
 
+class Answer(NamedTuple):
+    """One item's rating, and why the fallback gave it (None: the model did)."""
+
+    item: RatedItem
+    fallback: str | None = None
+    error: str | None = None
+
+
 class Rater:
     def __init__(self, store: Store, settings: Settings):
         self.store, self.settings = store, settings
@@ -85,12 +95,14 @@ class Rater:
         context = await self.store.rating_context(request.user_id, request.item_ids, history)
         recent = await self.store.get_items([item for item, _ in context.recent])
         shown = [(recent[i], value) for i, value in context.recent if i in recent]
-        rated = await asyncio.gather(
+        answers = await asyncio.gather(
             *(
                 self._rate_one(context, shown, items[item_id], request, request_id, engine)
                 for item_id in request.item_ids
             )
         )
+        rated = [answer.item for answer in answers]
+        _log_fallbacks(answers)
         degraded = any(item.source is Source.fallback for item in rated)
         for item in rated:
             metrics.RATINGS.labels(item.source.value, engine.model_version if engine else "").inc()
@@ -112,7 +124,7 @@ class Rater:
         request: RateRequest,
         request_id: str,
         engine: Engine | None,
-    ) -> RatedItem:
+    ) -> Answer:
         item_id = item.item_id
         if engine is None:
             return self._fallback(context, item_id, "no_model")
@@ -141,11 +153,9 @@ class Rater:
                     engine.generate(generation), self.settings.llm_timeout_ms / 1000
                 )
         except TimeoutError:
-            log.warning("engine timed out", extra={"item_id": item_id})
             return self._fallback(context, item_id, "timeout")
         except EngineError as exc:
-            log.warning("engine failed", extra={"reason": str(exc), "item_id": item_id})
-            return self._fallback(context, item_id, "engine_error")
+            return self._fallback(context, item_id, "engine_error", str(exc))
         metrics.ENGINE_TOKENS.labels("prompt").inc(result.prompt_tokens)
         metrics.ENGINE_TOKENS.labels("completion").inc(result.completion_tokens)
         answer = parse_rating(result.text)
@@ -155,17 +165,34 @@ class Rater:
             return self._fallback(context, item_id, "malformed")
         rating = served_rating(rating, baseline(context, item_id), engine.contract.rating_weight)
         explained = request.explain and answer.well_formed
-        return RatedItem(
-            item_id=item_id,
-            rating=round(rating, 3),
-            source=Source.llm,
-            reasoning=Reasoning(**dict(zip(STEPS, answer.steps, strict=True)))
-            if explained
-            else None,
+        return Answer(
+            RatedItem(
+                item_id=item_id,
+                rating=round(rating, 3),
+                source=Source.llm,
+                reasoning=Reasoning(**dict(zip(STEPS, answer.steps, strict=True)))
+                if explained
+                else None,
+            )
         )
 
-    def _fallback(self, context: RatingContext, item_id: str, reason: str) -> RatedItem:
+    def _fallback(
+        self, context: RatingContext, item_id: str, reason: str, error: str | None = None
+    ) -> Answer:
         metrics.RATE_FALLBACKS.labels(reason).inc()
-        return RatedItem(
-            item_id=item_id, rating=round(baseline(context, item_id), 3), source=Source.fallback
+        rating = round(baseline(context, item_id), 3)
+        return Answer(
+            RatedItem(item_id=item_id, rating=rating, source=Source.fallback), reason, error
+        )
+
+
+def _log_fallbacks(answers: list[Answer]) -> None:
+    """One line for a request whose items the engine failed on (not one per item: a request
+    rates up to 50), with how many for each reason and the first engine error."""
+    reasons = Counter(a.fallback for a in answers if a.fallback not in (None, "no_model"))
+    if reasons:
+        error = next((a.error for a in answers if a.error), None)
+        log.warning(
+            "items rated by the fallback",
+            extra={"reasons": dict(reasons), "items": len(answers), "error": error},
         )

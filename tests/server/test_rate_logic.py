@@ -4,6 +4,7 @@ tests/integration/test_rate.py). Storage is the test's real Redis.
 The shop: items a, b, c (drama) and d (comedy). Users r1 and r2 rated them; "new" rated nothing.
 """
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -226,6 +227,20 @@ def test_an_engine_failure_falls_back_per_item(
     assert metric(client, FALLBACKS, reason=reason) == before + 1
     parsed = reason == "malformed"  # an answer came, without a rating: the model's failure
     assert metric(client, PARSE_FAILURES, task="rate") == failures + parsed
+
+
+def test_a_request_the_engine_fails_on_logs_one_line_not_one_per_item(
+    rated: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    use(rated, rating_model(error=EngineError("connection refused")))
+
+    with caplog.at_level(logging.INFO, logger="server"):
+        body = rate(rated, item_ids=["a", "b", "c", "d"])
+
+    assert [item["source"] for item in body["items"]] == ["fallback"] * 4
+    [line] = [r for r in caplog.records if r.name.startswith("server.rate")]
+    assert line.levelname == "WARNING" and line.getMessage() == "items rated by the fallback"
+    assert (line.reasons, line.items, line.error) == ({"engine_error": 4}, 4, "connection refused")
 
 
 def test_a_cold_start_user_is_answered(rated: TestClient) -> None:

@@ -1,0 +1,110 @@
+"""Logs are JSON lines on stderr, whoever writes them: our code, uvicorn, httpx, vLLM and the
+engine processes vLLM starts."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from server import store
+
+
+def run_logging(folder: Path, script: str) -> tuple[str, list[dict]]:
+    """Run `script` in a fresh interpreter: its stdout, and its stderr as JSON lines (any other
+    line fails the test). A file, not `-c`: a spawned process imports its functions from it."""
+    path = folder / "script.py"
+    path.write_text(textwrap.dedent(script))
+    done = subprocess.run(
+        [sys.executable, str(path)], capture_output=True, text=True, timeout=300, cwd=Path.cwd()
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout, [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+
+
+def test_vllm_logs_json_to_stderr_without_a_request_id_in_its_engine_processes_too(
+    tmp_path: Path,
+) -> None:
+    stdout, lines = run_logging(
+        tmp_path,
+        """
+        import logging
+
+        from vllm.utils.system_utils import get_mp_context
+
+        from server import logs
+        from server.logs import request_id_var
+
+
+        def engine_process():
+            # What vLLM's engine process does first: configure its logging from the environment.
+            from vllm.config.logging import LoggingConfig
+            from vllm.logger import configure_logging_if_needed, init_logger
+
+            configure_logging_if_needed(LoggingConfig())
+            init_logger("vllm.engine").info("engine process line")
+            init_logger("vllm.engine").debug("below the level")
+
+
+        if __name__ == "__main__":
+            logs.configure("info")
+            from vllm.config.logging import LoggingConfig
+            from vllm.logger import configure_logging_if_needed, init_logger
+
+            configure_logging_if_needed(LoggingConfig())  # as AsyncLLM does
+            request_id_var.set("r-1")  # vLLM's output task keeps the request that started it
+            init_logger("vllm.async").warning("gateway process line")
+            logging.getLogger("server.recommend").info("our line")
+            child = get_mp_context().Process(target=engine_process)  # as vLLM starts its own
+            child.start()
+            child.join()
+            assert child.exitcode == 0
+        """,
+    )
+
+    assert stdout == ""
+    by_msg = {line["msg"]: line for line in lines}
+    assert "below the level" not in by_msg
+    engine, gateway = by_msg["engine process line"], by_msg["gateway process line"]
+    assert engine["logger"] == "vllm.engine" and engine["level"] == "info"
+    assert "request_id" not in engine and "request_id" not in gateway
+    assert engine["process"] != gateway["process"]
+    assert by_msg["our line"]["request_id"] == "r-1"
+    assert "vllm_process_name" not in by_msg["our line"]
+
+
+def test_uvicorn_started_from_its_command_line_logs_json_once(tmp_path: Path) -> None:
+    stdout, lines = run_logging(
+        tmp_path,
+        """
+        import logging
+        import logging.config
+
+        from uvicorn.config import LOGGING_CONFIG
+
+        from server import logs
+
+        # `uvicorn server.asgi:app`: uvicorn configures its loggers, then imports our app.
+        logging.config.dictConfig(LOGGING_CONFIG)
+        logs.configure("info")
+        logging.getLogger("uvicorn.error").info("Started server process")
+        logging.getLogger("httpx").info("HTTP Request: POST http://vllm:8000/v1/completions")
+        """,
+    )
+
+    assert stdout == ""
+    assert [line["msg"] for line in lines] == ["Started server process"]
+
+
+def test_an_unreadable_record_is_logged_without_what_it_holds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    raw = json.dumps(["bob@example.com", "+1 555 0100"])  # not an object: written by hand
+
+    assert store.attributes_of("u1", raw) == {}
+
+    [record] = [r for r in caplog.records if r.getMessage() == "unreadable record skipped"]
+    assert record.id == "u1" and "dict" in record.reason
+    assert "example.com" not in record.reason and "555" not in record.reason
