@@ -54,8 +54,8 @@ class GenerationRequest(BaseModel):
 
 class Generation(BaseModel):
     text: str
-    prompt_tokens: int
-    completion_tokens: int
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
     tokens: list[str] = Field(default_factory=list, description="Each generated token's text.")
     top_logprobs: list[dict[str, float]] = Field(
         default_factory=list, description="Per generated token, when asked: text -> logprob."

@@ -13,6 +13,12 @@ log = logging.getLogger(__name__)
 # a version that needs a restart takes vLLM down meanwhile, which ends the wait at once.
 HANDOVER_SECONDS = 30.0
 HANDOVER_POLL_SECONDS = 0.5
+# Completions in flight at once; the rest wait their turn, inside their time budget. httpx's own
+# queue must never form: it rescans every queued request on each arrival and each cancellation,
+# and a thousand calls timing out together against a hung server stalled the event loop for
+# a minute. The pool keeps a few connections beyond them for health checks and model lists.
+IN_FLIGHT = 256
+SPARE_CONNECTIONS = 8
 
 
 def bearer(api_key: str | None) -> dict[str, str]:
@@ -22,10 +28,13 @@ def bearer(api_key: str | None) -> dict[str, str]:
 
 class RemoteEngine(Engine):
     def __init__(self, base_url: str, model_version: str, api_key: str | None = None):
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+        limits = httpx.Limits(
+            max_connections=IN_FLIGHT + SPARE_CONNECTIONS, max_keepalive_connections=64
+        )
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/"), headers=bearer(api_key), limits=limits, timeout=None
         )
+        self._in_flight = asyncio.Semaphore(IN_FLIGHT)
         self.model_version = model_version
 
     async def generate(self, request: GenerationRequest) -> Generation:
@@ -45,7 +54,8 @@ class RemoteEngine(Engine):
         if request.logprobs:
             body["logprobs"] = request.logprobs
         try:
-            response = await self._client.post("/v1/completions", json=body)
+            async with self._in_flight:
+                response = await self._client.post("/v1/completions", json=body)
         except (httpx.HTTPError, RuntimeError) as exc:  # RuntimeError: closed by a swap meanwhile
             raise EngineError(f"engine unreachable: {exc!r}") from exc
         if response.status_code != 200:

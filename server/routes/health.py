@@ -1,5 +1,6 @@
 """Liveness, readiness and metrics: open even when API keys are set."""
 
+import asyncio
 import logging
 from typing import Literal
 
@@ -17,6 +18,8 @@ from server.store import Store
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
+# The engine's whole check: a server that trickles its answer byte by byte kept it open 12 s+.
+HEALTH_SECONDS = 3.0
 
 
 class Readiness(BaseModel):
@@ -75,7 +78,11 @@ async def _engine_check(serving: Serving, engine: Engine | None) -> str:
     if engine is None:
         return serving.problem or "no engine"
     try:
-        await engine.check_health()
+        async with asyncio.timeout(HEALTH_SECONDS):
+            await engine.check_health()
+    except TimeoutError:
+        log.warning("readiness: engine unhealthy", extra={"reason": "no answer in time"})
+        return "unreachable"
     except EngineError as exc:
         log.warning("readiness: engine unhealthy", extra={"reason": str(exc)})
         return "unreachable"

@@ -78,6 +78,41 @@ def test_a_request_on_an_engine_closed_by_a_swap_is_an_engine_error() -> None:
     asyncio.run(closed_then_asked())
 
 
+def completion(usage: dict[str, int]) -> httpx.Response:
+    return httpx.Response(200, json={"choices": [{"text": "x"}], "usage": usage})
+
+
+@pytest.mark.parametrize("usage", [{"prompt_tokens": -5}, {"completion_tokens": -1}])
+def test_a_negative_token_count_is_an_engine_error(usage: dict[str, int]) -> None:
+    # Counted into a Prometheus counter, it raised there: a 500 instead of the fallback.
+    engine = remote(lambda _: completion(usage))
+    with pytest.raises(EngineError, match="unreadable body"):
+        asyncio.run(engine.generate(GenerationRequest(request_id="r1", prompt="p")))
+
+
+def test_completions_beyond_the_in_flight_bound_wait_their_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(server.engine.remote, "IN_FLIGHT", 3)
+    now, most = 0, 0
+
+    async def slow(_: httpx.Request) -> httpx.Response:
+        nonlocal now, most
+        now += 1
+        most = max(most, now)
+        await asyncio.sleep(0.02)
+        now -= 1
+        return completion({"prompt_tokens": 1, "completion_tokens": 1})
+
+    async def many() -> list[str]:
+        engine = remote(slow)
+        requests = [GenerationRequest(request_id=f"r{n}", prompt="p") for n in range(20)]
+        return [g.text for g in await asyncio.gather(*map(engine.generate, requests))]
+
+    assert asyncio.run(many()) == ["x"] * 20
+    assert most == 3
+
+
 class DeadCore:
     async def remove_lora(self, _: int) -> None:
         raise RuntimeError("EngineCore died")

@@ -1,5 +1,6 @@
 """Health, readiness, Redis outages, Prometheus metrics and request ids."""
 
+import asyncio
 import re
 import signal
 import threading
@@ -10,8 +11,10 @@ import httpx
 import pytest
 import redis
 
+from server.routes import health
 from tests.conftest import RedisProcess
 from tests.server.helpers import assert_error, metric, post_events, put_items
+from tests.server.test_recommend_logic import FakeEngine, use
 
 REQUESTS = "reasonrec_http_requests_total"
 DURATION_COUNT = "reasonrec_http_request_duration_seconds_count"
@@ -33,6 +36,25 @@ def test_readyz(client):
         "checks": {"redis": "ok", "engine": "no active model: run `reasonrec bootstrap`"},
         "model_version": None,
     }
+
+
+class SilentEngine(FakeEngine):
+    """A remote server that took the health check's connection and never answers."""
+
+    async def check_health(self) -> None:
+        await asyncio.sleep(3600)
+
+
+def test_readyz_does_not_wait_on_an_engine_that_never_answers(client, monkeypatch):
+    monkeypatch.setattr(health, "HEALTH_SECONDS", 0.2)
+    use(client, SilentEngine())
+    started = time.monotonic()
+
+    response = client.get("/readyz")
+
+    assert time.monotonic() - started < 5
+    assert response.status_code == 200  # degraded: serving goes on in the retrieval order
+    assert response.json()["checks"]["engine"] == "unreachable"
 
 
 @pytest.fixture
