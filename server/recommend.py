@@ -10,6 +10,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from contract.impression import Impression
@@ -122,6 +123,10 @@ def _ranked_item(candidate: Candidate, rank: int) -> RecommendedItem:
     )
 
 
+async def _stays() -> bool:
+    return False
+
+
 class Recommender:
     def __init__(self, store: Store, settings: Settings):
         self.store = store
@@ -134,7 +139,10 @@ class Recommender:
         request_id: str,
         engine: Engine | None,
         index: ItemIndex | None,
+        client_gone: Callable[[], Awaitable[bool]] = _stays,
     ) -> RecommendResponse:
+        """The list for `request`; logged as an impression unless `client_gone` says the client
+        stopped waiting for it (a list nobody saw would teach the model it was passed over)."""
         started = time.perf_counter()
         contract = engine.contract if engine else Contract()
         # Without a model no prompt shows a history: only retrieval's is left out.
@@ -161,6 +169,9 @@ class Recommender:
             degraded=outcome.source is Source.fallback,
             latency_ms=round((time.perf_counter() - started) * 1000, 2),
         )
+        if await client_gone():
+            log.info("client gone before the list was sent: no impression logged")
+            return response
         await self._log_impression(response, prompt, contract, order, outcome)
         metrics.RECOMMENDATIONS.labels(response.source.value, response.model_version or "").inc()
         return response

@@ -1,6 +1,6 @@
 """Recommendation route: POST /v1/recommend."""
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from server.deps import RecommenderDep, ServingDep
 from server.errors import documented
@@ -12,8 +12,9 @@ router = APIRouter(prefix="/v1/recommend", tags=["recommend"])
 
 @router.post("", response_model=RecommendResponse, responses=documented(400, 413, 415, 422))
 async def recommend(
-    body: RecommendRequest, recommender: RecommenderDep, serving: ServingDep
+    body: RecommendRequest, request: Request, recommender: RecommenderDep, serving: ServingDep
 ) -> RecommendResponse:
     """A ranked list with a rationale, for any user (an unknown user is a cold start)."""
+    request_id = request_id_var.get() or ""
     with serving.hold() as (engine, index):
-        return await recommender.recommend(body, request_id_var.get() or "", engine, index)
+        return await recommender.recommend(body, request_id, engine, index, request.is_disconnected)

@@ -9,14 +9,17 @@ index yet, u1's retrieval order is popular items with one new item after every t
 import asyncio
 import json
 import re
+import threading
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import redis
+import uvicorn
 from fastapi.testclient import TestClient
 
 from contract.prompt import (
@@ -26,6 +29,8 @@ from contract.prompt import (
     answer_pattern,
     render_answer,
 )
+from server.app import create_app
+from server.config import Settings
 from server.engine import Engine, EngineError, Generation, GenerationRequest
 from server.item_index import ItemIndex
 from server.recommend import (
@@ -34,6 +39,7 @@ from server.recommend import (
     SPARE_IDS,
     first_pick,
 )
+from tests.conftest import free_port, wait_http
 from tests.server.helpers import metric, post_events
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -548,6 +554,30 @@ def test_impression_logged_with_the_request_id(
     assert entry["prompt"] == engine.requests[0].prompt
     assert entry["output"] == text
     assert abs(float(entry["ts"]) - datetime.now(UTC).timestamp()) < 60
+
+
+def test_a_list_whose_client_left_is_not_logged_as_an_impression(
+    settings: Settings, rdb: redis.Redis, key_prefix: str
+) -> None:
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, port=free_port(), log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.config.port}"
+    try:
+        wait_http(f"{url}/healthz")
+        with httpx.Client(base_url=url, timeout=30) as client:
+            load_shop(client)
+            app.state.serving.engine = FakeEngine(answer("p3", "n1"), delay=1.0)
+            with pytest.raises(httpx.ReadTimeout):  # the client stops waiting
+                client.post("/v1/recommend", json={"user_id": "u1", "k": 2}, timeout=0.3)
+            waited = client.post("/v1/recommend", json={"user_id": "u2", "k": 2})
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+    logged = [fields["user_id"] for _, fields in rdb.xrange(f"{key_prefix}:impressions")]
+    assert waited.status_code == 200 and logged == ["u2"]
 
 
 def test_generated_request_id_is_the_same_everywhere(
