@@ -88,7 +88,15 @@ def configure(level: str = "info") -> None:
         logging.getLogger(name).propagate = True
     for name in _CHATTY:
         logging.getLogger(name).setLevel(max(root.level, logging.WARNING))
-    # vLLM logs in plain text to stdout unless told otherwise, in this process and the engine
-    # processes it starts: this file gives both our JSON lines on stderr.
+
+
+def configure_vllm() -> None:
+    """Before an in-process vLLM starts: it logs in plain text to stdout unless told otherwise,
+    in this process and in the engine processes it starts; our file gives both our JSON lines on
+    stderr, at our level. Not where vLLM's logging is the operator's: their own file, or
+    VLLM_CONFIGURE_LOGGING=0 (with which vLLM refuses any file)."""
+    if os.environ.get("VLLM_CONFIGURE_LOGGING", "1") == "0":
+        return
     os.environ.setdefault("VLLM_LOGGING_CONFIG_PATH", str(VLLM_LOGGING))
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", level.upper())
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", level)

@@ -169,11 +169,12 @@ class Recommender:
             degraded=outcome.source is Source.fallback,
             latency_ms=round((time.perf_counter() - started) * 1000, 2),
         )
+        # Counted though the client left: the fallback ratio's numerator counted it already.
+        metrics.RECOMMENDATIONS.labels(response.source.value, response.model_version or "").inc()
         if await client_gone():
             log.info("client gone before the list was sent: no impression logged")
             return response
         await self._log_impression(response, prompt, contract, order, outcome)
-        metrics.RECOMMENDATIONS.labels(response.source.value, response.model_version or "").inc()
         return response
 
     async def _candidates(

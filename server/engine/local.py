@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from server import logs
 from server.engine import (
     LOGPROBS_MODE,
     MAX_LOGPROBS,
@@ -55,6 +56,7 @@ class VllmProcess:
     def __init__(self, model_dir: Path, base_version: str, settings: ProcessSettings):
         # vLLM reads its CPU thread binding from the environment of the engine process it spawns.
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads
+        logs.configure_vllm()
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 

@@ -2,6 +2,7 @@
 engine processes vLLM starts."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server import store
+from server import logs, store
 
 
 def run_logging(folder: Path, script: str) -> tuple[str, list[dict]]:
@@ -50,6 +51,7 @@ def test_vllm_logs_json_to_stderr_without_a_request_id_in_its_engine_processes_t
 
         if __name__ == "__main__":
             logs.configure("info")
+            logs.configure_vllm()  # as the in-process engine does before it starts vLLM
             from vllm.config.logging import LoggingConfig
             from vllm.logger import configure_logging_if_needed, init_logger
 
@@ -73,6 +75,29 @@ def test_vllm_logs_json_to_stderr_without_a_request_id_in_its_engine_processes_t
     assert engine["process"] != gateway["process"]
     assert by_msg["our line"]["request_id"] == "r-1"
     assert "vllm_process_name" not in by_msg["our line"]
+
+
+@pytest.mark.parametrize(
+    ("operator", "ours"),
+    [
+        ({}, True),
+        ({"VLLM_LOGGING_CONFIG_PATH": "/etc/vllm-logging.json"}, False),  # their file stays
+        ({"VLLM_CONFIGURE_LOGGING": "0"}, False),  # with it, vLLM refuses any file and fails
+    ],
+)
+def test_vllm_gets_our_logging_file_unless_the_operator_chose_theirs(
+    operator: dict[str, str], ours: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("VLLM_LOGGING_CONFIG_PATH", "VLLM_CONFIGURE_LOGGING", "VLLM_LOGGING_LEVEL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in operator.items():
+        monkeypatch.setenv(name, value)
+
+    logs.configure_vllm()
+
+    given = os.environ.get("VLLM_LOGGING_CONFIG_PATH")
+    assert (given == str(logs.VLLM_LOGGING)) is ours
+    assert given == operator.get("VLLM_LOGGING_CONFIG_PATH", given if ours else None)
 
 
 def test_uvicorn_started_from_its_command_line_logs_json_once(tmp_path: Path) -> None:
