@@ -223,3 +223,22 @@ def test_our_services_rotate_their_logs(compose: tuple[str, dict[str, Any]]) -> 
     for name in OURS:
         logging = project["services"][name]["logging"]
         assert logging["driver"] == "json-file" and logging["options"]["max-size"], name
+
+
+def test_only_the_gateway_is_published_beyond_the_hosts_loopback(
+    compose: tuple[str, dict[str, Any]],
+) -> None:
+    """Prometheus has no authentication and Grafana starts with a known password."""
+    _, project = compose
+    published = {
+        name: {(port.get("host_ip", ""), port["published"]) for port in service.get("ports", [])}
+        for name, service in project["services"].items()
+    }
+    assert published["gateway"] == {("", "8000")}
+    assert published["prometheus"] == {("127.0.0.1", "9090")}
+    assert published["grafana"] == {("127.0.0.1", "3000")}
+    assert not {name for name, ports in published.items() if ports} - {
+        "gateway",
+        "prometheus",
+        "grafana",
+    }
