@@ -234,9 +234,9 @@ class EngineSettings(_Section):
         ge=16 * 1024 * 1024,
         description="In-process vLLM KV cache size in bytes.",
     )
-    engine_dtype: str = Field(
+    engine_dtype: Literal["auto", "float32", "float", "bfloat16", "float16", "half"] = Field(
         "float32",
-        description="Weights dtype for vLLM ('auto', 'float32', 'bfloat16', ...). "
+        description="Weights dtype for vLLM ('auto', 'float32', 'bfloat16', 'float16'...). "
         "float32 by default: vLLM's bfloat16 CPU path crashed on the embedded model here; use "
         "'auto' on GPUs.",
     )
@@ -250,8 +250,10 @@ class EngineSettings(_Section):
     )
     engine_cpu_threads: str = Field(
         "auto",
-        description="CPU cores the in-process vLLM binds its threads to ('auto' or e.g. "
-        "'0-1'); sets VLLM_CPU_OMP_THREADS_BIND.",
+        # What vLLM reads: its own choice, none, or core ids and ranges (one rank: no '|').
+        pattern=r"^(auto|nobind|\d+(-\d+)?(,\d+(-\d+)?)*)$",
+        description="CPU cores the in-process vLLM binds its threads to ('auto', 'nobind' or "
+        "cores such as '0-1' or '0,2-3'); sets VLLM_CPU_OMP_THREADS_BIND.",
     )
     max_answer_tokens: int = Field(
         192, ge=16, description="Token budget of one answer (rationale + ranked ids)."

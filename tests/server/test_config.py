@@ -73,6 +73,10 @@ def test_bad_values_are_refused_with_the_field_named(monkeypatch: pytest.MonkeyP
         ("REASONREC_GATE_NDCG_TOLERANCE", "nan", "gate_ndcg_tolerance"),
         ("REASONREC_REDIS_TIMEOUT_SECONDS", "inf", "redis_timeout_seconds"),
         ("REASONREC_LOG_LEVEL", "verbose", "log_level"),
+        # What vLLM would refuse only when the engine starts, the gateway serving the fallback.
+        ("REASONREC_ENGINE_DTYPE", "fp32", "engine_dtype"),
+        ("REASONREC_ENGINE_CPU_THREADS", "cores 0-1", "engine_cpu_threads"),
+        ("REASONREC_ENGINE_CPU_THREADS", "0-1|2-3", "engine_cpu_threads"),
     ],
 )
 def test_numbers_must_be_finite_and_levels_known(
@@ -81,6 +85,12 @@ def test_numbers_must_be_finite_and_levels_known(
     monkeypatch.setenv(variable, value)
     with pytest.raises(ValidationError, match=field):
         Settings()
+
+
+@pytest.mark.parametrize("value", ["auto", "nobind", "0-1", "0,2-3", "7"])
+def test_cpu_bindings_vllm_reads_are_accepted(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("REASONREC_ENGINE_CPU_THREADS", value)
+    assert Settings().engine_cpu_threads == value
 
 
 def test_a_refresh_minimum_above_what_a_refresh_trains_on_is_refused(
