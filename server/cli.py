@@ -183,7 +183,7 @@ def serve_with(settings: Settings) -> None:
 def serve(
     host: HostOption = None,
     port: PortOption = None,
-    workers: Annotated[int | None, typer.Option(min=1, help="[REASONREC_WORKERS]")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, max=64, help="[REASONREC_WORKERS]")] = None,
 ) -> None:
     """Serve the HTTP API (OpenAPI docs at /docs)."""
     settings = settings_from_env(host, port)

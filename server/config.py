@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from redis.connection import parse_url
 
@@ -28,6 +28,14 @@ _NOT_OURS = re.compile(r"TEST_|\w+_SERVICE_(HOST|PORT\w*)$|\w+_PORT_\d+_(TCP|UDP
 # <NAME>_PORT alone only with the address Kubernetes writes: a misspelled port setting is ours.
 _PORT_LINK_NAME = re.compile(r"\w+_PORT$")
 _PORT_LINK_VALUE = re.compile(r"(tcp|udp|sctp)://", re.IGNORECASE)
+
+
+def _empty_is_unset(value: object) -> object:
+    return None if value == "" else value
+
+
+# An empty path is the working directory: for a setting that may be unset, it means unset.
+OptionalPath = Annotated[Path | None, BeforeValidator(_empty_is_unset)]
 
 
 class _Section(BaseSettings):
@@ -59,7 +67,7 @@ class StorageSettings(_Section):
     redis_timeout_seconds: float = Field(
         2.0, gt=0, description="Connect and command timeout for Redis; past it a request gets 503."
     )
-    registry_dir: Path | None = Field(
+    registry_dir: OptionalPath = Field(
         None, description="Model registry folder. Unset: `<data dir>/models`."
     )
     history_size: int = Field(
@@ -92,6 +100,13 @@ class StorageSettings(_Section):
         description="How long feedback quoting a request id is credited to the model version "
         "that served it (reasonrec_positives_total).",
     )
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _named(cls, value: object) -> object:
+        if value == "":
+            raise ValueError("empty: unset it for ./var, or name a folder (not the working one)")
+        return value
 
     @field_validator("redis_url")
     @classmethod
@@ -152,7 +167,7 @@ class GatewaySettings(_Section):
         "of a version trained by the rich preset or from a base, or registered or imported, "
         "show; a model's prompts follow its manifest).",
     )
-    policy_file: Path | None = Field(
+    policy_file: OptionalPath = Field(
         None,
         description="Business policy YAML (reward weights and hard constraints; see 'Business "
         "policy'). The gateway enforces its constraints, the trainer rewards its terms. Unset: "

@@ -133,6 +133,11 @@ def test_several_workers_without_a_remote_engine_are_refused(env) -> None:
     assert "2 workers need a remote engine (REASONREC_ENGINE_URL)" in output
 
 
+def test_serve_takes_no_more_workers_than_the_setting_allows() -> None:
+    result = CliRunner().invoke(reasonrec.app, ["serve", "--workers", "500"])
+    assert result.exit_code == 2 and "less than or equal to 64" in plain(result.output)
+
+
 def test_a_demo_on_a_folder_without_movielens_says_so(env, tmp_path: Path) -> None:
     variables = {**os.environ, **env, "REASONREC_PORT": str(free_port())}
     done = subprocess.run(

@@ -87,6 +87,18 @@ def test_numbers_must_be_finite_and_levels_known(
         Settings()
 
 
+def test_an_empty_path_is_unset_where_a_setting_may_be_and_refused_for_the_data_dir(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("REASONREC_REGISTRY_DIR", "REASONREC_POLICY_FILE"):
+        monkeypatch.setenv(name, "")
+    settings = Settings()
+    assert settings.registry_dir is None and settings.policy_file is None  # not the working dir
+    monkeypatch.setenv("REASONREC_DATA_DIR", "")
+    with pytest.raises(ValidationError, match="data_dir"):
+        Settings()
+
+
 @pytest.mark.parametrize("value", ["auto", "nobind", "0-1", "0,2-3", "7"])
 def test_cpu_bindings_vllm_reads_are_accepted(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("REASONREC_ENGINE_CPU_THREADS", value)
