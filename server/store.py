@@ -747,7 +747,7 @@ class Store:
                     log.info("trimmed pending entries acknowledged", extra={"count": len(trimmed)})
                 if len(batch) < CHUNK:
                     break
-                if start == "0":
+                if start != ">":  # pending entries: the next chunk is after this one's last
                     start = batch[-1][0]
 
     async def ack(self, stream: Stream, group: str, entry_ids: Sequence[str]) -> None:
