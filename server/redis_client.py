@@ -59,6 +59,10 @@ def connect(settings: Settings) -> RedisHandle:
     # activation and the trainer's lock know their own retry (store.py).
     options: dict[str, Any] = {
         "decode_responses": True,
+        # A stored byte that is no UTF-8 (another program wrote it) reads as U+FFFD, and the
+        # record then fails its own checks: strict, the whole reply failed, and a stream entry
+        # stayed pending and failed every later read of the stream.
+        "encoding_errors": "replace",
         "socket_timeout": settings.redis_timeout_seconds,
         "socket_connect_timeout": settings.redis_timeout_seconds,
         "retry": AsyncRetry(NoBackoff(), 1, supported_errors=(ConnectionLost,)),

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from server import store as store_module
 from server.config import Settings
-from server.store import Store, build_store
+from server.store import Store, build_store, open_store
 from trainer import feedback_log
 from trainer.feedback_log import GROUP, FeedbackLog, LoggedExample
 
@@ -299,6 +299,29 @@ def test_an_unreadable_entry_is_skipped_acknowledged_and_holds_back_nothing(
 
 async def read_all(store: Store) -> list[tuple[str, dict[str, str]]]:
     return [entry async for batch in store.read_group("events", GROUP, "c") for entry in batch]
+
+
+def test_an_entry_that_is_no_utf8_is_skipped_not_a_stop_to_every_later_read(
+    settings: Settings,
+) -> None:
+    """Written by another program: the reply's decoding failed, the entry stayed pending, and
+    every consume and every corpus read after it failed on it again."""
+
+    async def body() -> None:
+        async with open_store(settings) as store:  # the client every command uses
+            log = FeedbackLog(store, settings.data_dir / "trainer")
+            await impression(store, "r1", ["a", "b"])
+            poison = {"user_id": "u1", "item_id": "a", "type": b"\xffclick", "request_id": "r1"}
+            await store.redis.xadd(store.keys.events, poison)
+            await event(store, "click", "b", "r1")
+
+            result = await log.consume()
+
+            assert (result.unreadable, result.joined) == (1, 1)
+            assert await pending(store) == 0
+            assert len([entry async for entry in store.events()]) == 2  # the corpus reads on
+
+    asyncio.run(body())
 
 
 def test_a_pending_entry_trimmed_from_its_stream_is_acknowledged(settings: Settings) -> None:
