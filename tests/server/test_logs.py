@@ -18,8 +18,10 @@ def run_logging(folder: Path, script: str) -> tuple[str, list[dict]]:
     line fails the test). A file, not `-c`: a spawned process imports its functions from it."""
     path = folder / "script.py"
     path.write_text(textwrap.dedent(script))
+    # Not what an engine opened earlier in this process left for its own (its level, say).
+    env = {name: value for name, value in os.environ.items() if not name.startswith("VLLM_LOG")}
     done = subprocess.run(
-        [sys.executable, str(path)], capture_output=True, text=True, timeout=300, cwd=Path.cwd()
+        [sys.executable, str(path)], capture_output=True, text=True, timeout=300, env=env
     )
     assert done.returncode == 0, done.stderr
     return done.stdout, [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
