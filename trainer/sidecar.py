@@ -136,8 +136,7 @@ async def run_sidecar(settings: Settings) -> None:
             counted_from = last_run, last_length
             last_run, last_length = time.monotonic(), length
             try:
-                result = await refresh_once(settings, store, progress=False)
-                log.info("refresh", extra={"outcome": result.outcome, "reason": result.reason})
+                await refresh_once(settings, store, progress=False)  # it logs how it ended
             except RefreshBusy:
                 # Not refreshed: tried again once the lock of a trainer killed mid-refresh has
                 # lapsed; a live one that publishes meanwhile restarts the schedule instead.

@@ -55,6 +55,21 @@ def test_without_an_active_model_the_refresh_is_skipped(env: Settings) -> None:
     assert summary["outcome"] == "skipped" and summary["reason"] == "no active model"
 
 
+def test_a_refresh_ends_with_one_line_that_says_why(
+    env: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def once() -> RefreshResult:
+        async with open_store(env) as store:
+            return await refresh_once(env, store, progress=False)
+
+    with caplog.at_level("INFO", logger="trainer"):
+        result = asyncio.run(once())
+
+    [line] = [r for r in caplog.records if r.getMessage() == "refresh finished"]
+    assert (line.outcome, line.reason, line.parent) == ("skipped", "no active model", None)
+    assert line.seconds == result.seconds and line.version is None
+
+
 def test_once_is_required(env: Settings) -> None:
     assert CliRunner().invoke(app, ["train"]).exit_code == 2
 
