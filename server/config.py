@@ -62,7 +62,10 @@ class StorageSettings(_Section):
 
     key_prefix: str = Field(
         "reasonrec",
-        description="Prefix of every Redis key and channel, so deployments can share a Redis.",
+        # No glob characters: clearing a store matches `<prefix>:*`.
+        pattern=r"^[^\s*?\[\]\\]+$",
+        description="Prefix of every Redis key and channel, so deployments can share a Redis "
+        "(no spaces or * ? [ ] \\).",
     )
     redis_timeout_seconds: float = Field(
         2.0, gt=0, description="Connect and command timeout for Redis; past it a request gets 503."
@@ -100,6 +103,17 @@ class StorageSettings(_Section):
         description="How long feedback quoting a request id is credited to the model version "
         "that served it (reasonrec_positives_total).",
     )
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _text(cls, value: str) -> str:
+        # A byte of the environment that is no UTF-8 would be written as "?": two prefixes in
+        # one keyspace.
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValueError("holds a byte that is no UTF-8 text") from None
+        return value
 
     @field_validator("data_dir", mode="before")
     @classmethod

@@ -99,6 +99,13 @@ def test_an_empty_path_is_unset_where_a_setting_may_be_and_refused_for_the_data_
         Settings()
 
 
+@pytest.mark.parametrize("prefix", ["", "shop a", "shop*", "shop[1]", "shop\udce9"])
+def test_a_key_prefix_that_is_no_plain_text_is_refused(prefix: str) -> None:
+    # "shop\udce9": a Latin-1 byte in the environment; written, it would read as "shop?".
+    with pytest.raises(ValidationError, match="key_prefix"):
+        Settings(key_prefix=prefix)
+
+
 @pytest.mark.parametrize("value", ["auto", "nobind", "0-1", "0,2-3", "7"])
 def test_cpu_bindings_vllm_reads_are_accepted(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("REASONREC_ENGINE_CPU_THREADS", value)
