@@ -3,6 +3,7 @@ engine processes vLLM starts."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,22 +14,35 @@ import pytest
 from server import logs, store
 
 
-def run_logging(folder: Path, script: str) -> tuple[str, list[dict]]:
-    """Run `script` in a fresh interpreter: its stdout, and its stderr as JSON lines (any other
-    line fails the test). A file, not `-c`: a spawned process imports its functions from it."""
+def run_logging(folder: Path, script: str, plain: str = "^$", **env: str) -> tuple[str, list[dict]]:
+    """Run `script` in a fresh interpreter (with `env`): its stdout, and its stderr as JSON
+    lines; any other line fails the test unless it matches `plain`. A file, not `-c`: a spawned
+    process imports its functions from it."""
     path = folder / "script.py"
     path.write_text(textwrap.dedent(script))
-    # Not what an engine opened earlier in this process left for its own (its level, say).
-    env = {name: value for name, value in os.environ.items() if not name.startswith("VLLM_LOG")}
+    # Not what an engine opened earlier in this process left for its own (its level, how it
+    # starts its processes).
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
     done = subprocess.run(
-        [sys.executable, str(path)], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=inherited | env,
     )
     assert done.returncode == 0, done.stderr
-    return done.stdout, [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    return done.stdout, [json.loads(line) for line in lines if not re.search(plain, line)]
 
 
+# How vLLM starts its engine processes: fork, or spawn (as it does on this CPU build in the
+# gateway). A spawned process imports vLLM before its logging is set up: the warnings of that
+# import stay plain text (docs/api.md says so).
+@pytest.mark.parametrize(
+    ("method", "plain"), [("fork", "^$"), ("spawn", "^Triton is installed, but doesn't include")]
+)
 def test_vllm_logs_json_to_stderr_without_a_request_id_in_its_engine_processes_too(
-    tmp_path: Path,
+    tmp_path: Path, method: str, plain: str
 ) -> None:
     stdout, lines = run_logging(
         tmp_path,
@@ -66,6 +80,8 @@ def test_vllm_logs_json_to_stderr_without_a_request_id_in_its_engine_processes_t
             child.join()
             assert child.exitcode == 0
         """,
+        plain,
+        VLLM_WORKER_MULTIPROC_METHOD=method,
     )
 
     assert stdout == ""
