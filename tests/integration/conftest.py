@@ -19,6 +19,7 @@ from server.loaders.synthetic import generate
 from server.loaders.writer import progress_bar, write
 from server.store import open_store
 from tests.conftest import TEST_MIN_LISTS, drop_prefix
+from tests.server.helpers import until
 from trainer.bootstrap import BootstrapResult, bootstrap
 
 ADMIN_KEY = "it-admin"
@@ -64,3 +65,31 @@ def gateway(served_settings: Settings, tiny_model: BootstrapResult) -> Iterator[
     """The app with the in-process vLLM engine serving the tiny model (started once)."""
     with TestClient(create_app(served_settings)) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def swapping(gateway: TestClient, tiny_model: BootstrapResult) -> Iterator[TestClient]:
+    """The gateway, for a module whose tests activate other versions, each from whatever the test
+    before it left serving; the tiny model serves again after the module's last test (each swap
+    starts an engine: one swap back per module, not one per test)."""
+    yield gateway
+    serve(gateway, tiny_model.version)
+
+
+def activate(gateway: TestClient, version: str) -> None:
+    response = gateway.post(
+        "/v1/models/activate",
+        json={"version": version},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    )
+    assert response.status_code == 200, response.text
+
+
+def serving(gateway: TestClient) -> str | None:
+    return gateway.get("/v1/models").json()["serving"]
+
+
+def serve(gateway: TestClient, version: str) -> None:
+    """Activate `version` and wait until the gateway serves it (a new engine may start)."""
+    activate(gateway, version)
+    assert until(lambda: serving(gateway) == version, 300), f"{version} is not served"

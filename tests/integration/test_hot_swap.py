@@ -4,7 +4,6 @@ in-process engine died serving its model again."""
 import os
 import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -15,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import server.serving
 from server.config import Settings
 from server.registry import Registry, new_version
-from tests.integration.conftest import ADMIN_KEY
+from tests.integration.conftest import activate, serve, serving
 from tests.server.helpers import until
 from trainer.bootstrap import BootstrapResult
 from trainer.grpo import lora_config
@@ -24,22 +23,15 @@ pytestmark = pytest.mark.slow
 CLIENTS = 4
 
 
-def activate(gateway: TestClient, version: str) -> None:
-    response = gateway.post(
-        "/v1/models/activate",
-        json={"version": version},
-        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-    )
-    assert response.status_code == 200, response.text
-
-
 def swap_under_load(gateway: TestClient, settings: Settings, old: str, new: str) -> None:
-    """Clients keep asking while `new` is activated: from the activation on, every answer is 200
-    from the LLM, each client's answers name `old` then `new`, never back. Before it, each client
-    waits for an answer from the LLM: a first request can overrun its budget on a busy machine
-    (the old engine's first grammars compile), which is no part of the swap."""
+    """Clients keep asking while `new` is activated and until each had an answer after the old
+    engine was released: from the activation on, every answer is 200 from the LLM, each client's
+    answers name `old` then `new`, never back. Before it, each client waits for an answer from
+    the LLM: a first request can overrun its budget on a busy machine (the old engine's first
+    grammars compile), which is no part of the swap."""
     seen: list[list[tuple[int, str | None, str | None]]] = [[] for _ in range(CLIENTS)]
     stop = threading.Event()
+    state = gateway.app.state.serving
 
     def client(n: int) -> None:
         while not stop.is_set():
@@ -53,6 +45,9 @@ def swap_under_load(gateway: TestClient, settings: Settings, old: str, new: str)
     def warm() -> bool:
         return all(any(source == "llm" for _, _, source in s) for s in seen)
 
+    def answered_since(counts: list[int]) -> bool:
+        return all(len(s) > n for s, n in zip(seen, counts, strict=True))
+
     with ThreadPoolExecutor(CLIENTS) as pool:
         running = [pool.submit(client, n) for n in range(CLIENTS)]
         try:
@@ -60,7 +55,11 @@ def swap_under_load(gateway: TestClient, settings: Settings, old: str, new: str)
             activated_at = [len(answers) for answers in seen]
             activate(gateway, new)
             assert until(answered_by_new, 300), "the new version never answered"
-            time.sleep(settings.llm_timeout_ms / 1000 + 2)  # past the old engine's end
+            # The outgoing engine is released once no request holds it (at the latest after the
+            # requests' budget): clients go on past that.
+            assert until(lambda: not state._closing, settings.llm_timeout_ms / 1000 + 30)
+            released_at = [len(answers) for answers in seen]
+            assert until(lambda: answered_since(released_at), 60)
         finally:
             stop.set()
             for future in running:
@@ -71,7 +70,7 @@ def swap_under_load(gateway: TestClient, settings: Settings, old: str, new: str)
         versions = [version for _, version, _ in answers]
         switched = versions.index(new)
         assert set(versions[:switched]) == {old} and set(versions[switched:]) == {new}
-    assert gateway.get("/v1/models").json()["serving"] == new
+    assert serving(gateway) == new
 
 
 def publish_adapter(registry: Registry, base: str) -> str:
@@ -83,74 +82,57 @@ def publish_adapter(registry: Registry, base: str) -> str:
     return registry.publish(staging, registry.manifest(base).model_copy(update=update)).name
 
 
-def test_swap_under_load_fails_no_request(
-    gateway: TestClient, served_settings: Settings, tiny_model: BootstrapResult
-) -> None:
+def test_swap_under_load_fails_no_request(swapping: TestClient, served_settings: Settings) -> None:
     registry = Registry(served_settings.registry_path)
-    old, new = tiny_model.version, new_version()
+    old, new = serving(swapping), new_version()
     manifest = registry.manifest(old).model_copy(update={"version": new, "parent": old})
     registry.register(registry.path(old), manifest)
-    try:
-        swap_under_load(gateway, served_settings, old, new)
-    finally:
-        activate(gateway, old)
-        assert until(lambda: gateway.get("/v1/models").json()["serving"] == old, 300)
+    swap_under_load(swapping, served_settings, old, new)
 
 
 def test_adapter_swap_under_load_stays_in_one_engine(
-    gateway: TestClient, served_settings: Settings, tiny_model: BootstrapResult
+    swapping: TestClient, served_settings: Settings, tiny_model: BootstrapResult
 ) -> None:
     registry = Registry(served_settings.registry_path)
     base = tiny_model.version
     first, second = publish_adapter(registry, base), publish_adapter(registry, base)
-    try:
-        activate(gateway, first)  # the tiny base has no adapter room: a LoRA engine starts
-        assert until(lambda: gateway.get("/v1/models").json()["serving"] == first, 300)
-        process = gateway.app.state.serving.engine._process
-        swap_under_load(gateway, served_settings, first, second)
-        assert gateway.app.state.serving.engine._process is process  # a runtime adapter swap
-    finally:
-        activate(gateway, base)
-        assert until(lambda: gateway.get("/v1/models").json()["serving"] == base, 300)
+    serve(swapping, first)  # the tiny base has no adapter room: a LoRA engine starts
+    process = swapping.app.state.serving.engine._process
+    swap_under_load(swapping, served_settings, first, second)
+    assert swapping.app.state.serving.engine._process is process  # a runtime adapter swap
 
 
 def test_a_merged_adapter_is_swapped_in_on_its_own_weights(
-    gateway: TestClient,
+    swapping: TestClient,
     served_settings: Settings,
     tiny_model: BootstrapResult,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """REASONREC_MERGE_ADAPTERS: the LoRA version runs on its merged weights, a new engine of its
     own, swapped in like any full version."""
-    serving = gateway.app.state.serving
-    merging = serving.settings.model_copy(update={"merge_adapters": True})
-    monkeypatch.setattr(serving, "settings", merging)
-    registry = Registry(served_settings.registry_path)
-    base = tiny_model.version
-    adapter = publish_adapter(registry, base)
-    try:
-        swap_under_load(gateway, served_settings, base, adapter)
-        process = serving.engine._process
-        assert process.base_version == adapter and process.max_lora_rank is None
-        assert (merging.data_dir / "merged" / adapter / "config.json").is_file()
-    finally:
-        activate(gateway, base)
-        assert until(lambda: gateway.get("/v1/models").json()["serving"] == base, 300)
+    state = swapping.app.state.serving
+    merging = state.settings.model_copy(update={"merge_adapters": True})
+    monkeypatch.setattr(state, "settings", merging)
+    adapter = publish_adapter(Registry(served_settings.registry_path), tiny_model.version)
+    swap_under_load(swapping, served_settings, serving(swapping), adapter)
+    process = state.engine._process
+    assert process.base_version == adapter and process.max_lora_rank is None
+    assert (merging.data_dir / "merged" / adapter / "config.json").is_file()
 
 
 def test_an_engine_whose_core_was_killed_serves_again(
-    gateway: TestClient, tiny_model: BootstrapResult, monkeypatch: pytest.MonkeyPatch
+    swapping: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """vLLM never restarts a dead engine core (the kernel's OOM killer, say): the gateway opens
     the version anew."""
     monkeypatch.setattr(server.serving, "RECHECK_SECONDS", 1.0)
-    serving = gateway.app.state.serving
-    died = serving.engine
+    state = swapping.app.state.serving
+    died, version = state.engine, state.version
     [core] = died._process.llm.engine_core.resources.engine_manager.processes
     os.kill(core.pid, signal.SIGKILL)
     assert until(lambda: died.dead, 60)
-    assert until(lambda: serving.engine is not died, 300), "the engine was not opened again"
-    assert serving.version == tiny_model.version
-    body = gateway.post("/v1/recommend", json={"user_id": "u00001", "k": 5}).json()
+    assert until(lambda: state.engine is not died, 300), "the engine was not opened again"
+    assert state.version == version
+    body = swapping.post("/v1/recommend", json={"user_id": "u00001", "k": 5}).json()
     assert body["source"] == "llm", body
-    assert gateway.get("/readyz").json()["status"] == "ready"
+    assert swapping.get("/readyz").json()["status"] == "ready"

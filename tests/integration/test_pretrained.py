@@ -11,12 +11,10 @@ from fastapi.testclient import TestClient
 
 from server.config import Settings
 from server.registry import Registry
-from tests.integration.test_hot_swap import activate
+from tests.integration.conftest import serve
 from tests.integration.test_refresh import USERS
 from tests.integration.test_rich import impression, models_command
-from tests.server.helpers import until
 from tests.trainer.gguf_files import tiny_pretrained
-from trainer.bootstrap import BootstrapResult
 
 pytestmark = pytest.mark.slow
 
@@ -25,18 +23,12 @@ def import_gguf(settings: Settings, source: str, monkeypatch: pytest.MonkeyPatch
     return models_command(settings, ["import-gguf", source], monkeypatch)
 
 
-def serve(gateway: TestClient, version: str, tiny_model: BootstrapResult) -> list[dict]:
-    """Recommendations for a few users from `version`, then the tiny model back in service."""
-    activate(gateway, version)
-    try:
-        assert until(lambda: gateway.get("/v1/models").json()["serving"] == version, 300)
-        # At once: the engine batches them (one at a time, SmolLM2 took over 20 s each on CI).
-        with ThreadPoolExecutor(3) as pool:
-            bodies = list(pool.map(lambda user: recommend(gateway, user), USERS[:3]))
-    finally:
-        activate(gateway, tiny_model.version)
-        assert until(lambda: gateway.get("/v1/models").json()["serving"] == tiny_model.version, 300)
-    return bodies
+def recommendations(gateway: TestClient, version: str) -> list[dict]:
+    """Recommendations for a few users from `version`."""
+    serve(gateway, version)
+    # At once: the engine batches them (one at a time, SmolLM2 took over 20 s each on CI).
+    with ThreadPoolExecutor(3) as pool:
+        return list(pool.map(lambda user: recommend(gateway, user), USERS[:3]))
 
 
 def recommend(gateway: TestClient, user: str) -> dict:
@@ -53,9 +45,8 @@ def check_answers(bodies: list[dict], version: str, settings: Settings) -> None:
 
 
 def test_an_imported_chat_model_is_prompted_through_its_template(
-    gateway: TestClient,
+    swapping: TestClient,
     served_settings: Settings,
-    tiny_model: BootstrapResult,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
@@ -63,13 +54,12 @@ def test_an_imported_chat_model_is_prompted_through_its_template(
     version = import_gguf(served_settings, str(tiny.gguf_path), monkeypatch)
     manifest = Registry(served_settings.registry_path).manifest(version)
     assert manifest.chat_template and manifest.rendering == "rich"
-    check_answers(serve(gateway, version, tiny_model), version, served_settings)
+    check_answers(recommendations(swapping, version), version, served_settings)
 
 
 def test_smollm2_is_served_zero_shot(
-    gateway: TestClient,
+    swapping: TestClient,
     served_settings: Settings,
-    tiny_model: BootstrapResult,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     try:
@@ -80,4 +70,4 @@ def test_smollm2_is_served_zero_shot(
     # the tiny model's budget when the machine is busy. The gateway reads its settings per call.
     monkeypatch.setattr(served_settings, "llm_timeout_ms", 180_000)
     version = import_gguf(served_settings, "smollm2", monkeypatch)
-    check_answers(serve(gateway, version, tiny_model), version, served_settings)
+    check_answers(recommendations(swapping, version), version, served_settings)

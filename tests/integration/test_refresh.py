@@ -21,7 +21,7 @@ from server.index_files import current_version
 from server.registry import BROUGHT_IN, Manifest, Registry
 from server.store import open_store
 from tests.conftest import dies_with_pytest
-from tests.integration.test_hot_swap import activate
+from tests.integration.conftest import serve, serving
 from tests.server.helpers import until
 from trainer import refresh as refresh_module
 from trainer.bootstrap import BootstrapResult
@@ -157,7 +157,7 @@ def test_feedback_refreshes_the_served_model(
         assert manifest.training["lora_rank"] == 4
         published = {path.name for path in registry.path(result.version).iterdir()}
         assert "adapter_config.json" in published and "model.safetensors" not in published
-        assert until(lambda: gateway.get("/v1/models").json()["serving"] == result.version, 300)
+        assert until(lambda: serving(gateway) == result.version, 300)
         body = gateway.post("/v1/recommend", json={"user_id": USERS[0], "k": 5}).json()
         assert body["model_version"] == result.version and body["source"] == "llm"
         process = gateway.app.state.serving.engine._process  # the base with room for adapters
@@ -176,16 +176,15 @@ def test_feedback_refreshes_the_served_model(
         manifest = registry.manifest(second.version)
         assert manifest.kind == "lora" and manifest.parent == result.version
         assert manifest.base_model == tiny_model.version and second.lora_rank == 4
-        assert until(lambda: gateway.get("/v1/models").json()["serving"] == second.version, 60)
+        assert until(lambda: serving(gateway) == second.version, 60)
         body = gateway.post("/v1/recommend", json={"user_id": USERS[1], "k": 5}).json()
         assert body["model_version"] == second.version and body["source"] == "llm"
         assert gateway.app.state.serving.engine._process is process
-        serving = gateway.app.state.serving.engine._lora.lora_int_id
+        adapter = gateway.app.state.serving.engine._lora.lora_int_id
         # The first adapter is unloaded once its requests are past their time budget.
-        assert until(lambda: set(gateway.portal.call(process.llm.list_loras)) == {serving}, 60)
+        assert until(lambda: set(gateway.portal.call(process.llm.list_loras)) == {adapter}, 60)
     finally:
-        activate(gateway, tiny_model.version)
-        assert until(lambda: gateway.get("/v1/models").json()["serving"] == tiny_model.version, 300)
+        serve(gateway, tiny_model.version)
 
 
 def test_a_rollback_while_a_refresh_trains_is_not_undone(
@@ -214,11 +213,10 @@ def test_a_rollback_while_a_refresh_trains_is_not_undone(
         assert client.get(active) == "v-operator"
         assert Registry(served_settings.registry_path).has(result.version)
         # never announced: the gateway still serves what it served
-        assert gateway.get("/v1/models").json()["serving"] == tiny_model.version
+        assert serving(gateway) == tiny_model.version
     finally:
         client.close()
-        activate(gateway, tiny_model.version)
-        assert until(lambda: gateway.get("/v1/models").json()["serving"] == tiny_model.version, 300)
+        serve(gateway, tiny_model.version)
 
 
 def test_killed_refresh_publishes_nothing_and_loses_no_feedback(
@@ -267,5 +265,4 @@ def test_killed_refresh_publishes_nothing_and_loses_no_feedback(
         for request_id, item in clicked.items():
             assert item in positives[request_id]
     finally:
-        activate(gateway, tiny_model.version)
-        assert until(lambda: gateway.get("/v1/models").json()["serving"] == tiny_model.version, 300)
+        serve(gateway, tiny_model.version)

@@ -9,9 +9,8 @@ from typer.testing import CliRunner
 from cli import app
 from server.config import Settings
 from server.registry import Registry
-from tests.integration.test_hot_swap import activate
+from tests.integration.conftest import serve
 from tests.integration.test_refresh import USERS, refresh, serve_and_click
-from tests.server.helpers import until
 from trainer.bootstrap import BootstrapResult
 
 pytestmark = pytest.mark.slow
@@ -44,9 +43,8 @@ def test_a_registered_model_is_prompted_and_refreshed_in_the_rich_rendering(
     registry = Registry(served_settings.registry_path)
     version = models_command(served_settings, ["register", str(tiny_model.path)], monkeypatch)
     assert registry.manifest(version).rendering == "rich"
-    activate(gateway, version)
     try:
-        assert until(lambda: gateway.get("/v1/models").json()["serving"] == version, 300)
+        serve(gateway, version)
         served = serve_and_click(gateway)
         body = gateway.post("/v1/recommend", json={"user_id": USERS[0], "k": 5}).json()
         assert body["source"] == "llm" and body["model_version"] == version
@@ -61,5 +59,4 @@ def test_a_registered_model_is_prompted_and_refreshed_in_the_rich_rendering(
         assert result.parent == version and result.train_examples >= len(served) // 2
         assert registry.manifest(result.version).rendering == "rich"
     finally:
-        activate(gateway, tiny_model.version)
-        assert until(lambda: gateway.get("/v1/models").json()["serving"] == tiny_model.version, 300)
+        serve(gateway, tiny_model.version)
