@@ -55,6 +55,7 @@ class Serving:
         """Why there is no engine, for /readyz."""
         self._lock = asyncio.Lock()  # one swap at a time, in announcement order
         self._closing: set[asyncio.Task] = set()
+        self._opening: asyncio.Task | None = None  # a swap's new engine, until it serves
         self._holders: Counter[Engine] = Counter()  # requests holding each engine
         self._idle: dict[Engine, asyncio.Event] = {}  # set once no request holds an outgoing one
         self._stopping = asyncio.Event()
@@ -109,8 +110,12 @@ class Serving:
         self._following = asyncio.create_task(self.run())
 
     async def stop(self) -> None:
-        """Stop following, and release every engine at once (shutdown)."""
+        """Stop following, and release every engine at once (shutdown). A swap in progress is
+        abandoned, its engine released: a handover waits up to 30 s for a remote server, longer
+        than shutdown may take."""
         self._stopping.set()
+        if self._opening is not None:
+            self._opening.cancel()
         if self._following is not None:
             await asyncio.gather(self._following, return_exceptions=True)
         for task in list(self._closing):
@@ -184,8 +189,14 @@ class Serving:
             self._wanted = version
             if version == self.version and not reopen:
                 return True
+            self._opening = asyncio.create_task(self._open_ready(version))
             try:
-                engine, index = await self._open_ready(version)
+                engine, index = await self._opening
+            except asyncio.CancelledError:
+                if not self._stopping.is_set():
+                    raise
+                log.info("model swap abandoned at shutdown", extra={"version": version})
+                return False
             except Exception as exc:  # whatever breaks the new version, the old one keeps serving
                 log.error("model swap refused", extra={"version": version, "reason": str(exc)})
                 if not isinstance(exc, RegistryError):
@@ -193,6 +204,8 @@ class Serving:
                 if self.engine is None:
                     self.problem = _refusal(version, exc)
                 return False
+            finally:
+                self._opening = None
             self._backoff = RECHECK_SECONDS
             self.index = index
             old, self.engine = self.engine, engine
@@ -217,13 +230,15 @@ class Serving:
         self._backoff = min(self._backoff * 2, MAX_BACKOFF_SECONDS)
 
     async def _open_ready(self, version: str) -> tuple[Engine, ItemIndex | None]:
+        """The new engine and index, once the engine is ready. Cancelled (at shutdown) while the
+        engine opens in its thread, the thread runs on; while it prepares, it is released."""
         engine, index = await asyncio.to_thread(self._open, version)
         try:
             # Bounded: a swap holds the lock, and one that never returns stops every later one.
             await asyncio.wait_for(
                 engine.prepare(handover=self.engine is not None), PREPARE_SECONDS
             )
-        except Exception:
+        except BaseException:  # cancelled too
             await _release(engine)
             raise
         return engine, index

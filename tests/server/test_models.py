@@ -4,6 +4,7 @@ exercise the swap logic without vLLM (tests/integration swaps real vLLM engines 
 
 import asyncio
 import math
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from fastapi.testclient import TestClient
 import server.active_model
 import server.engine
 import server.serving
+from server.app import create_app
 from server.config import Settings
 from server.engine import EngineError
 from server.engine.remote import RemoteEngine
@@ -449,6 +451,45 @@ def test_an_adapter_load_that_never_answers_does_not_stop_later_swaps(
     models_client.post("/v1/models/activate", json={"version": "v2"}, headers=ADMIN)
 
     assert wait_serving(models_client, "v2")["serving"] == "v2"
+
+
+def test_shutdown_abandons_a_swap_whose_engine_is_not_ready(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A remote engine's handover waits up to 30 s for its server to list the new version:
+    shutdown waited for it (k8s grants 45 s in all). Now the swap is abandoned and its engine
+    released."""
+    monkeypatch.setattr(server.serving, "PREPARE_SECONDS", 20.0)
+    publish(tmp_path / "models", "v1")
+    publish(tmp_path / "models", "v2")
+    waiting, closed = threading.Event(), []
+    preparing, closing = RemoteEngine.prepare, RemoteEngine.close
+
+    async def hangs(engine: RemoteEngine, handover: bool = False) -> None:
+        if engine.model_version == "v2":
+            waiting.set()
+            await asyncio.Event().wait()
+        await preparing(engine, handover)
+
+    async def close(engine: RemoteEngine) -> None:
+        closed.append(engine.model_version)
+        await closing(engine)
+
+    monkeypatch.setattr(RemoteEngine, "prepare", hangs)
+    monkeypatch.setattr(RemoteEngine, "close", close)
+    update = {
+        "registry_dir": tmp_path / "models",
+        "admin_keys": ["admin-secret"],
+        "engine_url": "http://127.0.0.1:9",
+    }
+    with TestClient(create_app(settings.model_copy(update=update))) as client:
+        client.post("/v1/models/activate", json={"version": "v1"}, headers=ADMIN)
+        assert wait_serving(client, "v1")["serving"] == "v1"
+        client.post("/v1/models/activate", json={"version": "v2"}, headers=ADMIN)
+        assert waiting.wait(10)
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 5
+    assert sorted(closed) == ["v1", "v2"]
 
 
 def test_the_reason_for_no_engine_follows_what_redis_says_once_it_answers(
