@@ -12,6 +12,8 @@ VLLM_LOGGING = Path(__file__).with_name("vllm_logging.json")
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 client_request_id_var: ContextVar[str | None] = ContextVar("client_request_id", default=None)
+refresh_id_var: ContextVar[str | None] = ContextVar("refresh_id", default=None)
+"""The trainer's refresh at hand: its lines, from the lock to the "refresh finished" one."""
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and is logged.
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
@@ -50,7 +52,11 @@ class JsonFormatter(logging.Formatter):
 
 
 def _request_ids() -> dict[str, str]:
-    ids = {"request_id": request_id_var.get(), "client_request_id": client_request_id_var.get()}
+    ids = {
+        "request_id": request_id_var.get(),
+        "client_request_id": client_request_id_var.get(),
+        "refresh_id": refresh_id_var.get(),
+    }
     return {name: value for name, value in ids.items() if value}
 
 

@@ -40,7 +40,7 @@ from reward_rules.policy import Policy, build_terms, catalog_facts
 from server.active_model import refreshed_with_lora
 from server.config import Settings
 from server.item_index import ItemIndex
-from server.logs import describe
+from server.logs import describe, refresh_id_var
 from server.policy import read_policy
 from server.registry import REFRESH_METHOD, Manifest, Registry, base_version, new_version
 from server.search_index import SearchIndex
@@ -251,15 +251,21 @@ async def refresh_once(
     """`force`: publish a candidate that ranks worse than the retrieval order (the gate against
     the active version still applies)."""
     started = time.perf_counter()
-    async with refresh_lock(store) as lock:
-        result = await _refresh(settings, store, progress, force, lock)
-        if result.outcome == "published" and not lock.lost:
-            await _prune(settings, store)
-    result.seconds = round(time.perf_counter() - started, 1)
-    metrics.RUNS.labels(result.outcome).inc()
-    if result.outcome == "published":
-        metrics.LAST_SUCCESS.set(time.time())
-    log.info("refresh finished", extra=result.model_dump(include=FINISHED_FIELDS))
+    # Every line until "refresh finished" carries it (threads started with to_thread too): a
+    # sidecar's log interleaves refreshes with the lines between them.
+    tagged = refresh_id_var.set(uuid.uuid4().hex[:12])
+    try:
+        async with refresh_lock(store) as lock:
+            result = await _refresh(settings, store, progress, force, lock)
+            if result.outcome == "published" and not lock.lost:
+                await _prune(settings, store)
+        result.seconds = round(time.perf_counter() - started, 1)
+        metrics.RUNS.labels(result.outcome).inc()
+        if result.outcome == "published":
+            metrics.LAST_SUCCESS.set(time.time())
+        log.info("refresh finished", extra=result.model_dump(include=FINISHED_FIELDS))
+    finally:
+        refresh_id_var.reset(tagged)
     return result
 
 

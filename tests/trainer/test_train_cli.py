@@ -4,6 +4,7 @@ lock that keeps two refreshes apart (real Redis; the full refresh is in tests/in
 import asyncio
 import itertools
 import json
+import logging
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from server.config import Settings
+from server.logs import JsonFormatter
 from server.registry import Manifest, Registry, RegistryError
 from server.schemas import ItemUpsert
 from server.store import Store, open_store, skip_unreadable
@@ -68,6 +70,33 @@ def test_a_refresh_ends_with_one_line_that_says_why(
     [line] = [r for r in caplog.records if r.getMessage() == "refresh finished"]
     assert (line.outcome, line.reason, line.parent) == ("skipped", "no active model", None)
     assert line.seconds == result.seconds and line.version is None
+
+
+def test_the_lines_of_a_refresh_carry_its_id(
+    env: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    lines: list[dict] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:  # formatted in the refresh's context
+            lines.append(json.loads(JsonFormatter().format(record)))
+
+    async def twice() -> None:
+        async with open_store(env) as store:
+            for _ in range(2):
+                await refresh_once(env, store, progress=False)
+        logging.getLogger("trainer").info("between refreshes")
+
+    handler, logger = Collect(), logging.getLogger("trainer")
+    logger.addHandler(handler)
+    try:
+        with caplog.at_level("INFO", logger="trainer"):
+            asyncio.run(twice())
+    finally:
+        logger.removeHandler(handler)
+    ids = [line.get("refresh_id") for line in lines if line["msg"] == "refresh finished"]
+    assert len(ids) == 2 and all(ids) and ids[0] != ids[1]
+    assert "refresh_id" not in lines[-1] and lines[-1]["msg"] == "between refreshes"
 
 
 def test_once_is_required(env: Settings) -> None:
