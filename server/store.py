@@ -5,6 +5,9 @@ import json
 import logging
 import math
 import secrets
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -133,9 +136,25 @@ UNREADABLE = (KeyError, TypeError, ValueError, OverflowError, ValidationError)
 """What decoding a record that was written by hand, or before a validation rule existed, raises."""
 
 
+UNREADABLE_LOG_SECONDS = 60.0
+_REMEMBERED = 1024  # records whose last warning is remembered, the most recent
+_warned_at: OrderedDict[tuple[str, str], float] = OrderedDict()
+_warned_lock = threading.Lock()  # the trainer skips records in threads too
+
+
 def skip_unreadable(kind: str, ident: str, exc: Exception) -> None:
-    """A stored record that cannot be decoded is skipped, never raised into a request."""
+    """A stored record that cannot be decoded is skipped, never raised into a request. Counted
+    each time, logged at most once per UNREADABLE_LOG_SECONDS: a user's unreadable record is met
+    by every request of theirs."""
     metrics.UNREADABLE_RECORDS.labels(kind).inc()
+    now, key = time.monotonic(), (kind, ident)
+    with _warned_lock:
+        if now - _warned_at.get(key, -math.inf) < UNREADABLE_LOG_SECONDS:
+            return
+        _warned_at[key] = now
+        _warned_at.move_to_end(key)
+        if len(_warned_at) > _REMEMBERED:
+            _warned_at.popitem(last=False)
     log.warning(
         "unreadable record skipped", extra={"kind": kind, "id": ident, "reason": _reason(exc)}
     )

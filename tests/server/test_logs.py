@@ -141,6 +141,23 @@ def test_uvicorn_started_from_its_command_line_logs_json_once(tmp_path: Path) ->
     assert [line["msg"] for line in lines] == ["Started server process"]
 
 
+def test_an_unreadable_record_met_again_is_counted_but_logged_once_a_minute(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def skipped() -> list[str]:
+        return [r.id for r in caplog.records if r.getMessage() == "unreadable record skipped"]
+
+    counted = store.metrics.UNREADABLE_RECORDS.labels("user")
+    before = counted._value.get()
+    for _ in range(3):  # one user's requests, each reading their record
+        assert store.attributes_of("u-again", "[]") == {}
+    assert store.attributes_of("u-other", "[]") == {}
+    assert skipped() == ["u-again", "u-other"] and counted._value.get() == before + 4
+    monkeypatch.setattr(store, "UNREADABLE_LOG_SECONDS", 0.0)
+    assert store.attributes_of("u-again", "[]") == {}
+    assert skipped() == ["u-again", "u-other", "u-again"]
+
+
 def test_an_unreadable_record_is_logged_without_what_it_holds(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
