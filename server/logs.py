@@ -8,6 +8,8 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pydantic import ValidationError
+
 VLLM_LOGGING = Path(__file__).with_name("vllm_logging.json")
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -26,9 +28,16 @@ _CHATTY = ("httpx", "httpcore")
 
 def describe(exc: BaseException) -> str:
     """An exception for a log line: its type and message. Not `repr`: redis-py's errors repr as
-    `network:ConnectionError` alone, with no host, no "Connection refused", no WRONGTYPE."""
-    message = str(exc)
+    `network:ConnectionError` alone, with no host, no "Connection refused", no WRONGTYPE. A
+    pydantic error without the input it quotes: a stored user's attributes may be personal
+    data."""
+    message = _problems(exc) if isinstance(exc, ValidationError) else str(exc)
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _problems(exc: ValidationError) -> str:
+    problems = exc.errors(include_input=False, include_url=False)
+    return "; ".join(f"{'.'.join(map(str, p['loc'])) or 'value'}: {p['msg']}" for p in problems)
 
 
 class JsonFormatter(logging.Formatter):

@@ -156,17 +156,8 @@ def skip_unreadable(kind: str, ident: str, exc: Exception) -> None:
         if len(_warned_at) > _REMEMBERED:
             _warned_at.popitem(last=False)
     log.warning(
-        "unreadable record skipped", extra={"kind": kind, "id": ident, "reason": _reason(exc)}
+        "unreadable record skipped", extra={"kind": kind, "id": ident, "reason": describe(exc)}
     )
-
-
-def _reason(exc: Exception) -> str:
-    """Why a record is unreadable, without the record: pydantic's messages quote what they
-    reject, and a user's attributes may hold personal data."""
-    if not isinstance(exc, ValidationError):
-        return describe(exc)
-    problems = exc.errors(include_input=False, include_url=False)
-    return "; ".join(f"{'.'.join(map(str, p['loc'])) or 'value'}: {p['msg']}" for p in problems)
 
 
 def _readable_ratings(user_id: str, stored: dict[str, str]) -> dict[str, float]:

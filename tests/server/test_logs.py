@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
 from server import logs, store
 
@@ -139,6 +140,17 @@ def test_uvicorn_started_from_its_command_line_logs_json_once(tmp_path: Path) ->
 
     assert stdout == ""
     assert [line["msg"] for line in lines] == ["Started server process"]
+
+
+def test_a_validation_error_is_described_without_the_input_it_quotes() -> None:
+    class Profile(BaseModel):
+        age: int
+
+    with pytest.raises(ValidationError) as caught:
+        Profile.model_validate({"age": "bob@example.com"})
+    described = logs.describe(caught.value)
+    assert described.startswith("ValidationError: age: Input should be a valid integer")
+    assert "example.com" not in described and "example.com" in str(caught.value)
 
 
 def test_an_unreadable_record_met_again_is_counted_but_logged_once_a_minute(
