@@ -23,7 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, field_validator
+from safetensors import SafetensorError
 
 from contract.prompt import CONTRACT_VERSION, SUPPORTED_CONTRACTS, Contract, Rendering
 from contract.ranking import Blend
@@ -154,7 +155,7 @@ class Registry:
             raise RegistryError(f"{missing} {self.root}", public=missing)
         try:
             manifest = Manifest.model_validate_json(path.read_text())
-        except (OSError, ValidationError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: invalid, or not UTF-8
             unreadable = f"model version '{version}' has an unreadable manifest"
             raise RegistryError(f"{unreadable}: {path}: {exc}", public=unreadable) from exc
         if manifest.version != version:  # a folder copied by hand: it would serve the other's
@@ -167,11 +168,11 @@ class Registry:
             return []
         found = []
         for child in self.root.iterdir():
-            if child.name.startswith(".") or not (child / MANIFEST).is_file():
-                continue
             try:
+                if child.name.startswith(".") or not (child / MANIFEST).is_file():
+                    continue
                 found.append(self.manifest(child.name))
-            except RegistryError as exc:
+            except (RegistryError, OSError) as exc:  # OSError: a folder this user may not read
                 log.warning("model version left out", extra={"reason": str(exc)})
         return sorted(found, key=lambda manifest: manifest.created_at)
 
@@ -197,6 +198,9 @@ class Registry:
         path = self.staging()
         try:
             yield path
+        except SafetensorError as exc:  # a full disk, to safetensors: no OSError
+            _remove(path)
+            raise RegistryError(f"version not written: {exc}") from exc
         except BaseException:
             _remove(path)
             raise

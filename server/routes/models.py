@@ -1,6 +1,7 @@
 """Model versions: GET /v1/models (what serves, what served before, what could) and
 POST /v1/models/activate (admin: roll forward or back; every gateway swaps within seconds)."""
 
+import logging
 from datetime import datetime
 
 from fastapi import APIRouter, Depends
@@ -13,6 +14,8 @@ from server.errors import ApiError, documented
 from server.registry import Manifest, Registry, RegistryError, servable
 from server.schemas import Id
 from server.store import BeingRemoved
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -101,8 +104,9 @@ async def activate(
         raise ApiError(404, "not_found", f"model version '{body.version}' is not in the registry")
     try:
         servable(registry, body.version)
-    except RegistryError as exc:
-        raise ApiError(409, "model_refused", str(exc)) from exc
+    except RegistryError as exc:  # the folders it may name are the operator's, not the client's
+        log.warning("activation refused", extra={"version": body.version, "reason": str(exc)})
+        raise ApiError(409, "model_refused", exc.public) from exc
     try:
         previous = await store.set_active_model(body.version)
     except BeingRemoved as exc:

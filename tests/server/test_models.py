@@ -177,6 +177,8 @@ def test_an_unreadable_manifest_is_left_out_refused_and_explained(
     publish(tmp_path / "models", "v1")
     publish(tmp_path / "models", "v-bad")
     (tmp_path / "models" / "v-bad" / "manifest.json").write_text('{"version": "v-bad", "kind": 7')
+    publish(tmp_path / "models", "v-latin")  # edited by hand, saved in Latin-1: no UTF-8
+    (tmp_path / "models" / "v-latin" / "manifest.json").write_bytes(b'{"version": "caf\xe9"}')
     rdb.set(f"{key_prefix}:model:active", "v-bad")
     client = make_client(
         registry_dir=tmp_path / "models",
@@ -191,6 +193,11 @@ def test_an_unreadable_manifest_is_left_out_refused_and_explained(
     assert listed.status_code == 200, listed.text
     assert [v["version"] for v in listed.json()["versions"]] == ["v1"]
     assert activated.status_code == 409 and activated.json()["error"]["code"] == "model_refused"
+    # The client is told what, not where: no folder of the gateway's, no manifest text.
+    message = "model version 'v-bad' has an unreadable manifest"
+    assert activated.json()["error"]["message"] == message
+    latin = client.post("/v1/models/activate", json={"version": "v-latin"}, headers=ADMIN)
+    assert latin.status_code == 409, latin.text
     assert ready["status"] == "degraded" and ready["model_version"] is None
     assert ready["checks"]["engine"] == "model version 'v-bad' has an unreadable manifest"
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from safetensors import SafetensorError
 from typer.testing import CliRunner
 
 from cli import app
@@ -167,6 +168,16 @@ def test_manifest_defaults_to_this_contract() -> None:
 def test_manifest_of_an_unknown_version(registry: Registry) -> None:
     with pytest.raises(RegistryError, match="'nope' is not in the registry"):
         registry.manifest("nope")
+
+
+def test_a_writer_stopped_by_a_full_disk_is_a_registry_error(registry: Registry) -> None:
+    """safetensors reports a full disk as its own error, no OSError: the commands that write a
+    version printed a traceback for it."""
+    full = "Error while serializing: I/O error: No space left on device (os error 28)"
+    refused = pytest.raises(RegistryError, match=r"version not written: .*No space left")
+    with refused, registry.staged():
+        raise SafetensorError(full)
+    assert list(registry.root.iterdir()) == []
 
 
 def test_versions_sorted_by_created_at(registry: Registry) -> None:
