@@ -110,6 +110,10 @@ class Keys:
         return self._k("model", "pruning")
 
     @property
+    def prune_lock(self) -> str:
+        return self._k("model", "prune-lock")
+
+    @property
     def loading(self) -> str:
         return self._k("load", "unfinished")
 

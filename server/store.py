@@ -608,10 +608,21 @@ class Store:
 
     async def take_trainer_lock(self, token: str, seconds: int) -> bool:
         """Hold the lock for `seconds` under `token`; False when someone else holds it."""
-        if await self.redis.set(self.keys.trainer_lock, token, nx=True, ex=seconds):
+        return await self._take(self.keys.trainer_lock, token, seconds)
+
+    async def take_prune_lock(self, token: str) -> bool:
+        """One prune at a time (for PRUNING_SECONDS at most): a second one's marks and removals
+        would cross the first's. False when another prune holds it."""
+        return await self._take(self.keys.prune_lock, token, PRUNING_SECONDS)
+
+    async def release_prune_lock(self, token: str) -> None:
+        await self._release(keys=[self.keys.prune_lock], args=[token])
+
+    async def _take(self, lock: str, token: str, seconds: int) -> bool:
+        if await self.redis.set(lock, token, nx=True, ex=seconds):
             return True
         # A retry of a SET whose reply was lost (the connection dropped) finds the lock its own.
-        return await self.redis.get(self.keys.trainer_lock) == token
+        return await self.redis.get(lock) == token
 
     async def renew_trainer_lock(self, token: str, seconds: int) -> bool:
         """Extend the lock if `token` still holds it; False when it does not (it lapsed, or

@@ -39,7 +39,7 @@ from trainer.corpus import INTERACTIONS, NotEnoughData
 from trainer.device import DeviceError
 from trainer.evaluation.split import EvalFormat, Split, read_eval_data
 from trainer.presets import PRESETS, Recipe
-from trainer.prune import prune
+from trainer.prune import PruneBusy, prune
 
 if TYPE_CHECKING:
     from trainer.bootstrap import BootstrapResult
@@ -429,9 +429,14 @@ def prune_models(
         async with open_store(settings) as store:
             return await prune(Registry(settings.registry_path), store, keep)
 
-    with errors_end_command(OSError):
-        for version in asyncio.run(pruned()):
-            typer.echo(version)
+    try:
+        with errors_end_command(OSError):
+            removed = asyncio.run(pruned())
+    except PruneBusy as exc:
+        console.print(f"[red]error:[/red] {exc}; run it again once that one ends")
+        raise typer.Exit(EXIT_BUSY) from exc
+    for version in removed:
+        typer.echo(version)
 
 
 def _eval_format_help() -> str:

@@ -56,7 +56,7 @@ from trainer.feedback_log import KEEP_FACTOR, ConsumeResult, FeedbackLog, Logged
 from trainer.gate import Gate, Popularity, refresh_gate, validate
 from trainer.grpo import STATE_FILE, Stopped, run_grpo
 from trainer.presets import GrpoSettings
-from trainer.prune import prune
+from trainer.prune import PruneBusy, prune
 from trainer.publish import publish_model, validated
 from trainer.rating import RatingExampleBuilder, RatingExamples, validate_rating
 from trainer.search import (
@@ -274,7 +274,7 @@ async def _prune(settings: Settings, store: Store) -> None:
     refresh it follows is published."""
     try:
         removed = await prune(Registry(settings.registry_path), store, settings.keep_versions)
-    except (OSError, RedisError) as exc:
+    except (OSError, RedisError, PruneBusy) as exc:
         log.warning("registry not pruned", extra={"reason": describe(exc)})
         return
     if removed:
@@ -428,6 +428,12 @@ async def _refresh(
         return result.model_copy(update={"reason": reason})
     if lock.lost:  # another refresh may be running: it publishes, not this one
         reason = f"lost the refresh lock: {lock.lost}; nothing published"
+        return result.model_copy(update={"outcome": "skipped", "reason": reason})
+    base = base_version(manifest)
+    if isinstance(candidate, PeftModel) and not registry.has(base):
+        # Activations moved on while it trained and a prune removed the base: an adapter on it
+        # could never be served.
+        reason = f"gate passed; nothing published: its base {base} was pruned while it trained"
         return result.model_copy(update={"outcome": "skipped", "reason": reason})
     # In a thread too: saving the weights takes seconds, the lock must go on being renewed.
     version = await finish_in_thread(

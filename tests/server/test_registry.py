@@ -37,6 +37,7 @@ from server.registry import (
 )
 from server.store import BeingRemoved, Store, open_store
 from tests.server.helpers import metric, post_events, put_items
+from trainer.cli import EXIT_BUSY
 from trainer.prune import prune
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -343,6 +344,29 @@ def test_models_prune_keeps_what_redis_says_is_served(
     assert names(registry) == ["v0", "v1", "v3"]
     monkeypatch.setenv("REASONREC_KEEP_VERSIONS", "0")
     assert CliRunner().invoke(app, ["models", "prune"]).output == ""
+
+
+def test_one_prune_at_a_time(
+    settings: Settings, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two at once: the second to finish ended the first's refusal of activations while the
+    first was still removing, and could remove a version activated meanwhile."""
+    registry = Registry(settings.registry_path)
+    for age, version in enumerate(["v0", "v1", "v2"]):
+        publish_version(registry, version, created_at=T0 + timedelta(hours=age))
+    client = redis.Redis.from_url(redis_url)
+    client.set(f"{settings.key_prefix}:model:prune-lock", "another prune")
+    for name, value in {"REDIS_URL": redis_url, "KEY_PREFIX": settings.key_prefix}.items():
+        monkeypatch.setenv(f"REASONREC_{name}", value)
+    monkeypatch.setenv("REASONREC_DATA_DIR", str(settings.data_dir))
+
+    busy = CliRunner().invoke(app, ["models", "prune", "--keep", "1"])
+    assert busy.exit_code == EXIT_BUSY and "another prune is running" in busy.output
+    assert names(registry) == ["v0", "v1", "v2"]
+    client.delete(f"{settings.key_prefix}:model:prune-lock")
+    done = CliRunner().invoke(app, ["models", "prune", "--keep", "1"])
+    assert done.exit_code == 0 and done.output.split() == ["v0", "v1"], done.output
+    assert not client.exists(f"{settings.key_prefix}:model:prune-lock")  # released
     assert CliRunner().invoke(app, ["models", "prune", "--keep", "0"]).exit_code == 2
 
 

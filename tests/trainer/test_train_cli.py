@@ -6,18 +6,21 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 import typer
+from peft import get_peft_model
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeout
 from typer.testing import CliRunner
@@ -29,11 +32,12 @@ from server.registry import Manifest, Registry, RegistryError
 from server.schemas import ItemUpsert
 from server.store import Store, open_store, skip_unreadable
 from tests.conftest import RedisProcess
+from tests.trainer.gguf_files import tiny_model
 from trainer import metrics, sidecar
 from trainer import refresh as refresh_module
 from trainer.cli import EXIT_BUSY, EXIT_SKIPPED, EXIT_TERMINATED, run_stoppable
 from trainer.gate import Gate, refresh_gate
-from trainer.grpo import STATE_FILE, Stopped
+from trainer.grpo import STATE_FILE, Stopped, lora_config
 from trainer.presets import GrpoSettings
 from trainer.rating import RatingExample, RatingExamples
 from trainer.refresh import (
@@ -426,15 +430,17 @@ def _refresh_trained(
     meanwhile: Any = None,
     force: bool = False,
     while_publishing: Any = None,
+    candidate: Any = None,
 ) -> tuple[RefreshResult, list[str], str | None]:
-    """A refresh whose training answers `gate` after calling `meanwhile` (and whose publishing
-    calls `while_publishing`); the result, what it published, and the active version after it."""
+    """A refresh whose training answers `candidate` and `gate` after calling `meanwhile` (and
+    whose publishing calls `while_publishing`); the result, what it published, and the active
+    version after it."""
     published: list[str] = []
 
     def train_and_gate(*_: Any) -> tuple:
         if meanwhile is not None:
             meanwhile()
-        return None, None, Training(reward_mean=0.5, learned=True), gate
+        return candidate, None, Training(reward_mean=0.5, learned=True), gate
 
     def publish(*_: Any) -> str:
         if while_publishing is not None:
@@ -630,12 +636,15 @@ def _lock_taken_over(
         rdb.set(lock_key, "another-refresh")
         time.sleep(0.5)
 
-    passed = refresh_gate(
+    return _passed(env), take
+
+
+def _passed(env: Settings) -> Gate:
+    return refresh_gate(
         {"ndcg@10": 0.1, "invalid_rate": 0.0},
         {"ndcg@10": 0.2, "retrieval_ndcg@10": 0.1, "invalid_rate": 0.0},
         env,
     )
-    return passed, take
 
 
 def test_a_refresh_that_lost_its_lock_publishes_nothing(
@@ -664,6 +673,21 @@ def test_a_refresh_that_lost_its_lock_while_publishing_activates_nothing(
         "gate passed; not activated: lost the refresh lock while publishing: "
         "it lapsed, or another refresh took it"
     )
+
+
+def test_an_adapter_whose_base_was_pruned_while_it_trained_is_not_published(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Activations moved on while it trained, and a prune removed the version it adapts: it
+    would have been published, and refused by every gateway."""
+    adapter = get_peft_model(tiny_model(vocab_size=32), lora_config(2))
+    pruned = partial(shutil.rmtree, Registry(env.registry_path).path("v1"))
+    result, published, active = _refresh_trained(
+        env, monkeypatch, _passed(env), pruned, candidate=adapter
+    )
+
+    assert result.outcome == "skipped" and published == [] and active == "v1"
+    assert result.reason.endswith("nothing published: its base v1 was pruned while it trained")
 
 
 def test_a_rejected_refresh_says_what_failed(
