@@ -20,7 +20,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import faiss
 from redis.exceptions import RedisError
@@ -189,12 +189,14 @@ class Serving:
             self._wanted = version
             if version == self.version and not reopen:
                 return True
+            if self._stopping.is_set():  # stop() cancels only a swap already opening
+                return False
             self._opening = asyncio.create_task(self._open_ready(version))
             try:
                 engine, index = await self._opening
             except asyncio.CancelledError:
-                if not self._stopping.is_set():
-                    raise
+                if not self._stopping.is_set() or asyncio.current_task().cancelling():
+                    raise  # this swap itself was cancelled, not only its opening
                 log.info("model swap abandoned at shutdown", extra={"version": version})
                 return False
             except Exception as exc:  # whatever breaks the new version, the old one keeps serving
@@ -230,9 +232,16 @@ class Serving:
         self._backoff = min(self._backoff * 2, MAX_BACKOFF_SECONDS)
 
     async def _open_ready(self, version: str) -> tuple[Engine, ItemIndex | None]:
-        """The new engine and index, once the engine is ready. Cancelled (at shutdown) while the
-        engine opens in its thread, the thread runs on; while it prepares, it is released."""
-        engine, index = await asyncio.to_thread(self._open, version)
+        """The new engine and index, once the engine is ready; cancelled (at shutdown), the engine
+        is released, once its thread has opened it if it was opening (a thread cannot be
+        stopped: the process would wait for it anyway)."""
+        opening = asyncio.ensure_future(asyncio.to_thread(self._open, version))
+        try:
+            engine, index = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            with suppress(Exception):  # an engine that failed to open holds nothing
+                await _release((await opening)[0])
+            raise
         try:
             # Bounded: a swap holds the lock, and one that never returns stops every later one.
             await asyncio.wait_for(

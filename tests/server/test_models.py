@@ -499,6 +499,32 @@ def test_shutdown_abandons_a_swap_whose_engine_is_not_ready(
     assert sorted(closed) == ["v1", "v2"]
 
 
+def test_shutdown_releases_an_engine_its_thread_was_still_opening(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An in-process engine opens in a thread for minutes; a thread cannot be stopped, so the
+    engine it opens is released once it has. No swap starts after stop()."""
+    opened: list[Outgoing] = []
+
+    def slow_open(settings: Settings, version: str, serving: object) -> Outgoing:
+        time.sleep(0.5)
+        opened.append(engine := Outgoing(version))
+        return engine
+
+    monkeypatch.setattr(server.serving, "open_engine", slow_open)
+    serving = server.serving.Serving(settings.model_copy(update={"registry_dir": tmp_path}), None)
+
+    async def scenario() -> tuple[bool, bool]:
+        swapping = asyncio.create_task(serving.swap("v1"))
+        await asyncio.sleep(0.1)  # opening in its thread
+        await serving.stop()
+        return await swapping, await serving.swap("v2")
+
+    assert asyncio.run(scenario()) == (False, False)
+    assert [(e.model_version, e.closed) for e in opened] == [("v1", True)]
+    assert serving.engine is None
+
+
 def test_the_reason_for_no_engine_follows_what_redis_says_once_it_answers(
     settings: Settings,
 ) -> None:
