@@ -164,9 +164,13 @@ class Registry:
 
     def versions(self) -> list[Manifest]:
         """Every readable version, oldest first; an unreadable one is logged and left out."""
+        return self._scan()[0]
+
+    def _scan(self) -> tuple[list[Manifest], list[str]]:
+        """The readable versions, oldest first, and the names of the folders left out."""
         if not self.root.is_dir():
-            return []
-        found = []
+            return [], []
+        found, left_out = [], []
         for child in self.root.iterdir():
             try:
                 if child.name.startswith(".") or not (child / MANIFEST).is_file():
@@ -174,7 +178,8 @@ class Registry:
                 found.append(self.manifest(child.name))
             except (RegistryError, OSError) as exc:  # OSError: a folder this user may not read
                 log.warning("model version left out", extra={"reason": str(exc)})
-        return sorted(found, key=lambda manifest: manifest.created_at)
+                left_out.append(child.name)
+        return sorted(found, key=lambda manifest: manifest.created_at), left_out
 
     def staging(self) -> Path:
         """A fresh folder to write a version into; `publish` moves it into place."""
@@ -234,10 +239,16 @@ class Registry:
         """All but the newest `keep` trained versions (0: none), oldest first; never one in
         `serving` (the active and the previous version: a rollback needs it), a version brought
         in (`models register`, `models import-gguf`: a base to train on, not a product of
-        training) or the base a kept adapter runs on."""
+        training) or the base a kept adapter runs on. RegistryError while a version folder cannot
+        be read."""
         if keep == 0:
             return []
-        versions = self.versions()
+        versions, left_out = self._scan()
+        if left_out:  # it may be an adapter whose base would not be kept
+            raise RegistryError(
+                f"version folders that cannot be read: {', '.join(sorted(left_out))}; nothing "
+                f"pruned until they are mended or removed from {self.root}"
+            )
         trained = [m.version for m in versions if m.training.get("method") not in BROUGHT_IN]
         kept = {m.version for m in versions} - set(trained[:-keep]) | serving
         kept |= {m.base_model for m in versions if m.version in kept and m.base_model}

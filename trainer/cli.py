@@ -274,8 +274,9 @@ def train_command(
     """The offline retrain job: logged feedback -> GRPO from the active model -> gate -> publish.
 
     Prints a JSON summary. Exit status: 0 published, 3 rejected by the gate, 4 skipped (no active
-    model, too little logged feedback, no reward signal to learn from, or the refresh lock lost
-    before publishing), 5 another refresh is running, 143 stopped by SIGTERM, 1 on error.
+    model, too little logged feedback, no reward signal to learn from, the refresh lock lost
+    before publishing, or the base of its adapter pruned while it trained), 5 another refresh is
+    running, 143 stopped by SIGTERM, 1 on error.
     """
     if not once:
         raise typer.BadParameter("use --once (the scheduled loop is `reasonrec trainer`)")
@@ -430,7 +431,7 @@ def prune_models(
             return await prune(Registry(settings.registry_path), store, keep)
 
     try:
-        with errors_end_command(OSError):
+        with errors_end_command(OSError, RegistryError):
             removed = asyncio.run(pruned())
     except PruneBusy as exc:
         console.print(f"[red]error:[/red] {exc}; run it again once that one ends")

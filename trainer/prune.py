@@ -2,15 +2,35 @@
 published refresh, and `reasonrec models prune`."""
 
 import asyncio
+import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from server.registry import Registry
 from server.store import Store
 from trainer.threads import finish_in_thread
 
+POLL_SECONDS = 0.5
+
 
 class PruneBusy(Exception):
     """Another prune holds the registry (a refresh's, or `reasonrec models prune`)."""
+
+
+@asynccontextmanager
+async def prune_held(store: Store, wait: float = 0) -> AsyncIterator[None]:
+    """No other prune runs meanwhile (the prune lock); waits up to `wait` seconds for one in
+    progress, then raises PruneBusy."""
+    token, deadline = uuid.uuid4().hex, time.monotonic() + wait
+    while not await store.take_prune_lock(token):
+        if time.monotonic() >= deadline:
+            raise PruneBusy("another prune is running (a refresh's or `reasonrec models prune`)")
+        await asyncio.sleep(POLL_SECONDS)
+    try:
+        yield
+    finally:
+        await store.release_prune_lock(token)
 
 
 async def prune(registry: Registry, store: Store, keep: int) -> list[str]:
@@ -19,10 +39,7 @@ async def prune(registry: Registry, store: Store, keep: int) -> list[str]:
     one activated before that is kept: an operator activating an old version as it was chosen
     would have had its folder removed under the gateways. One prune at a time: a second one
     ended the first's refusal while the first was still removing."""
-    token = uuid.uuid4().hex
-    if not await store.take_prune_lock(token):
-        raise PruneBusy("another prune is running (a refresh's or `reasonrec models prune`)")
-    try:
+    async with prune_held(store):
         chosen = await asyncio.to_thread(registry.prunable, keep, await store.serving_models())
         serving = await store.mark_pruning(chosen)
         try:
@@ -31,6 +48,4 @@ async def prune(registry: Registry, store: Store, keep: int) -> list[str]:
             await finish_in_thread(registry.remove, removed)
         finally:
             await store.unmark_pruning(chosen)
-    finally:
-        await store.release_prune_lock(token)
     return removed

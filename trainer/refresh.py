@@ -42,9 +42,16 @@ from server.config import Settings
 from server.item_index import ItemIndex
 from server.logs import describe, refresh_id_var
 from server.policy import read_policy
-from server.registry import REFRESH_METHOD, Manifest, Registry, base_version, new_version
+from server.registry import (
+    REFRESH_METHOD,
+    Manifest,
+    Registry,
+    RegistryError,
+    base_version,
+    new_version,
+)
 from server.search_index import SearchIndex
-from server.store import ActiveModelChanged, Store
+from server.store import PRUNING_SECONDS, ActiveModelChanged, Store
 from trainer import metrics
 from trainer.bootstrap import current_index
 from trainer.constrained import RatingConstraint
@@ -56,7 +63,7 @@ from trainer.feedback_log import KEEP_FACTOR, ConsumeResult, FeedbackLog, Logged
 from trainer.gate import Gate, Popularity, refresh_gate, validate
 from trainer.grpo import STATE_FILE, Stopped, run_grpo
 from trainer.presets import GrpoSettings
-from trainer.prune import PruneBusy, prune
+from trainer.prune import PruneBusy, prune, prune_held
 from trainer.publish import publish_model, validated
 from trainer.rating import RatingExampleBuilder, RatingExamples, validate_rating
 from trainer.search import (
@@ -274,7 +281,7 @@ async def _prune(settings: Settings, store: Store) -> None:
     refresh it follows is published."""
     try:
         removed = await prune(Registry(settings.registry_path), store, settings.keep_versions)
-    except (OSError, RedisError, PruneBusy) as exc:
+    except (OSError, RedisError, RegistryError, PruneBusy) as exc:
         log.warning("registry not pruned", extra={"reason": describe(exc)})
         return
     if removed:
@@ -430,15 +437,23 @@ async def _refresh(
         reason = f"lost the refresh lock: {lock.lost}; nothing published"
         return result.model_copy(update={"outcome": "skipped", "reason": reason})
     base = base_version(manifest)
-    if isinstance(candidate, PeftModel) and not registry.has(base):
-        # Activations moved on while it trained and a prune removed the base: an adapter on it
-        # could never be served.
-        reason = f"gate passed; nothing published: its base {base} was pruned while it trained"
-        return result.model_copy(update={"outcome": "skipped", "reason": reason})
-    # In a thread too: saving the weights takes seconds, the lock must go on being renewed.
-    version = await finish_in_thread(
-        _publish, registry, manifest, candidate, tokenizer, policy.model_dump(mode="json"), result
-    )
+    # No prune between the check and the version in place: it could remove the base meanwhile.
+    async with prune_held(store, wait=PRUNING_SECONDS):
+        if isinstance(candidate, PeftModel) and not registry.has(base):
+            # Activations moved on while it trained and a prune removed the base: an adapter on
+            # it could never be served.
+            reason = f"gate passed; nothing published: its base {base} was pruned while it trained"
+            return result.model_copy(update={"outcome": "skipped", "reason": reason})
+        # In a thread too: saving the weights takes seconds, the lock must go on being renewed.
+        version = await finish_in_thread(
+            _publish,
+            registry,
+            manifest,
+            candidate,
+            tokenizer,
+            policy.model_dump(mode="json"),
+            result,
+        )
     if lock.lost:
         reason = f"gate passed; not activated: lost the refresh lock while publishing: {lock.lost}"
         log.warning("refresh not activated", extra={"version": version, "reason": lock.lost})

@@ -690,6 +690,19 @@ def test_an_adapter_whose_base_was_pruned_while_it_trained_is_not_published(
     assert result.reason.endswith("nothing published: its base v1 was pruned while it trained")
 
 
+def test_no_prune_runs_while_a_refresh_publishes(
+    env: Settings, rdb: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until the version is in place a prune does not see it, and could remove its base."""
+    lock = f"{env.key_prefix}:model:prune-lock"
+    held: list[int] = []
+    result, published, _ = _refresh_trained(
+        env, monkeypatch, _passed(env), while_publishing=lambda: held.append(rdb.exists(lock))
+    )
+    assert result.outcome == "published" and published == ["v2"] and held == [1]
+    assert not rdb.exists(lock)
+
+
 def test_a_rejected_refresh_says_what_failed(
     env: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
