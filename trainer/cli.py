@@ -426,18 +426,17 @@ def prune_models(
     settings = settings_from_env()
     keep = settings.keep_versions if keep is None else keep
 
-    async def pruned() -> list[str]:
+    async def pruned() -> None:
         async with open_store(settings) as store:
-            return await prune(Registry(settings.registry_path), store, keep)
+            await prune(Registry(settings.registry_path), store, keep, on_removed=typer.echo)
 
     try:
+        # SIGTERM as Ctrl-C: the version being removed is finished, the lock given back.
         with errors_end_command(OSError, RegistryError):
-            removed = asyncio.run(pruned())
+            run_stoppable(pruned())
     except PruneBusy as exc:
         console.print(f"[red]error:[/red] {exc}; run it again once that one ends")
         raise typer.Exit(EXIT_BUSY) from exc
-    for version in removed:
-        typer.echo(version)
 
 
 def _eval_format_help() -> str:

@@ -4,7 +4,7 @@ published refresh, and `reasonrec models prune`."""
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from server.registry import Registry
@@ -25,7 +25,10 @@ async def prune_held(store: Store, wait: float = 0) -> AsyncIterator[None]:
     token, deadline = uuid.uuid4().hex, time.monotonic() + wait
     while not await store.take_prune_lock(token):
         if time.monotonic() >= deadline:
-            raise PruneBusy("another prune is running (a refresh's or `reasonrec models prune`)")
+            raise PruneBusy(
+                "another prune is running (a refresh's or `reasonrec models prune`; one killed "
+                "holds the registry up to 5 minutes)"
+            )
         await asyncio.sleep(POLL_SECONDS)
     try:
         yield
@@ -33,19 +36,29 @@ async def prune_held(store: Store, wait: float = 0) -> AsyncIterator[None]:
         await store.release_prune_lock(token)
 
 
-async def prune(registry: Registry, store: Store, keep: int) -> list[str]:
+async def prune(
+    registry: Registry, store: Store, keep: int, on_removed: Callable[[str], object] | None = None
+) -> list[str]:
     """Remove all but the newest `keep` trained versions (`Registry.prunable`); the removed
-    versions, oldest first. Those chosen are refused activation while they are removed, and
-    one activated before that is kept: an operator activating an old version as it was chosen
-    would have had its folder removed under the gateways. One prune at a time: a second one
-    ended the first's refusal while the first was still removing."""
+    versions, oldest first, each passed to `on_removed` once gone (cancelled, it stops after the
+    one being removed). Those chosen are refused activation while they are removed, and one
+    activated before that is kept: an operator activating an old version as it was chosen would
+    have had its folder removed under the gateways. One prune at a time: a second one ended the
+    first's refusal while the first was still removing."""
+    removed: list[str] = []
     async with prune_held(store):
         chosen = await asyncio.to_thread(registry.prunable, keep, await store.serving_models())
         serving = await store.mark_pruning(chosen)
         try:
             still = await asyncio.to_thread(registry.prunable, keep, serving)
-            removed = [version for version in still if version in chosen]
-            await finish_in_thread(registry.remove, removed)
+            for version in [version for version in still if version in chosen]:
+                try:
+                    await finish_in_thread(registry.remove, [version])
+                finally:  # cancelled too: the thread finished the version first
+                    if not registry.has(version):
+                        removed.append(version)
+                        if on_removed is not None:
+                            on_removed(version)
         finally:
             await store.unmark_pruning(chosen)
     return removed

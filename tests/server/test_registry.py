@@ -5,6 +5,9 @@ import asyncio
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -381,6 +384,46 @@ def test_one_prune_at_a_time(
     done = CliRunner().invoke(app, ["models", "prune", "--keep", "1"])
     assert done.exit_code == 0 and done.output.split() == ["v0", "v1"], done.output
     assert not client.exists(f"{settings.key_prefix}:model:prune-lock")  # released
+
+
+def test_a_prune_stopped_by_sigterm_finishes_the_version_at_hand_and_gives_the_lock_back(
+    settings: Settings, redis_url: str, tmp_path: Path
+) -> None:
+    """Killed with the lock, a prune held every other one off for 5 minutes; and it printed
+    nothing of what it had removed."""
+    registry = Registry(settings.registry_path)
+    for age, version in enumerate(["v0", "v1", "v2", "v3"]):
+        publish_version(registry, version, created_at=T0 + timedelta(hours=age))
+    # Each removal takes a second: the signal comes during the second one.
+    script = (
+        "import sys, time; from server.registry import Registry; from cli import main\n"
+        "remove = Registry.remove\n"
+        "Registry.remove = lambda self, versions: (time.sleep(1), remove(self, versions))\n"
+        "sys.argv = ['reasonrec', 'models', 'prune', '--keep', '1']; main()\n"
+    )
+    env = {
+        **os.environ,
+        "REASONREC_REDIS_URL": redis_url,
+        "REASONREC_KEY_PREFIX": settings.key_prefix,
+        "REASONREC_DATA_DIR": str(settings.data_dir),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True
+    )
+    lock = f"{settings.key_prefix}:model:prune-lock"
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + 60
+    while not client.exists(lock) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.5)
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=60)
+
+    assert process.returncode == 128 + signal.SIGTERM
+    printed = stdout.split()
+    assert printed[:2] == ["v0", "v1"] and "v2" not in printed, stdout
+    assert names(registry) == ["v2", "v3"]
+    assert not client.exists(lock) and not client.exists(f"{settings.key_prefix}:model:pruning")
 
 
 def test_a_version_being_pruned_cannot_be_activated(settings: Settings) -> None:
