@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from redis.exceptions import AuthenticationError, InvalidResponse, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.markup import escape
 
@@ -154,6 +154,13 @@ def main() -> None:
     Commands that expect an OSError end with their own message before it gets here."""
     try:
         app()
+    except AuthenticationError as exc:  # a ConnectionError to redis-py, though Redis answered
+        console.print(
+            f"[red]error:[/red] Redis refused the credentials: {escape(str(exc))} (the password "
+            "goes in REASONREC_REDIS_URL: redis://:PASSWORD@host:port/db)",
+            highlight=False,
+        )
+        raise SystemExit(1) from exc
     except (RedisConnectionError, RedisTimeoutError) as exc:
         console.print(f"[red]error:[/red] Redis did not answer: {exc}", highlight=False)
         raise SystemExit(1) from exc

@@ -160,10 +160,11 @@ class RedisProcess:
     deployments (docker/, k8s/), so that a killed server comes back with every acknowledged write.
     """
 
-    def __init__(self, workdir: Path, appendonly: bool = False):
+    def __init__(self, workdir: Path, appendonly: bool = False, password: str | None = None):
         self.port = free_port()
         self.workdir = workdir
         self.appendonly = appendonly
+        self.password = password
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -177,12 +178,14 @@ class RedisProcess:
                 *("--port", str(self.port), "--bind", "127.0.0.1", "--save", ""),
                 *("--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always"),
                 *("--dir", str(self.workdir)),
+                *(("--requirepass", self.password) if self.password else ()),
             ],
             stdout=subprocess.DEVNULL,
             preexec_fn=dies_with_pytest,
         )
         deadline = time.monotonic() + 10
-        while not _reachable(self.url):
+        url = self.url.replace("//", f"//:{self.password}@") if self.password else self.url
+        while not _reachable(url):
             if time.monotonic() > deadline:
                 raise RuntimeError("redis-server did not start")
             time.sleep(0.05)

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REASONREC, dies_with_pytest, free_port
+from tests.conftest import REASONREC, RedisProcess, dies_with_pytest, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -120,6 +120,24 @@ def test_an_unusable_redis_is_one_line_not_a_traceback(
     output = " ".join((done.stdout + done.stderr).split())
     assert done.returncode == status, output
     assert message in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize("password", ["", ":wrong@"])
+def test_a_redis_that_refuses_the_credentials_says_so(tmp_path: Path, password: str) -> None:
+    """redis-py raises a ConnectionError for them: "Redis did not answer", when it had."""
+    server = RedisProcess(tmp_path, password="secret")
+    server.start()
+    try:
+        url = server.url.replace("//", f"//{password}")
+        env = {**os.environ, "REASONREC_REDIS_URL": url, "REASONREC_DATA_DIR": str(tmp_path)}
+        done = subprocess.run(
+            [REASONREC, "models", "prune", "--keep", "1"], env=env, capture_output=True, text=True
+        )
+    finally:
+        server.stop()
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 1, output
+    assert "Redis refused the credentials" in output and "did not answer" not in output
 
 
 def test_a_database_the_redis_does_not_have_is_one_line(tmp_path: Path, redis_url: str) -> None:

@@ -377,8 +377,8 @@ async def bootstrap(
     parent = base_manifest(registry, base, tasks) if base else None
     device = select_device(settings.train_device)
     policy = read_policy(settings.policy_file)
-    corpus = await read_corpus(store)
-    with interruptible():
+    with interruptible():  # from the store's read on: under asyncio.run, Ctrl-C waited for it
+        corpus = await read_corpus(store)
         shape = Shape(
             candidates=settings.candidates,
             history=settings.prompt_history,

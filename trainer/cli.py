@@ -22,6 +22,7 @@ from server.cli import (
     settings_from_env,
 )
 from server.config import Settings
+from server.interrupts import interruptible
 from server.loaders import LoadError
 from server.registry import (
     REGISTERED,
@@ -173,23 +174,32 @@ async def _rebuild_index(settings: Settings, dim: int) -> str:
     from trainer.bootstrap import index_corpus
     from trainer.corpus import read_corpus
 
-    async with open_store(settings) as store:
-        corpus = await read_corpus(store)
-    if not corpus.items:  # a wrong Redis URL or prefix would replace a good index with nothing
-        raise NotEnoughData(
-            "the store holds no items: nothing indexed (is REASONREC_REDIS_URL "
-            "or REASONREC_KEY_PREFIX the deployment's?)"
-        )
-    return index_corpus(corpus, settings, dim).version
+    # Ctrl-C at once: under asyncio.run alone it was lost in the store's read, and the index
+    # the operator meant to stop was made current.
+    with interruptible():
+        async with open_store(settings) as store:
+            corpus = await read_corpus(store)
+        if not corpus.items:  # a wrong Redis URL or prefix would replace a good index
+            raise NotEnoughData(
+                "the store holds no items: nothing indexed (is REASONREC_REDIS_URL "
+                "or REASONREC_KEY_PREFIX the deployment's?)"
+            )
+        return index_corpus(corpus, settings, dim).version
 
 
 @app.command("index")
 def index_command(dim: Annotated[int, typer.Option(min=2, help="Item vector size.")] = 64) -> None:
     """Rebuild the candidate index from the store's catalog and interactions (new items, new
-    feedback) and make it current; gateways load it when they start."""
+    feedback) and make it current; gateways load it within 30 s, without a restart."""
     settings = settings_from_env()
-    with errors_end_command(NotEnoughData):
-        typer.echo(asyncio.run(_rebuild_index(settings, dim)))
+    import trainer.bootstrap  # noqa: F401  torch and faiss: before Ctrl-C is caught, not during
+
+    try:
+        with errors_end_command(NotEnoughData):
+            typer.echo(asyncio.run(_rebuild_index(settings, dim)))
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted:[/yellow] an index is made current only once built")
+        raise typer.Exit(130) from None
 
 
 BaseOption = Annotated[
