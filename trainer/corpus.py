@@ -77,7 +77,9 @@ async def read_corpus(store: Store) -> Corpus:
         try:
             interaction = _interaction(event, items)
         except UNREADABLE as exc:
-            skip_unreadable("event", event.get("event_id", ""), exc)
+            # Event ids are a user's own: the pair names the event (and its warning).
+            ident = f"{event.get('user_id', '')}/{event.get('event_id', '')}"
+            skip_unreadable("event", ident, exc)
             continue
         if interaction is None:
             continue

@@ -271,6 +271,12 @@ async def refresh_once(
         if result.outcome == "published":
             metrics.LAST_SUCCESS.set(time.time())
         log.info("refresh finished", extra=result.model_dump(include=FINISHED_FIELDS))
+    except RefreshBusy:
+        raise
+    except Exception:  # its last line, with its id: the sidecar goes on, `train --once` ends
+        metrics.RUNS.labels("failed").inc()
+        log.exception("refresh failed")
+        raise
     finally:
         refresh_id_var.reset(tagged)
     return result

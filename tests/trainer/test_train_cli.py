@@ -77,7 +77,7 @@ def test_a_refresh_ends_with_one_line_that_says_why(
 
 
 def test_the_lines_of_a_refresh_carry_its_id(
-    env: Settings, caplog: pytest.LogCaptureFixture
+    env: Settings, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     lines: list[dict] = []
 
@@ -101,6 +101,19 @@ def test_the_lines_of_a_refresh_carry_its_id(
     ids = [line.get("refresh_id") for line in lines if line["msg"] == "refresh finished"]
     assert len(ids) == 2 and all(ids) and ids[0] != ids[1]
     assert "refresh_id" not in lines[-1] and lines[-1]["msg"] == "between refreshes"
+
+    async def broken(*_: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(refresh_module, "_refresh", broken)
+    logger.addHandler(handler)
+    try:
+        with caplog.at_level("INFO", logger="trainer"), pytest.raises(RuntimeError):
+            asyncio.run(twice())
+    finally:
+        logger.removeHandler(handler)
+    [failed] = [line for line in lines if line["msg"] == "refresh failed"]
+    assert failed["refresh_id"] not in ids and "disk on fire" in failed["exc"]
 
 
 def test_once_is_required(env: Settings) -> None:
