@@ -9,6 +9,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
+
+from server.schemas import ID_PATTERN
 
 VLLM_LOGGING = Path(__file__).with_name("vllm_logging.json")
 
@@ -31,13 +34,25 @@ def describe(exc: BaseException) -> str:
     `network:ConnectionError` alone, with no host, no "Connection refused", no WRONGTYPE. A
     pydantic error without the input it quotes: a stored user's attributes may be personal
     data."""
-    message = _problems(exc) if isinstance(exc, ValidationError) else str(exc)
+    message = problems(exc) if isinstance(exc, ValidationError) else str(exc)
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
-def _problems(exc: ValidationError) -> str:
-    problems = exc.errors(include_input=False, include_url=False)
-    return "; ".join(f"{'.'.join(map(str, p['loc'])) or 'value'}: {p['msg']}" for p in problems)
+def problems(exc: ValidationError, whole: str = "value") -> str:
+    """pydantic's errors on one line, without the input they quote (`whole` names an error of
+    the whole object), and the id rule in words rather than its pattern (2,000 characters)."""
+    return "; ".join(
+        f"{'.'.join(map(str, p['loc'])) or whole}: {_message(p)}"
+        for p in exc.errors(include_input=False, include_url=False)
+    )
+
+
+def _message(problem: ErrorDetails) -> str:
+    if problem["type"] == "string_pattern_mismatch" and problem["ctx"]["pattern"] == ID_PATTERN:
+        return (
+            "not an id: printable characters, no whitespace, none of : / , < >, and not '.' or '..'"
+        )
+    return problem["msg"]
 
 
 class JsonFormatter(logging.Formatter):

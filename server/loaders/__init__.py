@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from server.logs import problems
 from server.schemas import FeedbackEvent, ItemUpsert, UserUpsert
 
 
@@ -60,12 +61,7 @@ _PARSE_ERRORS = (OSError, ValueError, KeyError, TypeError, OverflowError, csv.Er
 def describe(exc: Exception) -> str:
     """An error on one line: pydantic's list of errors without its echo of the input and its
     help links, which would bury the reason under lines of text."""
-    if isinstance(exc, ValidationError):
-        return "; ".join(
-            f"{'.'.join(str(part) for part in err['loc']) or 'record'}: {err['msg']}"
-            for err in exc.errors()
-        )
-    return str(exc)
+    return problems(exc, whole="record") if isinstance(exc, ValidationError) else str(exc)
 
 
 @contextmanager
