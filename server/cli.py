@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 import uvicorn
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 from rich.console import Console
 from rich.markup import escape
 
@@ -209,6 +210,26 @@ def serve(
         )
 
 
+def interrupted_load(settings: Settings) -> str:
+    """What an interrupted load left: nothing is written before every event is checked, and the
+    store is marked from the first write until the last."""
+    try:
+        unfinished = asyncio.run(_load_unfinished(settings))
+    except (RedisError, OSError):
+        unfinished = True  # cannot tell: the advice that is always right
+    if not unfinished:
+        return "nothing was written (a load checks every event before it writes)"
+    return (
+        "the store holds part of this load; run the same load again to finish it (what was "
+        "written is not written twice)"
+    )
+
+
+async def _load_unfinished(settings: Settings) -> bool:
+    async with open_store(settings) as store:
+        return await store.load_unfinished()
+
+
 @app.command()
 def load(
     path: Annotated[Path | None, typer.Argument(help="File or folder to load.")] = None,
@@ -229,10 +250,7 @@ def load(
             dataset = _read(fmt, path, synthetic)
             summary = asyncio.run(load_dataset(settings, dataset))
     except KeyboardInterrupt:
-        console.print(
-            "[yellow]interrupted:[/yellow] the store holds part of this load; run the same load "
-            "again to finish it (what was written is not written twice)"
-        )
+        console.print(f"[yellow]interrupted:[/yellow] {interrupted_load(settings)}")
         raise typer.Exit(130) from None
     console.print(
         f"loaded {summary.items} items, {summary.users} users, {summary.events} new events "

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import cli as reasonrec
 from server import cli as cli_module
-from server.cli import app, load_dataset
+from server.cli import app, interrupted_load, load_dataset
 from server.config import Settings
 from server.loaders.synthetic import generate
 from server.store import open_store
@@ -338,6 +338,17 @@ def test_demo_offers_no_base_for_a_preset_that_needs_one(env) -> None:
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and "choose an embedded model's preset" in said, result.output
     assert "--base" not in said  # demo has no such option
+
+
+def test_a_load_interrupted_before_it_wrote_says_nothing_was_written(
+    rdb, settings: Settings
+) -> None:
+    """Stopped while it checked the events, a load said the store held part of it."""
+    assert interrupted_load(settings).startswith("nothing was written")
+    rdb.set(f"{settings.key_prefix}:load:unfinished", "1")  # as a load's first write marks it
+    assert interrupted_load(settings).startswith("the store holds part of this load")
+    unreachable = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    assert interrupted_load(unreachable).startswith("the store holds part of this load")
 
 
 def test_one_ctrl_c_stops_a_load_and_says_how_to_finish_it(
