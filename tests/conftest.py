@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,10 +74,12 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(autouse=True)
-def _unreadable_records_unwarned(monkeypatch: pytest.MonkeyPatch) -> None:
+def _unreadable_records_unwarned() -> None:
     """Each test sees the warning for an unreadable record it meets, whatever the tests before it
-    met (the gateway warns once a minute per record; test records share ids)."""
-    monkeypatch.setattr(server.store, "_warned_at", OrderedDict())
+    met (the gateway warns once a minute per record; test records share ids). Not with
+    monkeypatch: an autouse fixture's monkeypatch is undone after every other fixture's teardown,
+    so a test's own patches (socket.getaddrinfo, say) would outlive its fixtures' teardowns."""
+    server.store._warned_at.clear()
 
 
 @pytest.fixture
