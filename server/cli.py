@@ -124,6 +124,8 @@ def check_policy_file(settings: Settings) -> None:
 def _check_inputs(fmt: Format, path: Path | None, synthetic: dict[str, int]) -> None:
     """Refuse what the format would ignore: a load of other data than the operator named would
     otherwise pass unnoticed. `synthetic`: the generator's options given."""
+    if fmt is not Format.synthetic and path is None:
+        raise typer.BadParameter(f"--format {fmt} needs a PATH", param_hint="PATH")
     if fmt is Format.synthetic and path is not None:
         raise typer.BadParameter(
             "--format synthetic generates its data and reads no PATH", param_hint="PATH"
@@ -136,10 +138,8 @@ def _check_inputs(fmt: Format, path: Path | None, synthetic: dict[str, int]) -> 
 
 
 def _read(fmt: Format, path: Path | None, synthetic: dict[str, int]) -> Dataset:
-    if fmt is Format.synthetic:
+    if fmt is Format.synthetic or path is None:  # no PATH: refused unless synthetic
         return generate(**synthetic)
-    if path is None:
-        raise LoadError(f"--format {fmt} needs a PATH")
     readers = {
         Format.ml_100k: read_ml100k,
         Format.ml_latest: read_ml_latest,

@@ -29,6 +29,8 @@ TAG_SEPARATOR = ", "
 
 
 def _require(path: Path, *names: str) -> None:
+    if not path.is_dir():  # a mistyped path: not a folder "missing" every file
+        raise LoadError(f"{path} is not a folder" if path.exists() else f"{path} does not exist")
     missing = [name for name in names if not (path / name).is_file()]
     if missing:
         raise LoadError(f"{path} is missing {', '.join(missing)}")

@@ -51,17 +51,18 @@ def test_load_jsonl_reports_counts(env, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "status", "message"),
     [
-        (["load", "--format", "ml-100k"], "needs a PATH"),
-        (["load", "--format", "ml-100k", "/nonexistent"], "is missing u.data"),
-        (["load", "--format", "jsonl", "/nonexistent.jsonl"], "is not a file"),
+        (["load", "--format", "ml-100k"], 2, "needs a PATH"),  # a usage error, as the others
+        (["load", "--format", "ml-100k", "/nonexistent"], 1, "/nonexistent does not exist"),
+        (["load", "--format", "ml-100k", "/etc/hostname"], 1, "/etc/hostname is not a folder"),
+        (["load", "--format", "jsonl", "/nonexistent.jsonl"], 1, "is not a file"),
     ],
 )
-def test_load_errors_are_clear(env, args: list[str], message: str) -> None:
+def test_load_errors_are_clear(env, args: list[str], status: int, message: str) -> None:
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 1
-    assert message in result.output
+    assert result.exit_code == status, result.output
+    assert message in " ".join(result.output.split())
 
 
 def test_load_of_a_malformed_rating_names_it_and_loads_again_once_fixed(
@@ -140,8 +141,9 @@ def test_serve_takes_no_more_workers_than_the_setting_allows() -> None:
 
 def test_a_demo_on_a_folder_without_movielens_says_so(env, tmp_path: Path) -> None:
     variables = {**os.environ, **env, "REASONREC_PORT": str(free_port())}
+    (tmp_path / "empty").mkdir()
     done = subprocess.run(
-        [REASONREC, "demo", "--data", str(tmp_path / "nowhere")],
+        [REASONREC, "demo", "--data", str(tmp_path / "empty")],
         env=variables,
         capture_output=True,
         text=True,
