@@ -138,8 +138,9 @@ def _check_inputs(fmt: Format, path: Path | None, synthetic: dict[str, int]) -> 
 
 
 def _read(fmt: Format, path: Path | None, synthetic: dict[str, int]) -> Dataset:
-    if fmt is Format.synthetic or path is None:  # no PATH: refused unless synthetic
+    if fmt is Format.synthetic:
         return generate(**synthetic)
+    assert path is not None  # refused by _check_inputs
     readers = {
         Format.ml_100k: read_ml100k,
         Format.ml_latest: read_ml_latest,

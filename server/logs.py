@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from server.schemas import ID_PATTERN
+from server.schemas import ID_PATTERN, ID_RULE
 
 VLLM_LOGGING = Path(__file__).with_name("vllm_logging.json")
 
@@ -49,9 +49,7 @@ def problems(exc: ValidationError, whole: str = "value") -> str:
 
 def _message(problem: ErrorDetails) -> str:
     if problem["type"] == "string_pattern_mismatch" and problem["ctx"]["pattern"] == ID_PATTERN:
-        return (
-            "not an id: printable characters, no whitespace, none of : / , < >, and not '.' or '..'"
-        )
+        return f"not an id: {ID_RULE}"
     return problem["msg"]
 
 

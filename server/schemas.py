@@ -42,6 +42,8 @@ _NOT_DOT = rf"[^{_HIDDEN}{ID_EXCLUDED}.]"
 # Any id but "." and "..", which URLs resolve away as path segments. Written without lookahead,
 # which the Rust regex engine behind pydantic lacks.
 ID_PATTERN = rf"^({_NOT_DOT}{_ID_CHAR}*|\.{_NOT_DOT}{_ID_CHAR}*|\.\.{_ID_CHAR}+)$"
+ID_RULE = "printable characters, no whitespace, none of : / , < >, and not '.' or '..'"
+"""ID_PATTERN in words, for messages (the pattern runs to 2,000 characters)."""
 MAX_ID_CHARS = 256
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)]
 """Item and user ids: printable, no whitespace, no ':' (it separates Redis key parts), no '/'

@@ -112,6 +112,17 @@ def wait_http(url: str, process: subprocess.Popen | None = None, seconds: float 
     raise TimeoutError(f"{url} did not answer in {seconds} s")
 
 
+def command_env(settings: Settings, **more: str) -> dict[str, str]:
+    """This process's environment with `settings`' store and data folder, for a `reasonrec`
+    process a test starts; `more`: other REASONREC_* variables."""
+    return os.environ | {
+        "REASONREC_REDIS_URL": settings.redis_url or "",
+        "REASONREC_KEY_PREFIX": settings.key_prefix,
+        "REASONREC_DATA_DIR": str(settings.data_dir),
+        **more,
+    }
+
+
 @pytest.fixture
 def settings(redis_url: str, key_prefix: str, tmp_path: Path) -> Settings:
     # LoRA versions as runtime adapters unless a test merges them: 'auto' would merge on a CPU.

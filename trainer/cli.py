@@ -171,12 +171,12 @@ async def run_bootstrap(
 
 
 async def _rebuild_index(settings: Settings, dim: int) -> str:
-    from trainer.bootstrap import index_corpus
-    from trainer.corpus import read_corpus
-
-    # Ctrl-C at once: under asyncio.run alone it was lost in the store's read, and the index
-    # the operator meant to stop was made current.
+    # Ctrl-C at once, from the imports on: under asyncio.run alone it was lost in the store's
+    # read, and the index the operator meant to stop was made current.
     with interruptible():
+        from trainer.bootstrap import index_corpus
+        from trainer.corpus import read_corpus
+
         async with open_store(settings) as store:
             corpus = await read_corpus(store)
         if not corpus.items:  # a wrong Redis URL or prefix would replace a good index
@@ -192,8 +192,6 @@ def index_command(dim: Annotated[int, typer.Option(min=2, help="Item vector size
     """Rebuild the candidate index from the store's catalog and interactions (new items, new
     feedback) and make it current; gateways load it within 30 s, without a restart."""
     settings = settings_from_env()
-    import trainer.bootstrap  # noqa: F401  torch and faiss: before Ctrl-C is caught, not during
-
     try:
         with errors_end_command(NotEnoughData):
             typer.echo(asyncio.run(_rebuild_index(settings, dim)))

@@ -1,7 +1,6 @@
 """Running processes for the observability tests: a gateway (fake engine, real Redis) that has
 served some traffic, and a `reasonrec trainer` sidecar, each with its /metrics on loopback."""
 
-import os
 import subprocess
 import sys
 import uuid
@@ -15,7 +14,14 @@ import pytest
 from server.app import create_app
 from server.config import Settings
 from server.engine import EngineError
-from tests.conftest import dies_with_pytest, drop_prefix, free_port, served_in_thread, wait_http
+from tests.conftest import (
+    command_env,
+    dies_with_pytest,
+    drop_prefix,
+    free_port,
+    served_in_thread,
+    wait_http,
+)
 from tests.server.test_recommend_logic import FakeEngine, answer, load_shop
 
 START_SECONDS = 90  # the trainer imports torch and TRL before it serves /metrics
@@ -72,13 +78,7 @@ def trainer(deploy_settings: Settings) -> Iterator[str]:
     """`reasonrec trainer` in a process of its own; yields its metrics URL. It only waits here:
     a refresh is due after REASONREC_REFRESH_SECONDS or REASONREC_REFRESH_MIN_EVENTS events."""
     port = free_port()
-    env = {
-        **os.environ,
-        "REASONREC_REDIS_URL": deploy_settings.redis_url,
-        "REASONREC_KEY_PREFIX": deploy_settings.key_prefix,
-        "REASONREC_DATA_DIR": str(deploy_settings.data_dir),
-        "REASONREC_TRAINER_METRICS_PORT": str(port),
-    }
+    env = command_env(deploy_settings, REASONREC_TRAINER_METRICS_PORT=str(port))
     command = [str(Path(sys.executable).parent / "reasonrec"), "trainer"]
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, preexec_fn=dies_with_pytest

@@ -19,7 +19,7 @@ from server.loaders.synthetic import generate
 from server.loaders.writer import progress_bar, write
 from server.store import open_store
 from tests.conftest import TEST_MIN_LISTS, drop_prefix
-from tests.server.helpers import until
+from tests.server.helpers import wait_serving
 from trainer.bootstrap import BootstrapResult, bootstrap
 
 ADMIN_KEY = "it-admin"
@@ -92,4 +92,4 @@ def serving(gateway: TestClient) -> str | None:
 def serve(gateway: TestClient, version: str) -> None:
     """Activate `version` and wait until the gateway serves it (a new engine may start)."""
     activate(gateway, version)
-    assert until(lambda: serving(gateway) == version, 300), f"{version} is not served"
+    assert wait_serving(gateway, version, 300)["serving"] == version, f"{version} is not served"

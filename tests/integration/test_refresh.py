@@ -3,7 +3,6 @@
 And the gate: a refresh that fails it leaves the active version untouched."""
 
 import asyncio
-import os
 import subprocess
 import sys
 import threading
@@ -20,9 +19,9 @@ from server.config import Settings
 from server.index_files import current_version
 from server.registry import BROUGHT_IN, Manifest, Registry
 from server.store import open_store
-from tests.conftest import dies_with_pytest
+from tests.conftest import command_env, dies_with_pytest
 from tests.integration.conftest import serve, serving
-from tests.server.helpers import until
+from tests.server.helpers import until, wait_serving
 from trainer import refresh as refresh_module
 from trainer.bootstrap import BootstrapResult
 from trainer.feedback_log import FeedbackLog
@@ -157,7 +156,7 @@ def test_feedback_refreshes_the_served_model(
         assert manifest.training["lora_rank"] == 4
         published = {path.name for path in registry.path(result.version).iterdir()}
         assert "adapter_config.json" in published and "model.safetensors" not in published
-        assert until(lambda: serving(gateway) == result.version, 300)
+        assert wait_serving(gateway, result.version, 300)["serving"] == result.version
         body = gateway.post("/v1/recommend", json={"user_id": USERS[0], "k": 5}).json()
         assert body["model_version"] == result.version and body["source"] == "llm"
         process = gateway.app.state.serving.engine._process  # the base with room for adapters
@@ -176,7 +175,7 @@ def test_feedback_refreshes_the_served_model(
         manifest = registry.manifest(second.version)
         assert manifest.kind == "lora" and manifest.parent == result.version
         assert manifest.base_model == tiny_model.version and second.lora_rank == 4
-        assert until(lambda: serving(gateway) == second.version, 60)
+        assert wait_serving(gateway, second.version, 60)["serving"] == second.version
         body = gateway.post("/v1/recommend", json={"user_id": USERS[1], "k": 5}).json()
         assert body["model_version"] == second.version and body["source"] == "llm"
         assert gateway.app.state.serving.engine._process is process
@@ -226,14 +225,11 @@ def test_killed_refresh_publishes_nothing_and_loses_no_feedback(
     registry = Registry(served_settings.registry_path)
     versions = {m.version for m in registry.versions()}
     logged = trainer_dir(served_settings) / "logged.jsonl"
-    env = {
-        **os.environ,
-        "REASONREC_REDIS_URL": served_settings.redis_url,
-        "REASONREC_KEY_PREFIX": served_settings.key_prefix,
-        "REASONREC_DATA_DIR": str(served_settings.data_dir),
-        "REASONREC_REFRESH_GRPO_STEPS": "200",  # far longer than the test lets it live
-        "REASONREC_REFRESH_MIN_LISTS": str(served_settings.refresh_min_lists),
-    }
+    env = command_env(
+        served_settings,
+        REASONREC_REFRESH_GRPO_STEPS="200",  # far longer than the test lets it live
+        REASONREC_REFRESH_MIN_LISTS=str(served_settings.refresh_min_lists),
+    )
     started = time.time()
     trainer = subprocess.Popen(
         [sys.executable, "-c", "from cli import app; app()", "train", "--once"],

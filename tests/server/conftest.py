@@ -1,6 +1,5 @@
 """Fixtures for the HTTP API tests: apps over the test's Redis prefix, a client to inspect it."""
 
-import os
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
@@ -13,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
-from tests.conftest import REASONREC, dies_with_pytest, free_port, wait_http
+from tests.conftest import REASONREC, command_env, dies_with_pytest, free_port, wait_http
 
 
 @pytest.fixture
@@ -42,17 +41,10 @@ def live_server(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., st
 
     def start(**env: str) -> str:
         port = free_port()
-        variables = {
-            "REASONREC_REDIS_URL": settings.redis_url or "",
-            "REASONREC_KEY_PREFIX": settings.key_prefix,
-            "REASONREC_DATA_DIR": str(settings.data_dir),
-            "REASONREC_PORT": str(port),
-            **env,
-        }
         log = (tmp_path / f"serve-{port}.log").open("w")
         process = subprocess.Popen(
             [REASONREC, "serve"],
-            env={**os.environ, **variables},
+            env=command_env(settings, REASONREC_PORT=str(port), **env),
             stdout=log,
             stderr=log,
             preexec_fn=dies_with_pytest,

@@ -53,3 +53,13 @@ def until(check: Callable[[], bool], seconds: float) -> bool:
             return False
         time.sleep(0.2)
     return True
+
+
+def wait_serving(client: TestClient, version: str, seconds: float = 10) -> dict[str, Any]:
+    """GET /v1/models once the gateway serves `version`, or once `seconds` have passed."""
+    deadline = time.monotonic() + seconds
+    while True:
+        body = client.get("/v1/models").json()
+        if body["serving"] == version or time.monotonic() > deadline:
+            return body
+        time.sleep(0.05)

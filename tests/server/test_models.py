@@ -22,7 +22,7 @@ from server.engine import EngineError
 from server.engine.remote import RemoteEngine
 from server.registry import Manifest, Registry
 from server.store import ActiveModelChanged, open_store
-from tests.server.helpers import metric, until
+from tests.server.helpers import metric, until, wait_serving
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
@@ -48,15 +48,6 @@ def models_client(make_client: Callable[..., TestClient], tmp_path: Path) -> Tes
         admin_keys=["admin-secret"],
         engine_url="http://127.0.0.1:9",  # never called: these tests do not recommend
     )
-
-
-def wait_serving(client: TestClient, version: str, seconds: float = 10) -> dict[str, Any]:
-    deadline = time.monotonic() + seconds
-    while True:
-        body = client.get("/v1/models").json()
-        if body["serving"] == version or time.monotonic() > deadline:
-            return body
-        time.sleep(0.05)
 
 
 def test_lists_versions_oldest_first_with_their_metrics(models_client: TestClient) -> None:

@@ -39,6 +39,7 @@ from server.registry import (
     stored_parameters,
 )
 from server.store import BeingRemoved, Store, open_store
+from tests.conftest import command_env
 from tests.server.helpers import metric, post_events, put_items
 from trainer.cli import EXIT_BUSY
 from trainer.prune import prune
@@ -401,14 +402,8 @@ def test_a_prune_stopped_by_sigterm_finishes_the_version_at_hand_and_gives_the_l
         "Registry.remove = lambda self, versions: (time.sleep(1), remove(self, versions))\n"
         "sys.argv = ['reasonrec', 'models', 'prune', '--keep', '1']; main()\n"
     )
-    env = {
-        **os.environ,
-        "REASONREC_REDIS_URL": redis_url,
-        "REASONREC_KEY_PREFIX": settings.key_prefix,
-        "REASONREC_DATA_DIR": str(settings.data_dir),
-    }
     process = subprocess.Popen(
-        [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", script], env=command_env(settings), stdout=subprocess.PIPE, text=True
     )
     lock = f"{settings.key_prefix}:model:prune-lock"
     client = redis.Redis.from_url(redis_url)
