@@ -122,6 +122,15 @@ class StorageSettings(_Section):
             raise ValueError("empty: unset it for ./var, or name a folder (not the working one)")
         return value
 
+    @field_validator("data_dir", "registry_dir")
+    @classmethod
+    def _folder(cls, value: Path | None) -> Path | None:
+        # Each writer under it would fail its own way ("[Errno 17] File exists"), and a registry
+        # that is a file would read as one holding no versions.
+        if value is not None and value.exists() and not value.is_dir():
+            raise ValueError(f"{value} is a file, not a folder")
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:

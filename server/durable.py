@@ -3,7 +3,11 @@ folder entry naming it, are on disk before a rename makes them visible (an atomi
 can show a complete-looking folder of truncated files after a power loss)."""
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 
 def fsync(path: Path) -> None:
@@ -21,3 +25,13 @@ def fsync_tree(folder: Path) -> None:
         for name in files:
             fsync(Path(root) / name)
         fsync(Path(root))
+
+
+@contextmanager
+def weights_written(folder: Path) -> Iterator[None]:
+    """safetensors reports a full disk with an error of its own, no OSError: made one here, so
+    that what handles a failed write (one line, not a traceback) handles this one too."""
+    try:
+        yield
+    except SafetensorError as exc:
+        raise OSError(f"weights not written to {folder}: {exc}") from exc

@@ -12,7 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
-from server.durable import fsync, fsync_tree
+from server.durable import fsync, fsync_tree, weights_written
 
 log = logging.getLogger(__name__)
 KEEP = 2  # the serving version's folder and the one a swap replaces it with
@@ -30,7 +30,8 @@ def merged_weights(root: Path, version: str, base_dir: Path, adapter_dir: Path, 
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".staging-{uuid.uuid4().hex}"
     try:
-        _merge(base_dir, adapter_dir, staging, dtype)
+        with weights_written(staging):
+            _merge(base_dir, adapter_dir, staging, dtype)
         # On disk before it is named: a folder found under its name is reused for good, and one
         # a power cut left with truncated files would never open again.
         fsync_tree(staging)

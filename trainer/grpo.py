@@ -38,6 +38,7 @@ from contract.rating import parse_rating
 from contract.search import parse_search
 from contract.tasks import Task
 from reward_rules.terms import Term
+from server.durable import weights_written
 from trainer.constrained import (
     PatternConstraint,
     answer_budget,
@@ -179,7 +180,8 @@ def _reference_on_disk(model: PreTrainedModel, output_dir: Path, beta: float) ->
         yield
         return
     path = output_dir / "reference"
-    model.save_pretrained(path)
+    with weights_written(path):
+        model.save_pretrained(path)
     previous = model.config._name_or_path
     model.config._name_or_path = str(path)
     try:

@@ -273,9 +273,11 @@ async def refresh_once(
         log.info("refresh finished", extra=result.model_dump(include=FINISHED_FIELDS))
     except RefreshBusy:
         raise
-    except Exception:  # its last line, with its id: the sidecar goes on, `train --once` ends
+    except Exception as exc:  # its last line, with its id: the sidecar goes on, `train --once` ends
         metrics.RUNS.labels("failed").inc()
-        log.exception("refresh failed")
+        # A full disk, a store or registry gone: the reason is the news, a traceback is for bugs.
+        known = isinstance(exc, OSError | RedisError | RegistryError)
+        log.error("refresh failed", extra={"reason": describe(exc)}, exc_info=not known)
         raise
     finally:
         refresh_id_var.reset(tagged)

@@ -99,6 +99,24 @@ def test_an_empty_path_is_unset_where_a_setting_may_be_and_refused_for_the_data_
         Settings()
 
 
+@pytest.mark.parametrize("variable", ["REASONREC_DATA_DIR", "REASONREC_REGISTRY_DIR"])
+def test_a_folder_setting_that_names_a_file_ends_a_command_naming_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variable: str
+) -> None:
+    # A registry that is a file listed no versions (exit 0); a data dir that is one failed with
+    # "[Errno 17] File exists" when something was first written under it.
+    file = tmp_path / "state"
+    file.write_text("")
+    monkeypatch.setenv("REASONREC_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv(variable, str(file))
+    result = CliRunner().invoke(app, ["models", "list"])
+    assert result.exit_code == 2
+    assert f"{variable}: Value error, {file} is a file, not a folder" in result.output
+    file.unlink()
+    file.mkdir()
+    assert Settings()  # a folder is what it asks for
+
+
 @pytest.mark.parametrize("prefix", ["", "shop a", "shop*", "shop[1]", "shop\udce9"])
 def test_a_key_prefix_that_is_no_plain_text_is_refused(prefix: str) -> None:
     # "shop\udce9": a Latin-1 byte in the environment; written, it would read as "shop?".

@@ -9,8 +9,8 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from pydantic import ValidationError
-from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from safetensors import SafetensorError, safe_open
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from server import active_model
 from server.active_model import placement, vllm_on_cpu
@@ -199,3 +199,20 @@ def test_merged_weights_are_on_disk_before_they_are_named(
     assert staging.parent == target.parent and staging.name.startswith(".staging-")
     assert {str(staging / "model.safetensors"), str(staging / "config.json")} <= set(flushed)
     assert flushed[-1] == str(target.parent) and (target / "model.safetensors").is_file()
+
+
+def test_a_merge_stopped_by_a_full_disk_leaves_nothing_and_says_where(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = Registry(settings.registry_path)
+    publish_base(registry, "v1")
+    publish_adapter(registry, "v2", base="v1", seed=0)
+
+    def full_disk(*_: object, **__: object) -> None:
+        raise SafetensorError("I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    merging = settings.model_copy(update={"merge_adapters": True})
+    with pytest.raises(OSError, match=r"weights not written to .*\.staging-.*No space left"):
+        placement(merging, "v2")
+    assert not any(active_model.merged_folder(merging).iterdir())

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from safetensors import SafetensorError
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from contract.prompt import ItemView, render_answer
@@ -94,6 +95,27 @@ def test_run_grpo_trains_and_logs_every_term(
     # the KL reference is the model as it started; the policy keeps its own identity
     assert (tmp_path / "reference" / "config.json").exists()
     assert trained.config._name_or_path == toy_sft_model.config._name_or_path
+
+
+def test_a_full_disk_under_the_kl_reference_is_an_os_error(
+    toy_tokenizer: PreTrainedTokenizerFast,
+    toy_examples: list[Example],
+    toy_sft_model: PreTrainedModel,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """safetensors' own error was a traceback where a failed write is one line (a refresh's
+    reason, `train --once`'s message)."""
+
+    def full_disk(*_: object, **__: object) -> None:
+        raise SafetensorError("I/O error: No space left on device (os error 28)")
+
+    model = copy.deepcopy(toy_sft_model)
+    monkeypatch.setattr(type(model), "save_pretrained", full_disk)
+    settings = GrpoSettings(max_steps=1, beta=0.04, progress=False)
+    written = f"weights not written to {tmp_path / 'reference'}: .*No space left"
+    with pytest.raises(OSError, match=written):
+        run_grpo(model, toy_tokenizer, toy_examples, [(Format(), 1.0)], settings, tmp_path)
 
 
 @pytest.mark.parametrize("progress", [True, False])

@@ -23,10 +23,12 @@ import typer
 from peft import get_peft_model
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeout
+from safetensors import SafetensorError
 from typer.testing import CliRunner
 
 from cli import app
 from server.config import Settings
+from server.durable import weights_written
 from server.logs import JsonFormatter
 from server.registry import Manifest, Registry, RegistryError
 from server.schemas import ItemUpsert
@@ -796,6 +798,37 @@ def test_an_active_version_missing_from_the_registry_is_one_line(
     assert result.exit_code == 1, result.output
     assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
     assert "model version 'v-gone' is not in the registry" in " ".join(result.output.split())
+
+
+def test_a_full_disk_ends_a_refresh_with_its_reason_not_a_traceback(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GRPO writes the KL reference to disk (`trainer.grpo`); safetensors reports a full disk
+    with an error of its own, no OSError, and `train --once` printed a traceback, as did the
+    sidecar's "refresh failed" line."""
+
+    def full_disk(*_: object) -> None:
+        with weights_written(Path("/tmp/reference")):
+            raise SafetensorError("I/O error: No space left on device (os error 28)")
+
+    async def ready() -> None:
+        async with open_store(env) as store:
+            await _ready_to_refresh(env, store)
+
+    asyncio.run(ready())
+    monkeypatch.setattr(refresh_module, "_train_and_gate", full_disk)
+
+    result = CliRunner().invoke(app, ["train", "--once"])
+
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    [failed] = [
+        json.loads(line) for line in result.output.splitlines() if '"refresh failed"' in line
+    ]
+    assert "No space left on device" in failed["reason"] and "exc" not in failed
+    said = [line for line in result.output.splitlines() if not line.startswith("{")]
+    assert "weights not written to /tmp/reference" in " ".join(said)
 
 
 def _sidecar_finding_the_lock_held(
