@@ -233,7 +233,9 @@ async def _load_unfinished(settings: Settings) -> bool:
 
 @app.command()
 def load(
-    path: Annotated[Path | None, typer.Argument(help="File or folder to load.")] = None,
+    path: Annotated[
+        Path | None, typer.Argument(metavar="PATH", help="File or folder to load.")
+    ] = None,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="Input format.")] = Format.jsonl,
     users: UsersOption = None,
     items: ItemsOption = None,

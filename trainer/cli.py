@@ -348,7 +348,7 @@ def list_models() -> None:
 
 @models.command("register")
 def register_model(
-    path: Annotated[Path, typer.Argument(help="A Hugging Face causal LM folder.")],
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="A Hugging Face causal LM folder.")],
     activate: Annotated[bool, typer.Option(help="Serve it from now on.")] = False,
 ) -> None:
     """Copy any Hugging Face causal LM folder into the registry as a new version (its prompts
@@ -413,7 +413,7 @@ def _added(settings: Settings, version: str, activate: bool) -> None:
 
 
 @models.command("activate")
-def activate_model(version: Annotated[str, typer.Argument()]) -> None:
+def activate_model(version: Annotated[str, typer.Argument(metavar="VERSION")]) -> None:
     """Make VERSION the active model; running gateways swap to it without a restart."""
     settings = settings_from_env()
     with errors_end_command(RegistryError):
@@ -487,7 +487,10 @@ def _check_evaluated(settings: Settings, version: str, split: Split, tasks: froz
 @app.command("eval")
 def eval_command(
     path: Annotated[
-        Path, typer.Argument(help="The data: a folder (ml-100k, ml-latest) or a .jsonl file.")
+        Path,
+        typer.Argument(
+            metavar="PATH", help="The data: a folder (ml-100k, ml-latest) or a .jsonl file."
+        ),
     ],
     fmt: Annotated[
         EvalFormat, typer.Option("--format", help=_eval_format_help())
