@@ -34,8 +34,10 @@ from pydantic import BaseModel, Field
 
 from contract.prompt import (
     ID_EXCLUDED,
+    INVISIBLE,
     ITEM_MARK,
     MAX_CHAR_BYTES,
+    SPACES,
     VISIBLE,
     ItemView,
     Rendering,
@@ -103,6 +105,10 @@ def search_input(profile: dict, history: Sequence[object], typed: str, shown: in
         history=[ItemView.model_validate(item, from_attributes=True) for item in recent],
         typed=clean(typed, MAX_QUERY_CHARS),
     )
+
+
+SEARCHABLE = f"[^<>{SPACES}{INVISIBLE}]"
+"""A character `clean` keeps: a query holding none would search for nothing."""
 
 
 def clean(text: str, limit: int) -> str:

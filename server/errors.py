@@ -17,7 +17,7 @@ from starlette.routing import Match
 
 from server import metrics
 from server.logs import describe
-from server.schemas import ErrorBody, ErrorResponse, EventType
+from server.schemas import ErrorBody, ErrorResponse, EventType, in_words
 from server.store import UnreadableStoredData
 
 log = logging.getLogger(__name__)
@@ -81,15 +81,15 @@ def _location(loc: tuple) -> list:
     return parts
 
 
+def _detail(error: Any) -> dict[str, Any]:
+    loc = _location(error.get("loc", ()))
+    if error["type"] in {"union_tag_invalid", "union_tag_not_found"}:  # an event's type
+        return {"loc": [*loc, "type"], "message": in_words(error), "type": "event_type"}
+    return {"loc": loc, "message": in_words(error), "type": error["type"]}
+
+
 def validation_details(errors: Any) -> list[dict[str, Any]]:
-    return [
-        {
-            "loc": _location(err.get("loc", ())),
-            "message": err.get("msg", ""),
-            "type": err.get("type"),
-        }
-        for err in errors
-    ]
+    return [_detail(error) for error in errors]
 
 
 _STATUS_CODES = {

@@ -9,9 +9,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import ValidationError
-from pydantic_core import ErrorDetails
 
-from server.schemas import ID_PATTERN, ID_RULE
+from server.schemas import in_words
 
 VLLM_LOGGING = Path(__file__).with_name("vllm_logging.json")
 
@@ -40,17 +39,11 @@ def describe(exc: BaseException) -> str:
 
 def problems(exc: ValidationError, whole: str = "value") -> str:
     """pydantic's errors on one line, without the input they quote (`whole` names an error of
-    the whole object), and the id rule in words rather than its pattern (2,000 characters)."""
+    the whole object), and the rules of ids in words, not their patterns (`schemas.in_words`)."""
     return "; ".join(
-        f"{'.'.join(map(str, p['loc'])) or whole}: {_message(p)}"
+        f"{'.'.join(map(str, p['loc'])) or whole}: {in_words(p)}"
         for p in exc.errors(include_input=False, include_url=False)
     )
-
-
-def _message(problem: ErrorDetails) -> str:
-    if problem["type"] == "string_pattern_mismatch" and problem["ctx"]["pattern"] == ID_PATTERN:
-        return f"not an id: {ID_RULE}"
-    return problem["msg"]
 
 
 class JsonFormatter(logging.Formatter):

@@ -21,11 +21,15 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     model_validator,
 )
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from contract.prompt import ID_EXCLUDED, INVISIBLE
-from contract.search import MAX_QUERY_CHARS
+from contract.search import MAX_QUERY_CHARS, SEARCHABLE
 
 # Characters that are invisible or change how text around them is laid out: controls, format
 # characters, variation selectors and fillers (`contract.prompt.INVISIBLE`), spaces and
@@ -76,13 +80,29 @@ def _not_an_int(value: Any) -> Any:
 Integer = Annotated[int, BeforeValidator(_a_number)]
 """An integer as JSON Schema has it: 41 or 41.0, never true or "41"."""
 
+
+def _one_error(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """One error for a value no member takes, not one per member, each placed under a member's
+    internal name ("function-after[forbid_inf_nan_check(), ...]") as if it were a field."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise PydanticCustomError(
+            "attribute_value",
+            "a boolean, a 64-bit integer, a finite number or a string of at most {chars} "
+            "characters",
+            {"chars": MAX_ATTRIBUTE_CHARS},
+        ) from None
+
+
 # Strict, every one: a lax union would store `true` as 1 and a too-long "000..." as 0.
-AttrValue = (
+AttrValue = Annotated[
     StrictBool
     | Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
     | Annotated[StrictFloat, BeforeValidator(_not_an_int), Field(allow_inf_nan=False)]
-    | Annotated[StrictStr, Field(max_length=MAX_ATTRIBUTE_CHARS)]
-)
+    | Annotated[StrictStr, Field(max_length=MAX_ATTRIBUTE_CHARS)],
+    WrapValidator(_one_error),
+]
 # Pydantic checks the keys but leaves them out of the JSON schema: `propertyNames` says it.
 Attributes = Annotated[
     dict[AttrKey, AttrValue],
@@ -267,7 +287,8 @@ def is_positive(
     return kind in POSITIVE_TYPES
 
 
-EventId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=rf"^[^{_HIDDEN}]+$")]
+EVENT_ID_PATTERN = rf"^[^{_HIDDEN}]+$"
+EventId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=EVENT_ID_PATTERN)]
 
 
 def _now() -> datetime:
@@ -323,15 +344,25 @@ class InteractionEvent(FeedbackEvent):
     value: None = Field(None, description="Only ratings carry a value.")
 
 
-EventIn = Annotated[
-    RatingEvent | InteractionEvent,
-    Discriminator(
-        "type",
-        custom_error_type="event_type",
-        custom_error_message="type must be one of: " + ", ".join(EventType),
-    ),
-]
+EventIn = Annotated[RatingEvent | InteractionEvent, Discriminator("type")]
 """An event as the API reads it: the schema says which types carry a value."""
+
+_IN_WORDS = {
+    ID_PATTERN: f"not an id: {ID_RULE}",
+    EVENT_ID_PATTERN: "not an event id: printable characters, no whitespace",
+    SEARCHABLE: "nothing to search for: only spaces, invisible characters or < >",
+}
+
+
+def in_words(problem: ErrorDetails) -> str:
+    """pydantic's message, but where it would quote one of this module's patterns (700 to 2,000
+    characters) or list an event's types as enum reprs. (A discriminator's own custom error is
+    taken only from a callable one, which would drop the tag mapping from the JSON schema.)"""
+    if problem["type"] == "string_pattern_mismatch":
+        return _IN_WORDS.get(problem["ctx"]["pattern"], problem["msg"])
+    if problem["type"] in {"union_tag_invalid", "union_tag_not_found"}:  # events' alone
+        return "type must be one of: " + ", ".join(EventType)
+    return problem["msg"]
 
 
 class FeedbackBatch(BaseModel):
@@ -459,8 +490,9 @@ class SearchRequest(BaseModel):
         None,
         min_length=1,
         max_length=MAX_QUERY_CHARS,
-        pattern=r"\S",
-        description="What the user typed, 1 to 500 characters, not only spaces. Omitted (with a "
+        pattern=SEARCHABLE,
+        description="What the user typed, 1 to 500 characters, with something to search for: "
+        "not only spaces, invisible characters and < >. Omitted (with a "
         "user_id): what the user wants next, from their history (Rec-R1's sequential "
         "recommendation).",
     )

@@ -111,7 +111,7 @@ class Searcher:
         engine: Engine | None,
         writer: Engine | None,
     ) -> Query:
-        # Cleaned for both paths: "<>" counted as typed without a model, as nothing with one.
+        # Cleaned for both paths; something is left of a query (`SEARCHABLE`).
         typed = clean(request.query or "", MAX_QUERY_CHARS)
         if writer is None:
             return self._fallback(

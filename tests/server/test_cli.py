@@ -225,10 +225,11 @@ def _without_redis_url(data_dir: Path) -> dict[str, str]:
     return variables | {"REASONREC_DATA_DIR": str(data_dir)}
 
 
-def test_a_data_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
-    """The embedded Redis keeps its file there: `mkdir` failed with a traceback."""
-    not_a_folder = tmp_path / "var"
-    not_a_folder.write_text("")
+def test_a_data_dir_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    """The embedded Redis keeps its file there: `mkdir` failed with a traceback. (A data dir that
+    is a file is refused with the settings: tests/server/test_config.py.)"""
+    (tmp_path / "file").write_text("")
+    not_a_folder = tmp_path / "file" / "var"
     output = _one_line_error(["models", "list"], _without_redis_url(not_a_folder))
     assert f"the data directory {not_a_folder} (REASONREC_DATA_DIR) cannot be created" in output
 
@@ -237,8 +238,8 @@ def test_an_index_that_cannot_be_written_is_one_line(
     env, settings: Settings, tmp_path: Path
 ) -> None:
     asyncio.run(load_dataset(settings, generate(users=5, items=10, events_per_user=3, seed=1)))
-    not_a_folder = tmp_path / "var"
-    not_a_folder.write_text("")
+    (tmp_path / "file").write_text("")
+    not_a_folder = tmp_path / "file" / "var"
     variables = {**os.environ, **env, "REASONREC_DATA_DIR": str(not_a_folder)}
     output = _one_line_error(["index", "--dim", "4"], variables)
     assert f"error: {not_a_folder / 'indexes'}: Not a directory" in output

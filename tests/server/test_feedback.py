@@ -177,7 +177,7 @@ def test_empty_batch_rejected(client, catalog, rdb, keys):
 
 BAD_EVENTS = {
     "unknown_item": (ev("nope"), ["body", "events", 1, "item_id"]),
-    "bad_type": (ev(type="love"), ["body", "events", 1]),
+    "bad_type": (ev(type="love"), ["body", "events", 1, "type"]),
     "rating_low": (ev(type="rating", value=0.4), ["body", "events", 1, "value"]),
     "rating_high": (ev(type="rating", value=5.5), ["body", "events", 1, "value"]),
     "rating_no_value": (ev(type="rating"), ["body", "events", 1, "value"]),
@@ -239,7 +239,7 @@ def test_every_bad_event_reported(client, catalog, rdb, keys):
     error = assert_error(post_events(client, *batch), 422, "validation_error")
     locs = [d["loc"] for d in error["details"]]
     assert locs == [
-        ["body", "events", 0],
+        ["body", "events", 0, "type"],
         ["body", "events", 2, "value"],
         ["body", "events", 3, "value"],
     ]
