@@ -9,6 +9,8 @@ index yet, u1's retrieval order is popular items with one new item after every t
 import asyncio
 import json
 import re
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -27,6 +29,7 @@ from contract.prompt import (
     answer_pattern,
     render_answer,
 )
+from contract.tasks import Task
 from server.app import create_app
 from server.config import Settings
 from server.engine import Engine, EngineError, Generation, GenerationRequest
@@ -567,6 +570,53 @@ def test_a_list_whose_client_left_is_not_logged_as_an_impression(
 
     logged = [fields["user_id"] for _, fields in rdb.xrange(f"{key_prefix}:impressions")]
     assert waited.status_code == 200 and logged == ["u2"]
+
+
+class HeldEngine(FakeEngine):
+    """Answers after a minute unless cancelled first (vLLM then aborts the request)."""
+
+    def __init__(self) -> None:
+        super().__init__(answer("p3", "n1"))
+        self.contract = Contract(tasks=frozenset({Task.rank, Task.rate, Task.search}))
+        self.cancelled = threading.Event()
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return await super().generate(request)
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/v1/recommend", {"user_id": "u1", "k": 2}),
+        ("/v1/rate", {"user_id": "u1", "item_ids": ["p1", "p2"]}),
+        ("/v1/search", {"user_id": "u1", "query": "title"}),
+    ],
+)
+def test_a_request_whose_client_left_stops_its_engine_call(
+    settings: Settings, route: str, body: dict[str, Any]
+) -> None:
+    """Starlette ran a handler to its end though nobody waited: a client that gave up and
+    retried kept the engine working for both, up to REASONREC_LLM_TIMEOUT_MS."""
+    app = create_app(settings.model_copy(update={"llm_timeout_ms": 120_000}))
+    engine = HeldEngine()
+    with served_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        load_shop(client)
+        app.state.serving.engine = engine
+        gone = {"route": route, "status": "499"}
+        before = metric(client, "reasonrec_http_requests_total", **gone)
+        with pytest.raises(httpx.ReadTimeout):  # the client stops waiting
+            client.post(route, json=body, timeout=0.5)
+        assert engine.cancelled.wait(10)
+        deadline = time.monotonic() + 10  # counted once the handler has returned
+        while metric(client, "reasonrec_http_requests_total", **gone) == before:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert metric(client, "reasonrec_http_requests_total", **gone) == before + 1
 
 
 def test_generated_request_id_is_the_same_everywhere(
