@@ -95,14 +95,22 @@ def vllm_handler() -> logging.Handler:
     return handler
 
 
+def _dropped(record: logging.LogRecord) -> bool:
+    return False
+
+
 def configure(level: str = "info") -> None:
     handler = StderrHandler()
     handler.setFormatter(JsonFormatter())
+    # At the handler too: a library may set its own logger lower when imported (bm25s: DEBUG).
+    handler.setLevel(level.upper())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # uvicorn's own access log duplicates ours (which carries the request id and route).
-    logging.getLogger("uvicorn.access").disabled = True
+    # uvicorn's own access log duplicates ours (which carries the request id and route). A
+    # filter, not `disabled`: a logging file loaded later (vLLM's, when an engine first starts in
+    # this process) enables every logger it does not name.
+    logging.getLogger("uvicorn.access").addFilter(_dropped)
     # `uvicorn server.asgi:app` gives uvicorn's loggers plain-text handlers of their own.
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers.clear()

@@ -142,6 +142,37 @@ def test_uvicorn_started_from_its_command_line_logs_json_once(tmp_path: Path) ->
     assert [line["msg"] for line in lines] == ["Started server process"]
 
 
+def test_loggers_enabled_or_lowered_after_the_setup_still_log_once_at_our_level(
+    tmp_path: Path,
+) -> None:
+    """vLLM's logging file, loaded when the first in-process engine starts, enabled every logger
+    it does not name, uvicorn's access log among them: two access lines per request; bm25s sets
+    its logger to DEBUG when imported, after the setup."""
+    stdout, lines = run_logging(
+        tmp_path,
+        f"""
+        import json
+        import logging
+        import logging.config
+
+        from uvicorn.config import LOGGING_CONFIG
+
+        from server import logs
+
+        logging.config.dictConfig(LOGGING_CONFIG)
+        logs.configure("info")
+        logging.config.dictConfig(json.loads(open({str(logs.VLLM_LOGGING)!r}).read()))
+        logging.getLogger("uvicorn.access").info('127.0.0.1 - "GET /v1/items/a HTTP/1.1" 200')
+        logging.getLogger("bm25s").setLevel(logging.DEBUG)
+        logging.getLogger("bm25s").debug("Building index from tokens")
+        logging.getLogger("reasonrec.access").info("request")
+        """,
+    )
+
+    assert stdout == ""
+    assert [line["msg"] for line in lines] == ["request"]
+
+
 def test_a_validation_error_is_described_without_the_input_it_quotes() -> None:
     class Profile(BaseModel):
         age: int
