@@ -1,6 +1,6 @@
 """Feedback ingestion benchmark: throughput and p50/p99 latency of POST /v1/feedback.
 
-Starts `reasonrec serve` on loopback against a Redis (REASONREC_REDIS_URL, else the local
+Starts the gateway (`uvicorn server.asgi:app --workers N`) on loopback against a Redis (REASONREC_REDIS_URL, else the local
 127.0.0.1:6379 when it answers, else an embedded one) under a key prefix of its own, sends
 single-event batches at concurrency 1 and 16, prints JSON, and removes its keys.
 

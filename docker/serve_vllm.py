@@ -39,7 +39,7 @@ from redis.exceptions import RedisError
 
 from server import logs
 from server.active_model import Placement, placement
-from server.config import Settings
+from server.config import Settings, environment_settings
 from server.engine import LOGPROBS_MODE, MAX_LOGPROBS, release_seconds
 from server.engine.local import ADAPTERS_AT_ONCE, lora_slot
 from server.engine.remote import bearer
@@ -260,8 +260,7 @@ async def follow(
             await _stop(process)
 
 
-async def _main(extra: list[str]) -> int:
-    settings = Settings()
+async def _main(settings: Settings, extra: list[str]) -> int:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     async with open_store(settings) as store:
         try:
@@ -271,5 +270,6 @@ async def _main(extra: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    logs.configure(Settings().log_level)
-    sys.exit(asyncio.run(_main(sys.argv[1:])))
+    settings = environment_settings()
+    logs.configure(settings.log_level)
+    sys.exit(asyncio.run(_main(settings, sys.argv[1:])))

@@ -2,10 +2,8 @@
 
 from server import logs
 from server.app import create_app
-from server.config import Settings, unknown_lines
+from server.config import environment_settings
 
-if unknown := unknown_lines():
-    raise SystemExit("\n".join(f"error: {line}" for line in unknown))
-settings = Settings()
+settings = environment_settings()
 logs.configure(settings.log_level)
 app = create_app(settings)

@@ -430,3 +430,12 @@ def unknown_lines(environ: Mapping[str, str] = os.environ) -> list[str]:
         f"{name}: no such setting" + (f" (did you mean {meant}?)" if meant else "")
         for name, meant in unknown_variables(environ).items()
     ]
+
+
+def environment_settings() -> Settings:
+    """The settings of a process started without the `reasonrec` command (`uvicorn
+    server.asgi:app`, the image's vLLM launcher), or SystemExit naming each REASONREC_* variable
+    no setting reads: misspelled, it would be ignored (an engine started in float32, say)."""
+    if unknown := unknown_lines():
+        raise SystemExit("\n".join(f"error: {line}" for line in unknown))
+    return Settings()

@@ -18,8 +18,9 @@ from server.config import (
 )
 
 # The settings page: README links to it; its Configuration section has a table per section.
-CONFIGURATION = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
-README = Path(__file__).resolve().parents[2] / "README.md"
+REPO = Path(__file__).resolve().parents[2]
+CONFIGURATION = REPO / "docs" / "configuration.md"
+README = REPO / "README.md"
 SECTIONS = {
     "Storage": StorageSettings,
     "Gateway": GatewaySettings,
@@ -216,14 +217,28 @@ def test_an_engine_url_the_client_cannot_use_is_refused(url: str, refused: str |
         Settings(engine_url=url)
 
 
-def test_the_asgi_entry_point_refuses_an_unknown_variable_too() -> None:
-    """`uvicorn server.asgi:app` starts without the CLI's check."""
-    env = {**os.environ, "REASONREC_API_KEY": "secret"}
+@pytest.mark.parametrize(
+    ("command", "variable", "meant"),
+    [
+        (["-c", "import server.asgi"], "REASONREC_API_KEY", "REASONREC_API_KEYS"),
+        # The image's vLLM launcher: misspelled, vLLM would have started in float32.
+        (
+            [str(REPO / "docker" / "serve_vllm.py")],
+            "REASONREC_ENGINE_DTYP",
+            "REASONREC_ENGINE_DTYPE",
+        ),
+    ],
+)
+def test_entry_points_without_the_cli_refuse_an_unknown_variable_too(
+    command: list[str], variable: str, meant: str
+) -> None:
+    """`uvicorn server.asgi:app` and `python /app/serve_vllm.py` start without the CLI's check."""
+    env = {**os.environ, variable: "bfloat16", "PYTHONPATH": str(REPO)}
     run = subprocess.run(
-        [sys.executable, "-c", "import server.asgi"], env=env, capture_output=True, text=True
+        [sys.executable, *command], env=env, capture_output=True, text=True, timeout=120
     )
     assert run.returncode == 1
-    assert "REASONREC_API_KEY: no such setting (did you mean REASONREC_API_KEYS?)" in run.stderr
+    assert f"{variable}: no such setting (did you mean {meant}?)" in run.stderr
 
 
 @pytest.mark.parametrize(
