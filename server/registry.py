@@ -336,14 +336,23 @@ def servable(registry: Registry, version: str) -> Manifest:
     manifest = registry.manifest(version)
     check_contract(manifest)
     if manifest.kind == "full":
+        _loadable(registry, version)
         return manifest
     base = base_version(manifest)
     if base == version or not registry.has(base):
         raise RegistryError(f"LoRA version {version} adapts {base}, which is not in the registry")
     if registry.manifest(base).kind != "full":
         raise RegistryError(f"LoRA version {version} adapts {base}, itself an adapter")
+    _loadable(registry, base)
     adapter_rank(registry.path(version))
     return manifest
+
+
+def _loadable(registry: Registry, version: str) -> None:
+    # A folder left with its manifest alone (weights removed by hand, a copy cut short) was
+    # activated, and every gateway then failed to open it.
+    if (problem := _not_a_model(registry.path(version))) is not None:
+        raise RegistryError(f"model version {version} cannot be served: {problem}")
 
 
 def adapter_rank(path: Path) -> int:

@@ -25,6 +25,7 @@ from tests.deploy.helpers import (
     load_script,
     reasonrec_env,
 )
+from tests.server.helpers import publish_version
 
 serve_vllm = load_script(DOCKER / "serve_vllm.py")
 POLL = 0.05
@@ -33,7 +34,7 @@ POLL = 0.05
 def publish(settings: Settings, *versions: str, **fields: object) -> None:
     registry = Registry(settings.registry_path)
     for version in versions:
-        registry.publish(registry.staging(), Manifest(version=version, **fields))
+        publish_version(registry, version, **fields)
 
 
 def publish_adapter(settings: Settings, version: str, base: str, rank: int = 8) -> None:

@@ -1,11 +1,17 @@
 """Helpers shared by the HTTP API tests."""
 
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from safetensors.numpy import save_file
+
+from server.registry import Manifest, Registry
 
 
 def put_items(client: TestClient, *item_ids: str) -> None:
@@ -63,3 +69,16 @@ def wait_serving(client: TestClient, version: str, seconds: float = 10) -> dict[
         if body["serving"] == version or time.monotonic() > deadline:
             return body
         time.sleep(0.05)
+
+
+def write_model(folder: Path) -> None:
+    """What a Hugging Face model folder holds, as far as the registry cares."""
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    save_file({"weight": np.zeros(1, dtype=np.float32)}, folder / "model.safetensors")
+
+
+def publish_version(registry: Registry, version: str, **fields: Any) -> Path:
+    """A version the registry serves (weights no engine could load: for fake engines)."""
+    staging = registry.staging()
+    write_model(staging)
+    return registry.publish(staging, Manifest(version=version, **fields))

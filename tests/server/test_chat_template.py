@@ -6,6 +6,7 @@ from pathlib import Path
 from server.active_model import open_engine
 from server.config import Settings
 from server.registry import Manifest, Registry
+from tests.server.helpers import write_model
 from tests.trainer.gguf_files import tiny_tokenizer
 
 PROMPT = "You are a recommender.\nUser: age 24\n"
@@ -13,6 +14,7 @@ PROMPT = "You are a recommender.\nUser: age 24\n"
 
 def publish_tokenizer(registry: Registry, version: str, chat: bool) -> None:
     staging = registry.staging()
+    write_model(staging)
     tiny_tokenizer().save_pretrained(staging)
     registry.publish(staging, Manifest(version=version, chat_template=chat))
 

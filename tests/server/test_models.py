@@ -22,14 +22,19 @@ from server.engine import EngineError
 from server.engine.remote import RemoteEngine
 from server.registry import Manifest, Registry
 from server.store import ActiveModelChanged, open_store
-from tests.server.helpers import metric, until, wait_serving
+from tests.server.helpers import metric, publish_version, until, wait_serving
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
 
 def publish(registry_dir: Path, version: str, **fields: Any) -> None:
-    registry = Registry(registry_dir)
-    registry.publish(registry.staging(), Manifest(version=version, **fields))
+    publish_version(Registry(registry_dir), version, **fields)
+
+
+def publish_unreadable_chat(registry_dir: Path) -> None:
+    """A chat version "v-chat" whose tokenizer, and so its chat template, cannot load."""
+    publish(registry_dir, "v-chat", chat_template=True)
+    (registry_dir / "v-chat" / "tokenizer_config.json").write_text("{")
 
 
 @pytest.fixture
@@ -100,12 +105,17 @@ def test_activate_swaps_the_gateway_and_remembers_the_previous(models_client: Te
         ("é" * 128, 404, "not_found"),  # 256 bytes: more than a file name holds (was a 500)
         ("v-future", 409, "model_refused"),
         ("v-orphan", 409, "model_refused"),  # an adapter whose base is gone: no gateway opens it
+        ("v-bare", 409, "model_refused"),  # its manifest alone: no gateway opens it either
+        ("v-bare-adapter", 409, "model_refused"),  # an adapter of that one
     ],
 )
 def test_activate_refuses_unknown_and_unspoken_versions(
     models_client: TestClient, tmp_path: Path, version: str, status: int, code: str
 ) -> None:
+    registry = Registry(tmp_path / "models")
     publish(tmp_path / "models", "v-orphan", kind="lora", base_model="v-deleted")
+    registry.publish(registry.staging(), Manifest(version="v-bare"))
+    publish(tmp_path / "models", "v-bare-adapter", kind="lora", base_model="v-bare")
     response = models_client.post("/v1/models/activate", json={"version": version}, headers=ADMIN)
     assert response.status_code == status
     assert response.json()["error"]["code"] == code
@@ -229,9 +239,9 @@ def test_a_version_that_cannot_open_leaves_no_engine_running(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # A chat version whose folder holds no tokenizer: its template cannot load. Every engine
-    # started for it must be closed again (in-process, each would be a vLLM process).
-    publish(tmp_path / "models", "v-chat", chat_template=True)
+    # A chat version whose tokenizer cannot load, nor its template. Every engine started for it
+    # must be closed again (in-process, each would be a vLLM process).
+    publish_unreadable_chat(tmp_path / "models")
     started: list = []
     opening = server.active_model._open
 
@@ -304,7 +314,7 @@ def test_a_refused_version_is_not_reopened_until_announced_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(server.serving, "RECHECK_SECONDS", 0.1)
-    publish(tmp_path / "models", "v-chat", chat_template=True)
+    publish_unreadable_chat(tmp_path / "models")
     opened: list[str] = []
     opening = server.active_model.open_engine
 

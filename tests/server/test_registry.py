@@ -40,7 +40,13 @@ from server.registry import (
 )
 from server.store import BeingRemoved, Store, open_store
 from tests.conftest import command_env
-from tests.server.helpers import metric, post_events, put_items
+from tests.server.helpers import (
+    metric,
+    post_events,
+    publish_version,
+    put_items,
+    write_model,
+)
 from trainer.cli import EXIT_BUSY
 from trainer.prune import prune
 
@@ -50,18 +56,6 @@ T0 = datetime(2024, 1, 1, tzinfo=UTC)
 @pytest.fixture
 def registry(tmp_path: Path) -> Registry:
     return Registry(tmp_path / "models")
-
-
-def write_model(folder: Path) -> None:
-    """What a Hugging Face model folder holds, as far as the registry cares."""
-    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
-    (folder / "model.safetensors").write_bytes(b"\x00" * 64)
-
-
-def publish_version(registry: Registry, version: str, **fields: object) -> Path:
-    staging = registry.staging()
-    write_model(staging)
-    return registry.publish(staging, Manifest(version=version, **fields))
 
 
 def names(registry: Registry) -> list[str]:

@@ -787,6 +787,20 @@ def test_an_adapter_whose_base_is_gone_is_not_activated(env: Settings, rdb: redi
     assert rdb.get(f"{env.key_prefix}:model:active") is None
 
 
+def test_a_version_without_weights_is_not_activated(env: Settings, rdb: redis.Redis) -> None:
+    """Its manifest alone (weights removed by hand, a copy cut short): activated, every gateway
+    then failed to open it."""
+    registry = Registry(env.registry_path)
+    registry.publish(registry.staging(), Manifest(version="v-bare"))
+
+    result = CliRunner().invoke(app, ["models", "activate", "v-bare"])
+
+    assert result.exit_code == 1
+    said = " ".join(result.output.split())
+    assert "model version v-bare cannot be served: no config.json" in said
+    assert rdb.get(f"{env.key_prefix}:model:active") is None
+
+
 def test_an_active_version_missing_from_the_registry_is_one_line(
     env: Settings, rdb: redis.Redis
 ) -> None:
