@@ -1,8 +1,9 @@
 """Feedback ingestion benchmark: throughput and p50/p99 latency of POST /v1/feedback.
 
-Starts the gateway (`uvicorn server.asgi:app --workers N`) on loopback against a Redis (REASONREC_REDIS_URL, else the local
-127.0.0.1:6379 when it answers, else an embedded one) under a key prefix of its own, sends
-single-event batches at concurrency 1 and 16, prints JSON, and removes its keys.
+Starts the gateway (`uvicorn server.asgi:app --workers N`) on loopback against a Redis
+(REASONREC_REDIS_URL, else the local 127.0.0.1:6379 when it answers, else an embedded one) under
+a key prefix of its own, sends single-event batches at concurrency 1 and 16, prints JSON, and
+removes its keys.
 
 The load comes from wrk when it is installed (apt-get install wrk): a Python client on the same
 two cores costs more CPU per request than the server and would measure itself. Without wrk, an

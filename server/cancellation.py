@@ -29,14 +29,18 @@ async def unless_client_leaves(request: Request, work: Coroutine[Any, Any, T]) -
     leaving = asyncio.ensure_future(_left(request))
     try:
         await asyncio.wait((working, leaving), return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:  # the server stops: the work must not go on without it
-        working.cancel()
+    except asyncio.CancelledError:  # the server stops: the work must not outlive the handler,
+        await _stopped(working)  # which holds its engine
         raise
     finally:
         leaving.cancel()
     if working.done():
         return working.result()
-    working.cancel()
-    await asyncio.gather(working, return_exceptions=True)
+    await _stopped(working)
     log.info("client gone: request cancelled")
     return Response(status_code=CLIENT_CLOSED)
+
+
+async def _stopped(task: asyncio.Future) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

@@ -30,8 +30,7 @@ def merged_weights(root: Path, version: str, base_dir: Path, adapter_dir: Path, 
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".staging-{uuid.uuid4().hex}"
     try:
-        with weights_written(staging):
-            _merge(base_dir, adapter_dir, staging, dtype)
+        _merge(base_dir, adapter_dir, staging, dtype)
         # On disk before it is named: a folder found under its name is reused for good, and one
         # a power cut left with truncated files would never open again.
         fsync_tree(staging)
@@ -60,7 +59,8 @@ def _merge(base_dir: Path, adapter_dir: Path, out: Path, dtype: str) -> None:
         stored = getattr(torch, dtype)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    merged.to(stored).save_pretrained(out)
+    with weights_written(out):  # a file that cannot be read says so itself
+        merged.to(stored).save_pretrained(out)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
 
 

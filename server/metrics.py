@@ -1,6 +1,9 @@
 """Prometheus metrics exported at /metrics. Names follow `reasonrec_<what>_<unit>`."""
 
-from collections.abc import Collection
+import asyncio
+import time
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -130,3 +133,18 @@ def forget_versions(kept: Collection[str]) -> None:
         for labels, version in series.items():
             if version and version not in kept:
                 counter.remove(*labels)
+
+
+@contextmanager
+def engine_timer(task: str) -> Iterator[None]:
+    """ENGINE_SECONDS of one engine call, left out when it is cancelled (its client left): the
+    call cut short says nothing of the engine's speed. A timeout is observed: the budget."""
+    started, cancelled = time.perf_counter(), False
+    try:
+        yield
+    except asyncio.CancelledError:
+        cancelled = True
+        raise
+    finally:
+        if not cancelled:
+            ENGINE_SECONDS.labels(task).observe(time.perf_counter() - started)

@@ -104,8 +104,12 @@ class Rater:
         rated = [answer.item for answer in answers]
         _log_fallbacks(answers)
         degraded = any(item.source is Source.fallback for item in rated)
-        for item in rated:
-            metrics.RATINGS.labels(item.source.value, engine.model_version if engine else "").inc()
+        # Counted together, after the last await: a request its client left counts in neither.
+        for answer in answers:
+            if answer.fallback is not None:
+                metrics.RATE_FALLBACKS.labels(answer.fallback).inc()
+            version = engine.model_version if engine else ""
+            metrics.RATINGS.labels(answer.item.source.value, version).inc()
         return RateResponse(
             request_id=request_id,
             user_id=request.user_id,
@@ -148,7 +152,7 @@ class Rater:
             logprobs=RATING_LOGPROBS,
         )
         try:
-            with metrics.ENGINE_SECONDS.labels(Task.rate).time():
+            with metrics.engine_timer(Task.rate):
                 result = await asyncio.wait_for(
                     engine.generate(generation), self.settings.llm_timeout_ms / 1000
                 )
@@ -179,7 +183,6 @@ class Rater:
     def _fallback(
         self, context: RatingContext, item_id: str, reason: str, error: str | None = None
     ) -> Answer:
-        metrics.RATE_FALLBACKS.labels(reason).inc()
         rating = round(baseline(context, item_id), 3)
         return Answer(
             RatedItem(item_id=item_id, rating=rating, source=Source.fallback), reason, error

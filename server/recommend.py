@@ -224,7 +224,7 @@ class Recommender:
         )
         budget = self.settings.llm_timeout_ms / 1000
         try:
-            with metrics.ENGINE_SECONDS.labels(Task.rank).time():
+            with metrics.engine_timer(Task.rank):
                 result = await asyncio.wait_for(engine.generate(generation), budget)
         except TimeoutError:
             log.warning("engine timed out", extra={"budget_ms": self.settings.llm_timeout_ms})

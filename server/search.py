@@ -53,6 +53,8 @@ class Query:
     text: str
     source: Source
     reasoning: str | None = None
+    fallback: str | None = None
+    """Why the fallback wrote it (None: the model did)."""
 
 
 class Searcher:
@@ -92,6 +94,9 @@ class Searcher:
             degraded=query.source is Source.fallback,
             latency_ms=round((time.perf_counter() - started) * 1000, 2),
         )
+        # Counted together, after the last await: a request its client left counts in neither.
+        if query.fallback is not None:
+            metrics.SEARCH_FALLBACKS.labels(query.fallback).inc()
         metrics.SEARCHES.labels(response.source.value, response.model_version or "").inc()
         return response
 
@@ -127,7 +132,7 @@ class Searcher:
             ),
         )
         try:
-            with metrics.ENGINE_SECONDS.labels(Task.search).time():
+            with metrics.engine_timer(Task.search):
                 result = await asyncio.wait_for(
                     writer.generate(generation), self.settings.llm_timeout_ms / 1000
                 )
@@ -147,9 +152,8 @@ class Searcher:
         return Query(text=text, source=Source.llm, reasoning=answer.reasoning)
 
     def _fallback(self, typed: str, context: Context, reason: str) -> Query:
-        metrics.SEARCH_FALLBACKS.labels(reason).inc()
         last = context.history[-1].title if context.history else ""
-        return Query(text=typed or last, source=Source.fallback)
+        return Query(text=typed or last, source=Source.fallback, fallback=reason)
 
     async def _retrieve(
         self, request: SearchRequest, query: str, seen: set[str]

@@ -116,6 +116,9 @@ def test_a_folder_setting_that_names_a_file_ends_a_command_naming_it(
     file.unlink()
     file.mkdir()
     assert Settings()  # a folder is what it asks for
+    # A path that cannot be looked at is left to the first write to report (it raised OSError).
+    monkeypatch.setenv(variable, str(tmp_path / ("x" * 300)))
+    assert Settings()
 
 
 @pytest.mark.parametrize("prefix", ["", "shop a", "shop*", "shop[1]", "shop\udce9"])

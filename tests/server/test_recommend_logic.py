@@ -573,14 +573,19 @@ def test_a_list_whose_client_left_is_not_logged_as_an_impression(
 
 
 class HeldEngine(FakeEngine):
-    """Answers after a minute unless cancelled first (vLLM then aborts the request)."""
+    """Fails its first `failing` calls at once; answers the others after a minute unless
+    cancelled first (vLLM then aborts the request)."""
 
-    def __init__(self) -> None:
+    def __init__(self, failing: int = 0) -> None:
         super().__init__(answer("p3", "n1"))
         self.contract = Contract(tasks=frozenset({Task.rank, Task.rate, Task.search}))
+        self.failing = failing
         self.cancelled = threading.Event()
 
     async def generate(self, request: GenerationRequest) -> Generation:
+        self.requests.append(request)
+        if len(self.requests) <= self.failing:
+            raise EngineError("engine answered 503")
         try:
             await asyncio.sleep(60)
         except asyncio.CancelledError:
@@ -589,26 +594,40 @@ class HeldEngine(FakeEngine):
         return await super().generate(request)
 
 
+# What a request counts when it is answered: one its client left counts in none of them.
+COUNTED = [
+    "reasonrec_recommendations_total",
+    "reasonrec_fallbacks_total",
+    "reasonrec_ratings_total",
+    "reasonrec_rate_fallbacks_total",
+    "reasonrec_searches_total",
+    "reasonrec_search_fallbacks_total",
+]
+
+
 @pytest.mark.parametrize(
-    ("route", "body"),
+    ("route", "body", "failing"),
     [
-        ("/v1/recommend", {"user_id": "u1", "k": 2}),
-        ("/v1/rate", {"user_id": "u1", "item_ids": ["p1", "p2"]}),
-        ("/v1/search", {"user_id": "u1", "query": "title"}),
+        ("/v1/recommend", {"user_id": "u1", "k": 2}, 0),
+        # one item's call failed at once: its fallback was counted, the request never was
+        ("/v1/rate", {"user_id": "u1", "item_ids": ["p1", "p2"]}, 1),
+        ("/v1/search", {"user_id": "u1", "query": "title"}, 0),
     ],
 )
 def test_a_request_whose_client_left_stops_its_engine_call(
-    settings: Settings, route: str, body: dict[str, Any]
+    settings: Settings, route: str, body: dict[str, Any], failing: int
 ) -> None:
     """Starlette ran a handler to its end though nobody waited: a client that gave up and
     retried kept the engine working for both, up to REASONREC_LLM_TIMEOUT_MS."""
     app = create_app(settings.model_copy(update={"llm_timeout_ms": 120_000}))
-    engine = HeldEngine()
+    engine = HeldEngine(failing)
     with served_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         load_shop(client)
         app.state.serving.engine = engine
         gone = {"route": route, "status": "499"}
         before = metric(client, "reasonrec_http_requests_total", **gone)
+        counted = {name: metric(client, name) for name in COUNTED}
+        timed = metric(client, "reasonrec_engine_seconds_count")
         with pytest.raises(httpx.ReadTimeout):  # the client stops waiting
             client.post(route, json=body, timeout=0.5)
         assert engine.cancelled.wait(10)
@@ -617,6 +636,9 @@ def test_a_request_whose_client_left_stops_its_engine_call(
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert metric(client, "reasonrec_http_requests_total", **gone) == before + 1
+        assert {name: metric(client, name) for name in COUNTED} == counted
+        # a call cut short says nothing of the engine's speed; the failed one does
+        assert metric(client, "reasonrec_engine_seconds_count") == timed + failing
 
 
 def test_generated_request_id_is_the_same_everywhere(
