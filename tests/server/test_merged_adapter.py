@@ -40,15 +40,21 @@ def publish_adapter(registry: Registry, version: str, base: str, seed: int) -> N
     registry.publish(staging, Manifest(version=version, kind="lora", base_model=base))
 
 
+def adapter_on_base(settings: Settings, seed: int) -> Registry:
+    """The registry of `settings` with a base "v1" and an adapter of it, "v2"."""
+    registry = Registry(settings.registry_path)
+    publish_base(registry, "v1")
+    publish_adapter(registry, "v2", base="v1", seed=seed)
+    return registry
+
+
 def logits(model) -> torch.Tensor:
     with torch.no_grad():
         return model(INPUT).logits
 
 
 def test_a_lora_version_runs_on_merged_weights_equal_to_the_adapter(settings: Settings) -> None:
-    registry = Registry(settings.registry_path)
-    publish_base(registry, "v1")
-    publish_adapter(registry, "v2", base="v1", seed=1)
+    registry = adapter_on_base(settings, seed=1)
     merging = settings.model_copy(update={"merge_adapters": True, "refresh_lora_min_params": 0})
 
     where = placement(merging, "v2")
@@ -132,9 +138,7 @@ def test_merged_weights_are_written_once_and_the_least_recently_used_pruned(
 def test_auto_merges_where_vllm_runs_on_the_cpu(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    registry = Registry(settings.registry_path)
-    publish_base(registry, "v1")
-    publish_adapter(registry, "v2", base="v1", seed=1)
+    registry = adapter_on_base(settings, seed=1)
     auto = settings.model_copy(update={"merge_adapters": "auto", "refresh_lora_min_params": 0})
     assert vllm_on_cpu()  # the installed vLLM is the CPU build
 
@@ -149,9 +153,7 @@ def test_auto_serves_the_adapter_at_runtime_where_it_cannot_write(
 ) -> None:
     """A read-only data directory (a vLLM pod mounting the registry read-only) keeps serving, and
     an engine started on the base keeps room to swap the adapters in."""
-    registry = Registry(settings.registry_path)
-    publish_base(registry, "v1")
-    publish_adapter(registry, "v2", base="v1", seed=1)
+    registry = adapter_on_base(settings, seed=1)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     (settings.data_dir / "merged").write_text("not a folder")  # where merged weights would go
     auto = settings.model_copy(update={"merge_adapters": "auto", "refresh_lora_min_params": 0})
@@ -184,9 +186,7 @@ def test_merged_weights_are_on_disk_before_they_are_named(
 ) -> None:
     """A folder found under its version's name is reused for good: one a power cut left with
     truncated files would never open again."""
-    registry = Registry(settings.registry_path)
-    publish_base(registry, "v1")
-    publish_adapter(registry, "v2", base="v1", seed=0)
+    adapter_on_base(settings, seed=0)
     flushed: list[str] = []
     flush = os.fsync
     monkeypatch.setattr(
@@ -204,9 +204,7 @@ def test_merged_weights_are_on_disk_before_they_are_named(
 def test_a_merge_stopped_by_a_full_disk_leaves_nothing_and_says_where(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    registry = Registry(settings.registry_path)
-    publish_base(registry, "v1")
-    publish_adapter(registry, "v2", base="v1", seed=0)
+    adapter_on_base(settings, seed=0)
 
     def full_disk(*_: object, **__: object) -> None:
         raise SafetensorError("I/O error: No space left on device (os error 28)")
