@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from server.loaders import Dataset, LoadError, Replay, at_line, id_order
+from server.loaders import Dataset, LoadError, Replay, at_line
 from server.schemas import (
     MAX_ATTRIBUTE_CHARS,
     EventType,
@@ -160,7 +160,9 @@ def read_ml_latest(path: Path) -> Dataset:
     tags = _ml_latest_tags(path / "tags.csv")
     return Dataset(
         items=_ml_latest_items(path / "movies.csv", tags),
-        users=_ml_latest_users(ratings),
+        # No profiles: its users come with their ratings. Written as users, each would have
+        # replaced the attributes of a user of that id already in the store with none.
+        users=[],
         events=Replay(lambda: _ml_latest_ratings(ratings)),
         event_count=max(_count_lines(ratings) - 1, 0),
     )
@@ -169,14 +171,21 @@ def read_ml_latest(path: Path) -> Dataset:
 def _rows(path: Path, *columns: str) -> Iterator[tuple[int, dict[str, str]]]:
     """The rows of a CSV file that has `columns`, each with the line it ends on. A row with more
     or fewer fields than the header is an error: with more, a title holding an unquoted comma
-    would be cut short and its tail read as the next column."""
+    would be cut short and its tail read as the next column. So is a row over several lines:
+    MovieLens writes none, and a quote left open would take the rows after it into one title."""
     with path.open("rb") as handle:
         reader = csv.DictReader(_decoded(path, handle))
         with at_line(path, 1):
             if missing := [name for name in columns if name not in (reader.fieldnames or ())]:
                 raise ValueError(f"the header has no column {', '.join(missing)}")
         try:
+            ended = reader.line_num
             for row in reader:
+                if reader.line_num > ended + 1:
+                    raise LoadError(
+                        f"{path} line {ended + 1}: a quote opened here is not closed on its line"
+                    )
+                ended = reader.line_num
                 if None in row:
                     raise LoadError(f"{path} line {reader.line_num}: more fields than its header")
                 if None in row.values():
@@ -241,18 +250,6 @@ def _ml_latest_item(row: dict[str, str], tags: str | None) -> ItemUpsert:
 
 
 _RATING_COLUMNS = ("userId", "movieId", "rating", "timestamp")
-
-
-def _ml_latest_users(ratings: Path) -> list[UserUpsert]:
-    """Every user who rated, ascending, each checked at the first line naming them."""
-    first_lines: dict[str, int] = {}
-    for number, row in _rows(ratings, *_RATING_COLUMNS):
-        first_lines.setdefault(row["userId"], number)
-    users = []
-    for user in sorted(first_lines, key=id_order):
-        with at_line(ratings, first_lines[user]):
-            users.append(UserUpsert(user_id=user))
-    return users
 
 
 def _ml_latest_ratings(ratings: Path) -> Iterator[FeedbackEvent]:

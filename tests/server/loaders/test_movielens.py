@@ -72,7 +72,8 @@ def ml_latest(tmp_path: Path) -> Path:
 
 def test_ml_latest_reads_csv_files_and_tags(ml_latest: Path, loaded) -> None:
     summary = loaded.write(read_ml_latest(ml_latest))
-    assert (summary.items, summary.users, summary.events) == (3, 2, 3)
+    assert (summary.items, summary.users, summary.events) == (3, 0, 3)  # no profiles
+    assert loaded.redis.smembers(loaded.keys.users) == {"1", "7"}  # with their ratings
     toy = loaded.redis.hgetall(loaded.keys.item("1"))
     assert json.loads(toy["categories"]) == ["Adventure", "Animation"]
     assert json.loads(toy["attributes"]) == {"year": 1995, "tags": "pixar, funny"}
@@ -81,6 +82,22 @@ def test_ml_latest_reads_csv_files_and_tags(ml_latest: Path, loaded) -> None:
     # Only the 4.5 rating is positive.
     assert loaded.redis.zrange(loaded.keys.history("1"), 0, -1) == ["1"]
     assert loaded.redis.zrange(loaded.keys.history("7"), 0, -1) == []
+
+
+def test_ml_latest_quote_left_open_is_an_error_naming_its_line(ml_latest: Path) -> None:
+    """The rows after it were read into one title: items lost, and no error."""
+    movies = (ml_latest / "movies.csv").read_text().replace('"Toy Story (1995)"', '"Toy Story')
+    (ml_latest / "movies.csv").write_text(movies)
+    with pytest.raises(LoadError, match=r"movies\.csv line 2: a quote opened here is not closed"):
+        read_checked(read_ml_latest, ml_latest, "ml-latest")
+
+
+def test_ml_latest_keeps_the_profiles_of_users_already_there(ml_latest: Path, loaded) -> None:
+    """ml-latest has no profiles: its users were written with none, erasing the attributes of
+    a user of that id loaded from ml-100k or set with PUT /v1/users."""
+    loaded.redis.hset(loaded.keys.user("1"), "attributes", json.dumps({"age": 24}))
+    loaded.write(read_ml_latest(ml_latest))
+    assert json.loads(loaded.redis.hget(loaded.keys.user("1"), "attributes")) == {"age": 24}
 
 
 def test_ml_latest_twice_changes_nothing(ml_latest: Path, loaded) -> None:
@@ -121,9 +138,8 @@ def test_ml_latest_files_with_a_byte_order_mark_and_columns_in_another_order(
     (ml_latest / "ratings.csv").write_text(
         "\ufeffmovieId,userId,rating,timestamp\n1,1,4.5,964982703\n3,7,0.5,964990000\n"
     )
-    dataset = read_ml_latest(ml_latest)
-    assert [u.user_id for u in dataset.users] == ["1", "7"]
-    assert loaded.write(dataset).events == 2
+    assert loaded.write(read_ml_latest(ml_latest)).events == 2
+    assert loaded.redis.smembers(loaded.keys.users) == {"1", "7"}
 
 
 def test_a_short_csv_row_is_a_load_error_naming_its_line(ml_latest: Path) -> None:
