@@ -259,3 +259,9 @@ def load(
         f"loaded {summary.items} items, {summary.users} users, {summary.events} new events "
         f"({summary.duplicates} already there) in {time.perf_counter() - started:.1f}s"
     )
+    if summary.trimmed:  # the size check sees this load's events, not those already there
+        console.print(
+            f"[yellow]warning:[/yellow] the events stream dropped its {summary.trimmed} oldest "
+            f"events to keep about REASONREC_EVENTS_MAXLEN={settings.events_maxlen}: training no "
+            "longer reads them, and loading them again adds nothing (raise it, or 0: keep all)"
+        )

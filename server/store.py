@@ -718,6 +718,10 @@ class Store:
                 return
             start = "(" + batch[-1][0]
 
+    async def events_kept(self) -> int:
+        """Events the stream holds now."""
+        return await self.redis.xlen(self.keys.events)
+
     async def event_count(self) -> int:
         """Events ever added to the stream, those trimmed since included (Redis 7; before it, the
         events it holds): a count that only grows, for the trainer's schedule."""

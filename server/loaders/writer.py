@@ -6,6 +6,7 @@ from itertools import islice
 from typing import TypeVar
 
 from pydantic import BaseModel
+from redis.exceptions import RedisError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -29,6 +30,9 @@ class LoadSummary(BaseModel):
     users: int
     events: int
     duplicates: int
+    trimmed: int = 0
+    """Older events the stream dropped to keep to REASONREC_EVENTS_MAXLEN as this load added
+    its own (at least this many: a gateway adding events meanwhile hides some)."""
 
 
 def batched(records: Iterable[T], size: int = BATCH) -> Iterator[list[T]]:
@@ -53,26 +57,30 @@ async def write(store: Store, dataset: Dataset, progress: Progress) -> LoadSumma
     last event is written (writing again is harmless: items and users are overwritten, events
     de-duplicated)."""
     await _check_events(store, dataset, progress)
+    kept = await store.events_kept()
     await store.begin_load()
-    await _write_all(store.upsert_items, dataset.items, "items", progress)
-    await _write_all(store.upsert_users, dataset.users, "users", progress)
-    task = progress.add_task("events", total=dataset.event_count)
     stored = duplicates = 0
-    for batch in batched(dataset.events):
-        try:
+    try:
+        await _write_all(store.upsert_items, dataset.items, "items", progress)
+        await _write_all(store.upsert_users, dataset.users, "users", progress)
+        task = progress.add_task("events", total=dataset.event_count)
+        for batch in batched(dataset.events):
             # Loaded event ids are remembered for good: loading the same file again, even
             # months later, must change nothing.
             flags = await store.add_feedback(batch, dedup_ttl_seconds=0)
-        except UnknownItems as exc:  # an item gone from the store since the check
-            first = batch[exc.indexes[0]]
-            raise LoadError(
-                f"user {first.user_id} -> item {first.item_id}: the item is no longer in the "
-                f"catalog; {stored + duplicates} event(s) were written and the load is unfinished: "
-                "fix the data and run the load again"
-            ) from exc
-        stored += sum(flags)
-        duplicates += len(flags) - sum(flags)
-        progress.advance(task, len(batch))
+            stored += sum(flags)
+            duplicates += len(flags) - sum(flags)
+            progress.advance(task, len(batch))
+    except UnknownItems as exc:  # an item gone from the store since the check
+        first = batch[exc.indexes[0]]
+        raise LoadError(
+            f"user {first.user_id} -> item {first.item_id}: the item is no longer in the "
+            f"catalog; {_unfinished(stored + duplicates)}"
+        ) from exc
+    # Found only as it writes: a file changed since the check, data of the store it cannot
+    # use, Redis gone. Said as what it is: the store holds part of the load.
+    except (LoadError, RedisError) as exc:  # UnreadableStoredData is a RedisError
+        raise LoadError(f"{exc}; {_unfinished(stored + duplicates)}") from exc
     await store.end_load()
     # Distinct ids: a record given twice is stored once (the later one wins).
     return LoadSummary(
@@ -80,6 +88,14 @@ async def write(store: Store, dataset: Dataset, progress: Progress) -> LoadSumma
         users=len({user.user_id for user in dataset.users}),
         events=stored,
         duplicates=duplicates,
+        trimmed=max(kept + stored - await store.events_kept(), 0),
+    )
+
+
+def _unfinished(written: int) -> str:
+    return (
+        f"{written} event(s) were written and the load is unfinished: mend this and run the "
+        "load again (what was written is not written twice)"
     )
 
 

@@ -279,6 +279,42 @@ def test_a_demo_whose_bootstrap_cannot_start_says_why(
     assert f"{missing}:1: cannot be read" in plain(result.output)
 
 
+def test_a_file_with_bare_cr_line_ends_is_counted_as_it_is_read(
+    env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rdb
+) -> None:
+    """Its events were counted as one line: the size check let through a data set the stream
+    then trimmed."""
+    monkeypatch.setenv("REASONREC_EVENTS_MAXLEN", "10")
+    ratings = [("1", str(item), 4, 100 + item) for item in range(1, 12)]
+    folder = write_folder(tmp_path / "ml", ratings, {str(n): ["Drama"] for n in range(1, 12)})
+    (folder / "u.data").write_bytes((folder / "u.data").read_bytes().replace(b"\n", b"\r"))
+
+    result = CliRunner().invoke(reasonrec.app, ["load", "-f", "ml-100k", str(folder)])
+
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "holds 11 events" in said and "nothing was written" in said
+    assert not rdb.keys(f"{env['REASONREC_KEY_PREFIX']}:*")
+
+
+def test_a_load_that_makes_the_stream_drop_older_events_says_so(
+    env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rdb
+) -> None:
+    """The size check sees the events of the load, not those already there: two loads that
+    each fit dropped the first one's events, and said nothing."""
+    monkeypatch.setenv("REASONREC_EVENTS_MAXLEN", "100")
+    items = {str(n): ["Drama"] for n in range(1, 101)}
+    for user in ("1", "2"):
+        ratings = [(user, str(item), 4, 100 + item) for item in range(1, 101)]
+        folder = str(write_folder(tmp_path / f"ml-{user}", ratings, items))
+        result = CliRunner().invoke(reasonrec.app, ["load", "-f", "ml-100k", folder])
+        assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    kept = rdb.xlen(f"{env['REASONREC_KEY_PREFIX']}:events")
+    assert kept < 200  # Redis trims by whole nodes of entries (MAXLEN ~)
+    dropped = f"warning: the events stream dropped its {200 - kept} oldest events"
+    assert dropped in said and "REASONREC_EVENTS_MAXLEN=100" in said, said[-400:]
+
+
 @pytest.mark.parametrize("command", ["load", "demo"])
 def test_a_load_larger_than_the_events_stream_keeps_is_refused(
     command: str, env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rdb
