@@ -352,7 +352,9 @@ def _loadable(registry: Registry, version: str) -> None:
     # A folder left with its manifest alone (weights removed by hand, a copy cut short) was
     # activated, and every gateway then failed to open it.
     if (problem := _not_a_model(registry.path(version))) is not None:
-        raise RegistryError(f"model version {version} cannot be served: {problem}")
+        refused = f"model version {version} cannot be served"
+        # Its reason may quote a path of this machine: for the log, not for clients.
+        raise RegistryError(f"{refused}: {problem}", public=f"{refused}: no model in its folder")
 
 
 def adapter_rank(path: Path) -> int:

@@ -720,7 +720,12 @@ class Store:
 
     async def events_kept(self) -> int:
         """Events the stream holds now."""
-        return await self.redis.xlen(self.keys.events)
+        try:
+            return await self.redis.xlen(self.keys.events)
+        except ResponseError as exc:  # the feedback script names the key; so must this
+            if "WRONGTYPE" not in str(exc):
+                raise
+            raise ResponseError(f"{self.keys.events} is not a stream") from exc
 
     async def event_count(self) -> int:
         """Events ever added to the stream, those trimmed since included (Redis 7; before it, the

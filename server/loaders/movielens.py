@@ -182,13 +182,11 @@ def _rows(path: Path, *columns: str) -> Iterator[tuple[int, dict[str, str]]]:
             if missing := [name for name in columns if name not in (reader.fieldnames or ())]:
                 raise ValueError(f"the header has no column {', '.join(missing)}")
         try:
-            ended = reader.line_num
             for row in reader:
-                if reader.line_num > ended + 1:
-                    raise LoadError(
-                        f"{path} line {ended + 1}: a quote opened here is not closed on its line"
-                    )
-                ended = reader.line_num
+                # The line breaks a quote took in (a blank line between rows is skipped).
+                if breaks := sum(value.count("\n") for value in row.values() if value):
+                    line = reader.line_num - breaks
+                    raise LoadError(f"{path} line {line}: a quote opened here is not closed on it")
                 if None in row:
                     raise LoadError(f"{path} line {reader.line_num}: more fields than its header")
                 if None in row.values():

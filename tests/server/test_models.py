@@ -122,6 +122,19 @@ def test_activate_refuses_unknown_and_unspoken_versions(
     assert models_client.get("/v1/models").json()["active"] is None
 
 
+def test_a_refused_activation_shows_no_folder_of_the_gateway(
+    models_client: TestClient, tmp_path: Path
+) -> None:
+    registry = Registry(tmp_path / "models")
+    staging = registry.staging()
+    (staging / "config.json").mkdir()  # cannot be read: its error quotes the path
+    registry.publish(staging, Manifest(version="v-odd"))
+    response = models_client.post("/v1/models/activate", json={"version": "v-odd"}, headers=ADMIN)
+    assert response.status_code == 409
+    message = response.json()["error"]["message"]
+    assert message == "model version v-odd cannot be served: no model in its folder"
+
+
 def test_activate_refuses_a_version_being_pruned(
     models_client: TestClient, rdb, key_prefix: str
 ) -> None:

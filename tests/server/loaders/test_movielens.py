@@ -92,6 +92,13 @@ def test_ml_latest_quote_left_open_is_an_error_naming_its_line(ml_latest: Path) 
         read_checked(read_ml_latest, ml_latest, "ml-latest")
 
 
+def test_ml_latest_blank_lines_between_rows_are_skipped(ml_latest: Path, loaded) -> None:
+    for name in ("movies.csv", "ratings.csv", "tags.csv"):
+        header, _, rows = (ml_latest / name).read_text().partition("\n")
+        (ml_latest / name).write_text(header + "\n\r\n" + rows.replace("\n", "\n\n", 1))
+    assert loaded.write(read_ml_latest(ml_latest)).events == 3
+
+
 def test_ml_latest_keeps_the_profiles_of_users_already_there(ml_latest: Path, loaded) -> None:
     """ml-latest has no profiles: its users were written with none, erasing the attributes of
     a user of that id loaded from ml-100k or set with PUT /v1/users."""

@@ -3,6 +3,7 @@
 from collections.abc import Iterator
 
 import pytest
+from redis.exceptions import ResponseError
 
 from server.loaders import Dataset, LoadError, Replay
 from server.schemas import EventType, FeedbackEvent, ItemUpsert
@@ -30,3 +31,10 @@ def test_a_source_that_fails_while_written_says_the_store_holds_part_of_it(loade
     )
     assert loaded.redis.xlen(loaded.keys.events) == 1000
     assert loaded.redis.get(loaded.keys.loading) == "1"
+
+
+def test_an_events_key_that_is_no_stream_is_named(loaded) -> None:
+    loaded.redis.set(loaded.keys.events, "oops")
+    dataset = Dataset(items=[ItemUpsert(item_id="a", title="A")], users=[], events=[])
+    with pytest.raises(ResponseError, match=f"^{loaded.keys.events} is not a stream$"):
+        loaded.write(dataset)
