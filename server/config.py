@@ -126,9 +126,9 @@ class StorageSettings(_Section):
     @classmethod
     def _folder(cls, value: Path | None) -> Path | None:
         # Each writer under it would fail its own way ("[Errno 17] File exists"), and a registry
-        # that is a file would read as one holding no versions.
-        # os.path's, not Path's: they read an unreadable path (EACCES, a name too long) as
-        # missing, which the first write then reports, instead of raising here.
+        # that is a file would read as one holding no versions. os.path's checks, not Path's:
+        # they read a path that cannot be looked at (a name too long) as missing, for the first
+        # write to report, where Path's raise.
         if value is not None and os.path.exists(value) and not os.path.isdir(value):
             raise ValueError(f"{value} is a file, not a folder")
         return value

@@ -355,9 +355,9 @@ _IN_WORDS = {
 
 
 def in_words(problem: ErrorDetails) -> str:
-    """pydantic's message, but where it would quote one of this module's patterns (700 to 2,000
-    characters) or list an event's types as enum reprs. (A discriminator's own custom error is
-    taken only from a callable one, which would drop the tag mapping from the JSON schema.)"""
+    """pydantic's message, in words where it would quote one of this module's patterns (700 to
+    2,000 characters) or list an event's types as enum reprs. (pydantic takes a discriminator's
+    own custom error only from a callable one, which drops the tag mapping from the schema.)"""
     if problem["type"] == "string_pattern_mismatch":
         return _IN_WORDS.get(problem["ctx"]["pattern"], problem["msg"])
     if problem["type"] in {"union_tag_invalid", "union_tag_not_found"}:  # events' alone
