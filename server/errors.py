@@ -17,7 +17,7 @@ from starlette.routing import Match
 
 from server import metrics
 from server.logs import describe
-from server.schemas import ErrorBody, ErrorResponse, EventType, in_words
+from server.schemas import EVENT_TYPE_ERRORS, ErrorBody, ErrorResponse, EventType, in_words
 from server.store import UnreadableStoredData
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def _location(loc: tuple) -> list:
 
 def _detail(error: Any) -> dict[str, Any]:
     loc = _location(error.get("loc", ()))
-    if error["type"] in {"union_tag_invalid", "union_tag_not_found"}:  # an event's type
+    if error["type"] in EVENT_TYPE_ERRORS:
         return {"loc": [*loc, "type"], "message": in_words(error), "type": "event_type"}
     return {"loc": loc, "message": in_words(error), "type": error["type"]}
 

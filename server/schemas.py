@@ -347,6 +347,10 @@ class InteractionEvent(FeedbackEvent):
 EventIn = Annotated[RatingEvent | InteractionEvent, Discriminator("type")]
 """An event as the API reads it: the schema says which types carry a value."""
 
+EVENT_TYPE_ERRORS = frozenset({"union_tag_invalid", "union_tag_not_found"})
+"""pydantic's errors of an event whose type is missing or none of EventType (the only tagged
+union of the API)."""
+
 _IN_WORDS = {
     ID_PATTERN: f"not an id: {ID_RULE}",
     EVENT_ID_PATTERN: "not an event id: printable characters, no whitespace",
@@ -360,7 +364,7 @@ def in_words(problem: ErrorDetails) -> str:
     own custom error only from a callable one, which drops the tag mapping from the schema.)"""
     if problem["type"] == "string_pattern_mismatch":
         return _IN_WORDS.get(problem["ctx"]["pattern"], problem["msg"])
-    if problem["type"] in {"union_tag_invalid", "union_tag_not_found"}:  # events' alone
+    if problem["type"] in EVENT_TYPE_ERRORS:
         return "type must be one of: " + ", ".join(EventType)
     return problem["msg"]
 
