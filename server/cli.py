@@ -12,19 +12,18 @@ from typing import Annotated
 import typer
 import uvicorn
 from pydantic import ValidationError
-from redis.exceptions import RedisError
 from rich.console import Console
 from rich.markup import escape
 
 from reward_rules.policy import PolicyError
 from server import logs
 from server.config import Settings, unknown_lines
-from server.interrupts import interruptible
+from server.interrupts import Terminated, interruptible
 from server.loaders import Dataset, Format, LoadError, read_checked
 from server.loaders.jsonl import read_jsonl
 from server.loaders.movielens import read_ml100k, read_ml_latest
-from server.loaders.synthetic import generate
-from server.loaders.writer import LoadSummary, progress_bar, write
+from server.loaders.synthetic import EVENTS_PER_USER, ITEMS, USERS, fewest_events, generate
+from server.loaders.writer import LoadSummary, Written, progress_bar, write
 from server.policy import read_policy
 from server.store import open_store
 
@@ -41,15 +40,17 @@ SeedOption = Annotated[int, typer.Option(min=0, max=MAX_SEED, help="synthetic: r
 # `load`'s generator options: None when not given, so that one given to another format is
 # refused rather than ignored (defaults: those of `generate`).
 UsersOption = Annotated[
-    int | None, typer.Option(min=1, help="synthetic: number of users (default 300).")
+    int | None, typer.Option(min=1, help=f"synthetic: number of users (default {USERS}).")
 ]
 ItemsOption = Annotated[
-    int | None, typer.Option(min=10, help="synthetic: number of items (default 600).")
+    int | None, typer.Option(min=10, help=f"synthetic: number of items (default {ITEMS}).")
 ]
 # At most 500: a user's events come about a day apart from 2024, and none may lie in the future.
 EventsOption = Annotated[
     int | None,
-    typer.Option(min=1, max=500, help="synthetic: mean events per user (default 40)."),
+    typer.Option(
+        min=1, max=500, help=f"synthetic: mean events per user (default {EVENTS_PER_USER})."
+    ),
 ]
 LoadSeedOption = Annotated[
     int | None, typer.Option(min=0, max=MAX_SEED, help="synthetic: random seed (default 7).")
@@ -137,8 +138,13 @@ def _check_inputs(fmt: Format, path: Path | None, synthetic: dict[str, int]) -> 
         )
 
 
-def _read(fmt: Format, path: Path | None, synthetic: dict[str, int]) -> Dataset:
+def _read(fmt: Format, path: Path | None, synthetic: dict[str, int], maxlen: int) -> Dataset:
     if fmt is Format.synthetic:
+        # Before it is made: a size the stream cannot keep took minutes and GBs to refuse.
+        sizes = {
+            name: synthetic[name] for name in ("users", "events_per_user") if name in synthetic
+        }
+        _check_fits(fewest_events(**sizes), maxlen, about="at least ")
         return generate(**synthetic)
     assert path is not None  # refused by _check_inputs
     readers = {
@@ -149,29 +155,33 @@ def _read(fmt: Format, path: Path | None, synthetic: dict[str, int]) -> Dataset:
     return read_checked(readers[fmt], path, fmt)
 
 
-def _check_fits(dataset: Dataset, maxlen: int) -> None:
+def _check_fits(events: int, maxlen: int, about: str = "") -> None:
     """Refuse a data set the events stream would trim: training would read only its newest
     events, and a later load could not add the others (loaded event ids are remembered)."""
-    if maxlen and dataset.event_count > maxlen:
+    if maxlen and events > maxlen:
         raise LoadError(
-            f"the data set holds {dataset.event_count} events, more than the events stream keeps "
+            f"the data set holds {about}{events} events, more than the events stream keeps "
             f"(REASONREC_EVENTS_MAXLEN={maxlen}): set it to 0 (keep all) or higher, for the "
             "gateways too (each event they add trims it); nothing was written"
         )
 
 
 async def load_dataset(
-    settings: Settings, dataset: Dataset, only_if_empty: bool = False
+    settings: Settings,
+    dataset: Dataset,
+    only_if_empty: bool = False,
+    written: Written | None = None,
 ) -> LoadSummary | None:
-    """Write `dataset`; with `only_if_empty`, None (nothing written) when the store already holds
-    a catalog, unless a load was cut short there (it is written again)."""
-    _check_fits(dataset, settings.events_maxlen)
+    """Write `dataset`, `written` following how far it got; with `only_if_empty`, None (nothing
+    written) when the store already holds a catalog, unless a load was cut short there (it is
+    written again)."""
+    _check_fits(dataset.event_count, settings.events_maxlen)
     async with open_store(settings) as store:
         if only_if_empty and await store.count_items() and not await store.load_unfinished():
             return None
         # Inside the loop: `asyncio.run` puts its own Ctrl-C handler in place as it starts.
-        with progress_bar(console) as progress, interruptible():
-            return await write(store, dataset, progress)
+        with progress_bar(console) as progress, interruptible(sigterm=True):
+            return await write(store, dataset, progress, written)
 
 
 def serve_with(settings: Settings) -> None:
@@ -211,24 +221,14 @@ def serve(
         )
 
 
-def interrupted_load(settings: Settings) -> str:
-    """What an interrupted load left: nothing is written before every event is checked, and the
-    store is marked from the first write until the last."""
-    try:
-        unfinished = asyncio.run(_load_unfinished(settings))
-    except (RedisError, OSError):
-        unfinished = True  # cannot tell: the advice that is always right
-    if not unfinished:
+def interrupted_load(written: Written) -> str:
+    """What an interrupted load left: nothing is written before every event is checked."""
+    if not written.began:
         return "nothing was written (a load checks every event before it writes)"
     return (
-        "the store holds part of this load; run the same load again to finish it (what was "
-        "written is not written twice)"
+        f"the store holds part of this load ({written.events} event(s) written); run the same "
+        "load again to finish it (what was written is not written twice)"
     )
-
-
-async def _load_unfinished(settings: Settings) -> bool:
-    async with open_store(settings) as store:
-        return await store.load_unfinished()
 
 
 @app.command()
@@ -248,13 +248,15 @@ def load(
     _check_inputs(fmt, path, synthetic)
     settings = settings_from_env()
     started = time.perf_counter()
+    written = Written()
     try:
         with errors_end_command(LoadError, OSError):
-            dataset = _read(fmt, path, synthetic)
-            summary = asyncio.run(load_dataset(settings, dataset))
-    except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted:[/yellow] {interrupted_load(settings)}")
-        raise typer.Exit(130) from None
+            dataset = _read(fmt, path, synthetic, settings.events_maxlen)
+            summary = asyncio.run(load_dataset(settings, dataset, written=written))
+    except KeyboardInterrupt as exc:
+        stopped = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        console.print(f"[yellow]{stopped}:[/yellow] {interrupted_load(written)}")
+        raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
     console.print(
         f"loaded {summary.items} items, {summary.users} users, {summary.events} new events "
         f"({summary.duplicates} already there) in {time.perf_counter() - started:.1f}s"

@@ -6,8 +6,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`docker stop`, a pod deleted) raised as Ctrl-C is, where `interruptible` is
+    asked to: left to its default it kills the process with no word of what it left."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 @contextmanager
-def interruptible() -> Iterator[None]:
+def interruptible(sigterm: bool = False) -> Iterator[None]:
     """Ctrl-C raises KeyboardInterrupt inside at once. Under `asyncio.run` the first Ctrl-C only
     cancels the task at its next await, which a synchronous training never reaches (an
     interrupted bootstrap went on, published its version and stopped just before activating it),
@@ -17,7 +26,10 @@ def interruptible() -> Iterator[None]:
         yield
         return
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_term = signal.signal(signal.SIGTERM, _terminate) if sigterm else None
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)

@@ -6,6 +6,7 @@ numbers are finite. The limits are listed in docs/api.md, "Limits and errors".
 """
 
 import math
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -24,6 +25,7 @@ from pydantic import (
     ValidationError,
     ValidatorFunctionWrapHandler,
     WrapValidator,
+    field_validator,
     model_validator,
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
@@ -444,11 +446,18 @@ class RateRequest(BaseModel):
     )
     explain: StrictBool = Field(False, description="Return the model's reasoning steps.")
 
-    @model_validator(mode="after")
-    def _distinct(self) -> "RateRequest":
-        if len(set(self.item_ids)) != len(self.item_ids):
-            raise ValueError("item_ids must be distinct")
-        return self
+    @field_validator("item_ids")
+    @classmethod
+    def _distinct(cls, item_ids: list[str]) -> list[str]:
+        if repeated := [item for item, count in Counter(item_ids).items() if count > 1]:
+            # Named (the first few): in a list of 50 the client cannot tell which one.
+            named = ", ".join(repeated[:3]) + (" ..." if len(repeated) > 3 else "")
+            raise PydanticCustomError(
+                "repeated_item",
+                "item_ids must be distinct: {named} given more than once",
+                {"named": named},
+            )
+        return item_ids
 
 
 class Reasoning(BaseModel):

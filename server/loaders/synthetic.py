@@ -36,10 +36,20 @@ START = datetime(2024, 1, 1, tzinfo=UTC)
 DAY = 86_400
 
 
+USERS, ITEMS, EVENTS_PER_USER = 300, 600, 40
+
+
+def fewest_events(users: int = USERS, events_per_user: int = EVENTS_PER_USER) -> int:
+    """Fewer events than `generate` makes but for odds of about 1 in 30,000 (each user's count is
+    Poisson, at least 5): a size the events stream cannot keep is refused before it is made."""
+    mean = users * events_per_user
+    return max(users * 5, int(mean - 4 * mean**0.5))
+
+
 def generate(
-    users: int = 300,
-    items: int = 600,
-    events_per_user: int = 40,
+    users: int = USERS,
+    items: int = ITEMS,
+    events_per_user: int = EVENTS_PER_USER,
     clusters: int = 6,
     seed: int = 7,
 ) -> Dataset:

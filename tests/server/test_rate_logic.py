@@ -258,7 +258,7 @@ def test_a_cold_start_user_is_answered(rated: TestClient) -> None:
     [
         ({"user_id": "r1", "item_ids": []}, ["body", "item_ids"]),
         ({"user_id": "r1", "item_ids": [f"i{n}" for n in range(51)]}, ["body", "item_ids"]),
-        ({"user_id": "r1", "item_ids": ["a", "a"]}, ["body"]),
+        ({"user_id": "r1", "item_ids": ["a", "a"]}, ["body", "item_ids"]),
         ({"user_id": "r1", "item_ids": ["a"], "explain": "yes"}, ["body", "explain"]),
         ({"item_ids": ["a"]}, ["body", "user_id"]),
         ({"user_id": "r1", "item_ids": ["a"], "k": 3}, ["body", "k"]),
@@ -267,6 +267,17 @@ def test_a_cold_start_user_is_answered(rated: TestClient) -> None:
 def test_bad_input_is_422(rated: TestClient, body: dict[str, Any], where: list[Any]) -> None:
     error = assert_error(rated.post("/v1/rate", json=body), 422, "validation_error")
     assert any(detail["loc"][: len(where)] == where for detail in error["details"]), error
+
+
+def test_a_repeated_item_is_named(rated: TestClient) -> None:
+    ids = ["a", "b", "a", "c", "b", "b"]
+    error = assert_error(
+        rated.post("/v1/rate", json={"user_id": "r1", "item_ids": ids}), 422, "validation_error"
+    )
+    [detail] = error["details"]
+    assert detail["loc"] == ["body", "item_ids"], detail
+    assert detail["type"] == "repeated_item", detail
+    assert detail["message"] == "item_ids must be distinct: a, b given more than once", detail
 
 
 def test_unknown_and_deleted_items_are_named_one_by_one(rated: TestClient) -> None:

@@ -72,7 +72,8 @@ def ml_latest(tmp_path: Path) -> Path:
 
 def test_ml_latest_reads_csv_files_and_tags(ml_latest: Path, loaded) -> None:
     summary = loaded.write(read_ml_latest(ml_latest))
-    assert (summary.items, summary.users, summary.events) == (3, 0, 3)  # no profiles
+    # No profiles there: its users come with their ratings (said as 0 users).
+    assert (summary.items, summary.users, summary.events) == (3, 2, 3)
     assert loaded.redis.smembers(loaded.keys.users) == {"1", "7"}  # with their ratings
     toy = loaded.redis.hgetall(loaded.keys.item("1"))
     assert json.loads(toy["categories"]) == ["Adventure", "Animation"]
