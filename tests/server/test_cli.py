@@ -340,6 +340,24 @@ def test_a_load_larger_than_the_events_stream_keeps_is_refused(
     assert "nothing was written" in said and not rdb.keys(f"{prefix}:*")
 
 
+def test_a_synthetic_set_the_stream_cannot_keep_is_refused_before_it_is_made(
+    env, monkeypatch: pytest.MonkeyPatch, rdb
+) -> None:
+    """It was generated first: at a million users, minutes and GBs before the refusal."""
+
+    def generated(**_: object) -> None:
+        raise AssertionError("the set was generated")
+
+    monkeypatch.setattr(cli_module, "generate", generated)
+    monkeypatch.setenv("REASONREC_EVENTS_MAXLEN", "1000")
+
+    result = CliRunner().invoke(app, ["load", "-f", "synthetic", "--users", "100"])
+
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "holds at least 3747 events" in said, result.output
+    assert "nothing was written" in said and not rdb.keys(f"{env['REASONREC_KEY_PREFIX']}:*")
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -2,8 +2,9 @@ from collections import Counter
 from itertools import pairwise
 
 import numpy as np
+import pytest
 
-from server.loaders.synthetic import generate
+from server.loaders.synthetic import fewest_events, generate
 
 
 def _dump(dataset) -> list:
@@ -17,6 +18,15 @@ def test_same_seed_same_data_other_seed_other_data() -> None:
     assert _dump(generate(users=20, items=100, seed=3)) != _dump(
         generate(users=20, items=100, seed=4)
     )
+
+
+@pytest.mark.parametrize(("users", "per_user"), [(1, 1), (3, 40), (200, 2), (300, 40), (40, 500)])
+def test_the_floor_a_set_is_refused_on_is_below_what_is_made(users: int, per_user: int) -> None:
+    """`load` refuses a set before making it when this floor is over the stream's length: a set
+    made below it would have been refused though it fits."""
+    counts = [generate(users, 10, per_user, seed=seed).event_count for seed in range(5)]
+    assert min(counts) >= fewest_events(users, per_user) >= users * 5, counts
+    assert fewest_events(users, per_user) > 0.8 * min(counts) or users * per_user < 1000, counts
 
 
 def test_sizes_and_valid_references() -> None:
