@@ -27,6 +27,10 @@ def fsync_tree(folder: Path) -> None:
         fsync(Path(root))
 
 
+class WeightsNotWritten(OSError):
+    """A write of weights that failed (a full disk): said in one line, not a traceback."""
+
+
 @contextmanager
 def weights_written(folder: Path) -> Iterator[None]:
     """safetensors reports a full disk with an error of its own, no OSError: made one here, so
@@ -34,4 +38,4 @@ def weights_written(folder: Path) -> Iterator[None]:
     try:
         yield
     except SafetensorError as exc:
-        raise OSError(f"weights not written to {folder}: {exc}") from exc
+        raise WeightsNotWritten(f"weights not written to {folder}: {exc}") from exc

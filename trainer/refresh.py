@@ -9,6 +9,7 @@ lock: ...". Lost while the version was being written, the version is published b
 
 import asyncio
 import copy
+import errno
 import json
 import logging
 import tempfile
@@ -39,6 +40,7 @@ from contract.tasks import Task
 from reward_rules.policy import Policy, build_terms, catalog_facts
 from server.active_model import refreshed_with_lora
 from server.config import Settings
+from server.durable import WeightsNotWritten
 from server.item_index import ItemIndex
 from server.logs import describe, refresh_id_var
 from server.policy import read_policy
@@ -275,9 +277,9 @@ async def refresh_once(
         raise
     except Exception as exc:  # its last line, with its id: the sidecar goes on, `train --once` ends
         metrics.RUNS.labels("failed").inc()
-        # A full disk, a store or registry gone: the reason is the news, a traceback is for bugs.
-        known = isinstance(exc, OSError | RedisError | RegistryError)
-        log.error("refresh failed", extra={"reason": describe(exc)}, exc_info=not known)
+        log.error(
+            "refresh failed", extra={"reason": describe(exc)}, exc_info=not _environmental(exc)
+        )
         raise
     finally:
         refresh_id_var.reset(tagged)
@@ -325,6 +327,19 @@ def recent_ratings(
     held out, prompted as the version prompts."""
     builder = RatingExampleBuilder(corpus, manifest.rendering, manifest.prompt_history)
     return builder.recent(users, holdout)
+
+
+# Errors of the machine, not of the code: a full disk, a read-only or failing one, a folder the
+# trainer may not write to.
+MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
+
+
+def _environmental(exc: Exception) -> bool:
+    """A store or registry gone, a disk full: the reason is the news. A traceback is for bugs, a
+    file missing or a timeout among them (both OSErrors)."""
+    if isinstance(exc, RedisError | RegistryError | WeightsNotWritten):
+        return True
+    return isinstance(exc, OSError) and exc.errno in MACHINE_ERRNOS
 
 
 async def _refresh(

@@ -2,6 +2,7 @@
 lock that keeps two refreshes apart (real Redis; the full refresh is in tests/integration)."""
 
 import asyncio
+import errno
 import itertools
 import json
 import logging
@@ -116,6 +117,39 @@ def test_the_lines_of_a_refresh_carry_its_id(
         logger.removeHandler(handler)
     [failed] = [line for line in lines if line["msg"] == "refresh failed"]
     assert failed["refresh_id"] not in ids and "disk on fire" in failed["exc"]
+
+
+@pytest.mark.parametrize(
+    ("error", "traceback"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), False),
+        (OSError(errno.EROFS, "Read-only file system"), False),
+        (FileNotFoundError(errno.ENOENT, "No such file or directory"), True),  # a bug, likely
+        (TimeoutError(), True),
+    ],
+)
+def test_a_refresh_that_failed_for_the_machine_logs_no_traceback(
+    env: Settings,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    error: OSError,
+    traceback: bool,
+) -> None:
+    """Every OSError was logged without its traceback, a missing file and a timeout too."""
+
+    async def failing(*_: object) -> None:
+        raise error
+
+    async def once() -> None:
+        async with open_store(env) as store:
+            await refresh_once(env, store, progress=False)
+
+    monkeypatch.setattr(refresh_module, "_refresh", failing)
+    with caplog.at_level("INFO", logger="trainer"), pytest.raises(type(error)):
+        asyncio.run(once())
+
+    [failed] = [r for r in caplog.records if r.getMessage() == "refresh failed"]
+    assert bool(failed.exc_info) is traceback, failed.reason
 
 
 def test_once_is_required(env: Settings) -> None:
