@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
-from safetensors import SafetensorError
 
 from contract.prompt import CONTRACT_VERSION, SUPPORTED_CONTRACTS, Contract, Rendering
 from contract.ranking import Blend
 from contract.tasks import Task
-from server.durable import fsync, fsync_tree
+from server.durable import fsync, fsync_tree, weights_written
 
 MANIFEST = "manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -202,10 +201,8 @@ class Registry:
         self.discard_staging()
         path = self.staging()
         try:
-            yield path
-        except SafetensorError as exc:  # a full disk, to safetensors: no OSError
-            _remove(path)
-            raise RegistryError(f"version not written: {exc}") from exc
+            with weights_written(path):  # a full disk, to safetensors: no OSError
+                yield path
         except BaseException:
             _remove(path)
             raise

@@ -24,6 +24,7 @@ from cli import app
 from contract.prompt import CONTRACT_VERSION
 from contract.tasks import Task
 from server.config import Settings
+from server.durable import WeightsNotWritten
 from server.registry import (
     ADAPTER_CONFIG,
     MANIFEST,
@@ -169,11 +170,11 @@ def test_manifest_of_an_unknown_version(registry: Registry) -> None:
         registry.manifest("nope")
 
 
-def test_a_writer_stopped_by_a_full_disk_is_a_registry_error(registry: Registry) -> None:
+def test_a_writer_stopped_by_a_full_disk_is_an_os_error(registry: Registry) -> None:
     """safetensors reports a full disk as its own error, no OSError: the commands that write a
     version printed a traceback for it."""
     full = "Error while serializing: I/O error: No space left on device (os error 28)"
-    refused = pytest.raises(RegistryError, match=r"version not written: .*No space left")
+    refused = pytest.raises(WeightsNotWritten, match=r"weights not written to .*No space left")
     with refused, registry.staged():
         raise SafetensorError(full)
     assert list(registry.root.iterdir()) == []
