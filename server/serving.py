@@ -208,6 +208,13 @@ class Serving:
                 return False
             finally:
                 self._opening = None
+            if await self._superseded(version):
+                log.info(
+                    "model swap dropped: another version is active now", extra={"version": version}
+                )
+                await _release(engine)
+                self._wanted = self.version
+                return False
             self._backoff = RECHECK_SECONDS
             self.index = index
             old, self.engine = self.engine, engine
@@ -220,6 +227,18 @@ class Serving:
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
             return True
+
+    async def _superseded(self, version: str) -> bool:
+        """Whether another version became active while `version` opened (minutes for a real
+        engine): a rollback then had the rolled-back version serve until the one it rolled back
+        to, its engine released, had opened again. Unknown (Redis gone): not superseded."""
+        if self.store is None:
+            return False
+        try:
+            active = await self.store.active_model()
+        except RedisError:
+            return False
+        return active is not None and active != version
 
     def _try_later(self, version: str) -> None:
         """Not refused for good: memory still held by an engine on its way out, a file being

@@ -455,6 +455,46 @@ def test_a_version_waiting_to_be_tried_again_does_not_hold_back_another(
     assert wait_serving(models_client, "v3")["serving"] == "v3"
 
 
+def test_a_version_rolled_back_while_it_opened_never_serves(
+    models_client: TestClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Activated, then rolled back while its engine opened (minutes for a real one): it served
+    until the version rolled back to, whose engine the swap had released, opened again."""
+
+    def activate(version: str) -> dict[str, Any]:
+        response = models_client.post(
+            "/v1/models/activate", json={"version": version}, headers=ADMIN
+        )
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def dropped() -> bool:
+        return any(r.getMessage().startswith("model swap dropped") for r in caplog.records)
+
+    activate("v1")
+    assert wait_serving(models_client, "v1")["serving"] == "v1"
+    opened, rolled_back = [], threading.Event()
+    opening = server.active_model.open_engine
+
+    def slow(settings: Settings, version: str, serving: Any = None) -> Any:
+        opened.append(version)
+        rolled_back.wait(10)
+        return opening(settings, version, serving)
+
+    monkeypatch.setattr(server.serving, "open_engine", slow)
+    with caplog.at_level("INFO", logger="server.serving"):
+        activate("v2")
+        assert until(lambda: opened == ["v2"], 10)
+        assert activate("v1") == {"active": "v1", "previous": "v2"}
+        rolled_back.set()
+        assert until(dropped, 10), [r.getMessage() for r in caplog.records]
+
+    body = models_client.get("/v1/models").json()
+    assert (body["active"], body["serving"]) == ("v1", "v1")
+    time.sleep(0.5)  # the rollback's announcement, handled: v1 serves already
+    assert opened == ["v2"]  # v1 was not opened again
+
+
 def test_an_adapter_load_that_never_answers_does_not_stop_later_swaps(
     models_client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
