@@ -615,6 +615,12 @@ class Store:
         would cross the first's. False when another prune holds it."""
         return await self._take(self.keys.prune_lock, token, PRUNING_SECONDS)
 
+    async def renew_prune_lock(self, token: str) -> bool:
+        """Hold the lock PRUNING_SECONDS more, or take it again if it lapsed and is free; False
+        when another prune holds it."""
+        renewed = await self._renew(keys=[self.keys.prune_lock], args=[token, PRUNING_SECONDS])
+        return bool(renewed) or await self.take_prune_lock(token)
+
     async def release_prune_lock(self, token: str) -> None:
         await self._release(keys=[self.keys.prune_lock], args=[token])
 

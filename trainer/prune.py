@@ -19,9 +19,9 @@ class PruneBusy(Exception):
 
 
 @asynccontextmanager
-async def prune_held(store: Store, wait: float = 0) -> AsyncIterator[None]:
-    """No other prune runs meanwhile (the prune lock); waits up to `wait` seconds for one in
-    progress, then raises PruneBusy."""
+async def prune_held(store: Store, wait: float = 0) -> AsyncIterator[str]:
+    """No other prune runs meanwhile (the prune lock, whose token it yields); waits up to `wait`
+    seconds for one in progress, then raises PruneBusy."""
     token, deadline = uuid.uuid4().hex, time.monotonic() + wait
     while not await store.take_prune_lock(token):
         if time.monotonic() >= deadline:
@@ -31,7 +31,7 @@ async def prune_held(store: Store, wait: float = 0) -> AsyncIterator[None]:
             )
         await asyncio.sleep(POLL_SECONDS)
     try:
-        yield
+        yield token
     finally:
         await store.release_prune_lock(token)
 
@@ -41,17 +41,24 @@ async def prune(
 ) -> list[str]:
     """Remove all but the newest `keep` trained versions (`Registry.prunable`); the removed
     versions, oldest first, each passed to `on_removed` once gone (cancelled, it stops after the
-    one being removed). Those chosen are refused activation while they are removed, and one
-    activated before that is kept: an operator activating an old version as it was chosen would
-    have had its folder removed under the gateways. One prune at a time: a second one ended the
-    first's refusal while the first was still removing."""
+    one being removed). Those chosen are refused activation while they are removed (the removed
+    ones until the marks lapse, PRUNING_SECONDS), and one activated before that is kept: an
+    operator activating an old version as it was chosen would have had its folder removed under
+    the gateways. One prune at a time: a second one ended the first's refusal while the first
+    was still removing."""
     removed: list[str] = []
-    async with prune_held(store):
+    async with prune_held(store) as token:
         chosen = await asyncio.to_thread(registry.prunable, keep, await store.serving_models())
         serving = await store.mark_pruning(chosen)
         try:
             still = await asyncio.to_thread(registry.prunable, keep, serving)
             for version in [version for version in still if version in chosen]:
+                # A prune can outlast its marks and its lock (a slow disk, many large versions):
+                # both renewed before each removal, and what serves read again.
+                if not await store.renew_prune_lock(token):
+                    break  # another prune took over once this one's lock lapsed
+                if version in await store.mark_pruning([version]):
+                    continue  # activated once the marks had lapsed
                 try:
                     await finish_in_thread(registry.remove, [version])
                 finally:  # cancelled too: the thread finished the version first
@@ -60,5 +67,7 @@ async def prune(
                         if on_removed is not None:
                             on_removed(version)
         finally:
-            await store.unmark_pruning(chosen)
+            # The removed stay refused until the marks lapse: an activation checked before
+            # the removal and written after it pointed every gateway at a folder gone.
+            await store.unmark_pruning([version for version in chosen if version not in removed])
     return removed

@@ -413,7 +413,10 @@ def test_a_prune_stopped_by_sigterm_finishes_the_version_at_hand_and_gives_the_l
     printed = stdout.split()
     assert printed[:2] == ["v0", "v1"] and "v2" not in printed, stdout
     assert names(registry) == ["v2", "v3"]
-    assert not client.exists(lock) and not client.exists(f"{settings.key_prefix}:model:pruning")
+    assert not client.exists(lock)
+    # Only the removed stay refused activation (until the marks lapse): v2 may be again.
+    marked = client.smembers(f"{settings.key_prefix}:model:pruning")
+    assert marked == {b"v0", b"v1"}, marked
 
 
 def test_a_version_being_pruned_cannot_be_activated(settings: Settings) -> None:
@@ -444,7 +447,8 @@ def test_a_version_activated_as_it_is_chosen_for_pruning_is_kept(
     marking = Store.mark_pruning
 
     async def activated_first(store: Store, versions: list[str]) -> set[str]:
-        await store.set_active_model("v0")  # the operator, just before
+        if len(versions) > 1:  # the first marks, of all chosen; later ones renew them
+            await store.set_active_model("v0")  # the operator, just before
         return await marking(store, versions)
 
     monkeypatch.setattr(Store, "mark_pruning", activated_first)
@@ -456,6 +460,56 @@ def test_a_version_activated_as_it_is_chosen_for_pruning_is_kept(
 
     assert asyncio.run(body()) == ["v1", "v2"]
     assert names(registry) == ["v0", "v3"]  # v0 active, v3 the previous
+
+
+def test_a_pruned_version_stays_refused_to_an_activation_checked_before_it_was_removed(
+    settings: Settings,
+) -> None:
+    """The route checks that the version is there, then activates it: a prune between the two
+    left every gateway pointed at a folder gone."""
+    registry = Registry(settings.registry_path)
+    for age, version in enumerate(["v0", "v1", "v2"]):
+        publish_version(registry, version, created_at=T0 + timedelta(hours=age))
+
+    async def body() -> list[str]:
+        async with open_store(settings) as store:
+            await store.set_active_model("v2")
+            removed = await prune(registry, store, keep=1)
+            with pytest.raises(BeingRemoved):  # checked before, activated now
+                await store.set_active_model("v0")
+            return removed
+
+    assert asyncio.run(body()) == ["v0", "v1"]
+    assert names(registry) == ["v2"]
+
+
+def test_a_version_activated_once_the_marks_lapsed_is_kept(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, rdb
+) -> None:
+    """A prune longer than its marks (a slow disk, many large versions) removed a version
+    activated after they lapsed."""
+    registry = Registry(settings.registry_path)
+    for age, version in enumerate(["v0", "v1", "v2", "v3"]):
+        publish_version(registry, version, created_at=T0 + timedelta(hours=age))
+    removing = Registry.remove
+
+    def slow(self: Registry, versions: list[str]) -> None:
+        if versions == ["v0"]:  # the marks and the lock lapse; the operator activates v1
+            rdb.delete(f"{settings.key_prefix}:model:pruning")
+            rdb.delete(f"{settings.key_prefix}:model:prune-lock")
+            rdb.set(f"{settings.key_prefix}:model:active", "v1")
+        removing(self, versions)
+
+    monkeypatch.setattr(Registry, "remove", slow)
+
+    async def body() -> list[str]:
+        async with open_store(settings) as store:
+            await store.set_active_model("v3")
+            return await prune(registry, store, keep=1)
+
+    assert asyncio.run(body()) == ["v0", "v2"]
+    assert names(registry) == ["v1", "v3"]
+    assert not rdb.exists(f"{settings.key_prefix}:model:prune-lock")  # taken again, released
 
 
 # Contract versions -----------------------------------------------------------------------------
