@@ -133,7 +133,7 @@ def open_engine(settings: Settings, version: str, serving: Engine | None = None)
     manifest = servable(registry, version)
     _warn_mismatches(manifest, settings)
     base_dir = registry.path(base_version(manifest))
-    items = ItemTokens.load(base_dir)
+    items = _item_tokens(base_dir)
     template = chat_template(base_dir) if manifest.contract.chat else None
     # The engine last: one started before a failure would be left running.
     engine = _open(settings, version, serving)
@@ -166,6 +166,16 @@ def _warn_mismatches(manifest: Manifest, settings: Settings) -> None:
                 "history_size": settings.history_size,
             },
         )
+
+
+def _item_tokens(folder: Path) -> ItemTokens | None:
+    try:
+        return ItemTokens.load(folder)
+    # What the folder holds, as for the chat template: the tokenizers library raises a bare
+    # Exception for a tokenizer.json it cannot parse (it was retried for ever).
+    except Exception as exc:
+        unreadable = f"the tokenizer of {folder.name} cannot be read"
+        raise RegistryError(f"{unreadable}: {exc}", public=unreadable) from exc
 
 
 def chat_template(folder: Path) -> Callable[[str], str]:

@@ -32,6 +32,7 @@ from server.durable import fsync, fsync_tree, weights_written
 
 MANIFEST = "manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what peft saves
 _STAGING = ".staging-"
 REGISTERED, IMPORTED = "registered", "imported"  # `training.method` of versions brought in
 REFRESH_METHOD = "grpo-refresh"  # `training.method` in a refreshed version's manifest
@@ -333,25 +334,43 @@ def servable(registry: Registry, version: str) -> Manifest:
     manifest = registry.manifest(version)
     check_contract(manifest)
     if manifest.kind == "full":
-        _loadable(registry, version)
+        _loadable(registry, version, manifest.chat_template)
         return manifest
     base = base_version(manifest)
     if base == version or not registry.has(base):
         raise RegistryError(f"LoRA version {version} adapts {base}, which is not in the registry")
     if registry.manifest(base).kind != "full":
         raise RegistryError(f"LoRA version {version} adapts {base}, itself an adapter")
-    _loadable(registry, base)
+    _loadable(registry, base, manifest.chat_template)
     adapter_rank(registry.path(version))
+    if not any((registry.path(version) / name).is_file() for name in ADAPTER_WEIGHTS):
+        raise RegistryError(f"LoRA version {version} holds no adapter weights")
     return manifest
 
 
-def _loadable(registry: Registry, version: str) -> None:
+def _loadable(registry: Registry, version: str, chat: bool) -> None:
     # A folder left with its manifest alone (weights removed by hand, a copy cut short) was
-    # activated, and every gateway then failed to open it.
-    if (problem := _not_a_model(registry.path(version))) is not None:
-        refused = f"model version {version} cannot be served"
-        # Its reason may quote a path of this machine: for the log, not for clients.
+    # activated, and every gateway then failed to open it; so was one whose chat template
+    # (prompts of a chat version go through it) cannot load.
+    folder = registry.path(version)
+    refused = f"model version {version} cannot be served"
+    # The reasons may quote a path of this machine: for the log, not for clients.
+    if (problem := _not_a_model(folder)) is not None:
         raise RegistryError(f"{refused}: {problem}", public=f"{refused}: no model in its folder")
+    if chat and (problem := _no_chat_template(folder)) is not None:
+        raise RegistryError(f"{refused}: {problem}", public=f"{refused}: no chat template")
+
+
+def _no_chat_template(folder: Path) -> str | None:
+    """Why a chat version's tokenizer has no chat template, as far as its files tell (the
+    tokenizer itself loads in the gateway), or None."""
+    try:
+        json.loads((folder / "tokenizer_config.json").read_text())
+    except FileNotFoundError:
+        pass  # the template may sit in chat_template.jinja
+    except (OSError, ValueError) as exc:
+        return f"tokenizer_config.json cannot be read: {exc}"
+    return None if has_chat_template(folder) else "its tokenizer has no chat template"
 
 
 def adapter_rank(path: Path) -> int:

@@ -41,6 +41,7 @@ def publish_adapter(settings: Settings, version: str, base: str, rank: int = 8) 
     registry = Registry(settings.registry_path)
     staging = registry.staging()
     (staging / ADAPTER_CONFIG).write_text(json.dumps({"r": rank}))
+    (staging / "adapter_model.safetensors").write_bytes(b"")  # read by vLLM alone
     registry.publish(staging, Manifest(version=version, kind="lora", base_model=base))
 
 

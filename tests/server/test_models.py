@@ -3,6 +3,7 @@ pub/sub). The engine is a RemoteEngine pointed nowhere: opening one needs no mod
 exercise the swap logic without vLLM (tests/integration swaps real vLLM engines under load)."""
 
 import asyncio
+import json
 import math
 import threading
 import time
@@ -32,9 +33,12 @@ def publish(registry_dir: Path, version: str, **fields: Any) -> None:
 
 
 def publish_unreadable_chat(registry_dir: Path) -> None:
-    """A chat version "v-chat" whose tokenizer, and so its chat template, cannot load."""
+    """A chat version "v-chat" whose tokenizer, and so its chat template, cannot load, though
+    its files show a template (as far as the activation looks)."""
     publish(registry_dir, "v-chat", chat_template=True)
-    (registry_dir / "v-chat" / "tokenizer_config.json").write_text("{")
+    template = {"chat_template": "{{ messages[0]['content'] }}"}
+    (registry_dir / "v-chat" / "tokenizer_config.json").write_text(json.dumps(template))
+    (registry_dir / "v-chat" / "tokenizer.json").write_text("{")
 
 
 @pytest.fixture
@@ -266,7 +270,7 @@ def test_a_version_that_cannot_open_leaves_no_engine_running(
     serving = models_client.app.state.serving
     for _ in range(2):
         models_client.post("/v1/models/activate", json={"version": "v-chat"}, headers=ADMIN)
-    refused = "the chat template of v-chat cannot load"
+    refused = "the tokenizer of v-chat cannot be read"
     assert until(lambda: models_client.get("/readyz").json()["checks"]["engine"] == refused, 10)
     assert serving.version is None
     assert started == []  # the version was refused before any engine started

@@ -531,15 +531,32 @@ def test_a_version_is_servable_only_with_what_serving_it_needs(registry: Registr
     publish_version(registry, "v1")
     adapter = publish_version(registry, "a1", kind="lora", base_model="v1")
     (adapter / ADAPTER_CONFIG).write_text(json.dumps({"r": 8}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
     publish_version(registry, "a2", kind="lora", base_model="a1")
     publish_version(registry, "a3", kind="lora", base_model="a3")
     publish_version(registry, "a4", kind="lora", base_model="v1")
+    weightless = publish_version(registry, "a5", kind="lora", base_model="v1")
+    (weightless / ADAPTER_CONFIG).write_text(json.dumps({"r": 8}))
+    template = {"chat_template": "{{ messages[0]['content'] }}"}
+    (publish_version(registry, "c1", chat_template=True) / "tokenizer_config.json").write_text(
+        json.dumps(template)
+    )
+    (publish_version(registry, "c2", chat_template=True) / "tokenizer_config.json").write_text("{")
+    publish_version(registry, "c3", chat_template=True)  # no tokenizer files at all
+    chat_adapter = publish_version(registry, "c4", kind="lora", base_model="v1", chat_template=True)
+    for name, text in [(ADAPTER_CONFIG, '{"r": 8}'), ("adapter_model.safetensors", "")]:
+        (chat_adapter / name).write_text(text)
 
     assert servable(registry, "a1").base_model == "v1"
+    assert servable(registry, "c1").chat_template
     for version, problem in [
         ("a2", "LoRA version a2 adapts a1, itself an adapter"),
         ("a3", "LoRA version a3 adapts a3, which is not in the registry"),
         ("a4", "a4 holds no readable LoRA adapter"),
+        ("a5", "LoRA version a5 holds no adapter weights"),
+        ("c2", "model version c2 cannot be served: tokenizer_config.json cannot be read"),
+        ("c3", "model version c3 cannot be served: its tokenizer has no chat template"),
+        ("c4", "model version v1 cannot be served: its tokenizer has no chat template"),
     ]:
         with pytest.raises(RegistryError, match=problem):
             servable(registry, version)
