@@ -17,6 +17,8 @@
 
 import asyncio
 import logging
+import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -82,11 +84,20 @@ def events_only(events: list[FeedbackEvent]) -> Dataset:
 
 
 def _link(source: Registry, target: Registry, versions: Sequence[str]) -> None:
+    """Hard links (copies across file systems), not a link to the folder: a prune of the
+    configured registry during the eval removed the folder under it."""
     target.root.mkdir(parents=True, exist_ok=True)
     for version in versions:
         needed = {version, base_version(source.manifest(version))}
         for name in needed - {path.name for path in target.root.iterdir()}:
-            (target.root / name).symlink_to(source.path(name).resolve(), target_is_directory=True)
+            shutil.copytree(source.path(name), target.root / name, copy_function=_hard_link)
+
+
+def _hard_link(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(source, target)
 
 
 async def registered(

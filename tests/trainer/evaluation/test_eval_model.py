@@ -13,8 +13,10 @@ from cli import app
 from contract.tasks import Task
 from server.config import Settings
 from server.registry import Manifest, Registry
+from tests.server.helpers import publish_version
 from tests.trainer.evaluation.test_formats import plain, write_ml_latest
 from trainer.evaluation.harness import Report
+from trainer.evaluation.run import scratch_store
 from trainer.evaluation.split import EvalFormat, read_eval_data
 from trainer.feedback_log import ConsumeResult
 from trainer.gate import Gate
@@ -150,3 +152,16 @@ def test_a_registered_version_is_evaluated_instead_of_a_bootstrap(
     result = CliRunner().invoke(app, [*args[:4], "--base", "zero-shot", "--no-stages"])
     assert result.exit_code == 0, result.output
     assert runs[-1] == (frozenset({Task.rank}), None, "zero-shot", False)
+
+
+def test_a_version_evaluated_is_read_whole_though_a_prune_removes_it(settings: Settings) -> None:
+    """Linked to the folder, a version pruned from the configured registry during the eval was
+    gone from under it: the next engine it opened failed."""
+    source = Registry(settings.registry_path)
+    publish_version(source, "v0")
+    publish_version(source, "a1", kind="lora", base_model="v0")
+    with scratch_store(settings, ["a1"]) as (scratch, _, _):
+        source.remove(["a1", "v0"])
+        copy = Registry(scratch.registry_path)
+        assert copy.manifest("a1").base_model == "v0"
+        assert (copy.path("v0") / "model.safetensors").is_file()
