@@ -57,7 +57,12 @@ if ARGV[3] == '1' and (old or '') ~= ARGV[2] then
   return {0, old or ''}
 end
 redis.call('SET', KEYS[1], ARGV[1])
-if old and old ~= ARGV[1] then redis.call('SET', KEYS[2], old) end
+-- Activated again (gateways that refused it try it again): it answers the previous version.
+if old == ARGV[1] then
+  old = redis.call('GET', KEYS[2])
+elseif old then
+  redis.call('SET', KEYS[2], old)
+end
 redis.call('PUBLISH', KEYS[3], ARGV[1])
 return {1, old or ''}
 """

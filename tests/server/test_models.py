@@ -93,6 +93,8 @@ def test_activate_swaps_the_gateway_and_remembers_the_previous(models_client: Te
     assert wait_serving(models_client, "v1")["serving"] == "v1"
     second = models_client.post("/v1/models/activate", json={"version": "v2"}, headers=ADMIN)
     assert second.json() == {"active": "v2", "previous": "v1"}
+    again = models_client.post("/v1/models/activate", json={"version": "v2"}, headers=ADMIN)
+    assert again.json() == {"active": "v2", "previous": "v1"}  # it answered v2
     body = wait_serving(models_client, "v2")
     assert (body["active"], body["previous"], body["serving"]) == ("v2", "v1", "v2")
     assert metric(models_client, "reasonrec_model_info", version="v2") == 1
