@@ -15,7 +15,8 @@ class Impression(BaseModel):
     request_id: str
     user_id: str
     model_version: str = Field("", description="Empty when no model served the list.")
-    ts: float = Field(description="Unix time the list was served.")
+    # Finite: one logged as nan sorted at random among the examples and was written as null.
+    ts: float = Field(description="Unix time the list was served.", allow_inf_nan=False)
     source: str = Field("", description="`llm` or `fallback`.")
     fallback_reason: str = ""
     items: list[str] = Field(default_factory=list, description="The ids shown, in order.")

@@ -2,14 +2,20 @@
 published refresh, and `reasonrec models prune`."""
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+from redis.exceptions import RedisError
+
+from server.logs import describe
 from server.registry import Registry
 from server.store import Store
 from trainer.threads import finish_in_thread
+
+log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
 
@@ -33,7 +39,10 @@ async def prune_held(store: Store, wait: float = 0) -> AsyncIterator[str]:
     try:
         yield token
     finally:
-        await store.release_prune_lock(token)
+        try:
+            await store.release_prune_lock(token)
+        except RedisError as exc:  # it lapses within PRUNING_SECONDS; what it held is done
+            log.warning("prune lock not released", extra={"reason": describe(exc)})
 
 
 async def prune(

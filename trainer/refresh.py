@@ -275,6 +275,9 @@ async def refresh_once(
         log.info("refresh finished", extra=result.model_dump(include=FINISHED_FIELDS))
     except RefreshBusy:
         raise
+    except asyncio.CancelledError:  # Ctrl-C, SIGTERM: its last line too
+        log.info("refresh stopped")
+        raise
     except Exception as exc:  # its last line, with its id: the sidecar goes on, `train --once` ends
         metrics.RUNS.labels("failed").inc()
         log.error(
@@ -459,24 +462,26 @@ async def _refresh(
     if lock.lost:  # another refresh may be running: it publishes, not this one
         reason = f"lost the refresh lock: {lock.lost}; nothing published"
         return result.model_copy(update={"outcome": "skipped", "reason": reason})
-    base = base_version(manifest)
+    base, adapter = base_version(manifest), isinstance(candidate, PeftModel)
     # No prune between the check and the version in place: it could remove the base meanwhile.
     async with prune_held(store, wait=PRUNING_SECONDS):
-        if isinstance(candidate, PeftModel) and not registry.has(base):
+        if adapter and not registry.has(base):
             # Activations moved on while it trained and a prune removed the base: an adapter on
             # it could never be served.
             reason = f"gate passed; nothing published: its base {base} was pruned while it trained"
             return result.model_copy(update={"outcome": "skipped", "reason": reason})
-        # In a thread too: saving the weights takes seconds, the lock must go on being renewed.
-        version = await finish_in_thread(
-            _publish,
-            registry,
-            manifest,
-            candidate,
-            tokenizer,
-            policy.model_dump(mode="json"),
-            result,
-        )
+        child = child_manifest(manifest, adapter, policy.model_dump(mode="json"), result)
+        version = child.version
+        try:
+            # In a thread too: saving the weights takes seconds, the lock must go on being renewed.
+            await finish_in_thread(publish_model, registry, candidate, tokenizer, child)
+        except asyncio.CancelledError:  # stopped (SIGTERM) while it wrote: the thread finished
+            if registry.has(version):
+                log.warning(
+                    "refresh stopped: published, not activated",
+                    extra={"version": version, "parent": parent},
+                )
+            raise
     if lock.lost:
         reason = f"gate passed; not activated: lost the refresh lock while publishing: {lock.lost}"
         log.warning("refresh not activated", extra={"version": version, "reason": lock.lost})
@@ -489,6 +494,9 @@ async def _refresh(
     except ActiveModelChanged as exc:  # an operator rolled back or forward meanwhile: theirs wins
         reason = f"gate passed; not activated: {exc.active} became active while it trained"
         log.warning("refresh not activated", extra={"version": version, "active": exc.active})
+    except RedisError as exc:  # published all the same: said so, with its name (it read "failed")
+        reason = f"gate passed; not activated: Redis failed: {describe(exc)}"
+        log.warning("refresh not activated", extra={"version": version, "reason": describe(exc)})
     return result.model_copy(update={"outcome": "published", "reason": reason, "version": version})
 
 
@@ -639,21 +647,6 @@ def _record(gate: Gate | None, reward_mean: float | None) -> None:
         return
     metrics.GATE_NDCG.labels("active").set(gate.active["ndcg@10"])
     metrics.GATE_NDCG.labels("candidate").set(gate.candidate["ndcg@10"])
-
-
-def _publish(
-    registry: Registry,
-    parent: Manifest,
-    model: PreTrainedModel | PeftModel,
-    tokenizer: PreTrainedTokenizerBase,
-    policy: dict,
-    result: RefreshResult,
-) -> str:
-    """The candidate as a child of `parent`: a LoRA candidate on the parent's base (gateways serve
-    it as a vLLM runtime adapter on the engine they already run), anything else as full weights."""
-    manifest = child_manifest(parent, isinstance(model, PeftModel), policy, result)
-    publish_model(registry, model, tokenizer, manifest)
-    return manifest.version
 
 
 def child_manifest(

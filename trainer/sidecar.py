@@ -7,10 +7,11 @@ restart too, or by `train --once`): a refresh that is overdue, or when none was 
 starts at the first poll. One that finds another refresh running (its lock held) is tried again
 LOCK_SECONDS later: a trainer killed mid-refresh leaves its lock that long.
 A failed refresh is logged and counted (`reasonrec_trainer_runs_total{outcome="failed"}`) and
-the loop goes on, as it does while Redis does not answer; the lock in `trainer.refresh` keeps
-two sidecars from training at once. Each poll also reads Redis's memory against its cap
-(`reasonrec_trainer_redis_used_bytes`, `reasonrec_trainer_redis_max_bytes`; an alert fires near
-the cap).
+tried again a minute later, then after twice as long each time it fails again, up to
+`REASONREC_REFRESH_SECONDS`; the loop goes on while Redis does not answer; the lock in
+`trainer.refresh` keeps two sidecars from training at once. Each poll also reads Redis's memory
+against its cap (`reasonrec_trainer_redis_used_bytes`, `reasonrec_trainer_redis_max_bytes`; an
+alert fires near the cap).
 """
 
 import asyncio
@@ -29,6 +30,7 @@ from trainer.refresh import LOCK_SECONDS, RefreshBusy, refresh_once
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 10.0
+FAILED_RETRY_SECONDS = 60.0  # after a failed refresh, doubling while it keeps failing
 
 
 def last_refresh(registry: Registry) -> float | None:
@@ -113,7 +115,8 @@ async def run_sidecar(settings: Settings) -> None:
     async with open_store(settings) as store:
         last_run = _schedule_start(registry, settings.refresh_seconds)
         last_length = await _event_count(store)
-        busy_until = 0.0  # monotonic: no try before, after one found another refresh running
+        retry_at = 0.0  # monotonic: no try before (another refresh was running, or this failed)
+        backoff = FAILED_RETRY_SECONDS
         while True:
             await asyncio.sleep(POLL_SECONDS)
             read_at, published = _report_last_refresh(registry, read_at)
@@ -131,7 +134,7 @@ async def run_sidecar(settings: Settings) -> None:
             due = time.monotonic() - last_run >= settings.refresh_seconds
             if not due and length - last_length < settings.refresh_min_events:
                 continue
-            if time.monotonic() < busy_until:
+            if time.monotonic() < retry_at:
                 continue
             counted_from = last_run, last_length
             last_run, last_length = time.monotonic(), length
@@ -142,6 +145,18 @@ async def run_sidecar(settings: Settings) -> None:
                 # lapsed; a live one that publishes meanwhile restarts the schedule instead.
                 log.info("refresh skipped: another one is running")
                 last_run, last_length = counted_from
-                busy_until = time.monotonic() + LOCK_SECONDS
-            except Exception:  # the sidecar outlives a bad refresh (logged and counted)
-                pass
+                retry_at = time.monotonic() + LOCK_SECONDS
+                continue
+            except Exception:  # logged and counted; the sidecar outlives it
+                # Not refreshed either: tried again sooner than the next period (Redis or a disk
+                # is often back within minutes), less often while it keeps failing.
+                last_run, last_length = counted_from
+                retry_at = time.monotonic() + backoff
+                backoff = min(backoff * 2, max(settings.refresh_seconds, FAILED_RETRY_SECONDS))
+                continue
+            backoff = FAILED_RETRY_SECONDS
+            # Its own version, if it published one: the schedule counts from it, while the events
+            # that came as it trained still count towards the next.
+            read_at, published = _report_last_refresh(registry, read_at)
+            if published is not None:
+                last_run = max(last_run, _monotonic(published))

@@ -34,4 +34,8 @@ async def finish_in_thread(
         while not work.done():  # a second cancellation (Ctrl-C, then SIGTERM) waits as well
             with suppress(asyncio.CancelledError):
                 await asyncio.wait({work})
+        if not work.cancelled():
+            # Read, so that asyncio does not log it as "never retrieved" with a traceback: a
+            # training stopped by `on_cancel` ends with an exception, as it is meant to.
+            work.exception()
         raise

@@ -3,6 +3,9 @@ reads back unchanged, and entries from before renderings still read."""
 
 import json
 
+import pytest
+from pydantic import ValidationError
+
 from contract.impression import Impression
 from contract.prompt import Rendering
 
@@ -45,3 +48,12 @@ def test_an_empty_list_still_ranks_one() -> None:
     fields = served().model_copy(update={"items": []}).fields()
 
     assert Impression.from_fields(fields).k == 1
+
+
+@pytest.mark.parametrize("ts", ["nan", "inf", "1e400"])
+def test_an_entry_served_at_no_time_is_unreadable(ts: str) -> None:
+    """One logged as nan sorted at random among the trainer's examples, was written back as
+    null, and every later read of the log warned of it."""
+    fields = served().fields() | {"ts": ts}
+    with pytest.raises(ValidationError, match="ts"):
+        Impression.from_fields(fields)

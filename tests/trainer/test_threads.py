@@ -1,6 +1,7 @@
 """finish_in_thread: a cancelled caller unwinds only once its thread has ended."""
 
 import asyncio
+import gc
 import threading
 import time
 
@@ -59,3 +60,26 @@ def test_a_second_cancellation_waits_as_well() -> None:
 
     unwound = asyncio.run(body())
     assert ended and ended[0] <= unwound
+
+
+def test_a_thread_asked_to_end_by_raising_logs_no_error(caplog: pytest.LogCaptureFixture) -> None:
+    """A training stopped at its next step ends with an exception, as it is meant to: asyncio
+    logged it as "never retrieved", an error with a traceback, at every graceful stop."""
+    started, asked = threading.Event(), threading.Event()
+
+    def training() -> None:
+        started.set()
+        asked.wait(30)
+        raise RuntimeError("stopped after step 1 of 20")
+
+    async def body() -> None:
+        task = asyncio.create_task(finish_in_thread(training, on_cancel=asked.set))
+        assert await asyncio.to_thread(started.wait, 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        asyncio.run(body())
+        gc.collect()  # where asyncio says what was never retrieved
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text

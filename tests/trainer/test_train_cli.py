@@ -491,14 +491,13 @@ def _refresh_trained(
             meanwhile()
         return candidate, None, Training(reward_mean=0.5, learned=True), gate
 
-    def publish(*_: Any) -> str:
+    def publish(registry: Registry, model: Any, tokenizer: Any, manifest: Manifest) -> None:
         if while_publishing is not None:
             while_publishing()
-        published.append("v2")
-        return "v2"
+        published.append(manifest.version)
 
     monkeypatch.setattr(refresh_module, "_train_and_gate", train_and_gate)
-    monkeypatch.setattr(refresh_module, "_publish", publish)
+    monkeypatch.setattr(refresh_module, "publish_model", publish)
 
     async def body() -> tuple[RefreshResult, str | None]:
         async with open_store(settings) as store:
@@ -717,7 +716,7 @@ def test_a_refresh_that_lost_its_lock_while_publishing_activates_nothing(
     passed, take = _lock_taken_over(env, rdb, lock_key)
     result, published, active = _refresh_trained(env, monkeypatch, passed, while_publishing=take)
 
-    assert result.outcome == "published" and published == ["v2"] and active == "v1"
+    assert result.outcome == "published" and published == [result.version] and active == "v1"
     assert result.reason == (
         "gate passed; not activated: lost the refresh lock while publishing: "
         "it lapsed, or another refresh took it"
@@ -739,6 +738,60 @@ def test_an_adapter_whose_base_was_pruned_while_it_trained_is_not_published(
     assert result.reason.endswith("nothing published: its base v1 was pruned while it trained")
 
 
+def test_a_refresh_whose_activation_found_redis_gone_says_it_published(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It said "refresh failed", naming no version, while the version sat in the registry."""
+
+    async def redis_gone(*_: Any, **__: Any) -> None:
+        raise RedisConnectionError("Error 111 connecting to redis:6379")
+
+    def as_it_activates() -> None:
+        monkeypatch.setattr(Store, "set_active_model", redis_gone)
+
+    result, published, active = _refresh_trained(
+        env, monkeypatch, _passed(env), while_publishing=as_it_activates
+    )
+    assert result.outcome == "published" and published == [result.version] and active == "v1"
+    assert result.reason.startswith("gate passed; not activated: Redis failed: ConnectionError")
+
+
+def test_a_refresh_stopped_while_it_publishes_names_the_version_it_left(
+    env: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM as the weights were saved: the version was written, not activated, and no line
+    named it."""
+    publishing = threading.Event()
+
+    def train_and_gate(*_: Any) -> tuple:
+        return None, None, Training(reward_mean=0.5, learned=True), _passed(env)
+
+    def publish(registry: Registry, model: Any, tokenizer: Any, manifest: Manifest) -> None:
+        publishing.set()
+        time.sleep(0.3)  # saving the weights; the stop comes meanwhile
+        registry.publish(registry.staging(), manifest)
+
+    monkeypatch.setattr(refresh_module, "_train_and_gate", train_and_gate)
+    monkeypatch.setattr(refresh_module, "publish_model", publish)
+
+    async def body() -> str | None:
+        async with open_store(env) as store:
+            await _ready_to_refresh(env, store)
+            refreshing = asyncio.create_task(refresh_once(env, store, progress=False))
+            assert await asyncio.to_thread(publishing.wait, 30)
+            refreshing.cancel()  # as `reasonrec trainer` does on SIGTERM
+            with pytest.raises(asyncio.CancelledError):
+                await refreshing
+            return await store.active_model()
+
+    with caplog.at_level("INFO", logger="trainer"):
+        active = asyncio.run(body())
+    said = {r.getMessage(): r for r in caplog.records}
+    left = said["refresh stopped: published, not activated"]
+    assert Registry(env.registry_path).has(left.version) and active == "v1"
+    assert "refresh stopped" in said
+
+
 def test_no_prune_runs_while_a_refresh_publishes(
     env: Settings, rdb: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -748,7 +801,7 @@ def test_no_prune_runs_while_a_refresh_publishes(
     result, published, _ = _refresh_trained(
         env, monkeypatch, _passed(env), while_publishing=lambda: held.append(rdb.exists(lock))
     )
-    assert result.outcome == "published" and published == ["v2"] and held == [1]
+    assert result.outcome == "published" and published == [result.version] and held == [1]
     assert not rdb.exists(lock)
 
 
@@ -935,6 +988,71 @@ def test_a_refresh_another_process_published_meanwhile_restarts_the_schedule(
         env, monkeypatch, lambda: _publish_refresh(env, "r1"), burst
     )
     assert len(ran) == 1
+
+
+def _sidecar_refreshing(
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    events: Callable[[int], int],
+    refresh: Callable[[int], None],
+) -> list[int]:
+    """The polls (numbered from 1) at which an hourly sidecar refreshed, over 40 polls; the
+    stream holds `events(poll)` events, and `refresh(run)` is the refresh (numbered from 1)."""
+    polls: list[int] = []
+    ran: list[int] = []
+
+    async def event_count(self: Store) -> int:
+        polls.append(1)
+        if len(polls) == 40:
+            raise asyncio.CancelledError
+        await asyncio.sleep(0.01)
+        return events(len(polls))
+
+    async def refresh_once(*_: Any, **__: Any) -> None:
+        ran.append(len(polls))
+        refresh(len(ran))
+
+    monkeypatch.setattr(Store, "event_count", event_count)
+    monkeypatch.setattr(sidecar, "refresh_once", refresh_once)
+    monkeypatch.setattr(sidecar, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(sidecar, "FAILED_RETRY_SECONDS", 0.1)
+    update = {"trainer_metrics_port": 0, "refresh_seconds": 3600, "refresh_min_events": 100}
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(sidecar.run_sidecar(settings.model_copy(update=update)))
+    return ran
+
+
+def test_a_failed_refresh_is_tried_again_before_the_next_period(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis gone as it published: the feedback it consumed waited a whole period (an hour)."""
+    _publish_refresh(env, "r0")  # the period runs from now: due by the events only
+
+    def refresh(run: int) -> None:
+        if run == 1:
+            raise RedisConnectionError("Error 111 connecting to redis:6379")
+
+    ran = _sidecar_refreshing(env, monkeypatch, lambda poll: 0 if poll == 1 else 150, refresh)
+    assert len(ran) == 2 and ran[1] - ran[0] >= 5, ran  # 0.1 s later, not at once
+
+
+def test_events_that_came_while_the_sidecar_published_count_towards_the_next(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its own publication reset the count of new events as another process's does: the 400
+    that came as it trained waited for the next period."""
+    _publish_refresh(env, "r0")
+    arrived: list[int] = []
+
+    def refresh(run: int) -> None:
+        arrived.append(run)  # 400 more as it trains
+        if run == 1:
+            _publish_refresh(env, "r1")
+
+    ran = _sidecar_refreshing(
+        env, monkeypatch, lambda poll: 0 if poll == 1 else (550 if arrived else 150), refresh
+    )
+    assert len(ran) == 2, ran
 
 
 def test_the_sidecar_reports_redis_memory_against_its_cap(
