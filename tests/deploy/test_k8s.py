@@ -232,6 +232,9 @@ def test_the_gateway_scales_apart_and_drains_one_pod_at_a_time(
     startup = container["startupProbe"]
     assert startup["httpGet"]["path"] == "/healthz"
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+    # a refresh's training slows /metrics past the default 1 s: three such probes killed it
+    [trainer] = pod_spec(named(resources, "Deployment")["trainer"])["spec"]["containers"]
+    assert trainer["livenessProbe"].get("timeoutSeconds", 1) >= 5
 
 
 def test_the_service_monitor_scrapes_gateway_trainer_and_vllm(
