@@ -1,6 +1,7 @@
 """Closed-loop load for the HTTP benchmarks: N workers, each sending its next job when the last
 one is answered; latency percentiles and throughput per concurrency level."""
 
+import argparse
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -10,6 +11,17 @@ import httpx
 import numpy as np
 
 LEVELS = (1, 16)
+
+
+def positive(text: str) -> int:
+    """An argparse type: a count of at least 1 (0 broke the percentiles, or meant "all")."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
 
 
 def require_gateway(url: str) -> None:

@@ -16,9 +16,12 @@ Target: p50 under 2 ms at concurrency 16.
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +32,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import redis
+from _load import positive  # bench/ is the script's folder
 
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
 
@@ -58,15 +62,31 @@ def _start_server(
     return subprocess.Popen(command, env=env, cwd=Path(__file__).resolve().parents[1])
 
 
-async def _wait_ready(client: httpx.AsyncClient) -> None:
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _check_free(port: int) -> None:
+    """Refuse a port that something answers on: the load went to that server (another gateway,
+    whose store it wrote to and never cleaned), and its own server's failure went unseen."""
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            raise SystemExit(f"port {port} is in use: choose another with --port, or leave it out")
+
+
+async def _wait_ready(client: httpx.AsyncClient, server: subprocess.Popen) -> None:
     for _ in range(300):
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited ({server.returncode}) before it was ready")
         try:
             if (await client.get("/readyz")).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         await asyncio.sleep(0.1)
-    raise RuntimeError("the server did not become ready")
+    raise SystemExit("the server did not become ready in 30 s")
 
 
 async def _run(client: httpx.AsyncClient, concurrency: int, requests: int) -> dict[str, float]:
@@ -135,10 +155,12 @@ def _wrk(port: int, concurrency: int, seconds: int) -> dict[str, float]:
     }
 
 
-async def bench(port: int, requests: int, seconds: int) -> tuple[str, list[dict[str, float]]]:
+async def bench(
+    port: int, server: subprocess.Popen, requests: int, seconds: int
+) -> tuple[str, list[dict[str, float]]]:
     limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits) as client:
-        await _wait_ready(client)
+        await _wait_ready(client, server)
         item = {"title": "Benchmark item", "categories": ["bench"]}
         (await client.put("/v1/items/bench-item", json=item)).raise_for_status()
         await _run(client, 4, 200)  # warm-up: connections, code paths
@@ -147,27 +169,37 @@ async def bench(port: int, requests: int, seconds: int) -> tuple[str, list[dict[
         return "httpx", [await _run(client, c, requests) for c in (1, 16)]
 
 
+def _remove_keys(client: redis.Redis, prefix: str) -> None:
+    # In batches: one round trip per key took minutes after a long run.
+    keys = client.scan_iter(match=f"{prefix}:*", count=1000)
+    while batch := list(itertools.islice(keys, 1000)):
+        client.unlink(*batch)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=5, help="wrk: seconds per level")
-    parser.add_argument("--requests", type=int, default=3000, help="httpx: requests per level")
-    parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
-    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--seconds", type=positive, default=5, help="wrk: seconds per level")
+    parser.add_argument("--requests", type=positive, default=3000, help="httpx: per level")
+    parser.add_argument("--workers", type=positive, default=2, help="uvicorn worker processes")
+    parser.add_argument("--port", type=positive, help="the server's port (default: a free one)")
     args = parser.parse_args()
+    if args.port:
+        _check_free(args.port)
+    port = args.port or _free_port()
+    # SIGTERM (a CI job cancelled) as Ctrl-C: the server stopped, the keys removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     redis_url = _redis_url()
     data_dir = tempfile.mkdtemp(prefix="reasonrec-bench-")  # the embedded Redis's file, if any
-    server = _start_server(args.port, prefix, redis_url, args.workers, data_dir)
+    server = _start_server(port, prefix, redis_url, args.workers, data_dir)
     try:
-        load_client, results = asyncio.run(bench(args.port, args.requests, args.seconds))
+        load_client, results = asyncio.run(bench(port, server, args.requests, args.seconds))
     finally:
         server.terminate()
         server.wait(timeout=30)
         shutil.rmtree(data_dir, ignore_errors=True)
         if redis_url:
-            client = redis.Redis.from_url(redis_url)
-            for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-                client.delete(key)
+            _remove_keys(redis.Redis.from_url(redis_url), prefix)
     report = {
         "benchmark": "feedback_ingestion",
         "batch_size": 1,

@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from _load import positive  # bench/ is the script's folder
 
 from server.loaders import Dataset
 from server.loaders.movielens import read_ml100k
@@ -69,9 +70,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=ML100K, help="MovieLens 100K folder")
     parser.add_argument("--synthetic", action="store_true", help="use the synthetic data set")
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--window", type=int, default=5)
-    parser.add_argument("--history", type=int, default=50)
+    parser.add_argument("--dim", type=positive, default=64)
+    parser.add_argument("--window", type=positive, default=5)
+    parser.add_argument("--history", type=positive, default=50)
     args = parser.parse_args()
     dataset = generate() if args.synthetic else read_ml100k(args.data)
     result = evaluate(dataset, args.dim, args.window, args.history)

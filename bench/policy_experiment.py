@@ -28,11 +28,14 @@ import contextlib
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+
+from _load import positive  # bench/ is the script's folder
 
 from reward_rules.metrics import hit_at_k, intra_list_distance, mean_self_information, ndcg_at_k
 from server.active_model import open_engine
@@ -189,15 +192,28 @@ async def experiment(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/ml-100k")
-    parser.add_argument("--preset", default="default", help="Bootstrap preset of the base model.")
-    parser.add_argument("--sft-steps", type=int, help="Override the preset's SFT steps (faster).")
-    parser.add_argument("--promoted", type=int, default=100, help="How many items to promote.")
     parser.add_argument(
-        "--users", type=int, help="Sample N users (half measured, half clicking, split by policy)."
+        "--preset",
+        default="default",
+        choices=list(PRESETS),
+        help="Bootstrap preset of the base model.",
     )
-    parser.add_argument("--refresh-steps", type=int, default=20, help="GRPO steps per refresh.")
+    parser.add_argument(
+        "--sft-steps", type=positive, help="Override the preset's SFT steps (faster)."
+    )
+    parser.add_argument("--promoted", type=positive, default=100, help="How many items to promote.")
+    parser.add_argument(
+        "--users",
+        type=positive,
+        help="Sample N users (half measured, half clicking, split by policy).",
+    )
+    parser.add_argument(
+        "--refresh-steps", type=positive, default=20, help="GRPO steps per refresh."
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    # SIGTERM (a CI job cancelled) as Ctrl-C: the run's store and folders are removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if not (args.data / "u.data").is_file():
         raise SystemExit(f"MovieLens 100K not found at {args.data} (pass --data)")
     preset = args.preset

@@ -16,11 +16,12 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import uuid
 
 import httpx
 import numpy as np
-from _load import LEVELS, load, require_gateway  # bench/ is the script's folder
+from _load import LEVELS, load, positive, require_gateway  # bench/ is the script's folder
 
 from server.active_model import open_engine
 from server.config import Settings
@@ -119,8 +120,12 @@ async def main(url: str, requests: int) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the running gateway")
-    parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    parser.add_argument(
+        "--requests", type=positive, default=64, help="requests per concurrency level"
+    )
     args = parser.parse_args()
+    # SIGTERM (a CI job cancelled) as Ctrl-C: the engine it started is shut down.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     # vLLM logs on stdout by default (read when it is first imported): keep stdout for the JSON.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     print(json.dumps(asyncio.run(main(args.url, args.requests)), indent=2))

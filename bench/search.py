@@ -17,7 +17,7 @@ import json
 
 import httpx
 import numpy as np
-from _load import LEVELS, load, require_gateway  # bench/ is the script's folder
+from _load import LEVELS, load, positive, require_gateway  # bench/ is the script's folder
 
 from contract.candidates import OVERFETCH
 from server.config import Settings
@@ -87,6 +87,8 @@ async def main(url: str, requests: int) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the running gateway")
-    parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    parser.add_argument(
+        "--requests", type=positive, default=64, help="requests per concurrency level"
+    )
     args = parser.parse_args()
     print(json.dumps(asyncio.run(main(args.url, args.requests)), indent=2))

@@ -19,12 +19,17 @@ stderr when the data folder is absent.
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
+from _load import positive  # bench/ is the script's folder
+
 from server.config import Settings
+from server.loaders import LoadError
 from trainer.evaluation.run import run_eval
 from trainer.evaluation.split import EvalFormat, read_eval_data
+from trainer.presets import PRESETS
 
 STAGES = ("retrieval_ndcg@10", "pretrain_ndcg@10", "sft_ndcg@10", "ndcg@10")
 PIPELINE = ("ndcg@10", "hr@10", "ild@10", "novelty@10", "invalid_rate", "p50_ms")
@@ -34,14 +39,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data/ml-100k"))
     parser.add_argument("--format", default="ml-100k", choices=[f.value for f in EvalFormat])
-    parser.add_argument("--preset", default="default")
-    parser.add_argument("--users", type=int, default=None, help="Sampled users (default: all).")
+    parser.add_argument("--preset", default="default", choices=list(PRESETS))
+    parser.add_argument(
+        "--users", type=positive, default=None, help="Sampled users (default: all)."
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    # SIGTERM (a CI job cancelled) as Ctrl-C: the run's store and folders are removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if not args.data.exists():
         print(f"skipped: no data at {args.data} (pass --data)", file=sys.stderr)
         return
-    data = read_eval_data(args.data, EvalFormat(args.format))
+    try:
+        data = read_eval_data(args.data, EvalFormat(args.format))
+    except LoadError as exc:  # a file, or a folder of another format
+        raise SystemExit(f"error: {exc}") from exc
     report = run_eval(data, Settings(), args.users, args.seed, args.preset)
     ours, retrieval = report.systems["reasonrec"], report.systems["retrieval"]
     result = {

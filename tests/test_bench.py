@@ -4,6 +4,7 @@ code they call moves."""
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,25 @@ def test_the_feedback_benchmark_runs_its_own_server_whatever_the_environment_say
     report = json.loads(done.stdout)
     assert report["redis"] == "embedded" and report["results"][1]["requests"] > 0
     assert list(tmp_path.iterdir()) == []  # its data folder and wrk script removed
+
+
+def test_the_feedback_benchmark_refuses_a_port_something_answers_on() -> None:
+    """It measured the server already there (another gateway: it wrote to that store and
+    removed nothing), and hid its own server's failure to bind."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _run("feedback.py", "--requests", "40", "--port", str(port))
+    assert done.returncode == 1 and f"port {port} is in use" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "option"),
+    [("recommend.py", "--requests"), ("search.py", "--requests"), ("feedback.py", "--workers")],
+)
+def test_a_count_below_one_is_refused_before_any_work(script: str, option: str) -> None:
+    """--requests 0 ended in an IndexError after the warm-up (a percentile of nothing)."""
+    done = _run(script, option, "0", "--url", "http://127.0.0.1:9")
+    assert done.returncode == 2 and "is not a whole number of at least 1" in done.stderr

@@ -22,7 +22,7 @@ from server.cli import (
     settings_from_env,
 )
 from server.config import Settings
-from server.interrupts import interruptible
+from server.interrupts import Terminated, interruptible
 from server.loaders import LoadError
 from server.registry import (
     REGISTERED,
@@ -558,8 +558,17 @@ def eval_command(
     from trainer.evaluation.run import run_eval  # trains a model: heavy imports
 
     # As `reasonrec bootstrap`: too little to train on, a missing GPU, a full disk.
-    with errors_end_command(NotEnoughData, PolicyError, RegistryError, DeviceError, OSError):
-        report = run_eval(data, settings, users, seed, preset, tasks, recipe, model, base, stages)
+    try:
+        with (
+            errors_end_command(NotEnoughData, PolicyError, RegistryError, DeviceError, OSError),
+            interruptible(sigterm=True),  # SIGTERM left its store's keys and folder behind
+        ):
+            report = run_eval(
+                data, settings, users, seed, preset, tasks, recipe, model, base, stages
+            )
+    except Terminated:
+        console.print("[yellow]stopped (SIGTERM)[/yellow]: the run's store and folder are removed")
+        raise typer.Exit(EXIT_TERMINATED) from None
     typer.echo(report.table())  # first: printed even if the file cannot be written now
     if json_out:
         with errors_end_command(OSError):

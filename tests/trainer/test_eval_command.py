@@ -4,7 +4,9 @@ write is refused before the run (nothing here trains a model)."""
 import json
 import os
 import shutil
+import signal
 import sys
+import time
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -131,3 +133,26 @@ def test_a_report_that_cannot_be_written_after_the_run_is_one_line(
     assert isinstance(result.exception, SystemExit), result.exception
     output = " ".join(result.output.split())
     assert "No such file or directory" in output and "0 users" in output  # the table first
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(
+    env: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed outright, a run left its store's keys (100,000 for ML-100K) and its folder."""
+    unwound: list[bool] = []
+
+    def stopped() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # `docker stop`, a CI job cancelled
+            time.sleep(5)
+        finally:
+            unwound.append(True)  # where the run drops its store and folder
+
+    _fake_run_eval(monkeypatch, stopped)
+    data = _three_each(tmp_path / "events.jsonl")
+
+    result = CliRunner().invoke(app, ["eval", "--format", "jsonl", str(data)])
+
+    assert result.exit_code == 143 and "stopped (SIGTERM)" in result.output, result.output
+    assert unwound == [True]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # given back
