@@ -42,6 +42,7 @@ from server.active_model import open_engine
 from server.config import Settings
 from server.engine import Engine
 from server.index_files import load_current
+from server.item_index import ItemIndex
 from server.loaders import Dataset
 from server.recommend import Recommender
 from server.redis_client import connect
@@ -60,10 +61,10 @@ CONCURRENCY = 16
 
 
 async def serve(
-    recommender: Recommender, engine: Engine, users: Sequence[str]
+    recommender: Recommender, engine: Engine, index: ItemIndex | None, users: Sequence[str]
 ) -> dict[str, tuple[str, list[str]]]:
     """Each user's (request id, served ids), as the API would answer them."""
-    gate, index = asyncio.Semaphore(CONCURRENCY), load_current(recommender.settings.data_dir)
+    gate = asyncio.Semaphore(CONCURRENCY)
 
     async def one(user: str) -> tuple[str, tuple[str, list[str]]]:
         async with gate:
@@ -117,14 +118,18 @@ async def run_policy(
     clickers: list[str],
     base: str,
     promoted: set[str],
+    index: ItemIndex | None,
 ) -> dict:
+    """`index`: every list of the run is served from it; a refresh rebuilds the current one (with
+    the clicks), which changed the lists measured after it, and the next policy's, with no model
+    or policy behind the change."""
     settings = settings.model_copy(update={"policy_file": POLICIES[name]})
     await store.set_active_model(base)
     recommender = Recommender(store, settings)
     engine = open_engine(settings, base)
     try:
-        before = await serve(recommender, engine, measured)
-        served = await serve(recommender, engine, clickers)
+        before = await serve(recommender, engine, index, measured)
+        served = await serve(recommender, engine, index, clickers)
         clicked = await clicks(store, split, served)
     finally:
         await engine.close()
@@ -132,7 +137,7 @@ async def run_policy(
     active = await store.active_model()
     engine = open_engine(settings, active)
     try:
-        after = await serve(recommender, engine, measured)
+        after = await serve(recommender, engine, index, measured)
     finally:
         await engine.close()
     return {
@@ -178,10 +183,11 @@ async def experiment(
             "base": base,
         }
         measured, others = chosen[1::2], chosen[0::2]
+        index = load_current(settings.data_dir)
         for n, name in enumerate(POLICIES):
             clickers = others[n :: len(POLICIES)]
             results[name] = await run_policy(
-                name, settings, store, split, measured, clickers, base, promoted
+                name, settings, store, split, measured, clickers, base, promoted, index
             )
         return results
     finally:
@@ -212,6 +218,8 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.users is not None and args.users < 1 + len(POLICIES):
+        parser.error(f"--users: at least {1 + len(POLICIES)} (one measured, a clicker per policy)")
     # SIGTERM (a CI job cancelled) as Ctrl-C: the run's store and folders are removed.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     if not (args.data / "u.data").is_file():
@@ -230,6 +238,10 @@ def main() -> None:
                 "key_prefix": f"policy-{uuid.uuid4().hex[:8]}",
                 "llm_timeout_ms": 600_000,
                 "refresh_grpo_steps": args.refresh_steps,
+                # As `reasonrec eval`: its versions live in the scratch registry, which a remote
+                # vLLM cannot serve, and its training reads every event.
+                "engine_url": None,
+                "events_maxlen": 0,
                 # A few hundred clickers log a dozen or two lists: each refresh trains on them
                 # (the gate's verdict on so few is reported, not trusted).
                 "refresh_min_lists": 2,
