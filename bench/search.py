@@ -56,6 +56,20 @@ async def _gateway(url: str, jobs: list[tuple[str, str]], key: str | None) -> di
         return {f"c{c}": await load(call, jobs, c) for c in LEVELS}
 
 
+def _same_retriever(url: str, key: str | None, ours: str) -> None:
+    """Refuse a gateway on another retriever than this process would build (before it builds
+    it): its p50 was compared with the other one's and labelled with this one's name."""
+    headers = {"X-API-Key": key} if key else {}
+    body = {"query": "benchmark", "k": 1}
+    response = httpx.post(f"{url}/v1/search", json=body, headers=headers, timeout=60)
+    response.raise_for_status()
+    if (theirs := response.json()["retriever"]) != ours:
+        raise SystemExit(
+            f"the gateway searches with {theirs}, this benchmark with {ours}: set "
+            f"REASONREC_SEARCH_RETRIEVER={theirs} for it, as for the gateway"
+        )
+
+
 async def _retriever(indexes: SearchIndexes, jobs: list[tuple[str, str]]) -> dict:
     index = indexes.current
 
@@ -68,8 +82,9 @@ async def _retriever(indexes: SearchIndexes, jobs: list[tuple[str, str]]) -> dic
 async def main(url: str, requests: int) -> dict:
     require_gateway(url)
     settings = Settings()
-    jobs, indexes = await _jobs(settings, requests)
     key = settings.api_keys[0] if settings.api_keys else None
+    _same_retriever(url, key, settings.search_retriever.value)
+    jobs, indexes = await _jobs(settings, requests)
     gateway = await _gateway(url, jobs, key)
     direct = await _retriever(indexes, jobs)
     return {

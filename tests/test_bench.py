@@ -1,12 +1,14 @@
 """Every benchmark script still imports: they run by hand, so nothing else would notice when the
 code they call moves."""
 
+import http.server
 import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,32 @@ def test_a_count_below_one_is_refused_before_any_work(script: str, option: str) 
     """--requests 0 ended in an IndexError after the warm-up (a percentile of nothing)."""
     done = _run(script, option, "0", "--url", "http://127.0.0.1:9")
     assert done.returncode == 2 and "is not a whole number of at least 1" in done.stderr
+
+
+def test_the_search_benchmark_refuses_a_gateway_on_another_retriever() -> None:
+    """Its p50 was compared with the other retriever's and reported under that one's name."""
+
+    class Dense(http.server.BaseHTTPRequestHandler):
+        def _answer(self, body: dict) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(json.dumps(body).encode())
+
+        def do_GET(self) -> None:  # /healthz
+            self._answer({"status": "ok"})
+
+        def do_POST(self) -> None:  # /v1/search
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self._answer({"retriever": "dense", "items": []})
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Dense) as gateway:
+        threading.Thread(target=gateway.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{gateway.server_address[1]}"
+        done = _run("search.py", "--url", url, REASONREC_SEARCH_RETRIEVER="bm25")
+        gateway.shutdown()
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "the gateway searches with dense, this benchmark with bm25" in done.stderr
