@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import uuid
+from functools import partial
 
 import httpx
 import numpy as np
@@ -32,21 +33,28 @@ from server.store import open_store
 K = 10
 
 
-async def _gateway(url: str, users: list[str], key: str | None) -> tuple[dict, list[str]]:
+async def _gateway(
+    url: str, warm_up: str, users: dict[int, list[str]], key: str | None
+) -> tuple[dict, dict[int, list[str]]]:
+    """The figures per level, and each level's request ids."""
     headers = {"X-API-Key": key} if key else {}
-    request_ids: list[str] = []
+    request_ids: dict[int, list[str]] = {level: [] for level in users}
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as client:
 
-        async def call(user: str) -> None:
+        async def call(user: str, level: int | None = None) -> None:
             response = await client.post("/v1/recommend", json={"user_id": user, "k": K})
             response.raise_for_status()
             body = response.json()
             if body["source"] != "llm":
                 raise RuntimeError(f"the gateway answered in fallback: {body}")
-            request_ids.append(body["request_id"])
+            if level is not None:  # not the warm-up
+                request_ids[level].append(body["request_id"])
 
-        await call(users[0])  # warm-up
-        results = {f"c{c}": await load(call, users, c) for c in LEVELS}
+        await call(warm_up)
+        results = {
+            f"c{c}": await load(partial(call, level=c), level_users, c)
+            for c, level_users in users.items()
+        }
     return results, request_ids
 
 
@@ -65,15 +73,17 @@ async def _logged_prompts(
     return found, version
 
 
-async def _engine(engine: Engine, prompts: list[tuple[str, list]], max_tokens: int) -> dict:
+async def _engine(
+    engine: Engine, prompts: dict[int, list[tuple[str, list]]], max_tokens: int
+) -> dict:
     async def call(job: tuple[str, list]) -> None:
         prompt, candidates = job
         choices = answer_choices(engine, candidates)
         request = ranking_request(engine, uuid.uuid4().hex, prompt, choices, K, max_tokens)
         await engine.generate(request)
 
-    await call(prompts[0])
-    return {f"c{c}": await load(call, prompts, c) for c in LEVELS}
+    await call(prompts[LEVELS[0]][0])  # warm-up: a prompt the first level then sends cached
+    return {f"c{c}": await load(call, level_prompts, c) for c, level_prompts in prompts.items()}
 
 
 async def _users(settings: Settings, count: int) -> list[str]:
@@ -88,11 +98,21 @@ async def _users(settings: Settings, count: int) -> list[str]:
 async def main(url: str, requests: int) -> dict:
     require_gateway(url)
     settings = Settings()
-    users = await _users(settings, requests)
+    # Other users at each level: vLLM caches prompt prefixes, and one user's prompt is the same
+    # at both levels (the second level measured cached prefills).
+    drawn = await _users(settings, 1 + requests * len(LEVELS))
+    users = {c: drawn[1 + n * requests : 1 + (n + 1) * requests] for n, c in enumerate(LEVELS)}
     key = settings.api_keys[0] if settings.api_keys else None
-    gateway, request_ids = await _gateway(url, users, key)
-    # The last level's prompts, one per request of a level, replayed at each level.
-    prompts, version = await _logged_prompts(settings, request_ids[-len(users) :])
+    gateway, request_ids = await _gateway(url, drawn[0], users, key)
+    # Each level's prompts, replayed at that level.
+    prompts, version = {}, None
+    for level, ids in request_ids.items():
+        prompts[level], version = await _logged_prompts(settings, ids)
+        if not prompts[level]:
+            raise SystemExit(
+                "the gateway's lists are not in this store's impression log: run the benchmark "
+                "with the gateway's REASONREC_* settings (REASONREC_KEY_PREFIX, ...)"
+            )
     engine = open_engine(settings, version)
     try:
         direct = await _engine(engine, prompts, settings.max_answer_tokens)
