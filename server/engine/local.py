@@ -7,12 +7,8 @@ between such versions loads an adapter, not a model.
 """
 
 import asyncio
-import ctypes
-import functools
 import logging
 import os
-import signal
-import sys
 import threading
 from itertools import count
 from pathlib import Path
@@ -44,30 +40,6 @@ class ProcessSettings(BaseModel):
     max_lora_rank: int | None = Field(
         None, description="Reserve room for runtime LoRA adapters up to this rank; None: no LoRA."
     )
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-@functools.cache
-def die_with_this_process() -> None:
-    """Have the processes this one forks from now on (vLLM's engine core: fork is its default on
-    the CPU) get SIGTERM when it dies, killed included: a gateway killed by the OOM killer left
-    its engine core holding the model's memory, and the restarted gateway started another beside
-    it. Only its direct children: the core's own workers die with the core (vLLM's pipe). On
-    Linux; a spawned core (vLLM's choice where CUDA is initialised) runs no fork hook."""
-    if sys.platform != "linux":
-        return
-    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
-
-    def in_child() -> None:
-        if os.getppid() != parent:  # a grandchild, forked by the core
-            return
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died before the signal was asked for
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    os.register_at_fork(after_in_child=in_child)
 
 
 def lora_slot(rank: int) -> int:
@@ -109,7 +81,6 @@ class VllmProcess:
             **adapters,
         )
         self.base_version, self.max_lora_rank = base_version, settings.max_lora_rank
-        die_with_this_process()
         self.llm = AsyncLLM.from_engine_args(args)
         self.engines = 0  # LocalEngines on this process; swaps open them in a worker thread
         self._count_lock = threading.Lock()

@@ -3,11 +3,6 @@ under a request, an in-process engine's release when its core cannot unload
 (tests/integration runs both against real vLLM)."""
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -18,8 +13,6 @@ import server.engine.remote
 from server.engine import EngineError, GenerationRequest
 from server.engine.local import LocalEngine
 from server.engine.remote import RemoteEngine
-from tests.conftest import dies_with_pytest
-from tests.server.helpers import until
 
 
 def remote(handler, version: str = "v2") -> RemoteEngine:
@@ -184,43 +177,3 @@ def test_a_version_opened_again_beside_its_draining_engine_is_another_adapter() 
     again = LocalEngine(process, "v1-lora", Path("/adapters/v1-lora"))
 
     assert len({draining._lora, again._lora}) == 2  # the set vLLM builds of a batch's adapters
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"  # a zombie left to a parent that does not reap is gone all the same
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="a Linux process attribute")
-def test_the_engine_core_a_gateway_forked_dies_when_the_gateway_is_killed() -> None:
-    """Killed (the OOM killer), a gateway left its vLLM engine core holding the model's memory,
-    and the restarted gateway started a second one beside it. vLLM forks the core, as here."""
-    script = textwrap.dedent(
-        """
-        import multiprocessing, time
-        from server.engine.local import die_with_this_process
-        die_with_this_process()  # as VllmProcess does before vLLM starts its core
-        core = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
-        core.start()
-        print(core.pid, flush=True)
-        time.sleep(60)
-        """
-    )
-    gateway = subprocess.Popen(
-        [sys.executable, "-c", script],
-        stdout=subprocess.PIPE,
-        text=True,
-        preexec_fn=dies_with_pytest,
-    )
-    core = int(gateway.stdout.readline()) if gateway.stdout else 0
-    try:
-        assert _running(core)
-        gateway.kill()
-        gateway.wait()
-        assert until(lambda: not _running(core), 10)
-    finally:
-        if _running(core):
-            os.kill(core, signal.SIGKILL)
