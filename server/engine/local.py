@@ -24,6 +24,7 @@ from server.engine import (
     Generation,
     GenerationRequest,
 )
+from server.engine.reaper import Reaper, children
 
 log = logging.getLogger(__name__)
 # The ranks vLLM can reserve adapter memory for (vllm.config.lora.MaxLoRARanks).
@@ -81,7 +82,9 @@ class VllmProcess:
             **adapters,
         )
         self.base_version, self.max_lora_rank = base_version, settings.max_lora_rank
+        before = children(os.getpid())
         self.llm = AsyncLLM.from_engine_args(args)
+        self._reaper = Reaper(children(os.getpid()) - before)
         self.engines = 0  # LocalEngines on this process; swaps open them in a worker thread
         self._count_lock = threading.Lock()
         self._adapter_ids = count(1)  # vLLM tells adapters apart by a positive int
@@ -109,6 +112,7 @@ class VllmProcess:
         llm, self.llm = self.llm, None
         llm.shutdown()
         del llm
+        self._reaper.stop()
         log.info("local engine shut down", extra={"model_version": self.base_version})
 
 
