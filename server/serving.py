@@ -208,9 +208,10 @@ class Serving:
                 return False
             finally:
                 self._opening = None
-            if await self._superseded(version):
+            if await self._rolled_back(version):
                 log.info(
-                    "model swap dropped: another version is active now", extra={"version": version}
+                    "model swap dropped: the version served is active again",
+                    extra={"version": version, "serving": self.version},
                 )
                 await _release(engine)
                 self._wanted = self.version
@@ -228,17 +229,18 @@ class Serving:
                 task.add_done_callback(self._closing.discard)
             return True
 
-    async def _superseded(self, version: str) -> bool:
-        """Whether another version became active while `version` opened (minutes for a real
-        engine): a rollback then had the rolled-back version serve until the one it rolled back
-        to, its engine released, had opened again. Unknown (Redis gone): not superseded."""
-        if self.store is None:
+    async def _rolled_back(self, version: str) -> bool:
+        """Whether the version served became active again while `version` opened (minutes for a
+        real engine): the rolled-back version served until the one rolled back to, its engine
+        released, had opened again. Only then: any other version active now may be one this
+        gateway cannot open, and a reopened engine (`version` served) is kept. Unknown (Redis
+        gone): not rolled back."""
+        if self.store is None or self.version in (None, version):
             return False
         try:
-            active = await self.store.active_model()
+            return await self.store.active_model() == self.version
         except RedisError:
             return False
-        return active is not None and active != version
 
     def _try_later(self, version: str) -> None:
         """Not refused for good: memory still held by an engine on its way out, a file being

@@ -364,6 +364,23 @@ def test_a_dead_engine_is_opened_again(
     assert serving.version == "v1"
 
 
+def test_a_dead_engine_is_opened_again_while_the_active_version_cannot_be(
+    models_client: TestClient, monkeypatch: pytest.MonkeyPatch, rdb, key_prefix: str
+) -> None:
+    """Another version active, one this gateway refuses (a newer contract in a rolling deploy):
+    the reopened engine was dropped as superseded, and the gateway served no model again."""
+    models_client.post("/v1/models/activate", json={"version": "v1"}, headers=ADMIN)
+    assert wait_serving(models_client, "v1")["serving"] == "v1"
+    serving = models_client.app.state.serving
+    monkeypatch.setattr(server.serving, "RECHECK_SECONDS", 0.1)
+    rdb.set(f"{key_prefix}:model:active", "v-future")  # refused: contract 99
+    assert until(lambda: serving._wanted == "v-future", 10)
+    died = serving.engine
+    monkeypatch.setattr(RemoteEngine, "dead", property(lambda engine: engine is died))
+    assert until(lambda: serving.engine is not died, 10)
+    assert serving.version == "v1"
+
+
 def test_a_query_model_served_against_another_retriever_is_logged(
     settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
