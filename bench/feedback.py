@@ -20,7 +20,6 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +32,8 @@ import httpx
 import numpy as np
 import redis
 from _load import positive  # bench/ is the script's folder
+
+from server.interrupts import sigterm_as_ctrl_c
 
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
 
@@ -187,7 +188,7 @@ def main() -> None:
         _check_free(args.port)
     port = args.port or _free_port()
     # SIGTERM (a CI job cancelled) as Ctrl-C: the server stopped, the keys removed.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    sigterm_as_ctrl_c()
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     redis_url = _redis_url()
     data_dir = tempfile.mkdtemp(prefix="reasonrec-bench-")  # the embedded Redis's file, if any

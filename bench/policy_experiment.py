@@ -28,7 +28,6 @@ import contextlib
 import json
 import os
 import random
-import signal
 import sys
 import tempfile
 import uuid
@@ -42,6 +41,7 @@ from server.active_model import open_engine
 from server.config import Settings
 from server.engine import Engine
 from server.index_files import load_current
+from server.interrupts import sigterm_as_ctrl_c
 from server.item_index import ItemIndex
 from server.loaders import Dataset
 from server.recommend import Recommender
@@ -221,7 +221,7 @@ def main() -> None:
     if args.users is not None and args.users < 1 + len(POLICIES):
         parser.error(f"--users: at least {1 + len(POLICIES)} (one measured, a clicker per policy)")
     # SIGTERM (a CI job cancelled) as Ctrl-C: the run's store and folders are removed.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    sigterm_as_ctrl_c()
     if not (args.data / "u.data").is_file():
         raise SystemExit(f"MovieLens 100K not found at {args.data} (pass --data)")
     preset = args.preset

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import uuid
 from functools import partial
 
@@ -27,6 +26,7 @@ from _load import LEVELS, load, positive, require_gateway  # bench/ is the scrip
 from server.active_model import open_engine
 from server.config import Settings
 from server.engine import Engine
+from server.interrupts import sigterm_as_ctrl_c
 from server.recommend import answer_choices, ranking_request
 from server.store import open_store
 
@@ -145,7 +145,7 @@ if __name__ == "__main__":
     )
     args = parser.parse_args()
     # SIGTERM (a CI job cancelled) as Ctrl-C: the engine it started is shut down.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    sigterm_as_ctrl_c()
     # vLLM logs on stdout by default (read when it is first imported): keep stdout for the JSON.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     print(json.dumps(asyncio.run(main(args.url, args.requests)), indent=2))

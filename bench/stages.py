@@ -19,13 +19,13 @@ stderr when the data folder is absent.
 
 import argparse
 import json
-import signal
 import sys
 from pathlib import Path
 
 from _load import positive  # bench/ is the script's folder
 
 from server.config import Settings
+from server.interrupts import sigterm_as_ctrl_c
 from server.loaders import LoadError
 from trainer.evaluation.run import run_eval
 from trainer.evaluation.split import EvalFormat, read_eval_data
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     # SIGTERM (a CI job cancelled) as Ctrl-C: the run's store and folders are removed.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    sigterm_as_ctrl_c()
     if not args.data.exists():
         print(f"skipped: no data at {args.data} (pass --data)", file=sys.stderr)
         return

@@ -18,7 +18,7 @@ from rich.markup import escape
 from reward_rules.policy import PolicyError
 from server import logs
 from server.config import Settings, unknown_lines
-from server.interrupts import Terminated, interruptible
+from server.interrupts import TERMINATED, interruptible
 from server.loaders import Dataset, Format, LoadError, read_checked
 from server.loaders.jsonl import read_jsonl
 from server.loaders.movielens import read_ml100k, read_ml_latest
@@ -253,10 +253,10 @@ def load(
         with errors_end_command(LoadError, OSError):
             dataset = _read(fmt, path, synthetic, settings.events_maxlen)
             summary = asyncio.run(load_dataset(settings, dataset, written=written))
-    except KeyboardInterrupt as exc:
-        stopped = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+    except KeyboardInterrupt:
+        stopped = "terminated (SIGTERM)" if TERMINATED.is_set() else "interrupted"
         console.print(f"[yellow]{stopped}:[/yellow] {interrupted_load(written)}")
-        raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
+        raise typer.Exit(143 if TERMINATED.is_set() else 130) from None
     console.print(
         f"loaded {summary.items} items, {summary.users} users, {summary.events} new events "
         f"({summary.duplicates} already there) in {time.perf_counter() - started:.1f}s"

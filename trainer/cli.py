@@ -22,7 +22,7 @@ from server.cli import (
     settings_from_env,
 )
 from server.config import Settings
-from server.interrupts import Terminated, interruptible
+from server.interrupts import TERMINATED, interruptible
 from server.loaders import LoadError
 from server.registry import (
     REGISTERED,
@@ -566,7 +566,9 @@ def eval_command(
             report = run_eval(
                 data, settings, users, seed, preset, tasks, recipe, model, base, stages
             )
-    except Terminated:
+    except KeyboardInterrupt:
+        if not TERMINATED.is_set():
+            raise  # Ctrl-C: as before
         console.print("[yellow]stopped (SIGTERM)[/yellow]: the run's store and folder are removed")
         raise typer.Exit(EXIT_TERMINATED) from None
     typer.echo(report.table())  # first: printed even if the file cannot be written now

@@ -2,7 +2,11 @@
 cannot have seen the test interactions (the command is checked here with the heavy run faked;
 tests/integration/test_pretrained.py runs it for real)."""
 
+import os
+import signal
 import sys
+import threading
+import time
 import types
 from pathlib import Path
 
@@ -12,7 +16,9 @@ from typer.testing import CliRunner
 from cli import app
 from contract.tasks import Task
 from server.config import Settings
+from server.interrupts import TERMINATED, interruptible
 from server.registry import Manifest, Registry
+from server.store import Store
 from tests.server.helpers import publish_version
 from tests.trainer.evaluation.test_formats import plain, write_ml_latest
 from trainer.evaluation.harness import Report
@@ -165,3 +171,25 @@ def test_a_version_evaluated_is_read_whole_though_a_prune_removes_it(settings: S
         copy = Registry(scratch.registry_path)
         assert copy.manifest("a1").base_model == "v0"
         assert (copy.path("v0") / "model.safetensors").is_file()
+
+
+def test_sigterm_during_a_run_leaves_none_of_its_store(settings: Settings, rdb) -> None:
+    """Raised where the main thread was (often the event loop, outside the task), the stop let
+    the task write on while its store was dropped: a thousand keys and more were left."""
+    scratch: list[Settings] = []
+
+    async def writing(store: Store) -> None:  # as loading the split's events does
+        for n in range(100_000):
+            await store.redis.set(store.keys.item(str(n)), "1")
+
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    with (
+        pytest.raises(KeyboardInterrupt),
+        interruptible(sigterm=True),
+        scratch_store(settings) as (settings_of_run, store, run),
+    ):
+        scratch.append(settings_of_run)
+        run.run(writing(store))
+    assert TERMINATED.is_set()
+    time.sleep(0.5)  # a task left running would write meanwhile
+    assert not rdb.keys(f"{scratch[0].key_prefix}:*")
