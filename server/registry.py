@@ -341,7 +341,11 @@ def servable(registry: Registry, version: str) -> Manifest:
         raise RegistryError(f"LoRA version {version} adapts {base}, which is not in the registry")
     if registry.manifest(base).kind != "full":
         raise RegistryError(f"LoRA version {version} adapts {base}, itself an adapter")
-    _loadable(registry, base, manifest.chat_template)
+    try:
+        _loadable(registry, base, manifest.chat_template)
+    except RegistryError as exc:  # said of the version activated, not only of its base
+        adapts = f"LoRA version {version} adapts {base}"
+        raise RegistryError(f"{adapts}: {exc}", public=f"{adapts}: {exc.public}") from exc
     adapter_rank(registry.path(version))
     if not any((registry.path(version) / name).is_file() for name in ADAPTER_WEIGHTS):
         raise RegistryError(f"LoRA version {version} holds no adapter weights")

@@ -332,15 +332,17 @@ def recent_ratings(
     return builder.recent(users, holdout)
 
 
+PRUNE_WAIT_SECONDS = 6 * PRUNING_SECONDS
+
 # Errors of the machine, not of the code: a full disk, a read-only or failing one, a folder the
 # trainer may not write to.
 MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
 
 
 def _environmental(exc: Exception) -> bool:
-    """A store or registry gone, a disk full: the reason is the news. A traceback is for bugs, a
-    file missing or a timeout among them (both OSErrors)."""
-    if isinstance(exc, RedisError | RegistryError | WeightsNotWritten):
+    """A store or registry gone (or held by a prune), a disk full: the reason is the news. A
+    traceback is for bugs, a file missing or a timeout among them (both OSErrors)."""
+    if isinstance(exc, RedisError | RegistryError | WeightsNotWritten | PruneBusy):
         return True
     return isinstance(exc, OSError) and exc.errno in MACHINE_ERRNOS
 
@@ -464,7 +466,9 @@ async def _refresh(
         return result.model_copy(update={"outcome": "skipped", "reason": reason})
     base, adapter = base_version(manifest), isinstance(candidate, PeftModel)
     # No prune between the check and the version in place: it could remove the base meanwhile.
-    async with prune_held(store, wait=PRUNING_SECONDS):
+    # A live prune renews its lock before each removal, however long it takes; one killed frees
+    # it within PRUNING_SECONDS. Waited for: a trained candidate is not thrown away for it.
+    async with prune_held(store, wait=PRUNE_WAIT_SECONDS):
         if adapter and not registry.has(base):
             # Activations moved on while it trained and a prune removed the base: an adapter on
             # it could never be served.

@@ -139,7 +139,7 @@ async def run_sidecar(settings: Settings) -> None:
             counted_from = last_run, last_length
             last_run, last_length = time.monotonic(), length
             try:
-                await refresh_once(settings, store, progress=False)  # it logs how it ended
+                result = await refresh_once(settings, store, progress=False)  # it logs its end
             except RefreshBusy:
                 # Not refreshed: tried again once the lock of a trainer killed mid-refresh has
                 # lapsed; a live one that publishes meanwhile restarts the schedule instead.
@@ -155,8 +155,11 @@ async def run_sidecar(settings: Settings) -> None:
                 backoff = min(backoff * 2, max(settings.refresh_seconds, FAILED_RETRY_SECONDS))
                 continue
             backoff = FAILED_RETRY_SECONDS
-            # Its own version, if it published one: the schedule counts from it, while the events
-            # that came as it trained still count towards the next.
             read_at, published = _report_last_refresh(registry, read_at)
-            if published is not None:
-                last_run = max(last_run, _monotonic(published))
+            if published is None or _monotonic(published) <= last_run:
+                continue
+            last_run = _monotonic(published)
+            # Its own version: the events that came as it trained still count towards the next.
+            # Another process's (`train --once` meanwhile) trained on them: counted from here.
+            if result.outcome != "published":
+                last_length = None

@@ -556,7 +556,7 @@ def test_a_version_is_servable_only_with_what_serving_it_needs(registry: Registr
         ("a5", "LoRA version a5 holds no adapter weights"),
         ("c2", "model version c2 cannot be served: tokenizer_config.json cannot be read"),
         ("c3", "model version c3 cannot be served: its tokenizer has no chat template"),
-        ("c4", "model version v1 cannot be served: its tokenizer has no chat template"),
+        ("c4", "LoRA version c4 adapts v1: model version v1 cannot be served: its tokenizer"),
     ]:
         with pytest.raises(RegistryError, match=problem):
             servable(registry, version)

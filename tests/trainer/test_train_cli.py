@@ -39,6 +39,7 @@ from tests.trainer.gguf_files import tiny_model
 from trainer import metrics, sidecar
 from trainer import refresh as refresh_module
 from trainer.cli import EXIT_BUSY, EXIT_SKIPPED, EXIT_TERMINATED, run_stoppable
+from trainer.feedback_log import ConsumeResult
 from trainer.gate import Gate, refresh_gate
 from trainer.grpo import STATE_FILE, Stopped, lora_config
 from trainer.presets import GrpoSettings
@@ -47,6 +48,7 @@ from trainer.refresh import (
     REFRESH_METHOD,
     Lessons,
     RefreshBusy,
+    RefreshOutcome,
     RefreshResult,
     Training,
     _shortage,
@@ -994,7 +996,7 @@ def _sidecar_refreshing(
     settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
     events: Callable[[int], int],
-    refresh: Callable[[int], None],
+    refresh: Callable[[int], RefreshOutcome],
 ) -> list[int]:
     """The polls (numbered from 1) at which an hourly sidecar refreshed, over 40 polls; the
     stream holds `events(poll)` events, and `refresh(run)` is the refresh (numbered from 1)."""
@@ -1008,9 +1010,10 @@ def _sidecar_refreshing(
         await asyncio.sleep(0.01)
         return events(len(polls))
 
-    async def refresh_once(*_: Any, **__: Any) -> None:
+    async def refresh_once(*_: Any, **__: Any) -> RefreshResult:
         ran.append(len(polls))
-        refresh(len(ran))
+        outcome = refresh(len(ran))
+        return RefreshResult(outcome=outcome, reason="", parent=None, consumed=ConsumeResult())
 
     monkeypatch.setattr(Store, "event_count", event_count)
     monkeypatch.setattr(sidecar, "refresh_once", refresh_once)
@@ -1028,9 +1031,10 @@ def test_a_failed_refresh_is_tried_again_before_the_next_period(
     """Redis gone as it published: the feedback it consumed waited a whole period (an hour)."""
     _publish_refresh(env, "r0")  # the period runs from now: due by the events only
 
-    def refresh(run: int) -> None:
+    def refresh(run: int) -> RefreshOutcome:
         if run == 1:
             raise RedisConnectionError("Error 111 connecting to redis:6379")
+        return "skipped"
 
     ran = _sidecar_refreshing(env, monkeypatch, lambda poll: 0 if poll == 1 else 150, refresh)
     assert len(ran) == 2 and ran[1] - ran[0] >= 5, ran  # 0.1 s later, not at once
@@ -1044,15 +1048,36 @@ def test_events_that_came_while_the_sidecar_published_count_towards_the_next(
     _publish_refresh(env, "r0")
     arrived: list[int] = []
 
-    def refresh(run: int) -> None:
+    def refresh(run: int) -> RefreshOutcome:
         arrived.append(run)  # 400 more as it trains
         if run == 1:
             _publish_refresh(env, "r1")
+        return "published"
 
     ran = _sidecar_refreshing(
         env, monkeypatch, lambda poll: 0 if poll == 1 else (550 if arrived else 150), refresh
     )
     assert len(ran) == 2, ran
+
+
+def test_events_another_process_trained_on_while_the_sidecar_refreshed_count_no_more(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`train --once` published as the sidecar's refresh ran and published nothing: it trained on
+    the 400 events that came meanwhile, which are not new to the next refresh."""
+    _publish_refresh(env, "r0")
+    arrived: list[int] = []
+
+    def refresh(run: int) -> RefreshOutcome:
+        arrived.append(run)
+        if run == 1:
+            _publish_refresh(env, "r1")  # the other process
+        return "skipped"
+
+    ran = _sidecar_refreshing(
+        env, monkeypatch, lambda poll: 0 if poll == 1 else (550 if arrived else 150), refresh
+    )
+    assert len(ran) == 1, ran
 
 
 def test_the_sidecar_reports_redis_memory_against_its_cap(
