@@ -419,6 +419,17 @@ def test_a_prune_stopped_by_sigterm_finishes_the_version_at_hand_and_gives_the_l
     assert marked == {b"v0", b"v1"}, marked
 
 
+def _pruned_to_one(settings: Settings, registry: Registry) -> list[str]:
+    """What a prune to the newest version removes, with v3 active."""
+
+    async def body() -> list[str]:
+        async with open_store(settings) as store:
+            await store.set_active_model("v3")
+            return await prune(registry, store, keep=1)
+
+    return asyncio.run(body())
+
+
 def test_a_version_being_pruned_cannot_be_activated(settings: Settings) -> None:
     async def body() -> tuple[BaseException | None, str | None]:
         async with open_store(settings) as store:
@@ -453,12 +464,7 @@ def test_a_version_activated_as_it_is_chosen_for_pruning_is_kept(
 
     monkeypatch.setattr(Store, "mark_pruning", activated_first)
 
-    async def body() -> list[str]:
-        async with open_store(settings) as store:
-            await store.set_active_model("v3")
-            return await prune(registry, store, keep=1)
-
-    assert asyncio.run(body()) == ["v1", "v2"]
+    assert _pruned_to_one(settings, registry) == ["v1", "v2"]
     assert names(registry) == ["v0", "v3"]  # v0 active, v3 the previous
 
 
@@ -502,12 +508,7 @@ def test_a_version_activated_once_the_marks_lapsed_is_kept(
 
     monkeypatch.setattr(Registry, "remove", slow)
 
-    async def body() -> list[str]:
-        async with open_store(settings) as store:
-            await store.set_active_model("v3")
-            return await prune(registry, store, keep=1)
-
-    assert asyncio.run(body()) == ["v0", "v2"]
+    assert _pruned_to_one(settings, registry) == ["v0", "v2"]
     assert names(registry) == ["v1", "v3"]
     assert not rdb.exists(f"{settings.key_prefix}:model:prune-lock")  # taken again, released
 
