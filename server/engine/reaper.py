@@ -65,7 +65,10 @@ class Reaper:
         """Once vLLM has shut its processes down: the watcher finds none of them left."""
         if self._watcher is not None:
             self._watcher.stdin.close()
-            self._watcher.wait(timeout=10)
+            try:
+                self._watcher.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # never kept from releasing an engine
+                self._watcher.kill()
             self._watcher = None
 
 
