@@ -38,7 +38,7 @@ from _load import positive  # bench/ is the script's folder
 
 from reward_rules.metrics import hit_at_k, intra_list_distance, mean_self_information, ndcg_at_k
 from server.active_model import open_engine
-from server.config import Settings
+from server.config import Settings, environment_settings
 from server.engine import Engine
 from server.index_files import load_current
 from server.interrupts import sigterm_as_ctrl_c
@@ -231,7 +231,7 @@ def main() -> None:
         sft = base.sft.model_copy(update={"max_steps": args.sft_steps})
         PRESETS[preset] = base.model_copy(update={"sft": sft})
     with tempfile.TemporaryDirectory(prefix="reasonrec-policy-") as scratch:
-        settings = Settings().model_copy(
+        settings = environment_settings().model_copy(
             update={
                 "data_dir": Path(scratch),
                 "registry_dir": None,

@@ -24,7 +24,7 @@ import numpy as np
 from _load import LEVELS, load, positive, require_gateway  # bench/ is the script's folder
 
 from server.active_model import open_engine
-from server.config import Settings
+from server.config import Settings, environment_settings
 from server.engine import Engine
 from server.interrupts import sigterm_as_ctrl_c
 from server.recommend import answer_choices, ranking_request
@@ -96,8 +96,8 @@ async def _users(settings: Settings, count: int) -> list[str]:
 
 
 async def main(url: str, requests: int) -> dict:
+    settings = environment_settings()  # a misspelled REASONREC_* variable: said, not ignored
     require_gateway(url)
-    settings = Settings()
     # Other users at each level: vLLM caches prompt prefixes, and one user's prompt is the same
     # at both levels (the second level measured cached prefills).
     drawn = await _users(settings, 1 + requests * len(LEVELS))

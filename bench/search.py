@@ -20,7 +20,7 @@ import numpy as np
 from _load import LEVELS, load, positive, require_gateway  # bench/ is the script's folder
 
 from contract.candidates import OVERFETCH
-from server.config import Settings
+from server.config import Settings, environment_settings
 from server.search_index import SearchIndexes
 from server.store import open_store
 
@@ -80,8 +80,8 @@ async def _retriever(indexes: SearchIndexes, jobs: list[tuple[str, str]]) -> dic
 
 
 async def main(url: str, requests: int) -> dict:
+    settings = environment_settings()  # a misspelled REASONREC_* variable: said, not ignored
     require_gateway(url)
-    settings = Settings()
     key = settings.api_keys[0] if settings.api_keys else None
     _same_retriever(url, key, settings.search_retriever.value)
     jobs, indexes = await _jobs(settings, requests)

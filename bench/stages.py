@@ -24,7 +24,7 @@ from pathlib import Path
 
 from _load import positive  # bench/ is the script's folder
 
-from server.config import Settings
+from server.config import environment_settings
 from server.interrupts import sigterm_as_ctrl_c
 from server.loaders import LoadError
 from trainer.evaluation.run import run_eval
@@ -45,6 +45,7 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    settings = environment_settings()  # a misspelled REASONREC_* variable: said, not ignored
     # SIGTERM (a CI job cancelled) as Ctrl-C: the run's store and folders are removed.
     sigterm_as_ctrl_c()
     if not args.data.exists():
@@ -54,7 +55,7 @@ def main() -> None:
         data = read_eval_data(args.data, EvalFormat(args.format))
     except LoadError as exc:  # a file, or a folder of another format
         raise SystemExit(f"error: {exc}") from exc
-    report = run_eval(data, Settings(), args.users, args.seed, args.preset)
+    report = run_eval(data, settings, args.users, args.seed, args.preset)
     ours, retrieval = report.systems["reasonrec"], report.systems["retrieval"]
     result = {
         "dataset": report.dataset,

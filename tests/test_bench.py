@@ -113,3 +113,12 @@ def test_the_search_benchmark_refuses_a_gateway_on_another_retriever() -> None:
         gateway.shutdown()
     assert done.returncode == 1, done.stderr[-2000:]
     assert "the gateway searches with dense, this benchmark with bm25" in done.stderr
+
+
+@pytest.mark.parametrize("script", ["recommend.py", "search.py", "stages.py"])
+def test_a_misspelled_setting_is_refused(script: str) -> None:
+    """Ignored, it measured another store or model than the operator meant."""
+    url = [] if script == "stages.py" else ["--url", "http://127.0.0.1:9"]
+    done = _run(script, *url, REASONREC_KEY_PREFX="bench")
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "REASONREC_KEY_PREFX: no such setting" in done.stderr
