@@ -31,13 +31,14 @@ from trainer.evaluation.run import run_eval
 from trainer.evaluation.split import EvalFormat, read_eval_data
 from trainer.presets import PRESETS
 
+ML100K = Path(__file__).resolve().parents[2] / "shared/data/ml-100k"  # beside the repository
 STAGES = ("retrieval_ndcg@10", "pretrain_ndcg@10", "sft_ndcg@10", "ndcg@10")
 PIPELINE = ("ndcg@10", "hr@10", "ild@10", "novelty@10", "invalid_rate", "p50_ms")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("../shared/data/ml-100k"))
+    parser.add_argument("--data", type=Path, default=ML100K, help="default: beside the repository")
     parser.add_argument("--format", default="ml-100k", choices=[f.value for f in EvalFormat])
     parser.add_argument("--preset", default="default", choices=list(PRESETS))
     parser.add_argument(
