@@ -17,6 +17,7 @@ from pathlib import Path
 
 PROC = Path("/proc")
 TITLE = b"VLLM::"  # how vLLM titles its processes (VLLM::EngineCore, VLLM::Worker)
+RELEASED = b"released"
 
 
 def children(pid: int) -> set[int]:
@@ -62,9 +63,13 @@ class Reaper:
             )
 
     def stop(self) -> None:
-        """Once vLLM has shut its processes down: the watcher finds none of them left."""
+        """Once vLLM has shut its processes down: the watcher ends, killing nothing (their pids
+        may be another program's by then: they wrap at 32,768 here, likely how a test run's
+        vLLM server lost its engine core)."""
         if self._watcher is not None:
-            self._watcher.stdin.close()
+            with suppress(OSError):  # a watcher gone (killed) cannot be told
+                self._watcher.stdin.write(RELEASED)
+                self._watcher.stdin.close()
             try:
                 self._watcher.wait(timeout=10)
             except subprocess.TimeoutExpired:  # never kept from releasing an engine
@@ -74,5 +79,6 @@ class Reaper:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the gateway's to handle
-    sys.stdin.buffer.read()  # until the gateway closes it, or ends
-    kill_vllm([int(pid) for pid in sys.argv[1:]])
+    # Until the gateway says it released them (`stop`), or ends without a word.
+    if sys.stdin.buffer.read() != RELEASED:
+        kill_vllm([int(pid) for pid in sys.argv[1:]])

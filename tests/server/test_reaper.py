@@ -6,10 +6,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
+from server.engine.reaper import Reaper
 from tests.conftest import dies_with_pytest
 from tests.server.helpers import until
 
@@ -62,3 +64,20 @@ def test_what_vllm_started_dies_with_a_gateway_killed_outright(title: str, kille
     finally:
         if _running(core):
             os.kill(core, signal.SIGKILL)
+
+
+def test_a_released_engine_s_processes_are_not_killed_again() -> None:
+    """vLLM shut them down as the engine was released; their pids may be another vLLM's by the
+    time the watcher ends (pids wrap at 32,768 here): the watcher kills nothing then."""
+    titled = (
+        "import setproctitle, time; setproctitle.setproctitle('VLLM::EngineCore'); time.sleep(30)"
+    )
+    other = subprocess.Popen([sys.executable, "-c", titled], preexec_fn=dies_with_pytest)
+    try:
+        time.sleep(0.5)  # titled
+        Reaper({other.pid}).stop()  # as if its pid were a released core's
+        time.sleep(0.5)
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
