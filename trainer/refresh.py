@@ -80,6 +80,9 @@ log = logging.getLogger(__name__)
 # The holder renews the lock while it works; a killed holder's lock lapses within LOCK_SECONDS.
 LOCK_SECONDS = 30
 RENEW_SECONDS = 10
+# How long publishing waits for a prune: a live one renews its lock before each removal, one
+# killed frees it within PRUNING_SECONDS.
+PRUNE_WAIT_SECONDS = 6 * PRUNING_SECONDS
 MIN_RATED_USERS = 4  # users with 2+ ratings, before the held-out part is cut
 RATING_GATE_USERS = 64  # held-out ratings of a version whose rating a refresh does not train
 # Held-out last interactions a search version's queries are gated on: enough that one user's
@@ -332,8 +335,6 @@ def recent_ratings(
     return builder.recent(users, holdout)
 
 
-PRUNE_WAIT_SECONDS = 6 * PRUNING_SECONDS
-
 # Errors of the machine, not of the code: a full disk, a read-only or failing one, a folder the
 # trainer may not write to.
 MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
@@ -466,8 +467,7 @@ async def _refresh(
         return result.model_copy(update={"outcome": "skipped", "reason": reason})
     base, adapter = base_version(manifest), isinstance(candidate, PeftModel)
     # No prune between the check and the version in place: it could remove the base meanwhile.
-    # A live prune renews its lock before each removal, however long it takes; one killed frees
-    # it within PRUNING_SECONDS. Waited for: a trained candidate is not thrown away for it.
+    # Waited for: a trained candidate is not thrown away for a prune.
     async with prune_held(store, wait=PRUNE_WAIT_SECONDS):
         if adapter and not registry.has(base):
             # Activations moved on while it trained and a prune removed the base: an adapter on
